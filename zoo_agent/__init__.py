@@ -1,0 +1,30 @@
+"""model-zoo agent: validate an index, reconcile a host's zoo, serve its resident model."""
+
+from .errors import (
+    IntegrityError,
+    InvalidIndex,
+    LockHeld,
+    Problem,
+    SourceError,
+    StoreError,
+    UsageError,
+    ZooError,
+)
+from .index import Index
+from .validate import load_index
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Index",
+    "IntegrityError",
+    "InvalidIndex",
+    "LockHeld",
+    "Problem",
+    "SourceError",
+    "StoreError",
+    "UsageError",
+    "ZooError",
+    "__version__",
+    "load_index",
+]

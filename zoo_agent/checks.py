@@ -1,0 +1,171 @@
+"""Semantic checks of an index: what a schema cannot say. Pure functions, no I/O.
+
+Each check yields ``Problem``s located by JSON pointer; ``validate.py`` runs them all
+so a user sees every problem at once.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .errors import Problem
+from .index import ArtifactEntry, Index
+from .schema import pointer
+
+__all__ = ["PICKLE_SUFFIXES", "placeholder_problems", "semantic_problems"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+# A whole value that is a placeholder ("TODO", "xxx", "changeme-later"), or any text that
+# carries the registry stub marker; prose that merely mentions "todo lists" passes.
+_PLACEHOLDER = re.compile(
+    r"(?i)^(?:todo|stub|fixme|tbd|xxx+|changeme|change-me|placeholder|replace-?me)(?:[-_:. ].*)?$|TODO-STUB"
+)
+
+
+def placeholder_problems(document: Any, at: tuple[str | int, ...] = ()) -> Iterator[Problem]:
+    """Scan the raw document, so stubs are named even where the structure is broken."""
+    if isinstance(document, dict):
+        for key, value in document.items():
+            yield from placeholder_problems(value, (*at, key))
+    elif isinstance(document, list):
+        for i, value in enumerate(document):
+            yield from placeholder_problems(value, (*at, i))
+    elif isinstance(document, str) and _PLACEHOLDER.search(document):
+        field = at[-1] if at else "value"
+        yield Problem(pointer(at), f"'{field}' still holds a placeholder ({document!r}); fill in the real value")
+
+
+def semantic_problems(idx: Index) -> list[Problem]:
+    checks: list[Callable[[Index], Iterator[Problem]]] = [
+        _references,
+        _tenant_loras_fit_model,
+        _backends,
+        _artifact_files,
+        _artifact_safety,
+    ]
+    return [problem for check in checks for problem in check(idx)]
+
+
+def _unknown(kind: str, name: str, known: Mapping[str, object]) -> str:
+    listed = ", ".join(sorted(known)) or "none"
+    return f"unknown {kind} '{name}' (declared {kind}s: {listed})"
+
+
+def _references(idx: Index) -> Iterator[Problem]:
+    for tid, tenant in idx.tenants.items():
+        if tenant.model not in idx.models:
+            yield Problem(pointer(("tenants", tid, "model")), _unknown("model", tenant.model, idx.models))
+        for i, lora in enumerate(tenant.loras):
+            if lora not in idx.loras:
+                yield Problem(pointer(("tenants", tid, "loras", i)), _unknown("lora", lora, idx.loras))
+        if len(set(tenant.loras)) != len(tenant.loras):
+            yield Problem(pointer(("tenants", tid, "loras")), "lists an adapter more than once")
+    for lid, lora in idx.loras.items():
+        if lora.base_model not in idx.models:
+            yield Problem(pointer(("loras", lid, "base_model")), _unknown("model", lora.base_model, idx.models))
+    for hid, host in idx.hosts.items():
+        if host.resident is not None and host.resident not in idx.tenants:
+            yield Problem(pointer(("hosts", hid, "resident")), _unknown("tenant", host.resident, idx.tenants))
+        for i, model in enumerate(host.available):
+            if model not in idx.models:
+                yield Problem(pointer(("hosts", hid, "available", i)), _unknown("model", model, idx.models))
+
+
+def _tenant_loras_fit_model(idx: Index) -> Iterator[Problem]:
+    for tid, tenant in idx.tenants.items():
+        for i, lid in enumerate(tenant.loras):
+            lora = idx.loras.get(lid)
+            if lora is not None and lora.base_model != tenant.model:
+                yield Problem(
+                    pointer(("tenants", tid, "loras", i)),
+                    f"adapter '{lid}' is built for model '{lora.base_model}', but the tenant runs '{tenant.model}'",
+                )
+
+
+def _backends(idx: Index) -> Iterator[Problem]:
+    for tid, tenant in idx.tenants.items():
+        model = idx.models.get(tenant.model)
+        if model is None:
+            continue
+        is_ollama = model.source.type == "ollama"
+        if tenant.backend == "ollama" and not is_ollama:
+            yield Problem(pointer(("tenants", tid, "backend")), f"backend 'ollama' needs a model with an 'ollama' source; '{tenant.model}' has '{model.source.type}'")
+        if tenant.backend == "transformers" and is_ollama:
+            yield Problem(pointer(("tenants", tid, "backend")), f"model '{tenant.model}' comes from Ollama; set backend to 'ollama'")
+        if tenant.backend == "ollama" and tenant.loras:
+            yield Problem(pointer(("tenants", tid, "loras")), "the 'ollama' backend cannot attach LoRA adapters at runtime")
+    for lid, lora in idx.loras.items():
+        if lora.source.type == "ollama":
+            yield Problem(pointer(("loras", lid, "source", "type")), "an adapter cannot come from an 'ollama' source")
+
+
+def _artifacts(idx: Index) -> Iterator[tuple[tuple[str, str], ArtifactEntry]]:
+    for mid, model in idx.models.items():
+        yield ("models", mid), model
+    for lid, lora in idx.loras.items():
+        yield ("loras", lid), lora
+
+
+def _artifact_files(idx: Index) -> Iterator[Problem]:
+    for at, entry in _artifacts(idx):
+        if entry.source.type == "ollama":
+            if entry.files:
+                yield Problem(pointer((*at, "files")), "must be empty for an 'ollama' source (the daemon keeps the blobs; the digest pins them)")
+            if entry.format != "ollama":
+                yield Problem(pointer((*at, "format")), f"an 'ollama' source has format 'ollama', got '{entry.format}'")
+            continue
+        if not entry.files:
+            yield Problem(pointer((*at, "files")), "lists no files; every file needs a path, size and sha256")
+        seen: dict[str, int] = {}
+        for i, file in enumerate(entry.files):
+            here = (*at, "files", i)
+            problem = _path_problem(file.path)
+            if problem:
+                yield Problem(pointer((*here, "path")), problem)
+            elif file.path in seen:
+                yield Problem(pointer((*here, "path")), f"duplicate of /{'/'.join(map(str, at))}/files/{seen[file.path]}/path ('{file.path}')")
+            else:
+                seen[file.path] = i
+            yield from _sha256_problems(file.sha256, pointer((*here, "sha256")))
+
+
+def _path_problem(path: str) -> str | None:
+    if "\x00" in path:
+        return "contains a NUL character"
+    if "\\" in path:
+        return f"uses a backslash; separate directories with '/' ({path!r})"
+    if path.startswith("/"):
+        return f"must be relative to the version directory, got {path!r}"
+    if ".." in path.split("/"):
+        return f"must not climb out with '..', got {path!r}"
+    if posixpath.normpath(path) != path or path == ".":
+        return f"is not normalized (write {posixpath.normpath(path)!r}), got {path!r}"
+    return None
+
+
+def _sha256_problems(digest: str, at: str) -> Iterator[Problem]:
+    if digest == _EMPTY_SHA256:
+        yield Problem(at, "is the sha256 of an empty file, but the size is positive")
+        return
+    for period in (1, 2, 4, 8, 16):  # "000…", "abab…", "deadbeef…": typed, not computed
+        if digest == digest[:period] * (64 // period):
+            yield Problem(at, f"is a placeholder ({digest[:16]}…), not a real digest; pin the file's sha256")
+            return
+
+
+def _artifact_safety(idx: Index) -> Iterator[Problem]:
+    for at, entry in _artifacts(idx):
+        if not entry.allow_pickle:
+            if entry.format == "pickle":
+                yield Problem(pointer((*at, "format")), "pickle weights run code when loaded; set allow_pickle: true on this entry to accept that")
+            for i, file in enumerate(entry.files):
+                if file.path.lower().endswith(PICKLE_SUFFIXES):
+                    yield Problem(pointer((*at, "files", i, "path")), f"'{file.path}' is a pickle file, which runs code when loaded; remove it or set allow_pickle: true")
+        if not entry.allow_code:
+            for i, file in enumerate(entry.files):
+                if file.path.lower().endswith(".py"):
+                    yield Problem(pointer((*at, "files", i, "path")), f"'{file.path}' is repository code; remove it or set allow_code: true")

@@ -1,0 +1,52 @@
+"""Durable writes: process-unique temp name, fsync, rename, fsync the directory.
+
+ext4's ``auto_da_alloc`` does not cover a rename of new data, and a failed fsync cannot
+be retried (the pages are already marked clean), so every writer goes through here and
+abandons its temp file on any error (see FIELD-NOTES "Files and durability").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["fsync_dir", "temp_name", "write_atomic"]
+
+
+def temp_name(target: Path) -> Path:
+    """A sibling name no other process uses: two writers never share a temp file."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``target`` with ``data`` so a reader sees the old or the new file, never half."""
+    tmp = temp_name(target)
+    if mode is None:
+        try:
+            mode = os.stat(target).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o644
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)

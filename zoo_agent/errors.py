@@ -1,0 +1,98 @@
+"""The errors a user can cause, and the exit code each one ends with.
+
+Only ``cli.py`` turns these into an exit status; library code raises. The tree::
+
+    ZooError                 exit 1   root; anything the user can act on
+    ├── InvalidIndex         exit 2   index.json is unreadable or breaks the contract
+    ├── UsageError           exit 2   a bad flag, an unknown host or id
+    ├── SourceError          exit 1   a source could not deliver (missing, unreachable)
+    ├── IntegrityError       exit 1   bytes do not match the sha256/size the index pins
+    ├── StoreError           exit 1   the zoo on disk cannot be read or written
+    └── LockHeld             exit 75  another run holds the zoo's lock (EX_TEMPFAIL)
+
+Exceptions outside this tree are bugs and keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "EXIT_CODES",
+    "IntegrityError",
+    "InvalidIndex",
+    "LockHeld",
+    "Problem",
+    "SourceError",
+    "StoreError",
+    "UsageError",
+    "ZooError",
+]
+
+#: The one exit-code table; the README shows the same.
+EXIT_CODES: dict[int, str] = {
+    0: "success: the index is valid / the zoo matches the index",
+    1: "an operation failed (source, integrity, store); the rest was done where safe",
+    2: "bad input: an invalid index, flag, host or id; nothing was changed",
+    75: "another zoo-agent run holds the lock; try again or pass --wait",
+}
+
+
+class ZooError(Exception):
+    """Root of every error a user can cause; ``str()`` is one line."""
+
+    exit_code: int = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in an index, located by a JSON pointer (RFC 6901)."""
+
+    pointer: str
+    message: str
+
+    def line(self, file: str) -> str:
+        return f"{file}: {self.pointer}: {self.message}" if self.pointer else f"{file}: {self.message}"
+
+
+class InvalidIndex(ZooError):
+    """The index breaks its contract; carries every problem found, not only the first."""
+
+    exit_code = 2
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = tuple(problems)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(problems[0].line(file) + more)
+
+    def lines(self) -> list[str]:
+        return [p.line(self.file) for p in self.problems]
+
+
+class UsageError(ZooError):
+    exit_code = 2
+
+
+class SourceError(ZooError):
+    exit_code = 1
+
+
+class IntegrityError(ZooError):
+    """Bytes on disk or on the wire differ from what the index pins."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, file: str = "", expected: str = "", actual: str = "") -> None:
+        self.file = file
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message)
+
+
+class StoreError(ZooError):
+    exit_code = 1
+
+
+class LockHeld(ZooError):
+    exit_code = 75

@@ -1,0 +1,232 @@
+"""The index.json contract: pydantic models, the one source of truth for schema.json.
+
+Entries are objects keyed by id (``models``, ``loras``, ``tenants``, ``hosts``), so ids
+are unique by construction, diffs stay small and the NixOS module can type them as
+``attrsOf submodule``. Loading and checking live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+__all__ = [
+    "ArtifactEntry",
+    "FileEntry",
+    "FileSource",
+    "Generation",
+    "HfSource",
+    "HostEntry",
+    "Index",
+    "LoraEntry",
+    "ModelEntry",
+    "OllamaSource",
+    "Resources",
+    "Retention",
+    "Source",
+    "TenantEntry",
+    "UrlSource",
+]
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+REVISION_PATTERN = r"^[0-9a-f]{40}$"
+# A version label becomes a directory name; ".tmp" is reserved for staging directories.
+VERSION_PATTERN = r"^(?!.*\.tmp)[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+OLLAMA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+OLLAMA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
+MEMORY_PATTERN = r"^[1-9][0-9]*[KMGT]?$"
+
+#: Common SPDX identifiers; anything else is ``other`` or an SPDX ``LicenseRef-``.
+LICENSES: tuple[str, ...] = (
+    "Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "CC0-1.0",
+    "MPL-2.0", "GPL-2.0-only", "GPL-2.0-or-later", "GPL-3.0-only", "GPL-3.0-or-later",
+    "LGPL-2.1-only", "LGPL-3.0-only", "AGPL-3.0-only", "CC-BY-4.0", "CC-BY-SA-4.0",
+    "CC-BY-NC-4.0", "CC-BY-NC-SA-4.0", "CC-BY-NC-ND-4.0", "OpenRAIL", "OpenRAIL-M",
+    "CreativeML-OpenRAIL-M", "Llama-2", "Llama-3", "Gemma", "other",
+)  # fmt: skip
+LICENSE_PATTERN = (
+    "^(?:" + "|".join(name.replace(".", r"\.") for name in LICENSES) + r"|LicenseRef-[A-Za-z0-9.-]+)$"
+)
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 of the file: 64 lowercase hex characters.")]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo such as ``verison`` must not pass silently."""
+
+    # python-re: the same regex dialect jsonschema uses (the Rust engine lacks look-ahead).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, regex_engine="python-re")
+
+
+class FileEntry(_Strict):
+    """One file of an artifact, pinned by size and digest."""
+
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Path inside the version directory: relative, normalized, '/' separated, no '..'.",
+    )
+    sha256: Sha256
+    size: int = Field(gt=0, description="Size in bytes; a positive integer.")
+
+
+class HfSource(_Strict):
+    """A Hugging Face hub repository (or a mirror at HF_ENDPOINT), pinned to a commit."""
+
+    type: Literal["hf"] = Field(description="Fetch from the Hugging Face hub.")
+    repo: str = Field(pattern=HF_REPO_PATTERN, description="Repository id, 'org/name'.")
+    revision: str = Field(
+        pattern=REVISION_PATTERN,
+        description="Full 40-hex commit id; branches and tags move, so they are refused.",
+    )
+
+
+class OllamaSource(_Strict):
+    """A model pulled by an Ollama daemon, pinned to its manifest digest."""
+
+    type: Literal["ollama"] = Field(description="Pull through an Ollama daemon.")
+    name: str = Field(pattern=OLLAMA_NAME_PATTERN, description="Model name with tag, 'name:tag'.")
+    digest: str = Field(
+        pattern=OLLAMA_DIGEST_PATTERN,
+        description="Manifest digest the tag must resolve to, 'sha256:<64 hex>'.",
+    )
+
+
+class UrlSource(_Strict):
+    """Plain HTTP(S): each file is fetched from ``base_url`` + '/' + its path."""
+
+    type: Literal["url"] = Field(description="Fetch each file over HTTP(S).")
+    base_url: str = Field(pattern=URL_PATTERN, description="URL the file paths are appended to.")
+
+
+class FileSource(_Strict):
+    """A local directory (air-gapped hosts, shared storage, training pipelines, tests)."""
+
+    type: Literal["file"] = Field(description="Copy from a local directory.")
+    path: str = Field(
+        min_length=1,
+        description="Directory holding the files; relative paths are relative to the index file.",
+    )
+
+
+Source = Annotated[Union[HfSource, OllamaSource, UrlSource, FileSource], Field(discriminator="type")]
+SOURCE_TYPES: tuple[str, ...] = ("hf", "ollama", "url", "file")
+
+Format = Literal["safetensors", "gguf", "onnx", "pickle", "ollama"]
+
+
+class ArtifactEntry(_Strict):
+    """What models and LoRA adapters share: a versioned, pinned set of files."""
+
+    version: str = Field(
+        pattern=VERSION_PATTERN,
+        description=(
+            "Version label. A published version is immutable: new bytes need a new label. "
+            "Letters, digits, '.', '_', '+', '-'; at most 64; must not contain '.tmp'."
+        ),
+    )
+    source: Source = Field(description="Where the files come from, pinned.")
+    files: list[FileEntry] = Field(
+        default=[],
+        description="Every file with its size and sha256; empty only for an 'ollama' source.",
+    )
+    format: Format = Field(default="safetensors", description="Weight format of the files.")
+    license: str = Field(
+        pattern=LICENSE_PATTERN,
+        description="SPDX license identifier (e.g. Apache-2.0, MIT), 'LicenseRef-...', or 'other'.",
+    )
+    description: str = Field(default="", max_length=1000, description="What it is for, in a sentence.")
+    provenance: dict[str, str] = Field(
+        default={},
+        description="Free-form origin facts, e.g. {\"base\": \"Qwen/Qwen2.5-0.5B\", \"pipeline\": \"...\"}.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow pickle weight files (.bin, .pt, .pth, .ckpt, .pkl); loading pickle runs code.",
+    )
+    allow_code: bool = Field(default=False, description="Allow Python files from the repository to be loaded.")
+
+
+class ModelEntry(ArtifactEntry):
+    """A base model."""
+
+
+class LoraEntry(ArtifactEntry):
+    """A LoRA adapter (a PEFT adapter directory) for one base model."""
+
+    base_model: Id = Field(description="Id of the model this adapter was trained for.")
+    rank: int = Field(ge=1, le=4096, description="LoRA rank r, as in adapter_config.json.")
+    tags: list[str] = Field(default=[], description="Keywords for choosing the adapter by task.")
+
+
+class Generation(_Strict):
+    """Generation defaults; a request may override them."""
+
+    max_tokens: int = Field(default=256, ge=1, le=1_000_000, description="Default completion length.")
+    temperature: float = Field(default=0.7, ge=0, le=2, description="0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 turns it off.")
+    seed: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None, description="Seed for reproducible sampling."
+    )
+
+
+class Resources(_Strict):
+    """Limits of the resident serving this tenant."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(default="auto", description="Weight dtype.")
+    memory_max: Annotated[str, Field(pattern=MEMORY_PATTERN)] | SkipJsonSchema[None] = Field(
+        default=None,
+        description="Memory ceiling in systemd's notation (e.g. '8G'); decides whether a swap may load two at once.",
+    )
+    max_queue: int = Field(default=16, ge=1, le=4096, description="Waiting requests before 429.")
+    max_loras: int = Field(default=8, ge=1, le=1024, description="Adapters kept loaded at once (LRU).")
+
+
+class TenantEntry(_Strict):
+    """What one resident serves: a model, its adapters and serving settings."""
+
+    model: Id = Field(description="Id of the model to serve.")
+    loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
+    backend: Literal["transformers", "ollama"] = Field(
+        default="transformers", description="Inference backend; 'ollama' needs an 'ollama' model source."
+    )
+    generation: Generation = Field(default=Generation(), description="Generation defaults.")
+    resources: Resources = Field(default=Resources(), description="Resource limits.")
+    description: str = Field(default="", max_length=1000, description="What the tenant is for.")
+
+
+class Retention(_Strict):
+    """How much history each artifact keeps on this host."""
+
+    keep_versions: int = Field(
+        default=2, ge=1, le=100, description="Versions kept per artifact, current included (2 allows rollback)."
+    )
+
+
+class HostEntry(_Strict):
+    """One machine: what it serves and what it keeps on disk."""
+
+    resident: Id | SkipJsonSchema[None] = Field(default=None, description="Id of the tenant this host serves.")
+    available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
+    retention: Retention = Field(default=Retention(), description="Version retention.")
+    description: str = Field(default="", max_length=1000, description="What the machine is.")
+
+
+class Index(_Strict):
+    """A fleet's models, adapters, tenants and hosts."""
+
+    schema_: str | SkipJsonSchema[None] = Field(
+        default=None, alias="$schema", description="Path or URL of schema.json, for editors."
+    )
+    models: dict[Id, ModelEntry] = Field(default={}, description="Base models by id.")
+    loras: dict[Id, LoraEntry] = Field(default={}, description="LoRA adapters by id.")
+    tenants: dict[Id, TenantEntry] = Field(default={}, description="Tenants (what a resident serves) by id.")
+    hosts: dict[Id, HostEntry] = Field(default={}, description="Hosts by id (their host names, lowercase).")
