@@ -64,9 +64,9 @@ def _references(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer(("tenants", tid, "loras", i)), _unknown("lora", lora, idx.loras))
         if len(set(tenant.loras)) != len(tenant.loras):
             yield Problem(pointer(("tenants", tid, "loras")), "lists an adapter more than once")
-    for lid, lora in idx.loras.items():
-        if lora.base_model not in idx.models:
-            yield Problem(pointer(("loras", lid, "base_model")), _unknown("model", lora.base_model, idx.models))
+    for lid, adapter in idx.loras.items():
+        if adapter.base_model not in idx.models:
+            yield Problem(pointer(("loras", lid, "base_model")), _unknown("model", adapter.base_model, idx.models))
     for hid, host in idx.hosts.items():
         if host.resident is not None and host.resident not in idx.tenants:
             yield Problem(pointer(("hosts", hid, "resident")), _unknown("tenant", host.resident, idx.tenants))
@@ -77,6 +77,8 @@ def _references(idx: Index) -> Iterator[Problem]:
 
 def _tenant_loras_fit_model(idx: Index) -> Iterator[Problem]:
     for tid, tenant in idx.tenants.items():
+        if tenant.model not in idx.models:
+            continue  # already reported as an unknown model; don't cascade
         for i, lid in enumerate(tenant.loras):
             lora = idx.loras.get(lid)
             if lora is not None and lora.base_model != tenant.model:

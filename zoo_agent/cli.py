@@ -43,9 +43,11 @@ class _Group(click.Group):
             if ctx.meta.get("zoo.json"):
                 problems = [p.__dict__ for p in exc.problems] if isinstance(exc, InvalidIndex) else []
                 emit_json({"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code, "problems": problems}})
-            lines = exc.lines() if isinstance(exc, InvalidIndex) else [str(exc)]
-            if len(lines) > 1:
-                lines.append(f"{exc.file}: invalid ({len(lines)} problems)")  # type: ignore[attr-defined]
+            lines = [str(exc)]
+            if isinstance(exc, InvalidIndex):
+                lines = exc.lines()
+                if len(lines) > 1:
+                    lines.append(f"{exc.file}: invalid ({len(lines)} problems)")
             try:
                 for line in lines:
                     click.echo(line, err=True)

@@ -52,7 +52,12 @@ class Problem:
     message: str
 
     def line(self, file: str) -> str:
-        return f"{file}: {self.pointer}: {self.message}" if self.pointer else f"{file}: {self.message}"
+        text = f"{file}: {self.pointer}: {self.message}" if self.pointer else f"{file}: {self.message}"
+        return text.translate(_ONE_LINE)
+
+
+# Keys and values come from the user's file; a newline in one must not split the line.
+_ONE_LINE = {c: f"\\u{c:04x}" for c in [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029]} | {0x0A: "\\n", 0x09: "\\t"}
 
 
 class InvalidIndex(ZooError):

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
@@ -96,20 +96,22 @@ def structural_problems(document: Any) -> list[Problem]:
 
 def _explain(error: ValidationError) -> Iterator[Problem]:
     at = pointer(error.absolute_path)
-    kind, value, instance = error.validator, error.validator_value, error.instance
-    if kind == "required":
+    # The stubs type these as "X | Unset"; an error yielded by iter_errors has them all set.
+    kind, value, instance = str(error.validator), cast(Any, error.validator_value), cast(Any, error.instance)
+    if "propertyNames" in error.absolute_schema_path:  # the key itself is bad; point at it
+        hint = _PATTERN_HINTS.get(value, "") if kind == "pattern" else error.message
+        yield Problem(pointer([*error.absolute_path, str(instance)]), f"bad id: expected {hint}")
+    elif kind == "required":
         for name in value:
             if isinstance(instance, dict) and name not in instance:
                 yield Problem(at, f"missing required field '{name}'")
     elif kind == "additionalProperties" and isinstance(instance, dict):
-        allowed = list(error.schema.get("properties", {}))
+        allowed = list(cast(dict[str, Any], error.schema).get("properties", {}))
         for name in instance:
             if name not in allowed:
                 near = difflib.get_close_matches(name, allowed, n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(allowed)})"
                 yield Problem(pointer([*error.absolute_path, name]), f"unknown field{hint}")
-    elif kind == "propertyNames":
-        yield Problem(pointer([*error.absolute_path, str(instance)]), f"bad id: expected {_PATTERN_HINTS[index.ID_PATTERN]}")
     elif kind == "pattern":
         yield Problem(at, f"expected {_PATTERN_HINTS.get(value, 'a match for ' + value)}, got {json.dumps(instance)}{_license_hint(value, instance)}")
     elif kind in ("oneOf", "anyOf"):
@@ -132,7 +134,7 @@ def _explain(error: ValidationError) -> Iterator[Problem]:
 
 def _explain_source(error: ValidationError) -> Iterator[Problem]:
     """A source is one of several shapes, picked by its 'type'; explain that shape's errors."""
-    at, instance = pointer(error.absolute_path), error.instance
+    at, instance = pointer(error.absolute_path), cast(Any, error.instance)
     kinds = ", ".join(index.SOURCE_TYPES)
     if not isinstance(instance, dict):
         yield Problem(at, f"expected object, got {_json_type_of(instance)}")

@@ -1,0 +1,101 @@
+"""Random and mutated indexes never crash validate: only InvalidIndex, exit 2 (issue #2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import VALID_INDEX
+from zoo_agent.cli import cli
+from zoo_agent.errors import InvalidIndex
+from zoo_agent.validate import load_index
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=70)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+# Values that get past the first checks, so deep rules get exercised too.
+_plausible = st.sampled_from(
+    ["qwen", "llama", "review", "chat", "../x", "a//b", "x.bin", "m.py", "TODO-STUB-x", "0" * 64, "a" * 64, "hf", "file",
+     "ollama", "url", "Apache-2.0", "main", "1.tmp", 0, -1, 1, True, None, [], {}, ["review", "review"]]
+)  # fmt: skip
+
+
+def _paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [at]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, (*at, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _paths(value, (*at, i))
+    return out
+
+
+@st.composite
+def mutated_index(draw: st.DrawFn) -> Any:
+    document: Any = copy.deepcopy(VALID_INDEX)
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(_paths(document)))
+        value = draw(_plausible | _json)
+        if not path:
+            document = value
+            continue
+        parent = document
+        for part in path[:-1]:
+            parent = parent[part]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "delete" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif action == "add" and isinstance(parent, dict):
+            parent[draw(st.text(max_size=8) | st.sampled_from(["version", "files", "loras", "Bad"]))] = value
+        else:
+            parent[path[-1]] = value
+    return document
+
+
+def _check(document_text: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.json"
+        path.write_bytes(document_text)
+        try:
+            load_index(path)
+        except InvalidIndex as exc:
+            assert exc.exit_code == 2
+            assert all(len(line.splitlines()) == 1 for line in exc.lines())
+            assert all(line.startswith(f"{path}: ") for line in exc.lines())
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_index())
+def test_mutated_indexes_only_raise_invalid_index(document: Any) -> None:
+    _check(json.dumps(document).encode())
+
+
+@settings(max_examples=800, deadline=None)
+@given(_json)
+def test_random_json_only_raises_invalid_index(document: Any) -> None:
+    _check(json.dumps(document).encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_random_bytes_only_raise_invalid_index(raw: bytes) -> None:
+    _check(raw)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_index())
+def test_cli_never_prints_a_traceback(document: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.json"
+        path.write_text(json.dumps(document))
+        result = CliRunner().invoke(cli, ["validate", str(path)])
+        assert result.exit_code in (0, 2), result.output
+        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
