@@ -19,10 +19,11 @@ import click
 
 from . import __version__
 from .durable import write_atomic
-from .errors import EXIT_CODES, InvalidIndex, ZooError
+from .errors import EXIT_CODES, InvalidIndex, UsageError, ZooError
 from .fmt import canonical_text, diff
 from .schema import render_schema
 from .validate import check_document, read_document
+from . import commands
 
 __all__ = ["cli", "main"]
 
@@ -140,6 +141,9 @@ def fmt(index: Path, check: bool, as_json: bool) -> None:
         write_atomic(index, after.encode())
     if not as_json:
         click.echo(f"{index}: {'reformatted' if not canonical else 'already canonical'}")
+
+
+commands.register(cli, json_option, emit_json)
 
 
 def main() -> None:

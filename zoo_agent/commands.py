@@ -1,0 +1,228 @@
+"""The zoo commands (plan, apply, status, verify, rollback, gc): thin click wrappers.
+
+They share one option set (``--root``, ``--index``, ``--host``, ``--json``) and one
+way to load the host's slice, so every command reads its inputs the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import UsageError
+from .observe import observe
+from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
+from .progress import make_progress
+from .reconcile import Result, apply, refuse_conflicts, rollback
+from .status import artifact_status
+from .store import Zoo
+from .validate import load_index
+from .verify import select, verify
+
+__all__ = ["register"]
+
+log = logging.getLogger("zoo_agent")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What every zoo command works on: a root, an index, a host."""
+
+    zoo: Zoo
+    index: Path
+    host: str
+    as_json: bool
+
+    def desired(self) -> Desired:
+        idx = load_index(self.index, str(self.index))
+        try:
+            return desired_for_host(idx, self.host)
+        except UsageError:
+            short = self.host.split(".")[0]
+            if short != self.host and short.lower() in idx.hosts:
+                return desired_for_host(idx, short)
+            raise
+
+
+def _default_host() -> str:
+    return socket.gethostname().lower()
+
+
+def zoo_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    @click.option("--root", type=click.Path(path_type=Path), envvar="ZOO_ROOT", default="/var/lib/model-zoo", show_default=True, help="The zoo's directory ($ZOO_ROOT).")
+    @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True, help="The index ($ZOO_INDEX).")
+    @click.option("--host", envvar="ZOO_HOST", default=None, help="Host id in the index ($ZOO_HOST; default: this machine's hostname).")
+    @functools.wraps(func)
+    def wrapper(root: Path, index_path: Path, host: str | None, **kwargs: Any) -> Any:
+        target = Target(Zoo(root), index_path, host or _default_host(), bool(kwargs.get("as_json")))
+        return func(target, **kwargs)
+
+    return wrapper
+
+
+def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--wait", type=click.FloatRange(min=0), default=0.0, help="Seconds to wait for another run's lock (else exit 75).")(func)
+
+
+def _net_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--allow-network-fs", is_flag=True, help="Allow a zoo on NFS/CIFS/Lustre (locks and renames are not trustworthy there).")(func)
+
+
+def _step_rows(plan_: Plan) -> list[dict[str, Any]]:
+    return [{"action": s.action.value, "kind": s.kind, "id": s.id, "version": s.version, "size": s.size, "reason": s.reason, "description": s.describe("plan")} for s in plan_]
+
+
+def _result_rows(result: Result) -> list[dict[str, Any]]:
+    return [{
+        "action": o.step.action.value, "kind": o.step.kind, "id": o.step.id, "version": o.step.version,
+        "ok": o.ok, "error": o.error, "bytes": o.bytes, "seconds": round(o.seconds, 4),
+    } for o in result.outcomes]  # fmt: skip
+
+
+def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[Any], None], what: str) -> None:
+    total = sum(s.size for s in the_plan if s.action is Action.FETCH)
+    result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, make_progress(total, machine_output=target.as_json))
+    failures = result.failures
+    if target.as_json:
+        emit({"host": desired.host, "root": str(target.zoo.root), "ok": not failures, "steps": _result_rows(result)})
+    elif failures:
+        click.echo(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed:", err=True)
+        for o in failures:
+            click.echo(f"  {o.step.describe('plan').removeprefix('would ')}: {o.error}", err=True)
+    else:
+        done = f"{len(result.outcomes)} steps done" if result.outcomes else "nothing to do"
+        click.echo(f"{what}: {done}; the zoo at {target.zoo.root} matches the index for host {desired.host}")
+    if failures:
+        sys.exit(result.exit_code)
+
+
+def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
+    @cli.command("plan")
+    @zoo_options
+    @json_option
+    def plan_cmd(target: Target, as_json: bool) -> None:
+        """Show what apply would do; changes nothing."""
+        desired = target.desired()
+        target.zoo.check_root(allow_network_fs=True)
+        the_plan = plan(desired, observe(target.zoo))
+        if as_json:
+            emit({"host": desired.host, "root": str(target.zoo.root), "changes": len(the_plan.changes), "steps": _step_rows(the_plan)})
+            return
+        for step in the_plan:
+            click.echo(step.describe("plan"))
+        if not the_plan.changes:
+            click.echo(f"nothing to do: the zoo matches the index for host {desired.host}")
+
+    @cli.command("apply")
+    @zoo_options
+    @_wait_option
+    @_net_option
+    @json_option
+    def apply_cmd(target: Target, wait: float, allow_network_fs: bool, as_json: bool) -> None:
+        """Reconcile the host's models and adapters into the zoo (idempotent)."""
+        desired = target.desired()
+        target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
+        with target.zoo.lock(wait):
+            the_plan = plan(desired, observe(target.zoo))
+            refuse_conflicts(the_plan, str(target.index))
+            _run_plan(target, the_plan, desired, emit, "apply")
+
+    @cli.command("gc")
+    @zoo_options
+    @click.option("--dry-run", is_flag=True, help="Print what would be removed; change nothing.")
+    @_wait_option
+    @_net_option
+    @json_option
+    def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, as_json: bool) -> None:
+        """Remove versions beyond retention and artifacts no longer declared for this host."""
+        desired = target.desired()
+        target.zoo.check_root(allow_network_fs=allow_network_fs)
+        if not target.zoo.root.exists():
+            raise UsageError(f"{target.zoo.root}: no zoo here")
+        with target.zoo.lock(wait):
+            the_plan = plan_gc(desired, observe(target.zoo))
+            if dry_run:
+                if as_json:
+                    emit({"host": desired.host, "root": str(target.zoo.root), "dry_run": True, "steps": _step_rows(the_plan)})
+                else:
+                    for step in the_plan:
+                        click.echo(step.describe("plan"))
+                return
+            _run_plan(target, the_plan, desired, emit, "gc")
+
+    @cli.command("status")
+    @zoo_options
+    @json_option
+    def status_cmd(target: Target, as_json: bool) -> None:
+        """Per artifact: declared version, current, previous, verified-at, size, state."""
+        desired = target.desired()
+        target.zoo.check_root(allow_network_fs=True)
+        rows = artifact_status(desired, observe(target.zoo))
+        if as_json:
+            emit({"host": desired.host, "root": str(target.zoo.root), "artifacts": rows})
+            return
+        click.echo(f"host {desired.host}, zoo {target.zoo.root}")
+        for r in rows:
+            click.echo(
+                f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
+                f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
+            )
+        if any(r["state"] != "ok" and r["state"] != "undeclared" for r in rows):
+            sys.exit(1)
+
+    @cli.command("verify")
+    @click.argument("ids", nargs=-1)
+    @zoo_options
+    @click.option("--repair", is_flag=True, help="Move bad versions aside (quarantine) and fetch them again.")
+    @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Files hashed in parallel (default: all cores).")
+    @_wait_option
+    @json_option
+    def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, as_json: bool) -> None:
+        """Re-hash every file of the published versions of IDS (default: all)."""
+        target.zoo.check_root(allow_network_fs=True)
+        report = verify(target.zoo, select(observe(target.zoo), ids), jobs)
+        repaired: list[str] = []
+        if repair and report.findings:
+            desired = target.desired()
+            with target.zoo.lock(wait):
+                for kind, aid, version in report.bad_versions():
+                    moved = target.zoo.quarantine(kind, aid, version)
+                    log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
+                    repaired.append(f"{kind}/{aid}/{version}")
+                _run_plan(target, plan(desired, observe(target.zoo)), desired, lambda _doc: None, "repair")
+        if as_json:
+            emit({
+                "versions": len(report.versions), "files": report.files, "bytes": report.bytes,
+                "findings": [f.__dict__ for f in report.findings], "repaired": repaired,
+            })  # fmt: skip
+        else:
+            for finding in report.findings:
+                click.echo(finding.line(target.zoo), err=True)
+            click.echo(f"verified {report.files} files ({human_bytes(report.bytes)}) in {len(report.versions)} version(s): "
+                       f"{len(report.findings)} bad" + (f", repaired {', '.join(repaired)}" if repaired else ""))
+        if report.findings and not repaired:
+            sys.exit(1)
+
+    @cli.command("rollback")
+    @click.argument("ref")
+    @zoo_options
+    @_wait_option
+    @json_option
+    def rollback_cmd(target: Target, ref: str, wait: float, as_json: bool) -> None:
+        """Point REF's current back at its previous version (REF: id, models/ID or loras/ID)."""
+        target.zoo.check_root(allow_network_fs=True)
+        with target.zoo.lock(wait):
+            ((kind, aid, _),) = {(k, i, "") for k, i, _ in select(observe(target.zoo), (ref,))} or {("models", ref, "")}
+            was, now_ = rollback(target.zoo, kind, aid)
+        if as_json:
+            emit({"kind": kind, "id": aid, "current": now_, "previous": was})
+        else:
+            click.echo(f"{kind[:-1]} {aid}: current is now {now_} (was {was}); the next apply restores the declared version")

@@ -1,0 +1,84 @@
+"""Scan the zoo into an ``Observed`` value. Reads manifests and stats files; never
+reads file content, so a no-op ``apply`` costs almost nothing (issue #3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, cast
+
+from .plan import Have, Kind, Observed, Seen
+from .store import MANIFEST, STAGING_MARK, Zoo
+
+__all__ = ["observe", "read_manifest"]
+
+KINDS: tuple[Kind, ...] = ("models", "loras")
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return cast(dict[str, Any], data) if isinstance(data, dict) and isinstance(data.get("files"), list) else None
+
+
+def _have(version_dir: Path, version: str) -> Have:
+    manifest = read_manifest(version_dir)
+    if manifest is None:
+        return Have(version, None)
+    pins, drifted, size = set(), [], 0
+    for f in manifest["files"]:
+        pins.add((f["path"], f["sha256"], f["size"]))
+        size += f["size"]
+        try:
+            st = os.stat(version_dir / f["path"])
+        except OSError:
+            drifted.append(f["path"])
+            continue
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f["size"], f.get("mtime_ns"), f.get("ino")):
+            drifted.append(f["path"])
+    return Have(version, frozenset(pins), tuple(drifted), str(manifest.get("verified_at", "")), size)
+
+
+def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
+    base = zoo.artifact_dir(kind, aid)
+    versions, leftovers = {}, []
+    try:
+        entries = sorted(os.scandir(base / "versions"), key=lambda e: e.name)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        if STAGING_MARK in entry.name:
+            leftovers.append(entry.name)
+        elif entry.is_dir(follow_symlinks=False):
+            versions[entry.name] = _have(Path(entry.path), entry.name)
+    leftovers += sorted(p.name for p in base.glob(".*.tmp") if p.is_symlink())
+    return Seen(kind, aid, versions, zoo.read_link(kind, aid, "current"), zoo.read_link(kind, aid, "previous"), tuple(leftovers))
+
+
+def _in_use(zoo: Zoo) -> frozenset[tuple[Kind, str, str]]:
+    """What a running resident has loaded, from its model-info.json files."""
+    used: set[tuple[Kind, str, str]] = set()
+    for info_path in (zoo.root / "resident" / "tenants").glob("*/model-info.json"):
+        try:
+            info = json.loads(info_path.read_text())
+            used.add(("models", str(info["model"]), str(info["version"])))
+            for lid, version in dict(info.get("loras", {})).items():
+                used.add(("loras", str(lid), str(version)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return frozenset(used)
+
+
+def observe(zoo: Zoo) -> Observed:
+    seen: dict[tuple[Kind, str], Seen] = {}
+    for kind in KINDS:
+        try:
+            ids = sorted(e.name for e in os.scandir(zoo.root / kind) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        for aid in ids:
+            seen[(kind, aid)] = _seen(zoo, kind, aid)
+    return Observed(seen, _in_use(zoo))

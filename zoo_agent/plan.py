@@ -1,0 +1,251 @@
+"""Desired + Observed in, a Plan out: the pure heart of reconciliation (issue #3).
+
+``plan`` and ``plan_gc`` decide; they never touch the disk. ``reconcile.apply`` executes
+a Plan. The same ``Step.describe`` prints "would fetch …" for ``plan`` and "fetching …"
+for ``apply`` (switch-to-configuration's habit: one code path, two tenses).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import UsageError
+from .index import FileEntry, Index, Source
+
+__all__ = [
+    "Action", "Desired", "Have", "Observed", "Plan", "Seen", "Step", "Want",
+    "desired_for_host", "human_bytes", "plan", "plan_gc",
+]  # fmt: skip
+
+Kind = Literal["models", "loras"]
+Tense = Literal["plan", "apply"]
+
+
+class Action(enum.Enum):
+    FETCH = "fetch"
+    PUBLISH = "publish"
+    SWAP_CURRENT = "swap-current"
+    VERIFY = "verify"
+    RETAIN = "retain"
+    REMOVE = "remove"
+    NOOP = "no-op"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Want:
+    """One artifact version the host must hold."""
+
+    kind: Kind
+    id: str
+    version: str
+    source: Source
+    files: tuple[FileEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def pins(self) -> frozenset[tuple[str, str, int]]:
+        return frozenset((f.path, f.sha256, f.size) for f in self.files)
+
+
+@dataclass(frozen=True)
+class Desired:
+    host: str
+    wants: tuple[Want, ...]
+    keep_versions: int = 2
+
+
+@dataclass(frozen=True)
+class Have:
+    """A published version on disk, as its manifest and a stat of its files describe it."""
+
+    version: str
+    pins: frozenset[tuple[str, str, int]] | None  # None: manifest missing or unreadable
+    drifted: tuple[str, ...] = ()  # files whose stat no longer matches the manifest
+    published_at: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One artifact directory on disk."""
+
+    kind: Kind
+    id: str
+    versions: Mapping[str, Have] = field(default_factory=dict)
+    current: str | None = None
+    previous: str | None = None
+    leftovers: tuple[str, ...] = ()  # staging dirs and temp links of killed runs
+
+
+@dataclass(frozen=True)
+class Observed:
+    seen: Mapping[tuple[Kind, str], Seen] = field(default_factory=dict)
+    in_use: frozenset[tuple[Kind, str, str]] = frozenset()  # what a running resident has loaded
+
+
+@dataclass(frozen=True)
+class Step:
+    action: Action
+    kind: Kind
+    id: str
+    version: str = ""
+    size: int = 0
+    files: int = 0
+    previous: str | None = None  # SWAP_CURRENT: the version current pointed at before
+    reason: str = ""
+
+    @property
+    def subject(self) -> str:
+        noun = "model" if self.kind == "models" else "lora"
+        return f"{noun} {self.id} {self.version}".rstrip()
+
+    def describe(self, tense: Tense) -> str:
+        would = tense == "plan"
+        a, subject = self.action, self.subject
+        if a is Action.FETCH:
+            return f"{'would fetch' if would else 'fetching'} {subject} ({self.files} files, {human_bytes(self.size)})"
+        if a is Action.PUBLISH:
+            return f"{'would publish' if would else 'publishing'} {subject}"
+        if a is Action.SWAP_CURRENT:
+            was = f" (was {self.previous})" if self.previous else ""
+            return f"{'would switch' if would else 'switching'} {subject} to current{was}"
+        if a is Action.VERIFY:
+            return f"{'would re-verify' if would else 're-verifying'} {subject}: {self.reason}"
+        if a is Action.RETAIN:
+            return f"{'would keep' if would else 'keeping'} {subject} ({self.reason})"
+        if a is Action.REMOVE:
+            return f"{'would remove' if would else 'removing'} {subject} ({self.reason})"
+        if a is Action.NOOP:
+            return f"{subject} is up to date"
+        return f"cannot publish {subject}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...] = ()
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    @property
+    def changes(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.action not in (Action.NOOP, Action.RETAIN))
+
+    @property
+    def refusals(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.action is Action.REFUSE)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def desired_for_host(idx: Index, host: str) -> Desired:
+    """The host's slice: its resident tenant's model and adapters, plus its available models."""
+    entry = idx.hosts.get(host.lower())
+    if entry is None:
+        known = ", ".join(sorted(idx.hosts)) or "none"
+        raise UsageError(f"host '{host}' is not in the index (hosts: {known}); pass --host or set ZOO_HOST")
+    wants: dict[tuple[Kind, str], Want] = {}
+
+    def add(kind: Kind, aid: str) -> None:
+        art = idx.models[aid] if kind == "models" else idx.loras[aid]
+        wants.setdefault((kind, aid), Want(kind, aid, art.version, art.source, tuple(art.files)))
+
+    if entry.resident is not None:
+        tenant = idx.tenants[entry.resident]
+        add("models", tenant.model)
+        for lora in tenant.loras:
+            add("loras", lora)
+    for model in entry.available:
+        add("models", model)
+    return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions)
+
+
+def plan(desired: Desired, observed: Observed) -> Plan:
+    """Steps that make the zoo hold every wanted version as current. Deletes no version."""
+    steps: list[Step] = []
+    for seen in observed.seen.values():
+        steps += [Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run") for name in seen.leftovers]
+    for want in desired.wants:
+        steps += _plan_want(want, observed.seen.get((want.kind, want.id)))
+    return Plan(tuple(steps))
+
+
+def _plan_want(want: Want, seen: Seen | None) -> list[Step]:
+    kind, aid, version = want.kind, want.id, want.version
+    current = seen.current if seen else None
+    have = seen.versions.get(version) if seen else None
+    swap = Step(Action.SWAP_CURRENT, kind, aid, version, previous=current)
+    if have is None:
+        return [
+            Step(Action.FETCH, kind, aid, version, size=want.size, files=len(want.files)),
+            Step(Action.PUBLISH, kind, aid, version),
+            swap,
+        ]
+    if have.pins is not None and have.pins != want.pins():
+        changed = sorted({p for p, *_ in have.pins ^ want.pins()})
+        return [Step(Action.REFUSE, kind, aid, version, reason=(
+            f"it is already published with other files ({', '.join(changed[:3])}); "
+            "published versions are immutable: bump the version"))]  # fmt: skip
+    steps = []
+    if have.pins is None:
+        steps.append(Step(Action.VERIFY, kind, aid, version, size=want.size, reason="its manifest is missing"))
+    elif have.drifted:
+        steps.append(Step(Action.VERIFY, kind, aid, version, size=have.size, reason=f"changed on disk: {', '.join(have.drifted[:3])}"))
+    steps.append(swap if current != version else Step(Action.NOOP, kind, aid, version))
+    return steps
+
+
+def plan_gc(desired: Desired, observed: Observed) -> Plan:
+    """Remove versions beyond retention and artifacts this host no longer declares.
+
+    Never removes ``current`` of a declared artifact, ``previous`` while retention allows
+    it, the declared version, or anything a running resident has loaded.
+    """
+    wanted = {(w.kind, w.id): w.version for w in desired.wants}
+    steps: list[Step] = []
+    for (kind, aid), seen in sorted(observed.seen.items()):
+        steps += [Step(Action.REMOVE, kind, aid, name, reason="left by an interrupted run") for name in seen.leftovers]
+        in_use = {v for (k, i, v) in observed.in_use if (k, i) == (kind, aid)}
+        if (kind, aid) in wanted:
+            keep = _keep(seen, wanted[(kind, aid)], desired.keep_versions) | in_use
+        else:
+            keep = in_use
+        for version, have in sorted(seen.versions.items()):
+            if version in keep:
+                why = "in use by the resident" if version in in_use else _role(seen, version)
+                steps.append(Step(Action.RETAIN, kind, aid, version, size=have.size, reason=why))
+            else:
+                why = "no longer declared for this host" if (kind, aid) not in wanted else f"beyond retention ({desired.keep_versions})"
+                steps.append(Step(Action.REMOVE, kind, aid, version, size=have.size, reason=why))
+    return Plan(tuple(steps))
+
+
+def _keep(seen: Seen, declared: str, keep_versions: int) -> set[str]:
+    order = [v for v in (seen.current, declared, seen.previous) if v is not None and v in seen.versions]
+    order += sorted((v for v in seen.versions if v not in order), key=lambda v: seen.versions[v].published_at, reverse=True)
+    keep = set(dict.fromkeys(order[: max(keep_versions, 1)]))
+    if seen.current is not None and seen.current in seen.versions:
+        keep.add(seen.current)  # never remove what readers resolve right now
+    if declared in seen.versions:
+        keep.add(declared)
+    return keep
+
+
+def _role(seen: Seen, version: str) -> str:
+    if version == seen.current:
+        return "current"
+    if version == seen.previous:
+        return "previous"
+    return "retained"

@@ -1,0 +1,199 @@
+"""Execute a Plan against the zoo: ``apply`` (issue #3).
+
+Level-triggered and idempotent: every step re-derives what it needs from the plan, a
+failed step blocks only the later steps of the same artifact, and a rerun after a crash
+converges. Each executed step is appended to ``host/actions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError, InvalidIndex, Problem, StoreError, ZooError
+from .observe import read_manifest
+from .plan import Action, Desired, Kind, Plan, Step, Want
+from .progress import Progress
+from .sources import open_source
+from .store import Zoo, hash_file, now
+
+__all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
+
+log = logging.getLogger("zoo_agent")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: Step
+    ok: bool
+    error: str = ""
+    exit_code: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Result:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def exit_code(self) -> int:
+        return max((o.exit_code for o in self.failures), default=0)
+
+
+def refuse_conflicts(plan: Plan, index_file: str) -> None:
+    """A changed published version is bad input: refuse the whole run before touching disk."""
+    if plan.refusals:
+        raise InvalidIndex(index_file, [Problem(f"/{s.kind}/{s.id}/version", s.describe("apply")) for s in plan.refusals])
+
+
+@dataclass
+class _Run:
+    zoo: Zoo
+    wants: dict[tuple[Kind, str], Want]
+    index_dir: Path
+    progress: Progress
+    staged: dict[tuple[Kind, str], Path] = field(default_factory=dict)
+
+    def fetch(self, step: Step) -> int:
+        want = self.wants[(step.kind, step.id)]
+        source = open_source(want.source, self.index_dir)
+        staging = self.zoo.new_staging(step.kind, step.id, step.version)
+        try:
+            self.zoo.preflight_space(staging, want.size)
+            files = []
+            for entry in want.files:
+                advance = self.progress.item(f"{step.id}/{entry.path}", entry.size)
+                files.append(self.zoo.stage_file(staging, entry, source, advance))
+            self.zoo.seal(staging, want, files)
+        except BaseException:
+            self.zoo.abandon(staging)  # a failed write or fsync cannot be trusted or retried
+            raise
+        self.staged[(step.kind, step.id)] = staging
+        return want.size
+
+    def publish(self, step: Step) -> int:
+        self.zoo.publish(self.staged.pop((step.kind, step.id)), step.kind, step.id, step.version)
+        return 0
+
+    def swap(self, step: Step) -> int:
+        if step.previous and step.previous != step.version:
+            self.zoo.swap_link(step.kind, step.id, "previous", step.previous)
+        self.zoo.swap_link(step.kind, step.id, "current", step.version)
+        return 0
+
+    def verify(self, step: Step) -> int:
+        return reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id)))
+
+    def remove(self, step: Step) -> int:
+        freed = self.zoo.remove(step.kind, step.id, step.version)
+        for link in ("current", "previous"):
+            if self.zoo.read_link(step.kind, step.id, link) == step.version:
+                self.zoo.swap_link(step.kind, step.id, link, None)
+        self.zoo.remove_artifact_if_empty(step.kind, step.id)
+        return freed
+
+
+def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) -> int:
+    """Re-hash a version whose files changed on disk; refresh the manifest if they still match."""
+    vdir = zoo.version_dir(kind, aid, version)
+    manifest = read_manifest(vdir)
+    pins = [(f.path, f.sha256, f.size) for f in want.files] if want else [(f["path"], f["sha256"], f["size"]) for f in (manifest or {}).get("files", [])]
+    files, total = [], 0
+    for path, sha256, size in pins:
+        try:
+            actual, actual_size = hash_file(vdir / path)
+        except FileNotFoundError:
+            raise IntegrityError(f"{vdir / path}: missing; run: zoo-agent verify --repair {aid}", file=path) from None
+        if (actual, actual_size) != (sha256, size):
+            raise IntegrityError(f"{vdir / path}: sha256 {actual}, expected {sha256}; run: zoo-agent verify --repair {aid}", file=path, expected=sha256, actual=actual)
+        st = os.stat(vdir / path)
+        files.append({"path": path, "size": size, "sha256": sha256, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino})
+        total += size
+    base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
+    base.update(files=files, verified_at=now())
+    from .durable import write_atomic
+
+    write_atomic(vdir / "manifest.json", (json.dumps(base, indent=2) + "\n").encode(), mode=0o444)
+    return total
+
+
+def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Progress) -> Result:
+    run = _Run(zoo, {(w.kind, w.id): w for w in desired.wants}, index_dir, progress)
+    handlers: dict[Action, Callable[[Step], int]] = {
+        Action.FETCH: run.fetch, Action.PUBLISH: run.publish, Action.SWAP_CURRENT: run.swap,
+        Action.VERIFY: run.verify, Action.REMOVE: run.remove,
+    }  # fmt: skip
+    result, blocked = Result(), set()
+    for step in plan:
+        handler = handlers.get(step.action)
+        if handler is None:
+            log.debug("%s", step.describe("apply"))
+            continue
+        if (step.kind, step.id) in blocked:
+            result.outcomes.append(Outcome(step, False, "skipped: an earlier step for it failed", 1))
+            continue
+        log.info("%s", step.describe("apply"))
+        started = time.monotonic()
+        try:
+            moved = handler(step)
+            outcome = Outcome(step, True, bytes=moved, seconds=time.monotonic() - started)
+        except ZooError as exc:
+            outcome = Outcome(step, False, str(exc), exc.exit_code, seconds=time.monotonic() - started)
+        except OSError as exc:
+            where = exc.filename or zoo.root
+            error = StoreError(f"{where}: {exc.strerror or exc} while {step.describe('apply')}")
+            outcome = Outcome(step, False, str(error), error.exit_code, seconds=time.monotonic() - started)
+        if not outcome.ok:
+            blocked.add((step.kind, step.id))
+            log.error("%s", outcome.error)
+        result.outcomes.append(outcome)
+        _log_action(zoo, outcome)
+    progress.close()
+    return result
+
+
+def _log_action(zoo: Zoo, outcome: Outcome) -> None:
+    """Append-only action log: one JSON line per executed step."""
+    step = outcome.step
+    record: dict[str, Any] = {
+        "time": now(), "action": step.action.value, "kind": step.kind, "id": step.id, "version": step.version,
+        "result": "ok" if outcome.ok else "failed", "duration_s": round(outcome.seconds, 4), "bytes": outcome.bytes,
+    }  # fmt: skip
+    if outcome.error:
+        record["error"] = outcome.error
+    try:
+        zoo.actions_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(zoo.actions_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # the log must not turn a done step into a failure
+        log.warning("cannot append to %s: %s", zoo.actions_log, exc.strerror)
+
+
+def rollback(zoo: Zoo, seen_kind: Kind, aid: str) -> tuple[str, str]:
+    """Point ``current`` back at ``previous`` (and ``previous`` at the old current).
+
+    Instant, because retention keeps the previous version on disk. The next ``apply``
+    moves current back to what the index declares: revert the index to make it stick.
+    """
+    from .errors import UsageError
+
+    current = zoo.read_link(seen_kind, aid, "current")
+    previous = zoo.read_link(seen_kind, aid, "previous")
+    if previous is None or not zoo.version_dir(seen_kind, aid, previous).is_dir():
+        raise UsageError(f"{zoo.artifact_dir(seen_kind, aid)}: no previous version to roll back to")
+    zoo.swap_link(seen_kind, aid, "current", previous)
+    zoo.swap_link(seen_kind, aid, "previous", current)
+    step = Step(Action.SWAP_CURRENT, seen_kind, aid, previous, previous=current, reason="rollback")
+    _log_action(zoo, Outcome(step, True))
+    return current or "", previous

@@ -1,0 +1,59 @@
+"""Plain HTTP(S): each file at ``base_url/path``; dropped connections resume with Range."""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+from ..errors import SourceError
+from . import CHUNK
+
+__all__ = ["UrlFiles"]
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 4
+TIMEOUT_S = 30.0
+
+
+class UrlFiles:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def describe(self) -> str:
+        parts = urllib.parse.urlsplit(self.base_url)
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname or "", query=""))  # no credentials
+
+    def read(self, path: str, offset: int = 0) -> Iterator[bytes]:
+        url = f"{self.base_url}/{urllib.parse.quote(path)}"
+        shown = f"{self.describe()}/{path}"
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                for chunk in self._stream(url, offset):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 and exc.code != 429:
+                    raise SourceError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
+                cause = f"HTTP {exc.code} {exc.reason}"
+            except (urllib.error.URLError, OSError) as exc:
+                cause = str(getattr(exc, "reason", None) or exc)
+            if attempt == ATTEMPTS:
+                raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
+            delay = 0.5 * 2 ** (attempt - 1)
+            log.warning("%s: %s; retrying from byte %d in %.1fs", shown, cause, offset, delay)
+            time.sleep(delay)
+
+    @staticmethod
+    def _stream(url: str, offset: int) -> Iterator[bytes]:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            if offset and response.status != 206:
+                raise SourceError(f"{url}: the server ignored the Range request; cannot resume at byte {offset}")
+            while chunk := response.read(CHUNK):
+                yield chunk

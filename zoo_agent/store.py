@@ -1,0 +1,306 @@
+"""The zoo on disk: stage, verify, publish, swap, remove, lock (issue #3).
+
+Layout (see DESIGN.md)::
+
+    $ROOT/.lock
+    $ROOT/host/actions.jsonl
+    $ROOT/{models,loras}/<id>/versions/<version>/          complete, verified, manifest.json
+    $ROOT/{models,loras}/<id>/versions/<version>.tmp.<pid>.<rand>/   staging, ours alone
+    $ROOT/{models,loras}/<id>/{current,previous} -> versions/<version>
+    $ROOT/quarantine/<kind>/<id>/<version>.<time>/       moved aside by verify --repair
+
+Readers resolve ``current`` and so only ever see complete, verified versions: a version
+directory appears by ``rename`` after every byte, file and directory was fsynced, and
+``current`` moves by renaming a temporary symlink over it (hf's refs do the same).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .durable import fsync_dir, temp_name, write_atomic
+from .errors import IntegrityError, LockHeld, StoreError, UsageError
+from .index import FileEntry
+from .plan import Kind, Want, human_bytes
+from .sources import Source
+
+__all__ = [
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "hash_file", "now",
+]  # fmt: skip
+
+MANIFEST = "manifest.json"
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
+STAGING_MARK = ".tmp."
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def hash_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256, size) of a file, streamed; hashlib releases the GIL, so threads scale."""
+    digest, size = hashlib.sha256(), 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+
+    # -- layout --------------------------------------------------------------------
+    def artifact_dir(self, kind: Kind, aid: str) -> Path:
+        return self.root / kind / aid
+
+    def version_dir(self, kind: Kind, aid: str, version: str) -> Path:
+        return self.artifact_dir(kind, aid) / "versions" / version
+
+    @property
+    def actions_log(self) -> Path:
+        return self.root / "host" / "actions.jsonl"
+
+    # -- safety checks -------------------------------------------------------------
+    def check_root(self, *, allow_network_fs: bool = False, create: bool = False) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"{self.root}: the zoo root exists but is not a directory")
+        if not self.root.exists():
+            if not create:
+                return
+            try:
+                self.root.mkdir(parents=True, mode=0o755)
+            except OSError as exc:
+                raise StoreError(f"{self.root}: cannot create the zoo root: {exc.strerror}") from exc
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreError(f"{self.root}: cannot read the zoo root: permission denied")
+        fstype = filesystem_type(self.root)
+        if fstype in NETWORK_FILESYSTEMS and not allow_network_fs:
+            raise UsageError(
+                f"{self.root}: is on a network filesystem ({fstype}), where locks and renames are not "
+                "trustworthy; use a local disk or pass --allow-network-fs"
+            )
+
+    @contextmanager
+    def lock(self, wait: float = 0.0) -> Iterator[None]:
+        """One writer per root; ``wait`` seconds for another run to finish, then LockHeld."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _read_small(fd)
+                        raise LockHeld(f"{self.root}: another zoo-agent run holds the lock{holder}; retry, or pass --wait SECONDS") from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- writing a version -----------------------------------------------------------
+    def new_staging(self, kind: Kind, aid: str, version: str) -> Path:
+        versions = self.artifact_dir(kind, aid) / "versions"
+        _makedirs_durable(versions)
+        staging = versions / f"{version}{STAGING_MARK}{os.getpid()}.{secrets.token_hex(4)}"
+        staging.mkdir(mode=0o755)
+        return staging
+
+    def preflight_space(self, staging: Path, need: int) -> None:
+        st = os.statvfs(staging)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise StoreError(f"{staging.parent}: not enough free space: need {human_bytes(need)}, {human_bytes(free)} free")
+
+    def stage_file(self, staging: Path, entry: FileEntry, source: Source, on_bytes: Callable[[int], None]) -> dict[str, Any]:
+        """Stream one file into staging, hashing in the same pass; refuse it unless it matches."""
+        target = staging / entry.path
+        if target.parent != staging:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in source.read(entry.path):
+                size += len(chunk)
+                if size > entry.size:
+                    raise IntegrityError(
+                        f"{source.describe()}/{entry.path}: larger than the declared {entry.size} bytes",
+                        file=entry.path, expected=str(entry.size), actual=f">{entry.size}",
+                    )
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                on_bytes(len(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        actual = digest.hexdigest()
+        if size != entry.size:
+            raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
+        if actual != entry.sha256:
+            raise IntegrityError(f"{source.describe()}/{entry.path}: sha256 {actual}, expected {entry.sha256}", file=entry.path, expected=entry.sha256, actual=actual)
+        os.chmod(target, 0o444)  # published bytes are never rewritten in place (they get mmapped)
+        st = os.stat(target)
+        return {"path": entry.path, "size": size, "sha256": actual, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+    def seal(self, staging: Path, want: Want, files: list[dict[str, Any]]) -> None:
+        """Write the manifest and fsync every directory of the staged version."""
+        manifest = {
+            "kind": want.kind, "id": want.id, "version": want.version,
+            "source": want.source.model_dump(mode="json"),
+            "files": sorted(files, key=lambda f: f["path"]), "verified_at": now(),
+        }  # fmt: skip
+        write_atomic(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o444)
+        for directory in sorted({staging / f["path"] for f in files} | {staging}, key=lambda p: -len(p.parts)):
+            if directory.is_dir():
+                fsync_dir(directory)
+            elif directory.parent != staging:
+                fsync_dir(directory.parent)
+
+    def publish(self, staging: Path, kind: Kind, aid: str, version: str) -> None:
+        final = self.version_dir(kind, aid, version)
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StoreError(f"{final}: already exists; another writer published it") from None
+            raise
+        fsync_dir(final.parent)
+
+    def swap_link(self, kind: Kind, aid: str, name: str, version: str | None) -> None:
+        """Point ``name`` (current/previous) at a version, atomically; None removes the link."""
+        link = self.artifact_dir(kind, aid) / name
+        if version is None:
+            link.unlink(missing_ok=True)
+        else:
+            tmp = temp_name(link)
+            os.symlink(f"versions/{version}", tmp)
+            try:
+                os.replace(tmp, link)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        fsync_dir(link.parent)
+
+    def read_link(self, kind: Kind, aid: str, name: str) -> str | None:
+        try:
+            target = os.readlink(self.artifact_dir(kind, aid) / name)
+        except (FileNotFoundError, OSError):
+            return None
+        return target.removeprefix("versions/") if target.startswith("versions/") and "/" not in target[9:] else None
+
+    # -- removing ------------------------------------------------------------------
+    def remove(self, kind: Kind, aid: str, name: str) -> int:
+        """Delete a version or leftover; returns bytes freed. Readers never see it half gone
+        because it is renamed to a staging name first."""
+        base = self.artifact_dir(kind, aid)
+        path = base / "versions" / name
+        if not path.exists() and (base / name).is_symlink():
+            (base / name).unlink()  # a temp link left by a killed swap
+            return 0
+        if not path.exists():
+            return 0
+        if STAGING_MARK not in name:
+            doomed = path.with_name(f"{name}{STAGING_MARK}rm.{secrets.token_hex(4)}")
+            os.rename(path, doomed)
+            fsync_dir(path.parent)
+            path = doomed
+        freed = _tree_size(path)
+        _rmtree(path)
+        fsync_dir(path.parent)
+        return freed
+
+    def remove_artifact_if_empty(self, kind: Kind, aid: str) -> None:
+        base = self.artifact_dir(kind, aid)
+        versions = base / "versions"
+        if versions.is_dir() and not any(versions.iterdir()):
+            for name in ("current", "previous"):
+                (base / name).unlink(missing_ok=True)
+            versions.rmdir()
+            base.rmdir()
+            fsync_dir(base.parent)
+
+    def quarantine(self, kind: Kind, aid: str, version: str) -> Path:
+        """Move a damaged version aside for inspection; its links now dangle until re-fetched."""
+        src = self.version_dir(kind, aid, version)
+        dest_dir = self.root / "quarantine" / kind / aid
+        _makedirs_durable(dest_dir)
+        dest = dest_dir / f"{version}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.{secrets.token_hex(2)}"
+        os.rename(src, dest)  # same filesystem: quarantine lives under the root
+        fsync_dir(src.parent)
+        fsync_dir(dest_dir)
+        return dest
+
+    def abandon(self, staging: Path) -> None:
+        if staging.exists():
+            _rmtree(staging)
+
+
+def _read_small(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text else ""
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry we created."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        fsync_dir(directory.parent)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path)  # files are 0444 but their directories 0755, so unlinking works
+
+
+def filesystem_type(path: Path) -> str:
+    """The mount type under ``path``, from /proc/self/mountinfo ('' if unknown)."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[4].replace("\\040", " ")
+                sep = fields.index("-")
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, fstype = mount, fields[sep + 1]
+    except OSError:
+        return ""
+    return fstype
