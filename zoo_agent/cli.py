@@ -34,6 +34,17 @@ def emit_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=False))
 
 
+class _Stderr(logging.Handler):
+    """Logs to whatever sys.stderr is now (not the one seen at start-up), one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -68,11 +79,12 @@ def _exit_code_table() -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Declarative model zoo: validate an index, reconcile a host's zoo, serve its model."""
     ctx.meta["zoo.debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="zoo-agent: %(message)s",
-        stream=sys.stderr,
-    )
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("zoo-agent: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def json_option(func: Any) -> Any:

@@ -233,9 +233,10 @@ def plan_gc(desired: Desired, observed: Observed) -> Plan:
 
 
 def _keep(seen: Seen, declared: str, keep_versions: int) -> set[str]:
-    order = [v for v in (seen.current, declared, seen.previous) if v is not None and v in seen.versions]
+    first = [v for v in (seen.current, declared, seen.previous) if v is not None and v in seen.versions]
+    order = list(dict.fromkeys(first))  # current and declared are usually the same version
     order += sorted((v for v in seen.versions if v not in order), key=lambda v: seen.versions[v].published_at, reverse=True)
-    keep = set(dict.fromkeys(order[: max(keep_versions, 1)]))
+    keep = set(order[: max(keep_versions, 1)])
     if seen.current is not None and seen.current in seen.versions:
         keep.add(seen.current)  # never remove what readers resolve right now
     if declared in seen.versions:

@@ -110,12 +110,9 @@ class Zoo:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        holder = _read_small(fd)
-                        raise LockHeld(f"{self.root}: another zoo-agent run holds the lock{holder}; retry, or pass --wait SECONDS") from None
+                        raise LockHeld(f"{self.root}: another zoo-agent run holds the lock; retry, or pass --wait SECONDS") from None
                     time.sleep(0.1)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-            yield
+            yield  # the lock file is never written: a refused run leaves the tree byte-identical
         finally:
             os.close(fd)
 
@@ -256,14 +253,6 @@ class Zoo:
     def abandon(self, staging: Path) -> None:
         if staging.exists():
             _rmtree(staging)
-
-
-def _read_small(fd: int) -> str:
-    try:
-        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f" ({text})" if text else ""
 
 
 def _makedirs_durable(path: Path) -> None:
