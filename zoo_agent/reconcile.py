@@ -96,10 +96,12 @@ class _Run:
         return reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id)))
 
     def remove(self, step: Step) -> int:
-        freed = self.zoo.remove(step.kind, step.id, step.version)
+        # Unlink first: a kill between the two leaves an unlinked version (gc takes it
+        # next time), never a link to a half-deleted one.
         for link in ("current", "previous"):
             if self.zoo.read_link(step.kind, step.id, link) == step.version:
                 self.zoo.swap_link(step.kind, step.id, link, None)
+        freed = self.zoo.remove(step.kind, step.id, step.version)
         self.zoo.remove_artifact_if_empty(step.kind, step.id)
         return freed
 

@@ -26,7 +26,8 @@ class UrlFiles:
 
     def describe(self) -> str:
         parts = urllib.parse.urlsplit(self.base_url)
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname or "", query=""))  # no credentials
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=""))  # never credentials
 
     def read(self, path: str, offset: int = 0) -> Iterator[bytes]:
         url = f"{self.base_url}/{urllib.parse.quote(path)}"
@@ -55,5 +56,11 @@ class UrlFiles:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             if offset and response.status != 206:
                 raise SourceError(f"{url}: the server ignored the Range request; cannot resume at byte {offset}")
+            expected = response.headers.get("Content-Length")
+            received = 0
             while chunk := response.read(CHUNK):
+                received += len(chunk)
                 yield chunk
+            if expected is not None and received < int(expected):
+                # http.client returns a short read as a clean end; it is a dropped connection.
+                raise ConnectionError(f"connection closed after {received} of {expected} bytes")
