@@ -132,7 +132,7 @@ def _artifact_files(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer((*here, "path")), f"duplicate of /{'/'.join(map(str, at))}/files/{seen[file.path]}/path ('{file.path}')")
             else:
                 seen[file.path] = i
-            yield from _sha256_problems(file.sha256, pointer((*here, "sha256")))
+            yield from _sha256_problems(file.sha256, (*here, "sha256"))
 
 
 def _path_problem(path: str) -> str | None:
@@ -149,13 +149,13 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
-def _sha256_problems(digest: str, at: str) -> Iterator[Problem]:
+def _sha256_problems(digest: str, at: tuple[str | int, ...]) -> Iterator[Problem]:
     if digest == _EMPTY_SHA256:
-        yield Problem(at, "is the sha256 of an empty file, but the size is positive")
+        yield Problem(pointer(at), "is the sha256 of an empty file, but the size is positive")
         return
     for period in (1, 2, 4, 8, 16):  # "000…", "abab…", "deadbeef…": typed, not computed
         if digest == digest[:period] * (64 // period):
-            yield Problem(at, f"is a placeholder ({digest[:16]}…), not a real digest; pin the file's sha256")
+            yield Problem(pointer(at), f"is a placeholder ({digest[:16]}…), not a real digest; pin the file's sha256")
             return
 
 

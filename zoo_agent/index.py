@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 __all__ = [
@@ -54,6 +54,16 @@ LICENSE_PATTERN = (
 )
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+def _not_null(value: object) -> object:
+    """Optional fields are left out, never null: the published schema says the same."""
+    if value is None:
+        raise ValueError("must not be null; leave the field out instead")
+    return value
+
+
+NotNull = BeforeValidator(_not_null)
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 of the file: 64 lowercase hex characters.")]
 
 
@@ -172,7 +182,7 @@ class Generation(_Strict):
     temperature: float = Field(default=0.7, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 turns it off.")
-    seed: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+    seed: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="Seed for reproducible sampling."
     )
 
@@ -182,7 +192,7 @@ class Resources(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(default="auto", description="Weight dtype.")
-    memory_max: Annotated[str, Field(pattern=MEMORY_PATTERN)] | SkipJsonSchema[None] = Field(
+    memory_max: Annotated[Annotated[str, Field(pattern=MEMORY_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
         default=None,
         description="Memory ceiling in systemd's notation (e.g. '8G'); decides whether a swap may load two at once.",
     )
@@ -214,7 +224,7 @@ class Retention(_Strict):
 class HostEntry(_Strict):
     """One machine: what it serves and what it keeps on disk."""
 
-    resident: Id | SkipJsonSchema[None] = Field(default=None, description="Id of the tenant this host serves.")
+    resident: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(default=None, description="Id of the tenant this host serves.")
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")
     description: str = Field(default="", max_length=1000, description="What the machine is.")
@@ -223,7 +233,7 @@ class HostEntry(_Strict):
 class Index(_Strict):
     """A fleet's models, adapters, tenants and hosts."""
 
-    schema_: str | SkipJsonSchema[None] = Field(
+    schema_: Annotated[str | SkipJsonSchema[None], NotNull] = Field(
         default=None, alias="$schema", description="Path or URL of schema.json, for editors."
     )
     models: dict[Id, ModelEntry] = Field(default={}, description="Base models by id.")

@@ -29,11 +29,12 @@ def _have(version_dir: Path, version: str) -> Have:
     if manifest is None:
         return Have(version, None)
     pins, drifted, size = set(), [], 0
+    base = str(version_dir)
     for f in manifest["files"]:
         pins.add((f["path"], f["sha256"], f["size"]))
         size += f["size"]
         try:
-            st = os.stat(version_dir / f["path"])
+            st = os.stat(os.path.join(base, f["path"]))  # str paths: this loop runs per file
         except OSError:
             drifted.append(f["path"])
             continue

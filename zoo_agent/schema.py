@@ -11,13 +11,13 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import Any, cast
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
+from typing import TYPE_CHECKING, Any, cast
 
 from . import index
 from .errors import Problem
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 __all__ = ["SCHEMA_ID", "index_schema", "pointer", "render_schema", "structural_problems"]
 
@@ -87,6 +87,8 @@ def pointer(parts: Iterable[str | int]) -> str:
 
 
 def structural_problems(document: Any) -> list[Problem]:
+    from jsonschema import Draft202012Validator  # ~50 ms to import; only a bad index needs it
+
     validator = Draft202012Validator(index_schema())
     problems: list[Problem] = []
     for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):

@@ -42,7 +42,7 @@ def mutated_index(draw: st.DrawFn) -> Any:
     document: Any = copy.deepcopy(VALID_INDEX)
     for _ in range(draw(st.integers(1, 4))):
         path = draw(st.sampled_from(_paths(document)))
-        value = draw(_plausible | _json)
+        value = copy.deepcopy(draw(_plausible | _json))  # sampled [] and {} are shared objects
         if not path:
             document = value
             continue
@@ -99,3 +99,23 @@ def test_cli_never_prints_a_traceback(document: Any) -> None:
         assert result.exit_code in (0, 2), result.output
         assert "Traceback" not in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_index())
+def test_pydantic_and_the_published_schema_agree(document: Any) -> None:
+    """validate trusts pydantic's verdict on the structure and asks jsonschema only to
+    explain a rejection; so the two must accept exactly the same documents."""
+    from jsonschema import Draft202012Validator
+    from pydantic import ValidationError
+
+    from zoo_agent.index import Index
+    from zoo_agent.schema import index_schema
+
+    schema_ok = Draft202012Validator(index_schema()).is_valid(document)
+    try:
+        Index.model_validate(document, strict=True)
+        model_ok = True
+    except ValidationError:
+        model_ok = False
+    assert schema_ok == model_ok, document
