@@ -26,17 +26,22 @@ _PLACEHOLDER = re.compile(
 )
 
 
-def placeholder_problems(document: Any, at: tuple[str | int, ...] = ()) -> Iterator[Problem]:
-    """Scan the raw document, so stubs are named even where the structure is broken."""
-    if isinstance(document, dict):
-        for key, value in document.items():
-            yield from placeholder_problems(value, (*at, key))
-    elif isinstance(document, list):
-        for i, value in enumerate(document):
-            yield from placeholder_problems(value, (*at, i))
-    elif isinstance(document, str) and _PLACEHOLDER.search(document):
-        field = at[-1] if at else "value"
-        yield Problem(pointer(at), f"'{field}' still holds a placeholder ({document!r}); fill in the real value")
+def placeholder_problems(document: Any) -> Iterator[Problem]:
+    """Scan the raw document, so stubs are named even where the structure is broken.
+
+    An explicit stack, not recursion: this walks every value of every index, on every
+    run, and a no-op ``apply`` should cost almost nothing (issue #3's benchmark).
+    """
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+    while stack:
+        at, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(((*at, key), value) for key, value in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend(((*at, i), value) for i, value in reversed(list(enumerate(node))))
+        elif isinstance(node, str) and _PLACEHOLDER.search(node):
+            field = at[-1] if at else "value"
+            yield Problem(pointer(at), f"'{field}' still holds a placeholder ({node!r}); fill in the real value")
 
 
 def semantic_problems(idx: Index) -> list[Problem]:

@@ -55,7 +55,10 @@ def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
             leftovers.append(entry.name)
         elif entry.is_dir(follow_symlinks=False):
             versions[entry.name] = _have(Path(entry.path), entry.name)
-    leftovers += sorted(p.name for p in base.glob(".*.tmp") if p.is_symlink())
+    try:  # temp links of a killed swap: .current.<pid>.<rand>.tmp
+        leftovers += sorted(e.name for e in os.scandir(base) if e.name.endswith(".tmp") and e.is_symlink())
+    except FileNotFoundError:
+        pass
     return Seen(kind, aid, versions, zoo.read_link(kind, aid, "current"), zoo.read_link(kind, aid, "previous"), tuple(leftovers))
 
 

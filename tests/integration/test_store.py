@@ -247,3 +247,26 @@ def test_network_filesystem_is_refused_unless_allowed(world: World, monkeypatch:
 
 def test_filesystem_type_reads_mountinfo() -> None:
     assert store.filesystem_type(Path("/proc")) == "proc"
+
+
+def test_fsync_failure_abandons_staging_and_keeps_current(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 2: a failed fsync cannot be retried (the pages are marked clean), so the
+    staged copy is abandoned rather than published."""
+    import errno
+
+    world.artifact("m", "v1", {"a": b"old"})
+    assert world.run("apply").exit_code == 0
+    world.artifact("m", "v2", {"a": b"new" * 1000})
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{fd}") and ".tmp." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    result = world.run("apply")
+    assert result.exit_code == 1
+    assert "Input/output error while fetching model m v2" in result.stderr
+    assert world.current("m") == "v1"
+    assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1"]
