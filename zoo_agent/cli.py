@@ -17,13 +17,12 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, commands
 from .durable import write_atomic
-from .errors import EXIT_CODES, InvalidIndex, UsageError, ZooError
+from .errors import EXIT_CODES, InvalidIndex, ZooError
 from .fmt import canonical_text, diff
 from .schema import render_schema
 from .validate import check_document, read_document
-from . import commands
 
 __all__ = ["cli", "main"]
 

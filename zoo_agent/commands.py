@@ -25,7 +25,7 @@ from .reconcile import Result, apply, refuse_conflicts, rollback
 from .status import artifact_status
 from .store import Zoo
 from .validate import load_index
-from .verify import select, verify
+from .verify import Report, resolve, select, verify
 
 __all__ = ["register"]
 
@@ -166,16 +166,17 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         desired = target.desired()
         target.zoo.check_root(allow_network_fs=True)
         rows = artifact_status(desired, observe(target.zoo))
+        healthy = all(r["state"] in ("ok", "undeclared") for r in rows)
         if as_json:
-            emit({"host": desired.host, "root": str(target.zoo.root), "artifacts": rows})
-            return
-        click.echo(f"host {desired.host}, zoo {target.zoo.root}")
-        for r in rows:
-            click.echo(
-                f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
-                f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
-            )
-        if any(r["state"] != "ok" and r["state"] != "undeclared" for r in rows):
+            emit({"host": desired.host, "root": str(target.zoo.root), "ok": healthy, "artifacts": rows})
+        else:
+            click.echo(f"host {desired.host}, zoo {target.zoo.root}")
+            for r in rows:
+                click.echo(
+                    f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
+                    f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
+                )
+        if not healthy:
             sys.exit(1)
 
     @cli.command("verify")
@@ -188,7 +189,8 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, as_json: bool) -> None:
         """Re-hash every file of the published versions of IDS (default: all)."""
         target.zoo.check_root(allow_network_fs=True)
-        report = verify(target.zoo, select(observe(target.zoo), ids), jobs)
+        selection = select(observe(target.zoo), ids)
+        report = verify(target.zoo, selection, jobs)
         repaired: list[str] = []
         if repair and report.findings:
             desired = target.desired()
@@ -197,18 +199,29 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
                     moved = target.zoo.quarantine(kind, aid, version)
                     log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
                     repaired.append(f"{kind}/{aid}/{version}")
-                _run_plan(target, plan(desired, observe(target.zoo)), desired, lambda _doc: None, "repair")
+                result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True))
+            for o in result.failures:
+                log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
+            after = verify(target.zoo, selection, jobs)
+            gone = [f"{k}/{i}/{v}" for k, i, v in report.bad_versions() if not target.zoo.version_dir(k, i, v).is_dir()]
+            for ref in gone:
+                log.error("repair: %s was quarantined but is not declared for this host, so it was not fetched again", ref)
+            report = Report(report.versions, report.files, report.bytes, after.findings)
+            repaired = [r for r in repaired if r not in gone]
+            bad = bool(after.findings or gone)
+        else:
+            bad = bool(report.findings)
         if as_json:
             emit({
                 "versions": len(report.versions), "files": report.files, "bytes": report.bytes,
-                "findings": [f.__dict__ for f in report.findings], "repaired": repaired,
+                "findings": [f.__dict__ for f in report.findings], "repaired": repaired, "ok": not bad,
             })  # fmt: skip
         else:
             for finding in report.findings:
                 click.echo(finding.line(target.zoo), err=True)
             click.echo(f"verified {report.files} files ({human_bytes(report.bytes)}) in {len(report.versions)} version(s): "
-                       f"{len(report.findings)} bad" + (f", repaired {', '.join(repaired)}" if repaired else ""))
-        if report.findings and not repaired:
+                       f"{len(report.findings)} bad" + (f"; repaired {', '.join(repaired)}" if repaired else ""))
+        if bad:
             sys.exit(1)
 
     @cli.command("rollback")
@@ -220,7 +233,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         """Point REF's current back at its previous version (REF: id, models/ID or loras/ID)."""
         target.zoo.check_root(allow_network_fs=True)
         with target.zoo.lock(wait):
-            ((kind, aid, _),) = {(k, i, "") for k, i, _ in select(observe(target.zoo), (ref,))} or {("models", ref, "")}
+            kind, aid = resolve(observe(target.zoo), ref)
             was, now_ = rollback(target.zoo, kind, aid)
         if as_json:
             emit({"kind": kind, "id": aid, "current": now_, "previous": was})

@@ -7,7 +7,7 @@ are unique by construction, diffs stay small and the NixOS module can type them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -125,7 +125,7 @@ class FileSource(_Strict):
     )
 
 
-Source = Annotated[Union[HfSource, OllamaSource, UrlSource, FileSource], Field(discriminator="type")]
+Source = Annotated[HfSource | OllamaSource | UrlSource | FileSource, Field(discriminator="type")]
 SOURCE_TYPES: tuple[str, ...] = ("hf", "ollama", "url", "file")
 
 Format = Literal["safetensors", "gguf", "onnx", "pickle", "ollama"]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, InvalidIndex, Problem, StoreError, ZooError
+from .durable import write_atomic
+from .errors import IntegrityError, InvalidIndex, Problem, StoreError, UsageError, ZooError
 from .observe import read_manifest
 from .plan import Action, Desired, Kind, Plan, Step, Want
 from .progress import Progress
@@ -124,8 +125,6 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
         total += size
     base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
     base.update(files=files, verified_at=now())
-    from .durable import write_atomic
-
     write_atomic(vdir / "manifest.json", (json.dumps(base, indent=2) + "\n").encode(), mode=0o444)
     return total
 
@@ -188,8 +187,6 @@ def rollback(zoo: Zoo, seen_kind: Kind, aid: str) -> tuple[str, str]:
     Instant, because retention keeps the previous version on disk. The next ``apply``
     moves current back to what the index declares: revert the index to make it stick.
     """
-    from .errors import UsageError
-
     current = zoo.read_link(seen_kind, aid, "current")
     previous = zoo.read_link(seen_kind, aid, "previous")
     if previous is None or not zoo.version_dir(seen_kind, aid, previous).is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plan import Desired, Kind, Observed
+from .plan import Desired, Observed
 
 __all__ = ["artifact_status"]
 
@@ -42,6 +42,3 @@ def _state(declared: str | None, present: bool, current: str | None, resolved: b
         return f"outdated: declared {declared}"
     return "ok"
 
-
-def kind_label(kind: Kind) -> str:
-    return "model" if kind == "models" else "lora"

@@ -100,7 +100,8 @@ class Zoo:
     @contextmanager
     def lock(self, wait: float = 0.0) -> Iterator[None]:
         """One writer per root; ``wait`` seconds for another run to finish, then LockHeld."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            raise UsageError(f"{self.root}: no zoo here (run zoo-agent apply first, or pass --root)")
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + wait

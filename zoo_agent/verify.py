@@ -15,7 +15,7 @@ from .observe import read_manifest
 from .plan import Kind, Observed
 from .store import Zoo, hash_file
 
-__all__ = ["Finding", "Report", "select", "verify"]
+__all__ = ["Finding", "Report", "resolve", "select", "verify"]
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,21 @@ class Report:
         return sorted({(f.kind, f.id, f.version) for f in self.findings})
 
 
+def resolve(observed: Observed, ref: str) -> tuple[Kind, str]:
+    """An artifact named as ``ID``, ``models/ID`` or ``loras/ID``."""
+    kind_hint, _, aid = ref.rpartition("/")
+    matches = sorted(key for key in observed.seen if key[1] == aid and kind_hint in ("", key[0]))
+    if not matches:
+        known = ", ".join(f"{k}/{i}" for k, i in sorted(observed.seen)) or "none"
+        raise UsageError(f"'{ref}' is not in the zoo (artifacts: {known})")
+    if len(matches) > 1:
+        raise UsageError(f"'{ref}' is both a model and a lora; say models/{aid} or loras/{aid}")
+    return matches[0]
+
+
 def select(observed: Observed, refs: tuple[str, ...]) -> list[tuple[Kind, str, str]]:
     """Every published version of the named artifacts (all of them when none is named)."""
-    chosen = []
-    for ref in refs:
-        kind_hint, _, aid = ref.rpartition("/")
-        matches = [key for key in observed.seen if key[1] == aid and kind_hint in ("", key[0])]
-        if not matches:
-            known = ", ".join(f"{k}/{i}" for k, i in sorted(observed.seen)) or "none"
-            raise UsageError(f"'{ref}' is not in the zoo (artifacts: {known})")
-        chosen += matches
-    keys = chosen or sorted(observed.seen)
+    keys = [resolve(observed, ref) for ref in refs] or sorted(observed.seen)
     return [(k, i, v) for (k, i) in dict.fromkeys(keys) for v in sorted(observed.seen[(k, i)].versions)]
 
 

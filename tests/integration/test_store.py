@@ -186,11 +186,15 @@ def test_status_reports_declared_current_previous_and_state(world: World) -> Non
     world.artifact("m", "v1", {"a": b"1"})
     world.artifact("r", "l1", {"adapter_model.safetensors": b"l"}, kind="loras")
     result = world.run("status", "--json")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # declared but missing: not healthy, with or without --json
+    assert json.loads(result.stdout)["ok"] is False
     rows = {r["id"]: r for r in json.loads(result.stdout)["artifacts"]}
     assert rows["m"]["state"] == "missing" and rows["r"]["declared"] == "l1"
+    assert world.run("status").exit_code == 1
     world.run("apply")
-    rows = {r["id"]: r for r in json.loads(world.run("status", "--json").stdout)["artifacts"]}
+    result = world.run("status", "--json")
+    assert result.exit_code == 0
+    rows = {r["id"]: r for r in json.loads(result.stdout)["artifacts"]}
     assert rows["m"] == {**rows["m"], "declared": "v1", "current": "v1", "previous": None, "state": "ok", "size": 1}
     assert rows["r"]["kind"] == "loras" and rows["r"]["state"] == "ok" and rows["r"]["verified_at"]
     assert world.current("r", "loras") == "l1"
@@ -211,6 +215,38 @@ def test_bad_input_is_one_line_and_changes_nothing(world: World, name: str, args
     result = world.run(*args)
     assert (result.exit_code, result.stderr.strip()) == (code, message)
     assert world.tree() == before
+
+
+def test_commands_on_a_missing_root_create_nothing(world: World) -> None:
+    world.artifact("m", "v1", {"a": b"1"})
+    for args in (["rollback", "m"], ["gc"], ["verify", "m"]):
+        result = world.run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+        assert not world.root.exists(), args
+
+
+def test_ambiguous_id_asks_for_the_kind(world: World) -> None:
+    world.artifact("m", "v1", {"a": b"1"})
+    world.artifact("m", "l1", {"adapter_model.safetensors": b"l"}, kind="loras")
+    world.run("apply")
+    result = world.run("rollback", "m")
+    assert (result.exit_code, result.stderr.strip()) == (2, "'m' is both a model and a lora; say models/m or loras/m")
+    assert "no previous version" in world.run("rollback", "loras/m").stderr
+
+
+def test_repair_of_an_undeclared_version_reports_it_is_gone(world: World) -> None:
+    world.artifact("m", "v1", {"a": b"one"})
+    world.run("apply")
+    world.artifact("m", "v2", {"a": b"two"})
+    world.run("apply")
+    old = world.root / "models/m/versions/v1/a"
+    old.chmod(0o644)
+    old.write_bytes(b"ONE")
+    result = world.run("verify", "--repair")
+    assert result.exit_code == 1
+    assert "models/m/v1 was quarantined but is not declared for this host" in result.stderr
+    assert world.current("m") == "v2"
 
 
 def test_missing_file_source_fails_with_one_line(world: World) -> None:
