@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from .errors import UsageError
 from .observe import observe
 from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
 from .progress import make_progress
+from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
 from .reconcile import Result, apply, refuse_conflicts, rollback
+from .sources import FetchSettings
 from .status import artifact_status
 from .store import Zoo
 from .validate import load_index
@@ -72,6 +75,20 @@ def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--wait", type=click.FloatRange(min=0), default=0.0, help="Seconds to wait for another run's lock (else exit 75).")(func)
 
 
+def _fetch_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """How to reach sources: a hub token file and offline mode. The token itself is never echoed."""
+
+    @click.option("--hf-token-file", type=click.Path(path_type=Path), default=None,
+                  help="File holding a Hugging Face token (else $CREDENTIALS_DIRECTORY/hf-token, else HF_TOKEN).")
+    @click.option("--offline", is_flag=True, help="No network at all (also HF_HUB_OFFLINE=1); what is missing is reported.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, hf_token_file: Path | None, offline: bool, **kwargs: Any) -> Any:
+        jobs = kwargs.get("jobs") or 4
+        return func(*args, fetching=FetchSettings.from_environment(hf_token_file, offline, jobs), **kwargs)
+
+    return wrapper
+
+
 def _net_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--allow-network-fs", is_flag=True, help="Allow a zoo on NFS/CIFS/Lustre (locks and renames are not trustworthy there).")(func)
 
@@ -87,9 +104,10 @@ def _result_rows(result: Result) -> list[dict[str, Any]]:
     } for o in result.outcomes]  # fmt: skip
 
 
-def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[Any], None], what: str) -> None:
+def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[Any], None], what: str, fetching: FetchSettings | None = None) -> None:
     total = sum(s.size for s in the_plan if s.action is Action.FETCH)
-    result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, make_progress(total, machine_output=target.as_json))
+    progress = make_progress(total, machine_output=target.as_json)
+    result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching)
     failures = result.failures
     if target.as_json:
         emit({"host": desired.host, "root": str(target.zoo.root), "ok": not failures, "steps": _result_rows(result)})
@@ -125,15 +143,17 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     @zoo_options
     @_wait_option
     @_net_option
+    @click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched in parallel.")
+    @_fetch_options
     @json_option
-    def apply_cmd(target: Target, wait: float, allow_network_fs: bool, as_json: bool) -> None:
+    def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, fetching: FetchSettings, as_json: bool) -> None:
         """Reconcile the host's models and adapters into the zoo (idempotent)."""
         desired = target.desired()
         target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
         with target.zoo.lock(wait):
             the_plan = plan(desired, observe(target.zoo))
             refuse_conflicts(the_plan, str(target.index))
-            _run_plan(target, the_plan, desired, emit, "apply")
+            _run_plan(target, the_plan, desired, emit, "apply", fetching)
 
     @cli.command("gc")
     @zoo_options
@@ -185,8 +205,9 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     @click.option("--repair", is_flag=True, help="Move bad versions aside (quarantine) and fetch them again.")
     @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Files hashed in parallel (default: all cores).")
     @_wait_option
+    @_fetch_options
     @json_option
-    def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, as_json: bool) -> None:
+    def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool) -> None:
         """Re-hash every file of the published versions of IDS (default: all)."""
         target.zoo.check_root(allow_network_fs=True)
         selection = select(observe(target.zoo), ids)
@@ -199,7 +220,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
                     moved = target.zoo.quarantine(kind, aid, version)
                     log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
                     repaired.append(f"{kind}/{aid}/{version}")
-                result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True))
+                result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True), fetching)
             for o in result.failures:
                 log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
             after = verify(target.zoo, selection, jobs)
@@ -239,3 +260,69 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
             emit({"kind": kind, "id": aid, "current": now_, "previous": was})
         else:
             click.echo(f"{kind[:-1]} {aid}: current is now {now_} (was {was}); the next apply restores the declared version")
+
+    @cli.command("add")
+    @click.argument("spec", required=False)
+    @click.option("--id", "aid", help="Id of the new entry.")
+    @click.option("--update", "update_id", help="Move an existing hf entry to a newer revision (default: main).")
+    @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True)
+    @click.option("--include", multiple=True, help="Glob of files to pin (repeatable; default: all).")
+    @click.option("--exclude", multiple=True, help="Glob of files to leave out (repeatable).")
+    @click.option("--version", "label", help="Version label (default for hf: the commit's first 12 hex).")
+    @click.option("--license", "license_", help="SPDX license id (default for hf: the model card's).")
+    @click.option("--lora-for", "base_model", help="Make it a LoRA adapter for this model id.")
+    @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: adapter_config.json's r).")
+    @click.option("--allow-pickle", is_flag=True, help="Pin pickle files too (they run code when loaded).")
+    @click.option("--allow-code", is_flag=True, help="Pin repository .py files too.")
+    @_fetch_options
+    @json_option
+    def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path: Path, include: tuple[str, ...],
+                exclude: tuple[str, ...], label: str | None, license_: str | None, base_model: str | None, rank: int | None,
+                allow_pickle: bool, allow_code: bool, fetching: FetchSettings, as_json: bool) -> None:  # fmt: skip
+        """Pin SPEC (hf:ORG/REPO[@REVISION] or file:PATH) into the index as a new entry."""
+        kind, old = existing(index_path, update_id) if update_id else ("loras" if base_model else "models", {})
+        if update_id and spec is None:
+            src = old.get("source", {})
+            if src.get("type") != "hf":
+                raise UsageError(f"{index_path}: /{kind}/{update_id}: --update without SPEC moves an hf entry; give file:PATH")
+            spec = f"hf:{src['repo']}"
+        new_id = update_id or aid
+        if not spec or not new_id:
+            raise UsageError("usage: zoo-agent add hf:ORG/REPO[@REVISION] --id ID  (or file:PATH --id ID --version LABEL, or --update ID)")
+        safety = Selection(include, exclude, allow_pickle or old.get("allow_pickle", False), allow_code or old.get("allow_code", False))
+        if spec.startswith("hf:"):
+            repo, _, revision = spec[3:].partition("@")
+            commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
+            if update_id and old.get("source", {}).get("revision") == commit and not label:
+                click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
+                return
+            source: dict[str, Any] = {"type": "hf", "repo": repo, "revision": commit}
+            label = label or commit[:12]
+            license_ = license_ or card_license or old.get("license")
+            if license_ is None:
+                raise UsageError(f"hf:{repo}: its model card names no SPDX license we know; pass --license SPDX (or 'other')")
+        elif spec.startswith("file:"):
+            directory = Path(spec[5:])
+            files = pin_directory(directory, safety)
+            if not label:
+                raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
+            source = {"type": "file", "path": os.path.relpath(directory.resolve(), index_path.resolve().parent)}
+            license_ = license_ or old.get("license")
+            if license_ is None:
+                raise UsageError("add file:PATH needs --license SPDX (or 'other')")
+            if kind == "loras" and rank is None:
+                rank = adapter_rank(directory)
+        else:
+            raise UsageError(f"'{spec}': expected hf:ORG/REPO[@REVISION] or file:PATH")
+        entry = {**old, "version": label, "source": source, "files": files, "license": license_}
+        if kind == "loras":
+            entry["base_model"] = base_model or old.get("base_model")
+            entry["rank"] = rank or old.get("rank")
+            if entry["rank"] is None:
+                raise UsageError("a LoRA needs --rank (no adapter_config.json with 'r' was found)")
+        write_entry(index_path, kind, new_id, entry, update=bool(update_id))
+        size = sum(f["size"] for f in files)
+        if as_json:
+            emit({"kind": kind, "id": new_id, "version": label, "source": source, "files": len(files), "size": size})
+        else:
+            click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")

@@ -99,6 +99,7 @@ class Step:
     files: int = 0
     previous: str | None = None  # SWAP_CURRENT: the version current pointed at before
     reason: str = ""
+    resume: str = ""  # FETCH: a killed run's staging directory of this version to continue
 
     @property
     def subject(self) -> str:
@@ -109,7 +110,8 @@ class Step:
         would = tense == "plan"
         a, subject = self.action, self.subject
         if a is Action.FETCH:
-            return f"{'would fetch' if would else 'fetching'} {subject} ({self.files} files, {human_bytes(self.size)})"
+            again = ", resuming an interrupted fetch" if self.resume else ""
+            return f"{'would fetch' if would else 'fetching'} {subject} ({self.files} files, {human_bytes(self.size)}{again})"
         if a is Action.PUBLISH:
             return f"{'would publish' if would else 'publishing'} {subject}"
         if a is Action.SWAP_CURRENT:
@@ -175,21 +177,29 @@ def desired_for_host(idx: Index, host: str) -> Desired:
 def plan(desired: Desired, observed: Observed) -> Plan:
     """Steps that make the zoo hold every wanted version as current. Deletes no version."""
     steps: list[Step] = []
-    for seen in observed.seen.values():
-        steps += [Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run") for name in seen.leftovers]
+    wanted = {(w.kind, w.id): w for w in desired.wants}
+    resumable: dict[tuple[Kind, str], str] = {}
+    for key, seen in observed.seen.items():
+        want = wanted.get(key)
+        for name in seen.leftovers:
+            # A killed fetch of the version still wanted is continued, not thrown away (#4).
+            if want and name.startswith(f"{want.version}.tmp.") and ".tmp.rm." not in name and key not in resumable:
+                resumable[key] = name
+                continue
+            steps.append(Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run"))
     for want in desired.wants:
-        steps += _plan_want(want, observed.seen.get((want.kind, want.id)))
+        steps += _plan_want(want, observed.seen.get((want.kind, want.id)), resumable.get((want.kind, want.id), ""))
     return Plan(tuple(steps))
 
 
-def _plan_want(want: Want, seen: Seen | None) -> list[Step]:
+def _plan_want(want: Want, seen: Seen | None, resume: str = "") -> list[Step]:
     kind, aid, version = want.kind, want.id, want.version
     current = seen.current if seen else None
     have = seen.versions.get(version) if seen else None
     swap = Step(Action.SWAP_CURRENT, kind, aid, version, previous=current)
     if have is None:
         return [
-            Step(Action.FETCH, kind, aid, version, size=want.size, files=len(want.files)),
+            Step(Action.FETCH, kind, aid, version, size=want.size, files=len(want.files), resume=resume),
             Step(Action.PUBLISH, kind, aid, version),
             swap,
         ]

@@ -12,16 +12,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .durable import write_atomic
-from .errors import IntegrityError, InvalidIndex, Problem, StoreError, UsageError, ZooError
+from .errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
+from .index import FileEntry
 from .observe import read_manifest
 from .plan import Action, Desired, Kind, Plan, Step, Want
 from .progress import Progress
-from .sources import open_source
+from .sources import FetchSettings, open_source
 from .store import Zoo, hash_file, now
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
@@ -64,21 +66,40 @@ class _Run:
     wants: dict[tuple[Kind, str], Want]
     index_dir: Path
     progress: Progress
+    settings: FetchSettings
     staged: dict[tuple[Kind, str], Path] = field(default_factory=dict)
 
     def fetch(self, step: Step) -> int:
         want = self.wants[(step.kind, step.id)]
-        source = open_source(want.source, self.index_dir)
-        staging = self.zoo.new_staging(step.kind, step.id, step.version)
+        source = open_source(want.source, self.index_dir, self.settings)
+        if step.resume:
+            staging = self.zoo.adopt_staging(step.kind, step.id, step.resume, step.version)
+        else:
+            staging = self.zoo.new_staging(step.kind, step.id, step.version)
         try:
-            self.zoo.preflight_space(staging, want.size)
-            files = []
-            for entry in want.files:
+            self.zoo.preflight_space(staging, want.size - self.zoo.staged_bytes(staging))
+
+            def stage(entry: FileEntry) -> dict[str, Any]:
                 advance = self.progress.item(f"{step.id}/{entry.path}", entry.size)
-                files.append(self.zoo.stage_file(staging, entry, source, advance))
+                return self.zoo.stage_file(staging, entry, source, advance)
+
+            # Parallel across files, bounded by --jobs; the first error cancels the rest.
+            with ThreadPoolExecutor(max_workers=max(1, self.settings.jobs)) as pool:
+                futures = [pool.submit(stage, entry) for entry in want.files]
+                try:
+                    files = [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
             self.zoo.seal(staging, want, files)
+        except SourceError:
+            # The network failed: keep what arrived, so the next run continues from it.
+            if not self.zoo.staged_bytes(staging):
+                self.zoo.abandon(staging)
+            raise
         except BaseException:
-            self.zoo.abandon(staging)  # a failed write or fsync cannot be trusted or retried
+            self.zoo.abandon(staging)  # wrong bytes, a failed write or fsync: never trusted, never retried
             raise
         self.staged[(step.kind, step.id)] = staging
         return want.size
@@ -129,8 +150,8 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
     return total
 
 
-def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Progress) -> Result:
-    run = _Run(zoo, {(w.kind, w.id): w for w in desired.wants}, index_dir, progress)
+def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Progress, settings: FetchSettings | None = None) -> Result:
+    run = _Run(zoo, {(w.kind, w.id): w for w in desired.wants}, index_dir, progress, settings or FetchSettings())
     handlers: dict[Action, Callable[[Step], int]] = {
         Action.FETCH: run.fetch, Action.PUBLISH: run.publish, Action.SWAP_CURRENT: run.swap,
         Action.VERIFY: run.verify, Action.REMOVE: run.remove,

@@ -50,15 +50,10 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def hash_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+def hash_file(path: Path) -> tuple[str, int]:
     """(sha256, size) of a file, streamed; hashlib releases the GIL, so threads scale."""
-    digest, size = hashlib.sha256(), 0
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            size += n
+    digest = hashlib.sha256()
+    size = _hash_into(path, digest)
     return digest.hexdigest(), size
 
 
@@ -125,6 +120,16 @@ class Zoo:
         staging.mkdir(mode=0o755)
         return staging
 
+    def adopt_staging(self, kind: Kind, aid: str, name: str, version: str) -> Path:
+        """Take over a killed run's staging directory under a name of our own (we hold the lock)."""
+        versions = self.artifact_dir(kind, aid) / "versions"
+        ours = versions / f"{version}{STAGING_MARK}{os.getpid()}.{secrets.token_hex(4)}"
+        os.rename(versions / name, ours)
+        return ours
+
+    def staged_bytes(self, staging: Path) -> int:
+        return _tree_size(staging)
+
     def preflight_space(self, staging: Path, need: int) -> None:
         st = os.statvfs(staging)
         free = st.f_bavail * st.f_frsize
@@ -132,14 +137,25 @@ class Zoo:
             raise StoreError(f"{staging.parent}: not enough free space: need {human_bytes(need)}, {human_bytes(free)} free")
 
     def stage_file(self, staging: Path, entry: FileEntry, source: Source, on_bytes: Callable[[int], None]) -> dict[str, Any]:
-        """Stream one file into staging, hashing in the same pass; refuse it unless it matches."""
+        """Stream one file into staging, hashing in the same pass; refuse it unless it matches.
+
+        A file left in an adopted staging directory is re-hashed and continued from where
+        the killed run stopped (the hub client no longer resumes across processes)."""
         target = staging / entry.path
         if target.parent != staging:
             target.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if target.exists():
+            size = _hash_into(target, digest)
+            if size > entry.size:
+                target.unlink()
+                digest, size = hashlib.sha256(), 0
+            else:
+                os.chmod(target, 0o644)
+                on_bytes(size)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            for chunk in source.read(entry.path):
+            for chunk in source.read(entry.path, size) if size < entry.size else ():
                 size += len(chunk)
                 if size > entry.size:
                     raise IntegrityError(
@@ -155,9 +171,10 @@ class Zoo:
         finally:
             os.close(fd)
         actual = digest.hexdigest()
-        if size != entry.size:
-            raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
-        if actual != entry.sha256:
+        if size != entry.size or actual != entry.sha256:
+            target.unlink()  # wrong bytes are never resumed from
+            if size != entry.size:
+                raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
             raise IntegrityError(f"{source.describe()}/{entry.path}: sha256 {actual}, expected {entry.sha256}", file=entry.path, expected=entry.sha256, actual=actual)
         os.chmod(target, 0o444)  # published bytes are never rewritten in place (they get mmapped)
         st = os.stat(target)
@@ -254,6 +271,16 @@ class Zoo:
     def abandon(self, staging: Path) -> None:
         if staging.exists():
             _rmtree(staging)
+
+
+def _hash_into(path: Path, digest: Any) -> int:
+    size, buf = 0, bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return size
 
 
 def _makedirs_durable(path: Path) -> None:

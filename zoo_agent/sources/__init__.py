@@ -7,16 +7,58 @@ this package sees them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from .. import index
-from ..errors import SourceError
+from ..errors import SourceError, UsageError
 
-__all__ = ["CHUNK", "Source", "open_source"]
+__all__ = ["CHUNK", "FetchSettings", "Source", "TOKEN_HELP", "open_source", "resolve_token"]
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashlib releases the GIL, small enough for flat RSS
+TOKEN_HELP = "provide a token with --hf-token-file FILE, the systemd credential 'hf-token', or HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """How sources reach the network. Kept free of huggingface_hub, whose import a no-op
+    apply should not pay for."""
+
+    hf_endpoint: str | None = None  # None: $HF_ENDPOINT, else the public hub
+    hf_token: str | None = field(default=None, repr=False)  # repr=False: never in a log line
+    offline: bool = False
+    jobs: int = 4
+
+    @classmethod
+    def from_environment(cls, token_file: Path | None = None, offline: bool = False, jobs: int = 4) -> FetchSettings:
+        return cls(
+            hf_endpoint=os.environ.get("HF_ENDPOINT") or None,
+            hf_token=resolve_token(token_file),
+            offline=offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+            jobs=jobs,
+        )
+
+
+def resolve_token(token_file: Path | None) -> str | None:
+    """--hf-token-file, then $CREDENTIALS_DIRECTORY/hf-token (systemd LoadCredential), then HF_TOKEN."""
+    candidates = [token_file] if token_file else []
+    if creds := os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(creds) / "hf-token")
+    for path in candidates:
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            if path == token_file:
+                raise UsageError(f"{path}: no such token file (--hf-token-file)") from None
+            continue
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read the token file: {exc.strerror}") from None
+        if token:
+            return token
+    return os.environ.get("HF_TOKEN") or None
 
 
 class Source(Protocol):
@@ -29,13 +71,19 @@ class Source(Protocol):
         ...
 
 
-def open_source(spec: index.Source, index_dir: Path) -> Source:
+def open_source(spec: index.Source, index_dir: Path, settings: FetchSettings) -> Source:
     if isinstance(spec, index.FileSource):
         from .file import FileDir
 
         return FileDir(index_dir / spec.path)
     if isinstance(spec, index.UrlSource):
+        if settings.offline:
+            raise SourceError(f"{spec.base_url}: offline mode (--offline / HF_HUB_OFFLINE) forbids fetching over the network")
         from .url import UrlFiles
 
         return UrlFiles(spec.base_url)
+    if isinstance(spec, index.HfSource):
+        from .hf import HfRepo  # imports huggingface_hub: only when something must be fetched
+
+        return HfRepo(spec.repo, spec.revision, settings)
     raise SourceError(f"{spec.type} sources are not supported by this version of zoo-agent yet")

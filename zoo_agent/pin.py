@@ -1,0 +1,136 @@
+"""Pin an artifact: resolve a revision, list files with size and sha256, write the entry (issue #4).
+
+``zoo-agent add hf:ORG/REPO[@REV]`` asks the hub (through huggingface_hub's ``HfApi``):
+LFS files carry their sha256 in the tree listing; small non-LFS files are downloaded
+and hashed. ``add file:PATH`` hashes local files, which is how a training pipeline
+publishes a new adapter or checkpoint. The entry is written in canonical form.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checks import PICKLE_SUFFIXES
+from .durable import write_atomic
+from .errors import InvalidIndex, UsageError
+from .fmt import canonical_text
+from .index import LICENSES
+from .sources import FetchSettings
+from .store import hash_file
+from .validate import check_document, read_document
+
+__all__ = ["Selection", "pin_directory", "pin_hf", "write_entry"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which files of a repository or directory get pinned."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    allow_pickle: bool = False
+    allow_code: bool = False
+
+
+def _selected(where: str, paths: list[str], sel: Selection) -> list[str]:
+    chosen = [p for p in paths if not sel.include or any(fnmatch.fnmatch(p, g) for g in sel.include)]
+    chosen = sorted(p for p in chosen if not any(fnmatch.fnmatch(p, g) for g in sel.exclude))
+    if not chosen:
+        raise UsageError(f"{where}: no files left to pin after --include/--exclude")
+    pickles = [p for p in chosen if p.lower().endswith(PICKLE_SUFFIXES)]
+    code = [p for p in chosen if p.lower().endswith(".py")]
+    if pickles and not sel.allow_pickle:
+        raise UsageError(f"{where}: has pickle files, which run code when loaded ({', '.join(pickles[:4])}); "
+                         "leave them out with --exclude '*.bin' (and similar) or pass --allow-pickle")
+    if code and not sel.allow_code:
+        raise UsageError(f"{where}: has repository code ({', '.join(code[:4])}); leave it out with --exclude '*.py' or pass --allow-code")
+    return chosen
+
+
+def spdx(license_: str | None) -> str | None:
+    """The hub's lowercase license tag as an SPDX id we know, if it is one."""
+    by_lower = {name.lower(): name for name in LICENSES}
+    return by_lower.get((license_ or "").lower())
+
+
+def pin_hf(repo: str, revision: str, settings: FetchSettings, sel: Selection) -> tuple[str, list[dict[str, Any]], str | None]:
+    """(commit, files, license) of a hub repository at a revision (a branch resolves to its commit)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    from .sources.hf import HfRepo
+
+    if settings.offline:
+        raise UsageError(f"hf:{repo}: pinning asks the hub, and offline mode forbids it")
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False, library_name="zoo-agent")
+    source = HfRepo(repo, revision, settings)
+    with source.translated():
+        info = api.model_info(repo, revision=revision)
+    commit = str(info.sha)
+    source = HfRepo(repo, commit, settings)
+    with source.translated():
+        tree = [f for f in api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+    by_path = {f.path: f for f in tree}
+    paths = _selected(f"hf:{repo}@{commit[:12]}", list(by_path), sel)
+    files = []
+    for path in paths:
+        entry = by_path[path]
+        if entry.lfs is not None:
+            files.append({"path": path, "sha256": entry.lfs.sha256, "size": entry.lfs.size})
+        else:  # small git file: the listing has only a git blob id, so hash the bytes
+            digest, size = hashlib.sha256(), 0
+            for chunk in source.read(path):
+                digest.update(chunk)
+                size += len(chunk)
+            files.append({"path": path, "sha256": digest.hexdigest(), "size": size})
+    card = getattr(info, "card_data", None)
+    license_ = card.get("license") if card is not None else None
+    return commit, files, spdx(license_ if isinstance(license_, str) else None)
+
+
+def pin_directory(path: Path, sel: Selection) -> list[dict[str, Any]]:
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such directory")
+    rel = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    paths = _selected(str(path), rel, sel)
+    files = []
+    for p in paths:
+        digest, size = hash_file(path / p)
+        if size == 0:
+            raise UsageError(f"{path / p}: is empty; an index pins files of positive size (leave it out with --exclude)")
+        files.append({"path": p, "sha256": digest, "size": size})
+    return files
+
+
+def adapter_rank(files_dir: Path) -> int | None:
+    try:
+        return int(json.loads((files_dir / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_entry(index_path: Path, kind: str, aid: str, entry: dict[str, Any], *, update: bool) -> None:
+    """Put the entry into the index and write it canonically, only if the result is valid."""
+    document = read_document(index_path, str(index_path))
+    section = document.setdefault(kind, {})
+    if aid in section and not update:
+        raise UsageError(f"{index_path}: /{kind}/{aid} already exists; use --update {aid} to move it to a new revision")
+    section[aid] = entry
+    _, problems = check_document(document)
+    if problems:
+        raise InvalidIndex(str(index_path), problems)
+    write_atomic(index_path, canonical_text(document).encode())
+
+
+def existing(index_path: Path, aid: str) -> tuple[str, dict[str, Any]]:
+    document = read_document(index_path, str(index_path))
+    for kind in ("models", "loras"):
+        if aid in document.get(kind, {}):
+            return kind, dict(document[kind][aid])
+    raise UsageError(f"{index_path}: no model or lora '{aid}' to update")
+
