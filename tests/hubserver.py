@@ -48,6 +48,9 @@ class Faults:
     wrong_bytes: set[str] = field(default_factory=set)  # serve other bytes of the same size
     stall: dict[str, float] = field(default_factory=dict)  # path -> seconds to sleep before the body
     status: dict[str, int] = field(default_factory=dict)  # path -> status for resolve (5xx retried by clients)
+    pause_at: dict[str, int] = field(default_factory=dict)  # path -> byte offset to pause at (once)
+    paused: threading.Event = field(default_factory=threading.Event)
+    resume: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -202,6 +205,14 @@ class _Handler(BaseHTTPRequestHandler):
         drop = faults.drop_after.pop(path, None)
         if drop is not None:
             body = body[:drop]
+        pause = faults.pause_at.pop(path, None)
+        if pause is not None:
+            self.wfile.write(body[:pause])
+            self.wfile.flush()
+            hit.sent += pause
+            body = body[pause:]
+            faults.paused.set()
+            faults.resume.wait(timeout=30)
         for i in range(0, len(body), 1 << 16):
             self.wfile.write(body[i:i + (1 << 16)])
             hit.sent += len(body[i:i + (1 << 16)])
@@ -219,5 +230,6 @@ def serve() -> Iterator[HubServer]:
     try:
         yield server
     finally:
+        server.faults.resume.set()
         server.shutdown()
         server.server_close()

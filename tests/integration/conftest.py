@@ -77,6 +77,10 @@ class World:
         command, *rest = args
         return CliRunner().invoke(cli, [command, *self.args(*rest)] if command != "--debug" else list(args))
 
+    def raw(self, *args: str) -> Result:
+        """The CLI in-process with exactly these arguments (for commands without --root)."""
+        return CliRunner().invoke(cli, list(args))
+
     def spawn(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         """The CLI as a real process (for kills, locks and concurrency)."""
         command, *rest = args

@@ -13,10 +13,12 @@ only in the headers of requests to the endpoint.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 import httpx2
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import (
     EntryNotFoundError,
@@ -39,6 +41,12 @@ class _Retry(Exception):
     """A transient failure (5xx, 429, a dropped or refused connection)."""
 
 log = logging.getLogger(__name__)
+
+if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
+    # Left on, building the user agent fetches {ENDPOINT}/api/agent-harnesses and caches
+    # it under HF_HOME: a request and a write outside the zoo that a deployment agent
+    # must not make. Read at call time, so this holds even if the hub was imported first.
+    hub_constants.HF_HUB_DISABLE_TELEMETRY = True
 
 ATTEMPTS = 4
 TIMEOUT_S = 30.0
