@@ -15,41 +15,13 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-AGENT = [sys.executable, "-m", "zoo_agent"]
-MB = 1 << 20
-
-
-def timed(fn: Callable[[], object], runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def run(*cmd: str | Path, **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
-
-
-def write_random(path: Path, size: int) -> str:
-    """A file of pseudo-random bytes (incompressible), and its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest, block = hashlib.sha256(), os.urandom(MB)
-    with open(path, "wb") as f:
-        for i in range(size // MB):
-            chunk = block[i % 997:] + block[: i % 997]
-            digest.update(chunk)
-            f.write(chunk)
-    return digest.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import AGENT, MB, run, table, timed, write_random  # noqa: E402
 
 
 def make_index(path: Path, models: dict[str, tuple[str, dict[str, object], list[dict[str, object]]]]) -> None:
@@ -159,16 +131,6 @@ def bench_noop(work: Path, models: int, runs: int) -> dict[str, object]:
     version = timed(lambda: run(*AGENT, "--version"), runs)
     shutil.rmtree(root)
     return {"name": f"no-op apply, {models} models x 20 files", "ours_s": noop, "peer": "zoo-agent --version", "peer_s": version, "ratio": noop / version, "goal": "<= 1.3 (ours/peer)" if models == 100 else "linear in files"}
-
-
-def table(rows: list[dict[str, object]]) -> str:
-    lines = [f"{'benchmark':<52} {'ours':>10} {'peer':<24} {'peer time':>10} {'ratio':>7}  goal", "-" * 120]
-    for r in rows:
-        ours = f"{r['ours_mb']:.0f} MB" if r.get("ours_mb") is not None else f"{r['ours_s']:.2f} s"
-        peer_s = f"{r['peer_s']:.2f} s" if r["peer_s"] is not None else "-"
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        lines.append(f"{r['name']:<52} {ours:>10} {r['peer']:<24} {peer_s:>10} {ratio:>7}  {r['goal']}")
-    return "\n".join(lines)
 
 
 def main() -> None:
