@@ -39,6 +39,7 @@ class UrlFiles:
                     yield chunk
                 return
             except urllib.error.HTTPError as exc:
+                exc.close()  # it holds the response's socket
                 if exc.code < 500 and exc.code != 429:
                     raise SourceError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
                 cause = f"HTTP {exc.code} {exc.reason}"
