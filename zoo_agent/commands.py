@@ -326,3 +326,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
             emit({"kind": kind, "id": new_id, "version": label, "source": source, "files": len(files), "size": size})
         else:
             click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")
+
+    from .resident.command import register as register_resident
+
+    register_resident(cli, zoo_options)

@@ -24,6 +24,7 @@ class World:
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)
     available: list[str] = field(default_factory=list)
     keep_versions: int = 2
+    tenant: dict[str, Any] = field(default_factory=dict)  # extra tenant settings (generation, resources)
 
     @property
     def index(self) -> Path:
@@ -60,7 +61,7 @@ class World:
         doc = {
             "models": self.models,
             "loras": self.loras,
-            "tenants": {"t": {"model": "m", "loras": loras}} if "m" in self.models else {},
+            "tenants": {"t": {"model": "m", "loras": loras, **self.tenant}} if "m" in self.models else {},
             "hosts": {"h": {"resident": "t" if "m" in self.models else None, "available": self.available,
                             "retention": {"keep_versions": self.keep_versions}}},
         }

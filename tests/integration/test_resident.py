@@ -1,0 +1,274 @@
+"""The resident under test: real processes, a notify socket bound by the test, the real
+openai client, a tiny model built by a fixture and published with apply (issue #5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import World
+
+pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    from zoo_agent.resident.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+class Notify:
+    """A datagram socket standing in for systemd's: records every sd_notify message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536).decode()
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def wait(self, pred: Callable[[dict[str, str]], bool], timeout: float = 60, after: int = 0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, fields in self.messages[after:]:
+                if pred(fields):
+                    return fields
+            time.sleep(0.05)
+        raise AssertionError(f"no such sd_notify message within {timeout}s; got {[m for _, m in self.messages]}")
+
+    def keys(self) -> list[str]:
+        return [k for _, m in self.messages for k in m]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Resident:
+    def __init__(self, world: World, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.world, self.port = world, _free_port()
+        self.notify = Notify(world.tmp / f"notify-{self.port}.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zoo_agent", "resident", *world.args("--listen", f"127.0.0.1:{self.port}", *extra)],
+            env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=world.tmp,
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pid(self) -> int:
+        info = json.loads((self.world.root / "resident/tenants/t/model-info.json").read_text())
+        return int(info["pid"])
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        self.notify.sock.close()
+        return out
+
+
+@pytest.fixture
+def resident_world(world: World, tiny: dict[str, bytes]) -> World:
+    world.artifact("m", "v1", tiny)
+    world.tenant = {"generation": {"temperature": 0, "max_tokens": 16}}
+    world.write_index()
+    assert world.run("apply").exit_code == 0
+    return world
+
+
+@pytest.fixture
+def resident(resident_world: World) -> Iterator[Resident]:
+    r = Resident(resident_world, env={"WATCHDOG_USEC": "2000000"})
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        yield r
+    finally:
+        r.stop()
+
+
+def _client(r: Resident, **kw: object) -> object:
+    from openai import OpenAI
+
+    return OpenAI(base_url=r.url + "/v1", api_key=str(kw.get("api_key", "none")), max_retries=0, timeout=60)
+
+
+def test_ready_only_after_a_real_generation_and_the_api_answers(resident: Resident) -> None:
+    keys = resident.notify.keys()
+    assert keys.index("EXTEND_TIMEOUT_USEC") < keys.index("READY")
+    ready = resident.notify.wait(lambda m: "READY" in m)
+    assert ready["STATUS"].startswith("t: m@v1")
+    import httpx
+
+    health = httpx.get(resident.url + "/health").json()
+    assert health == {"state": "ready", "tenant": "t", "model": "m", "version": "v1"}
+    client = _client(resident)
+    assert [m.id for m in client.models.list()] == ["t"]  # type: ignore[attr-defined]
+    answer = client.chat.completions.create(model="t", messages=[{"role": "user", "content": "Hello"}], max_tokens=6)  # type: ignore[attr-defined]
+    assert answer.choices[0].message.content and answer.usage.completion_tokens == 6
+    assert answer.system_fingerprint == "m@v1"
+    streamed = "".join((c.choices[0].delta.content or "") for c in client.chat.completions.create(  # type: ignore[attr-defined]
+        model="t", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, stream=True))
+    assert streamed == answer.choices[0].message.content  # greedy: the same tokens either way
+    text = client.completions.create(model="t", prompt="The zoo", max_tokens=4)  # type: ignore[attr-defined]
+    assert text.choices[0].text is not None
+    metrics = httpx.get(resident.url + "/metrics").text
+    assert "zoo:generation_tokens_total 16.0" in metrics and "zoo:time_to_first_token_seconds_count 3.0" in metrics
+    resident.notify.wait(lambda m: "WATCHDOG" in m, after=len(resident.notify.messages))  # fed while serving
+
+
+def test_bad_requests_name_the_field(resident: Resident) -> None:
+    import httpx
+
+    cases = [
+        ({"model": "t", "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, "temperature"),
+        ({"model": "t", "messages": []}, 400, "messages"),
+        ({"model": "t", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(resident.url + "/v1/chat/completions", json=body)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param
+    big = httpx.post(resident.url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
+    assert big.status_code == 400 and big.json()["error"]["param"] == "body"
+
+
+def test_sigterm_stops_cleanly(resident: Resident) -> None:
+    resident.proc.send_signal(signal.SIGTERM)
+    assert resident.proc.wait(timeout=60) == 0
+    assert "STOPPING" in resident.notify.keys()
+
+
+def test_weights_that_cannot_load_never_send_ready(world: World, tiny: dict[str, bytes]) -> None:
+    files = dict(tiny)
+    files["model.safetensors"] = b"\xff" * 64  # a corrupt header, pinned as such: verification passes, loading cannot
+    world.artifact("m", "v1", files)
+    assert world.run("apply").exit_code == 0
+    r = Resident(world)
+    out = r.stop() if r.proc.wait(timeout=120) is not None else ""
+    assert r.proc.returncode == 1
+    keys = r.notify.keys()
+    assert "READY" not in keys
+    failed = r.notify.wait(lambda m: "ERRNO" in m, timeout=1)
+    assert failed["STATUS"].startswith("cannot load m@v1: ")
+    assert "Traceback" not in out
+
+
+def test_killed_worker_is_replaced(resident: Resident) -> None:
+    before = len(resident.notify.messages)
+    old = resident.worker_pid()
+    os.kill(old, signal.SIGKILL)
+    resident.notify.wait(lambda m: "READY" in m, after=before)
+    assert resident.worker_pid() != old
+    answer = _client(resident).completions.create(model="t", prompt="Hi", max_tokens=2)  # type: ignore[attr-defined]
+    assert answer.usage.completion_tokens == 2
+
+
+def test_hung_worker_stops_the_watchdog_and_is_replaced(resident: Resident) -> None:
+    old = resident.worker_pid()
+    os.kill(old, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        before = len(resident.notify.messages)
+        resident.notify.wait(lambda m: "READY" in m, after=before, timeout=90)
+    finally:
+        try:
+            os.kill(old, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert resident.worker_pid() != old
+    # No WATCHDOG=1 while nothing makes progress: after the grace of two intervals (2 s here)
+    # following the last answered ping, none until the supervisor has noticed and acted.
+    noticed = min(t for t, m in resident.notify.messages if t > stopped and m.get("STATUS", "").startswith("worker died"))
+    assert noticed - stopped > 4  # noticed by the missing pong (ping_timeout 5 s), not by a timer
+    assert [t for t, m in resident.notify.messages if "WATCHDOG" in m and stopped + 2.1 < t < noticed] == []
+
+
+def test_hot_swap_under_load_fails_no_request(resident_world: World, resident: Resident, tiny: dict[str, bytes]) -> None:
+    import httpx
+
+    results: list[tuple[float, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    with http.stream("POST", resident.url + "/v1/chat/completions", json={
+                        "model": "t", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}) as r:
+                        if r.status_code != 200:
+                            failures.append(f"HTTP {r.status_code}")
+                            continue
+                        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                    assert lines[-1] == "data: [DONE]"
+                    results.append((started, json.loads(lines[1].removeprefix("data: "))["system_fingerprint"]))
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    files = dict(tiny)
+    files["generation_config.json"] = tiny["generation_config.json"].replace(b"{", b'{"_v": 2,', 1)
+    resident_world.artifact("m", "v2", files)
+    assert resident_world.run("apply").exit_code == 0  # current moves; the resident follows it
+    swapped = resident.notify.wait(lambda m: m.get("STATUS", "").startswith("t: m@v2") and "READY" in m, timeout=90)
+    switched_at = max(t for t, m in resident.notify.messages if m is swapped)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    assert {fp for _, fp in results} == {"m@v1", "m@v2"}
+    assert all(fp == "m@v2" for started, fp in results if started > switched_at + 0.5)
+    assert "RELOADING" in resident.notify.keys()
+
+
+def test_listening_beyond_loopback_needs_a_token(resident_world: World) -> None:
+    result = resident_world.run("resident", "--listen", "0.0.0.0:8999")
+    assert result.exit_code == 2
+    assert "listening beyond loopback needs a bearer token (--api-key-file)" in result.stderr
+
+
+def test_bearer_token(resident_world: World) -> None:
+    import httpx
+
+    key = resident_world.tmp / "api-key"
+    key.write_text("k3y\n")
+    r = Resident(resident_world, "--api-key-file", str(key))
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        assert httpx.get(r.url + "/v1/models").status_code == 401
+        assert httpx.get(r.url + "/v1/models", headers={"Authorization": "Bearer k3y"}).status_code == 200
+        assert httpx.get(r.url + "/health").status_code == 200
+    finally:
+        r.stop()

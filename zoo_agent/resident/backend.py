@@ -1,0 +1,142 @@
+"""The transformers backend: load a published version, warm it up, generate (issue #5).
+
+Imported by the worker process only: this is where torch and transformers come in.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Generated", "Request", "TransformersBackend"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a chat (messages) or a raw prompt, and the sampling parameters."""
+
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Generated:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class TransformersBackend:
+    def __init__(self, version_dir: Path, *, allow_pickle: bool, allow_code: bool, device: str = "auto", dtype: str = "auto") -> None:
+        self.version_dir = version_dir
+        self.allow_pickle, self.allow_code = allow_pickle, allow_code
+        self.device_pref, self.dtype_pref = device, dtype
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.lock = threading.Lock()  # one generate() at a time
+
+    def preread(self, on_progress: Callable[[int, int], None]) -> None:
+        """Read the weights once (into the page cache): real, measurable load progress,
+        and a truncated or unreadable file shows up here, before READY could be sent."""
+        files = sorted(p for p in self.version_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        total, done = sum(p.stat().st_size for p in files), 0
+        buf = bytearray(8 << 20)
+        for path in files:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    done += n
+                    on_progress(done, total)
+        on_progress(total, total)
+
+    def load(self) -> float:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.monotonic()
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device_pref == "auto" else self.device_pref
+        if self.dtype_pref == "auto":
+            self.dtype = "float32" if self.device == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        else:
+            self.dtype = self.dtype_pref
+        common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": self.allow_code}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.version_dir, **common)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            self.version_dir, dtype=getattr(torch, self.dtype), use_safetensors=not self.allow_pickle, **common
+        )
+        self.model = model.to(self.device)
+        self.model.eval()
+        return time.monotonic() - started
+
+    def warmup(self) -> str:
+        """A real one-token generation: READY means the model answers, not that files exist."""
+        pieces = list(self.stream(Request(None, "Hello", 1, 0.0, 1.0), Generated()))
+        return "".join(pieces)
+
+    def _inputs(self, request: Request) -> Any:
+        if request.messages is not None:
+            enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        else:
+            enc = self.tokenizer(request.prompt or "", return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def count_tokens(self, request: Request) -> int:
+        return int(self._inputs(request)["input_ids"].shape[1])
+
+    def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Generate, yielding text as it decodes; fills ``result`` with the token counts.
+        Setting ``cancel`` stops the generation at the next token."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancel is not None and cancel.is_set()
+
+        with self.lock:
+            inputs = self._inputs(request)
+            result.prompt_tokens = int(inputs["input_ids"].shape[1])
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            sample = request.temperature > 0
+            kwargs: dict[str, Any] = {
+                **inputs, "max_new_tokens": request.max_tokens, "do_sample": sample, "streamer": streamer,
+                "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
+            }  # fmt: skip
+            if sample:
+                kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or None)
+            output: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)
+                    with torch.inference_mode():
+                        output["ids"] = self.model.generate(**kwargs)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    output["error"] = exc
+                    streamer.end()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            yield from streamer
+            thread.join()
+            if "error" in output:
+                raise output["error"]
+            new = output["ids"][0][result.prompt_tokens:]
+            result.completion_tokens = int(new.shape[0])
+            eos = self.tokenizer.eos_token_id
+            result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
+                "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip

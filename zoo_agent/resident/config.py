@@ -1,0 +1,43 @@
+"""What a resident and its workers run with: data only (uvicorn's config.py habit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ResidentConfig", "WorkerConfig"]
+
+
+class WorkerConfig(BaseModel):
+    """Sent to a worker over its control socket (so a secret never shows in argv)."""
+
+    model_config = ConfigDict(frozen=True)
+    tenant: str
+    model: str
+    version: str
+    version_dir: Path
+    allow_pickle: bool = False
+    allow_code: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    max_queue: int = 16
+    api_key: str | None = Field(default=None, repr=False)
+    drain_seconds: float = 30.0
+
+
+class ResidentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    root: Path
+    index: Path
+    host: str
+    listen: str = "127.0.0.1:8000"
+    api_key_file: Path | None = None
+    ping_interval: float = 1.0
+    ping_timeout: float = 5.0
+    max_crashes: int = 5
+    crash_window: float = 60.0
+    drain_seconds: float = 30.0
+    watch_interval: float = 2.0  # how often `current` is checked for a new version

@@ -1,0 +1,397 @@
+"""The resident's main process: owns the socket, runs workers, talks to systemd (issue #5).
+
+One loop, ticking a few times a second: read worker messages, ping workers, replace
+dead or hung ones with backoff, feed the watchdog only from observed progress, follow
+``current``, and dispatch the flags that signal handlers set (they do nothing else).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..durable import write_atomic
+from ..errors import UsageError
+from ..index import Index
+from ..store import Zoo, now
+from ..validate import load_index
+from .config import ResidentConfig, WorkerConfig
+from .notify import Notifier
+
+__all__ = ["Supervisor", "listen_socket"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+
+def listen_socket(spec: str, api_key: str | None) -> socket.socket:
+    """A bound, listening socket: systemd's (LISTEN_FDS), a unix path, or host:port."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        return socket.socket(fileno=3)
+    if spec.startswith("unix:") or spec.startswith("/"):
+        path = spec.removeprefix("unix:")
+        Path(path).unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    else:
+        host, _, port = spec.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+        if not loopback and not api_key:
+            raise UsageError(f"--listen {spec}: listening beyond loopback needs a bearer token (--api-key-file)")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    control: socket.socket
+    config: WorkerConfig
+    started: float = field(default_factory=time.monotonic)
+    state: str = "loading"  # loading | ready | draining
+    pct: int = 0
+    progressed: float = field(default_factory=time.monotonic)  # last loading progress or pong
+    ping_sent: float = 0.0
+    ping_seq: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    buffer: bytes = b""
+
+
+class Supervisor:
+    def __init__(self, config: ResidentConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notify = notifier or Notifier()
+        self.zoo = Zoo(config.root)
+        self.api_key = config.api_key_file.read_text().strip() if config.api_key_file else None
+        self.selector = selectors.DefaultSelector()
+        self.serving: Worker | None = None
+        self.incoming: Worker | None = None  # a new version loading beside the serving one
+        self.retiring: list[Worker] = []  # drained after a swap; reaped when they exit
+        self.started_at = now()
+        self.crashes: list[float] = []
+        self.restart_at = 0.0
+        self.flags: set[str] = set()
+        self.exit_code: int | None = None
+        self.reloads = 0
+        self.reload_attempts = 0
+        self.last_error = ""
+        self.swaps: list[dict[str, Any]] = []
+        self.watchdog_usec = self._watchdog_usec()
+        self.last_watchdog = 0.0
+        self.last_watch = 0.0
+        self.last_status = ""
+        self.last_status_at = 0.0
+        self.listener: socket.socket | None = None
+
+    # -- signals: record only --------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.flags.add("term"))
+        signal.signal(signal.SIGINT, lambda *_: self.flags.add("term"))
+        signal.signal(signal.SIGHUP, lambda *_: self.flags.add("hup"))
+
+    @staticmethod
+    def _watchdog_usec() -> int:
+        pid = os.environ.get("WATCHDOG_PID")
+        if pid and pid != str(os.getpid()):
+            return 0
+        return int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+
+    # -- what to serve ------------------------------------------------------------------
+    def worker_config(self) -> WorkerConfig:
+        idx: Index = load_index(self.config.index, str(self.config.index))
+        host = idx.hosts.get(self.config.host.lower())
+        if host is None or host.resident is None:
+            raise UsageError(f"host '{self.config.host}' has no resident tenant in {self.config.index}")
+        tenant = idx.tenants[host.resident]
+        model = idx.models[tenant.model]
+        version = self.zoo.read_link("models", tenant.model, "current")
+        if version is None or not self.zoo.version_dir("models", tenant.model, version).is_dir():
+            raise UsageError(f"model {tenant.model} is not in the zoo at {self.config.root}; run: zoo-agent apply")
+        return WorkerConfig(
+            tenant=host.resident, model=tenant.model, version=version,
+            version_dir=self.zoo.version_dir("models", tenant.model, version),
+            allow_pickle=model.allow_pickle, allow_code=model.allow_code,
+            device=tenant.resources.device, dtype=tenant.resources.dtype,
+            defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue,
+            api_key=self.api_key, drain_seconds=self.config.drain_seconds,
+        )  # fmt: skip
+
+    def spawn(self, config: WorkerConfig) -> Worker:
+        assert self.listener is not None
+        ours, theirs = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(self.listener.fileno()), "--control-fd", str(theirs.fileno())],
+            pass_fds=(self.listener.fileno(), theirs.fileno()), env=env,
+        )  # fmt: skip
+        theirs.close()
+        ours.sendall((config.model_dump_json() + "\n").encode())
+        ours.setblocking(False)
+        worker = Worker(proc, ours, config)
+        self.selector.register(ours, selectors.EVENT_READ, worker)
+        log.info("worker %d: loading %s@%s", proc.pid, config.model, config.version)
+        return worker
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            config = self.worker_config()
+            self.listener = listen_socket(self.config.listen, self.api_key)
+        except UsageError as exc:
+            self.notify.failed(errno.EINVAL, f"cannot start: {exc}")
+            raise
+        self.notify.extend_timeout(30, f"loading {config.model}@{config.version}")
+        self.serving = self.spawn(config)
+        while self.exit_code is None:
+            for key, _ in self.selector.select(timeout=0.2):
+                self._read(key.data)
+            self.tick()
+        self._close()
+        return self.exit_code
+
+    def tick(self) -> None:
+        t = time.monotonic()
+        if "term" in self.flags:
+            self.flags.discard("term")
+            self.handle_term()
+            return
+        if "hup" in self.flags:
+            self.flags.discard("hup")
+            self.handle_hup()
+        for worker in [w for w in (self.serving, self.incoming) if w is not None]:
+            self._check(worker, t)
+        for worker in list(self.retiring):
+            if (code := worker.proc.poll()) is not None:
+                self.retiring.remove(worker)
+                self._exited(worker, code)
+        if self.serving is None and self.incoming is None and self.exit_code is None and t >= self.restart_at:
+            self._restart()
+        if t - self.last_watch >= self.config.watch_interval and self.serving is not None and self.serving.state == "ready":
+            self.last_watch = t
+            current = self.zoo.read_link("models", self.serving.config.model, "current")
+            if current and current != self.serving.config.version and self.incoming is None:
+                log.info("current of %s moved to %s: reloading", self.serving.config.model, current)
+                self.handle_hup()
+        self._feed_watchdog(t)
+        if self.serving is not None and self.serving.state == "ready" and self.incoming is None and t - self.last_status_at >= 5:
+            self.last_status_at = t
+            if (line := self.status_line()) != self.last_status:
+                self.last_status = line
+                self.notify.status(line)  # what an operator reads in `systemctl status`
+
+    def _read(self, worker: Worker) -> None:
+        try:
+            data = worker.control.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(worker.control)
+            return
+        worker.buffer += data
+        while b"\n" in worker.buffer:
+            line, worker.buffer = worker.buffer.split(b"\n", 1)
+            self._message(worker, json.loads(line))
+
+    def _message(self, worker: Worker, message: dict[str, Any]) -> None:
+        worker.progressed = time.monotonic()
+        if "pong" in message:
+            if message["pong"] == worker.ping_seq:
+                worker.ping_sent = 0.0
+            worker.stats = message
+            return
+        event = message.get("event")
+        if event == "loading" and message["pct"] > worker.pct:
+            worker.pct = message["pct"]
+            # Only while loading progresses: a stalled load still times out.
+            self.notify.extend_timeout(30, f"{'reloading' if self.serving and worker is self.incoming else 'loading'} {worker.config.model}@{worker.config.version}: {worker.pct}%")
+        elif event == "failed":
+            worker.error = message["error"]
+        elif event == "ready":
+            worker.state = "ready"
+            self._became_ready(worker, message)
+
+    def _became_ready(self, worker: Worker, message: dict[str, Any]) -> None:
+        old = self.serving if worker is self.incoming else None
+        if old is not None:
+            self._drain(old)
+            self.retiring.append(old)
+            self.swaps.append({"time": now(), "from": old.config.version, "to": worker.config.version, "reason": "reload",
+                               "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
+            self.serving, self.incoming = worker, None
+            self.reloads += 1
+        self._write_tenant_files(worker, message)
+        self.notify.ready(self.status_line())
+        log.info("worker %d: serving %s@%s (%s)", worker.proc.pid, worker.config.model, worker.config.version, self.status_line())
+
+    def _check(self, worker: Worker, t: float) -> None:
+        code = worker.proc.poll()
+        if code is not None:
+            self._exited(worker, code)
+            return
+        if worker.state != "ready":
+            return
+        if worker.ping_sent and t - worker.ping_sent > self.config.ping_timeout:
+            log.error("worker %d: no answer to a ping for %.0fs; replacing it", worker.proc.pid, t - worker.ping_sent)
+            worker.proc.kill()
+            return
+        if not worker.ping_sent and t - worker.progressed >= self.config.ping_interval:
+            worker.ping_seq += 1
+            worker.ping_sent = t
+            try:
+                worker.control.sendall((json.dumps({"ping": worker.ping_seq}) + "\n").encode())
+            except OSError:
+                pass
+
+    def _exited(self, worker: Worker, code: int) -> None:
+        try:
+            self.selector.unregister(worker.control)
+        except (KeyError, ValueError):
+            pass
+        worker.control.close()
+        if worker.state == "draining":
+            log.info("worker %d: drained and stopped (exit %d)", worker.proc.pid, code)
+            return
+        reason = worker.error or f"exit status {code}"
+        if worker is self.incoming:
+            self.incoming = None
+            self.last_error = f"reload to {worker.config.model}@{worker.config.version} failed: {reason}"
+            self._write_state()
+            log.error("reload to %s@%s failed: %s; still serving %s", worker.config.model, worker.config.version, reason,
+                      self.serving.config.version if self.serving else "nothing")  # fmt: skip
+            self.notify.ready(f"reload to {worker.config.model}@{worker.config.version} failed: {reason}; " + self.status_line())
+            return
+        self.serving = None
+        if worker.state == "loading" and worker.error:
+            # Deterministic (weights that cannot load): retrying would only loop.
+            self.notify.failed(errno.EIO, f"cannot load {worker.config.model}@{worker.config.version}: {reason}")
+            log.error("cannot load %s@%s: %s", worker.config.model, worker.config.version, reason)
+            self.exit_code = 1
+            return
+        t = time.monotonic()
+        self.crashes = [c for c in self.crashes if t - c < self.config.crash_window] + [t]
+        if len(self.crashes) >= self.config.max_crashes:
+            self.notify.failed(errno.ECHILD, f"worker crashed {len(self.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}")
+            log.error("worker crashed %d times in %.0fs; giving up (last: %s)", len(self.crashes), self.config.crash_window, reason)
+            self.exit_code = 1
+            return
+        delay = min(2 ** (len(self.crashes) - 1), 30)
+        self.restart_at = t + delay
+        self.notify.status(f"worker died ({reason}); restarting in {delay}s")
+        log.error("worker %d died (%s); restarting in %ds", worker.proc.pid, reason, delay)
+
+    def _restart(self) -> None:
+        try:
+            self.serving = self.spawn(self.worker_config())
+        except UsageError as exc:
+            self.notify.failed(errno.ENOENT, str(exc))
+            self.exit_code = 1
+
+    def _drain(self, worker: Worker) -> None:
+        worker.state = "draining"
+        try:
+            worker.control.sendall(b'{"drain": true}\n')
+        except OSError:
+            worker.proc.terminate()
+
+    def _feed_watchdog(self, t: float) -> None:
+        """WATCHDOG=1 only when a worker provably made progress since the last one."""
+        if not self.watchdog_usec:
+            return
+        interval = self.watchdog_usec / 2e6
+        if t - self.last_watchdog < interval:
+            return
+        alive = [w for w in (self.serving, self.incoming) if w is not None and t - w.progressed < interval * 2]
+        if alive:
+            self.notify.watchdog()
+            self.last_watchdog = t
+
+    # -- flags --------------------------------------------------------------------------------
+    def handle_hup(self) -> None:
+        if self.incoming is not None or self.serving is None or self.serving.state != "ready":
+            return
+        try:
+            config = self.worker_config()
+        except Exception as exc:  # noqa: BLE001 - a bad index or zoo keeps the old version serving
+            self.reload_attempts += 1
+            self.last_error = f"reload refused: {exc}"
+            self._write_state()
+            self.notify.status(f"reload refused: {exc}; " + self.status_line())
+            log.error("reload refused: %s", exc)
+            return
+        self.reload_attempts += 1
+        self.notify.reloading(f"reloading {config.model}@{config.version}")
+        self.incoming = self.spawn(config)
+        self._write_state()
+
+    def handle_term(self) -> None:
+        self.notify.stopping(f"stopping; finishing in-flight requests (up to {self.config.drain_seconds:.0f}s)")
+        for worker in [w for w in (self.incoming, self.serving) if w is not None]:
+            self._drain(worker)
+        deadline = time.monotonic() + self.config.drain_seconds + 5
+        for worker in [w for w in (self.incoming, self.serving, *self.retiring) if w is not None]:
+            try:
+                worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+        self.serving = self.incoming = None
+        self.exit_code = 0
+
+    # -- reporting ------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        w = self.serving
+        if w is None:
+            return "no worker"
+        s = w.stats
+        return (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {s.get('served', 0)} requests, "
+                f"{s.get('tps', 0.0):.1f} tok/s, queue {s.get('waiting', 0)}")  # fmt: skip
+
+    def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:
+        base = self.config.root / "resident" / "tenants" / worker.config.tenant
+        base.mkdir(parents=True, exist_ok=True)
+        info = {"tenant": worker.config.tenant, "model": worker.config.model, "version": worker.config.version,
+                "backend": "transformers", "device": ready.get("device"), "dtype": ready.get("dtype"),
+                "load_seconds": ready.get("load_seconds"), "pid": ready.get("pid"), "since": now()}  # fmt: skip
+        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
+        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "swaps": self.swaps}
+        write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
+        self.last_error = ""
+        self._write_state()
+
+    def _write_state(self) -> None:
+        """What `zoo-agent resident reload` waits on."""
+        w = self.serving
+        state = {"pid": os.getpid(), "attempts": self.reload_attempts, "reloads": self.reloads, "last_error": self.last_error,
+                 "state": "reloading" if self.incoming else "ready", "version": w.config.version if w else None}  # fmt: skip
+        (self.config.root / "resident").mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config.root / "resident" / "state.json", (json.dumps(state) + "\n").encode())
+
+    def _close(self) -> None:
+        for worker in (self.serving, self.incoming, *self.retiring):
+            if worker is not None and worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait()
+        if self.listener is not None:
+            self.listener.close()

@@ -1,0 +1,49 @@
+"""Build a tiny causal LM locally: random weights from a config, a tokenizer trained on
+a few KB of text. For tests, benchmarks and the quick start, where no hub is reachable.
+
+Deterministic for a given seed and library versions. Needs the ``resident`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["CHAT_TEMPLATE", "build_tiny_model"]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_TEXT = (
+    "The zoo keeps every model pinned by its digest. A host serves one tenant at a time. "
+    "Adapters change how the model answers. Ask a question and the model answers it. "
+    "Hello, how are you? I am fine, thank you. What is a model zoo? It is a set of models. "
+) * 40
+
+
+def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 512) -> Path:
+    """Write config, safetensors weights and tokenizer files into ``out``; return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([_TEXT], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|end|>", pad_token="<|pad|>",
+        extra_special_tokens=specials[2:], chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

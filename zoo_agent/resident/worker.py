@@ -1,0 +1,125 @@
+"""One worker process: load → a real warm-up generation → serve → drain (issue #5).
+
+Started by the supervisor with the listening socket and a control socket (JSON lines)
+as inherited file descriptors. It reports loading progress, readiness and failures on
+the control socket and answers pings there from its event loop: a worker counts as
+alive only while that loop runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from .config import WorkerConfig
+
+__all__ = ["main"]
+
+
+def _send(control: socket.socket, event: dict[str, Any]) -> None:
+    control.sendall((json.dumps(event) + "\n").encode())
+
+
+def _receive_config(control: socket.socket) -> WorkerConfig:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = control.recv(65536)
+        if not chunk:
+            raise SystemExit(2)
+        data += chunk
+    return WorkerConfig.model_validate_json(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zoo-agent-worker")
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    control = socket.socket(fileno=args.control_fd)
+    config = _receive_config(control)
+    last = -1
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        pct = 100 * done // total if total else 100
+        if pct != last:
+            last = pct
+            _send(control, {"event": "loading", "pct": pct})
+
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
+        from .backend import TransformersBackend
+
+        backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
+                                      device=config.device, dtype=config.dtype)  # fmt: skip
+        backend.preread(progress)
+        load_seconds = backend.load()
+        backend.warmup()
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        _send(control, {"event": "failed", "error": reason})
+        return 3
+    return asyncio.run(_serve(config, backend, control, args.listen_fd, load_seconds))
+
+
+async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
+    import uvicorn
+
+    from .api import ServingState, create_app
+
+    state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue, api_key=config.api_key)
+    state.metrics.swap_seconds.set(load_seconds)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))
+    listener = socket.socket(fileno=listen_fd)
+    control.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=control)
+
+    async def answer() -> None:
+        started = time.monotonic()
+        while line := await reader.readline():
+            message = json.loads(line)
+            if "ping" in message:
+                elapsed = max(time.monotonic() - started, 1e-9)
+                writer.write((json.dumps({"pong": message["ping"], "served": state.served, "tokens": state.tokens,
+                                          "running": state.running, "waiting": state.waiting,
+                                          "tps": state.tokens / elapsed}) + "\n").encode())  # fmt: skip
+                await writer.drain()
+            elif message.get("drain") and not state.draining:
+                state.draining = True
+                asyncio.create_task(drain())
+        server.should_exit = True  # the supervisor is gone: stop serving
+
+    async def drain() -> None:
+        """Stop accepting (the shared socket's backlog goes to the new worker), answer what
+        arrives on open connections with Connection: close, stop when they are gone."""
+        for listening in getattr(server, "servers", []):
+            listening.close()
+        deadline = time.monotonic() + config.drain_seconds
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            busy = state.running + state.waiting
+            if busy:
+                quiet_since = time.monotonic()
+            elif not server.server_state.connections or time.monotonic() - quiet_since > 2:
+                break  # idle keep-alive connections had 2 s to send and be told to close
+            await asyncio.sleep(0.05)
+        server.should_exit = True
+
+    task = asyncio.create_task(answer())
+    writer.write((json.dumps({"event": "ready", "pid": os.getpid(), "load_seconds": load_seconds, "device": backend.device, "dtype": backend.dtype}) + "\n").encode())
+    await writer.drain()
+    await server.serve(sockets=[listener])
+    task.cancel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
