@@ -272,3 +272,46 @@ def test_bearer_token(resident_world: World) -> None:
         assert httpx.get(r.url + "/health").status_code == 200
     finally:
         r.stop()
+
+
+def test_full_queue_answers_429_with_retry_after(resident_world: World) -> None:
+    import httpx
+
+    resident_world.tenant = {"generation": {"temperature": 0, "max_tokens": 16}, "resources": {"max_queue": 1}}
+    resident_world.write_index()
+    r = Resident(resident_world)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        statuses: list[tuple[int, str | None]] = []
+
+        def ask() -> None:
+            resp = httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hello", "max_tokens": 120}, timeout=120)
+            statuses.append((resp.status_code, resp.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (429, "1") in statuses and any(code == 200 for code, _ in statuses)
+        assert {code for code, _ in statuses} <= {200, 429}
+    finally:
+        r.stop()
+
+
+def test_unix_socket_listener(resident_world: World) -> None:
+    import httpx
+
+    path = resident_world.tmp / "resident.sock"
+    port = _free_port()
+    notify = Notify(resident_world.tmp / "n.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zoo_agent", "resident", *resident_world.args("--listen", f"unix:{path}")],
+                            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)}, cwd=resident_world.tmp)  # fmt: skip
+    try:
+        notify.wait(lambda m: "READY" in m)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as http:
+            assert http.get(f"http://localhost:{port}/health").json()["state"] == "ready"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        notify.sock.close()

@@ -88,6 +88,7 @@ class Supervisor:
         self.incoming: Worker | None = None  # a new version loading beside the serving one
         self.retiring: list[Worker] = []  # drained after a swap; reaped when they exit
         self.started_at = now()
+        self.served_before = self.tokens_before = 0  # counts of workers that are gone
         self.crashes: list[float] = []
         self.restart_at = 0.0
         self.flags: set[str] = set()
@@ -198,6 +199,7 @@ class Supervisor:
             if (line := self.status_line()) != self.last_status:
                 self.last_status = line
                 self.notify.status(line)  # what an operator reads in `systemctl status`
+                self._write_lease(self.serving)
 
     def _read(self, worker: Worker) -> None:
         try:
@@ -237,6 +239,8 @@ class Supervisor:
         if old is not None:
             self._drain(old)
             self.retiring.append(old)
+            self.served_before += int(old.stats.get("served", 0))
+            self.tokens_before += int(old.stats.get("tokens", 0))
             self.swaps.append({"time": now(), "from": old.config.version, "to": worker.config.version, "reason": "reload",
                                "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
             self.serving, self.incoming = worker, None
@@ -283,6 +287,8 @@ class Supervisor:
             self.notify.ready(f"reload to {worker.config.model}@{worker.config.version} failed: {reason}; " + self.status_line())
             return
         self.serving = None
+        self.served_before += int(worker.stats.get("served", 0))
+        self.tokens_before += int(worker.stats.get("tokens", 0))
         if worker.state == "loading" and worker.error:
             # Deterministic (weights that cannot load): retrying would only loop.
             self.notify.failed(errno.EIO, f"cannot load {worker.config.model}@{worker.config.version}: {reason}")
@@ -375,10 +381,17 @@ class Supervisor:
                 "backend": "transformers", "device": ready.get("device"), "dtype": ready.get("dtype"),
                 "load_seconds": ready.get("load_seconds"), "pid": ready.get("pid"), "since": now()}  # fmt: skip
         write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
-        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "swaps": self.swaps}
-        write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
+        self._write_lease(worker)
         self.last_error = ""
         self._write_state()
+
+    def _write_lease(self, worker: Worker) -> None:
+        """Since when this resident serves the tenant, what it served, and every swap."""
+        served = self.served_before + int(worker.stats.get("served", 0))
+        tokens = self.tokens_before + int(worker.stats.get("tokens", 0))
+        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens, "swaps": self.swaps}
+        path = self.config.root / "resident" / "tenants" / worker.config.tenant / "lease.json"
+        write_atomic(path, (json.dumps(lease, indent=2) + "\n").encode())
 
     def _write_state(self) -> None:
         """What `zoo-agent resident reload` waits on."""
