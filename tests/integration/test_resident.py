@@ -315,3 +315,58 @@ def test_unix_socket_listener(resident_world: World) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         notify.sock.close()
+
+
+def test_stop_first_reload_answers_503_in_the_gap(resident_world: World, tiny: dict[str, bytes]) -> None:
+    import httpx
+
+    resident_world.tenant = {"generation": {"temperature": 0, "max_tokens": 16}, "resources": {"memory_max": "1M"}}
+    resident_world.write_index()
+    r = Resident(resident_world)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        files = dict(tiny)
+        files["generation_config.json"] = tiny["generation_config.json"].replace(b"{", b'{"_v": 3,', 1)
+        resident_world.artifact("m", "v3", files)
+        assert resident_world.run("apply").exit_code == 0
+        seen: set[tuple[int, str | None]] = set()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            resp = httpx.get(r.url + "/health", timeout=30)
+            seen.add((resp.status_code, resp.headers.get("retry-after")))
+            if resp.status_code == 200 and resp.json()["version"] == "v3":
+                break
+            time.sleep(0.05)
+        assert (503, "1") in seen  # the gap was answered, not left hanging
+        lease = json.loads((resident_world.root / "resident/tenants/t/lease.json").read_text())
+        assert lease["swaps"][-1]["reason"] == "reload (stop first)" and lease["swaps"][-1]["to"] == "v3"
+    finally:
+        r.stop()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/systemd-socket-activate").exists(), reason="systemd-socket-activate is not installed")
+def test_socket_activation(resident_world: World) -> None:
+    import httpx
+
+    port = _free_port()
+    notify = Notify(resident_world.tmp / "sa.sock")
+    proc = subprocess.Popen(["/usr/bin/systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify.path}",
+                             sys.executable, "-m", "zoo_agent", "resident",
+                             *resident_world.args("--listen", "127.0.0.1:1")],  # ignored: systemd's socket wins
+                            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)}, cwd=resident_world.tmp,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the first connection starts the service, as systemd would
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5):
+                    break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                time.sleep(0.1)
+        notify.wait(lambda m: "READY" in m)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["state"] == "ready"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        notify.sock.close()

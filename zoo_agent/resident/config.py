@@ -26,6 +26,7 @@ class WorkerConfig(BaseModel):
     max_queue: int = 16
     api_key: str | None = Field(default=None, repr=False)
     drain_seconds: float = 30.0
+    memory_max: str | None = None  # the tenant's resources.memory_max
 
 
 class ResidentConfig(BaseModel):

@@ -34,6 +34,32 @@ __all__ = ["Supervisor", "listen_socket"]
 log = logging.getLogger("zoo_agent.resident")
 
 
+def _memory_limit(spec: str | None) -> int | None:
+    if not spec:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(spec[:-1]) * units[spec[-1]] if spec[-1] in units else int(spec)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 def listen_socket(spec: str, api_key: str | None) -> socket.socket:
     """A bound, listening socket: systemd's (LISTEN_FDS), a unix path, or host:port."""
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
@@ -89,6 +115,8 @@ class Supervisor:
         self.retiring: list[Worker] = []  # drained after a swap; reaped when they exit
         self.started_at = now()
         self.served_before = self.tokens_before = 0  # counts of workers that are gone
+        self.gap_from: str | None = None  # set during a stop-first reload
+        self.gap_open = False
         self.crashes: list[float] = []
         self.restart_at = 0.0
         self.flags: set[str] = set()
@@ -134,7 +162,7 @@ class Supervisor:
             allow_pickle=model.allow_pickle, allow_code=model.allow_code,
             device=tenant.resources.device, dtype=tenant.resources.dtype,
             defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue,
-            api_key=self.api_key, drain_seconds=self.config.drain_seconds,
+            api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
         )  # fmt: skip
 
     def spawn(self, config: WorkerConfig) -> Worker:
@@ -165,7 +193,10 @@ class Supervisor:
         self.serving = self.spawn(config)
         while self.exit_code is None:
             for key, _ in self.selector.select(timeout=0.2):
-                self._read(key.data)
+                if key.data == "listener":
+                    self._refuse_one()
+                else:
+                    self._read(key.data)
             self.tick()
         self._close()
         return self.exit_code
@@ -185,8 +216,9 @@ class Supervisor:
             if (code := worker.proc.poll()) is not None:
                 self.retiring.remove(worker)
                 self._exited(worker, code)
-        if self.serving is None and self.incoming is None and self.exit_code is None and t >= self.restart_at:
+        if self.serving is None and self.incoming is None and not self.retiring and self.exit_code is None and t >= self.restart_at:
             self._restart()
+        self._answer_gap(self.serving is None or self.serving.state != "ready")
         if t - self.last_watch >= self.config.watch_interval and self.serving is not None and self.serving.state == "ready":
             self.last_watch = t
             current = self.zoo.read_link("models", self.serving.config.model, "current")
@@ -236,6 +268,11 @@ class Supervisor:
 
     def _became_ready(self, worker: Worker, message: dict[str, Any]) -> None:
         old = self.serving if worker is self.incoming else None
+        if self.gap_from is not None:  # a stop-first reload just finished
+            self.swaps.append({"time": now(), "from": self.gap_from, "to": worker.config.version, "reason": "reload (stop first)",
+                               "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
+            self.reloads += 1
+            self.gap_from = None
         if old is not None:
             self._drain(old)
             self.retiring.append(old)
@@ -321,6 +358,45 @@ class Supervisor:
         except OSError:
             worker.proc.terminate()
 
+    def _fits_beside(self, config: WorkerConfig) -> bool:
+        """Can the new version load while the old one still serves?"""
+        need = sum(p.stat().st_size for p in config.version_dir.rglob("*.safetensors")) * 1.2
+        limit = _memory_limit(config.memory_max)
+        if limit is not None:
+            used = _rss(self.serving.proc.pid) if self.serving else 0
+            return used + need <= limit
+        return need <= _mem_available()
+
+    def _answer_gap(self, gap: bool) -> None:
+        """While no worker serves (a stop-first reload, a restart), answer 503 + Retry-After
+        ourselves instead of leaving clients in the backlog with no word."""
+        if self.listener is None or gap == self.gap_open or self.exit_code is not None:
+            return
+        self.gap_open = gap
+        if gap:
+            self.listener.setblocking(False)
+            self.selector.register(self.listener, selectors.EVENT_READ, "listener")
+        else:
+            self.selector.unregister(self.listener)
+
+    def _refuse_one(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        state = "reloading" if self.gap_from is not None else "loading"
+        body = json.dumps({"state": state, "error": {"message": f"{state} the model; retry", "type": "server_error", "param": None, "code": state}}).encode()
+        try:
+            conn.settimeout(1.0)
+            conn.recv(65536)  # the request head; its content does not matter
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
     def _feed_watchdog(self, t: float) -> None:
         """WATCHDOG=1 only when a worker provably made progress since the last one."""
         if not self.watchdog_usec:
@@ -348,7 +424,16 @@ class Supervisor:
             return
         self.reload_attempts += 1
         self.notify.reloading(f"reloading {config.model}@{config.version}")
-        self.incoming = self.spawn(config)
+        if self._fits_beside(config):
+            self.incoming = self.spawn(config)
+        else:
+            # Two versions do not fit: stop the old one first; the gap answers 503 + Retry-After.
+            old, self.serving = self.serving, None
+            log.info("memory does not allow two versions at once: stopping %s before loading %s", old.config.version, config.version)
+            self._drain(old)
+            self.retiring.append(old)
+            self.gap_from = old.config.version
+            self.restart_at = 0.0
         self._write_state()
 
     def handle_term(self) -> None:
