@@ -162,6 +162,10 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         body.seed if body.seed is not None else d.get("seed"),
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
+    if prompt_tokens == 0:
+        with state.lock:
+            state.waiting -= 1
+        return _error(400, f"{'messages' if chat else 'prompt'}: encodes to no tokens", param="messages" if chat else "prompt")
     if prompt_tokens > state.max_prompt_tokens:
         with state.lock:
             state.waiting -= 1

@@ -31,7 +31,9 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([_TEXT], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
+    bpe.train_from_iterator([_TEXT], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|end|>", pad_token="<|pad|>",
         extra_special_tokens=specials[2:], chat_template=CHAT_TEMPLATE,
