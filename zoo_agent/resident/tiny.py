@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_model"]
+__all__ = ["CHAT_TEMPLATE", "QWEN2_05B_SHAPE", "build_tiny_model"]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -21,7 +21,12 @@ _TEXT = (
 ) * 40
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 512) -> Path:
+#: A Qwen2-0.5B-shaped model (494M parameters with random weights), for benchmarks.
+QWEN2_05B_SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864, "model_vocab": 151936, "tie": True}
+
+
+def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 512, heads: int = 4,
+                     kv_heads: int = 2, intermediate: int | None = None, model_vocab: int | None = None, tie: bool = False) -> Path:  # fmt: skip
     """Write config, safetensors weights and tokenizer files into ``out``; return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,9 +45,9 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     )  # fmt: skip
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=model_vocab or bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=tie,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
