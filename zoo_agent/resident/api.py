@@ -150,10 +150,8 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         return _error(404, f"model '{body.model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
-    with state.lock:
-        if state.waiting + state.running > state.max_queue:
-            return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
-        state.waiting += 1
+    if state.waiting + state.running > state.max_queue:
+        return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
     d = state.defaults
     request = GenRequest(
         messages, prompt, body.max_tokens or d["max_tokens"],
@@ -163,12 +161,8 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     if prompt_tokens == 0:
-        with state.lock:
-            state.waiting -= 1
         return _error(400, f"{'messages' if chat else 'prompt'}: encodes to no tokens", param="messages" if chat else "prompt")
     if prompt_tokens > state.max_prompt_tokens:
-        with state.lock:
-            state.waiting -= 1
         return _error(400, f"{'messages' if chat else 'prompt'}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param="messages" if chat else "prompt")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
@@ -233,6 +227,8 @@ async def _pieces(state: ServingState, request: GenRequest) -> AsyncIterator[str
             m.running.dec()
             loop.call_soon_threadsafe(queue.put_nowait, _END)
 
+    with state.lock:
+        state.waiting += 1  # counted only once queued: nothing can leave it raised
     state.generator.submit(job)
     first = last = None
     try:

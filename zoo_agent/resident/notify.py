@@ -31,11 +31,13 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(target)
-                sock.sendall("\n".join(fields).encode())
+                # Never block: a unix datagram queue holds ~10 unread messages (max_dgram_qlen),
+                # and a blocked supervisor would stop feeding the watchdog and handling signals.
+                sock.send("\n".join(fields).encode(), socket.MSG_DONTWAIT)
             return True
         except OSError as exc:
             self.failures += 1
-            log.warning("sd_notify to %s failed (%d so far): %s", self.address, self.failures, exc.strerror or exc)
+            log.warning("sd_notify to %s failed (%d so far): %s", self.address, self.failures, exc.strerror or exc)  # incl. EAGAIN
             return False
 
     def ready(self, status: str = "") -> bool:
