@@ -180,7 +180,7 @@ class _Deferred(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         state, request, rid, chat = self.args
         text, result = "", Generated()
-        async for piece in _pieces(state, request):
+        async for piece in _pieces(state, request, stream=False):
             if isinstance(piece, Generated):
                 result = piece
             else:
@@ -199,7 +199,7 @@ class _Deferred(Response):
 _END = object()
 
 
-async def _pieces(state: ServingState, request: GenRequest) -> AsyncIterator[str | Generated]:
+async def _pieces(state: ServingState, request: GenRequest, stream: bool = True) -> AsyncIterator[str | Generated]:
     """Text pieces, then the Generated summary. The generation runs on the one generation
     thread (the queue); this coroutine only awaits, so the event loop keeps answering."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue[Any]()
@@ -216,8 +216,11 @@ async def _pieces(state: ServingState, request: GenRequest) -> AsyncIterator[str
         m.queue.observe(time.monotonic() - queued)
         result = Generated()
         try:
-            for piece in state.backend.stream(request, result, cancel):
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
+            if stream:
+                for piece in state.backend.stream(request, result, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, state.backend.complete(request, result, cancel))
             loop.call_soon_threadsafe(queue.put_nowait, result)
         except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
             loop.call_soon_threadsafe(queue.put_nowait, exc)

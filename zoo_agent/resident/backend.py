@@ -95,6 +95,39 @@ class TransformersBackend:
     def count_tokens(self, request: Request) -> int:
         return int(self._inputs(request)["input_ids"].shape[1])
 
+    def complete(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> str:
+        """The whole answer at once: no streamer, no per-token hand-off between threads."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancel is not None and cancel.is_set()
+
+        with self.lock:
+            inputs = self._inputs(request)
+            result.prompt_tokens = int(inputs["input_ids"].shape[1])
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, **self._sampling(request), stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+            self._finish(request, result, ids)
+            return str(self.tokenizer.decode(ids[0][result.prompt_tokens:], skip_special_tokens=True))
+
+    def _sampling(self, request: Request) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0,
+                                  "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}  # fmt: skip
+        if request.temperature > 0:
+            kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or None)
+        return kwargs
+
+    def _finish(self, request: Request, result: Generated, ids: Any) -> None:
+        new = ids[0][result.prompt_tokens:]
+        result.completion_tokens = int(new.shape[0])
+        eos = self.tokenizer.eos_token_id
+        result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
+            "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
+
     def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
         """Generate, yielding text as it decodes; fills ``result`` with the token counts.
         Setting ``cancel`` stops the generation at the next token."""
@@ -109,14 +142,8 @@ class TransformersBackend:
             inputs = self._inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            sample = request.temperature > 0
-            kwargs: dict[str, Any] = {
-                **inputs, "max_new_tokens": request.max_tokens, "do_sample": sample, "streamer": streamer,
-                "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
-            }  # fmt: skip
-            if sample:
-                kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or None)
+            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer,
+                                      "stopping_criteria": StoppingCriteriaList([_Cancelled()])}  # fmt: skip
             output: dict[str, Any] = {}
 
             def run() -> None:
@@ -135,8 +162,4 @@ class TransformersBackend:
             thread.join()
             if "error" in output:
                 raise output["error"]
-            new = output["ids"][0][result.prompt_tokens:]
-            result.completion_tokens = int(new.shape[0])
-            eos = self.tokenizer.eos_token_id
-            result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
-                "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
+            self._finish(request, result, output["ids"])
