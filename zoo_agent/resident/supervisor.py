@@ -283,6 +283,7 @@ class Supervisor:
             self.serving, self.incoming = worker, None
             self.reloads += 1
         self._write_tenant_files(worker, message)
+        self._tell_reloads()
         self.notify.ready(self.status_line())
         log.info("worker %d: serving %s@%s (%s)", worker.proc.pid, worker.config.model, worker.config.version, self.status_line())
 
@@ -319,6 +320,7 @@ class Supervisor:
             self.incoming = None
             self.last_error = f"reload to {worker.config.model}@{worker.config.version} failed: {reason}"
             self._write_state()
+            self._tell_reloads()
             log.error("reload to %s@%s failed: %s; still serving %s", worker.config.model, worker.config.version, reason,
                       self.serving.config.version if self.serving else "nothing")  # fmt: skip
             self.notify.ready(f"reload to {worker.config.model}@{worker.config.version} failed: {reason}; " + self.status_line())
@@ -477,6 +479,15 @@ class Supervisor:
         lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens, "swaps": self.swaps}
         path = self.config.root / "resident" / "tenants" / worker.config.tenant / "lease.json"
         write_atomic(path, (json.dumps(lease, indent=2) + "\n").encode())
+
+    def _tell_reloads(self) -> None:
+        """zoo:reloads_total{result} lives in the serving worker's /metrics; only we know."""
+        if self.serving is not None:
+            message = {"reloads": {"ok": self.reloads, "failed": self.reload_attempts - self.reloads}}
+            try:
+                self.serving.control.sendall((json.dumps(message) + "\n").encode())
+            except OSError:
+                pass
 
     def _write_state(self) -> None:
         """What `zoo-agent resident reload` waits on."""

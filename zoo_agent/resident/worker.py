@@ -82,6 +82,8 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
     control.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=control)
 
+    counted: dict[str, int] = {}
+
     async def answer() -> None:
         started = time.monotonic()
         while line := await reader.readline():
@@ -92,6 +94,10 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
                                           "running": state.running, "waiting": state.waiting,
                                           "tps": state.tokens / elapsed}) + "\n").encode())  # fmt: skip
                 await writer.drain()
+            elif "reloads" in message:  # totals, kept by the supervisor
+                for result, total in message["reloads"].items():
+                    state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
+                    counted[result] = total
             elif message.get("drain") and not state.draining:
                 state.draining = True
                 asyncio.create_task(drain())
