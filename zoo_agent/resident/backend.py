@@ -37,6 +37,17 @@ class Generated:
     finish_reason: str = "stop"
 
 
+def _stop_when(cancel: threading.Event | None) -> Any:
+    """Stop generating at the next token once ``cancel`` is set (a client went away)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+            return cancel is not None and cancel.is_set()
+
+    return StoppingCriteriaList([Cancelled()])
+
+
 class TransformersBackend:
     def __init__(self, version_dir: Path, *, allow_pickle: bool, allow_code: bool, device: str = "auto", dtype: str = "auto") -> None:
         self.version_dir = version_dir
@@ -98,11 +109,6 @@ class TransformersBackend:
     def complete(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> str:
         """The whole answer at once: no streamer, no per-token hand-off between threads."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return cancel is not None and cancel.is_set()
 
         with self.lock:
             inputs = self._inputs(request)
@@ -110,7 +116,7 @@ class TransformersBackend:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             with torch.inference_mode():
-                ids = self.model.generate(**inputs, **self._sampling(request), stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+                ids = self.model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel))
             self._finish(request, result, ids)
             return str(self.tokenizer.decode(ids[0][result.prompt_tokens:], skip_special_tokens=True))
 
@@ -132,18 +138,13 @@ class TransformersBackend:
         """Generate, yielding text as it decodes; fills ``result`` with the token counts.
         Setting ``cancel`` stops the generation at the next token."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return cancel is not None and cancel.is_set()
+        from transformers import TextIteratorStreamer
 
         with self.lock:
             inputs = self._inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer,
-                                      "stopping_criteria": StoppingCriteriaList([_Cancelled()])}  # fmt: skip
+            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer, "stopping_criteria": _stop_when(cancel)}
             output: dict[str, Any] = {}
 
             def run() -> None:
