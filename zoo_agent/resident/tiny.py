@@ -54,3 +54,31 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m zoo_agent.resident.tiny DIR`: a tiny model in DIR/model and DIR/index.json
+    that pins it for host 'local' (tenant 'chat'), ready for apply and resident."""
+    import argparse
+    import json
+
+    from ..fmt import canonical_text
+    from ..pin import Selection, pin_directory
+
+    parser = argparse.ArgumentParser(prog="python -m zoo_agent.resident.tiny", description=main.__doc__)
+    parser.add_argument("dir", type=Path)
+    out = parser.parse_args(argv).dir
+    model = build_tiny_model(out / "model")
+    index = {
+        "models": {"tiny": {"version": "1", "source": {"type": "file", "path": "model"}, "files": pin_directory(model, Selection()),
+                            "license": "MIT", "description": "A tiny random-weight model built locally."}},
+        "tenants": {"chat": {"model": "tiny", "generation": {"temperature": 0, "max_tokens": 32}}},
+        "hosts": {"local": {"resident": "chat"}},
+    }  # fmt: skip
+    (out / "index.json").write_text(canonical_text(json.loads(json.dumps(index))))
+    print(f"{out}/model and {out}/index.json written; next: zoo-agent apply --root {out}/zoo --index {out}/index.json --host local")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
