@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
+
+S = TypeVar("S", bound=ThreadingHTTPServer)
 
 
 @dataclass
@@ -79,13 +82,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(files: dict[str, bytes]) -> Iterator[FileServer]:
-    server = FileServer(files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def running(server: S) -> Iterator[S]:
+    """Serve in a thread; on the way out, release any paused response, then stop."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield server
     finally:
-        server.faults.resume.set()
+        server.faults.resume.set()  # type: ignore[attr-defined]
         server.shutdown()
         server.server_close()
+
+
+def serve(files: dict[str, bytes]) -> AbstractContextManager[FileServer]:
+    return running(FileServer(files))

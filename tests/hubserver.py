@@ -18,11 +18,12 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.httpfiles import running
 
 LFS_THRESHOLD = 10_000  # files at least this large are "LFS" (carry a sha256 in listings)
 
@@ -222,14 +223,5 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-@contextmanager
-def serve() -> Iterator[HubServer]:
-    server = HubServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.faults.resume.set()
-        server.shutdown()
-        server.server_close()
+def serve() -> AbstractContextManager[HubServer]:
+    return running(HubServer())

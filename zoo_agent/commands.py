@@ -20,9 +20,9 @@ import click
 
 from .errors import UsageError
 from .observe import observe
+from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
 from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
 from .progress import make_progress
-from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
 from .reconcile import Result, apply, refuse_conflicts, rollback
 from .sources import FetchSettings
 from .status import artifact_status

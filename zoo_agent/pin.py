@@ -60,10 +60,10 @@ def spdx(license_: str | None) -> str | None:
 
 def pin_hf(repo: str, revision: str, settings: FetchSettings, sel: Selection) -> tuple[str, list[dict[str, Any]], str | None]:
     """(commit, files, license) of a hub repository at a revision (a branch resolves to its commit)."""
-    from .sources.hf import HfRepo  # first: it switches off the hub client's telemetry requests
-
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
+
+    from .sources.hf import HfRepo  # importing it switches off the hub client's telemetry requests
 
     if settings.offline:
         raise UsageError(f"hf:{repo}: pinning asks the hub, and offline mode forbids it")

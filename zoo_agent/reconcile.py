@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .durable import write_atomic
 from .errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
 from .index import FileEntry
 from .observe import read_manifest
 from .plan import Action, Desired, Kind, Plan, Step, Want
 from .progress import Progress
 from .sources import FetchSettings, open_source
-from .store import Zoo, hash_file, now
+from .store import Zoo, hash_file, now, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
 
@@ -146,7 +145,7 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
         total += size
     base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
     base.update(files=files, verified_at=now())
-    write_atomic(vdir / "manifest.json", (json.dumps(base, indent=2) + "\n").encode(), mode=0o444)
+    write_manifest(vdir, base)
     return total
 
 

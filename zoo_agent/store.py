@@ -38,7 +38,7 @@ from .plan import Kind, Want, human_bytes
 from .sources import Source
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "hash_file", "now",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "hash_file", "now", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
@@ -187,7 +187,7 @@ class Zoo:
             "source": want.source.model_dump(mode="json"),
             "files": sorted(files, key=lambda f: f["path"]), "verified_at": now(),
         }  # fmt: skip
-        write_atomic(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o444)
+        write_manifest(staging, manifest)
         for directory in sorted({staging / f["path"] for f in files} | {staging}, key=lambda p: -len(p.parts)):
             if directory.is_dir():
                 fsync_dir(directory)
@@ -281,6 +281,11 @@ def _hash_into(path: Path, digest: Any) -> int:
             digest.update(view[:n])
             size += n
     return size
+
+
+def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
+    """manifest.json, read-only like the files it describes."""
+    write_atomic(version_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o444)
 
 
 def _makedirs_durable(path: Path) -> None:

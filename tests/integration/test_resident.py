@@ -256,8 +256,6 @@ def test_hot_swap_under_load_fails_no_request(resident_world: World, resident: R
         assert "m@v1" not in answers[answers.index("m@v2"):], answers
     assert any("m@v1" in answers for answers in results.values())
     assert "RELOADING" in resident.notify.keys()
-    import httpx
-
     assert 'zoo:reloads_total{result="ok"} 1.0' in httpx.get(resident.url + "/metrics").text
 
 

@@ -7,8 +7,10 @@ this package sees them.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,10 +18,36 @@ from typing import Protocol
 from .. import index
 from ..errors import SourceError, UsageError
 
-__all__ = ["CHUNK", "FetchSettings", "Source", "TOKEN_HELP", "open_source", "resolve_token"]
+__all__ = ["ATTEMPTS", "CHUNK", "FetchSettings", "Source", "TOKEN_HELP", "Transient", "open_source", "resolve_token", "with_retries"]
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 4
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashlib releases the GIL, small enough for flat RSS
 TOKEN_HELP = "provide a token with --hf-token-file FILE, the systemd credential 'hf-token', or HF_TOKEN"
+
+
+class Transient(Exception):
+    """A failure worth another attempt (5xx, 429, a dropped or refused connection)."""
+
+
+def with_retries(stream: Callable[[int], Iterator[bytes]], shown: str, offset: int = 0) -> Iterator[bytes]:
+    """Stream from ``offset``; on ``Transient``, back off and continue from the byte
+    reached (a Range request), a bounded number of times; then one ``SourceError`` line."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            for chunk in stream(offset):
+                offset += len(chunk)
+                yield chunk
+            return
+        except Transient as exc:
+            cause = str(exc)
+        if attempt == ATTEMPTS:
+            raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
+        delay = 0.5 * 2 ** (attempt - 1)
+        log.warning("%s: %s; retrying from byte %d in %.1fs", shown, cause, offset, delay)
+        time.sleep(delay)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,10 @@ only in the headers of requests to the endpoint.
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
 import httpx2
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_url
@@ -32,15 +31,10 @@ from huggingface_hub.utils import (
 )
 
 from ..errors import SourceError
-from . import CHUNK, TOKEN_HELP, FetchSettings
+from . import CHUNK, TOKEN_HELP, FetchSettings, Transient, with_retries
 
 __all__ = ["HfRepo"]
 
-
-class _Retry(Exception):
-    """A transient failure (5xx, 429, a dropped or refused connection)."""
-
-log = logging.getLogger(__name__)
 
 if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
     # Left on, building the user agent fetches {ENDPOINT}/api/agent-harnesses and caches
@@ -48,7 +42,6 @@ if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
     # must not make. Read at call time, so this holds even if the hub was imported first.
     hub_constants.HF_HUB_DISABLE_TELEMETRY = True
 
-ATTEMPTS = 4
 TIMEOUT_S = 30.0
 
 
@@ -69,7 +62,7 @@ class HfRepo:
 
     @contextmanager
     def translated(self, path: str = "") -> Iterator[None]:
-        """Hub exception types stop here; ``_Retry`` marks what is worth another attempt."""
+        """Hub exception types stop here; ``Transient`` marks what is worth another attempt."""
         shown = f"{self.describe()}: {path}" if path else self.describe()
         try:
             yield
@@ -83,28 +76,20 @@ class HfRepo:
             status = exc.response.status_code if exc.response is not None else 0
             if status < 500 and status != 429:
                 raise SourceError(f"{shown}: HTTP {status}") from None
-            raise _Retry(f"HTTP {status}") from None
+            raise Transient(f"HTTP {status}") from None
         except (httpx2.TransportError, ConnectionError) as exc:
-            raise _Retry(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+            raise Transient(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
 
     def read(self, path: str, offset: int = 0) -> Iterator[bytes]:
         shown = f"{self.describe()}: {path}"
         if self.settings.offline:
             raise SourceError(f"{shown}: missing from the zoo, and offline mode (--offline / HF_HUB_OFFLINE) forbids fetching it")
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                with self.translated(path):
-                    for chunk in self._stream(path, offset):
-                        offset += len(chunk)
-                        yield chunk
-                return
-            except _Retry as exc:
-                cause = str(exc)
-            if attempt == ATTEMPTS:
-                raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
-            delay = 0.5 * 2 ** (attempt - 1)
-            log.warning("%s: %s; retrying from byte %d in %.1fs", shown, cause, offset, delay)
-            time.sleep(delay)
+
+        def once(start: int) -> Iterator[bytes]:
+            with self.translated(path):
+                yield from self._stream(path, start)
+
+        return with_retries(once, shown, offset)
 
     def _access_message(self, exc: Exception) -> str:
         what = "gated" if isinstance(exc, GatedRepoError) else "private or missing"

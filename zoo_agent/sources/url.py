@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
 from ..errors import SourceError
-from . import CHUNK
+from . import CHUNK, Transient, with_retries
 
 __all__ = ["UrlFiles"]
 
-log = logging.getLogger(__name__)
-
-ATTEMPTS = 4
 TIMEOUT_S = 30.0
 
 
@@ -32,24 +27,19 @@ class UrlFiles:
     def read(self, path: str, offset: int = 0) -> Iterator[bytes]:
         url = f"{self.base_url}/{urllib.parse.quote(path)}"
         shown = f"{self.describe()}/{path}"
-        for attempt in range(1, ATTEMPTS + 1):
+
+        def once(start: int) -> Iterator[bytes]:
             try:
-                for chunk in self._stream(url, offset):
-                    offset += len(chunk)
-                    yield chunk
-                return
+                yield from self._stream(url, start)
             except urllib.error.HTTPError as exc:
                 exc.close()  # it holds the response's socket
                 if exc.code < 500 and exc.code != 429:
                     raise SourceError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
-                cause = f"HTTP {exc.code} {exc.reason}"
+                raise Transient(f"HTTP {exc.code} {exc.reason}") from None
             except (urllib.error.URLError, OSError) as exc:
-                cause = str(getattr(exc, "reason", None) or exc)
-            if attempt == ATTEMPTS:
-                raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
-            delay = 0.5 * 2 ** (attempt - 1)
-            log.warning("%s: %s; retrying from byte %d in %.1fs", shown, cause, offset, delay)
-            time.sleep(delay)
+                raise Transient(str(getattr(exc, "reason", None) or exc)) from None
+
+        return with_retries(once, shown, offset)
 
     @staticmethod
     def _stream(url: str, offset: int) -> Iterator[bytes]:
