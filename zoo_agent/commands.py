@@ -109,6 +109,8 @@ def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[
     progress = make_progress(total, machine_output=target.as_json)
     result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching)
     failures = result.failures
+    progress.notifier.status(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed" if failures
+                             else f"{what}: the zoo matches the index ({len(result.outcomes)} steps done)")
     if target.as_json:
         emit({"host": desired.host, "root": str(target.zoo.root), "ok": not failures, "steps": _result_rows(result)})
     elif failures:
@@ -330,3 +332,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     from .resident.command import register as register_resident
 
     register_resident(cli, zoo_options)
+
+    from .units import register as register_units
+
+    register_units(cli, json_option, emit)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .plan import human_bytes
+from .resident.notify import Notifier
 
 __all__ = ["Progress", "make_progress"]
 
@@ -19,23 +20,36 @@ LOG_EVERY_S = 5.0
 
 
 class Progress:
-    """Plain lines, at most one every few seconds per item: what the journal should hold."""
+    """Plain lines, at most one every few seconds per item: what the journal should hold.
+
+    Under systemd the same line becomes the unit's ``Status:`` (sd_notify STATUS=), so
+    `systemctl status model-zoo-reconcile` shows how far a long download got.
+    """
 
     def __init__(self, total: int) -> None:
         self.total = total
+        self.done = 0
+        self.notifier = Notifier()
 
     def item(self, label: str, size: int) -> Callable[[int], None]:
         done, last = 0, time.monotonic()
+        self.notifier.status(f"fetching {label} ({human_bytes(size)}); {self._overall()}")
 
         def advance(n: int) -> None:
             nonlocal done, last
             done += n
+            self.done += n
             t = time.monotonic()
             if t - last >= LOG_EVERY_S and size:
                 last = t
-                log.info("%s: %d%% (%s of %s)", label, 100 * done // size, human_bytes(done), human_bytes(size))
+                line = f"{label}: {100 * done // size}% ({human_bytes(done)} of {human_bytes(size)})"
+                log.info("%s", line)
+                self.notifier.status(f"fetching {line}; {self._overall()}")
 
         return advance
+
+    def _overall(self) -> str:
+        return f"{human_bytes(self.done)} of {human_bytes(self.total)} in all"
 
     def close(self) -> None:
         pass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -306,3 +308,21 @@ def test_fsync_failure_abandons_staging_and_keeps_current(world: World, monkeypa
     assert "Input/output error while fetching model m v2" in result.stderr
     assert world.current("m") == "v1"
     assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1"]
+
+
+def test_apply_reports_progress_as_the_units_status(world: World, tmp_path: Path) -> None:
+    """Under systemd (NOTIFY_SOCKET) `systemctl status model-zoo-reconcile` shows how far apply got."""
+    world.artifact("m", "1", {"config.json": b"{}", "model.safetensors": b"w" * 5000})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    with sock:
+        proc = world.spawn("apply", env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        sock.setblocking(False)
+        messages = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+    assert any(m.startswith("STATUS=fetching m/model.safetensors (5.0 kB); ") and m.endswith(" of 5.0 kB in all") for m in messages), messages
+    assert messages[-1] == "STATUS=apply: the zoo matches the index (3 steps done)"

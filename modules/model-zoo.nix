@@ -1,0 +1,450 @@
+# services.model-zoo: a declared model zoo, fetched and verified by a oneshot unit and
+# served by a Type=notify resident. `zoo-agent systemd render` writes the same units for
+# hosts without NixOS; tests/nix checks that the two agree.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    mkPackageOption
+    optional
+    optionalAttrs
+    optionals
+    types
+    ;
+
+  cfg = config.services.model-zoo;
+  json = pkgs.formats.json { };
+
+  # The index's keys that matter most, typed, so a typo fails evaluation with the option's
+  # path; everything else stays freeform JSON (RFC 42) and `zoo-agent validate` checks it
+  # at build time.
+  sha256 = types.strMatching "[0-9a-f]{64}";
+  id = types.strMatching "[a-z0-9][a-z0-9._-]{0,63}";
+  artifact = {
+    freeformType = json.type;
+    options = {
+      version = mkOption {
+        type = types.str;
+        description = "Version label; a new label is a new directory in the zoo.";
+      };
+      source = mkOption {
+        type = types.submodule {
+          freeformType = json.type;
+          options.type = mkOption {
+            type = types.enum [ "hf" "url" "file" "ollama" ];
+            description = "Where the files come from.";
+          };
+        };
+        description = "The pinned source (a hub commit, a URL, a local directory or an Ollama digest).";
+      };
+      files = mkOption {
+        type = types.listOf (types.submodule {
+          freeformType = json.type;
+          options = {
+            path = mkOption { type = types.str; description = "Path inside the version directory."; };
+            sha256 = mkOption { type = sha256; description = "Lowercase hex SHA-256 of the file."; };
+            size = mkOption { type = types.ints.positive; description = "Size in bytes."; };
+          };
+        });
+        description = "Every file of this version, each with its hash.";
+      };
+    };
+  };
+  settingsType = types.submodule {
+    freeformType = json.type;
+    options = {
+      models = mkOption {
+        type = types.attrsOf (types.submodule artifact);
+        default = { };
+        description = "Base models by id.";
+      };
+      loras = mkOption {
+        type = types.attrsOf (types.submodule {
+          imports = [ artifact ];
+          options = {
+            base_model = mkOption { type = id; description = "Id of the model this adapter was trained for."; };
+            rank = mkOption { type = types.ints.between 1 4096; description = "LoRA rank r."; };
+          };
+        });
+        default = { };
+        description = "LoRA adapters by id.";
+      };
+      tenants = mkOption {
+        type = types.attrsOf (types.submodule {
+          freeformType = json.type;
+          options.model = mkOption { type = id; description = "Id of the model to serve."; };
+        });
+        default = { };
+        description = "Tenants (a model, its adapters and serving settings) by id.";
+      };
+      hosts = mkOption {
+        type = types.attrsOf (types.submodule {
+          freeformType = json.type;
+          options.resident = mkOption {
+            type = types.nullOr id;
+            default = null;
+            description = "Id of the tenant this host serves.";
+          };
+        });
+        default = { };
+        description = "Hosts by id (their host names, lowercase).";
+      };
+    };
+  };
+
+  indexSource =
+    if cfg.indexFile != null then
+      cfg.indexFile
+    else
+      json.generate "model-zoo-index.json" (lib.filterAttrsRecursive (_: v: v != null) cfg.settings);
+
+  # Validated at build time: a bad index fails `nixos-rebuild` before anything switches,
+  # with the validator's one-line messages. A symlink, so relative `file` sources still
+  # resolve next to the original index.
+  index = pkgs.runCommand "model-zoo-index" { nativeBuildInputs = [ cfg.package ]; } ''
+    zoo-agent validate ${indexSource}
+    ln -s ${indexSource} $out
+  '';
+
+  zooAgent = lib.getExe' cfg.package "zoo-agent";
+
+  environment = {
+    ZOO_ROOT = cfg.stateDir;
+    ZOO_INDEX = "${index}";
+    ZOO_HOST = cfg.hostName;
+    PYTHONUNBUFFERED = "1";
+  }
+  // optionalAttrs (cfg.huggingFace.endpoint != null) { HF_ENDPOINT = cfg.huggingFace.endpoint; }
+  // optionalAttrs cfg.offline { HF_HUB_OFFLINE = "1"; };
+
+  # One flat block for every unit; `zoo_agent/units.py` holds the same (tests compare them).
+  hardening = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateMounts = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    # AF_INET/AF_INET6: the hub and the API; AF_UNIX: sd_notify and the worker sockets.
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+    # No ~@resources: torch's OpenMP threads call sched_setaffinity and oneDNN mbind.
+    SystemCallFilter = [ "@system-service" "~@privileged" ];
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    DevicePolicy = "closed";
+    UMask = "0027";
+    LockPersonality = true;
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    RemoveIPC = true;
+    KeyringMode = "private";
+    # MemoryDenyWriteExecute only on reconcile and verify: the resident loads torch, whose
+    # oneDNN kernels are generated at run time into executable memory. PrivateDevices and
+    # PrivateUsers are per unit: a GPU needs its device nodes and the video/render groups.
+  };
+
+  stateDirectory =
+    if dirOf cfg.stateDir == "/var/lib" then
+      {
+        StateDirectory = baseNameOf cfg.stateDir;
+        StateDirectoryMode = "0750";
+      }
+    else
+      { ReadWritePaths = [ cfg.stateDir ]; };
+
+  common = {
+    User = cfg.user;
+    Group = cfg.group;
+  }
+  // stateDirectory
+  // hardening;
+
+  noDevices = {
+    MemoryDenyWriteExecute = true;
+    PrivateDevices = true;
+    PrivateUsers = true;
+  };
+
+  hfCredential = optional (cfg.huggingFace.tokenFile != null) "hf-token:${cfg.huggingFace.tokenFile}";
+
+  gpuDevices = {
+    none = [ ];
+    nvidia = [ "char-nvidiactl" "char-nvidia-caps" "char-nvidia-frontend" "char-nvidia-uvm" ];
+    rocm = [ "char-drm" "char-fb" "char-kfd" ];
+  };
+
+  listenPort =
+    let
+      m = builtins.match ".*:([0-9]+)" cfg.resident.listen;
+    in
+    if lib.hasPrefix "unix:" cfg.resident.listen || m == null then null else lib.toInt (builtins.head m);
+in
+{
+  options.services.model-zoo = {
+    enable = mkEnableOption "the model zoo: declared models fetched, verified and served";
+
+    package = mkPackageOption pkgs "zoo-agent" { };
+
+    stateDir = mkOption {
+      type = types.path;
+      default = "/var/lib/model-zoo";
+      description = "Where the zoo lives: versioned model directories, manifests, host state.";
+    };
+
+    hostName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      description = "This host's id in the index.";
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = "model-zoo";
+      description = "User the units run as; owns the zoo.";
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = "model-zoo";
+      description = "Group of the zoo; add another service's user to it to give it read access.";
+    };
+
+    indexFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression "./index.json";
+      description = "The index, as a file (e.g. the repository's `index.json`). Exclusive with `settings`.";
+    };
+
+    settings = mkOption {
+      type = types.nullOr settingsType;
+      default = null;
+      description = ''
+        The index, in Nix (see `schema.json`). `models.<id>.version`, `.source.type`,
+        `.files.*.sha256`, `tenants.<id>.model` and `hosts.<id>.resident` are typed;
+        the rest is passed through and validated at build time. Exclusive with `indexFile`.
+      '';
+    };
+
+    huggingFace = {
+      endpoint = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "http://hub-mirror.internal:8090";
+        description = "A hub mirror to fetch from (`HF_ENDPOINT`).";
+      };
+      tokenFile = mkOption {
+        # externalPath refuses a Nix path literal, which would copy the secret into the store.
+        type = types.nullOr types.externalPath;
+        default = null;
+        example = "/run/secrets/hf-token";
+        description = "File holding a Hugging Face token; passed with `LoadCredential=`, never copied to the store.";
+      };
+    };
+
+    offline = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Never touch the network; `apply` reports what is missing.";
+    };
+
+    resident = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Serve the host's tenant (`hosts.<host>.resident`) with the OpenAI-compatible API.";
+      };
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:8000";
+        example = "unix:/run/model-zoo/api.sock";
+        description = "Address and port, or `unix:` and a socket path.";
+      };
+      apiKeyFile = mkOption {
+        type = types.nullOr types.externalPath;
+        default = null;
+        description = "Bearer token clients must send; passed with `LoadCredential=`. Required beyond loopback.";
+      };
+      watchdogSec = mkOption {
+        type = types.ints.unsigned;
+        default = 30;
+        description = "`WatchdogSec=`; the resident pings only while its serving loop makes progress. 0 disables.";
+      };
+      memoryMax = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "24G";
+        description = "`MemoryMax=` of the resident.";
+      };
+      environment = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        example = { OMP_NUM_THREADS = "8"; };
+        description = "Extra environment for the resident.";
+      };
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Extra arguments to `zoo-agent resident`.";
+      };
+      gpu = mkOption {
+        type = types.enum [ "none" "nvidia" "rocm" ];
+        default = "none";
+        description = "Let the resident reach this GPU's device nodes (and, for ROCm, the render and video groups).";
+      };
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the resident's TCP port.";
+    };
+
+    verify.interval = mkOption {
+      type = types.nullOr types.str;
+      default = "weekly";
+      description = "`OnCalendar=` for re-hashing the zoo against its manifests; `null` disables the timer.";
+    };
+
+    gc.enable = mkEnableOption "removal of versions past each host's retention after every apply";
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.indexFile == null) != (cfg.settings == null);
+        message = "Set exactly one of services.model-zoo.indexFile and services.model-zoo.settings.";
+      }
+      {
+        assertion = !cfg.openFirewall || listenPort != null;
+        message = "services.model-zoo.openFirewall needs services.model-zoo.resident.listen to be address:port, not a unix socket.";
+      }
+    ];
+
+    warnings = optional (
+      cfg.resident.enable && cfg.resident.apiKeyFile == null && !(lib.hasPrefix "127." cfg.resident.listen || lib.hasPrefix "unix:" cfg.resident.listen || lib.hasPrefix "[::1]" cfg.resident.listen)
+    ) "services.model-zoo.resident.listen is not loopback and services.model-zoo.resident.apiKeyFile is unset: anyone who can reach it can use the model.";
+
+    users.users = optionalAttrs (cfg.user == "model-zoo") {
+      model-zoo = {
+        isSystemUser = true;
+        group = cfg.group;
+        home = cfg.stateDir;
+        description = "model zoo";
+      };
+    };
+    users.groups = optionalAttrs (cfg.group == "model-zoo") { model-zoo = { }; };
+
+    systemd.tmpfiles.settings.model-zoo = mkIf (dirOf cfg.stateDir != "/var/lib") {
+      ${cfg.stateDir}.d = {
+        mode = "0750";
+        inherit (cfg) user group;
+      };
+    };
+
+    systemd.services.model-zoo-reconcile = {
+      description = "model zoo: fetch, verify and publish this host's models";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      inherit environment;
+      # A changed index re-runs apply on switch.
+      restartTriggers = [ index ];
+      serviceConfig = common // noDevices // {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        # A long download must never time out, and it is the only job of this unit, so the
+        # server's start is not held hostage by it (nixpkgs #334903).
+        TimeoutStartSec = "infinity";
+        # Lets `zoo-agent apply` report its progress as the unit's Status: line.
+        NotifyAccess = "main";
+        ExecStart = "${zooAgent} apply";
+        ExecStartPost = optionals cfg.gc.enable [ "${zooAgent} gc" ];
+        # Only this unit fetches, so only it gets the token.
+        LoadCredential = hfCredential;
+      };
+    };
+
+    systemd.services.model-zoo-resident = mkIf cfg.resident.enable {
+      description = "model zoo: resident inference server";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" "model-zoo-reconcile.service" ];
+      after = [ "network-online.target" "model-zoo-reconcile.service" ];
+      environment = environment // { ZOO_LISTEN = cfg.resident.listen; } // cfg.resident.environment;
+      # A changed index swaps versions in place (ExecReload) instead of restarting.
+      reloadTriggers = [ index ];
+      # Bounded backoff: five failed starts in five minutes and the unit stays failed, with
+      # the resident's own Status: line saying why.
+      startLimitIntervalSec = 300;
+      startLimitBurst = 5;
+      serviceConfig = common // {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = lib.escapeShellArgs ([ zooAgent "resident" ] ++ cfg.resident.extraArgs)
+          + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key";
+        # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
+        ExecReload = "${zooAgent} resident reload --pid $MAINPID";
+        Restart = "on-failure";
+        RestartSec = 5;
+        # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
+        TimeoutStartSec = 90;
+        TimeoutStopSec = 60;
+        WatchdogSec = mkIf (cfg.resident.watchdogSec > 0) cfg.resident.watchdogSec;
+        RuntimeDirectory = "model-zoo";
+        RuntimeDirectoryMode = "0750";
+        MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
+        LoadCredential = optional (cfg.resident.apiKeyFile != null) "api-key:${cfg.resident.apiKeyFile}";
+        PrivateDevices = cfg.resident.gpu == "none";
+        PrivateUsers = cfg.resident.gpu == "none";
+        DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};
+        SupplementaryGroups = optionals (cfg.resident.gpu == "rocm") [ "render" "video" ];
+      };
+    };
+
+    systemd.services.model-zoo-verify = mkIf (cfg.verify.interval != null) {
+      description = "model zoo: re-hash every published file against its manifest";
+      after = [ "model-zoo-reconcile.service" ];
+      inherit environment;
+      serviceConfig = common // noDevices // {
+        Type = "oneshot";
+        ExecStart = "${zooAgent} verify";
+        # Re-hashing a zoo is bulk I/O; let serving win.
+        Nice = 10;
+        IOSchedulingClass = "idle";
+      };
+    };
+
+    systemd.timers.model-zoo-verify = mkIf (cfg.verify.interval != null) {
+      description = "model zoo: periodic verification";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = cfg.verify.interval;
+        Persistent = true;
+        RandomizedDelaySec = "1h";
+      };
+    };
+
+    networking.firewall.allowedTCPPorts = mkIf (cfg.openFirewall && listenPort != null) [ listenPort ];
+  };
+
+  meta.maintainers = [ ];
+}

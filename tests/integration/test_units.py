@@ -1,0 +1,103 @@
+"""`zoo-agent systemd render|install`: the units hosts without NixOS get (issue #7)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from zoo_agent.cli import cli
+from zoo_agent.units import UnitSettings, render
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = str(Path(sys.executable).parent / "zoo-agent")
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: systemd)")
+# Measured with `systemd-analyze security --offline=yes` on systemd 252: both units 1.2 "OK".
+EXPOSURE_LIMIT = 1.5
+
+
+def install(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+    prefix = tmp_path / "units"
+    prefix.mkdir(exist_ok=True)
+    result = CliRunner().invoke(cli, ["systemd", "install", "--index", str(REPO / "index.json"), "--exec", AGENT,
+                                      "--prefix", str(prefix), "--sysusers-dir", str(tmp_path / "sysusers"), "--no-activate", *args])
+    return result.exit_code, result.output, prefix
+
+
+def test_install_writes_the_units_once_then_reports_them_unchanged(tmp_path: Path) -> None:
+    code, out, prefix = install(tmp_path, "--json")
+    assert code == 0, out
+    files = json.loads(out)["files"]
+    assert {Path(f["path"]).name for f in files} == {"model-zoo-reconcile.service", "model-zoo-resident.service",
+                                                      "model-zoo-verify.service", "model-zoo-verify.timer", "model-zoo.conf"}
+    assert all(f["changed"] for f in files)
+    assert (tmp_path / "sysusers" / "model-zoo.conf").read_text().splitlines()[1:] == [
+        "g model-zoo -", 'u model-zoo -:model-zoo "model zoo" /var/lib/model-zoo /usr/sbin/nologin']
+    code, out, _ = install(tmp_path, "--json")
+    assert code == 0 and not any(f["changed"] for f in json.loads(out)["files"])
+    code, out, _ = install(tmp_path, "--listen", "127.0.0.1:9000")
+    assert code == 0
+    assert f"wrote {prefix}/model-zoo-resident.service" in out and f"unchanged {prefix}/model-zoo-reconcile.service" in out
+    assert "Environment=ZOO_LISTEN=127.0.0.1:9000" in (prefix / "model-zoo-resident.service").read_text()
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    code, out, prefix = install(tmp_path, "--dry-run")
+    assert code == 0 and "would write" in out and "next:" not in out
+    assert list(prefix.iterdir()) == [] and not (tmp_path / "sysusers").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--exec", "/root/venv/bin/zoo-agent"], "ExecStart /root/venv/bin/zoo-agent is under /root (hidden from the service by the unit's sandbox);"),
+    (["--api-key-file", "/tmp/key"], "api key file /tmp/key is under /tmp (hidden from the service by the unit's sandbox);"),
+    (["--root", "zoo"], "--root: Value error, must be an absolute path (a unit has no working directory of ours): zoo"),
+    (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out, prefix = install(tmp_path, *args)
+    assert code == 2 and out.splitlines()[-1].startswith(message), out
+    assert list(prefix.iterdir()) == []
+
+
+def test_an_invalid_index_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    bad = tmp_path / "index.json"
+    bad.write_text('{"models": {"m": {"version": "1"}}}')
+    code, out, prefix = install(tmp_path, "--index", str(bad))
+    assert code == 2 and f"{bad}: /models/m: " in out
+    assert list(prefix.iterdir()) == []
+
+
+def test_environment_values_survive_quoting() -> None:
+    settings = UnitSettings(exec_start=(AGENT,), index=Path("/etc/model-zoo/index.json"),
+                            environment={"A": 'two words "quoted" 100% \\ back', "B": "plain"})
+    text = render(settings)["model-zoo-reconcile.service"]
+    assert 'Environment="A=two words \\"quoted\\" 100%% \\\\ back"' in text and "Environment=B=plain" in text
+    assert render(settings) == render(settings)
+
+
+@needs_analyze
+@pytest.mark.parametrize("variant", [[], ["--gpu", "nvidia", "--memory-max", "8G", "--api-key-file", "/etc/model-zoo/key", "--gc"],
+                                     ["--gpu", "rocm", "--listen", "unix:/run/model-zoo/api.sock", "--env", "A=b c"]])
+def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, variant: list[str]) -> None:
+    code, out, prefix = install(tmp_path, *variant)
+    assert code == 0, out
+    units = sorted(str(p) for p in prefix.iterdir())
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True)
+    # verify exits 0 even for lines it ignores; anything it says is a defect.
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+
+
+@needs_analyze
+@pytest.mark.parametrize("unit", ["model-zoo-reconcile.service", "model-zoo-resident.service", "model-zoo-verify.service"])
+def test_exposure_score(tmp_path: Path, unit: str) -> None:
+    _, _, prefix = install(tmp_path)
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(prefix / unit)], capture_output=True, text=True)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    assert float(found.group(1)) <= EXPOSURE_LIMIT, proc.stdout

@@ -1,0 +1,224 @@
+"""The NixOS module, evaluated with the real nixpkgs `lib` (issue #7).
+
+Full nixpkgs cannot be fetched here, so `eval.nix` stands in for the NixOS options the
+module sets; everything of ours (types, assertions, units, triggers) is really evaluated.
+`.ci/setup` unpacks a nixpkgs `lib` into `.ci/nixpkgs-lib/lib`; `NIXPKGS_LIB` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zoo_agent.units import HARDENING, UnitSettings, render
+
+REPO = Path(__file__).resolve().parents[2]
+NIX_LIB = Path(os.environ.get("NIXPKGS_LIB") or REPO / ".ci" / "nixpkgs-lib" / "lib")
+FAKE_AGENT = "/nix/store/00000000000000000000000000000000-zoo-agent-0.1.0/bin/zoo-agent"
+FAKE_INDEX = "/nix/store/00000000000000000000000000000000-model-zoo-index"
+SHA = "febd1b82a821e2a3ecf7187c7dace15fa986840de0e4310609018aef388f56e3"
+
+needs_nix = pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="nix-instantiate not installed (.ci/setup installs Debian's nix-bin)")
+needs_lib = pytest.mark.skipif(not (NIX_LIB / "default.nix").is_file(),
+                               reason=f"no nixpkgs lib at {NIX_LIB} (set NIXPKGS_LIB; .ci/setup unpacks one when a nixpkgs.lib checkout is present)")
+
+SETTINGS = """settings = {
+    models.demo = { version = "1"; source = { type = "file"; path = "/srv/models/demo"; };
+      files = [ { path = "config.json"; sha256 = "%s"; size = 332; } ]; license = "MIT"; };
+    tenants.chat.model = "demo";
+    hosts.nixos.resident = "chat";
+  };""" % SHA
+
+
+def evaluate(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "configuration.nix"
+    config.write_text("{ services.model-zoo = { enable = true; %s }; }\n" % body)
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(REPO / "tests" / "nix" / "eval.nix"),
+         "--arg", "nixpkgsLib", str(NIX_LIB), "--arg", "configuration", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def evaluated(tmp_path: Path, body: str) -> dict[str, Any]:
+    proc = evaluate(tmp_path, body)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def as_unit_values(value: Any) -> list[str]:
+    """A NixOS serviceConfig value as the unit file lines systemd would read."""
+    if isinstance(value, bool):
+        return ["yes" if value else "no"]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+@needs_nix
+def test_every_nix_file_parses() -> None:
+    files = [p for p in REPO.rglob("*.nix") if not {".ci", ".venv"} & set(p.relative_to(REPO).parts)]
+    assert {"flake.nix", "modules/model-zoo.nix", "packages/default.nix", "checks/vm.nix"} <= {str(p.relative_to(REPO)) for p in files}
+    for path in files:
+        proc = subprocess.run(["nix-instantiate", "--parse", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+@needs_nix
+@needs_lib
+class TestModule:
+    def test_units_types_dependencies_and_triggers(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, 'indexFile = "/etc/model-zoo/index.json";')
+        assert out["failedAssertions"] == []
+        reconcile, resident = out["services"]["model-zoo-reconcile"], out["services"]["model-zoo-resident"]
+        assert reconcile["serviceConfig"]["Type"] == "oneshot" and reconcile["serviceConfig"]["RemainAfterExit"] is True
+        assert reconcile["serviceConfig"]["TimeoutStartSec"] == "infinity"
+        assert reconcile["serviceConfig"]["ExecStart"] == f"{FAKE_AGENT} apply"
+        assert "network-online.target" in reconcile["unit"]["after"] and "network-online.target" in reconcile["unit"]["wants"]
+        assert resident["serviceConfig"]["Type"] == "notify" and resident["serviceConfig"]["NotifyAccess"] == "main"
+        assert resident["serviceConfig"]["WatchdogSec"] == 30
+        assert resident["serviceConfig"]["ExecReload"] == f"{FAKE_AGENT} resident reload --pid $MAINPID"
+        assert "model-zoo-reconcile.service" in resident["unit"]["after"] and "model-zoo-reconcile.service" in resident["unit"]["wants"]
+        # An index change re-runs apply but only reloads the resident.
+        assert reconcile["unit"]["restartTriggers"] == [FAKE_INDEX] and "restartTriggers" not in resident["unit"]
+        assert resident["unit"]["reloadTriggers"] == [FAKE_INDEX]
+        assert resident["environment"]["ZOO_INDEX"] == reconcile["environment"]["ZOO_INDEX"] == FAKE_INDEX
+        assert resident["environment"]["ZOO_HOST"] == "nixos"  # networking.hostName
+        assert out["timers"]["model-zoo-verify"]["timerConfig"]["OnCalendar"] == "weekly"
+        assert out["users"]["users"]["model-zoo"]["isSystemUser"] is True
+        assert out["users"]["groups"] == {"model-zoo": {}}
+        # The index is validated while building, with the file the units read.
+        assert out["indexScripts"] == ["zoo-agent validate /etc/model-zoo/index.json\nln -s /etc/model-zoo/index.json $out\n"]
+
+    def test_hardening_is_the_python_block(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, 'indexFile = "/etc/model-zoo/index.json";')
+        for name, service in out["services"].items():
+            config = service["serviceConfig"]
+            for key, value in HARDENING.items():
+                assert as_unit_values(config.get(key)) == as_unit_values(value), (name, key)
+
+    @pytest.mark.parametrize("gpu", ["none", "nvidia", "rocm"])
+    def test_units_equal_zoo_agent_systemd_render(self, tmp_path: Path, gpu: str) -> None:
+        """`zoo-agent systemd render` and the module give the same [Service] lines."""
+        out = evaluated(tmp_path, f'indexFile = "/etc/model-zoo/index.json"; resident.gpu = "{gpu}"; resident.memoryMax = "8G";'
+                                  ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; gc.enable = true;')
+        rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", gpu=gpu, memory_max="8G",  # type: ignore[arg-type]
+                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), gc=True))
+        assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
+        for name, service in out["services"].items():
+            ours = parse_unit(rendered[f"{name}.service"])["Service"]
+            env = dict(item.strip('"').split("=", 1) for item in ours.pop("Environment"))
+            assert env == service["environment"], name
+            theirs = {k: as_unit_values(v) for k, v in service["serviceConfig"].items() if v != []}
+            assert ours == theirs, name
+
+    def test_settings_are_typed_and_become_a_valid_index(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, SETTINGS)
+        assert out["failedAssertions"] == []
+        (script,) = out["indexScripts"]
+        generated = Path(script.split()[2])
+        document = json.loads(generated.read_text())
+        assert document["hosts"] == {"nixos": {"resident": "chat"}}
+        assert document["models"]["demo"]["files"][0]["sha256"] == SHA
+        proc = subprocess.run([str(REPO / ".venv" / "bin" / "zoo-agent"), "validate", str(generated)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    def test_null_optionals_are_left_out_of_the_index(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, SETTINGS.replace('hosts.nixos.resident = "chat";', 'hosts.nixos.description = "no resident";'))
+        document = json.loads(Path(out["indexScripts"][0].split()[2]).read_text())
+        assert document["hosts"] == {"nixos": {"description": "no resident"}}
+
+    @pytest.mark.parametrize(("change", "expected"), [
+        ('sha256 = "%s";' % SHA, 'sha256 = "not-a-hash";'),
+        ('version = "1";', "version = 1;"),
+        ('type = "file";', 'type = "ftp";'),
+        ('tenants.chat.model = "demo";', 'tenants.chat.model = "Bad Id";'),
+    ])
+    def test_a_bad_settings_value_fails_evaluation_naming_the_option(self, tmp_path: Path, change: str, expected: str) -> None:
+        proc = evaluate(tmp_path, SETTINGS.replace(change, expected))
+        assert proc.returncode != 0
+        assert "services.model-zoo.settings." in proc.stderr and "is not of type" in proc.stderr, proc.stderr
+
+    @pytest.mark.parametrize("body", ["", 'indexFile = "/etc/i.json"; ' + SETTINGS])
+    def test_exactly_one_of_index_file_and_settings(self, tmp_path: Path, body: str) -> None:
+        out = evaluated(tmp_path, body)
+        assert out["failedAssertions"] == ["Set exactly one of services.model-zoo.indexFile and services.model-zoo.settings."]
+
+    def test_secrets_never_reach_the_evaluated_config(self, tmp_path: Path) -> None:
+        token, key = secrets.token_hex(16), secrets.token_hex(16)
+        (tmp_path / "hf").write_text(token)
+        (tmp_path / "api").write_text(key)
+        proc = evaluate(tmp_path, f'{SETTINGS} huggingFace.tokenFile = "{tmp_path}/hf"; resident.apiKeyFile = "{tmp_path}/api";')
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        generated = Path(out["indexScripts"][0].split()[2]).read_text()
+        for secret in (token, key):
+            assert secret not in proc.stdout and secret not in generated
+        assert out["services"]["model-zoo-reconcile"]["serviceConfig"]["LoadCredential"] == [f"hf-token:{tmp_path}/hf"]
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"api-key:{tmp_path}/api"]
+        assert "LoadCredential" not in out["services"]["model-zoo-verify"]["serviceConfig"]
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["ExecStart"].endswith("--api-key-file %d/api-key")
+
+    def test_a_secret_as_a_nix_path_is_refused(self, tmp_path: Path) -> None:
+        """A path literal would be copied into the world-readable store."""
+        (tmp_path / "hf").write_text("secret")
+        proc = evaluate(tmp_path, f'{SETTINGS} huggingFace.tokenFile = {tmp_path}/hf;')
+        assert proc.returncode != 0
+        assert "services.model-zoo.huggingFace.tokenFile" in proc.stderr and "not in the Nix store" in proc.stderr, proc.stderr
+
+    def test_gpu_firewall_and_state_dir(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, SETTINGS + ' resident.gpu = "nvidia"; resident.listen = "0.0.0.0:9000"; openFirewall = true;'
+                                             ' stateDir = "/srv/zoo"; verify.interval = null;')
+        config = out["services"]["model-zoo-resident"]["serviceConfig"]
+        assert config["DeviceAllow"] == ["char-nvidiactl rw", "char-nvidia-caps rw", "char-nvidia-frontend rw", "char-nvidia-uvm rw"]
+        assert config["PrivateDevices"] is False and config["DevicePolicy"] == "closed"
+        assert out["networking"]["firewall"]["allowedTCPPorts"] == [9000]
+        assert config["ReadWritePaths"] == ["/srv/zoo"] and "StateDirectory" not in config
+        assert out["tmpfiles"]["model-zoo"]["/srv/zoo"]["d"] == {"mode": "0750", "user": "model-zoo", "group": "model-zoo"}
+        assert "model-zoo-verify" not in out["services"] and out["timers"] == {}
+        assert out["warnings"] == ["services.model-zoo.resident.listen is not loopback and services.model-zoo.resident.apiKeyFile is unset:"
+                                   " anyone who can reach it can use the model."]
+
+    def test_open_firewall_with_a_unix_socket_is_refused(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, SETTINGS + ' resident.listen = "unix:/run/model-zoo/api.sock"; openFirewall = true;')
+        assert out["failedAssertions"] == ["services.model-zoo.openFirewall needs services.model-zoo.resident.listen to be address:port, not a unix socket."]
+
+
+@needs_nix
+@needs_lib
+def test_flake_outputs_and_package_dependencies_match_pyproject() -> None:
+    import tomllib
+
+    proc = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", str(REPO / "tests" / "nix" / "flake-eval.nix"),
+                           "--arg", "nixpkgsLib", str(NIX_LIB)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["inputs"] == ["nixpkgs"]
+    assert out["outputs"] == ["checks", "devShells", "formatter", "nixosModules", "overlays", "packages"]
+    assert out["overlayAttrs"] == ["zoo-agent"] and out["moduleImports"] == [str(REPO / "modules" / "model-zoo.nix")]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["resident"]]
+    names = {re.split(r"[<>=!~ \[]", spec)[0].lower().replace("_", "-") for spec in wanted}
+    assert set(out["package"]["dependencies"]) == names
+    assert out["package"]["version"] == project["version"] and out["package"]["mainProgram"] == "zoo-agent"

@@ -1,0 +1,383 @@
+"""systemd units for hosts without NixOS: the same units `modules/model-zoo.nix` declares.
+
+`render()` is pure (settings in, file texts out) so tests compare it with the module's
+evaluated units; `install()` is the one place that writes them. A test checks that the
+hardening below and the module's agree key by key (issue #7).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import __version__
+from .durable import fsync_dir, write_atomic
+from .errors import UsageError
+from .validate import load_index
+
+__all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "hidden_by_sandbox", "install", "register", "render", "sysusers"]
+
+log = logging.getLogger("zoo_agent")
+
+UNIT_NAMES = ("model-zoo-reconcile.service", "model-zoo-resident.service", "model-zoo-verify.service", "model-zoo-verify.timer")
+
+# One flat block shared by every unit; the module's `hardening` attrset mirrors it.
+# Each relaxation (a setting left off or weaker than the strictest) says why.
+HARDENING: dict[str, str | list[str]] = {
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateMounts": "yes",
+    "NoNewPrivileges": "yes",
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    # AF_INET/AF_INET6: fetching from the hub and serving the API; AF_UNIX: sd_notify and
+    # the supervisor's control sockets. No AF_NETLINK: nothing here enumerates interfaces.
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+    # No ~@resources: torch's OpenMP threads call sched_setaffinity and oneDNN mbind.
+    # Two lines: an allow list, then a deny list ('~' applies to a whole line).
+    "SystemCallFilter": ["@system-service", "~@privileged"],
+    "SystemCallErrorNumber": "EPERM",
+    "SystemCallArchitectures": "native",
+    "DevicePolicy": "closed",
+    "UMask": "0027",
+    "LockPersonality": "yes",
+    "ProtectClock": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectHostname": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectProc": "invisible",
+    "ProcSubset": "pid",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "RemoveIPC": "yes",
+    "KeyringMode": "private",
+    # MemoryDenyWriteExecute is set only on the reconcile and verify units: the resident
+    # loads torch, whose oneDNN kernels are generated at run time into executable memory.
+    # PrivateDevices and PrivateUsers are set per unit: a GPU needs /dev/nvidia* or
+    # /dev/kfd and the host's video/render groups, which a private user namespace unmaps.
+}
+
+GPU_DEVICES: dict[str, tuple[str, ...]] = {
+    "nvidia": ("char-nvidiactl", "char-nvidia-caps", "char-nvidia-frontend", "char-nvidia-uvm"),
+    "rocm": ("char-drm", "char-fb", "char-kfd"),
+}
+GPU_GROUPS: dict[str, tuple[str, ...]] = {"nvidia": (), "rocm": ("render", "video")}
+
+# What ProtectHome= and PrivateTmp= hide from the services: an interpreter, a venv or an
+# index there cannot even be read by them (FIELD-NOTES "systemd").
+_HIDDEN = (Path("/root"), Path("/home"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
+
+
+class UnitSettings(BaseModel):
+    """Everything the units are parameterised by; the module's options, under other names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    exec_start: tuple[str, ...] = Field(description="The command that runs zoo-agent, as argv.")
+    index: Path
+    root: Path = Path("/var/lib/model-zoo")
+    host: str | None = None
+    user: str = "model-zoo"
+    group: str = "model-zoo"
+    hf_endpoint: str | None = None
+    hf_token_file: Path | None = None
+    offline: bool = False
+    resident: bool = True
+    listen: str = "127.0.0.1:8000"
+    api_key_file: Path | None = None
+    watchdog_sec: int = Field(default=30, ge=0)
+    memory_max: str | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()
+    gpu: Literal["none", "nvidia", "rocm"] = "none"
+    verify_interval: str | None = "weekly"
+    gc: bool = False
+
+    @field_validator("index", "root", "hf_token_file", "api_key_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"must be an absolute path (a unit has no working directory of ours): {value}")
+        return value
+
+
+def default_exec() -> tuple[str, ...]:
+    """The zoo-agent of this very installation, so the units run what was just tested."""
+    script = Path(sys.executable).parent / "zoo-agent"
+    return (str(script),) if script.exists() else (sys.executable, "-m", "zoo_agent")
+
+
+def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
+    """Paths the units need that ProtectHome=/PrivateTmp= would hide from them."""
+    needed = [("ExecStart", Path(settings.exec_start[0])), ("index", settings.index), ("root", settings.root)]
+    needed += [(name, p) for name, p in (("hf token file", settings.hf_token_file), ("api key file", settings.api_key_file)) if p]
+    return [f"{name} {path} is under {hidden} (hidden from the service by the unit's sandbox)"
+            for name, path in needed for hidden in _HIDDEN if path.is_relative_to(hidden)]
+
+
+def render(settings: UnitSettings) -> dict[str, str]:
+    """Unit file name -> text. Pure: the same settings always give the same bytes."""
+    units = {"model-zoo-reconcile.service": _unit(
+        unit={"Description": "model zoo: fetch, verify and publish this host's models",
+              "Wants": "network-online.target", "After": "network-online.target"},
+        service={"Type": "oneshot", "RemainAfterExit": "yes",
+                 # A long download must never time out; it is the only job of this unit,
+                 # so the server's start is not held hostage by it (nixpkgs #334903).
+                 "TimeoutStartSec": "infinity",
+                 # Lets `zoo-agent apply` report its progress as the unit's Status: line.
+                 "NotifyAccess": "main",
+                 "ExecStart": _cmd(settings, "apply"),
+                 **({"ExecStartPost": _cmd(settings, "gc")} if settings.gc else {}),
+                 # Only this unit fetches, so only it gets the token.
+                 **({"LoadCredential": f"hf-token:{settings.hf_token_file}"} if settings.hf_token_file else {}),
+                 **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
+        install={"WantedBy": "multi-user.target"})}
+    if settings.resident:
+        units["model-zoo-resident.service"] = _unit(
+            unit={"Description": "model zoo: resident inference server",
+                  "Wants": "network-online.target model-zoo-reconcile.service",
+                  "After": "network-online.target model-zoo-reconcile.service",
+                  # Bounded backoff: five failed starts in five minutes and the unit stays
+                  # failed with the resident's own Status: line saying why.
+                  "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
+            service={"Type": "notify", "NotifyAccess": "main",
+                     "ExecStart": _cmd(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else ""),
+                     # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
+                     "ExecReload": _cmd(settings, "resident", "reload") + " --pid $MAINPID",
+                     "Restart": "on-failure", "RestartSec": "5",
+                     # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
+                     "TimeoutStartSec": "90", "TimeoutStopSec": "60",
+                     **({"WatchdogSec": str(settings.watchdog_sec)} if settings.watchdog_sec else {}),
+                     "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
+                     **({"MemoryMax": settings.memory_max} if settings.memory_max else {}),
+                     **_common(settings, {"ZOO_LISTEN": settings.listen}),
+                     **({"LoadCredential": f"api-key:{settings.api_key_file}"} if settings.api_key_file else {}),
+                     **_devices(settings)},
+            install={"WantedBy": "multi-user.target"})
+    if settings.verify_interval:
+        units["model-zoo-verify.service"] = _unit(
+            unit={"Description": "model zoo: re-hash every published file against its manifest",
+                  "After": "model-zoo-reconcile.service"},
+            service={"Type": "oneshot", "ExecStart": _cmd(settings, "verify"),
+                     **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes",
+                     # Re-hashing a zoo is bulk I/O; let serving win.
+                     "Nice": "10", "IOSchedulingClass": "idle"},
+            install={})
+        units["model-zoo-verify.timer"] = _unit(
+            unit={"Description": "model zoo: periodic verification"},
+            service=None,
+            install={"WantedBy": "timers.target"},
+            timer={"OnCalendar": settings.verify_interval, "Persistent": "yes", "RandomizedDelaySec": "1h"})
+    return units
+
+
+def sysusers(settings: UnitSettings) -> str:
+    """A sysusers.d entry: a static system user and group, so others can join the group to read the zoo."""
+    return (f"# Generated by zoo-agent {__version__}\n"
+            f"g {settings.group} -\n"
+            f"u {settings.user} -:{settings.group} \"model zoo\" {settings.root} /usr/sbin/nologin\n")
+
+
+def _cmd(settings: UnitSettings, *args: str) -> str:
+    # In Exec*= lines '%' starts a specifier and '$' a variable: double both in our words.
+    return shlex.join([*settings.exec_start, *args]).replace("%", "%%").replace("$", "$$")
+
+
+def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> dict[str, str | list[str]]:
+    env = {"ZOO_ROOT": str(settings.root), "ZOO_INDEX": str(settings.index),
+           **({"ZOO_HOST": settings.host} if settings.host else {}),
+           **({"HF_ENDPOINT": settings.hf_endpoint} if settings.hf_endpoint else {}),
+           **({"HF_HUB_OFFLINE": "1"} if settings.offline else {}),
+           # Plain log lines for the journal (no progress bars, no colour).
+           "PYTHONUNBUFFERED": "1",
+           **(extra_env or {}), **settings.environment}
+    state: dict[str, str | list[str]]
+    if settings.root.parent == Path("/var/lib"):
+        state = {"StateDirectory": settings.root.name, "StateDirectoryMode": "0750"}
+    else:  # `install` creates it; StateDirectory= only manages /var/lib.
+        state = {"ReadWritePaths": str(settings.root)}
+    return {"User": settings.user, "Group": settings.group, **state,
+            "Environment": [_env_item(k, v) for k, v in env.items()],
+            **HARDENING}
+
+
+def _env_item(key: str, value: str) -> str:
+    item = f"{key}={value}"
+    if not any(c in item for c in " \t\"'\\$%"):
+        return item
+    # systemd unquotes "..." with C escapes; '%' is a specifier and '$' is left alone in Environment=.
+    return '"' + item.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+
+
+def _devices(settings: UnitSettings) -> dict[str, str | list[str]]:
+    if settings.gpu == "none":
+        return {"PrivateDevices": "yes", "PrivateUsers": "yes"}
+    out: dict[str, str | list[str]] = {"PrivateDevices": "no", "PrivateUsers": "no",
+                                       "DeviceAllow": [f"{dev} rw" for dev in GPU_DEVICES[settings.gpu]]}
+    if GPU_GROUPS[settings.gpu]:
+        out["SupplementaryGroups"] = list(GPU_GROUPS[settings.gpu])
+    return out
+
+
+def _unit(*, unit: dict[str, str], service: dict[str, str | list[str]] | None, install: dict[str, str],
+          timer: dict[str, str] | None = None) -> str:
+    lines = [f"# Generated by zoo-agent {__version__} (`zoo-agent systemd render`); modules/model-zoo.nix declares the same."]
+    for section, values in (("Unit", unit), ("Service", service), ("Timer", timer), ("Install", install)):
+        if not values:
+            continue
+        lines += ["", f"[{section}]"]
+        for key, value in values.items():
+            for item in value if isinstance(value, list) else [value]:
+                lines.append(f"{key}={item}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Installed:
+    path: Path
+    changed: bool
+
+
+def install(settings: UnitSettings, prefix: Path, sysusers_dir: Path | None, *, dry_run: bool) -> list[Installed]:
+    """Write the units (and the sysusers.d entry), changed files only; never half a file."""
+    if problems := hidden_by_sandbox(settings):
+        raise UsageError(f"{problems[0]}; install zoo-agent and the index elsewhere (e.g. /opt/model-zoo, /etc/model-zoo)")
+    if not prefix.is_dir():
+        raise UsageError(f"--prefix {prefix}: not a directory")
+    files = {prefix / name: text for name, text in render(settings).items()}
+    if sysusers_dir is not None:
+        files[sysusers_dir / "model-zoo.conf"] = sysusers(settings)
+    done = []
+    for path, text in files.items():
+        try:
+            changed = path.read_text() != text
+        except OSError:
+            changed = True
+        if changed and not dry_run:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, text.encode(), 0o644)
+            fsync_dir(path.parent)
+        done.append(Installed(path, changed))
+    return done
+
+
+def activate(settings: UnitSettings) -> list[str]:
+    """Create the user and the zoo directory, reload systemd: what `nixos-rebuild switch` does."""
+    commands = [["systemd-sysusers"], ["systemctl", "daemon-reload"]]
+    ran = []
+    for argv in commands:
+        if shutil.which(argv[0]) is None:
+            raise UsageError(f"{argv[0]} not found: is this a systemd host? (--dry-run shows what would be written)")
+        subprocess.run(argv, check=True)
+        ran.append(shlex.join(argv))
+    if settings.root.parent != Path("/var/lib"):
+        settings.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        shutil.chown(settings.root, settings.user, settings.group)
+    return ran
+
+
+def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
+    @cli.group("systemd")
+    def systemd_group() -> None:
+        """Units for hosts without NixOS: the same ones modules/model-zoo.nix declares."""
+
+    @systemd_group.command("render")
+    @_unit_options
+    @json_option
+    def render_cmd(settings: UnitSettings, as_json: bool) -> None:
+        """Print the units (nothing is written)."""
+        for problem in hidden_by_sandbox(settings):
+            log.warning("%s", problem)
+        units = render(settings)
+        if as_json:
+            emit({"units": units, "sysusers": sysusers(settings)})
+            return
+        click.echo("\n".join(f"### {name}\n{text}" for name, text in units.items()), nl=False)
+
+    @systemd_group.command("install")
+    @_unit_options
+    @click.option("--prefix", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True)
+    @click.option("--sysusers-dir", type=click.Path(path_type=Path), default=Path("/etc/sysusers.d"), show_default=True,
+                  help="Where the model-zoo user and group are declared (systemd-sysusers creates them).")
+    @click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing.")
+    @click.option("--no-activate", is_flag=True, help="Write the files only: no systemd-sysusers, no daemon-reload.")
+    @json_option
+    def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_run: bool, no_activate: bool, as_json: bool) -> None:
+        """Validate the index, write the units, create the user, reload systemd."""
+        load_index(settings.index, str(settings.index))
+        done = install(settings, prefix, sysusers_dir, dry_run=dry_run)
+        ran = [] if dry_run or no_activate else activate(settings)
+        if as_json:
+            emit({"dry_run": dry_run, "files": [{"path": str(f.path), "changed": f.changed} for f in done], "ran": ran})
+            return
+        verb = "would write" if dry_run else "wrote"
+        for f in done:
+            click.echo(f"{verb if f.changed else 'unchanged'} {f.path}")
+        for command in ran:
+            click.echo(f"ran {command}")
+        if not dry_run:
+            click.echo("next: systemctl enable --now model-zoo-reconcile.service model-zoo-resident.service")
+
+
+def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per UnitSettings field; parsed into the one settings model."""
+    options = [
+        click.option("--exec", "exec_start", default=None, help="Command that runs zoo-agent (default: this installation's)."),
+        click.option("--index", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
+                     help="The index the units apply (made absolute)."),
+        click.option("--root", type=click.Path(path_type=Path), default=Path("/var/lib/model-zoo"), show_default=True),
+        click.option("--host", default=None, help="Host id in the index (default: the machine's hostname, at run time)."),
+        click.option("--user", default="model-zoo", show_default=True),
+        click.option("--group", default="model-zoo", show_default=True),
+        click.option("--hf-endpoint", default=None, help="A hub mirror (HF_ENDPOINT)."),
+        click.option("--hf-token-file", type=click.Path(path_type=Path), default=None, help="Passed with LoadCredential=, never copied."),
+        click.option("--offline", is_flag=True),
+        click.option("--no-resident", is_flag=True, help="Only fetch and verify: no serving unit."),
+        click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port or unix:/path"),
+        click.option("--api-key-file", type=click.Path(path_type=Path), default=None),
+        click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
+        click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
+        click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),
+        click.option("--extra-arg", "extra_args", multiple=True, help="Appended to `zoo-agent resident`."),
+        click.option("--gpu", type=click.Choice(["none", "nvidia", "rocm"]), default="none", show_default=True),
+        click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
+        click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*, exec_start: str | None, index: Path, no_resident: bool, environment: tuple[str, ...],
+                verify_interval: str, **kwargs: Any) -> Any:
+        fields = {name: kwargs.pop(name) for name in list(kwargs) if name in UnitSettings.model_fields}
+        env = {}
+        for item in environment:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--env {item!r}: expected KEY=VALUE")
+            env[key] = value
+        try:
+            settings = UnitSettings(
+                exec_start=tuple(shlex.split(exec_start)) if exec_start else default_exec(),
+                index=index.absolute(), resident=not no_resident, environment=env,
+                verify_interval=verify_interval or None, **fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        return func(settings=settings, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
