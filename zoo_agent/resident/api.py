@@ -79,6 +79,7 @@ class _Body(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0)
     stream: bool = False
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: keep generating past end-of-sequence up to max_tokens.")
 
 
 class Message(BaseModel):
@@ -157,7 +158,7 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         messages, prompt, body.max_tokens or d["max_tokens"],
         d["temperature"] if body.temperature is None else body.temperature,
         body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
-        body.seed if body.seed is not None else d.get("seed"),
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     if prompt_tokens == 0:

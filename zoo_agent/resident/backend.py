@@ -28,6 +28,7 @@ class Request:
     top_p: float
     top_k: int = 0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
 
 
 @dataclass
@@ -125,6 +126,8 @@ class TransformersBackend:
                                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}  # fmt: skip
         if request.temperature > 0:
             kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or None)
+        if request.ignore_eos:
+            kwargs["min_new_tokens"] = request.max_tokens  # end-of-sequence is suppressed until then
         return kwargs
 
     def _finish(self, request: Request, result: Generated, ids: Any) -> None:

@@ -458,7 +458,8 @@ class Supervisor:
         if w is None:
             return "no worker"
         s = w.stats
-        return (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {s.get('served', 0)} requests, "
+        served = self.served_before + int(s.get("served", 0))  # since the resident started, across swaps
+        return (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {served} requests, "
                 f"{s.get('tps', 0.0):.1f} tok/s, queue {s.get('waiting', 0)}")  # fmt: skip
 
     def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:
