@@ -69,6 +69,9 @@ def _references(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer(("tenants", tid, "loras", i)), _unknown("lora", lora, idx.loras))
         if len(set(tenant.loras)) != len(tenant.loras):
             yield Problem(pointer(("tenants", tid, "loras")), "lists an adapter more than once")
+        if tenant.adapter_selection is not None and tenant.adapter_selection.embedding_model not in idx.models:
+            yield Problem(pointer(("tenants", tid, "adapter_selection", "embedding_model")),
+                          _unknown("model", tenant.adapter_selection.embedding_model, idx.models))
     for lid, adapter in idx.loras.items():
         if adapter.base_model not in idx.models:
             yield Problem(pointer(("loras", lid, "base_model")), _unknown("model", adapter.base_model, idx.models))

@@ -200,6 +200,15 @@ class Resources(_Strict):
     max_loras: int = Field(default=8, ge=1, le=1024, description="Adapters kept loaded at once (LRU).")
 
 
+class AdapterSelection(_Strict):
+    """`model: "<tenant>:auto"`: the adapter whose description and tags are nearest the request."""
+
+    embedding_model: Id = Field(description="Id of a sentence-embedding model in 'models' (fetched with the tenant).")
+    threshold: float = Field(
+        default=0.7, ge=-1, le=1, description="Least cosine similarity for an adapter to be chosen; below it, the base model answers."
+    )
+
+
 class TenantEntry(_Strict):
     """What one resident serves: a model, its adapters and serving settings."""
 
@@ -210,6 +219,9 @@ class TenantEntry(_Strict):
     )
     generation: Generation = Field(default=Generation(), description="Generation defaults.")
     resources: Resources = Field(default=Resources(), description="Resource limits.")
+    adapter_selection: Annotated[AdapterSelection | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Lets requests ask for '<tenant>:auto' (an adapter chosen by the request's text)."
+    )
     description: str = Field(default="", max_length=1000, description="What the tenant is for.")
 
 

@@ -169,6 +169,8 @@ def desired_for_host(idx: Index, host: str) -> Desired:
         add("models", tenant.model)
         for lora in tenant.loras:
             add("loras", lora)
+        if tenant.adapter_selection is not None:
+            add("models", tenant.adapter_selection.embedding_model)
     for model in entry.available:
         add("models", model)
     return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backend import Generated, TransformersBackend
+from .backend import AUTO, AdapterError, Generated, TransformersBackend
 from .backend import Request as GenRequest
 
 __all__ = ["ServingState", "create_app"]
@@ -47,6 +47,11 @@ class Metrics:
         self.waiting = Gauge("zoo:num_requests_waiting", "Requests waiting for the model.", registry=r)
         self.swap_seconds = Gauge("zoo:model_swap_seconds", "Load time of the serving version.", registry=r)
         self.reloads = Counter("zoo:reloads", "Reloads of this tenant, by result.", ["result"], registry=r)
+        self.lora_loaded = Gauge("zoo:lora_adapters_loaded", "LoRA adapters resident now.", registry=r)
+        self.lora_loads = Counter("zoo:lora_loads", "LoRA adapter loads, by result.", ["result"], registry=r)
+        self.lora_swaps = Counter("zoo:lora_swaps", "LoRA adapters swapped to a new version in place.", registry=r)
+        self.lora_seconds = Histogram("zoo:lora_load_seconds", "Seconds to load or swap a LoRA adapter.", registry=r, buckets=LATENCY_BUCKETS)
+        self.lora_selections = Counter("zoo:lora_selections", "Adapters chosen for '<tenant>:auto' ('base' when none qualified).", ["adapter"], registry=r)
 
 
 @dataclass
@@ -69,6 +74,21 @@ class ServingState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The one generation thread: requests queue here, in order (max_queue bounds the wait).
     generator: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"))
+    _counted: dict[str, int] = field(default_factory=dict)  # adapter totals already added to the metrics
+
+    def sync_adapter_metrics(self) -> None:
+        adapters = self.backend.adapters
+        if adapters is None:
+            return
+        st = adapters.stats
+        self.metrics.lora_loaded.set(len(adapters.loaded))
+        for seconds in st.seconds:
+            self.metrics.lora_seconds.observe(seconds)
+        st.seconds.clear()
+        for metric, total, seen in ((self.metrics.lora_loads.labels("ok"), st.loads, "ok"), (self.metrics.lora_loads.labels("failed"), st.load_failures, "failed"),
+                                    (self.metrics.lora_swaps, st.swaps, "swaps")):  # fmt: skip
+            metric.inc(max(0, total - self._counted.get(seen, 0)))
+            self._counted[seen] = total
 
 
 class _Body(BaseModel):
@@ -93,6 +113,13 @@ class ChatBody(_Body):
 
 class CompletionBody(_Body):
     prompt: str
+
+
+class LoadLoraBody(BaseModel):
+    """vLLM's body; ``lora_name`` must be an adapter id declared for this tenant."""
+
+    lora_name: str
+    lora_path: str | None = None
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -129,11 +156,29 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        state.sync_adapter_metrics()
         return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.tenant, "object": "model", "created": 0, "owned_by": "model-zoo", "root": f"{state.model}@{state.version}", "parent": None}]}
+        def card(mid: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent}
+
+        data = [card(state.tenant, f"{state.model}@{state.version}", None)]
+        adapters = state.backend.adapters
+        if adapters is not None:  # as vLLM lists LoRA modules: own ids, parent = the base
+            data += [card(f"{state.tenant}:{aid}", a.label, state.tenant) for aid, a in adapters.declared.items() if aid not in adapters.refused]
+        if state.backend.selector is not None:
+            data.append(card(f"{state.tenant}:auto", "chosen per request", state.tenant))
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter", response_model=None)
+    async def load_lora(body: LoadLoraBody) -> Response:
+        return await _manage_lora(state, body, load=True)
+
+    @app.post("/v1/unload_lora_adapter", response_model=None)
+    async def unload_lora(body: LoadLoraBody) -> Response:
+        return await _manage_lora(state, body, load=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody) -> Response:
@@ -146,9 +191,46 @@ def create_app(state: ServingState) -> FastAPI:
     return app
 
 
+async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -> Response:
+    """vLLM's runtime LoRA routes, restricted to adapters the index declares and the zoo verified."""
+    if body.lora_path is not None:
+        return _error(400, "lora_path: refused; adapters are loaded only from the zoo, by the id the index declares", param="lora_path")
+    aid = body.lora_name.removeprefix(f"{state.tenant}:")
+    adapters = state.backend.adapters
+    if adapters is None or aid not in adapters.declared:
+        declared = ", ".join(sorted(adapters.declared)) if adapters else "none"
+        return _error(404, f"lora_name: '{body.lora_name}' is not an adapter declared for tenant '{state.tenant}' (declared: {declared})",
+                      param="lora_name", code="model_not_found")  # fmt: skip
+    action = state.backend.load_adapter if load else state.backend.unload_adapter
+    try:
+        await asyncio.get_running_loop().run_in_executor(state.generator, action, aid)  # between two generations
+    except AdapterError as exc:
+        return _error(400, str(exc), param="lora_name")
+    finally:
+        state.sync_adapter_metrics()
+    return PlainTextResponse(f"Success: LoRA adapter '{aid}' {'added' if load else 'removed'} successfully.")
+
+
+def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
+    """The `model` field: '<tenant>' is the base model, '<tenant>:<adapter>' an adapter, '<tenant>:auto' a choice."""
+    if model in (state.tenant, state.model):
+        return None
+    tenant, sep, aid = model.partition(":")
+    adapters = state.backend.adapters
+    if sep and tenant == state.tenant:
+        if aid == "auto" and state.backend.selector is not None:
+            return AUTO
+        if adapters is not None and aid in adapters.declared:
+            if aid in adapters.refused:
+                return _error(400, f"model: adapter refused: {adapters.refused[aid]}", param="model", code="adapter_refused")
+            return aid
+    return _error(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
+
+
 def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool) -> Response:
-    if body.model not in (state.tenant, state.model):
-        return _error(404, f"model '{body.model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
+    adapter = _adapter_for(state, body.model)
+    if isinstance(adapter, JSONResponse):
+        return adapter
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
     if state.waiting + state.running > state.max_queue:
@@ -158,7 +240,7 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         messages, prompt, body.max_tokens or d["max_tokens"],
         d["temperature"] if body.temperature is None else body.temperature,
         body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
-        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos,
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     if prompt_tokens == 0:
@@ -167,7 +249,7 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         return _error(400, f"{'messages' if chat else 'prompt'}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param="messages" if chat else "prompt")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
-        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat), media_type="text/event-stream")
+        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat, request), media_type="text/event-stream")
     return _Deferred(state, request, rid, chat)
 
 
@@ -193,7 +275,8 @@ class _Deferred(Response):
         else:
             choice["text"] = text
         document = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": usage}  # fmt: skip
+                    "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": usage,
+                    **_x_zoo(request, result)}  # fmt: skip
         await JSONResponse(document)(scope, receive, send)
 
 
@@ -245,6 +328,9 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
                 m.prompt_tokens.inc(item.prompt_tokens)
                 m.generation_tokens.inc(item.completion_tokens)
                 m.requests.labels(item.finish_reason).inc()
+                if request.adapter == AUTO:
+                    m.lora_selections.labels(item.adapter or "base").inc()
+                state.sync_adapter_metrics()
                 with state.lock:
                     state.served += 1
                     state.tokens += item.completion_tokens
@@ -259,25 +345,32 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
         cancel.set()  # a client that went away stops its generation
 
 
-async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingState, chat: bool) -> AsyncIterator[str]:
+def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
+    """Our extension field: which adapter answered and, for '<tenant>:auto', how similar it was."""
+    if request.adapter is None:
+        return {}
+    return {"x_zoo": {"adapter": result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {})}}
+
+
+async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingState, chat: bool, request: GenRequest) -> AsyncIterator[str]:
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     fingerprint = f"{state.model}@{state.version}"  # which version answered: OpenAI's field for it
 
-    def chunk(delta: str | None, finish: str | None) -> str:
+    def chunk(delta: str | None, finish: str | None, extra: dict[str, Any] | None = None) -> str:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
         if chat:
             choice["delta"] = {"content": delta} if delta is not None else {}
         else:
             choice["text"] = delta or ""
         return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": state.tenant,
-                                      "system_fingerprint": fingerprint, "choices": [choice]}) + "\n\n"
+                                      "system_fingerprint": fingerprint, "choices": [choice], **(extra or {})}) + "\n\n"
 
     if chat:
         yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": state.tenant, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
     async for piece in pieces:
         if isinstance(piece, Generated):
-            yield chunk(None, piece.finish_reason)
+            yield chunk(None, piece.finish_reason, _x_zoo(request, piece))
         elif piece:
             yield chunk(piece, None)
     yield "data: [DONE]\n\n"

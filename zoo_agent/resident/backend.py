@@ -8,11 +8,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Generated", "Request", "TransformersBackend"]
+from .adapters import AdapterError, Adapters
+from .config import WorkerConfig
+from .selection import Selector
+
+__all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -29,6 +34,10 @@ class Request:
     top_k: int = 0
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
+    adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
+
+
+AUTO = ":auto"  # choose the adapter by the request's text
 
 
 @dataclass
@@ -36,6 +45,19 @@ class Generated:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    adapter: str | None = None  # id@version of the adapter that ran
+    similarity: float | None = None  # with AUTO: the best adapter's cosine similarity
+
+
+class _Plain:
+    """A tenant without adapters: the model itself, with the same `using` as Adapters."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @contextmanager
+    def using(self, aid: str | None) -> Iterator[Any]:
+        yield self.model
 
 
 def _stop_when(cancel: threading.Event | None) -> Any:
@@ -50,8 +72,12 @@ def _stop_when(cancel: threading.Event | None) -> Any:
 
 
 class TransformersBackend:
-    def __init__(self, version_dir: Path, *, allow_pickle: bool, allow_code: bool, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, version_dir: Path, *, allow_pickle: bool, allow_code: bool, device: str = "auto", dtype: str = "auto",
+                 worker: WorkerConfig | None = None) -> None:  # fmt: skip
         self.version_dir = version_dir
+        self.worker = worker  # adapters and selection, when the tenant declares them
+        self.adapters: Adapters | None = None
+        self.selector: Selector | None = None
         self.allow_pickle, self.allow_code = allow_pickle, allow_code
         self.device_pref, self.dtype_pref = device, dtype
         self.model: Any = None
@@ -90,7 +116,55 @@ class TransformersBackend:
         )
         self.model = model.to(self.device)
         self.model.eval()
+        w = self.worker
+        if w is not None:
+            self.adapters = Adapters(self.model, w.adapters, max_loras=w.max_loras, base_names=w.base_names, refused=w.refused_adapters)
+            self.adapters.preload()
+            if w.selection is not None:
+                self.selector = Selector(w.selection.embedding_dir, w.selection.threshold, self.device)
+                self.selector.index(list(w.adapters))
         return time.monotonic() - started
+
+    def _resolve(self, request: Request, result: Generated) -> str | None:
+        """Which adapter this request runs with (loading it if it is not resident)."""
+        aid = request.adapter
+        if aid == AUTO:
+            if self.selector is None:
+                raise AdapterError("this tenant has no adapter_selection in the index")
+            text = request.prompt or next((m["content"] for m in reversed(request.messages or []) if m["role"] == "user"), "")
+            aid, result.similarity = self.selector.choose(text)
+        if aid is None:
+            return None
+        if self.adapters is None:
+            raise AdapterError(f"adapter '{aid}' is not declared for this tenant")
+        self.adapters.load(aid)
+        result.adapter = self.adapters.loaded[aid].label
+        return aid
+
+    def load_adapter(self, aid: str) -> float:
+        with self.lock:
+            if self.adapters is None:
+                raise AdapterError(f"adapter '{aid}' is not declared for this tenant (declared: none)")
+            return self.adapters.load(aid)
+
+    def unload_adapter(self, aid: str) -> None:
+        with self.lock:
+            if self.adapters is None:
+                raise AdapterError(f"adapter '{aid}' is not loaded")
+            self.adapters.unload(aid)
+
+    def update_adapters(self, declared: tuple[Any, ...]) -> list[str]:
+        """New adapter versions after an apply: swapped between two generations, never during one."""
+        with self.lock:
+            if self.adapters is None:
+                return []
+            changed = self.adapters.update(declared)
+            if self.selector is not None:
+                self.selector.index(list(self.adapters.declared.values()))
+            return changed
+
+    def _model(self) -> Any:
+        return self.adapters if self.adapters is not None else _Plain(self.model)
 
     def warmup(self) -> str:
         """A real one-token generation: READY means the model answers, not that files exist."""
@@ -114,10 +188,11 @@ class TransformersBackend:
         with self.lock:
             inputs = self._inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
+            aid = self._resolve(request, result)
             if request.seed is not None:
                 torch.manual_seed(request.seed)
-            with torch.inference_mode():
-                ids = self.model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel))
+            with torch.inference_mode(), self._model().using(aid) as model:
+                ids = model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel))
             self._finish(request, result, ids)
             return str(self.tokenizer.decode(ids[0][result.prompt_tokens:], skip_special_tokens=True))
 
@@ -149,13 +224,14 @@ class TransformersBackend:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer, "stopping_criteria": _stop_when(cancel)}
             output: dict[str, Any] = {}
+            aid = self._resolve(request, result)
 
             def run() -> None:
                 try:
                     if request.seed is not None:
                         torch.manual_seed(request.seed)
-                    with torch.inference_mode():
-                        output["ids"] = self.model.generate(**kwargs)
+                    with torch.inference_mode(), self._model().using(aid) as model:
+                        output["ids"] = model.generate(**kwargs)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     output["error"] = exc
                     streamer.end()

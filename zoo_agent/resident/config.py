@@ -7,7 +7,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ResidentConfig", "WorkerConfig"]
+__all__ = ["AdapterConfig", "ResidentConfig", "SelectionConfig", "WorkerConfig"]
+
+
+class AdapterConfig(BaseModel):
+    """One declared adapter at its current version in the zoo (verified by the supervisor)."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    version: str
+    dir: Path
+    rank: int
+    description: str = ""
+    tags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.id}@{self.version}"
+
+
+class SelectionConfig(BaseModel):
+    """`<tenant>:auto`: an embedding model from the zoo and the least similarity that counts."""
+
+    model_config = ConfigDict(frozen=True)
+    embedding_dir: Path
+    embedding_label: str
+    threshold: float = 0.7
 
 
 class WorkerConfig(BaseModel):
@@ -27,6 +52,11 @@ class WorkerConfig(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     drain_seconds: float = 30.0
     memory_max: str | None = None  # the tenant's resources.memory_max
+    adapters: tuple[AdapterConfig, ...] = ()
+    refused_adapters: dict[str, str] = Field(default_factory=dict)  # id -> why it is not served
+    max_loras: int = 8
+    base_names: tuple[str, ...] = ()  # what adapter_config.json may call the base model
+    selection: SelectionConfig | None = None
 
 
 class ResidentConfig(BaseModel):

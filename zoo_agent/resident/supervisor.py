@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..durable import write_atomic
-from ..errors import UsageError
+from ..errors import UsageError, ZooError
 from ..index import Index
 from ..store import Zoo, now
 from ..validate import load_index
 from .config import ResidentConfig, WorkerConfig
 from .notify import Notifier
+from .tenant import adapters_for, base_names, selection_for
 
 __all__ = ["Supervisor", "listen_socket"]
 
@@ -156,6 +157,9 @@ class Supervisor:
         version = self.zoo.read_link("models", tenant.model, "current")
         if version is None or not self.zoo.version_dir("models", tenant.model, version).is_dir():
             raise UsageError(f"model {tenant.model} is not in the zoo at {self.config.root}; run: zoo-agent apply")
+        adapters, refused = adapters_for(self.zoo, idx, host.resident)
+        for why in refused.values():
+            log.warning("adapter refused: %s", why)
         return WorkerConfig(
             tenant=host.resident, model=tenant.model, version=version,
             version_dir=self.zoo.version_dir("models", tenant.model, version),
@@ -163,6 +167,8 @@ class Supervisor:
             device=tenant.resources.device, dtype=tenant.resources.dtype,
             defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue,
             api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
+            adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
+            base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
         )  # fmt: skip
 
     def spawn(self, config: WorkerConfig) -> Worker:
@@ -225,6 +231,8 @@ class Supervisor:
             if current and current != self.serving.config.version and self.incoming is None:
                 log.info("current of %s moved to %s: reloading", self.serving.config.model, current)
                 self.handle_hup()
+            elif self.incoming is None:
+                self._follow_adapters(self.serving)
         self._feed_watchdog(t)
         if self.serving is not None and self.serving.state == "ready" and self.incoming is None and t - self.last_status_at >= 5:
             self.last_status_at = t
@@ -459,8 +467,13 @@ class Supervisor:
             return "no worker"
         s = w.stats
         served = self.served_before + int(s.get("served", 0))  # since the resident started, across swaps
-        return (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {served} requests, "
+        line = (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {served} requests, "
                 f"{s.get('tps', 0.0):.1f} tok/s, queue {s.get('waiting', 0)}")  # fmt: skip
+        if loaded := s.get("adapters"):
+            line += f"; adapters {','.join(loaded)}"
+        if refused := s.get("refused"):
+            line += f"; refused {','.join(sorted(refused))}"
+        return line
 
     def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:
         base = self.config.root / "resident" / "tenants" / worker.config.tenant
@@ -480,6 +493,28 @@ class Supervisor:
         lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens, "swaps": self.swaps}
         path = self.config.root / "resident" / "tenants" / worker.config.tenant / "lease.json"
         write_atomic(path, (json.dumps(lease, indent=2) + "\n").encode())
+
+    def _follow_adapters(self, worker: Worker) -> None:
+        """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart."""
+        config = worker.config
+        ids = [a.id for a in config.adapters] + list(config.refused_adapters)
+        serving = {a.id: a.version for a in config.adapters}
+        if all(self.zoo.read_link("loras", aid, "current") == serving.get(aid) for aid in ids):
+            return
+        try:
+            idx = load_index(self.config.index, str(self.config.index))
+            adapters, refused = adapters_for(self.zoo, idx, config.tenant)
+        except (ZooError, KeyError) as exc:
+            log.warning("adapters not followed: %s", exc)
+            return
+        worker.config = config.model_copy(update={"adapters": adapters, "refused_adapters": refused})
+        if adapters != config.adapters:
+            log.info("adapters now %s: swapping in place", ", ".join(a.label for a in adapters) or "none")
+            message = {"adapters": [a.model_dump(mode="json") for a in adapters]}
+            try:
+                worker.control.sendall((json.dumps(message) + "\n").encode())
+            except OSError as exc:
+                log.warning("could not tell worker %d about new adapters: %s", worker.proc.pid, exc)
 
     def _tell_reloads(self) -> None:
         """zoo:reloads_total{result} lives in the serving worker's /metrics; only we know."""

@@ -56,6 +56,54 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     return out
 
 
+def build_tiny_adapter(base: Path, out: Path, *, seed: int, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                       base_name: str | None = None) -> Path:  # fmt: skip
+    """A PEFT LoRA adapter for the model in ``base`` with random (not zero) weights, so it changes the output."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False))
+    peft_model.save_pretrained(str(out))
+    if base_name is not None:  # what the index calls the base, instead of the directory it was built from
+        config = json.loads((out / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_name
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 0) -> Path:
+    """A sentence-embedding model that is a bag of words: a 0-layer BERT whose position and
+    segment embeddings are zero, so a mean-pooled vector is the average of its words' random
+    (nearly orthogonal) vectors. Texts that share words are similar; enough for tests."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = sorted({w for w in text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    wordlevel = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    wordlevel.normalizer = normalizers.Lowercase()
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordlevel, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=0, num_attention_heads=4,
+                                 intermediate_size=hidden, max_position_embeddings=512))  # fmt: skip
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.normal_(0, 1)
+        model.embeddings.word_embeddings.weight[1].zero_()  # unknown words say nothing
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m zoo_agent.resident.tiny DIR`: a tiny model in DIR/model and DIR/index.json
     that pins it for host 'local' (tenant 'chat'), ready for apply and resident."""

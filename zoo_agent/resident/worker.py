@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from .config import WorkerConfig
+from .config import AdapterConfig, WorkerConfig
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from .backend import TransformersBackend
 
         backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
-                                      device=config.device, dtype=config.dtype)  # fmt: skip
+                                      device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
         backend.preread(progress)
         load_seconds = backend.load()
         backend.warmup()
@@ -77,6 +77,7 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue, api_key=config.api_key)
     state.metrics.swap_seconds.set(load_seconds)
+    state.sync_adapter_metrics()
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))
     listener = socket.socket(fileno=listen_fd)
     control.setblocking(False)
@@ -90,10 +91,16 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
             message = json.loads(line)
             if "ping" in message:
                 elapsed = max(time.monotonic() - started, 1e-9)
+                adapters = backend.adapters
                 writer.write((json.dumps({"pong": message["ping"], "served": state.served, "tokens": state.tokens,
-                                          "running": state.running, "waiting": state.waiting,
-                                          "tps": state.tokens / elapsed}) + "\n").encode())  # fmt: skip
+                                          "running": state.running, "waiting": state.waiting, "tps": state.tokens / elapsed,
+                                          "adapters": [a.label for a in adapters.loaded.values()] if adapters else [],
+                                          "refused": adapters.refused if adapters else {}}) + "\n").encode())  # fmt: skip
                 await writer.drain()
+            elif "adapters" in message:  # new adapter versions after an apply: swapped between generations
+                declared = tuple(AdapterConfig.model_validate(a) for a in message["adapters"])
+                asyncio.get_running_loop().run_in_executor(state.generator, backend.update_adapters, declared).add_done_callback(
+                    lambda _: state.sync_adapter_metrics())
             elif "reloads" in message:  # totals, kept by the supervisor
                 for result, total in message["reloads"].items():
                     state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))

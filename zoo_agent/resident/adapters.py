@@ -1,0 +1,205 @@
+"""LoRA adapters on the resident model (issue #6): checked, loaded with peft, kept LRU.
+
+Only adapters the index declares and the zoo verified reach here; each is checked again
+against its own `adapter_config.json` (rank, base model, target modules) before peft
+sees it. Every method runs on the one generation thread (under the backend's lock), so
+`set_adapter` being global in peft cannot leak one request's adapter into another's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import AdapterConfig
+
+__all__ = ["AdapterError", "Adapters", "check_adapter"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+
+class AdapterError(Exception):
+    """One line: which adapter, which field, what is wrong. The resident keeps serving the rest."""
+
+
+def check_adapter(adapter: AdapterConfig, base_names: tuple[str, ...], module_names: set[str]) -> dict[str, Any]:
+    """The index's promises about an adapter, checked against the adapter's own config."""
+    path = adapter.dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{adapter.label}: {path.name}: cannot be read ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterError(f"{adapter.label}: {path.name}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, not 'LORA'")
+    if config.get("r") != adapter.rank:
+        raise AdapterError(f"{adapter.label}: {path.name}: r is {config.get('r')}, the index declares rank {adapter.rank}")
+    base = config.get("base_model_name_or_path")
+    if base and base not in base_names:
+        raise AdapterError(f"{adapter.label}: {path.name}: base_model_name_or_path is '{base}', but this tenant serves {' or '.join(repr(n) for n in base_names)}")
+    targets = config.get("target_modules") or []
+    for target in [targets] if isinstance(targets, str) and not targets.isidentifier() else list(targets):
+        if isinstance(target, str) and target.isidentifier() and not any(n == target or n.endswith("." + target) for n in module_names):
+            raise AdapterError(f"{adapter.label}: {path.name}: target module '{target}' is not in the base model")
+    return config
+
+
+@dataclass
+class AdapterStats:
+    loads: int = 0
+    load_failures: int = 0
+    swaps: int = 0
+    evictions: int = 0
+    last_seconds: float = 0.0
+    seconds: list[float] = field(default_factory=list)  # drained into the histogram by the API
+
+
+class Adapters:
+    """Declared adapters, the loaded ones (least recently used first), and the model a generation runs."""
+
+    def __init__(self, base: Any, declared: tuple[AdapterConfig, ...], *, max_loras: int, base_names: tuple[str, ...],
+                 refused: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.base = base
+        self.peft: Any = None
+        self.declared = {a.id: a for a in declared}
+        self.loaded: OrderedDict[str, AdapterConfig] = OrderedDict()
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.refused: dict[str, str] = dict(refused or {})
+        self.max_loras, self.base_names = max_loras, base_names
+        self.module_names = {name for name, _ in base.named_modules()}
+        self.stats = AdapterStats()
+
+    def preload(self) -> None:
+        """At start: as many declared adapters as max_loras allows; a bad one is refused, the rest still load."""
+        for aid in list(self.declared)[: self.max_loras]:
+            try:
+                self.load(aid)
+            except AdapterError as exc:
+                log.warning("%s", exc)
+
+    def load(self, aid: str) -> float:
+        """Make ``aid`` resident (most recently used); returns the seconds it took (0 when it was)."""
+        if aid in self.loaded:
+            self.loaded.move_to_end(aid)
+            return 0.0
+        adapter = self._declared(aid)
+        started = time.perf_counter()
+        try:
+            self.configs[aid] = check_adapter(adapter, self.base_names, self.module_names)
+            while len(self.loaded) >= self.max_loras:
+                self._evict(next(iter(self.loaded)))
+            self._attach(adapter)
+        except AdapterError as exc:
+            self.stats.load_failures += 1
+            self.refused[aid] = str(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - peft's errors, in one line
+            self.stats.load_failures += 1
+            self.refused[aid] = f"{adapter.label}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            raise AdapterError(self.refused[aid]) from exc
+        self.refused.pop(aid, None)
+        self.loaded[aid] = adapter
+        seconds = time.perf_counter() - started
+        self.stats.loads += 1
+        self._timed(seconds)
+        log.info("adapter %s loaded in %.0f ms", adapter.label, seconds * 1000)
+        return seconds
+
+    def unload(self, aid: str) -> None:
+        if aid not in self.loaded:
+            raise AdapterError(f"adapter '{aid}' is not loaded")
+        self._evict(aid, counted=False)
+
+    def update(self, declared: tuple[AdapterConfig, ...]) -> list[str]:
+        """New versions from `apply`: swapped in place when loaded, else used from the next load. Returns what changed."""
+        changed = []
+        new = {a.id: a for a in declared}
+        for aid in [a for a in self.loaded if a not in new]:
+            self._evict(aid, counted=False)
+        for aid, adapter in new.items():
+            old = self.declared.get(aid)
+            if old is not None and old.version == adapter.version and old.dir == adapter.dir:
+                continue
+            self.declared[aid] = adapter
+            if aid in self.loaded:
+                try:
+                    self._swap(adapter)
+                except Exception as exc:  # noqa: BLE001 - the old version keeps serving
+                    self.declared[aid] = self.loaded[aid]
+                    self.refused[adapter.label] = str(exc) if isinstance(exc, AdapterError) else f"{adapter.label}: {type(exc).__name__}: {exc}"
+                    log.warning("%s; %s keeps serving", self.refused[adapter.label], self.loaded[aid].label)
+                    continue
+            changed.append(adapter.label)
+        for aid in [a for a in self.declared if a not in new]:
+            del self.declared[aid]
+        return changed
+
+    @contextmanager
+    def using(self, aid: str | None) -> Iterator[Any]:
+        """The model to call generate() on: the base model, or the base with exactly ``aid`` active."""
+        if aid is None:
+            if self.peft is not None and self.loaded:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            else:
+                yield self.base  # no LoRA layer is active (peft cannot disable when none is loaded)
+            return
+        self.load(aid)
+        self.peft.set_adapter(aid)
+        yield self.peft
+
+    def _declared(self, aid: str) -> AdapterConfig:
+        if aid not in self.declared:
+            raise AdapterError(f"adapter '{aid}' is not declared for this tenant (declared: {', '.join(sorted(self.declared)) or 'none'})")
+        return self.declared[aid]
+
+    def _attach(self, adapter: AdapterConfig) -> None:
+        if self.peft is None:
+            from peft import PeftModel
+
+            self.peft = PeftModel.from_pretrained(self.base, str(adapter.dir), adapter_name=adapter.id, is_trainable=False)
+        else:
+            self.peft.load_adapter(str(adapter.dir), adapter_name=adapter.id, is_trainable=False)
+        self.peft.eval()
+
+    def _evict(self, aid: str, counted: bool = True) -> None:
+        others = [a for a in self.loaded if a != aid]
+        if others:  # never delete the active adapter: peft would warn and pick one itself
+            self.peft.set_adapter(others[-1])
+        with warnings.catch_warnings():
+            # Deleting the last adapter leaves none active; `using` never asks peft for one then.
+            warnings.simplefilter("ignore", UserWarning)
+            self.peft.delete_adapter(aid)
+        del self.loaded[aid]
+        if counted:
+            self.stats.evictions += 1
+        log.info("adapter %s unloaded", aid)
+
+    def _swap(self, adapter: AdapterConfig) -> None:
+        """In place when rank and target modules allow (peft's hotswap), else unload and load."""
+        started = time.perf_counter()
+        old = self.configs.get(adapter.id, {})
+        config = check_adapter(adapter, self.base_names, self.module_names)
+        if (config.get("r"), config.get("target_modules")) == (old.get("r"), old.get("target_modules")):
+            from peft.utils.hotswap import hotswap_adapter
+
+            hotswap_adapter(self.peft, str(adapter.dir), adapter_name=adapter.id)
+            self.loaded[adapter.id] = adapter
+        else:
+            self._evict(adapter.id, counted=False)
+            self._attach(adapter)
+            self.loaded[adapter.id] = adapter
+        self.configs[adapter.id] = config
+        self.stats.swaps += 1
+        self._timed(time.perf_counter() - started)
+        log.info("adapter %s swapped in place in %.0f ms", adapter.label, self.stats.last_seconds * 1000)
+
+    def _timed(self, seconds: float) -> None:
+        self.stats.last_seconds = seconds
+        self.stats.seconds.append(seconds)

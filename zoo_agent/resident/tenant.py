@@ -1,0 +1,53 @@
+"""A tenant's adapters and adapter selection, resolved against the zoo (issue #6).
+
+The supervisor calls these: only what the index declares, at the version `current`
+names, and only once its bytes match the manifest, reaches a worker. A missing or
+damaged adapter is refused with a reason; the tenant is served without it.
+"""
+
+from __future__ import annotations
+
+from ..index import HfSource, Index
+from ..store import Zoo
+from ..verify import verify
+from .config import AdapterConfig, SelectionConfig
+
+__all__ = ["adapters_for", "base_names", "selection_for"]
+
+
+def adapters_for(zoo: Zoo, idx: Index, tenant_id: str) -> tuple[tuple[AdapterConfig, ...], dict[str, str]]:
+    """(adapters to serve, {id: why refused})."""
+    tenant = idx.tenants[tenant_id]
+    served: list[AdapterConfig] = []
+    refused: dict[str, str] = {}
+    for lid in tenant.loras:
+        entry = idx.loras[lid]
+        version = zoo.read_link("loras", lid, "current")
+        if version is None or not zoo.version_dir("loras", lid, version).is_dir():
+            refused[lid] = f"{lid}: not in the zoo at {zoo.root}; run: zoo-agent apply"
+            continue
+        report = verify(zoo, [("loras", lid, version)], jobs=2)
+        if report.findings:
+            refused[lid] = f"{lid}@{version}: failed verification: {report.findings[0].line(zoo)}"
+            continue
+        served.append(AdapterConfig(id=lid, version=version, dir=zoo.version_dir("loras", lid, version), rank=entry.rank,
+                                    description=entry.description, tags=tuple(entry.tags)))  # fmt: skip
+    return tuple(served), refused
+
+
+def base_names(idx: Index, tenant_id: str) -> tuple[str, ...]:
+    """What an adapter_config.json may call this tenant's base model: its id, or its hub repository."""
+    model_id = idx.tenants[tenant_id].model
+    source = idx.models[model_id].source
+    return (model_id, source.repo) if isinstance(source, HfSource) else (model_id,)
+
+
+def selection_for(zoo: Zoo, idx: Index, tenant_id: str) -> SelectionConfig | None:
+    selection = idx.tenants[tenant_id].adapter_selection
+    if selection is None:
+        return None
+    mid = selection.embedding_model
+    version = zoo.read_link("models", mid, "current")
+    if version is None:
+        return None  # `<tenant>:auto` is not offered until apply has published it
+    return SelectionConfig(embedding_dir=zoo.version_dir("models", mid, version), embedding_label=f"{mid}@{version}", threshold=selection.threshold)
