@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +25,29 @@ needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reas
 EXPOSURE_LIMIT = 1.5
 
 
-def install(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+@pytest.fixture
+def visible(tmp_path: Path) -> Iterator[Path]:
+    """A directory the units' sandbox would not hide (not under /tmp, /root or /home, where
+    checkouts and pytest's tmp_path live), holding the index and a link to this zoo-agent."""
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs a writable /run for paths outside /tmp (run as root)")
+    place = Path(tempfile.mkdtemp(prefix="zoo-units-", dir="/run"))
+    shutil.copy(REPO / "index.json", place / "index.json")
+    (place / "zoo-agent").symlink_to(AGENT)
+    yield place
+    shutil.rmtree(place)
+
+
+def install(tmp_path: Path, place: Path, *args: str) -> tuple[int, str, Path]:
     prefix = tmp_path / "units"
     prefix.mkdir(exist_ok=True)
-    result = CliRunner().invoke(cli, ["systemd", "install", "--index", str(REPO / "index.json"), "--exec", AGENT,
+    result = CliRunner().invoke(cli, ["systemd", "install", "--index", str(place / "index.json"), "--exec", str(place / "zoo-agent"),
                                       "--prefix", str(prefix), "--sysusers-dir", str(tmp_path / "sysusers"), "--no-activate", *args])
     return result.exit_code, result.output, prefix
 
 
-def test_install_writes_the_units_once_then_reports_them_unchanged(tmp_path: Path) -> None:
-    code, out, prefix = install(tmp_path, "--json")
+def test_install_writes_the_units_once_then_reports_them_unchanged(tmp_path: Path, visible: Path) -> None:
+    code, out, prefix = install(tmp_path, visible, "--json")
     assert code == 0, out
     files = json.loads(out)["files"]
     assert {Path(f["path"]).name for f in files} == {"model-zoo-reconcile.service", "model-zoo-resident.service",
@@ -39,16 +55,16 @@ def test_install_writes_the_units_once_then_reports_them_unchanged(tmp_path: Pat
     assert all(f["changed"] for f in files)
     assert (tmp_path / "sysusers" / "model-zoo.conf").read_text().splitlines()[1:] == [
         "g model-zoo -", 'u model-zoo -:model-zoo "model zoo" /var/lib/model-zoo /usr/sbin/nologin']
-    code, out, _ = install(tmp_path, "--json")
+    code, out, _ = install(tmp_path, visible, "--json")
     assert code == 0 and not any(f["changed"] for f in json.loads(out)["files"])
-    code, out, _ = install(tmp_path, "--listen", "127.0.0.1:9000")
+    code, out, _ = install(tmp_path, visible, "--listen", "127.0.0.1:9000")
     assert code == 0
     assert f"wrote {prefix}/model-zoo-resident.service" in out and f"unchanged {prefix}/model-zoo-reconcile.service" in out
     assert "Environment=ZOO_LISTEN=127.0.0.1:9000" in (prefix / "model-zoo-resident.service").read_text()
 
 
-def test_dry_run_writes_nothing(tmp_path: Path) -> None:
-    code, out, prefix = install(tmp_path, "--dry-run")
+def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
+    code, out, prefix = install(tmp_path, visible, "--dry-run")
     assert code == 0 and "would write" in out and "next:" not in out
     assert list(prefix.iterdir()) == [] and not (tmp_path / "sysusers").exists()
 
@@ -59,16 +75,16 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     (["--root", "zoo"], "--root: Value error, must be an absolute path (a unit has no working directory of ours): zoo"),
     (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
-    code, out, prefix = install(tmp_path, *args)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, visible: Path, args: list[str], message: str) -> None:
+    code, out, prefix = install(tmp_path, visible, *args)
     assert code == 2 and out.splitlines()[-1].startswith(message), out
     assert list(prefix.iterdir()) == []
 
 
-def test_an_invalid_index_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+def test_an_invalid_index_is_refused_before_anything_is_written(tmp_path: Path, visible: Path) -> None:
     bad = tmp_path / "index.json"
     bad.write_text('{"models": {"m": {"version": "1"}}}')
-    code, out, prefix = install(tmp_path, "--index", str(bad))
+    code, out, prefix = install(tmp_path, visible, "--index", str(bad))
     assert code == 2 and f"{bad}: /models/m: " in out
     assert list(prefix.iterdir()) == []
 
@@ -84,8 +100,8 @@ def test_environment_values_survive_quoting() -> None:
 @needs_analyze
 @pytest.mark.parametrize("variant", [[], ["--gpu", "nvidia", "--memory-max", "8G", "--api-key-file", "/etc/model-zoo/key", "--gc"],
                                      ["--gpu", "rocm", "--listen", "unix:/run/model-zoo/api.sock", "--env", "A=b c"]])
-def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, variant: list[str]) -> None:
-    code, out, prefix = install(tmp_path, *variant)
+def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, visible: Path, variant: list[str]) -> None:
+    code, out, prefix = install(tmp_path, visible, *variant)
     assert code == 0, out
     units = sorted(str(p) for p in prefix.iterdir())
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True)
@@ -95,8 +111,8 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, variant: lis
 
 @needs_analyze
 @pytest.mark.parametrize("unit", ["model-zoo-reconcile.service", "model-zoo-resident.service", "model-zoo-verify.service"])
-def test_exposure_score(tmp_path: Path, unit: str) -> None:
-    _, _, prefix = install(tmp_path)
+def test_exposure_score(tmp_path: Path, visible: Path, unit: str) -> None:
+    _, _, prefix = install(tmp_path, visible)
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(prefix / unit)], capture_output=True, text=True)
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert found, proc.stdout + proc.stderr
