@@ -40,11 +40,16 @@ def write_random(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def seconds(value: float) -> str:
+    """Seconds for the table: milliseconds below one second, so short operations stay readable."""
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = [f"{'benchmark':<52} {'ours':>10} {'peer':<24} {'peer time':>10} {'ratio':>7}  goal", "-" * 120]
     for r in rows:
-        ours = f"{r['ours_mb']:.0f} MB" if r.get("ours_mb") is not None else f"{r['ours_s']:.2f} s"
-        peer_s = f"{r['peer_s']:.2f} s" if r["peer_s"] is not None else "-"
+        ours = f"{r['ours_mb']:.0f} MB" if r.get("ours_mb") is not None else seconds(float(r["ours_s"]))  # type: ignore[arg-type]
+        peer_s = seconds(float(r["peer_s"])) if r["peer_s"] is not None else "-"  # type: ignore[arg-type]
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
         lines.append(f"{r['name']:<52} {ours:>10} {r['peer']:<24} {peer_s:>10} {ratio:>7}  {r['goal']}")
     return "\n".join(lines)
