@@ -18,7 +18,9 @@ from typing import Any
 
 import click
 
+from .durable import write_atomic
 from .errors import UsageError
+from .host import ensure_identity
 from .observe import observe
 from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
 from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
@@ -69,6 +71,14 @@ def zoo_options(func: Callable[..., Any]) -> Callable[..., Any]:
         return func(target, **kwargs)
 
     return wrapper
+
+
+def _remember_index(target: Target) -> None:
+    """host/applied-index.json: the index the zoo now matches (backups carry it); rewritten only when it changed."""
+    data = target.index.read_bytes()
+    path = target.zoo.root / "host" / "applied-index.json"
+    if not path.is_file() or path.read_bytes() != data:
+        write_atomic(path, data, 0o640)
 
 
 def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,9 +163,11 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         desired = target.desired()
         target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
         with target.zoo.lock(wait):
+            ensure_identity(target.zoo, desired.host)
             the_plan = plan(desired, observe(target.zoo))
             refuse_conflicts(the_plan, str(target.index))
             _run_plan(target, the_plan, desired, emit, "apply", fetching)
+            _remember_index(target)
 
     @cli.command("gc")
     @zoo_options
@@ -336,3 +348,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     from .units import register as register_units
 
     register_units(cli, json_option, emit)
+
+    from .commands_host import register as register_host
+
+    register_host(cli, zoo_options, json_option, emit, _wait_option)

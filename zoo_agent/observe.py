@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .plan import Have, Kind, Observed, Seen
-from .store import MANIFEST, STAGING_MARK, Zoo
+from .store import MANIFEST, STAGING_MARK, Zoo, drift
 
 __all__ = ["observe", "read_manifest"]
 
@@ -33,13 +33,8 @@ def _have(version_dir: Path, version: str) -> Have:
     for f in manifest["files"]:
         pins.add((f["path"], f["sha256"], f["size"]))
         size += f["size"]
-        try:
-            st = os.stat(os.path.join(base, f["path"]))  # str paths: this loop runs per file
-        except OSError:
-            drifted.append(f["path"])
-            continue
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f["size"], f.get("mtime_ns"), f.get("ino")):
-            drifted.append(f["path"])
+        if why := drift(os.path.join(base, f["path"]), f):  # str paths: this loop runs per file
+            drifted.append(f"{f['path']} ({why})")
     return Have(version, frozenset(pins), tuple(drifted), str(manifest.get("verified_at", "")), size)
 
 

@@ -7,7 +7,6 @@ converges. Each executed step is appended to ``host/actions.jsonl``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,9 +20,10 @@ from .errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreErr
 from .index import FileEntry
 from .observe import read_manifest
 from .plan import Action, Desired, Kind, Plan, Step, Want
+from .host import append_action
 from .progress import Progress
 from .sources import FetchSettings, open_source
-from .store import Zoo, hash_file, now, write_manifest
+from .store import PUBLISHED_MODE, Zoo, file_record, hash_file, now, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
 
@@ -127,6 +127,15 @@ class _Run:
         return freed
 
 
+def _own(zoo: Zoo, path: Path) -> None:
+    """Published mode, and (when we may) the zoo's owner: drift is fixed only after the hash matched."""
+    os.chmod(path, PUBLISHED_MODE)
+    owner = zoo.root.stat()
+    st = path.stat()
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) -> int:
     """Re-hash a version whose files changed on disk; refresh the manifest if they still match."""
     vdir = zoo.version_dir(kind, aid, version)
@@ -140,8 +149,8 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
             raise IntegrityError(f"{vdir / path}: missing; run: zoo-agent verify --repair {aid}", file=path) from None
         if (actual, actual_size) != (sha256, size):
             raise IntegrityError(f"{vdir / path}: sha256 {actual}, expected {sha256}; run: zoo-agent verify --repair {aid}", file=path, expected=sha256, actual=actual)
-        st = os.stat(vdir / path)
-        files.append({"path": path, "size": size, "sha256": sha256, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino})
+        _own(zoo, vdir / path)  # the bytes are right: now the file is ours again
+        files.append(file_record(vdir / path, path, size, sha256))
         total += size
     base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
     base.update(files=files, verified_at=now())
@@ -194,9 +203,7 @@ def _log_action(zoo: Zoo, outcome: Outcome) -> None:
     if outcome.error:
         record["error"] = outcome.error
     try:
-        zoo.actions_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(zoo.actions_log, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_action(zoo, record)
     except OSError as exc:  # the log must not turn a done step into a failure
         log.warning("cannot append to %s: %s", zoo.actions_log, exc.strerror)
 

@@ -37,7 +37,7 @@ def _state(declared: str | None, present: bool, current: str | None, resolved: b
     if not resolved:
         return "broken: current points at a missing version"
     if drifted:
-        return f"drifted: {', '.join(drifted[:3])} changed on disk"
+        return f"drifted: {', '.join(drifted[:3])}"
     if current != declared:
         return f"outdated: declared {declared}"
     return "ok"

@@ -38,10 +38,16 @@ from .plan import Kind, Want, human_bytes
 from .sources import Source
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "hash_file", "now", "write_manifest",
+    "DIR_MODE", "FILE_MODE", "MANIFEST", "NETWORK_FILESYSTEMS", "PUBLISHED_MODE", "Zoo", "drift", "file_record", "hash_file", "now", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
+# Owned by the service user, readable by its group, nothing for others (issue #10): other
+# services get read access by joining the group. Published files are also read-only:
+# they are mmapped by the resident and never rewritten in place.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+PUBLISHED_MODE = 0o440
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
 STAGING_MARK = ".tmp."
 
@@ -80,7 +86,7 @@ class Zoo:
             if not create:
                 return
             try:
-                self.root.mkdir(parents=True, mode=0o755)
+                self.root.mkdir(parents=True, mode=DIR_MODE)
             except OSError as exc:
                 raise StoreError(f"{self.root}: cannot create the zoo root: {exc.strerror}") from exc
         if not os.access(self.root, os.R_OK | os.X_OK):
@@ -97,7 +103,7 @@ class Zoo:
         """One writer per root; ``wait`` seconds for another run to finish, then LockHeld."""
         if not self.root.is_dir():
             raise UsageError(f"{self.root}: no zoo here (run zoo-agent apply first, or pass --root)")
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             deadline = time.monotonic() + wait
             while True:
@@ -117,7 +123,7 @@ class Zoo:
         versions = self.artifact_dir(kind, aid) / "versions"
         _makedirs_durable(versions)
         staging = versions / f"{version}{STAGING_MARK}{os.getpid()}.{secrets.token_hex(4)}"
-        staging.mkdir(mode=0o755)
+        staging.mkdir(mode=DIR_MODE)
         return staging
 
     def adopt_staging(self, kind: Kind, aid: str, name: str, version: str) -> Path:
@@ -151,9 +157,9 @@ class Zoo:
                 target.unlink()
                 digest, size = hashlib.sha256(), 0
             else:
-                os.chmod(target, 0o644)
+                os.chmod(target, FILE_MODE)
                 on_bytes(size)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         try:
             for chunk in source.read(entry.path, size) if size < entry.size else ():
                 size += len(chunk)
@@ -176,9 +182,8 @@ class Zoo:
             if size != entry.size:
                 raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
             raise IntegrityError(f"{source.describe()}/{entry.path}: sha256 {actual}, expected {entry.sha256}", file=entry.path, expected=entry.sha256, actual=actual)
-        os.chmod(target, 0o444)  # published bytes are never rewritten in place (they get mmapped)
-        st = os.stat(target)
-        return {"path": entry.path, "size": size, "sha256": actual, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        os.chmod(target, PUBLISHED_MODE)  # published bytes are never rewritten in place (they get mmapped)
+        return file_record(target, entry.path, size, actual)
 
     def seal(self, staging: Path, want: Want, files: list[dict[str, Any]]) -> None:
         """Write the manifest and fsync every directory of the staged version."""
@@ -285,7 +290,28 @@ def _hash_into(path: Path, digest: Any) -> int:
 
 def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
     """manifest.json, read-only like the files it describes."""
-    write_atomic(version_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o444)
+    write_atomic(version_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=PUBLISHED_MODE)
+
+
+def file_record(path: Path, rel: str, size: int, sha256: str) -> dict[str, Any]:
+    """A manifest's entry: the pin, plus what a stat-only no-op compares (mtime, inode, owner)."""
+    st = os.stat(path)
+    return {"path": rel, "size": size, "sha256": sha256, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "uid": st.st_uid}
+
+
+def drift(path: str | Path, record: dict[str, Any]) -> str | None:
+    """Why a published file can no longer be trusted without re-hashing it, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    if (st.st_size, st.st_mtime_ns, st.st_ino) != (record["size"], record.get("mtime_ns"), record.get("ino")):
+        return "rewritten"
+    if st.st_uid != record.get("uid", st.st_uid):
+        return f"owner {st.st_uid}, was {record['uid']}"
+    if st.st_mode & 0o777 != PUBLISHED_MODE:
+        return f"mode {st.st_mode & 0o777:o}"
+    return None
 
 
 def _makedirs_durable(path: Path) -> None:
@@ -297,7 +323,7 @@ def _makedirs_durable(path: Path) -> None:
         probe = probe.parent
     for directory in reversed(missing):
         try:
-            directory.mkdir(mode=0o755)
+            directory.mkdir(mode=DIR_MODE)
         except FileExistsError:
             continue
         fsync_dir(directory.parent)

@@ -376,3 +376,21 @@ def test_socket_activation(resident_world: World) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         notify.sock.close()
+
+
+@pytest.mark.parametrize("damage", ["stale", "tampered"])
+def test_strict_refuses_to_serve_anything_but_the_declared_verified_version(resident_world: World, tiny: dict[str, bytes], damage: str) -> None:
+    if damage == "stale":  # the index moved on, apply has not run yet
+        resident_world.artifact("m", "v2", {**tiny, "config.json": tiny["config.json"] + b" "})
+        expected = "cannot start: strict: model m is at v1, the index declares v2; run: zoo-agent apply"
+    else:
+        target = resident_world.root / "models/m/versions/v1/config.json"
+        target.chmod(0o644)
+        target.write_bytes(target.read_bytes() + b" ")
+        expected = f"cannot start: strict: {target}: expected sha256 "
+    r = Resident(resident_world, "--strict")
+    code = r.proc.wait(timeout=60)
+    out = r.stop()
+    assert code != 0, out
+    failed = r.notify.wait(lambda m: "ERRNO" in m)
+    assert failed["STATUS"].startswith(expected), failed

@@ -22,7 +22,7 @@ def test_apply_publishes_verified_version_with_manifest(world: World) -> None:
     vdir = world.root / "models/m/versions/v1"
     assert world.current("m") == "v1"
     assert (vdir / "sub/weights.safetensors").read_bytes() == b"w" * 5000
-    assert (vdir / "config.json").stat().st_mode & 0o777 == 0o444
+    assert (vdir / "config.json").stat().st_mode & 0o777 == 0o440  # read-only, group-readable, nothing for others
     manifest = json.loads((vdir / "manifest.json").read_text())
     assert manifest["version"] == "v1" and manifest["source"]["type"] == "file"
     assert [f["path"] for f in manifest["files"]] == ["config.json", "sub/weights.safetensors"]
@@ -141,7 +141,7 @@ def test_touched_file_is_reverified_and_changed_file_is_refused(world: World) ->
     world.run("apply")
     target = world.root / "models/m/versions/v1/a"
     os.utime(target, ns=(1, 1))
-    assert "would re-verify model m v1: changed on disk: a" in world.run("plan").stdout
+    assert "would re-verify model m v1: changed on disk: a (rewritten)" in world.run("plan").stdout
     assert world.run("apply").exit_code == 0
     assert "would" not in world.run("plan").stdout  # manifest refreshed: trusted again
     target.chmod(0o644)
@@ -150,7 +150,24 @@ def test_touched_file_is_reverified_and_changed_file_is_refused(world: World) ->
     assert result.exit_code == 1
     assert "run: zoo-agent verify --repair m" in result.stderr
     status = world.run("status", "--json")
-    assert json.loads(status.stdout)["artifacts"][0]["state"] == "drifted: a changed on disk"
+    assert json.loads(status.stdout)["artifacts"][0]["state"] == "drifted: a (rewritten)"
+
+
+def test_mode_and_owner_drift_is_reverified_then_fixed(world: World) -> None:
+    """Files another user wrote or opened up are not trusted silently: re-hashed, then made ours again."""
+    world.artifact("m", "v1", {"a": b"x" * 100, "b": b"y" * 10})
+    assert world.run("apply").exit_code == 0
+    vdir = world.root / "models/m/versions/v1"
+    (vdir / "a").chmod(0o666)
+    os.chown(vdir / "b", 4242, 4242)
+    plan_out = world.run("plan").stdout
+    assert "would re-verify model m v1: changed on disk: a (mode 666), b (owner 4242, was 0)" in plan_out
+    result = world.run("apply")
+    assert result.exit_code == 0 and "re-verifying model m v1" in result.stderr
+    for name in ("a", "b"):
+        st = (vdir / name).stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o440, 0, 0)
+    assert "would" not in world.run("plan").stdout
 
 
 def test_gc_respects_retention_and_removes_undeclared(world: World) -> None:

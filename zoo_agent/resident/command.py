@@ -27,8 +27,10 @@ def register(cli: click.Group, zoo_options: Callable[[Callable[..., Any]], Calla
     @click.option("--listen", default="127.0.0.1:8000", show_default=True, envvar="ZOO_LISTEN",
                   help="host:port, or unix:/path; a socket from systemd (LISTEN_FDS) wins.")
     @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
+    @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
+                  help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
     @click.pass_context
-    def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | None) -> None:
+    def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | None, strict: bool) -> None:
         """Serve the host's tenant: supervise one inference worker, report to systemd."""
         if ctx.invoked_subcommand is not None:
             ctx.obj = target
@@ -39,7 +41,7 @@ def register(cli: click.Group, zoo_options: Callable[[Callable[..., Any]], Calla
         from .config import ResidentConfig
         from .supervisor import Supervisor
 
-        config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file)
+        config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict)
         supervisor = Supervisor(config)
         supervisor.install_signal_handlers()
         sys.exit(supervisor.run())

@@ -72,3 +72,4 @@ class ResidentConfig(BaseModel):
     crash_window: float = 60.0
     drain_seconds: float = 30.0
     watch_interval: float = 2.0  # how often `current` is checked for a new version
+    strict: bool = False  # serve only the declared, verified versions (--strict, ZOO_STRICT=1)

@@ -28,7 +28,7 @@ from ..store import Zoo, now
 from ..validate import load_index
 from .config import ResidentConfig, WorkerConfig
 from .notify import Notifier
-from .tenant import adapters_for, base_names, selection_for
+from .tenant import adapters_for, base_names, selection_for, strict_check
 
 __all__ = ["Supervisor", "listen_socket"]
 
@@ -154,6 +154,8 @@ class Supervisor:
             raise UsageError(f"host '{self.config.host}' has no resident tenant in {self.config.index}")
         tenant = idx.tenants[host.resident]
         model = idx.models[tenant.model]
+        if self.config.strict:
+            strict_check(self.zoo, idx, host.resident)
         version = self.zoo.read_link("models", tenant.model, "current")
         if version is None or not self.zoo.version_dir("models", tenant.model, version).is_dir():
             raise UsageError(f"model {tenant.model} is not in the zoo at {self.config.root}; run: zoo-agent apply")
@@ -192,7 +194,7 @@ class Supervisor:
         try:
             config = self.worker_config()
             self.listener = listen_socket(self.config.listen, self.api_key)
-        except UsageError as exc:
+        except ZooError as exc:
             self.notify.failed(errno.EINVAL, f"cannot start: {exc}")
             raise
         self.notify.extend_timeout(30, f"loading {config.model}@{config.version}")

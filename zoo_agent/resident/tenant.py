@@ -7,12 +7,14 @@ damaged adapter is refused with a reason; the tenant is served without it.
 
 from __future__ import annotations
 
+from ..errors import IntegrityError, UsageError
 from ..index import HfSource, Index
+from ..plan import Kind
 from ..store import Zoo
 from ..verify import verify
 from .config import AdapterConfig, SelectionConfig
 
-__all__ = ["adapters_for", "base_names", "selection_for"]
+__all__ = ["adapters_for", "base_names", "selection_for", "strict_check"]
 
 
 def adapters_for(zoo: Zoo, idx: Index, tenant_id: str) -> tuple[tuple[AdapterConfig, ...], dict[str, str]]:
@@ -51,3 +53,19 @@ def selection_for(zoo: Zoo, idx: Index, tenant_id: str) -> SelectionConfig | Non
     if version is None:
         return None  # `<tenant>:auto` is not offered until apply has published it
     return SelectionConfig(embedding_dir=zoo.version_dir("models", mid, version), embedding_label=f"{mid}@{version}", threshold=selection.threshold)
+
+
+def strict_check(zoo: Zoo, idx: Index, tenant_id: str) -> None:
+    """--strict: serve exactly the declared, verified versions or nothing (never something stale)."""
+    if not zoo.root.is_dir():
+        raise UsageError(f"strict: the zoo at {zoo.root} is not available")
+    tenant = idx.tenants[tenant_id]
+    wanted: list[tuple[Kind, str, str]] = [("models", tenant.model, idx.models[tenant.model].version)]
+    wanted += [("loras", lid, idx.loras[lid].version) for lid in tenant.loras]
+    for kind, aid, declared in wanted:
+        current = zoo.read_link(kind, aid, "current")
+        if current != declared:
+            raise UsageError(f"strict: {kind[:-1]} {aid} is at {current or 'no version'}, the index declares {declared}; run: zoo-agent apply")
+    report = verify(zoo, wanted, jobs=4)
+    if report.findings:
+        raise IntegrityError(f"strict: {report.findings[0].line(zoo)}" + (f" (and {len(report.findings) - 1} more)" if len(report.findings) > 1 else ""))

@@ -1,0 +1,121 @@
+"""Host state that outlives any model (issue #10): identity, the action log, imported state.
+
+`host/` holds the host's identity and whatever application state its operators keep
+there (opaque files to us); `gc` never touches it and backups always include it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .durable import fsync_dir, write_atomic
+from .errors import UsageError
+from .store import Zoo, now
+
+__all__ = ["ROTATE_BYTES", "append_action", "ensure_identity", "import_state", "init_identity", "parse_since", "read_actions"]
+
+ROTATE_BYTES = 4 << 20  # actions.jsonl is rotated past this size
+KEEP_ROTATED = 5  # actions.jsonl.1 (newest) .. actions.jsonl.5
+
+
+def _identity(name: str) -> dict[str, Any]:
+    try:
+        machine = Path("/etc/machine-id").read_text().strip() or platform.node()
+    except OSError:
+        machine = platform.node()
+    return {"name": name, "id": uuid.uuid4().hex, "machine": machine, "created": now()}
+
+
+def init_identity(zoo: Zoo, name: str, *, force: bool = False) -> tuple[dict[str, Any], bool]:
+    """(identity, created): an existing identity is kept unless ``force``; its id is what stays stable."""
+    path = zoo.root / "host" / "identity.json"
+    if path.exists() and not force:
+        return json.loads(path.read_text()), False
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    identity = _identity(name)
+    write_atomic(path, (json.dumps(identity, indent=2) + "\n").encode(), 0o640)
+    fsync_dir(path.parent)
+    return identity, True
+
+
+def ensure_identity(zoo: Zoo, name: str) -> None:
+    """`apply` on a fresh host: an identity appears without anyone asking."""
+    init_identity(zoo, name)
+
+
+def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:
+    """Copy a host state directory into `host/`; refuses to overwrite any file unless ``force``.
+    Every file lands by rename, so a reader sees the old or the new file, never half."""
+    if not source.is_dir():
+        raise UsageError(f"--import {source}: not a directory")
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    host = zoo.root / "host"
+    clashes = [str(p.relative_to(source)) for p in files if (host / p.relative_to(source)).exists()]
+    if clashes and not force:
+        raise UsageError(f"--import {source}: host/{clashes[0]} exists ({len(clashes)} files would be overwritten); pass --force")
+    for path in files:
+        target = host / path.relative_to(source)
+        target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        write_atomic(target, path.read_bytes(), 0o640)
+        fsync_dir(target.parent)
+    return [str(p.relative_to(source)) for p in files]
+
+
+def append_action(zoo: Zoo, record: dict[str, Any]) -> None:
+    """One JSON line per action; rotated by size so the log never fills the disk."""
+    path = zoo.actions_log
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_size >= ROTATE_BYTES:
+            for n in range(KEEP_ROTATED - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{n}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+            os.replace(path, path.with_name(f"{path.name}.1"))
+    except FileNotFoundError:
+        pass
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_actions(zoo: Zoo, since: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """The action log, oldest first, across rotated files; unreadable lines are skipped."""
+    path = zoo.actions_log
+    for n in range(KEEP_ROTATED, -1, -1):
+        part = path if n == 0 else path.with_name(f"{path.name}.{n}")
+        try:
+            lines = part.read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+                when = datetime.fromisoformat(record["time"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if since is None or when >= since:
+                yield record
+
+
+_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
+
+
+def parse_since(text: str, now_: datetime | None = None) -> datetime:
+    """'2026-11-21', '2026-11-21T08:00', or a span back from now: '30m', '2h', '7d', '1w'."""
+    if m := _RELATIVE.fullmatch(text.strip()):
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+        return (now_ or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since '{text}': expected a date (2026-11-21), a time (2026-11-21T08:00) or a span (30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
