@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .backend import AUTO, AdapterError, Generated, TransformersBackend
 from .backend import Request as GenRequest
+from .sessions import SessionError, Sessions, Turn, valid_id
 
 __all__ = ["ServingState", "create_app"]
 
@@ -51,6 +52,10 @@ class Metrics:
         self.lora_loads = Counter("zoo:lora_loads", "LoRA adapter loads, by result.", ["result"], registry=r)
         self.lora_swaps = Counter("zoo:lora_swaps", "LoRA adapters swapped to a new version in place.", registry=r)
         self.lora_seconds = Histogram("zoo:lora_load_seconds", "Seconds to load or swap a LoRA adapter.", registry=r, buckets=LATENCY_BUCKETS)
+        self.session_restores = Counter("zoo:session_cache_restores", "Session turns continued from a saved KV cache.", registry=r)
+        self.session_reprefills = Counter("zoo:session_reprefills", "Session turns prefilled again from the transcript.", registry=r)
+        self.session_corrupt = Counter("zoo:session_cache_corrupt", "Damaged session caches ignored.", registry=r)
+        self.session_restore_seconds = Histogram("zoo:session_restore_seconds", "Seconds to load a session's KV cache.", registry=r, buckets=LATENCY_BUCKETS)
         self.lora_selections = Counter("zoo:lora_selections", "Adapters chosen for '<tenant>:auto' ('base' when none qualified).", ["adapter"], registry=r)
 
 
@@ -74,21 +79,32 @@ class ServingState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The one generation thread: requests queue here, in order (max_queue bounds the wait).
     generator: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"))
-    _counted: dict[str, int] = field(default_factory=dict)  # adapter totals already added to the metrics
+    _counted: dict[str, int] = field(default_factory=dict)  # backend totals already added to the metrics
 
-    def sync_adapter_metrics(self) -> None:
-        adapters = self.backend.adapters
-        if adapters is None:
-            return
-        st = adapters.stats
-        self.metrics.lora_loaded.set(len(adapters.loaded))
-        for seconds in st.seconds:
-            self.metrics.lora_seconds.observe(seconds)
-        st.seconds.clear()
-        for metric, total, seen in ((self.metrics.lora_loads.labels("ok"), st.loads, "ok"), (self.metrics.lora_loads.labels("failed"), st.load_failures, "failed"),
-                                    (self.metrics.lora_swaps, st.swaps, "swaps")):  # fmt: skip
-            metric.inc(max(0, total - self._counted.get(seen, 0)))
-            self._counted[seen] = total
+    def sync_metrics(self) -> None:
+        """Adapter and session counters live in the backend (generation thread); totals are added here."""
+        m = self.metrics
+        if (sessions := self.backend.sessions) is not None:
+            ss = sessions.stats
+            for seconds in ss.restore_seconds:
+                m.session_restore_seconds.observe(seconds)
+            ss.restore_seconds.clear()
+            self._add(m.session_restores, ss.restores, "restores")
+            self._add(m.session_reprefills, ss.reprefills, "reprefills")
+            self._add(m.session_corrupt, ss.corrupt, "corrupt")
+        if (adapters := self.backend.adapters) is not None:
+            st = adapters.stats
+            m.lora_loaded.set(len(adapters.loaded))
+            for seconds in st.seconds:
+                m.lora_seconds.observe(seconds)
+            st.seconds.clear()
+            self._add(m.lora_loads.labels("ok"), st.loads, "loads")
+            self._add(m.lora_loads.labels("failed"), st.load_failures, "load_failures")
+            self._add(m.lora_swaps, st.swaps, "swaps")
+
+    def _add(self, counter: Any, total: int, key: str) -> None:
+        counter.inc(max(0, total - self._counted.get(key, 0)))
+        self._counted[key] = total
 
 
 class _Body(BaseModel):
@@ -109,6 +125,7 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    session: str | None = Field(default=None, description="Our extension: append this exchange to a session (created on first use).")
 
 
 class CompletionBody(_Body):
@@ -156,7 +173,7 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        state.sync_adapter_metrics()
+        state.sync_metrics()
         return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -184,6 +201,20 @@ def create_app(state: ServingState) -> FastAPI:
     async def chat(body: ChatBody) -> Response:
         return _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True)
 
+    @app.get("/v1/sessions/{sid}", response_model=None)
+    async def get_session(sid: str) -> Response:
+        found = _session_or_error(state, sid)
+        return found if isinstance(found, JSONResponse) else JSONResponse(found)
+
+    @app.delete("/v1/sessions/{sid}", response_model=None)
+    async def delete_session(sid: str) -> Response:
+        found = _session_or_error(state, sid)
+        if isinstance(found, JSONResponse):
+            return found
+        assert state.backend.sessions is not None
+        state.backend.sessions.delete(sid)
+        return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
+
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Response:
         return _serve(state, body, None, body.prompt, chat=False)
@@ -207,8 +238,39 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
     except AdapterError as exc:
         return _error(400, str(exc), param="lora_name")
     finally:
-        state.sync_adapter_metrics()
+        state.sync_metrics()
     return PlainTextResponse(f"Success: LoRA adapter '{aid}' {'added' if load else 'removed'} successfully.")
+
+
+def _session_or_error(state: ServingState, sid: str) -> dict[str, Any] | JSONResponse:
+    sessions = state.backend.sessions
+    try:
+        transcript = sessions.load(valid_id(sid)) if sessions is not None else None
+    except SessionError as exc:
+        return _error(400, str(exc), param="session")
+    if transcript is None:
+        return _error(404, f"session '{sid}' does not exist", param="session", code="session_not_found")
+    return transcript
+
+
+def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str]], max_tokens: int) -> tuple[Turn, list[dict[str, str]]] | JSONResponse:
+    """The whole conversation for the prompt: the session's turns, oldest dropped when they no longer fit, then the new messages."""
+    sessions = state.backend.sessions
+    sid = getattr(body, "session", None)
+    if sessions is None or sid is None:
+        return _error(400, "session: sessions are not available here", param="session")
+    try:
+        transcript = sessions.load(valid_id(sid))
+    except SessionError as exc:
+        return _error(400, str(exc), param="session")
+    turns = (transcript or {}).get("turns", [])
+    dropped = 0
+    while True:
+        turn = Turn(sid, messages, dropped, history=turns[dropped:], cache="none" if not turns else "pending")
+        fits = state.backend.count_tokens(GenRequest(None, "", 1, 0.0, 1.0, session=turn)) + max_tokens <= state.max_prompt_tokens
+        if fits or dropped >= len(turns):
+            return turn, Sessions.messages(transcript, dropped) + messages
+        dropped += 1
 
 
 def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
@@ -236,11 +298,17 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
     if state.waiting + state.running > state.max_queue:
         return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
     d = state.defaults
+    turn = None
+    if getattr(body, "session", None) is not None and messages is not None:
+        made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"])
+        if isinstance(made, JSONResponse):
+            return made
+        turn, messages = made
     request = GenRequest(
         messages, prompt, body.max_tokens or d["max_tokens"],
         d["temperature"] if body.temperature is None else body.temperature,
         body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
-        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter,
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     if prompt_tokens == 0:
@@ -330,7 +398,7 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
                 m.requests.labels(item.finish_reason).inc()
                 if request.adapter == AUTO:
                     m.lora_selections.labels(item.adapter or "base").inc()
-                state.sync_adapter_metrics()
+                state.sync_metrics()
                 with state.lock:
                     state.served += 1
                     state.tokens += item.completion_tokens
@@ -346,10 +414,14 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
 
 
 def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
-    """Our extension field: which adapter answered and, for '<tenant>:auto', how similar it was."""
-    if request.adapter is None:
-        return {}
-    return {"x_zoo": {"adapter": result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {})}}
+    """Our extension field: which adapter answered (for '<tenant>:auto', how similar it was),
+    and for a session how its turn was continued."""
+    extra: dict[str, Any] = {}
+    if request.adapter is not None:
+        extra.update(adapter=result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {}))
+    if (turn := request.session) is not None:
+        extra["session"] = {"id": turn.id, "cache": turn.cache, "cached_tokens": turn.cached_tokens, "dropped_turns": turn.dropped_turns}
+    return {"x_zoo": extra} if extra else {}
 
 
 async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingState, chat: bool, request: GenRequest) -> AsyncIterator[str]:

@@ -5,6 +5,7 @@ Imported by the worker process only: this is where torch and transformers come i
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,11 @@ from typing import Any
 from .adapters import AdapterError, Adapters
 from .config import WorkerConfig
 from .selection import Selector
+from .sessions import Sessions, Turn, conversation_ids
 
 __all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
+
+log = logging.getLogger("zoo_agent.resident")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -35,6 +39,7 @@ class Request:
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
     adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
+    session: Turn | None = None  # a turn of a session: its cache is restored and the turn committed
 
 
 AUTO = ":auto"  # choose the adapter by the request's text
@@ -47,6 +52,7 @@ class Generated:
     finish_reason: str = "stop"
     adapter: str | None = None  # id@version of the adapter that ran
     similarity: float | None = None  # with AUTO: the best adapter's cosine similarity
+    text: str = ""  # the reply, decoded once generation ended
 
 
 class _Plain:
@@ -78,6 +84,7 @@ class TransformersBackend:
         self.worker = worker  # adapters and selection, when the tenant declares them
         self.adapters: Adapters | None = None
         self.selector: Selector | None = None
+        self.sessions: Sessions | None = None  # set by the worker: resident/tenants/<tenant>/
         self.allow_pickle, self.allow_code = allow_pickle, allow_code
         self.device_pref, self.dtype_pref = device, dtype
         self.model: Any = None
@@ -172,6 +179,12 @@ class TransformersBackend:
         return "".join(pieces)
 
     def _inputs(self, request: Request) -> Any:
+        if request.session is not None:  # exactly the ids the earlier turns saw and produced
+            import torch
+
+            ids = conversation_ids(self.tokenizer, request.session.history, request.session.new_messages)
+            tensor = torch.tensor([ids], device=self.device)
+            return {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
         if request.messages is not None:
             enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         else:
@@ -189,12 +202,13 @@ class TransformersBackend:
             inputs = self._inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
             aid = self._resolve(request, result)
+            resume = self._session_begin(request, inputs, result)
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             with torch.inference_mode(), self._model().using(aid) as model:
-                ids = model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel))
-            self._finish(request, result, ids)
-            return str(self.tokenizer.decode(ids[0][result.prompt_tokens:], skip_special_tokens=True))
+                out = model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel), **resume)
+            self._finish(request, result, out)
+            return result.text
 
     def _sampling(self, request: Request) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0,
@@ -205,12 +219,43 @@ class TransformersBackend:
             kwargs["min_new_tokens"] = request.max_tokens  # end-of-sequence is suppressed until then
         return kwargs
 
-    def _finish(self, request: Request, result: Generated, ids: Any) -> None:
+    def _finish(self, request: Request, result: Generated, out: Any) -> None:
+        ids = getattr(out, "sequences", out)  # a session asks generate for the cache too
         new = ids[0][result.prompt_tokens:]
         result.completion_tokens = int(new.shape[0])
         eos = self.tokenizer.eos_token_id
         result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
             "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
+        result.text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+        if request.session is not None and self.sessions is not None:
+            self._session_end(request, result, ids[0].tolist(), out.past_key_values)
+
+    def _session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
+        """generate() arguments that continue a session from its saved cache, when that cache fits."""
+        turn = request.session
+        if turn is None or self.sessions is None:
+            return {}
+        past = self.sessions.restore(turn, inputs["input_ids"][0].tolist(), result.adapter, self.model.config, self.device)
+        stats = self.sessions.stats
+        if past is not None:
+            turn.cache = "restored"
+            stats.restores += 1
+        elif turn.cache != "none":  # earlier turns exist: they are prefilled again from the transcript
+            turn.cache = "re-prefilled"
+            stats.reprefills += 1
+        return {"return_dict_in_generate": True, **({"past_key_values": past} if past is not None else {})}
+
+    def _session_end(self, request: Request, result: Generated, ids: list[int], cache: Any) -> None:
+        """Commit the turn (durably, before the answer completes), then save the cache."""
+        assert request.session is not None and self.sessions is not None
+        sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+                    "top_k": request.top_k, "seed": request.seed}  # fmt: skip
+        meta = {"sampling": sampling, "adapter": result.adapter, "finish_reason": result.finish_reason, "cache": request.session.cache}
+        self.sessions.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
+        try:
+            self.sessions.save_cache(request.session.id, ids, cache, result.adapter)
+        except Exception as exc:  # noqa: BLE001 - the cache only accelerates; the turn is committed
+            log.warning("session %s: cache not saved: %s", request.session.id, exc)
 
     def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
         """Generate, yielding text as it decodes; fills ``result`` with the token counts.
@@ -225,6 +270,7 @@ class TransformersBackend:
             kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer, "stopping_criteria": _stop_when(cancel)}
             output: dict[str, Any] = {}
             aid = self._resolve(request, result)
+            kwargs.update(self._session_begin(request, inputs, result))
 
             def run() -> None:
                 try:

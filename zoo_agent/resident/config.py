@@ -57,6 +57,7 @@ class WorkerConfig(BaseModel):
     max_loras: int = 8
     base_names: tuple[str, ...] = ()  # what adapter_config.json may call the base model
     selection: SelectionConfig | None = None
+    sessions_dir: Path | None = None  # resident/tenants/<tenant>/: sessions/ and kv-cache/
 
 
 class ResidentConfig(BaseModel):

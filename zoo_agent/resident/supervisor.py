@@ -171,6 +171,7 @@ class Supervisor:
             api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
             base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
+            sessions_dir=self.config.root / "resident" / "tenants" / host.resident,
         )  # fmt: skip
 
     def spawn(self, config: WorkerConfig) -> Worker:
@@ -475,6 +476,8 @@ class Supervisor:
             line += f"; adapters {','.join(loaded)}"
         if refused := s.get("refused"):
             line += f"; refused {','.join(sorted(refused))}"
+        if sessions := s.get("sessions"):
+            line += f"; {sessions} session{'s' if sessions != 1 else ''}"
         return line
 
     def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:

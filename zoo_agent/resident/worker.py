@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                                       device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
         backend.preread(progress)
         load_seconds = backend.load()
+        if config.sessions_dir is not None:
+            from .sessions import Sessions
+
+            backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
+                                        template=str(backend.tokenizer.chat_template or ""))  # fmt: skip
         backend.warmup()
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
@@ -77,7 +82,7 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue, api_key=config.api_key)
     state.metrics.swap_seconds.set(load_seconds)
-    state.sync_adapter_metrics()
+    state.sync_metrics()
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))
     listener = socket.socket(fileno=listen_fd)
     control.setblocking(False)
@@ -95,12 +100,13 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
                 writer.write((json.dumps({"pong": message["ping"], "served": state.served, "tokens": state.tokens,
                                           "running": state.running, "waiting": state.waiting, "tps": state.tokens / elapsed,
                                           "adapters": [a.label for a in adapters.loaded.values()] if adapters else [],
-                                          "refused": adapters.refused if adapters else {}}) + "\n").encode())  # fmt: skip
+                                          "refused": adapters.refused if adapters else {},
+                                          "sessions": backend.sessions.open_count() if backend.sessions else 0}) + "\n").encode())  # fmt: skip
                 await writer.drain()
             elif "adapters" in message:  # new adapter versions after an apply: swapped between generations
                 declared = tuple(AdapterConfig.model_validate(a) for a in message["adapters"])
                 asyncio.get_running_loop().run_in_executor(state.generator, backend.update_adapters, declared).add_done_callback(
-                    lambda _: state.sync_adapter_metrics())
+                    lambda _: state.sync_metrics())
             elif "reloads" in message:  # totals, kept by the supervisor
                 for result, total in message["reloads"].items():
                     state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))

@@ -1,0 +1,216 @@
+"""Conversations that survive restarts and swaps (issue #9).
+
+The transcript is the source of truth: each committed turn (the new messages and the
+reply, the reply's token ids, the sampling parameters and seed, model@version, adapter,
+the chat template's digest) is written with temp file + fsync + rename before the answer
+completes, so a SIGKILL loses no committed turn.
+
+The KV cache is only an accelerator: after each turn the session's cache is saved as
+per-layer key/value tensors (safetensors) with the token ids it covers, keyed by
+model@version, adapter and dtype. On the next turn it is used only when that key matches,
+and then only for the longest prefix of token ids it shares with the new prompt; any
+mismatch or damage means a re-prefill from the transcript, never a wrong cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..durable import fsync_dir, write_atomic
+from ..store import now
+
+__all__ = ["SESSION_ID", "SessionError", "SessionStats", "Sessions", "Turn"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class SessionError(Exception):
+    """A session id or file a user handed us is not usable; one line."""
+
+
+@dataclass
+class Turn:
+    """What one request adds to a session (filled in as the request is served)."""
+
+    id: str
+    new_messages: list[dict[str, str]]
+    dropped_turns: int = 0  # oldest turns left out of the prompt to fit the context window
+    history: list[dict[str, Any]] = field(default_factory=list)  # the committed turns in the prompt
+    cache: str = "none"  # restored | re-prefilled | none (first turn)
+    cached_tokens: int = 0
+
+
+@dataclass
+class SessionStats:
+    restores: int = 0
+    reprefills: int = 0
+    corrupt: int = 0
+    restore_seconds: list[float] = field(default_factory=list)
+    prefill_seconds: list[float] = field(default_factory=list)
+
+
+def conversation_ids(tokenizer: Any, history: list[dict[str, Any]], new_messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids, built from the committed turns' own token ids.
+
+    Re-rendering an answer as text and tokenizing it again need not give the ids the model
+    produced, so a saved cache would match only a short prefix. Each turn instead extends the
+    previous turn's ids (its prompt plus its completion ids) with the tokens of the text the
+    chat template adds after the reply. The transcript alone gives the same ids, so a
+    restored cache and a re-prefill see exactly the same prompt.
+    """
+    messages: list[dict[str, str]] = []
+    ids: list[int] = []
+    rendered = ""  # the template's text for the ids so far
+    eos = tokenizer.eos_token_id
+    for turn_messages, completion in [*((t["messages"][:-1], t) for t in history), (new_messages, None)]:
+        messages += turn_messages
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if ids and text.startswith(rendered):
+            delta = tokenizer(text[len(rendered):], add_special_tokens=False)["input_ids"]
+            if ids[-1] == eos and delta[:1] == [eos]:
+                delta = delta[1:]  # the reply ended with the end token the template also writes
+            ids += delta
+        else:  # the first turn, or a template that rewrites earlier text: tokenize it whole
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if completion is not None:
+            reply = completion["messages"][-1]
+            ids += completion["completion_ids"]
+            messages.append(reply)
+            rendered = text + reply["content"]
+    return list(ids)
+
+
+def valid_id(sid: str) -> str:
+    if not SESSION_ID.fullmatch(sid):
+        raise SessionError(f"session: '{sid[:80]}' is not a session id (letters, digits, '_', '-', '.'; at most 64)")
+    return sid
+
+
+class Sessions:
+    """The sessions of one tenant: `resident/tenants/<tenant>/{sessions,kv-cache}/`."""
+
+    def __init__(self, tenant_dir: Path, *, model_key: str, dtype: str, template: str) -> None:
+        self.dir = tenant_dir / "sessions"
+        self.kv_dir = tenant_dir / "kv-cache"
+        self.model_key, self.dtype = model_key, dtype
+        self.template = hashlib.sha256(template.encode()).hexdigest()[:16]
+        self.stats = SessionStats()
+
+    # -- transcripts -------------------------------------------------------------------
+    def path(self, sid: str) -> Path:
+        return self.dir / f"{valid_id(sid)}.json"
+
+    def load(self, sid: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path(sid).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SessionError(f"{self.path(sid)}: unreadable session ({exc})") from None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def messages(transcript: dict[str, Any] | None, first_turn: int = 0) -> list[dict[str, str]]:
+        return [m for turn in (transcript or {}).get("turns", [])[first_turn:] for m in turn["messages"]]
+
+    def commit(self, turn: Turn, reply: str, completion_ids: list[int], meta: dict[str, Any]) -> dict[str, Any]:
+        """Append the turn durably; only then may the answer complete."""
+        transcript = self.load(turn.id) or {"id": turn.id, "created": now(), "turns": []}
+        transcript["turns"].append({
+            "messages": [*turn.new_messages, {"role": "assistant", "content": reply}],
+            "completion_ids": completion_ids, "template": self.template, "model": self.model_key,
+            "dropped_turns": turn.dropped_turns, "time": now(), **meta,
+        })  # fmt: skip
+        transcript["updated"] = now()
+        self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        write_atomic(self.path(turn.id), (json.dumps(transcript, indent=1) + "\n").encode(), 0o640)
+        fsync_dir(self.dir)
+        return transcript
+
+    def delete(self, sid: str) -> bool:
+        found = False
+        for path in (self.path(sid), self.kv_dir / f"{sid}.safetensors"):
+            try:
+                path.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+        return found
+
+    def open_count(self) -> int:
+        try:
+            return sum(1 for p in self.dir.iterdir() if p.suffix == ".json")
+        except FileNotFoundError:
+            return 0
+
+    # -- the KV cache ------------------------------------------------------------------
+    def save_cache(self, sid: str, ids: list[int], cache: Any, adapter: str | None) -> None:
+        """Per-layer keys and values plus the token ids they cover; written by rename."""
+        import torch
+        from safetensors.torch import save_file
+
+        n = cache.get_seq_length()
+        tensors = {"ids": torch.tensor(ids[:n], dtype=torch.int64)}
+        for i, layer in enumerate(cache.layers):
+            tensors[f"k{i}"] = layer.keys[:, :, :n].contiguous().cpu()
+            tensors[f"v{i}"] = layer.values[:, :, :n].contiguous().cpu()
+        meta = {"model": self.model_key, "adapter": adapter or "", "dtype": self.dtype, "tokens": str(n),
+                "ids_sha256": _ids_digest(ids[:n])}  # fmt: skip
+        self.kv_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        target = self.kv_dir / f"{sid}.safetensors"
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+
+    def restore(self, turn: Turn, ids: list[int], adapter: str | None, config: Any, device: str) -> Any:
+        """A DynamicCache for the longest usable prefix of ``ids``, or None (then: re-prefill)."""
+        path = self.kv_dir / f"{turn.id}.safetensors"
+        if not path.exists():
+            return None
+        started = time.perf_counter()
+        try:
+            from safetensors import safe_open
+            from transformers import DynamicCache
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if (meta.get("model"), meta.get("adapter"), meta.get("dtype")) != (self.model_key, adapter or "", self.dtype):
+                    log.info("session %s: cache is for %s/%s, serving %s/%s: re-prefilling", turn.id, meta.get("model"), meta.get("adapter") or "base",
+                             self.model_key, adapter or "base")  # fmt: skip
+                    return None
+                cached_ids = f.get_tensor("ids").tolist()
+                if _ids_digest(cached_ids) != meta.get("ids_sha256") or str(len(cached_ids)) != meta.get("tokens"):
+                    raise ValueError("token ids do not match their digest")
+                layers = [(f.get_tensor(f"k{i}").to(device), f.get_tensor(f"v{i}").to(device)) for i in range(config.num_hidden_layers)]
+            if any(k.shape[2] != len(cached_ids) or v.shape != k.shape for k, v in layers):
+                raise ValueError("layer shapes do not match the token count")
+            shared = 0
+            for a, b in zip(cached_ids, ids, strict=False):
+                if a != b:
+                    break
+                shared += 1
+            usable = min(shared, len(ids) - 1)  # generate must feed at least one token itself
+            if usable <= 0:
+                return None
+            cache = DynamicCache([(k[:, :, :usable], v[:, :, :usable]) for k, v in layers], config=config)
+        except Exception as exc:  # noqa: BLE001 - any damage means: not used, logged, re-prefilled
+            self.stats.corrupt += 1
+            log.warning("session %s: cache file %s is damaged (%s); ignored, re-prefilling", turn.id, path, " ".join(str(exc).split())[:200])
+            return None
+        turn.cached_tokens = usable
+        self.stats.restore_seconds.append(time.perf_counter() - started)
+        return cache
+
+
+def _ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
