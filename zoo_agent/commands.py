@@ -352,3 +352,9 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
     from .commands_host import register as register_host
 
     register_host(cli, zoo_options, json_option, emit, _wait_option)
+
+    from .chat import register as register_chat
+    from .commands_sessions import register as register_sessions
+
+    register_sessions(cli, zoo_options, json_option, emit)
+    register_chat(cli)

@@ -209,6 +209,13 @@ class AdapterSelection(_Strict):
     )
 
 
+class SessionRetention(_Strict):
+    """How many conversations a tenant keeps, and for how long (`zoo-agent sessions prune`)."""
+
+    keep: int = Field(default=1000, ge=0, le=1_000_000, description="Sessions kept, most recently used first.")
+    max_age_days: int = Field(default=90, ge=1, le=36500, description="Sessions unused for longer are removed.")
+
+
 class TenantEntry(_Strict):
     """What one resident serves: a model, its adapters and serving settings."""
 
@@ -222,6 +229,7 @@ class TenantEntry(_Strict):
     adapter_selection: Annotated[AdapterSelection | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="Lets requests ask for '<tenant>:auto' (an adapter chosen by the request's text)."
     )
+    sessions: SessionRetention = Field(default=SessionRetention(), description="Retention of conversations.")
     description: str = Field(default="", max_length=1000, description="What the tenant is for.")
 
 

@@ -179,3 +179,51 @@ def test_a_session_survives_sigkill_and_continues_token_for_token(world: World, 
     assert resumed["x_zoo"]["session"]["cache"] == "restored" and reprefilled["x_zoo"]["session"]["cache"] == "re-prefilled"
     expected = baseline[2]["choices"][0]["message"]["content"]
     assert resumed["choices"][0]["message"]["content"] == expected and reprefilled["choices"][0]["message"]["content"] == expected
+
+
+def test_chat_in_a_terminal_resumes_its_session_and_the_cli_manages_sessions(world: World, model_dir: Path, tmp_path: Path) -> None:
+    """`zoo-agent chat` through a pseudo-terminal (pexpect), then `zoo-agent sessions ...` on the files."""
+    import sys
+
+    import pexpect
+
+    from tests.integration.test_resident import Resident
+
+    world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
+    world.tenant = {"generation": {"temperature": 0, "max_tokens": 6}, "sessions": {"keep": 1, "max_age_days": 30}}
+    world.write_index()
+    assert world.run("apply").exit_code == 0
+    r = Resident(world)
+    try:
+        r.notify.wait(lambda m: "READY" in m, timeout=120)
+        for banner, text, cache in [("new session talk", "Hello there", "none"), ("resuming session talk (1 turns)", "And then?", "restored")]:
+            child = pexpect.spawn(sys.executable, ["-m", "zoo_agent", "chat", "--url", r.url, "--session", "talk"], encoding="utf-8", timeout=60)
+            child.expect_exact(banner)
+            child.expect_exact("you> ")
+            child.sendline("/adapter nope")
+            child.expect_exact("no adapter 'nope' here (adapters: none)")
+            child.expect_exact("you> ")
+            child.sendline(text)
+            child.expect_exact(f"[m@v1 · session talk · cache {cache}]")
+            child.expect_exact("you> ")
+            child.sendline("/quit")
+            child.expect_exact("resume with: zoo-agent chat --session talk")
+            child.expect(pexpect.EOF)
+        r.notify.wait(lambda m: "; 1 session" in m.get("STATUS", ""), timeout=30)
+    finally:
+        r.stop()
+    def sessions(command: str, *args: str) -> Any:
+        return world.raw("sessions", command, *world.args(*args))
+
+    listed = json.loads(sessions("list", "--json").output)
+    assert [(s["id"], s["turns"], s["cached"]) for s in listed["sessions"]] == [("talk", 2, True)]
+    shown = sessions("show", "talk").output
+    assert "user: Hello there" in shown and "user: And then?" in shown and "--- turn 2 · m@v1" in shown
+    exported = sessions("export", "talk").output
+    (tmp_path / "other.json").write_text(exported.replace('"id": "talk"', '"id": "other"'))
+    assert sessions("import", str(tmp_path / "other.json")).exit_code == 0
+    again = sessions("import", str(tmp_path / "other.json"))
+    assert again.exit_code == 2 and "session 'other' exists; pass --force to replace it" in again.output
+    pruned = json.loads(sessions("prune", "--json").output)  # keep: 1
+    assert len(pruned["removed"]) == 1 and pruned["kept"] == 1
+    assert [s["id"] for s in json.loads(sessions("list", "--json").output)["sessions"]] == ["other"]

@@ -1,0 +1,164 @@
+"""`zoo-agent sessions list|show|export|import|prune` (issue #9): conversations as files in the zoo.
+
+They work on `resident/tenants/<tenant>/sessions/` directly, so they run with or without a
+resident (and without torch). Backups include them (they live under `resident/`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .durable import fsync_dir, write_atomic
+from .errors import UsageError
+from .resident.sessions import SessionError, valid_id
+from .validate import load_index
+
+__all__ = ["register"]
+
+
+def _tenant_dir(target: Any, tenant: str | None) -> tuple[str, Path]:
+    if tenant is None:
+        idx = load_index(target.index, str(target.index))
+        host = idx.hosts.get(target.host.lower())
+        if host is None or host.resident is None:
+            raise UsageError(f"host '{target.host}' has no resident tenant in {target.index}; pass --tenant")
+        tenant = host.resident
+    return tenant, target.zoo.root / "resident" / "tenants" / tenant
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such session") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a session file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("turns"), list) or not isinstance(data.get("id"), str):
+        raise UsageError(f"{path}: not a session file (needs 'id' and a list of 'turns')")
+    return data
+
+
+def _rows(base: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted((base / "sessions").glob("*.json")):
+        try:
+            data = _load(path)
+        except UsageError:
+            continue
+        turns = data["turns"]
+        rows.append({"id": data["id"], "turns": len(turns), "created": data.get("created"), "updated": data.get("updated"),
+                     "model": turns[-1].get("model") if turns else None, "adapter": turns[-1].get("adapter") if turns else None,
+                     "cached": (base / "kv-cache" / f"{data['id']}.safetensors").exists()})  # fmt: skip
+    return rows
+
+
+def _id(sid: str) -> str:
+    try:
+        return valid_id(sid)
+    except SessionError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
+    tenant_option = click.option("--tenant", default=None, help="Tenant id (default: the host's resident tenant).")
+
+    @cli.group("sessions")
+    def sessions_group() -> None:
+        """Conversations kept by the resident: list, show, export, import, prune."""
+
+    @sessions_group.command("list")
+    @zoo_options
+    @tenant_option
+    @json_option
+    def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
+        """Every session of the tenant, most recently used last."""
+        tid, base = _tenant_dir(target, tenant)
+        rows = sorted(_rows(base), key=lambda r: r["updated"] or "")
+        if as_json:
+            emit({"tenant": tid, "sessions": rows})
+            return
+        for r in rows:
+            click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
+                       f"{'  (cache)' if r['cached'] else ''}")  # fmt: skip
+        if not rows:
+            click.echo(f"no sessions for tenant {tid}")
+
+    @sessions_group.command("show")
+    @zoo_options
+    @tenant_option
+    @click.argument("session_id")
+    @json_option
+    def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) -> None:
+        """The conversation, turn by turn."""
+        _, base = _tenant_dir(target, tenant)
+        data = _load(base / "sessions" / f"{_id(session_id)}.json")
+        if as_json:
+            emit(data)
+            return
+        for n, turn in enumerate(data["turns"], 1):
+            click.echo(f"--- turn {n} · {turn.get('model')}{' +' + turn['adapter'] if turn.get('adapter') else ''} · {turn.get('time')}")
+            for message in turn["messages"]:
+                click.echo(f"{message['role']}: {message['content']}")
+
+    @sessions_group.command("export")
+    @zoo_options
+    @tenant_option
+    @click.argument("session_id")
+    def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
+        """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
+        _, base = _tenant_dir(target, tenant)
+        click.echo(json.dumps(_load(base / "sessions" / f"{_id(session_id)}.json"), indent=1))
+
+    @sessions_group.command("import")
+    @zoo_options
+    @tenant_option
+    @click.argument("file", type=click.Path(path_type=Path))
+    @click.option("--force", is_flag=True, help="Replace a session with the same id.")
+    @json_option
+    def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
+        """Add an exported transcript; the resident re-prefills it on its next turn."""
+        tid, base = _tenant_dir(target, tenant)
+        data = _load(file)
+        sid = _id(data["id"])
+        dest = base / "sessions" / f"{sid}.json"
+        if dest.exists() and not force:
+            raise UsageError(f"{dest}: session '{sid}' exists; pass --force to replace it")
+        dest.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        write_atomic(dest, (json.dumps(data, indent=1) + "\n").encode(), 0o640)
+        fsync_dir(dest.parent)
+        (base / "kv-cache" / f"{sid}.safetensors").unlink(missing_ok=True)  # a cache of the replaced session must not be used
+        if as_json:
+            emit({"tenant": tid, "id": sid, "turns": len(data["turns"])})
+        else:
+            click.echo(f"imported session {sid} ({len(data['turns'])} turns) for tenant {tid}")
+
+    @sessions_group.command("prune")
+    @zoo_options
+    @tenant_option
+    @click.option("--dry-run", is_flag=True, help="Say what would be removed.")
+    @json_option
+    def prune_cmd(target: Any, tenant: str | None, dry_run: bool, as_json: bool) -> None:
+        """Apply the tenant's `sessions` retention (count and age) from the index."""
+        tid, base = _tenant_dir(target, tenant)
+        idx = load_index(target.index, str(target.index))
+        if tid not in idx.tenants:
+            raise UsageError(f"tenant '{tid}' is not in {target.index}")
+        keep = idx.tenants[tid].sessions
+        cutoff = (datetime.now(UTC) - timedelta(days=keep.max_age_days)).isoformat()
+        rows = sorted(_rows(base), key=lambda r: r["updated"] or "", reverse=True)
+        doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
+        if not dry_run:
+            for sid in doomed:
+                for path in (base / "sessions" / f"{sid}.json", base / "kv-cache" / f"{sid}.safetensors"):
+                    path.unlink(missing_ok=True)
+        if as_json:
+            emit({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed)})
+        else:
+            verb = "would remove" if dry_run else "removed"
+            click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)")
