@@ -123,7 +123,12 @@ let
     PYTHONUNBUFFERED = "1";
   }
   // optionalAttrs (cfg.huggingFace.endpoint != null) { HF_ENDPOINT = cfg.huggingFace.endpoint; }
-  // optionalAttrs cfg.offline { HF_HUB_OFFLINE = "1"; };
+  // optionalAttrs cfg.offline { HF_HUB_OFFLINE = "1"; }
+  // optionalAttrs cfg.ollama.enable { OLLAMA_HOST = cfg.ollama.host; };
+
+  # Models with an `ollama` source are pulled by, and tenants with `backend = "ollama"`
+  # served through, that daemon: start after it.
+  ollamaUnits = optionals cfg.ollama.enable [ "ollama.service" ];
 
   # One flat block for every unit; `zoo_agent/units.py` holds the same (tests compare them).
   hardening = {
@@ -267,6 +272,29 @@ in
       description = "Never touch the network; `apply` reports what is missing.";
     };
 
+    ollama = {
+      enable = mkOption {
+        type = types.bool;
+        default = config.services.ollama.enable or false;
+        defaultText = literalExpression "config.services.ollama.enable";
+        description = ''
+          Use an Ollama daemon (normally `services.ollama` on this host) for models with an
+          `ollama` source and tenants with `backend = "ollama"`: the units start after
+          `ollama.service` and reach it at `ollama.host`.
+        '';
+      };
+      host = mkOption {
+        type = types.str;
+        default =
+          let
+            o = config.services.ollama or { };
+          in
+          "${o.host or "127.0.0.1"}:${toString (o.port or 11434)}";
+        defaultText = literalExpression ''"''${config.services.ollama.host}:''${toString config.services.ollama.port}"'';
+        description = "The daemon's address (`OLLAMA_HOST`).";
+      };
+    };
+
     resident = {
       enable = mkOption {
         type = types.bool;
@@ -364,8 +392,8 @@ in
     systemd.services.model-zoo-reconcile = {
       description = "model zoo: fetch, verify and publish this host's models";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ] ++ ollamaUnits;
+      after = [ "network-online.target" ] ++ ollamaUnits;
       inherit environment;
       # A changed index re-runs apply on switch.
       restartTriggers = [ index ];
@@ -387,8 +415,8 @@ in
     systemd.services.model-zoo-resident = mkIf cfg.resident.enable {
       description = "model zoo: resident inference server";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" "model-zoo-reconcile.service" ];
-      after = [ "network-online.target" "model-zoo-reconcile.service" ];
+      wants = [ "network-online.target" "model-zoo-reconcile.service" ] ++ ollamaUnits;
+      after = [ "network-online.target" "model-zoo-reconcile.service" ] ++ ollamaUnits;
       environment = environment // { ZOO_LISTEN = cfg.resident.listen; } // cfg.resident.environment;
       # A changed index swaps versions in place (ExecReload) instead of restarting.
       reloadTriggers = [ index ];

@@ -26,6 +26,7 @@ python3Packages.buildPythonApplication {
     click
     huggingface-hub
     jsonschema
+    ollama
     pydantic
     tqdm
     # The resident (the `resident` extra).

@@ -22,7 +22,7 @@ from .observe import read_manifest
 from .plan import Action, Desired, Kind, Plan, Step, Want
 from .host import append_action
 from .progress import Progress
-from .sources import FetchSettings, open_source
+from .sources import FetchSettings, open_source, prepare
 from .store import PUBLISHED_MODE, Zoo, file_record, hash_file, now, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
@@ -71,6 +71,7 @@ class _Run:
     def fetch(self, step: Step) -> int:
         want = self.wants[(step.kind, step.id)]
         source = open_source(want.source, self.index_dir, self.settings)
+        prepare(source, self.progress.item)  # an Ollama pull and its digest check; before anything is staged
         if step.resume:
             staging = self.zoo.adopt_staging(step.kind, step.id, step.resume, step.version)
         else:

@@ -106,6 +106,7 @@ class UnitSettings(BaseModel):
     gpu: Literal["none", "nvidia", "rocm"] = "none"
     verify_interval: str | None = "weekly"
     gc: bool = False
+    ollama_host: str | None = None  # OLLAMA_HOST; the units then start after ollama.service
 
     @field_validator("index", "root", "hf_token_file", "api_key_file")
     @classmethod
@@ -131,9 +132,10 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
 
 def render(settings: UnitSettings) -> dict[str, str]:
     """Unit file name -> text. Pure: the same settings always give the same bytes."""
+    ollama = " ollama.service" if settings.ollama_host else ""
     units = {"model-zoo-reconcile.service": _unit(
         unit={"Description": "model zoo: fetch, verify and publish this host's models",
-              "Wants": "network-online.target", "After": "network-online.target"},
+              "Wants": "network-online.target" + ollama, "After": "network-online.target" + ollama},
         service={"Type": "oneshot", "RemainAfterExit": "yes",
                  # A long download must never time out; it is the only job of this unit,
                  # so the server's start is not held hostage by it (nixpkgs #334903).
@@ -149,8 +151,8 @@ def render(settings: UnitSettings) -> dict[str, str]:
     if settings.resident:
         units["model-zoo-resident.service"] = _unit(
             unit={"Description": "model zoo: resident inference server",
-                  "Wants": "network-online.target model-zoo-reconcile.service",
-                  "After": "network-online.target model-zoo-reconcile.service",
+                  "Wants": "network-online.target model-zoo-reconcile.service" + ollama,
+                  "After": "network-online.target model-zoo-reconcile.service" + ollama,
                   # Bounded backoff: five failed starts in five minutes and the unit stays
                   # failed with the resident's own Status: line saying why.
                   "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
@@ -202,6 +204,7 @@ def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> 
            **({"ZOO_HOST": settings.host} if settings.host else {}),
            **({"HF_ENDPOINT": settings.hf_endpoint} if settings.hf_endpoint else {}),
            **({"HF_HUB_OFFLINE": "1"} if settings.offline else {}),
+           **({"OLLAMA_HOST": settings.ollama_host} if settings.ollama_host else {}),
            # Plain log lines for the journal (no progress bars, no colour).
            "PYTHONUNBUFFERED": "1",
            **(extra_env or {}), **settings.environment}
@@ -356,6 +359,7 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gpu", type=click.Choice(["none", "nvidia", "rocm"]), default="none", show_default=True),
         click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
         click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
+        click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
     ]
 
     @functools.wraps(func)

@@ -122,9 +122,9 @@ class TestModule:
     def test_units_equal_zoo_agent_systemd_render(self, tmp_path: Path, gpu: str) -> None:
         """`zoo-agent systemd render` and the module give the same [Service] lines."""
         out = evaluated(tmp_path, f'indexFile = "/etc/model-zoo/index.json"; resident.gpu = "{gpu}"; resident.memoryMax = "8G";'
-                                  ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; gc.enable = true;')
+                                  ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; gc.enable = true; ollama.enable = true;')
         rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", gpu=gpu, memory_max="8G",  # type: ignore[arg-type]
-                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), gc=True))
+                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), gc=True, ollama_host="127.0.0.1:11434"))
         assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
         for name, service in out["services"].items():
             ours = parse_unit(rendered[f"{name}.service"])["Service"]
@@ -199,6 +199,15 @@ class TestModule:
         assert "model-zoo-verify" not in out["services"] and out["timers"] == {}
         assert out["warnings"] == ["services.model-zoo.resident.listen is not loopback and services.model-zoo.resident.apiKeyFile is unset:"
                                    " anyone who can reach it can use the model."]
+
+    def test_an_ollama_daemon_orders_the_units_and_sets_its_address(self, tmp_path: Path) -> None:
+        off = evaluated(tmp_path, SETTINGS)  # no services.ollama here: off by default
+        assert "OLLAMA_HOST" not in off["services"]["model-zoo-reconcile"]["environment"]
+        out = evaluated(tmp_path, SETTINGS + ' ollama.enable = true; ollama.host = "10.0.0.5:11434";')
+        for name in ("model-zoo-reconcile", "model-zoo-resident"):
+            service = out["services"][name]
+            assert service["environment"]["OLLAMA_HOST"] == "10.0.0.5:11434"
+            assert "ollama.service" in service["unit"]["after"] and "ollama.service" in service["unit"]["wants"]
 
     def test_open_firewall_with_a_unix_socket_is_refused(self, tmp_path: Path) -> None:
         out = evaluated(tmp_path, SETTINGS + ' resident.listen = "unix:/run/model-zoo/api.sock"; openFirewall = true;')

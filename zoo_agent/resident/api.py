@@ -64,7 +64,7 @@ class ServingState:
     tenant: str
     model: str
     version: str
-    backend: TransformersBackend
+    backend: TransformersBackend  # or OllamaBackend: the same surface
     defaults: dict[str, Any]
     max_queue: int = 16
     max_tokens_limit: int = 4096
@@ -80,6 +80,7 @@ class ServingState:
     # The one generation thread: requests queue here, in order (max_queue bounds the wait).
     generator: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"))
     _counted: dict[str, int] = field(default_factory=dict)  # backend totals already added to the metrics
+    exit_code: int = 0  # the worker's, when something ends it (the ollama daemon went away)
 
     def sync_metrics(self) -> None:
         """Adapter and session counters live in the backend (generation thread); totals are added here."""

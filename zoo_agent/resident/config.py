@@ -58,6 +58,9 @@ class WorkerConfig(BaseModel):
     base_names: tuple[str, ...] = ()  # what adapter_config.json may call the base model
     selection: SelectionConfig | None = None
     sessions_dir: Path | None = None  # resident/tenants/<tenant>/: sessions/ and kv-cache/
+    backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model
+    ollama_model: str | None = None
+    health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
 
 
 class ResidentConfig(BaseModel):

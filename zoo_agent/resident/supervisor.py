@@ -23,7 +23,7 @@ from typing import Any
 
 from ..durable import write_atomic
 from ..errors import UsageError, ZooError
-from ..index import Index
+from ..index import Index, OllamaSource
 from ..store import Zoo, now
 from ..validate import load_index
 from .config import ResidentConfig, WorkerConfig
@@ -172,6 +172,7 @@ class Supervisor:
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
             base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
             sessions_dir=self.config.root / "resident" / "tenants" / host.resident,
+            backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
         )  # fmt: skip
 
     def spawn(self, config: WorkerConfig) -> Worker:
@@ -484,7 +485,7 @@ class Supervisor:
         base = self.config.root / "resident" / "tenants" / worker.config.tenant
         base.mkdir(parents=True, exist_ok=True)
         info = {"tenant": worker.config.tenant, "model": worker.config.model, "version": worker.config.version,
-                "backend": "transformers", "device": ready.get("device"), "dtype": ready.get("dtype"),
+                "backend": worker.config.backend, "device": ready.get("device"), "dtype": ready.get("dtype"),
                 "load_seconds": ready.get("load_seconds"), "pid": ready.get("pid"), "since": now()}  # fmt: skip
         write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
         self._write_lease(worker)

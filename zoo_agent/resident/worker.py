@@ -52,17 +52,23 @@ def main(argv: list[str] | None = None) -> int:
             last = pct
             _send(control, {"event": "loading", "pct": pct})
 
+    backend: Any
     try:
-        from transformers.utils import logging as transformers_logging
+        if config.backend == "ollama":
+            from .ollama_backend import OllamaBackend
 
-        transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
-        from .backend import TransformersBackend
+            backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
+        else:
+            from transformers.utils import logging as transformers_logging
 
-        backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
-                                      device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
+            transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
+            from .backend import TransformersBackend
+
+            backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
+                                          device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
         backend.preread(progress)
         load_seconds = backend.load()
-        if config.sessions_dir is not None:
+        if config.sessions_dir is not None and config.backend != "ollama":
             from .sessions import Sessions
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
@@ -132,12 +138,29 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
             await asyncio.sleep(0.05)
         server.should_exit = True
 
+    async def watch_daemon() -> None:
+        """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
+        from .ollama_backend import OllamaDown
+
+        while not server.should_exit:
+            await asyncio.sleep(config.health_interval)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, backend.healthy)
+            except OllamaDown as exc:
+                writer.write((json.dumps({"event": "failed", "error": str(exc)}) + "\n").encode())
+                await writer.drain()
+                state.exit_code = 4
+                server.should_exit = True
+
     task = asyncio.create_task(answer())
+    watcher = asyncio.create_task(watch_daemon()) if config.backend == "ollama" else None
     writer.write((json.dumps({"event": "ready", "pid": os.getpid(), "load_seconds": load_seconds, "device": backend.device, "dtype": backend.dtype}) + "\n").encode())
     await writer.drain()
     await server.serve(sockets=[listener])
     task.cancel()
-    return 0
+    if watcher is not None:
+        watcher.cancel()
+    return state.exit_code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Protocol
 from .. import index
 from ..errors import SourceError, UsageError
 
-__all__ = ["ATTEMPTS", "CHUNK", "FetchSettings", "Source", "TOKEN_HELP", "Transient", "open_source", "resolve_token", "with_retries"]
+__all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "with_retries"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,13 @@ class Source(Protocol):
         ...
 
 
+def prepare(source: Source, item: Callable[[str, int], Callable[[int], None]]) -> None:
+    """What a source must do before its files can be read: an Ollama pull; nothing for the others."""
+    hook = getattr(source, "prepare", None)
+    if hook is not None:
+        hook(item)
+
+
 def open_source(spec: index.Source, index_dir: Path, settings: FetchSettings) -> Source:
     if isinstance(spec, index.FileSource):
         from .file import FileDir
@@ -114,4 +121,6 @@ def open_source(spec: index.Source, index_dir: Path, settings: FetchSettings) ->
         from .hf import HfRepo  # imports huggingface_hub: only when something must be fetched
 
         return HfRepo(spec.repo, spec.revision, settings)
-    raise SourceError(f"{spec.type} sources are not supported by this version of zoo-agent yet")
+    from .ollama import OllamaDaemon  # imports the ollama client: only when something must be pulled
+
+    return OllamaDaemon(spec, settings)

@@ -1,0 +1,118 @@
+"""Ollama as a source (issue #11): the real `ollama` client against the stand-in daemon in
+tests/ollamaserver.py (no Ollama server can be installed here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.conftest import World
+from tests.ollamaserver import OllamaStandIn
+from zoo_agent.sources import ollama as ollama_source
+
+MANIFEST = b'{"schemaVersion": 2, "layers": ["llama3.2:1b weights"]}'
+DIGEST = "sha256:" + OllamaStandIn.digest_of(MANIFEST)
+
+
+@pytest.fixture
+def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[OllamaStandIn]:
+    server = OllamaStandIn({"llama3.2:1b": MANIFEST}).start()
+    monkeypatch.setenv("OLLAMA_HOST", server.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ollama_world(world: World) -> World:
+    world.models["m"] = {"version": "1", "source": {"type": "ollama", "name": "llama3.2:1b", "digest": DIGEST}, "files": [],
+                         "format": "ollama", "license": "other"}  # fmt: skip
+    world.tenant = {"backend": "ollama"}
+    world.write_index()
+    return world
+
+
+def test_apply_pulls_checks_the_digest_and_publishes_a_manifest(ollama_world: World, daemon: OllamaStandIn) -> None:
+    result = ollama_world.run("apply", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(s["action"], s["ok"]) for s in json.loads(result.output[result.output.index("{"):])["steps"]] == [
+        ("fetch", True), ("publish", True), ("swap-current", True)]
+    manifest = json.loads((ollama_world.root / "models/m/versions/1/manifest.json").read_text())
+    assert manifest["source"] == {"type": "ollama", "name": "llama3.2:1b", "digest": DIGEST} and manifest["files"] == []
+    assert ("POST", "/api/pull", {"model": "llama3.2:1b", "insecure": False, "stream": True}) in daemon.requests
+    pulls = len([r for r in daemon.requests if r[1] == "/api/pull"])
+    again = ollama_world.run("apply", "--json")
+    assert json.loads(again.output)["steps"] == [] and len([r for r in daemon.requests if r[1] == "/api/pull"]) == pulls
+
+
+def test_a_tag_that_moved_is_refused_naming_both_digests(ollama_world: World, daemon: OllamaStandIn) -> None:
+    daemon.faults["digest"] = "0" * 64
+    result = ollama_world.run("apply")
+    assert result.exit_code == 1
+    assert f"ollama:llama3.2:1b: the daemon has digest sha256:{'0' * 64}, the index pins {DIGEST}; the tag moved" in result.stderr
+    assert not (ollama_world.root / "models/m/current").exists() and not (ollama_world.root / "models/m/versions/1").exists()
+
+
+def test_an_unknown_model_and_an_old_daemon_fail_at_once_in_one_line(ollama_world: World, daemon: OllamaStandIn) -> None:
+    ollama_world.models["m"]["source"]["name"] = "nosuch:7b"
+    ollama_world.write_index()
+    result = ollama_world.run("apply")
+    assert result.exit_code == 1 and "ollama:nosuch:7b: the registry does not know this model (pull model manifest: file does not exist)" in result.stderr
+    assert len([r for r in daemon.requests if r[1] == "/api/pull"]) == 1  # not retried: it will not get better
+    ollama_world.models["m"]["source"]["name"] = "llama3.2:1b"
+    ollama_world.write_index()
+    daemon.faults["too_old"] = True
+    result = ollama_world.run("apply")
+    assert result.exit_code == 1 and "the daemon is too old for this model; upgrade Ollama" in result.stderr
+
+
+def test_a_daemon_that_is_down_or_stalls_is_retried_a_bounded_number_of_times(
+        ollama_world: World, daemon: OllamaStandIn, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(ollama_source, "STALL_SECONDS", 0.5)
+    daemon.faults["stall_pull"] = 2.0
+    result = ollama_world.run("apply")
+    assert result.exit_code == 1 and "ollama:llama3.2:1b: the pull stalled (nothing for 0.5s) (gave up after 4 attempts)" in result.stderr
+    assert len([r for r in daemon.requests if r[1] == "/api/pull"]) == 4
+    daemon.stop()
+    result = ollama_world.run("apply")
+    assert result.exit_code == 1
+    assert f"ollama:llama3.2:1b: no Ollama daemon answers at {daemon.url} (OLLAMA_HOST) (gave up after 4 attempts)" in result.stderr
+    assert not (ollama_world.root / "models/m/current").exists()
+
+
+def test_an_empty_list_of_ollama_models_does_nothing(world: World, daemon: OllamaStandIn) -> None:
+    world.write_index()
+    assert world.run("apply").exit_code == 0 and daemon.requests == []
+
+
+def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ollama_world: World, daemon: OllamaStandIn) -> None:
+    import httpx
+
+    from tests.integration.test_resident import Resident
+
+    assert ollama_world.run("apply").exit_code == 0
+    r = Resident(ollama_world, env={"OLLAMA_HOST": daemon.url})
+    try:
+        ready = r.notify.wait(lambda m: "READY" in m, timeout=120)
+        assert ready["STATUS"].startswith("t: m@1")
+        # READY came after a real generation through the daemon, which keeps the model loaded for good.
+        generations = [body for _, path, body in daemon.requests if path in ("/api/generate", "/api/chat")]
+        assert (generations[0]["model"], generations[0]["prompt"], generations[0]["keep_alive"]) == ("llama3.2:1b", "", -1)  # load
+        assert (generations[1]["prompt"], generations[1]["options"]["num_predict"], generations[1]["keep_alive"]) == ("Hello", 1, -1)  # warm-up
+        body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        answer = httpx.post(r.url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["system_fingerprint"] == "m@1" and len(answer["choices"][0]["message"]["content"].split()) == 5
+        assert answer["usage"]["completion_tokens"] == 5
+        streamed = httpx.post(r.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+        assert streamed.rstrip().endswith("data: [DONE]") and streamed.count('"content"') >= 5
+        assert "zoo:generation_tokens_total 10.0" in httpx.get(r.url + "/metrics").text
+        assert httpx.get(daemon.url + "/api/ps").json()["models"][0]["expires_at"].startswith("20")
+        daemon.stop()
+        died = r.notify.wait(lambda m: "worker died" in m.get("STATUS", ""), timeout=60)
+        assert f"the Ollama daemon at {daemon.url} does not answer" in died["STATUS"]
+        r.notify.wait(lambda m: "ERRNO" in m, timeout=120)  # it cannot load again: the unit fails, saying why
+        assert r.proc.wait(timeout=60) == 1
+    finally:
+        out = r.stop()
+    assert "cannot load m@1" in out
