@@ -252,9 +252,9 @@ def main() -> None:
         # 5. hot swap: time of `resident reload`, longest request while it happens
         v2 = work / "src" / "v2"
         shutil.copytree(src, v2)
-        cfg = json.loads((v2 / "generation_config.json").read_text())
+        cfg = json.loads((v2 / "config.json").read_text())
         cfg["_v"] = 2
-        (v2 / "generation_config.json").write_text(json.dumps(cfg))
+        (v2 / "config.json").write_text(json.dumps(cfg))
         index["models"]["m"] = declare("v2", v2)
         (work / "index.json").write_text(json.dumps(index))
         subprocess.run([*AGENT, "apply", "--root", str(work / "zoo"), "--index", str(work / "index.json"), "--host", "h"], check=True, capture_output=True)

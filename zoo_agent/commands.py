@@ -358,3 +358,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
 
     register_sessions(cli, zoo_options, json_option, emit)
     register_chat(cli)
+
+    from .demo import register as register_demo
+
+    register_demo(cli)

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing_tools() is not None, r
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("client.py")
 WATCHDOG_SEC = 10
+DRAIN_SECONDS = 30  # the resident's drain window on stop (ResidentConfig.drain_seconds)
 # Measured on systemd 252 in the container: 1.2 for every unit ("OK"); the goal was 2.5.
 EXPOSURE_LIMIT = 1.5
 RESIDENT, RECONCILE = "model-zoo-resident.service", "model-zoo-reconcile.service"
@@ -190,12 +191,16 @@ def test_stop_finishes_the_request_in_flight(machine: Container) -> None:
     stop_seconds = time.monotonic() - started
     out, _ = proc.communicate(timeout=60)
     answer = json.loads(out)
-    assert answer["chunks"] > 0 and (answer["done"], answer["finish"], answer["error"]) == (True, "length", None), answer
     # STOPPING=1 with our Status: while the request finished, then a clean exit.
     assert ("deactivating", "stopping; finishing in-flight requests (up to 30s)") in seen, seen
     assert (shown["ActiveState"], shown["Result"]) == ("inactive", "success"), shown
     assert stop_seconds < 60  # TimeoutStopSec
-    print(f"stopped in {stop_seconds:.1f}s with a 2,000-token request in flight")
+    assert answer["chunks"] > 0 and answer["error"] is None, answer
+    if not answer["done"]:  # only a machine too loaded to finish 2,000 tokens in the drain window may cut it
+        assert stop_seconds >= DRAIN_SECONDS, (answer, stop_seconds)
+    else:
+        assert answer["finish"] == "length", answer
+    print(f"stopped in {stop_seconds:.1f}s with a 2,000-token request in flight ({'finished' if answer['done'] else 'cut at the drain bound'})")
 
 
 @pytest.mark.parametrize("unit", [RESIDENT, RECONCILE, "model-zoo-verify.service"])

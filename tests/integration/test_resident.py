@@ -236,18 +236,18 @@ def test_hot_swap_under_load_fails_no_request(resident_world: World, resident: R
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    files = dict(tiny)
-    files["generation_config.json"] = tiny["generation_config.json"].replace(b"{", b'{"_v": 2,', 1)
-    resident_world.artifact("m", "v2", files)
-    assert resident_world.run("apply").exit_code == 0  # current moves; the resident follows it
-    resident.notify.wait(lambda m: m.get("STATUS", "").startswith("t: m@v2") and "READY" in m, timeout=90)
-    deadline = time.monotonic() + 60  # bounded: until every client has been answered by v2
-    while time.monotonic() < deadline and not all(a and a[-1] == "m@v2" for a in results.values()):
-        time.sleep(0.1)
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
+    try:
+        time.sleep(2)
+        resident_world.artifact("m", "v2", {**tiny, "config.json": tiny["config.json"].replace(b"{", b'{"_v": 2,', 1)})
+        assert resident_world.run("apply").exit_code == 0  # current moves; the resident follows it
+        resident.notify.wait(lambda m: m.get("STATUS", "").startswith("t: m@v2") and "READY" in m, timeout=90)
+        deadline = time.monotonic() + 60  # bounded: until every client has been answered by v2
+        while time.monotonic() < deadline and not all(a and a[-1] == "m@v2" for a in results.values()):
+            time.sleep(0.1)
+    finally:  # the clients stop whatever happened above
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
     assert failures == []
     # Each client: answers from v1, then from v2 only (once the old worker stops accepting,
     # a reconnecting client reaches the new one), never back; and every client got there.
@@ -332,7 +332,7 @@ def test_stop_first_reload_answers_503_in_the_gap(resident_world: World, tiny: d
     try:
         r.notify.wait(lambda m: "READY" in m)
         files = dict(tiny)
-        files["generation_config.json"] = tiny["generation_config.json"].replace(b"{", b'{"_v": 3,', 1)
+        files["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 3,', 1)
         resident_world.artifact("m", "v3", files)
         assert resident_world.run("apply").exit_code == 0
         seen: set[tuple[int, str | None]] = set()

@@ -6,7 +6,9 @@ Deterministic for a given seed and library versions. Needs the ``resident`` extr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = ["CHAT_TEMPLATE", "QWEN2_05B_SHAPE", "build_tiny_model"]
 
@@ -27,10 +29,15 @@ QWEN2_05B_SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "int
 
 def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 512, heads: int = 4,
                      kv_heads: int = 2, intermediate: int | None = None, model_vocab: int | None = None, tie: bool = False) -> Path:  # fmt: skip
-    """Write config, safetensors weights and tokenizer files into ``out``; return it."""
+    """Write config, safetensors weights and tokenizer files into ``out``; return it.
+
+    Byte for byte reproducible (the quick start's index pins these files): the config and
+    tokenizer config are written out explicitly (no library version inside), and every
+    weight is drawn from one seeded generator in name order, not by the library's init."""
     import torch
+    from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
     bpe = Tokenizer(models.BPE())
@@ -39,41 +46,68 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     bpe.train_from_iterator([_TEXT], trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     ))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|end|>", pad_token="<|pad|>",
-        extra_special_tokens=specials[2:], chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=model_vocab or bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=tie,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": model_vocab or bpe.get_vocab_size(),
+        "hidden_size": hidden, "intermediate_size": intermediate or hidden * 2, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 4096,
+        "eos_token_id": bpe.token_to_id("<|end|>"), "pad_token_id": bpe.token_to_id("<|pad|>"), "bos_token_id": None,
+        "tie_word_embeddings": tie, "torch_dtype": "float32",
+    }  # fmt: skip
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if tie and name == "lm_head.weight":
+                continue  # the embeddings, shared
+            if "norm" in name:
+                weights[name] = torch.ones_like(tensor)
+            else:
+                weights[name] = (torch.randn(tensor.shape, generator=generator) * 0.02).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", config)
+    bpe.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>",
+        "extra_special_tokens": specials[2:], "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
+    })  # fmt: skip
     return out
 
 
 def build_tiny_adapter(base: Path, out: Path, *, seed: int, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
                        base_name: str | None = None) -> Path:  # fmt: skip
-    """A PEFT LoRA adapter for the model in ``base`` with random (not zero) weights, so it changes the output."""
-    import json
-
+    """A PEFT LoRA adapter for the model in ``base`` with random (not zero) weights, so it changes
+    the output; reproducible like the model (explicit config, one seeded generator)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False))
-    peft_model.save_pretrained(str(out))
-    if base_name is not None:  # what the index calls the base, instead of the directory it was built from
-        config = json.loads((out / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = base_name
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    with warnings.catch_warnings():  # peft 0.21 reads a transformers 5 alias that warns; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in sorted(get_peft_model_state_dict(peft_model).items())}
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name or str(base), "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": sorted(targets), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True,
+    })  # fmt: skip
     return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 0) -> Path:
