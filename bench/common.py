@@ -45,11 +45,29 @@ def seconds(value: float) -> str:
     return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def table(rows: list[dict[str, object]]) -> str:
-    lines = [f"{'benchmark':<52} {'ours':>10} {'peer':<24} {'peer time':>10} {'ratio':>7}  goal", "-" * 120]
+def figure(r: dict[str, object], side: str) -> str:
+    """One side of a row ('ours' or 'peer'): a time, a size or a rate."""
+    if r.get(f"{side}_text") is not None:
+        return str(r[f"{side}_text"])
+    if r.get(f"{side}_mb") is not None:
+        return f"{float(r[f'{side}_mb']):.0f} MB"  # type: ignore[arg-type]
+    return seconds(float(r[f"{side}_s"])) if r.get(f"{side}_s") is not None else "-"  # type: ignore[arg-type]
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| benchmark | ours | peer (same run) | peer's figure | ratio | goal |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ours = f"{r['ours_mb']:.0f} MB" if r.get("ours_mb") is not None else seconds(float(r["ours_s"]))  # type: ignore[arg-type]
-        peer_s = seconds(float(r["peer_s"])) if r["peer_s"] is not None else "-"  # type: ignore[arg-type]
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        lines.append(f"{r['name']:<52} {ours:>10} {r['peer']:<24} {peer_s:>10} {ratio:>7}  {r['goal']}")
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        lines.append(f"| {r['name']} | {figure(r, 'ours')} | {str(r['peer']).replace('|', chr(92) + '|')} | {figure(r, 'peer')} | {ratio} | {r['goal']} |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """Ours, the peer's figure from the same run, the ratio, the goal: a time, a size or a rate each."""
+
+    width = max([52, *(len(str(r["name"])) for r in rows)])
+    lines = [f"{'benchmark':<{width}} {'ours':>10} {'peer':<30} {'peer figure':>11} {'ratio':>7}  goal", "-" * (width + 80)]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        lines.append(f"{r['name']:<{width}} {figure(r, 'ours'):>10} {str(r['peer']):<30} {figure(r, 'peer'):>11} {ratio:>7}  {r['goal']}")
     return "\n".join(lines)
