@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from tests.conftest import REPO
@@ -25,14 +27,21 @@ def _stub_pointers(node: Any, at: str = "") -> list[str]:
     return [at] if isinstance(node, str) and node.startswith("TODO-STUB") else []
 
 
-def test_top_level_index_is_valid_and_pins_real_files() -> None:
+def test_top_level_index_is_valid_and_its_pins_are_what_the_demo_builds(tmp_path: Path) -> None:
+    """index.json pins the tiny model and adapter that `zoo-agent demo` builds (byte for byte)."""
+    pytest.importorskip("peft", reason="building the demo model needs the resident extra (pip install -e .[resident])")
+    from zoo_agent.demo import build_sources
+    from zoo_agent.validate import load_index
+
     result = CliRunner().invoke(cli, ["validate", str(REPO / "index.json")])
     assert result.exit_code == 0, result.output
-    document = json.loads((REPO / "index.json").read_text())
-    for entry in document["models"].values():
-        if entry["source"]["type"] == "file":
+    shutil.copy(REPO / "index.json", tmp_path / "index.json")
+    idx = load_index(tmp_path / "index.json", "index.json")
+    assert build_sources(idx, tmp_path, "demo") == ["demo", "demo-terse"]  # raises, naming the files, if a pin differs
+    for kind in ("models", "loras"):
+        for entry in json.loads((REPO / "index.json").read_text())[kind].values():
             for file in entry["files"]:
-                data = (REPO / entry["source"]["path"] / file["path"]).read_bytes()
+                data = (tmp_path / entry["source"]["path"] / file["path"]).read_bytes()
                 assert (len(data), hashlib.sha256(data).hexdigest()) == (file["size"], file["sha256"])
 
 
