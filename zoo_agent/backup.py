@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .durable import fsync_dir, temp_name, write_atomic
+from .durable import fsync_dir, makedirs_durable, temp_name, write_atomic
 from .errors import IntegrityError, UsageError
 from .store import DIR_MODE, MANIFEST, Zoo, now
 
-__all__ = ["BACKUP_MANIFEST", "Summary", "backup", "restore"]
+__all__ = ["BACKUP_MANIFEST", "Summary", "backup", "check_backup", "restore"]
 
 BACKUP_MANIFEST = "backup-manifest.json"
 FORMAT = 1
@@ -79,7 +79,7 @@ def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[tuple[str,
 
 def _copy_hashed(src: Path, dst: Path, mode: int) -> str:
     """Stream ``src`` to ``dst`` (temp name, fsync, rename), hashing as it goes."""
-    _mkdirs(dst.parent)
+    makedirs_durable(dst.parent, DIR_MODE)
     tmp = temp_name(dst)
     digest = hashlib.sha256()
     try:
@@ -97,16 +97,6 @@ def _copy_hashed(src: Path, dst: Path, mode: int) -> str:
     return digest.hexdigest()
 
 
-def _mkdirs(path: Path) -> None:
-    """mkdir -p with the zoo's directory mode at every level it creates."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        directory.mkdir(mode=DIR_MODE, exist_ok=True)
-
-
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((directory / BACKUP_MANIFEST).read_text())
@@ -119,7 +109,7 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
     """Copy what changed since the last backup into ``dest``; the manifest goes last."""
     if dest.resolve().is_relative_to(zoo.root.resolve()):
         raise UsageError(f"--to {dest}: inside the zoo it backs up; choose another place")
-    _mkdirs(dest)
+    makedirs_durable(dest, DIR_MODE)
     before = {e["path"]: e for e in (_read_manifest(dest) or {}).get("files", [])}
     files, links, dirs = _collect(zoo, include_models)
     entries, written, total = [], 0, 0
@@ -185,9 +175,8 @@ def _put(source: Path, dst: Path, entry: dict[str, Any]) -> None:
         raise IntegrityError(f"{source / 'files' / entry['path']}: changed while it was being restored")
 
 
-def restore(zoo: Zoo, source: Path) -> Summary:
-    """Check every file first, then put each back by rename; whole versions land by one rename."""
-    manifest = check_backup(source)
+def restore(zoo: Zoo, source: Path, manifest: dict[str, Any]) -> Summary:
+    """Put each file of a checked backup (``check_backup``) back by rename; whole versions land by one rename."""
     by_path = {e["path"]: e for e in manifest["files"]}
     versions: dict[str, list[dict[str, Any]]] = {}
     written = 0

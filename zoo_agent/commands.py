@@ -20,7 +20,7 @@ import click
 
 from .durable import write_atomic
 from .errors import UsageError
-from .host import ensure_identity
+from .host import init_identity
 from .observe import observe
 from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
 from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
@@ -163,7 +163,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         desired = target.desired()
         target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
         with target.zoo.lock(wait):
-            ensure_identity(target.zoo, desired.host)
+            init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
             the_plan = plan(desired, observe(target.zoo))
             refuse_conflicts(the_plan, str(target.index))
             _run_plan(target, the_plan, desired, emit, "apply", fetching)

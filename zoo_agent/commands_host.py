@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .backup import backup, restore
+from .backup import backup, check_backup, restore
 from .errors import UsageError
 from .host import import_state, init_identity, parse_since, read_actions
 
@@ -30,6 +30,8 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     @json_option
     def init_cmd(target: Any, name: str | None, import_dir: Path | None, force: bool, wait: float, as_json: bool) -> None:
         """Create host/identity.json, or import a state directory from another machine."""
+        if import_dir is not None and not import_dir.is_dir():
+            raise UsageError(f"--import {import_dir}: not a directory")
         target.zoo.check_root(create=True)
         with target.zoo.lock(wait):
             imported = import_state(target.zoo, import_dir, force=force) if import_dir else []
@@ -83,9 +85,10 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     @json_option
     def restore_cmd(target: Any, source: Path, wait: float, as_json: bool) -> None:
         """Check every file of a backup, then restore it; `apply` fetches the rest."""
+        manifest = check_backup(source)  # every byte, before the zoo (or its root) is touched
         target.zoo.check_root(create=True)
         with target.zoo.lock(wait):
-            summary = restore(target.zoo, source)
+            summary = restore(target.zoo, source, manifest)
         if as_json:
             emit({"from": str(source), **summary.as_dict()})
             return

@@ -53,7 +53,7 @@ def build_sources(idx: Index, index_dir: Path, host: str) -> list[str]:
     for lid in tenant.loras:
         lora = idx.loras[lid]
         if isinstance(lora.source, FileSource):
-            jobs.append((lid, index_dir / lora.source.path, lambda d, lid=lid: build_tiny_adapter(model_dir, d, seed=1, base_name=tenant.model),
+            jobs.append((lid, index_dir / lora.source.path, lambda d: build_tiny_adapter(model_dir, d, seed=1, base_name=tenant.model),
                          list(lora.files)))  # fmt: skip
     for aid, directory, build, files in jobs:
         if all((directory / f.path).is_file() for f in files):

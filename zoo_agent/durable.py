@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "temp_name", "write_atomic"]
+__all__ = ["fsync_dir", "makedirs_durable", "temp_name", "write_atomic"]
 
 
 def temp_name(target: Path) -> Path:
@@ -50,3 +50,18 @@ def write_atomic(target: Path, data: bytes, mode: int | None = None) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def makedirs_durable(path: Path, mode: int = 0o750) -> None:
+    """mkdir -p with ``mode`` at every level it creates, fsyncing each parent whose entry we created."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        fsync_dir(directory.parent)

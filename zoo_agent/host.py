@@ -20,7 +20,7 @@ from .durable import fsync_dir, write_atomic
 from .errors import UsageError
 from .store import Zoo, now
 
-__all__ = ["ROTATE_BYTES", "append_action", "ensure_identity", "import_state", "init_identity", "parse_since", "read_actions"]
+__all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions"]
 
 ROTATE_BYTES = 4 << 20  # actions.jsonl is rotated past this size
 KEEP_ROTATED = 5  # actions.jsonl.1 (newest) .. actions.jsonl.5
@@ -44,11 +44,6 @@ def init_identity(zoo: Zoo, name: str, *, force: bool = False) -> tuple[dict[str
     write_atomic(path, (json.dumps(identity, indent=2) + "\n").encode(), 0o640)
     fsync_dir(path.parent)
     return identity, True
-
-
-def ensure_identity(zoo: Zoo, name: str) -> None:
-    """`apply` on a fresh host: an identity appears without anyone asking."""
-    init_identity(zoo, name)
 
 
 def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:

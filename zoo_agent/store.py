@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .durable import fsync_dir, temp_name, write_atomic
+from .durable import fsync_dir, makedirs_durable, temp_name, write_atomic
 from .errors import IntegrityError, LockHeld, StoreError, UsageError
 from .index import FileEntry
 from .plan import Kind, Want, human_bytes
@@ -121,7 +121,7 @@ class Zoo:
     # -- writing a version -----------------------------------------------------------
     def new_staging(self, kind: Kind, aid: str, version: str) -> Path:
         versions = self.artifact_dir(kind, aid) / "versions"
-        _makedirs_durable(versions)
+        makedirs_durable(versions, DIR_MODE)
         staging = versions / f"{version}{STAGING_MARK}{os.getpid()}.{secrets.token_hex(4)}"
         staging.mkdir(mode=DIR_MODE)
         return staging
@@ -266,7 +266,7 @@ class Zoo:
         """Move a damaged version aside for inspection; its links now dangle until re-fetched."""
         src = self.version_dir(kind, aid, version)
         dest_dir = self.root / "quarantine" / kind / aid
-        _makedirs_durable(dest_dir)
+        makedirs_durable(dest_dir, DIR_MODE)
         dest = dest_dir / f"{version}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.{secrets.token_hex(2)}"
         os.rename(src, dest)  # same filesystem: quarantine lives under the root
         fsync_dir(src.parent)
@@ -313,20 +313,6 @@ def drift(path: str | Path, record: dict[str, Any]) -> str | None:
         return f"mode {st.st_mode & 0o777:o}"
     return None
 
-
-def _makedirs_durable(path: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entry we created."""
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            continue
-        fsync_dir(directory.parent)
 
 
 def _tree_size(path: Path) -> int:

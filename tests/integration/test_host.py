@@ -172,3 +172,14 @@ def test_log_reads_actions_across_rotations(zoo: World, monkeypatch: pytest.Monk
     assert len(text) == len(later) and " ok     fetch model m 2 " in text[-3] + text[-2] + text[-1]
     bad = zoo.run("log", "--since", "yesterday")
     assert bad.exit_code == 2 and "--since 'yesterday': expected a date" in bad.output
+
+
+def test_restoring_from_something_that_is_not_a_backup_creates_nothing(world: World, tmp_path: Path) -> None:
+    (tmp_path / "not-a-backup").mkdir()
+    result = world.run("restore", "--from", str(tmp_path / "not-a-backup"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == f"--from {tmp_path / 'not-a-backup'}: no backup-manifest.json (not a backup, or one that did not finish)"
+    assert not world.root.exists()
+    result = world.raw("host", "init", *world.args("--import", str(tmp_path / "nowhere")))
+    assert result.exit_code == 2 and result.output.strip().endswith(f"--import {tmp_path / 'nowhere'}: not a directory")
+    assert not world.root.exists()

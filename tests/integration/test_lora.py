@@ -205,7 +205,7 @@ def test_a_new_version_swaps_in_place_or_reloads_when_the_rank_changes(built: di
     assert b.update_adapters((adapter(built, "terse"),)) == [] and list(b.adapters.loaded) == ["terse"]
 
 
-def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any, singles: dict[str | None, str]) -> None:
+def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any) -> None:
     bodies = [{"model": "t:auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2} for text, _ in LABELLED]
     bodies.append({"model": "t:auto", "messages": [{"role": "user", "content": "hello there weather today"}], "max_tokens": 2})
     results = asyncio.run(_call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))

@@ -26,7 +26,7 @@ EXPOSURE_LIMIT = 1.5
 
 
 @pytest.fixture
-def visible(tmp_path: Path) -> Iterator[Path]:
+def visible() -> Iterator[Path]:
     """A directory the units' sandbox would not hide (not under /tmp, /root or /home, where
     checkouts and pytest's tmp_path live), holding the index and a link to this zoo-agent."""
     if not os.access("/run", os.W_OK):

@@ -56,7 +56,6 @@ class SessionStats:
     reprefills: int = 0
     corrupt: int = 0
     restore_seconds: list[float] = field(default_factory=list)
-    prefill_seconds: list[float] = field(default_factory=list)
 
 
 def conversation_ids(tokenizer: Any, history: list[dict[str, Any]], new_messages: list[dict[str, str]]) -> list[int]:
