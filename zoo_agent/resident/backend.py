@@ -228,7 +228,7 @@ class TransformersBackend:
             "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
         result.text = str(self.tokenizer.decode(new, skip_special_tokens=True))
         if request.session is not None and self.sessions is not None:
-            self._session_end(request, result, ids[0].tolist(), out.past_key_values)
+            self._session_end(request, result, ids[0].tolist(), out.cache)
 
     def _session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
         """generate() arguments that continue a session from its saved cache, when that cache fits."""
@@ -243,7 +243,7 @@ class TransformersBackend:
         elif turn.cache != "none":  # earlier turns exist: they are prefilled again from the transcript
             turn.cache = "re-prefilled"
             stats.reprefills += 1
-        return {"return_dict_in_generate": True, **({"past_key_values": past} if past is not None else {})}
+        return {"return_dict_in_generate": True, **({"cache": past} if past is not None else {})}
 
     def _session_end(self, request: Request, result: Generated, ids: list[int], cache: Any) -> None:
         """Commit the turn (durably, before the answer completes), then save the cache."""
