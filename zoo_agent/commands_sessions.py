@@ -7,6 +7,7 @@ resident (and without torch). Backups include them (they live under `resident/`)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ import click
 
 from .durable import fsync_dir, write_atomic
 from .errors import UsageError
+from .index import ID_PATTERN
 from .resident.sessions import SessionError, valid_id
 from .validate import load_index
 
@@ -23,13 +25,25 @@ __all__ = ["register"]
 
 
 def _tenant_dir(target: Any, tenant: str | None) -> tuple[str, Path]:
+    """The tenant's directory in the zoo. ``--tenant`` becomes a path component, so it must be
+    a tenant id of the index: a path (absolute, ``../..``) would read, write and delete
+    outside the zoo (issue #17). The id is checked before the index is read."""
+    if tenant is not None and not re.fullmatch(ID_PATTERN, tenant):
+        raise UsageError(f"--tenant {_shown(tenant)}: not a tenant id (lowercase letters, digits, '.', '_', '-'; at most 64)")
+    idx = load_index(target.index, str(target.index))
     if tenant is None:
-        idx = load_index(target.index, str(target.index))
         host = idx.hosts.get(target.host.lower())
         if host is None or host.resident is None:
             raise UsageError(f"host '{target.host}' has no resident tenant in {target.index}; pass --tenant")
         tenant = host.resident
+    elif tenant not in idx.tenants:
+        raise UsageError(f"--tenant '{tenant}': no such tenant in {target.index} (tenants: {', '.join(sorted(idx.tenants)) or 'none'})")
     return tenant, target.zoo.root / "resident" / "tenants" / tenant
+
+
+def _shown(text: str) -> str:
+    """A user's string in a one-line message: quoted, escaped, bounded."""
+    return repr(text[:80])[:100]
 
 
 def _load(path: Path) -> dict[str, Any]:
