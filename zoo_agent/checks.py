@@ -128,6 +128,8 @@ def _artifact_files(idx: Index) -> Iterator[Problem]:
             if entry.format != "ollama":
                 yield Problem(pointer((*at, "format")), f"an 'ollama' source has format 'ollama', got '{entry.format}'")
             continue
+        if entry.source.type == "file" and (problem := _source_dir_problem(entry.source.path)):
+            yield Problem(pointer((*at, "source", "path")), problem)
         if not entry.files:
             yield Problem(pointer((*at, "files")), "lists no files; every file needs a path, size and sha256")
         seen: dict[str, int] = {}
@@ -141,6 +143,42 @@ def _artifact_files(idx: Index) -> Iterator[Problem]:
             else:
                 seen[file.path] = i
             yield from _sha256_problems(file.sha256, (*here, "sha256"))
+        yield from _layout_problems(at, [f.path for f in entry.files], seen)
+
+
+#: Names the store writes inside a version directory: a declared file there would be
+#: overwritten after its bytes were verified (and every later check would fail).
+RESERVED_NAMES = frozenset({"manifest.json"})
+NAME_MAX = 255  # bytes per path component on ext4, xfs, btrfs, zfs, apfs
+
+
+def _layout_problems(at: tuple[str, str], paths: list[str], valid: dict[str, int]) -> Iterator[Problem]:
+    """What would fail mid-apply instead of here: reserved names, a file where another
+    file needs a directory, components longer than a filesystem allows."""
+    for i, path in enumerate(paths):
+        if valid.get(path) != i:
+            continue  # malformed or a duplicate: already reported
+        here = pointer((*at, "files", i, "path"))
+        if path in RESERVED_NAMES:
+            yield Problem(here, f"'{path}' is the name the zoo keeps its own manifest under; put the file in a subdirectory or rename it")
+        if long := next((c for c in path.split("/") if len(c.encode()) > NAME_MAX), None):
+            yield Problem(here, f"the name {long[:24]!r}... is {len(long.encode())} bytes; filesystems allow {NAME_MAX} per component")
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in valid:
+                yield Problem(here, f"needs '{parent}' to be a directory, but /{'/'.join(at)}/files/{valid[parent]}/path declares it as a file")
+                break
+
+
+def _source_dir_problem(path: str) -> str | None:
+    """A relative directory stays under the index's own directory (a reviewer sees where it
+    points); a directory elsewhere is written absolute, which is as plain in a diff."""
+    if "\x00" in path:
+        return "contains a NUL character"
+    if not path.startswith("/") and ".." in path.split("/"):
+        return f"must not climb out of the index's directory with '..' ({path!r}); write a directory elsewhere as an absolute path"
+    return None
 
 
 def _path_problem(path: str) -> str | None:

@@ -18,9 +18,8 @@ from typing import Any
 import click
 
 from . import __version__, commands
-from .durable import write_atomic
 from .errors import EXIT_CODES, InvalidIndex, ZooError
-from .fmt import canonical_text, diff
+from .fmt import canonical_text, diff, write_index
 from .schema import render_schema
 from .validate import check_document, read_document
 
@@ -149,7 +148,7 @@ def fmt(index: Path, check: bool, as_json: bool) -> None:
             sys.exit(1)
         return
     if not canonical:
-        write_atomic(index, after.encode())
+        write_index(index, after)
     if not as_json:
         click.echo(f"{index}: {'reformatted' if not canonical else 'already canonical'}")
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checks import PICKLE_SUFFIXES
-from .durable import write_atomic
 from .errors import InvalidIndex, UsageError
-from .fmt import canonical_text
+from .fmt import canonical_text, write_index
 from .index import LICENSES
-from .sources import FetchSettings
+from .sources import FetchSettings, retried
+from .sources.file import confined
 from .store import hash_file
 from .validate import check_document, read_document
 
@@ -69,12 +71,20 @@ def pin_hf(repo: str, revision: str, settings: FetchSettings, sel: Selection) ->
         raise UsageError(f"hf:{repo}: pinning asks the hub, and offline mode forbids it")
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False, library_name="zoo-agent")
     source = HfRepo(repo, revision, settings)
-    with source.translated():
-        info = api.model_info(repo, revision=revision)
+
+    def info_call() -> Any:
+        with source.translated():
+            return api.model_info(repo, revision=revision)
+
+    info = retried(info_call, source.describe())
     commit = str(info.sha)
     source = HfRepo(repo, commit, settings)
-    with source.translated():
-        tree = [f for f in api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+
+    def tree_call() -> list[RepoFile]:
+        with source.translated():
+            return [f for f in api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+
+    tree = retried(tree_call, source.describe())
     by_path = {f.path: f for f in tree}
     paths = _selected(f"hf:{repo}@{commit[:12]}", list(by_path), sel)
     files = []
@@ -96,8 +106,7 @@ def pin_hf(repo: str, revision: str, settings: FetchSettings, sel: Selection) ->
 def pin_directory(path: Path, sel: Selection) -> list[dict[str, Any]]:
     if not path.is_dir():
         raise UsageError(f"{path}: no such directory")
-    rel = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    paths = _selected(str(path), rel, sel)
+    paths = _selected(str(path), _walk(path), sel)
     files = []
     for p in paths:
         digest, size = hash_file(path / p)
@@ -105,6 +114,31 @@ def pin_directory(path: Path, sel: Selection) -> list[dict[str, Any]]:
             raise UsageError(f"{path / p}: is empty; an index pins files of positive size (leave it out with --exclude)")
         files.append({"path": p, "sha256": digest, "size": size})
     return files
+
+
+def _walk(root: Path) -> list[str]:
+    """Every file a file source would read: the rule of ``sources.file.confined``, so ``add
+    file:`` and ``apply`` agree (links inside the directory followed, links out refused)."""
+    real_root = os.path.realpath(root)
+    found: list[str] = []
+    stack, seen = [""], {real_root}
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(root / rel_dir) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = posixpath.join(rel_dir, entry.name) if rel_dir else entry.name
+                real = os.path.realpath(entry.path)
+                if os.path.commonpath([real_root, real]) != real_root:
+                    raise UsageError(f"{root / rel}: is a symlink that leaves the directory (to {real}); copy the file in or remove the link")
+                if entry.is_dir():  # a linked directory inside is walked once (no cycles)
+                    if real not in seen:
+                        seen.add(real)
+                        stack.append(rel)
+                    continue
+                if confined(root, rel)[0] is None:
+                    raise UsageError(f"{root / rel}: {confined(root, rel)[1]}; remove it or copy the file in")
+                found.append(rel)
+    return sorted(found)
 
 
 def adapter_rank(files_dir: Path) -> int | None:
@@ -124,7 +158,7 @@ def write_entry(index_path: Path, kind: str, aid: str, entry: dict[str, Any], *,
     _, problems = check_document(document)
     if problems:
         raise InvalidIndex(str(index_path), problems)
-    write_atomic(index_path, canonical_text(document).encode())
+    write_index(index_path, canonical_text(document))
 
 
 def existing(index_path: Path, aid: str) -> tuple[str, dict[str, Any]]:

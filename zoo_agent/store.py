@@ -103,7 +103,11 @@ class Zoo:
         """One writer per root; ``wait`` seconds for another run to finish, then LockHeld."""
         if not self.root.is_dir():
             raise UsageError(f"{self.root}: no zoo here (run zoo-agent apply first, or pass --root)")
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            raise StoreError(f"{self.root / '.lock'}: cannot take the zoo's lock: {exc.strerror or exc} "
+                             "(the zoo root must be writable by this user; see --root)") from exc
         try:
             deadline = time.monotonic() + wait
             while True:
@@ -294,9 +298,10 @@ def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def file_record(path: Path, rel: str, size: int, sha256: str) -> dict[str, Any]:
-    """A manifest's entry: the pin, plus what a stat-only no-op compares (mtime, inode, owner)."""
+    """A manifest's entry: the pin, plus what a stat-only no-op compares (mtime, ctime, inode, owner)."""
     st = os.stat(path)
-    return {"path": rel, "size": size, "sha256": sha256, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "uid": st.st_uid}
+    return {"path": rel, "size": size, "sha256": sha256, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino, "uid": st.st_uid}  # fmt: skip
 
 
 def drift(path: str | Path, record: dict[str, Any]) -> str | None:
@@ -311,6 +316,10 @@ def drift(path: str | Path, record: dict[str, Any]) -> str | None:
         return f"owner {st.st_uid}, was {record['uid']}"
     if st.st_mode & 0o777 != PUBLISHED_MODE:
         return f"mode {st.st_mode & 0o777:o}"
+    # A user can put mtime back (touch -d, os.utime) after a same-size rewrite, never ctime.
+    # Manifests written before ctime was recorded lack it; their next re-verify adds it.
+    if "ctime_ns" in record and st.st_ctime_ns != record["ctime_ns"]:
+        return "changed (ctime)"
     return None
 
 

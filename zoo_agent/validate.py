@@ -40,6 +40,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    """``1e400`` would parse as infinity and ``fmt`` would write ``Infinity``, which is not JSON."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is out of range for a JSON number")
+    return value
+
+
+#: An index nests about six levels; a deeper document is hostile or broken, and every
+#: recursive reader after this one (pydantic, jsonschema, fmt) would overflow the stack.
+MAX_DEPTH = 64
+
+
 def read_document(path: Path, display: str | None = None) -> Any:
     """Parse the file as strict JSON; any way it is unreadable is one ``InvalidIndex`` line."""
     name = display or str(path)
@@ -64,26 +77,52 @@ def read_document(path: Path, display: str | None = None) -> Any:
     if not text.strip():
         raise fail("is empty; an index is a JSON object such as {\"models\": {}}")
     try:
-        document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+        document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise fail(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise fail(f"nests deeper than {MAX_DEPTH} levels; an index is a few levels of objects") from None
     except ValueError as exc:
         raise fail(str(exc)) from None
-    duplicates = list(_duplicate_problems(document, ()))
-    if duplicates:
-        raise InvalidIndex(name, duplicates)
+    problems = _shape_problems(document)
+    if problems:
+        raise InvalidIndex(name, problems)
     return document
 
 
-def _duplicate_problems(node: Any, at: tuple[str | int, ...]) -> Any:
-    if isinstance(node, _Object):
-        for key in node.duplicates:
-            yield Problem(pointer((*at, key)), "key appears twice; JSON keeps only the last one")
-        for key, value in node.items():
-            yield from _duplicate_problems(value, (*at, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _duplicate_problems(value, (*at, i))
+def _shape_problems(document: Any) -> list[Problem]:
+    """Duplicate keys, lone surrogates and excessive depth, in one walk with an explicit
+    stack (a recursive walk is what a 100,000-deep document would overflow)."""
+    problems: list[Problem] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+    while stack:
+        at, node = stack.pop()
+        if len(at) > MAX_DEPTH:
+            return [Problem(pointer(at[:MAX_DEPTH]), f"nests deeper than {MAX_DEPTH} levels; an index is a few levels of objects")]
+        if isinstance(node, dict):
+            for key in getattr(node, "duplicates", ()):
+                problems.append(Problem(pointer((*at, key)), "key appears twice; JSON keeps only the last one"))
+            for key in node:
+                if _surrogate(key):
+                    problems.append(Problem(pointer(at), f"a key holds a lone surrogate ({_escaped(key)}), which is not Unicode text"))
+            stack.extend(((*at, key), value) for key, value in reversed(node.items()) if not _surrogate(key))
+        elif isinstance(node, list):
+            stack.extend(((*at, i), value) for i, value in reversed(list(enumerate(node))))
+        elif isinstance(node, str) and _surrogate(node):
+            problems.append(Problem(pointer(at), f"holds a lone surrogate ({_escaped(node)}), which is not Unicode text"))
+    return problems
+
+
+def _surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:60]
 
 
 def check_document(document: Any) -> tuple[Index | None, list[Problem]]:

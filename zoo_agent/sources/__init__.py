@@ -13,14 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .. import index
 from ..errors import SourceError, UsageError
 
-__all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "with_retries"]
+__all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "retried", "with_retries"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ATTEMPTS = 4
 
@@ -42,12 +43,25 @@ def with_retries(stream: Callable[[int], Iterator[bytes]], shown: str, offset: i
                 yield chunk
             return
         except Transient as exc:
-            cause = str(exc)
-        if attempt == ATTEMPTS:
-            raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
-        delay = 0.5 * 2 ** (attempt - 1)
-        log.warning("%s: %s; retrying from byte %d in %.1fs", shown, cause, offset, delay)
-        time.sleep(delay)
+            _back_off(attempt, shown, str(exc), f"retrying from byte {offset}")
+
+
+def retried(call: Callable[[], T], shown: str) -> T:
+    """One request (a listing, a pin), with the same bounded retries as a stream."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except Transient as exc:
+            _back_off(attempt, shown, str(exc), "retrying")
+    raise AssertionError("unreachable: the last attempt raises")
+
+
+def _back_off(attempt: int, shown: str, cause: str, what: str) -> None:
+    if attempt == ATTEMPTS:
+        raise SourceError(f"{shown}: {cause} (gave up after {ATTEMPTS} attempts)")
+    delay = 0.5 * 2 ** (attempt - 1)
+    log.warning("%s: %s; %s in %.1fs", shown, cause, what, delay)
+    time.sleep(delay)
 
 
 @dataclass(frozen=True)
