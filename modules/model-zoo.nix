@@ -23,6 +23,47 @@ let
   cfg = config.services.model-zoo;
   json = pkgs.formats.json { };
 
+  # Every value that reaches a unit file, typed and escaped as `zoo_agent/units.py`'s
+  # `unit_value()` does (issue #17). A newline would end the directive and start another
+  # (`ExecStartPre=…`), so no option that reaches a unit holds a control character.
+  oneLine =
+    type:
+    types.addCheck type (v: builtins.match "[^[:cntrl:]]*" (toString v) != null)
+    // {
+      description = "${type.description} on one line (no control characters)";
+    };
+  # Written unquoted (LoadCredential= takes the rest of its line, OnCalendar= the whole
+  # line): systemd would strip leading or trailing blanks and join the next line after a
+  # trailing backslash.
+  unquoted =
+    type:
+    types.addCheck (oneLine type) (v: builtins.match "([^[:space:]].*[^[:space:]\\]|[^[:space:]\\])" (toString v) != null)
+    // {
+      description = "${type.description} on one line, without leading or trailing blanks or a trailing backslash";
+    };
+  # systemd's strict user/group names: User= cannot be quoted.
+  userName = types.strMatching "[A-Za-z_][A-Za-z0-9_-]{0,30}" // {
+    description = "user or group name (letters, digits, '_' and '-', at most 31)";
+  };
+  # NixOS writes the tmpfiles.d path as '<path>' unescaped and the home into passwd, so
+  # the zoo's path holds no quote, backslash, '%' (a tmpfiles specifier) or ':'.
+  statePath = types.addCheck (oneLine types.path) (v: builtins.match "/[^'\"\\%:]*" (toString v) != null) // {
+    description = "absolute path on one line without quotes, backslashes, '%' or ':'";
+  };
+  envName = "[A-Za-z_][A-Za-z0-9_]*";
+
+  # systemd expands specifiers in every directive we write but MemoryMax=: double '%'.
+  escapeSpecifiers = v: lib.replaceStrings [ "%" ] [ "%%" ] (toString v);
+  # One "…" word with C escapes, where systemd splits words (toJSON writes a subset of
+  # those escapes; control characters are refused above).
+  quoted = v: builtins.toJSON (escapeSpecifiers v);
+  # A command line as nixpkgs' utils.escapeSystemdExecArgs writes it, except that the
+  # program's '$' is not doubled: systemd never substitutes variables in the path it runs
+  # (a store path holds no '$'). '$' doubled in the arguments: no variable substitution.
+  execLine =
+    program: args:
+    lib.concatStringsSep " " ([ (quoted program) ] ++ map (a: lib.replaceStrings [ "$" ] [ "$$" ] (quoted a)) args);
+
   # The index's keys that matter most, typed, so a typo fails evaluation with the option's
   # path; everything else stays freeform JSON (RFC 42) and `zoo-agent validate` checks it
   # at build time.
@@ -110,13 +151,15 @@ let
   # with the validator's one-line messages. A symlink, so relative `file` sources still
   # resolve next to the original index.
   index = pkgs.runCommand "model-zoo-index" { nativeBuildInputs = [ cfg.package ]; } ''
-    zoo-agent validate ${indexSource}
-    ln -s ${indexSource} $out
+    zoo-agent validate ${lib.escapeShellArg indexSource}
+    ln -s ${lib.escapeShellArg indexSource} $out
   '';
 
   zooAgent = lib.getExe' cfg.package "zoo-agent";
 
-  environment = {
+  # NixOS writes each as Environment=${toJSON "KEY=value"}: quoted, but '%' left for
+  # systemd to expand, so it is doubled here (see `escapeSpecifiers`).
+  environment = lib.mapAttrs (_: escapeSpecifiers) ({
     ZOO_ROOT = cfg.stateDir;
     ZOO_INDEX = "${index}";
     ZOO_HOST = cfg.hostName;
@@ -124,7 +167,7 @@ let
   }
   // optionalAttrs (cfg.huggingFace.endpoint != null) { HF_ENDPOINT = cfg.huggingFace.endpoint; }
   // optionalAttrs cfg.offline { HF_HUB_OFFLINE = "1"; }
-  // optionalAttrs cfg.ollama.enable { OLLAMA_HOST = cfg.ollama.host; };
+  // optionalAttrs cfg.ollama.enable { OLLAMA_HOST = cfg.ollama.host; });
 
   # Models with an `ollama` source are pulled by, and tenants with `backend = "ollama"`
   # served through, that daemon: start after it.
@@ -169,11 +212,11 @@ let
   stateDirectory =
     if dirOf cfg.stateDir == "/var/lib" then
       {
-        StateDirectory = baseNameOf cfg.stateDir;
+        StateDirectory = quoted (baseNameOf cfg.stateDir);
         StateDirectoryMode = "0750";
       }
     else
-      { ReadWritePaths = [ cfg.stateDir ]; };
+      { ReadWritePaths = [ (quoted cfg.stateDir) ]; };
 
   common = {
     User = cfg.user;
@@ -188,7 +231,9 @@ let
     PrivateUsers = true;
   };
 
-  hfCredential = optional (cfg.huggingFace.tokenFile != null) "hf-token:${cfg.huggingFace.tokenFile}";
+  # LoadCredential=ID:PATH takes the rest of its line as the path: no quoting there.
+  credential = name: path: "${name}:${escapeSpecifiers path}";
+  hfCredential = optional (cfg.huggingFace.tokenFile != null) (credential "hf-token" cfg.huggingFace.tokenFile);
 
   gpuDevices = {
     none = [ ];
@@ -209,32 +254,32 @@ in
     package = mkPackageOption pkgs "zoo-agent" { };
 
     stateDir = mkOption {
-      type = types.path;
+      type = statePath;
       default = "/var/lib/model-zoo";
       description = "Where the zoo lives: versioned model directories, manifests, host state.";
     };
 
     hostName = mkOption {
-      type = types.str;
+      type = oneLine types.str;
       default = config.networking.hostName;
       defaultText = literalExpression "config.networking.hostName";
       description = "This host's id in the index.";
     };
 
     user = mkOption {
-      type = types.str;
+      type = userName;
       default = "model-zoo";
       description = "User the units run as; owns the zoo.";
     };
 
     group = mkOption {
-      type = types.str;
+      type = userName;
       default = "model-zoo";
       description = "Group of the zoo; add another service's user to it to give it read access.";
     };
 
     indexFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr (oneLine types.path);
       default = null;
       example = literalExpression "./index.json";
       description = "The index, as a file (e.g. the repository's `index.json`). Exclusive with `settings`.";
@@ -252,14 +297,14 @@ in
 
     huggingFace = {
       endpoint = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr (oneLine types.str);
         default = null;
         example = "http://hub-mirror.internal:8090";
         description = "A hub mirror to fetch from (`HF_ENDPOINT`).";
       };
       tokenFile = mkOption {
         # externalPath refuses a Nix path literal, which would copy the secret into the store.
-        type = types.nullOr types.externalPath;
+        type = types.nullOr (unquoted types.externalPath);
         default = null;
         example = "/run/secrets/hf-token";
         description = "File holding a Hugging Face token; passed with `LoadCredential=`, never copied to the store.";
@@ -284,7 +329,7 @@ in
         '';
       };
       host = mkOption {
-        type = types.str;
+        type = oneLine types.str;
         default =
           let
             o = config.services.ollama or { };
@@ -302,13 +347,13 @@ in
         description = "Serve the host's tenant (`hosts.<host>.resident`) with the OpenAI-compatible API.";
       };
       listen = mkOption {
-        type = types.str;
+        type = oneLine types.str;
         default = "127.0.0.1:8000";
         example = "unix:/run/model-zoo/api.sock";
         description = "Address and port, or `unix:` and a socket path.";
       };
       apiKeyFile = mkOption {
-        type = types.nullOr types.externalPath;
+        type = types.nullOr (unquoted types.externalPath);
         default = null;
         description = "Bearer token clients must send; passed with `LoadCredential=`. Required beyond loopback.";
       };
@@ -318,19 +363,25 @@ in
         description = "`WatchdogSec=`; the resident pings only while its serving loop makes progress. 0 disables.";
       };
       memoryMax = mkOption {
-        type = types.nullOr types.str;
+        # Written as is: '%' is a percentage of RAM here, not a specifier.
+        type = types.nullOr (
+          types.strMatching "[0-9]+([.][0-9]+)?[KMGTPE]?|[0-9]+([.][0-9]+)?%|infinity"
+          // {
+            description = "memory size (bytes with an optional K/M/G/T/P/E suffix, a percentage or \"infinity\")";
+          }
+        );
         default = null;
         example = "24G";
         description = "`MemoryMax=` of the resident.";
       };
       environment = mkOption {
-        type = types.attrsOf types.str;
+        type = types.attrsOf (oneLine types.str);
         default = { };
         example = { OMP_NUM_THREADS = "8"; };
         description = "Extra environment for the resident.";
       };
       extraArgs = mkOption {
-        type = types.listOf types.str;
+        type = types.listOf (oneLine types.str);
         default = [ ];
         description = "Extra arguments to `zoo-agent resident`.";
       };
@@ -348,7 +399,7 @@ in
     };
 
     verify.interval = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr (unquoted types.str);
       default = "weekly";
       description = "`OnCalendar=` for re-hashing the zoo against its manifests; `null` disables the timer.";
     };
@@ -361,6 +412,12 @@ in
       {
         assertion = (cfg.indexFile == null) != (cfg.settings == null);
         message = "Set exactly one of services.model-zoo.indexFile and services.model-zoo.settings.";
+      }
+      {
+        assertion = lib.all (n: builtins.match envName n != null) (lib.attrNames cfg.resident.environment);
+        message = "services.model-zoo.resident.environment: ${
+          lib.concatMapStringsSep ", " builtins.toJSON (lib.filter (n: builtins.match envName n == null) (lib.attrNames cfg.resident.environment))
+        } is not an environment variable name (letters, digits and '_', not first a digit).";
       }
       {
         assertion = !cfg.openFirewall || listenPort != null;
@@ -405,8 +462,8 @@ in
         TimeoutStartSec = "infinity";
         # Lets `zoo-agent apply` report its progress as the unit's Status: line.
         NotifyAccess = "main";
-        ExecStart = "${zooAgent} apply";
-        ExecStartPost = optionals cfg.gc.enable [ "${zooAgent} gc" ];
+        ExecStart = execLine zooAgent [ "apply" ];
+        ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ];
         # Only this unit fetches, so only it gets the token.
         LoadCredential = hfCredential;
       };
@@ -417,7 +474,7 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" "model-zoo-reconcile.service" ] ++ ollamaUnits;
       after = [ "network-online.target" "model-zoo-reconcile.service" ] ++ ollamaUnits;
-      environment = environment // { ZOO_LISTEN = cfg.resident.listen; } // cfg.resident.environment;
+      environment = environment // lib.mapAttrs (_: escapeSpecifiers) ({ ZOO_LISTEN = cfg.resident.listen; } // cfg.resident.environment);
       # A changed index swaps versions in place (ExecReload) instead of restarting.
       reloadTriggers = [ index ];
       # Bounded backoff: five failed starts in five minutes and the unit stays failed, with
@@ -427,10 +484,10 @@ in
       serviceConfig = common // {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = lib.escapeShellArgs ([ zooAgent "resident" ] ++ cfg.resident.extraArgs)
+        ExecStart = execLine zooAgent ([ "resident" ] ++ cfg.resident.extraArgs)
           + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key";
         # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
-        ExecReload = "${zooAgent} resident reload --pid $MAINPID";
+        ExecReload = execLine zooAgent [ "resident" "reload" "--pid" ] + " $MAINPID";
         Restart = "on-failure";
         RestartSec = 5;
         # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
@@ -440,7 +497,7 @@ in
         RuntimeDirectory = "model-zoo";
         RuntimeDirectoryMode = "0750";
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
-        LoadCredential = optional (cfg.resident.apiKeyFile != null) "api-key:${cfg.resident.apiKeyFile}";
+        LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile);
         PrivateDevices = cfg.resident.gpu == "none";
         PrivateUsers = cfg.resident.gpu == "none";
         DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};
@@ -454,7 +511,7 @@ in
       inherit environment;
       serviceConfig = common // noDevices // {
         Type = "oneshot";
-        ExecStart = "${zooAgent} verify";
+        ExecStart = execLine zooAgent [ "verify" ];
         # Re-hashing a zoo is bulk I/O; let serving win.
         Nice = 10;
         IOSchedulingClass = "idle";
@@ -465,7 +522,7 @@ in
       description = "model zoo: periodic verification";
       wantedBy = [ "timers.target" ];
       timerConfig = {
-        OnCalendar = cfg.verify.interval;
+        OnCalendar = escapeSpecifiers cfg.verify.interval;
         Persistent = true;
         RandomizedDelaySec = "1h";
       };

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,14 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from . import __version__
 from .durable import fsync_dir, write_atomic
 from .errors import UsageError
 from .validate import load_index
 
-__all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "hidden_by_sandbox", "install", "register", "render", "sysusers"]
+__all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "hidden_by_sandbox", "install", "register", "render", "sysusers", "unit_value"]
 
 log = logging.getLogger("zoo_agent")
 
@@ -83,8 +84,69 @@ GPU_GROUPS: dict[str, tuple[str, ...]] = {"nvidia": (), "rocm": ("render", "vide
 _HIDDEN = (Path("/root"), Path("/home"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
 
 
+# How a value enters a unit; see unit_value().
+How = Literal["program", "arg", "quoted", "raw", "verbatim"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# systemd's strict user/group names (sysusers.d creates them): no quoting is possible in User=.
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
+# What systemd accepts as an environment variable name (anything else it drops with a warning).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# MemoryMax=: bytes with a base-1024 suffix, a percentage of RAM, or infinity.
+_MEMORY = re.compile(r"[0-9]+(\.[0-9]+)?[KMGTPE]?|[0-9]+(\.[0-9]+)?%|infinity")
+
+
+def unit_problem(value: str, how: How) -> str | None:
+    """Why *value* cannot be written as *how* so that systemd reads back exactly it, or None."""
+    if found := _CONTROL.search(value):
+        return f"control character U+{ord(found.group()):04X} in the value; a unit file cannot hold it"
+    if _SURROGATE.search(value):
+        return "not valid UTF-8; a unit file cannot hold it"
+    if how == "program":
+        if not value.startswith("/"):
+            return f"the program must be an absolute path: {value!r}"
+        if "$" in value:
+            return f"'$' in the program path (systemd substitutes variables in argv[0] but not in the path it runs): {value!r}"
+    if how in ("raw", "verbatim"):
+        if value != value.strip():
+            return f"leading or trailing whitespace, which systemd strips: {value!r}"
+        if value.endswith("\\"):
+            return f"a trailing backslash, which systemd reads as a line continuation: {value!r}"
+    return None
+
+
+def unit_value(value: str, how: How) -> str:
+    """*value* written so that systemd reads back exactly *value*: the one escaping rule (issue #17).
+
+    systemd.syntax(7), systemd.service(5), systemd.unit(5) "Specifiers": a line break ends
+    a directive, so no control character can be written at all. Wherever systemd expands
+    specifiers (every directive we write but MemoryMax=, where '%' is a percentage), '%'
+    is doubled. Where systemd splits words (command lines, Environment=, path lists,
+    StateDirectory=, sysusers.d) the value is one "..." word with '\\' and '"' escaped, as
+    systemd's own unit_concat_strv() writes them (and nixpkgs' escapeSystemdExecArg). In
+    command arguments ("arg") '$' is doubled so that no variable is substituted; the
+    program path ("program") is never substituted, so it may hold no '$'. Unquoted values
+    ("raw": '%' doubled, "verbatim": as is) must not start or end with whitespace nor end
+    with a backslash: systemd would strip the one and join the next line for the other.
+    """
+    if problem := unit_problem(value, how):
+        raise ValueError(problem)
+    if how == "verbatim":
+        return value
+    text = value.replace("%", "%%")
+    if how == "raw":
+        return text
+    text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text.replace("$", "$$") if how == "arg" else text
+
+
 class UnitSettings(BaseModel):
-    """Everything the units are parameterised by; the module's options, under other names."""
+    """Everything the units are parameterised by; the module's options, under other names.
+
+    Every value is checked here against the directive it ends up in, so a value a unit
+    cannot hold is refused before anything is written (issue #17).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     exec_start: tuple[str, ...] = Field(description="The command that runs zoo-agent, as argv.")
@@ -108,12 +170,77 @@ class UnitSettings(BaseModel):
     gc: bool = False
     ollama_host: str | None = None  # OLLAMA_HOST; the units then start after ollama.service
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _fits_a_line(cls, value: Any) -> Any:
+        for text in _strings(value):
+            if problem := unit_problem(text, "quoted"):
+                raise ValueError(problem)
+        return value
+
     @field_validator("index", "root", "hf_token_file", "api_key_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
             raise ValueError(f"must be an absolute path (a unit has no working directory of ours): {value}")
         return value
+
+    @field_validator("root")
+    @classmethod
+    def _home(cls, value: Path) -> Path:
+        if ":" in str(value):
+            raise ValueError(f"':' cannot be in the zoo user's home directory (a passwd field): {value}")
+        return value
+
+    @field_validator("user", "group")
+    @classmethod
+    def _name(cls, value: str, info: ValidationInfo) -> str:
+        if not _USER_NAME.fullmatch(value):
+            raise ValueError(f"not a {info.field_name} name systemd accepts (letters, digits, '_' and '-', at most 31): {value!r}")
+        return value
+
+    @field_validator("memory_max")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.fullmatch(value):
+            raise ValueError(f"expected bytes with an optional K/M/G/T/P/E suffix, a percentage or 'infinity': {value!r}")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"not an environment variable name (letters, digits and '_', not first a digit): {key!r}")
+        return value
+
+    @field_validator("exec_start")
+    @classmethod
+    def _program(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("no command given")
+        if problem := unit_problem(value[0], "program"):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("hf_token_file", "api_key_file", "verify_interval")
+    @classmethod
+    def _unquoted(cls, value: Path | str | None) -> Path | str | None:
+        # LoadCredential= takes the rest of its line as the path and OnCalendar= the whole
+        # line: neither can be quoted.
+        if value is not None and (problem := unit_problem(str(value), "raw")):
+            raise ValueError(problem)
+        return value
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, dict):
+        return [text for k, v in value.items() for text in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple)):
+        return [text for v in value for text in _strings(v)]
+    return []
 
 
 def default_exec() -> tuple[str, ...]:
@@ -142,10 +269,10 @@ def render(settings: UnitSettings) -> dict[str, str]:
                  "TimeoutStartSec": "infinity",
                  # Lets `zoo-agent apply` report its progress as the unit's Status: line.
                  "NotifyAccess": "main",
-                 "ExecStart": _cmd(settings, "apply"),
-                 **({"ExecStartPost": _cmd(settings, "gc")} if settings.gc else {}),
+                 "ExecStart": _exec(settings, "apply"),
+                 **({"ExecStartPost": _exec(settings, "gc")} if settings.gc else {}),
                  # Only this unit fetches, so only it gets the token.
-                 **({"LoadCredential": f"hf-token:{settings.hf_token_file}"} if settings.hf_token_file else {}),
+                 **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),
                  **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
         install={"WantedBy": "multi-user.target"})}
     if settings.resident:
@@ -157,24 +284,24 @@ def render(settings: UnitSettings) -> dict[str, str]:
                   # failed with the resident's own Status: line saying why.
                   "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
             service={"Type": "notify", "NotifyAccess": "main",
-                     "ExecStart": _cmd(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else ""),
+                     "ExecStart": _exec(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else ""),
                      # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
-                     "ExecReload": _cmd(settings, "resident", "reload") + " --pid $MAINPID",
+                     "ExecReload": _exec(settings, "resident", "reload", "--pid") + " $MAINPID",
                      "Restart": "on-failure", "RestartSec": "5",
                      # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
                      "TimeoutStartSec": "90", "TimeoutStopSec": "60",
                      **({"WatchdogSec": str(settings.watchdog_sec)} if settings.watchdog_sec else {}),
                      "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
-                     **({"MemoryMax": settings.memory_max} if settings.memory_max else {}),
+                     **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
                      **_common(settings, {"ZOO_LISTEN": settings.listen}),
-                     **({"LoadCredential": f"api-key:{settings.api_key_file}"} if settings.api_key_file else {}),
+                     **({"LoadCredential": _credential("api-key", settings.api_key_file)} if settings.api_key_file else {}),
                      **_devices(settings)},
             install={"WantedBy": "multi-user.target"})
     if settings.verify_interval:
         units["model-zoo-verify.service"] = _unit(
             unit={"Description": "model zoo: re-hash every published file against its manifest",
                   "After": "model-zoo-reconcile.service"},
-            service={"Type": "oneshot", "ExecStart": _cmd(settings, "verify"),
+            service={"Type": "oneshot", "ExecStart": _exec(settings, "verify"),
                      **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes",
                      # Re-hashing a zoo is bulk I/O; let serving win.
                      "Nice": "10", "IOSchedulingClass": "idle"},
@@ -183,20 +310,26 @@ def render(settings: UnitSettings) -> dict[str, str]:
             unit={"Description": "model zoo: periodic verification"},
             service=None,
             install={"WantedBy": "timers.target"},
-            timer={"OnCalendar": settings.verify_interval, "Persistent": "yes", "RandomizedDelaySec": "1h"})
+            timer={"OnCalendar": unit_value(settings.verify_interval, "raw"), "Persistent": "yes", "RandomizedDelaySec": "1h"})
     return units
 
 
 def sysusers(settings: UnitSettings) -> str:
     """A sysusers.d entry: a static system user and group, so others can join the group to read the zoo."""
     return (f"# Generated by zoo-agent {__version__}\n"
-            f"g {settings.group} -\n"
-            f"u {settings.user} -:{settings.group} \"model zoo\" {settings.root} /usr/sbin/nologin\n")
+            f"g {unit_value(settings.group, 'raw')} -\n"
+            f"u {unit_value(settings.user, 'raw')} -:{unit_value(settings.group, 'raw')} \"model zoo\" "
+            f"{unit_value(str(settings.root), 'quoted')} /usr/sbin/nologin\n")
 
 
-def _cmd(settings: UnitSettings, *args: str) -> str:
-    # In Exec*= lines '%' starts a specifier and '$' a variable: double both in our words.
-    return shlex.join([*settings.exec_start, *args]).replace("%", "%%").replace("$", "$$")
+def _exec(settings: UnitSettings, *args: str) -> str:
+    program, *rest = [*settings.exec_start, *args]
+    return " ".join([unit_value(program, "program"), *(unit_value(arg, "arg") for arg in rest)])
+
+
+def _credential(name: str, path: Path) -> str:
+    # LoadCredential=ID:PATH takes the rest of the line as the path: no quoting there.
+    return f"{name}:{unit_value(str(path), 'raw')}"
 
 
 def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> dict[str, str | list[str]]:
@@ -210,20 +343,13 @@ def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> 
            **(extra_env or {}), **settings.environment}
     state: dict[str, str | list[str]]
     if settings.root.parent == Path("/var/lib"):
-        state = {"StateDirectory": settings.root.name, "StateDirectoryMode": "0750"}
+        state = {"StateDirectory": unit_value(settings.root.name, "quoted"), "StateDirectoryMode": "0750"}
     else:  # `install` creates it; StateDirectory= only manages /var/lib.
-        state = {"ReadWritePaths": str(settings.root)}
-    return {"User": settings.user, "Group": settings.group, **state,
-            "Environment": [_env_item(k, v) for k, v in env.items()],
+        state = {"ReadWritePaths": unit_value(str(settings.root), "quoted")}
+    return {"User": unit_value(settings.user, "raw"), "Group": unit_value(settings.group, "raw"), **state,
+            # One "KEY=value" word each, as NixOS writes them; '$' is not substituted here.
+            "Environment": [unit_value(f"{k}={v}", "quoted") for k, v in env.items()],
             **HARDENING}
-
-
-def _env_item(key: str, value: str) -> str:
-    item = f"{key}={value}"
-    if not any(c in item for c in " \t\"'\\$%"):
-        return item
-    # systemd unquotes "..." with C escapes; '%' is a specifier and '$' is left alone in Environment=.
-    return '"' + item.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
 def _devices(settings: UnitSettings) -> dict[str, str | list[str]]:
@@ -336,6 +462,10 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
             click.echo("next: systemctl enable --now model-zoo-reconcile.service model-zoo-resident.service")
 
 
+# UnitSettings fields whose flag is not "--" + the field's name.
+_FLAGS = {"exec_start": "--exec", "environment": "--env", "extra_args": "--extra-arg"}
+
+
 def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """One option per UnitSettings field; parsed into the one settings model."""
     options = [
@@ -373,13 +503,16 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise UsageError(f"--env {item!r}: expected KEY=VALUE")
             env[key] = value
         try:
-            settings = UnitSettings(
-                exec_start=tuple(shlex.split(exec_start)) if exec_start else default_exec(),
-                index=index.absolute(), resident=not no_resident, environment=env,
-                verify_interval=verify_interval or None, **fields)
+            argv = tuple(shlex.split(exec_start)) if exec_start else default_exec()
+        except ValueError as exc:
+            raise UsageError(f"--exec: {exc}") from None
+        try:
+            settings = UnitSettings(exec_start=argv, index=index.absolute(), resident=not no_resident, environment=env,
+                                    verify_interval=verify_interval or None, **fields)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+            flag = _FLAGS.get(str(first["loc"][0]), "--" + str(first["loc"][0]).replace("_", "-"))
+            raise UsageError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
         return func(settings=settings, **kwargs)
 
     for option in reversed(options):

@@ -54,13 +54,13 @@ def test_install_writes_the_units_once_then_reports_them_unchanged(tmp_path: Pat
                                                       "model-zoo-verify.service", "model-zoo-verify.timer", "model-zoo.conf"}
     assert all(f["changed"] for f in files)
     assert (tmp_path / "sysusers" / "model-zoo.conf").read_text().splitlines()[1:] == [
-        "g model-zoo -", 'u model-zoo -:model-zoo "model zoo" /var/lib/model-zoo /usr/sbin/nologin']
+        "g model-zoo -", 'u model-zoo -:model-zoo "model zoo" "/var/lib/model-zoo" /usr/sbin/nologin']
     code, out, _ = install(tmp_path, visible, "--json")
     assert code == 0 and not any(f["changed"] for f in json.loads(out)["files"])
     code, out, _ = install(tmp_path, visible, "--listen", "127.0.0.1:9000")
     assert code == 0
     assert f"wrote {prefix}/model-zoo-resident.service" in out and f"unchanged {prefix}/model-zoo-reconcile.service" in out
-    assert "Environment=ZOO_LISTEN=127.0.0.1:9000" in (prefix / "model-zoo-resident.service").read_text()
+    assert 'Environment="ZOO_LISTEN=127.0.0.1:9000"' in (prefix / "model-zoo-resident.service").read_text()
 
 
 def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
@@ -72,7 +72,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--exec", "/root/venv/bin/zoo-agent"], "ExecStart /root/venv/bin/zoo-agent is under /root (hidden from the service by the unit's sandbox);"),
     (["--api-key-file", "/tmp/key"], "api key file /tmp/key is under /tmp (hidden from the service by the unit's sandbox);"),
-    (["--root", "zoo"], "--root: Value error, must be an absolute path (a unit has no working directory of ours): zoo"),
+    (["--root", "zoo"], "--root: must be an absolute path (a unit has no working directory of ours): zoo"),
     (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, visible: Path, args: list[str], message: str) -> None:
@@ -93,7 +93,7 @@ def test_environment_values_survive_quoting() -> None:
     settings = UnitSettings(exec_start=(AGENT,), index=Path("/etc/model-zoo/index.json"),
                             environment={"A": 'two words "quoted" 100% \\ back', "B": "plain"})
     text = render(settings)["model-zoo-reconcile.service"]
-    assert 'Environment="A=two words \\"quoted\\" 100%% \\\\ back"' in text and "Environment=B=plain" in text
+    assert 'Environment="A=two words \\"quoted\\" 100%% \\\\ back"' in text and 'Environment="B=plain"' in text
     assert render(settings) == render(settings)
 
 

@@ -64,6 +64,26 @@ def as_unit_values(value: Any) -> list[str]:
     return [str(value)]
 
 
+def nixos_service_lines(service: dict[str, Any]) -> dict[str, list[str]]:
+    """The [Service] lines NixOS writes for an evaluated service (nixos/lib/systemd-lib.nix):
+    serviceConfig values as they are, each environment entry as toJSON "KEY=value"."""
+    lines = {k: as_unit_values(v) for k, v in service["serviceConfig"].items() if v != []}
+    lines["Environment"] = sorted(json.dumps(f"{k}={v}", ensure_ascii=False) for k, v in service["environment"].items())
+    return lines
+
+
+def service_lines(text: str) -> dict[str, list[str]]:
+    """The [Service] lines of a rendered unit, environment sorted as NixOS writes it."""
+    lines = parse_unit(text)["Service"]
+    lines["Environment"] = sorted(lines["Environment"])
+    return lines
+
+
+def nix_string(value: str) -> str:
+    """*value* as a Nix string literal."""
+    return json.dumps(value, ensure_ascii=False).replace("$", "\\$")
+
+
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
@@ -94,11 +114,11 @@ class TestModule:
         reconcile, resident = out["services"]["model-zoo-reconcile"], out["services"]["model-zoo-resident"]
         assert reconcile["serviceConfig"]["Type"] == "oneshot" and reconcile["serviceConfig"]["RemainAfterExit"] is True
         assert reconcile["serviceConfig"]["TimeoutStartSec"] == "infinity"
-        assert reconcile["serviceConfig"]["ExecStart"] == f"{FAKE_AGENT} apply"
+        assert reconcile["serviceConfig"]["ExecStart"] == f'"{FAKE_AGENT}" "apply"'
         assert "network-online.target" in reconcile["unit"]["after"] and "network-online.target" in reconcile["unit"]["wants"]
         assert resident["serviceConfig"]["Type"] == "notify" and resident["serviceConfig"]["NotifyAccess"] == "main"
         assert resident["serviceConfig"]["WatchdogSec"] == 30
-        assert resident["serviceConfig"]["ExecReload"] == f"{FAKE_AGENT} resident reload --pid $MAINPID"
+        assert resident["serviceConfig"]["ExecReload"] == f'"{FAKE_AGENT}" "resident" "reload" "--pid" $MAINPID'
         assert "model-zoo-reconcile.service" in resident["unit"]["after"] and "model-zoo-reconcile.service" in resident["unit"]["wants"]
         # An index change re-runs apply but only reloads the resident.
         assert reconcile["unit"]["restartTriggers"] == [FAKE_INDEX] and "restartTriggers" not in resident["unit"]
@@ -127,11 +147,7 @@ class TestModule:
                                        hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), gc=True, ollama_host="127.0.0.1:11434"))
         assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
         for name, service in out["services"].items():
-            ours = parse_unit(rendered[f"{name}.service"])["Service"]
-            env = dict(item.strip('"').split("=", 1) for item in ours.pop("Environment"))
-            assert env == service["environment"], name
-            theirs = {k: as_unit_values(v) for k, v in service["serviceConfig"].items() if v != []}
-            assert ours == theirs, name
+            assert service_lines(rendered[f"{name}.service"]) == nixos_service_lines(service), name
 
     def test_settings_are_typed_and_become_a_valid_index(self, tmp_path: Path) -> None:
         out = evaluated(tmp_path, SETTINGS)
@@ -194,7 +210,7 @@ class TestModule:
         assert config["DeviceAllow"] == ["char-nvidiactl rw", "char-nvidia-caps rw", "char-nvidia-frontend rw", "char-nvidia-uvm rw"]
         assert config["PrivateDevices"] is False and config["DevicePolicy"] == "closed"
         assert out["networking"]["firewall"]["allowedTCPPorts"] == [9000]
-        assert config["ReadWritePaths"] == ["/srv/zoo"] and "StateDirectory" not in config
+        assert config["ReadWritePaths"] == ['"/srv/zoo"'] and "StateDirectory" not in config
         assert out["tmpfiles"]["model-zoo"]["/srv/zoo"]["d"] == {"mode": "0750", "user": "model-zoo", "group": "model-zoo"}
         assert "model-zoo-verify" not in out["services"] and out["timers"] == {}
         assert out["warnings"] == ["services.model-zoo.resident.listen is not loopback and services.model-zoo.resident.apiKeyFile is unset:"
@@ -208,6 +224,68 @@ class TestModule:
             service = out["services"][name]
             assert service["environment"]["OLLAMA_HOST"] == "10.0.0.5:11434"
             assert "ollama.service" in service["unit"]["after"] and "ollama.service" in service["unit"]["wants"]
+
+    @pytest.mark.parametrize(("option", "definition", "expected"), [
+        ("resident.memoryMax", '"8G\nExecStartPre=/bin/sh"', "memory size"),
+        ("resident.extraArgs", '[ "--x\nExecStartPre=/bin/sh" ]', "string on one line (no control characters)"),
+        ("resident.environment.A", '"b\nExecStartPre=/bin/sh"', "string on one line (no control characters)"),
+        ("resident.listen", '"127.0.0.1:8000\nExecStartPre=/bin/sh"', "string on one line (no control characters)"),
+        ("huggingFace.endpoint", '"http://hub\nExecStartPre=/bin/sh"', "string on one line (no control characters)"),
+        ("huggingFace.tokenFile", '"/run/keys/hf\nExecStartPre=/bin/sh"', "not in the Nix store on one line"),
+        ("resident.apiKeyFile", '"/run/keys/api\rExecStartPre=/bin/sh"', "not in the Nix store on one line"),
+        ("hostName", '"nixos\nExecStartPre=/bin/sh"', "string on one line (no control characters)"),
+        ("user", '"model-zoo\nExecStartPre=/bin/sh"', "user or group name"),
+        ("group", '"model zoo"', "user or group name"),
+        ("stateDir", '"/srv/zoo\nExecStartPre=/bin/sh"', "absolute path on one line"),
+        ("stateDir", '"/srv/it\'s"', "without quotes, backslashes, '%' or ':'"),
+        ("ollama.host", '"127.0.0.1:11434\nExecStartPre=/bin/sh"', "string on one line (no control characters)"),
+        ("verify.interval", '"weekly\nExecStartPre=/bin/sh"', "string on one line"),
+        ("verify.interval", '"weekly\\\\"', "without leading or trailing blanks or a trailing backslash"),
+        ("indexFile", '"/etc/model-zoo/index.json\nExecStartPre=/bin/sh"', "path on one line (no control characters)"),
+    ])
+    def test_a_value_a_unit_cannot_hold_fails_evaluation_naming_the_option(self, tmp_path: Path, option: str, definition: str,
+                                                                           expected: str) -> None:
+        """A newline would end the directive and inject the next one (issue #17)."""
+        body = ("" if option == "indexFile" else 'indexFile = "/etc/model-zoo/index.json"; ') + f"{option} = {definition};"
+        proc = evaluate(tmp_path, body + (" ollama.enable = true;" if option.startswith("ollama") else ""))
+        assert proc.returncode != 0, proc.stdout
+        option_path = "resident.extraArgs" if option == "resident.extraArgs" else option
+        assert f"option `services.model-zoo.{option_path}" in proc.stderr and "is not of type" in proc.stderr, proc.stderr
+        assert expected in proc.stderr, proc.stderr
+
+    def test_an_environment_name_systemd_would_drop_is_refused(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, 'indexFile = "/etc/model-zoo/index.json"; resident.environment."A B" = "x";')
+        assert out["failedAssertions"] == ["services.model-zoo.resident.environment: \"A B\" is not an environment variable name"
+                                           " (letters, digits and '_', not first a digit)."]
+
+    def test_hostile_values_give_the_lines_zoo_agent_systemd_render_gives(self, tmp_path: Path) -> None:
+        """Spaces, '%', '$', quotes and backslashes escaped the same way both ways, so the
+        systemd checks of the rendered units (tests/integration/test_hostile_units.py) hold
+        for the module's units too (issue #17)."""
+        hostile = 'a "b" 100% $HOME \\ \'c\' ;'
+        values = {"host": f"host {hostile}", "endpoint": f"http://hub/{hostile}", "listen": f"127.0.0.1:8000 {hostile}",
+                  "ollama": f"10.0.0.5:11434 {hostile}", "args": ["--flag", hostile, "%n", "$MAINPID", ";"], "env": hostile,
+                  "token": "/run/my keys/hf %n $x", "key": "/run/my keys/api%", "interval": "Mon *-*-* 00:00:00 Europe/Berlin"}
+        body = ('indexFile = "/etc/model-zoo/index.json"; stateDir = "/srv/my zoo"; resident.memoryMax = "50%"; ollama.enable = true;'
+                f' hostName = {nix_string(values["host"])}; huggingFace.endpoint = {nix_string(values["endpoint"])};'
+                f' resident.listen = {nix_string(values["listen"])}; ollama.host = {nix_string(values["ollama"])};'
+                f' resident.extraArgs = [ {" ".join(nix_string(a) for a in values["args"])} ];'
+                f' resident.environment.EXTRA = {nix_string(values["env"])};'
+                f' huggingFace.tokenFile = {nix_string(values["token"])}; resident.apiKeyFile = {nix_string(values["key"])};'
+                f' verify.interval = {nix_string(values["interval"])};')
+        out = evaluated(tmp_path, body)
+        rendered = render(UnitSettings(
+            exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), root=Path("/srv/my zoo"), host=values["host"], memory_max="50%",
+            hf_endpoint=values["endpoint"], listen=values["listen"], ollama_host=values["ollama"], extra_args=values["args"],
+            environment={"EXTRA": values["env"]}, hf_token_file=Path(values["token"]), api_key_file=Path(values["key"]),
+            verify_interval=values["interval"]))
+        for name, service in out["services"].items():
+            ours = service_lines(rendered[f"{name}.service"])
+            if name != "model-zoo-resident":  # the module's resident.environment is the resident's only
+                ours["Environment"] = [line for line in ours["Environment"] if not line.startswith('"EXTRA=')]
+            assert ours == nixos_service_lines(service), name
+        assert parse_unit(rendered["model-zoo-verify.timer"])["Timer"]["OnCalendar"] == [out["timers"]["model-zoo-verify"]["timerConfig"]["OnCalendar"]]
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/my zoo"']
 
     def test_open_firewall_with_a_unix_socket_is_refused(self, tmp_path: Path) -> None:
         out = evaluated(tmp_path, SETTINGS + ' resident.listen = "unix:/run/model-zoo/api.sock"; openFirewall = true;')
