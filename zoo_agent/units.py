@@ -108,6 +108,8 @@ def unit_problem(value: str, how: How) -> str | None:
             return f"the program must be an absolute path: {value!r}"
         if "$" in value:
             return f"'$' in the program path (systemd substitutes variables in argv[0] but not in the path it runs): {value!r}"
+        if any(c in value for c in "\"'\\"):
+            return f"a quote or backslash in the program path, which systemd refuses to run: {value!r}"
     if how in ("raw", "verbatim"):
         if value != value.strip():
             return f"leading or trailing whitespace, which systemd strips: {value!r}"
@@ -126,9 +128,10 @@ def unit_value(value: str, how: How) -> str:
     StateDirectory=, sysusers.d) the value is one "..." word with '\\' and '"' escaped, as
     systemd's own unit_concat_strv() writes them (and nixpkgs' escapeSystemdExecArg). In
     command arguments ("arg") '$' is doubled so that no variable is substituted; the
-    program path ("program") is never substituted, so it may hold no '$'. Unquoted values
-    ("raw": '%' doubled, "verbatim": as is) must not start or end with whitespace nor end
-    with a backslash: systemd would strip the one and join the next line for the other.
+    program path ("program") is never substituted, so it may hold no '$' (nor a quote or a
+    backslash: systemd refuses to run such a path). Unquoted values ("raw": '%' doubled,
+    "verbatim": as is) must not start or end with whitespace nor end with a backslash:
+    systemd would strip the one and join the next line for the other.
     """
     if problem := unit_problem(value, how):
         raise ValueError(problem)

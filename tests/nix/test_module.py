@@ -264,19 +264,20 @@ class TestModule:
         for the module's units too (issue #17)."""
         hostile = 'a "b" 100% $HOME \\ \'c\' ;'
         values = {"host": f"host {hostile}", "endpoint": f"http://hub/{hostile}", "listen": f"127.0.0.1:8000 {hostile}",
-                  "ollama": f"10.0.0.5:11434 {hostile}", "args": ["--flag", hostile, "%n", "$MAINPID", ";"], "env": hostile,
+                  "ollama": f"10.0.0.5:11434 {hostile}", "env": hostile,
                   "token": "/run/my keys/hf %n $x", "key": "/run/my keys/api%", "interval": "Mon *-*-* 00:00:00 Europe/Berlin"}
+        args = ["--flag", hostile, "%n", "$MAINPID", ";"]
         body = ('indexFile = "/etc/model-zoo/index.json"; stateDir = "/srv/my zoo"; resident.memoryMax = "50%"; ollama.enable = true;'
                 f' hostName = {nix_string(values["host"])}; huggingFace.endpoint = {nix_string(values["endpoint"])};'
                 f' resident.listen = {nix_string(values["listen"])}; ollama.host = {nix_string(values["ollama"])};'
-                f' resident.extraArgs = [ {" ".join(nix_string(a) for a in values["args"])} ];'
+                f' resident.extraArgs = [ {" ".join(nix_string(a) for a in args)} ];'
                 f' resident.environment.EXTRA = {nix_string(values["env"])};'
                 f' huggingFace.tokenFile = {nix_string(values["token"])}; resident.apiKeyFile = {nix_string(values["key"])};'
                 f' verify.interval = {nix_string(values["interval"])};')
         out = evaluated(tmp_path, body)
         rendered = render(UnitSettings(
             exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), root=Path("/srv/my zoo"), host=values["host"], memory_max="50%",
-            hf_endpoint=values["endpoint"], listen=values["listen"], ollama_host=values["ollama"], extra_args=values["args"],
+            hf_endpoint=values["endpoint"], listen=values["listen"], ollama_host=values["ollama"], extra_args=tuple(args),
             environment={"EXTRA": values["env"]}, hf_token_file=Path(values["token"]), api_key_file=Path(values["key"]),
             verify_interval=values["interval"]))
         for name, service in out["services"].items():
