@@ -7,6 +7,7 @@ resident (and without torch). Backups include them (they live under `resident/`)
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,12 +17,14 @@ from typing import Any
 import click
 
 from .durable import fsync_dir, write_atomic
-from .errors import UsageError
+from .errors import Problem, UsageError, ZooError
 from .index import ID_PATTERN
-from .resident.sessions import SessionError, valid_id
+from .resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
 from .validate import load_index
 
 __all__ = ["register"]
+
+log = logging.getLogger("zoo_agent.sessions")
 
 
 def _tenant_dir(target: Any, tenant: str | None) -> tuple[str, Path]:
@@ -46,30 +49,53 @@ def _shown(text: str) -> str:
     return repr(text[:80])[:100]
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, vocab_size: int | None = None) -> SessionFile:
     try:
-        data = json.loads(path.read_text())
+        return read_session(path, vocab_size=vocab_size)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such session") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a session file ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("turns"), list) or not isinstance(data.get("id"), str):
-        raise UsageError(f"{path}: not a session file (needs 'id' and a list of 'turns')")
-    return data
+    except SessionDamaged as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _rows(base: Path) -> list[dict[str, Any]]:
-    rows = []
+def _stored(base: Path, sid: str) -> SessionFile:
+    """A session of the tenant; its file must hold that session."""
+    path = base / "sessions" / f"{_id(sid)}.json"
+    session = _load(path)
+    if session.id != sid:
+        raise UsageError(Problem("/id", f"is '{session.id}', but the file is {sid}.json").line(str(path)))
+    return session
+
+
+def _rows(base: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The tenant's sessions, and its damaged session files (reported and skipped, never fatal)."""
+    rows, damaged = [], []
     for path in sorted((base / "sessions").glob("*.json")):
         try:
-            data = _load(path)
-        except UsageError:
+            data = _stored(base, path.stem)
+        except UsageError as exc:
+            log.warning("%s; skipped", exc)
+            damaged.append({"file": str(path), "error": str(exc)})
             continue
-        turns = data["turns"]
-        rows.append({"id": data["id"], "turns": len(turns), "created": data.get("created"), "updated": data.get("updated"),
-                     "model": turns[-1].get("model") if turns else None, "adapter": turns[-1].get("adapter") if turns else None,
-                     "cached": (base / "kv-cache" / f"{data['id']}.safetensors").exists()})  # fmt: skip
-    return rows
+        turns = data.turns
+        rows.append({"id": data.id, "turns": len(turns), "created": data.created, "updated": data.updated,
+                     "model": turns[-1].model if turns else None, "adapter": turns[-1].adapter if turns else None,
+                     "cached": (base / "kv-cache" / f"{data.id}.safetensors").exists()})  # fmt: skip
+    return rows, damaged
+
+
+def _vocab_size(target: Any, tid: str) -> int | None:
+    """The vocabulary of the tenant's current model, from its config.json, when the zoo has it
+    (the resident checks token ids again on load)."""
+    try:
+        idx = load_index(target.index, str(target.index))
+        config = json.loads((target.zoo.root / "models" / idx.tenants[tid].model / "current" / "config.json").read_text())
+    except (ZooError, OSError, ValueError, KeyError):
+        return None
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    if size is None and isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        size = config["text_config"].get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def _id(sid: str) -> str:
@@ -93,14 +119,17 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
         """Every session of the tenant, most recently used last."""
         tid, base = _tenant_dir(target, tenant)
-        rows = sorted(_rows(base), key=lambda r: r["updated"] or "")
+        rows, damaged = _rows(base)
+        rows.sort(key=lambda r: r["updated"] or "")
         if as_json:
-            emit({"tenant": tid, "sessions": rows})
+            emit({"tenant": tid, "sessions": rows, "damaged": damaged})
             return
         for r in rows:
             click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
                        f"{'  (cache)' if r['cached'] else ''}")  # fmt: skip
-        if not rows:
+        for d in damaged:
+            click.echo(f"{Path(d['file']).stem:<24} damaged (skipped): {d['error']}")
+        if not rows and not damaged:
             click.echo(f"no sessions for tenant {tid}")
 
     @sessions_group.command("show")
@@ -111,14 +140,14 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) -> None:
         """The conversation, turn by turn."""
         _, base = _tenant_dir(target, tenant)
-        data = _load(base / "sessions" / f"{_id(session_id)}.json")
+        data = _stored(base, session_id)
         if as_json:
-            emit(data)
+            emit(data.document())
             return
-        for n, turn in enumerate(data["turns"], 1):
-            click.echo(f"--- turn {n} · {turn.get('model')}{' +' + turn['adapter'] if turn.get('adapter') else ''} · {turn.get('time')}")
-            for message in turn["messages"]:
-                click.echo(f"{message['role']}: {message['content']}")
+        for n, turn in enumerate(data.turns, 1):
+            click.echo(f"--- turn {n} · {turn.model}{' +' + turn.adapter if turn.adapter else ''} · {turn.time}")
+            for message in turn.messages:
+                click.echo(f"{message.role}: {message.content}")
 
     @sessions_group.command("export")
     @zoo_options
@@ -127,7 +156,7 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
         """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
         _, base = _tenant_dir(target, tenant)
-        click.echo(json.dumps(_load(base / "sessions" / f"{_id(session_id)}.json"), indent=1))
+        click.echo(json.dumps(_stored(base, session_id).document(), indent=1))
 
     @sessions_group.command("import")
     @zoo_options
@@ -136,21 +165,25 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
     @click.option("--force", is_flag=True, help="Replace a session with the same id.")
     @json_option
     def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
-        """Add an exported transcript; the resident re-prefills it on its next turn."""
+        """Add an exported transcript; the resident re-prefills it on its next turn.
+
+        The file is validated as the resident writes sessions (and its token ids against the
+        tenant's vocabulary when the zoo has the model): a damaged one is refused here, in one
+        line naming the file and the JSON pointer, not left to fail the resident later."""
         tid, base = _tenant_dir(target, tenant)
-        data = _load(file)
-        sid = _id(data["id"])
+        data = _load(file, _vocab_size(target, tid))
+        sid = data.id
         dest = base / "sessions" / f"{sid}.json"
         if dest.exists() and not force:
             raise UsageError(f"{dest}: session '{sid}' exists; pass --force to replace it")
         dest.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(dest, (json.dumps(data, indent=1) + "\n").encode(), 0o640)
+        write_atomic(dest, (json.dumps(data.document(), indent=1) + "\n").encode(), 0o640)
         fsync_dir(dest.parent)
         (base / "kv-cache" / f"{sid}.safetensors").unlink(missing_ok=True)  # a cache of the replaced session must not be used
         if as_json:
-            emit({"tenant": tid, "id": sid, "turns": len(data["turns"])})
+            emit({"tenant": tid, "id": sid, "turns": len(data.turns)})
         else:
-            click.echo(f"imported session {sid} ({len(data['turns'])} turns) for tenant {tid}")
+            click.echo(f"imported session {sid} ({len(data.turns)} turns) for tenant {tid}")
 
     @sessions_group.command("prune")
     @zoo_options
@@ -165,14 +198,16 @@ def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Cal
             raise UsageError(f"tenant '{tid}' is not in {target.index}")
         keep = idx.tenants[tid].sessions
         cutoff = (datetime.now(UTC) - timedelta(days=keep.max_age_days)).isoformat()
-        rows = sorted(_rows(base), key=lambda r: r["updated"] or "", reverse=True)
+        rows, damaged = _rows(base)  # damaged files are left for a person to look at
+        rows.sort(key=lambda r: r["updated"] or "", reverse=True)
         doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
         if not dry_run:
             for sid in doomed:
                 for path in (base / "sessions" / f"{sid}.json", base / "kv-cache" / f"{sid}.safetensors"):
                     path.unlink(missing_ok=True)
         if as_json:
-            emit({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed)})
+            emit({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
         else:
             verb = "would remove" if dry_run else "removed"
-            click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)")
+            click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)"
+                       + (f"; {len(damaged)} damaged skipped" if damaged else ""))  # fmt: skip

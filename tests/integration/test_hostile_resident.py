@@ -53,3 +53,100 @@ def test_a_tenant_that_is_a_path_is_refused_and_nothing_outside_the_zoo_changes(
     assert unknown.exit_code == 2 and _one_line_error(unknown).endswith("no such tenant in " + str(world.index) + " (tenants: t)")
     assert snapshot(victim) == before
     assert not (world.root / "resident").exists()  # nothing was created in the zoo either
+
+
+# -- 2. session files are validated: refused at import, reported and skipped on disk ---------
+
+BROKEN_TURNS: list[tuple[Any, str, str]] = [
+    ("not a turn", "/turns/0", "valid dictionary"),
+    ({"messages": "hello", "completion_ids": [1]}, "/turns/0/messages", "valid list"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "/turns/0/completion_ids", "Field required"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "completion_ids": [3, 9999]},
+     "/turns/0/completion_ids/1", "outside the vocabulary (512 ids)"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "completion_ids": [-1]},
+     "/turns/0/completion_ids/0", "greater than or equal to 0"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 5}], "completion_ids": [1]},
+     "/turns/0/messages/1/content", "valid string"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Yo"}], "completion_ids": [1]},
+     "/turns/0/messages", "role 'assistant'"),
+    ({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "Yo"}], "completion_ids": [1]},
+     "/turns/0/messages/0/content", "lone surrogate"),
+]  # fmt: skip
+
+
+def _zoo_with_vocab(world: World) -> None:
+    world.artifact("m", "v1", {"config.json": json.dumps({"vocab_size": 512}).encode()})
+    assert world.run("apply").exit_code == 0
+
+
+@pytest.mark.parametrize(("bad_turn", "where", "why"), BROKEN_TURNS, ids=[b[1] + ":" + b[2] for b in BROKEN_TURNS])
+def test_import_refuses_a_damaged_session_in_one_line_naming_file_and_pointer(world: World, tmp_path: Path, bad_turn: Any, where: str, why: str) -> None:
+    _zoo_with_vocab(world)
+    upload = tmp_path / "upload.json"
+    upload.write_text(json.dumps({**_session("s"), "turns": [_session("s")["turns"][0], bad_turn]}))
+    result = world.raw("sessions", "import", *world.args(str(upload)))
+    assert result.exit_code == 2, result.output
+    line = _one_line_error(result)
+    assert line.startswith(f"{upload}: {where.replace('/turns/0', '/turns/1')}: ") and why in line, line
+    assert not (world.root / "resident/tenants/t/sessions").exists()
+
+
+def test_import_refuses_what_is_not_a_session_file(world: World, tmp_path: Path) -> None:
+    _zoo_with_vocab(world)
+    cases = {b"\xff\xfe{}": "is not UTF-8", b"[1, 2]": "valid dictionary", b'{"id": "s", "turns": [], "extra": 1}': "/extra: Extra inputs",
+             b'{"id": "../x", "turns": []}': "/id: String should match", b'{"id": "s", "turns": [], "created": NaN}': "NaN is not valid JSON",
+             b"[" * 100_000: "not JSON"}  # fmt: skip
+    for raw, why in cases.items():
+        (tmp_path / "upload.json").write_bytes(raw)
+        result = world.raw("sessions", "import", *world.args(str(tmp_path / "upload.json")))
+        assert result.exit_code == 2 and why in _one_line_error(result), (raw[:20], result.output, result.stderr)
+
+
+def test_a_damaged_session_on_disk_is_listed_as_damaged_and_the_others_still_list(world: World, tmp_path: Path) -> None:
+    _zoo_with_vocab(world)
+    sessions = world.root / "resident/tenants/t/sessions"
+    sessions.mkdir(parents=True)
+    (sessions / "good.json").write_text(json.dumps(_session("good")))
+    (sessions / "bad.json").write_text(json.dumps({**_session("bad"), "turns": ["nope"]}))
+    (sessions / "liar.json").write_text(json.dumps(_session("../../../victim")))  # an id that is a path: never used as one
+    (sessions / "other.json").write_text(json.dumps(_session("good")))  # another session's id: not this file's
+    listed = world.raw("sessions", "list", "--json", *world.args())
+    assert listed.exit_code == 0, listed.output
+    document = json.loads(listed.stdout)
+    assert [s["id"] for s in document["sessions"]] == ["good"]
+    assert sorted(Path(d["file"]).name for d in document["damaged"]) == ["bad.json", "liar.json", "other.json"]
+    assert "/turns/0: Input should be a valid dictionary" in " ".join(d["error"] for d in document["damaged"])
+    assert "skipped" in listed.stderr  # logged
+    human = world.raw("sessions", "list", *world.args())
+    assert human.exit_code == 0 and "bad                      damaged (skipped):" in human.stdout
+    pruned = world.raw("sessions", "prune", "--json", *world.args())
+    assert pruned.exit_code == 0 and len(json.loads(pruned.stdout)["damaged"]) == 3
+    shown = world.raw("sessions", "show", "bad", *world.args())
+    assert shown.exit_code == 2 and "/turns/0" in _one_line_error(shown)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+    from zoo_agent.resident.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("hostile") / "model")
+
+
+def test_a_damaged_session_fails_only_its_own_requests_with_a_4xx_naming_it(model_dir: Path, tmp_path: Path) -> None:
+    from tests.integration.test_sessions import backend, talk, turn
+
+    b = backend(model_dir, tmp_path)
+    assert talk(b, [turn("Hello", session="good")])[0][0] == 200
+    sessions = tmp_path / "sessions"
+    for sid, turns in {"not-a-turn": ["x"], "no-ids": [{"messages": []}], "vocab": [{**_session("v")["turns"][0], "completion_ids": [10**6]}],
+                       "not-json": None}.items():  # fmt: skip
+        (sessions / f"{sid}.json").write_text("{" if turns is None else json.dumps({**_session(sid), "turns": turns}))
+        results = talk(b, [turn("Hi", session=sid), {"_method": "GET", "_path": f"/v1/sessions/{sid}"}, turn("Hi again", session="good"),
+                           {"_method": "DELETE", "_path": f"/v1/sessions/{sid}"}, turn("Hi", session=sid)])  # fmt: skip
+        for status, body in results[:2]:
+            assert status == 422 and body["error"]["code"] == "session_damaged" and body["error"]["param"] == "session", (sid, body)
+            assert f"session '{sid}' is damaged" in body["error"]["message"]
+        assert results[2][0] == 200 and results[2][1]["x_zoo"]["session"]["cache"] == "restored"  # the others go on
+        assert results[3][0] == 200  # deleting is how a damaged session is repaired
+        assert results[4][0] == 200 and results[4][1]["x_zoo"]["session"]["cache"] == "none"  # and then it starts afresh

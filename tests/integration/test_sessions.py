@@ -33,7 +33,7 @@ def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
-    b.sessions = Sessions(sessions_dir, model_key=model_key, dtype=b.dtype, template=str(b.tokenizer.chat_template))
+    b.sessions = Sessions(sessions_dir, model_key=model_key, dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())
     return b
 
 
@@ -167,7 +167,8 @@ def test_a_session_survives_sigkill_and_continues_token_for_token(world: World, 
         first.proc.send_signal(signal.SIGKILL)  # right after the answers: nothing flushed on the way out
         first.stop()
     sessions = world.root / "resident/tenants/t/sessions"
-    shutil.copy(sessions / "killed.json", sessions / "no-cache.json")  # the same transcript, without its cache
+    copy = json.loads((sessions / "killed.json").read_text())  # the same transcript, without its cache
+    (sessions / "no-cache.json").write_text(json.dumps({**copy, "id": "no-cache"}))
     second = Resident(world)
     try:
         second.notify.wait(lambda m: "READY" in m, timeout=120)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .backend import AUTO, AdapterError, Generated, TransformersBackend
 from .backend import Request as GenRequest
-from .sessions import SessionError, Sessions, Turn, valid_id
+from .sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 
 __all__ = ["ServingState", "create_app"]
 
@@ -209,11 +209,14 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.delete("/v1/sessions/{sid}", response_model=None)
     async def delete_session(sid: str) -> Response:
-        found = _session_or_error(state, sid)
-        if isinstance(found, JSONResponse):
-            return found
-        assert state.backend.sessions is not None
-        state.backend.sessions.delete(sid)
+        """Deletes a damaged session too: that is how one is repaired."""
+        sessions = state.backend.sessions
+        try:
+            found = sessions is not None and sessions.delete(valid_id(sid))
+        except SessionError as exc:
+            return _error(400, str(exc), param="session")
+        if not found:
+            return _error(404, f"session '{sid}' does not exist", param="session", code="session_not_found")
         return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
 
     @app.post("/v1/completions", response_model=None)
@@ -243,15 +246,24 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
     return PlainTextResponse(f"Success: LoRA adapter '{aid}' {'added' if load else 'removed'} successfully.")
 
 
+def _damaged(sid: str, exc: SessionDamaged) -> JSONResponse:
+    """A damaged session file fails its own requests only, with a 4xx naming it (issue #17)."""
+    where = f"{exc.pointer}: " if exc.pointer else ""
+    return _error(422, f"session '{sid}' is damaged ({where}{exc.problem}); delete it (DELETE /v1/sessions/{sid}) or import a good copy",
+                  param="session", code="session_damaged")  # fmt: skip
+
+
 def _session_or_error(state: ServingState, sid: str) -> dict[str, Any] | JSONResponse:
     sessions = state.backend.sessions
     try:
         transcript = sessions.load(valid_id(sid)) if sessions is not None else None
+    except SessionDamaged as exc:
+        return _damaged(sid, exc)
     except SessionError as exc:
         return _error(400, str(exc), param="session")
     if transcript is None:
         return _error(404, f"session '{sid}' does not exist", param="session", code="session_not_found")
-    return transcript
+    return transcript.document()
 
 
 def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str]], max_tokens: int) -> tuple[Turn, list[dict[str, str]]] | JSONResponse:
@@ -262,9 +274,11 @@ def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str
         return _error(400, "session: sessions are not available here", param="session")
     try:
         transcript = sessions.load(valid_id(sid))
+    except SessionDamaged as exc:
+        return _damaged(sid, exc)
     except SessionError as exc:
         return _error(400, str(exc), param="session")
-    turns = (transcript or {}).get("turns", [])
+    turns = transcript.turns if transcript is not None else []
     dropped = 0
     while True:
         turn = Turn(sid, messages, dropped, history=turns[dropped:], cache="none" if not turns else "pending")

@@ -191,6 +191,10 @@ class TransformersBackend:
             enc = self.tokenizer(request.prompt or "", return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: rows of the input embedding."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     def count_tokens(self, request: Request) -> int:
         return int(self._inputs(request)["input_ids"].shape[1])
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +25,11 @@ from typing import Any
 
 from ..durable import fsync_dir, write_atomic
 from ..store import now
+from .transcript import SESSION_ID, SessionDamaged, SessionError, SessionFile, SessionTurn, read_session, valid_id
 
-__all__ = ["SESSION_ID", "SessionError", "SessionStats", "Sessions", "Turn"]
+__all__ = ["SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "valid_id"]
 
 log = logging.getLogger("zoo_agent.resident")
-
-SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-class SessionError(Exception):
-    """A session id or file a user handed us is not usable; one line."""
 
 
 @dataclass
@@ -45,7 +39,7 @@ class Turn:
     id: str
     new_messages: list[dict[str, str]]
     dropped_turns: int = 0  # oldest turns left out of the prompt to fit the context window
-    history: list[dict[str, Any]] = field(default_factory=list)  # the committed turns in the prompt
+    history: list[SessionTurn] = field(default_factory=list)  # the committed turns in the prompt
     cache: str = "none"  # restored | re-prefilled | none (first turn)
     cached_tokens: int = 0
 
@@ -58,7 +52,7 @@ class SessionStats:
     restore_seconds: list[float] = field(default_factory=list)
 
 
-def conversation_ids(tokenizer: Any, history: list[dict[str, Any]], new_messages: list[dict[str, str]]) -> list[int]:
+def conversation_ids(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]]) -> list[int]:
     """The prompt's token ids, built from the committed turns' own token ids.
 
     Re-rendering an answer as text and tokenizing it again need not give the ids the model
@@ -71,7 +65,8 @@ def conversation_ids(tokenizer: Any, history: list[dict[str, Any]], new_messages
     ids: list[int] = []
     rendered = ""  # the template's text for the ids so far
     eos = tokenizer.eos_token_id
-    for turn_messages, completion in [*((t["messages"][:-1], t) for t in history), (new_messages, None)]:
+    turns = [([m.model_dump() for m in t.messages[:-1]], t) for t in history]
+    for turn_messages, completion in [*turns, (new_messages, None)]:
         messages += turn_messages
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if ids and text.startswith(rendered):
@@ -82,26 +77,21 @@ def conversation_ids(tokenizer: Any, history: list[dict[str, Any]], new_messages
         else:  # the first turn, or a template that rewrites earlier text: tokenize it whole
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if completion is not None:
-            reply = completion["messages"][-1]
-            ids += completion["completion_ids"]
-            messages.append(reply)
-            rendered = text + reply["content"]
+            reply = completion.messages[-1]
+            ids += completion.completion_ids
+            messages.append(reply.model_dump())
+            rendered = text + reply.content
     return list(ids)
-
-
-def valid_id(sid: str) -> str:
-    if not SESSION_ID.fullmatch(sid):
-        raise SessionError(f"session: '{sid[:80]}' is not a session id (letters, digits, '_', '-', '.'; at most 64)")
-    return sid
 
 
 class Sessions:
     """The sessions of one tenant: `resident/tenants/<tenant>/{sessions,kv-cache}/`."""
 
-    def __init__(self, tenant_dir: Path, *, model_key: str, dtype: str, template: str) -> None:
+    def __init__(self, tenant_dir: Path, *, model_key: str, dtype: str, template: str, vocab_size: int | None = None) -> None:
         self.dir = tenant_dir / "sessions"
         self.kv_dir = tenant_dir / "kv-cache"
         self.model_key, self.dtype = model_key, dtype
+        self.vocab_size = vocab_size  # token ids of a transcript must be below it
         self.template = hashlib.sha256(template.encode()).hexdigest()[:16]
         self.stats = SessionStats()
 
@@ -109,30 +99,35 @@ class Sessions:
     def path(self, sid: str) -> Path:
         return self.dir / f"{valid_id(sid)}.json"
 
-    def load(self, sid: str) -> dict[str, Any] | None:
+    def load(self, sid: str) -> SessionFile | None:
+        """The session, or None; ``SessionDamaged`` (logged) when its file holds no valid session."""
+        path = self.path(sid)
         try:
-            data = json.loads(self.path(sid).read_text())
+            session = read_session(path, vocab_size=self.vocab_size)
+            if session.id != sid:
+                raise SessionDamaged(str(path), "/id", f"is '{session.id}', but the file is {sid}.json")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise SessionError(f"{self.path(sid)}: unreadable session ({exc})") from None
-        return data if isinstance(data, dict) else None
+        except SessionDamaged as exc:
+            log.warning("session %s is damaged: %s", sid, exc)
+            raise
+        return session
 
     @staticmethod
-    def messages(transcript: dict[str, Any] | None, first_turn: int = 0) -> list[dict[str, str]]:
-        return [m for turn in (transcript or {}).get("turns", [])[first_turn:] for m in turn["messages"]]
+    def messages(transcript: SessionFile | None, first_turn: int = 0) -> list[dict[str, str]]:
+        return [m.model_dump() for turn in (transcript.turns if transcript else [])[first_turn:] for m in turn.messages]
 
-    def commit(self, turn: Turn, reply: str, completion_ids: list[int], meta: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, turn: Turn, reply: str, completion_ids: list[int], meta: dict[str, Any]) -> SessionFile:
         """Append the turn durably; only then may the answer complete."""
-        transcript = self.load(turn.id) or {"id": turn.id, "created": now(), "turns": []}
-        transcript["turns"].append({
+        transcript = self.load(turn.id) or SessionFile(id=turn.id, created=now(), turns=[])
+        transcript.turns.append(SessionTurn.model_validate({
             "messages": [*turn.new_messages, {"role": "assistant", "content": reply}],
             "completion_ids": completion_ids, "template": self.template, "model": self.model_key,
             "dropped_turns": turn.dropped_turns, "time": now(), **meta,
-        })  # fmt: skip
-        transcript["updated"] = now()
+        }))  # fmt: skip
+        transcript.updated = now()
         self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(self.path(turn.id), (json.dumps(transcript, indent=1) + "\n").encode(), 0o640)
+        write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), 0o640)
         fsync_dir(self.dir)
         return transcript
 

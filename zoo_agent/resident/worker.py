@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sessions import Sessions
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
-                                        template=str(backend.tokenizer.chat_template or ""))  # fmt: skip
+                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
         backend.warmup()
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
