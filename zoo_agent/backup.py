@@ -8,26 +8,51 @@ written last, so a backup without one is incomplete and is never restored from.
 
 Model files are included only on request: they can be fetched again, their manifests
 (which are backed up) say exactly what to fetch.
+
+Nothing escapes its root (issue #17). One rule: below a root we were given (the zoo, the
+backup directory) every path is opened one component at a time with ``O_NOFOLLOW``, so
+a link planted anywhere below is refused, naming it, never followed (``_Tree``). A
+manifest is parsed by one model and one rule set (``parse_manifest``) before anything is
+written: paths relative, normalized and in a place backups write; modes no wider than the
+zoo's own (0750 directories, 0640 files, no setuid/setgid/sticky); links only to
+``versions/<version>`` or below their own directory. A backup replaces or removes only
+files its previous manifest lists, so it never deletes what it did not write.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import posixpath
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .durable import fsync_dir, makedirs_durable, temp_name, write_atomic
-from .errors import IntegrityError, UsageError
-from .store import DIR_MODE, MANIFEST, Zoo, now
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["BACKUP_MANIFEST", "Summary", "backup", "check_backup", "restore"]
+from .durable import makedirs_durable, temp_name, write_atomic
+from .errors import IntegrityError, Problem, StoreError, UsageError, ZooError
+from .host import store_errors
+from .schema import pointer
+from .store import DIR_MODE, FILE_MODE, MANIFEST, STAGING_MARK, Zoo, now
+
+__all__ = ["BACKUP_MANIFEST", "BackupManifest", "Summary", "backup", "check_backup", "manifest_problems", "parse_manifest", "restore"]
+
+log = logging.getLogger("zoo_agent")
 
 BACKUP_MANIFEST = "backup-manifest.json"
-FORMAT = 1
+FORMAT: Literal[1] = 1
 CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a planted fifo must not hang us
 
 
 @dataclass(frozen=True)
@@ -41,34 +66,306 @@ class Summary:
         return {"files": self.files, "bytes": self.bytes, "bytes_written": self.bytes_written, "skipped": list(self.skipped)}
 
 
+# -- the manifest: one model, one rule set, used by backup, check_backup and restore --------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class BackupFile(_Strict):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mode: int
+    mtime_ns: int = 0
+
+
+class BackupLink(_Strict):
+    path: str
+    target: str
+
+
+class BackupDir(_Strict):
+    path: str
+    mode: int
+
+
+class BackupManifest(_Strict):
+    format: Literal[1]
+    created: str = ""
+    host: str = ""
+    root: str = ""
+    include_models: bool = False
+    index_sha256: str | None = None
+    files: list[BackupFile]
+    links: list[BackupLink] = []
+    dirs: list[BackupDir] = []
+
+
+_PLACES = {
+    "files": "host/…, resident/… or models|loras/<id>/versions/<version>/…",
+    "dirs": "host, resident or a directory below them",
+    "links": "host/…, resident/… or models|loras/<id>/current|previous",
+}
+
+
 def _is_temp(name: str) -> bool:
-    return name.startswith(".") or ".tmp." in name
+    return name.startswith(".") or STAGING_MARK in name
 
 
-def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, int]]]:
-    """(files, links, directories with their modes) relative to the root: host/, resident/,
-    every published manifest, and with ``include_models`` the files they describe."""
+def _path_problem(path: str, field: str) -> str | None:
+    """Why ``path`` may not be written below the zoo root, or None."""
+    parts = path.split("/")
+    if "\0" in path:
+        return "a path with a NUL byte"
+    if path.startswith("/"):
+        return f"'{path}' is absolute; paths are relative to the zoo root"
+    if ".." in parts:
+        return f"'{path}' climbs out with '..'; paths stay inside the zoo root"
+    if "." in parts or "" in parts:
+        return f"'{path}' is not normalized; write '{posixpath.normpath(path)}'"
+    top, n = parts[0], len(parts)
+    versioned = top in ("models", "loras") and n >= 3 and parts[2] == "versions"
+    placed = {
+        "files": (top in ("host", "resident") and n >= 2) or (versioned and n >= 5 and not _is_temp(parts[3])),
+        "dirs": top in ("host", "resident"),
+        "links": (top in ("host", "resident") and n >= 2) or (top in ("models", "loras") and n == 3 and parts[2] in ("current", "previous")),
+    }[field]
+    return None if placed else f"'{path}' is not a place backups restore to ({_PLACES[field]})"
+
+
+def _target_problem(path: str, target: str) -> str | None:
+    """Links point at a version (``current``/``previous``) or below their own directory, nowhere else."""
+    parts = target.split("/")
+    if path.split("/")[0] in ("models", "loras"):
+        ok = len(parts) == 2 and parts[0] == "versions" and parts[1] not in ("", ".", "..") and not _is_temp(parts[1])
+        return None if ok else f"target '{target}' is not versions/<version>"
+    if target.startswith("/") or "\0" in target or {"", ".", ".."} & set(parts):
+        return f"target '{target}' leaves the link's directory; links point only below it (relative, no '..')"
+    return None
+
+
+def _mode_problem(mode: int, field: str) -> str | None:
+    """Modes no wider than the zoo's own (store.DIR_MODE, FILE_MODE): a restore never grants more."""
+    if field == "dirs":
+        ok = mode & ~DIR_MODE == 0 and mode & 0o700 == 0o700
+        return None if ok else f"mode {mode:04o} is not one the zoo's directories have (0700 to 0750; no setuid, setgid, sticky or access for others)"
+    ok = mode & ~FILE_MODE == 0
+    return None if ok else f"mode {mode:04o} is wider than the zoo's files (at most 0640; no setuid, setgid, sticky or access for others)"
+
+
+def manifest_problems(manifest: BackupManifest) -> list[Problem]:
+    """Every entry that would reach outside the zoo or widen its modes, by JSON pointer (issue #17)."""
+    problems: list[Problem] = []
+    seen: dict[str, tuple[str, str]] = {}  # path -> (pointer of its entry, field)
+    entries: list[tuple[str, list[Any]]] = [("dirs", manifest.dirs), ("files", manifest.files), ("links", manifest.links)]
+    for field, listed in entries:
+        for i, entry in enumerate(listed):
+            at = f"/{field}/{i}"
+            why = _path_problem(entry.path, field)
+            if why is None and entry.path in seen:
+                why = f"'{entry.path}' is listed twice (also at {seen[entry.path][0]})"
+            if why:
+                problems.append(Problem(f"{at}/path", why))
+                continue
+            seen[entry.path] = (f"{at}/path", field)
+            if field == "links" and (why := _target_problem(entry.path, entry.target)):
+                problems.append(Problem(f"{at}/target", why))
+            if field != "links" and (why := _mode_problem(entry.mode, field)):
+                problems.append(Problem(f"{at}/mode", why))
+    for path, (at, _field) in seen.items():  # nothing is written through a file or a link
+        parts = path.split("/")
+        above = next(("/".join(parts[:n]) for n in range(1, len(parts)) if seen.get("/".join(parts[:n]), ("", "dirs"))[1] != "dirs"), None)
+        if above is not None:
+            problems.append(Problem(at, f"'{path}' lies under {seen[above][0]} ('{above}'), which is not a directory"))
+    return problems
+
+
+def parse_manifest(data: bytes, file: str) -> BackupManifest:
+    """The manifest, or a UsageError naming the first entry that is malformed or reaches outside the zoo."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(Problem("", f"not JSON ({exc})").line(file)) from None
+    if not isinstance(document, dict):
+        raise UsageError(Problem("", "not a JSON object").line(file))
+    try:
+        manifest = BackupManifest.model_validate(document)
+        problems = manifest_problems(manifest)
+    except ValidationError as exc:
+        problems = [Problem(pointer(e["loc"]), e["msg"]) for e in exc.errors()]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(problems[0].line(file) + more)
+    return manifest
+
+
+# -- one confinement rule: below a root, one component at a time, never through a link --------------
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a special file"
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """A root we were given (followed if it is a link: the user named it) and what lies below it."""
+
+    root: Path
+    refuse: type[ZooError]  # a backup directory is input (UsageError); the zoo is the store (StoreError)
+    rule: str  # the end of the refusal's line
+
+    def refusal(self, rel: str, mode: int, wanted: str) -> ZooError:
+        return self.refuse(f"{self.root / rel}: {_kind(mode)}, not {wanted}; {self.rule}")
+
+    @contextmanager
+    def dir(self, rel: str, *, create: bool = False) -> Iterator[int]:
+        """An fd for root/rel, never through a link; ``create`` makes missing levels (0750)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            done: list[str] = []
+            for name in rel.split("/") if rel else []:
+                if create:
+                    with suppress(FileExistsError):
+                        os.mkdir(name, DIR_MODE, dir_fd=fd)
+                        os.fsync(fd)
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    raise self.refusal("/".join([*done, name]), os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode, "a directory") from None
+                os.close(fd)
+                fd, done = child, [*done, name]
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def reader(self, rel: str) -> Iterator[int]:
+        """An fd to read root/rel from, refused unless it is a regular file (no link, fifo or device)."""
+        parent, name = posixpath.split(rel)
+        with self.dir(parent) as dfd:
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise self.refusal(rel, stat.S_IFLNK, "a file") from None
+            try:
+                if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+                    raise self.refusal(rel, mode, "a file")
+                yield fd
+            finally:
+                os.close(fd)
+
+    def obstacle(self, rel: str, leaf: Literal["file", "dir", "replace"]) -> ZooError | None:
+        """What stands where ``rel`` would be written (a link, a file where a directory belongs), or None.
+        Checked for every path before the first byte; ``dir`` and ``reader`` close the race after.
+        ``replace``: anything but a directory, for a rename replaces a file or a link, never follows it."""
+        parts = rel.split("/")
+        for n in range(1, len(parts) + 1):
+            try:
+                mode = os.lstat(self.root.joinpath(*parts[:n])).st_mode
+            except FileNotFoundError:
+                return None  # nothing below it exists yet
+            except OSError as exc:
+                return StoreError(f"{self.root.joinpath(*parts[:n])}: {exc.strerror}")
+            if n < len(parts) or leaf == "dir":
+                if not stat.S_ISDIR(mode):
+                    return self.refusal("/".join(parts[:n]), mode, "a directory")
+            elif stat.S_ISDIR(mode) or (leaf == "file" and not stat.S_ISREG(mode)):
+                return self.refusal(rel, mode, "a file")
+        return None
+
+
+def _chunks(fd: int, shown: Path, doing: str) -> Iterator[bytes]:
+    with store_errors(shown, doing):
+        while chunk := os.read(fd, CHUNK):
+            yield chunk
+
+
+def _copy_hashed(src: _Tree, src_rel: str, dst: _Tree, dst_rel: str, mode: int, doing: str, expect: BackupFile | None = None) -> tuple[str, int]:
+    """(sha256, size): stream one file to a unique temp name beside its target, fsync, rename;
+    with ``expect``, bytes that differ from it never replace the target."""
+    parent, name = posixpath.split(dst_rel)
+    digest, size = hashlib.sha256(), 0
+    with store_errors(src.root / src_rel, doing), src.reader(src_rel) as fin, store_errors(dst.root / dst_rel, doing), dst.dir(parent, create=True) as dfd:
+        tmp = temp_name(Path(name)).name  # process-unique: two writers never share a temp file
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            try:
+                for chunk in _chunks(fin, src.root / src_rel, doing):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                os.fchmod(out, mode)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            if expect is not None and (digest.hexdigest(), size) != (expect.sha256, expect.size):
+                raise IntegrityError(f"{src.root / src_rel}: changed while it was being restored")
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.fsync(dfd)
+    return digest.hexdigest(), size
+
+
+def _read_manifest(directory: Path) -> bytes | None:
+    """The bytes of ``directory``'s manifest (never through a link), or None when there is none."""
+    tree = _Tree(directory, UsageError, "a backup's manifest is read only from a regular file")
+    with store_errors(directory / BACKUP_MANIFEST, "reading the backup"):
+        try:
+            with tree.reader(BACKUP_MANIFEST) as fd:
+                return b"".join(_chunks(fd, directory / BACKUP_MANIFEST, "reading the backup"))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+
+# -- backup ------------------------------------------------------------------------------------
+
+
+def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[BackupLink], list[BackupDir]]:
+    """(files, links, directories) relative to the root: host/, resident/, every published
+    manifest, and with ``include_models`` the files they describe. Modes are narrowed to the
+    zoo's own and links a restore would refuse are left out (with a warning), so every backup
+    restores."""
     files: list[str] = []
-    links: list[tuple[str, str]] = []
-    dirs: list[tuple[str, int]] = []
+    links: list[BackupLink] = []
+    dirs: list[BackupDir] = []
+
+    def add_link(path: Path) -> None:
+        rel, target = str(path.relative_to(zoo.root)), os.readlink(path)
+        if (why := _target_problem(rel, target)) is None:
+            links.append(BackupLink(path=rel, target=target))
+        else:
+            log.warning("not backed up: %s (%s)", zoo.root / rel, why)
+
     for top in ("host", "resident"):
         if (zoo.root / top).is_dir():
-            dirs.append((top, (zoo.root / top).stat().st_mode & 0o7777))
+            dirs.append(BackupDir(path=top, mode=(zoo.root / top).stat().st_mode & DIR_MODE | 0o700))
         for path in sorted((zoo.root / top).rglob("*")):
-            rel = str(path.relative_to(zoo.root))
             if _is_temp(path.name):
                 continue
             if path.is_symlink():
-                links.append((rel, os.readlink(path)))
+                add_link(path)
             elif path.is_dir():
-                dirs.append((rel, path.stat().st_mode & 0o7777))
+                dirs.append(BackupDir(path=str(path.relative_to(zoo.root)), mode=path.stat().st_mode & DIR_MODE | 0o700))
             elif path.is_file():
-                files.append(rel)
+                files.append(str(path.relative_to(zoo.root)))
     for kind in ("models", "loras"):
         for artifact in sorted(p for p in (zoo.root / kind).glob("*") if p.is_dir()):
             for name in ("current", "previous"):
                 if (artifact / name).is_symlink():
-                    links.append((str((artifact / name).relative_to(zoo.root)), os.readlink(artifact / name)))
+                    add_link(artifact / name)
             for version in sorted(p for p in (artifact / "versions").glob("*") if p.is_dir() and not _is_temp(p.name)):
                 if not (version / MANIFEST).is_file():
                     continue
@@ -77,142 +374,254 @@ def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[tuple[str,
     return files, links, dirs
 
 
-def _copy_hashed(src: Path, dst: Path, mode: int) -> str:
-    """Stream ``src`` to ``dst`` (temp name, fsync, rename), hashing as it goes."""
-    makedirs_durable(dst.parent, DIR_MODE)
-    tmp = temp_name(dst)
-    digest = hashlib.sha256()
-    try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            while chunk := fin.read(CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
+def _previous(dest: Path) -> dict[str, BackupFile]:
+    """What an earlier backup in ``dest`` wrote: the only files this one may replace or remove."""
+    with store_errors(dest, "backing up"):
+        if not dest.exists():
+            return {}
+        if not dest.is_dir():
+            raise UsageError(f"--to {dest}: not a directory")
+        if not any(dest.iterdir()):
+            return {}
+    data = _read_manifest(dest)
+    if data is None:
+        raise UsageError(f"{dest} is not empty and holds no {BACKUP_MANIFEST}; choose an empty directory")
+    return {entry.path: entry for entry in parse_manifest(data, str(dest / BACKUP_MANIFEST)).files}
 
 
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
+_DEST_RULE = "backup never follows links in its destination (remove it, or choose an empty directory)"
+_ZOO_READ_RULE = "backup reads the zoo only from regular files, never through links"
+
+
+def _refuse_what_is_not_ours(out: _Tree, rels: list[str], before: dict[str, BackupFile]) -> None:
+    """Before the first byte: no link on the way, and no file there that the last backup did not write."""
+    for rel in rels:
+        if (refused := out.obstacle(f"files/{rel}", "file")) is not None:
+            raise refused
+        if rel not in before and os.path.lexists(out.root / "files" / rel):
+            raise UsageError(f"{out.root / 'files' / rel}: not written by an earlier backup (not in its {BACKUP_MANIFEST}); move it away or choose an empty directory")
+
+
+def _remove(out: _Tree, rel: str) -> None:
+    """One file an earlier backup wrote and the zoo no longer has (unlinked, never followed)."""
+    parent, name = posixpath.split(f"files/{rel}")
+    with store_errors(out.root / "files" / rel, "backing up"), suppress(FileNotFoundError), out.dir(parent) as dfd:
+        os.unlink(name, dir_fd=dfd)
+
+
+def _unchanged(out: _Tree, old: BackupFile | None, st: os.stat_result) -> bool:
+    if old is None or (old.size, old.mtime_ns, old.mode) != (st.st_size, st.st_mtime_ns, st.st_mode & FILE_MODE):
+        return False
     try:
-        data = json.loads((directory / BACKUP_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("files"), list) else None
+        copy = os.lstat(out.root / "files" / old.path)
+    except OSError:
+        return False
+    return stat.S_ISREG(copy.st_mode) and copy.st_size == old.size
 
 
 def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> Summary:
     """Copy what changed since the last backup into ``dest``; the manifest goes last."""
     if dest.resolve().is_relative_to(zoo.root.resolve()):
         raise UsageError(f"--to {dest}: inside the zoo it backs up; choose another place")
-    makedirs_durable(dest, DIR_MODE)
-    before = {e["path"]: e for e in (_read_manifest(dest) or {}).get("files", [])}
+    before = _previous(dest)
     files, links, dirs = _collect(zoo, include_models)
-    entries, written, total = [], 0, 0
-    for rel in files:
-        st = (zoo.root / rel).stat()
-        old = before.get(rel)
-        target = dest / "files" / rel
-        if old and (old["size"], old["mtime_ns"], old["mode"]) == (st.st_size, st.st_mtime_ns, st.st_mode & 0o7777) and target.is_file():
-            entries.append(old)  # unchanged since the last backup: neither read nor written
-        else:
-            digest = _copy_hashed(zoo.root / rel, target, st.st_mode & 0o7777)
-            entries.append({"path": rel, "size": st.st_size, "sha256": digest, "mode": st.st_mode & 0o7777, "mtime_ns": st.st_mtime_ns})
-            written += st.st_size
-        total += st.st_size
-    applied = zoo.root / "host" / "applied-index.json"
-    manifest = {
-        "format": FORMAT, "created": now(), "host": host, "root": str(zoo.root), "include_models": include_models,
-        "index_sha256": hashlib.sha256(applied.read_bytes()).hexdigest() if applied.is_file() else None,
-        "files": entries, "links": [{"path": p, "target": t} for p, t in links],
-        "dirs": [{"path": p, "mode": m} for p, m in dirs],
-    }  # fmt: skip
-    for directory in {(dest / "files" / rel).parent for rel in files}:
-        fsync_dir(directory)
-    write_atomic(dest / BACKUP_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), 0o640)
-    fsync_dir(dest)
-    kept = set(files)
-    for stale in [p for p in (dest / "files").rglob("*") if p.is_file() and str(p.relative_to(dest / "files")) not in kept]:
-        stale.unlink()  # gone from the zoo since the last backup
-    summary = Summary(len(entries), total, written)
+    out = _Tree(dest, UsageError, _DEST_RULE)
+    source = _Tree(zoo.root, StoreError, _ZOO_READ_RULE)
+    stale = sorted(set(before) - set(files))
+    _refuse_what_is_not_ours(out, files + stale, before)
+    with store_errors(dest, "backing up"):
+        makedirs_durable(dest, DIR_MODE)
+    for rel in [s for s in stale if any(f.startswith(f"{s}/") for f in files)]:
+        _remove(out, rel)  # a file of the last backup where this one needs a directory
+    entries, created, written = [], [], 0
+    try:
+        for rel in files:
+            with store_errors(zoo.root / rel, "backing up"):
+                st = os.lstat(zoo.root / rel)
+            if _unchanged(out, before.get(rel), st):
+                entries.append(before[rel])  # unchanged since the last backup: neither read nor written
+                continue
+            created += [] if rel in before else [rel]
+            digest, size = _copy_hashed(source, rel, out, f"files/{rel}", st.st_mode & FILE_MODE, "backing up")
+            entries.append(BackupFile(path=rel, size=size, sha256=digest, mode=st.st_mode & FILE_MODE, mtime_ns=st.st_mtime_ns))
+            written += size
+        applied = zoo.root / "host" / "applied-index.json"
+        manifest = BackupManifest(
+            format=FORMAT, created=now(), host=host, root=str(zoo.root), include_models=include_models,
+            index_sha256=hashlib.sha256(applied.read_bytes()).hexdigest() if applied.is_file() else None,
+            files=entries, links=links, dirs=dirs,
+        )  # fmt: skip
+        with store_errors(dest / BACKUP_MANIFEST, "backing up"):
+            write_atomic(dest / BACKUP_MANIFEST, (json.dumps(manifest.model_dump(mode="json"), indent=1) + "\n").encode(), FILE_MODE)
+    except BaseException:
+        _forget(out, created, first=not before)
+        raise
+    for rel in stale:
+        _remove(out, rel)  # gone from the zoo since the last backup
+    summary = Summary(len(entries), sum(e.size for e in entries), written)
     # The last backup's summary stays in the zoo (not in host/: it would change what it describes).
-    write_atomic(zoo.root / BACKUP_MANIFEST, (json.dumps({"created": manifest["created"], "to": str(dest), **summary.as_dict(),
-                                                         "include_models": include_models}, indent=2) + "\n").encode(), 0o640)  # fmt: skip
+    with store_errors(zoo.root / BACKUP_MANIFEST, "backing up"):
+        write_atomic(zoo.root / BACKUP_MANIFEST, (json.dumps({"created": manifest.created, "to": str(dest), **summary.as_dict(),
+                                                             "include_models": include_models}, indent=2) + "\n").encode(), FILE_MODE)  # fmt: skip
     return summary
 
 
-def check_backup(source: Path) -> dict[str, Any]:
-    """The backup's manifest, once every file in it matches; else IntegrityError naming the files."""
-    manifest = _read_manifest(source)
-    if manifest is None:
+def _forget(out: _Tree, created: list[str], *, first: bool) -> None:
+    """After a failed backup, remove what it wrote that no manifest lists, so the next run may write
+    there again (best effort; the error that got us here is the one reported)."""
+    with suppress(OSError, ZooError):
+        if first:  # the directory was empty: everything below files/ is ours
+            with out.dir("") as fd:
+                shutil.rmtree("files", dir_fd=fd)
+            return
+        for rel in created:
+            _remove(out, rel)
+
+
+# -- check and restore ---------------------------------------------------------------------------
+
+_BACKUP_RULE = "restore reads a backup only from regular files, never through links"
+_ZOO_WRITE_RULE = "restore never writes through links in the zoo (move it away and restore again)"
+
+
+def check_backup(source: Path) -> BackupManifest:
+    """The backup's manifest, once it is well formed and every file in it matches; else UsageError
+    (a bad manifest, a link) or IntegrityError naming the files. Nothing is written."""
+    data = _read_manifest(source)
+    if data is None:
         raise UsageError(f"--from {source}: no {BACKUP_MANIFEST} (not a backup, or one that did not finish)")
+    manifest = parse_manifest(data, str(source / BACKUP_MANIFEST))
+    tree = _Tree(source, UsageError, _BACKUP_RULE)
     damaged = []
-    for entry in manifest["files"]:
-        path = source / "files" / entry["path"]
+    for entry in manifest.files:
         try:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
+            with tree.reader(f"files/{entry.path}") as fd:
+                digest, size = hashlib.sha256(), 0
+                for chunk in _chunks(fd, source / "files" / entry.path, "checking the backup"):
                     digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                damaged.append(f"{entry['path']} (sha256 {digest.hexdigest()[:12]}…, expected {entry['sha256'][:12]}…)")
-        except OSError as exc:
-            damaged.append(f"{entry['path']} ({exc.strerror or exc})")
+                    size += len(chunk)
+            if (digest.hexdigest(), size) != (entry.sha256, entry.size):
+                damaged.append(f"{entry.path} (sha256 {digest.hexdigest()[:12]}…, expected {entry.sha256[:12]}…)")
+        except (OSError, StoreError) as exc:
+            damaged.append(f"{entry.path} ({exc.strerror or exc})" if isinstance(exc, OSError) else f"{entry.path} ({exc})")
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         raise IntegrityError(f"{source}: {len(damaged)} damaged file(s), nothing restored: {'; '.join(damaged[:3])}{more}")
     return manifest
 
 
-def _put(source: Path, dst: Path, entry: dict[str, Any]) -> None:
-    """One file back from the backup, checked again as it is copied (it was checked before, too)."""
-    if _copy_hashed(source / "files" / entry["path"], dst, entry["mode"]) != entry["sha256"]:
-        dst.unlink(missing_ok=True)
-        raise IntegrityError(f"{source / 'files' / entry['path']}: changed while it was being restored")
+def _version_files(src: _Tree, version_rel: str, by_path: dict[str, BackupFile]) -> list[str] | None:
+    """The paths a backed-up version's (checked) manifest lists, or None when it has none we can use."""
+    if f"{version_rel}/{MANIFEST}" not in by_path:
+        return None
+    try:
+        with src.reader(f"files/{version_rel}/{MANIFEST}") as fd:
+            document = json.loads(b"".join(_chunks(fd, src.root / "files" / version_rel / MANIFEST, "restoring")))
+    except (OSError, ValueError, RecursionError, ZooError):
+        return None
+    listed = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in listed):
+        return None
+    return [f["path"] for f in listed]
 
 
-def restore(zoo: Zoo, source: Path, manifest: dict[str, Any]) -> Summary:
-    """Put each file of a checked backup (``check_backup``) back by rename; whole versions land by one rename."""
-    by_path = {e["path"]: e for e in manifest["files"]}
-    versions: dict[str, list[dict[str, Any]]] = {}
-    written = 0
+def _plan_restore(zoo: Zoo, src: _Tree, manifest: BackupManifest) -> tuple[list[BackupFile], dict[str, list[BackupFile]], list[str]]:
+    """(files put back one by one, whole versions put back by one rename each, versions left for apply)."""
+    by_path = {e.path: e for e in manifest.files}
+    loose: list[BackupFile] = []
+    groups: dict[str, list[BackupFile]] = {}
+    for entry in manifest.files:
+        parts = entry.path.split("/")
+        if parts[0] in ("models", "loras"):
+            groups.setdefault("/".join(parts[:4]), []).append(entry)
+        else:
+            loose.append(entry)
+    versions: dict[str, list[BackupFile]] = {}
     skipped = []
-    for directory in manifest.get("dirs", []):  # host/ and resident/ keep their modes (0750 by default)
-        (zoo.root / directory["path"]).mkdir(parents=True, exist_ok=True)
-        os.chmod(zoo.root / directory["path"], directory["mode"])
-    for rel, entry in by_path.items():
-        parts = rel.split("/")
-        if parts[0] in ("models", "loras") and len(parts) >= 5 and parts[2] == "versions":
-            versions.setdefault("/".join(parts[:4]), []).append(entry)
-            continue
-        _put(source, zoo.root / rel, entry)
-        written += entry["size"]
-    for version_rel, entries in sorted(versions.items()):
-        final = zoo.root / version_rel
-        manifest_files = json.loads((source / "files" / version_rel / MANIFEST).read_text()).get("files", [])
-        complete = all(f"{version_rel}/{f['path']}" in by_path for f in manifest_files)
-        if final.exists() or not complete:
-            if not final.exists():
-                skipped.append(version_rel)  # apply fetches it, from its source, as the index says
-            continue
-        staging = final.with_name(f"{final.name}.tmp.restore.{os.getpid()}")
+    for version_rel, entries in sorted(groups.items()):
+        if os.path.lexists(zoo.root / version_rel):
+            continue  # published already, and verified when it was
+        listed = _version_files(src, version_rel, by_path)
+        if listed is None or any(f"{version_rel}/{path}" not in by_path for path in listed):
+            skipped.append(version_rel)  # apply fetches it, from its source, as the index says
+        else:
+            versions[version_rel] = entries
+    return loose, versions, skipped
+
+
+def _put(src: _Tree, dst: _Tree, entry: BackupFile, dst_rel: str) -> int:
+    """One file back from the backup, hashed again as it is copied (it was checked before, too)."""
+    return _copy_hashed(src, f"files/{entry.path}", dst, dst_rel, entry.mode, "restoring", expect=entry)[1]
+
+
+def _put_version(src: _Tree, dst: _Tree, version_rel: str, entries: list[BackupFile]) -> int:
+    """A whole version into a staging directory of its own, then one rename: never seen half."""
+    versions_rel, version = posixpath.split(version_rel)
+    staging = f"{version}{STAGING_MARK}restore.{os.getpid()}.{secrets.token_hex(4)}"
+    written = 0
+    try:
         for entry in entries:
-            _put(source, staging / Path(entry["path"]).relative_to(version_rel), entry)
-            written += entry["size"]
-        for directory in sorted({p for p in staging.rglob("*") if p.is_dir()} | {staging}, key=lambda p: -len(p.parts)):
-            fsync_dir(directory)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
-    for link in manifest["links"]:
-        path = zoo.root / link["path"]
-        if (path.parent / link["target"]).exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_name(path)
-            os.symlink(link["target"], tmp)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-    return Summary(len(by_path), sum(e["size"] for e in by_path.values()), written, tuple(skipped))
+            written += _put(src, dst, entry, f"{versions_rel}/{staging}/{entry.path[len(version_rel) + 1:]}")
+        with store_errors(dst.root / version_rel, "restoring"), dst.dir(versions_rel) as fd:
+            os.rename(staging, version, src_dir_fd=fd, dst_dir_fd=fd)
+            os.fsync(fd)
+    except BaseException:
+        with suppress(OSError, ZooError), dst.dir(versions_rel) as fd:
+            shutil.rmtree(staging, dir_fd=fd)
+        raise
+    return written
+
+
+def _lexists_below(root: Path, rel: str) -> bool:
+    """Whether root/rel exists, looked up without following any link on the way."""
+    parts = rel.split("/")
+    try:
+        return all(stat.S_ISDIR(os.lstat(root.joinpath(*parts[:n])).st_mode) for n in range(1, len(parts))) and os.path.lexists(root / rel)
+    except OSError:
+        return False
+
+
+def _put_link(dst: _Tree, link: BackupLink) -> None:
+    """A link by rename of a temporary one; skipped while what it names is absent (apply sets it)."""
+    parent, name = posixpath.split(link.path)
+    if not _lexists_below(dst.root, posixpath.join(parent, link.target)):
+        return
+    with store_errors(dst.root / link.path, "restoring"), dst.dir(parent, create=True) as fd:
+        tmp = temp_name(Path(name)).name
+        os.symlink(link.target, tmp, dir_fd=fd)
+        try:
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        os.fsync(fd)
+
+
+def restore(zoo: Zoo, source: Path, manifest: BackupManifest) -> Summary:
+    """Put each file of a checked backup (``check_backup``) back by rename; whole versions land by one rename.
+    A link or a file where the backup needs a directory is refused before the first byte."""
+    src = _Tree(source, UsageError, _BACKUP_RULE)
+    dst = _Tree(zoo.root, StoreError, _ZOO_WRITE_RULE)
+    loose, versions, skipped = _plan_restore(zoo, src, manifest)
+    wanted: list[tuple[str, Literal["dir", "replace"]]] = [
+        *((d.path, "dir") for d in manifest.dirs), *((e.path, "replace") for e in loose),
+        *((v, "dir") for v in versions), *((link.path, "replace") for link in manifest.links),
+    ]  # fmt: skip
+    for rel, leaf in wanted:
+        if (refused := dst.obstacle(rel, leaf)) is not None:
+            raise refused
+    written = 0
+    for directory in manifest.dirs:
+        with store_errors(zoo.root / directory.path, "restoring"), dst.dir(directory.path, create=True):
+            pass
+    for entry in loose:
+        written += _put(src, dst, entry, entry.path)
+    for version_rel, entries in versions.items():
+        written += _put_version(src, dst, version_rel, entries)
+    for link in manifest.links:
+        _put_link(dst, link)
+    for directory in manifest.dirs:  # last: a directory's mode never stops its files going in
+        with store_errors(zoo.root / directory.path, "restoring"), dst.dir(directory.path) as fd:
+            os.fchmod(fd, directory.mode)
+    return Summary(len(manifest.files), sum(e.size for e in manifest.files), written, tuple(skipped))

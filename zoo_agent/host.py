@@ -1,7 +1,9 @@
 """Host state that outlives any model (issue #10): identity, the action log, imported state.
 
 `host/` holds the host's identity and whatever application state its operators keep
-there (opaque files to us); `gc` never touches it and backups always include it.
+there (opaque files to us); `gc` never touches it and backups always include it. A disk
+that is full, read-only or refuses us ends in one line naming the file (``store_errors``,
+issue #17), and every write lands by rename, so no half-written file is left.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import platform
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .durable import fsync_dir, write_atomic
-from .errors import UsageError
-from .store import Zoo, now
+from .durable import makedirs_durable, write_atomic
+from .errors import StoreError, UsageError
+from .store import DIR_MODE, FILE_MODE, Zoo, now
 
-__all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions"]
+__all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions", "store_errors"]
 
 ROTATE_BYTES = 4 << 20  # actions.jsonl is rotated past this size
 KEEP_ROTATED = 5  # actions.jsonl.1 (newest) .. actions.jsonl.5
@@ -34,15 +37,33 @@ def _identity(name: str) -> dict[str, Any]:
     return {"name": name, "id": uuid.uuid4().hex, "machine": machine, "created": now()}
 
 
+@contextmanager
+def store_errors(path: Path, doing: str) -> Iterator[None]:
+    """An OSError (ENOSPC, EACCES, EROFS, EIO) becomes one line naming ``path`` (issue #17):
+    the disk, not the user's input, failed, and a traceback would tell them nothing more."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc} while {doing}") from exc
+
+
 def init_identity(zoo: Zoo, name: str, *, force: bool = False) -> tuple[dict[str, Any], bool]:
     """(identity, created): an existing identity is kept unless ``force``; its id is what stays stable."""
     path = zoo.root / "host" / "identity.json"
     if path.exists() and not force:
-        return json.loads(path.read_text()), False
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        with store_errors(path, "reading the host identity"):
+            text = path.read_text()
+        try:
+            kept = json.loads(text)
+        except ValueError:
+            kept = None
+        if not isinstance(kept, dict):
+            raise StoreError(f"{path}: not a host identity (not a JSON object); make a new one with zoo-agent host init --force")
+        return kept, False
     identity = _identity(name)
-    write_atomic(path, (json.dumps(identity, indent=2) + "\n").encode(), 0o640)
-    fsync_dir(path.parent)
+    with store_errors(path, "writing the host identity"):
+        makedirs_durable(path.parent, DIR_MODE)
+        write_atomic(path, (json.dumps(identity, indent=2) + "\n").encode(), FILE_MODE)
     return identity, True
 
 
@@ -51,6 +72,9 @@ def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:
     Every file lands by rename, so a reader sees the old or the new file, never half."""
     if not source.is_dir():
         raise UsageError(f"--import {source}: not a directory")
+    if link := next((p for p in sorted(source.rglob("*")) if p.is_symlink()), None):
+        # Its target may be a file only root can read; a copy in host/ would be group-readable.
+        raise UsageError(f"--import {source}: {link.relative_to(source)} is a symbolic link; only regular files are imported")
     files = sorted(p for p in source.rglob("*") if p.is_file())
     host = zoo.root / "host"
     clashes = [str(p.relative_to(source)) for p in files if (host / p.relative_to(source)).exists()]
@@ -58,9 +82,9 @@ def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:
         raise UsageError(f"--import {source}: host/{clashes[0]} exists ({len(clashes)} files would be overwritten); pass --force")
     for path in files:
         target = host / path.relative_to(source)
-        target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(target, path.read_bytes(), 0o640)
-        fsync_dir(target.parent)
+        with store_errors(target, "importing host state"):
+            makedirs_durable(target.parent, DIR_MODE)
+            write_atomic(target, path.read_bytes(), FILE_MODE)
     return [str(p.relative_to(source)) for p in files]
 
 
@@ -107,7 +131,10 @@ def parse_since(text: str, now_: datetime | None = None) -> datetime:
     """'2026-11-21', '2026-11-21T08:00', or a span back from now: '30m', '2h', '7d', '1w'."""
     if m := _RELATIVE.fullmatch(text.strip()):
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
-        return (now_ or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+        try:
+            return (now_ or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+        except (OverflowError, ValueError):  # timedelta stops at 999999999 days, datetime at year 1, int() at 4300 digits
+            raise UsageError(f"--since '{text}': reaches back before the year 1; use a smaller span or a date (2026-11-21)") from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

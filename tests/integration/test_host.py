@@ -16,7 +16,7 @@ from zoo_agent import host as host_module
 
 def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False) -> str:
     """Paths, kinds, modes, link targets and contents: what 'byte-identical zoo' means (not
-    mtimes). A version fetched again has a new `verified_at` and new file mtimes and inodes in its
+    mtimes). A version fetched again has a new `verified_at` and new file mtimes, ctimes and inodes in its
     manifest (when this host checked it, for the stat-only no-op); with ``refetched`` those
     are left out, every other byte counts."""
     digest = hashlib.sha256()
@@ -33,7 +33,7 @@ def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False
             data = path.read_bytes()
             if refetched and path.name == "manifest.json":
                 manifest = {k: v for k, v in json.loads(data).items() if k != "verified_at"}
-                manifest["files"] = [{k: v for k, v in f.items() if k not in ("mtime_ns", "ino")} for f in manifest["files"]]
+                manifest["files"] = [{k: v for k, v in f.items() if k not in ("mtime_ns", "ctime_ns", "ino")} for f in manifest["files"]]
                 data = json.dumps(manifest).encode()
             digest.update(f"F {rel} {st.st_mode:o} ".encode() + hashlib.sha256(data).digest())
     return digest.hexdigest()
@@ -44,11 +44,13 @@ def zoo(world: World) -> World:
     world.artifact("m", "1", {"config.json": b'{"a": 1}', "model.safetensors": b"w" * 70_000})
     world.artifact("lo", "1", {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"l" * 5000}, kind="loras")
     assert world.run("apply").exit_code == 0
-    state = world.root / "host" / "app" / "experience.json"  # an application's own state, opaque to us
-    state.parent.mkdir(parents=True)
-    state.write_text('{"episodes": 12}')
-    (world.root / "resident" / "tenants" / "t").mkdir(parents=True)
-    (world.root / "resident" / "tenants" / "t" / "lease.json").write_text('{"requests": 3}')
+    # An application's own state, opaque to us, with the modes the zoo's own writers use
+    # (0750/0640, as the resident's sessions do); a backup narrows wider modes to these.
+    for directory in ("host/app", "resident", "resident/tenants", "resident/tenants/t"):
+        (world.root / directory).mkdir(mode=0o750, exist_ok=True)
+    for path, text in (("host/app/experience.json", '{"episodes": 12}'), ("resident/tenants/t/lease.json", '{"requests": 3}')):
+        (world.root / path).write_text(text)
+        os.chmod(world.root / path, 0o640)
     return world
 
 
