@@ -150,3 +150,32 @@ def test_a_damaged_session_fails_only_its_own_requests_with_a_4xx_naming_it(mode
         assert results[2][0] == 200 and results[2][1]["x_zoo"]["session"]["cache"] == "restored"  # the others go on
         assert results[3][0] == 200  # deleting is how a damaged session is repaired
         assert results[4][0] == 200 and results[4][1]["x_zoo"]["session"]["cache"] == "none"  # and then it starts afresh
+
+
+# -- 3. a KV cache whose tensor bytes were damaged is never used ----------------------------
+
+
+def _flip_tensor_byte(path: Path, name: str) -> None:
+    """One flipped byte inside a tensor's data: the header stays valid, safetensors loads it."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + header_len])[name]["data_offsets"]
+    data[8 + header_len + (start + end) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_cache_with_damaged_tensor_bytes_is_refused_counted_and_re_prefilled(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.integration.test_sessions import backend, reply, talk, turn
+
+    talk(backend(model_dir, tmp_path / "a"), [turn("Hello there")])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    kv = tmp_path / "b" / "kv-cache" / "s.safetensors"
+    _flip_tensor_byte(kv, "v1")
+    clean = talk(backend(model_dir, tmp_path / "a"), [turn("Tell me about the zoo")])
+    damaged = talk(backend(model_dir, tmp_path / "b"), [turn("Tell me about the zoo")])
+    assert clean[0][1]["x_zoo"]["session"]["cache"] == "restored"
+    assert damaged[0][1]["x_zoo"]["session"]["cache"] == "re-prefilled"
+    assert reply(damaged[0]) == reply(clean[0])  # the same answer as from the intact cache
+    assert "zoo:session_cache_corrupt_total 1.0" in damaged[1][1]

@@ -159,7 +159,7 @@ class Sessions:
             tensors[f"k{i}"] = layer.keys[:, :, :n].contiguous().cpu()
             tensors[f"v{i}"] = layer.values[:, :, :n].contiguous().cpu()
         meta = {"model": self.model_key, "adapter": adapter or "", "dtype": self.dtype, "tokens": str(n),
-                "ids_sha256": _ids_digest(ids[:n])}  # fmt: skip
+                "ids_sha256": _ids_digest(ids[:n]), "tensors_sha256": _tensors_digest(tensors)}  # fmt: skip
         self.kv_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         target = self.kv_dir / f"{sid}.safetensors"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -182,10 +182,16 @@ class Sessions:
                     log.info("session %s: cache is for %s/%s, serving %s/%s: re-prefilling", turn.id, meta.get("model"), meta.get("adapter") or "base",
                              self.model_key, adapter or "base")  # fmt: skip
                     return None
-                cached_ids = f.get_tensor("ids").tolist()
-                if _ids_digest(cached_ids) != meta.get("ids_sha256") or str(len(cached_ids)) != meta.get("tokens"):
-                    raise ValueError("token ids do not match their digest")
-                layers = [(f.get_tensor(f"k{i}").to(device), f.get_tensor(f"v{i}").to(device)) for i in range(config.num_hidden_layers)]
+                if not meta.get("tensors_sha256"):
+                    log.info("session %s: cache has no digest of its tensors (an older resident wrote it): re-prefilling", turn.id)
+                    return None
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            if _tensors_digest(tensors) != meta["tensors_sha256"]:
+                raise ValueError("tensor bytes do not match their digest")
+            cached_ids = tensors["ids"].tolist()
+            if _ids_digest(cached_ids) != meta.get("ids_sha256") or str(len(cached_ids)) != meta.get("tokens"):
+                raise ValueError("token ids do not match their digest")
+            layers = [(tensors[f"k{i}"].to(device), tensors[f"v{i}"].to(device)) for i in range(config.num_hidden_layers)]
             if any(k.shape[2] != len(cached_ids) or v.shape != k.shape for k, v in layers):
                 raise ValueError("layer shapes do not match the token count")
             shared = 0
@@ -208,3 +214,19 @@ class Sessions:
 
 def _ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def _tensors_digest(tensors: dict[str, Any]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (issue #17).
+
+    safetensors checks the header, not the data: a flipped bit in a key or value tensor
+    loads fine and silently changes the next answer. This digest, kept in the file's
+    metadata, is checked before a cache is used."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
