@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .durable import write_atomic
+from .durable import sweep_temps, write_atomic
 from .errors import UsageError
 from .host import init_identity
 from .observe import observe
@@ -163,6 +163,7 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         desired = target.desired()
         target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
         with target.zoo.lock(wait):
+            sweep_temps(target.zoo.root / "host")  # host state a killed run was writing (#17: no orphans)
             init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
             the_plan = plan(desired, observe(target.zoo))
             refuse_conflicts(the_plan, str(target.index))

@@ -8,15 +8,50 @@ abandons its temp file on any error (see FIELD-NOTES "Files and durability").
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "makedirs_durable", "temp_name", "write_atomic"]
+__all__ = ["fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic"]
 
 
 def temp_name(target: Path) -> Path:
     """A sibling name no other process uses: two writers never share a temp file."""
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def sweep_temps(directory: Path) -> list[str]:
+    """Remove temp files of ``write_atomic`` whose writer is dead (killed between create and
+    rename); a live writer's are left alone. Returns the names removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or _alive(int(m.group(1))):
+            continue
+        os.unlink(entry.path)
+        removed.append(entry.name)
+    if removed:
+        fsync_dir(directory)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -276,3 +276,16 @@ def test_a_root_that_cannot_be_created_is_one_line(world: World, read_only_dir: 
     result = world.raw("apply", "--root", str(root), "--index", str(world.index), "--host", "h")
     assert result.exit_code == 1
     assert _one_line(result) == f"{root}: cannot create the zoo root: Read-only file system"
+
+
+def test_apply_removes_host_state_temp_files_a_killed_run_left(world: World) -> None:
+    """A SIGKILL between write_atomic's create and rename leaves `.NAME.PID.RAND.tmp` in host/."""
+    world.artifact("m", "v1", {"config.json": b"{}"})
+    assert world.run("apply").exit_code == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    orphan = world.root / "host" / f".applied-index.json.{dead.stdout.strip()}.0123abcd.tmp"
+    orphan.write_text("half")
+    live = world.root / "host" / f".identity.json.{os.getpid()}.0123abcd.tmp"  # a live writer's: left alone
+    live.write_text("in progress")
+    assert world.run("apply").exit_code == 0
+    assert not orphan.exists() and live.exists()
