@@ -611,6 +611,10 @@ def restore(zoo: Zoo, source: Path, manifest: BackupManifest) -> Summary:
     for rel, leaf in wanted:
         if (refused := dst.obstacle(rel, leaf)) is not None:
             raise refused
+    real_root = os.path.realpath(zoo.root)
+    for link in manifest.links:  # a target below the link can still lead out through a link already there
+        if not os.path.realpath(zoo.root / posixpath.dirname(link.path) / link.target).startswith(real_root + os.sep):
+            raise StoreError(f"{zoo.root / link.path}: target '{link.target}' leads out of the zoo through a link already there; {_ZOO_WRITE_RULE}")
     written = 0
     for directory in manifest.dirs:
         with store_errors(zoo.root / directory.path, "restoring"), dst.dir(directory.path, create=True):

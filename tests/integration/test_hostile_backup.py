@@ -304,6 +304,18 @@ def test_restore_never_writes_through_a_link_in_the_zoo(zoo: World, tmp_path: Pa
     assert zoo.tree() == before and snapshot(victim) == victim_before
 
 
+def test_restore_never_makes_a_link_that_leads_out_through_one_already_there(zoo: World, tmp_path: Path, victim: Path) -> None:
+    """host/alias -> later is inside the zoo, but host/later was planted as a link to the victim (found by the fuzz test)."""
+    os.symlink("later", zoo.root / "host" / "alias")
+    bk = backed_up(zoo, tmp_path)
+    (zoo.root / "host" / "alias").unlink()
+    os.symlink(victim, zoo.root / "host" / "later")
+    before, victim_before = zoo.tree(), snapshot(victim)
+    refused(zoo.run("restore", "--from", str(bk)), 1, f"{zoo.root / 'host' / 'alias'}: target 'later' leads out of the zoo through a link "
+                                                     "already there; restore never writes through links in the zoo (move it away and restore again)")
+    assert zoo.tree() == before and snapshot(victim) == victim_before
+
+
 # -- item 5: a full, read-only or failing disk is one line, and leaves no half-written file -------
 
 
