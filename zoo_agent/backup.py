@@ -374,15 +374,16 @@ def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[BackupLink
     return files, links, dirs
 
 
-def _previous(dest: Path) -> dict[str, BackupFile]:
-    """What an earlier backup in ``dest`` wrote: the only files this one may replace or remove."""
+def _previous(dest: Path) -> dict[str, BackupFile] | None:
+    """What an earlier backup in ``dest`` wrote: the only files this one may replace or remove;
+    None for an empty (or new) directory, where everything the backup writes is its own."""
     with store_errors(dest, "backing up"):
         if not dest.exists():
-            return {}
+            return None
         if not dest.is_dir():
             raise UsageError(f"--to {dest}: not a directory")
         if not any(dest.iterdir()):
-            return {}
+            return None
     data = _read_manifest(dest)
     if data is None:
         raise UsageError(f"{dest} is not empty and holds no {BACKUP_MANIFEST}; choose an empty directory")
@@ -423,8 +424,10 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
     """Copy what changed since the last backup into ``dest``; the manifest goes last."""
     if dest.resolve().is_relative_to(zoo.root.resolve()):
         raise UsageError(f"--to {dest}: inside the zoo it backs up; choose another place")
-    before = _previous(dest)
-    files, links, dirs = _collect(zoo, include_models)
+    previous = _previous(dest)
+    before = previous or {}
+    with store_errors(zoo.root, "backing up"):
+        files, links, dirs = _collect(zoo, include_models)
     out = _Tree(dest, UsageError, _DEST_RULE)
     source = _Tree(zoo.root, StoreError, _ZOO_READ_RULE)
     stale = sorted(set(before) - set(files))
@@ -446,15 +449,16 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
             entries.append(BackupFile(path=rel, size=size, sha256=digest, mode=st.st_mode & FILE_MODE, mtime_ns=st.st_mtime_ns))
             written += size
         applied = zoo.root / "host" / "applied-index.json"
+        with store_errors(applied, "backing up"):
+            index_sha256 = hashlib.sha256(applied.read_bytes()).hexdigest() if applied.is_file() else None
         manifest = BackupManifest(
             format=FORMAT, created=now(), host=host, root=str(zoo.root), include_models=include_models,
-            index_sha256=hashlib.sha256(applied.read_bytes()).hexdigest() if applied.is_file() else None,
-            files=entries, links=links, dirs=dirs,
+            index_sha256=index_sha256, files=entries, links=links, dirs=dirs,
         )  # fmt: skip
         with store_errors(dest / BACKUP_MANIFEST, "backing up"):
             write_atomic(dest / BACKUP_MANIFEST, (json.dumps(manifest.model_dump(mode="json"), indent=1) + "\n").encode(), FILE_MODE)
     except BaseException:
-        _forget(out, created, first=not before)
+        _forget(out, created, first=previous is None)
         raise
     for rel in stale:
         _remove(out, rel)  # gone from the zoo since the last backup

@@ -383,6 +383,20 @@ def test_a_first_backup_on_a_full_disk_leaves_the_directory_reusable(zoo: World,
     assert zoo.run("backup", "--to", str(bk)).exit_code == 0
 
 
+def test_a_failed_backup_cleans_up_only_its_own_files(zoo: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest that lists no files still means the directory holds other things: never rmtree it."""
+    bk = tmp_path / "bk"
+    (bk / "files").mkdir(parents=True)
+    (bk / "backup-manifest.json").write_text(json.dumps({"format": 1, "files": []}))
+    (bk / "files" / "photo.jpg").write_bytes(b"the user's")
+    _failing(monkeypatch, "fsync", errno.ENOSPC)
+    result = zoo.run("backup", "--to", str(bk))
+    monkeypatch.undo()
+    refused(result, 1, f"{bk / 'files' / 'host' / 'actions.jsonl'}: No space left on device while backing up")
+    assert (bk / "files" / "photo.jpg").read_bytes() == b"the user's" and temp_names(bk) == []
+    assert sorted(p.name for p in bk.rglob("*") if p.is_file()) == ["backup-manifest.json", "photo.jpg"]
+
+
 def test_restore_on_a_full_disk_is_one_line_and_leaves_no_staging(zoo: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bk = backed_up(zoo, tmp_path, "--include-models")
     shutil.rmtree(zoo.root)
