@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,10 @@ def _session(sid: str, turns: int = 1) -> dict[str, Any]:
             "sampling": {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None},
             "adapter": None, "finish_reason": "length", "cache": "none"}  # fmt: skip
     return {"id": sid, "created": "2025-01-01T00:00:00Z", "updated": "2025-01-01T00:00:00Z", "turns": [dict(turn) for _ in range(turns)]}
+
+
+KEY = "s3cret-t0ken"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _one_line_error(result: Any) -> str:
@@ -179,3 +186,89 @@ def test_a_cache_with_damaged_tensor_bytes_is_refused_counted_and_re_prefilled(m
     assert damaged[0][1]["x_zoo"]["session"]["cache"] == "re-prefilled"
     assert reply(damaged[0]) == reply(clean[0])  # the same answer as from the intact cache
     assert "zoo:session_cache_corrupt_total 1.0" in damaged[1][1]
+
+
+# -- a real resident (uvicorn, h11, real sockets) shared by the HTTP tests ----------------------
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.integration.test_resident import Resident
+
+    world = World(tmp_path_factory.mktemp("served"))
+    world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
+    world.tenant = {"generation": {"temperature": 0, "max_tokens": 8}}
+    world.write_index()
+    assert world.run("apply").exit_code == 0
+    (world.tmp / "api-key").write_text(KEY + "\n")
+    r = Resident(world, "--api-key-file", str(world.tmp / "api-key"))
+    try:
+        r.notify.wait(lambda m: "READY" in m, timeout=120)
+        yield r
+    finally:
+        r.stop()
+
+
+def _raw(port: int, head: bytes, chunks: Iterator[bytes] = iter(())) -> tuple[int, dict[str, str], bytes]:
+    """One request over a plain socket (framing httpx would not send); the response is read
+    while the body is still going out, as a server may answer before the body ends."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break  # answered already
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = s.recv(65536)
+            assert piece, data
+            data += piece
+        top, _, body = data.partition(b"\r\n\r\n")
+        status_line, *header_lines = top.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+        while len(body) < int(headers.get("content-length", "0")):
+            piece = s.recv(65536)
+            if not piece:
+                break
+            body += piece
+    return int(status_line.split()[1]), headers, body
+
+
+def _head(method: str, path: str, *extra: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {KEY}", "Content-Type: application/json", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+# -- 4. the body limit holds for the bytes read, whatever the framing ----------------------------
+
+
+def test_a_chunked_body_past_the_limit_is_413_and_never_held_in_memory(served: Any) -> None:
+    pid = served.worker_pid()
+    peak = _peak_rss(pid)
+    chunk = 64 << 10
+    payload = (f"{chunk:x}\r\n".encode() + b" " * chunk + b"\r\n" for _ in range((5 << 20) // chunk))  # 5 MB, no Content-Length
+    status, headers, body = _raw(served.port, _head("POST", "/v1/completions", "Transfer-Encoding: chunked"), payload)
+    assert status == 413 and json.loads(body)["error"]["param"] == "body", body
+    assert _peak_rss(pid) - peak < 64 << 20  # it grew by 1.5 GB when only Content-Length was checked
+    declared = _raw(served.port, _head("POST", "/v1/completions", f"Content-Length: {5 << 20}"), iter([b" " * (64 << 10)]))
+    assert declared[0] == 413
+    import httpx
+
+    ok = httpx.post(served.url + "/v1/completions", json={"model": "t", "prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=60)
+    assert ok.status_code == 200  # the worker is fine
+
+
+def test_transfer_encoding_with_content_length_is_refused(served: Any) -> None:
+    smuggled = b'5\r\n{"a":\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n'
+    status, headers, body = _raw(served.port, _head("POST", "/v1/completions", "Transfer-Encoding: chunked", "Content-Length: 5"),
+                                 iter([smuggled]))  # fmt: skip
+    assert status == 400 and headers.get("connection") == "close", (status, headers, body)
+    assert json.loads(body)["error"]["code"] == "ambiguous_framing"

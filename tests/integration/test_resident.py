@@ -156,7 +156,7 @@ def test_bad_requests_name_the_field(resident: Resident) -> None:
         assert r.status_code == status, r.text
         assert r.json()["error"]["param"] == param
     big = httpx.post(resident.url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
-    assert big.status_code == 400 and big.json()["error"]["param"] == "body"
+    assert big.status_code == 413 and big.json()["error"]["param"] == "body"
 
 
 def test_sigterm_stops_cleanly(resident: Resident) -> None:

@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import AUTO, AdapterError, Generated, TransformersBackend
 from .backend import Request as GenRequest
+from .gate import Gate
 from .sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 
 __all__ = ["ServingState", "create_app"]
@@ -154,10 +156,14 @@ def create_app(state: ServingState) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return _error(400, f"{where}: {first['msg']}", param=where or None)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """OpenAI's error shape for what Starlette answers itself (a body that is not JSON or not UTF-8, no such route)."""
+        return _error(exc.status_code, f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail),
+                      param="body" if exc.status_code == 400 else None, headers=getattr(exc, "headers", None))  # fmt: skip
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return _error(400, f"body: larger than {MAX_BODY} bytes", param="body")
         if state.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not secrets.compare_digest(given.encode(), state.api_key.encode()):
@@ -166,6 +172,8 @@ def create_app(state: ServingState) -> FastAPI:
         if state.draining:
             response.headers["Connection"] = "close"  # clients move to the new worker, no reset
         return response
+
+    app.add_middleware(Gate, max_body=MAX_BODY)  # outermost: the body is bounded before anything reads it
 
     @app.get("/health")
     async def health() -> JSONResponse:

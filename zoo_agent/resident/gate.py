@@ -1,0 +1,76 @@
+"""The worker's outermost ASGI middleware: what a request must be before any route sees it (issue #17).
+
+- Framing: ``Transfer-Encoding`` together with ``Content-Length`` is refused (400, and the
+  connection closes): two framings of one body are how requests are smuggled.
+- Size: the body limit holds for the bytes actually read, whatever the framing. Checking
+  only ``Content-Length`` let a 5 MB chunked body through, and the worker grew to 1.5 GB.
+  The body is read here, at most ``max_body`` bytes, then handed to the app in one piece;
+  one byte more is a 413 (uvicorn discards the rest of that body without buffering it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["Gate"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def _reply(send: Send, status: int, message: str, *, param: str | None, code: str | None = None, close: bool = False) -> None:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Gate:
+    def __init__(self, app: App, *, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers", [])
+        lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        if lengths and any(k.lower() == b"transfer-encoding" for k, _ in headers):
+            await _reply(send, 400, "body: Transfer-Encoding and Content-Length together frame the body twice; send one of them",
+                         param="body", code="ambiguous_framing", close=True)  # fmt: skip
+            return
+        if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > self.max_body:
+            await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away before its body arrived
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large")
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body once, in one message; then the server's own receive (so a disconnect is still seen)."""
+    pending = [body]
+
+    async def replayed() -> Message:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
+        return await receive()
+
+    return replayed
