@@ -237,7 +237,8 @@ class _Tree:
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
-                    raise self.refusal("/".join([*done, name]), os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode, "a directory") from None
+                    mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                    raise self.refusal("/".join([*done, name]), mode, "a directory") from None
                 os.close(fd)
                 fd, done = child, [*done, name]
             yield fd
@@ -288,12 +289,15 @@ def _chunks(fd: int, shown: Path, doing: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _copy_hashed(src: _Tree, src_rel: str, dst: _Tree, dst_rel: str, mode: int, doing: str, expect: BackupFile | None = None) -> tuple[str, int]:
+def _copy_hashed(src: _Tree, src_rel: str, dst: _Tree, dst_rel: str, mode: int, doing: str,
+                 expect: BackupFile | None = None) -> tuple[str, int]:  # fmt: skip
     """(sha256, size): stream one file to a unique temp name beside its target, fsync, rename;
     with ``expect``, bytes that differ from it never replace the target."""
     parent, name = posixpath.split(dst_rel)
     digest, size = hashlib.sha256(), 0
-    with store_errors(src.root / src_rel, doing), src.reader(src_rel) as fin, store_errors(dst.root / dst_rel, doing), dst.dir(parent, create=True) as dfd:
+    # Each side's OSError names its own path: the innermost store_errors catches it first.
+    with store_errors(src.root / src_rel, doing), src.reader(src_rel) as fin, \
+         store_errors(dst.root / dst_rel, doing), dst.dir(parent, create=True) as dfd:  # fmt: skip
         tmp = temp_name(Path(name)).name  # process-unique: two writers never share a temp file
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
@@ -400,7 +404,8 @@ def _refuse_what_is_not_ours(out: _Tree, rels: list[str], before: dict[str, Back
         if (refused := out.obstacle(f"files/{rel}", "file")) is not None:
             raise refused
         if rel not in before and os.path.lexists(out.root / "files" / rel):
-            raise UsageError(f"{out.root / 'files' / rel}: not written by an earlier backup (not in its {BACKUP_MANIFEST}); move it away or choose an empty directory")
+            raise UsageError(f"{out.root / 'files' / rel}: not written by an earlier backup (not in its {BACKUP_MANIFEST}); "
+                             "move it away or choose an empty directory")
 
 
 def _remove(out: _Tree, rel: str) -> None:
@@ -501,13 +506,13 @@ def check_backup(source: Path) -> BackupManifest:
         try:
             with tree.reader(f"files/{entry.path}") as fd:
                 digest, size = hashlib.sha256(), 0
-                for chunk in _chunks(fd, source / "files" / entry.path, "checking the backup"):
+                while chunk := os.read(fd, CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
             if (digest.hexdigest(), size) != (entry.sha256, entry.size):
                 damaged.append(f"{entry.path} (sha256 {digest.hexdigest()[:12]}…, expected {entry.sha256[:12]}…)")
-        except (OSError, StoreError) as exc:
-            damaged.append(f"{entry.path} ({exc.strerror or exc})" if isinstance(exc, OSError) else f"{entry.path} ({exc})")
+        except OSError as exc:
+            damaged.append(f"{entry.path} ({exc.strerror or exc})")
     if damaged:
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         raise IntegrityError(f"{source}: {len(damaged)} damaged file(s), nothing restored: {'; '.join(damaged[:3])}{more}")
@@ -618,7 +623,8 @@ def restore(zoo: Zoo, source: Path, manifest: BackupManifest) -> Summary:
     real_root = os.path.realpath(zoo.root)
     for link in manifest.links:  # a target below the link can still lead out through a link already there
         if not os.path.realpath(zoo.root / posixpath.dirname(link.path) / link.target).startswith(real_root + os.sep):
-            raise StoreError(f"{zoo.root / link.path}: target '{link.target}' leads out of the zoo through a link already there; {_ZOO_WRITE_RULE}")
+            raise StoreError(f"{zoo.root / link.path}: target '{link.target}' leads out of the zoo through a link already there; "
+                             f"{_ZOO_WRITE_RULE}")
     written = 0
     for directory in manifest.dirs:
         with store_errors(zoo.root / directory.path, "restoring"), dst.dir(directory.path, create=True):
