@@ -272,3 +272,99 @@ def test_transfer_encoding_with_content_length_is_refused(served: Any) -> None:
                                  iter([smuggled]))  # fmt: skip
     assert status == 400 and headers.get("connection") == "close", (status, headers, body)
     assert json.loads(body)["error"]["code"] == "ambiguous_framing"
+
+
+# -- 5. a long session is prepared off the event loop, in time linear in the turns kept -------
+
+
+def _long_session(sid: str, turns: int) -> dict[str, Any]:
+    one = {**_session(sid)["turns"][0], "messages": [{"role": "user", "content": "Hello, how are you today?"},
+                                                      {"role": "assistant", "content": "Fine, thanks."}]}  # fmt: skip
+    return {**_session(sid), "turns": [one] * turns}
+
+
+def test_a_300_turn_session_is_prepared_off_the_loop_rendering_each_kept_turn_once(model_dir: Path, tmp_path: Path) -> None:
+    import threading
+
+    from tests.integration.test_sessions import backend, talk, turn
+
+    b = backend(model_dir, tmp_path)
+    (tmp_path / "sessions").mkdir(parents=True)
+    (tmp_path / "sessions" / "long.json").write_text(json.dumps(_long_session("long", 300)))
+    calls: list[str] = []
+    render = b.tokenizer.apply_chat_template
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        return render(*args, **kwargs)
+
+    b.tokenizer.apply_chat_template = counted
+    results = talk(b, [turn("And now?", session="long")], max_prompt_tokens=300)
+    assert results[0][0] == 200, results[0]
+    session = results[0][1]["x_zoo"]["session"]
+    kept = 300 - session["dropped_turns"]
+    assert 0 < kept < 300
+    assert threading.main_thread().name not in calls  # the event loop (the test's main thread) never renders
+    assert len(calls) <= 3 * (kept + 2), (len(calls), kept)  # dropping one turn at a time re-rendered the whole history each time
+    transcript = json.loads((tmp_path / "sessions" / "long.json").read_text())
+    assert len(transcript["turns"]) == 301 and transcript["turns"][-1]["dropped_turns"] == session["dropped_turns"]
+
+
+def _reference_prompt(tokenizer: Any, history: list[Any], new: list[dict[str, str]], budget: int) -> tuple[int, list[int]]:
+    """The former algorithm: the whole history rendered turn by turn, one turn dropped at a time."""
+
+    def ids_of(turns: list[Any]) -> list[int]:
+        messages: list[dict[str, str]] = []
+        ids: list[int] = []
+        rendered = ""
+        for prompt, done in [*(([m.model_dump() for m in t.messages[:-1]], t) for t in turns), (new, None)]:
+            messages += prompt
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if ids and text.startswith(rendered):
+                delta = tokenizer(text[len(rendered):], add_special_tokens=False)["input_ids"]
+                ids += delta[1:] if ids[-1] == tokenizer.eos_token_id and delta[:1] == [tokenizer.eos_token_id] else delta
+            else:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if done is not None:
+                ids += done.completion_ids
+                messages.append(done.messages[-1].model_dump())
+                rendered = text + done.messages[-1].content
+        return list(ids)
+
+    dropped = 0
+    while len(ids_of(history[dropped:])) > budget and dropped < len(history):
+        dropped += 1
+    return dropped, ids_of(history[dropped:])
+
+
+@pytest.mark.parametrize("template", ["append-only", "rewrites"])
+def test_the_linear_prompt_equals_the_former_one(model_dir: Path, template: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo_agent.resident.prompt import session_prompt
+    from zoo_agent.resident.transcript import SessionFile
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if template == "rewrites":  # newest first: every turn changes the text before it
+        tokenizer.chat_template = "{% for m in messages|reverse %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>"
+    eos = tokenizer.eos_token_id
+    turns = [{**_session("s")["turns"][0], "messages": [{"role": "user", "content": f"Question {i} about the zoo?"},
+                                                        {"role": "assistant", "content": f"Answer {i}."}],
+              "completion_ids": [7 + i, 8, eos] if i % 2 else [9, 10 + i]} for i in range(12)]  # fmt: skip
+    history = SessionFile.model_validate({"id": "s", "turns": turns}).turns
+    new = [{"role": "user", "content": "And the lions?"}]
+    for budget in (10, 40, 80, 150, 10_000):
+        assert session_prompt(tokenizer, history, new, budget) == _reference_prompt(tokenizer, history, new, budget), budget
+
+
+def test_the_worker_serves_a_300_turn_session_and_is_not_killed_for_it(served: Any, tmp_path: Path) -> None:
+    import httpx
+
+    (tmp_path / "long.json").write_text(json.dumps(_long_session("long-300", 300)))
+    assert served.world.raw("sessions", "import", *served.world.args(str(tmp_path / "long.json"))).exit_code == 0
+    pid = served.worker_pid()
+    body = {"model": "t", "session": "long-300", "messages": [{"role": "user", "content": "And now?"}], "max_tokens": 4}
+    answer = httpx.post(served.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["x_zoo"]["session"]["dropped_turns"] > 0
+    assert httpx.get(served.url + "/health", timeout=30).status_code == 200 and served.worker_pid() == pid

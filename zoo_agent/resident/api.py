@@ -81,6 +81,8 @@ class ServingState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The one generation thread: requests queue here, in order (max_queue bounds the wait).
     generator: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"))
+    # Sessions read and prompts tokenized, one at a time, beside the generation thread (never on the event loop).
+    preparer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prepare"))
     _counted: dict[str, int] = field(default_factory=dict)  # backend totals already added to the metrics
     exit_code: int = 0  # the worker's, when something ends it (the ollama daemon went away)
 
@@ -208,7 +210,7 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody) -> Response:
-        return _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True)
+        return await _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True)
 
     @app.get("/v1/sessions/{sid}", response_model=None)
     async def get_session(sid: str) -> Response:
@@ -229,7 +231,7 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Response:
-        return _serve(state, body, None, body.prompt, chat=False)
+        return await _serve(state, body, None, body.prompt, chat=False)
 
     return app
 
@@ -287,13 +289,9 @@ def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str
     except SessionError as exc:
         return _error(400, str(exc), param="session")
     turns = transcript.turns if transcript is not None else []
-    dropped = 0
-    while True:
-        turn = Turn(sid, messages, dropped, history=turns[dropped:], cache="none" if not turns else "pending")
-        fits = state.backend.count_tokens(GenRequest(None, "", 1, 0.0, 1.0, session=turn)) + max_tokens <= state.max_prompt_tokens
-        if fits or dropped >= len(turns):
-            return turn, Sessions.messages(transcript, dropped) + messages
-        dropped += 1
+    dropped, ids = state.backend.session_prompt(turns, messages, state.max_prompt_tokens - max_tokens)
+    turn = Turn(sid, messages, dropped, history=turns[dropped:], cache="none" if not turns else "pending", prompt_ids=ids)
+    return turn, Sessions.messages(transcript, dropped) + messages
 
 
 def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
@@ -312,7 +310,7 @@ def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
     return _error(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
 
 
-def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool) -> Response:
+async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool) -> Response:
     adapter = _adapter_for(state, body.model)
     if isinstance(adapter, JSONResponse):
         return adapter
@@ -320,6 +318,20 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
     if state.waiting + state.running > state.max_queue:
         return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
+    # Reading a session and tokenizing a long prompt take real time: never on the event loop,
+    # which must keep answering pings (a blocked loop gets the worker killed).
+    request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat)
+    if isinstance(request, JSONResponse):
+        return request
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat, request), media_type="text/event-stream")
+    return _Deferred(state, request, rid, chat)
+
+
+def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,
+             chat: bool) -> GenRequest | JSONResponse:  # fmt: skip
+    """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
     d = state.defaults
     turn = None
     if getattr(body, "session", None) is not None and messages is not None:
@@ -334,14 +346,12 @@ def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | No
         body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
+    field_name = "messages" if chat else "prompt"
     if prompt_tokens == 0:
-        return _error(400, f"{'messages' if chat else 'prompt'}: encodes to no tokens", param="messages" if chat else "prompt")
+        return _error(400, f"{field_name}: encodes to no tokens", param=field_name)
     if prompt_tokens > state.max_prompt_tokens:
-        return _error(400, f"{'messages' if chat else 'prompt'}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param="messages" if chat else "prompt")
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    if body.stream:
-        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat, request), media_type="text/event-stream")
-    return _Deferred(state, request, rid, chat)
+        return _error(400, f"{field_name}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param=field_name)
+    return request
 
 
 class _Deferred(Response):

@@ -17,7 +17,9 @@ from typing import Any
 from .adapters import AdapterError, Adapters
 from .config import WorkerConfig
 from .selection import Selector
-from .sessions import Sessions, Turn, conversation_ids
+from .prompt import conversation_ids, session_prompt
+from .sessions import Sessions, Turn
+from .transcript import SessionTurn
 
 __all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
 
@@ -182,7 +184,8 @@ class TransformersBackend:
         if request.session is not None:  # exactly the ids the earlier turns saw and produced
             import torch
 
-            ids = conversation_ids(self.tokenizer, request.session.history, request.session.new_messages)
+            turn = request.session
+            ids = turn.prompt_ids if turn.prompt_ids is not None else conversation_ids(self.tokenizer, turn.history, turn.new_messages)
             tensor = torch.tensor([ids], device=self.device)
             return {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
         if request.messages is not None:
@@ -194,6 +197,10 @@ class TransformersBackend:
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: rows of the input embedding."""
         return int(self.model.get_input_embeddings().num_embeddings)
+
+    def session_prompt(self, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int) -> tuple[int, list[int]]:
+        """(turns dropped, prompt ids): the oldest turns left out until the prompt fits ``budget``."""
+        return session_prompt(self.tokenizer, history, new_messages, budget)
 
     def count_tokens(self, request: Request) -> int:
         return int(self._inputs(request)["input_ids"].shape[1])

@@ -42,6 +42,7 @@ class Turn:
     history: list[SessionTurn] = field(default_factory=list)  # the committed turns in the prompt
     cache: str = "none"  # restored | re-prefilled | none (first turn)
     cached_tokens: int = 0
+    prompt_ids: list[int] | None = None  # built (off the event loop) when the request was accepted
 
 
 @dataclass
@@ -50,38 +51,6 @@ class SessionStats:
     reprefills: int = 0
     corrupt: int = 0
     restore_seconds: list[float] = field(default_factory=list)
-
-
-def conversation_ids(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids, built from the committed turns' own token ids.
-
-    Re-rendering an answer as text and tokenizing it again need not give the ids the model
-    produced, so a saved cache would match only a short prefix. Each turn instead extends the
-    previous turn's ids (its prompt plus its completion ids) with the tokens of the text the
-    chat template adds after the reply. The transcript alone gives the same ids, so a
-    restored cache and a re-prefill see exactly the same prompt.
-    """
-    messages: list[dict[str, str]] = []
-    ids: list[int] = []
-    rendered = ""  # the template's text for the ids so far
-    eos = tokenizer.eos_token_id
-    turns = [([m.model_dump() for m in t.messages[:-1]], t) for t in history]
-    for turn_messages, completion in [*turns, (new_messages, None)]:
-        messages += turn_messages
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if ids and text.startswith(rendered):
-            delta = tokenizer(text[len(rendered):], add_special_tokens=False)["input_ids"]
-            if ids[-1] == eos and delta[:1] == [eos]:
-                delta = delta[1:]  # the reply ended with the end token the template also writes
-            ids += delta
-        else:  # the first turn, or a template that rewrites earlier text: tokenize it whole
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if completion is not None:
-            reply = completion.messages[-1]
-            ids += completion.completion_ids
-            messages.append(reply.model_dump())
-            rendered = text + reply.content
-    return list(ids)
 
 
 class Sessions:
