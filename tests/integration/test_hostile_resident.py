@@ -368,3 +368,77 @@ def test_the_worker_serves_a_300_turn_session_and_is_not_killed_for_it(served: A
     assert answer.status_code == 200, answer.text
     assert answer.json()["x_zoo"]["session"]["dropped_turns"] > 0
     assert httpx.get(served.url + "/health", timeout=30).status_code == 200 and served.worker_pid() == pid
+
+
+# -- 6. request validation: strict types, Unicode text, seeds torch takes, stop and n ------------
+
+
+@pytest.fixture(scope="module")
+def app(model_dir: Path) -> Any:
+    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.backend import TransformersBackend
+
+    b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
+    b.load()
+    return create_app(ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}))
+
+
+def ask(app: Any, *requests: tuple[str, Any]) -> list[Any]:
+    """Requests in-process (ASGI); a body of bytes is sent as it is (for what json= would not write)."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> list[Any]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zoo", timeout=120) as client:
+            out = []
+            for path, body in requests:
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                out.append(await client.post(path, content=raw, headers={"content-type": "application/json"}))
+            return out
+
+    return asyncio.run(run())
+
+
+CHAT = {"model": "t", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "ignore_eos": True}
+BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
+    ({"seed": 2**64}, "seed"), ({"seed": 2**64, "stream": True}, "seed"), ({"seed": -1}, "seed"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": 5.0}, "max_tokens"),
+    ({"stream": "yes"}, "stream"), ({"temperature": "0.5"}, "temperature"), ({"ignore_eos": 1}, "ignore_eos"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"), ({"model": "t\udfff"}, "model"),
+    ({"session": "s\ud800"}, "session"), ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"n": 2}, "n"), ({"n": 0}, "n"), ({"n": True}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"), ({"stop": 5}, "stop"), ({"stop": ["\ud800"]}, "stop"),
+]  # fmt: skip
+
+
+def test_wrong_types_and_values_are_openai_400s_naming_the_field(app: Any) -> None:
+    responses = ask(app, *[("/v1/chat/completions", {**CHAT, **change}) for change, _ in BAD_FIELDS],
+                    ("/v1/completions", {"model": "t", "prompt": "\ud800"}), ("/v1/chat/completions", {**CHAT, "n": 1}))  # fmt: skip
+    for (change, param), r in zip([*BAD_FIELDS, ({"prompt": "\ud800"}, "prompt")], responses, strict=False):
+        assert r.status_code == 400, (change, r.status_code, r.text[:300])
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and str(error["param"]).startswith(param), (change, error)
+    assert "only n=1 is supported" in responses[[c for c, _ in BAD_FIELDS].index({"n": 2})].json()["error"]["message"]
+    assert responses[-1].status_code == 200  # n=1 is fine
+
+
+def test_stop_ends_the_text_before_the_first_stop_sequence(app: Any) -> None:
+    plain = ask(app, ("/v1/chat/completions", CHAT))[0].json()
+    text = plain["choices"][0]["message"]["content"]
+    assert len(text) > 6 and plain["choices"][0]["finish_reason"] == "length"
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    expected = text[: text.find(stop)]
+    answers = ask(app, ("/v1/chat/completions", {**CHAT, "stop": stop}), ("/v1/chat/completions", {**CHAT, "stop": ["\u2603 never", stop]}),
+                  ("/v1/chat/completions", {**CHAT, "stop": stop, "stream": True}),
+                  ("/v1/completions", {"model": "t", "prompt": "Hello", "max_tokens": 12, "ignore_eos": True}))  # fmt: skip
+    for r in answers[:2]:
+        choice = r.json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == (expected, "stop"), choice
+    events = [json.loads(line.removeprefix("data: ")) for line in answers[2].text.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and answers[2].text.rstrip().endswith("data: [DONE]")
+    completion = answers[3].json()["choices"][0]["text"]
+    stop = completion[len(completion) // 2 :][:3]
+    cut = ask(app, ("/v1/completions", {"model": "t", "prompt": "Hello", "max_tokens": 12, "ignore_eos": True, "stop": [stop]}))[0].json()
+    assert cut["choices"][0] == {**cut["choices"][0], "text": completion[: completion.find(stop)], "finish_reason": "stop"}

@@ -16,23 +16,26 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import AUTO, AdapterError, Generated, TransformersBackend
 from .backend import Request as GenRequest
 from .gate import Gate
 from .sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
+from .transcript import MAX_SEED, Text
 
 __all__ = ["ServingState", "create_app"]
 
 MAX_BODY = 1 << 20
+MAX_STOP_CHARS = 256
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -112,29 +115,49 @@ class ServingState:
         self._counted[key] = total
 
 
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore
-    model: str
+    """Strict types (``max_tokens: true`` or ``"5"`` is a 400 naming the field, never a guess), text
+    that is Unicode (a lone surrogate made a 500), a seed torch can take (2^64 made a 500) (issue #17)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # OpenAI clients send fields we ignore
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
+        default=None, description="Up to 4 sequences: the text ends before the first one generated, finish_reason 'stop'.")
+    n: int = Field(default=1, description="Completions per request; only 1 is supported.")
     ignore_eos: bool = Field(default=False, description="vLLM's extension: keep generating past end-of-sequence up to max_tokens.")
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, n: int) -> int:
+        if n != 1:
+            raise PydanticCustomError("n", "only n=1 is supported; send the request again for another completion")
+        return n
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
-    session: str | None = Field(default=None, description="Our extension: append this exchange to a session (created on first use).")
+    session: Text | None = Field(default=None, description="Our extension: append this exchange to a session (created on first use).")
 
 
 class CompletionBody(_Body):
-    prompt: str
+    prompt: Text
 
 
 class LoadLoraBody(BaseModel):
@@ -343,7 +366,7 @@ def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | 
         messages, prompt, body.max_tokens or d["max_tokens"],
         d["temperature"] if body.temperature is None else body.temperature,
         body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
-        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn,
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn, body.stops(),
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     field_name = "messages" if chat else "prompt"

@@ -17,6 +17,7 @@ from typing import Any
 from .adapters import AdapterError, Adapters
 from .config import WorkerConfig
 from .selection import Selector
+from .stops import StopFilter, criteria, cut
 from .prompt import conversation_ids, session_prompt
 from .sessions import Sessions, Turn
 from .transcript import SessionTurn
@@ -42,6 +43,7 @@ class Request:
     ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
     adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
     session: Turn | None = None  # a turn of a session: its cache is restored and the turn committed
+    stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the text ends before the first one
 
 
 AUTO = ":auto"  # choose the adapter by the request's text
@@ -66,17 +68,6 @@ class _Plain:
     @contextmanager
     def using(self, aid: str | None) -> Iterator[Any]:
         yield self.model
-
-
-def _stop_when(cancel: threading.Event | None) -> Any:
-    """Stop generating at the next token once ``cancel`` is set (a client went away)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-            return cancel is not None and cancel.is_set()
-
-    return StoppingCriteriaList([Cancelled()])
 
 
 class TransformersBackend:
@@ -217,9 +208,12 @@ class TransformersBackend:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             with torch.inference_mode(), self._model().using(aid) as model:
-                out = model.generate(**inputs, **self._sampling(request), stopping_criteria=_stop_when(cancel), **resume)
+                out = model.generate(**inputs, **self._sampling(request), stopping_criteria=self._criteria(request, result, cancel), **resume)
             self._finish(request, result, out)
             return result.text
+
+    def _criteria(self, request: Request, result: Generated, cancel: threading.Event | None) -> Any:
+        return criteria(cancel, self.tokenizer, request.stop, result.prompt_tokens)
 
     def _sampling(self, request: Request) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0,
@@ -238,6 +232,9 @@ class TransformersBackend:
         result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
             "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
         result.text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+        if (before := cut(result.text, request.stop)) is not None:
+            # The session keeps every id generated (the cache covers them); the reply's text ends before the stop.
+            result.text, result.finish_reason = before, "stop"
         if request.session is not None and self.sessions is not None:
             self._session_end(request, result, ids[0].tolist(), out.cache)
 
@@ -260,7 +257,7 @@ class TransformersBackend:
         """Commit the turn (durably, before the answer completes), then save the cache."""
         assert request.session is not None and self.sessions is not None
         sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
-                    "top_k": request.top_k, "seed": request.seed}  # fmt: skip
+                    "top_k": request.top_k, "seed": request.seed, **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
         meta = {"sampling": sampling, "adapter": result.adapter, "finish_reason": result.finish_reason, "cache": request.session.cache}
         self.sessions.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
         try:
@@ -278,7 +275,8 @@ class TransformersBackend:
             inputs = self._inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer, "stopping_criteria": _stop_when(cancel)}
+            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer,
+                                      "stopping_criteria": self._criteria(request, result, cancel)}  # fmt: skip
             output: dict[str, Any] = {}
             aid = self._resolve(request, result)
             kwargs.update(self._session_begin(request, inputs, result))
@@ -295,7 +293,12 @@ class TransformersBackend:
 
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
-            yield from streamer
+            stops = StopFilter(request.stop)
+            for piece in streamer:
+                if text := stops.feed(piece):
+                    yield text
+            if text := stops.flush():
+                yield text
             thread.join()
             if "error" in output:
                 raise output["error"]

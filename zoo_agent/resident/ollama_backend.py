@@ -75,7 +75,8 @@ class OllamaBackend:
 
     def _options(self, request: Request) -> dict[str, Any]:
         return {"num_predict": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
-                **({"top_k": request.top_k} if request.top_k else {}), **({"seed": request.seed} if request.seed is not None else {})}  # fmt: skip
+                **({"top_k": request.top_k} if request.top_k else {}), **({"seed": request.seed} if request.seed is not None else {}),
+                **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
 
     def _parts(self, request: Request, stream: bool) -> Any:
         common = {"model": self.name, "options": self._options(request), "keep_alive": KEEP_LOADED, "stream": stream}
