@@ -442,3 +442,33 @@ def test_stop_ends_the_text_before_the_first_stop_sequence(app: Any) -> None:
     stop = completion[len(completion) // 2 :][:3]
     cut = ask(app, ("/v1/completions", {"model": "t", "prompt": "Hello", "max_tokens": 12, "ignore_eos": True, "stop": [stop]}))[0].json()
     assert cut["choices"][0] == {**cut["choices"][0], "text": completion[: completion.find(stop)], "finish_reason": "stop"}
+
+
+# -- 7. a non-streaming client that goes away stops its generation ----------------------------
+
+
+def _metric(served: Any, name: str) -> float:
+    import httpx
+
+    text = httpx.get(served.url + "/metrics", timeout=30).text
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
+
+
+def _wait_for(check: Any, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the bounded wait"
+        time.sleep(0.1)
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_its_generation(served: Any) -> None:
+    cancelled = _metric(served, "zoo:request_cancelled_total")
+    body = json.dumps({"model": "t", "prompt": "Hello", "max_tokens": 4096, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as s:
+        s.sendall(_head("POST", "/v1/completions", f"Content-Length: {len(body)}") + body)
+        _wait_for(lambda: _metric(served, "zoo:num_requests_running") == 1.0)  # generating now
+    # Gone: the generation stops before its 4096 tokens (ignore_eos: a full one makes exactly that many).
+    _wait_for(lambda: _metric(served, "zoo:request_cancelled_total") == cancelled + 1)
+    _wait_for(lambda: _metric(served, "zoo:num_requests_running") == 0.0)

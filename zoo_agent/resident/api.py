@@ -8,6 +8,7 @@ GET /metrics (Prometheus; names follow vLLM's, prefixed ``zoo:``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -49,6 +50,7 @@ class Metrics:
         self.prompt_tokens = Counter("zoo:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("zoo:generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("zoo:request_success", "Finished requests.", ["finished_reason"], registry=r)
+        self.cancelled = Counter("zoo:request_cancelled", "Requests whose client went away; generation stopped early.", registry=r)
         self.running = Gauge("zoo:num_requests_running", "Requests generating now.", registry=r)
         self.waiting = Gauge("zoo:num_requests_waiting", "Requests waiting for the model.", registry=r)
         self.swap_seconds = Gauge("zoo:model_swap_seconds", "Load time of the serving version.", registry=r)
@@ -387,11 +389,26 @@ class _Deferred(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         state, request, rid, chat = self.args
         text, result = "", Generated()
-        async for piece in _pieces(state, request, stream=False):
-            if isinstance(piece, Generated):
-                result = piece
-            else:
-                text += piece
+
+        async def generate() -> None:
+            nonlocal text, result
+            async for piece in _pieces(state, request, stream=False):
+                if isinstance(piece, Generated):
+                    result = piece
+                else:
+                    text += piece
+
+        # As a StreamingResponse does: a client that goes away cancels its generation
+        # (closing _pieces sets its cancel event), instead of keeping the model busy to the end.
+        generating, gone = asyncio.ensure_future(generate()), asyncio.ensure_future(_disconnected(receive))
+        await asyncio.wait({generating, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not generating.done():
+            generating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await generating
+            return
+        gone.cancel()
+        generating.result()  # its exception, if it failed
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
@@ -402,6 +419,11 @@ class _Deferred(Response):
                     "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": usage,
                     **_x_zoo(request, result)}  # fmt: skip
         await JSONResponse(document)(scope, receive, send)
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 _END = object()
@@ -424,11 +446,16 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
         m.queue.observe(time.monotonic() - queued)
         result = Generated()
         try:
+            if cancel.is_set():  # its client left while it waited: nothing to generate
+                m.cancelled.inc()
+                return
             if stream:
                 for piece in state.backend.stream(request, result, cancel):
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
             else:
                 loop.call_soon_threadsafe(queue.put_nowait, state.backend.complete(request, result, cancel))
+            if cancel.is_set() and result.completion_tokens < request.max_tokens:
+                m.cancelled.inc()
             loop.call_soon_threadsafe(queue.put_nowait, result)
         except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
             loop.call_soon_threadsafe(queue.put_nowait, exc)
