@@ -472,3 +472,50 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_generation(served: 
     # Gone: the generation stops before its 4096 tokens (ignore_eos: a full one makes exactly that many).
     _wait_for(lambda: _metric(served, "zoo:request_cancelled_total") == cancelled + 1)
     _wait_for(lambda: _metric(served, "zoo:num_requests_running") == 0.0)
+
+
+# -- 8. the worker dies with its supervisor --------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie nobody reaped is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    import httpx
+
+    from tests.integration.test_resident import Resident
+
+    world = World(tmp_path)
+    world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
+    assert world.run("apply").exit_code == 0
+    r = Resident(world)
+    outcome: list[object] = []
+    try:
+        r.notify.wait(lambda m: "READY" in m, timeout=120)
+        worker = r.worker_pid()
+
+        def long_request() -> None:
+            try:
+                outcome.append(httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hi", "max_tokens": 4096, "ignore_eos": True},
+                                          timeout=300).status_code)  # fmt: skip
+            except httpx.HTTPError as exc:
+                outcome.append(exc)
+
+        client = threading.Thread(target=long_request)
+        client.start()
+        _wait_for(lambda: "zoo:num_requests_running 1.0" in httpx.get(r.url + "/metrics", timeout=30).text)
+        r.proc.send_signal(signal.SIGKILL)
+        r.proc.wait(timeout=30)
+        _wait_for(lambda: not _alive(worker), timeout=60)
+        client.join(timeout=300)
+    finally:
+        r.stop()
+    assert outcome and isinstance(outcome[0], httpx.HTTPError), outcome  # it did not finish the generation first

@@ -180,7 +180,8 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(self.listener.fileno()), "--control-fd", str(theirs.fileno())],
+            [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(self.listener.fileno()), "--control-fd", str(theirs.fileno()),
+             "--supervisor-pid", str(os.getpid())],
             pass_fds=(self.listener.fileno(), theirs.fileno()), env=env,
         )  # fmt: skip
         theirs.close()

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -36,11 +39,40 @@ def _receive_config(control: socket.socket) -> WorkerConfig:
     return WorkerConfig.model_validate_json(data)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_supervisor(supervisor: int) -> None:
+    """A worker must not outlive its supervisor (issue #17): re-parented to PID 1 it would keep
+    the model in memory and the listening socket open, answering beside the next resident.
+
+    The kernel kills us when the supervisor dies (prctl PR_SET_PDEATHSIG, Linux); a thread
+    watching our parent pid covers the rest (another kernel, the supervisor dying before the
+    prctl). The control socket closing also ends serving (see ``answer``).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:
+        os._exit(70)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(0.5)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="watch-supervisor", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoo-agent-worker")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--supervisor-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    _die_with_supervisor(args.supervisor_pid or os.getppid())
     control = socket.socket(fileno=args.control_fd)
     config = _receive_config(control)
     last = -1
