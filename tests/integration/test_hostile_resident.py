@@ -519,3 +519,37 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp
     finally:
         r.stop()
     assert outcome and isinstance(outcome[0], httpx.HTTPError), outcome  # it did not finish the generation first
+
+
+# -- 9. a generation that fails mid-stream ends the stream with an error event ------------------
+
+
+def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.backend import TransformersBackend
+
+    b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
+    b.load()
+    real_stream = b.stream
+
+    def failing(request: Any, result: Any, cancel: Any = None) -> Iterator[str]:
+        for piece in real_stream(request, result, cancel):
+            yield piece
+            raise RuntimeError("the device went away")  # after the first piece
+
+    def failing_complete(request: Any, result: Any, cancel: Any = None) -> str:
+        raise RuntimeError("the device went away")
+
+    b.stream, b.complete = failing, failing_complete  # type: ignore[method-assign]
+    app = create_app(ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}))
+    with caplog.at_level(logging.ERROR, logger="zoo_agent.resident"):
+        streamed, plain = ask(app, ("/v1/chat/completions", {**CHAT, "stream": True}), ("/v1/completions", {"model": "t", "prompt": "Hi"}))
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "the device went away" in error["message"]
+    assert any("content" in json.loads(e)["choices"][0]["delta"] for e in events[:-2])  # pieces came first
+    assert plain.status_code == 500 and plain.json()["error"]["code"] == "generation_failed"
+    assert any("generation failed" in r.getMessage() for r in caplog.records)

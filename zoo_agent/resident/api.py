@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -34,6 +35,8 @@ from .sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 from .transcript import MAX_SEED, Text
 
 __all__ = ["ServingState", "create_app"]
+
+log = logging.getLogger("zoo_agent.resident")
 
 MAX_BODY = 1 << 20
 MAX_STOP_CHARS = 256
@@ -408,7 +411,12 @@ class _Deferred(Response):
                 await generating
             return
         gone.cancel()
-        generating.result()  # its exception, if it failed
+        if (failed := generating.exception()) is not None:
+            if not isinstance(failed, Exception):
+                raise failed
+            status, error = _failure(failed)
+            await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            return
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
@@ -419,6 +427,17 @@ class _Deferred(Response):
                     "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": usage,
                     **_x_zoo(request, result)}  # fmt: skip
         await JSONResponse(document)(scope, receive, send)
+
+
+def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """A generation that failed, as an OpenAI error: the request's fault (an adapter that cannot
+    load, a damaged session) or ours (logged with its traceback: a bug or a broken model)."""
+    if isinstance(exc, (AdapterError, SessionError)):
+        param = "model" if isinstance(exc, AdapterError) else "session"
+        return 400, {"message": " ".join(str(exc).split())[:400], "type": "invalid_request_error", "param": param, "code": None}
+    log.error("generation failed: %s", exc, exc_info=exc)
+    message = " ".join(f"generation failed: {type(exc).__name__}: {exc}".split())[:400]
+    return 500, {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}
 
 
 async def _disconnected(receive: Any) -> None:
@@ -523,9 +542,12 @@ async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingS
 
     if chat:
         yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": state.tenant, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
-    async for piece in pieces:
-        if isinstance(piece, Generated):
-            yield chunk(None, piece.finish_reason, _x_zoo(request, piece))
-        elif piece:
-            yield chunk(piece, None)
+    try:
+        async for piece in pieces:
+            if isinstance(piece, Generated):
+                yield chunk(None, piece.finish_reason, _x_zoo(request, piece))
+            elif piece:
+                yield chunk(piece, None)
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: the failure goes into the stream
+        yield "data: " + json.dumps({"error": _failure(exc)[1]}) + "\n\n"  # as OpenAI and vLLM do, not a silent close
     yield "data: [DONE]\n\n"
