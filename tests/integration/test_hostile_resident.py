@@ -553,3 +553,39 @@ def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: 
     assert any("content" in json.loads(e)["choices"][0]["delta"] for e in events[:-2])  # pieces came first
     assert plain.status_code == 500 and plain.json()["error"]["code"] == "generation_failed"
     assert any("generation failed" in r.getMessage() for r in caplog.records)
+
+
+# -- 10. the bearer token: the scheme is required, an empty key file refused -------------------
+
+
+def test_the_bearer_scheme_is_required_and_the_token_compared_whole(served: Any) -> None:
+    import httpx
+
+    cases = {f"{KEY}": 401, f"Bearer {KEY}x": 401, f"Bearer {KEY[:-1]}": 401, f"Basic {KEY}": 401, "Bearer": 401, "": 401,
+             f"Bearer {KEY}": 200, f"bearer {KEY}": 200}  # fmt: skip
+    for header, status in cases.items():
+        r = httpx.get(served.url + "/v1/models", headers={"Authorization": header} if header else {}, timeout=30)
+        assert r.status_code == status, (header, r.text)
+        if status == 401:
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    twice = _raw(served.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    assert twice[0] == 401
+    assert httpx.get(served.url + "/health", timeout=30).status_code == 200  # health needs no token
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"", "empty"), (b"  \n\t\n", "empty"), (b"two words\n", "spaces"), (b"\xff\xfe", "not ASCII")])
+def test_an_unusable_api_key_file_refuses_to_start_in_one_line(world: World, tmp_path: Path, content: bytes, why: str) -> None:
+    from tests.integration.test_resident import _free_port
+
+    world.artifact("m", "v1", {"config.json": b"{}"})
+    (tmp_path / "key").write_bytes(content)
+    proc = world.spawn("resident", "--api-key-file", str(tmp_path / "key"), "--listen", f"127.0.0.1:{_free_port()}")
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it started serving without auth: stop it, then fail below
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0] and "--api-key-file" in lines[0], err

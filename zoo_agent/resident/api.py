@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -194,16 +193,12 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        if state.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given.encode(), state.api_key.encode()):
-                return JSONResponse({"error": {"message": "missing or wrong bearer token", "type": "authentication_error", "param": None, "code": "invalid_api_key"}}, status_code=401)
         response: Response = await call_next(request)
         if state.draining:
             response.headers["Connection"] = "close"  # clients move to the new worker, no reset
         return response
 
-    app.add_middleware(Gate, max_body=MAX_BODY)  # outermost: the body is bounded before anything reads it
+    app.add_middleware(Gate, max_body=MAX_BODY, api_key=state.api_key)  # outermost: auth and body limit before anything reads
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -6,10 +6,13 @@
   only ``Content-Length`` let a 5 MB chunked body through, and the worker grew to 1.5 GB.
   The body is read here, at most ``max_body`` bytes, then handed to the app in one piece;
   one byte more is a 413 (uvicorn discards the rest of that body without buffering it).
+- Auth: with an API key, ``/v1/*`` needs ``Authorization: Bearer <key>`` (the scheme is
+  required: a bare key was accepted), compared in constant time, checked before the body is read.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -23,10 +26,10 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _reply(send: Send, status: int, message: str, *, param: str | None, code: str | None = None, close: bool = False) -> None:
-    kind = "invalid_request_error" if status < 500 else "server_error"
+async def _reply(send: Send, status: int, message: str, *, param: str | None, code: str | None = None, close: bool = False,
+                 kind: str = "invalid_request_error", extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
     body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -34,8 +37,18 @@ async def _reply(send: Send, status: int, message: str, *, param: str | None, co
 
 
 class Gate:
-    def __init__(self, app: App, *, max_body: int) -> None:
+    def __init__(self, app: App, *, max_body: int, api_key: str | None = None) -> None:
         self.app, self.max_body = app, max_body
+        self.api_key = api_key.encode() if api_key is not None else None
+
+    def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
+        if self.api_key is None or not str(scope.get("path", "")).startswith("/v1/"):
+            return True
+        given = [v for k, v in headers if k.lower() == b"authorization"]
+        if len(given) != 1:
+            return False
+        scheme, _, token = given[0].strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,6 +62,10 @@ class Gate:
             return
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > self.max_body:
             await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large")
+            return
+        if not self._authorized(scope, headers):
+            await _reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <key>)", param=None, code="invalid_api_key",
+                         kind="authentication_error", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
             return
         body = bytearray()
         while True:

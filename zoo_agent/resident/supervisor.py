@@ -30,7 +30,7 @@ from .config import ResidentConfig, WorkerConfig
 from .notify import Notifier
 from .tenant import adapters_for, base_names, selection_for, strict_check
 
-__all__ = ["Supervisor", "listen_socket"]
+__all__ = ["Supervisor", "listen_socket", "read_api_key"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -59,6 +59,21 @@ def _rss(pid: int) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def read_api_key(path: Path) -> str:
+    """The bearer token: one line of visible ASCII. An empty file silently turned auth off (issue #17)."""
+    try:
+        key = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"--api-key-file {path}: not ASCII; a bearer token is visible ASCII characters") from None
+    except OSError as exc:
+        raise UsageError(f"--api-key-file {path}: cannot be read: {exc.strerror or exc}") from None
+    if not key:
+        raise UsageError(f"--api-key-file {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
+    if not all(33 <= ord(c) < 127 for c in key):
+        raise UsageError(f"--api-key-file {path}: the token holds spaces or control characters; a bearer token is one word")
+    return key
 
 
 def listen_socket(spec: str, api_key: str | None) -> socket.socket:
@@ -109,7 +124,7 @@ class Supervisor:
         self.config = config
         self.notify = notifier or Notifier()
         self.zoo = Zoo(config.root)
-        self.api_key = config.api_key_file.read_text().strip() if config.api_key_file else None
+        self.api_key = read_api_key(config.api_key_file) if config.api_key_file else None
         self.selector = selectors.DefaultSelector()
         self.serving: Worker | None = None
         self.incoming: Worker | None = None  # a new version loading beside the serving one
