@@ -51,3 +51,40 @@ def test_no_request_makes_a_server_error(app: object) -> None:
 
         check()
     assert 200 in seen["/v1/chat/completions"] and 400 in seen["/v1/chat/completions"], seen  # valid and invalid bodies
+
+
+def test_body_size_and_encoding_cases(app: object) -> None:
+    """What schemathesis does not generate: bodies past the limit in either framing, bytes that are not UTF-8 or not text (issue #17)."""
+    import asyncio
+    import json
+    from collections.abc import AsyncIterator
+
+    import httpx
+
+    async def chunked(total: int) -> AsyncIterator[bytes]:  # no Content-Length: httpx sends it chunked
+        for _ in range(total // (64 << 10)):
+            yield b" " * (64 << 10)
+
+    json_header = {"content-type": "application/json"}
+    ok = {"model": "t", "prompt": "Hi", "max_tokens": 2}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zoo", timeout=120) as client:  # type: ignore[arg-type]
+            post = client.post
+            return [
+                await post("/v1/completions", content=chunked(5 << 20), headers=json_header),
+                await post("/v1/chat/completions", content=b"{" + b" " * (2 << 20) + b"}", headers=json_header),
+                await post("/v1/completions", content=b'{"model": "t", "prompt": "caf\xe9"}', headers=json_header),
+                await post("/v1/completions", content=b'{"model": "t", "prompt": "\\ud800"}', headers=json_header),
+                await post("/v1/completions", content=b'{"model": "t", "prompt": "Hi"', headers=json_header),
+                await post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps(ok).encode(), headers=json_header),
+                await post("/v1/completions", content=json.dumps(ok).encode(), headers=json_header),
+            ]
+
+    too_big_chunked, too_big, latin1, surrogate, truncated, bom, fine = asyncio.run(run())
+    for r in (too_big_chunked, too_big):
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text[:200]
+    for r, param in ((latin1, "body"), (surrogate, "prompt"), (truncated, "body")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (r.status_code, r.text[:200])
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert fine.status_code == 200 and bom.status_code == 200  # RFC 8259 lets a parser ignore a byte order mark

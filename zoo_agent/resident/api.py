@@ -182,6 +182,9 @@ def create_app(state: ServingState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            return _error(400, f"body: not JSON ({reason} at character {first['loc'][-1]})", param="body")
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return _error(400, f"{where}: {first['msg']}", param=where or None)
 
