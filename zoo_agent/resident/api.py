@@ -83,6 +83,7 @@ class ServingState:
     draining: bool = False
     waiting: int = 0
     running: int = 0
+    preparing: int = 0  # event loop only
     served: int = 0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -342,11 +343,16 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
         return adapter
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
-    if state.waiting + state.running > state.max_queue:
+    if state.waiting + state.running + state.preparing > state.max_queue:
         return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
     # Reading a session and tokenizing a long prompt take real time: never on the event loop,
-    # which must keep answering pings (a blocked loop gets the worker killed).
-    request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat)
+    # which must keep answering pings (a blocked loop gets the worker killed). Requests being
+    # prepared count against the queue, so that a burst cannot pass the check all at once.
+    state.preparing += 1
+    try:
+        request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat)
+    finally:
+        state.preparing -= 1
     if isinstance(request, JSONResponse):
         return request
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

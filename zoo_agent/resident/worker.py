@@ -162,7 +162,7 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
         deadline = time.monotonic() + config.drain_seconds
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            busy = state.running + state.waiting
+            busy = state.running + state.waiting + state.preparing
             if busy:
                 quiet_since = time.monotonic()
             elif not server.server_state.connections or time.monotonic() - quiet_since > 2:
