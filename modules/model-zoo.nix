@@ -23,7 +23,7 @@ let
   cfg = config.services.model-zoo;
   json = pkgs.formats.json { };
 
-  # Every value that reaches a unit file, typed and escaped as `zoo_agent/units.py`'s
+  # Every value that reaches a unit file, typed and escaped as `zoo_agent/systemd/units.py`'s
   # `unit_value()` does (issue #17). A newline would end the directive and start another
   # (`ExecStartPre=…`), so no option that reaches a unit holds a control character.
   oneLine =
@@ -173,7 +173,7 @@ let
   # served through, that daemon: start after it.
   ollamaUnits = optionals cfg.ollama.enable [ "ollama.service" ];
 
-  # One flat block for every unit; `zoo_agent/units.py` holds the same (tests compare them).
+  # One flat block for every unit; `zoo_agent/systemd/units.py` holds the same (tests compare them).
   hardening = {
     ProtectSystem = "strict";
     ProtectHome = true;

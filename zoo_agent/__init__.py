@@ -1,6 +1,6 @@
 """model-zoo agent: validate an index, reconcile a host's zoo, serve its resident model."""
 
-from .errors import (
+from zoo_agent.errors import (
     IntegrityError,
     InvalidIndex,
     LockHeld,
@@ -10,8 +10,8 @@ from .errors import (
     UsageError,
     ZooError,
 )
-from .index import Index
-from .validate import load_index
+from zoo_agent.index.model import Index
+from zoo_agent.index.load import load_index
 
 __version__ = "0.1.0"
 

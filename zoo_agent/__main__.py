@@ -1,3 +1,3 @@
-from .cli import main
+from zoo_agent.cli.main import main
 
 main()

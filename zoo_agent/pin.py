@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import PICKLE_SUFFIXES
-from .errors import InvalidIndex, UsageError
-from .fmt import canonical_text, write_index
-from .index import LICENSES
-from .sources import FetchSettings, retried
-from .sources.file import confined
-from .store import hash_file
-from .validate import check_document, read_document
+from zoo_agent.index.checks import PICKLE_SUFFIXES
+from zoo_agent.errors import InvalidIndex, UsageError
+from zoo_agent.index.fmt import canonical_text, write_index
+from zoo_agent.index.model import LICENSES
+from zoo_agent.sources import FetchSettings, retried
+from zoo_agent.sources.file import confined
+from zoo_agent.store.zoo import hash_file
+from zoo_agent.index.load import check_document, read_document
 
 __all__ = ["Selection", "pin_directory", "pin_hf", "write_entry"]
 
@@ -65,7 +65,7 @@ def pin_hf(repo: str, revision: str, settings: FetchSettings, sel: Selection) ->
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
-    from .sources.hf import HfRepo  # importing it switches off the hub client's telemetry requests
+    from zoo_agent.sources.hf import HfRepo  # importing it switches off the hub client's telemetry requests
 
     if settings.offline:
         raise UsageError(f"hf:{repo}: pinning asks the hub, and offline mode forbids it")

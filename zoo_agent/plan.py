@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import UsageError
-from .index import FileEntry, Index, Source
+from zoo_agent.errors import UsageError
+from zoo_agent.index.model import FileEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Plan", "Seen", "Step", "Want",

@@ -145,7 +145,7 @@ class Container:
             ln -sf /usr/bin/python{version} {VENV}/bin/python
             printf 'home = /usr/bin\\ninclude-system-site-packages = false\\n' > {VENV}/pyvenv.cfg
             printf '/opt/zoo/src\\n/opt/zoo/deps\\n' > {VENV}/lib/python{version}/site-packages/zoo-e2e.pth
-            printf '#!{VENV}/bin/python\\nimport sys\\nfrom zoo_agent.cli import main\\nsys.exit(main())\\n' > {AGENT}
+            printf '#!{VENV}/bin/python\\nimport sys\\nfrom zoo_agent.cli.main import main\\nsys.exit(main())\\n' > {AGENT}
             chmod 755 {AGENT}
         """)
 

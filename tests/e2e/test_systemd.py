@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.container import AGENT, Container, build_root, missing_tools
-from zoo_agent.fmt import canonical_text
+from zoo_agent.index.fmt import canonical_text
 from zoo_agent.pin import Selection, pin_directory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]

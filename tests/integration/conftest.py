@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 
 
 @dataclass

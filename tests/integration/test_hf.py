@@ -172,7 +172,7 @@ def test_add_pins_a_hub_repository(world: World, hub: HubServer) -> None:
     assert all(f["sha256"] == hashlib.sha256(files[f["path"]]).hexdigest() for f in entry["files"])
     from click.testing import CliRunner
 
-    from zoo_agent.cli import cli
+    from zoo_agent.cli.main import cli
 
     assert CliRunner().invoke(cli, ["fmt", "--check", str(world.index)]).exit_code == 0
     second = hub.repos["org/tiny"].commit({**files, "config.json": b'{"model_type": "llama", "v": 2}'})

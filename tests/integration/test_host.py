@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import World
-from zoo_agent import host as host_module
+from zoo_agent.store import host as host_module
 
 
 def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False) -> str:

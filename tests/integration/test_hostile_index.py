@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 from tests.integration.conftest import World
 from tests.victim import make_victim, snapshot
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 
 
 def _one_line(result: Result) -> str:

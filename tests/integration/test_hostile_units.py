@@ -26,8 +26,8 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 
 from tests.victim import make_victim, snapshot
-from zoo_agent.cli import cli
-from zoo_agent.units import UnitSettings
+from zoo_agent.cli.main import cli
+from zoo_agent.systemd.units import UnitSettings
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "zoo-agent")

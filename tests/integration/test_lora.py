@@ -282,9 +282,9 @@ def test_the_resident_serves_published_adapters_and_follows_a_new_version_withou
 
 
 def test_an_adapter_whose_bytes_fail_verification_is_refused(lora_world: World) -> None:
-    from zoo_agent.index import Index
+    from zoo_agent.index.model import Index
     from zoo_agent.resident.tenant import adapters_for
-    from zoo_agent.store import Zoo
+    from zoo_agent.store.zoo import Zoo
 
     target = lora_world.root / "loras" / "code" / "versions" / "1" / "adapter_model.safetensors"
     target.chmod(0o644)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import World
-from zoo_agent import store
+from zoo_agent.store import zoo as store
 
 
 def test_apply_publishes_verified_version_with_manifest(world: World) -> None:

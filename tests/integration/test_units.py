@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zoo_agent.cli import cli
-from zoo_agent.units import UnitSettings, render
+from zoo_agent.cli.main import cli
+from zoo_agent.systemd.units import UnitSettings, render
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "zoo-agent")

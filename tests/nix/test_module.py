@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from zoo_agent.units import HARDENING, UnitSettings, render
+from zoo_agent.systemd.units import HARDENING, UnitSettings, render
 
 REPO = Path(__file__).resolve().parents[2]
 NIX_LIB = Path(os.environ.get("NIXPKGS_LIB") or REPO / ".ci" / "nixpkgs-lib" / "lib")

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import SHA_A, write_index
-from zoo_agent.cli import cli
-from zoo_agent.validate import check_document
+from zoo_agent.cli.main import cli
+from zoo_agent.index.load import check_document
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -11,7 +11,7 @@ from typing import Any
 from click.testing import CliRunner
 
 from tests.conftest import REPO, write_index
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 from zoo_agent.errors import EXIT_CODES
 
 

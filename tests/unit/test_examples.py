@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import REPO
-from zoo_agent.cli import cli
-from zoo_agent.validate import check_document
+from zoo_agent.cli.main import cli
+from zoo_agent.index.load import check_document
 
 FLEET = REPO / "examples" / "fleet.json"
 
@@ -30,8 +30,8 @@ def _stub_pointers(node: Any, at: str = "") -> list[str]:
 def test_top_level_index_is_valid_and_its_pins_are_what_the_demo_builds(tmp_path: Path) -> None:
     """index.json pins the tiny model and adapter that `zoo-agent demo` builds (byte for byte)."""
     pytest.importorskip("peft", reason="building the demo model needs the resident extra (pip install -e .[resident])")
-    from zoo_agent.demo import build_sources
-    from zoo_agent.validate import load_index
+    from zoo_agent.cli.demo import build_sources
+    from zoo_agent.index.load import load_index
 
     result = CliRunner().invoke(cli, ["validate", str(REPO / "index.json")])
     assert result.exit_code == 0, result.output

@@ -10,8 +10,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from tests.conftest import REPO
-from zoo_agent.cli import cli
-from zoo_agent.fmt import canonical_text
+from zoo_agent.cli.main import cli
+from zoo_agent.index.fmt import canonical_text
 
 
 def _shuffled(node: Any, rng: random.Random) -> Any:

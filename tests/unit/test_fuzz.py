@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import VALID_INDEX
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 from zoo_agent.errors import InvalidIndex
-from zoo_agent.validate import load_index
+from zoo_agent.index.load import load_index
 
 _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=70)
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
@@ -109,8 +109,8 @@ def test_pydantic_and_the_published_schema_agree(document: Any) -> None:
     from jsonschema import Draft202012Validator
     from pydantic import ValidationError
 
-    from zoo_agent.index import Index
-    from zoo_agent.schema import index_schema
+    from zoo_agent.index.model import Index
+    from zoo_agent.index.schema import index_schema
 
     schema_ok = Draft202012Validator(index_schema()).is_valid(document)
     try:

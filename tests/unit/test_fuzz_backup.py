@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.victim import make_victim, snapshot
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 
 VICTIM = "<victim>"  # replaced by the victim's absolute path
 _parts = st.sampled_from(["host", "resident", "models", "loras", "m", "versions", "1", "app", "x.json", "current", "previous",

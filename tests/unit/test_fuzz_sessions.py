@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 from zoo_agent.resident.transcript import SessionDamaged, parse_session
 
 VOCAB = 512

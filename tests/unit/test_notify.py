@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from zoo_agent.resident.notify import Notifier
+from zoo_agent.systemd.notify import Notifier
 
 
 def test_messages_are_single_datagrams(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import SHA_A, SHA_B
 from zoo_agent.errors import UsageError
-from zoo_agent.index import FileEntry, FileSource, Index
+from zoo_agent.index.model import FileEntry, FileSource, Index
 from zoo_agent.plan import Action, Desired, Have, Observed, Seen, Step, Want, desired_for_host, plan, plan_gc
 
 SRC = FileSource(type="file", path="src")

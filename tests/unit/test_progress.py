@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from zoo_agent import progress
+from zoo_agent.reconcile import progress
 
 
 def test_plain_progress_is_throttled(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

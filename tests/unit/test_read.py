@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zoo_agent.cli import cli
+from zoo_agent.cli.main import cli
 
 
 def _validate(path: Path | str) -> tuple[int, str]:

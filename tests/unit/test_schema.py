@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
 from tests.conftest import REPO, write_index
-from zoo_agent.cli import cli
-from zoo_agent.schema import index_schema, render_schema
+from zoo_agent.cli.main import cli
+from zoo_agent.index.schema import index_schema, render_schema
 
 
 def test_checked_in_schema_is_generated() -> None:

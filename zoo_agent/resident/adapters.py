@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AdapterConfig
+from zoo_agent.resident.config import AdapterConfig
 
 __all__ = ["AdapterError", "Adapters", "check_adapter"]
 

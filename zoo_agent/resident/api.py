@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backend import AUTO, AdapterError, Generated, TransformersBackend
-from .backend import Request as GenRequest
-from .gate import Gate
-from .sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
-from .transcript import MAX_SEED, Text
+from zoo_agent.resident.backend import AUTO, AdapterError, Generated, TransformersBackend
+from zoo_agent.resident.backend import Request as GenRequest
+from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
+from zoo_agent.resident.transcript import MAX_SEED, Text
 
 __all__ = ["ServingState", "create_app"]
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import AdapterError, Adapters
-from .config import WorkerConfig
-from .selection import Selector
-from .stops import StopFilter, criteria, cut
-from .prompt import conversation_ids, session_prompt
-from .sessions import Sessions, Turn
-from .transcript import SessionTurn
+from zoo_agent.resident.adapters import AdapterError, Adapters
+from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.selection import Selector
+from zoo_agent.resident.stops import StopFilter, criteria, cut
+from zoo_agent.resident.prompt import conversation_ids, session_prompt
+from zoo_agent.resident.sessions import Sessions, Turn
+from zoo_agent.resident.transcript import SessionTurn
 
 __all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
 

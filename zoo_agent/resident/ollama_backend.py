@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .backend import Generated, Request
+from zoo_agent.resident.backend import Generated, Request
 
 __all__ = ["OllamaBackend", "OllamaDown"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .transcript import SessionTurn
+from zoo_agent.resident.transcript import SessionTurn
 
 __all__ = ["conversation_ids", "session_prompt"]
 

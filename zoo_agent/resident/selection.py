@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import AdapterConfig
+from zoo_agent.resident.config import AdapterConfig
 
 __all__ = ["Selector", "adapter_text"]
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..durable import fsync_dir, write_atomic
-from ..store import now
-from .transcript import SESSION_ID, SessionDamaged, SessionError, SessionFile, SessionTurn, read_session, valid_id
+from zoo_agent.store.durable import fsync_dir, write_atomic
+from zoo_agent.store.zoo import now
+from zoo_agent.resident.transcript import SESSION_ID, SessionDamaged, SessionError, SessionFile, SessionTurn, read_session, valid_id
 
 __all__ = ["SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "valid_id"]
 

@@ -7,12 +7,12 @@ damaged adapter is refused with a reason; the tenant is served without it.
 
 from __future__ import annotations
 
-from ..errors import IntegrityError, UsageError
-from ..index import HfSource, Index
-from ..plan import Kind
-from ..store import Zoo
-from ..verify import verify
-from .config import AdapterConfig, SelectionConfig
+from zoo_agent.errors import IntegrityError, UsageError
+from zoo_agent.index.model import HfSource, Index
+from zoo_agent.plan import Kind
+from zoo_agent.store.zoo import Zoo
+from zoo_agent.reconcile.verify import verify
+from zoo_agent.resident.config import AdapterConfig, SelectionConfig
 
 __all__ = ["adapters_for", "base_names", "selection_for", "strict_check"]
 

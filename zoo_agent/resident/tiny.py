@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from ..fmt import canonical_text
-    from ..pin import Selection, pin_directory
+    from zoo_agent.index.fmt import canonical_text
+    from zoo_agent.pin import Selection, pin_directory
 
     parser = argparse.ArgumentParser(prog="python -m zoo_agent.resident.tiny", description=main.__doc__)
     parser.add_argument("dir", type=Path)

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from ..errors import Problem
-from ..schema import pointer
+from zoo_agent.errors import Problem
+from zoo_agent.index.schema import pointer
 
 __all__ = ["MAX_SESSION_BYTES", "SESSION_ID", "SessionDamaged", "SessionError", "SessionFile", "SessionMessage", "SessionTurn",
            "Text", "read_session", "valid_id"]  # fmt: skip

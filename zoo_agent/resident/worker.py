@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from .config import AdapterConfig, WorkerConfig
+from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 
 __all__ = ["main"]
 
@@ -87,21 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     backend: Any
     try:
         if config.backend == "ollama":
-            from .ollama_backend import OllamaBackend
+            from zoo_agent.resident.ollama_backend import OllamaBackend
 
             backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
         else:
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
-            from .backend import TransformersBackend
+            from zoo_agent.resident.backend import TransformersBackend
 
             backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
                                           device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
         backend.preread(progress)
         load_seconds = backend.load()
         if config.sessions_dir is not None and config.backend != "ollama":
-            from .sessions import Sessions
+            from zoo_agent.resident.sessions import Sessions
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
                                         template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
     import uvicorn
 
-    from .api import ServingState, create_app
+    from zoo_agent.resident.api import ServingState, create_app
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue, api_key=config.api_key)
     state.metrics.swap_seconds.set(load_seconds)
@@ -172,7 +172,7 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
 
     async def watch_daemon() -> None:
         """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
-        from .ollama_backend import OllamaDown
+        from zoo_agent.resident.ollama_backend import OllamaDown
 
         while not server.should_exit:
             await asyncio.sleep(config.health_interval)

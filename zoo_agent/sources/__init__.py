@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .. import index
-from ..errors import SourceError, UsageError
+from zoo_agent.index import model as index
+from zoo_agent.errors import SourceError, UsageError
 
 __all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "retried", "with_retries"]
 
@@ -122,19 +122,19 @@ def prepare(source: Source, item: Callable[[str, int], Callable[[int], None]]) -
 
 def open_source(spec: index.Source, index_dir: Path, settings: FetchSettings) -> Source:
     if isinstance(spec, index.FileSource):
-        from .file import FileDir
+        from zoo_agent.sources.file import FileDir
 
         return FileDir(index_dir / spec.path)
     if isinstance(spec, index.UrlSource):
         if settings.offline:
             raise SourceError(f"{spec.base_url}: offline mode (--offline / HF_HUB_OFFLINE) forbids fetching over the network")
-        from .url import UrlFiles
+        from zoo_agent.sources.url import UrlFiles
 
         return UrlFiles(spec.base_url)
     if isinstance(spec, index.HfSource):
-        from .hf import HfRepo  # imports huggingface_hub: only when something must be fetched
+        from zoo_agent.sources.hf import HfRepo  # imports huggingface_hub: only when something must be fetched
 
         return HfRepo(spec.repo, spec.revision, settings)
-    from .ollama import OllamaDaemon  # imports the ollama client: only when something must be pulled
+    from zoo_agent.sources.ollama import OllamaDaemon  # imports the ollama client: only when something must be pulled
 
     return OllamaDaemon(spec, settings)

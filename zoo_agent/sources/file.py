@@ -12,8 +12,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import SourceError
-from . import CHUNK
+from zoo_agent.errors import SourceError
+from zoo_agent.sources import CHUNK
 
 __all__ = ["FileDir", "confined"]
 

@@ -30,8 +30,8 @@ from huggingface_hub.utils import (
     hf_raise_for_status,
 )
 
-from ..errors import SourceError
-from . import CHUNK, TOKEN_HELP, FetchSettings, Transient, with_retries
+from zoo_agent.errors import SourceError
+from zoo_agent.sources import CHUNK, TOKEN_HELP, FetchSettings, Transient, with_retries
 
 __all__ = ["HfRepo"]
 
@@ -53,7 +53,7 @@ class HfRepo:
         return f"hf:{self.repo}@{self.revision[:12]}"
 
     def headers(self) -> dict[str, str]:
-        from .. import __version__
+        from zoo_agent import __version__
 
         return build_hf_headers(token=self.settings.hf_token or False, library_name="zoo-agent", library_version=__version__)
 

@@ -7,8 +7,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
-from ..errors import SourceError
-from . import CHUNK, Transient, with_retries
+from zoo_agent.errors import SourceError
+from zoo_agent.sources import CHUNK, Transient, with_retries
 
 __all__ = ["UrlFiles"]
 

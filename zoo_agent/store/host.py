@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .durable import makedirs_durable, write_atomic
-from .errors import StoreError, UsageError
-from .store import DIR_MODE, FILE_MODE, Zoo, now
+from zoo_agent.store.durable import makedirs_durable, write_atomic
+from zoo_agent.errors import StoreError, UsageError
+from zoo_agent.store.zoo import DIR_MODE, FILE_MODE, Zoo, now
 
 __all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions", "store_errors"]
 

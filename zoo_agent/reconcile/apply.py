@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
-from .index import FileEntry
-from .observe import read_manifest
-from .plan import Action, Desired, Kind, Plan, Step, Want
-from .host import append_action
-from .progress import Progress
-from .sources import FetchSettings, open_source, prepare
-from .store import PUBLISHED_MODE, Zoo, file_record, hash_file, now, write_manifest
+from zoo_agent.errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
+from zoo_agent.index.model import FileEntry
+from zoo_agent.reconcile.observe import read_manifest
+from zoo_agent.plan import Action, Desired, Kind, Plan, Step, Want
+from zoo_agent.store.host import append_action
+from zoo_agent.reconcile.progress import Progress
+from zoo_agent.sources import FetchSettings, open_source, prepare
+from zoo_agent.store.zoo import PUBLISHED_MODE, Zoo, file_record, hash_file, now, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
 

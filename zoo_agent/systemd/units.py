@@ -22,10 +22,10 @@ from typing import Any, Literal
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from . import __version__
-from .durable import fsync_dir, write_atomic
-from .errors import UsageError
-from .validate import load_index
+from zoo_agent import __version__
+from zoo_agent.store.durable import fsync_dir, write_atomic
+from zoo_agent.errors import UsageError
+from zoo_agent.index.load import load_index
 
 __all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "hidden_by_sandbox", "install", "register", "render", "sysusers", "unit_value"]
 

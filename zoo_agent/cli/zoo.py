@@ -18,19 +18,19 @@ from typing import Any
 
 import click
 
-from .durable import sweep_temps, write_atomic
-from .errors import UsageError
-from .host import init_identity
-from .observe import observe
-from .pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
-from .plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
-from .progress import make_progress
-from .reconcile import Result, apply, refuse_conflicts, rollback
-from .sources import FetchSettings
-from .status import artifact_status
-from .store import Zoo
-from .validate import load_index
-from .verify import Report, resolve, select, verify
+from zoo_agent.store.durable import sweep_temps, write_atomic
+from zoo_agent.errors import UsageError
+from zoo_agent.store.host import init_identity
+from zoo_agent.reconcile.observe import observe
+from zoo_agent.pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
+from zoo_agent.plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
+from zoo_agent.reconcile.progress import make_progress
+from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
+from zoo_agent.sources import FetchSettings
+from zoo_agent.reconcile.status import artifact_status
+from zoo_agent.store.zoo import Zoo
+from zoo_agent.index.load import load_index
+from zoo_agent.reconcile.verify import Report, resolve, select, verify
 
 __all__ = ["register"]
 
@@ -342,24 +342,24 @@ def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[
         else:
             click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")
 
-    from .resident.command import register as register_resident
+    from zoo_agent.cli.resident import register as register_resident
 
     register_resident(cli, zoo_options)
 
-    from .units import register as register_units
+    from zoo_agent.systemd.units import register as register_units
 
     register_units(cli, json_option, emit)
 
-    from .commands_host import register as register_host
+    from zoo_agent.cli.host import register as register_host
 
     register_host(cli, zoo_options, json_option, emit, _wait_option)
 
-    from .chat import register as register_chat
-    from .commands_sessions import register as register_sessions
+    from zoo_agent.cli.chat import register as register_chat
+    from zoo_agent.cli.sessions import register as register_sessions
 
     register_sessions(cli, zoo_options, json_option, emit)
     register_chat(cli)
 
-    from .demo import register as register_demo
+    from zoo_agent.cli.demo import register as register_demo
 
     register_demo(cli)

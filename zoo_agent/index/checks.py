@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import Problem
-from .index import ArtifactEntry, Index
-from .schema import pointer
+from zoo_agent.errors import Problem
+from zoo_agent.index.model import ArtifactEntry, Index
+from zoo_agent.index.schema import pointer
 
 __all__ = ["PICKLE_SUFFIXES", "placeholder_problems", "semantic_problems"]
 

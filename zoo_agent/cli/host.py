@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from .backup import backup, check_backup, restore
-from .errors import UsageError
-from .host import import_state, init_identity, parse_since, read_actions
+from zoo_agent.store.backup import backup, check_backup, restore
+from zoo_agent.errors import UsageError
+from zoo_agent.store.host import import_state, init_identity, parse_since, read_actions
 
 __all__ = ["register"]
 

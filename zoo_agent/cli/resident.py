@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import StoreError, UsageError
+from zoo_agent.errors import StoreError, UsageError
 
 __all__ = ["register"]
 
@@ -38,8 +38,8 @@ def register(cli: click.Group, zoo_options: Callable[[Callable[..., Any]], Calla
         missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
         if missing:
             raise UsageError(f"the resident needs the 'resident' extra ({', '.join(missing)} missing): pip install 'zoo-agent[resident]'")
-        from .config import ResidentConfig
-        from .supervisor import Supervisor
+        from zoo_agent.resident.config import ResidentConfig
+        from zoo_agent.resident.supervisor import Supervisor
 
         config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict)
         supervisor = Supervisor(config)

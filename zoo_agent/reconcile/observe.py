@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from .plan import Have, Kind, Observed, Seen
-from .store import MANIFEST, STAGING_MARK, Zoo, drift
+from zoo_agent.plan import Have, Kind, Observed, Seen
+from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, drift
 
 __all__ = ["observe", "read_manifest"]
 

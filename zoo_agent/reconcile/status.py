@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plan import Desired, Observed
+from zoo_agent.plan import Desired, Observed
 
 __all__ = ["artifact_status"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import click
 
-from .durable import fsync_dir, write_atomic
-from .errors import Problem, UsageError, ZooError
-from .index import ID_PATTERN
-from .resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
-from .validate import load_index
+from zoo_agent.store.durable import fsync_dir, write_atomic
+from zoo_agent.errors import Problem, UsageError, ZooError
+from zoo_agent.index.model import ID_PATTERN
+from zoo_agent.resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
+from zoo_agent.index.load import load_index
 
 __all__ = ["register"]
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .plan import human_bytes
-from .resident.notify import Notifier
+from zoo_agent.plan import human_bytes
+from zoo_agent.systemd.notify import Notifier
 
 __all__ = ["Progress", "make_progress"]
 

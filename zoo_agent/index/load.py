@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .checks import placeholder_problems, semantic_problems
-from .errors import InvalidIndex, Problem
-from .index import Index
-from .schema import pointer, structural_problems
+from zoo_agent.index.checks import placeholder_problems, semantic_problems
+from zoo_agent.errors import InvalidIndex, Problem
+from zoo_agent.index.model import Index
+from zoo_agent.index.schema import pointer, structural_problems
 
 __all__ = ["check_document", "load_index", "read_document"]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .durable import write_atomic
-from .index import FileEntry, Index
+from zoo_agent.store.durable import write_atomic
+from zoo_agent.index.model import FileEntry, Index
 
 __all__ = ["canonical_text", "diff", "write_index"]
 

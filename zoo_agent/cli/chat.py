@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .errors import SourceError, UsageError
+from zoo_agent.errors import SourceError, UsageError
 
 __all__ = ["register"]
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import click
 
-from .errors import StoreError, UsageError
-from .index import FileSource, Index
-from .pin import Selection, pin_directory
-from .validate import load_index
+from zoo_agent.errors import StoreError, UsageError
+from zoo_agent.index.model import FileSource, Index
+from zoo_agent.pin import Selection, pin_directory
+from zoo_agent.index.load import load_index
 
 __all__ = ["register"]
 
@@ -41,7 +41,7 @@ def _agent(*args: str) -> list[str]:
 
 def build_sources(idx: Index, index_dir: Path, host: str) -> list[str]:
     """Build the tenant's file-sourced model and adapters where they are missing; check them against the pins."""
-    from .resident.tiny import build_tiny_adapter, build_tiny_model
+    from zoo_agent.resident.tiny import build_tiny_adapter, build_tiny_model
 
     tenant = idx.tenants[idx.hosts[host].resident or ""]
     model = idx.models[tenant.model]

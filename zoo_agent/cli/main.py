@@ -17,11 +17,13 @@ from typing import Any
 
 import click
 
-from . import __version__, commands
-from .errors import EXIT_CODES, InvalidIndex, ZooError
-from .fmt import canonical_text, diff, write_index
-from .schema import render_schema
-from .validate import check_document, read_document
+from zoo_agent import __version__
+
+from zoo_agent.cli import zoo as commands
+from zoo_agent.errors import EXIT_CODES, InvalidIndex, ZooError
+from zoo_agent.index.fmt import canonical_text, diff, write_index
+from zoo_agent.index.schema import render_schema
+from zoo_agent.index.load import check_document, read_document
 
 __all__ = ["cli", "main"]
 

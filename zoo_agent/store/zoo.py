@@ -31,11 +31,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .durable import fsync_dir, makedirs_durable, temp_name, write_atomic
-from .errors import IntegrityError, LockHeld, StoreError, UsageError
-from .index import FileEntry
-from .plan import Kind, Want, human_bytes
-from .sources import Source
+from zoo_agent.store.durable import fsync_dir, makedirs_durable, temp_name, write_atomic
+from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
+from zoo_agent.index.model import FileEntry
+from zoo_agent.plan import Kind, Want, human_bytes
+from zoo_agent.sources import Source
 
 __all__ = [
     "DIR_MODE", "FILE_MODE", "MANIFEST", "NETWORK_FILESYSTEMS", "PUBLISHED_MODE", "Zoo", "drift", "file_record", "hash_file", "now", "write_manifest",

@@ -1,0 +1,1 @@
+"""The zoo-agent command line: the only place that exits."""

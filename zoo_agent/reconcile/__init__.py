@@ -1,0 +1,1 @@
+"""Observe the zoo, apply a plan, verify, report status and progress."""

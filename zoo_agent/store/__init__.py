@@ -1,0 +1,1 @@
+"""The zoo on disk: the layout object, durable primitives, host state, backups."""

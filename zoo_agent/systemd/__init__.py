@@ -1,0 +1,1 @@
+"""Talking to systemd: sd_notify, unit rendering and installation."""
