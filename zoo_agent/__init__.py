@@ -10,8 +10,8 @@ from zoo_agent.errors import (
     UsageError,
     ZooError,
 )
-from zoo_agent.index.model import Index
 from zoo_agent.index.load import load_index
+from zoo_agent.index.model import Index
 
 __version__ = "0.1.0"
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.index.checks import PICKLE_SUFFIXES
 from zoo_agent.errors import InvalidIndex, UsageError
+from zoo_agent.index.checks import PICKLE_SUFFIXES
 from zoo_agent.index.fmt import canonical_text, write_index
+from zoo_agent.index.load import check_document, read_document
 from zoo_agent.index.model import LICENSES
 from zoo_agent.sources import FetchSettings, retried
 from zoo_agent.sources.file import confined
 from zoo_agent.store.zoo import hash_file
-from zoo_agent.index.load import check_document, read_document
 
 __all__ = ["Selection", "pin_directory", "pin_hf", "write_entry"]
 

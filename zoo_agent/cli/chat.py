@@ -20,7 +20,7 @@ import click
 
 from zoo_agent.errors import SourceError, UsageError
 
-__all__ = ["register"]
+__all__ = ["chat_cmd", "run_chat"]
 
 HELP = "/adapter NAME (or /adapter off, /adapter auto), /new, /quit"
 
@@ -102,17 +102,15 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -
         adapter = f" · adapter {zoo['adapter']}" if zoo.get("adapter") else ""
         out.write(f"\n[{last.get('system_fingerprint')}{adapter} · session {session} · cache {info.get('cache', '-')}]\n")
 
-
-def register(cli: click.Group) -> None:
-    @cli.command("chat")
-    @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="ZOO_URL", help="The resident's address ($ZOO_URL).")
-    @click.option("--model", "tenant", default=None, help="Tenant id (default: the one the resident serves).")
-    @click.option("--session", default=None, help="Resume this session (default: a new one).")
-    @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for a resident that needs one.")
-    def chat_cmd(url: str, tenant: str | None, session: str | None, api_key_file: Path | None) -> None:
-        """Talk to the host's resident; the conversation is a session that survives restarts."""
-        api_key = api_key_file.read_text().strip() if api_key_file else None
-        client = Client(url, api_key)
-        if tenant is None:
-            tenant = next(m["id"] for m in client.get("/v1/models")["data"] if m.get("parent") is None)
-        run_chat(client, tenant, session or f"chat-{secrets.token_hex(4)}")
+@click.command("chat")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="ZOO_URL", help="The resident's address ($ZOO_URL).")
+@click.option("--model", "tenant", default=None, help="Tenant id (default: the one the resident serves).")
+@click.option("--session", default=None, help="Resume this session (default: a new one).")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for a resident that needs one.")
+def chat_cmd(url: str, tenant: str | None, session: str | None, api_key_file: Path | None) -> None:
+    """Talk to the host's resident; the conversation is a session that survives restarts."""
+    api_key = api_key_file.read_text().strip() if api_key_file else None
+    client = Client(url, api_key)
+    if tenant is None:
+        tenant = next(m["id"] for m in client.get("/v1/models")["data"] if m.get("parent") is None)
+    run_chat(client, tenant, session or f"chat-{secrets.token_hex(4)}")

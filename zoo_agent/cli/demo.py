@@ -26,11 +26,11 @@ from typing import Any
 import click
 
 from zoo_agent.errors import StoreError, UsageError
+from zoo_agent.index.load import load_index
 from zoo_agent.index.model import FileSource, Index
 from zoo_agent.pin import Selection, pin_directory
-from zoo_agent.index.load import load_index
 
-__all__ = ["register"]
+__all__ = ["build_sources", "demo_cmd"]
 
 QUESTION = "What is a model zoo?"
 
@@ -96,64 +96,62 @@ def _wait(sock: socket.socket, proc: subprocess.Popen[bytes], until: Any, timeou
             return last
     raise StoreError(f"the resident was not ready within {timeout:.0f}s: {last.get('STATUS', '')}")
 
-
-def register(cli: click.Group) -> None:
-    @cli.command("demo")
-    @click.option("--root", type=click.Path(path_type=Path), default=Path("zoo"), show_default=True, help="Where the zoo goes.")
-    @click.option("--index", type=click.Path(path_type=Path), default=Path("index.json"), show_default=True)
-    @click.option("--host", default="demo", show_default=True)
-    @click.option("--listen", default="127.0.0.1:8000", show_default=True, help="Loopback address (another port is taken if it is busy).")
-    @click.option("--keep-running", is_flag=True, help="Leave the resident running afterwards (default: stop it cleanly).")
-    def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool) -> None:
-        """Build the embedded default's model, apply it, serve it, ask it one question."""
-        idx = load_index(index, str(index))
-        if host not in idx.hosts or idx.hosts[host].resident is None:
-            raise UsageError(f"{index}: host '{host}' has no resident tenant")
-        tenant = idx.hosts[host].resident or ""
-        click.echo(f"==> building the tiny model and adapter that {index} pins")
-        built = build_sources(idx, index.resolve().parent, host)
-        click.echo(f"    {'built ' + ', '.join(built) if built else 'already built'}")
-        zoo = ["--root", str(root), "--index", str(index), "--host", host]
-        click.echo(f"==> zoo-agent apply {' '.join(zoo)}")
-        if subprocess.run(_agent("apply", *zoo), check=False).returncode != 0:
-            raise StoreError("apply failed (see above)")
-        listen = _free(listen)
-        click.echo(f"==> zoo-agent resident {' '.join(zoo)} --listen {listen}")
-        tmp = tempfile.mkdtemp(prefix="zoo-demo-")  # the notify socket and the resident's log
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(f"{tmp}/notify")
-            notify.settimeout(0.5)
-            log = open(f"{tmp}/resident.log", "wb")  # noqa: SIM115 - the resident's output, shown if it fails
-            proc = subprocess.Popen(_agent("resident", *zoo, "--listen", listen), env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=keep_running)  # fmt: skip
-            try:
-                ready = _wait(notify, proc, lambda f: "READY" in f, timeout=300)
-                click.echo(f"    ready: {ready.get('STATUS', '')}")
-                models = json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))["data"]
-                click.echo("    serving: " + ", ".join(f"{m['id']} ({m['root']})" for m in models))
-                body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": QUESTION}]}).encode()
-                request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
-                answer = json.load(urllib.request.urlopen(request, timeout=120))
-                click.echo(f"==> asked {tenant}: {QUESTION}")
-                click.echo(f"    answer ({answer['system_fingerprint']}, random tiny weights, so not much sense): {answer['choices'][0]['message']['content']!r}")
-                status = _wait(notify, proc, lambda f: "1 requests" in f.get("STATUS", ""), timeout=15)
-                click.echo(f"==> zoo-agent status {' '.join(zoo)}")
-                subprocess.run(_agent("status", *zoo), check=False)
-                click.echo("==> what `systemctl status model-zoo-resident` would show:")
-                click.echo(f'     Status: "{status.get("STATUS", "")}"')
-            except BaseException:
-                log.flush()
-                sys.stderr.write(Path(f"{tmp}/resident.log").read_text(errors="replace")[-3000:])
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
-                raise
-            finally:
-                log.close()
-            if keep_running:
-                click.echo(f"==> the resident keeps running (pid {proc.pid}) on http://{listen}, its log in {tmp}/resident.log; "
-                           f"stop it with: kill {proc.pid}")  # fmt: skip
-                return
+@click.command("demo")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("zoo"), show_default=True, help="Where the zoo goes.")
+@click.option("--index", type=click.Path(path_type=Path), default=Path("index.json"), show_default=True)
+@click.option("--host", default="demo", show_default=True)
+@click.option("--listen", default="127.0.0.1:8000", show_default=True, help="Loopback address (another port is taken if it is busy).")
+@click.option("--keep-running", is_flag=True, help="Leave the resident running afterwards (default: stop it cleanly).")
+def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool) -> None:
+    """Build the embedded default's model, apply it, serve it, ask it one question."""
+    idx = load_index(index, str(index))
+    if host not in idx.hosts or idx.hosts[host].resident is None:
+        raise UsageError(f"{index}: host '{host}' has no resident tenant")
+    tenant = idx.hosts[host].resident or ""
+    click.echo(f"==> building the tiny model and adapter that {index} pins")
+    built = build_sources(idx, index.resolve().parent, host)
+    click.echo(f"    {'built ' + ', '.join(built) if built else 'already built'}")
+    zoo = ["--root", str(root), "--index", str(index), "--host", host]
+    click.echo(f"==> zoo-agent apply {' '.join(zoo)}")
+    if subprocess.run(_agent("apply", *zoo), check=False).returncode != 0:
+        raise StoreError("apply failed (see above)")
+    listen = _free(listen)
+    click.echo(f"==> zoo-agent resident {' '.join(zoo)} --listen {listen}")
+    tmp = tempfile.mkdtemp(prefix="zoo-demo-")  # the notify socket and the resident's log
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(f"{tmp}/notify")
+        notify.settimeout(0.5)
+        log = open(f"{tmp}/resident.log", "wb")  # noqa: SIM115 - the resident's output, shown if it fails
+        proc = subprocess.Popen(_agent("resident", *zoo, "--listen", listen), env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=keep_running)  # fmt: skip
+        try:
+            ready = _wait(notify, proc, lambda f: "READY" in f, timeout=300)
+            click.echo(f"    ready: {ready.get('STATUS', '')}")
+            models = json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))["data"]
+            click.echo("    serving: " + ", ".join(f"{m['id']} ({m['root']})" for m in models))
+            body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": QUESTION}]}).encode()
+            request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
+            answer = json.load(urllib.request.urlopen(request, timeout=120))
+            click.echo(f"==> asked {tenant}: {QUESTION}")
+            click.echo(f"    answer ({answer['system_fingerprint']}, random tiny weights, so not much sense): {answer['choices'][0]['message']['content']!r}")
+            status = _wait(notify, proc, lambda f: "1 requests" in f.get("STATUS", ""), timeout=15)
+            click.echo(f"==> zoo-agent status {' '.join(zoo)}")
+            subprocess.run(_agent("status", *zoo), check=False)
+            click.echo("==> what `systemctl status model-zoo-resident` would show:")
+            click.echo(f'     Status: "{status.get("STATUS", "")}"')
+        except BaseException:
+            log.flush()
+            sys.stderr.write(Path(f"{tmp}/resident.log").read_text(errors="replace")[-3000:])
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=90)
-        shutil.rmtree(tmp, ignore_errors=True)
-        click.echo(f"==> stopped the resident cleanly (exit {code}); rerun with --keep-running to keep it serving")
+            proc.wait(timeout=60)
+            raise
+        finally:
+            log.close()
+        if keep_running:
+            click.echo(f"==> the resident keeps running (pid {proc.pid}) on http://{listen}, its log in {tmp}/resident.log; "
+                       f"stop it with: kill {proc.pid}")  # fmt: skip
+            return
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+    shutil.rmtree(tmp, ignore_errors=True)
+    click.echo(f"==> stopped the resident cleanly (exit {code}); rerun with --keep-running to keep it serving")

@@ -7,31 +7,22 @@ error is also the one JSON document on stdout.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 import click
 
 from zoo_agent import __version__
-
-from zoo_agent.cli import zoo as commands
+from zoo_agent.cli import chat, demo, host, index, resident, sessions, systemd, zoo
+from zoo_agent.cli.options import emit_json
 from zoo_agent.errors import EXIT_CODES, InvalidIndex, ZooError
-from zoo_agent.index.fmt import canonical_text, diff, write_index
-from zoo_agent.index.schema import render_schema
-from zoo_agent.index.load import check_document, read_document
 
 __all__ = ["cli", "main"]
 
 log = logging.getLogger("zoo_agent")
-
-
-def emit_json(document: Any) -> None:
-    click.echo(json.dumps(document, indent=2, sort_keys=False))
 
 
 class _Stderr(logging.Handler):
@@ -87,75 +78,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def json_option(func: Any) -> Any:
-    def remember(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-        ctx.meta["zoo.json"] = value
-        return value
-
-    return click.option(
-        "--json", "as_json", is_flag=True, expose_value=True, is_eager=True, callback=remember,
-        help="Print one JSON document on stdout.",
-    )(func)  # fmt: skip
-
-
-index_argument = click.argument(
-    "index", required=False, default="index.json", envvar="ZOO_INDEX", type=click.Path(path_type=Path, dir_okay=True)
-)
-
-
-@cli.command()
-@index_argument
-@json_option
-def validate(index: Path, as_json: bool) -> None:
-    """Check INDEX (default ./index.json or $ZOO_INDEX) against the schema and the rules."""
-    idx, problems = check_document(read_document(index, str(index)))
-    if as_json:
-        emit_json({"valid": not problems, "errors": [{"pointer": p.pointer, "message": p.message} for p in problems]})
-        if problems:
-            sys.exit(InvalidIndex.exit_code)
-        return
-    if problems:
-        raise InvalidIndex(str(index), problems)
-    assert idx is not None
-    counts = ", ".join(
-        f"{len(entries)} {kind}{'' if len(entries) == 1 else 's'}" for kind, entries in
-        (("model", idx.models), ("lora", idx.loras), ("tenant", idx.tenants), ("host", idx.hosts))
-    )  # fmt: skip
-    click.echo(f"{index}: valid ({counts})")
-
-
-@cli.command()
-def schema() -> None:
-    """Print the index's JSON Schema (the checked-in schema.json)."""
-    click.echo(render_schema(), nl=False)
-
-
-@cli.command()
-@click.option("--check", is_flag=True, help="Change nothing; exit 1 and show a diff if not canonical.")
-@index_argument
-@json_option
-def fmt(index: Path, check: bool, as_json: bool) -> None:
-    """Rewrite INDEX in canonical form (sorted ids, fixed key order, 2-space indent)."""
-    document = read_document(index, str(index))
-    before = index.read_bytes().decode("utf-8-sig")
-    after = canonical_text(document)
-    canonical = before == after
-    if as_json:
-        emit_json({"file": str(index), "canonical": canonical, "changed": not canonical and not check})
-    if check:
-        if not canonical:
-            if not as_json:
-                click.echo(diff(before, after, str(index)), nl=False)
-            click.echo(f"{index}: not in canonical form; run: zoo-agent fmt {index}", err=True)
-            sys.exit(1)
-        return
-    if not canonical:
-        write_index(index, after)
-    if not as_json:
-        click.echo(f"{index}: {'reformatted' if not canonical else 'already canonical'}")
-
-
-commands.register(cli, json_option, emit_json)
+# Every command, in the order of the data flow; each module holds one family.
+for _command in (
+    index.validate, index.schema, index.fmt, zoo.add_cmd,
+    zoo.plan_cmd, zoo.apply_cmd, zoo.status_cmd, zoo.verify_cmd, zoo.rollback_cmd, zoo.gc_cmd,
+    host.host_group, host.log_cmd, host.backup_cmd, host.restore_cmd,
+    resident.resident, sessions.sessions_group, chat.chat_cmd, systemd.systemd_group, demo.demo_cmd,
+):  # fmt: skip
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -8,73 +8,71 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from zoo_agent.cli.options import zoo_options
 from zoo_agent.errors import StoreError, UsageError
 
-__all__ = ["register"]
+__all__ = ["resident"]
 
 EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 
+@click.group("resident", invoke_without_command=True)
+@zoo_options
+@click.option("--listen", default="127.0.0.1:8000", show_default=True, envvar="ZOO_LISTEN",
+              help="host:port, or unix:/path; a socket from systemd (LISTEN_FDS) wins.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
+@click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
+              help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
+@click.pass_context
+def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | None, strict: bool) -> None:
+    """Serve the host's tenant: supervise one inference worker, report to systemd."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = target
+        return
+    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"the resident needs the 'resident' extra ({', '.join(missing)} missing): pip install 'zoo-agent[resident]'")
+    from zoo_agent.resident.config import ResidentConfig
+    from zoo_agent.resident.supervisor import Supervisor
 
-def register(cli: click.Group, zoo_options: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    @cli.group("resident", invoke_without_command=True)
-    @zoo_options
-    @click.option("--listen", default="127.0.0.1:8000", show_default=True, envvar="ZOO_LISTEN",
-                  help="host:port, or unix:/path; a socket from systemd (LISTEN_FDS) wins.")
-    @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
-    @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
-                  help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
-    @click.pass_context
-    def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | None, strict: bool) -> None:
-        """Serve the host's tenant: supervise one inference worker, report to systemd."""
-        if ctx.invoked_subcommand is not None:
-            ctx.obj = target
-            return
-        missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
-        if missing:
-            raise UsageError(f"the resident needs the 'resident' extra ({', '.join(missing)} missing): pip install 'zoo-agent[resident]'")
-        from zoo_agent.resident.config import ResidentConfig
-        from zoo_agent.resident.supervisor import Supervisor
+    config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict)
+    supervisor = Supervisor(config)
+    supervisor.install_signal_handlers()
+    sys.exit(supervisor.run())
 
-        config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict)
-        supervisor = Supervisor(config)
-        supervisor.install_signal_handlers()
-        sys.exit(supervisor.run())
-
-    @resident.command("reload")
-    @click.option("--pid", type=int, default=None, help="The resident's pid (systemd: $MAINPID); default: from the zoo.")
-    @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
-    @click.pass_obj
-    def reload(target: Any, pid: int | None, timeout: float) -> None:
-        """Swap to the current version now; return when the swap is done (for ExecReload=)."""
-        state_file = target.zoo.root / "resident" / "state.json"
-        before = _state(state_file)
-        pid = pid or before.get("pid")
-        if not pid:
-            raise UsageError(f"{state_file}: no running resident recorded; pass --pid")
-        try:
-            os.kill(int(pid), signal.SIGHUP)
-        except ProcessLookupError:
-            raise UsageError(f"no resident runs as pid {pid}") from None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            now = _state(state_file)
-            if now.get("attempts", 0) > before.get("attempts", 0) and now.get("state") == "ready":
-                if now.get("reloads", 0) > before.get("reloads", 0):
-                    click.echo(f"reloaded: serving {now.get('version')}")
-                    return
-                if now.get("last_error"):
-                    raise StoreError(now["last_error"])
-            if before.get("attempts", 0) == now.get("attempts", 0) and time.monotonic() > deadline - timeout + 5:
-                click.echo("nothing to reload: already serving the current version")
+@resident.command("reload")
+@click.option("--pid", type=int, default=None, help="The resident's pid (systemd: $MAINPID); default: from the zoo.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
+@click.pass_obj
+def reload(target: Any, pid: int | None, timeout: float) -> None:
+    """Swap to the current version now; return when the swap is done (for ExecReload=)."""
+    state_file = target.zoo.root / "resident" / "state.json"
+    before = _state(state_file)
+    pid = pid or before.get("pid")
+    if not pid:
+        raise UsageError(f"{state_file}: no running resident recorded; pass --pid")
+    try:
+        os.kill(int(pid), signal.SIGHUP)
+    except ProcessLookupError:
+        raise UsageError(f"no resident runs as pid {pid}") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _state(state_file)
+        if now.get("attempts", 0) > before.get("attempts", 0) and now.get("state") == "ready":
+            if now.get("reloads", 0) > before.get("reloads", 0):
+                click.echo(f"reloaded: serving {now.get('version')}")
                 return
-            time.sleep(0.2)
-        raise StoreError(f"reload did not finish within {timeout:.0f}s")
+            if now.get("last_error"):
+                raise StoreError(now["last_error"])
+        if before.get("attempts", 0) == now.get("attempts", 0) and time.monotonic() > deadline - timeout + 5:
+            click.echo("nothing to reload: already serving the current version")
+            return
+        time.sleep(0.2)
+    raise StoreError(f"reload did not finish within {timeout:.0f}s")
 
 
 def _state(path: Path) -> dict[str, Any]:

@@ -9,20 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from zoo_agent.store.durable import fsync_dir, write_atomic
+from zoo_agent.cli.options import emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
+from zoo_agent.index.load import load_index
 from zoo_agent.index.model import ID_PATTERN
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
-from zoo_agent.index.load import load_index
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, write_atomic
 
-__all__ = ["register"]
+__all__ = ["sessions_group"]
 
 log = logging.getLogger("zoo_agent.sessions")
 
@@ -104,110 +104,107 @@ def _id(sid: str) -> str:
     except SessionError as exc:
         raise UsageError(str(exc)) from None
 
+tenant_option = click.option("--tenant", default=None, help="Tenant id (default: the host's resident tenant).")
 
-def register(cli: click.Group, zoo_options: Callable[..., Any], json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
-    tenant_option = click.option("--tenant", default=None, help="Tenant id (default: the host's resident tenant).")
+@click.group("sessions")
+def sessions_group() -> None:
+    """Conversations kept by the resident: list, show, export, import, prune."""
 
-    @cli.group("sessions")
-    def sessions_group() -> None:
-        """Conversations kept by the resident: list, show, export, import, prune."""
+@sessions_group.command("list")
+@zoo_options
+@tenant_option
+@json_option
+def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
+    """Every session of the tenant, most recently used last."""
+    tid, base = _tenant_dir(target, tenant)
+    rows, damaged = _rows(base)
+    rows.sort(key=lambda r: r["updated"] or "")
+    if as_json:
+        emit_json({"tenant": tid, "sessions": rows, "damaged": damaged})
+        return
+    for r in rows:
+        click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
+                   f"{'  (cache)' if r['cached'] else ''}")  # fmt: skip
+    for d in damaged:
+        click.echo(f"{Path(d['file']).stem:<24} damaged (skipped): {d['error']}")
+    if not rows and not damaged:
+        click.echo(f"no sessions for tenant {tid}")
 
-    @sessions_group.command("list")
-    @zoo_options
-    @tenant_option
-    @json_option
-    def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
-        """Every session of the tenant, most recently used last."""
-        tid, base = _tenant_dir(target, tenant)
-        rows, damaged = _rows(base)
-        rows.sort(key=lambda r: r["updated"] or "")
-        if as_json:
-            emit({"tenant": tid, "sessions": rows, "damaged": damaged})
-            return
-        for r in rows:
-            click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
-                       f"{'  (cache)' if r['cached'] else ''}")  # fmt: skip
-        for d in damaged:
-            click.echo(f"{Path(d['file']).stem:<24} damaged (skipped): {d['error']}")
-        if not rows and not damaged:
-            click.echo(f"no sessions for tenant {tid}")
+@sessions_group.command("show")
+@zoo_options
+@tenant_option
+@click.argument("session_id")
+@json_option
+def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) -> None:
+    """The conversation, turn by turn."""
+    _, base = _tenant_dir(target, tenant)
+    data = _stored(base, session_id)
+    if as_json:
+        emit_json(data.document())
+        return
+    for n, turn in enumerate(data.turns, 1):
+        click.echo(f"--- turn {n} · {turn.model}{' +' + turn.adapter if turn.adapter else ''} · {turn.time}")
+        for message in turn.messages:
+            click.echo(f"{message.role}: {message.content}")
 
-    @sessions_group.command("show")
-    @zoo_options
-    @tenant_option
-    @click.argument("session_id")
-    @json_option
-    def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) -> None:
-        """The conversation, turn by turn."""
-        _, base = _tenant_dir(target, tenant)
-        data = _stored(base, session_id)
-        if as_json:
-            emit(data.document())
-            return
-        for n, turn in enumerate(data.turns, 1):
-            click.echo(f"--- turn {n} · {turn.model}{' +' + turn.adapter if turn.adapter else ''} · {turn.time}")
-            for message in turn.messages:
-                click.echo(f"{message.role}: {message.content}")
+@sessions_group.command("export")
+@zoo_options
+@tenant_option
+@click.argument("session_id")
+def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
+    """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
+    _, base = _tenant_dir(target, tenant)
+    click.echo(json.dumps(_stored(base, session_id).document(), indent=1))
 
-    @sessions_group.command("export")
-    @zoo_options
-    @tenant_option
-    @click.argument("session_id")
-    def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
-        """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
-        _, base = _tenant_dir(target, tenant)
-        click.echo(json.dumps(_stored(base, session_id).document(), indent=1))
+@sessions_group.command("import")
+@zoo_options
+@tenant_option
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace a session with the same id.")
+@json_option
+def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
+    """Add an exported transcript; the resident re-prefills it on its next turn.
 
-    @sessions_group.command("import")
-    @zoo_options
-    @tenant_option
-    @click.argument("file", type=click.Path(path_type=Path))
-    @click.option("--force", is_flag=True, help="Replace a session with the same id.")
-    @json_option
-    def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
-        """Add an exported transcript; the resident re-prefills it on its next turn.
+    The file is validated as the resident writes sessions (and its token ids against the
+    tenant's vocabulary when the zoo has the model): a damaged one is refused here, in one
+    line naming the file and the JSON pointer, not left to fail the resident later."""
+    tid, base = _tenant_dir(target, tenant)
+    data = _load(file, _vocab_size(target, tid))
+    sid = data.id
+    dest = base / "sessions" / f"{sid}.json"
+    if dest.exists() and not force:
+        raise UsageError(f"{dest}: session '{sid}' exists; pass --force to replace it")
+    dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    write_atomic(dest, (json.dumps(data.document(), indent=1) + "\n").encode(), FILE_MODE)
+    (base / "kv-cache" / f"{sid}.safetensors").unlink(missing_ok=True)  # a cache of the replaced session must not be used
+    if as_json:
+        emit_json({"tenant": tid, "id": sid, "turns": len(data.turns)})
+    else:
+        click.echo(f"imported session {sid} ({len(data.turns)} turns) for tenant {tid}")
 
-        The file is validated as the resident writes sessions (and its token ids against the
-        tenant's vocabulary when the zoo has the model): a damaged one is refused here, in one
-        line naming the file and the JSON pointer, not left to fail the resident later."""
-        tid, base = _tenant_dir(target, tenant)
-        data = _load(file, _vocab_size(target, tid))
-        sid = data.id
-        dest = base / "sessions" / f"{sid}.json"
-        if dest.exists() and not force:
-            raise UsageError(f"{dest}: session '{sid}' exists; pass --force to replace it")
-        dest.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(dest, (json.dumps(data.document(), indent=1) + "\n").encode(), 0o640)
-        fsync_dir(dest.parent)
-        (base / "kv-cache" / f"{sid}.safetensors").unlink(missing_ok=True)  # a cache of the replaced session must not be used
-        if as_json:
-            emit({"tenant": tid, "id": sid, "turns": len(data.turns)})
-        else:
-            click.echo(f"imported session {sid} ({len(data.turns)} turns) for tenant {tid}")
-
-    @sessions_group.command("prune")
-    @zoo_options
-    @tenant_option
-    @click.option("--dry-run", is_flag=True, help="Say what would be removed.")
-    @json_option
-    def prune_cmd(target: Any, tenant: str | None, dry_run: bool, as_json: bool) -> None:
-        """Apply the tenant's `sessions` retention (count and age) from the index."""
-        tid, base = _tenant_dir(target, tenant)
-        idx = load_index(target.index, str(target.index))
-        if tid not in idx.tenants:
-            raise UsageError(f"tenant '{tid}' is not in {target.index}")
-        keep = idx.tenants[tid].sessions
-        cutoff = (datetime.now(UTC) - timedelta(days=keep.max_age_days)).isoformat()
-        rows, damaged = _rows(base)  # damaged files are left for a person to look at
-        rows.sort(key=lambda r: r["updated"] or "", reverse=True)
-        doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
-        if not dry_run:
-            for sid in doomed:
-                for path in (base / "sessions" / f"{sid}.json", base / "kv-cache" / f"{sid}.safetensors"):
-                    path.unlink(missing_ok=True)
-        if as_json:
-            emit({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
-        else:
-            verb = "would remove" if dry_run else "removed"
-            click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)"
-                       + (f"; {len(damaged)} damaged skipped" if damaged else ""))  # fmt: skip
+@sessions_group.command("prune")
+@zoo_options
+@tenant_option
+@click.option("--dry-run", is_flag=True, help="Say what would be removed.")
+@json_option
+def prune_cmd(target: Any, tenant: str | None, dry_run: bool, as_json: bool) -> None:
+    """Apply the tenant's `sessions` retention (count and age) from the index."""
+    tid, base = _tenant_dir(target, tenant)
+    idx = load_index(target.index, str(target.index))
+    if tid not in idx.tenants:
+        raise UsageError(f"tenant '{tid}' is not in {target.index}")
+    keep = idx.tenants[tid].sessions
+    cutoff = (datetime.now(UTC) - timedelta(days=keep.max_age_days)).isoformat()
+    rows, damaged = _rows(base)  # damaged files are left for a person to look at
+    rows.sort(key=lambda r: r["updated"] or "", reverse=True)
+    doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
+    if not dry_run:
+        for sid in doomed:
+            for path in (base / "sessions" / f"{sid}.json", base / "kv-cache" / f"{sid}.safetensors"):
+                path.unlink(missing_ok=True)
+    if as_json:
+        emit_json({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)"
+                   + (f"; {len(damaged)} damaged skipped" if damaged else ""))  # fmt: skip

@@ -6,71 +6,30 @@ way to load the host's slice, so every command reads its inputs the same way.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from zoo_agent.store.durable import sweep_temps, write_atomic
+from zoo_agent.cli.options import Target, emit_json, fetch_options, json_option, net_option, wait_option, zoo_options
 from zoo_agent.errors import UsageError
-from zoo_agent.store.host import init_identity
-from zoo_agent.reconcile.observe import observe
 from zoo_agent.pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
-from zoo_agent.plan import Action, Desired, Plan, desired_for_host, human_bytes, plan, plan_gc
-from zoo_agent.reconcile.progress import make_progress
+from zoo_agent.plan import Action, Desired, Plan, human_bytes, plan, plan_gc
 from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
-from zoo_agent.sources import FetchSettings
+from zoo_agent.reconcile.observe import observe
+from zoo_agent.reconcile.progress import make_progress
 from zoo_agent.reconcile.status import artifact_status
-from zoo_agent.store.zoo import Zoo
-from zoo_agent.index.load import load_index
 from zoo_agent.reconcile.verify import Report, resolve, select, verify
+from zoo_agent.sources import FetchSettings
+from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
+from zoo_agent.store.host import init_identity
 
-__all__ = ["register"]
+__all__ = ["add_cmd", "apply_cmd", "gc_cmd", "plan_cmd", "rollback_cmd", "status_cmd", "verify_cmd"]
 
 log = logging.getLogger("zoo_agent")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What every zoo command works on: a root, an index, a host."""
-
-    zoo: Zoo
-    index: Path
-    host: str
-    as_json: bool
-
-    def desired(self) -> Desired:
-        idx = load_index(self.index, str(self.index))
-        try:
-            return desired_for_host(idx, self.host)
-        except UsageError:
-            short = self.host.split(".")[0]
-            if short != self.host and short.lower() in idx.hosts:
-                return desired_for_host(idx, short)
-            raise
-
-
-def _default_host() -> str:
-    return socket.gethostname().lower()
-
-
-def zoo_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    @click.option("--root", type=click.Path(path_type=Path), envvar="ZOO_ROOT", default="/var/lib/model-zoo", show_default=True, help="The zoo's directory ($ZOO_ROOT).")
-    @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True, help="The index ($ZOO_INDEX).")
-    @click.option("--host", envvar="ZOO_HOST", default=None, help="Host id in the index ($ZOO_HOST; default: this machine's hostname).")
-    @functools.wraps(func)
-    def wrapper(root: Path, index_path: Path, host: str | None, **kwargs: Any) -> Any:
-        target = Target(Zoo(root), index_path, host or _default_host(), bool(kwargs.get("as_json")))
-        return func(target, **kwargs)
-
-    return wrapper
 
 
 def _remember_index(target: Target) -> None:
@@ -78,29 +37,7 @@ def _remember_index(target: Target) -> None:
     data = target.index.read_bytes()
     path = target.zoo.root / "host" / "applied-index.json"
     if not path.is_file() or path.read_bytes() != data:
-        write_atomic(path, data, 0o640)
-
-
-def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--wait", type=click.FloatRange(min=0), default=0.0, help="Seconds to wait for another run's lock (else exit 75).")(func)
-
-
-def _fetch_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """How to reach sources: a hub token file and offline mode. The token itself is never echoed."""
-
-    @click.option("--hf-token-file", type=click.Path(path_type=Path), default=None,
-                  help="File holding a Hugging Face token (else $CREDENTIALS_DIRECTORY/hf-token, else HF_TOKEN).")
-    @click.option("--offline", is_flag=True, help="No network at all (also HF_HUB_OFFLINE=1); what is missing is reported.")
-    @functools.wraps(func)
-    def wrapper(*args: Any, hf_token_file: Path | None, offline: bool, **kwargs: Any) -> Any:
-        jobs = kwargs.get("jobs") or 4
-        return func(*args, fetching=FetchSettings.from_environment(hf_token_file, offline, jobs), **kwargs)
-
-    return wrapper
-
-
-def _net_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--allow-network-fs", is_flag=True, help="Allow a zoo on NFS/CIFS/Lustre (locks and renames are not trustworthy there).")(func)
+        write_atomic(path, data, FILE_MODE)
 
 
 def _step_rows(plan_: Plan) -> list[dict[str, Any]]:
@@ -114,7 +51,7 @@ def _result_rows(result: Result) -> list[dict[str, Any]]:
     } for o in result.outcomes]  # fmt: skip
 
 
-def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[Any], None], what: str, fetching: FetchSettings | None = None) -> None:
+def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetching: FetchSettings | None = None) -> None:
     total = sum(s.size for s in the_plan if s.action is Action.FETCH)
     progress = make_progress(total, machine_output=target.as_json)
     result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching)
@@ -122,7 +59,7 @@ def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[
     progress.notifier.status(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed" if failures
                              else f"{what}: the zoo matches the index ({len(result.outcomes)} steps done)")
     if target.as_json:
-        emit({"host": desired.host, "root": str(target.zoo.root), "ok": not failures, "steps": _result_rows(result)})
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": not failures, "steps": _result_rows(result)})
     elif failures:
         click.echo(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed:", err=True)
         for o in failures:
@@ -133,233 +70,209 @@ def _run_plan(target: Target, the_plan: Plan, desired: Desired, emit: Callable[[
     if failures:
         sys.exit(result.exit_code)
 
+@click.command("plan")
+@zoo_options
+@json_option
+def plan_cmd(target: Target, as_json: bool) -> None:
+    """Show what apply would do; changes nothing."""
+    desired = target.desired()
+    target.zoo.check_root(allow_network_fs=True)
+    the_plan = plan(desired, observe(target.zoo))
+    if as_json:
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "changes": len(the_plan.changes), "steps": _step_rows(the_plan)})
+        return
+    for step in the_plan:
+        click.echo(step.describe("plan"))
+    if not the_plan.changes:
+        click.echo(f"nothing to do: the zoo matches the index for host {desired.host}")
 
-def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
-    @cli.command("plan")
-    @zoo_options
-    @json_option
-    def plan_cmd(target: Target, as_json: bool) -> None:
-        """Show what apply would do; changes nothing."""
-        desired = target.desired()
-        target.zoo.check_root(allow_network_fs=True)
+@click.command("apply")
+@zoo_options
+@wait_option
+@net_option
+@click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched in parallel.")
+@fetch_options
+@json_option
+def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, fetching: FetchSettings, as_json: bool) -> None:
+    """Reconcile the host's models and adapters into the zoo (idempotent)."""
+    desired = target.desired()
+    target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
+    with target.zoo.lock(wait):
+        sweep_temps(target.zoo.root / "host")  # host state a killed run was writing (#17: no orphans)
+        init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
         the_plan = plan(desired, observe(target.zoo))
-        if as_json:
-            emit({"host": desired.host, "root": str(target.zoo.root), "changes": len(the_plan.changes), "steps": _step_rows(the_plan)})
+        refuse_conflicts(the_plan, str(target.index))
+        _run_plan(target, the_plan, desired, "apply", fetching)
+        _remember_index(target)
+
+@click.command("gc")
+@zoo_options
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; change nothing.")
+@wait_option
+@net_option
+@json_option
+def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, as_json: bool) -> None:
+    """Remove versions beyond retention and artifacts no longer declared for this host."""
+    desired = target.desired()
+    target.zoo.check_root(allow_network_fs=allow_network_fs)
+    if not target.zoo.root.exists():
+        raise UsageError(f"{target.zoo.root}: no zoo here")
+    with target.zoo.lock(wait):
+        the_plan = plan_gc(desired, observe(target.zoo))
+        if dry_run:
+            if as_json:
+                emit_json({"host": desired.host, "root": str(target.zoo.root), "dry_run": True, "steps": _step_rows(the_plan)})
+            else:
+                for step in the_plan:
+                    click.echo(step.describe("plan"))
             return
-        for step in the_plan:
-            click.echo(step.describe("plan"))
-        if not the_plan.changes:
-            click.echo(f"nothing to do: the zoo matches the index for host {desired.host}")
+        _run_plan(target, the_plan, desired, "gc")
 
-    @cli.command("apply")
-    @zoo_options
-    @_wait_option
-    @_net_option
-    @click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched in parallel.")
-    @_fetch_options
-    @json_option
-    def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, fetching: FetchSettings, as_json: bool) -> None:
-        """Reconcile the host's models and adapters into the zoo (idempotent)."""
+@click.command("status")
+@zoo_options
+@json_option
+def status_cmd(target: Target, as_json: bool) -> None:
+    """Per artifact: declared version, current, previous, verified-at, size, state."""
+    desired = target.desired()
+    target.zoo.check_root(allow_network_fs=True)
+    rows = artifact_status(desired, observe(target.zoo))
+    healthy = all(r["state"] in ("ok", "undeclared") for r in rows)
+    if as_json:
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": healthy, "artifacts": rows})
+    else:
+        click.echo(f"host {desired.host}, zoo {target.zoo.root}")
+        for r in rows:
+            click.echo(
+                f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
+                f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
+            )
+    if not healthy:
+        sys.exit(1)
+
+@click.command("verify")
+@click.argument("ids", nargs=-1)
+@zoo_options
+@click.option("--repair", is_flag=True, help="Move bad versions aside (quarantine) and fetch them again.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Files hashed in parallel (default: all cores).")
+@wait_option
+@fetch_options
+@json_option
+def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool) -> None:
+    """Re-hash every file of the published versions of IDS (default: all)."""
+    target.zoo.check_root(allow_network_fs=True)
+    selection = select(observe(target.zoo), ids)
+    report = verify(target.zoo, selection, jobs)
+    repaired: list[str] = []
+    if repair and report.findings:
         desired = target.desired()
-        target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
         with target.zoo.lock(wait):
-            sweep_temps(target.zoo.root / "host")  # host state a killed run was writing (#17: no orphans)
-            init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
-            the_plan = plan(desired, observe(target.zoo))
-            refuse_conflicts(the_plan, str(target.index))
-            _run_plan(target, the_plan, desired, emit, "apply", fetching)
-            _remember_index(target)
+            for kind, aid, version in report.bad_versions():
+                moved = target.zoo.quarantine(kind, aid, version)
+                log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
+                repaired.append(f"{kind}/{aid}/{version}")
+            result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True), fetching)
+        for o in result.failures:
+            log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
+        after = verify(target.zoo, selection, jobs)
+        gone = [f"{k}/{i}/{v}" for k, i, v in report.bad_versions() if not target.zoo.version_dir(k, i, v).is_dir()]
+        for ref in gone:
+            log.error("repair: %s was quarantined but is not declared for this host, so it was not fetched again", ref)
+        report = Report(report.versions, report.files, report.bytes, after.findings)
+        repaired = [r for r in repaired if r not in gone]
+        bad = bool(after.findings or gone)
+    else:
+        bad = bool(report.findings)
+    if as_json:
+        emit_json({
+            "versions": len(report.versions), "files": report.files, "bytes": report.bytes,
+            "findings": [f.__dict__ for f in report.findings], "repaired": repaired, "ok": not bad,
+        })  # fmt: skip
+    else:
+        for finding in report.findings:
+            click.echo(finding.line(target.zoo), err=True)
+        click.echo(f"verified {report.files} files ({human_bytes(report.bytes)}) in {len(report.versions)} version(s): "
+                   f"{len(report.findings)} bad" + (f"; repaired {', '.join(repaired)}" if repaired else ""))
+    if bad:
+        sys.exit(1)
 
-    @cli.command("gc")
-    @zoo_options
-    @click.option("--dry-run", is_flag=True, help="Print what would be removed; change nothing.")
-    @_wait_option
-    @_net_option
-    @json_option
-    def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, as_json: bool) -> None:
-        """Remove versions beyond retention and artifacts no longer declared for this host."""
-        desired = target.desired()
-        target.zoo.check_root(allow_network_fs=allow_network_fs)
-        if not target.zoo.root.exists():
-            raise UsageError(f"{target.zoo.root}: no zoo here")
-        with target.zoo.lock(wait):
-            the_plan = plan_gc(desired, observe(target.zoo))
-            if dry_run:
-                if as_json:
-                    emit({"host": desired.host, "root": str(target.zoo.root), "dry_run": True, "steps": _step_rows(the_plan)})
-                else:
-                    for step in the_plan:
-                        click.echo(step.describe("plan"))
-                return
-            _run_plan(target, the_plan, desired, emit, "gc")
+@click.command("rollback")
+@click.argument("ref")
+@zoo_options
+@wait_option
+@json_option
+def rollback_cmd(target: Target, ref: str, wait: float, as_json: bool) -> None:
+    """Point REF's current back at its previous version (REF: id, models/ID or loras/ID)."""
+    target.zoo.check_root(allow_network_fs=True)
+    with target.zoo.lock(wait):
+        kind, aid = resolve(observe(target.zoo), ref)
+        was, now_ = rollback(target.zoo, kind, aid)
+    if as_json:
+        emit_json({"kind": kind, "id": aid, "current": now_, "previous": was})
+    else:
+        click.echo(f"{kind[:-1]} {aid}: current is now {now_} (was {was}); the next apply restores the declared version")
 
-    @cli.command("status")
-    @zoo_options
-    @json_option
-    def status_cmd(target: Target, as_json: bool) -> None:
-        """Per artifact: declared version, current, previous, verified-at, size, state."""
-        desired = target.desired()
-        target.zoo.check_root(allow_network_fs=True)
-        rows = artifact_status(desired, observe(target.zoo))
-        healthy = all(r["state"] in ("ok", "undeclared") for r in rows)
-        if as_json:
-            emit({"host": desired.host, "root": str(target.zoo.root), "ok": healthy, "artifacts": rows})
-        else:
-            click.echo(f"host {desired.host}, zoo {target.zoo.root}")
-            for r in rows:
-                click.echo(
-                    f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
-                    f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
-                )
-        if not healthy:
-            sys.exit(1)
-
-    @cli.command("verify")
-    @click.argument("ids", nargs=-1)
-    @zoo_options
-    @click.option("--repair", is_flag=True, help="Move bad versions aside (quarantine) and fetch them again.")
-    @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Files hashed in parallel (default: all cores).")
-    @_wait_option
-    @_fetch_options
-    @json_option
-    def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool) -> None:
-        """Re-hash every file of the published versions of IDS (default: all)."""
-        target.zoo.check_root(allow_network_fs=True)
-        selection = select(observe(target.zoo), ids)
-        report = verify(target.zoo, selection, jobs)
-        repaired: list[str] = []
-        if repair and report.findings:
-            desired = target.desired()
-            with target.zoo.lock(wait):
-                for kind, aid, version in report.bad_versions():
-                    moved = target.zoo.quarantine(kind, aid, version)
-                    log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
-                    repaired.append(f"{kind}/{aid}/{version}")
-                result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True), fetching)
-            for o in result.failures:
-                log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
-            after = verify(target.zoo, selection, jobs)
-            gone = [f"{k}/{i}/{v}" for k, i, v in report.bad_versions() if not target.zoo.version_dir(k, i, v).is_dir()]
-            for ref in gone:
-                log.error("repair: %s was quarantined but is not declared for this host, so it was not fetched again", ref)
-            report = Report(report.versions, report.files, report.bytes, after.findings)
-            repaired = [r for r in repaired if r not in gone]
-            bad = bool(after.findings or gone)
-        else:
-            bad = bool(report.findings)
-        if as_json:
-            emit({
-                "versions": len(report.versions), "files": report.files, "bytes": report.bytes,
-                "findings": [f.__dict__ for f in report.findings], "repaired": repaired, "ok": not bad,
-            })  # fmt: skip
-        else:
-            for finding in report.findings:
-                click.echo(finding.line(target.zoo), err=True)
-            click.echo(f"verified {report.files} files ({human_bytes(report.bytes)}) in {len(report.versions)} version(s): "
-                       f"{len(report.findings)} bad" + (f"; repaired {', '.join(repaired)}" if repaired else ""))
-        if bad:
-            sys.exit(1)
-
-    @cli.command("rollback")
-    @click.argument("ref")
-    @zoo_options
-    @_wait_option
-    @json_option
-    def rollback_cmd(target: Target, ref: str, wait: float, as_json: bool) -> None:
-        """Point REF's current back at its previous version (REF: id, models/ID or loras/ID)."""
-        target.zoo.check_root(allow_network_fs=True)
-        with target.zoo.lock(wait):
-            kind, aid = resolve(observe(target.zoo), ref)
-            was, now_ = rollback(target.zoo, kind, aid)
-        if as_json:
-            emit({"kind": kind, "id": aid, "current": now_, "previous": was})
-        else:
-            click.echo(f"{kind[:-1]} {aid}: current is now {now_} (was {was}); the next apply restores the declared version")
-
-    @cli.command("add")
-    @click.argument("spec", required=False)
-    @click.option("--id", "aid", help="Id of the new entry.")
-    @click.option("--update", "update_id", help="Move an existing hf entry to a newer revision (default: main).")
-    @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True)
-    @click.option("--include", multiple=True, help="Glob of files to pin (repeatable; default: all).")
-    @click.option("--exclude", multiple=True, help="Glob of files to leave out (repeatable).")
-    @click.option("--version", "label", help="Version label (default for hf: the commit's first 12 hex).")
-    @click.option("--license", "license_", help="SPDX license id (default for hf: the model card's).")
-    @click.option("--lora-for", "base_model", help="Make it a LoRA adapter for this model id.")
-    @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: adapter_config.json's r).")
-    @click.option("--allow-pickle", is_flag=True, help="Pin pickle files too (they run code when loaded).")
-    @click.option("--allow-code", is_flag=True, help="Pin repository .py files too.")
-    @_fetch_options
-    @json_option
-    def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path: Path, include: tuple[str, ...],
-                exclude: tuple[str, ...], label: str | None, license_: str | None, base_model: str | None, rank: int | None,
-                allow_pickle: bool, allow_code: bool, fetching: FetchSettings, as_json: bool) -> None:  # fmt: skip
-        """Pin SPEC (hf:ORG/REPO[@REVISION] or file:PATH) into the index as a new entry."""
-        kind, old = existing(index_path, update_id) if update_id else ("loras" if base_model else "models", {})
-        if update_id and spec is None:
-            src = old.get("source", {})
-            if src.get("type") != "hf":
-                raise UsageError(f"{index_path}: /{kind}/{update_id}: --update without SPEC moves an hf entry; give file:PATH")
-            spec = f"hf:{src['repo']}"
-        new_id = update_id or aid
-        if not spec or not new_id:
-            raise UsageError("usage: zoo-agent add hf:ORG/REPO[@REVISION] --id ID  (or file:PATH --id ID --version LABEL, or --update ID)")
-        safety = Selection(include, exclude, allow_pickle or old.get("allow_pickle", False), allow_code or old.get("allow_code", False))
-        if spec.startswith("hf:"):
-            repo, _, revision = spec[3:].partition("@")
-            commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
-            if update_id and old.get("source", {}).get("revision") == commit and not label:
-                click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
-                return
-            source: dict[str, Any] = {"type": "hf", "repo": repo, "revision": commit}
-            label = label or commit[:12]
-            license_ = license_ or card_license or old.get("license")
-            if license_ is None:
-                raise UsageError(f"hf:{repo}: its model card names no SPDX license we know; pass --license SPDX (or 'other')")
-        elif spec.startswith("file:"):
-            directory = Path(spec[5:])
-            files = pin_directory(directory, safety)
-            if not label:
-                raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
-            source = {"type": "file", "path": os.path.relpath(directory.resolve(), index_path.resolve().parent)}
-            license_ = license_ or old.get("license")
-            if license_ is None:
-                raise UsageError("add file:PATH needs --license SPDX (or 'other')")
-            if kind == "loras" and rank is None:
-                rank = adapter_rank(directory)
-        else:
-            raise UsageError(f"'{spec}': expected hf:ORG/REPO[@REVISION] or file:PATH")
-        entry = {**old, "version": label, "source": source, "files": files, "license": license_}
-        if kind == "loras":
-            entry["base_model"] = base_model or old.get("base_model")
-            entry["rank"] = rank or old.get("rank")
-            if entry["rank"] is None:
-                raise UsageError("a LoRA needs --rank (no adapter_config.json with 'r' was found)")
-        write_entry(index_path, kind, new_id, entry, update=bool(update_id))
-        size = sum(f["size"] for f in files)
-        if as_json:
-            emit({"kind": kind, "id": new_id, "version": label, "source": source, "files": len(files), "size": size})
-        else:
-            click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")
-
-    from zoo_agent.cli.resident import register as register_resident
-
-    register_resident(cli, zoo_options)
-
-    from zoo_agent.systemd.units import register as register_units
-
-    register_units(cli, json_option, emit)
-
-    from zoo_agent.cli.host import register as register_host
-
-    register_host(cli, zoo_options, json_option, emit, _wait_option)
-
-    from zoo_agent.cli.chat import register as register_chat
-    from zoo_agent.cli.sessions import register as register_sessions
-
-    register_sessions(cli, zoo_options, json_option, emit)
-    register_chat(cli)
-
-    from zoo_agent.cli.demo import register as register_demo
-
-    register_demo(cli)
+@click.command("add")
+@click.argument("spec", required=False)
+@click.option("--id", "aid", help="Id of the new entry.")
+@click.option("--update", "update_id", help="Move an existing hf entry to a newer revision (default: main).")
+@click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True)
+@click.option("--include", multiple=True, help="Glob of files to pin (repeatable; default: all).")
+@click.option("--exclude", multiple=True, help="Glob of files to leave out (repeatable).")
+@click.option("--version", "label", help="Version label (default for hf: the commit's first 12 hex).")
+@click.option("--license", "license_", help="SPDX license id (default for hf: the model card's).")
+@click.option("--lora-for", "base_model", help="Make it a LoRA adapter for this model id.")
+@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: adapter_config.json's r).")
+@click.option("--allow-pickle", is_flag=True, help="Pin pickle files too (they run code when loaded).")
+@click.option("--allow-code", is_flag=True, help="Pin repository .py files too.")
+@fetch_options
+@json_option
+def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path: Path, include: tuple[str, ...],
+            exclude: tuple[str, ...], label: str | None, license_: str | None, base_model: str | None, rank: int | None,
+            allow_pickle: bool, allow_code: bool, fetching: FetchSettings, as_json: bool) -> None:  # fmt: skip
+    """Pin SPEC (hf:ORG/REPO[@REVISION] or file:PATH) into the index as a new entry."""
+    kind, old = existing(index_path, update_id) if update_id else ("loras" if base_model else "models", {})
+    if update_id and spec is None:
+        src = old.get("source", {})
+        if src.get("type") != "hf":
+            raise UsageError(f"{index_path}: /{kind}/{update_id}: --update without SPEC moves an hf entry; give file:PATH")
+        spec = f"hf:{src['repo']}"
+    new_id = update_id or aid
+    if not spec or not new_id:
+        raise UsageError("usage: zoo-agent add hf:ORG/REPO[@REVISION] --id ID  (or file:PATH --id ID --version LABEL, or --update ID)")
+    safety = Selection(include, exclude, allow_pickle or old.get("allow_pickle", False), allow_code or old.get("allow_code", False))
+    if spec.startswith("hf:"):
+        repo, _, revision = spec[3:].partition("@")
+        commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
+        if update_id and old.get("source", {}).get("revision") == commit and not label:
+            click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
+            return
+        source: dict[str, Any] = {"type": "hf", "repo": repo, "revision": commit}
+        label = label or commit[:12]
+        license_ = license_ or card_license or old.get("license")
+        if license_ is None:
+            raise UsageError(f"hf:{repo}: its model card names no SPDX license we know; pass --license SPDX (or 'other')")
+    elif spec.startswith("file:"):
+        directory = Path(spec[5:])
+        files = pin_directory(directory, safety)
+        if not label:
+            raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
+        source = {"type": "file", "path": os.path.relpath(directory.resolve(), index_path.resolve().parent)}
+        license_ = license_ or old.get("license")
+        if license_ is None:
+            raise UsageError("add file:PATH needs --license SPDX (or 'other')")
+        if kind == "loras" and rank is None:
+            rank = adapter_rank(directory)
+    else:
+        raise UsageError(f"'{spec}': expected hf:ORG/REPO[@REVISION] or file:PATH")
+    entry = {**old, "version": label, "source": source, "files": files, "license": license_}
+    if kind == "loras":
+        entry["base_model"] = base_model or old.get("base_model")
+        entry["rank"] = rank or old.get("rank")
+        if entry["rank"] is None:
+            raise UsageError("a LoRA needs --rank (no adapter_config.json with 'r' was found)")
+    write_entry(index_path, kind, new_id, entry, update=bool(update_id))
+    size = sum(f["size"] for f in files)
+    if as_json:
+        emit_json({"kind": kind, "id": new_id, "version": label, "source": source, "files": len(files), "size": size})
+    else:
+        click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")

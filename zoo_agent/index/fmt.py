@@ -12,14 +12,13 @@ import json
 import os
 import types
 import typing
-from typing import Any, Union
-
 from pathlib import Path
+from typing import Any, Union
 
 from pydantic import BaseModel
 
-from zoo_agent.store.durable import write_atomic
 from zoo_agent.index.model import FileEntry, Index
+from zoo_agent.store.durable import write_atomic
 
 __all__ = ["canonical_text", "diff", "write_index"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from zoo_agent.index.checks import placeholder_problems, semantic_problems
 from zoo_agent.errors import InvalidIndex, Problem
+from zoo_agent.index.checks import placeholder_problems, semantic_problems
 from zoo_agent.index.model import Index
 from zoo_agent.index.schema import pointer, structural_problems
 

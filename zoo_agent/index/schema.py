@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
-from zoo_agent.index import model as index
 from zoo_agent.errors import Problem
+from zoo_agent.index import model as index
 
 if TYPE_CHECKING:
     from jsonschema.exceptions import ValidationError

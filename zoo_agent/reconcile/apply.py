@@ -18,12 +18,13 @@ from typing import Any
 
 from zoo_agent.errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
 from zoo_agent.index.model import FileEntry
-from zoo_agent.reconcile.observe import read_manifest
 from zoo_agent.plan import Action, Desired, Kind, Plan, Step, Want
-from zoo_agent.store.host import append_action
+from zoo_agent.reconcile.observe import read_manifest
 from zoo_agent.reconcile.progress import Progress
 from zoo_agent.sources import FetchSettings, open_source, prepare
-from zoo_agent.store.zoo import PUBLISHED_MODE, Zoo, file_record, hash_file, now, write_manifest
+from zoo_agent.store.durable import PUBLISHED_MODE
+from zoo_agent.store.host import append_action
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
 

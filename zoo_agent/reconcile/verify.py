@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from zoo_agent.errors import UsageError
-from zoo_agent.reconcile.observe import read_manifest
 from zoo_agent.plan import Kind, Observed
+from zoo_agent.reconcile.observe import read_manifest
 from zoo_agent.store.zoo import Zoo, hash_file
 
 __all__ = ["Finding", "Report", "resolve", "select", "verify"]

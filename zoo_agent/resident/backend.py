@@ -16,10 +16,10 @@ from typing import Any
 
 from zoo_agent.resident.adapters import AdapterError, Adapters
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.selection import Selector
-from zoo_agent.resident.stops import StopFilter, criteria, cut
 from zoo_agent.resident.prompt import conversation_ids, session_prompt
+from zoo_agent.resident.selection import Selector
 from zoo_agent.resident.sessions import Sessions, Turn
+from zoo_agent.resident.stops import StopFilter, criteria, cut
 from zoo_agent.resident.transcript import SessionTurn
 
 __all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]

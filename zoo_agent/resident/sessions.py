@@ -23,9 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.store.durable import fsync_dir, write_atomic
+from zoo_agent.resident.transcript import (
+    SESSION_ID,
+    SessionDamaged,
+    SessionError,
+    SessionFile,
+    SessionTurn,
+    read_session,
+    valid_id,
+)
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 from zoo_agent.store.zoo import now
-from zoo_agent.resident.transcript import SESSION_ID, SessionDamaged, SessionError, SessionFile, SessionTurn, read_session, valid_id
 
 __all__ = ["SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "valid_id"]
 
@@ -95,8 +103,8 @@ class Sessions:
             "dropped_turns": turn.dropped_turns, "time": now(), **meta,
         }))  # fmt: skip
         transcript.updated = now()
-        self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), 0o640)
+        self.dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), FILE_MODE)
         fsync_dir(self.dir)
         return transcript
 
@@ -129,7 +137,7 @@ class Sessions:
             tensors[f"v{i}"] = layer.values[:, :, :n].contiguous().cpu()
         meta = {"model": self.model_key, "adapter": adapter or "", "dtype": self.dtype, "tokens": str(n),
                 "ids_sha256": _ids_digest(ids[:n]), "tensors_sha256": _tensors_digest(tensors)}  # fmt: skip
-        self.kv_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.kv_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         target = self.kv_dir / f"{sid}.safetensors"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata=meta)

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.store.durable import write_atomic
 from zoo_agent.errors import UsageError, ZooError
-from zoo_agent.index.model import Index, OllamaSource
-from zoo_agent.store.zoo import Zoo, now
 from zoo_agent.index.load import load_index
+from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
-from zoo_agent.systemd.notify import Notifier
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
+from zoo_agent.store.durable import write_atomic
+from zoo_agent.store.zoo import Zoo, now
+from zoo_agent.systemd.notify import Notifier
 
 __all__ = ["Supervisor", "listen_socket", "read_api_key"]
 

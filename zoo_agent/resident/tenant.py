@@ -10,9 +10,9 @@ from __future__ import annotations
 from zoo_agent.errors import IntegrityError, UsageError
 from zoo_agent.index.model import HfSource, Index
 from zoo_agent.plan import Kind
-from zoo_agent.store.zoo import Zoo
 from zoo_agent.reconcile.verify import verify
 from zoo_agent.resident.config import AdapterConfig, SelectionConfig
+from zoo_agent.store.zoo import Zoo
 
 __all__ = ["adapters_for", "base_names", "selection_for", "strict_check"]
 

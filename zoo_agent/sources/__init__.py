@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from zoo_agent.index import model as index
 from zoo_agent.errors import SourceError, UsageError
+from zoo_agent.index import model as index
 
 __all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "retried", "with_retries"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from zoo_agent.index import model as index
 from zoo_agent.errors import IntegrityError, SourceError
+from zoo_agent.index import model as index
 from zoo_agent.sources import FetchSettings, Transient, with_retries
 
 __all__ = ["OllamaDaemon", "daemon_host"]

@@ -38,11 +38,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zoo_agent.store.durable import makedirs_durable, temp_name, write_atomic
 from zoo_agent.errors import IntegrityError, Problem, StoreError, UsageError, ZooError
-from zoo_agent.store.host import store_errors
 from zoo_agent.index.schema import pointer
-from zoo_agent.store.zoo import DIR_MODE, FILE_MODE, MANIFEST, STAGING_MARK, Zoo, now
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, makedirs_durable, temp_name, write_atomic
+from zoo_agent.store.host import store_errors
+from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, now
 
 __all__ = ["BACKUP_MANIFEST", "BackupManifest", "Summary", "backup", "check_backup", "manifest_problems", "parse_manifest", "restore"]
 

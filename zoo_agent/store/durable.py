@@ -12,13 +12,20 @@ import re
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic"]
+__all__ = ["DIR_MODE", "FILE_MODE", "PUBLISHED_MODE", "fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic"]
 
 
 def temp_name(target: Path) -> Path:
     """A sibling name no other process uses: two writers never share a temp file."""
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
+
+# Owned by the service user, readable by its group, nothing for others (issue #10): other
+# services get read access by joining the group. Published files are also read-only:
+# they are mmapped by the resident and never rewritten in place.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+PUBLISHED_MODE = 0o440
 
 _TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -69,7 +76,7 @@ def write_atomic(target: Path, data: bytes, mode: int | None = None) -> None:
         try:
             mode = os.stat(target).st_mode & 0o7777
         except FileNotFoundError:
-            mode = 0o644
+            mode = FILE_MODE  # state is never world-readable (issue #18)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
@@ -87,7 +94,7 @@ def write_atomic(target: Path, data: bytes, mode: int | None = None) -> None:
     fsync_dir(target.parent)
 
 
-def makedirs_durable(path: Path, mode: int = 0o750) -> None:
+def makedirs_durable(path: Path, mode: int = DIR_MODE) -> None:
     """mkdir -p with ``mode`` at every level it creates, fsyncing each parent whose entry we created."""
     missing = []
     probe = path

@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.errors import StoreError, UsageError
-from zoo_agent.store.zoo import DIR_MODE, FILE_MODE, Zoo, now
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, makedirs_durable, write_atomic
+from zoo_agent.store.zoo import Zoo, now
 
 __all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions", "store_errors"]
 
@@ -91,7 +91,7 @@ def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:
 def append_action(zoo: Zoo, record: dict[str, Any]) -> None:
     """One JSON line per action; rotated by size so the log never fills the disk."""
     path = zoo.actions_log
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     try:
         if path.stat().st_size >= ROTATE_BYTES:
             for n in range(KEEP_ROTATED - 1, 0, -1):

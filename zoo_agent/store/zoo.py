@@ -31,23 +31,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.store.durable import fsync_dir, makedirs_durable, temp_name, write_atomic
 from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
 from zoo_agent.index.model import FileEntry
 from zoo_agent.plan import Kind, Want, human_bytes
 from zoo_agent.sources import Source
+from zoo_agent.store.durable import (
+    DIR_MODE,
+    FILE_MODE,
+    PUBLISHED_MODE,
+    fsync_dir,
+    makedirs_durable,
+    temp_name,
+    write_atomic,
+)
 
 __all__ = [
-    "DIR_MODE", "FILE_MODE", "MANIFEST", "NETWORK_FILESYSTEMS", "PUBLISHED_MODE", "Zoo", "drift", "file_record", "hash_file", "now", "write_manifest",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
-# Owned by the service user, readable by its group, nothing for others (issue #10): other
-# services get read access by joining the group. Published files are also read-only:
-# they are mmapped by the resident and never rewritten in place.
-DIR_MODE = 0o750
-FILE_MODE = 0o640
-PUBLISHED_MODE = 0o440
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
 STAGING_MARK = ".tmp."
 

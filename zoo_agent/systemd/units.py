@@ -1,35 +1,22 @@
 """systemd units for hosts without NixOS: the same units `modules/model-zoo.nix` declares.
 
-`render()` is pure (settings in, file texts out) so tests compare it with the module's
-evaluated units; `install()` is the one place that writes them. A test checks that the
-hardening below and the module's agree key by key (issue #7).
+Pure: settings in, unit texts out, so tests compare them with the module's evaluated
+units and systemd's own parser; ``systemd.install`` is the one place that writes them.
+A test checks that the hardening below and the module's agree key by key (issue #7).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from zoo_agent import __version__
-from zoo_agent.store.durable import fsync_dir, write_atomic
-from zoo_agent.errors import UsageError
-from zoo_agent.index.load import load_index
 
-__all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "hidden_by_sandbox", "install", "register", "render", "sysusers", "unit_value"]
-
-log = logging.getLogger("zoo_agent")
+__all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "default_exec", "hidden_by_sandbox", "render", "sysusers", "unit_value"]
 
 UNIT_NAMES = ("model-zoo-reconcile.service", "model-zoo-resident.service", "model-zoo-verify.service", "model-zoo-verify.timer")
 
@@ -376,148 +363,3 @@ def _unit(*, unit: dict[str, str], service: dict[str, str | list[str]] | None, i
             for item in value if isinstance(value, list) else [value]:
                 lines.append(f"{key}={item}")
     return "\n".join(lines) + "\n"
-
-
-@dataclass(frozen=True)
-class Installed:
-    path: Path
-    changed: bool
-
-
-def install(settings: UnitSettings, prefix: Path, sysusers_dir: Path | None, *, dry_run: bool) -> list[Installed]:
-    """Write the units (and the sysusers.d entry), changed files only; never half a file."""
-    if problems := hidden_by_sandbox(settings):
-        raise UsageError(f"{problems[0]}; install zoo-agent and the index elsewhere (e.g. /opt/model-zoo, /etc/model-zoo)")
-    if not prefix.is_dir():
-        raise UsageError(f"--prefix {prefix}: not a directory")
-    files = {prefix / name: text for name, text in render(settings).items()}
-    if sysusers_dir is not None:
-        files[sysusers_dir / "model-zoo.conf"] = sysusers(settings)
-    done = []
-    for path, text in files.items():
-        try:
-            changed = path.read_text() != text
-        except OSError:
-            changed = True
-        if changed and not dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, text.encode(), 0o644)
-            fsync_dir(path.parent)
-        done.append(Installed(path, changed))
-    return done
-
-
-def activate(settings: UnitSettings) -> list[str]:
-    """Create the user and the zoo directory, reload systemd: what `nixos-rebuild switch` does."""
-    commands = [["systemd-sysusers"], ["systemctl", "daemon-reload"]]
-    ran = []
-    for argv in commands:
-        if shutil.which(argv[0]) is None:
-            raise UsageError(f"{argv[0]} not found: is this a systemd host? (--dry-run shows what would be written)")
-        subprocess.run(argv, check=True)
-        ran.append(shlex.join(argv))
-    if settings.root.parent != Path("/var/lib"):
-        settings.root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        shutil.chown(settings.root, settings.user, settings.group)
-    return ran
-
-
-def register(cli: click.Group, json_option: Callable[..., Any], emit: Callable[[Any], None]) -> None:
-    @cli.group("systemd")
-    def systemd_group() -> None:
-        """Units for hosts without NixOS: the same ones modules/model-zoo.nix declares."""
-
-    @systemd_group.command("render")
-    @_unit_options
-    @json_option
-    def render_cmd(settings: UnitSettings, as_json: bool) -> None:
-        """Print the units (nothing is written)."""
-        for problem in hidden_by_sandbox(settings):
-            log.warning("%s", problem)
-        units = render(settings)
-        if as_json:
-            emit({"units": units, "sysusers": sysusers(settings)})
-            return
-        click.echo("\n".join(f"### {name}\n{text}" for name, text in units.items()), nl=False)
-
-    @systemd_group.command("install")
-    @_unit_options
-    @click.option("--prefix", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True)
-    @click.option("--sysusers-dir", type=click.Path(path_type=Path), default=Path("/etc/sysusers.d"), show_default=True,
-                  help="Where the model-zoo user and group are declared (systemd-sysusers creates them).")
-    @click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing.")
-    @click.option("--no-activate", is_flag=True, help="Write the files only: no systemd-sysusers, no daemon-reload.")
-    @json_option
-    def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_run: bool, no_activate: bool, as_json: bool) -> None:
-        """Validate the index, write the units, create the user, reload systemd."""
-        load_index(settings.index, str(settings.index))
-        done = install(settings, prefix, sysusers_dir, dry_run=dry_run)
-        ran = [] if dry_run or no_activate else activate(settings)
-        if as_json:
-            emit({"dry_run": dry_run, "files": [{"path": str(f.path), "changed": f.changed} for f in done], "ran": ran})
-            return
-        verb = "would write" if dry_run else "wrote"
-        for f in done:
-            click.echo(f"{verb if f.changed else 'unchanged'} {f.path}")
-        for command in ran:
-            click.echo(f"ran {command}")
-        if not dry_run:
-            click.echo("next: systemctl enable --now model-zoo-reconcile.service model-zoo-resident.service")
-
-
-# UnitSettings fields whose flag is not "--" + the field's name.
-_FLAGS = {"exec_start": "--exec", "environment": "--env", "extra_args": "--extra-arg"}
-
-
-def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """One option per UnitSettings field; parsed into the one settings model."""
-    options = [
-        click.option("--exec", "exec_start", default=None, help="Command that runs zoo-agent (default: this installation's)."),
-        click.option("--index", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
-                     help="The index the units apply (made absolute)."),
-        click.option("--root", type=click.Path(path_type=Path), default=Path("/var/lib/model-zoo"), show_default=True),
-        click.option("--host", default=None, help="Host id in the index (default: the machine's hostname, at run time)."),
-        click.option("--user", default="model-zoo", show_default=True),
-        click.option("--group", default="model-zoo", show_default=True),
-        click.option("--hf-endpoint", default=None, help="A hub mirror (HF_ENDPOINT)."),
-        click.option("--hf-token-file", type=click.Path(path_type=Path), default=None, help="Passed with LoadCredential=, never copied."),
-        click.option("--offline", is_flag=True),
-        click.option("--no-resident", is_flag=True, help="Only fetch and verify: no serving unit."),
-        click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port or unix:/path"),
-        click.option("--api-key-file", type=click.Path(path_type=Path), default=None),
-        click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
-        click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
-        click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),
-        click.option("--extra-arg", "extra_args", multiple=True, help="Appended to `zoo-agent resident`."),
-        click.option("--gpu", type=click.Choice(["none", "nvidia", "rocm"]), default="none", show_default=True),
-        click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
-        click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
-        click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
-    ]
-
-    @functools.wraps(func)
-    def wrapper(*, exec_start: str | None, index: Path, no_resident: bool, environment: tuple[str, ...],
-                verify_interval: str, **kwargs: Any) -> Any:
-        fields = {name: kwargs.pop(name) for name in list(kwargs) if name in UnitSettings.model_fields}
-        env = {}
-        for item in environment:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"--env {item!r}: expected KEY=VALUE")
-            env[key] = value
-        try:
-            argv = tuple(shlex.split(exec_start)) if exec_start else default_exec()
-        except ValueError as exc:
-            raise UsageError(f"--exec: {exc}") from None
-        try:
-            settings = UnitSettings(exec_start=argv, index=index.absolute(), resident=not no_resident, environment=env,
-                                    verify_interval=verify_interval or None, **fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            flag = _FLAGS.get(str(first["loc"][0]), "--" + str(first["loc"][0]).replace("_", "-"))
-            raise UsageError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
-        return func(settings=settings, **kwargs)
-
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
