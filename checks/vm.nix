@@ -24,7 +24,8 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     machine.wait_for_unit("model-zoo-reconcile.service")
     machine.wait_for_unit("model-zoo-resident.service")
-    machine.succeed("systemctl status model-zoo-resident | grep -q 'Status: \"serving'")
+    # What the resident really says (tests/e2e/test_systemd.py asserts the same line).
+    machine.succeed("systemctl show -p StatusText --value model-zoo-resident | grep -Eq '^chat: tiny@1; [0-9]+ requests, '")
     out = machine.succeed(
         "curl -sf http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json'"
         + " -d '{\"model\": \"chat\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 4}'"

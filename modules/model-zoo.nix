@@ -198,7 +198,9 @@ let
     ProtectKernelModules = true;
     ProtectKernelTunables = true;
     ProtectProc = "invisible";
-    ProcSubset = "pid";
+    # Not "pid": the resident reads /proc/meminfo to decide whether two versions fit during
+    # a reload; ProtectProc = "invisible" still hides other users' processes.
+    ProcSubset = "all";
     RestrictNamespaces = true;
     RestrictRealtime = true;
     RestrictSUIDSGID = true;
@@ -454,6 +456,10 @@ in
       inherit environment;
       # A changed index re-runs apply on switch.
       restartTriggers = [ index ];
+      # A network failure at boot is retried, boundedly, instead of leaving the zoo empty
+      # until the next switch.
+      startLimitIntervalSec = 600;
+      startLimitBurst = 5;
       serviceConfig = common // noDevices // {
         Type = "oneshot";
         RemainAfterExit = true;
@@ -463,6 +469,8 @@ in
         # Lets `zoo-agent apply` report its progress as the unit's Status: line.
         NotifyAccess = "main";
         ExecStart = execLine zooAgent [ "apply" ];
+        Restart = "on-failure";
+        RestartSec = 30;
         ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ];
         # Only this unit fetches, so only it gets the token.
         LoadCredential = hfCredential;

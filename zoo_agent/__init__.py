@@ -15,6 +15,9 @@ from zoo_agent.index.model import Index
 
 __version__ = "0.1.0"
 
+from zoo_agent.library import entry_for, open  # noqa: E402 - below __version__, which they import
+from zoo_agent.store.zoo import Zoo  # noqa: E402
+
 __all__ = [
     "Index",
     "IntegrityError",
@@ -24,7 +27,10 @@ __all__ = [
     "SourceError",
     "StoreError",
     "UsageError",
+    "Zoo",
     "ZooError",
     "__version__",
+    "entry_for",
     "load_index",
+    "open",
 ]

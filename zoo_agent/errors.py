@@ -6,6 +6,8 @@ Only ``cli.py`` turns these into an exit status; library code raises. The tree::
     ├── InvalidIndex         exit 2   index.json is unreadable or breaks the contract
     ├── UsageError           exit 2   a bad flag, an unknown host or id
     ├── SourceError          exit 1   a source could not deliver (missing, unreachable)
+    │   └── Transient        exit 1   worth another attempt (5xx, 429, a dropped connection);
+    │                                 sources retry it and raise SourceError when they give up
     ├── IntegrityError       exit 1   bytes do not match the sha256/size the index pins
     ├── StoreError           exit 1   the zoo on disk cannot be read or written
     └── LockHeld             exit 75  another run holds the zoo's lock (EX_TEMPFAIL)
@@ -24,6 +26,7 @@ __all__ = [
     "LockHeld",
     "Problem",
     "SourceError",
+    "Transient",
     "StoreError",
     "UsageError",
     "ZooError",
@@ -81,6 +84,10 @@ class UsageError(ZooError):
 
 class SourceError(ZooError):
     exit_code = 1
+
+
+class Transient(SourceError):
+    """A failure worth another attempt; one that escapes a retry loop still prints one line."""
 
 
 class IntegrityError(ZooError):

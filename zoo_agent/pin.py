@@ -26,7 +26,7 @@ from zoo_agent.sources import FetchSettings, retried
 from zoo_agent.sources.file import confined
 from zoo_agent.store.zoo import hash_file
 
-__all__ = ["Selection", "pin_directory", "pin_hf", "write_entry"]
+__all__ = ["Selection", "adapter_rank", "file_source", "pin_directory", "pin_hf", "write_entry"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,13 @@ def _walk(root: Path) -> list[str]:
                     raise UsageError(f"{root / rel}: {confined(root, rel)[1]}; remove it or copy the file in")
                 found.append(rel)
     return sorted(found)
+
+
+def file_source(directory: Path, index_path: Path) -> dict[str, str]:
+    """A file source for ``directory``: relative to the index when below it, else absolute
+    (validation refuses a relative path that climbs out with '..')."""
+    real, base = directory.resolve(), index_path.resolve().parent
+    return {"type": "file", "path": str(real.relative_to(base)) if real.is_relative_to(base) else str(real)}
 
 
 def adapter_rank(files_dir: Path) -> int | None:

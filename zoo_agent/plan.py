@@ -67,8 +67,9 @@ class Have:
     version: str
     pins: frozenset[tuple[str, str, int]] | None  # None: manifest missing or unreadable
     drifted: tuple[str, ...] = ()  # files whose stat no longer matches the manifest
-    published_at: str = ""
+    published_at: str = ""  # when the version was sealed; gc keeps the newest by it
     size: int = 0
+    verified_at: str = ""  # the last full re-hash (a reverify moves this, never published_at)
 
 
 @dataclass(frozen=True)

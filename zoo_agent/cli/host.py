@@ -39,7 +39,7 @@ def init_cmd(target: Any, name: str | None, import_dir: Path | None, force: bool
     if imported:
         click.echo(f"imported {len(imported)} files from {import_dir} into {target.zoo.root / 'host'}")
     verb = "created" if created else "kept"
-    click.echo(f"{verb} host identity {identity['name']} ({identity['id']}) in {target.zoo.root / 'host' / 'identity.json'}")
+    click.echo(f"{verb} host identity {identity['name']} ({identity['id']}) in {target.zoo.identity_file}")
 
 @click.command("log")
 @zoo_options

@@ -50,7 +50,7 @@ def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | 
 @click.pass_obj
 def reload(target: Any, pid: int | None, timeout: float) -> None:
     """Swap to the current version now; return when the swap is done (for ExecReload=)."""
-    state_file = target.zoo.root / "resident" / "state.json"
+    state_file = target.zoo.resident_state
     before = _state(state_file)
     pid = pid or before.get("pid")
     if not pid:

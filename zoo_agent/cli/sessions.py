@@ -41,7 +41,7 @@ def _tenant_dir(target: Any, tenant: str | None) -> tuple[str, Path]:
         tenant = host.resident
     elif tenant not in idx.tenants:
         raise UsageError(f"--tenant '{tenant}': no such tenant in {target.index} (tenants: {', '.join(sorted(idx.tenants)) or 'none'})")
-    return tenant, target.zoo.root / "resident" / "tenants" / tenant
+    return tenant, target.zoo.tenant_dir(tenant)
 
 
 def _shown(text: str) -> str:

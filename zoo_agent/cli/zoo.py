@@ -7,7 +7,6 @@ way to load the host's slice, so every command reads its inputs the same way.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import click
 
 from zoo_agent.cli.options import Target, emit_json, fetch_options, json_option, net_option, wait_option, zoo_options
 from zoo_agent.errors import UsageError
-from zoo_agent.pin import Selection, adapter_rank, existing, pin_directory, pin_hf, write_entry
+from zoo_agent.pin import Selection, adapter_rank, existing, file_source, pin_directory, pin_hf, write_entry
 from zoo_agent.plan import Action, Desired, Plan, human_bytes, plan, plan_gc
 from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
 from zoo_agent.reconcile.observe import observe
@@ -35,7 +34,7 @@ log = logging.getLogger("zoo_agent")
 def _remember_index(target: Target) -> None:
     """host/applied-index.json: the index the zoo now matches (backups carry it); rewritten only when it changed."""
     data = target.index.read_bytes()
-    path = target.zoo.root / "host" / "applied-index.json"
+    path = target.zoo.applied_index
     if not path.is_file() or path.read_bytes() != data:
         write_atomic(path, data, FILE_MODE)
 
@@ -98,7 +97,7 @@ def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, fe
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
     with target.zoo.lock(wait):
-        sweep_temps(target.zoo.root / "host")  # host state a killed run was writing (#17: no orphans)
+        sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
         init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
         the_plan = plan(desired, observe(target.zoo))
         refuse_conflicts(the_plan, str(target.index))
@@ -256,7 +255,7 @@ def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path
         files = pin_directory(directory, safety)
         if not label:
             raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
-        source = {"type": "file", "path": os.path.relpath(directory.resolve(), index_path.resolve().parent)}
+        source = file_source(directory, index_path)
         license_ = license_ or old.get("license")
         if license_ is None:
             raise UsageError("add file:PATH needs --license SPDX (or 'other')")

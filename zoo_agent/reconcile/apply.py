@@ -19,12 +19,11 @@ from typing import Any
 from zoo_agent.errors import IntegrityError, InvalidIndex, Problem, SourceError, StoreError, UsageError, ZooError
 from zoo_agent.index.model import FileEntry
 from zoo_agent.plan import Action, Desired, Kind, Plan, Step, Want
-from zoo_agent.reconcile.observe import read_manifest
 from zoo_agent.reconcile.progress import Progress
-from zoo_agent.sources import FetchSettings, open_source, prepare
+from zoo_agent.sources import FetchSettings, open_source
 from zoo_agent.store.durable import PUBLISHED_MODE
 from zoo_agent.store.host import append_action
-from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, write_manifest
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, read_manifest, write_manifest
 
 __all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
 
@@ -72,7 +71,7 @@ class _Run:
     def fetch(self, step: Step) -> int:
         want = self.wants[(step.kind, step.id)]
         source = open_source(want.source, self.index_dir, self.settings)
-        prepare(source, self.progress.item)  # an Ollama pull and its digest check; before anything is staged
+        source.prepare(self.progress.item)  # an Ollama pull and its digest check; before anything is staged
         if step.resume:
             staging = self.zoo.adopt_staging(step.kind, step.id, step.resume, step.version)
         else:

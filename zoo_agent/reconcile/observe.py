@@ -6,22 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, cast
 
 from zoo_agent.plan import Have, Kind, Observed, Seen
-from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, drift
+from zoo_agent.store.zoo import STAGING_MARK, Zoo, drift, read_manifest
 
-__all__ = ["observe", "read_manifest"]
+__all__ = ["observe"]
 
 KINDS: tuple[Kind, ...] = ("models", "loras")
-
-
-def read_manifest(version_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((version_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return cast(dict[str, Any], data) if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
 def _have(version_dir: Path, version: str) -> Have:
@@ -35,7 +26,9 @@ def _have(version_dir: Path, version: str) -> Have:
         size += f["size"]
         if why := drift(os.path.join(base, f["path"]), f):  # str paths: this loop runs per file
             drifted.append(f"{f['path']} ({why})")
-    return Have(version, frozenset(pins), tuple(drifted), str(manifest.get("verified_at", "")), size)
+    verified = str(manifest.get("verified_at", ""))
+    published = str(manifest.get("published_at", verified))  # manifests before #18 knew only verified_at
+    return Have(version, frozenset(pins), tuple(drifted), published, size, verified)
 
 
 def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
@@ -60,7 +53,7 @@ def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
 def _in_use(zoo: Zoo) -> frozenset[tuple[Kind, str, str]]:
     """What a running resident has loaded, from its model-info.json files."""
     used: set[tuple[Kind, str, str]] = set()
-    for info_path in (zoo.root / "resident" / "tenants").glob("*/model-info.json"):
+    for info_path in (zoo.resident_dir / "tenants").glob("*/model-info.json"):
         try:
             info = json.loads(info_path.read_text())
             used.add(("models", str(info["model"]), str(info["version"])))

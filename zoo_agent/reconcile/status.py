@@ -21,7 +21,7 @@ def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]
         rows.append({
             "kind": kind, "id": aid, "declared": declared.get(key), "current": current,
             "previous": seen.previous if seen else None,
-            "verified_at": have.published_at if have else None,
+            "verified_at": have.verified_at if have else None,
             "size": sum(h.size for h in seen.versions.values()) if seen else 0,
             "versions": sorted(seen.versions) if seen else [],
             "state": _state(declared.get(key), seen is not None, current, have is not None, have.drifted if have else ()),

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from zoo_agent.errors import UsageError
 from zoo_agent.plan import Kind, Observed
-from zoo_agent.reconcile.observe import read_manifest
-from zoo_agent.store.zoo import Zoo, hash_file
+from zoo_agent.store.zoo import Zoo, hash_file, read_manifest
 
 __all__ = ["Finding", "Report", "resolve", "select", "verify"]
 

@@ -26,7 +26,7 @@ from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
-from zoo_agent.store.durable import write_atomic
+from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.zoo import Zoo, now
 from zoo_agent.systemd.notify import Notifier
 
@@ -42,15 +42,17 @@ def _memory_limit(spec: str | None) -> int | None:
     return int(spec[:-1]) * units[spec[-1]] if spec[-1] in units else int(spec)
 
 
-def _mem_available() -> int:
+def _mem_available() -> int | None:
+    """MemAvailable in bytes; None when it cannot be read (a unit with ProcSubset=pid hides
+    /proc/meminfo): unknown is a refusal to load beside the old version, never infinity."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 1 << 62
+    return None
 
 
 def _rss(pid: int) -> int:
@@ -186,7 +188,7 @@ class Supervisor:
             api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
             base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
-            sessions_dir=self.config.root / "resident" / "tenants" / host.resident,
+            sessions_dir=self.zoo.tenant_dir(host.resident),
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
         )  # fmt: skip
 
@@ -395,7 +397,11 @@ class Supervisor:
         if limit is not None:
             used = _rss(self.serving.proc.pid) if self.serving else 0
             return used + need <= limit
-        return need <= _mem_available()
+        available = _mem_available()
+        if available is None:
+            log.warning("MemAvailable is unreadable (/proc/meminfo hidden?); reloading stop-first, as if the new version did not fit")
+            return False
+        return need <= available
 
     def _answer_gap(self, gap: bool) -> None:
         """While no worker serves (a stop-first reload, a restart), answer 503 + Retry-After
@@ -498,7 +504,7 @@ class Supervisor:
         return line
 
     def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:
-        base = self.config.root / "resident" / "tenants" / worker.config.tenant
+        base = self.zoo.tenant_dir(worker.config.tenant)
         base.mkdir(parents=True, exist_ok=True)
         info = {"tenant": worker.config.tenant, "model": worker.config.model, "version": worker.config.version,
                 "backend": worker.config.backend, "device": ready.get("device"), "dtype": ready.get("dtype"),
@@ -513,7 +519,7 @@ class Supervisor:
         served = self.served_before + int(worker.stats.get("served", 0))
         tokens = self.tokens_before + int(worker.stats.get("tokens", 0))
         lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens, "swaps": self.swaps}
-        path = self.config.root / "resident" / "tenants" / worker.config.tenant / "lease.json"
+        path = self.zoo.tenant_dir(worker.config.tenant) / "lease.json"
         write_atomic(path, (json.dumps(lease, indent=2) + "\n").encode())
 
     def _follow_adapters(self, worker: Worker) -> None:
@@ -552,8 +558,8 @@ class Supervisor:
         w = self.serving
         state = {"pid": os.getpid(), "attempts": self.reload_attempts, "reloads": self.reloads, "last_error": self.last_error,
                  "state": "reloading" if self.incoming else "ready", "version": w.config.version if w else None}  # fmt: skip
-        (self.config.root / "resident").mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config.root / "resident" / "state.json", (json.dumps(state) + "\n").encode())
+        makedirs_durable(self.zoo.resident_dir)
+        write_atomic(self.zoo.resident_state, (json.dumps(state) + "\n").encode())
 
     def _close(self) -> None:
         for worker in (self.serving, self.incoming, *self.retiring):

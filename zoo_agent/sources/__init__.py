@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from zoo_agent.errors import SourceError, UsageError
+from zoo_agent.errors import SourceError, Transient, UsageError
 from zoo_agent.index import model as index
 
-__all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "prepare", "resolve_token", "retried", "with_retries"]
+__all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "open_source", "resolve_token", "retried", "with_retries"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,10 +27,6 @@ ATTEMPTS = 4
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashlib releases the GIL, small enough for flat RSS
 TOKEN_HELP = "provide a token with --hf-token-file FILE, the systemd credential 'hf-token', or HF_TOKEN"
-
-
-class Transient(Exception):
-    """A failure worth another attempt (5xx, 429, a dropped or refused connection)."""
 
 
 def with_retries(stream: Callable[[int], Iterator[bytes]], shown: str, offset: int = 0) -> Iterator[bytes]:
@@ -112,12 +108,11 @@ class Source(Protocol):
         """Stream one file from ``offset`` on; raise ``SourceError`` if it cannot."""
         ...
 
+    def prepare(self, item: Callable[[str, int], Callable[[int], None]]) -> None:
+        """What must happen before files can be read (an Ollama pull); nothing by default.
 
-def prepare(source: Source, item: Callable[[str, int], Callable[[int], None]]) -> None:
-    """What a source must do before its files can be read: an Ollama pull; nothing for the others."""
-    hook = getattr(source, "prepare", None)
-    if hook is not None:
-        hook(item)
+        ``item(name, size)`` opens a progress item and returns its byte counter."""
+        return None
 
 
 def open_source(spec: index.Source, index_dir: Path, settings: FetchSettings) -> Source:

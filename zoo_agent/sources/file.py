@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK
+from zoo_agent.sources import CHUNK, Source
 
 __all__ = ["FileDir", "confined"]
 
@@ -43,7 +43,7 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
-class FileDir:
+class FileDir(Source):
     def __init__(self, root: Path) -> None:
         self.root = root
 

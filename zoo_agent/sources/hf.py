@@ -31,7 +31,7 @@ from huggingface_hub.utils import (
 )
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK, TOKEN_HELP, FetchSettings, Transient, with_retries
+from zoo_agent.sources import CHUNK, TOKEN_HELP, FetchSettings, Source, Transient, with_retries
 
 __all__ = ["HfRepo"]
 
@@ -45,7 +45,7 @@ if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
 TIMEOUT_S = 30.0
 
 
-class HfRepo:
+class HfRepo(Source):
     def __init__(self, repo: str, revision: str, settings: FetchSettings) -> None:
         self.repo, self.revision, self.settings = repo, revision, settings
 

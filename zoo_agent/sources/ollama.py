@@ -3,7 +3,7 @@
 The daemon keeps the blobs, so there are no files for the store to stage: `prepare` pulls
 `name:tag` (progress into ours), then compares the digest the daemon reports with the one
 the index pins. A tag that moved is an IntegrityError naming both digests, and nothing is
-published. Failures end in one line after bounded retries (`with_retries`): unreachable
+published. Failures end in one line after bounded retries (`retried`): unreachable
 daemon, unknown model, a daemon too old for the model, a stalled pull.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from zoo_agent.errors import IntegrityError, SourceError
 from zoo_agent.index import model as index
-from zoo_agent.sources import FetchSettings, Transient, with_retries
+from zoo_agent.sources import FetchSettings, Source, Transient, retried
 
 __all__ = ["OllamaDaemon", "daemon_host"]
 
@@ -26,7 +26,7 @@ def daemon_host() -> str | None:
     return os.environ.get("OLLAMA_HOST") or None
 
 
-class OllamaDaemon:
+class OllamaDaemon(Source):
     def __init__(self, spec: index.OllamaSource, settings: FetchSettings) -> None:
         self.name = spec.name if ":" in spec.name else f"{spec.name}:latest"
         self.pin = spec.digest
@@ -46,8 +46,7 @@ class OllamaDaemon:
         client = ollama.Client(host=self.host, timeout=STALL_SECONDS)
         try:
             if not self.settings.offline:
-                for _ in with_retries(lambda _offset: self._pull(client, item), self.describe()):
-                    pass
+                retried(lambda: self._pull(client, item), self.describe())
             actual = self._digest(client)
         finally:
             client.close()  # type: ignore[no-untyped-call]
@@ -57,7 +56,7 @@ class OllamaDaemon:
             raise IntegrityError(f"{self.describe()}: the daemon has digest {actual}, the index pins {self.pin}; the tag moved: "
                                  "check the new model, then pin its digest", file=self.name, expected=self.pin, actual=actual)  # fmt: skip
 
-    def _pull(self, client: object, item: Callable[[str, int], Callable[[int], None]]) -> Iterator[bytes]:
+    def _pull(self, client: object, item: Callable[[str, int], Callable[[int], None]]) -> None:
         import httpx
         import ollama
 
@@ -81,7 +80,6 @@ class OllamaDaemon:
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise Transient(f"HTTP {exc.status_code}: {exc.error}") from None
             raise SourceError(f"{self.describe()}: HTTP {exc.status_code}: {exc.error}") from None
-        yield from ()
 
     def _digest(self, client: object) -> str | None:
         import httpx

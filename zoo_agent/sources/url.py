@@ -8,14 +8,14 @@ import urllib.request
 from collections.abc import Iterator
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK, Transient, with_retries
+from zoo_agent.sources import CHUNK, Source, Transient, with_retries
 
 __all__ = ["UrlFiles"]
 
 TIMEOUT_S = 30.0
 
 
-class UrlFiles:
+class UrlFiles(Source):
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
 

@@ -453,7 +453,7 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
             digest, size = _copy_hashed(source, rel, out, f"files/{rel}", st.st_mode & FILE_MODE, "backing up")
             entries.append(BackupFile(path=rel, size=size, sha256=digest, mode=st.st_mode & FILE_MODE, mtime_ns=st.st_mtime_ns))
             written += size
-        applied = zoo.root / "host" / "applied-index.json"
+        applied = zoo.applied_index
         with store_errors(applied, "backing up"):
             index_sha256 = hashlib.sha256(applied.read_bytes()).hexdigest() if applied.is_file() else None
         manifest = BackupManifest(

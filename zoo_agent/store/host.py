@@ -49,7 +49,7 @@ def store_errors(path: Path, doing: str) -> Iterator[None]:
 
 def init_identity(zoo: Zoo, name: str, *, force: bool = False) -> tuple[dict[str, Any], bool]:
     """(identity, created): an existing identity is kept unless ``force``; its id is what stays stable."""
-    path = zoo.root / "host" / "identity.json"
+    path = zoo.identity_file
     if path.exists() and not force:
         with store_errors(path, "reading the host identity"):
             text = path.read_text()
@@ -76,7 +76,7 @@ def import_state(zoo: Zoo, source: Path, *, force: bool) -> list[str]:
         # Its target may be a file only root can read; a copy in host/ would be group-readable.
         raise UsageError(f"--import {source}: {link.relative_to(source)} is a symbolic link; only regular files are imported")
     files = sorted(p for p in source.rglob("*") if p.is_file())
-    host = zoo.root / "host"
+    host = zoo.host_dir
     clashes = [str(p.relative_to(source)) for p in files if (host / p.relative_to(source)).exists()]
     if clashes and not force:
         raise UsageError(f"--import {source}: host/{clashes[0]} exists ({len(clashes)} files would be overwritten); pass --force")

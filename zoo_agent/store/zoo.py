@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
 from zoo_agent.index.model import FileEntry
@@ -46,7 +46,7 @@ from zoo_agent.store.durable import (
 )
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "write_manifest",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "read_manifest", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
@@ -77,8 +77,68 @@ class Zoo:
         return self.artifact_dir(kind, aid) / "versions" / version
 
     @property
+    def host_dir(self) -> Path:
+        """Host-level state: survives tenant changes, never touched by gc."""
+        return self.root / "host"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.host_dir / "identity.json"
+
+    @property
+    def applied_index(self) -> Path:
+        """The index the zoo last matched (backups carry it)."""
+        return self.host_dir / "applied-index.json"
+
+    @property
     def actions_log(self) -> Path:
-        return self.root / "host" / "actions.jsonl"
+        return self.host_dir / "actions.jsonl"
+
+    @property
+    def resident_dir(self) -> Path:
+        return self.root / "resident"
+
+    @property
+    def resident_state(self) -> Path:
+        """What the supervisor serves now, for `zoo-agent resident reload` and status."""
+        return self.resident_dir / "state.json"
+
+    def tenant_dir(self, tenant: str) -> Path:
+        """A tenant's resident state: model-info.json, lease.json, sessions/, kv-cache/."""
+        return self.resident_dir / "tenants" / tenant
+
+    # -- reading, for programs on the host (issue #18) --------------------------------
+    def current(self, kind: str, aid: str, *, strict: bool | None = None) -> Path:
+        """The verified directory of the current version of a model or lora.
+
+        Raises, naming the command that fixes it, when there is none or a file drifted;
+        ``strict`` (default: $ZOO_STRICT) re-hashes every file as the resident does."""
+        kinds: dict[str, Kind] = {"model": "models", "models": "models", "lora": "loras", "loras": "loras"}
+        if kind not in kinds:
+            raise UsageError(f"kind {kind!r}: expected 'model' or 'lora'")
+        plural = kinds[kind]
+        version = self.read_link(plural, aid, "current")
+        if version is None:
+            raise StoreError(f"{self.artifact_dir(plural, aid)}: no current version; run: zoo-agent apply")
+        vdir = self.version_dir(plural, aid, version)
+        manifest = read_manifest(vdir)
+        if manifest is None:
+            raise IntegrityError(f"{vdir}: no readable manifest; run: zoo-agent verify --repair {aid}", file=str(vdir / MANIFEST))
+        rehash = strict if strict is not None else os.environ.get("ZOO_STRICT", "").lower() in ("1", "true", "yes")
+        for f in manifest["files"]:
+            path = vdir / f["path"]
+            if why := drift(path, f):
+                raise IntegrityError(f"{path}: {why} since it was verified; run: zoo-agent verify {aid}", file=f["path"])
+            if rehash and hash_file(path) != (f["sha256"], f["size"]):
+                raise IntegrityError(f"{path}: sha256 differs from the manifest; run: zoo-agent verify --repair {aid}",
+                                     file=f["path"], expected=f["sha256"])  # fmt: skip
+        return vdir
+
+    def load_transformers(self, aid: str, **kwargs: Any) -> tuple[Any, Any]:
+        """(model, tokenizer) of a model's current version, with the index's safety rules."""
+        from zoo_agent.library import load_transformers  # torch only for callers who ask for it
+
+        return load_transformers(self, aid, **kwargs)
 
     # -- safety checks -------------------------------------------------------------
     def check_root(self, *, allow_network_fs: bool = False, create: bool = False) -> None:
@@ -196,7 +256,7 @@ class Zoo:
         manifest = {
             "kind": want.kind, "id": want.id, "version": want.version,
             "source": want.source.model_dump(mode="json"),
-            "files": sorted(files, key=lambda f: f["path"]), "verified_at": now(),
+            "files": sorted(files, key=lambda f: f["path"]), "published_at": (sealed := now()), "verified_at": sealed,
         }  # fmt: skip
         write_manifest(staging, manifest)
         for directory in sorted({staging / f["path"] for f in files} | {staging}, key=lambda p: -len(p.parts)):
@@ -292,6 +352,14 @@ def _hash_into(path: Path, digest: Any) -> int:
             digest.update(view[:n])
             size += n
     return size
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return cast(dict[str, Any], data) if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
 def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:

@@ -48,7 +48,9 @@ HARDENING: dict[str, str | list[str]] = {
     "ProtectKernelModules": "yes",
     "ProtectKernelTunables": "yes",
     "ProtectProc": "invisible",
-    "ProcSubset": "pid",
+    # Not "pid": the resident reads /proc/meminfo to decide whether two versions fit during a
+    # reload (issue #18); "invisible" above still hides other users' processes.
+    "ProcSubset": "all",
     "RestrictNamespaces": "yes",
     "RestrictRealtime": "yes",
     "RestrictSUIDSGID": "yes",
@@ -252,7 +254,10 @@ def render(settings: UnitSettings) -> dict[str, str]:
     ollama = " ollama.service" if settings.ollama_host else ""
     units = {"model-zoo-reconcile.service": _unit(
         unit={"Description": "model zoo: fetch, verify and publish this host's models",
-              "Wants": "network-online.target" + ollama, "After": "network-online.target" + ollama},
+              "Wants": "network-online.target" + ollama, "After": "network-online.target" + ollama,
+              # A network failure at boot is retried, boundedly, instead of leaving the zoo
+              # empty until the next switch.
+              "StartLimitIntervalSec": "600", "StartLimitBurst": "5"},
         service={"Type": "oneshot", "RemainAfterExit": "yes",
                  # A long download must never time out; it is the only job of this unit,
                  # so the server's start is not held hostage by it (nixpkgs #334903).
@@ -260,6 +265,7 @@ def render(settings: UnitSettings) -> dict[str, str]:
                  # Lets `zoo-agent apply` report its progress as the unit's Status: line.
                  "NotifyAccess": "main",
                  "ExecStart": _exec(settings, "apply"),
+                 "Restart": "on-failure", "RestartSec": "30",
                  **({"ExecStartPost": _exec(settings, "gc")} if settings.gc else {}),
                  # Only this unit fetches, so only it gets the token.
                  **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),

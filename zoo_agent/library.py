@@ -1,0 +1,71 @@
+"""The zoo for programs on the host (agents, training pipelines), without the CLI (issue #18).
+
+Readers get verified directories; writers get the exact index entry to commit. Nothing
+here publishes: only ``apply`` does, and only what the index declares::
+
+    import zoo_agent
+    zoo = zoo_agent.open("/var/lib/model-zoo")
+    path = zoo.current("model", "qwen2-0.5b")          # verified, or raises naming the fix
+    model, tokenizer = zoo.load_transformers("qwen2-0.5b", dtype="auto")
+    entry = zoo_agent.entry_for("out/adapter", version="2026-12-01", license="MIT", lora_for="qwen2-0.5b")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zoo_agent.errors import StoreError, UsageError
+from zoo_agent.index.load import load_index
+from zoo_agent.pin import Selection, adapter_rank, file_source, pin_directory
+from zoo_agent.store.zoo import Zoo
+
+__all__ = ["entry_for", "load_transformers", "open"]
+
+
+def open(root: str | Path = "/var/lib/model-zoo") -> Zoo:  # noqa: A001 - zoo_agent.open, as the issue names it
+    """The zoo at ``root``; it must exist (``zoo-agent apply`` makes it)."""
+    path = Path(root)
+    if not path.is_dir():
+        raise StoreError(f"{path}: no zoo here; run: zoo-agent apply --root {path}")
+    return Zoo(path)
+
+
+def entry_for(directory: str | Path, *, version: str, license: str, index: str | Path = "index.json",  # noqa: A002
+              lora_for: str | None = None, rank: int | None = None, include: tuple[str, ...] = (),
+              exclude: tuple[str, ...] = (), allow_pickle: bool = False, allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The index entry ``zoo-agent add file:DIRECTORY`` would write: files, sizes, sha256.
+
+    ``index`` is where the entry will live; the source path is written relative to it
+    when the directory is below it, absolute otherwise."""
+    directory = Path(directory)
+    files = pin_directory(directory, Selection(include, exclude, allow_pickle, allow_code))
+    entry: dict[str, Any] = {"version": version, "source": file_source(directory, Path(index)), "files": files, "license": license}
+    if allow_pickle:
+        entry["allow_pickle"] = True
+    if allow_code:
+        entry["allow_code"] = True
+    if lora_for is not None:
+        entry.update(base_model=lora_for, rank=rank or adapter_rank(directory))
+        if entry["rank"] is None:
+            raise UsageError(f"{directory}: a LoRA needs rank= (no adapter_config.json with 'r' was found)")
+    return entry
+
+
+def load_transformers(zoo: Zoo, aid: str, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a model's current version the way the resident does: local files only,
+    safetensors unless the index allows pickle, repository code only if it allows code."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise UsageError("loading a model needs the 'resident' extra: pip install 'zoo-agent[resident]'") from None
+    if not zoo.applied_index.is_file():
+        raise StoreError(f"{zoo.applied_index}: no applied index; run: zoo-agent apply")
+    idx = load_index(zoo.applied_index, str(zoo.applied_index))
+    model = idx.models.get(aid)
+    if model is None:
+        raise UsageError(f"model '{aid}' is not in the applied index (models: {', '.join(sorted(idx.models)) or 'none'})")
+    path = zoo.current("model", aid)
+    safety = {"local_files_only": True, "use_safetensors": not model.allow_pickle, "trust_remote_code": model.allow_code}
+    return (AutoModelForCausalLM.from_pretrained(path, **safety, **kwargs),
+            AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=model.allow_code))  # fmt: skip
