@@ -1,5 +1,6 @@
 """model-zoo agent: validate an index, reconcile a host's zoo, serve its resident model."""
 
+from zoo_agent._version import __version__
 from zoo_agent.errors import (
     IntegrityError,
     InvalidIndex,
@@ -12,13 +13,11 @@ from zoo_agent.errors import (
 )
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
-
-__version__ = "0.1.0"
-
-from zoo_agent.library import entry_for, open  # noqa: E402 - below __version__, which they import
-from zoo_agent.store.zoo import Zoo  # noqa: E402
+from zoo_agent.library import HostZoo, entry_for, open
+from zoo_agent.store.zoo import Zoo
 
 __all__ = [
+    "HostZoo",
     "Index",
     "IntegrityError",
     "InvalidIndex",

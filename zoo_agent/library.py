@@ -1,9 +1,9 @@
 """The zoo for programs on the host (agents, training pipelines), without the CLI (issue #18).
 
 Readers get verified directories; writers get the exact index entry to commit. Nothing
-here publishes: only ``apply`` does, and only what the index declares::
+here publishes: only ``apply`` does, and only what the index declares. With the package
+imported as ``zoo_agent``::
 
-    import zoo_agent
     zoo = zoo_agent.open("/var/lib/model-zoo")
     path = zoo.current("model", "qwen2-0.5b")          # verified, or raises naming the fix
     model, tokenizer = zoo.load_transformers("qwen2-0.5b", dtype="auto")
@@ -20,15 +20,23 @@ from zoo_agent.index.load import load_index
 from zoo_agent.pin import Selection, adapter_rank, file_source, pin_directory
 from zoo_agent.store.zoo import Zoo
 
-__all__ = ["entry_for", "load_transformers", "open"]
+__all__ = ["HostZoo", "entry_for", "load_transformers", "open"]
 
 
-def open(root: str | Path = "/var/lib/model-zoo") -> Zoo:  # noqa: A001 - zoo_agent.open, as the issue names it
+class HostZoo(Zoo):
+    """The layout object plus what an application loads from it (the store stays torch-free)."""
+
+    def load_transformers(self, aid: str, **kwargs: Any) -> tuple[Any, Any]:
+        """(model, tokenizer) of a model's current version, with the index's safety rules."""
+        return load_transformers(self, aid, **kwargs)
+
+
+def open(root: str | Path = "/var/lib/model-zoo") -> HostZoo:  # noqa: A001 - zoo_agent.open, as the issue names it
     """The zoo at ``root``; it must exist (``zoo-agent apply`` makes it)."""
     path = Path(root)
     if not path.is_dir():
         raise StoreError(f"{path}: no zoo here; run: zoo-agent apply --root {path}")
-    return Zoo(path)
+    return HostZoo(path)
 
 
 def entry_for(directory: str | Path, *, version: str, license: str, index: str | Path = "index.json",  # noqa: A002

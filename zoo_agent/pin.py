@@ -19,14 +19,15 @@ from typing import Any
 
 from zoo_agent.errors import InvalidIndex, UsageError
 from zoo_agent.index.checks import PICKLE_SUFFIXES
-from zoo_agent.index.fmt import canonical_text, write_index
+from zoo_agent.index.fmt import canonical_text
 from zoo_agent.index.load import check_document, read_document
 from zoo_agent.index.model import LICENSES
 from zoo_agent.sources import FetchSettings, retried
 from zoo_agent.sources.file import confined
+from zoo_agent.store.durable import write_atomic
 from zoo_agent.store.zoo import hash_file
 
-__all__ = ["Selection", "adapter_rank", "file_source", "pin_directory", "pin_hf", "write_entry"]
+__all__ = ["Selection", "adapter_rank", "file_source", "pin_directory", "pin_hf", "write_entry", "write_index"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,12 @@ def file_source(directory: Path, index_path: Path) -> dict[str, str]:
     (validation refuses a relative path that climbs out with '..')."""
     real, base = directory.resolve(), index_path.resolve().parent
     return {"type": "file", "path": str(real.relative_to(base)) if real.is_relative_to(base) else str(real)}
+
+
+def write_index(path: Path, text: str) -> None:
+    """Replace the index atomically, through a symlink to its target: replacing the link
+    itself would cut the user's checked-out file loose (issue #17)."""
+    write_atomic(Path(os.path.realpath(path)), text.encode())
 
 
 def adapter_rank(files_dir: Path) -> int | None:

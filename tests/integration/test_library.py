@@ -15,7 +15,7 @@ from zoo_agent.reconcile.apply import reverify
 from zoo_agent.reconcile.observe import observe
 
 
-def _applied(world: World, files: dict[str, bytes]) -> zoo_agent.Zoo:
+def _applied(world: World, files: dict[str, bytes]) -> zoo_agent.HostZoo:
     world.artifact("m", "v1", files)
     assert world.run("apply").exit_code == 0
     return zoo_agent.open(world.root)

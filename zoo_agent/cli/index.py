@@ -9,9 +9,10 @@ import click
 
 from zoo_agent.cli.options import emit_json, index_argument, json_option
 from zoo_agent.errors import InvalidIndex
-from zoo_agent.index.fmt import canonical_text, diff, write_index
+from zoo_agent.index.fmt import canonical_text, diff
 from zoo_agent.index.load import check_document, read_document
 from zoo_agent.index.schema import render_schema
+from zoo_agent.pin import write_index
 
 __all__ = ["fmt", "schema", "validate"]
 

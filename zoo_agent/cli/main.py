@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from zoo_agent import __version__
+from zoo_agent._version import __version__
 from zoo_agent.cli import chat, demo, host, index, resident, sessions, systemd, zoo
 from zoo_agent.cli.options import emit_json
 from zoo_agent.errors import EXIT_CODES, InvalidIndex, ZooError

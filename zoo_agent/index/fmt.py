@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import types
 import typing
-from pathlib import Path
 from typing import Any, Union
 
 from pydantic import BaseModel
 
 from zoo_agent.index.model import FileEntry, Index
-from zoo_agent.store.durable import write_atomic
 
-__all__ = ["canonical_text", "diff", "write_index"]
+__all__ = ["canonical_text", "diff"]
 
 
 def canonical_text(document: Any) -> str:
     return json.dumps(_order(document, Index), indent=2, ensure_ascii=False) + "\n"
-
-
-def write_index(path: Path, text: str) -> None:
-    """Replace the index atomically, through a symlink to its target: replacing the link
-    itself would cut the user's checked-out file loose (issue #17)."""
-    write_atomic(Path(os.path.realpath(path)), text.encode())
 
 
 def diff(before: str, after: str, name: str) -> str:

@@ -53,7 +53,7 @@ class HfRepo(Source):
         return f"hf:{self.repo}@{self.revision[:12]}"
 
     def headers(self) -> dict[str, str]:
-        from zoo_agent import __version__
+        from zoo_agent._version import __version__
 
         return build_hf_headers(token=self.settings.hf_token or False, library_name="zoo-agent", library_version=__version__)
 

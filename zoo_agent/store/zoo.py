@@ -134,12 +134,6 @@ class Zoo:
                                      file=f["path"], expected=f["sha256"])  # fmt: skip
         return vdir
 
-    def load_transformers(self, aid: str, **kwargs: Any) -> tuple[Any, Any]:
-        """(model, tokenizer) of a model's current version, with the index's safety rules."""
-        from zoo_agent.library import load_transformers  # torch only for callers who ask for it
-
-        return load_transformers(self, aid, **kwargs)
-
     # -- safety checks -------------------------------------------------------------
     def check_root(self, *, allow_network_fs: bool = False, create: bool = False) -> None:
         if self.root.exists() and not self.root.is_dir():

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from zoo_agent import __version__
+from zoo_agent._version import __version__
 
 __all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "default_exec", "hidden_by_sandbox", "render", "sysusers", "unit_value"]
 
