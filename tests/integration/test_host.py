@@ -16,7 +16,7 @@ from zoo_agent.store import host as host_module
 
 def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False) -> str:
     """Paths, kinds, modes, link targets and contents: what 'byte-identical zoo' means (not
-    mtimes). A version fetched again has a new `verified_at` and new file mtimes, ctimes and inodes in its
+    mtimes). A version fetched again has a new `published_at`, `verified_at` and new file mtimes, ctimes and inodes in its
     manifest (when this host checked it, for the stat-only no-op); with ``refetched`` those
     are left out, every other byte counts."""
     digest = hashlib.sha256()
@@ -32,7 +32,7 @@ def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False
         else:
             data = path.read_bytes()
             if refetched and path.name == "manifest.json":
-                manifest = {k: v for k, v in json.loads(data).items() if k != "verified_at"}
+                manifest = {k: v for k, v in json.loads(data).items() if k not in ("published_at", "verified_at")}
                 manifest["files"] = [{k: v for k, v in f.items() if k not in ("mtime_ns", "ctime_ns", "ino")} for f in manifest["files"]]
                 data = json.dumps(manifest).encode()
             digest.update(f"F {rel} {st.st_mode:o} ".encode() + hashlib.sha256(data).digest())
