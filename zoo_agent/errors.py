@@ -5,11 +5,16 @@ Only ``cli.py`` turns these into an exit status; library code raises. The tree::
     ZooError                 exit 1   root; anything the user can act on
     ├── InvalidIndex         exit 2   index.json is unreadable or breaks the contract
     ├── UsageError           exit 2   a bad flag, an unknown host or id
+    │   ├── AdapterError     exit 2   an adapter disagrees with the index, or a request names one not declared
+    │   └── SessionError     exit 2   a session id or file a user handed us is not usable
+    │       └── SessionDamaged        a session file that holds no valid session (file, pointer, problem)
     ├── SourceError          exit 1   a source could not deliver (missing, unreachable)
     │   └── Transient        exit 1   worth another attempt (5xx, 429, a dropped connection);
     │                                 sources retry it and raise SourceError when they give up
     ├── IntegrityError       exit 1   bytes do not match the sha256/size the index pins
     ├── StoreError           exit 1   the zoo on disk cannot be read or written
+    ├── BackendError         exit 1   the serving backend failed a request (an Ollama daemon's HTTP error)
+    │   └── OllamaDown       exit 1   the daemon stopped answering: the worker exits, the supervisor restarts it
     └── LockHeld             exit 75  another run holds the zoo's lock (EX_TEMPFAIL)
 
 Exceptions outside this tree are bugs and keep their tracebacks.
@@ -21,10 +26,15 @@ from dataclasses import dataclass
 
 __all__ = [
     "EXIT_CODES",
+    "AdapterError",
+    "BackendError",
     "IntegrityError",
     "InvalidIndex",
     "LockHeld",
+    "OllamaDown",
     "Problem",
+    "SessionDamaged",
+    "SessionError",
     "SourceError",
     "Transient",
     "StoreError",
@@ -82,6 +92,23 @@ class UsageError(ZooError):
     exit_code = 2
 
 
+class AdapterError(UsageError):
+    """One line: which adapter, which field, what is wrong. The resident keeps serving the rest."""
+
+
+class SessionError(UsageError):
+    """A session id or file a user handed us is not usable; one line."""
+
+
+class SessionDamaged(SessionError):
+    """A session file that does not hold a session: where, and what is wrong."""
+
+    def __init__(self, file: str, pointer: str, problem: str) -> None:
+        self.file, self.pointer, self.problem = file, pointer, problem
+        # Keys come from the file: a lone surrogate in one must not break printing the line.
+        super().__init__(Problem(pointer, problem).line(file).encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 class SourceError(ZooError):
     exit_code = 1
 
@@ -104,6 +131,14 @@ class IntegrityError(ZooError):
 
 class StoreError(ZooError):
     exit_code = 1
+
+
+class BackendError(ZooError):
+    """The serving backend failed a request; the request fails, the worker goes on."""
+
+
+class OllamaDown(BackendError):
+    """The daemon stopped answering: the worker exits and the supervisor restarts it."""
 
 
 class LockHeld(ZooError):

@@ -40,9 +40,9 @@ class Client:
                 message = json.loads(exc.read())["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = exc.reason
-            raise UsageError(f"{self.url}{path}: HTTP {exc.code}: {message}") from None
+            raise UsageError(f"{self.url}{path}: HTTP {exc.code}: {message}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise SourceError(f"{self.url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from None
+            raise SourceError(f"{self.url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
 
     def get(self, path: str) -> Any:
         with self._open("GET", path, timeout=30) as response:

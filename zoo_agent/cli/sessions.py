@@ -55,7 +55,7 @@ def _load(path: Path, vocab_size: int | None = None) -> SessionFile:
     except FileNotFoundError:
         raise UsageError(f"{path}: no such session") from None
     except SessionDamaged as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from exc
 
 
 def _stored(base: Path, sid: str) -> SessionFile:
@@ -102,7 +102,7 @@ def _id(sid: str) -> str:
     try:
         return valid_id(sid)
     except SessionError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from exc
 
 tenant_option = click.option("--tenant", default=None, help="Tenant id (default: the host's resident tenant).")
 

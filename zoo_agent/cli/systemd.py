@@ -66,14 +66,14 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             argv = tuple(shlex.split(exec_start)) if exec_start else default_exec()
         except ValueError as exc:
-            raise UsageError(f"--exec: {exc}") from None
+            raise UsageError(f"--exec: {exc}") from exc
         try:
             settings = UnitSettings(exec_start=argv, index=index.absolute(), resident=not no_resident, environment=env,
                                     verify_interval=verify_interval or None, **fields)
         except ValidationError as exc:
             first = exc.errors()[0]
             flag = _FLAGS.get(str(first["loc"][0]), "--" + str(first["loc"][0]).replace("_", "-"))
-            raise UsageError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise UsageError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from exc
         return func(settings=settings, **kwargs)
 
     for option in reversed(options):

@@ -73,17 +73,17 @@ def read_document(path: Path, display: str | None = None) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise fail(f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        raise fail(f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
     if not text.strip():
         raise fail("is empty; an index is a JSON object such as {\"models\": {}}")
     try:
         document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
-        raise fail(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise fail(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except RecursionError:
         raise fail(f"nests deeper than {MAX_DEPTH} levels; an index is a few levels of objects") from None
     except ValueError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc)) from exc
     problems = _shape_problems(document)
     if problems:
         raise InvalidIndex(name, problems)

@@ -18,15 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from zoo_agent.errors import AdapterError
 from zoo_agent.resident.config import AdapterConfig
 
 __all__ = ["AdapterError", "Adapters", "check_adapter"]
 
 log = logging.getLogger("zoo_agent.resident")
-
-
-class AdapterError(Exception):
-    """One line: which adapter, which field, what is wrong. The resident keeps serving the rest."""
 
 
 def check_adapter(adapter: AdapterConfig, base_names: tuple[str, ...], module_names: set[str]) -> dict[str, Any]:
@@ -35,7 +32,7 @@ def check_adapter(adapter: AdapterConfig, base_names: tuple[str, ...], module_na
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise AdapterError(f"{adapter.label}: {path.name}: cannot be read ({exc})") from None
+        raise AdapterError(f"{adapter.label}: {path.name}: cannot be read ({exc})") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterError(f"{adapter.label}: {path.name}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, not 'LORA'")
     if config.get("r") != adapter.rank:

@@ -14,15 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from zoo_agent.errors import BackendError, OllamaDown
 from zoo_agent.resident.backend import Generated, Request
 
 __all__ = ["OllamaBackend", "OllamaDown"]
 
 KEEP_LOADED = -1  # keep_alive: never unload
-
-
-class OllamaDown(Exception):
-    """The daemon stopped answering: the worker exits and the supervisor restarts it."""
 
 
 class OllamaBackend:
@@ -46,9 +43,9 @@ class OllamaBackend:
         try:
             return fn(*args, **kwargs)
         except (ConnectionError, httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} does not answer ({type(exc).__name__})") from None
+            raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} does not answer ({type(exc).__name__})") from exc
         except ollama.ResponseError as exc:
-            raise RuntimeError(f"ollama:{self.name}: HTTP {exc.status_code}: {exc.error}") from None
+            raise BackendError(f"ollama:{self.name}: HTTP {exc.status_code}: {exc.error}") from exc
 
     def preread(self, on_progress: Callable[[int, int], None]) -> None:
         on_progress(1, 1)  # the daemon reads the weights itself
@@ -117,5 +114,5 @@ class OllamaBackend:
                     if part.done:
                         self._summary(part, result)
             except (ConnectionError, httpx.TransportError) as exc:
-                raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} went away mid-answer ({type(exc).__name__})") from None
+                raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} went away mid-answer ({type(exc).__name__})") from exc
             result.text = "".join(pieces)

@@ -70,7 +70,7 @@ def read_api_key(path: Path) -> str:
     except UnicodeDecodeError:
         raise UsageError(f"--api-key-file {path}: not ASCII; a bearer token is visible ASCII characters") from None
     except OSError as exc:
-        raise UsageError(f"--api-key-file {path}: cannot be read: {exc.strerror or exc}") from None
+        raise UsageError(f"--api-key-file {path}: cannot be read: {exc.strerror or exc}") from exc
     if not key:
         raise UsageError(f"--api-key-file {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
     if not all(33 <= ord(c) < 127 for c in key):
@@ -100,7 +100,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
             sock.bind((host, int(port)))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror}") from None
+            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror}") from exc
     sock.listen(128)
     return sock
 

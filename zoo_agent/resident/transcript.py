@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from zoo_agent.errors import Problem
+from zoo_agent.errors import SessionDamaged, SessionError
 from zoo_agent.index.schema import pointer
 
 __all__ = ["MAX_SESSION_BYTES", "SESSION_ID", "SessionDamaged", "SessionError", "SessionFile", "SessionMessage", "SessionTurn",
@@ -29,19 +29,6 @@ SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: A transcript is text and token ids; one larger than this is not a conversation.
 MAX_SESSION_BYTES = 64 << 20
 MAX_SEED = 2**64 - 1  # what torch.manual_seed takes
-
-
-class SessionError(Exception):
-    """A session id or file a user handed us is not usable; one line."""
-
-
-class SessionDamaged(SessionError):
-    """A session file that does not hold a session: where, and what is wrong."""
-
-    def __init__(self, file: str, pointer: str, problem: str) -> None:
-        self.file, self.pointer, self.problem = file, pointer, problem
-        # Keys come from the file: a lone surrogate in one must not break printing the line.
-        super().__init__(Problem(pointer, problem).line(file).encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _unicode(text: str) -> str:
@@ -127,17 +114,17 @@ def parse_session(raw: bytes, file: str, *, vocab_size: int | None = None) -> Se
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
-        raise SessionDamaged(file, "", f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        raise SessionDamaged(file, "", f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise SessionDamaged(file, "", f"not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise SessionDamaged(file, "", f"not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except (ValueError, RecursionError) as exc:
-        raise SessionDamaged(file, "", f"not JSON: {exc or 'nested too deeply'}") from None
+        raise SessionDamaged(file, "", f"not JSON: {exc or 'nested too deeply'}") from exc
     try:
         session = SessionFile.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        raise SessionDamaged(file, pointer(where), first["msg"]) from None
+        raise SessionDamaged(file, pointer(where), first["msg"]) from exc
     if vocab_size is not None:
         for t, turn in enumerate(session.turns):
             for i, token in enumerate(turn.completion_ids):
@@ -156,5 +143,5 @@ def read_session(path: Path, *, vocab_size: int | None = None) -> SessionFile:
     except IsADirectoryError:
         raise SessionDamaged(str(path), "", "is a directory, not a session file") from None
     except OSError as exc:
-        raise SessionDamaged(str(path), "", f"cannot be read: {exc.strerror or exc}") from None
+        raise SessionDamaged(str(path), "", f"cannot be read: {exc.strerror or exc}") from exc
     return parse_session(raw, str(path), vocab_size=vocab_size)

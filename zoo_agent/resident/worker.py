@@ -29,12 +29,13 @@ def _send(control: socket.socket, event: dict[str, Any]) -> None:
     control.sendall((json.dumps(event) + "\n").encode())
 
 
-def _receive_config(control: socket.socket) -> WorkerConfig:
+def _receive_config(control: socket.socket) -> WorkerConfig | None:
+    """The worker's settings, or None when the supervisor closed the socket first."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = control.recv(65536)
         if not chunk:
-            raise SystemExit(2)
+            return None
         data += chunk
     return WorkerConfig.model_validate_json(data)
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_supervisor(args.supervisor_pid or os.getppid())
     control = socket.socket(fileno=args.control_fd)
     config = _receive_config(control)
+    if config is None:
+        return 2  # the supervisor went away before it told us what to serve
     last = -1
 
     def progress(done: int, total: int) -> None:

@@ -93,7 +93,7 @@ def resolve_token(token_file: Path | None) -> str | None:
                 raise UsageError(f"{path}: no such token file (--hf-token-file)") from None
             continue
         except OSError as exc:
-            raise UsageError(f"{path}: cannot read the token file: {exc.strerror}") from None
+            raise UsageError(f"{path}: cannot read the token file: {exc.strerror}") from exc
         if token:
             return token
     return os.environ.get("HF_TOKEN") or None

@@ -67,7 +67,7 @@ class HfRepo(Source):
         try:
             yield
         except (RepositoryNotFoundError, GatedRepoError) as exc:
-            raise SourceError(self._access_message(exc)) from None
+            raise SourceError(self._access_message(exc)) from exc
         except RevisionNotFoundError:
             raise SourceError(f"hf:{self.repo}: revision {self.revision} not found") from None
         except EntryNotFoundError:
@@ -76,9 +76,9 @@ class HfRepo(Source):
             status = exc.response.status_code if exc.response is not None else 0
             if status < 500 and status != 429:
                 raise SourceError(f"{shown}: HTTP {status}") from None
-            raise Transient(f"HTTP {status}") from None
+            raise Transient(f"HTTP {status}") from exc
         except (httpx2.TransportError, ConnectionError) as exc:
-            raise Transient(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+            raise Transient(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from exc
 
     def read(self, path: str, offset: int = 0) -> Iterator[bytes]:
         shown = f"{self.describe()}: {path}"

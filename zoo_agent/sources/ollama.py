@@ -79,7 +79,7 @@ class OllamaDaemon(Source):
                 raise SourceError(f"{self.describe()}: the daemon is too old for this model; upgrade Ollama ({exc.error})") from None
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise Transient(f"HTTP {exc.status_code}: {exc.error}") from None
-            raise SourceError(f"{self.describe()}: HTTP {exc.status_code}: {exc.error}") from None
+            raise SourceError(f"{self.describe()}: HTTP {exc.status_code}: {exc.error}") from exc
 
     def _digest(self, client: object) -> str | None:
         import httpx
@@ -90,7 +90,7 @@ class OllamaDaemon(Source):
         except (ConnectionError, httpx.ConnectError):
             raise SourceError(f"{self.describe()}: no Ollama daemon answers at {self.host or '127.0.0.1:11434'} (OLLAMA_HOST)") from None
         except ollama.ResponseError as exc:
-            raise SourceError(f"{self.describe()}: HTTP {exc.status_code}: {exc.error}") from None
+            raise SourceError(f"{self.describe()}: HTTP {exc.status_code}: {exc.error}") from exc
         for model in models:
             if model.model == self.name and model.digest:
                 return f"sha256:{model.digest}"

@@ -35,9 +35,9 @@ class UrlFiles(Source):
                 exc.close()  # it holds the response's socket
                 if exc.code < 500 and exc.code != 429:
                     raise SourceError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
-                raise Transient(f"HTTP {exc.code} {exc.reason}") from None
+                raise Transient(f"HTTP {exc.code} {exc.reason}") from exc
             except (urllib.error.URLError, OSError) as exc:
-                raise Transient(str(getattr(exc, "reason", None) or exc)) from None
+                raise Transient(str(getattr(exc, "reason", None) or exc)) from exc
 
         return with_retries(once, shown, offset)
 

@@ -187,7 +187,7 @@ def parse_manifest(data: bytes, file: str) -> BackupManifest:
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise UsageError(Problem("", f"not JSON ({exc})").line(file)) from None
+        raise UsageError(Problem("", f"not JSON ({exc})").line(file)) from exc
     if not isinstance(document, dict):
         raise UsageError(Problem("", "not a JSON object").line(file))
     try:
@@ -238,7 +238,7 @@ class _Tree:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
-                    raise self.refusal("/".join([*done, name]), mode, "a directory") from None
+                    raise self.refusal("/".join([*done, name]), mode, "a directory") from exc
                 os.close(fd)
                 fd, done = child, [*done, name]
             yield fd
@@ -255,7 +255,7 @@ class _Tree:
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
-                raise self.refusal(rel, stat.S_IFLNK, "a file") from None
+                raise self.refusal(rel, stat.S_IFLNK, "a file") from exc
             try:
                 if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
                     raise self.refusal(rel, mode, "a file")
