@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from zoo_agent.cli.options import emit_json, json_option, wait_option, zoo_options
+from zoo_agent.cli.options import Target, emit_json, json_option, wait_option, zoo_options
 from zoo_agent.errors import UsageError
 from zoo_agent.store.backup import backup, check_backup, restore
 from zoo_agent.store.host import import_state, init_identity, parse_since, read_actions
@@ -25,7 +24,7 @@ def host_group() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing files (and a new identity id).")
 @wait_option
 @json_option
-def init_cmd(target: Any, name: str | None, import_dir: Path | None, force: bool, wait: float, as_json: bool) -> None:
+def init_cmd(target: Target, name: str | None, import_dir: Path | None, force: bool, wait: float, as_json: bool) -> None:
     """Create host/identity.json, or import a state directory from another machine."""
     if import_dir is not None and not import_dir.is_dir():
         raise UsageError(f"--import {import_dir}: not a directory")
@@ -45,7 +44,7 @@ def init_cmd(target: Any, name: str | None, import_dir: Path | None, force: bool
 @zoo_options
 @click.option("--since", default=None, help="2026-11-21, 2026-11-21T08:00, or a span: 30m, 2h, 7d.")
 @json_option
-def log_cmd(target: Any, since: str | None, as_json: bool) -> None:
+def log_cmd(target: Target, since: str | None, as_json: bool) -> None:
     """What the agent did to this zoo, oldest first (host/actions.jsonl and its rotations)."""
     records = list(read_actions(target.zoo, parse_since(since) if since else None))
     if as_json:
@@ -64,7 +63,7 @@ def log_cmd(target: Any, since: str | None, as_json: bool) -> None:
 @click.option("--include-models", is_flag=True, help="Also the model and adapter files (otherwise apply fetches them again).")
 @wait_option
 @json_option
-def backup_cmd(target: Any, dest: Path, include_models: bool, wait: float, as_json: bool) -> None:
+def backup_cmd(target: Target, dest: Path, include_models: bool, wait: float, as_json: bool) -> None:
     """Copy host state, resident state, the applied index and every manifest."""
     if not target.zoo.root.is_dir():
         raise UsageError(f"{target.zoo.root}: no zoo here (run zoo-agent apply first, or pass --root)")
@@ -80,7 +79,7 @@ def backup_cmd(target: Any, dest: Path, include_models: bool, wait: float, as_js
 @click.option("--from", "source", type=click.Path(path_type=Path), required=True, help="A directory written by zoo-agent backup.")
 @wait_option
 @json_option
-def restore_cmd(target: Any, source: Path, wait: float, as_json: bool) -> None:
+def restore_cmd(target: Target, source: Path, wait: float, as_json: bool) -> None:
     """Check every file of a backup, then restore it; `apply` fetches the rest."""
     manifest = check_backup(source)  # every byte, before the zoo (or its root) is touched
     target.zoo.check_root(create=True)

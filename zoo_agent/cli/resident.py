@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import zoo_options
+from zoo_agent.cli.options import Target, zoo_options
 from zoo_agent.errors import StoreError, UsageError
 
 __all__ = ["resident"]
@@ -28,7 +28,7 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
               help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
 @click.pass_context
-def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | None, strict: bool) -> None:
+def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, strict: bool) -> None:
     """Serve the host's tenant: supervise one inference worker, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
@@ -48,7 +48,7 @@ def resident(ctx: click.Context, target: Any, listen: str, api_key_file: Path | 
 @click.option("--pid", type=int, default=None, help="The resident's pid (systemd: $MAINPID); default: from the zoo.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
 @click.pass_obj
-def reload(target: Any, pid: int | None, timeout: float) -> None:
+def reload(target: Target, pid: int | None, timeout: float) -> None:
     """Swap to the current version now; return when the swap is done (for ExecReload=)."""
     state_file = target.zoo.resident_state
     before = _state(state_file)

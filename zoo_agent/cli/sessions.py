@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import emit_json, json_option, zoo_options
+from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import ID_PATTERN
@@ -27,7 +27,7 @@ __all__ = ["sessions_group"]
 log = logging.getLogger("zoo_agent.sessions")
 
 
-def _tenant_dir(target: Any, tenant: str | None) -> tuple[str, Path]:
+def _tenant_dir(target: Target, tenant: str | None) -> tuple[str, Path]:
     """The tenant's directory in the zoo. ``--tenant`` becomes a path component, so it must be
     a tenant id of the index: a path (absolute, ``../..``) would read, write and delete
     outside the zoo (issue #17). The id is checked before the index is read."""
@@ -84,7 +84,7 @@ def _rows(base: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     return rows, damaged
 
 
-def _vocab_size(target: Any, tid: str) -> int | None:
+def _vocab_size(target: Target, tid: str) -> int | None:
     """The vocabulary of the tenant's current model, from its config.json, when the zoo has it
     (the resident checks token ids again on load)."""
     try:
@@ -114,7 +114,7 @@ def sessions_group() -> None:
 @zoo_options
 @tenant_option
 @json_option
-def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
+def list_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
     """Every session of the tenant, most recently used last."""
     tid, base = _tenant_dir(target, tenant)
     rows, damaged = _rows(base)
@@ -135,7 +135,7 @@ def list_cmd(target: Any, tenant: str | None, as_json: bool) -> None:
 @tenant_option
 @click.argument("session_id")
 @json_option
-def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) -> None:
+def show_cmd(target: Target, tenant: str | None, session_id: str, as_json: bool) -> None:
     """The conversation, turn by turn."""
     _, base = _tenant_dir(target, tenant)
     data = _stored(base, session_id)
@@ -151,7 +151,7 @@ def show_cmd(target: Any, tenant: str | None, session_id: str, as_json: bool) ->
 @zoo_options
 @tenant_option
 @click.argument("session_id")
-def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
+def export_cmd(target: Target, tenant: str | None, session_id: str) -> None:
     """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
     _, base = _tenant_dir(target, tenant)
     click.echo(json.dumps(_stored(base, session_id).document(), indent=1))
@@ -162,7 +162,7 @@ def export_cmd(target: Any, tenant: str | None, session_id: str) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a session with the same id.")
 @json_option
-def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
+def import_cmd(target: Target, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
     """Add an exported transcript; the resident re-prefills it on its next turn.
 
     The file is validated as the resident writes sessions (and its token ids against the
@@ -187,7 +187,7 @@ def import_cmd(target: Any, tenant: str | None, file: Path, force: bool, as_json
 @tenant_option
 @click.option("--dry-run", is_flag=True, help="Say what would be removed.")
 @json_option
-def prune_cmd(target: Any, tenant: str | None, dry_run: bool, as_json: bool) -> None:
+def prune_cmd(target: Target, tenant: str | None, dry_run: bool, as_json: bool) -> None:
     """Apply the tenant's `sessions` retention (count and age) from the index."""
     tid, base = _tenant_dir(target, tenant)
     idx = load_index(target.index, str(target.index))
