@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import VALID_INDEX
+from tests.mutate import mutate
 from zoo_agent.cli.main import cli
 from zoo_agent.errors import InvalidIndex
 from zoo_agent.index.load import load_index
@@ -26,37 +26,10 @@ _plausible = st.sampled_from(
 )  # fmt: skip
 
 
-def _paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [at]
-    if isinstance(node, dict):
-        for key, value in node.items():
-            out += _paths(value, (*at, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            out += _paths(value, (*at, i))
-    return out
-
-
 @st.composite
 def mutated_index(draw: st.DrawFn) -> Any:
-    document: Any = copy.deepcopy(VALID_INDEX)
-    for _ in range(draw(st.integers(1, 4))):
-        path = draw(st.sampled_from(_paths(document)))
-        value = copy.deepcopy(draw(_plausible | _json))  # sampled [] and {} are shared objects
-        if not path:
-            document = value
-            continue
-        parent = document
-        for part in path[:-1]:
-            parent = parent[part]
-        action = draw(st.sampled_from(["replace", "delete", "add"]))
-        if action == "delete" and isinstance(parent, dict):
-            del parent[path[-1]]
-        elif action == "add" and isinstance(parent, dict):
-            parent[draw(st.text(max_size=8) | st.sampled_from(["version", "files", "loras", "Bad"]))] = value
-        else:
-            parent[path[-1]] = value
-    return document
+    keys = st.text(max_size=8) | st.sampled_from(["version", "files", "loras", "Bad"])
+    return mutate(draw, VALID_INDEX, _plausible | _json, keys, edits=4)
 
 
 def _check(document_text: bytes) -> None:

@@ -3,7 +3,6 @@ or refuses it with exit 2 and one line naming the file; never a traceback (issue
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import tempfile
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.mutate import mutate
 from zoo_agent.cli.main import cli
 from zoo_agent.resident.transcript import SessionDamaged, parse_session
 
@@ -35,36 +35,11 @@ _junk = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | 
                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3), max_leaves=8)  # fmt: skip
 
 
-def _paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [at]
-    if isinstance(node, dict):
-        out += [p for key, value in node.items() for p in _paths(value, (*at, key))]
-    elif isinstance(node, list):
-        out += [p for i, value in enumerate(node) for p in _paths(value, (*at, i))]
-    return out
-
-
 @st.composite
 def _broken(draw: st.DrawFn) -> Any:
     """A valid session with a few things replaced, deleted or added anywhere."""
-    document: Any = copy.deepcopy(draw(_valid))
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(document)))
-        value = copy.deepcopy(draw(_junk | st.sampled_from([-1, VOCAB, 2**64, True, "5", [], {}, "../x"])))
-        if not path:
-            document = value
-            continue
-        parent = document
-        for part in path[:-1]:
-            parent = parent[part]
-        action = draw(st.sampled_from(["replace", "delete", "add"]))
-        if action == "delete" and isinstance(parent, dict):
-            del parent[path[-1]]
-        elif action == "add" and isinstance(parent, dict):
-            parent[draw(_text | st.sampled_from(["turns", "messages", "completion_ids"]))] = value
-        else:
-            parent[path[-1]] = value
-    return document
+    values = _junk | st.sampled_from([-1, VOCAB, 2**64, True, "5", [], {}, "../x"])
+    return mutate(draw, draw(_valid), values, _text | st.sampled_from(["turns", "messages", "completion_ids"]), edits=3)
 
 
 def _zoo(tmp: Path) -> list[str]:
