@@ -136,8 +136,9 @@ def _walk(root: Path) -> list[str]:
                         seen.add(real)
                         stack.append(rel)
                     continue
-                if confined(root, rel)[0] is None:
-                    raise UsageError(f"{root / rel}: {confined(root, rel)[1]}; remove it or copy the file in")
+                real_file, why = confined(root, rel)
+                if real_file is None:
+                    raise UsageError(f"{root / rel}: {why}; remove it or copy the file in")
                 found.append(rel)
     return sorted(found)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from zoo_agent.errors import SourceError
 from zoo_agent.sources import CHUNK, Source
 
-__all__ = ["FileDir", "confined"]
+__all__ = ["FileDir", "confined", "file_kind"]
 
 
 def confined(root: Path, path: str) -> tuple[Path | None, str]:
@@ -31,16 +31,16 @@ def confined(root: Path, path: str) -> tuple[Path | None, str]:
     except OSError as exc:
         return None, exc.strerror or str(exc)
     if not stat.S_ISREG(mode):
-        return None, f"is not a regular file ({_kind(mode)}); file sources read only regular files"
+        return None, f"is not a regular file ({file_kind(mode)}); file sources read only regular files"
     return Path(real), ""
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):  # fmt: skip
-        if test(mode):
-            return name
-    return "not a file"
+def file_kind(mode: int) -> str:
+    """What a stat's mode is, in words, for refusals ("a FIFO", "a symbolic link", ...)."""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 class FileDir(Source):

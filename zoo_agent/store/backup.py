@@ -40,9 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zoo_agent.errors import IntegrityError, Problem, StoreError, UsageError, ZooError
 from zoo_agent.index.schema import pointer
+from zoo_agent.sources.file import file_kind
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, makedirs_durable, temp_name, write_atomic
 from zoo_agent.store.host import store_errors
-from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, now
+from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, hash_file, now
 
 __all__ = ["BACKUP_MANIFEST", "BackupManifest", "Summary", "backup", "check_backup", "manifest_problems", "parse_manifest", "restore"]
 
@@ -204,12 +205,6 @@ def parse_manifest(data: bytes, file: str) -> BackupManifest:
 # -- one confinement rule: below a root, one component at a time, never through a link --------------
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a special file"
-
-
 @dataclass(frozen=True)
 class _Tree:
     """A root we were given (followed if it is a link: the user named it) and what lies below it."""
@@ -219,7 +214,7 @@ class _Tree:
     rule: str  # the end of the refusal's line
 
     def refusal(self, rel: str, mode: int, wanted: str) -> ZooError:
-        return self.refuse(f"{self.root / rel}: {_kind(mode)}, not {wanted}; {self.rule}")
+        return self.refuse(f"{self.root / rel}: {file_kind(mode)}, not {wanted}; {self.rule}")
 
     @contextmanager
     def dir(self, rel: str, *, create: bool = False) -> Iterator[int]:
@@ -505,12 +500,9 @@ def check_backup(source: Path) -> BackupManifest:
     for entry in manifest.files:
         try:
             with tree.reader(f"files/{entry.path}") as fd:
-                digest, size = hashlib.sha256(), 0
-                while chunk := os.read(fd, CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-            if (digest.hexdigest(), size) != (entry.sha256, entry.size):
-                damaged.append(f"{entry.path} (sha256 {digest.hexdigest()[:12]}…, expected {entry.sha256[:12]}…)")
+                actual, size = hash_file(fd)
+            if (actual, size) != (entry.sha256, entry.size):
+                damaged.append(f"{entry.path} (sha256 {actual[:12]}…, expected {entry.sha256[:12]}…)")
         except OSError as exc:
             damaged.append(f"{entry.path} ({exc.strerror or exc})")
     if damaged:

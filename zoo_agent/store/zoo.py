@@ -58,8 +58,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def hash_file(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a file, streamed; hashlib releases the GIL, so threads scale."""
+def hash_file(path: Path | int) -> tuple[str, int]:
+    """(sha256, size) of a file (or an open descriptor, read to its end and left open),
+    streamed; hashlib releases the GIL, so threads scale."""
     digest = hashlib.sha256()
     size = _hash_into(path, digest)
     return digest.hexdigest(), size
@@ -338,10 +339,11 @@ class Zoo:
             _rmtree(staging)
 
 
-def _hash_into(path: Path, digest: Any) -> int:
+def _hash_into(source: Path | int, digest: Any) -> int:
+    """Feed a file (a path, or an open descriptor that stays open) to ``digest``; its size."""
     size, buf = 0, bytearray(1 << 20)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open(source, "rb", buffering=0, closefd=not isinstance(source, int)) as f:
         while n := f.readinto(buf):
             digest.update(view[:n])
             size += n
