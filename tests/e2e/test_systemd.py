@@ -70,7 +70,10 @@ def machine(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Co
         pytest.skip(f"no Debian root could be built here (debootstrap needs the Debian mirror): {exc}")
     log = tmp_path_factory.mktemp("nspawn") / "console.log"
     container = Container(root, name=f"zoo-e2e-{os.getpid()}", log=log, bind={data: "/srv/e2e"},
-                          bind_ro={Path(site.getsitepackages()[0]): "/opt/zoo/deps", REPO: "/opt/zoo/src"})
+                          bind_ro={Path(site.getsitepackages()[0]): "/opt/zoo/deps",
+                                   # The package, not the checkout: a clone into `mktemp -d` is 0700,
+                                   # which the service user could not enter.
+                                   REPO / "zoo_agent": "/opt/zoo/src/zoo_agent"})
     try:
         container.install_agent()
         container.run(AGENT, "systemd", "install", "--index", "/srv/e2e/index.json", "--host", "local",
