@@ -16,8 +16,8 @@ from zoo_agent.errors import UsageError
 from zoo_agent.index.model import FileEntry, Index, Source
 
 __all__ = [
-    "Action", "Desired", "Have", "Observed", "Plan", "Seen", "Step", "Want",
-    "desired_for_host", "human_bytes", "plan", "plan_gc",
+    "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
+    "desired_for_host", "holdings", "human_bytes", "plan", "plan_gc", "plan_versions",
 ]  # fmt: skip
 
 Kind = Literal["models", "loras"]
@@ -70,6 +70,7 @@ class Have:
     published_at: str = ""  # when the version was sealed; gc keeps the newest by it
     size: int = 0
     verified_at: str = ""  # the last full re-hash (a reverify moves this, never published_at)
+    drifted_paths: frozenset[str] = frozenset()  # the paths of ``drifted``: never reused (issue #23)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,29 @@ class Observed:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """A published file whose bytes another version can reuse instead of fetching them (issue #23)."""
+
+    kind: Kind
+    id: str
+    version: str
+    path: str
+
+    @property
+    def label(self) -> str:
+        return f"{'model' if self.kind == 'models' else 'lora'} {self.id} {self.version}"
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """FETCH: the file ``path`` of the new version comes from ``origin`` (same sha256 and size)."""
+
+    path: str
+    size: int
+    origin: Origin
+
+
+@dataclass(frozen=True)
 class Step:
     action: Action
     kind: Kind
@@ -101,6 +125,11 @@ class Step:
     previous: str | None = None  # SWAP_CURRENT: the version current pointed at before
     reason: str = ""
     resume: str = ""  # FETCH: a killed run's staging directory of this version to continue
+    reuse: tuple[Reuse, ...] = ()  # FETCH: files the zoo already holds (issue #23)
+
+    @property
+    def reused_size(self) -> int:
+        return sum(r.size for r in self.reuse)
 
     @property
     def subject(self) -> str:
@@ -112,7 +141,14 @@ class Step:
         a, subject = self.action, self.subject
         if a is Action.FETCH:
             again = ", resuming an interrupted fetch" if self.resume else ""
-            return f"{'would fetch' if would else 'fetching'} {subject} ({self.files} files, {human_bytes(self.size)}{again})"
+            if not self.reuse:
+                return f"{'would fetch' if would else 'fetching'} {subject} ({self.files} files, {human_bytes(self.size)}{again})"
+            origins = list(dict.fromkeys(r.origin.label for r in self.reuse))
+            named = ", ".join(origins[:3]) + (f" and {len(origins) - 3} more" if len(origins) > 3 else "")
+            reuse = f"{'would reuse' if would else 'reusing'} {_files(len(self.reuse))} ({human_bytes(self.reused_size)}) from {named}"
+            rest = self.files - len(self.reuse)
+            fetch = f"{'would fetch' if would else 'fetching'} {_files(rest)} ({human_bytes(self.size - self.reused_size)})" if rest else "nothing to fetch"
+            return f"{subject}: {reuse}; {fetch}{again}"
         if a is Action.PUBLISH:
             return f"{'would publish' if would else 'publishing'} {subject}"
         if a is Action.SWAP_CURRENT:
@@ -143,6 +179,10 @@ class Plan:
     @property
     def refusals(self) -> tuple[Step, ...]:
         return tuple(s for s in self.steps if s.action is Action.REFUSE)
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def human_bytes(n: float) -> str:
@@ -190,19 +230,60 @@ def plan(desired: Desired, observed: Observed) -> Plan:
                 resumable[key] = name
                 continue
             steps.append(Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run"))
+    held = holdings(observed)
     for want in desired.wants:
-        steps += _plan_want(want, observed.seen.get((want.kind, want.id)), resumable.get((want.kind, want.id), ""))
+        steps += _plan_want(want, observed.seen.get((want.kind, want.id)), held, resumable.get((want.kind, want.id), ""))
     return Plan(tuple(steps))
 
 
-def _plan_want(want: Want, seen: Seen | None, resume: str = "") -> list[Step]:
+def plan_versions(wants: tuple[Want, ...], observed: Observed) -> Plan:
+    """Fetch and publish versions that are not (or no longer) on disk, moving no link: how
+    ``verify --repair`` rebuilds a damaged version the index no longer declares (issue #23)."""
+    held = holdings(observed)
+    steps: list[Step] = []
+    for want in wants:
+        seen = observed.seen.get((want.kind, want.id))
+        if seen is None or want.version not in seen.versions:
+            steps += _plan_want(want, seen, held)[:2]
+    return Plan(tuple(steps))
+
+
+def holdings(observed: Observed) -> dict[tuple[str, int], tuple[Origin, ...]]:
+    """(sha256, size) -> every published file holding those bytes, from the manifests observe
+    read anyway: the zoo's index of hashes costs no extra read and is never stale (issue #23).
+    A drifted file, or a version without a readable manifest, holds nothing."""
+    held: dict[tuple[str, int], list[Origin]] = {}
+    for (kind, aid), seen in sorted(observed.seen.items()):
+        for version, have in sorted(seen.versions.items()):
+            for path, sha256, size in sorted(have.pins or ()):
+                if path not in have.drifted_paths:
+                    held.setdefault((sha256, size), []).append(Origin(kind, aid, version, path))
+    return {key: tuple(origins) for key, origins in held.items()}
+
+
+def _reuse(want: Want, seen: Seen | None, held: Mapping[tuple[str, int], tuple[Origin, ...]]) -> tuple[Reuse, ...]:
+    """Where each file of ``want`` can come from without the network: the artifact's own
+    current version first, then its other versions, then any other artifact."""
+    current = seen.current if seen else None
+
+    def rank(o: Origin) -> tuple[bool, bool, str, str, str, str]:
+        return ((o.kind, o.id) != (want.kind, want.id), o.version != current, o.kind, o.id, o.version, o.path)
+
+    found = []
+    for f in want.files:
+        if candidates := held.get((f.sha256, f.size)):
+            found.append(Reuse(f.path, f.size, min(candidates, key=rank)))
+    return tuple(found)
+
+
+def _plan_want(want: Want, seen: Seen | None, held: Mapping[tuple[str, int], tuple[Origin, ...]], resume: str = "") -> list[Step]:
     kind, aid, version = want.kind, want.id, want.version
     current = seen.current if seen else None
     have = seen.versions.get(version) if seen else None
     swap = Step(Action.SWAP_CURRENT, kind, aid, version, previous=current)
     if have is None:
         return [
-            Step(Action.FETCH, kind, aid, version, size=want.size, files=len(want.files), resume=resume),
+            Step(Action.FETCH, kind, aid, version, size=want.size, files=len(want.files), resume=resume, reuse=_reuse(want, seen, held)),
             Step(Action.PUBLISH, kind, aid, version),
             swap,
         ]

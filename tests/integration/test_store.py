@@ -254,18 +254,25 @@ def test_ambiguous_id_asks_for_the_kind(world: World) -> None:
     assert "no previous version" in world.run("rollback", "loras/m").stderr
 
 
-def test_repair_of_an_undeclared_version_reports_it_is_gone(world: World) -> None:
+def test_repair_rebuilds_a_retained_version_from_its_manifest_or_reports_it_gone(world: World) -> None:
+    """A previous version the index no longer declares is fetched again as its own manifest
+    pinned it (issue #23); when its source is gone too, it is reported, not invented."""
     world.artifact("m", "v1", {"a": b"one"})
     world.run("apply")
     world.artifact("m", "v2", {"a": b"two"})
     world.run("apply")
     old = world.root / "models/m/versions/v1/a"
-    old.chmod(0o644)
-    old.write_bytes(b"ONE")
-    result = world.run("verify", "--repair")
-    assert result.exit_code == 1
-    assert "models/m/v1 was quarantined but is not declared for this host" in result.stderr
-    assert world.current("m") == "v2"
+    for source_left, code in ((True, 0), (False, 1)):
+        old.chmod(0o644)
+        old.write_bytes(b"ONE")
+        if not source_left:
+            shutil.rmtree(world.source_dir("m", "v1"))
+        result = world.run("verify", "--repair")
+        assert result.exit_code == code, result.output
+        assert old.exists() == source_left
+        if not source_left:
+            assert "models/m/v1 was quarantined and could not be fetched again" in result.stderr
+        assert world.current("m") == "v2"
 
 
 def test_missing_file_source_fails_with_one_line(world: World) -> None:

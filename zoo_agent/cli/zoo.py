@@ -16,12 +16,12 @@ import click
 from zoo_agent.cli.options import Target, emit_json, fetch_options, json_option, net_option, wait_option, zoo_options
 from zoo_agent.errors import UsageError
 from zoo_agent.pin import Selection, adapter_rank, existing, file_source, pin_directory, pin_hf, write_entry
-from zoo_agent.plan import Action, Desired, Plan, human_bytes, plan, plan_gc
+from zoo_agent.plan import Action, Desired, Plan, human_bytes, plan, plan_gc, plan_versions
 from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
 from zoo_agent.reconcile.status import artifact_status
-from zoo_agent.reconcile.verify import Report, resolve, select, verify
+from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
 from zoo_agent.store.host import init_identity
@@ -40,20 +40,33 @@ def _remember_index(target: Target) -> None:
 
 
 def _step_rows(plan_: Plan) -> list[dict[str, Any]]:
-    return [{"action": s.action.value, "kind": s.kind, "id": s.id, "version": s.version, "size": s.size, "reason": s.reason, "description": s.describe("plan")} for s in plan_]
+    return [{
+        "action": s.action.value, "kind": s.kind, "id": s.id, "version": s.version, "size": s.size, "reason": s.reason,
+        "description": s.describe("plan"),
+        **({"reuse": [{"path": r.path, "size": r.size, "from": {"kind": r.origin.kind, "id": r.origin.id, "version": r.origin.version,
+                                                              "path": r.origin.path}} for r in s.reuse],
+            "reused_bytes": s.reused_size, "fetch_bytes": s.size - s.reused_size} if s.action is Action.FETCH else {}),
+    } for s in plan_]  # fmt: skip
 
 
 def _result_rows(result: Result) -> list[dict[str, Any]]:
     return [{
         "action": o.step.action.value, "kind": o.step.kind, "id": o.step.id, "version": o.step.version,
         "ok": o.ok, "error": o.error, "bytes": o.bytes, "seconds": round(o.seconds, 4),
+        **({"fetched_bytes": o.moved.fetched, "reused_bytes": o.moved.reused, "reused_files": o.moved.reused_files}
+           if o.step.action is Action.FETCH else {}),
     } for o in result.outcomes]  # fmt: skip
 
 
-def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetching: FetchSettings | None = None) -> None:
-    total = sum(s.size for s in the_plan if s.action is Action.FETCH)
-    progress = make_progress(total, machine_output=target.as_json)
-    result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching)
+def _fetch_total(the_plan: Plan) -> int:
+    """What progress counts: the bytes that come over a source; reused ones take no time worth a bar."""
+    return sum(s.size - s.reused_size for s in the_plan if s.action is Action.FETCH)
+
+
+def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetching: FetchSettings | None = None,
+              strict: bool = False) -> None:  # fmt: skip
+    progress = make_progress(_fetch_total(the_plan), machine_output=target.as_json)
+    result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching, strict=strict)
     failures = result.failures
     progress.notifier.status(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed" if failures
                              else f"{what}: the zoo matches the index ({len(result.outcomes)} steps done)")
@@ -90,18 +103,21 @@ def plan_cmd(target: Target, as_json: bool) -> None:
 @wait_option
 @net_option
 @click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched in parallel.")
+@click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
+              help="Re-hash files reused from other versions too (default: trust their manifest and stat; $ZOO_STRICT=1).")
 @fetch_options
 @json_option
-def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, fetching: FetchSettings, as_json: bool) -> None:
+def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, strict: bool, fetching: FetchSettings, as_json: bool) -> None:
     """Reconcile the host's models and adapters into the zoo (idempotent)."""
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
     with target.zoo.lock(wait):
         sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
+        target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
         init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
         the_plan = plan(desired, observe(target.zoo))
         refuse_conflicts(the_plan, str(target.index))
-        _run_plan(target, the_plan, desired, "apply", fetching)
+        _run_plan(target, the_plan, desired, "apply", fetching, strict)
         _remember_index(target)
 
 @click.command("gc")
@@ -117,6 +133,8 @@ def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, a
     if not target.zoo.root.exists():
         raise UsageError(f"{target.zoo.root}: no zoo here")
     with target.zoo.lock(wait):
+        if not dry_run:
+            target.zoo.sweep_versions()
         the_plan = plan_gc(desired, observe(target.zoo))
         if dry_run:
             if as_json:
@@ -164,18 +182,26 @@ def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | N
     repaired: list[str] = []
     if repair and report.findings:
         desired = target.desired()
+        index_dir = target.index.resolve().parent
         with target.zoo.lock(wait):
+            quarantined = {}
             for kind, aid, version in report.bad_versions():
-                moved = target.zoo.quarantine(kind, aid, version)
+                quarantined[(kind, aid, version)] = moved = target.zoo.quarantine(kind, aid, version)
                 log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
                 repaired.append(f"{kind}/{aid}/{version}")
-            result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, target.index.resolve().parent, make_progress(0, machine_output=True), fetching)
+            result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, index_dir, make_progress(0, machine_output=True), fetching)
+            # Then the versions kept for rollback, from what the first round put back where it can (#23).
+            if rebuild := wants_to_rebuild(desired, quarantined):
+                again = apply(plan_versions(rebuild, observe(target.zoo)), target.zoo, Desired(desired.host, rebuild), index_dir,
+                              make_progress(0, machine_output=True), fetching)  # fmt: skip
+                result.outcomes += again.outcomes
         for o in result.failures:
             log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
         after = verify(target.zoo, selection, jobs)
         gone = [f"{k}/{i}/{v}" for k, i, v in report.bad_versions() if not target.zoo.version_dir(k, i, v).is_dir()]
         for ref in gone:
-            log.error("repair: %s was quarantined but is not declared for this host, so it was not fetched again", ref)
+            log.error("repair: %s was quarantined and could not be fetched again (no longer declared for this host, "
+                      "or its source is gone)", ref)  # fmt: skip
         report = Report(report.versions, report.files, report.bytes, after.findings)
         repaired = [r for r in repaired if r not in gone]
         bad = bool(after.findings or gone)

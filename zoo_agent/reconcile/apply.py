@@ -20,14 +20,26 @@ from zoo_agent.errors import IntegrityError, InvalidIndex, Problem, SourceError,
 from zoo_agent.index.model import FileEntry
 from zoo_agent.plan import Action, Desired, Kind, Plan, Step, Want
 from zoo_agent.reconcile.progress import Progress
-from zoo_agent.sources import FetchSettings, open_source
+from zoo_agent.sources import FetchSettings, Source, open_source
 from zoo_agent.store.durable import PUBLISHED_MODE
 from zoo_agent.store.host import append_action
-from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, read_manifest, write_manifest
+from zoo_agent.store.reuse import reuse_file
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, read_manifest, set_mode, write_manifest
 
-__all__ = ["Outcome", "Result", "apply", "refuse_conflicts"]
+__all__ = ["Moved", "Outcome", "Result", "apply", "refuse_conflicts"]
 
 log = logging.getLogger("zoo_agent")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What a step moved: ``bytes`` in all; for a fetch, how many came over the source and
+    how many from files the zoo already held (issue #23), by method."""
+
+    bytes: int = 0
+    fetched: int = 0
+    reused: int = 0
+    reused_files: dict[str, int] = field(default_factory=dict)  # method -> files
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class Outcome:
     exit_code: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    moved: Moved = field(default_factory=Moved)
 
 
 @dataclass
@@ -62,36 +75,35 @@ def refuse_conflicts(plan: Plan, index_file: str) -> None:
 @dataclass
 class _Run:
     zoo: Zoo
-    wants: dict[tuple[Kind, str], Want]
+    wants: dict[tuple[Kind, str, str], Want]
     index_dir: Path
     progress: Progress
     settings: FetchSettings
+    strict: bool = False
     staged: dict[tuple[Kind, str], Path] = field(default_factory=dict)
 
-    def fetch(self, step: Step) -> int:
-        want = self.wants[(step.kind, step.id)]
+    def source(self, want: Want) -> Source:
         source = open_source(want.source, self.index_dir, self.settings)
         source.prepare(self.progress.item)  # an Ollama pull and its digest check; before anything is staged
+        return source
+
+    def fetch(self, step: Step) -> Moved:
+        want = self.wants[(step.kind, step.id, step.version)]
+        # Offline, or a source that is down, does not matter when the zoo holds every file.
+        source = self.source(want) if len(step.reuse) < len(want.files) or not want.files else None
         if step.resume:
             staging = self.zoo.adopt_staging(step.kind, step.id, step.resume, step.version)
         else:
             staging = self.zoo.new_staging(step.kind, step.id, step.version)
         try:
-            self.zoo.preflight_space(staging, want.size - self.zoo.staged_bytes(staging))
-
-            def stage(entry: FileEntry) -> dict[str, Any]:
-                advance = self.progress.item(f"{step.id}/{entry.path}", entry.size)
-                return self.zoo.stage_file(staging, entry, source, advance)
-
-            # Parallel across files, bounded by --jobs; the first error cancels the rest.
-            with ThreadPoolExecutor(max_workers=max(1, self.settings.jobs)) as pool:
-                futures = [pool.submit(stage, entry) for entry in want.files]
-                try:
-                    files = [f.result() for f in futures]
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            self.zoo.preflight_space(staging, max(0, want.size - step.reused_size - self.zoo.staged_bytes(staging)))
+            reused = self.reuse(step, want, staging)
+            rest = [entry for entry in want.files if entry.path not in reused]
+            if rest and source is None:
+                source = self.source(want)  # an origin drifted since the plan was made
+            fetched = self.stage(step, rest, staging, source) if source is not None else []
+            # Records last: a later link to the same inode moved the ctime of an earlier one.
+            files = [file_record(staging / e.path, e.path, e.size, e.sha256) for e in want.files if e.path in reused] + fetched
             self.zoo.seal(staging, want, files)
         except SourceError:
             # The network failed: keep what arrived, so the next run continues from it.
@@ -102,22 +114,60 @@ class _Run:
             self.zoo.abandon(staging)  # wrong bytes, a failed write or fsync: never trusted, never retried
             raise
         self.staged[(step.kind, step.id)] = staging
-        return want.size
+        by: dict[str, int] = {}
+        for method in reused.values():
+            by[method] = by.get(method, 0) + 1
+        size = sum(e.size for e in want.files if e.path in reused)
+        return Moved(want.size, want.size - size, size, by)
 
-    def publish(self, step: Step) -> int:
+    def reuse(self, step: Step, want: Want, staging: Path) -> dict[str, str]:
+        """The planned reuses (path -> method), one after the other (they are quick), then the
+        records of the versions whose inodes gained a link are refreshed at once (#23)."""
+        entries = {e.path: e for e in want.files}
+        manifests: dict[Path, dict[str, dict[str, Any]]] = {}
+        done: dict[str, str] = {}
+        touched: dict[int, int] = {}
+        try:
+            for r in step.reuse:
+                origin_dir = self.zoo.version_dir(r.origin.kind, r.origin.id, r.origin.version)
+                if origin_dir not in manifests:
+                    manifests[origin_dir] = {f["path"]: f for f in (read_manifest(origin_dir) or {}).get("files", [])}
+                record = manifests[origin_dir].get(r.origin.path)
+                if record is not None and (how := reuse_file(self.zoo, staging, entries[r.path], origin_dir, record, touched, strict=self.strict)):
+                    done[r.path] = how
+        finally:
+            self.zoo.refresh_shared(touched)
+        return done
+
+    def stage(self, step: Step, entries: list[FileEntry], staging: Path, source: Source) -> list[dict[str, Any]]:
+        def one(entry: FileEntry) -> dict[str, Any]:
+            advance = self.progress.item(f"{step.id}/{entry.path}", entry.size)
+            return self.zoo.stage_file(staging, entry, source, advance)
+
+        # Parallel across files, bounded by --jobs; the first error cancels the rest.
+        with ThreadPoolExecutor(max_workers=max(1, self.settings.jobs)) as pool:
+            futures = [pool.submit(one, entry) for entry in entries]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def publish(self, step: Step) -> Moved:
         self.zoo.publish(self.staged.pop((step.kind, step.id)), step.kind, step.id, step.version)
-        return 0
+        return Moved()
 
-    def swap(self, step: Step) -> int:
+    def swap(self, step: Step) -> Moved:
         if step.previous and step.previous != step.version:
             self.zoo.swap_link(step.kind, step.id, "previous", step.previous)
         self.zoo.swap_link(step.kind, step.id, "current", step.version)
-        return 0
+        return Moved()
 
-    def verify(self, step: Step) -> int:
-        return reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id)))
+    def verify(self, step: Step) -> Moved:
+        return Moved(reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id, step.version))))
 
-    def remove(self, step: Step) -> int:
+    def remove(self, step: Step) -> Moved:
         # Unlink first: a kill between the two leaves an unlinked version (gc takes it
         # next time), never a link to a half-deleted one.
         for link in ("current", "previous"):
@@ -125,12 +175,13 @@ class _Run:
                 self.zoo.swap_link(step.kind, step.id, link, None)
         freed = self.zoo.remove(step.kind, step.id, step.version)
         self.zoo.remove_artifact_if_empty(step.kind, step.id)
-        return freed
+        return Moved(freed)
 
 
 def _own(zoo: Zoo, path: Path) -> None:
-    """Published mode, and (when we may) the zoo's owner: drift is fixed only after the hash matched."""
-    os.chmod(path, PUBLISHED_MODE)
+    """Published mode, and (when we may) the zoo's owner: drift is fixed only after the hash matched.
+    Unchanged when already right: a chmod moves the ctime another version sharing the inode recorded."""
+    set_mode(path, PUBLISHED_MODE)
     owner = zoo.root.stat()
     st = path.stat()
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
@@ -159,9 +210,12 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
     return total
 
 
-def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Progress, settings: FetchSettings | None = None) -> Result:
-    run = _Run(zoo, {(w.kind, w.id): w for w in desired.wants}, index_dir, progress, settings or FetchSettings())
-    handlers: dict[Action, Callable[[Step], int]] = {
+def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Progress, settings: FetchSettings | None = None,
+          *, strict: bool = False) -> Result:  # fmt: skip
+    """Run the plan's steps in order; ``strict`` re-hashes reused files too (their manifest
+    record and stat are trusted otherwise, as a no-op trusts them)."""
+    run = _Run(zoo, {(w.kind, w.id, w.version): w for w in desired.wants}, index_dir, progress, settings or FetchSettings(), strict)
+    handlers: dict[Action, Callable[[Step], Moved]] = {
         Action.FETCH: run.fetch, Action.PUBLISH: run.publish, Action.SWAP_CURRENT: run.swap,
         Action.VERIFY: run.verify, Action.REMOVE: run.remove,
     }  # fmt: skip
@@ -178,7 +232,7 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
         started = time.monotonic()
         try:
             moved = handler(step)
-            outcome = Outcome(step, True, bytes=moved, seconds=time.monotonic() - started)
+            outcome = Outcome(step, True, bytes=moved.bytes, seconds=time.monotonic() - started, moved=moved)
         except ZooError as exc:
             outcome = Outcome(step, False, str(exc), exc.exit_code, seconds=time.monotonic() - started)
         except OSError as exc:
@@ -201,6 +255,8 @@ def _log_action(zoo: Zoo, outcome: Outcome) -> None:
         "time": now(), "action": step.action.value, "kind": step.kind, "id": step.id, "version": step.version,
         "result": "ok" if outcome.ok else "failed", "duration_s": round(outcome.seconds, 4), "bytes": outcome.bytes,
     }  # fmt: skip
+    if step.action is Action.FETCH and outcome.ok:
+        record.update(fetched_bytes=outcome.moved.fetched, reused_bytes=outcome.moved.reused, reused_files=outcome.moved.reused_files)
     if outcome.error:
         record["error"] = outcome.error
     try:

@@ -19,16 +19,17 @@ def _have(version_dir: Path, version: str) -> Have:
     manifest = read_manifest(version_dir)
     if manifest is None:
         return Have(version, None)
-    pins, drifted, size = set(), [], 0
+    pins, drifted, drifted_paths, size = set(), [], set(), 0
     base = str(version_dir)
     for f in manifest["files"]:
         pins.add((f["path"], f["sha256"], f["size"]))
         size += f["size"]
         if why := drift(os.path.join(base, f["path"]), f):  # str paths: this loop runs per file
             drifted.append(f"{f['path']} ({why})")
+            drifted_paths.add(f["path"])
     verified = str(manifest.get("verified_at", ""))
     published = str(manifest.get("published_at", verified))  # manifests before #18 knew only verified_at
-    return Have(version, frozenset(pins), tuple(drifted), published, size, verified)
+    return Have(version, frozenset(pins), tuple(drifted), published, size, verified, frozenset(drifted_paths))
 
 
 def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:

@@ -6,15 +6,22 @@ first so the cores finish together.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
 
 from zoo_agent.errors import UsageError
-from zoo_agent.plan import Kind, Observed
+from zoo_agent.index.model import FileEntry, Source
+from zoo_agent.plan import Desired, Kind, Observed, Want
 from zoo_agent.store.zoo import Zoo, hash_file, read_manifest
 
-__all__ = ["Finding", "Report", "resolve", "select", "verify"]
+__all__ = ["Finding", "Report", "resolve", "select", "verify", "wants_to_rebuild"]
+
+log = logging.getLogger("zoo_agent")
 
 
 @dataclass(frozen=True)
@@ -84,3 +91,24 @@ def verify(zoo: Zoo, versions: list[tuple[Kind, str, str]], jobs: int | None = N
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
         findings += [f for f in pool.map(check, work) if f is not None]
     return Report(tuple(versions), len(work), sum(w[5] for w in work), tuple(findings))
+
+
+def wants_to_rebuild(desired: Desired, quarantined: dict[tuple[Kind, str, str], Path]) -> tuple[Want, ...]:
+    """Quarantined versions the index no longer declares but the host keeps (a previous
+    version for rollback), as their own manifests pinned them: ``verify --repair`` puts them
+    back too, mostly from the files just re-fetched (a hard link made both bad, issue #23)."""
+    declared = {(w.kind, w.id) for w in desired.wants}
+    current = {(w.kind, w.id, w.version) for w in desired.wants}
+    wants = []
+    for (kind, aid, version), moved in sorted(quarantined.items()):
+        if (kind, aid) not in declared or (kind, aid, version) in current:
+            continue
+        manifest = read_manifest(moved)
+        try:
+            source = TypeAdapter(Source).validate_python((manifest or {}).get("source"))
+            files = tuple(FileEntry(path=f["path"], sha256=f["sha256"], size=f["size"]) for f in (manifest or {})["files"])
+        except (ValidationError, KeyError, TypeError) as exc:
+            log.warning("cannot rebuild %s/%s %s: its manifest does not say what it held (%s)", kind, aid, version, exc)
+            continue
+        wants.append(Want(kind, aid, version, source, files))
+    return tuple(wants)

@@ -23,8 +23,9 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,12 +42,14 @@ from zoo_agent.store.durable import (
     PUBLISHED_MODE,
     fsync_dir,
     makedirs_durable,
+    sweep_temps,
     temp_name,
     write_atomic,
 )
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "read_manifest", "write_manifest",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "read_manifest", "set_mode",
+    "shared_inodes", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
@@ -207,7 +210,8 @@ class Zoo:
         """Stream one file into staging, hashing in the same pass; refuse it unless it matches.
 
         A file left in an adopted staging directory is re-hashed and continued from where
-        the killed run stopped (the hub client no longer resumes across processes)."""
+        the killed run stopped (the hub client no longer resumes across processes). A
+        complete one is not reopened: it may be a hard link another version shares (#23)."""
         target = staging / entry.path
         if target.parent != staging:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -218,11 +222,27 @@ class Zoo:
                 target.unlink()
                 digest, size = hashlib.sha256(), 0
             else:
-                os.chmod(target, FILE_MODE)
                 on_bytes(size)
+        if size < entry.size or not target.exists():
+            if target.exists():
+                os.chmod(target, FILE_MODE)
+            self._append(target, entry, source.read(entry.path, size) if size < entry.size else iter(()), source, digest, size, on_bytes)
+            size = os.stat(target).st_size
+        actual = digest.hexdigest()
+        if size != entry.size or actual != entry.sha256:
+            target.unlink()  # wrong bytes are never resumed from
+            if size != entry.size:
+                raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
+            raise IntegrityError(f"{source.describe()}/{entry.path}: sha256 {actual}, expected {entry.sha256}", file=entry.path, expected=entry.sha256, actual=actual)
+        set_mode(target, PUBLISHED_MODE)  # published bytes are never rewritten in place (they get mmapped)
+        return file_record(target, entry.path, size, actual)
+
+    @staticmethod
+    def _append(target: Path, entry: FileEntry, chunks: Iterator[bytes], source: Source, digest: Any, size: int,
+                on_bytes: Callable[[int], None]) -> None:  # fmt: skip
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         try:
-            for chunk in source.read(entry.path, size) if size < entry.size else ():
+            for chunk in chunks:
                 size += len(chunk)
                 if size > entry.size:
                     raise IntegrityError(
@@ -237,14 +257,6 @@ class Zoo:
             os.fsync(fd)
         finally:
             os.close(fd)
-        actual = digest.hexdigest()
-        if size != entry.size or actual != entry.sha256:
-            target.unlink()  # wrong bytes are never resumed from
-            if size != entry.size:
-                raise IntegrityError(f"{source.describe()}/{entry.path}: size {size}, expected {entry.size}", file=entry.path, expected=str(entry.size), actual=str(size))
-            raise IntegrityError(f"{source.describe()}/{entry.path}: sha256 {actual}, expected {entry.sha256}", file=entry.path, expected=entry.sha256, actual=actual)
-        os.chmod(target, PUBLISHED_MODE)  # published bytes are never rewritten in place (they get mmapped)
-        return file_record(target, entry.path, size, actual)
 
     def seal(self, staging: Path, want: Want, files: list[dict[str, Any]]) -> None:
         """Write the manifest and fsync every directory of the staged version."""
@@ -308,10 +320,7 @@ class Zoo:
             os.rename(path, doomed)
             fsync_dir(path.parent)
             path = doomed
-        freed = _tree_size(path)
-        _rmtree(path)
-        fsync_dir(path.parent)
-        return freed
+        return self._remove_tree(path)
 
     def remove_artifact_if_empty(self, kind: Kind, aid: str) -> None:
         base = self.artifact_dir(kind, aid)
@@ -336,7 +345,57 @@ class Zoo:
 
     def abandon(self, staging: Path) -> None:
         if staging.exists():
-            _rmtree(staging)
+            self._remove_tree(staging)
+
+    def _remove_tree(self, path: Path) -> int:
+        """rm -r of a version or staging directory no reader resolves; returns the bytes freed
+        (a file another version still links frees nothing). Unlinking a hard link moves the
+        ctime of every version sharing the inode, so their manifests are refreshed (#23)."""
+        touched, freed = shared_inodes(path)
+        _rmtree(path)
+        fsync_dir(path.parent)
+        self.refresh_shared(touched)
+        return freed
+
+    def published_versions(self) -> Iterator[Path]:
+        """Every published version directory (not staging, not quarantine)."""
+        for kind in ("models", "loras"):
+            for artifact in _subdirs(self.root / kind):
+                for vdir in _subdirs(artifact / "versions"):
+                    if STAGING_MARK not in vdir.name:
+                        yield vdir
+
+    def sweep_versions(self) -> None:
+        """Remove the manifest temp files of a writer killed while it refreshed a published
+        version's manifest (``refresh_shared``, ``reverify``): no orphan survives a run."""
+        for vdir in self.published_versions():
+            sweep_temps(vdir)
+
+    def refresh_shared(self, touched: Mapping[int, int]) -> None:
+        """Bring manifests up to date after we added or removed a hard link (issue #23).
+
+        The link count lives in the inode, so a link or unlink moves the ctime every sharing
+        version recorded. ``touched`` maps each inode to its ctime just before our own
+        operation: a record that matched it then, and now differs in ctime alone, is
+        updated; anything else changed stays drifted, to be re-hashed."""
+        if not touched:
+            return
+        for vdir in self.published_versions():
+            manifest = read_manifest(vdir)
+            if manifest is None:
+                continue
+            changed = False
+            for f in manifest["files"]:
+                if f.get("ino") not in touched or f.get("ctime_ns") != touched[f["ino"]]:
+                    continue
+                try:
+                    ctime = os.stat(vdir / f["path"]).st_ctime_ns
+                except OSError:
+                    continue
+                if ctime != f["ctime_ns"] and drift(vdir / f["path"], {**f, "ctime_ns": ctime}) is None:
+                    f["ctime_ns"], changed = ctime, True
+            if changed:
+                write_manifest(vdir, manifest)
 
 
 def _hash_into(source: Path | int, digest: Any) -> int:
@@ -388,6 +447,35 @@ def drift(path: str | Path, record: dict[str, Any]) -> str | None:
         return "changed (ctime)"
     return None
 
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
+def set_mode(path: Path, mode: int) -> None:
+    """chmod only when the mode differs: a chmod moves the ctime, which every version sharing
+    the inode (a hard link, issue #23) would then see as drift."""
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+
+
+def shared_inodes(path: Path) -> tuple[dict[int, int], int]:
+    """({inode: ctime} of the files below ``path`` that other links share, bytes only it holds)."""
+    shared, own = {}, 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                shared[st.st_ino] = st.st_ctime_ns
+            else:
+                own += st.st_size
+    return shared, own
 
 
 def _tree_size(path: Path) -> int:
