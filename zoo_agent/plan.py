@@ -232,8 +232,19 @@ def plan(desired: Desired, observed: Observed) -> Plan:
             steps.append(Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run"))
     held = holdings(observed)
     for want in desired.wants:
-        steps += _plan_want(want, observed.seen.get((want.kind, want.id)), held, resumable.get((want.kind, want.id), ""))
+        planned = _plan_want(want, observed.seen.get((want.kind, want.id)), held, resumable.get((want.kind, want.id), ""))
+        _will_hold(held, want, planned)
+        steps += planned
     return Plan(tuple(steps))
+
+
+def _will_hold(held: dict[tuple[str, int], tuple[Origin, ...]], want: Want, planned: list[Step]) -> None:
+    """A version this plan fetches is published before the next artifact's fetch runs, so a
+    model and an adapter that share a tokenizer download it once even on a fresh host. If
+    that fetch fails, the later one finds no manifest there and fetches the file itself."""
+    if planned and planned[0].action is Action.FETCH:
+        for f in want.files:
+            held[(f.sha256, f.size)] = (*held.get((f.sha256, f.size), ()), Origin(want.kind, want.id, want.version, f.path))
 
 
 def plan_versions(wants: tuple[Want, ...], observed: Observed) -> Plan:
@@ -244,7 +255,9 @@ def plan_versions(wants: tuple[Want, ...], observed: Observed) -> Plan:
     for want in wants:
         seen = observed.seen.get((want.kind, want.id))
         if seen is None or want.version not in seen.versions:
-            steps += _plan_want(want, seen, held)[:2]
+            planned = _plan_want(want, seen, held)[:2]
+            _will_hold(held, want, planned)
+            steps += planned
     return Plan(tuple(steps))
 
 
