@@ -6,10 +6,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHA_A, SHA_B
+from tests.conftest import SHA_A, SHA_B, SHA_C
 from zoo_agent.errors import UsageError
 from zoo_agent.index.model import FileEntry, FileSource, Index
-from zoo_agent.plan import Action, Desired, Have, Observed, Seen, Step, Want, desired_for_host, plan, plan_gc
+from zoo_agent.plan import (
+    Action,
+    Desired,
+    Have,
+    Observed,
+    Origin,
+    Seen,
+    Step,
+    Want,
+    desired_for_host,
+    holdings,
+    plan,
+    plan_gc,
+)
 
 SRC = FileSource(type="file", path="src")
 FILES = (FileEntry(path="a", sha256=SHA_A, size=10), FileEntry(path="b", sha256=SHA_B, size=20))
@@ -113,3 +126,37 @@ def test_desired_for_host(index_doc: dict[str, Any]) -> None:
     assert d.keep_versions == 2
     with pytest.raises(UsageError, match=r"host 'ghost' is not in the index \(hosts: edge-1, mini\)"):
         desired_for_host(idx, "ghost")
+
+
+# -- reuse (issue #23): which published file each new file comes from -------------------------
+
+
+def test_a_new_version_reuses_the_files_its_current_version_holds() -> None:
+    observed = Observed({("models", "m"): seen({"v1": have("v1", frozenset({("a", SHA_A, 10), ("b", SHA_C, 20)}))}, "v1")})
+    fetch = plan(Desired("h", (want(),)), observed).steps[0]
+    assert [(r.path, r.origin) for r in fetch.reuse] == [("a", Origin("models", "m", "v1", "a"))]
+    assert fetch.describe("plan") == "model m v2: would reuse 1 file (10 B) from model m v1; would fetch 1 file (20 B)"
+    assert fetch.describe("apply") == "model m v2: reusing 1 file (10 B) from model m v1; fetching 1 file (20 B)"
+
+
+def test_reuse_prefers_the_artifacts_own_current_version_and_skips_drifted_files() -> None:
+    observed = Observed({
+        ("models", "aaa"): seen({"x1": have("x1")}, "x1", aid="aaa"),
+        ("models", "m"): seen({"v0": have("v0", drifted=("b (rewritten)",)), "v1": have("v1")}, "v1"),
+    })  # fmt: skip
+    assert {r.origin.version for r in plan(Desired("h", (want(),)), observed).steps[0].reuse} == {"v1"}
+    drifted = Have("v1", PINS, ("a (rewritten)",), "2026", 30, drifted_paths=frozenset({"a"}))
+    only = plan(Desired("h", (want(),)), Observed({("models", "m"): seen({"v1": drifted}, "v1")})).steps[0]
+    assert [r.path for r in only.reuse] == ["b"]
+
+
+def test_a_version_fetched_earlier_in_the_plan_is_an_origin_for_later_ones() -> None:
+    steps = plan(Desired("h", (want(aid="first"), want(aid="second"))), Observed()).steps
+    assert steps[0].reuse == ()
+    assert {r.origin.id for r in steps[3].reuse} == {"first"} and len(steps[3].reuse) == 2
+    assert steps[3].describe("plan") == "model second v2: would reuse 2 files (30 B) from model first v2; nothing to fetch"
+
+
+def test_holdings_is_every_published_undrifted_copy() -> None:
+    observed = Observed({("models", "m"): seen({"v1": have("v1"), "v2": have("v2", pins=None)}, "v1")})
+    assert holdings(observed) == {(SHA_A, 10): (Origin("models", "m", "v1", "a"),), (SHA_B, 20): (Origin("models", "m", "v1", "b"),)}

@@ -437,16 +437,23 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
     for rel in [s for s in stale if any(f.startswith(f"{s}/") for f in files)]:
         _remove(out, rel)  # a file of the last backup where this one needs a directory
     entries, created, written = [], [], 0
+    copies: dict[tuple[int, int], BackupFile] = {}  # a zoo inode -> its copy in this backup
     try:
         for rel in files:
             with store_errors(zoo.root / rel, "backing up"):
                 st = os.lstat(zoo.root / rel)
             if _unchanged(out, before.get(rel), st):
                 entries.append(before[rel])  # unchanged since the last backup: neither read nor written
+                copies.setdefault((st.st_dev, st.st_ino), before[rel])
                 continue
             created += [] if rel in before else [rel]
+            first = copies.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+            if first is not None and _link_copy(out, first.path, rel):
+                entries.append(first.model_copy(update={"path": rel}))  # versions sharing an inode share its copy (#23)
+                continue
             digest, size = _copy_hashed(source, rel, out, f"files/{rel}", st.st_mode & FILE_MODE, "backing up")
             entries.append(BackupFile(path=rel, size=size, sha256=digest, mode=st.st_mode & FILE_MODE, mtime_ns=st.st_mtime_ns))
+            copies.setdefault((st.st_dev, st.st_ino), entries[-1])
             written += size
         applied = zoo.applied_index
         with store_errors(applied, "backing up"):
@@ -468,6 +475,29 @@ def backup(zoo: Zoo, dest: Path, *, host: str, include_models: bool = False) -> 
         write_atomic(zoo.root / BACKUP_MANIFEST, (json.dumps({"created": manifest.created, "to": str(dest), **summary.as_dict(),
                                                              "include_models": include_models}, indent=2) + "\n").encode(), FILE_MODE)  # fmt: skip
     return summary
+
+
+def _link_copy(out: _Tree, first: str, rel: str) -> bool:
+    """files/rel as a hard link to files/first, this backup's copy of the same zoo inode (issue
+    #23: one copy of shared bytes); False where the destination cannot link (then it is copied)."""
+    src_parent, src_name = posixpath.split(f"files/{first}")
+    parent, name = posixpath.split(f"files/{rel}")
+    with store_errors(out.root / "files" / rel, "backing up"), out.dir(src_parent) as sfd, out.dir(parent, create=True) as dfd:
+        tmp = temp_name(Path(name)).name
+        try:
+            os.link(src_name, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP):
+                return False
+            raise
+        try:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.fsync(dfd)
+    return True
 
 
 def _forget(out: _Tree, created: list[str], *, first: bool) -> None:
