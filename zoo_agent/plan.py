@@ -230,7 +230,8 @@ def plan(desired: Desired, observed: Observed) -> Plan:
                 resumable[key] = name
                 continue
             steps.append(Step(Action.REMOVE, seen.kind, seen.id, name, reason="left by an interrupted run"))
-    held = holdings(observed)
+    missing = any(want.version not in getattr(observed.seen.get((want.kind, want.id)), "versions", {}) for want in desired.wants)
+    held = holdings(observed) if missing else {}  # a no-op pays nothing for the index (issue #23)
     for want in desired.wants:
         planned = _plan_want(want, observed.seen.get((want.kind, want.id)), held, resumable.get((want.kind, want.id), ""))
         _will_hold(held, want, planned)
