@@ -115,7 +115,7 @@ def test_start_publishes_then_serves_only_after_ready(machine: Container) -> Non
     out, err = proc.communicate(timeout=60)
     answer = json.loads(out)
     assert answer["chunks"] > 0 and (answer["done"], answer["finish"], answer["error"]) == (True, "length", None), (answer, err)
-    assert re.fullmatch(r"chat: tiny@1; \d+ requests, [\d.]+ tok/s, queue \d+", machine.show(RESIDENT, "StatusText")["StatusText"])
+    assert re.fullmatch(r"chat: tiny@1; \d+ running, \d+ waiting, [\d.]+ tok/s, \d+ requests", machine.show(RESIDENT, "StatusText")["StatusText"])
     status = machine.status(RESIDENT)
     assert "Active: active (running)" in status and 'Status: "chat: tiny@1;' in status, status
 

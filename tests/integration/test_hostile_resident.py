@@ -465,11 +465,11 @@ def _wait_for(check: Any, timeout: float = 120) -> None:
 
 def test_a_non_streaming_client_that_disconnects_cancels_its_generation(served: Any) -> None:
     cancelled = _metric(served, "zoo:request_cancelled_total")
-    body = json.dumps({"model": "t", "prompt": "Hello", "max_tokens": 4096, "ignore_eos": True}).encode()
+    body = json.dumps({"model": "t", "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", served.port), timeout=60) as s:
         s.sendall(_head("POST", "/v1/completions", f"Content-Length: {len(body)}") + body)
         _wait_for(lambda: _metric(served, "zoo:num_requests_running") == 1.0)  # generating now
-    # Gone: the generation stops before its 4096 tokens (ignore_eos: a full one makes exactly that many).
+    # Gone: the generation stops before its 4000 tokens (ignore_eos: a full one makes exactly that many).
     _wait_for(lambda: _metric(served, "zoo:request_cancelled_total") == cancelled + 1)
     _wait_for(lambda: _metric(served, "zoo:num_requests_running") == 0.0)
 
@@ -504,7 +504,7 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp
 
         def long_request() -> None:
             try:
-                outcome.append(httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hi", "max_tokens": 4096, "ignore_eos": True},
+                outcome.append(httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True},
                                           timeout=300).status_code)  # fmt: skip
             except httpx.HTTPError as exc:
                 outcome.append(exc)
@@ -524,7 +524,9 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp
 # -- 9. a generation that fails mid-stream ends the stream with an error event ------------------
 
 
-def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: Path, caplog: pytest.LogCaptureFixture, max_batch: int) -> None:
+    """Both paths: one generate() at a time (max_batch 1) and the batching engine."""
     import logging
 
     from zoo_agent.resident.api import ServingState, create_app
@@ -532,20 +534,33 @@ def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: 
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
-    real_stream = b.stream
+    if max_batch == 1:
+        real_stream = b.stream
 
-    def failing(request: Any, result: Any, cancel: Any = None) -> Iterator[str]:
-        for piece in real_stream(request, result, cancel):
-            yield piece
-            raise RuntimeError("the device went away")  # after the first piece
+        def failing(request: Any, result: Any, cancel: Any = None) -> Iterator[str]:
+            for piece in real_stream(request, result, cancel):
+                yield piece
+                raise RuntimeError("the device went away")  # after the first piece
 
-    def failing_complete(request: Any, result: Any, cancel: Any = None) -> str:
-        raise RuntimeError("the device went away")
+        def failing_complete(request: Any, result: Any, cancel: Any = None) -> str:
+            raise RuntimeError("the device went away")
 
-    b.stream, b.complete = failing, failing_complete  # type: ignore[method-assign]
-    app = create_app(ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}))
+        b.stream, b.complete = failing, failing_complete  # type: ignore[method-assign]
+    else:
+        real_forward, decoded = b.model.forward, [0]
+
+        def failing_forward(*args: Any, **kwargs: Any) -> Any:
+            if kwargs["input_ids"].shape[1] == 1:  # a decode step (a prefill feeds the whole prompt)
+                decoded[0] += 1
+                if decoded[0] > 30:  # pieces were streamed first
+                    raise RuntimeError("the device went away")
+            return real_forward(*args, **kwargs)
+
+        b.model.forward = failing_forward
+    app = create_app(ServingState("t", "m", "1", b, {"max_tokens": 40, "temperature": 0.0, "top_p": 1.0}, max_batch=max_batch))
     with caplog.at_level(logging.ERROR, logger="zoo_agent.resident"):
-        streamed, plain = ask(app, ("/v1/chat/completions", {**CHAT, "stream": True}), ("/v1/completions", {"model": "t", "prompt": "Hi"}))
+        streamed, plain = ask(app, ("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 40}),
+                              ("/v1/completions", {"model": "t", "prompt": "Hi", "max_tokens": 40, "ignore_eos": True}))
     events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert streamed.status_code == 200 and events[-1] == "[DONE]", events
     error = json.loads(events[-2])["error"]

@@ -280,27 +280,35 @@ def test_bearer_token(resident_world: World) -> None:
         r.stop()
 
 
-def test_full_queue_answers_429_with_retry_after(resident_world: World) -> None:
+@pytest.mark.parametrize(("max_batch", "clients", "refused"), [(2, 8, True), (8, 6, False)])
+def test_429_with_retry_after_only_when_batch_and_queue_are_full(resident_world: World, max_batch: int, clients: int, refused: bool) -> None:
+    """max_batch decoding plus max_queue waiting (1 here) are accepted; beyond both, 429."""
     import httpx
 
-    resident_world.tenant = {"generation": {"temperature": 0, "max_tokens": 16}, "resources": {"max_queue": 1}}
+    resident_world.tenant = {"generation": {"temperature": 0, "max_tokens": 16}, "resources": {"max_queue": 1, "max_batch": max_batch}}
     resident_world.write_index()
     r = Resident(resident_world)
     try:
         r.notify.wait(lambda m: "READY" in m)
         statuses: list[tuple[int, str | None]] = []
+        go = threading.Barrier(clients)
 
         def ask() -> None:
-            resp = httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hello", "max_tokens": 120}, timeout=120)
+            go.wait()
+            resp = httpx.post(r.url + "/v1/completions", json={"model": "t", "prompt": "Hello", "max_tokens": 120, "ignore_eos": True}, timeout=120)
             statuses.append((resp.status_code, resp.headers.get("retry-after")))
 
-        threads = [threading.Thread(target=ask) for _ in range(6)]
+        threads = [threading.Thread(target=ask) for _ in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert (429, "1") in statuses and any(code == 200 for code, _ in statuses)
         assert {code for code, _ in statuses} <= {200, 429}
+        if refused:
+            assert (429, "1") in statuses and any(code == 200 for code, _ in statuses)
+            assert sum(code == 200 for code, _ in statuses) >= max_batch + 1  # the batch and the queue behind it
+        else:
+            assert [code for code, _ in statuses] == [200] * clients
     finally:
         r.stop()
 

@@ -2,8 +2,9 @@
 
 Only adapters the index declares and the zoo verified reach here; each is checked again
 against its own `adapter_config.json` (rank, base model, target modules) before peft
-sees it. Every method runs on the one generation thread (under the backend's lock), so
-`set_adapter` being global in peft cannot leak one request's adapter into another's.
+sees it. Every method runs on the one thread that runs the model (the batching engine's,
+or the one generate() thread), so `set_adapter` being global in peft cannot leak one
+request's adapter into another's; a batch that mixes adapters uses peft's `adapter_names`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from zoo_agent.errors import AdapterError
 from zoo_agent.resident.config import AdapterConfig
 
-__all__ = ["AdapterError", "Adapters", "check_adapter"]
+__all__ = ["AdapterError", "Adapters", "AdaptersBusy", "check_adapter"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -45,6 +46,10 @@ def check_adapter(adapter: AdapterConfig, base_names: tuple[str, ...], module_na
         if isinstance(target, str) and target.isidentifier() and not any(n == target or n.endswith("." + target) for n in module_names):
             raise AdapterError(f"{adapter.label}: {path.name}: target module '{target}' is not in the base model")
     return config
+
+
+class AdaptersBusy(Exception):
+    """Loading would evict an adapter that a running sequence uses: the request waits (not an error)."""
 
 
 @dataclass
@@ -80,17 +85,20 @@ class Adapters:
             except AdapterError as exc:
                 log.warning("%s", exc)
 
-    def load(self, aid: str) -> float:
-        """Make ``aid`` resident (most recently used); returns the seconds it took (0 when it was)."""
+    def load(self, aid: str, busy: frozenset[str] = frozenset()) -> float:
+        """Make ``aid`` resident (most recently used); returns the seconds it took (0 when it was).
+        The least recently used adapter not in ``busy`` (in use by a running batch) makes room."""
         if aid in self.loaded:
             self.loaded.move_to_end(aid)
             return 0.0
         adapter = self._declared(aid)
+        if len(self.loaded) >= self.max_loras and all(a in busy for a in self.loaded):
+            raise AdaptersBusy(aid)
         started = time.perf_counter()
         try:
             self.configs[aid] = check_adapter(adapter, self.base_names, self.module_names)
             while len(self.loaded) >= self.max_loras:
-                self._evict(next(iter(self.loaded)))
+                self._evict(next(a for a in self.loaded if a not in busy))
             self._attach(adapter)
         except AdapterError as exc:
             self.stats.load_failures += 1

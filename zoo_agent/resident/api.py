@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo_agent.resident.backend import AUTO, AdapterError, Generated, TransformersBackend
 from zoo_agent.resident.backend import Request as GenRequest
+from zoo_agent.resident.engine import scheduler_for
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 from zoo_agent.resident.transcript import MAX_SEED, Text
@@ -40,6 +41,8 @@ log = logging.getLogger("zoo_agent.resident")
 MAX_BODY = 1 << 20
 MAX_STOP_CHARS = 256
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
@@ -53,7 +56,10 @@ class Metrics:
         self.generation_tokens = Counter("zoo:generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("zoo:request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.cancelled = Counter("zoo:request_cancelled", "Requests whose client went away; generation stopped early.", registry=r)
-        self.running = Gauge("zoo:num_requests_running", "Requests generating now.", registry=r)
+        self.running = Gauge("zoo:num_requests_running", "Requests generating now (prefilling or in the decode batch).", registry=r)
+        self.batch = Histogram("zoo:decode_batch_size", "Sequences decoded together per engine step.", registry=r, buckets=BATCH_BUCKETS)
+        self.iteration_tokens = Histogram("zoo:iteration_tokens_total", "Tokens fed to the model per engine step (prompt chunk plus decoded rows).",
+                                          registry=r, buckets=TOKEN_BUCKETS)  # fmt: skip
         self.waiting = Gauge("zoo:num_requests_waiting", "Requests waiting for the model.", registry=r)
         self.swap_seconds = Gauge("zoo:model_swap_seconds", "Load time of the serving version.", registry=r)
         self.reloads = Counter("zoo:reloads", "Reloads of this tenant, by result.", ["result"], registry=r)
@@ -76,27 +82,49 @@ class ServingState:
     backend: TransformersBackend  # or OllamaBackend: the same surface
     defaults: dict[str, Any]
     max_queue: int = 16
+    max_batch: int = 8  # sequences decoded together (1: one generate() at a time)
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 4096
     api_key: str | None = field(default=None, repr=False)
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
-    waiting: int = 0
-    running: int = 0
     preparing: int = 0  # event loop only
     served: int = 0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # The one generation thread: requests queue here, in order (max_queue bounds the wait).
-    generator: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="generate"))
+    # Where generations run: the batching engine, or one generate() at a time (engine.scheduler_for).
+    scheduler: Any = None
     # Sessions read and prompts tokenized, one at a time, beside the generation thread (never on the event loop).
     preparer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prepare"))
     _counted: dict[str, int] = field(default_factory=dict)  # backend totals already added to the metrics
     exit_code: int = 0  # the worker's, when something ends it (the ollama daemon went away)
 
-    def sync_metrics(self) -> None:
-        """Adapter and session counters live in the backend (generation thread); totals are added here."""
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            self.scheduler = scheduler_for(self.backend, self.max_batch)
         m = self.metrics
+
+        def observe(rows: int, tokens: int) -> None:  # on the engine's thread; prometheus_client is thread-safe
+            if rows:
+                m.batch.observe(rows)
+            m.iteration_tokens.observe(tokens)
+
+        self.scheduler.on_step = observe
+
+    @property
+    def waiting(self) -> int:
+        return int(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return int(self.scheduler.running)
+
+    def sync_metrics(self) -> None:
+        """Adapter, session and engine counters live beside the model (engine thread); totals are added here."""
+        m = self.metrics
+        m.running.set(self.running)
+        m.waiting.set(self.waiting)
+        self._add(m.cancelled, self.scheduler.stats.cancelled, "cancelled")
         if (sessions := self.backend.sessions) is not None:
             ss = sessions.stats
             for seconds in ss.restore_seconds:
@@ -123,6 +151,11 @@ class ServingState:
 StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = Field(default=False, description="OpenAI's: a last chunk, with no choices, carries the usage.")
+
+
 class _Body(BaseModel):
     """Strict types (``max_tokens: true`` or ``"5"`` is a 400 naming the field, never a guess), text
     that is Unicode (a lone surrogate made a 500), a seed torch can take (2^64 made a 500) (issue #17)."""
@@ -134,6 +167,7 @@ class _Body(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
         default=None, description="Up to 4 sequences: the text ends before the first one generated, finish_reason 'stop'.")
     n: int = Field(default=1, description="Completions per request; only 1 is supported.")
@@ -275,7 +309,7 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
                       param="lora_name", code="model_not_found")  # fmt: skip
     action = state.backend.load_adapter if load else state.backend.unload_adapter
     try:
-        await asyncio.get_running_loop().run_in_executor(state.generator, action, aid)  # between two generations
+        await asyncio.wrap_future(state.scheduler.call(action, aid))  # between two generations
     except AdapterError as exc:
         return _error(400, str(exc), param="lora_name")
     finally:
@@ -343,8 +377,9 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
         return adapter
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
-    if state.waiting + state.running + state.preparing > state.max_queue:
-        return _error(429, f"queue full ({state.max_queue} waiting); retry", headers={"Retry-After": "1"})
+    if state.waiting + state.running + state.preparing >= state.max_batch + state.max_queue:
+        # The batch is full and so is the queue behind it.
+        return _error(429, f"busy ({state.running} running, {state.max_queue} waiting); retry", headers={"Retry-After": "1"})
     # Reading a session and tokenizing a long prompt take real time: never on the event loop,
     # which must keep answering pings (a blocked loop gets the worker killed). Requests being
     # prepared count against the queue, so that a burst cannot pass the check all at once.
@@ -357,7 +392,8 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
         return request
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
-        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat, request), media_type="text/event-stream")
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(_pieces(state, request), rid, state, chat, request, usage), media_type="text/event-stream")
     return _Deferred(state, request, rid, chat)
 
 
@@ -383,6 +419,12 @@ def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | 
         return _error(400, f"{field_name}: encodes to no tokens", param=field_name)
     if prompt_tokens > state.max_prompt_tokens:
         return _error(400, f"{field_name}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param=field_name)
+    context = state.backend.context_length()
+    if context is not None and prompt_tokens + request.max_tokens > context:
+        if prompt_tokens >= context:
+            return _error(400, f"{field_name}: {prompt_tokens} tokens do not fit the model's context of {context}", param=field_name)
+        return _error(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the model's context of {context}; "
+                           f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
     return request
 
 
@@ -421,14 +463,13 @@ class _Deferred(Response):
             status, error = _failure(failed)
             await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
             return
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         document = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": usage,
+                    "model": state.tenant, "system_fingerprint": f"{state.model}@{state.version}", "choices": [choice], "usage": _usage(result),
                     **_x_zoo(request, result)}  # fmt: skip
         await JSONResponse(document)(scope, receive, send)
 
@@ -453,51 +494,21 @@ _END = object()
 
 
 async def _pieces(state: ServingState, request: GenRequest, stream: bool = True) -> AsyncIterator[str | Generated]:
-    """Text pieces, then the Generated summary. The generation runs on the one generation
-    thread (the queue); this coroutine only awaits, so the event loop keeps answering."""
+    """Text pieces, then the Generated summary. The generation runs on the scheduler's thread
+    (the batching engine); this coroutine only awaits, so the event loop keeps answering."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue[Any]()
     cancel = threading.Event()
     m, queued = state.metrics, time.monotonic()
-    m.waiting.inc()
-
-    def job() -> None:
-        with state.lock:
-            state.waiting -= 1
-            state.running += 1
-        m.waiting.dec()
-        m.running.inc()
-        m.queue.observe(time.monotonic() - queued)
-        result = Generated()
-        try:
-            if cancel.is_set():  # its client left while it waited: nothing to generate
-                m.cancelled.inc()
-                return
-            if stream:
-                for piece in state.backend.stream(request, result, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            else:
-                loop.call_soon_threadsafe(queue.put_nowait, state.backend.complete(request, result, cancel))
-            if cancel.is_set() and result.completion_tokens < request.max_tokens:
-                m.cancelled.inc()
-            loop.call_soon_threadsafe(queue.put_nowait, result)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            with state.lock:
-                state.running -= 1
-            m.running.dec()
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-    with state.lock:
-        state.waiting += 1  # counted only once queued: nothing can leave it raised
-    state.generator.submit(job)
+    state.scheduler.submit(request, Generated(), cancel, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), stream)
     first = last = None
     try:
-        while (item := await queue.get()) is not _END:
+        while True:
+            item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
             now = time.monotonic()
             if isinstance(item, Generated):
+                m.queue.observe(item.queue_seconds)
                 m.e2e.observe(now - queued)
                 m.prompt_tokens.inc(item.prompt_tokens)
                 m.generation_tokens.inc(item.completion_tokens)
@@ -508,7 +519,9 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
                 with state.lock:
                     state.served += 1
                     state.tokens += item.completion_tokens
-            elif first is None:
+                yield item
+                return
+            if first is None:
                 first = now
                 m.ttft.observe(now - queued)
             else:
@@ -530,7 +543,12 @@ def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
     return {"x_zoo": extra} if extra else {}
 
 
-async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingState, chat: bool, request: GenRequest) -> AsyncIterator[str]:
+def _usage(result: Generated) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingState, chat: bool, request: GenRequest,
+               usage: bool = False) -> AsyncIterator[str]:  # fmt: skip
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     fingerprint = f"{state.model}@{state.version}"  # which version answered: OpenAI's field for it
@@ -550,6 +568,9 @@ async def _sse(pieces: AsyncIterator[str | Generated], rid: str, state: ServingS
         async for piece in pieces:
             if isinstance(piece, Generated):
                 yield chunk(None, piece.finish_reason, _x_zoo(request, piece))
+                if usage:
+                    yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": state.tenant, "system_fingerprint": fingerprint,
+                                                 "choices": [], "usage": _usage(piece)}) + "\n\n"  # fmt: skip
             elif piece:
                 yield chunk(piece, None)
     except Exception as exc:  # noqa: BLE001 - the status line is sent: the failure goes into the stream

@@ -57,6 +57,7 @@ class Generated:
     adapter: str | None = None  # id@version of the adapter that ran
     similarity: float | None = None  # with AUTO: the best adapter's cosine similarity
     text: str = ""  # the reply, decoded once generation ended
+    queue_seconds: float = 0.0  # from submission until it started generating
 
 
 class _Plain:
@@ -84,7 +85,7 @@ class TransformersBackend:
         self.tokenizer: Any = None
         self.device = "cpu"
         self.dtype = "float32"
-        self.lock = threading.Lock()  # one generate() at a time
+        self.lock = threading.Lock()  # one generate() at a time (the engine's thread runs alone anyway)
 
     def preread(self, on_progress: Callable[[int, int], None]) -> None:
         """Read the weights once (into the page cache): real, measurable load progress,
@@ -125,8 +126,8 @@ class TransformersBackend:
                 self.selector.index(list(w.adapters))
         return time.monotonic() - started
 
-    def _resolve(self, request: Request, result: Generated) -> str | None:
-        """Which adapter this request runs with (loading it if it is not resident)."""
+    def _resolve(self, request: Request, result: Generated, busy: frozenset[str] = frozenset()) -> str | None:
+        """Which adapter this request runs with (loading it if it is not resident, never evicting one in ``busy``)."""
         aid = request.adapter
         if aid == AUTO:
             if self.selector is None:
@@ -137,7 +138,7 @@ class TransformersBackend:
             return None
         if self.adapters is None:
             raise AdapterError(f"adapter '{aid}' is not declared for this tenant")
-        self.adapters.load(aid)
+        self.adapters.load(aid, busy=busy)
         result.adapter = self.adapters.loaded[aid].label
         return aid
 
@@ -166,11 +167,6 @@ class TransformersBackend:
     def _model(self) -> Any:
         return self.adapters if self.adapters is not None else _Plain(self.model)
 
-    def warmup(self) -> str:
-        """A real one-token generation: READY means the model answers, not that files exist."""
-        pieces = list(self.stream(Request(None, "Hello", 1, 0.0, 1.0), Generated()))
-        return "".join(pieces)
-
     def _inputs(self, request: Request) -> Any:
         if request.session is not None:  # exactly the ids the earlier turns saw and produced
             import torch
@@ -184,6 +180,11 @@ class TransformersBackend:
         else:
             enc = self.tokenizer(request.prompt or "", return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
+
+    def context_length(self) -> int | None:
+        """Prompt plus completion tokens the model's positions cover."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else None
 
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: rows of the input embedding."""
@@ -225,18 +226,21 @@ class TransformersBackend:
         return kwargs
 
     def _finish(self, request: Request, result: Generated, out: Any) -> None:
-        ids = getattr(out, "sequences", out)  # a session asks generate for the cache too
-        new = ids[0][result.prompt_tokens:]
-        result.completion_tokens = int(new.shape[0])
+        """The reply of a finished generation: ``out`` is generate()'s, or (ids, cache) from the batching engine."""
+        if isinstance(out, tuple):
+            ids, cache = out
+        else:  # a session asks generate() for the cache too
+            ids, cache = getattr(out, "sequences", out)[0].tolist(), getattr(out, "cache", None)
+        new = ids[result.prompt_tokens :]
+        result.completion_tokens = len(new)
         eos = self.tokenizer.eos_token_id
-        result.finish_reason = "stop" if result.completion_tokens and int(new[-1]) == eos else (
-            "length" if result.completion_tokens >= request.max_tokens else "stop")  # fmt: skip
+        result.finish_reason = "stop" if new and new[-1] == eos else ("length" if len(new) >= request.max_tokens else "stop")
         result.text = str(self.tokenizer.decode(new, skip_special_tokens=True))
         if (before := cut(result.text, request.stop)) is not None:
             # The session keeps every id generated (the cache covers them); the reply's text ends before the stop.
             result.text, result.finish_reason = before, "stop"
         if request.session is not None and self.sessions is not None:
-            self._session_end(request, result, ids[0].tolist(), out.cache)
+            self._session_end(request, result, ids, cache)
 
     def _session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
         """generate() arguments that continue a session from its saved cache, when that cache fits."""

@@ -1,7 +1,7 @@
 """The Ollama backend (issue #11): the daemon runs the model; the resident keeps it loaded
 and puts the same OpenAI-compatible API, metrics and sd_notify in front of it.
 
-Same surface as TransformersBackend (load, warmup, complete, stream, count_tokens), so the
+Same surface as TransformersBackend (load, complete, stream, count_tokens, context_length), so the
 worker and the API do not care which one runs. READY follows a real generation through
 the daemon; `healthy()` is what the worker checks periodically: the model must show in
 `/api/ps` (it is loaded again if the daemon dropped it) and the daemon must answer.
@@ -34,7 +34,6 @@ class OllamaBackend:
         self.host = host
         self.client = ollama.Client(host=host, timeout=timeout)
         self.device, self.dtype = "ollama", "daemon"
-        self.lock = threading.Lock()  # one generation at a time, as with transformers
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         import httpx
@@ -55,9 +54,6 @@ class OllamaBackend:
         self._call(self.client.show, self.name)  # 404 when it was never pulled: run zoo-agent apply
         self._call(self.client.generate, model=self.name, prompt="", keep_alive=KEEP_LOADED)
         return time.monotonic() - started
-
-    def warmup(self) -> str:
-        return self.complete(Request(None, "Hello", 1, 0.0, 1.0), Generated())
 
     def healthy(self) -> None:
         """Raises OllamaDown when the daemon is gone; loads the model again if the daemon dropped it."""
@@ -92,27 +88,28 @@ class OllamaBackend:
         result.completion_tokens = int(part.eval_count or 0)
         result.finish_reason = "length" if part.done_reason == "length" else "stop"
 
+    def context_length(self) -> int | None:
+        return None  # the daemon's num_ctx; it truncates itself
+
     def complete(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> str:
-        with self.lock:
-            part = self._parts(request, stream=False)
-            self._summary(part, result)
-            result.text = self._text(part)
-            return result.text
+        part = self._parts(request, stream=False)
+        self._summary(part, result)
+        result.text = self._text(part)
+        return result.text
 
     def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
         import httpx
 
-        with self.lock:
-            pieces = []
-            try:
-                for part in self._parts(request, stream=True):
-                    if cancel is not None and cancel.is_set():
-                        break
-                    if text := self._text(part):
-                        pieces.append(text)
-                        yield text
-                    if part.done:
-                        self._summary(part, result)
-            except (ConnectionError, httpx.TransportError) as exc:
-                raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} went away mid-answer ({type(exc).__name__})") from exc
-            result.text = "".join(pieces)
+        pieces = []
+        try:
+            for part in self._parts(request, stream=True):
+                if cancel is not None and cancel.is_set():
+                    break
+                if text := self._text(part):
+                    pieces.append(text)
+                    yield text
+                if part.done:
+                    self._summary(part, result)
+        except (ConnectionError, httpx.TransportError) as exc:
+            raise OllamaDown(f"the Ollama daemon at {self.host or '127.0.0.1:11434'} went away mid-answer ({type(exc).__name__})") from exc
+        result.text = "".join(pieces)

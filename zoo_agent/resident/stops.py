@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["StopFilter", "criteria", "cut"]
+__all__ = ["StopFilter", "criteria", "cut", "hit", "window"]
 
 
 def cut(text: str, stops: tuple[str, ...]) -> str | None:
@@ -44,11 +44,22 @@ class StopFilter:
         return out
 
 
+def window(stops: tuple[str, ...]) -> int:
+    """How many of the newest tokens can hold a stop sequence: a byte-level token holds at least one byte of a character."""
+    return 4 * max((len(s) for s in stops), default=0) + 4
+
+
+def hit(tokenizer: Any, newest: Any, stops: tuple[str, ...]) -> bool:
+    """Whether the newest generated ids (a short window: each step stays cheap) hold a stop sequence."""
+    text = tokenizer.decode(newest, skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
 def criteria(cancel: threading.Event | None, tokenizer: Any, stops: tuple[str, ...], prompt_len: int) -> Any:
     """Stop at the next token once ``cancel`` is set (a client went away) or a stop sequence was generated."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    window = 4 * max((len(s) for s in stops), default=0) + 4  # a byte-level token holds at least one byte of a character
+    newest = window(stops)
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
@@ -56,7 +67,6 @@ def criteria(cancel: threading.Event | None, tokenizer: Any, stops: tuple[str, .
                 return True
             if not stops:
                 return False
-            new = input_ids[0, prompt_len:][-window:]
-            return any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops)
+            return hit(tokenizer, input_ids[0, prompt_len:][-newest:], stops)
 
     return StoppingCriteriaList([Stop()])

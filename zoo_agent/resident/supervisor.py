@@ -184,7 +184,7 @@ class Supervisor:
             version_dir=self.zoo.version_dir("models", tenant.model, version),
             allow_pickle=model.allow_pickle, allow_code=model.allow_code,
             device=tenant.resources.device, dtype=tenant.resources.dtype,
-            defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue,
+            defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue, max_batch=tenant.resources.max_batch,
             api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
             base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
@@ -493,8 +493,8 @@ class Supervisor:
             return "no worker"
         s = w.stats
         served = self.served_before + int(s.get("served", 0))  # since the resident started, across swaps
-        line = (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {served} requests, "
-                f"{s.get('tps', 0.0):.1f} tok/s, queue {s.get('waiting', 0)}")  # fmt: skip
+        line = (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {s.get('running', 0)} running, {s.get('waiting', 0)} waiting, "
+                f"{s.get('tps', 0.0):.1f} tok/s, {served} requests")  # fmt: skip
         if loaded := s.get("adapters"):
             line += f"; adapters {','.join(loaded)}"
         if refused := s.get("refused"):

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ from typing import Any
 from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 
 __all__ = ["main"]
+
+log = logging.getLogger("zoo_agent.resident")
 
 
 def _send(control: socket.socket, event: dict[str, Any]) -> None:
@@ -108,20 +111,37 @@ def main(argv: list[str] | None = None) -> int:
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
                                         template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
-        backend.warmup()
+        from zoo_agent.resident.engine import scheduler_for, warm_up
+
+        scheduler = scheduler_for(backend, config.max_batch)
+        warm_up(scheduler)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         _send(control, {"event": "failed", "error": reason})
         return 3
-    return asyncio.run(_serve(config, backend, control, args.listen_fd, load_seconds))
+    return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
 
 
-async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
+class _Rate:
+    """Completion tokens per second over the last ``window`` seconds (STATUS= shows now, not a lifetime average)."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window, self.samples = window, [(time.monotonic(), 0)]
+
+    def __call__(self, tokens: int) -> float:
+        t = time.monotonic()
+        self.samples = [(ts, n) for ts, n in self.samples if t - ts <= self.window] + [(t, tokens)]
+        (t0, n0) = self.samples[0]
+        return (tokens - n0) / (t - t0) if t > t0 else 0.0
+
+
+async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
     import uvicorn
 
     from zoo_agent.resident.api import ServingState, create_app
 
-    state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue, api_key=config.api_key)
+    state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
+                         max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler)  # fmt: skip
     state.metrics.swap_seconds.set(load_seconds)
     state.sync_metrics()
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))
@@ -132,22 +152,28 @@ async def _serve(config: WorkerConfig, backend: Any, control: socket.socket, lis
     counted: dict[str, int] = {}
 
     async def answer() -> None:
-        started = time.monotonic()
+        rate, stalled = _Rate(), False
         while line := await reader.readline():
             message = json.loads(line)
             if "ping" in message:
-                elapsed = max(time.monotonic() - started, 1e-9)
+                if scheduler.stalled(config.stall_seconds):
+                    # No decode step finished for that long with work in flight: the model hangs. The
+                    # missing pong stops the watchdog and gets this worker replaced (issue #19).
+                    if not stalled:
+                        log.error("no generation step finished in %.0fs with %d running; not answering pings", config.stall_seconds, state.running)
+                    stalled = True
+                    continue
+                stalled = False
                 adapters = backend.adapters
                 writer.write((json.dumps({"pong": message["ping"], "served": state.served, "tokens": state.tokens,
-                                          "running": state.running, "waiting": state.waiting, "tps": state.tokens / elapsed,
+                                          "running": state.running, "waiting": state.waiting, "tps": rate(state.tokens),
                                           "adapters": [a.label for a in adapters.loaded.values()] if adapters else [],
                                           "refused": adapters.refused if adapters else {},
                                           "sessions": backend.sessions.open_count() if backend.sessions else 0}) + "\n").encode())  # fmt: skip
                 await writer.drain()
             elif "adapters" in message:  # new adapter versions after an apply: swapped between generations
                 declared = tuple(AdapterConfig.model_validate(a) for a in message["adapters"])
-                asyncio.get_running_loop().run_in_executor(state.generator, backend.update_adapters, declared).add_done_callback(
-                    lambda _: state.sync_metrics())
+                asyncio.wrap_future(scheduler.call(backend.update_adapters, declared)).add_done_callback(lambda _: state.sync_metrics())
             elif "reloads" in message:  # totals, kept by the supervisor
                 for result, total in message["reloads"].items():
                     state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
