@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only check that every mutation still applies, run no tests")
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     args = parser.parse_args()
+    args.python = os.path.abspath(args.python)  # the tests run in the scratch copy; not resolve(): a venv's python is a link
     paths = sorted(HERE.glob("*.mutation"))
     if args.names:
         paths = [HERE / f"{n}.mutation" for n in args.names]
