@@ -304,3 +304,29 @@ def test_a_backup_with_models_keeps_one_copy_of_shared_bytes(world: World, tmp_p
     assert (world.root / "models/m/versions/v1/w").read_bytes() == shard
     assert world.run("apply").exit_code == 0  # restored files are new inodes: re-verified once, as before
     _converged(world)
+
+
+def test_strict_rehashes_an_origin_whose_bytes_rotted_under_an_unchanged_stat(world: World, hub: HubServer) -> None:
+    _hf(world, hub, "v1", V1)
+    world.run("apply")
+    v1 = world.root / "models/m/versions/v1"
+    shard = next(iter(SHARDS))
+    (v1 / shard).chmod(0o640)
+    with open(v1 / shard, "r+b") as f:
+        f.write(b"\0")
+    (v1 / shard).chmod(0o440)
+    manifest = json.loads((v1 / "manifest.json").read_text())  # as if the disk flipped it: the stat still matches
+    st = (v1 / shard).stat()
+    for record in manifest["files"]:
+        if record["path"] == shard:
+            record.update(mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+    (v1 / "manifest.json").chmod(0o640)
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    (v1 / "manifest.json").chmod(0o440)
+    _hf(world, hub, "v2", V2)
+    hub.log.clear()
+    result = world.run("apply", "--strict")
+    assert result.exit_code == 0, result.output
+    assert _gets(hub) == sorted(["config.json", shard])  # the rotten origin was not reused
+    assert (world.root / "models/m/versions/v2" / shard).read_bytes() == SHARDS[shard]
+    assert "its bytes no longer match its manifest; run: zoo-agent verify" in result.stderr
