@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning, they
+    # starve the event loop that streams each token (measured on 2 cores: 32 tokens took 1.8 s
+    # batched instead of 0.09 s). An operator's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _die_with_supervisor(args.supervisor_pid or os.getppid())
     control = socket.socket(fileno=args.control_fd)
     config = _receive_config(control)
