@@ -39,6 +39,8 @@ class OllamaStandIn(ThreadingHTTPServer):
         self.loaded: dict[str, datetime | None] = {}  # model -> expiry (None: forever)
         self.faults: dict[str, Any] = {}
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.generating = self.most_generating = 0  # generations in flight now, and the most at once
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -172,12 +174,21 @@ class _Handler(BaseHTTPRequestHandler):
         words = [WORDS[(seed >> (4 * i)) % len(WORDS)] + " " for i in range(n)]
         final = {"model": name, "created_at": _now(), "done": True, "done_reason": "length", "total_duration": 1000,
                  "prompt_eval_count": max(1, len(prompt) // 4), "eval_count": n}  # fmt: skip
-        if body.get("stream", True):
-            self._ndjson_start()
-            for w in words:
-                self._line({"model": name, "created_at": _now(), **({"message": {"role": "assistant", "content": w}} if chat else {"response": w}), "done": False})
-            self._line({**final, **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})})
-            self._end()
-        else:
-            text = "".join(words)
-            self._json(200, {**final, **({"message": {"role": "assistant", "content": text}} if chat else {"response": text})})
+        with s.lock:
+            s.generating += 1
+            s.most_generating = max(s.most_generating, s.generating)
+        try:
+            if body.get("stream", True):
+                self._ndjson_start()
+                for w in words:
+                    time.sleep(s.faults.get("word_seconds", 0))  # a daemon that takes its time per token
+                    self._line({"model": name, "created_at": _now(), **({"message": {"role": "assistant", "content": w}} if chat else {"response": w}), "done": False})
+                self._line({**final, **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})})
+                self._end()
+            else:
+                time.sleep(s.faults.get("word_seconds", 0) * n)
+                text = "".join(words)
+                self._json(200, {**final, **({"message": {"role": "assistant", "content": text}} if chat else {"response": text})})
+        finally:
+            with s.lock:
+                s.generating -= 1

@@ -116,3 +116,36 @@ def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ol
     finally:
         out = r.stop()
     assert "cannot load m@1" in out
+
+
+def test_concurrent_requests_pass_through_to_the_daemon_which_batches_itself(ollama_world: World, daemon: OllamaStandIn) -> None:
+    """Up to resources.max_batch requests reach the daemon at once (its OLLAMA_NUM_PARALLEL batches them), not one by one."""
+    import threading
+
+    import httpx
+
+    from tests.integration.test_resident import Resident
+
+    ollama_world.tenant = {**ollama_world.tenant, "resources": {"max_batch": 4}}
+    ollama_world.write_index()
+    assert ollama_world.run("apply").exit_code == 0
+    r = Resident(ollama_world, env={"OLLAMA_HOST": daemon.url})
+    try:
+        r.notify.wait(lambda m: "READY" in m, timeout=120)
+        daemon.faults["word_seconds"] = 0.3
+        go, answers = threading.Barrier(6), list[int]()
+
+        def ask(stream: bool) -> None:
+            go.wait()
+            body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream}
+            answers.append(httpx.post(r.url + "/v1/chat/completions", json=body, timeout=120).status_code)
+
+        threads = [threading.Thread(target=ask, args=(n % 2 == 0,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert answers == [200] * 6
+        assert daemon.most_generating == 4  # max_batch at once; the other two waited in the queue
+    finally:
+        r.stop()
