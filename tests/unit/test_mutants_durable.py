@@ -59,6 +59,20 @@ def test_sweep_removes_only_a_dead_writers_temp_files(tmp_path: Path) -> None:
     assert sweep_temps(tmp_path / "missing") == []
 
 
+def test_sweep_neither_removes_nor_signals_a_live_writers_files(tmp_path: Path) -> None:
+    """The liveness probe is signal 0: a live writer (another process) keeps its file and is left running."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        name = f".a.{writer.pid}.0123abcd.tmp"
+        (tmp_path / name).write_bytes(b"x")
+        assert sweep_temps(tmp_path) == []
+        assert os.listdir(tmp_path) == [name]
+        assert writer.poll() is None
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
     old = os.umask(0o077)  # the mode is set explicitly, not left to the umask
     try:

@@ -193,6 +193,8 @@ def test_unit_problem_allows(value: str, how: Any) -> None:
     ("hf_token_file", "/etc/tok ", "leading or trailing whitespace, which systemd strips: '/etc/tok '"),
     ("host", "a\tb", "control character U+0009 in the value; a unit file cannot hold it"),
     ("environment", {"A": "x\n"}, "control character U+000A in the value; a unit file cannot hold it"),
+    ("environment", {"A\n": "x"}, "control character U+000A in the value; a unit file cannot hold it"),
+    ("extra_args", ("--x", "a\rb"), "control character U+000D in the value; a unit file cannot hold it"),
 ])  # fmt: skip
 def test_settings_refuse_what_a_unit_cannot_hold(field: str, value: Any, message: str) -> None:
     kw: dict[str, Any] = {"exec_start": (AGENT,), "index": "/etc/zoo/index.json", field: value}
