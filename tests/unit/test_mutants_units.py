@@ -178,7 +178,7 @@ def test_unit_value_refuses(value: str, how: Any, problem: str) -> None:
     assert str(caught.value) == problem
 
 
-@pytest.mark.parametrize(("value", "how"), [(" x ", "quoted"), ("x\\", "arg"), ("$x", "quoted"), ("/a b/x", "program")])
+@pytest.mark.parametrize(("value", "how"), [(" x ", "quoted"), ("x\\", "arg"), ("$x", "quoted"), ("/a b/x", "program"), ("/opt/X/bin/zoo-agent", "program")])
 def test_unit_problem_allows(value: str, how: Any) -> None:
     assert unit_problem(value, how) is None
 
