@@ -292,7 +292,7 @@ class Batcher:
                 self.joining.clear()
             self.stats.steps += 1
             self.last_step = time.monotonic()
-            if self.on_step is not None:
+            if self.on_step is not None and fed + rows:
                 self.on_step(rows, fed + rows)
 
     def _run_calls(self) -> None:

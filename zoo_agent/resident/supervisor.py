@@ -263,20 +263,25 @@ class Supervisor:
                 self.notify.status(line)  # what an operator reads in `systemctl status`
                 self._write_lease(self.serving)
 
-    def _read(self, worker: Worker) -> None:
+    def _read(self, worker: Worker) -> bool:
+        """Handle what the worker sent; False once nothing more is there (for now, or ever)."""
         try:
             data = worker.control.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            self.selector.unregister(worker.control)
-            return
+            try:
+                self.selector.unregister(worker.control)
+            except (KeyError, ValueError):
+                pass
+            return False
         worker.buffer += data
         while b"\n" in worker.buffer:
             line, worker.buffer = worker.buffer.split(b"\n", 1)
             self._message(worker, json.loads(line))
+        return True
 
     def _message(self, worker: Worker, message: dict[str, Any]) -> None:
         worker.progressed = time.monotonic()
@@ -337,6 +342,8 @@ class Supervisor:
                 pass
 
     def _exited(self, worker: Worker, code: int) -> None:
+        while self._read(worker):  # a "failed" sent just before the exit decides what the exit means
+            pass
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):
