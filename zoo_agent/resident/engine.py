@@ -9,9 +9,10 @@ transformers' own parts: ``DynamicCache``, the logits processors ``generate()`` 
 for the same request (so a model's ``generation_config.json`` means what it means there),
 and ``TextStreamer``'s incremental decoding.
 
-A step: at most one prefill chunk of one joining sequence (alone, on its own cache, so a
-long prompt never stalls the batch for long), then one decode step of every running row
-together. Rows are left-padded to a common cache length; the attention mask hides the
+A step: one prefill, then one decode step of every running row together. A prefill takes
+the joining sequences' prompts together in one left-padded forward, up to ``PREFILL_CHUNK``
+tokens in all; a longer prompt, or a session turn continuing from its restored cache, is fed
+alone, one chunk per step, so it never stalls the running rows for long. Rows are left-padded to a common cache length; the attention mask hides the
 padding and each row gets its own position ids, so a row computes what it would alone
 (up to floating-point summation order; the tests hold it to exact greedy tokens).
 
@@ -364,15 +365,28 @@ class Batcher:
             yield adapters.peft, {"adapter_names": [a or "__base__" for a in aids]}
 
     def _prefill(self) -> int:
-        """One chunk of the oldest joining sequence's prompt, on its own cache."""
-        import torch
-        from transformers import DynamicCache
-
+        """Prompts into the cache: fresh short prompts together in one left-padded forward (up to
+        ``prefill_chunk`` tokens in all), else one chunk of the oldest (a long prompt, or a session
+        turn continuing from its restored cache)."""
         seq = self.joining[0]
         if seq.cancel.is_set():
             self.joining.popleft()
             self._finish(seq)
             return 0
+        if seq.cache is not None or seq.prompt_len > self.prefill_chunk:
+            return self._prefill_chunk(seq)
+        group, tokens = [], 0
+        for s in self.joining:
+            if s.cache is not None or s.cancel.is_set() or tokens + s.prompt_len > self.prefill_chunk:
+                break
+            group.append(s)
+            tokens += s.prompt_len
+        return self._prefill_group(group)
+
+    def _prefill_chunk(self, seq: _Seq) -> int:
+        import torch
+        from transformers import DynamicCache
+
         b = self.backend
         chunk = seq.ids[seq.fed : seq.fed + self.prefill_chunk]
         if seq.cache is None:
@@ -389,17 +403,55 @@ class Batcher:
         seq.fed += len(chunk)
         if seq.fed < seq.prompt_len:
             return len(chunk)
+        cache, seq.cache = seq.cache, None
+        self._first_tokens([seq], out.logits[:, -1, :], cache, torch.ones(1, seq.fed, dtype=torch.long, device=b.device))
         self.joining.popleft()
-        try:
-            finished = self._next(seq, out.logits[:, -1, :])
-        except Exception as exc:  # noqa: BLE001 - e.g. a logits processor of generation_config.json that cannot run
-            seq.emit(exc)
-            return len(chunk)
-        if finished:
-            self._finish(seq)
-        else:
-            self._join(seq)
         return len(chunk)
+
+    def _prefill_group(self, group: list[_Seq]) -> int:
+        import torch
+        from transformers import DynamicCache
+
+        b = self.backend
+        length = max(s.prompt_len for s in group)
+        ids = torch.tensor([[0] * (length - s.prompt_len) + s.ids for s in group], device=b.device)
+        mask = torch.tensor([[0] * (length - s.prompt_len) + [1] * s.prompt_len for s in group], device=b.device)
+        cache = DynamicCache(config=b.model.config)
+        try:
+            with self._model([s.aid for s in group]) as (model, extra):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                            use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - these sequences fail, the running batch goes on
+            for seq in group:
+                self.joining.popleft()
+                seq.emit(exc)
+            return int(mask.sum())
+        for seq in group:
+            seq.fed = seq.prompt_len
+        self._first_tokens(group, out.logits[:, -1, :], cache, mask)
+        for _ in group:  # only now: until they are rows, they count as running (drain and 429 see them)
+            self.joining.popleft()
+        return int(mask.sum())
+
+    def _first_tokens(self, seqs: list[_Seq], logits: Any, cache: Any, mask: Any) -> None:
+        """Prefilled sequences choose their first token; the finished ones end, the rest join the batch."""
+        done = []
+        for i, seq in enumerate(seqs):
+            try:
+                if self._next(seq, logits[i : i + 1]):
+                    done.append(i)
+            except Exception as exc:  # noqa: BLE001 - e.g. a logits processor of generation_config.json that cannot run
+                seq.emit(exc)
+                seq.failed = True
+                done.append(i)
+        for i in done:
+            if seqs[i].request.session is not None and not seqs[i].failed:
+                seqs[i].cache = _row(cache, mask, i, self.backend.model.config)
+            self._finish(seqs[i])
+        keep = [i for i in range(len(seqs)) if i not in set(done)]
+        if keep:
+            cache, mask = _select(cache, mask, keep)
+            self._join([seqs[i] for i in keep], cache, mask)
 
     def _decode(self) -> None:
         import torch
@@ -451,55 +503,36 @@ class Batcher:
         return (token in self.eos and not request.ignore_eos) or seq.generated >= request.max_tokens or seq.cancel.is_set() or (
             bool(request.stop) and hit(self.backend.tokenizer, seq.ids[seq.prompt_len :][-seq.window :], request.stop))  # fmt: skip
 
-    def _join(self, seq: _Seq) -> None:
-        """The sequence's cache becomes a row of the batch's: both left-padded to one length."""
+    def _join(self, seqs: list[_Seq], cache: Any, mask: Any) -> None:
+        """Prefilled rows join the batch's: both left-padded to one length."""
         import torch
         import torch.nn.functional as F
 
-        new_len = seq.cache.get_seq_length()
-        ones = torch.ones(1, new_len, dtype=torch.long, device=self.backend.device)
         if not self.rows:
-            self.rows, self.cache, self.mask = [seq], seq.cache, ones
-        else:
-            length = max(self.mask.shape[1], new_len)
-            pad_rows, pad_new = length - self.mask.shape[1], length - new_len
-            for layer, new in zip(self.cache.layers, seq.cache.layers, strict=True):
-                layer.keys = torch.cat([F.pad(layer.keys, (0, 0, pad_rows, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-                layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_rows, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-            self.mask = torch.cat([F.pad(self.mask, (pad_rows, 0)), F.pad(ones, (pad_new, 0))])
-            self.rows.append(seq)
-        seq.cache = None
+            self.rows, self.cache, self.mask = list(seqs), cache, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        pad_rows, pad_new = length - self.mask.shape[1], length - mask.shape[1]
+        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
+            layer.keys = torch.cat([F.pad(layer.keys, (0, 0, pad_rows, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+            layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_rows, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (pad_rows, 0)), F.pad(mask, (pad_new, 0))])
+        self.rows.extend(seqs)
 
     def _leave(self, done: list[int]) -> None:
         """Finished rows leave; the padding no remaining row needs is cut off."""
-        import torch
-
         finished = [self.rows[i] for i in done]
         for i, seq in zip(done, finished, strict=True):
-            if seq.request.session is not None:
-                seq.cache = self._row_cache(i)
+            if seq.request.session is not None and not seq.failed:
+                seq.cache = _row(self.cache, self.mask, i, self.backend.model.config)
         keep = [i for i in range(len(self.rows)) if i not in set(done)]
         self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
+        if keep:
+            self.cache, self.mask = _select(self.cache, self.mask, keep)
         else:
-            index = torch.tensor(keep, device=self.mask.device)
-            mask = self.mask.index_select(0, index)
-            start = int(mask.any(dim=0).to(torch.int8).argmax())
-            self.mask = mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-                layer.values = layer.values.index_select(0, index)[:, :, start:]
+            self.cache = self.mask = None
         for seq in finished:
             self._finish(seq)
-
-    def _row_cache(self, i: int) -> Any:
-        """Row ``i`` alone, without its padding: what generate() would hand a session to save."""
-        from transformers import DynamicCache
-
-        start = int(self.mask.shape[1] - self.mask[i].sum())
-        layers = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in self.cache.layers]
-        return DynamicCache(layers, config=self.backend.model.config)
 
     def _finish(self, seq: _Seq) -> None:
         request, result = seq.request, seq.result
@@ -517,6 +550,27 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - e.g. a session that cannot be committed
             seq.emit(exc)
         seq.cache = None
+
+
+def _select(cache: Any, mask: Any, keep: list[int]) -> tuple[Any, Any]:
+    """Rows ``keep`` of a left-padded cache, without the padding none of them needs."""
+    import torch
+
+    index = torch.tensor(keep, device=mask.device)
+    mask = mask.index_select(0, index)
+    start = int(mask.any(dim=0).to(torch.int8).argmax())
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+        layer.values = layer.values.index_select(0, index)[:, :, start:]
+    return cache, mask[:, start:]
+
+
+def _row(cache: Any, mask: Any, i: int, config: Any) -> Any:
+    """Row ``i`` alone, without its padding: what generate() would hand a session to save."""
+    from transformers import DynamicCache
+
+    start = int(mask.shape[1] - mask[i].sum())
+    return DynamicCache([(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers], config=config)
 
 
 def _eos_ids(backend: Any) -> set[int]:
