@@ -197,8 +197,8 @@ class Resources(_Strict):
         description="Memory ceiling in systemd's notation (e.g. '8G'); decides whether a swap may load two at once.",
     )
     max_batch: int = Field(
-        default=8, ge=1, le=256,
-        description="Sequences decoded together (continuous batching); 1 serves one request at a time. KV memory grows with it.",
+        default=16, ge=1, le=256,
+        description="Sequences decoded together (continuous batching); 1 serves one request at a time. KV cache memory grows with it.",
     )  # fmt: skip
     max_queue: int = Field(default=16, ge=1, le=4096, description="Requests waiting behind a full batch before 429.")
     max_loras: int = Field(default=8, ge=1, le=1024, description="Adapters kept loaded at once (LRU).")

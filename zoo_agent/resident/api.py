@@ -82,7 +82,7 @@ class ServingState:
     backend: TransformersBackend  # or OllamaBackend: the same surface
     defaults: dict[str, Any]
     max_queue: int = 16
-    max_batch: int = 8  # sequences decoded together (1: one generate() at a time)
+    max_batch: int = 16  # sequences decoded together (1: one generate() at a time)
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 4096
     api_key: str | None = field(default=None, repr=False)

@@ -49,7 +49,7 @@ class WorkerConfig(BaseModel):
     dtype: str = "auto"
     defaults: dict[str, Any] = Field(default_factory=dict)
     max_queue: int = 16
-    max_batch: int = 8  # sequences decoded together; 1 serves one generate() at a time
+    max_batch: int = 16  # sequences decoded together; 1 serves one generate() at a time
     stall_seconds: float = 60.0  # work in flight and no engine step for this long: the model hangs
     api_key: str | None = Field(default=None, repr=False)
     drain_seconds: float = 30.0
