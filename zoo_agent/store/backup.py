@@ -490,13 +490,7 @@ def _link_copy(out: _Tree, first: str, rel: str) -> bool:
             if exc.errno in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP):
                 return False
             raise
-        try:
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
-        os.fsync(dfd)
+        _replace_at(dfd, tmp, name)
     return True
 
 
@@ -620,13 +614,7 @@ def _put_link(dst: _Tree, link: BackupLink) -> None:
     with store_errors(dst.root / link.path, "restoring"), dst.dir(parent, create=True) as fd:
         tmp = temp_name(Path(name)).name
         os.symlink(link.target, tmp, dir_fd=fd)
-        try:
-            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
-        os.fsync(fd)
+        _replace_at(fd, tmp, name)
 
 
 def restore(zoo: Zoo, source: Path, manifest: BackupManifest) -> Summary:
@@ -661,3 +649,14 @@ def restore(zoo: Zoo, source: Path, manifest: BackupManifest) -> Summary:
         with store_errors(zoo.root / directory.path, "restoring"), dst.dir(directory.path) as fd:
             os.fchmod(fd, directory.mode)
     return Summary(len(manifest.files), sum(e.size for e in manifest.files), written, tuple(skipped))
+
+
+def _replace_at(dfd: int, tmp: str, name: str) -> None:
+    """``tmp`` over ``name`` in one directory, durably; the temporary never outlives a failure."""
+    try:
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    os.fsync(dfd)
