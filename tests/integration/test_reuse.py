@@ -269,6 +269,22 @@ def test_on_tmpfs_the_hard_link_path_is_taken(world: World) -> None:
         _converged(world)
 
 
+def test_one_inode_is_linked_into_at_most_max_links_versions(world: World) -> None:
+    """Each link moves every sharer's ctime (a manifest rewrite each): past MAX_LINKS the bytes
+    are copied, so many versions of the same file cost linear work, not quadratic."""
+    from zoo_agent.store.reuse import MAX_LINKS
+
+    with _tmpfs(world.root):
+        world.available = [f"m{i}" for i in range(MAX_LINKS + 3)]  # all on this host
+        for i in range(MAX_LINKS + 3):
+            world.artifact(f"m{i}", "v1", {"a": b"a" * 5000, "own": str(i).encode()})
+        result = world.run("apply")
+        assert result.exit_code == 0, result.output
+        links = [(world.root / f"models/m{i}/versions/v1/a").stat().st_nlink for i in range(MAX_LINKS + 3)]
+        assert max(links) == MAX_LINKS and links.count(1) >= 1, links  # the rest were copied
+        _converged(world)
+
+
 def test_an_origin_on_another_device_is_copied(world: World) -> None:
     """No reflink and no link across filesystems: a local copy, hashed as it is written."""
     with _tmpfs(world.root / "models/other"):

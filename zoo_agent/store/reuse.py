@@ -42,6 +42,11 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS, errno.EPERM, errno.EBADF})
 _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EROFS, errno.EOPNOTSUPP})
 
+#: Versions one inode is hard-linked into at most. Each link moves the ctime every sharer
+#: recorded, so each costs a manifest rewrite per sharer: past this, a copy is cheaper, and
+#: applying n versions of the same bytes stays linear (1000 sharers made it quadratic).
+MAX_LINKS = 8
+
 
 def reuse_file(zoo: Zoo, staging: Path, entry: FileEntry, origin_dir: Path, record: dict[str, Any], touched: dict[int, int], *,
                strict: bool = False, methods: tuple[Method, ...] = METHODS,
@@ -65,6 +70,8 @@ def reuse_file(zoo: Zoo, staging: Path, entry: FileEntry, origin_dir: Path, reco
         if method == "reflink" and not linked and _reflink(origin, target):
             return _checked(method, target, entry, strict, origin, touched)
         if method == "hardlink":
+            if not linked and before.st_nlink >= MAX_LINKS:
+                continue
             touched.setdefault(before.st_ino, before.st_ctime_ns)
             if linked or _hardlink(origin, target):
                 return _checked(method, target, entry, strict, origin, touched)

@@ -381,6 +381,8 @@ class Zoo:
         if not touched:
             return
         for vdir in self.published_versions():
+            if not _inodes_of(vdir).intersection(touched):
+                continue  # most versions share nothing with these inodes: their manifests stay unread
             manifest = read_manifest(vdir)
             if manifest is None:
                 continue
@@ -396,6 +398,25 @@ class Zoo:
                     f["ctime_ns"], changed = ctime, True
             if changed:
                 write_manifest(vdir, manifest)
+
+
+_INODES: dict[Path, tuple[int, int, frozenset[int]]] = {}  # version dir -> (manifest mtime_ns, size, its inodes)
+
+
+def _inodes_of(version_dir: Path) -> frozenset[int]:
+    """The inodes a version's manifest records, parsed again only when the manifest changed:
+    each reuse step asks this of every version, and a zoo may hold thousands."""
+    try:
+        st = os.stat(version_dir / MANIFEST)
+    except OSError:
+        return frozenset()
+    cached = _INODES.get(version_dir)
+    if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
+        return cached[2]
+    manifest = read_manifest(version_dir)
+    inodes = frozenset(f["ino"] for f in (manifest or {}).get("files", []) if isinstance(f.get("ino"), int))
+    _INODES[version_dir] = (st.st_mtime_ns, st.st_size, inodes)
+    return inodes
 
 
 def _hash_into(source: Path | int, digest: Any) -> int:
