@@ -39,7 +39,8 @@ def main() -> int:
     import torch
 
     from zoo_agent.resident.backend import Generated, Request, TransformersBackend
-    from zoo_agent.resident.sessions import Sessions, Turn, conversation_ids
+    from zoo_agent.resident.prompt import conversation_ids
+    from zoo_agent.resident.sessions import Sessions, Turn
     from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_model
 
     torch.set_num_threads(2)
@@ -63,9 +64,12 @@ def main() -> int:
     first.complete(Request(None, "", 8, 0.0, 1.0, ignore_eos=True, session=Turn("long", [{"role": "user", "content": " ".join(words)}])), Generated())
     print(f"first turn ({n} prompt tokens) took {time.perf_counter() - started:.1f}s", file=sys.stderr)
     transcript = json.loads((work / "s" / "sessions" / "long.json").read_text())
+    loaded = first.sessions.load("long")
+    assert loaded is not None
+    history = loaded.turns
 
     def next_turn(b: Any, sessions_dir: Path) -> tuple[float, str, str]:
-        turn = Turn("long", [{"role": "user", "content": "and?"}], history=transcript["turns"], cache="pending")
+        turn = Turn("long", [{"role": "user", "content": "and?"}], history=history, cache="pending")
         started = time.perf_counter()
         result = Generated()
         b.complete(Request(None, "", 1, 0.0, 1.0, session=turn), result)
