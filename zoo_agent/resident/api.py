@@ -490,9 +490,6 @@ async def _disconnected(receive: Any) -> None:
         pass
 
 
-_END = object()
-
-
 async def _pieces(state: ServingState, request: GenRequest, stream: bool = True) -> AsyncIterator[str | Generated]:
     """Text pieces, then the Generated summary. The generation runs on the scheduler's thread
     (the batching engine); this coroutine only awaits, so the event loop keeps answering."""
