@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +31,7 @@ from zoo_agent.resident.backend import AUTO, AdapterError, Generated, Transforme
 from zoo_agent.resident.backend import Request as GenRequest
 from zoo_agent.resident.engine import scheduler_for
 from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
 from zoo_agent.resident.sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 from zoo_agent.resident.transcript import MAX_SEED, Text
 
@@ -61,6 +62,8 @@ class Metrics:
         self.iteration_tokens = Histogram("zoo:iteration_tokens_total", "Tokens fed to the model per engine step (prompt chunk plus decoded rows).",
                                           registry=r, buckets=TOKEN_BUCKETS)  # fmt: skip
         self.waiting = Gauge("zoo:num_requests_waiting", "Requests waiting for the model.", registry=r)
+        self.waiting_by_priority = Gauge("zoo:num_requests_waiting_by_priority", "Requests waiting for the model, by priority class (X-Zoo-Priority).",
+                                         ["priority"], registry=r)  # fmt: skip
         self.swap_seconds = Gauge("zoo:model_swap_seconds", "Load time of the serving version.", registry=r)
         self.reloads = Counter("zoo:reloads", "Reloads of this tenant, by result.", ["result"], registry=r)
         self.lora_loaded = Gauge("zoo:lora_adapters_loaded", "LoRA adapters resident now.", registry=r)
@@ -85,6 +88,8 @@ class ServingState:
     max_batch: int = 16  # sequences decoded together (1: one generate() at a time)
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 4096
+    priority: int = 0  # the tenant's default class for requests that name none (resident/priority.py)
+    aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds
     api_key: str | None = field(default=None, repr=False)
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
@@ -102,6 +107,7 @@ class ServingState:
     def __post_init__(self) -> None:
         if self.scheduler is None:
             self.scheduler = scheduler_for(self.backend, self.max_batch)
+        self.scheduler.aging_seconds = self.aging_seconds  # the worker builds its scheduler before the state: set here, once
         m = self.metrics
 
         def observe(rows: int, tokens: int) -> None:  # on the engine's thread; prometheus_client is thread-safe
@@ -124,6 +130,8 @@ class ServingState:
         m = self.metrics
         m.running.set(self.running)
         m.waiting.set(self.waiting)
+        for name, count in self.scheduler.waiting_by_class().items():
+            m.waiting_by_priority.labels(name).set(count)
         self._add(m.cancelled, self.scheduler.stats.cancelled, "cancelled")
         if (sessions := self.backend.sessions) is not None:
             ss = sessions.stats
@@ -172,6 +180,9 @@ class _Body(BaseModel):
         default=None, description="Up to 4 sequences: the text ends before the first one generated, finish_reason 'stop'.")
     n: int = Field(default=1, description="Completions per request; only 1 is supported.")
     ignore_eos: bool = Field(default=False, description="vLLM's extension: keep generating past end-of-sequence up to max_tokens.")
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                                 description=f"vLLM's: lower is served first ({', '.join(f'{k} {v}' for k, v in CLASSES.items())}); "
+                                             f"the {HEADER} header wins over it; default: the tenant's.")  # fmt: skip
 
     @field_validator("n")
     @classmethod
@@ -197,6 +208,10 @@ class ChatBody(_Body):
 
 class CompletionBody(_Body):
     prompt: Text
+
+
+#: Parsed by parse_priority, not by FastAPI, so that a bad value's 400 names the header and the allowed classes.
+PriorityHeader = Annotated[str | None, Header(alias=HEADER, description=f"The request's class: {', '.join(CLASSES)} (issue #20).")]
 
 
 class LoadLoraBody(BaseModel):
@@ -270,8 +285,8 @@ def create_app(state: ServingState) -> FastAPI:
         return await _manage_lora(state, body, load=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatBody) -> Response:
-        return await _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True)
+    async def chat(body: ChatBody, x_zoo_priority: PriorityHeader = None) -> Response:
+        return await _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True, priority=x_zoo_priority)
 
     @app.get("/v1/sessions/{sid}", response_model=None)
     async def get_session(sid: str) -> Response:
@@ -291,8 +306,8 @@ def create_app(state: ServingState) -> FastAPI:
         return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionBody) -> Response:
-        return await _serve(state, body, None, body.prompt, chat=False)
+    async def completions(body: CompletionBody, x_zoo_priority: PriorityHeader = None) -> Response:
+        return await _serve(state, body, None, body.prompt, chat=False, priority=x_zoo_priority)
 
     return app
 
@@ -371,12 +386,17 @@ def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
     return _error(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
 
 
-async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool) -> Response:
+async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool,
+                 priority: str | None = None) -> Response:  # fmt: skip
     adapter = _adapter_for(state, body.model)
     if isinstance(adapter, JSONResponse):
         return adapter
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return _error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
+    try:
+        level = parse_priority(priority, body.priority, state.priority)
+    except BadPriority as exc:
+        return _error(400, str(exc), param=exc.param)
     if state.waiting + state.running + state.preparing >= state.max_batch + state.max_queue:
         # The batch is full and so is the queue behind it.
         return _error(429, f"busy ({state.running} running, {state.max_queue} waiting); retry", headers={"Retry-After": "1"})
@@ -385,7 +405,7 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
     # prepared count against the queue, so that a burst cannot pass the check all at once.
     state.preparing += 1
     try:
-        request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat)
+        request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat, level)
     finally:
         state.preparing -= 1
     if isinstance(request, JSONResponse):
@@ -398,7 +418,7 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
 
 
 def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,
-             chat: bool) -> GenRequest | JSONResponse:  # fmt: skip
+             chat: bool, priority: int = 0) -> GenRequest | JSONResponse:  # fmt: skip
     """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
     d = state.defaults
     turn = None
@@ -411,7 +431,7 @@ def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | 
         messages, prompt, body.max_tokens or d["max_tokens"],
         d["temperature"] if body.temperature is None else body.temperature,
         body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
-        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn, body.stops(),
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn, body.stops(), priority=priority,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
     field_name = "messages" if chat else "prompt"

@@ -44,6 +44,7 @@ class Request:
     adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
     session: Turn | None = None  # a turn of a session: its cache is restored and the turn committed
     stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the text ends before the first one
+    priority: int = 0  # lower is served first, as vLLM's (resident/priority.py); last, so positional constructions keep working
 
 
 AUTO = ":auto"  # choose the adapter by the request's text

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zoo_agent.resident.priority import PriorityQueue
 from zoo_agent.resident.stops import StopFilter, hit, window
 
 if TYPE_CHECKING:
@@ -61,45 +62,69 @@ class Serial:
     """One generation at a time with ``generate()`` (``resources.max_batch: 1``): the previous
     behaviour, kept as the reference the batching engine is measured and tested against, and
     the path for models whose cache cannot be batched. With ``threads > 1`` (the Ollama
-    backend, whose daemon batches itself) requests pass through concurrently."""
+    backend, whose daemon batches itself) requests pass through concurrently.
 
-    def __init__(self, backend: Any, threads: int = 1) -> None:
+    Waiting requests are served best first (issue #20): each pool job takes the best waiting
+    request from the shared queue, not the one it was submitted with, so the pool's own FIFO
+    only decides when a thread is free."""
+
+    def __init__(self, backend: Any, threads: int = 1, aging_seconds: float = 10.0) -> None:
         self.backend, self.threads = backend, threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="generate")
         self.lock = threading.Lock()
-        self.waiting = self.running = 0
+        self.queue: PriorityQueue[_Job] = PriorityQueue(aging_seconds)
+        self.running = 0
         self.stats = Stats()
         self.on_step: Callable[[int, int], None] | None = None
+        self.clock: Callable[[], float] = time.monotonic  # arrival times: a test's own clock makes aging deterministic
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def aging_seconds(self) -> float:
+        return self.queue.aging_seconds
+
+    @aging_seconds.setter
+    def aging_seconds(self, value: float) -> None:
+        with self.lock:
+            self.queue.aging_seconds = value
+
+    def waiting_by_class(self) -> dict[str, int]:
+        with self.lock:
+            return self.queue.counts_by_class()
 
     def submit(self, request: Request, result: Generated, cancel: threading.Event, emit: Emit, stream: bool = True) -> None:
-        queued = time.monotonic()
+        queued = self.clock()
         with self.lock:
-            self.waiting += 1
+            self.queue.push(_Job(request, result, cancel, emit, stream, queued), request.priority, queued)
+        self.pool.submit(self._run_best)
 
-        def job() -> None:
+    def _run_best(self) -> None:
+        """One pool job: the best waiting request (one job is submitted per request, so each is served once)."""
+        with self.lock:
+            job = self.queue.pop_best()
+            self.running += 1
+        request, result, cancel, emit = job.request, job.result, job.cancel, job.emit
+        result.queue_seconds = self.clock() - job.queued
+        try:
+            if cancel.is_set():  # its client left while it waited: nothing to generate
+                self.stats.cancelled += 1
+                return
+            if job.stream:
+                for piece in self.backend.stream(request, result, cancel):
+                    emit(piece)
+            else:
+                emit(self.backend.complete(request, result, cancel))
+            if cancel.is_set() and result.completion_tokens < request.max_tokens:
+                self.stats.cancelled += 1
+            emit(result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
+            emit(exc)
+        finally:
             with self.lock:
-                self.waiting -= 1
-                self.running += 1
-            result.queue_seconds = time.monotonic() - queued
-            try:
-                if cancel.is_set():  # its client left while it waited: nothing to generate
-                    self.stats.cancelled += 1
-                    return
-                if stream:
-                    for piece in self.backend.stream(request, result, cancel):
-                        emit(piece)
-                else:
-                    emit(self.backend.complete(request, result, cancel))
-                if cancel.is_set() and result.completion_tokens < request.max_tokens:
-                    self.stats.cancelled += 1
-                emit(result)
-            except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
-                emit(exc)
-            finally:
-                with self.lock:
-                    self.running -= 1
-
-        self.pool.submit(job)
+                self.running -= 1
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Between two generations (on the one thread; with several, beside them)."""
@@ -110,6 +135,18 @@ class Serial:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request waiting in Serial's queue."""
+
+    request: Request
+    result: Generated
+    cancel: threading.Event
+    emit: Emit
+    stream: bool
+    queued: float
 
 
 def batchable(model: Any) -> str | None:
@@ -217,9 +254,10 @@ class _Seq:
 class Batcher:
     """The batching engine: ``submit`` from any thread; the model runs on the engine thread."""
 
-    def __init__(self, backend: TransformersBackend, *, max_batch: int, prefill_chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(self, backend: TransformersBackend, *, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, aging_seconds: float = 10.0) -> None:
         self.backend, self.max_batch, self.prefill_chunk = backend, max_batch, prefill_chunk
-        self.queue: deque[_Seq] = deque()
+        self.queue: PriorityQueue[_Seq] = PriorityQueue(aging_seconds)  # best first, then oldest (issue #20)
+        self.clock: Callable[[], float] = time.monotonic  # arrival times: a test's own clock makes aging deterministic
         self.joining: deque[_Seq] = deque()  # admitted, prefilling
         self.rows: list[_Seq] = []  # decoding together
         self.mask: Any = None  # [rows, cache length]: 1 for a real token, 0 for left padding
@@ -243,9 +281,23 @@ class Batcher:
     def running(self) -> int:
         return len(self.rows) + len(self.joining)
 
+    @property
+    def aging_seconds(self) -> float:
+        return self.queue.aging_seconds
+
+    @aging_seconds.setter
+    def aging_seconds(self, value: float) -> None:
+        with self.cond:
+            self.queue.aging_seconds = value
+
+    def waiting_by_class(self) -> dict[str, int]:
+        with self.cond:
+            return self.queue.counts_by_class()
+
     def submit(self, request: Request, result: Generated, cancel: threading.Event, emit: Emit, stream: bool = True) -> None:
         with self.cond:
-            self.queue.append(_Seq(request, result, cancel, emit, stream, time.monotonic()))
+            queued = self.clock()
+            self.queue.push(_Seq(request, result, cancel, emit, stream, queued), request.priority, queued)
             self.cond.notify()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -305,12 +357,13 @@ class Batcher:
                 future.set_exception(exc)
 
     def _admit(self) -> None:
-        """Waiting sequences join, oldest first, while there is room and no call waits."""
+        """Waiting sequences join, best first (priority, aged; then oldest), while there is room and no call waits:
+        priority decides admission into the running batch, never preempts a running row."""
         busy = {s.aid for s in (*self.rows, *self.joining) if s.aid is not None}
         deferred: list[_Seq] = []
         while self.queue and not self.calls and self.running < self.max_batch:
             with self.cond:
-                seq = self.queue.popleft()
+                seq = self.queue.pop_best()
             if seq.cancel.is_set():
                 self.stats.cancelled += 1
                 continue
@@ -325,8 +378,9 @@ class Batcher:
                 busy.add(seq.aid)
             self.joining.append(seq)
         if deferred:
-            with self.cond:
-                self.queue.extendleft(reversed(deferred))
+            with self.cond:  # back with their own arrival: they keep their place
+                for seq in deferred:
+                    self.queue.push(seq, seq.request.priority, seq.queued)
 
     def _start(self, seq: _Seq, busy: frozenset[str]) -> bool:
         from zoo_agent.resident.adapters import AdaptersBusy
@@ -339,7 +393,7 @@ class Batcher:
             seq.aid = b._resolve(request, result, busy=busy)
         except AdaptersBusy:
             return False
-        result.queue_seconds = time.monotonic() - seq.queued
+        result.queue_seconds = self.clock() - seq.queued
         resume = b._session_begin(request, inputs, result)
         seq.cache = resume.get("cache")
         seq.fed = seq.cache.get_seq_length() if seq.cache is not None else 0
