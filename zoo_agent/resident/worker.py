@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -21,15 +20,16 @@ import threading
 import time
 from typing import Any
 
-from zoo_agent.resident.config import AdapterConfig, WorkerConfig
+from zoo_agent.resident import protocol as p
+from zoo_agent.resident.config import WorkerConfig
 
 __all__ = ["main"]
 
 log = logging.getLogger("zoo_agent.resident")
 
 
-def _send(control: socket.socket, event: dict[str, Any]) -> None:
-    control.sendall((json.dumps(event) + "\n").encode())
+def _send(control: socket.socket, message: p.ToSupervisor) -> None:
+    control.sendall(p.encode(message))
 
 
 def _receive_config(control: socket.socket) -> WorkerConfig | None:
@@ -40,7 +40,8 @@ def _receive_config(control: socket.socket) -> WorkerConfig | None:
         if not chunk:
             return None
         data += chunk
-    return WorkerConfig.model_validate_json(data)
+    message = p.to_worker(data)
+    return message.config if isinstance(message, p.Configure) else None
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         pct = 100 * done // total if total else 100
         if pct != last:
             last = pct
-            _send(control, {"event": "loading", "pct": pct})
+            _send(control, p.Loading(pct=pct))
 
     backend: Any
     try:
@@ -121,9 +122,25 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(scheduler)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-        _send(control, {"event": "failed", "error": reason})
+        _send(control, p.Failed(error=reason))
         return 3
     return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
+
+
+def _measured(config: WorkerConfig, backend: Any) -> tuple[int, int]:
+    """The loaded model's own bytes (parameters and buffers at the dtype they were loaded in: a
+    float16 file loaded as float32 takes twice its size) and its KV budget at that dtype.
+    What the memory budget counts (issue #20); the interpreter and torch runtime of each
+    worker process are the documented slack on top."""
+    model = getattr(backend, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return 0, 0  # the ollama daemon holds its own models
+    from zoo_agent.fit import kv_bytes
+
+    tensors = [*model.parameters(), *model.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
+    return weights, kv_bytes(model.config.to_dict(), dtype=dtype, max_batch=config.max_batch)
 
 
 class _Rate:
@@ -145,7 +162,8 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     from zoo_agent.resident.api import ServingState, create_app
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
-                         max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler)  # fmt: skip
+                         max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
+                         aging_seconds=config.aging_seconds)  # fmt: skip
     state.metrics.swap_seconds.set(load_seconds)
     state.sync_metrics()
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))
@@ -158,33 +176,34 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     async def answer() -> None:
         rate, stalled = _Rate(), False
         while line := await reader.readline():
-            message = json.loads(line)
-            if "ping" in message:
-                if scheduler.stalled(config.stall_seconds):
-                    # No decode step finished for that long with work in flight: the model hangs. The
-                    # missing pong stops the watchdog and gets this worker replaced (issue #19).
-                    if not stalled:
-                        log.error("no generation step finished in %.0fs with %d running; not answering pings", config.stall_seconds, state.running)
-                    stalled = True
-                    continue
-                stalled = False
-                adapters = backend.adapters
-                writer.write((json.dumps({"pong": message["ping"], "served": state.served, "tokens": state.tokens,
-                                          "running": state.running, "waiting": state.waiting, "tps": rate(state.tokens),
-                                          "adapters": [a.label for a in adapters.loaded.values()] if adapters else [],
-                                          "refused": adapters.refused if adapters else {},
-                                          "sessions": backend.sessions.open_count() if backend.sessions else 0}) + "\n").encode())  # fmt: skip
-                await writer.drain()
-            elif "adapters" in message:  # new adapter versions after an apply: swapped between generations
-                declared = tuple(AdapterConfig.model_validate(a) for a in message["adapters"])
-                asyncio.wrap_future(scheduler.call(backend.update_adapters, declared)).add_done_callback(lambda _: state.sync_metrics())
-            elif "reloads" in message:  # totals, kept by the supervisor
-                for result, total in message["reloads"].items():
-                    state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
-                    counted[result] = total
-            elif message.get("drain") and not state.draining:
-                state.draining = True
-                asyncio.create_task(drain())
+            message = p.to_worker(line)
+            match message:
+                case p.Ping():
+                    if scheduler.stalled(config.stall_seconds):
+                        # No decode step finished for that long with work in flight: the model hangs. The
+                        # missing pong stops the watchdog and gets this worker replaced (issue #19).
+                        if not stalled:
+                            log.error("no generation step finished in %.0fs with %d running; not answering pings", config.stall_seconds, state.running)
+                        stalled = True
+                        continue
+                    stalled = False
+                    adapters = backend.adapters
+                    writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, tokens=state.tokens, running=state.running,
+                                                 waiting=state.waiting, tps=rate(state.tokens),
+                                                 adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
+                                                 refused=adapters.refused if adapters else {},
+                                                 sessions=backend.sessions.open_count() if backend.sessions else 0)))  # fmt: skip
+                    await writer.drain()
+                case p.Adapters():  # new adapter versions after an apply: swapped between generations
+                    future = scheduler.call(backend.update_adapters, message.adapters)
+                    asyncio.wrap_future(future).add_done_callback(lambda _: state.sync_metrics())
+                case p.Reloads():  # totals, kept by the supervisor
+                    for result, total in (("ok", message.ok), ("failed", message.failed)):
+                        state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
+                        counted[result] = total
+                case p.Drain() if not state.draining:
+                    state.draining = True
+                    asyncio.create_task(drain())
         server.should_exit = True  # the supervisor is gone: stop serving
 
     async def drain() -> None:
@@ -212,14 +231,16 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
             try:
                 await asyncio.get_running_loop().run_in_executor(None, backend.healthy)
             except OllamaDown as exc:
-                writer.write((json.dumps({"event": "failed", "error": str(exc)}) + "\n").encode())
+                writer.write(p.encode(p.Failed(error=str(exc))))
                 await writer.drain()
                 state.exit_code = 4
                 server.should_exit = True
 
     task = asyncio.create_task(answer())
     watcher = asyncio.create_task(watch_daemon()) if config.backend == "ollama" else None
-    writer.write((json.dumps({"event": "ready", "pid": os.getpid(), "load_seconds": load_seconds, "device": backend.device, "dtype": backend.dtype}) + "\n").encode())
+    weights, kv = _measured(config, backend)
+    writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
+                                  weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
     await writer.drain()
     await server.serve(sockets=[listener])
     task.cancel()
