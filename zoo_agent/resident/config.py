@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +63,8 @@ class WorkerConfig(BaseModel):
     backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model
     ollama_model: str | None = None
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
+    priority: int = 0  # the tenant's default class (resident/priority.py): lower is served first, as vLLM's
+    aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds: batch is never starved
 
 
 class ResidentConfig(BaseModel):
@@ -79,3 +81,6 @@ class ResidentConfig(BaseModel):
     drain_seconds: float = 30.0
     watch_interval: float = 2.0  # how often `current` is checked for a new version
     strict: bool = False  # serve only the declared, verified versions (--strict, ZOO_STRICT=1)
+    load_wait: float = 300.0  # how long a request waits for its tenant to fetch and load before a 503
+    aging_seconds: float = 10.0  # a waiting request gains one priority class per this many seconds
+    paging_policy: Literal["lru", "oldest"] = "lru"  # "oldest": the naive baseline the paging benchmark compares
