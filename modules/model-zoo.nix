@@ -121,7 +121,24 @@ let
       tenants = mkOption {
         type = types.attrsOf (types.submodule {
           freeformType = json.type;
-          options.model = mkOption { type = id; description = "Id of the model to serve."; };
+          options = {
+            model = mkOption { type = id; description = "Id of the model to serve."; };
+            pinned = mkOption {
+              type = types.nullOr types.bool;
+              default = null;
+              description = "Never evicted from memory; loaded at start (null: the index's default, false).";
+            };
+            priority = mkOption {
+              type = types.nullOr (types.enum [ "system" "realtime" "default" "batch" ]);
+              default = null;
+              description = "Class of this tenant's requests unless a request names one (null: \"default\").";
+            };
+            fetch = mkOption {
+              type = types.nullOr (types.enum [ "eager" "on-demand" ]);
+              default = null;
+              description = "\"eager\": fetched by the reconcile unit; \"on-demand\": by its first request (null: \"eager\").";
+            };
+          };
         });
         default = { };
         description = "Tenants (a model, its adapters and serving settings) by id.";
@@ -129,10 +146,23 @@ let
       hosts = mkOption {
         type = types.attrsOf (types.submodule {
           freeformType = json.type;
-          options.resident = mkOption {
-            type = types.nullOr id;
-            default = null;
-            description = "Id of the tenant this host serves.";
+          options = {
+            resident = mkOption {
+              type = types.nullOr id;
+              default = null;
+              description = "Id of the one tenant this host serves (the same as `tenants = [ id ]`; exclusive with `tenants`).";
+            };
+            tenants = mkOption {
+              type = types.nullOr (types.listOf id);
+              default = null;
+              description = "Ids of the tenants this host serves, in order.";
+            };
+            memory_budget = mkOption {
+              type = types.nullOr (types.strMatching "[1-9][0-9]*[KMGT]?");
+              default = null;
+              example = "8G";
+              description = "Memory the served tenants share, in systemd's notation (device memory on a CUDA host, RAM otherwise).";
+            };
           };
         });
         default = { };
@@ -292,7 +322,8 @@ in
       default = null;
       description = ''
         The index, in Nix (see `schema.json`). `models.<id>.version`, `.source.type`,
-        `.files.*.sha256`, `tenants.<id>.model` and `hosts.<id>.resident` are typed;
+        `.files.*.sha256`, `tenants.<id>.model`, `.pinned`, `.priority`, `.fetch`, `hosts.<id>.resident`,
+        `.tenants` and `.memory_budget` are typed;
         the rest is passed through and validated at build time. Exclusive with `indexFile`.
       '';
     };

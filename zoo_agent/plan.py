@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from zoo_agent.errors import UsageError
-from zoo_agent.index.model import FileEntry, Index, Source
+from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
-    "desired_for_host", "holdings", "human_bytes", "plan", "plan_gc", "plan_versions",
+    "desired_for_host", "desired_for_tenant", "holdings", "human_bytes", "plan", "plan_gc", "plan_versions",
 ]  # fmt: skip
 
 Kind = Literal["models", "loras"]
@@ -58,6 +58,8 @@ class Desired:
     host: str
     wants: tuple[Want, ...]
     keep_versions: int = 2
+    # Declared for on-demand tenants (issue #20): apply does not fetch them, gc keeps what is on disk.
+    on_demand: tuple[Want, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,27 +195,54 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def desired_for_host(idx: Index, host: str) -> Desired:
-    """The host's slice: its resident tenant's model and adapters, plus its available models."""
+def _host_entry(idx: Index, host: str) -> HostEntry:
     entry = idx.hosts.get(host.lower())
     if entry is None:
         known = ", ".join(sorted(idx.hosts)) or "none"
         raise UsageError(f"host '{host}' is not in the index (hosts: {known}); pass --host or set ZOO_HOST")
+    return entry
+
+
+def _tenant_wants(idx: Index, tenant_id: str) -> Iterator[tuple[Kind, str]]:
+    """What one tenant loads: its model, its adapters, the embedding model of adapter selection."""
+    tenant = idx.tenants[tenant_id]
+    yield "models", tenant.model
+    for lora in tenant.loras:
+        yield "loras", lora
+    if tenant.adapter_selection is not None:
+        yield "models", tenant.adapter_selection.embedding_model
+
+
+def _want(idx: Index, kind: Kind, aid: str) -> Want:
+    art = idx.models[aid] if kind == "models" else idx.loras[aid]
+    return Want(kind, aid, art.version, art.source, tuple(art.files))
+
+
+def desired_for_host(idx: Index, host: str) -> Desired:
+    """The host's slice: every served tenant's model and adapters, plus its available models.
+
+    An on-demand tenant's artifacts (unless an eager tenant needs them too) go to
+    ``on_demand``: declared, so gc keeps them, but fetched only by its first request."""
+    entry = _host_entry(idx, host)
     wants: dict[tuple[Kind, str], Want] = {}
-
-    def add(kind: Kind, aid: str) -> None:
-        art = idx.models[aid] if kind == "models" else idx.loras[aid]
-        wants.setdefault((kind, aid), Want(kind, aid, art.version, art.source, tuple(art.files)))
-
-    if entry.resident is not None:
-        tenant = idx.tenants[entry.resident]
-        add("models", tenant.model)
-        for lora in tenant.loras:
-            add("loras", lora)
-        if tenant.adapter_selection is not None:
-            add("models", tenant.adapter_selection.embedding_model)
+    later: dict[tuple[Kind, str], Want] = {}
+    for tid in entry.served():
+        into = later if idx.tenants[tid].fetch == "on-demand" else wants
+        for kind, aid in _tenant_wants(idx, tid):
+            into.setdefault((kind, aid), _want(idx, kind, aid))
     for model in entry.available:
-        add("models", model)
+        wants.setdefault(("models", model), _want(idx, "models", model))
+    on_demand = tuple(w for key, w in later.items() if key not in wants)
+    return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions, on_demand)
+
+
+def desired_for_tenant(idx: Index, host: str, tenant: str) -> Desired:
+    """One served tenant's slice, on-demand or not (``apply --tenant``, fetch on first use)."""
+    entry = _host_entry(idx, host)
+    if tenant not in entry.served():
+        served = ", ".join(entry.served()) or "none"
+        raise UsageError(f"tenant '{tenant}' is not served by host '{host.lower()}' (its tenants: {served})")
+    wants = {key: _want(idx, *key) for key in _tenant_wants(idx, tenant)}
     return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions)
 
 
@@ -318,10 +347,10 @@ def _plan_want(want: Want, seen: Seen | None, held: Mapping[tuple[str, int], tup
 def plan_gc(desired: Desired, observed: Observed) -> Plan:
     """Remove versions beyond retention and artifacts this host no longer declares.
 
-    Never removes ``current`` of a declared artifact, ``previous`` while retention allows
-    it, the declared version, or anything a running resident has loaded.
+    Never removes ``current`` of a declared artifact (on-demand ones included), ``previous``
+    while retention allows it, the declared version, or anything a running resident has loaded.
     """
-    wanted = {(w.kind, w.id): w.version for w in desired.wants}
+    wanted = {(w.kind, w.id): w.version for w in (*desired.on_demand, *desired.wants)}
     steps: list[Step] = []
     for (kind, aid), seen in sorted(observed.seen.items()):
         steps += [Step(Action.REMOVE, kind, aid, name, reason="left by an interrupted run") for name in seen.leftovers]

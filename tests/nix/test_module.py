@@ -165,11 +165,31 @@ class TestModule:
         document = json.loads(Path(out["indexScripts"][0].split()[2]).read_text())
         assert document["hosts"] == {"nixos": {"description": "no resident"}}
 
+    def test_a_host_serves_several_tenants_under_a_budget(self, tmp_path: Path) -> None:
+        """Issue #20: tenants, memory_budget, pinned, priority and fetch are typed and reach the index as written."""
+        body = SETTINGS.replace('tenants.chat.model = "demo";',
+                                'tenants.chat = { model = "demo"; pinned = true; priority = "realtime"; };'
+                                ' tenants.later = { model = "demo"; fetch = "on-demand"; priority = "batch"; };')
+        out = evaluated(tmp_path, body.replace('hosts.nixos.resident = "chat";',
+                                               'hosts.nixos = { tenants = [ "chat" "later" ]; memory_budget = "8G"; };'))
+        document = json.loads(Path(out["indexScripts"][0].split()[2]).read_text())
+        assert document["hosts"] == {"nixos": {"tenants": ["chat", "later"], "memory_budget": "8G"}}
+        assert document["tenants"] == {"chat": {"model": "demo", "pinned": True, "priority": "realtime"},
+                                       "later": {"model": "demo", "fetch": "on-demand", "priority": "batch"}}
+        proc = subprocess.run([str(REPO / ".venv" / "bin" / "zoo-agent"), "validate", str(Path(out["indexScripts"][0].split()[2]))],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
     @pytest.mark.parametrize(("change", "expected"), [
         ('sha256 = "%s";' % SHA, 'sha256 = "not-a-hash";'),
         ('version = "1";', "version = 1;"),
         ('type = "file";', 'type = "ftp";'),
         ('tenants.chat.model = "demo";', 'tenants.chat.model = "Bad Id";'),
+        ('hosts.nixos.resident = "chat";', 'hosts.nixos.tenants = [ "chat" ]; hosts.nixos.memory_budget = "8 GB";'),
+        ('hosts.nixos.resident = "chat";', 'hosts.nixos.tenants = "chat";'),
+        ('tenants.chat.model = "demo";', 'tenants.chat = { model = "demo"; priority = "urgent"; };'),
+        ('tenants.chat.model = "demo";', 'tenants.chat = { model = "demo"; fetch = "lazy"; };'),
+        ('tenants.chat.model = "demo";', 'tenants.chat = { model = "demo"; pinned = "yes"; };'),
     ])
     def test_a_bad_settings_value_fails_evaluation_naming_the_option(self, tmp_path: Path, change: str, expected: str) -> None:
         proc = evaluate(tmp_path, SETTINGS.replace(change, expected))

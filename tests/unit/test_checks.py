@@ -102,6 +102,23 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ("enum backend", _set("/tenants/chat/backend", "vllm"), "/tenants/chat/backend", 'expected one of "transformers", "ollama", got "vllm"'),
     ("not an object", _set("/hosts", []), "/hosts", "expected object, got array"),
     ("url scheme", _set("/models/qwen/source", {"type": "url", "base_url": "ftp://x/y"}), "/models/qwen/source/base_url", "an http:// or https:// URL"),
+    # issue #20: several tenants per host under a memory budget
+    ("host→tenants", _set("/hosts/mini/tenants", ["mac", "ghost"]), "/hosts/mini/tenants/1", "unknown tenant 'ghost' (declared tenants: chat, mac)"),
+    ("tenant listed twice", _set("/hosts/mini/tenants", ["mac", "mac"]), "/hosts/mini/tenants/1", "lists tenant 'mac' again (already /hosts/mini/tenants/0)"),
+    ("resident and tenants", _set("/hosts/edge-1/tenants", ["mac"]), "/hosts/edge-1/resident", "set 'tenants' only, not both it and 'resident'"),
+    ("pinned on demand", _both(_set("/tenants/chat/pinned", True), _set("/tenants/chat/fetch", "on-demand")), "/tenants/chat/fetch",
+     "a pinned tenant is loaded at start, so it must be on disk before"),
+    ("budget notation", _set("/hosts/mini/memory_budget", "8GB"), "/hosts/mini/memory_budget", "systemd's notation"),
+    ("priority enum", _set("/tenants/chat/priority", "urgent"), "/tenants/chat/priority", 'expected one of "system", "realtime", "default", "batch"'),
+    ("fetch enum", _set("/tenants/chat/fetch", "lazy"), "/tenants/chat/fetch", 'expected one of "eager", "on-demand"'),
+    ("weights exceed the budget", _set("/hosts/edge-1/memory_budget", "512M"), "/hosts/edge-1/memory_budget",
+     "tenant chat needs 988.1 MB of weights alone, more than the whole budget; the budget is 512M (536.9 MB)"),
+    ("pinned weights together",
+     _both(_set("/models/llama/source", {"type": "file", "path": "l"}), _set("/models/llama/format", "safetensors"),
+           _set("/models/llama/files", [{"path": "model.safetensors", "sha256": SHA_A, "size": 3_400_000_000}]),
+           _set("/tenants/mac", {"model": "llama", "pinned": True}), _set("/tenants/chat/pinned", True), _delete("/hosts/edge-1/resident"),
+           _set("/hosts/edge-1/tenants", ["chat", "mac"]), _set("/hosts/edge-1/memory_budget", "4G")),
+     "/hosts/edge-1/memory_budget", "pinned tenants chat (988.1 MB) and mac (3.4 GB) need 4.4 GB of weights alone; the budget is 4G (4.3 GB)"),
 ]
 
 
@@ -152,3 +169,12 @@ def test_pickle_and_code_allowed_when_opted_in(index_doc: dict[str, Any]) -> Non
 def test_prose_mentioning_todo_is_not_a_placeholder(index_doc: dict[str, Any]) -> None:
     index_doc["loras"]["review"]["description"] = "Helps with todo lists and stubbed tests."
     assert check_document(index_doc)[1] == []
+
+
+def test_a_host_serves_a_list_of_tenants(index_doc: dict[str, Any]) -> None:
+    index_doc["hosts"]["mini"] = {"tenants": ["mac", "chat"], "memory_budget": "8G"}
+    index_doc["tenants"]["mac"].update(pinned=True, priority="realtime")
+    index_doc["tenants"]["chat"].update(fetch="on-demand", priority="batch")
+    idx, problems = check_document(index_doc)
+    assert problems == [] and idx is not None
+    assert idx.hosts["mini"].served() == ("mac", "chat") and idx.hosts["edge-1"].served() == ("chat",)

@@ -15,10 +15,12 @@ from zoo_agent.plan import (
     Have,
     Observed,
     Origin,
+    Plan,
     Seen,
     Step,
     Want,
     desired_for_host,
+    desired_for_tenant,
     holdings,
     plan,
     plan_gc,
@@ -126,6 +128,49 @@ def test_desired_for_host(index_doc: dict[str, Any]) -> None:
     assert d.keep_versions == 2
     with pytest.raises(UsageError, match=r"host 'ghost' is not in the index \(hosts: edge-1, mini\)"):
         desired_for_host(idx, "ghost")
+
+
+def _multi(index_doc: dict[str, Any]) -> Index:
+    """edge-1 serves chat (eager) and mac (on demand), and keeps qwen available."""
+    index_doc["hosts"]["edge-1"] = {"tenants": ["chat", "mac"], "available": ["qwen"]}
+    index_doc["tenants"]["mac"]["fetch"] = "on-demand"
+    return Index.model_validate(index_doc)
+
+
+def test_desired_for_host_takes_every_served_tenant_but_leaves_on_demand_ones_to_their_first_request(index_doc: dict[str, Any]) -> None:
+    d = desired_for_host(_multi(index_doc), "edge-1")
+    assert [(w.kind, w.id) for w in d.wants] == [("models", "qwen"), ("loras", "review")]
+    assert [(w.kind, w.id, w.version) for w in d.on_demand] == [("models", "llama", "1")]
+    index_doc["tenants"]["mac"]["fetch"] = "eager"
+    assert [(w.kind, w.id) for w in desired_for_host(Index.model_validate(index_doc), "edge-1").wants] == [
+        ("models", "qwen"), ("loras", "review"), ("models", "llama")]
+
+
+def test_an_artifact_an_eager_tenant_needs_is_fetched_even_if_an_on_demand_one_shares_it(index_doc: dict[str, Any]) -> None:
+    index_doc["tenants"]["later"] = {"model": "qwen", "fetch": "on-demand"}
+    index_doc["hosts"]["edge-1"] = {"tenants": ["later", "chat"]}
+    d = desired_for_host(Index.model_validate(index_doc), "edge-1")
+    assert [(w.kind, w.id) for w in d.wants] == [("models", "qwen"), ("loras", "review")] and d.on_demand == ()
+
+
+def test_desired_for_tenant(index_doc: dict[str, Any]) -> None:
+    idx = _multi(index_doc)
+    assert [(w.kind, w.id) for w in desired_for_tenant(idx, "EDGE-1", "mac").wants] == [("models", "llama")]
+    assert [(w.kind, w.id) for w in desired_for_tenant(idx, "edge-1", "chat").wants] == [("models", "qwen"), ("loras", "review")]
+    with pytest.raises(UsageError, match=r"tenant 'mac' is not served by host 'edge-1' \(its tenants: chat\)"):
+        desired_for_tenant(Index.model_validate({**index_doc, "hosts": {"edge-1": {"resident": "chat"}}}), "edge-1", "mac")
+    with pytest.raises(UsageError, match=r"host 'ghost' is not in the index"):
+        desired_for_tenant(idx, "ghost", "mac")
+
+
+def test_gc_keeps_what_an_on_demand_tenant_fetched() -> None:
+    llama = Want("models", "llama", "2", SRC, FILES)
+    observed = Observed({("models", "llama"): Seen("models", "llama", {"1": have("1", at="1"), "2": have("2", at="2"),
+                                                                       "0": have("0", at="0")}, "2", "1")})  # fmt: skip
+    steps = {s.version: s.action.value for s in plan_gc(Desired("h", (want(),), 2, (llama,)), observed)}
+    assert steps == {"2": "retain", "1": "retain", "0": "remove"}
+    assert {s.action.value for s in plan_gc(Desired("h", (want(),)), observed)} == {"remove"}
+    assert plan(Desired("h", (), 2, (llama,)), Observed()) == Plan(())  # apply fetches none of it
 
 
 # -- reuse (issue #23): which published file each new file comes from -------------------------

@@ -60,6 +60,11 @@ STRUCTURAL = {
     "zero size": ("/models/qwen/files/0/size", 0),
     "unknown source": ("/models/qwen/source/type", "s3"),
     "bad license": ("/models/qwen/license", "apache"),
+    "bad memory budget": ("/hosts/mini/memory_budget", "8 GB"),
+    "tenants not a list": ("/hosts/mini/tenants", "mac"),
+    "unknown priority": ("/tenants/chat/priority", "urgent"),
+    "unknown fetch": ("/tenants/chat/fetch", "lazy"),
+    "pinned not a bool": ("/tenants/chat/pinned", "yes"),
 }
 
 
@@ -83,3 +88,12 @@ def test_ajv_rejects_structural_cases(tmp_path: Path, index_doc: dict[str, Any],
 
 def test_index_json_references_schema() -> None:
     assert json.loads((REPO / "index.json").read_text())["$schema"] == "./schema.json"
+
+
+def test_schema_describes_the_multi_tenant_fields() -> None:
+    """Issue #20: the published contract names them, with their notation and choices."""
+    schema = json.loads(render_schema())["$defs"]
+    host, tenant = schema["HostEntry"]["properties"], schema["TenantEntry"]["properties"]
+    assert host["tenants"]["type"] == "array" and "memory_budget" in host and "systemd" in host["memory_budget"]["description"]
+    assert tenant["priority"]["enum"] == ["system", "realtime", "default", "batch"] and tenant["fetch"]["enum"] == ["eager", "on-demand"]
+    assert tenant["pinned"]["type"] == "boolean"

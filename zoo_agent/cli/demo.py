@@ -43,7 +43,7 @@ def build_sources(idx: Index, index_dir: Path, host: str) -> list[str]:
     """Build the tenant's file-sourced model and adapters where they are missing; check them against the pins."""
     from zoo_agent.resident.tiny import build_tiny_adapter, build_tiny_model
 
-    tenant = idx.tenants[idx.hosts[host].resident or ""]
+    tenant = idx.tenants[idx.hosts[host].served()[0]]
     model = idx.models[tenant.model]
     if not isinstance(model.source, FileSource):
         raise UsageError(f"the demo builds file sources only; model {tenant.model} comes from '{model.source.type}'")
@@ -105,9 +105,9 @@ def _wait(sock: socket.socket, proc: subprocess.Popen[bytes], until: Any, timeou
 def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool) -> None:
     """Build the embedded default's model, apply it, serve it, ask it one question."""
     idx = load_index(index, str(index))
-    if host not in idx.hosts or idx.hosts[host].resident is None:
+    if host not in idx.hosts or not idx.hosts[host].served():
         raise UsageError(f"{index}: host '{host}' has no resident tenant")
-    tenant = idx.hosts[host].resident or ""
+    tenant = idx.hosts[host].served()[0]
     click.echo(f"==> building the tiny model and adapter that {index} pins")
     built = build_sources(idx, index.resolve().parent, host)
     click.echo(f"    {'built ' + ', '.join(built) if built else 'already built'}")

@@ -16,13 +16,13 @@ from typing import Any
 
 import click
 
-from zoo_agent.errors import UsageError
 from zoo_agent.index.load import load_index
+from zoo_agent.index.model import Index
 from zoo_agent.plan import Desired, desired_for_host
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "wait_option", "zoo_options"]
+__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "tenant_option", "wait_option", "zoo_options"]
 
 
 def emit_json(document: Any) -> None:
@@ -54,15 +54,17 @@ class Target:
     host: str
     as_json: bool
 
-    def desired(self) -> Desired:
+    def resolve(self) -> tuple[Index, str]:
+        """The loaded index and this host's id in it (a host name with a domain falls back to its short name)."""
         idx = load_index(self.index, str(self.index))
-        try:
-            return desired_for_host(idx, self.host)
-        except UsageError:
-            short = self.host.split(".")[0]
-            if short != self.host and short.lower() in idx.hosts:
-                return desired_for_host(idx, short)
-            raise
+        host = self.host.lower()
+        if host not in idx.hosts and (short := host.split(".")[0]) in idx.hosts:
+            host = short
+        return idx, host
+
+    def desired(self) -> Desired:
+        idx, host = self.resolve()
+        return desired_for_host(idx, host)
 
 
 def _default_host() -> str:
@@ -101,3 +103,8 @@ def fetch_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def net_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--allow-network-fs", is_flag=True, help="Allow a zoo on NFS/CIFS/Lustre (locks and renames are not trustworthy there).")(func)
+
+
+def tenant_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--tenant", default=None, metavar="TENANT",
+                        help="Only this served tenant's model and adapters (an on-demand one too); no gc.")(func)

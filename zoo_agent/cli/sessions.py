@@ -36,9 +36,9 @@ def _tenant_dir(target: Target, tenant: str | None) -> tuple[str, Path]:
     idx = load_index(target.index, str(target.index))
     if tenant is None:
         host = idx.hosts.get(target.host.lower())
-        if host is None or host.resident is None:
-            raise UsageError(f"host '{target.host}' has no resident tenant in {target.index}; pass --tenant")
-        tenant = host.resident
+        if host is None or not host.served():
+            raise UsageError(f"host '{target.host}' serves no tenant in {target.index}; pass --tenant")
+        tenant = host.served()[0]  # the host's first tenant is its default
     elif tenant not in idx.tenants:
         raise UsageError(f"--tenant '{tenant}': no such tenant in {target.index} (tenants: {', '.join(sorted(idx.tenants)) or 'none'})")
     return tenant, target.zoo.tenant_dir(tenant)

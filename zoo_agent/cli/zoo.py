@@ -13,14 +13,34 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import Target, emit_json, fetch_options, json_option, net_option, wait_option, zoo_options
+from zoo_agent.cli.options import (
+    Target,
+    emit_json,
+    fetch_options,
+    json_option,
+    net_option,
+    tenant_option,
+    wait_option,
+    zoo_options,
+)
 from zoo_agent.errors import UsageError
 from zoo_agent.pin import Selection, adapter_rank, existing, file_source, pin_directory, pin_hf, write_entry
-from zoo_agent.plan import Action, Desired, Plan, human_bytes, plan, plan_gc, plan_versions
+from zoo_agent.plan import (
+    Action,
+    Desired,
+    Plan,
+    desired_for_host,
+    desired_for_tenant,
+    human_bytes,
+    plan,
+    plan_gc,
+    plan_versions,
+)
 from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
+from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
-from zoo_agent.reconcile.status import artifact_status
+from zoo_agent.reconcile.status import artifact_status, healthy
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
@@ -84,19 +104,37 @@ def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetch
 
 @click.command("plan")
 @zoo_options
+@tenant_option
 @json_option
-def plan_cmd(target: Target, as_json: bool) -> None:
+def plan_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
     """Show what apply would do; changes nothing."""
-    desired = target.desired()
+    idx, host = target.resolve()
+    desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=True)
-    the_plan = plan(desired, observe(target.zoo))
+    observed = observe(target.zoo)
+    the_plan = plan(desired, observed)
+    fits = tenant_fits(idx, host, target.zoo, observed)  # what the zoo holds; apply reads the rest from the sources
+    prove_fit(idx, host, fits, str(target.index))
     if as_json:
-        emit_json({"host": desired.host, "root": str(target.zoo.root), "changes": len(the_plan.changes), "steps": _step_rows(the_plan)})
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "changes": len(the_plan.changes), "steps": _step_rows(the_plan),
+                   "fit": fit_document(idx, host, fits)})  # fmt: skip
         return
     for step in the_plan:
         click.echo(step.describe("plan"))
     if not the_plan.changes:
         click.echo(f"nothing to do: the zoo matches the index for host {desired.host}")
+    if (budget := idx.hosts[host].memory_budget) is not None:
+        _echo_fit(budget, fit_document(idx, host, fits), fits)
+
+
+def _echo_fit(budget: str, doc: dict[str, Any], fits: dict[str, TenantFit]) -> None:
+    pinned = f"; pinned {', '.join(doc['pinned'])}: {human_bytes(doc['pinned_total'])}" if doc["pinned"] else ""
+    click.echo(f"memory budget {budget} ({human_bytes(doc['budget'])}){pinned}")
+    for tid, f in fits.items():
+        if f.kv_known:
+            click.echo(f"  tenant {tid}: {f.footprint.describe()}")
+        else:
+            click.echo(f"  tenant {tid}: {human_bytes(f.footprint.weights)} of weights; KV cache unknown until its config.json is fetched (apply reads it first)")
 
 @click.command("apply")
 @zoo_options
@@ -105,20 +143,27 @@ def plan_cmd(target: Target, as_json: bool) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched in parallel.")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
               help="Re-hash files reused from other versions too (default: trust their manifest and stat; $ZOO_STRICT=1).")
+@tenant_option
 @fetch_options
 @json_option
-def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, strict: bool, fetching: FetchSettings, as_json: bool) -> None:
+def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, strict: bool, tenant: str | None, fetching: FetchSettings,
+              as_json: bool) -> None:  # fmt: skip
     """Reconcile the host's models and adapters into the zoo (idempotent)."""
-    desired = target.desired()
+    idx, host = target.resolve()
+    desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
     with target.zoo.lock(wait):
         sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
         target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
-        init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
-        the_plan = plan(desired, observe(target.zoo))
+        observed = observe(target.zoo)
+        the_plan = plan(desired, observed)
         refuse_conflicts(the_plan, str(target.index))
+        # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
+        proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())
+        init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
         _run_plan(target, the_plan, desired, "apply", fetching, strict)
-        _remember_index(target)
+        if tenant is None:  # the zoo matches the whole index only after a whole apply
+            _remember_index(target)
 
 @click.command("gc")
 @zoo_options
@@ -153,9 +198,9 @@ def status_cmd(target: Target, as_json: bool) -> None:
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=True)
     rows = artifact_status(desired, observe(target.zoo))
-    healthy = all(r["state"] in ("ok", "undeclared") for r in rows)
+    ok = all(healthy(r["state"]) for r in rows)
     if as_json:
-        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": healthy, "artifacts": rows})
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": ok, "artifacts": rows})
     else:
         click.echo(f"host {desired.host}, zoo {target.zoo.root}")
         for r in rows:
@@ -163,7 +208,7 @@ def status_cmd(target: Target, as_json: bool) -> None:
                 f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
                 f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
             )
-    if not healthy:
+    if not ok:
         sys.exit(1)
 
 @click.command("verify")

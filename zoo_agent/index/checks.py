@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from zoo_agent.errors import Problem
+from zoo_agent.fit import check_host
 from zoo_agent.index.model import ArtifactEntry, Index
 from zoo_agent.index.schema import pointer
 
@@ -51,6 +52,8 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _backends,
         _artifact_files,
         _artifact_safety,
+        _hosts_serve,
+        _weights_fit,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -78,6 +81,9 @@ def _references(idx: Index) -> Iterator[Problem]:
     for hid, host in idx.hosts.items():
         if host.resident is not None and host.resident not in idx.tenants:
             yield Problem(pointer(("hosts", hid, "resident")), _unknown("tenant", host.resident, idx.tenants))
+        for i, tid in enumerate(host.tenants):
+            if tid not in idx.tenants:
+                yield Problem(pointer(("hosts", hid, "tenants", i)), _unknown("tenant", tid, idx.tenants))
         for i, model in enumerate(host.available):
             if model not in idx.models:
                 yield Problem(pointer(("hosts", hid, "available", i)), _unknown("model", model, idx.models))
@@ -217,3 +223,28 @@ def _artifact_safety(idx: Index) -> Iterator[Problem]:
             for i, file in enumerate(entry.files):
                 if file.path.lower().endswith(".py"):
                     yield Problem(pointer((*at, "files", i, "path")), f"'{file.path}' is repository code; remove it or set allow_code: true")
+
+
+def _hosts_serve(idx: Index) -> Iterator[Problem]:
+    """One spelling per host, each tenant once, and a pinned tenant on disk before the resident starts."""
+    for hid, host in idx.hosts.items():
+        if host.resident is not None and host.tenants:
+            yield Problem(pointer(("hosts", hid, "resident")),
+                          f"set 'tenants' only, not both it and 'resident': list '{host.resident}' in 'tenants' if it should be served, and remove 'resident'")
+        first: dict[str, int] = {}
+        for i, tid in enumerate(host.tenants):
+            if tid in first:
+                yield Problem(pointer(("hosts", hid, "tenants", i)), f"lists tenant '{tid}' again (already /hosts/{hid}/tenants/{first[tid]})")
+            first.setdefault(tid, i)
+    for tid, tenant in idx.tenants.items():
+        if tenant.pinned and tenant.fetch == "on-demand":
+            yield Problem(pointer(("tenants", tid, "fetch")),
+                          "a pinned tenant is loaded at start, so it must be on disk before: use fetch 'eager' or unpin it")
+
+
+def _weights_fit(idx: Index) -> Iterator[Problem]:
+    """From declared sizes alone, a lower bound: the KV cache needs config.json, which
+    ``plan``/``apply`` read (zoo_agent.fit). A failure here is a failure there too."""
+    for hid, host in idx.hosts.items():
+        if host.memory_budget is not None:
+            yield from check_host(idx, hid, {}, weights_only=True)

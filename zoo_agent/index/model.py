@@ -23,6 +23,7 @@ __all__ = [
     "LoraEntry",
     "ModelEntry",
     "OllamaSource",
+    "Priority",
     "Resources",
     "Retention",
     "Source",
@@ -129,6 +130,8 @@ Source = Annotated[HfSource | OllamaSource | UrlSource | FileSource, Field(discr
 SOURCE_TYPES: tuple[str, ...] = ("hf", "ollama", "url", "file")
 
 Format = Literal["safetensors", "gguf", "onnx", "pickle", "ollama"]
+#: Request classes, highest first: waiting requests are served in this order (issue #20).
+Priority = Literal["system", "realtime", "default", "batch"]
 
 
 class ArtifactEntry(_Strict):
@@ -235,6 +238,17 @@ class TenantEntry(_Strict):
     )
     sessions: SessionRetention = Field(default=SessionRetention(), description="Retention of conversations.")
     description: str = Field(default="", max_length=1000, description="What the tenant is for.")
+    pinned: bool = Field(
+        default=False,
+        description="Never evicted from memory: loaded at start, and the resident is READY only once it answers.",
+    )
+    priority: Priority = Field(
+        default="default", description="Class of this tenant's requests unless a request names one (X-Zoo-Priority)."
+    )
+    fetch: Literal["eager", "on-demand"] = Field(
+        default="eager",
+        description="'eager': apply fetches it; 'on-demand': declared, fetched by its first request (never for a pinned tenant).",
+    )
 
 
 class Retention(_Strict):
@@ -248,10 +262,27 @@ class Retention(_Strict):
 class HostEntry(_Strict):
     """One machine: what it serves and what it keeps on disk."""
 
-    resident: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(default=None, description="Id of the tenant this host serves.")
+    resident: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Id of the one tenant this host serves; the same as 'tenants': [id]. Exclusive with 'tenants'."
+    )
+    tenants: list[Id] = Field(default=[], description="Ids of the tenants this host serves, in order (the first is the default).")
+    memory_budget: Annotated[Annotated[str, Field(pattern=MEMORY_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description=(
+            "Memory the served tenants share, in systemd's notation (e.g. '8G'; K/M/G/T are powers of 1024): device memory "
+            "on a CUDA host, RAM otherwise. plan/apply refuse tenants whose weights and KV cache cannot fit."
+        ),
+    )
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")
     description: str = Field(default="", max_length=1000, description="What the machine is.")
+
+    def served(self) -> tuple[str, ...]:
+        """The tenants this host serves, in order: ``tenants``, else the one ``resident``, else none
+        (issue #20; ``resident`` stays the spelling of a single-tenant host)."""
+        if self.tenants:
+            return tuple(self.tenants)
+        return (self.resident,) if self.resident is not None else ()
 
 
 class Index(_Strict):

@@ -6,12 +6,13 @@ from typing import Any
 
 from zoo_agent.plan import Desired, Observed
 
-__all__ = ["artifact_status"]
+__all__ = ["artifact_status", "healthy"]
 
 
 def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]]:
     """One row per declared or present artifact; ``state`` says what is missing or drifted."""
-    declared = {(w.kind, w.id): w.version for w in desired.wants}
+    declared = {(w.kind, w.id): w.version for w in (*desired.on_demand, *desired.wants)}
+    later = {(w.kind, w.id) for w in desired.on_demand}
     rows = []
     for key in sorted(set(declared) | set(observed.seen)):
         kind, aid = key
@@ -24,16 +25,23 @@ def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]
             "verified_at": have.verified_at if have else None,
             "size": sum(h.size for h in seen.versions.values()) if seen else 0,
             "versions": sorted(seen.versions) if seen else [],
-            "state": _state(declared.get(key), seen is not None, current, have is not None, have.drifted if have else ()),
+            "state": _state(declared.get(key), seen is not None, current, have is not None, have.drifted if have else (), key in later),
         })  # fmt: skip
     return rows
 
 
-def _state(declared: str | None, present: bool, current: str | None, resolved: bool, drifted: tuple[str, ...]) -> str:
+def healthy(state: str) -> bool:
+    """Not a fault: the zoo is as the index wants it (an on-demand tenant waits for its first request)."""
+    return state in ("ok", "undeclared") or state.startswith("on-demand")
+
+
+def _state(declared: str | None, present: bool, current: str | None, resolved: bool, drifted: tuple[str, ...], on_demand: bool) -> str:
     if declared is None:
         return "undeclared"
     if not present or current is None:
-        return "missing"
+        return "on-demand" if on_demand else "missing"  # fetched by its first request (issue #20)
+    if on_demand and current != declared and resolved and not drifted:
+        return f"on-demand: declared {declared}, fetched by the next request"
     if not resolved:
         return "broken: current points at a missing version"
     if drifted:

@@ -1,0 +1,183 @@
+"""Will a host's tenants fit its memory budget? Pure arithmetic over the index and config.json (issue #20).
+
+A tenant's footprint is the bytes of its weight files plus a KV-cache budget sized for
+its worst case (full context for every sequence of a full batch). ``plan`` and ``apply``
+prove the fit before anything switches; the resident uses the same numbers (and the
+larger of estimate and measurement once a tenant has loaded) to decide what to evict.
+Nothing here imports torch or reads a model file: only ``read_config`` touches the disk,
+and only to parse a version's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zoo_agent.errors import Problem
+from zoo_agent.index.model import MEMORY_PATTERN, ArtifactEntry, Index, ModelEntry, Resources
+from zoo_agent.plan import human_bytes
+
+__all__ = [
+    "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "estimate", "kv_bytes", "parse_memory",
+    "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
+]  # fmt: skip
+
+#: Files whose bytes are loaded into memory as weights; tokenizers and configs are noise.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".onnx", ".pkl", ".pickle", ".h5", ".msgpack")
+#: Context assumed when config.json names none (an old GPT-2-style config without n_positions).
+DEFAULT_CONTEXT = 2048
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def parse_memory(spec: str) -> int:
+    """Bytes of a systemd size ("8G", "512M", "123"): K/M/G/T are powers of 1024, as systemd reads them."""
+    if not isinstance(spec, str) or not re.fullmatch(MEMORY_PATTERN, spec):
+        raise ValueError(f"{spec!r} is not a size in systemd's notation (digits, then optionally K, M, G or T)")
+    return int(spec.rstrip("KMGT")) * _UNITS[spec[-1] if spec[-1] in "KMGT" else ""]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one tenant needs in memory: its weights and the KV cache of a full batch at full context."""
+
+    weights: int
+    kv: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv
+
+    def describe(self) -> str:
+        return f"{human_bytes(self.total)} (weights {human_bytes(self.weights)} + KV {human_bytes(self.kv)})"
+
+
+def weight_bytes(entry: ArtifactEntry) -> int:
+    """Declared bytes of the entry's weight files (an ``ollama`` entry declares none: 0)."""
+    return sum(f.size for f in entry.files if f.path.lower().endswith(WEIGHT_SUFFIXES))
+
+
+def _field(config: dict[str, Any], *names: str) -> int | None:
+    """The first positive integer among ``names``, in the text model's config first: a
+    multimodal config keeps its language model (the part with a KV cache) in ``text_config``."""
+    text = config.get("text_config")
+    for where in (text, config) if isinstance(text, dict) else (config,):
+        for name in names:
+            value = where.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _dtype(config: dict[str, Any], dtype: str) -> int:
+    if dtype == "auto":
+        text = config.get("text_config")
+        for where in (text, config) if isinstance(text, dict) else (config,):
+            named = where.get("torch_dtype") or where.get("dtype")
+            if isinstance(named, str) and named.removeprefix("torch.") in _DTYPE_BYTES:
+                return _DTYPE_BYTES[named.removeprefix("torch.")]
+        return _DTYPE_BYTES["float32"]  # what transformers loads when nothing says otherwise
+    return _DTYPE_BYTES.get(dtype, 4)
+
+
+def kv_bytes(config: dict[str, Any], *, dtype: str, max_batch: int) -> int:
+    """2 (K and V) x layers x KV heads x head size x bytes per value x context x ``max_batch``.
+
+    From config.json: ``num_hidden_layers`` (``n_layer``), ``num_key_value_heads`` (else
+    ``num_attention_heads``: no grouped-query attention), ``head_dim`` (else ``hidden_size``
+    / heads), ``max_position_embeddings`` (``n_positions``, ``max_seq_len``; else
+    ``DEFAULT_CONTEXT``). ``dtype`` "auto" takes config's ``torch_dtype``, else float32.
+    A config that names no layers or heads (not a decoder we know) counts 0.
+    """
+    layers = _field(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _field(config, "num_attention_heads", "n_head")
+    if layers is None or heads is None:
+        return 0
+    kv_heads = _field(config, "num_key_value_heads") or heads
+    head_dim = _field(config, "head_dim")
+    if head_dim is None:
+        hidden = _field(config, "hidden_size", "n_embd", "d_model")
+        if hidden is None:
+            return 0
+        head_dim = hidden // heads
+    context = _field(config, "max_position_embeddings", "n_positions", "max_seq_len") or DEFAULT_CONTEXT
+    return 2 * layers * kv_heads * head_dim * _dtype(config, dtype) * context * max_batch
+
+
+def estimate(model: ModelEntry, resources: Resources, config: dict[str, Any] | None) -> Footprint:
+    """The model's declared weight bytes and, when its config.json is known, the KV budget.
+
+    ``config`` None (an Ollama model, or a version not fetched yet) counts the KV cache as
+    0: a lower bound, which is what ``validate`` can check without the files."""
+    kv = kv_bytes(config, dtype=resources.dtype, max_batch=resources.max_batch) if config else 0
+    return Footprint(weight_bytes(model), kv)
+
+
+def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) -> Footprint:
+    """The tenant's model (``estimate``) plus what loads beside it: its adapters and the
+    embedding model of adapter selection. ``config`` is the model's config.json."""
+    tenant = idx.tenants[tenant_id]
+    base = estimate(idx.models[tenant.model], tenant.resources, config)
+    extra = sum(weight_bytes(idx.loras[lid]) for lid in tenant.loras if lid in idx.loras)
+    if tenant.adapter_selection is not None and (embedder := idx.models.get(tenant.adapter_selection.embedding_model)):
+        extra += weight_bytes(embedder)
+    return Footprint(base.weights + extra, base.kv)
+
+
+def read_config(version_dir: Path) -> dict[str, Any] | None:
+    """config.json of a published or staged version; None when absent, unreadable or not a JSON object."""
+    try:
+        config = json.loads((version_dir / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def pinned_tenants(idx: Index, host_id: str) -> tuple[str, ...]:
+    """The host's served tenants that are pinned, in the host's order."""
+    return tuple(t for t in dict.fromkeys(idx.hosts[host_id].served()) if t in idx.tenants and idx.tenants[t].pinned)
+
+
+def check_host(idx: Index, host_id: str, footprints: dict[str, Footprint], *, weights_only: bool = False) -> list[Problem]:
+    """Refuse a served tenant that cannot fit the budget alone, and pinned tenants that cannot fit together.
+
+    A tenant missing from ``footprints`` counts its weights only; ``weights_only`` says so
+    in the messages (what ``validate`` knows without config.json). No budget, no problems."""
+    host = idx.hosts[host_id]
+    if host.memory_budget is None:
+        return []
+    budget = parse_memory(host.memory_budget)
+    at = f"/hosts/{host_id}/memory_budget"
+    shown = f"the budget is {host.memory_budget} ({human_bytes(budget)})"
+    served = [t for t in dict.fromkeys(host.served()) if t in idx.tenants and idx.tenants[t].model in idx.models]
+    sizes = {t: footprints.get(t) or tenant_footprint(idx, t, None) for t in served}
+    problems = []
+    for t, f in sizes.items():
+        if f.total > budget:
+            need = human_bytes(f.weights) + " of weights alone" if weights_only else f.describe()
+            over = f.total - budget
+            by = f"{over:,} byte{'s' if over > 1 else ''} " if human_bytes(f.total) == human_bytes(budget) else ""  # same rounded figure
+            problems.append(Problem(at, f"tenant {t} needs {need}, {by}more than the whole budget; {shown}"))
+    pinned = [t for t in pinned_tenants(idx, host_id) if t in sizes]
+    together = sum(sizes[t].total for t in pinned)
+    need = "of weights alone" if weights_only else "together"
+    if len(pinned) > 1 and together > budget:
+        problems.append(Problem(at, f"pinned tenants {_named(pinned, sizes)} need {human_bytes(together)} {need}; {shown}"))
+    elif pinned and together <= budget:
+        # Pinned tenants are never evicted: another tenant only ever loads beside them.
+        for t, f in sizes.items():
+            if t not in pinned and f.total <= budget < f.total + together:
+                what = f"{human_bytes(f.weights)} of weights alone" if weights_only else f.describe()
+                problems.append(Problem(at, f"tenant {t} needs {what}, which cannot load beside the pinned "
+                                            f"{'tenant' if len(pinned) == 1 else 'tenants'} {_named(pinned, sizes)} "
+                                            f"(never evicted); {shown}"))
+    return problems
+
+
+def _named(tenants: list[str], sizes: dict[str, Footprint]) -> str:
+    """'a (1.0 GB), b (2.0 GB) and c (3.0 GB)'."""
+    each = [f"{t} ({human_bytes(sizes[t].total)})" for t in tenants]
+    return each[0] if len(each) == 1 else ", ".join(each[:-1]) + f" and {each[-1]}"
