@@ -17,7 +17,7 @@ from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
-    "desired_for_host", "desired_for_tenant", "holdings", "human_bytes", "plan", "plan_gc", "plan_versions",
+    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_gc", "plan_versions",
 ]  # fmt: skip
 
 Kind = Literal["models", "loras"]
@@ -193,6 +193,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def host_id(idx: Index, host: str) -> str:
+    """The host's id in the index: its name lowercased, or the short name when only that is declared."""
+    name = host.lower()
+    if name not in idx.hosts and (short := name.split(".")[0]) in idx.hosts:
+        return short
+    return name
 
 
 def _host_entry(idx: Index, host: str) -> HostEntry:

@@ -18,7 +18,7 @@ import click
 
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
-from zoo_agent.plan import Desired, desired_for_host
+from zoo_agent.plan import Desired, desired_for_host, host_id
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.zoo import Zoo
 
@@ -57,10 +57,7 @@ class Target:
     def resolve(self) -> tuple[Index, str]:
         """The loaded index and this host's id in it (a host name with a domain falls back to its short name)."""
         idx = load_index(self.index, str(self.index))
-        host = self.host.lower()
-        if host not in idx.hosts and (short := host.split(".")[0]) in idx.hosts:
-            host = short
-        return idx, host
+        return idx, host_id(idx, self.host)
 
     def desired(self) -> Desired:
         idx, host = self.resolve()
