@@ -267,3 +267,16 @@ def test_a_failed_fetch_is_one_line(world: World, hub: HubServer) -> None:
     assert caught.value.exit_code == 1 and "\n" not in str(caught.value)
     assert str(caught.value).startswith("tenant later: ") and "model.safetensors: sha256 " in str(caught.value)
     assert not (world.root / "models/od/current").exists()
+
+
+def test_verify_repair_puts_a_damaged_on_demand_version_back(world: World, hub: HubServer) -> None:
+    _on_demand_world(world, hub)
+    assert world.run("apply").exit_code == 0
+    fetch_tenant(world.index, world.root, "h", "later")
+    weights = world.root / "models/od/current/model.safetensors"
+    os.chmod(weights, 0o644)
+    with weights.open("r+b") as f:
+        f.write(b"\0" * 16)
+    result = world.run("verify", "--repair")
+    assert result.exit_code == 0, result.output
+    assert weights.read_bytes() == BIG and world.current("od") == "v1"

@@ -234,6 +234,9 @@ def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | N
                 quarantined[(kind, aid, version)] = moved = target.zoo.quarantine(kind, aid, version)
                 log.info("moved damaged %s/%s %s to %s", kind, aid, version, moved)
                 repaired.append(f"{kind}/{aid}/{version}")
+            # An on-demand tenant's version that was on disk goes back too (issue #20).
+            hit = {(k, i) for k, i, _ in quarantined}
+            desired = Desired(desired.host, desired.wants + tuple(w for w in desired.on_demand if (w.kind, w.id) in hit), desired.keep_versions)
             result = apply(plan(desired, observe(target.zoo)), target.zoo, desired, index_dir, make_progress(0, machine_output=True), fetching)
             # Then the versions kept for rollback, from what the first round put back where it can (#23).
             if rebuild := wants_to_rebuild(desired, quarantined):
