@@ -49,7 +49,7 @@ def tenant_fits(idx: Index, host_id: str, zoo: Zoo, observed: Observed, *, fetch
                 index_dir: Path | None = None, tenants: tuple[str, ...] | None = None) -> dict[str, TenantFit]:  # fmt: skip
     """Footprints of the host's served tenants (or of ``tenants``); ``fetch`` reads config.json
     from the source when the zoo holds no copy of it (``index_dir`` resolves file sources)."""
-    held = holdings(observed)
+    held: dict[tuple[str, int], Any] = {}  # filled on first need: a no-op plan pays nothing for it (issue #23)
     fits = {}
     for tid in tenants if tenants is not None else idx.hosts[host_id].served():
         tenant = idx.tenants[tid]
@@ -73,6 +73,8 @@ def _config(zoo: Zoo, observed: Observed, held: dict[tuple[str, int], Any], aid:
     seen = observed.seen.get(("models", aid))
     if seen is not None and (have := seen.versions.get(model.version)) is not None and have.pins is not None:
         return read_config(zoo.version_dir("models", aid, model.version)), "zoo"
+    if not held:
+        held.update(holdings(observed))
     for origin in held.get((entry.sha256, entry.size), ()):
         path = zoo.version_dir(origin.kind, origin.id, origin.version) / origin.path
         if (data := _read_verified(path, entry)) is not None:
