@@ -185,7 +185,7 @@ def test_a_cache_with_damaged_tensor_bytes_is_refused_counted_and_re_prefilled(m
     assert clean[0][1]["x_zoo"]["session"]["cache"] == "restored"
     assert damaged[0][1]["x_zoo"]["session"]["cache"] == "re-prefilled"
     assert reply(damaged[0]) == reply(clean[0])  # the same answer as from the intact cache
-    assert "zoo:session_cache_corrupt_total 1.0" in damaged[1][1]
+    assert 'zoo:session_cache_corrupt_total{tenant="t"} 1.0' in damaged[1][1]
 
 
 # -- a real resident (uvicorn, h11, real sockets) shared by the HTTP tests ----------------------
@@ -511,7 +511,7 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp
 
         client = threading.Thread(target=long_request)
         client.start()
-        _wait_for(lambda: "zoo:num_requests_running 1.0" in httpx.get(r.url + "/metrics", timeout=30).text)
+        _wait_for(lambda: 'zoo:num_requests_running{tenant="t"} 1.0' in httpx.get(r.url + "/metrics", timeout=30).text)
         r.proc.send_signal(signal.SIGKILL)
         r.proc.wait(timeout=30)
         _wait_for(lambda: not _alive(worker), timeout=60)

@@ -95,7 +95,7 @@ def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ol
     r = Resident(ollama_world, env={"OLLAMA_HOST": daemon.url})
     try:
         ready = r.notify.wait(lambda m: "READY" in m, timeout=120)
-        assert ready["STATUS"].startswith("t: m@1")
+        assert ready["STATUS"].startswith("1 tenant: t m@1")
         # READY came after a real generation through the daemon, which keeps the model loaded for good.
         generations = [body for _, path, body in daemon.requests if path in ("/api/generate", "/api/chat")]
         assert (generations[0]["model"], generations[0]["prompt"], generations[0]["keep_alive"]) == ("llama3.2:1b", "", -1)  # load
@@ -106,7 +106,7 @@ def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ol
         assert answer["usage"]["completion_tokens"] == 5
         streamed = httpx.post(r.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
         assert streamed.rstrip().endswith("data: [DONE]") and streamed.count('"content"') >= 5
-        assert "zoo:generation_tokens_total 10.0" in httpx.get(r.url + "/metrics").text
+        assert 'zoo:generation_tokens_total{tenant="t"} 10.0' in httpx.get(r.url + "/metrics").text
         assert httpx.get(daemon.url + "/api/ps").json()["models"][0]["expires_at"].startswith("20")
         daemon.stop()
         died = r.notify.wait(lambda m: "worker died" in m.get("STATUS", ""), timeout=60)

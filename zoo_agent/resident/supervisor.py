@@ -1,38 +1,52 @@
-"""The resident's main process: owns the socket, runs workers, talks to systemd (issue #5).
+"""The resident's main process: runs the router and one worker per loaded tenant, talks to systemd (issues #5, #20).
 
-One loop, ticking a few times a second: read worker messages, ping workers, replace
-dead or hung ones with backoff, feed the watchdog only from observed progress, follow
+One loop, ticking a few times a second: read worker messages, ping workers, replace dead
+or hung ones with backoff, load what requests wait for and evict what the memory budget
+cannot keep (``paging.decide``), feed the watchdog only from observed progress, follow
 ``current``, and dispatch the flags that signal handlers set (they do nothing else).
+
+The router (``router.py``) runs on its own thread and event loop in this process: it owns
+the public socket and forwards each request to its tenant's worker over a private unix
+socket. It and this loop share the ``Slot`` table under ``Supervisor.lock``.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
+
+from pydantic import ValidationError
 
 from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
+from zoo_agent.resident import protocol as p
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+from zoo_agent.resident.priority import CLASSES
+from zoo_agent.resident.reports import Reports
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
-from zoo_agent.store.durable import makedirs_durable, write_atomic
-from zoo_agent.store.zoo import Zoo, now
+from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
 
-__all__ = ["Supervisor", "listen_socket", "read_api_key"]
+__all__ = ["Slot", "Supervisor", "Worker", "listen_socket", "read_api_key"]
 
 log = logging.getLogger("zoo_agent.resident")
+
+Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
 
 
 def _memory_limit(spec: str | None) -> int | None:
@@ -107,18 +121,66 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
 
 @dataclass
 class Worker:
+    """One worker process and what the supervisor knows of it."""
+
     proc: subprocess.Popen[bytes]
     control: socket.socket
     config: WorkerConfig
+    path: str  # its private socket, where the router forwards
     started: float = field(default_factory=time.monotonic)
-    state: str = "loading"  # loading | ready | draining
+    state: Literal["loading", "serving", "draining"] = "loading"
     pct: int = 0
     progressed: float = field(default_factory=time.monotonic)  # last loading progress or pong
     ping_sent: float = 0.0
     ping_seq: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: p.Pong = field(default_factory=lambda: p.Pong(seq=0))
+    ready: p.Ready | None = None
     error: str = ""
-    buffer: bytes = b""
+    lines: p.Lines = field(default_factory=p.Lines)
+
+
+@dataclass
+class Slot:
+    """One tenant this host serves, loaded or not. Fields the router reads or writes
+    (``path``, ``inflight``, ``queued``, ``wanted``, ``refusal``, ``last_used``) change under the lock."""
+
+    tenant: str
+    pinned: bool = False
+    priority: int = 0
+    fetch: Literal["eager", "on-demand"] = "eager"
+    capacity: int = 32  # requests the worker holds at once (max_batch + max_queue)
+    max_queue: int = 16  # requests the router holds while no worker can take them
+    estimate: int = 0  # footprint from the index and config.json
+    measured: int = 0  # footprint the loaded model reported (max of its loads)
+    phase: Phase = "paged_out"
+    serving: Worker | None = None
+    incoming: Worker | None = None  # a new version loading beside the serving one
+    path: str | None = None  # where to forward now: the serving worker, unless draining
+    inflight: int = 0
+    queued: int = 0
+    wanted: bool = False
+    refusal: str | None = None  # why requests for it are answered 503 now
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    crashes: list[float] = field(default_factory=list)
+    restart_at: float = 0.0
+    fetch_pct: int = 0
+    error: str = ""
+    served_before: int = 0  # requests and tokens of this tenant's workers that are gone
+    tokens_before: int = 0
+    evictions: int = 0
+
+    @property
+    def footprint(self) -> int:
+        return max(self.estimate, self.measured)
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or self.queued > 0
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [w for w in (self.serving, self.incoming) if w is not None]
 
 
 class Supervisor:
@@ -128,27 +190,35 @@ class Supervisor:
         self.zoo = Zoo(config.root)
         self.api_key = read_api_key(config.api_key_file) if config.api_key_file else None
         self.selector = selectors.DefaultSelector()
-        self.serving: Worker | None = None
-        self.incoming: Worker | None = None  # a new version loading beside the serving one
-        self.retiring: list[Worker] = []  # drained after a swap; reaped when they exit
-        self.started_at = now()
-        self.served_before = self.tokens_before = 0  # counts of workers that are gone
-        self.gap_from: str | None = None  # set during a stop-first reload
-        self.gap_open = False
-        self.crashes: list[float] = []
-        self.restart_at = 0.0
+        self.lock = threading.RLock()
+        self.slots: dict[str, Slot] = {}
+        self.order: list[str] = []  # the host's tenants, as the index lists them
+        self.budget: int | None = None
+        self.idx: Index | None = None
+        self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
         self.flags: set[str] = set()
         self.exit_code: int | None = None
+        self.ready_sent = False
         self.reloads = 0
         self.reload_attempts = 0
+        self.pending_reloads: set[str] = set()  # tenants of the reload in progress
         self.last_error = ""
-        self.swaps: list[dict[str, Any]] = []
         self.watchdog_usec = self._watchdog_usec()
         self.last_watchdog = 0.0
         self.last_watch = 0.0
         self.last_status = ""
         self.last_status_at = 0.0
         self.listener: socket.socket | None = None
+        self.sockets = Path(tempfile.mkdtemp(prefix="zoo-resident-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
+        self.spawned = 0
+        self.reports = Reports(self)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        from zoo_agent.resident.router import Router  # here: the router imports this module's types
+
+        self.router = Router(self)
 
     # -- signals: record only --------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -163,68 +233,128 @@ class Supervisor:
             return 0
         return int(os.environ.get("WATCHDOG_USEC", "0") or 0)
 
+    def wake(self) -> None:
+        """From the router's thread: a request waits for a tenant; tick now, not in 0.2 s."""
+        try:
+            self.wake_w.send(b"!")
+        except OSError:
+            pass  # the buffer is full: a wake-up is pending anyway
+
     # -- what to serve ------------------------------------------------------------------
-    def worker_config(self) -> WorkerConfig:
+    def load_index(self) -> Index:
         idx: Index = load_index(self.config.index, str(self.config.index))
         host = idx.hosts.get(self.config.host.lower())
-        if host is None or host.resident is None:
-            raise UsageError(f"host '{self.config.host}' has no resident tenant in {self.config.index}")
-        tenant = idx.tenants[host.resident]
+        if host is None or not host.served():
+            raise UsageError(f"host '{self.config.host}' serves no tenant in {self.config.index}")
+        return idx
+
+    def take_index(self, idx: Index) -> None:
+        """The slot table follows the index: new tenants paged out, gone ones drained."""
+        from zoo_agent.fit import parse_memory, read_config, tenant_footprint
+
+        host = idx.hosts[self.config.host.lower()]
+        served = list(host.served())
+        with self.lock:
+            for tid in served:
+                tenant = idx.tenants[tid]
+                slot = self.slots.get(tid) or Slot(tid)
+                slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
+                slot.priority = CLASSES[tenant.priority]
+                slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
+                slot.max_queue = tenant.resources.max_batch + tenant.resources.max_queue
+                version = self.zoo.read_link("models", tenant.model, "current")
+                config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
+                slot.estimate = tenant_footprint(idx, tid, config).total
+                slot.measured = self.reports.measured(tid, f"{tenant.model}@{version}") if version else 0
+                self.slots[tid] = slot
+            for tid in [t for t in self.slots if t not in served]:
+                slot = self.slots.pop(tid)
+                for worker in slot.workers:
+                    self._drain(slot, worker, "removed")
+                slot.path = None
+                slot.refusal = f"tenant '{tid}' is no longer served by this host"
+            self.order = served
+            self.budget = parse_memory(host.memory_budget) if host.memory_budget else None
+            self.idx = idx
+        self.router.take_index(idx)
+
+    def worker_config(self, idx: Index, tid: str) -> WorkerConfig:
+        tenant = idx.tenants[tid]
         model = idx.models[tenant.model]
         if self.config.strict:
-            strict_check(self.zoo, idx, host.resident)
+            strict_check(self.zoo, idx, tid)
         version = self.zoo.read_link("models", tenant.model, "current")
         if version is None or not self.zoo.version_dir("models", tenant.model, version).is_dir():
             raise UsageError(f"model {tenant.model} is not in the zoo at {self.config.root}; run: zoo-agent apply")
-        adapters, refused = adapters_for(self.zoo, idx, host.resident)
+        adapters, refused = adapters_for(self.zoo, idx, tid)
         for why in refused.values():
             log.warning("adapter refused: %s", why)
         return WorkerConfig(
-            tenant=host.resident, model=tenant.model, version=version,
+            tenant=tid, model=tenant.model, version=version,
             version_dir=self.zoo.version_dir("models", tenant.model, version),
             allow_pickle=model.allow_pickle, allow_code=model.allow_code,
             device=tenant.resources.device, dtype=tenant.resources.dtype,
             defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue, max_batch=tenant.resources.max_batch,
-            api_key=self.api_key, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
+            api_key=None, drain_seconds=self.config.drain_seconds, memory_max=tenant.resources.memory_max,
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
-            base_names=base_names(idx, host.resident), selection=selection_for(self.zoo, idx, host.resident),
-            sessions_dir=self.zoo.tenant_dir(host.resident),
+            base_names=base_names(idx, tid), selection=selection_for(self.zoo, idx, tid),
+            sessions_dir=self.zoo.tenant_dir(tid), priority=CLASSES[tenant.priority], aging_seconds=self.config.aging_seconds,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
         )  # fmt: skip
 
-    def spawn(self, config: WorkerConfig) -> Worker:
-        assert self.listener is not None
+    def spawn(self, slot: Slot, config: WorkerConfig) -> Worker:
+        """A worker on a private socket of its own (the router is its only client)."""
+        self.spawned += 1
+        path = str(self.sockets / f"{self.spawned}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(128)
         ours, theirs = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(self.listener.fileno()), "--control-fd", str(theirs.fileno()),
-             "--supervisor-pid", str(os.getpid())],
-            pass_fds=(self.listener.fileno(), theirs.fileno()), env=env,
-        )  # fmt: skip
-        theirs.close()
-        ours.sendall((config.model_dump_json() + "\n").encode())
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(listener.fileno()), "--control-fd", str(theirs.fileno()),
+                 "--supervisor-pid", str(os.getpid())],
+                pass_fds=(listener.fileno(), theirs.fileno()), env=env,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            listener.close()  # the worker holds it now; connections queue in its backlog
+        ours.sendall(p.encode(p.Configure(config=config)))
         ours.setblocking(False)
-        worker = Worker(proc, ours, config)
-        self.selector.register(ours, selectors.EVENT_READ, worker)
-        log.info("worker %d: loading %s@%s", proc.pid, config.model, config.version)
+        worker = Worker(proc, ours, config, path)
+        self.selector.register(ours, selectors.EVENT_READ, (slot, worker))
+        log.info("worker %d: loading %s (%s@%s)", proc.pid, config.tenant, config.model, config.version)
         return worker
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
         try:
-            config = self.worker_config()
+            idx = self.load_index()
+            self.take_index(idx)
             self.listener = listen_socket(self.config.listen, self.api_key)
+            first = [t for t in self.order if self.slots[t].pinned] or self.order[:1]
+            for tid in first:  # pinned tenants (or the first listed) load now: READY waits for them
+                self.worker_config(idx, tid)  # a tenant that cannot load is an error now, not at the first request
         except ZooError as exc:
             self.notify.failed(errno.EINVAL, f"cannot start: {exc}")
+            self._cleanup()
             raise
-        self.notify.extend_timeout(30, f"loading {config.model}@{config.version}")
-        self.serving = self.spawn(config)
+        for tid in first:
+            self.slots[tid].wanted = True
+        self.notify.extend_timeout(30, f"loading {', '.join(first)}")
+        self.router.start(self.listener)
         while self.exit_code is None:
             for key, _ in self.selector.select(timeout=0.2):
-                if key.data == "listener":
-                    self._refuse_one()
+                if key.data == "wake":
+                    try:
+                        while self.wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, InterruptedError, OSError):
+                        pass
                 else:
-                    self._read(key.data)
+                    slot, worker = key.data
+                    self._read(slot, worker)
             self.tick()
         self._close()
         return self.exit_code
@@ -238,32 +368,136 @@ class Supervisor:
         if "hup" in self.flags:
             self.flags.discard("hup")
             self.handle_hup()
-        for worker in [w for w in (self.serving, self.incoming) if w is not None]:
-            self._check(worker, t)
-        for worker in list(self.retiring):
+        if "reindex" in self.flags and self.idx is not None:
+            self.flags.discard("reindex")
+            self.take_index(self.idx)
+        for slot in list(self.slots.values()):
+            for worker in slot.workers:
+                self._check(slot, worker, t)
+        for slot, worker in list(self.retiring):
             if (code := worker.proc.poll()) is not None:
-                self.retiring.remove(worker)
-                self._exited(worker, code)
-        if self.serving is None and self.incoming is None and not self.retiring and self.exit_code is None and t >= self.restart_at:
-            self._restart()
-        self._answer_gap(self.serving is None or self.serving.state != "ready")
-        if t - self.last_watch >= self.config.watch_interval and self.serving is not None and self.serving.state == "ready":
+                self.retiring.remove((slot, worker))
+                self._exited(slot, worker, code)
+        if self.exit_code is not None:
+            return
+        self._page(t)
+        if t - self.last_watch >= self.config.watch_interval and self.idx is not None:
             self.last_watch = t
-            current = self.zoo.read_link("models", self.serving.config.model, "current")
-            if current and current != self.serving.config.version and self.incoming is None:
-                log.info("current of %s moved to %s: reloading", self.serving.config.model, current)
-                self.handle_hup()
-            elif self.incoming is None:
-                self._follow_adapters(self.serving)
+            self._follow_current()
         self._feed_watchdog(t)
-        if self.serving is not None and self.serving.state == "ready" and self.incoming is None and t - self.last_status_at >= 5:
+        if self.ready_sent and t - self.last_status_at >= 5:
             self.last_status_at = t
             if (line := self.status_line()) != self.last_status:
                 self.last_status = line
                 self.notify.status(line)  # what an operator reads in `systemctl status`
-                self._write_lease(self.serving)
+                self.reports.leases()
 
-    def _read(self, worker: Worker) -> bool:
+    # -- paging ------------------------------------------------------------------------------
+    def _live(self) -> list[Live]:
+        live = []
+        for slot in self.slots.values():
+            for worker in slot.workers:
+                live.append(Live(slot.tenant, slot.footprint, slot.pinned, slot.busy, worker.state == "serving" and slot.incoming is None,
+                                 slot.last_used, slot.loaded_at))  # fmt: skip
+        live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False) for slot, _ in self.retiring]
+        return live
+
+    def _page(self, t: float) -> None:
+        """Load what is wanted, in priority order of what waits for it; evict least recently used to make room."""
+        with self.lock:
+            wanted = [s for s in self.slots.values() if (s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at]
+        wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
+        for slot in wanted:
+            if slot.phase == "failed" and not slot.queued:
+                continue  # a failed load is retried by a request, not in a loop
+            if slot.tenant in self.reports.gap_from and any(s is slot for s, _ in self.retiring):
+                continue  # a stop-first reload: the new version loads once the old one has exited
+            if slot.fetch == "on-demand" and not self._on_disk(slot):
+                self._start_fetch(slot)
+                continue
+            with self.lock:
+                decision = decide(self.budget, self._live(), slot.tenant, slot.footprint, self.config.paging_policy)
+            if isinstance(decision, Load):
+                self._load(slot)
+            elif isinstance(decision, Evict):
+                for victim in decision.victims:
+                    self._evict(self.slots[victim], "budget")
+                return  # their memory is in use until they exit: decide again then
+            elif isinstance(decision, Refuse):
+                self._refuse(slot, decision.reason)
+            elif isinstance(decision, Wait):
+                if slot.refusal != decision.reason:
+                    log.info("%s", decision.reason)
+                return
+
+    def _on_disk(self, slot: Slot) -> bool:
+        assert self.idx is not None
+        model = self.idx.tenants[slot.tenant].model
+        version = self.zoo.read_link("models", model, "current")
+        return version == self.idx.models[model].version and self.zoo.version_dir("models", model, version).is_dir()
+
+    def _start_fetch(self, slot: Slot) -> None:
+        """Fetch on first use: the same verified fetch as `apply`, for this tenant only, beside the loop."""
+        from zoo_agent.reconcile.ondemand import fetch_tenant
+
+        slot.phase, slot.fetch_pct, slot.refusal = "fetching", 0, None
+        log.info("%s: fetching on first use", slot.tenant)
+        self.notify.status(f"fetching {slot.tenant}; " + self.status_line())
+
+        def progress(done: int, total: int) -> None:
+            slot.fetch_pct = 100 * done // total if total else 100
+
+        def run() -> None:
+            try:
+                fetch_tenant(self.config.index, self.config.root, self.config.host, slot.tenant, progress)
+            except Exception as exc:  # noqa: BLE001 - reported to the waiting requests and the journal
+                slot.error = " ".join(f"fetching {slot.tenant} failed: {exc}".split())[:400]
+                log.error("%s", slot.error)
+                with self.lock:
+                    slot.phase, slot.refusal = "failed", slot.error
+                self.router.poke(slot.tenant)
+            else:
+                log.info("%s: fetched", slot.tenant)
+                with self.lock:
+                    slot.phase = "paged_out"
+                self.flags.add("reindex")  # the footprint: its config.json is on disk now
+            self.wake()
+
+        threading.Thread(target=run, name=f"fetch-{slot.tenant}", daemon=True).start()
+
+    def _load(self, slot: Slot) -> None:
+        assert self.idx is not None
+        try:
+            config = self.worker_config(self.idx, slot.tenant)
+        except ZooError as exc:
+            self._refuse(slot, str(exc), failed=True)
+            return
+        with self.lock:
+            slot.phase, slot.refusal, slot.error = "loading", None, ""
+        slot.incoming = None
+        slot.serving = self.spawn(slot, config)
+        self.notify.status(f"loading {slot.tenant}; " + self.status_line())
+
+    def _evict(self, slot: Slot, reason: str) -> None:
+        log.info("%s: paged out (%s; idle %.0fs)", slot.tenant, reason, time.monotonic() - slot.last_used)
+        slot.evictions += 1
+        self.router.evicted(slot.tenant, reason)
+        if slot.serving is not None:
+            self.reports.paged("page-out", slot, f"{slot.serving.config.model}@{slot.serving.config.version}", reason=reason)
+            self._drain(slot, slot.serving, reason)
+        with self.lock:
+            slot.serving, slot.path, slot.phase = None, None, "draining"
+
+    def _refuse(self, slot: Slot, reason: str, failed: bool = False) -> None:
+        with self.lock:
+            if failed:
+                slot.phase = "failed"
+            slot.refusal, slot.wanted, slot.error = reason, False, reason if failed else slot.error
+        log.error("%s: %s", slot.tenant, reason)
+        self.router.poke(slot.tenant)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _read(self, slot: Slot, worker: Worker) -> bool:
         """Handle what the worker sent; False once nothing more is there (for now, or ever)."""
         try:
             data = worker.control.recv(65536)
@@ -277,132 +511,163 @@ class Supervisor:
             except (KeyError, ValueError):
                 pass
             return False
-        worker.buffer += data
-        while b"\n" in worker.buffer:
-            line, worker.buffer = worker.buffer.split(b"\n", 1)
-            self._message(worker, json.loads(line))
+        for line in worker.lines.feed(data):
+            try:
+                message = p.to_supervisor(line)
+            except ValidationError as exc:
+                log.error("worker %d sent what the protocol does not know (%s); replacing it", worker.proc.pid, exc.errors()[0]["msg"])
+                worker.proc.kill()
+                return False
+            self._message(slot, worker, message)
         return True
 
-    def _message(self, worker: Worker, message: dict[str, Any]) -> None:
+    def _message(self, slot: Slot, worker: Worker, message: p.ToSupervisor) -> None:
         worker.progressed = time.monotonic()
-        if "pong" in message:
-            if message["pong"] == worker.ping_seq:
-                worker.ping_sent = 0.0
-            worker.stats = message
-            return
-        event = message.get("event")
-        if event == "loading" and message["pct"] > worker.pct:
-            worker.pct = message["pct"]
-            # Only while loading progresses: a stalled load still times out.
-            self.notify.extend_timeout(30, f"{'reloading' if self.serving and worker is self.incoming else 'loading'} {worker.config.model}@{worker.config.version}: {worker.pct}%")
-        elif event == "failed":
-            worker.error = message["error"]
-        elif event == "ready":
-            worker.state = "ready"
-            self._became_ready(worker, message)
+        match message:
+            case p.Pong():
+                if message.seq == worker.ping_seq:
+                    worker.ping_sent = 0.0
+                worker.stats = message
+            case p.Loading() if message.pct > worker.pct:
+                worker.pct = message.pct
+                if not self.ready_sent:  # only while loading progresses: a stalled load still times out
+                    self.notify.extend_timeout(30, f"loading {worker.config.tenant} ({worker.config.model}@{worker.config.version}): {worker.pct}%")
+            case p.Failed():
+                worker.error = message.error
+            case p.Ready():
+                worker.ready = message
+                self._became_ready(slot, worker, message)
 
-    def _became_ready(self, worker: Worker, message: dict[str, Any]) -> None:
-        old = self.serving if worker is self.incoming else None
-        if self.gap_from is not None:  # a stop-first reload just finished
-            self.swaps.append({"time": now(), "from": self.gap_from, "to": worker.config.version, "reason": "reload (stop first)",
-                               "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
-            self.reloads += 1
-            self.gap_from = None
+    def _became_ready(self, slot: Slot, worker: Worker, ready: p.Ready) -> None:
+        old = slot.serving if worker is slot.incoming else None
+        with self.lock:
+            worker.state = "serving"
+            slot.serving, slot.incoming, slot.path = worker, None, worker.path
+            slot.phase, slot.refusal, slot.loaded_at, slot.error, slot.wanted = "serving", None, time.monotonic(), "", False
+            slot.measured = max(slot.measured, ready.weights_bytes + ready.kv_bytes)
         if old is not None:
-            self._drain(old)
-            self.retiring.append(old)
-            self.served_before += int(old.stats.get("served", 0))
-            self.tokens_before += int(old.stats.get("tokens", 0))
-            self.swaps.append({"time": now(), "from": old.config.version, "to": worker.config.version, "reason": "reload",
-                               "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
-            self.serving, self.incoming = worker, None
-            self.reloads += 1
-        self._write_tenant_files(worker, message)
-        self._tell_reloads()
-        self.notify.ready(self.status_line())
-        log.info("worker %d: serving %s@%s (%s)", worker.proc.pid, worker.config.model, worker.config.version, self.status_line())
+            self._drain(slot, old, "reload")
+            self.reports.swap(slot, old.config.version, worker)
+        elif slot.tenant in self.pending_reloads:  # a stop-first reload
+            self.reports.swap(slot, self.reports.gap_from.pop(slot.tenant, "?"), worker, "reload (stop first)")
+        self.router.loaded(slot.tenant, time.monotonic() - worker.started)
+        self.reports.paged("page-in", slot, f"{worker.config.model}@{worker.config.version}", seconds=time.monotonic() - worker.started)
+        self.router.poke(slot.tenant)
+        self.reports.model_info(slot, worker, ready)
+        self._reload_done(slot.tenant, ok=True)
+        self._tell_reloads(slot)
+        log.info("worker %d: serving %s (%s@%s)", worker.proc.pid, slot.tenant, worker.config.model, worker.config.version)
+        pinned = [s for s in self.slots.values() if s.pinned] or [self.slots[self.order[0]]]
+        if all(s.phase == "serving" for s in pinned):
+            if not self.ready_sent:
+                self.ready_sent = True
+                self.reports.state()
+            self.notify.ready(self.status_line())
 
-    def _check(self, worker: Worker, t: float) -> None:
+    def _check(self, slot: Slot, worker: Worker, t: float) -> None:
         code = worker.proc.poll()
         if code is not None:
-            self._exited(worker, code)
+            self._exited(slot, worker, code)
             return
-        if worker.state != "ready":
+        if worker.state != "serving":
             return
         if worker.ping_sent and t - worker.ping_sent > self.config.ping_timeout:
-            log.error("worker %d: no answer to a ping for %.0fs; replacing it", worker.proc.pid, t - worker.ping_sent)
+            log.error("worker %d (%s): no answer to a ping for %.0fs; replacing it", worker.proc.pid, slot.tenant, t - worker.ping_sent)
             worker.proc.kill()
             return
         if not worker.ping_sent and t - worker.progressed >= self.config.ping_interval:
             worker.ping_seq += 1
             worker.ping_sent = t
-            try:
-                worker.control.sendall((json.dumps({"ping": worker.ping_seq}) + "\n").encode())
-            except OSError:
-                pass
+            self._send(worker, p.Ping(seq=worker.ping_seq))
 
-    def _exited(self, worker: Worker, code: int) -> None:
-        while self._read(worker):  # a "failed" sent just before the exit decides what the exit means
+    def _send(self, worker: Worker, message: p.ToWorker) -> bool:
+        try:
+            worker.control.sendall(p.encode(message))
+            return True
+        except OSError:
+            return False
+
+    def _exited(self, slot: Slot, worker: Worker, code: int) -> None:
+        while self._read(slot, worker):  # a "failed" sent just before the exit decides what the exit means
             pass
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):
             pass
         worker.control.close()
+        self.router.forget(worker.path)
+        Path(worker.path).unlink(missing_ok=True)
+        slot.served_before += worker.stats.served
+        slot.tokens_before += worker.stats.tokens
         if worker.state == "draining":
-            log.info("worker %d: drained and stopped (exit %d)", worker.proc.pid, code)
+            log.info("worker %d (%s): drained and stopped (exit %d)", worker.proc.pid, slot.tenant, code)
+            with self.lock:
+                if slot.phase == "draining" and not slot.workers:
+                    slot.phase = "paged_out"
+            self.wake()
             return
         reason = worker.error or f"exit status {code}"
-        if worker is self.incoming:
-            self.incoming = None
-            self.last_error = f"reload to {worker.config.model}@{worker.config.version} failed: {reason}"
-            self._write_state()
-            self._tell_reloads()
-            log.error("reload to %s@%s failed: %s; still serving %s", worker.config.model, worker.config.version, reason,
-                      self.serving.config.version if self.serving else "nothing")  # fmt: skip
-            self.notify.ready(f"reload to {worker.config.model}@{worker.config.version} failed: {reason}; " + self.status_line())
+        if worker is slot.incoming:
+            slot.incoming = None
+            self.last_error = f"reload of {slot.tenant} to {worker.config.model}@{worker.config.version} failed: {reason}"
+            log.error("%s; still serving %s", self.last_error, slot.serving.config.version if slot.serving else "nothing")
+            self._reload_done(slot.tenant, ok=False)
+            self._tell_reloads(slot)
+            self.notify.ready(f"{self.last_error}; " + self.status_line())
             return
-        self.serving = None
-        self.served_before += int(worker.stats.get("served", 0))
-        self.tokens_before += int(worker.stats.get("tokens", 0))
+        with self.lock:
+            slot.serving, slot.path = None, None
+            slot.phase = "paged_out"
         if worker.state == "loading" and worker.error:
             # Deterministic (weights that cannot load): retrying would only loop.
-            self.notify.failed(errno.EIO, f"cannot load {worker.config.model}@{worker.config.version}: {reason}")
-            log.error("cannot load %s@%s: %s", worker.config.model, worker.config.version, reason)
-            self.exit_code = 1
+            message = f"cannot load {worker.config.model}@{worker.config.version}: {reason}"
+            if slot.tenant in self.pending_reloads:
+                self.last_error = f"reload of {slot.tenant} failed: {message}"
+                self._reload_done(slot.tenant, ok=False)
+            if slot.pinned or not self.ready_sent:
+                self.notify.failed(errno.EIO, message)
+                log.error("%s", message)
+                self.exit_code = 1
+                return
+            self._refuse(slot, message, failed=True)
             return
         t = time.monotonic()
-        self.crashes = [c for c in self.crashes if t - c < self.config.crash_window] + [t]
-        if len(self.crashes) >= self.config.max_crashes:
-            self.notify.failed(errno.ECHILD, f"worker crashed {len(self.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}")
-            log.error("worker crashed %d times in %.0fs; giving up (last: %s)", len(self.crashes), self.config.crash_window, reason)
-            self.exit_code = 1
+        slot.crashes = [c for c in slot.crashes if t - c < self.config.crash_window] + [t]
+        if len(slot.crashes) >= self.config.max_crashes:
+            message = f"{slot.tenant}: worker crashed {len(slot.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}"
+            log.error("%s", message)
+            if slot.pinned or len(self.order) == 1:
+                self.notify.failed(errno.ECHILD, message)
+                self.exit_code = 1
+                return
+            slot.crashes.clear()
+            self._refuse(slot, message, failed=True)
             return
-        delay = min(2 ** (len(self.crashes) - 1), 30)
-        self.restart_at = t + delay
-        self.notify.status(f"worker died ({reason}); restarting in {delay}s")
-        log.error("worker %d died (%s); restarting in %ds", worker.proc.pid, reason, delay)
+        delay = min(2 ** (len(slot.crashes) - 1), 30)
+        slot.restart_at = t + delay
+        slot.wanted = slot.wanted or slot.busy or slot.pinned or worker.state == "serving"
+        self.notify.status(f"{slot.tenant}: worker died ({reason}); restarting in {delay}s")
+        log.error("worker %d (%s) died (%s); restarting in %ds", worker.proc.pid, slot.tenant, reason, delay)
 
-    def _restart(self) -> None:
-        try:
-            self.serving = self.spawn(self.worker_config())
-        except UsageError as exc:
-            self.notify.failed(errno.ENOENT, str(exc))
-            self.exit_code = 1
-
-    def _drain(self, worker: Worker) -> None:
+    def _drain(self, slot: Slot, worker: Worker, why: str) -> None:
         worker.state = "draining"
-        try:
-            worker.control.sendall(b'{"drain": true}\n')
-        except OSError:
+        self.retiring.append((slot, worker))
+        if slot.serving is worker:
+            slot.serving = None
+        if slot.incoming is worker:
+            slot.incoming = None
+        if not self._send(worker, p.Drain()):
             worker.proc.terminate()
 
-    def _fits_beside(self, config: WorkerConfig) -> bool:
+    def _fits_beside(self, slot: Slot, config: WorkerConfig) -> bool:
         """Can the new version load while the old one still serves?"""
-        need = sum(p.stat().st_size for p in config.version_dir.rglob("*.safetensors")) * 1.2
+        if self.budget is not None:
+            used = sum(w.footprint for w in self._live())
+            return used + slot.footprint <= self.budget
+        need = sum(f.stat().st_size for f in config.version_dir.rglob("*.safetensors")) * 1.2
         limit = _memory_limit(config.memory_max)
         if limit is not None:
-            used = _rss(self.serving.proc.pid) if self.serving else 0
+            used = _rss(slot.serving.proc.pid) if slot.serving else 0
             return used + need <= limit
         available = _mem_available()
         if available is None:
@@ -410,126 +675,137 @@ class Supervisor:
             return False
         return need <= available
 
-    def _answer_gap(self, gap: bool) -> None:
-        """While no worker serves (a stop-first reload, a restart), answer 503 + Retry-After
-        ourselves instead of leaving clients in the backlog with no word."""
-        if self.listener is None or gap == self.gap_open or self.exit_code is not None:
-            return
-        self.gap_open = gap
-        if gap:
-            self.listener.setblocking(False)
-            self.selector.register(self.listener, selectors.EVENT_READ, "listener")
-        else:
-            self.selector.unregister(self.listener)
-
-    def _refuse_one(self) -> None:
-        assert self.listener is not None
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        state = "reloading" if self.gap_from is not None else "loading"
-        body = json.dumps({"state": state, "error": {"message": f"{state} the model; retry", "type": "server_error", "param": None, "code": state}}).encode()
-        try:
-            conn.settimeout(1.0)
-            conn.recv(65536)  # the request head; its content does not matter
-            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
-                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
     def _feed_watchdog(self, t: float) -> None:
-        """WATCHDOG=1 only when a worker provably made progress since the last one."""
+        """WATCHDOG=1 only while the router's loop turns and every worker that should answer did."""
         if not self.watchdog_usec:
             return
         interval = self.watchdog_usec / 2e6
         if t - self.last_watchdog < interval:
             return
-        alive = [w for w in (self.serving, self.incoming) if w is not None and t - w.progressed < interval * 2]
-        if alive:
+        if not self.router.alive(interval * 2):
+            return
+        workers = [w for s in self.slots.values() for w in s.workers]
+        # A hung worker is replaced by its ping timeout (the others keep serving); the watchdog
+        # starves only when no worker at all progresses.
+        if not workers or any(t - w.progressed < interval * 2 for w in workers):
             self.notify.watchdog()
             self.last_watchdog = t
 
-    # -- flags --------------------------------------------------------------------------------
+    # -- reloads ------------------------------------------------------------------------------
+    def _follow_current(self) -> None:
+        for slot in list(self.slots.values()):
+            worker = slot.serving
+            if worker is None or slot.incoming is not None or worker.state != "serving":
+                continue
+            current = self.zoo.read_link("models", worker.config.model, "current")
+            if current and current != worker.config.version:
+                log.info("current of %s moved to %s: reloading %s", worker.config.model, current, slot.tenant)
+                self.handle_hup()
+                return
+            self._follow_adapters(slot, worker)
+
     def handle_hup(self) -> None:
-        if self.incoming is not None or self.serving is None or self.serving.state != "ready":
+        """Read the index again; swap every loaded tenant whose version or settings changed."""
+        if self.pending_reloads:
             return
+        self.reload_attempts += 1
+        with self.lock:
+            for slot in self.slots.values():
+                if slot.phase == "failed":  # the index or the zoo may have changed: a request may try again
+                    slot.phase, slot.refusal = "paged_out", None
         try:
-            config = self.worker_config()
-        except Exception as exc:  # noqa: BLE001 - a bad index or zoo keeps the old version serving
-            self.reload_attempts += 1
+            idx = self.load_index()
+            self.take_index(idx)
+            changes = {}
+            for slot in self.slots.values():
+                if slot.serving is not None and slot.serving.state == "serving" and slot.incoming is None:
+                    config = self.worker_config(idx, slot.tenant)
+                    if config != slot.serving.config:
+                        changes[slot.tenant] = config
+        except Exception as exc:  # noqa: BLE001 - a bad index or zoo keeps the old versions serving
             self.last_error = f"reload refused: {exc}"
-            self._write_state()
+            self.reports.state()
             self.notify.status(f"reload refused: {exc}; " + self.status_line())
             log.error("reload refused: %s", exc)
             return
-        self.reload_attempts += 1
-        self.notify.reloading(f"reloading {config.model}@{config.version}")
-        if self._fits_beside(config):
-            self.incoming = self.spawn(config)
-        else:
-            # Two versions do not fit: stop the old one first; the gap answers 503 + Retry-After.
-            old, self.serving = self.serving, None
-            log.info("memory does not allow two versions at once: stopping %s before loading %s", old.config.version, config.version)
-            self._drain(old)
-            self.retiring.append(old)
-            self.gap_from = old.config.version
-            self.restart_at = 0.0
-        self._write_state()
+        if not changes:
+            self.reloads += 1
+            self.last_error = ""
+            self.reports.state()
+            log.info("reload: every loaded tenant serves its current version already")
+            return
+        self.notify.reloading("reloading " + ", ".join(f"{t} to {c.model}@{c.version}" for t, c in changes.items()))
+        self.pending_reloads = set(changes)
+        for tid, config in changes.items():
+            slot = self.slots[tid]
+            if self._fits_beside(slot, config):
+                slot.incoming = self.spawn(slot, config)
+            else:
+                # Two versions do not fit: stop the old one first; its requests wait in the router.
+                old = slot.serving
+                assert old is not None
+                log.info("memory does not allow two versions of %s at once: stopping %s before loading %s", tid, old.config.version, config.version)
+                self.reports.gap_from[tid] = old.config.version
+                self._drain(slot, old, "reload")
+                with self.lock:
+                    slot.path, slot.phase, slot.wanted = None, "paged_out", True
+        self.reports.state()
+
+    def _reload_done(self, tid: str, ok: bool) -> None:
+        if tid not in self.pending_reloads:
+            return
+        self.pending_reloads.discard(tid)
+        if not self.pending_reloads:
+            if ok and not self.last_error:
+                self.reloads += 1
+            self.reports.state()
 
     def handle_term(self) -> None:
         self.notify.stopping(f"stopping; finishing in-flight requests (up to {self.config.drain_seconds:.0f}s)")
-        for worker in [w for w in (self.incoming, self.serving) if w is not None]:
-            self._drain(worker)
+        self.router.stop()
+        for slot in self.slots.values():
+            for worker in slot.workers:
+                self._drain(slot, worker, "stop")
         deadline = time.monotonic() + self.config.drain_seconds + 5
-        for worker in [w for w in (self.incoming, self.serving, *self.retiring) if w is not None]:
+        for _, worker in self.retiring:
             try:
                 worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
-        self.serving = self.incoming = None
+        self.router.join(timeout=max(0.1, deadline - time.monotonic()))
         self.exit_code = 0
 
     # -- reporting ------------------------------------------------------------------------------
     def status_line(self) -> str:
-        w = self.serving
-        if w is None:
-            return "no worker"
-        s = w.stats
-        served = self.served_before + int(s.get("served", 0))  # since the resident started, across swaps
-        line = (f"{w.config.tenant}: {w.config.model}@{w.config.version}; {s.get('running', 0)} running, {s.get('waiting', 0)} waiting, "
-                f"{s.get('tps', 0.0):.1f} tok/s, {served} requests")  # fmt: skip
-        if loaded := s.get("adapters"):
-            line += f"; adapters {','.join(loaded)}"
-        if refused := s.get("refused"):
-            line += f"; refused {','.join(sorted(refused))}"
-        if sessions := s.get("sessions"):
-            line += f"; {sessions} session{'s' if sessions != 1 else ''}"
-        return line
+        """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""
+        t = time.monotonic()
+        loaded, out = [], []
+        served = 0
+        for tid in self.order:
+            slot = self.slots[tid]
+            served += slot.served_before + sum(w.stats.served for w in slot.workers)
+            worker = slot.serving
+            if worker is None or worker.state != "serving":
+                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": "failed"}.get(slot.phase)
+                out.append(f"{tid} ({what})" if what else tid)
+                continue
+            s = worker.stats
+            busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
+            if not (s.running or s.waiting):
+                busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"
+            extra = f", {s.tps:.1f} tok/s" if s.tps else ""
+            if s.adapters:
+                extra += f", adapters {','.join(s.adapters)}"
+            if s.refused:
+                extra += f", refused {','.join(sorted(s.refused))}"
+            if s.sessions:
+                extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
+            loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
+        head = f"{len(self.order)} tenant{'s' if len(self.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
+        return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests"
 
-    def _write_tenant_files(self, worker: Worker, ready: dict[str, Any]) -> None:
-        base = self.zoo.tenant_dir(worker.config.tenant)
-        base.mkdir(parents=True, exist_ok=True)
-        info = {"tenant": worker.config.tenant, "model": worker.config.model, "version": worker.config.version,
-                "backend": worker.config.backend, "device": ready.get("device"), "dtype": ready.get("dtype"),
-                "load_seconds": ready.get("load_seconds"), "pid": ready.get("pid"), "since": now()}  # fmt: skip
-        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
-        self._write_lease(worker)
-        self.last_error = ""
-        self._write_state()
-
-    def _write_lease(self, worker: Worker) -> None:
-        """Since when this resident serves the tenant, what it served, and every swap."""
-        served = self.served_before + int(worker.stats.get("served", 0))
-        tokens = self.tokens_before + int(worker.stats.get("tokens", 0))
-        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens, "swaps": self.swaps}
-        path = self.zoo.tenant_dir(worker.config.tenant) / "lease.json"
-        write_atomic(path, (json.dumps(lease, indent=2) + "\n").encode())
-
-    def _follow_adapters(self, worker: Worker) -> None:
+    def _follow_adapters(self, slot: Slot, worker: Worker) -> None:
         """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart."""
         config = worker.config
         ids = [a.id for a in config.adapters] + list(config.refused_adapters)
@@ -544,34 +820,36 @@ class Supervisor:
             return
         worker.config = config.model_copy(update={"adapters": adapters, "refused_adapters": refused})
         if adapters != config.adapters:
-            log.info("adapters now %s: swapping in place", ", ".join(a.label for a in adapters) or "none")
-            message = {"adapters": [a.model_dump(mode="json") for a in adapters]}
-            try:
-                worker.control.sendall((json.dumps(message) + "\n").encode())
-            except OSError as exc:
-                log.warning("could not tell worker %d about new adapters: %s", worker.proc.pid, exc)
+            log.info("%s: adapters now %s: swapping in place", slot.tenant, ", ".join(a.label for a in adapters) or "none")
+            if not self._send(worker, p.Adapters(adapters=adapters)):
+                log.warning("could not tell worker %d about new adapters", worker.proc.pid)
 
-    def _tell_reloads(self) -> None:
-        """zoo:reloads_total{result} lives in the serving worker's /metrics; only we know."""
-        if self.serving is not None:
-            message = {"reloads": {"ok": self.reloads, "failed": self.reload_attempts - self.reloads}}
-            try:
-                self.serving.control.sendall((json.dumps(message) + "\n").encode())
-            except OSError:
-                pass
-
-    def _write_state(self) -> None:
-        """What `zoo-agent resident reload` waits on."""
-        w = self.serving
-        state = {"pid": os.getpid(), "attempts": self.reload_attempts, "reloads": self.reloads, "last_error": self.last_error,
-                 "state": "reloading" if self.incoming else "ready", "version": w.config.version if w else None}  # fmt: skip
-        makedirs_durable(self.zoo.resident_dir)
-        write_atomic(self.zoo.resident_state, (json.dumps(state) + "\n").encode())
+    def _tell_reloads(self, slot: Slot) -> None:
+        """zoo:reloads_total{result} lives in the worker's /metrics; only we know."""
+        if slot.serving is not None:
+            self._send(slot.serving, p.Reloads(ok=self.reloads, failed=self.reload_attempts - self.reloads))
 
     def _close(self) -> None:
-        for worker in (self.serving, self.incoming, *self.retiring):
-            if worker is not None and worker.proc.poll() is None:
+        for slot in self.slots.values():
+            for worker in slot.workers:
+                if worker.proc.poll() is None:
+                    worker.proc.kill()
+                    worker.proc.wait()
+        for _, worker in self.retiring:
+            if worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
         if self.listener is not None:
             self.listener.close()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp above, holding only sockets
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"

@@ -1,0 +1,87 @@
+"""Which tenants stay in memory: the paging decision, pure (issue #20).
+
+The supervisor describes every live worker (loading, serving, draining: a draining worker's
+memory is in use until its process exits) and asks what loading one more tenant takes.
+The answer is measured in the footprints the index and the loaded models give, before
+anything loads: never load and then find out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from zoo_agent.plan import human_bytes
+
+__all__ = ["Evict", "Live", "Load", "Refuse", "Wait", "decide"]
+
+Policy = Literal["lru", "oldest"]  # "oldest": evict the first loaded (the naive baseline the benchmark compares)
+
+
+@dataclass(frozen=True)
+class Live:
+    """A worker that holds (or is about to hold) memory."""
+
+    tenant: str
+    footprint: int
+    pinned: bool = False
+    busy: bool = False  # requests in flight or waiting for it: never evicted, it drains first
+    evictable: bool = True  # serving (a loading or draining worker cannot be evicted)
+    last_used: float = 0.0  # monotonic seconds
+    loaded_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Load:
+    pass
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Drain these (least recently used first), then load once their processes exited."""
+
+    victims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Room will come when busy or draining workers finish; ask again."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+
+
+Decision = Load | Evict | Wait | Refuse
+
+
+def decide(budget: int | None, live: Sequence[Live], tenant: str, need: int, policy: Policy = "lru") -> Decision:
+    """What loading ``tenant`` (``need`` bytes) takes now."""
+    if budget is None:
+        return Load()
+    used = sum(w.footprint for w in live)
+    if used + need <= budget:
+        return Load()
+    if need > budget:
+        return Refuse(f"{tenant} needs {human_bytes(need)}; the memory budget is {human_bytes(budget)}")
+    pinned = sum(w.footprint for w in live if w.pinned)
+    if pinned + need > budget:
+        return Refuse(f"{tenant} needs {human_bytes(need)}; pinned tenants hold {human_bytes(pinned)} of the {human_bytes(budget)} budget")
+    order = sorted((w for w in live if not w.pinned and w.evictable and not w.busy),
+                   key=lambda w: (w.last_used, w.loaded_at) if policy == "lru" else (w.loaded_at, w.last_used))  # fmt: skip
+    victims: list[str] = []
+    free = budget - used
+    for w in order:
+        if free >= need:
+            break
+        victims.append(w.tenant)
+        free += w.footprint
+    if free >= need:
+        return Evict(tuple(victims))
+    others = ", ".join(sorted({w.tenant for w in live if not w.pinned and w.tenant not in victims})) or "none"
+    return Wait(f"{tenant} needs {human_bytes(need)}, {human_bytes(budget - used)} of the {human_bytes(budget)} budget is free; "
+                f"waiting for busy tenants to finish ({others})")  # fmt: skip

@@ -1,0 +1,122 @@
+"""What the resident leaves on disk for operators and other commands (issues #5, #20).
+
+- ``resident/state.json``: what `zoo-agent resident reload` waits on, and what
+  `zoo-agent status` shows of the resident (every tenant: loaded, paged out, fetching).
+- ``resident/tenants/<tenant>/model-info.json``: the loaded version, its measured footprint
+  (kept: the next load of the same version starts from the larger of estimate and measurement).
+- ``resident/tenants/<tenant>/lease.json``: since when, what it served, every swap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from zoo_agent.store.durable import makedirs_durable, write_atomic
+from zoo_agent.store.host import append_action
+from zoo_agent.store.zoo import now
+
+if TYPE_CHECKING:
+    from zoo_agent.resident.protocol import Ready
+    from zoo_agent.resident.supervisor import Slot, Supervisor, Worker
+
+__all__ = ["Reports"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+
+class Reports:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        self.started_at = now()
+        self.swaps: dict[str, list[dict[str, Any]]] = {}
+        self.gap_from: dict[str, str] = {}  # tenant -> the version a stop-first reload stopped
+
+    def measured(self, tenant: str, label: str) -> int:
+        """The footprint a previous load of this model@version measured, or 0."""
+        info = _read(self.sup.zoo.tenant_dir(tenant) / "model-info.json")
+        if f"{info.get('model')}@{info.get('version')}" != label:
+            return 0
+        value = (info.get("footprint") or {}).get("measured", 0)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    def model_info(self, slot: Slot, worker: Worker, ready: Ready) -> None:
+        c = worker.config
+        info = {"tenant": c.tenant, "model": c.model, "version": c.version, "backend": c.backend, "device": ready.device, "dtype": ready.dtype,
+                "load_seconds": ready.load_seconds, "pid": ready.pid, "since": now(),
+                "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
+                              "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
+        base = self.sup.zoo.tenant_dir(c.tenant)
+        makedirs_durable(base)
+        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
+        self.lease(slot)
+        self.sup.last_error = "" if not self.sup.pending_reloads else self.sup.last_error
+        self.state()
+
+    def paged(self, action: str, slot: Slot, label: str, *, reason: str = "", seconds: float = 0.0) -> None:
+        """``page-in`` / ``page-out`` in host/actions.jsonl (`zoo-agent log`): what was loaded and evicted, in order."""
+        record = {"time": now(), "action": action, "kind": "tenants", "id": slot.tenant, "version": label, "result": "ok",
+                  "duration_s": round(seconds, 4), **({"reason": reason} if reason else {})}  # fmt: skip
+        try:
+            append_action(self.sup.zoo, record)
+        except OSError as exc:  # the log must not fail serving
+            log.warning("cannot append to %s: %s", self.sup.zoo.actions_log, exc.strerror)
+
+    def swap(self, slot: Slot, old_version: str, worker: Worker, reason: str = "reload") -> None:
+        self.swaps.setdefault(slot.tenant, []).append({"time": now(), "from": old_version, "to": worker.config.version, "reason": reason,
+                                                       "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
+
+    def lease(self, slot: Slot) -> None:
+        """Since when this resident serves the tenant, what it served, and every swap."""
+        served = slot.served_before + sum(w.stats.served for w in slot.workers)
+        tokens = slot.tokens_before + sum(w.stats.tokens for w in slot.workers)
+        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens,
+                 "swaps": self.swaps.get(slot.tenant, []), "evictions": slot.evictions}  # fmt: skip
+        base = self.sup.zoo.tenant_dir(slot.tenant)
+        if base.is_dir():
+            write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
+
+    def leases(self) -> None:
+        for slot in list(self.sup.slots.values()):
+            if slot.serving is not None:
+                self.lease(slot)
+        self.state()
+
+    def state(self) -> None:
+        sup = self.sup
+        tenants = {}
+        first_version = None
+        for tid in sup.order:
+            slot = sup.slots.get(tid)
+            if slot is None:
+                continue
+            worker = slot.serving
+            version = worker.config.version if worker is not None else None
+            first_version = first_version or version
+            tenants[tid] = {"state": slot.phase, "model": worker.config.model if worker else None, "version": version,
+                            "pid": worker.proc.pid if worker else None, "pinned": slot.pinned, "footprint": slot.footprint,
+                            "running": worker.stats.running if worker else 0, "waiting": (worker.stats.waiting if worker else 0) + slot.queued,
+                            "last_used": _wall(slot.last_used), "error": slot.refusal or slot.error or ""}  # fmt: skip
+        state = {"pid": os.getpid(), "attempts": sup.reload_attempts, "reloads": sup.reloads, "last_error": sup.last_error,
+                 "state": "reloading" if sup.pending_reloads else ("ready" if sup.ready_sent else "starting"), "version": first_version,
+                 "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
+        makedirs_durable(sup.zoo.resident_dir)
+        write_atomic(sup.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
+
+
+def _wall(monotonic: float) -> str | None:
+    """A monotonic instant as wall-clock ISO time (what an operator reads)."""
+    if not monotonic:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - monotonic)))
+
+
+def _read(path: Any) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

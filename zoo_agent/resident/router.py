@@ -1,0 +1,570 @@
+"""The router: owns the public socket, forwards each request to its tenant's worker (issue #20).
+
+It reads ``model`` from the body (``tenant``, ``tenant:adapter`` or ``tenant:auto``), takes
+a place in that tenant's worker (at most ``max_batch + max_queue`` requests at once, as the
+worker itself holds), and streams the worker's answer back unbuffered over the worker's
+private unix socket. When the tenant is not loaded (paged out, fetching, loading, restarting)
+the request waits in the tenant's queue here, best priority first, while the supervisor
+loads it; a streaming client is told so in SSE comment lines. A worker that fails before
+its answer started is not the client's failure: the request waits for the restarted worker.
+
+It runs on its own thread and event loop inside the supervisor's process, so a model's
+crash, hang or OOM (in its worker) never stops it from answering ``/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
+
+if TYPE_CHECKING:
+    import socket
+
+    from zoo_agent.index.model import Index
+    from zoo_agent.resident.supervisor import Supervisor
+
+__all__ = ["Router"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY = 1 << 20
+#: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), and the client's
+#: credential: the router checked it; workers, on private sockets, never see it.
+HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
+                 b"host", b"content-length", b"authorization", b"expect"})  # fmt: skip
+HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
+GENERATE = ("/v1/chat/completions", "/v1/completions")
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.loaded = Gauge("zoo:model_loaded", "1 while the tenant's model is loaded and serving.", ["tenant"], registry=r)
+        self.load_seconds = Histogram("zoo:model_load_seconds", "Seconds from spawning a tenant's worker to its first real generation.",
+                                      ["tenant"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room).", ["tenant", "reason"], registry=r)
+        self.footprint = Gauge("zoo:model_footprint_bytes", "Memory the budget counts for the tenant (the larger of estimate and measurement).",
+                               ["tenant"], registry=r)  # fmt: skip
+        self.budget = Gauge("zoo:memory_budget_bytes", "The host's memory budget (absent: none).", registry=r)
+        self.waiting = Gauge("zoo:router_requests_waiting", "Requests waiting in the router for their tenant to load, by priority class.",
+                             ["tenant", "priority"], registry=r)  # fmt: skip
+        self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
+        self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
+        self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
+
+
+class _Waiter:
+    """A request waiting for a place in its tenant's worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[str] = loop.create_future()
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> tuple[int, bytes]:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    return status, json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Router:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        self.metrics = _Metrics()
+        self.queues: dict[str, PriorityQueue[_Waiter]] = {}
+        self.clients: dict[str, httpx.AsyncClient] = {}
+        self.models: list[dict[str, Any]] = []
+        self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.server: Any = None
+        self.beat = time.monotonic()
+        self.stopping = False
+
+    # -- the supervisor's thread ------------------------------------------------------------
+    def take_index(self, idx: Index) -> None:
+        lora_tenant: dict[str, str] = {}
+        for tid in self.sup.order:
+            for lid in idx.tenants[tid].loras:
+                lora_tenant.setdefault(lid, tid)
+        self.lora_tenant = lora_tenant
+
+    def start(self, listener: socket.socket) -> None:
+        import uvicorn
+
+        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.sup.config.drain_seconds) + 1,
+                                lifespan="off")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        ready = threading.Event()
+
+        def run() -> None:
+            async def main() -> None:
+                self.loop = asyncio.get_running_loop()
+                heart = asyncio.create_task(self._heartbeat())
+                ready.set()
+                await self.server.serve(sockets=[listener])
+                heart.cancel()
+                for client in list(self.clients.values()):
+                    await client.aclose()
+
+            asyncio.run(main())
+
+        self.thread = threading.Thread(target=run, name="router", daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def alive(self, seconds: float) -> bool:
+        """The router's loop turned within ``seconds`` (what the watchdog may vouch for)."""
+        return self.thread is not None and self.thread.is_alive() and time.monotonic() - self.beat < seconds
+
+    def poke(self, tenant: str) -> None:
+        """A tenant's state changed (loaded, refused, failed): serve or answer who waits for it."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._pump, tenant)
+
+    def forget(self, path: str) -> None:
+        """A worker is gone: close the connections to its socket."""
+        client = self.clients.pop(path, None)
+        if client is not None and self.loop is not None:
+            asyncio.run_coroutine_threadsafe(client.aclose(), self.loop)
+
+    def loaded(self, tenant: str, seconds: float) -> None:
+        self.metrics.load_seconds.labels(tenant).observe(seconds)
+
+    def evicted(self, tenant: str, reason: str) -> None:
+        self.metrics.evictions.labels(tenant, reason).inc()
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight finish (uvicorn's graceful shutdown)."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # -- the router's loop -------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            await asyncio.sleep(0.25)
+
+    def _pump(self, tenant: str) -> None:
+        """Give free places in the tenant's worker to its best waiters; answer them all if it is refused."""
+        queue = self.queues.get(tenant)
+        if not queue:
+            return
+        with self.sup.lock:
+            slot = self.sup.slots.get(tenant)
+            while len(queue):
+                if slot is None or slot.refusal is not None:
+                    waiter = queue.pop_best()
+                    if not waiter.future.done():
+                        waiter.future.set_exception(_Refused(slot.refusal if slot else f"tenant '{tenant}' is no longer served here"))
+                    continue
+                if slot.path is None or slot.inflight >= slot.capacity:
+                    break
+                waiter = queue.pop_best()
+                if waiter.future.done():  # its client left
+                    continue
+                slot.inflight += 1
+                slot.last_used = time.monotonic()
+                waiter.future.set_result(slot.path)
+            if slot is not None:
+                slot.queued = len(queue)
+                slot.wanted = slot.wanted or bool(len(queue))
+
+    async def _place(self, tenant: str, priority: int) -> str:
+        """A place in the tenant's worker: its socket path (release it with ``_release``)."""
+        loop = asyncio.get_running_loop()
+        queue = self.queues.setdefault(tenant, PriorityQueue(self.sup.config.aging_seconds))
+        with self.sup.lock:
+            slot = self.sup.slots.get(tenant)
+            if slot is None:
+                raise _Refused(f"tenant '{tenant}' is not served by this host")
+            if slot.path is not None and not len(queue):
+                if slot.inflight >= slot.capacity:
+                    raise _Full(f"tenant '{tenant}' is at capacity ({slot.capacity} requests running and waiting); retry later")
+                slot.inflight += 1
+                slot.last_used = time.monotonic()
+                return slot.path
+            if len(queue) >= slot.max_queue:
+                raise _Full(f"tenant '{tenant}' is {slot.phase.replace('_', ' ')} and {len(queue)} requests already wait for it; retry later")
+            if slot.phase == "failed" and slot.refusal is not None:
+                slot.refusal = None  # a new request tries a failed tenant again
+            if slot.refusal is not None:
+                raise _Refused(slot.refusal)
+            waiter = _Waiter(loop)
+            queue.push(waiter, priority, time.monotonic())
+            slot.queued, slot.wanted, slot.last_used = len(queue), True, time.monotonic()
+        self.sup.wake()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            placed = False
+            with self.sup.lock:
+                future = waiter.future
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    placed = True  # given a place just as its client left: give it back
+                else:
+                    future.cancel()
+                    queue.remove(waiter)
+                    slot.queued = len(queue)
+            if placed:
+                self._release(tenant)
+            raise
+
+    def _release(self, tenant: str) -> None:
+        with self.sup.lock:
+            slot = self.sup.slots.get(tenant)
+            if slot is not None:
+                slot.inflight = max(0, slot.inflight - 1)
+                slot.last_used = time.monotonic()
+        self._pump(tenant)
+
+    def _client(self, path: str) -> httpx.AsyncClient:
+        client = self.clients.get(path)
+        if client is None:
+            transport = httpx.AsyncHTTPTransport(uds=path, retries=0)
+            client = self.clients[path] = httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
+        return client
+
+    # -- ASGI ----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:  # the Gate already read and limited it: one message
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        method, path = scope["method"], scope["path"]
+        if path == "/health" and method == "GET":
+            status, data = self._health()
+            await _respond(send, status, data)
+            return
+        if path == "/metrics" and method == "GET":
+            text = await self._metrics()
+            await _respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
+            return
+        if path == "/v1/models" and method == "GET":
+            await _respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
+            return
+        tenant, document, failure = self._tenant_of(scope, body)
+        if failure is not None:
+            await _respond(send, *failure)
+            return
+        assert tenant is not None
+        stream, priority = False, self._default_priority(tenant)
+        if path in GENERATE and method == "POST":
+            stream = document.get("stream") is True
+            field = document.get("priority")
+            header = dict((k.lower(), v) for k, v in scope.get("headers", [])).get(HEADER.lower().encode())
+            try:
+                # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
+                priority = parse_priority(header.decode("latin-1") if header is not None else None,
+                                          field if isinstance(field, int) and not isinstance(field, bool) else None, priority)  # fmt: skip
+            except BadPriority as exc:
+                await _respond(send, *_error(400, str(exc), param=exc.param))
+                return
+        await self._forward(scope, receive, send, body, tenant, priority, stream)
+
+    def _tenant_of(self, scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
+        """Which tenant a request is for (and its JSON body), or the error that says why it has none."""
+        path = scope["path"]
+        served = self.sup.order
+        if path in GENERATE or path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            try:
+                document = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return None, {}, _error(400, f"body: not JSON ({exc})", param="body")
+            if not isinstance(document, dict):
+                return None, {}, _error(400, "body: must be a JSON object", param="body")
+            key = "model" if path in GENERATE else "lora_name"
+            name = document.get(key)
+            if not isinstance(name, str):
+                return None, {}, _error(400, f"{key}: required, a string", param=key)
+            tenant = name.split(":", 1)[0]
+            if key == "lora_name" and tenant not in served:
+                tenant = self.lora_tenant.get(name, tenant)
+            if tenant not in served:
+                return None, {}, _error(404, f"{key}: '{name[:100]}' is not served by this host (tenants: {', '.join(served)})", param=key,
+                                        code="model_not_found")  # fmt: skip
+            return tenant, document, None
+        if path.startswith("/v1/sessions/"):
+            query = dict(part.split("=", 1) for part in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in part)
+            tenant = query.get("model", served[0] if served else "").split(":", 1)[0]
+            if tenant not in served:
+                return None, {}, _error(404, f"model: '{tenant[:100]}' is not served by this host (tenants: {', '.join(served)})", param="model",
+                                        code="model_not_found")  # fmt: skip
+            return tenant, {}, None
+        return None, {}, _error(404, "Not Found")
+
+    def _default_priority(self, tenant: str) -> int:
+        slot = self.sup.slots.get(tenant)
+        return slot.priority if slot is not None else 0
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, priority: int, stream: bool) -> None:
+        """Wait for a place, send the request, stream the answer back; a worker that fails before
+        answering gets the request again once it is back (bounded), never a second model."""
+        started = False  # our response's head is out
+
+        async def comment(text: str) -> None:
+            nonlocal started
+            if not started:
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+                started = True
+            await send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
+        target = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        gone = asyncio.ensure_future(_disconnected(receive))
+        code = 0
+        try:
+            for attempt in range(3):
+                placing = asyncio.ensure_future(self._place(tenant, priority))
+                try:
+                    path = await self._wait(placing, gone, tenant, comment if stream else None)
+                except (_Refused, _Full, TimeoutError) as exc:
+                    status = 429 if isinstance(exc, _Full) else 503
+                    message = str(exc) or f"tenant '{tenant}' did not load within {self.sup.config.load_wait:.0f}s"
+                    code = status
+                    if started:
+                        await self._stream_error(send, status, message)
+                    else:
+                        await _respond(send, *_error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
+                                       headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
+                    return
+                if path is None:
+                    return  # the client left while it waited
+                try:
+                    code = await self._pipe(path, scope["method"], target, headers, body, send, gone, started)
+                except _WorkerFailed as exc:
+                    self.metrics.retries.labels(tenant).inc()
+                    log.warning("%s: the worker failed before answering (%s); sending the request again (%d)", tenant, exc, attempt + 1)
+                    await asyncio.sleep(0.2)
+                    continue
+                finally:
+                    self._release(tenant)
+                return
+            code = 503
+            message = f"tenant '{tenant}': its worker failed three times before answering"
+            if started:
+                await self._stream_error(send, 503, message)
+            else:
+                await _respond(send, *_error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
+        finally:
+            gone.cancel()
+            if code:
+                self.metrics.requests.labels(tenant, str(code)).inc()
+
+    async def _wait(self, placing: asyncio.Future[str], gone: asyncio.Future[None], tenant: str,
+                    comment: Callable[[str], Awaitable[None]] | None) -> str | None:  # fmt: skip
+        deadline = time.monotonic() + self.sup.config.load_wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                placing.cancel()
+                raise TimeoutError
+            both: set[asyncio.Future[Any]] = {placing, gone}
+            done, _ = await asyncio.wait(both, timeout=min(left, 2.0), return_when=asyncio.FIRST_COMPLETED)
+            if placing in done:
+                return placing.result()
+            if gone in done:
+                placing.cancel()
+                return None
+            if comment is not None:
+                slot = self.sup.slots.get(tenant)
+                what = slot.phase.replace("_", " ") if slot else "gone"
+                if slot is not None and slot.phase == "fetching":
+                    what += f" {slot.fetch_pct}%"
+                await comment(f"waiting for {tenant}: {what}")
+
+    async def _pipe(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
+                    gone: asyncio.Future[None], started: bool) -> int:  # fmt: skip
+        """One exchange with the worker, its answer streamed to the client as it arrives."""
+        client = self._client(path)
+        request = client.build_request(method, target, headers=headers, content=body)
+        try:
+            response = await client.send(request, stream=True)
+        except (httpx.TransportError, OSError) as exc:
+            raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if not started:
+                out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
+                await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+            elif response.status_code != 200:  # our 200 and SSE comments went out already
+                error = (await response.aread())[:4000]
+                await self._stream_error(send, response.status_code, _message_of(error))
+                return response.status_code
+            reading = response.aiter_raw().__aiter__()
+            while True:
+                chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
+                pair: set[asyncio.Future[Any]] = {chunk, gone}
+                done, _ = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+                if chunk not in done:  # the client went away: closing the connection cancels the generation
+                    chunk.cancel()
+                    return 499
+                try:
+                    data = chunk.result()
+                except StopAsyncIteration:
+                    break
+                except (httpx.TransportError, OSError) as exc:
+                    log.warning("a worker's answer broke off: %s", exc)
+                    if "text/event-stream" in response.headers.get("content-type", ""):
+                        await self._stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
+                    return 502
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return response.status_code
+        finally:
+            await response.aclose()
+
+    async def _stream_error(self, send: Send, status: int, message: str) -> None:
+        event = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "param": None, "code": status}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), "more_body": False})
+
+    # -- what the router answers itself ------------------------------------------------------------
+    def _health(self) -> tuple[int, bytes]:
+        sup = self.sup
+        tenants: dict[str, Any] = {}
+        t = time.monotonic()
+        with sup.lock:
+            for tid in sup.order:
+                slot = sup.slots[tid]
+                worker = slot.serving
+                tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
+                                "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
+                                "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
+                                "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
+                                **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
+                                **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
+        state = "stopping" if self.stopping else ("ready" if sup.ready_sent else "starting")
+        body = {"state": state, "status": sup.status_line(), "budget": sup.budget, "tenants": tenants}
+        return (200 if state == "ready" else 503), json.dumps(body).encode()
+
+    def _models(self) -> list[dict[str, Any]]:
+        """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules)."""
+        idx = self.sup.idx
+        if idx is None:
+            return []
+        data = []
+
+        def card(mid: str, root: str, parent: str | None, state: str) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state}}
+
+        for tid in self.sup.order:
+            slot, tenant = self.sup.slots[tid], idx.tenants[tid]
+            worker = slot.serving
+            root = f"{worker.config.model}@{worker.config.version}" if worker else f"{tenant.model}@{idx.models[tenant.model].version}"
+            data.append(card(tid, root, None, slot.phase))
+            refused = worker.config.refused_adapters if worker else {}
+            data += [card(f"{tid}:{lid}", f"{lid}@{idx.loras[lid].version}", tid, slot.phase) for lid in tenant.loras if lid not in refused]
+            if tenant.adapter_selection is not None:
+                data.append(card(f"{tid}:auto", "chosen per request", tid, slot.phase))
+        return data
+
+    async def _metrics(self) -> bytes:
+        """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""
+        m, sup = self.metrics, self.sup
+        with sup.lock:
+            serving = {tid: s.path for tid, s in sup.slots.items() if s.path is not None}
+            for tid, slot in sup.slots.items():
+                m.loaded.labels(tid).set(1 if slot.path is not None else 0)
+                m.footprint.labels(tid).set(slot.footprint)
+                m.inflight.labels(tid).set(slot.inflight)
+                counts = self.queues[tid].counts_by_class() if tid in self.queues else {}
+                for name in ("system", "realtime", "default", "batch"):
+                    m.waiting.labels(tid, name).set(counts.get(name, 0))
+            if sup.budget is not None:
+                m.budget.set(sup.budget)
+
+        async def scrape(tid: str, path: str) -> tuple[str, str]:
+            try:
+                response = await self._client(path).get("/metrics", timeout=2.0)
+                return tid, response.text if response.status_code == 200 else ""
+            except (httpx.HTTPError, OSError):
+                return tid, ""
+
+        texts = await asyncio.gather(*(scrape(tid, path) for tid, path in serving.items()))
+        families: dict[str, Metric] = {}
+        for tid, text in texts:
+            try:
+                parsed = list(text_string_to_metric_families(text))
+            except ValueError:
+                continue
+            for family in parsed:
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+                for sample in family.samples:
+                    merged.samples.append(sample._replace(labels={**sample.labels, "tenant": tid}))
+        registry = CollectorRegistry()
+        registry.register(_Static(list(families.values())))
+        return generate_latest(m.registry) + generate_latest(registry)
+
+
+class _Static:
+    """A collector that yields metric families already gathered (the workers')."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class _Refused(Exception):
+    """The tenant cannot be served now (it does not fit, failed to load or fetch, is gone): 503."""
+
+
+class _Full(Exception):
+    """The tenant's worker and queue are full: 429."""
+
+
+class _WorkerFailed(Exception):
+    """The worker failed before its answer started: the request may go again."""
+
+
+def _message_of(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:400]
+
