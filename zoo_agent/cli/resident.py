@@ -27,8 +27,10 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
               help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
+@click.option("--paging-policy", type=click.Choice(["lru", "oldest"]), default="lru", show_default=True, hidden=True,
+              help="Which idle tenant makes room: least recently used, or the first loaded (the benchmark's naive baseline).")
 @click.pass_context
-def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, strict: bool) -> None:
+def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, strict: bool, paging_policy: str) -> None:
     """Serve the host's tenant: supervise one inference worker, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
@@ -39,7 +41,8 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
     from zoo_agent.resident.config import ResidentConfig
     from zoo_agent.resident.supervisor import Supervisor
 
-    config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict)
+    config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict,
+                            paging_policy=paging_policy)
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
     sys.exit(supervisor.run())

@@ -46,7 +46,7 @@ class Reports:
     def model_info(self, slot: Slot, worker: Worker, ready: Ready) -> None:
         c = worker.config
         info = {"tenant": c.tenant, "model": c.model, "version": c.version, "backend": c.backend, "device": ready.device, "dtype": ready.dtype,
-                "load_seconds": ready.load_seconds, "pid": ready.pid, "since": now(),
+                "load_seconds": ready.load_seconds, "pid": ready.pid, "socket": worker.path, "since": now(),
                 "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
                               "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
         base = self.sup.zoo.tenant_dir(c.tenant)
