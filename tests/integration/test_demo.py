@@ -27,7 +27,7 @@ def test_demo_builds_what_the_index_pins_applies_serves_answers_and_stops(tmp_pa
     assert "serving: demo-chat (demo@1), demo-chat:demo-terse (demo-terse@1)" in out
     assert "answer (demo@1, random tiny weights, so not much sense): " in out
     assert "  model demo                     declared 1            current 1" in out
-    assert re.search(r'Status: "demo-chat: demo@1; 0 running, 0 waiting, [\d.]+ tok/s, 1 requests; adapters demo-terse@1', out), out
+    assert re.search(r'Status: "1 tenant: demo-chat demo@1 \(idle \d+s(, [\d.]+ tok/s)?, adapters demo-terse@1\); 1 requests', out), out
     assert "==> stopped the resident cleanly (exit 0)" in out
     again = subprocess.run([sys.executable, "-m", "zoo_agent", "demo", "--listen", "127.0.0.1:0"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)  # fmt: skip

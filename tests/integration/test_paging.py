@@ -96,6 +96,11 @@ def test_rotation_pages_least_recently_used_and_never_the_pinned(five: World) ->
         assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "c", "b"}
         assert health["tenants"]["a"]["pinned"] is True
         r.notify.wait(lambda m: "paged out: " in m.get("STATUS", ""), timeout=30)
+        asked = five.run("resident", "status", "--json")  # asks the running resident, at the address state.json records
+        assert asked.exit_code == 0, asked.output
+        assert json.loads(asked.output)["tenants"]["d"]["state"] == "paged_out"
+        human = five.run("resident", "status")
+        assert "paged out: d, e" in human.output and "pinned" in human.output
     finally:
         out = r.stop()
     assert "Traceback" not in out

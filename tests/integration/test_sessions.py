@@ -71,7 +71,7 @@ def test_a_session_continues_from_its_cache_with_the_same_tokens_as_a_re_prefill
     results = talk(b, [turn(t) for t in TURNS])
     assert [r[1]["x_zoo"]["session"]["cache"] for r in results[:3]] == ["none", "restored", "restored"]
     assert results[2][1]["x_zoo"]["session"]["cached_tokens"] > 20
-    assert 'zoo:session_cache_restores_total{tenant="t"} 2.0' in results[3][1]
+    assert "zoo:session_cache_restores_total 2.0" in results[3][1]
     # The cache covered everything the model had seen: the whole previous turn, its reply included.
     first_total = results[0][1]["usage"]["prompt_tokens"] + results[0][1]["usage"]["completion_tokens"]
     assert results[1][1]["x_zoo"]["session"]["cached_tokens"] == first_total - 1  # the last token was generated, never fed
@@ -89,7 +89,7 @@ def test_a_cache_saved_under_another_version_is_not_used(model_dir: Path, tmp_pa
     assert (tmp_path / "kv-cache" / "s.safetensors").exists()
     after_swap = talk(backend(model_dir, tmp_path, model_key="m@2"), [turn(TURNS[1])])
     assert after_swap[0][1]["x_zoo"]["session"]["cache"] == "re-prefilled"
-    assert 'zoo:session_reprefills_total{tenant="t"} 1.0' in after_swap[1][1]
+    assert "zoo:session_reprefills_total 1.0" in after_swap[1][1]
     transcript = json.loads((tmp_path / "sessions" / "s.json").read_text())
     assert [t["model"] for t in transcript["turns"]] == ["m@1", "m@2"]
 
@@ -111,7 +111,7 @@ def test_a_damaged_cache_is_ignored_logged_and_the_session_goes_on(model_dir: Pa
     assert damaged[0][1]["x_zoo"]["session"]["cache"] == "re-prefilled"
     assert reply(damaged[0]) == reply(first[1])
     assert any("is damaged" in r.getMessage() and "ignored, re-prefilling" in r.getMessage() for r in caplog.records)
-    assert 'zoo:session_cache_corrupt_total{tenant="t"} 1.0' in damaged[1][1]
+    assert "zoo:session_cache_corrupt_total 1.0" in damaged[1][1]
 
 
 def test_sessions_are_read_and_deleted_through_the_api(model_dir: Path, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_chat_in_a_terminal_resumes_its_session_and_the_cli_manages_sessions(wor
             child.sendline("/quit")
             child.expect_exact("resume with: zoo-agent chat --session talk")
             child.expect(pexpect.EOF)
-        r.notify.wait(lambda m: "; 1 session" in m.get("STATUS", ""), timeout=30)
+        r.notify.wait(lambda m: "1 session)" in m.get("STATUS", ""), timeout=30)
     finally:
         r.stop()
     def sessions(command: str, *args: str) -> Any:

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import Target, zoo_options
-from zoo_agent.errors import StoreError, UsageError
+from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
+from zoo_agent.errors import SourceError, StoreError, UsageError
 
 __all__ = ["resident"]
 
@@ -31,7 +31,7 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
               help="Which idle tenant makes room: least recently used, or the first loaded (the benchmark's naive baseline).")
 @click.pass_context
 def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, strict: bool, paging_policy: str) -> None:
-    """Serve the host's tenant: supervise one inference worker, report to systemd."""
+    """Serve the host's tenants: a router in front of one worker per loaded tenant, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
         return
@@ -76,6 +76,38 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise StoreError(f"reload did not finish within {timeout:.0f}s")
+
+
+@resident.command("status")
+@click.option("--url", default=None, envvar="ZOO_URL", help="The resident's address (default: where the zoo's resident listens).")
+@json_option
+@click.pass_obj
+def status(target: Target, url: str | None, as_json: bool) -> None:
+    """Ask the running resident what it serves: every tenant, loaded or paged out (its /health)."""
+    import urllib.error
+    import urllib.request
+
+    if url is None:
+        listen = _state(target.zoo.resident_state).get("listen") or "127.0.0.1:8000"
+        if listen.startswith(("unix:", "/")):
+            raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
+        url = "http://" + listen.removeprefix("http://")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as response:
+            health = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503 while starting or stopping: the body still says what it serves
+        health = json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceError(f"{url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
+    if as_json:
+        emit_json(health)
+        return
+    click.echo(f"{health.get('state', '?')}: {health.get('status', '')}")
+    for tid, t in (health.get("tenants") or {}).items():
+        served = f"{t['model']}@{t['version']}" if t.get("model") else "-"
+        idle = f"{t['idle_seconds']:.0f}s" if t.get("idle_seconds") is not None else "-"
+        click.echo(f"  {tid:<20} {t['state']:<10} {served:<24} {t.get('running', 0):>3} running {t.get('waiting', 0):>3} waiting  idle {idle:<6} "
+                   f"{t.get('footprint', 0) / (1 << 20):>8.1f} MiB{'  pinned' if t.get('pinned') else ''}{'  ' + t['error'] if t.get('error') else ''}")  # fmt: skip
 
 
 def _state(path: Path) -> dict[str, Any]:

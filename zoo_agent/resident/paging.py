@@ -30,6 +30,7 @@ class Live:
     evictable: bool = True  # serving (a loading or draining worker cannot be evicted)
     last_used: float = 0.0  # monotonic seconds
     loaded_at: float = 0.0
+    draining: bool = False  # stopping: its memory comes back when its process exits
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ def decide(budget: int | None, live: Sequence[Live], tenant: str, need: int, pol
     pinned = sum(w.footprint for w in live if w.pinned)
     if pinned + need > budget:
         return Refuse(f"{tenant} needs {human_bytes(need)}; pinned tenants hold {human_bytes(pinned)} of the {human_bytes(budget)} budget")
+    coming = sum(w.footprint for w in live if w.draining)
+    if used - coming + need <= budget:
+        # Evicted (or replaced) workers are exiting and their memory covers it: evicting more would page out a tenant for nothing.
+        names = ", ".join(sorted({w.tenant for w in live if w.draining}))
+        return Wait(f"{tenant} loads once {names} {'has' if ',' not in names else 'have'} stopped")
     order = sorted((w for w in live if not w.pinned and w.evictable and not w.busy),
                    key=lambda w: (w.last_used, w.loaded_at) if policy == "lru" else (w.loaded_at, w.last_used))  # fmt: skip
     victims: list[str] = []

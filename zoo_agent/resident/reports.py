@@ -102,7 +102,7 @@ class Reports:
                             "last_used": _wall(slot.last_used), "error": slot.refusal or slot.error or ""}  # fmt: skip
         state = {"pid": os.getpid(), "attempts": sup.reload_attempts, "reloads": sup.reloads, "last_error": sup.last_error,
                  "state": "reloading" if sup.pending_reloads else ("ready" if sup.ready_sent else "starting"), "version": first_version,
-                 "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
+                 "listen": sup.config.listen, "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
         makedirs_durable(sup.zoo.resident_dir)
         write_atomic(sup.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
 

@@ -15,6 +15,7 @@ crash, hang or OOM (in its worker) never stops it from answering ``/health``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -168,6 +169,8 @@ class Router:
         self.stopping = True
         if self.server is not None:
             self.server.should_exit = True
+        for tenant in list(self.queues):
+            self.poke(tenant)  # who waits for a tenant to load is answered now: nothing loads any more
 
     def join(self, timeout: float) -> None:
         if self.thread is not None:
@@ -187,10 +190,11 @@ class Router:
         with self.sup.lock:
             slot = self.sup.slots.get(tenant)
             while len(queue):
-                if slot is None or slot.refusal is not None:
+                if slot is None or slot.refusal is not None or self.stopping:
                     waiter = queue.pop_best()
                     if not waiter.future.done():
-                        waiter.future.set_exception(_Refused(slot.refusal if slot else f"tenant '{tenant}' is no longer served here"))
+                        why = "the resident is stopping" if self.stopping else slot.refusal if slot else f"tenant '{tenant}' is no longer served here"
+                        waiter.future.set_exception(_Refused(why))
                     continue
                 if slot.path is None or slot.inflight >= slot.capacity:
                     break
@@ -224,6 +228,8 @@ class Router:
                 slot.refusal = None  # a new request tries a failed tenant again
             if slot.refusal is not None:
                 raise _Refused(slot.refusal)
+            if self.stopping:
+                raise _Refused("the resident is stopping")
             waiter = _Waiter(loop)
             queue.push(waiter, priority, time.monotonic())
             slot.queued, slot.wanted, slot.last_used = len(queue), True, time.monotonic()
@@ -419,8 +425,18 @@ class Router:
         """One exchange with the worker, its answer streamed to the client as it arrives."""
         client = self._client(path)
         request = client.build_request(method, target, headers=headers, content=body)
+        # A non-streaming answer's head comes only when it is complete: watch the client meanwhile,
+        # so one that leaves closes the worker's connection and so cancels its generation.
+        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(client.send(request, stream=True))
+        waiting: set[asyncio.Future[Any]] = {sending, gone}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError, OSError):
+                await sending
+            return 499
         try:
-            response = await client.send(request, stream=True)
+            response = sending.result()
         except (httpx.TransportError, OSError) as exc:
             raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
         try:

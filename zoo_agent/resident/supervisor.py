@@ -108,7 +108,9 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
         if not loopback and not api_key:
             raise UsageError(f"--listen {spec}: listening beyond loopback needs a bearer token (--api-key-file)")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it Nagle held each response body for the client's delayed ACK (+40 ms a request).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, int(port)))
@@ -209,7 +211,7 @@ class Supervisor:
         self.last_status = ""
         self.last_status_at = 0.0
         self.listener: socket.socket | None = None
-        self.sockets = Path(tempfile.mkdtemp(prefix="zoo-resident-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
+        self.sockets: Path | None = None  # the workers' private sockets: a directory of our own, made by run()
         self.spawned = 0
         self.reports = Reports(self)
         self.wake_r, self.wake_w = socket.socketpair()
@@ -304,6 +306,7 @@ class Supervisor:
 
     def spawn(self, slot: Slot, config: WorkerConfig) -> Worker:
         """A worker on a private socket of its own (the router is its only client)."""
+        assert self.sockets is not None
         self.spawned += 1
         path = str(self.sockets / f"{self.spawned}.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,6 +332,13 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
+        self.sockets = Path(tempfile.mkdtemp(prefix="zoo-resident-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
+        try:
+            return self._run()
+        finally:
+            self._close()
+
+    def _run(self) -> int:
         try:
             idx = self.load_index()
             self.take_index(idx)
@@ -338,7 +348,6 @@ class Supervisor:
                 self.worker_config(idx, tid)  # a tenant that cannot load is an error now, not at the first request
         except ZooError as exc:
             self.notify.failed(errno.EINVAL, f"cannot start: {exc}")
-            self._cleanup()
             raise
         for tid in first:
             self.slots[tid].wanted = True
@@ -356,7 +365,6 @@ class Supervisor:
                     slot, worker = key.data
                     self._read(slot, worker)
             self.tick()
-        self._close()
         return self.exit_code
 
     def tick(self) -> None:
@@ -399,7 +407,7 @@ class Supervisor:
             for worker in slot.workers:
                 live.append(Live(slot.tenant, slot.footprint, slot.pinned, slot.busy, worker.state == "serving" and slot.incoming is None,
                                  slot.last_used, slot.loaded_at))  # fmt: skip
-        live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False) for slot, _ in self.retiring]
+        live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False, draining=True) for slot, _ in self.retiring]
         return live
 
     def _page(self, t: float) -> None:
@@ -557,12 +565,17 @@ class Supervisor:
         self._reload_done(slot.tenant, ok=True)
         self._tell_reloads(slot)
         log.info("worker %d: serving %s (%s@%s)", worker.proc.pid, slot.tenant, worker.config.model, worker.config.version)
-        pinned = [s for s in self.slots.values() if s.pinned] or [self.slots[self.order[0]]]
-        if all(s.phase == "serving" for s in pinned):
+        if all(s.phase == "serving" for s in self.slots.values() if self._essential(s)):
             if not self.ready_sent:
                 self.ready_sent = True
                 self.reports.state()
             self.notify.ready(self.status_line())
+
+    def _essential(self, slot: Slot) -> bool:
+        """What READY waited for (the pinned tenants, else the first listed): a host that cannot
+        serve it fails the unit, saying why, instead of serving less than it promised."""
+        pinned = [s for s in self.slots.values() if s.pinned]
+        return slot.pinned or (not pinned and bool(self.order) and slot.tenant == self.order[0])
 
     def _check(self, slot: Slot, worker: Worker, t: float) -> None:
         code = worker.proc.poll()
@@ -624,7 +637,7 @@ class Supervisor:
             if slot.tenant in self.pending_reloads:
                 self.last_error = f"reload of {slot.tenant} failed: {message}"
                 self._reload_done(slot.tenant, ok=False)
-            if slot.pinned or not self.ready_sent:
+            if self._essential(slot) or not self.ready_sent:
                 self.notify.failed(errno.EIO, message)
                 log.error("%s", message)
                 self.exit_code = 1
@@ -636,7 +649,7 @@ class Supervisor:
         if len(slot.crashes) >= self.config.max_crashes:
             message = f"{slot.tenant}: worker crashed {len(slot.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}"
             log.error("%s", message)
-            if slot.pinned or len(self.order) == 1:
+            if self._essential(slot):
                 self.notify.failed(errno.ECHILD, message)
                 self.exit_code = 1
                 return
@@ -841,10 +854,8 @@ class Supervisor:
                 worker.proc.wait()
         if self.listener is not None:
             self.listener.close()
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp above, holding only sockets
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp in run(), holding only sockets
 
 
 def _ago(seconds: float) -> str:

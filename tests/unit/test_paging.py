@@ -1,0 +1,76 @@
+"""The paging decision (pure) and the control protocol's framing (issue #20)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from zoo_agent.resident import protocol as p
+from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+
+G = 1 << 30
+
+
+def live(tenant: str, gib: float, *, pinned: bool = False, busy: bool = False, evictable: bool = True, used: float = 0.0, loaded: float = 0.0,
+         draining: bool = False) -> Live:  # fmt: skip
+    return Live(tenant, int(gib * G), pinned, busy or draining, evictable and not draining, used, loaded, draining)
+
+
+@pytest.mark.parametrize(
+    ("budget", "workers", "need", "expected"),
+    [
+        (None, [live("a", 100)], 100, Load()),  # no budget: nothing to prove
+        (8, [], 8, Load()),  # exactly the budget fits
+        (8, [live("a", 3)], 5, Load()),
+        (8, [], 9, Refuse),  # cannot fit even alone
+        (8, [live("a", 6, pinned=True)], 3, Refuse),  # pinned tenants leave too little
+        (8, [live("a", 3, used=5), live("b", 3, used=1)], 4, Evict(("b",))),  # least recently used
+        (8, [live("a", 3, used=5), live("b", 3, used=1)], 7, Evict(("b", "a"))),  # as many as it takes, LRU first
+        (8, [live("a", 3, used=1, busy=True), live("b", 3, used=5)], 4, Evict(("b",))),  # busy: never, however old
+        (8, [live("a", 3, busy=True), live("b", 3, busy=True)], 4, Wait),  # room comes when they finish
+        (8, [live("a", 3, evictable=False), live("b", 3, pinned=True)], 4, Wait),  # loading or draining: its memory is in use
+        (8, [live("a", 2, pinned=True), live("b", 3, used=9), live("c", 3, used=2)], 3, Evict(("c",))),
+        # An evicted worker still exiting: its memory is coming back; evicting the next idle one too would page it out for nothing.
+        (8, [live("a", 3, draining=True), live("b", 3, used=1)], 4, Wait),
+        (8, [live("a", 1, draining=True), live("b", 3, used=1), live("c", 3, used=2)], 4, Evict(("b",))),  # not enough coming back
+    ],
+)
+def test_decide(budget: int | None, workers: list[Live], need: float, expected: object) -> None:
+    decision = decide(budget * G if budget else None, workers, "new", int(need * G))
+    if isinstance(expected, type):
+        assert isinstance(decision, expected)
+    else:
+        assert decision == expected
+
+
+def test_refusal_names_the_numbers() -> None:
+    decision = decide(4 * G, [live("a", 3, pinned=True)], "big", 2 * G)
+    assert isinstance(decision, Refuse)
+    assert "big needs 2.1 GB" in decision.reason and "pinned tenants hold 3.2 GB of the 4.3 GB budget" in decision.reason
+
+
+def test_oldest_policy_evicts_the_first_loaded_even_if_it_is_hot() -> None:
+    workers = [live("hot", 3, used=9, loaded=1), live("cold", 3, used=2, loaded=5)]
+    assert decide(8 * G, workers, "new", 4 * G, "lru") == Evict(("cold",))
+    assert decide(8 * G, workers, "new", 4 * G, "oldest") == Evict(("hot",))
+
+
+def test_protocol_round_trip_and_unknown_messages() -> None:
+    config = WorkerConfig(tenant="t", model="m", version="v1", version_dir="/zoo/models/m/versions/v1")  # type: ignore[arg-type]
+    for message in (p.Configure(config=config), p.Ping(seq=3), p.Drain(), p.Reloads(ok=1, failed=2)):
+        assert p.to_worker(p.encode(message)) == message
+    for reply in (p.Loading(pct=40), p.Failed(error="x"), p.Ready(pid=1, load_seconds=0.5, device="cpu", dtype="float32"), p.Pong(seq=3)):
+        assert p.to_supervisor(p.encode(reply)) == reply
+    with pytest.raises(ValidationError):
+        p.to_supervisor(b'{"pong": 3}\n')  # the untyped shape of before: refused, not guessed
+    with pytest.raises(ValidationError):
+        p.to_worker(p.encode(p.Pong(seq=1)))  # a message of the other direction
+
+
+def test_lines_reassembles_split_messages() -> None:
+    lines = p.Lines()
+    data = p.encode(p.Ping(seq=1)) + p.encode(p.Ping(seq=2))
+    assert lines.feed(data[:5]) == []
+    got = lines.feed(data[5:])
+    assert [p.to_worker(line) for line in got] == [p.Ping(seq=1), p.Ping(seq=2)]
