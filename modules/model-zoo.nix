@@ -536,7 +536,8 @@ in
         RuntimeDirectory = "model-zoo";
         RuntimeDirectoryMode = "0750";
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
-        LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile);
+        # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
+        LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile) ++ hfCredential;
         PrivateDevices = cfg.resident.gpu == "none";
         PrivateUsers = cfg.resident.gpu == "none";
         DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};

@@ -212,7 +212,7 @@ class TestModule:
         for secret in (token, key):
             assert secret not in proc.stdout and secret not in generated
         assert out["services"]["model-zoo-reconcile"]["serviceConfig"]["LoadCredential"] == [f"hf-token:{tmp_path}/hf"]
-        assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"api-key:{tmp_path}/api"]
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"api-key:{tmp_path}/api", f"hf-token:{tmp_path}/hf"]  # on-demand tenants fetch from the resident
         assert "LoadCredential" not in out["services"]["model-zoo-verify"]["serviceConfig"]
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["ExecStart"].endswith("--api-key-file %d/api-key")
 

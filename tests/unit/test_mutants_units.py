@@ -123,7 +123,7 @@ def test_every_option_reaches_its_directive() -> None:
         ("ExecReload", f'"{AGENT}" "resident" "reload" "--pid" $MAINPID'), ("Restart", "on-failure"), ("RestartSec", "5"),
         ("TimeoutStartSec", "90"), ("TimeoutStopSec", "60"), ("WatchdogSec", "20"), ("RuntimeDirectory", "model-zoo"),
         ("RuntimeDirectoryMode", "0750"), ("MemoryMax", "8G"), *common([*env, "ZOO_LISTEN=127.0.0.1:8000", "A=x$y %%z"], state),
-        ("LoadCredential", "api-key:/etc/zoo/key"), ("PrivateDevices", "no"), ("PrivateUsers", "no"),
+        ("LoadCredential", "api-key:/etc/zoo/key"), ("LoadCredential", "hf-token:/etc/zoo/token"), ("PrivateDevices", "no"), ("PrivateUsers", "no"),
         ("DeviceAllow", "char-drm rw"), ("DeviceAllow", "char-fb rw"), ("DeviceAllow", "char-kfd rw"),
         ("SupplementaryGroups", "render"), ("SupplementaryGroups", "video"),
     ]  # fmt: skip

@@ -267,7 +267,7 @@ def render(settings: UnitSettings) -> dict[str, str]:
                  "ExecStart": _exec(settings, "apply"),
                  "Restart": "on-failure", "RestartSec": "30",
                  **({"ExecStartPost": _exec(settings, "gc")} if settings.gc else {}),
-                 # Only this unit fetches, so only it gets the token.
+                 # This unit and the resident (a tenant with fetch "on-demand" is fetched by its first request) get the token; verify does not.
                  **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),
                  **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
         install={"WantedBy": "multi-user.target"})}
@@ -290,7 +290,8 @@ def render(settings: UnitSettings) -> dict[str, str]:
                      "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
                      **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
                      **_common(settings, {"ZOO_LISTEN": settings.listen}),
-                     **({"LoadCredential": _credential("api-key", settings.api_key_file)} if settings.api_key_file else {}),
+                     **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("hf-token", settings.hf_token_file))
+                                            if path is not None]} if settings.api_key_file or settings.hf_token_file else {}),
                      **_devices(settings)},
             install={"WantedBy": "multi-user.target"})
     if settings.verify_interval:
