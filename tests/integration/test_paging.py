@@ -101,6 +101,8 @@ def test_rotation_pages_least_recently_used_and_never_the_pinned(five: World) ->
         assert json.loads(asked.output)["tenants"]["d"]["state"] == "paged_out"
         human = five.run("resident", "status")
         assert "paged out: d, e" in human.output and "pinned" in human.output
+        status = json.loads(five.run("status", "--json").output)["resident"]  # what the resident last wrote, without asking it
+        assert status["running"] and status["tenants"]["e"]["state"] == "paged_out" and status["tenants"]["b"]["state"] == "serving"
     finally:
         out = r.stop()
     assert "Traceback" not in out

@@ -40,7 +40,7 @@ from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
 from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
-from zoo_agent.reconcile.status import artifact_status, healthy
+from zoo_agent.reconcile.status import artifact_status, healthy, resident_status
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
@@ -199,8 +199,9 @@ def status_cmd(target: Target, as_json: bool) -> None:
     target.zoo.check_root(allow_network_fs=True)
     rows = artifact_status(desired, observe(target.zoo))
     ok = all(healthy(r["state"]) for r in rows)
+    resident = resident_status(target.zoo)
     if as_json:
-        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": ok, "artifacts": rows})
+        emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": ok, "artifacts": rows, "resident": resident})
     else:
         click.echo(f"host {desired.host}, zoo {target.zoo.root}")
         for r in rows:
@@ -208,6 +209,12 @@ def status_cmd(target: Target, as_json: bool) -> None:
                 f"  {r['kind'][:-1]:<5} {r['id']:<24} declared {r['declared'] or '-':<12} current {r['current'] or '-':<12} "
                 f"previous {r['previous'] or '-':<12} {human_bytes(r['size']):>9}  verified {r['verified_at'] or '-'}  {r['state']}"
             )
+        if resident is not None:  # what the resident last reported; `zoo-agent resident status` asks it now
+            click.echo(f"resident: {resident['status'] if resident['running'] else 'not running'}")
+            for tid, t in resident["tenants"].items():
+                served = f"{t['model']}@{t['version']}" if t.get("model") else "-"
+                click.echo(f"  tenant {tid:<23} {t['state']:<10} {served:<24}{'  pinned' if t.get('pinned') else ''}"
+                           f"{'  ' + t['error'] if t.get('error') else ''}")  # fmt: skip
     if not ok:
         sys.exit(1)
 

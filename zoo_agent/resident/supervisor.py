@@ -617,6 +617,7 @@ class Supervisor:
             with self.lock:
                 if slot.phase == "draining" and not slot.workers:
                     slot.phase = "paged_out"
+            self.reports.state()
             self.wake()
             return
         reason = worker.error or f"exit status {code}"
