@@ -15,6 +15,7 @@ Only ``cli.py`` turns these into an exit status; library code raises. The tree::
     ├── StoreError           exit 1   the zoo on disk cannot be read or written
     ├── BackendError         exit 1   the serving backend failed a request (an Ollama daemon's HTTP error)
     │   └── OllamaDown       exit 1   the daemon stopped answering: the worker exits, the supervisor restarts it
+    ├── FetchFailed      exit 1+  a tenant fetched on first use could not be (reconcile/ondemand.py; the worst step's code)
     └── LockHeld             exit 75  another run holds the zoo's lock (EX_TEMPFAIL)
 
 Exceptions outside this tree are bugs and keep their tracebacks.
