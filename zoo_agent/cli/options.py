@@ -22,7 +22,7 @@ from zoo_agent.plan import Desired, desired_for_host, host_id
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "tenant_option", "wait_option", "zoo_options"]
+__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "tenant_option", "textfile_option", "wait_option", "zoo_options"]
 
 
 def emit_json(document: Any) -> None:
@@ -105,3 +105,9 @@ def net_option(func: Callable[..., Any]) -> Callable[..., Any]:
 def tenant_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--tenant", default=None, metavar="TENANT",
                         help="Only this served tenant's model and adapters (an on-demand one too); no gc.")(func)
+
+
+def textfile_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Where apply, verify and gc leave node_exporter textfile-collector metrics (issue #25)."""
+    return click.option("--textfile-dir", type=click.Path(path_type=Path, file_okay=False), envvar="ZOO_TEXTFILE_DIR", default=None,
+                        help="Write this run's metrics to DIR/model-zoo-COMMAND.prom for node_exporter ($ZOO_TEXTFILE_DIR).")(func)

@@ -20,10 +20,11 @@ from zoo_agent.cli.options import (
     json_option,
     net_option,
     tenant_option,
+    textfile_option,
     wait_option,
     zoo_options,
 )
-from zoo_agent.errors import UsageError
+from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.pin import Selection, adapter_rank, existing, file_source, pin_directory, pin_hf, write_entry
 from zoo_agent.plan import (
     Action,
@@ -41,6 +42,7 @@ from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, p
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
 from zoo_agent.reconcile.status import artifact_status, healthy, resident_status
+from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
@@ -84,9 +86,11 @@ def _fetch_total(the_plan: Plan) -> int:
 
 
 def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetching: FetchSettings | None = None,
-              strict: bool = False) -> None:  # fmt: skip
+              strict: bool = False, rec: Recorder | None = None) -> None:  # fmt: skip
     progress = make_progress(_fetch_total(the_plan), machine_output=target.as_json)
     result = apply(the_plan, target.zoo, desired, target.index.resolve().parent, progress, fetching, strict=strict)
+    if rec is not None:
+        rec.result(result)
     failures = result.failures
     progress.notifier.status(f"{what}: {len(failures)} of {len(result.outcomes)} steps failed" if failures
                              else f"{what}: the zoo matches the index ({len(result.outcomes)} steps done)")
@@ -101,6 +105,14 @@ def _run_plan(target: Target, the_plan: Plan, desired: Desired, what: str, fetch
         click.echo(f"{what}: {done}; the zoo at {target.zoo.root} matches the index for host {desired.host}")
     if failures:
         sys.exit(result.exit_code)
+
+def _host_label(target: Target) -> str:
+    """The host id for the textfile's ``host`` label: the index's, else the name we were given."""
+    try:
+        return target.resolve()[1]
+    except (ZooError, OSError):
+        return target.host
+
 
 @click.command("plan")
 @zoo_options
@@ -145,10 +157,17 @@ def _echo_fit(budget: str, doc: dict[str, Any], fits: dict[str, TenantFit]) -> N
               help="Re-hash files reused from other versions too (default: trust their manifest and stat; $ZOO_STRICT=1).")
 @tenant_option
 @fetch_options
+@textfile_option
 @json_option
 def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, strict: bool, tenant: str | None, fetching: FetchSettings,
-              as_json: bool) -> None:  # fmt: skip
+              textfile_dir: Path | None, as_json: bool) -> None:  # fmt: skip
     """Reconcile the host's models and adapters into the zoo (idempotent)."""
+    with recording(textfile_dir, "apply", _host_label(target) if textfile_dir else target.host) as rec:
+        _apply(target, wait, allow_network_fs, strict, tenant, fetching, rec)
+
+
+def _apply(target: Target, wait: float, allow_network_fs: bool, strict: bool, tenant: str | None, fetching: FetchSettings,
+           rec: Recorder) -> None:  # fmt: skip
     idx, host = target.resolve()
     desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
@@ -161,7 +180,9 @@ def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, st
         # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
         proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())
         init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
-        _run_plan(target, the_plan, desired, "apply", fetching, strict)
+        whole = desired_for_host(idx, host)
+        rec.artifacts = lambda: artifact_status(whole, observe(target.zoo))
+        _run_plan(target, the_plan, desired, "apply", fetching, strict, rec)
         if tenant is None:  # the zoo matches the whole index only after a whole apply
             _remember_index(target)
 
@@ -170,9 +191,16 @@ def apply_cmd(target: Target, wait: float, allow_network_fs: bool, jobs: int, st
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; change nothing.")
 @wait_option
 @net_option
+@textfile_option
 @json_option
-def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, as_json: bool) -> None:
+def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, textfile_dir: Path | None, as_json: bool) -> None:
     """Remove versions beyond retention and artifacts no longer declared for this host."""
+    directory = None if dry_run else textfile_dir  # a dry run changes nothing, so it reports nothing
+    with recording(directory, "gc", _host_label(target) if directory else target.host) as rec:
+        _gc(target, dry_run, wait, allow_network_fs, as_json, rec)
+
+
+def _gc(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, as_json: bool, rec: Recorder) -> None:
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=allow_network_fs)
     if not target.zoo.root.exists():
@@ -188,7 +216,7 @@ def gc_cmd(target: Target, dry_run: bool, wait: float, allow_network_fs: bool, a
                 for step in the_plan:
                     click.echo(step.describe("plan"))
             return
-        _run_plan(target, the_plan, desired, "gc")
+        _run_plan(target, the_plan, desired, "gc", rec=rec)
 
 @click.command("status")
 @zoo_options
@@ -225,13 +253,22 @@ def status_cmd(target: Target, as_json: bool) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Files hashed in parallel (default: all cores).")
 @wait_option
 @fetch_options
+@textfile_option
 @json_option
-def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool) -> None:
+def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings,
+               textfile_dir: Path | None, as_json: bool) -> None:  # fmt: skip
     """Re-hash every file of the published versions of IDS (default: all)."""
+    with recording(textfile_dir, "verify", _host_label(target) if textfile_dir else target.host) as rec:
+        _verify(target, ids, repair, jobs, wait, fetching, as_json, rec)
+
+
+def _verify(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool,
+            rec: Recorder) -> None:  # fmt: skip
     target.zoo.check_root(allow_network_fs=True)
     selection = select(observe(target.zoo), ids)
     report = verify(target.zoo, selection, jobs)
     repaired: list[str] = []
+    gone: list[str] = []
     if repair and report.findings:
         desired = target.desired()
         index_dir = target.index.resolve().parent
@@ -262,6 +299,7 @@ def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | N
         bad = bool(after.findings or gone)
     else:
         bad = bool(report.findings)
+    _record_verify(rec, report, repaired, gone)
     if as_json:
         emit_json({
             "versions": len(report.versions), "files": report.files, "bytes": report.bytes,
@@ -274,6 +312,21 @@ def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | N
                    f"{len(report.findings)} bad" + (f"; repaired {', '.join(repaired)}" if repaired else ""))
     if bad:
         sys.exit(1)
+
+def _record_verify(rec: Recorder, report: Report, repaired: list[str], gone: list[str]) -> None:
+    """The last verify's counts; ``zoo_verify_failures`` is what is still bad after any repair."""
+    rec.set("versions", "Versions the last verify re-hashed.", len(report.versions))
+    rec.set("files", "Files the last verify re-hashed.", report.files)
+    rec.set("bytes", "Bytes the last verify re-hashed.", report.bytes)
+    rec.set("failures", "Files the last verify found damaged or missing (after --repair: still bad), plus versions repair could not bring back.",
+            len(report.findings) + len(gone))
+    rec.set("repaired_versions", "Versions the last verify --repair quarantined and fetched again.", len(repaired))
+    damaged: dict[tuple[str, str, str], int] = {}
+    for f in report.findings:
+        damaged[(f.kind, f.id, f.version)] = damaged.get((f.kind, f.id, f.version), 0) + 1
+    for (kind, aid, version), n in sorted(damaged.items()):
+        rec.set("damaged_files", "Damaged or missing files per version, found by the last verify.", n, kind=kind, id=aid, version=version)
+
 
 @click.command("rollback")
 @click.argument("ref")
