@@ -113,10 +113,10 @@ def test_load_transformers_applies_the_index_safety(world: World) -> None:
 
 def test_unreadable_meminfo_means_a_stop_first_reload_not_infinite_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit with ProcSubset=pid hides /proc/meminfo; the fit check must not read that as 'fits'."""
-    from zoo_agent.resident import supervisor
+    from zoo_agent.resident import memory
 
     def hidden(path: str, *args: object, **kwargs: object) -> object:
         raise FileNotFoundError(2, "No such file or directory", path)
 
-    monkeypatch.setattr(supervisor, "open", hidden, raising=False)
-    assert supervisor._mem_available() is None
+    monkeypatch.setattr(memory, "open", hidden, raising=False)
+    assert memory.mem_available() is None

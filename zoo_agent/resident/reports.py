@@ -21,7 +21,8 @@ from zoo_agent.store.zoo import now
 
 if TYPE_CHECKING:
     from zoo_agent.resident.protocol import Ready
-    from zoo_agent.resident.supervisor import Slot, Supervisor, Worker
+    from zoo_agent.resident.slots import Slot, Worker
+    from zoo_agent.resident.supervisor import Supervisor
 
 __all__ = ["Reports"]
 
@@ -34,6 +35,34 @@ class Reports:
         self.started_at = now()
         self.swaps: dict[str, list[dict[str, Any]]] = {}
         self.gap_from: dict[str, str] = {}  # tenant -> the version a stop-first reload stopped
+
+    def status_line(self) -> str:
+        """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""
+        sup, t = self.sup, time.monotonic()
+        loaded, out = [], []
+        served = 0
+        for tid in sup.order:
+            slot = sup.slots[tid]
+            served += slot.served_before + sum(w.stats.served for w in slot.workers)
+            worker = slot.serving
+            if worker is None or worker.state != "serving":
+                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": "failed"}.get(slot.phase)
+                out.append(f"{tid} ({what})" if what else tid)
+                continue
+            s = worker.stats
+            busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
+            if not (s.running or s.waiting):
+                busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"
+            extra = f", {s.tps:.1f} tok/s" if s.tps else ""
+            if s.adapters:
+                extra += f", adapters {','.join(s.adapters)}"
+            if s.refused:
+                extra += f", refused {','.join(sorted(s.refused))}"
+            if s.sessions:
+                extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
+            loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
+        head = f"{len(sup.order)} tenant{'s' if len(sup.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
+        return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests"
 
     def measured(self, tenant: str, label: str) -> int:
         """The footprint a previous load of this model@version measured, or 0."""
@@ -120,3 +149,11 @@ def _read(path: Any) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"

@@ -24,166 +24,29 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pydantic import ValidationError
 
 from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.fit import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.resident import protocol as p
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
+from zoo_agent.resident.listener import listen_socket, read_api_key
+from zoo_agent.resident.memory import mem_available, rss
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
 from zoo_agent.resident.priority import CLASSES
 from zoo_agent.resident.reports import Reports
+from zoo_agent.resident.slots import Slot, Worker
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
 
-__all__ = ["Slot", "Supervisor", "Worker", "listen_socket", "read_api_key"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("zoo_agent.resident")
-
-Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
-
-
-def _memory_limit(spec: str | None) -> int | None:
-    if not spec:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(spec[:-1]) * units[spec[-1]] if spec[-1] in units else int(spec)
-
-
-def _mem_available() -> int | None:
-    """MemAvailable in bytes; None when it cannot be read (a unit with ProcSubset=pid hides
-    /proc/meminfo): unknown is a refusal to load beside the old version, never infinity."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def read_api_key(path: Path) -> str:
-    """The bearer token: one line of visible ASCII. An empty file silently turned auth off (issue #17)."""
-    try:
-        key = path.read_bytes().decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise UsageError(f"--api-key-file {path}: not ASCII; a bearer token is visible ASCII characters") from None
-    except OSError as exc:
-        raise UsageError(f"--api-key-file {path}: cannot be read: {exc.strerror or exc}") from exc
-    if not key:
-        raise UsageError(f"--api-key-file {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
-    if not all(33 <= ord(c) < 127 for c in key):
-        raise UsageError(f"--api-key-file {path}: the token holds spaces or control characters; a bearer token is one word")
-    return key
-
-
-def listen_socket(spec: str, api_key: str | None) -> socket.socket:
-    """A bound, listening socket: systemd's (LISTEN_FDS), a unix path, or host:port."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
-        return socket.socket(fileno=3)
-    if spec.startswith("unix:") or spec.startswith("/"):
-        path = spec.removeprefix("unix:")
-        Path(path).unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    else:
-        host, _, port = spec.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
-        if not loopback and not api_key:
-            raise UsageError(f"--listen {spec}: listening beyond loopback needs a bearer token (--api-key-file)")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-        # and without it Nagle held each response body for the client's delayed ACK (+40 ms a request).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError as exc:
-            sock.close()
-            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror}") from exc
-    sock.listen(128)
-    return sock
-
-
-@dataclass
-class Worker:
-    """One worker process and what the supervisor knows of it."""
-
-    proc: subprocess.Popen[bytes]
-    control: socket.socket
-    config: WorkerConfig
-    path: str  # its private socket, where the router forwards
-    started: float = field(default_factory=time.monotonic)
-    state: Literal["loading", "serving", "draining"] = "loading"
-    pct: int = 0
-    progressed: float = field(default_factory=time.monotonic)  # last loading progress or pong
-    ping_sent: float = 0.0
-    ping_seq: int = 0
-    stats: p.Pong = field(default_factory=lambda: p.Pong(seq=0))
-    ready: p.Ready | None = None
-    error: str = ""
-    lines: p.Lines = field(default_factory=p.Lines)
-
-
-@dataclass
-class Slot:
-    """One tenant this host serves, loaded or not. Fields the router reads or writes
-    (``path``, ``inflight``, ``queued``, ``wanted``, ``refusal``, ``last_used``) change under the lock."""
-
-    tenant: str
-    pinned: bool = False
-    priority: int = 0
-    fetch: Literal["eager", "on-demand"] = "eager"
-    capacity: int = 32  # requests the worker holds at once (max_batch + max_queue)
-    max_queue: int = 16  # requests the router holds while no worker can take them
-    estimate: int = 0  # footprint from the index and config.json
-    measured: int = 0  # footprint the loaded model reported (max of its loads)
-    phase: Phase = "paged_out"
-    serving: Worker | None = None
-    incoming: Worker | None = None  # a new version loading beside the serving one
-    path: str | None = None  # where to forward now: the serving worker, unless draining
-    inflight: int = 0
-    queued: int = 0
-    wanted: bool = False
-    refusal: str | None = None  # why requests for it are answered 503 now
-    last_used: float = 0.0
-    loaded_at: float = 0.0
-    crashes: list[float] = field(default_factory=list)
-    restart_at: float = 0.0
-    fetch_pct: int = 0
-    error: str = ""
-    served_before: int = 0  # requests and tokens of this tenant's workers that are gone
-    tokens_before: int = 0
-    evictions: int = 0
-
-    @property
-    def footprint(self) -> int:
-        return max(self.estimate, self.measured)
-
-    @property
-    def busy(self) -> bool:
-        return self.inflight > 0 or self.queued > 0
-
-    @property
-    def workers(self) -> list[Worker]:
-        return [w for w in (self.serving, self.incoming) if w is not None]
-
 
 class Supervisor:
     def __init__(self, config: ResidentConfig, notifier: Notifier | None = None) -> None:
@@ -252,7 +115,7 @@ class Supervisor:
 
     def take_index(self, idx: Index) -> None:
         """The slot table follows the index: new tenants paged out, gone ones drained."""
-        from zoo_agent.fit import parse_memory, read_config, tenant_footprint
+        from zoo_agent.fit import read_config, tenant_footprint
 
         host = idx.hosts[self.config.host.lower()]
         served = list(host.served())
@@ -679,11 +542,11 @@ class Supervisor:
             used = sum(w.footprint for w in self._live())
             return used + slot.footprint <= self.budget
         need = sum(f.stat().st_size for f in config.version_dir.rglob("*.safetensors")) * 1.2
-        limit = _memory_limit(config.memory_max)
+        limit = parse_memory(config.memory_max) if config.memory_max else None
         if limit is not None:
-            used = _rss(slot.serving.proc.pid) if slot.serving else 0
+            used = rss(slot.serving.proc.pid) if slot.serving else 0
             return used + need <= limit
-        available = _mem_available()
+        available = mem_available()
         if available is None:
             log.warning("MemAvailable is unreadable (/proc/meminfo hidden?); reloading stop-first, as if the new version did not fit")
             return False
@@ -792,32 +655,7 @@ class Supervisor:
 
     # -- reporting ------------------------------------------------------------------------------
     def status_line(self) -> str:
-        """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""
-        t = time.monotonic()
-        loaded, out = [], []
-        served = 0
-        for tid in self.order:
-            slot = self.slots[tid]
-            served += slot.served_before + sum(w.stats.served for w in slot.workers)
-            worker = slot.serving
-            if worker is None or worker.state != "serving":
-                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": "failed"}.get(slot.phase)
-                out.append(f"{tid} ({what})" if what else tid)
-                continue
-            s = worker.stats
-            busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
-            if not (s.running or s.waiting):
-                busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"
-            extra = f", {s.tps:.1f} tok/s" if s.tps else ""
-            if s.adapters:
-                extra += f", adapters {','.join(s.adapters)}"
-            if s.refused:
-                extra += f", refused {','.join(sorted(s.refused))}"
-            if s.sessions:
-                extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
-            loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
-        head = f"{len(self.order)} tenant{'s' if len(self.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
-        return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests"
+        return self.reports.status_line()
 
     def _follow_adapters(self, slot: Slot, worker: Worker) -> None:
         """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart."""
@@ -857,11 +695,3 @@ class Supervisor:
             self.listener.close()
         if self.sockets is not None:
             shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp in run(), holding only sockets
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"

@@ -1,0 +1,85 @@
+"""What the supervisor knows of each tenant and each worker process (issue #20).
+
+A ``Slot`` is one tenant the host serves, loaded or not, with an explicit ``phase`` the
+supervisor's tick switches on; a ``Worker`` is one process serving it. The router reads
+and writes the few fields it shares with the supervisor under ``Supervisor.lock``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from zoo_agent.resident import protocol as p
+from zoo_agent.resident.config import WorkerConfig
+
+__all__ = ["Phase", "Slot", "Worker"]
+
+Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
+
+
+@dataclass
+class Worker:
+    """One worker process and what the supervisor knows of it."""
+
+    proc: subprocess.Popen[bytes]
+    control: socket.socket
+    config: WorkerConfig
+    path: str  # its private socket, where the router forwards
+    started: float = field(default_factory=time.monotonic)
+    state: Literal["loading", "serving", "draining"] = "loading"
+    pct: int = 0
+    progressed: float = field(default_factory=time.monotonic)  # last loading progress or pong
+    ping_sent: float = 0.0
+    ping_seq: int = 0
+    stats: p.Pong = field(default_factory=lambda: p.Pong(seq=0))
+    ready: p.Ready | None = None
+    error: str = ""
+    lines: p.Lines = field(default_factory=p.Lines)
+
+
+@dataclass
+class Slot:
+    """One tenant this host serves, loaded or not. Fields the router reads or writes
+    (``path``, ``inflight``, ``queued``, ``wanted``, ``refusal``, ``last_used``) change under the lock."""
+
+    tenant: str
+    pinned: bool = False
+    priority: int = 0
+    fetch: Literal["eager", "on-demand"] = "eager"
+    capacity: int = 32  # requests the worker holds at once (max_batch + max_queue)
+    max_queue: int = 16  # requests the router holds while no worker can take them
+    estimate: int = 0  # footprint from the index and config.json
+    measured: int = 0  # footprint the loaded model reported (max of its loads)
+    phase: Phase = "paged_out"
+    serving: Worker | None = None
+    incoming: Worker | None = None  # a new version loading beside the serving one
+    path: str | None = None  # where to forward now: the serving worker, unless draining
+    inflight: int = 0
+    queued: int = 0
+    wanted: bool = False
+    refusal: str | None = None  # why requests for it are answered 503 now
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    crashes: list[float] = field(default_factory=list)
+    restart_at: float = 0.0
+    fetch_pct: int = 0
+    error: str = ""
+    served_before: int = 0  # requests and tokens of this tenant's workers that are gone
+    tokens_before: int = 0
+    evictions: int = 0
+
+    @property
+    def footprint(self) -> int:
+        return max(self.estimate, self.measured)
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or self.queued > 0
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [w for w in (self.serving, self.incoming) if w is not None]
