@@ -257,6 +257,24 @@ let
   // stateDirectory
   // hardening;
 
+  # node_exporter's textfile directory (issue #25): the reconcile and verify units write
+  # their *.prom files there. '-': a missing directory never keeps a unit from starting.
+  textfileDir = if cfg.prometheus.enable then cfg.prometheus.textfileDir else null;
+  textfileEnv = optionalAttrs (textfileDir != null) { ZOO_TEXTFILE_DIR = textfileDir; };
+  oneshot = common // lib.optionalAttrs (textfileDir != null) {
+    ReadWritePaths = (stateDirectory.ReadWritePaths or [ ]) ++ [ (quoted "-${textfileDir}") ];
+  };
+  nodeExporter = config.services.prometheus.exporters.node.enable or false;
+
+  # What Prometheus scrapes: the listen address, with a wildcard made loopback.
+  scrapeTarget =
+    let
+      m = builtins.match "(.*):([0-9]+)" cfg.resident.listen;
+      address = builtins.head m;
+      local = { "0.0.0.0" = "127.0.0.1"; "[::]" = "[::1]"; "" = "127.0.0.1"; };
+    in
+    "${local.${address} or address}:${builtins.elemAt m 1}";
+
   noDevices = {
     MemoryDenyWriteExecute = true;
     PrivateDevices = true;
@@ -438,6 +456,22 @@ in
     };
 
     gc.enable = mkEnableOption "removal of versions past each host's retention after every apply";
+
+    prometheus = {
+      enable = mkEnableOption ''
+        Prometheus metrics: a scrape job for the resident's /metrics in
+        `services.prometheus.scrapeConfigs`, and textfile-collector metrics of the reconcile
+        and verify units in `prometheus.textfileDir`, read by `services.prometheus.exporters.node`
+        when it is enabled. Alert rules and a Grafana dashboard: `examples/prometheus`, `examples/grafana`'';
+      textfileDir = mkOption {
+        # node_exporter's module writes its flags unescaped into ExecStart: a plain path only.
+        type = types.nullOr (types.strMatching "/[A-Za-z0-9._/+-]*" // {
+          description = "absolute path of letters, digits and '._/+-'";
+        });
+        default = "/var/lib/model-zoo-metrics";
+        description = "Where `zoo-agent apply`, `verify` and `gc` write their `*.prom` files (null: nowhere).";
+      };
+    };
   };
 
   config = mkIf cfg.enable {
@@ -451,6 +485,10 @@ in
         message = "services.model-zoo.resident.environment: ${
           lib.concatMapStringsSep ", " builtins.toJSON (lib.filter (n: builtins.match envName n == null) (lib.attrNames cfg.resident.environment))
         } is not an environment variable name (letters, digits and '_', not first a digit).";
+      }
+      {
+        assertion = !(cfg.prometheus.enable && cfg.resident.enable) || listenPort != null;
+        message = "services.model-zoo.prometheus.enable needs services.model-zoo.resident.listen to be address:port: Prometheus cannot scrape a unix socket.";
       }
       {
         assertion = !cfg.openFirewall || listenPort != null;
@@ -484,14 +522,14 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ] ++ ollamaUnits;
       after = [ "network-online.target" ] ++ ollamaUnits;
-      inherit environment;
+      environment = environment // lib.mapAttrs (_: escapeSpecifiers) textfileEnv;
       # A changed index re-runs apply on switch.
       restartTriggers = [ index ];
       # A network failure at boot is retried, boundedly, instead of leaving the zoo empty
       # until the next switch.
       startLimitIntervalSec = 600;
       startLimitBurst = 5;
-      serviceConfig = common // noDevices // {
+      serviceConfig = oneshot // noDevices // {
         Type = "oneshot";
         RemainAfterExit = true;
         # A long download must never time out, and it is the only job of this unit, so the
@@ -548,8 +586,8 @@ in
     systemd.services.model-zoo-verify = mkIf (cfg.verify.interval != null) {
       description = "model zoo: re-hash every published file against its manifest";
       after = [ "model-zoo-reconcile.service" ];
-      inherit environment;
-      serviceConfig = common // noDevices // {
+      environment = environment // lib.mapAttrs (_: escapeSpecifiers) textfileEnv;
+      serviceConfig = oneshot // noDevices // {
         Type = "oneshot";
         ExecStart = execLine zooAgent [ "verify" ];
         # Re-hashing a zoo is bulk I/O; let serving win.
@@ -569,6 +607,25 @@ in
     };
 
     networking.firewall.allowedTCPPorts = mkIf (cfg.openFirewall && listenPort != null) [ listenPort ];
+
+    systemd.tmpfiles.settings.model-zoo-metrics = mkIf (textfileDir != null) {
+      # Readable by node_exporter, which runs as its own user; the files hold no secret.
+      ${textfileDir}.d = {
+        mode = "0755";
+        inherit (cfg) user group;
+      };
+    };
+
+    services.prometheus.scrapeConfigs = mkIf (cfg.prometheus.enable && cfg.resident.enable && listenPort != null) [
+      {
+        job_name = "model-zoo-resident";
+        static_configs = [ { targets = [ scrapeTarget ]; } ];
+      }
+    ];
+
+    services.prometheus.exporters.node.extraFlags = mkIf (textfileDir != null && nodeExporter) [
+      "--collector.textfile.directory=${textfileDir}"
+    ];
   };
 
   meta.maintainers = [ ];

@@ -44,6 +44,9 @@ let
       users.users = mkOption { type = types.attrsOf (types.attrsOf types.anything); default = { }; };
       users.groups = mkOption { type = types.attrsOf (types.attrsOf types.anything); default = { }; };
       systemd.tmpfiles.settings = mkOption { type = types.attrsOf types.anything; default = { }; };
+      services.prometheus.scrapeConfigs = mkOption { type = types.listOf types.anything; default = [ ]; };
+      services.prometheus.exporters.node.enable = mkOption { type = types.bool; default = false; };
+      services.prometheus.exporters.node.extraFlags = mkOption { type = types.listOf types.str; default = [ ]; };
       systemd.services = mkOption {
         default = { };
         type = types.attrsOf (types.submodule {
@@ -80,6 +83,7 @@ else
 {
   inherit failedAssertions;
   inherit (config) warnings users networking;
+  prometheus = config.services.prometheus;
   services = lib.mapAttrs (_: s: {
     inherit (s) serviceConfig environment;
     unit = builtins.removeAttrs s [ "serviceConfig" "environment" ];

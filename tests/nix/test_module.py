@@ -38,9 +38,10 @@ SETTINGS = """settings = {
   };""" % SHA
 
 
-def evaluate(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+def evaluate(tmp_path: Path, body: str, other: str = "") -> subprocess.CompletedProcess[str]:
+    """*body* inside services.model-zoo; *other*: more of the configuration (other modules' options)."""
     config = tmp_path / "configuration.nix"
-    config.write_text("{ services.model-zoo = { enable = true; %s }; }\n" % body)
+    config.write_text("{ services.model-zoo = { enable = true; %s }; %s }\n" % (body, other))
     return subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(REPO / "tests" / "nix" / "eval.nix"),
          "--arg", "nixpkgsLib", str(NIX_LIB), "--arg", "configuration", str(config)],
@@ -48,8 +49,8 @@ def evaluate(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def evaluated(tmp_path: Path, body: str) -> dict[str, Any]:
-    proc = evaluate(tmp_path, body)
+def evaluated(tmp_path: Path, body: str, other: str = "") -> dict[str, Any]:
+    proc = evaluate(tmp_path, body, other)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -307,6 +308,42 @@ class TestModule:
             assert ours == nixos_service_lines(service), name
         assert parse_unit(rendered["model-zoo-verify.timer"])["Timer"]["OnCalendar"] == [out["timers"]["model-zoo-verify"]["timerConfig"]["OnCalendar"]]
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/my zoo"']
+
+    def test_prometheus_scrapes_the_resident_and_node_exporter_reads_the_textfiles(self, tmp_path: Path) -> None:
+        """Issue #25: a scrape job for the resident, the textfile directory for the oneshot units
+        and node_exporter's flag, and the same [Service] lines as `zoo-agent systemd render --textfile-dir`."""
+        off = evaluated(tmp_path, SETTINGS)
+        assert off["prometheus"] == {"scrapeConfigs": [], "exporters": {"node": {"enable": False, "extraFlags": []}}}
+        assert "ZOO_TEXTFILE_DIR" not in off["services"]["model-zoo-reconcile"]["environment"]
+        out = evaluated(tmp_path, SETTINGS + ' prometheus.enable = true; resident.listen = "0.0.0.0:9000";'
+                                             ' stateDir = "/srv/zoo"; gc.enable = true;')
+        assert out["prometheus"]["scrapeConfigs"] == [{"job_name": "model-zoo-resident", "static_configs": [{"targets": ["127.0.0.1:9000"]}]}]
+        assert out["prometheus"]["exporters"]["node"]["extraFlags"] == []  # node_exporter is not enabled here
+        assert out["tmpfiles"]["model-zoo-metrics"]["/var/lib/model-zoo-metrics"]["d"] == {"mode": "0755", "user": "model-zoo", "group": "model-zoo"}
+        rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), root=Path("/srv/zoo"), host="nixos", gc=True,
+                                       listen="0.0.0.0:9000", textfile_dir=Path("/var/lib/model-zoo-metrics")))
+        for name, service in out["services"].items():
+            assert service_lines(rendered[f"{name}.service"]) == nixos_service_lines(service), name
+        for name in ("model-zoo-reconcile", "model-zoo-verify"):
+            service = out["services"][name]
+            assert service["environment"]["ZOO_TEXTFILE_DIR"] == "/var/lib/model-zoo-metrics"
+            assert service["serviceConfig"]["ReadWritePaths"] == ['"/srv/zoo"', '"-/var/lib/model-zoo-metrics"']
+        assert "ZOO_TEXTFILE_DIR" not in out["services"]["model-zoo-resident"]["environment"]
+        node = evaluated(tmp_path, SETTINGS + ' prometheus.enable = true; prometheus.textfileDir = "/run/metrics";',
+                         "services.prometheus.exporters.node.enable = true;")
+        assert node["prometheus"]["exporters"]["node"]["extraFlags"] == ["--collector.textfile.directory=/run/metrics"]
+        assert node["services"]["model-zoo-verify"]["serviceConfig"]["ReadWritePaths"] == ['"-/run/metrics"']  # the zoo itself: StateDirectory=
+
+    def test_prometheus_cannot_scrape_a_unix_socket(self, tmp_path: Path) -> None:
+        out = evaluated(tmp_path, SETTINGS + ' prometheus.enable = true; resident.listen = "unix:/run/model-zoo/api.sock";')
+        assert out["failedAssertions"] == ["services.model-zoo.prometheus.enable needs services.model-zoo.resident.listen to be address:port:"
+                                           " Prometheus cannot scrape a unix socket."]
+
+    @pytest.mark.parametrize("path", ['"/var/lib/my metrics"', '"relative"', '"/x%n"'])
+    def test_a_textfile_dir_node_exporter_cannot_take_is_refused(self, tmp_path: Path, path: str) -> None:
+        proc = evaluate(tmp_path, f'{SETTINGS} prometheus.enable = true; prometheus.textfileDir = {path};')
+        assert proc.returncode != 0
+        assert "services.model-zoo.prometheus.textfileDir" in proc.stderr and "is not of type" in proc.stderr, proc.stderr
 
     def test_open_firewall_with_a_unix_socket_is_refused(self, tmp_path: Path) -> None:
         out = evaluated(tmp_path, SETTINGS + ' resident.listen = "unix:/run/model-zoo/api.sock"; openFirewall = true;')

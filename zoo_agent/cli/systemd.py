@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
         click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
         click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
+        click.option("--textfile-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="node_exporter's textfile-collector directory: the reconcile and verify units write their metrics there."),
     ]
 
     @functools.wraps(func)
@@ -111,6 +114,8 @@ def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_ru
     load_index(settings.index, str(settings.index))
     done = install(settings, prefix, sysusers_dir, dry_run=dry_run)
     ran = [] if dry_run or no_activate else activate(settings)
+    if settings.textfile_dir is not None and not dry_run:
+        _make_textfile_dir(settings)
     if as_json:
         emit_json({"dry_run": dry_run, "files": [{"path": str(f.path), "changed": f.changed} for f in done], "ran": ran})
         return
@@ -121,3 +126,15 @@ def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_ru
         click.echo(f"ran {command}")
     if not dry_run:
         click.echo("next: systemctl enable --now model-zoo-reconcile.service model-zoo-resident.service")
+
+
+def _make_textfile_dir(settings: UnitSettings) -> None:
+    """The textfile directory, writable by the zoo user and readable by node_exporter (another user)."""
+    assert settings.textfile_dir is not None
+    directory = settings.textfile_dir
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.chown(directory, settings.user, settings.group)
+    except (LookupError, OSError) as exc:  # no such user yet (--no-activate), or not root
+        log.warning("%s: could not make it writable by %s: %s (apply will log that it cannot write its metrics)",
+                    directory, settings.user, exc)

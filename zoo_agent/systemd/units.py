@@ -161,6 +161,7 @@ class UnitSettings(BaseModel):
     verify_interval: str | None = "weekly"
     gc: bool = False
     ollama_host: str | None = None  # OLLAMA_HOST; the units then start after ollama.service
+    textfile_dir: Path | None = None  # node_exporter's textfile directory: apply, verify and gc write *.prom there (issue #25)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -170,7 +171,7 @@ class UnitSettings(BaseModel):
                 raise ValueError(problem)
         return value
 
-    @field_validator("index", "root", "hf_token_file", "api_key_file")
+    @field_validator("index", "root", "hf_token_file", "api_key_file", "textfile_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -269,7 +270,7 @@ def render(settings: UnitSettings) -> dict[str, str]:
                  **({"ExecStartPost": _exec(settings, "gc")} if settings.gc else {}),
                  # This unit and the resident (a tenant with fetch "on-demand" is fetched by its first request) get the token; verify does not.
                  **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),
-                 **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
+                 **_common(settings, textfile=True), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
         install={"WantedBy": "multi-user.target"})}
     if settings.resident:
         units["model-zoo-resident.service"] = _unit(
@@ -299,7 +300,7 @@ def render(settings: UnitSettings) -> dict[str, str]:
             unit={"Description": "model zoo: re-hash every published file against its manifest",
                   "After": "model-zoo-reconcile.service"},
             service={"Type": "oneshot", "ExecStart": _exec(settings, "verify"),
-                     **_common(settings), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes",
+                     **_common(settings, textfile=True), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes",
                      # Re-hashing a zoo is bulk I/O; let serving win.
                      "Nice": "10", "IOSchedulingClass": "idle"},
             install={})
@@ -329,8 +330,10 @@ def _credential(name: str, path: Path) -> str:
     return f"{name}:{unit_value(str(path), 'raw')}"
 
 
-def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> dict[str, str | list[str]]:
+def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None, textfile: bool = False) -> dict[str, str | list[str]]:
+    metrics = settings.textfile_dir if textfile else None  # only the oneshot units write textfiles
     env = {"ZOO_ROOT": str(settings.root), "ZOO_INDEX": str(settings.index),
+           **({"ZOO_TEXTFILE_DIR": str(metrics)} if metrics else {}),
            **({"ZOO_HOST": settings.host} if settings.host else {}),
            **({"HF_ENDPOINT": settings.hf_endpoint} if settings.hf_endpoint else {}),
            **({"HF_HUB_OFFLINE": "1"} if settings.offline else {}),
@@ -342,7 +345,11 @@ def _common(settings: UnitSettings, extra_env: dict[str, str] | None = None) -> 
     if settings.root.parent == Path("/var/lib"):
         state = {"StateDirectory": unit_value(settings.root.name, "quoted"), "StateDirectoryMode": "0750"}
     else:  # `install` creates it; StateDirectory= only manages /var/lib.
-        state = {"ReadWritePaths": unit_value(str(settings.root), "quoted")}
+        state = {"ReadWritePaths": [unit_value(str(settings.root), "quoted")]}
+    if metrics:
+        # '-': a missing directory does not keep the unit from starting; apply logs that it
+        # could not write its metrics there and goes on.
+        state["ReadWritePaths"] = [*state.get("ReadWritePaths", []), unit_value(f"-{metrics}", "quoted")]
     return {"User": unit_value(settings.user, "raw"), "Group": unit_value(settings.group, "raw"), **state,
             # One "KEY=value" word each, as NixOS writes them; '$' is not substituted here.
             "Environment": [unit_value(f"{k}={v}", "quoted") for k, v in env.items()],
