@@ -87,9 +87,11 @@ class Container:
                 raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: {self.log_path.read_text(errors='replace')[-2000:]}")
             with contextlib.suppress(OSError):
                 for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                    children = (task / "children").read_text().split()
-                    if children:
-                        return int(children[0])
+                    for child in (task / "children").read_text().split():
+                        # Only once it has exec'd systemd: nspawn's intermediate child (comm
+                        # "systemd-nspawn") exits, and entering its namespaces then fails every time.
+                        if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                            return int(child)
             time.sleep(0.1)
         raise RuntimeError("the container's PID 1 did not appear")
 
@@ -97,7 +99,8 @@ class Container:
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
-            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            proc = self.run("systemctl", "is-system-running", check=False)
+            state = proc.stdout.strip() or proc.stderr.strip()
             if state in ("running", "degraded"):
                 return
             time.sleep(0.3)
