@@ -143,6 +143,10 @@ def test_a_killed_or_hung_worker_fails_no_request_of_another_tenant(five: World)
             assert _worker_pid(five, "b") != victim  # replaced ...
             code, body = _ask(r, "b")
             assert code == 200, body  # ... and answering again
+        metrics = httpx.get(r.url + "/metrics", timeout=30).text
+        assert 'zoo:worker_restarts_total{reason="crash",tenant="b"} 1.0' in metrics  # SIGKILL: it exited
+        assert 'zoo:worker_restarts_total{reason="hang",tenant="b"} 1.0' in metrics  # SIGSTOP: no pong, killed by the supervisor
+        assert "zoo:resident_ready 1.0" in metrics and 'tenant="a"' in metrics
     finally:
         out = r.stop()
     assert "Traceback" not in out

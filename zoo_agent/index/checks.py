@@ -54,6 +54,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _artifact_safety,
         _hosts_serve,
         _weights_fit,
+        _routes,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -248,3 +249,41 @@ def _weights_fit(idx: Index) -> Iterator[Problem]:
     for hid, host in idx.hosts.items():
         if host.memory_budget is not None:
             yield from check_host(idx, hid, {}, weights_only=True)
+
+
+def _routes(idx: Index) -> Iterator[Problem]:
+    """A route names served tenants (never a route: no chains, so no cycles) and has no rule that can never match."""
+    for rid, route in idx.routes.items():
+        at = ("routes", rid)
+        if rid in idx.tenants:
+            yield Problem(pointer(at), f"'{rid}' is also a tenant id; a request's model must name one or the other")
+        named: list[tuple[tuple[str | int, ...], str]] = [(("rules", i, "tenant"), r.tenant) for i, r in enumerate(route.rules)]
+        named += [(("default",), route.default)] + [(("fallback", i), t) for i, t in enumerate(route.fallback)]
+        for where, tid in named:
+            if tid in idx.routes:
+                yield Problem(pointer((*at, *where)), f"names route '{tid}'; routes name tenants, not routes (so a route never loops)")
+            elif tid not in idx.tenants:
+                yield Problem(pointer((*at, *where)), _unknown("tenant", tid, idx.tenants))
+        always = None
+        for i, rule in enumerate(route.rules):
+            w = rule.when
+            if always is not None:
+                yield Problem(pointer((*at, "rules", i)), f"can never match: rule {always} before it matches every request")
+                continue
+            if w.min_words is not None and w.max_words is not None and w.min_words > w.max_words:
+                yield Problem(pointer((*at, "rules", i, "when")), f"can never match: min_words {w.min_words} > max_words {w.max_words}")
+            if w.min_messages is not None and w.max_messages is not None and w.min_messages > w.max_messages:
+                yield Problem(pointer((*at, "rules", i, "when")), f"can never match: min_messages {w.min_messages} > max_messages {w.max_messages}")
+            if w == type(w)():
+                always = i
+    for hid, host in idx.hosts.items():
+        served = set(host.served())
+        for i, rid in enumerate(host.routes):
+            entry = idx.routes.get(rid)
+            if entry is None:
+                yield Problem(pointer(("hosts", hid, "routes", i)), _unknown("route", rid, idx.routes))
+                continue
+            missing = [t for t in dict.fromkeys([r.tenant for r in entry.rules] + [entry.default, *entry.fallback]) if t not in served]
+            if missing:
+                yield Problem(pointer(("hosts", hid, "routes", i)),
+                              f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve")

@@ -26,6 +26,9 @@ __all__ = [
     "Priority",
     "Resources",
     "Retention",
+    "RouteEntry",
+    "RouteRule",
+    "RouteWhen",
     "Source",
     "TenantEntry",
     "UrlSource",
@@ -251,6 +254,44 @@ class TenantEntry(_Strict):
     )
 
 
+class RouteWhen(_Strict):
+    """Conditions over a request; every one that is set must hold (none set: every request).
+    Words, keywords and code are read from the last user message (a completion: its prompt)."""
+
+    min_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At least this many words.")
+    max_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At most this many words.")
+    keywords: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default=[], max_length=64, description="Any of these words (case-insensitive, whole words) is present.")
+    code: Annotated[bool | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="true: the message holds code (a ``` fence or code-like lines); false: it does not.")
+    min_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="The conversation has at least this many messages (a completion has 1).")
+    max_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="The conversation has at most this many messages.")
+
+
+class RouteRule(_Strict):
+    """If the request matches ``when``, ``tenant`` answers it."""
+
+    tenant: Id = Field(description="Id of the tenant that answers a matching request.")
+    when: RouteWhen = Field(default=RouteWhen(), description="The conditions; all must hold.")
+    name: Annotated[Annotated[str, Field(min_length=1, max_length=64)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Its label in answers and metrics (default: the conditions, e.g. 'words<=12').")
+
+
+class RouteEntry(_Strict):
+    """A model name clients may ask for: rules choose the tenant that answers (issue #21).
+    Evaluated in order, the first match wins, ``default`` closes the list."""
+
+    rules: list[RouteRule] = Field(default=[], description="Tried in order; the first that matches chooses the tenant.")
+    default: Id = Field(description="Id of the tenant that answers when no rule matches.")
+    fallback: list[Id] = Field(
+        default=[], description="Tenants tried in order (after the default) when the chosen one cannot answer before its first token.")
+    first_token_seconds: Annotated[Annotated[float, Field(gt=0, le=3600)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="A streaming request whose first token takes longer goes to the next candidate.")
+    description: str = Field(default="", max_length=1000, description="What the route is for.")
+
+
 class Retention(_Strict):
     """How much history each artifact keeps on this host."""
 
@@ -273,6 +314,7 @@ class HostEntry(_Strict):
             "on a CUDA host, RAM otherwise. plan/apply refuse tenants whose weights and KV cache cannot fit."
         ),
     )
+    routes: list[Id] = Field(default=[], description="Ids of the routes this host answers (their tenants must be served here).")
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")
     description: str = Field(default="", max_length=1000, description="What the machine is.")
@@ -294,4 +336,5 @@ class Index(_Strict):
     models: dict[Id, ModelEntry] = Field(default={}, description="Base models by id.")
     loras: dict[Id, LoraEntry] = Field(default={}, description="LoRA adapters by id.")
     tenants: dict[Id, TenantEntry] = Field(default={}, description="Tenants (what a resident serves) by id.")
+    routes: dict[Id, RouteEntry] = Field(default={}, description="Routes by id: model names whose rules choose a tenant per request.")
     hosts: dict[Id, HostEntry] = Field(default={}, description="Hosts by id (their host names, lowercase).")

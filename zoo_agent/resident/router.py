@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -30,11 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
+from zoo_agent.resident.routing import candidates, choose, features
 
 if TYPE_CHECKING:
     import socket
 
-    from zoo_agent.index.model import Index
+    from zoo_agent.index.model import Index, RouteEntry
     from zoo_agent.resident.supervisor import Supervisor
 
 __all__ = ["Router"]
@@ -71,6 +73,15 @@ class _Metrics:
         self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
         self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
         self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
+        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings).",
+                                ["tenant", "reason"], registry=r)  # fmt: skip
+        self.ready = Gauge("zoo:resident_ready", "1 once every pinned tenant (or the first listed) answered a real generation.", registry=r)
+        self.started = Gauge("zoo:resident_start_time_seconds", "When this resident started (Unix time).", registry=r)
+        self.started.set(time.time())
+        self.routed = Counter("zoo:route_requests", "Requests for a route, by the rule that chose and the tenant that answered.",
+                              ["route", "rule", "tenant"], registry=r)  # fmt: skip
+        self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
+                                 ["route", "tenant", "reason"], registry=r)  # fmt: skip
 
 
 class _Waiter:
@@ -104,6 +115,7 @@ class Router:
         self.clients: dict[str, httpx.AsyncClient] = {}
         self.models: list[dict[str, Any]] = []
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
+        self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -117,6 +129,8 @@ class Router:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
+        host = idx.hosts[self.sup.config.host.lower()]
+        self.routes = {rid: idx.routes[rid] for rid in host.routes if rid in idx.routes}
 
     def start(self, listener: socket.socket) -> None:
         import uvicorn
@@ -294,6 +308,12 @@ class Router:
             await _respond(send, *failure)
             return
         assert tenant is not None
+        route = self.routes.get(tenant) if path in GENERATE else None
+        if route is not None:
+            chosen, rule = choose(route, features(document))
+            tried = candidates(route, chosen)
+            routed = _Routed(tenant, route, rule, [t for t in tried if t in self.sup.slots], document)
+            tenant = routed.tenants[0] if routed.tenants else chosen
         stream, priority = False, self._default_priority(tenant)
         if path in GENERATE and method == "POST":
             stream = document.get("stream") is True
@@ -306,6 +326,9 @@ class Router:
             except BadPriority as exc:
                 await _respond(send, *_error(400, str(exc), param=exc.param))
                 return
+        if route is not None:
+            await self._forward_routed(scope, receive, send, routed, priority, stream)
+            return
         await self._forward(scope, receive, send, body, tenant, priority, stream)
 
     def _tenant_of(self, scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
@@ -324,10 +347,13 @@ class Router:
             if not isinstance(name, str):
                 return None, {}, _error(400, f"{key}: required, a string", param=key)
             tenant = name.split(":", 1)[0]
+            if key == "model" and name in self.routes:
+                return name, document, None
             if key == "lora_name" and tenant not in served:
                 tenant = self.lora_tenant.get(name, tenant)
             if tenant not in served:
-                return None, {}, _error(404, f"{key}: '{name[:100]}' is not served by this host (tenants: {', '.join(served)})", param=key,
+                names = ", ".join([*served, *self.routes])
+                return None, {}, _error(404, f"{key}: '{name[:100]}' is not served by this host (models: {names})", param=key,
                                         code="model_not_found")  # fmt: skip
             return tenant, document, None
         if path.startswith("/v1/sessions/"):
@@ -398,9 +424,140 @@ class Router:
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
+    async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
+        """Each candidate in turn until one answers: the next only while nothing was sent to the client
+        (its place refused, its queue full, its worker failing, no first token in time), never after."""
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
+        gone = asyncio.ensure_future(_disconnected(receive))
+        failure: tuple[int, str] = (503, f"route '{routed.id}': none of its tenants is served here")
+        try:
+            for i, tenant in enumerate(routed.tenants):
+                last = i == len(routed.tenants) - 1
+                body = json.dumps({**routed.document, "model": tenant}).encode()
+                wait = self.sup.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
+                placing = asyncio.ensure_future(self._place(tenant, priority))
+                try:
+                    path = await self._wait(placing, gone, tenant, None, wait)
+                except (_Refused, _Full, TimeoutError) as exc:
+                    why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.sup.slots.get(tenant)) and slot.blocked else "")
+                    failure = (429 if isinstance(exc, _Full) else 503, f"{tenant}: {why}")
+                    routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, _Full) else "unavailable")
+                    continue
+                if path is None:
+                    return  # the client left
+                try:
+                    code = await self._pipe_routed(path, scope["path"], headers, body, send, gone, stream, routed, tenant)
+                except _Fallback as exc:
+                    failure = (503, f"{tenant}: {exc}")
+                    routed.fell(tenant, str(exc), self.metrics, exc.kind)
+                    continue
+                finally:
+                    self._release(tenant)
+                self.metrics.requests.labels(tenant, str(code)).inc()
+                return
+            status, message = failure
+            await _respond(send, *_error(status, f"route '{routed.id}': no tenant could answer; last: {message}", code="model_unavailable"),
+                           headers=[(b"retry-after", b"5")])  # fmt: skip
+        finally:
+            gone.cancel()
+
+    async def _pipe_routed(self, path: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
+                           stream: bool, routed: _Routed, tenant: str) -> int:  # fmt: skip
+        """One exchange for a routed request: committed to the client only at its first token, which
+        carries (on its last chunk) which tenant answered and why."""
+        ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
+        deadline = time.monotonic() + ttft if ttft else None
+        try:
+            response = await self._exchange(path, "POST", target, headers, body, gone, ttft)
+        except _WorkerFailed as exc:
+            raise _Fallback(f"its worker failed before answering ({exc})", "crashed") from exc
+        except TimeoutError:
+            raise _Fallback(f"no first token within {ttft:g}s", "first_token_timeout") from None
+        if response is None:
+            return 499
+        try:
+            if response.status_code >= 500 or response.status_code == 429:
+                raise _Fallback(f"answered {response.status_code}: {_message_of(await response.aread())}", "failed")
+            out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
+            if not stream or response.status_code != 200:
+                data = await response.aread()
+                if response.status_code == 200:
+                    document = json.loads(data)
+                    document["x_zoo"] = {**document.get("x_zoo", {}), "route": routed.report(tenant)}
+                    data = json.dumps(document).encode()
+                    routed.answered(tenant, self.metrics)
+                await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return response.status_code
+            committed, held, buffer = False, [], b""
+            reading = response.aiter_raw().__aiter__()
+            while True:
+                timeout = None if committed or deadline is None else max(0.0, deadline - time.monotonic())
+                chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
+                pair: set[asyncio.Future[Any]] = {chunk, gone}
+                done, _ = await asyncio.wait(pair, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    chunk.cancel()
+                    return 499
+                if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
+                    chunk.cancel()
+                    raise _Fallback(f"no first token within {routed.route.first_token_seconds:g}s", "first_token_timeout")
+                try:
+                    data = chunk.result()
+                except StopAsyncIteration:
+                    break
+                except (httpx.TransportError, OSError) as exc:
+                    if not committed:
+                        raise _Fallback(f"its worker failed before the first token ({type(exc).__name__})", "crashed") from exc
+                    await self._stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
+                    return 502
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    if not committed:
+                        held.append(event)
+                        if not _first_token(event):
+                            continue
+                        committed = True
+                        routed.answered(tenant, self.metrics)
+                        await send({"type": "http.response.start", "status": 200, "headers": out})
+                        events_out, held = held, []
+                    else:
+                        events_out = [event]
+                    for e in events_out:
+                        await send({"type": "http.response.body", "body": _with_route(e, routed.report(tenant)) + b"\n\n", "more_body": True})
+            if not committed:
+                raise _Fallback("its answer ended before a first token", "failed")
+            await send({"type": "http.response.body", "body": buffer, "more_body": False})
+            return 200
+        finally:
+            await response.aclose()
+
+    async def _exchange(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                        gone: asyncio.Future[None], timeout: float | None = None) -> httpx.Response | None:  # fmt: skip
+        """Send the request to the worker; its response head, or None when the client left first.
+        A non-streaming answer's head comes only when it is complete: the client is watched
+        meanwhile, so one that leaves closes the worker's connection and so cancels its generation."""
+        client = self._client(path)
+        request = client.build_request(method, target, headers=headers, content=body)
+        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(client.send(request, stream=True))
+        waiting: set[asyncio.Future[Any]] = {sending, gone}
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError, OSError):
+                await sending
+            if not gone.done():
+                raise TimeoutError  # no head within ``timeout``
+            return None
+        try:
+            return sending.result()
+        except (httpx.TransportError, OSError) as exc:
+            raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
+
     async def _wait(self, placing: asyncio.Future[str], gone: asyncio.Future[None], tenant: str,
-                    comment: Callable[[str], Awaitable[None]] | None) -> str | None:  # fmt: skip
-        deadline = time.monotonic() + self.sup.config.load_wait
+                    comment: Callable[[str], Awaitable[None]] | None, seconds: float | None = None) -> str | None:  # fmt: skip
+        deadline = time.monotonic() + (self.sup.config.load_wait if seconds is None else seconds)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -423,22 +580,9 @@ class Router:
     async def _pipe(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
                     gone: asyncio.Future[None], started: bool) -> int:  # fmt: skip
         """One exchange with the worker, its answer streamed to the client as it arrives."""
-        client = self._client(path)
-        request = client.build_request(method, target, headers=headers, content=body)
-        # A non-streaming answer's head comes only when it is complete: watch the client meanwhile,
-        # so one that leaves closes the worker's connection and so cancels its generation.
-        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(client.send(request, stream=True))
-        waiting: set[asyncio.Future[Any]] = {sending, gone}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not sending.done():
-            sending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError, OSError):
-                await sending
+        response = await self._exchange(path, method, target, headers, body, gone)
+        if response is None:
             return 499
-        try:
-            response = sending.result()
-        except (httpx.TransportError, OSError) as exc:
-            raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
         try:
             if not started:
                 out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
@@ -529,6 +673,7 @@ class Router:
                     m.waiting.labels(tid, name).set(counts.get(name, 0))
             if sup.budget is not None:
                 m.budget.set(sup.budget)
+            m.ready.set(1 if sup.ready_sent and not self.stopping else 0)
 
         async def scrape(tid: str, path: str) -> tuple[str, str]:
             try:
@@ -584,3 +729,68 @@ def _message_of(body: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         return body.decode("utf-8", "replace")[:400]
 
+
+class _Fallback(Exception):
+    """A routed request's tenant could not answer before its first token: the next candidate may."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # the metric's reason label: a small fixed set
+
+
+@dataclass
+class _Routed:
+    """A request for a route: the rule's choice, the candidates in order, what happened to them."""
+
+    id: str
+    route: RouteEntry
+    rule: str
+    tenants: list[str]
+    document: dict[str, Any]
+    fallback_from: str | None = None
+    reason: str | None = None
+
+    def fell(self, tenant: str, reason: str, metrics: _Metrics, kind: str) -> None:
+        log.info("route %s: %s cannot answer (%s); trying the next candidate", self.id, tenant, reason)
+        metrics.fallbacks.labels(self.id, tenant, kind).inc()
+        if self.fallback_from is None:
+            self.fallback_from, self.reason = tenant, reason
+
+    def answered(self, tenant: str, metrics: _Metrics) -> None:
+        metrics.routed.labels(self.id, self.rule, tenant).inc()
+
+    def report(self, tenant: str) -> dict[str, Any]:
+        """``x_zoo.route``: which tenant answered, by which rule, and whom it stood in for and why."""
+        return {"route": self.id, "tenant": tenant, "rule": self.rule,
+                **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}  # fmt: skip
+
+
+def _first_token(event: bytes) -> bool:
+    """An SSE event that commits the answer: text, the end, an error, or [DONE] (the role chunk does not)."""
+    data = event.removeprefix(b"data: ").strip()
+    if not event.startswith(b"data: ") or data == b"[DONE]":
+        return data == b"[DONE]"
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return True
+    if "error" in document:
+        return True
+    for choice in document.get("choices") or []:
+        if choice.get("finish_reason") or choice.get("text") or (choice.get("delta") or {}).get("content"):
+            return True
+    return False
+
+
+def _with_route(event: bytes, route: dict[str, Any]) -> bytes:
+    """The last chunk (the one with a finish_reason) says which tenant answered."""
+    if not event.startswith(b"data: {"):
+        return event
+    try:
+        document = json.loads(event[6:])
+    except ValueError:
+        return event
+    if not any(c.get("finish_reason") for c in document.get("choices") or []):
+        return event
+    document["x_zoo"] = {**document.get("x_zoo", {}), "route": route}
+    return b"data: " + json.dumps(document).encode()

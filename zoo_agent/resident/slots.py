@@ -38,6 +38,7 @@ class Worker:
     stats: p.Pong = field(default_factory=lambda: p.Pong(seq=0))
     ready: p.Ready | None = None
     error: str = ""
+    killed_for: str = ""  # why the supervisor killed it ("hang"), if it did
     lines: p.Lines = field(default_factory=p.Lines)
 
 
@@ -62,6 +63,7 @@ class Slot:
     queued: int = 0
     wanted: bool = False
     refusal: str | None = None  # why requests for it are answered 503 now
+    blocked: str = ""  # why it waits to load (paging: busy tenants hold the memory)
     last_used: float = 0.0
     loaded_at: float = 0.0
     crashes: list[float] = field(default_factory=list)

@@ -297,8 +297,9 @@ class Supervisor:
             elif isinstance(decision, Refuse):
                 self._refuse(slot, decision.reason)
             elif isinstance(decision, Wait):
-                if slot.refusal != decision.reason:
+                if slot.blocked != decision.reason:
                     log.info("%s", decision.reason)
+                slot.blocked = decision.reason
                 return
 
     def _on_disk(self, slot: Slot) -> bool:
@@ -344,7 +345,7 @@ class Supervisor:
             self._refuse(slot, str(exc), failed=True)
             return
         with self.lock:
-            slot.phase, slot.refusal, slot.error = "loading", None, ""
+            slot.phase, slot.refusal, slot.error, slot.blocked = "loading", None, "", ""
         slot.incoming = None
         slot.serving = self.spawn(slot, config)
         self.notify.status(f"loading {slot.tenant}; " + self.status_line())
@@ -449,6 +450,7 @@ class Supervisor:
             return
         if worker.ping_sent and t - worker.ping_sent > self.config.ping_timeout:
             log.error("worker %d (%s): no answer to a ping for %.0fs; replacing it", worker.proc.pid, slot.tenant, t - worker.ping_sent)
+            worker.killed_for = "hang"
             worker.proc.kill()
             return
         if not worker.ping_sent and t - worker.progressed >= self.config.ping_interval:
@@ -508,6 +510,7 @@ class Supervisor:
                 return
             self._refuse(slot, message, failed=True)
             return
+        self.router.metrics.restarts.labels(slot.tenant, worker.killed_for or "crash").inc()
         t = time.monotonic()
         slot.crashes = [c for c in slot.crashes if t - c < self.config.crash_window] + [t]
         if len(slot.crashes) >= self.config.max_crashes:

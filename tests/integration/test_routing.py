@@ -1,0 +1,156 @@
+"""Routes (issue #21) through the real router: the rule that chose, fallback before the first
+token (never after), and what every answer says about it. Real processes, tiny models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import World
+from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+
+pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}
+LONG = "Tell me, in many words, " + " ".join(["about the zoo"] * 10)
+
+
+def _index(world: World, budget: str | None = None, first_token_seconds: float = 60, large_pinned: bool = False) -> None:
+    gen = {"generation": {"temperature": 0, "max_tokens": 4}}
+    host: dict[str, Any] = {"tenants": ["small", "large"], "routes": ["assistant"]}
+    if budget:
+        host["memory_budget"] = budget
+    doc = {"models": world.models, "loras": {},
+           "tenants": {"small": {"model": "m", **gen, "pinned": True, "resources": {"max_batch": 1}},
+                       "large": {"model": "m2", **gen, "pinned": large_pinned, "resources": {"max_batch": 16}}},
+           "routes": {"assistant": {**ROUTE, "first_token_seconds": first_token_seconds}}, "hosts": {"h": host}}  # fmt: skip
+    world.index.write_text(json.dumps(doc, indent=2))
+
+
+@pytest.fixture
+def routed(world: World, tiny: dict[str, bytes]) -> World:  # noqa: F811 - the fixture imported above
+    world.artifact("m", "v1", tiny)
+    files = dict(tiny)
+    files["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 2,', 1)
+    world.artifact("m2", "v1", files)
+    _index(world)
+    assert world.run("apply").exit_code == 0
+    return world
+
+
+def _chat(r: Resident, text: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    import httpx
+
+    body = {"model": "assistant", "messages": [{"role": "user", "content": text}], **kw}
+    resp = httpx.post(r.url + "/v1/chat/completions", json=body, timeout=120)
+    return resp.status_code, resp.json()
+
+
+def _stream(r: Resident, text: str, **kw: Any) -> list[dict[str, Any]]:
+    import httpx
+
+    body = {"model": "assistant", "messages": [{"role": "user", "content": text}], "stream": True, **kw}
+    with httpx.stream("POST", r.url + "/v1/chat/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _pid(world: World, tenant: str) -> int:
+    return int(json.loads((world.root / f"resident/tenants/{tenant}/model-info.json").read_text())["pid"])
+
+
+def test_a_short_and_a_long_question_go_to_different_tenants_and_say_so(routed: World) -> None:
+    import httpx
+
+    r = Resident(routed)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        code, short = _chat(r, "What is a zoo?")
+        assert code == 200 and short["model"] == "small"
+        assert short["x_zoo"]["route"] == {"route": "assistant", "tenant": "small", "rule": "words<=12"}
+        code, long = _chat(r, LONG)
+        assert code == 200 and long["model"] == "large" and long["system_fingerprint"] == "m2@v1"
+        assert long["x_zoo"]["route"] == {"route": "assistant", "tenant": "large", "rule": "default"}
+        chunks = _stream(r, LONG)
+        assert {c["model"] for c in chunks} == {"large"}
+        assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["x_zoo"]["route"]["tenant"] == "large"
+        assert all("x_zoo" not in c for c in chunks[:-1])  # only the last chunk carries it
+        models = [m["id"] for m in httpx.get(r.url + "/v1/models", timeout=5).json()["data"]]
+        assert models == ["small", "large"]  # a route is a name, not a model card
+        metrics = httpx.get(r.url + "/metrics", timeout=30).text
+        assert 'zoo:route_requests_total{route="assistant",rule="words<=12",tenant="small"} 1.0' in metrics
+        assert 'zoo:route_requests_total{route="assistant",rule="default",tenant="large"} 2.0' in metrics
+    finally:
+        r.stop()
+
+
+def test_a_tenant_that_does_not_fit_falls_back_with_the_reason(routed: World) -> None:
+    _index(routed, budget="8M")  # after apply: the small tenant fits, the large one (max_batch 16) does not
+    r = Resident(routed)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        code, answer = _chat(r, LONG)
+        assert code == 200 and answer["model"] == "small", answer
+        route = answer["x_zoo"]["route"]
+        assert (route["tenant"], route["rule"], route["fallback_from"]) == ("small", "default", "large")
+        assert "the memory budget is" in route["reason"]
+    finally:
+        r.stop()
+
+
+def test_no_first_token_in_time_falls_back_but_a_failure_after_it_never_does(routed: World) -> None:
+    import httpx
+
+    _index(routed, first_token_seconds=3, large_pinned=True)
+    r = Resident(routed)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        assert _chat(r, LONG)[1]["model"] == "large"  # loaded
+        large = _pid(routed, "large")
+        os.kill(large, signal.SIGSTOP)  # hung: no first token
+        try:
+            chunks = _stream(r, LONG)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(large, signal.SIGKILL)
+        assert {c["model"] for c in chunks} == {"small"}
+        route = chunks[-1]["x_zoo"]["route"]
+        assert (route["tenant"], route["fallback_from"]) == ("small", "large") and "first token within 3s" in route["reason"]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the killed worker is replaced once a request wants it
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if _pid(routed, "large") != large and json.loads(httpx.get(r.url + "/health", timeout=5).text)["tenants"]["large"]["state"] == "serving":
+                    break
+            _chat(r, LONG)
+            time.sleep(0.5)
+        # After the first token: the client gets an error event, not a second model's continuation.
+        lines: list[str] = []
+
+        def read() -> None:
+            body = {"model": "assistant", "messages": [{"role": "user", "content": LONG}], "stream": True, "max_tokens": 400, "ignore_eos": True}
+            with httpx.stream("POST", r.url + "/v1/chat/completions", json=body, timeout=120) as resp:
+                for line in resp.iter_lines():
+                    lines.append(line)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not any('"content"' in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(_pid(routed, "large"), signal.SIGKILL)
+        reader.join(60)
+        data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert any("error" in d for d in data), lines[-5:]
+        assert {d["model"] for d in data if "model" in d} == {"large"}  # nothing from small after large's first token
+        assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
+    finally:
+        r.stop()
