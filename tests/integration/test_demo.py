@@ -24,10 +24,14 @@ def test_demo_builds_what_the_index_pins_applies_serves_answers_and_stops(tmp_pa
     # The build reproduced the index's sha256 pins byte for byte (else demo stops, naming the files).
     assert "    built demo, demo-terse" in out
     assert "apply: 6 steps done; the zoo at zoo matches the index for host demo" in out
-    assert "serving: demo-chat (demo@1), demo-chat:demo-terse (demo-terse@1)" in out
+    assert "serving: demo-chat (demo@1), demo-chat:demo-terse (demo-terse@1), demo-long (demo@1)" in out
     assert "answer (demo@1, random tiny weights, so not much sense): " in out
+    # The index's route: the short question to demo-chat by its rule, the long one to the default, demo-long (loaded by it).
+    assert "==> asked assistant (a route): Which host serves this?\n    answered by demo-chat (rule words<=8): " in out
+    assert "how one index keeps a fleet of hosts in sync\n    answered by demo-long (rule default): " in out
     assert "  model demo                     declared 1            current 1" in out
-    assert re.search(r'Status: "1 tenant: demo-chat demo@1 \(idle \d+s(, [\d.]+ tok/s)?, adapters demo-terse@1\); 1 requests', out), out
+    assert re.search(r'Status: "2 tenants: demo-chat demo@1 \(idle \d+s(, [\d.]+ tok/s)?, adapters demo-terse@1\), '
+                     r'demo-long demo@1 \([^)]*\); 3 requests', out), out
     assert "==> stopped the resident cleanly (exit 0)" in out
     again = subprocess.run([sys.executable, "-m", "zoo_agent", "demo", "--listen", "127.0.0.1:0"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -33,6 +33,8 @@ from zoo_agent.pin import Selection, pin_directory
 __all__ = ["build_sources", "demo_cmd"]
 
 QUESTION = "What is a model zoo?"
+#: For the index's route: a short question and a long one (its rule sends up to 8 words to demo-chat).
+ROUTED = ("Which host serves this?", "Explain, step by step and with an example, how one index keeps a fleet of hosts in sync")
 
 
 def _agent(*args: str) -> list[str]:
@@ -103,7 +105,7 @@ def _wait(sock: socket.socket, proc: subprocess.Popen[bytes], until: Any, timeou
 @click.option("--listen", default="127.0.0.1:8000", show_default=True, help="Loopback address (another port is taken if it is busy).")
 @click.option("--keep-running", is_flag=True, help="Leave the resident running afterwards (default: stop it cleanly).")
 def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool) -> None:
-    """Build the embedded default's model, apply it, serve it, ask it one question."""
+    """Build the embedded default's model, apply it, serve it, ask it one question (and its routes a short and a long one)."""
     idx = load_index(index, str(index))
     if host not in idx.hosts or not idx.hosts[host].served():
         raise UsageError(f"{index}: host '{host}' has no resident tenant")
@@ -134,7 +136,17 @@ def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool
             answer = json.load(urllib.request.urlopen(request, timeout=120))
             click.echo(f"==> asked {tenant}: {QUESTION}")
             click.echo(f"    answer ({answer['system_fingerprint']}, random tiny weights, so not much sense): {answer['choices'][0]['message']['content']!r}")
-            status = _wait(notify, proc, lambda f: "1 requests" in f.get("STATUS", ""), timeout=15)
+            asked = 1
+            for route in idx.hosts[host].routes:
+                for question in ROUTED:
+                    body = json.dumps({"model": route, "messages": [{"role": "user", "content": question}]}).encode()
+                    request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
+                    answer = json.load(urllib.request.urlopen(request, timeout=300))  # the first request for a tenant loads it
+                    taken = answer.get("x_zoo", {}).get("route", {})
+                    click.echo(f"==> asked {route} (a route): {question}")
+                    click.echo(f"    answered by {taken.get('tenant')} (rule {taken.get('rule')}): {answer['choices'][0]['message']['content'][:60]!r}")
+                    asked += 1
+            status = _wait(notify, proc, lambda f: f"{asked} requests" in f.get("STATUS", ""), timeout=15)
             click.echo(f"==> zoo-agent status {' '.join(zoo)}")
             subprocess.run(_agent("status", *zoo), check=False)
             click.echo("==> what `systemctl status model-zoo-resident` would show:")

@@ -33,7 +33,7 @@ def validate(index: Path, as_json: bool) -> None:
     assert idx is not None
     counts = ", ".join(
         f"{len(entries)} {kind}{'' if len(entries) == 1 else 's'}" for kind, entries in
-        (("model", idx.models), ("lora", idx.loras), ("tenant", idx.tenants), ("host", idx.hosts))
+        (("model", idx.models), ("lora", idx.loras), ("tenant", idx.tenants), *((("route", idx.routes),) if idx.routes else ()), ("host", idx.hosts))
     )  # fmt: skip
     click.echo(f"{index}: valid ({counts})")
 
