@@ -173,7 +173,7 @@ def test_the_router_answers_while_every_worker_is_busy(five: World) -> None:
             t.join(120)
         unknown = httpx.post(r.url + "/v1/completions", json={"model": "zz", "prompt": "x"}, timeout=5)
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
-        assert "tenants: a, b" in unknown.json()["error"]["message"]
+        assert "(models: a, b)" in unknown.json()["error"]["message"]
     finally:
         r.stop()
 

@@ -67,7 +67,8 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
         now = _state(state_file)
         if now.get("attempts", 0) > before.get("attempts", 0) and now.get("state") == "ready":
             if now.get("reloads", 0) > before.get("reloads", 0):
-                click.echo(f"reloaded: serving {now.get('version')}")
+                swapped = now.get("swapped") or []
+                click.echo(f"reloaded: {', '.join(swapped)}" if swapped else "reloaded: every tenant already served its current version")
                 return
             if now.get("last_error"):
                 raise StoreError(now["last_error"])

@@ -51,7 +51,7 @@ class Reports:
                 continue
             s = worker.stats
             busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
-            if not (s.running or s.waiting):
+            if not (s.running or s.waiting or slot.queued):
                 busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"
             extra = f", {s.tps:.1f} tok/s" if s.tps else ""
             if s.adapters:
@@ -131,7 +131,7 @@ class Reports:
                             "last_used": _wall(slot.last_used), "error": slot.refusal or slot.error or ""}  # fmt: skip
         state = {"pid": os.getpid(), "attempts": sup.reload_attempts, "reloads": sup.reloads, "last_error": sup.last_error,
                  "state": "reloading" if sup.pending_reloads else ("ready" if sup.ready_sent else "starting"), "version": first_version,
-                 "listen": sup.config.listen, "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
+                 "swapped": sup.swapped, "listen": sup.config.listen, "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
         makedirs_durable(sup.zoo.resident_dir)
         write_atomic(sup.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
 

@@ -67,6 +67,8 @@ class Supervisor:
         self.reloads = 0
         self.reload_attempts = 0
         self.pending_reloads: set[str] = set()  # tenants of the reload in progress
+        self.joined = 0  # reload requests that arrived while one was in progress (they share its outcome)
+        self.swapped: list[str] = []  # what the last reload swapped: "code coder@2"
         self.last_error = ""
         self.watchdog_usec = self._watchdog_usec()
         self.last_watchdog = 0.0
@@ -587,6 +589,11 @@ class Supervisor:
     def handle_hup(self) -> None:
         """Read the index again; swap every loaded tenant whose version or settings changed."""
         if self.pending_reloads:
+            # One is under way (`current` moved, or a HUP before): this one joins it, counted with it, so
+            # `zoo-agent resident reload` waits for that swap instead of saying there is nothing to reload.
+            self.reload_attempts += 1
+            self.joined += 1
+            self.reports.state()
             return
         self.reload_attempts += 1
         with self.lock:
@@ -611,11 +618,13 @@ class Supervisor:
         if not changes:
             self.reloads += 1
             self.last_error = ""
+            self.swapped = []
             self.reports.state()
             log.info("reload: every loaded tenant serves its current version already")
             return
         self.notify.reloading("reloading " + ", ".join(f"{t} to {c.model}@{c.version}" for t, c in changes.items()))
         self.pending_reloads = set(changes)
+        self.swapped = [f"{t} {c.model}@{c.version}" for t, c in changes.items()]
         for tid, config in changes.items():
             slot = self.slots[tid]
             if self._fits_beside(slot, config):
@@ -637,7 +646,8 @@ class Supervisor:
         self.pending_reloads.discard(tid)
         if not self.pending_reloads:
             if ok and not self.last_error:
-                self.reloads += 1
+                self.reloads += 1 + self.joined
+            self.joined = 0
             self.reports.state()
 
     def handle_term(self) -> None:
