@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 
 __all__ = [
-    "Adapters", "Configure", "Drain", "Failed", "Lines", "Loading", "Ping", "Pong", "Ready", "Reloads",
+    "Adapters", "Configure", "Drain", "Failed", "Lines", "Loading", "Ping", "Pong", "Proceed", "Ready", "Reloads",
     "ToSupervisor", "ToWorker", "encode", "to_supervisor", "to_worker",
 ]  # fmt: skip
 
@@ -30,6 +30,14 @@ class Configure(_Message):
 
     type: Literal["configure"] = "configure"
     config: WorkerConfig
+
+
+class Proceed(_Message):
+    """Load the weights now: the memory budget has room. A worker starts its runtime (Python,
+    torch) before this, beside an evicted worker that is still exiting, so a cold start
+    overlaps the eviction; the weights wait for the memory (issue #20)."""
+
+    type: Literal["proceed"] = "proceed"
 
 
 class Ping(_Message):
@@ -98,7 +106,7 @@ class Pong(_Message):
     sessions: int = 0
 
 
-ToWorker = Annotated[Configure | Ping | Drain | Adapters | Reloads, Field(discriminator="type")]
+ToWorker = Annotated[Configure | Proceed | Ping | Drain | Adapters | Reloads, Field(discriminator="type")]
 ToSupervisor = Annotated[Loading | Failed | Ready | Pong, Field(discriminator="type")]
 _to_worker: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
 _to_supervisor: TypeAdapter[ToSupervisor] = TypeAdapter(ToSupervisor)

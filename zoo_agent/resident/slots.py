@@ -39,6 +39,7 @@ class Worker:
     ready: p.Ready | None = None
     error: str = ""
     killed_for: str = ""  # why the supervisor killed it ("hang"), if it did
+    standby: bool = False  # its runtime starts, its weights wait for Proceed (the budget's room)
     lines: p.Lines = field(default_factory=p.Lines)
 
 

@@ -169,7 +169,7 @@ class Supervisor:
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
         )  # fmt: skip
 
-    def spawn(self, slot: Slot, config: WorkerConfig) -> Worker:
+    def spawn(self, slot: Slot, config: WorkerConfig, *, standby: bool = False) -> Worker:
         """A worker on a private socket of its own (the router is its only client)."""
         assert self.sockets is not None
         self.spawned += 1
@@ -188,9 +188,9 @@ class Supervisor:
         finally:
             theirs.close()
             listener.close()  # the worker holds it now; connections queue in its backlog
-        ours.sendall(p.encode(p.Configure(config=config)))
+        ours.sendall(p.encode(p.Configure(config=config)) + (b"" if standby else p.encode(p.Proceed())))
         ours.setblocking(False)
-        worker = Worker(proc, ours, config, path)
+        worker = Worker(proc, ours, config, path, standby=standby)
         self.selector.register(ours, selectors.EVENT_READ, (slot, worker))
         log.info("worker %d: loading %s (%s@%s)", proc.pid, config.tenant, config.model, config.version)
         return worker
@@ -270,6 +270,8 @@ class Supervisor:
         live = []
         for slot in self.slots.values():
             for worker in slot.workers:
+                if worker.standby:
+                    continue  # its runtime only: the weights wait for the budget
                 live.append(Live(slot.tenant, slot.footprint, slot.pinned, slot.busy, worker.state == "serving" and slot.incoming is None,
                                  slot.last_used, slot.loaded_at))  # fmt: skip
         live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False, draining=True) for slot, _ in self.retiring]
@@ -278,7 +280,8 @@ class Supervisor:
     def _page(self, t: float) -> None:
         """Load what is wanted, in priority order of what waits for it; evict least recently used to make room."""
         with self.lock:
-            wanted = [s for s in self.slots.values() if (s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at]
+            wanted = [s for s in self.slots.values() if ((s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at)
+                      or (s.serving is not None and s.serving.standby)]  # fmt: skip
         wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
         for slot in wanted:
             if slot.phase == "failed" and not slot.queued:
@@ -295,13 +298,20 @@ class Supervisor:
             elif isinstance(decision, Evict):
                 for victim in decision.victims:
                     self._evict(self.slots[victim], "budget")
+                self._load(slot, standby=True)  # its runtime starts while they exit; its weights wait
                 return  # their memory is in use until they exit: decide again then
             elif isinstance(decision, Refuse):
+                if slot.serving is not None and slot.serving.standby:
+                    self._drain(slot, slot.serving, "refused")  # on standby: it exits without loading anything
+                    with self.lock:
+                        slot.phase = "paged_out"
                 self._refuse(slot, decision.reason)
             elif isinstance(decision, Wait):
                 if slot.blocked != decision.reason:
                     log.info("%s", decision.reason)
                 slot.blocked = decision.reason
+                if slot.serving is None and any(w.draining for w in self._live()):
+                    self._load(slot, standby=True)  # the memory comes back when they exit: start the runtime now
                 return
 
     def _on_disk(self, slot: Slot) -> bool:
@@ -339,7 +349,16 @@ class Supervisor:
 
         threading.Thread(target=run, name=f"fetch-{slot.tenant}", daemon=True).start()
 
-    def _load(self, slot: Slot) -> None:
+    def _load(self, slot: Slot, standby: bool = False) -> None:
+        """Spawn the tenant's worker (``standby``: its runtime only, until ``Proceed``); a worker
+        already on standby is told to load its weights now."""
+        worker = slot.serving
+        if worker is not None and worker.standby:
+            if not standby:
+                worker.standby = False
+                self._send(worker, p.Proceed())
+                log.info("%s: the budget has room; loading its weights", slot.tenant)
+            return
         assert self.idx is not None
         try:
             config = self.worker_config(self.idx, slot.tenant)
@@ -349,18 +368,24 @@ class Supervisor:
         with self.lock:
             slot.phase, slot.refusal, slot.error, slot.blocked = "loading", None, "", ""
         slot.incoming = None
-        slot.serving = self.spawn(slot, config)
+        slot.serving = self.spawn(slot, config, standby=standby)
         self.notify.status(f"loading {slot.tenant}; " + self.status_line())
 
     def _evict(self, slot: Slot, reason: str) -> None:
         log.info("%s: paged out (%s; idle %.0fs)", slot.tenant, reason, time.monotonic() - slot.last_used)
         slot.evictions += 1
         self.router.evicted(slot.tenant, reason)
-        if slot.serving is not None:
-            self.reports.paged("page-out", slot, f"{slot.serving.config.model}@{slot.serving.config.version}", reason=reason)
-            self._drain(slot, slot.serving, reason)
+        worker = slot.serving
         with self.lock:
             slot.serving, slot.path, slot.phase = None, None, "draining"
+            idle = slot.inflight == 0
+        if worker is not None:
+            self.reports.paged("page-out", slot, f"{worker.config.model}@{worker.config.version}", reason=reason)
+            self._drain(slot, worker, reason)
+            if idle:
+                # Its idle keep-alive connections would hold the drain for 2 s (the worker waits that long
+                # for a client to send on an open connection); nothing is in flight, so close them now.
+                self.router.forget(worker.path)
 
     def _refuse(self, slot: Slot, reason: str, failed: bool = False) -> None:
         with self.lock:

@@ -32,16 +32,14 @@ def _send(control: socket.socket, message: p.ToSupervisor) -> None:
     control.sendall(p.encode(message))
 
 
-def _receive_config(control: socket.socket) -> WorkerConfig | None:
-    """The worker's settings, or None when the supervisor closed the socket first."""
-    data = b""
-    while not data.endswith(b"\n"):
+def _next(control: socket.socket, lines: p.Lines, pending: list[bytes]) -> p.ToWorker | None:
+    """The next message before serving starts (blocking), or None when the supervisor closed the socket."""
+    while not pending:
         chunk = control.recv(65536)
         if not chunk:
             return None
-        data += chunk
-    message = p.to_worker(data)
-    return message.config if isinstance(message, p.Configure) else None
+        pending += lines.feed(chunk)
+    return p.to_worker(pending.pop(0))
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -83,9 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _die_with_supervisor(args.supervisor_pid or os.getppid())
     control = socket.socket(fileno=args.control_fd)
-    config = _receive_config(control)
-    if config is None:
+    lines, pending = p.Lines(), list[bytes]()
+    configure = _next(control, lines, pending)
+    if not isinstance(configure, p.Configure):
         return 2  # the supervisor went away before it told us what to serve
+    config = configure.config
+    if config.backend != "ollama":
+        import zoo_agent.resident.api  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
+        import zoo_agent.resident.backend  # noqa: F401
+    if not isinstance(_next(control, lines, pending), p.Proceed):
+        return 2  # the supervisor went away (or evicted us) before the memory had room
     last = -1
 
     def progress(done: int, total: int) -> None:
