@@ -147,6 +147,10 @@ class Zoo:
                 return
             try:
                 self.root.mkdir(parents=True, mode=DIR_MODE)
+            except FileExistsError:
+                # Another run made it in between (two first requests fetching at once): fine if it is a directory.
+                if not self.root.is_dir():
+                    raise UsageError(f"{self.root}: the zoo root exists but is not a directory") from None
             except OSError as exc:
                 raise StoreError(f"{self.root}: cannot create the zoo root: {exc.strerror}") from exc
         if not os.access(self.root, os.R_OK | os.X_OK):
