@@ -236,7 +236,7 @@ class Router:
                 slot.inflight += 1
                 slot.last_used = time.monotonic()
                 return slot.path
-            if len(queue) >= slot.max_queue:
+            if len(queue) >= slot.capacity:
                 raise _Full(f"tenant '{tenant}' is {slot.phase.replace('_', ' ')} and {len(queue)} requests already wait for it; retry later")
             if slot.phase == "failed" and slot.refusal is not None:
                 slot.refusal = None  # a new request tries a failed tenant again

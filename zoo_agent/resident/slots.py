@@ -52,8 +52,7 @@ class Slot:
     pinned: bool = False
     priority: int = 0
     fetch: Literal["eager", "on-demand"] = "eager"
-    capacity: int = 32  # requests the worker holds at once (max_batch + max_queue)
-    max_queue: int = 16  # requests the router holds while no worker can take them
+    capacity: int = 32  # requests the worker holds at once (max_batch + max_queue); the router holds as many while it loads
     estimate: int = 0  # footprint from the index and config.json
     measured: int = 0  # footprint the loaded model reported (max of its loads)
     phase: Phase = "paged_out"

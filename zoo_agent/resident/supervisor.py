@@ -128,7 +128,6 @@ class Supervisor:
                 slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
                 slot.priority = CLASSES[tenant.priority]
                 slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
-                slot.max_queue = tenant.resources.max_batch + tenant.resources.max_queue
                 version = self.zoo.read_link("models", tenant.model, "current")
                 config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
                 slot.estimate = tenant_footprint(idx, tid, config).total
