@@ -17,7 +17,7 @@ from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
-    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_gc", "plan_versions",
+    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_gc", "plan_versions", "route_embedding_models",
 ]  # fmt: skip
 
 Kind = Literal["models", "loras"]
@@ -221,6 +221,13 @@ def _tenant_wants(idx: Index, tenant_id: str) -> Iterator[tuple[Kind, str]]:
         yield "models", tenant.adapter_selection.embedding_model
 
 
+def route_embedding_models(idx: Index, entry: HostEntry) -> list[str]:
+    """The embedding models of the host's routes with similarity rules: the router loads them
+    itself at start (issue #21), so they are fetched eagerly, like a pinned tenant's model."""
+    routes = [idx.routes[rid] for rid in entry.routes if rid in idx.routes]
+    return list(dict.fromkeys(r.embedding_model for r in routes if r.embedding_model is not None and any(x.when.similar_to for x in r.rules)))
+
+
 def _want(idx: Index, kind: Kind, aid: str) -> Want:
     art = idx.models[aid] if kind == "models" else idx.loras[aid]
     return Want(kind, aid, art.version, art.source, tuple(art.files))
@@ -238,7 +245,7 @@ def desired_for_host(idx: Index, host: str) -> Desired:
         into = later if idx.tenants[tid].fetch == "on-demand" else wants
         for kind, aid in _tenant_wants(idx, tid):
             into.setdefault((kind, aid), _want(idx, kind, aid))
-    for model in entry.available:
+    for model in [*route_embedding_models(idx, entry), *entry.available]:
         wants.setdefault(("models", model), _want(idx, "models", model))
     on_demand = tuple(w for key, w in later.items() if key not in wants)
     return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions, on_demand)

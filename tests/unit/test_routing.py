@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from zoo_agent.index.checks import semantic_problems
+from zoo_agent.index.load import check_document
 from zoo_agent.index.model import Index, RouteEntry
-from zoo_agent.resident.routing import candidates, choose, features
+from zoo_agent.resident.routing import candidates, choose, features, needs_similarity
 
 ROUTE = RouteEntry.model_validate({
     "rules": [
@@ -49,7 +50,45 @@ LONG = " ".join(["word"] * 40)
     ],
 )
 def test_the_routing_table(document: dict[str, Any], tenant: str, rule: str) -> None:
-    assert choose(ROUTE, features(document)) == (tenant, rule)
+    assert choose(ROUTE, features(document)) == (tenant, rule, None)
+
+
+REVIEW, TRANSLATE = "review this code for bugs", "translate this text into french"
+SIMILAR = RouteEntry.model_validate({
+    "rules": [
+        {"tenant": "small", "when": {"max_words": 2}},
+        {"tenant": "code", "when": {"similar_to": REVIEW, "min_similarity": 0.7}},
+        {"tenant": "large", "when": {"similar_to": TRANSLATE}},  # the default threshold, 0.7
+        {"tenant": "large", "when": {"similar_to": REVIEW, "min_similarity": 0.3, "min_messages": 3}, "name": "review-later"},
+    ],
+    "default": "small",
+    "embedding_model": "e",
+})
+ASK = chat("please look over my function and tell me what is wrong")  # 11 words: past the first rule
+
+
+@pytest.mark.parametrize(
+    ("document", "scores", "expected"),
+    [
+        (ASK, {REVIEW: 0.9, TRANSLATE: 0.1}, ("code", "similar>=0.7", 0.9)),
+        (ASK, {REVIEW: 0.7, TRANSLATE: 0.1}, ("code", "similar>=0.7", 0.7)),  # exactly at the threshold matches
+        (ASK, {REVIEW: 0.6999, TRANSLATE: 0.1}, ("small", "default", 0.6999)),  # just below: the default, with the best score seen
+        (ASK, {REVIEW: 0.8, TRANSLATE: 0.8}, ("code", "similar>=0.7", 0.8)),  # ties: the first rule in order wins
+        (ASK, {REVIEW: 0.2, TRANSLATE: 0.75}, ("large", "similar>=0.7", 0.75)),
+        (chat("a", "b", "please look over my function"), {REVIEW: 0.4, TRANSLATE: 0.0}, ("large", "review-later", 0.4)),  # the same task, a lower bar later
+        (ASK, {}, ("small", "default", None)),  # not measured (no embedder): similarity rules never match
+        (chat("ok thanks"), {REVIEW: 0.99}, ("small", "words<=2", None)),  # an earlier rule decides; similarity is not reported
+        (chat(""), {}, ("small", "words<=2", None)),  # an empty message: 0 words, never embedded
+    ],
+)
+def test_the_routing_table_with_similarity(document: dict[str, Any], scores: dict[str, float], expected: tuple[str, str, float | None]) -> None:
+    assert choose(SIMILAR, features(document, scores)) == expected
+
+
+def test_the_message_is_embedded_only_when_a_similarity_rule_would_be_tried() -> None:
+    assert needs_similarity(SIMILAR, features(ASK))
+    assert not needs_similarity(SIMILAR, features(chat("ok thanks")))  # rule 0 matches first
+    assert not needs_similarity(ROUTE, features(ASK))  # no similarity rule at all
 
 
 def test_candidates_are_the_choice_then_the_default_then_the_fallbacks_once_each() -> None:
@@ -58,13 +97,20 @@ def test_candidates_are_the_choice_then_the_default_then_the_fallbacks_once_each
 
 
 def _index(routes: dict[str, Any], host_routes: list[str], served: tuple[str, ...] = ("small", "large")) -> Index:
+    return Index.model_validate(_document(routes, host_routes, served))
+
+
+def _document(routes: dict[str, Any], host_routes: list[str], served: tuple[str, ...] = ("small", "large")) -> dict[str, Any]:
     file = {"path": "m.safetensors", "sha256": "a" * 64, "size": 1}
-    return Index.model_validate({
-        "models": {"m": {"version": "1", "source": {"type": "file", "path": "m"}, "files": [file], "license": "MIT"}},
+    ollama = {"type": "ollama", "name": "o:1", "digest": "sha256:" + "b" * 64}
+    return {
+        "models": {"m": {"version": "1", "source": {"type": "file", "path": "m"}, "files": [file], "license": "MIT"},
+                   "e": {"version": "1", "source": {"type": "file", "path": "e"}, "files": [file], "license": "MIT"},
+                   "o": {"version": "1", "source": ollama, "format": "ollama", "license": "MIT"}},
         "tenants": {t: {"model": "m"} for t in ("small", "large", "other")},
         "routes": routes,
         "hosts": {"h": {"tenants": list(served), "routes": host_routes}},
-    })
+    }
 
 
 @pytest.mark.parametrize(
@@ -80,6 +126,16 @@ def _index(routes: dict[str, Any], host_routes: list[str], served: tuple[str, ..
         ({"small": {"default": "large"}}, [], "/routes/small", "also a tenant id"),
         ({"r": {"default": "other"}}, ["r"], "/hosts/h/routes/0", "names tenant other, which host h does not serve"),
         ({}, ["r"], "/hosts/h/routes/0", "unknown route 'r'"),
+        ({"r": {"default": "small", "embedding_model": "ghost", "rules": [{"tenant": "large", "when": {"similar_to": "review code"}}]}}, ["r"],
+         "/routes/r/embedding_model", "unknown model 'ghost' (declared models: e, m, o)"),
+        ({"r": {"default": "small", "rules": [{"tenant": "large", "when": {"similar_to": "review code"}}]}}, ["r"],
+         "/routes/r/rules/0/when/similar_to", "a similarity rule needs the route's 'embedding_model' (a declared model id)"),
+        ({"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": {"min_similarity": 0.5}}]}}, ["r"],
+         "/routes/r/rules/0/when/min_similarity", "needs 'similar_to'"),
+        ({"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": {"max_words": 3}}]}}, ["r"],
+         "/routes/r/embedding_model", "no rule has 'similar_to', so nothing uses it"),
+        ({"r": {"default": "small", "embedding_model": "o", "rules": [{"tenant": "large", "when": {"similar_to": "x"}}]}}, ["r"],
+         "/routes/r/embedding_model", "the router embeds with transformers; model 'o' has an 'ollama' source"),
     ],
 )
 def test_validation_refuses_what_cannot_route(routes: dict[str, Any], host_routes: list[str], pointer: str, words: str) -> None:
@@ -87,6 +143,26 @@ def test_validation_refuses_what_cannot_route(routes: dict[str, Any], host_route
     assert any(p.pointer == pointer and words in p.message for p in problems), problems
 
 
+@pytest.mark.parametrize(("when", "pointer", "words"), [
+    ({"similar_to": "x", "min_similarity": 1.5}, "/routes/r/rules/0/when/min_similarity", "must be <= 1, got 1.5"),
+    ({"similar_to": "x", "min_similarity": -2}, "/routes/r/rules/0/when/min_similarity", "must be >= -1, got -2"),
+    ({"similar_to": ""}, "/routes/r/rules/0/when/similar_to", "must not be empty"),
+])
+def test_similarity_thresholds_out_of_range_are_refused(when: dict[str, Any], pointer: str, words: str) -> None:
+    _, problems = check_document(_document({"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": when}]}}, ["r"]))
+    assert [p.pointer for p in problems] == [pointer] and words in problems[0].message, problems
+
+
 def test_a_sound_route_passes() -> None:
     routes = {"assistant": {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}}
     assert [p for p in semantic_problems(_index(routes, ["assistant"])) if "route" in p.pointer] == []
+    routes["assistant"].update(embedding_model="e", rules=[{"tenant": "small", "when": {"similar_to": "review code", "min_similarity": 0.5}}])
+    assert [p for p in semantic_problems(_index(routes, ["assistant"])) if "route" in p.pointer] == []
+
+
+def test_a_host_serving_a_similarity_route_fetches_its_embedding_model() -> None:
+    from zoo_agent.plan import desired_for_host
+
+    routes = {"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": {"similar_to": "review code"}}]}}
+    assert ("models", "e") in [(w.kind, w.id) for w in desired_for_host(_index(routes, ["r"]), "h").wants]
+    assert ("models", "e") not in [(w.kind, w.id) for w in desired_for_host(_index(routes, []), "h").wants]  # a route the host does not serve

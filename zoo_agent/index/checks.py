@@ -13,7 +13,7 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.fit import check_host
-from zoo_agent.index.model import ArtifactEntry, Index
+from zoo_agent.index.model import ArtifactEntry, Index, RouteEntry
 from zoo_agent.index.schema import pointer
 
 __all__ = ["PICKLE_SUFFIXES", "placeholder_problems", "semantic_problems"]
@@ -274,8 +274,13 @@ def _routes(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer((*at, "rules", i, "when")), f"can never match: min_words {w.min_words} > max_words {w.max_words}")
             if w.min_messages is not None and w.max_messages is not None and w.min_messages > w.max_messages:
                 yield Problem(pointer((*at, "rules", i, "when")), f"can never match: min_messages {w.min_messages} > max_messages {w.max_messages}")
+            if w.min_similarity is not None and w.similar_to is None:
+                yield Problem(pointer((*at, "rules", i, "when", "min_similarity")), "needs 'similar_to', the described task it measures the message against")
+            if w.similar_to is not None and route.embedding_model is None:
+                yield Problem(pointer((*at, "rules", i, "when", "similar_to")), "a similarity rule needs the route's 'embedding_model' (a declared model id)")
             if w == type(w)():
                 always = i
+        yield from _route_embedding(idx, rid, route)
     for hid, host in idx.hosts.items():
         served = set(host.served())
         for i, rid in enumerate(host.routes):
@@ -287,3 +292,18 @@ def _routes(idx: Index) -> Iterator[Problem]:
             if missing:
                 yield Problem(pointer(("hosts", hid, "routes", i)),
                               f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve")
+
+
+def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Problem]:
+    """The route's embedding model exists, can be loaded by the resident, and some rule uses it (else it is fetched for nothing)."""
+    mid = route.embedding_model
+    if mid is None:
+        return
+    at = pointer(("routes", rid, "embedding_model"))
+    model = idx.models.get(mid)
+    if model is None:
+        yield Problem(at, _unknown("model", mid, idx.models))
+    elif model.source.type == "ollama":
+        yield Problem(at, f"the router embeds with transformers; model '{mid}' has an 'ollama' source")
+    if not any(r.when.similar_to is not None for r in route.rules):
+        yield Problem(at, "no rule has 'similar_to', so nothing uses it; remove it or add a similarity rule")

@@ -44,6 +44,8 @@ OLLAMA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0
 OLLAMA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
 MEMORY_PATTERN = r"^[1-9][0-9]*[KMGT]?$"
+#: The least cosine similarity that counts when the index names none (adapter selection, route rules).
+DEFAULT_SIMILARITY = 0.7
 
 #: Common SPDX identifiers; anything else is ``other`` or an SPDX ``LicenseRef-``.
 LICENSES: tuple[str, ...] = (
@@ -215,7 +217,7 @@ class AdapterSelection(_Strict):
 
     embedding_model: Id = Field(description="Id of a sentence-embedding model in 'models' (fetched with the tenant).")
     threshold: float = Field(
-        default=0.7, ge=-1, le=1, description="Least cosine similarity for an adapter to be chosen; below it, the base model answers."
+        default=DEFAULT_SIMILARITY, ge=-1, le=1, description="Least cosine similarity for an adapter to be chosen; below it, the base model answers."
     )
 
 
@@ -268,6 +270,15 @@ class RouteWhen(_Strict):
         default=None, description="The conversation has at least this many messages (a completion has 1).")
     max_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="The conversation has at most this many messages.")
+    similar_to: Annotated[Annotated[str, Field(min_length=1, max_length=1000)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="A described task: the message's cosine similarity to it, by the route's embedding_model, is at least min_similarity.")
+    min_similarity: Annotated[Annotated[float, Field(ge=-1, le=1)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="The least similarity to 'similar_to' that matches (default 0.7); needs 'similar_to'.")
+
+    @property
+    def threshold(self) -> float:
+        """The similarity a ``similar_to`` rule needs: ``min_similarity``, else AdapterSelection's default."""
+        return DEFAULT_SIMILARITY if self.min_similarity is None else self.min_similarity
 
 
 class RouteRule(_Strict):
@@ -289,6 +300,8 @@ class RouteEntry(_Strict):
         default=[], description="Tenants tried in order (after the default) when the chosen one cannot answer before its first token.")
     first_token_seconds: Annotated[Annotated[float, Field(gt=0, le=3600)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="A streaming request whose first token takes longer goes to the next candidate.")
+    embedding_model: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Id of a sentence-embedding model in 'models' for 'similar_to' rules (fetched on every host serving the route).")
     description: str = Field(default="", max_length=1000, description="What the route is for.")
 
 

@@ -31,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
-from zoo_agent.resident.routing import candidates, choose, features
+from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
+from zoo_agent.resident.similarity import Similarity, route_tasks
 
 if TYPE_CHECKING:
     import socket
@@ -116,6 +117,7 @@ class Router:
         self.models: list[dict[str, Any]] = []
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
+        self.similarity = Similarity(supervisor.zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -129,8 +131,9 @@ class Router:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
-        host = idx.hosts[self.sup.config.host.lower()]
-        self.routes = {rid: idx.routes[rid] for rid in host.routes if rid in idx.routes}
+        host_id = self.sup.config.host.lower()
+        self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
+        self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
 
     def start(self, listener: socket.socket) -> None:
         import uvicorn
@@ -185,6 +188,7 @@ class Router:
             self.server.should_exit = True
         for tenant in list(self.queues):
             self.poke(tenant)  # who waits for a tenant to load is answered now: nothing loads any more
+        self.similarity.close()
 
     def join(self, timeout: float) -> None:
         if self.thread is not None:
@@ -310,10 +314,8 @@ class Router:
         assert tenant is not None
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
-            chosen, rule = choose(route, features(document))
-            tried = candidates(route, chosen)
-            routed = _Routed(tenant, route, rule, [t for t in tried if t in self.sup.slots], document)
-            tenant = routed.tenants[0] if routed.tenants else chosen
+            routed = await self._choose(tenant, route, document)
+            tenant = routed.tenants[0] if routed.tenants else routed.chosen
         stream, priority = False, self._default_priority(tenant)
         if path in GENERATE and method == "POST":
             stream = document.get("stream") is True
@@ -330,6 +332,16 @@ class Router:
             await self._forward_routed(scope, receive, send, routed, priority, stream)
             return
         await self._forward(scope, receive, send, body, tenant, priority, stream)
+
+    async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any]) -> _Routed:
+        """The route's decision; the message is embedded only when a similarity rule would be tried."""
+        f, why = features(document), None
+        if needs_similarity(route, f) and (text := last_user_text(document)).strip():
+            scores, why = await self.similarity.scores(rid, text)
+            f = features(document, scores)
+        choice = choose(route, f)
+        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots]
+        return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why)
 
     def _tenant_of(self, scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
         """Which tenant a request is for (and its JSON body), or the error that says why it has none."""
@@ -747,6 +759,9 @@ class _Routed:
     rule: str
     tenants: list[str]
     document: dict[str, Any]
+    chosen: str = ""  # the rules' choice, served here or not
+    similarity: float | None = None  # the similarity rule's score, when one was evaluated
+    similarity_unavailable: str | None = None  # why similarity rules could not be evaluated
     fallback_from: str | None = None
     reason: str | None = None
 
@@ -760,8 +775,10 @@ class _Routed:
         metrics.routed.labels(self.id, self.rule, tenant).inc()
 
     def report(self, tenant: str) -> dict[str, Any]:
-        """``x_zoo.route``: which tenant answered, by which rule, and whom it stood in for and why."""
+        """``x_zoo.route``: which tenant answered, by which rule (with the similarity it measured), and whom it stood in for and why."""
         return {"route": self.id, "tenant": tenant, "rule": self.rule,
+                **({"similarity": round(self.similarity, 4)} if self.similarity is not None else {}),
+                **({"similarity_unavailable": self.similarity_unavailable} if self.similarity_unavailable else {}),
                 **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}  # fmt: skip
 
 

@@ -4,17 +4,23 @@ The router reads the features once (no tokenizer: words, keywords, code, the con
 length), the rules are tried in order, the first match wins and the route's ``default``
 closes the list. The candidates after the chosen tenant are where a request goes when the
 chosen one cannot answer before its first token (``fallback``).
+
+Similarity to a described task (``similar_to``) is a feature like the others: the router
+embeds the message (resident/similarity.py) only when ``needs_similarity`` says a
+similarity rule would be reached, and passes the numbers in; this module never embeds.
+A similarity rule without a number (an empty message, no embedder) does not match.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from zoo_agent.index.model import RouteEntry, RouteRule, RouteWhen
 
-__all__ = ["Features", "candidates", "choose", "features", "label"]
+__all__ = ["Choice", "Features", "candidates", "choose", "features", "label", "last_user_text", "needs_similarity"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Code-like lines: a statement ending in ; or {, a def/class/import/#include, an arrow function.
@@ -28,21 +34,39 @@ class Features:
     keywords: frozenset[str]  # the message's words, lowercased
     code: bool
     messages: int
+    similarity: Mapping[str, float] = field(default_factory=dict)  # similar_to text -> cosine similarity of the message
 
 
-def features(document: dict[str, Any]) -> Features:
+class Choice(NamedTuple):
+    tenant: str
+    rule: str  # the rule's label, or 'default'
+    similarity: float | None  # the deciding similarity rule's score, else the best one evaluated before the choice; None: none evaluated
+
+
+def last_user_text(document: dict[str, Any]) -> str:
+    """What the rules read: a chat body's last user message, or a completion body's prompt."""
+    messages = document.get("messages")
+    if isinstance(messages, list):
+        users = [str(m["content"]) for m in messages if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)]
+        return users[-1] if users else ""
+    prompt = document.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def features(document: dict[str, Any], similarity: Mapping[str, float] | None = None) -> Features:
     """From a chat body (its last user message) or a completion body (its prompt)."""
     messages = document.get("messages")
-    text = ""
-    count = 1
-    if isinstance(messages, list):
-        count = len(messages)
-        users = [str(m["content"]) for m in messages if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)]
-        text = users[-1] if users else ""
-    elif isinstance(prompt := document.get("prompt"), str):
-        text = prompt
+    count = len(messages) if isinstance(messages, list) else 1
+    text = last_user_text(document)
     words = _WORD.findall(text)
-    return Features(len(words), frozenset(w.lower() for w in words), "```" in text or bool(_CODE_LINE.search(text)), count)
+    return Features(len(words), frozenset(w.lower() for w in words), "```" in text or bool(_CODE_LINE.search(text)), count, similarity or {})
+
+
+def _similar(when: RouteWhen, f: Features) -> bool:
+    if when.similar_to is None:
+        return True
+    score = f.similarity.get(when.similar_to)
+    return score is not None and score >= when.threshold
 
 
 def matches(when: RouteWhen, f: Features) -> bool:
@@ -53,6 +77,7 @@ def matches(when: RouteWhen, f: Features) -> bool:
         and (when.code is None or f.code == when.code)
         and (when.min_messages is None or f.messages >= when.min_messages)
         and (when.max_messages is None or f.messages <= when.max_messages)
+        and _similar(when, f)
     )
 
 
@@ -73,15 +98,32 @@ def label(rule: RouteRule) -> str:
         parts.append(f"messages>={w.min_messages}")
     if w.max_messages is not None:
         parts.append(f"messages<={w.max_messages}")
+    if w.similar_to is not None:
+        parts.append(f"similar>={w.threshold:g}")
     return ",".join(parts) or "always"
 
 
-def choose(route: RouteEntry, f: Features) -> tuple[str, str]:
-    """(tenant, the rule that chose it: its label, or 'default')."""
+def choose(route: RouteEntry, f: Features) -> Choice:
+    """The first rule that matches chooses (else the default), with the similarity that was seen."""
+    seen: float | None = None
     for rule in route.rules:
+        score = f.similarity.get(rule.when.similar_to) if rule.when.similar_to is not None else None
         if matches(rule.when, f):
-            return rule.tenant, label(rule)
-    return route.default, "default"
+            return Choice(rule.tenant, label(rule), score if score is not None else seen)
+        if score is not None:
+            seen = score if seen is None else max(seen, score)
+    return Choice(route.default, "default", seen)
+
+
+def needs_similarity(route: RouteEntry, f: Features) -> bool:
+    """Whether a similarity rule would be tried: no rule before the first ``similar_to`` one matches
+    (so a request an earlier rule decides is never embedded)."""
+    for rule in route.rules:
+        if rule.when.similar_to is not None:
+            return True
+        if matches(rule.when, f):
+            return False
+    return False
 
 
 def candidates(route: RouteEntry, chosen: str) -> list[str]:
