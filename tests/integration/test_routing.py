@@ -22,7 +22,8 @@ ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "
 LONG = "Tell me, in many words, " + " ".join(["about the zoo"] * 10)
 
 
-def _index(world: World, budget: str | None = None, first_token_seconds: float = 60, large_pinned: bool = False) -> None:
+def _index(world: World, budget: str | None = None, first_token_seconds: float = 60, large_pinned: bool = False,
+           route: dict[str, Any] | None = None) -> None:  # fmt: skip
     gen = {"generation": {"temperature": 0, "max_tokens": 4}}
     host: dict[str, Any] = {"tenants": ["small", "large"], "routes": ["assistant"]}
     if budget:
@@ -30,7 +31,7 @@ def _index(world: World, budget: str | None = None, first_token_seconds: float =
     doc = {"models": world.models, "loras": {},
            "tenants": {"small": {"model": "m", **gen, "pinned": True, "resources": {"max_batch": 1}},
                        "large": {"model": "m2", **gen, "pinned": large_pinned, "resources": {"max_batch": 16}}},
-           "routes": {"assistant": {**ROUTE, "first_token_seconds": first_token_seconds}}, "hosts": {"h": host}}  # fmt: skip
+           "routes": {"assistant": {**(route or ROUTE), "first_token_seconds": first_token_seconds}}, "hosts": {"h": host}}  # fmt: skip
     world.index.write_text(json.dumps(doc, indent=2))
 
 
@@ -154,3 +155,70 @@ def test_no_first_token_in_time_falls_back_but_a_failure_after_it_never_does(rou
         assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
     finally:
         r.stop()
+
+
+# -- similarity rules: a real (tiny, bag-of-words) embedding model from the zoo ---------------------
+
+TASK = "review this python code for bugs"
+# What the tiny embedder really gives (tests/integration/test_lora.py builds the same kind):
+# SIMILAR 0.62, OTHER 0.02 against TASK; the threshold sits between them with room on both sides.
+SIMILAR = "could you please review my python code for bugs and errors"
+OTHER = "tell me a long story about the weather in the mountains today"
+SIMILAR_ROUTE = {"rules": [{"tenant": "large", "when": {"similar_to": TASK, "min_similarity": 0.4}}], "default": "small", "embedding_model": "e"}
+
+
+@pytest.fixture
+def similar(routed: World, tmp_path: Any) -> World:
+    from zoo_agent.resident.tiny import build_tiny_embedder
+
+    out = build_tiny_embedder(tmp_path / "embedder", " ".join([TASK, SIMILAR, OTHER]))
+    routed.artifact("e", "1", {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()})
+    _index(routed, route=SIMILAR_ROUTE)
+    assert routed.run("apply").exit_code == 0
+    assert (routed.root / "models/e/current").is_symlink()  # the host serves the route: apply fetched its embedding model
+    return routed
+
+
+def test_a_request_similar_to_the_described_task_goes_to_its_tenant_and_another_to_the_default(similar: World) -> None:
+    import httpx
+
+    r = Resident(similar)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        code, near = _chat(r, SIMILAR)
+        assert code == 200 and near["model"] == "large", near
+        route = near["x_zoo"]["route"]
+        assert (route["tenant"], route["rule"]) == ("large", "similar>=0.4") and 0.5 < route["similarity"] < 0.75, route
+        code, far = _chat(r, OTHER)
+        assert code == 200 and far["model"] == "small", far
+        route = far["x_zoo"]["route"]
+        assert (route["tenant"], route["rule"]) == ("small", "default") and route["similarity"] < 0.2, route
+        chunks = _stream(r, SIMILAR)
+        assert {c["model"] for c in chunks} == {"large"} and chunks[-1]["x_zoo"]["route"]["rule"] == "similar>=0.4"
+        metrics = httpx.get(r.url + "/metrics", timeout=30).text
+        assert 'zoo:route_requests_total{route="assistant",rule="similar>=0.4",tenant="large"} 2.0' in metrics
+    finally:
+        r.stop()
+
+
+def test_an_embedding_model_that_fails_verification_is_not_loaded_and_similarity_rules_do_not_match(similar: World) -> None:
+    import asyncio
+
+    from zoo_agent.index.model import Index
+    from zoo_agent.resident.similarity import Similarity, route_tasks
+    from zoo_agent.store.zoo import Zoo
+
+    zoo, idx = Zoo(similar.root), Index.model_validate_json(similar.index.read_text())
+    good = Similarity(zoo)
+    good.take(route_tasks(zoo, idx, "h"))
+    scores, why = asyncio.run(good.scores("assistant", SIMILAR))
+    assert why is None and scores[TASK] > 0.5
+    good.close()
+    target = similar.root / "models/e/versions/1/model.safetensors"
+    target.chmod(0o644)
+    target.write_bytes(target.read_bytes()[:-1] + b"\x00")
+    bad = Similarity(zoo)
+    bad.take(route_tasks(zoo, idx, "h"))
+    scores, why = asyncio.run(bad.scores("assistant", SIMILAR))
+    assert scores == {} and why is not None and why.startswith(f"e@1: failed verification: {target}: expected sha256 "), why
+    bad.close()
