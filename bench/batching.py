@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import AGENT, table  # noqa: E402
+from common import AGENT, free_port, table  # noqa: E402
 from resident import rss_kb  # noqa: E402
 
 LEVELS = (1, 4, 8, 16)
 PROMPTS = ["Tell me about the zoo", "What is a model zoo?", "Hello, how are you?", "Ask a question and the model answers it",
            "The zoo keeps every model pinned by its digest", "Adapters change how the model answers", "What is a host?", "I am fine"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

@@ -1,18 +1,28 @@
-"""Helpers shared by the benchmarks: timing, subprocesses, random files, the table."""
+"""Helpers shared by the benchmarks: timing, subprocesses, random files, a resident, the table."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 AGENT = [sys.executable, "-m", "zoo_agent"]
 MB = 1 << 20
+REQUEST_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def timed(fn: Callable[[], object], runs: int) -> float:
@@ -38,6 +48,69 @@ def write_random(path: Path, size: int) -> str:
             digest.update(chunk)
             f.write(chunk)
     return digest.hexdigest()
+
+
+class Resident:
+    """`zoo-agent resident` in its own process group, with a NOTIFY_SOCKET of ours (as systemd's)."""
+
+    def __init__(self, work: Path, index: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.notify_path = work / f"notify-{self.port}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.notify_path))
+        self.log = open(work / f"resident-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen([*AGENT, "resident", "--root", str(work / "zoo"), "--index", str(index), "--host", "h",
+                                      "--listen", f"127.0.0.1:{self.port}", *extra],
+                                     env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        self.ready_after: float | None = None
+
+    def wait_ready(self, timeout: float = 300) -> float:
+        deadline = self.start + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise RuntimeError(f"resident not READY (exit {self.proc.poll()}); its log: {self.log.name}")
+            self.sock.settimeout(min(left, 1.0))
+            try:
+                if b"READY=1" in self.sock.recv(65536):
+                    break
+            except TimeoutError:
+                continue
+        self.ready_after = time.monotonic() - self.start
+        threading.Thread(target=self._drain, daemon=True).start()  # keep reading, as systemd does
+        return self.ready_after
+
+    def _drain(self) -> None:
+        self.sock.settimeout(None)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            try:  # the group is ours (start_new_session): a worker left behind goes with it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait(timeout=30)
+            self.sock.close()
+            self.log.close()
+
 
 
 def seconds(value: float) -> str:

@@ -118,6 +118,12 @@ class Similarity:
             raise _Unavailable(f"{want.model}: not in the zoo at {self.zoo.root}; run: zoo-agent apply")
         label = f"{want.model}@{want.version}"
         if label not in self.embedders:
+            import torch
+
+            # Process-wide, and this process runs no other torch: one short message needs no
+            # parallelism, and the cores belong to the workers (two threads under their load
+            # were up to 8x slower here than one).
+            torch.set_num_threads(1)
             report = verify(self.zoo, [("models", want.model, want.version)], jobs=2)
             if report.findings:
                 raise _Unavailable(f"{label}: failed verification: {report.findings[0].line(self.zoo)}")

@@ -110,10 +110,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 0) -> Path:
+def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 0, layers: int = 0) -> Path:
     """A sentence-embedding model that is a bag of words: a 0-layer BERT whose position and
     segment embeddings are zero, so a mean-pooled vector is the average of its words' random
-    (nearly orthogonal) vectors. Texts that share words are similar; enough for tests."""
+    (nearly orthogonal) vectors. Texts that share words are similar; enough for tests.
+    ``layers`` > 0 adds random transformer layers (4x wide MLPs): the compute of a real
+    sentence-embedding model of that shape (e.g. 6 x 384, MiniLM-L6's) for benchmarks, not its similarities."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
@@ -125,8 +127,8 @@ def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 
     wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordlevel, pad_token="[PAD]", unk_token="[UNK]")
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=0, num_attention_heads=4,
-                                 intermediate_size=hidden, max_position_embeddings=512))  # fmt: skip
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                 intermediate_size=hidden * 4 if layers else hidden, max_position_embeddings=512))  # fmt: skip
     with torch.no_grad():
         model.embeddings.word_embeddings.weight.normal_(0, 1)
         model.embeddings.word_embeddings.weight[1].zero_()  # unknown words say nothing
