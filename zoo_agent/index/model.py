@@ -290,6 +290,11 @@ class RouteEntry(_Strict):
     first_token_seconds: Annotated[Annotated[float, Field(gt=0, le=3600)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="A streaming request whose first token takes longer goes to the next candidate.")
     description: str = Field(default="", max_length=1000, description="What the route is for.")
+    summarizer: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Id of a tenant that summarizes a route session's oldest turns when they no longer fit the tenant answering "
+        "(the summary is kept in the session and reused); none: those turns are left out, with a marker.",
+    )
 
 
 class Retention(_Strict):
