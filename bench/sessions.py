@@ -1,5 +1,6 @@
-"""Session resume benchmark (issue #9): continue a long conversation from its saved KV cache
-versus prefilling it again from the transcript, same model, same run.
+"""Session resume benchmark (issues #9, #21): continue a long conversation from its saved KV
+cache versus prefilling it again from the transcript, same model, same run; and the same on
+returning to a model after the session moved to another one (a route session).
 
     .venv/bin/python bench/sessions.py [--shape qwen2-0.5b|tiny] [--tokens 2000] [--json bench/sessions.json]
 
@@ -97,9 +98,12 @@ def main() -> int:
     assert len(answers) == 1, f"restore and re-prefill disagree: {answers}"
     size = (work / "saved.safetensors").stat().st_size
     r, p = statistics.median(restore), statistics.median(prefill)
+    moved_r, moved_p = move_and_back(work, backend, loaded.turns[0].messages[0].content, args.runs)
     rows = [
         {"name": f"next turn of a {n}-token session: first token", "ours_s": r, "peer": "re-prefill from transcript", "peer_s": p,
          "ratio": p / r, "goal": "ratio >= 10; < 5 s"},
+        {"name": f"back from another model, {n}-token route session: first token", "ours_s": moved_r,
+         "peer": "re-prefill from transcript", "peer_s": moved_p, "ratio": moved_p / moved_r, "goal": "ratio >= 10"},
     ]  # fmt: skip
     print(f"\nsession resume, {args.shape} shape, {n}-token prompt, cache file {size / 2**20:.0f} MiB, CPU 2 threads, median of {args.runs}")
     print(table(rows))
@@ -107,6 +111,56 @@ def main() -> int:
         args.json.write_text(json.dumps({"shape": args.shape, "tokens": n, "cache_bytes": size, "rows": rows}, indent=2) + "\n")
     shutil.rmtree(work)
     return 0
+
+
+def move_and_back(work: Path, large: Any, text: str, runs: int) -> tuple[float, float]:
+    """A route session (issue #21): a long turn on ``large``, one on a second model with another
+    tokenizer and template, then back to ``large``: its first token with its own cache for the
+    session restored, against the same turn prefilled again. Medians of ``runs``."""
+    from zoo_agent.resident.backend import Generated, Request, TransformersBackend
+    from zoo_agent.resident.sessions import Sessions, Turn
+    from zoo_agent.resident.tiny import build_tiny_model
+
+    route = work / "route"
+    small = TransformersBackend(build_tiny_model(work / "small", seed=3, vocab=400, chat_template=_OTHER), allow_pickle=False,
+                                allow_code=False, device="cpu")  # fmt: skip
+    small.load()
+
+    def sessions(b: Any, key: str) -> Sessions:
+        return Sessions(route, model_key=key, dtype=b.dtype, template=str(b.tokenizer.chat_template), route="r")
+
+    on_large, on_small = sessions(large, "m@1"), sessions(small, "s@1")
+
+    def ask(b: Any, store: Sessions, content: str, tokens: int) -> Turn:
+        transcript = store.load("moved")
+        history = transcript.turns if transcript else []
+        new = [{"role": "user", "content": content}]
+        ids = b.session_prompt(history, new, None, native=store.native)[1]
+        turn = Turn("moved", new, history=history, cache="pending" if history else "none", prompt_ids=ids, store=store)
+        b.complete(Request(None, "", tokens, 0.0, 1.0, ignore_eos=True, session=turn), Generated())
+        return turn
+
+    ask(large, on_large, text, 8)
+    ask(small, on_small, "and the lions?", 8)
+    transcript = (route / "sessions" / "moved.json").read_bytes()
+    cache = on_large.cache_path("moved", None)
+    saved = cache.read_bytes()
+    times: dict[str, list[float]] = {"restored": [], "re-prefilled": []}
+    for how in [*["restored"] * runs, *["re-prefilled"] * runs]:
+        if how == "restored":
+            cache.write_bytes(saved)
+        else:
+            cache.unlink(missing_ok=True)
+        started = time.perf_counter()
+        turn = ask(large, on_large, "back to you", 1)
+        times[how].append(time.perf_counter() - started)
+        assert turn.cache == how, (turn.cache, how)
+        (route / "sessions" / "moved.json").write_bytes(transcript)  # every run returns from the same transcript
+    return statistics.median(times["restored"]), statistics.median(times["re-prefilled"])
+
+
+_OTHER = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import ID_PATTERN
+from zoo_agent.resident.sessions import cache_files
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, write_atomic
 
@@ -42,6 +43,20 @@ def _tenant_dir(target: Target, tenant: str | None) -> tuple[str, Path]:
     elif tenant not in idx.tenants:
         raise UsageError(f"--tenant '{tenant}': no such tenant in {target.index} (tenants: {', '.join(sorted(idx.tenants)) or 'none'})")
     return tenant, target.zoo.tenant_dir(tenant)
+
+
+def _scope(target: Target, tenant: str | None, route: str | None) -> tuple[str, Path, str]:
+    """``(id, directory, "tenant" | "route")``: a route's sessions move between its tenants (issue #21)."""
+    if route is None:
+        return (*_tenant_dir(target, tenant), "tenant")
+    if tenant is not None:
+        raise UsageError("--tenant and --route: pass one (a session is a tenant's or a route's)")
+    if not re.fullmatch(ID_PATTERN, route):
+        raise UsageError(f"--route {_shown(route)}: not a route id (lowercase letters, digits, '.', '_', '-'; at most 64)")
+    idx = load_index(target.index, str(target.index))
+    if route not in idx.routes:
+        raise UsageError(f"--route '{route}': no such route in {target.index} (routes: {', '.join(sorted(idx.routes)) or 'none'})")
+    return route, target.zoo.route_dir(route), "route"
 
 
 def _shown(text: str) -> str:
@@ -80,7 +95,7 @@ def _rows(base: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         turns = data.turns
         rows.append({"id": data.id, "turns": len(turns), "created": data.created, "updated": data.updated,
                      "model": turns[-1].model if turns else None, "adapter": turns[-1].adapter if turns else None,
-                     "cached": (base / "kv-cache" / f"{data.id}.safetensors").exists()})  # fmt: skip
+                     "cached": bool(cache_files(base / "kv-cache", data.id))})  # fmt: skip
     return rows, damaged
 
 
@@ -105,6 +120,7 @@ def _id(sid: str) -> str:
         raise UsageError(str(exc)) from exc
 
 tenant_option = click.option("--tenant", default=None, help="Tenant id (default: the host's resident tenant).")
+route_option = click.option("--route", default=None, help="Route id: the sessions that move between the route's tenants.")
 
 @click.group("sessions")
 def sessions_group() -> None:
@@ -113,14 +129,15 @@ def sessions_group() -> None:
 @sessions_group.command("list")
 @zoo_options
 @tenant_option
+@route_option
 @json_option
-def list_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
+def list_cmd(target: Target, tenant: str | None, route: str | None, as_json: bool) -> None:
     """Every session of the tenant, most recently used last."""
-    tid, base = _tenant_dir(target, tenant)
+    tid, base, kind = _scope(target, tenant, route)
     rows, damaged = _rows(base)
     rows.sort(key=lambda r: r["updated"] or "")
     if as_json:
-        emit_json({"tenant": tid, "sessions": rows, "damaged": damaged})
+        emit_json({kind: tid, "sessions": rows, "damaged": damaged})
         return
     for r in rows:
         click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
@@ -128,16 +145,17 @@ def list_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
     for d in damaged:
         click.echo(f"{Path(d['file']).stem:<24} damaged (skipped): {d['error']}")
     if not rows and not damaged:
-        click.echo(f"no sessions for tenant {tid}")
+        click.echo(f"no sessions for {kind} {tid}")
 
 @sessions_group.command("show")
 @zoo_options
 @tenant_option
+@route_option
 @click.argument("session_id")
 @json_option
-def show_cmd(target: Target, tenant: str | None, session_id: str, as_json: bool) -> None:
+def show_cmd(target: Target, tenant: str | None, route: str | None, session_id: str, as_json: bool) -> None:
     """The conversation, turn by turn."""
-    _, base = _tenant_dir(target, tenant)
+    _, base, _ = _scope(target, tenant, route)
     data = _stored(base, session_id)
     if as_json:
         emit_json(data.document())
@@ -150,60 +168,64 @@ def show_cmd(target: Target, tenant: str | None, session_id: str, as_json: bool)
 @sessions_group.command("export")
 @zoo_options
 @tenant_option
+@route_option
 @click.argument("session_id")
-def export_cmd(target: Target, tenant: str | None, session_id: str) -> None:
+def export_cmd(target: Target, tenant: str | None, route: str | None, session_id: str) -> None:
     """The session's transcript as one JSON document on stdout (the cache stays: it is only an accelerator)."""
-    _, base = _tenant_dir(target, tenant)
+    _, base, _ = _scope(target, tenant, route)
     click.echo(json.dumps(_stored(base, session_id).document(), indent=1))
 
 @sessions_group.command("import")
 @zoo_options
 @tenant_option
+@route_option
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a session with the same id.")
 @json_option
-def import_cmd(target: Target, tenant: str | None, file: Path, force: bool, as_json: bool) -> None:
+def import_cmd(target: Target, tenant: str | None, route: str | None, file: Path, force: bool, as_json: bool) -> None:
     """Add an exported transcript; the resident re-prefills it on its next turn.
 
     The file is validated as the resident writes sessions (and its token ids against the
     tenant's vocabulary when the zoo has the model): a damaged one is refused here, in one
     line naming the file and the JSON pointer, not left to fail the resident later."""
-    tid, base = _tenant_dir(target, tenant)
-    data = _load(file, _vocab_size(target, tid))
+    tid, base, kind = _scope(target, tenant, route)
+    data = _load(file, _vocab_size(target, tid) if kind == "tenant" else None)  # a route's turns: checked per model on load
     sid = data.id
     dest = base / "sessions" / f"{sid}.json"
     if dest.exists() and not force:
         raise UsageError(f"{dest}: session '{sid}' exists; pass --force to replace it")
     dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     write_atomic(dest, (json.dumps(data.document(), indent=1) + "\n").encode(), FILE_MODE)
-    (base / "kv-cache" / f"{sid}.safetensors").unlink(missing_ok=True)  # a cache of the replaced session must not be used
+    for cache in cache_files(base / "kv-cache", sid):  # a cache of the replaced session must not be used
+        cache.unlink(missing_ok=True)
     if as_json:
-        emit_json({"tenant": tid, "id": sid, "turns": len(data.turns)})
+        emit_json({kind: tid, "id": sid, "turns": len(data.turns)})
     else:
-        click.echo(f"imported session {sid} ({len(data.turns)} turns) for tenant {tid}")
+        click.echo(f"imported session {sid} ({len(data.turns)} turns) for {kind} {tid}")
 
 @sessions_group.command("prune")
 @zoo_options
 @tenant_option
+@route_option
 @click.option("--dry-run", is_flag=True, help="Say what would be removed.")
 @json_option
-def prune_cmd(target: Target, tenant: str | None, dry_run: bool, as_json: bool) -> None:
+def prune_cmd(target: Target, tenant: str | None, route: str | None, dry_run: bool, as_json: bool) -> None:
     """Apply the tenant's `sessions` retention (count and age) from the index."""
-    tid, base = _tenant_dir(target, tenant)
+    tid, base, kind = _scope(target, tenant, route)
     idx = load_index(target.index, str(target.index))
-    if tid not in idx.tenants:
+    if kind == "tenant" and tid not in idx.tenants:
         raise UsageError(f"tenant '{tid}' is not in {target.index}")
-    keep = idx.tenants[tid].sessions
+    keep = idx.tenants[tid if kind == "tenant" else idx.routes[tid].default].sessions  # a route keeps as its default tenant does
     cutoff = (datetime.now(UTC) - timedelta(days=keep.max_age_days)).isoformat()
     rows, damaged = _rows(base)  # damaged files are left for a person to look at
     rows.sort(key=lambda r: r["updated"] or "", reverse=True)
     doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
     if not dry_run:
         for sid in doomed:
-            for path in (base / "sessions" / f"{sid}.json", base / "kv-cache" / f"{sid}.safetensors"):
+            for path in (base / "sessions" / f"{sid}.json", *cache_files(base / "kv-cache", sid)):
                 path.unlink(missing_ok=True)
     if as_json:
-        emit_json({"tenant": tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
+        emit_json({kind: tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
     else:
         verb = "would remove" if dry_run else "removed"
         click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)"

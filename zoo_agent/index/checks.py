@@ -264,6 +264,8 @@ def _routes(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer((*at, *where)), f"names route '{tid}'; routes name tenants, not routes (so a route never loops)")
             elif tid not in idx.tenants:
                 yield Problem(pointer((*at, *where)), _unknown("tenant", tid, idx.tenants))
+        if route.summarizer is not None and route.summarizer not in idx.tenants:
+            yield Problem(pointer((*at, "summarizer")), _unknown("tenant", route.summarizer, idx.tenants))
         always = None
         for i, rule in enumerate(route.rules):
             w = rule.when
@@ -288,7 +290,8 @@ def _routes(idx: Index) -> Iterator[Problem]:
             if entry is None:
                 yield Problem(pointer(("hosts", hid, "routes", i)), _unknown("route", rid, idx.routes))
                 continue
-            missing = [t for t in dict.fromkeys([r.tenant for r in entry.rules] + [entry.default, *entry.fallback]) if t not in served]
+            named_here = [r.tenant for r in entry.rules] + [entry.default, *entry.fallback] + ([entry.summarizer] if entry.summarizer else [])
+            missing = [t for t in dict.fromkeys(named_here) if t not in served]
             if missing:
                 yield Problem(pointer(("hosts", hid, "routes", i)),
                               f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve")

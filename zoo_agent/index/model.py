@@ -303,6 +303,11 @@ class RouteEntry(_Strict):
     embedding_model: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="Id of a sentence-embedding model in 'models' for 'similar_to' rules (fetched on every host serving the route).")
     description: str = Field(default="", max_length=1000, description="What the route is for.")
+    summarizer: Annotated[Id | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Id of a tenant that summarizes a route session's oldest turns when they no longer fit the tenant answering "
+        "(the summary is kept in the session and reused); none: those turns are left out, with a marker.",
+    )
 
 
 class Retention(_Strict):

@@ -32,8 +32,17 @@ from zoo_agent.resident.backend import Request as GenRequest
 from zoo_agent.resident.engine import scheduler_for
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
-from zoo_agent.resident.sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
-from zoo_agent.resident.transcript import MAX_SEED, Text
+from zoo_agent.resident.sessions import ROUTE_HEADER, SessionDamaged, SessionError, Sessions, Turn, valid_id
+from zoo_agent.resident.summaries import (
+    NeedSummary,
+    Summarizer,
+    SummaryFailed,
+    condensed,
+    marker_message,
+    summary_message,
+)
+from zoo_agent.resident.transcript import MAX_SEED, SessionFile, SessionSummary, Text
+from zoo_agent.store.zoo import now
 
 __all__ = ["ServingState", "create_app"]
 
@@ -91,6 +100,8 @@ class ServingState:
     priority: int = 0  # the tenant's default class for requests that name none (resident/priority.py)
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds
     api_key: str | None = field(default=None, repr=False)
+    route_sessions: dict[str, Sessions] = field(default_factory=dict)  # route id -> its sessions (issue #21)
+    summarizers: dict[str, Summarizer] = field(default_factory=dict)  # route id -> its summarizer
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     preparing: int = 0  # event loop only
@@ -212,6 +223,7 @@ class CompletionBody(_Body):
 
 #: Parsed by parse_priority, not by FastAPI, so that a bad value's 400 names the header and the allowed classes.
 PriorityHeader = Annotated[str | None, Header(alias=HEADER, description=f"The request's class: {', '.join(CLASSES)} (issue #20).")]
+RouteHeader = Annotated[str | None, Header(alias=ROUTE_HEADER, include_in_schema=False)]
 
 
 class LoadLoraBody(BaseModel):
@@ -285,8 +297,9 @@ def create_app(state: ServingState) -> FastAPI:
         return await _manage_lora(state, body, load=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatBody, x_zoo_priority: PriorityHeader = None) -> Response:
-        return await _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True, priority=x_zoo_priority)
+    async def chat(body: ChatBody, x_zoo_priority: PriorityHeader = None, x_zoo_session_route: RouteHeader = None) -> Response:
+        return await _serve(state, body, [m.model_dump() for m in body.messages], None, chat=True, priority=x_zoo_priority,
+                            route=x_zoo_session_route)  # fmt: skip
 
     @app.get("/v1/sessions/{sid}", response_model=None)
     async def get_session(sid: str) -> Response:
@@ -352,10 +365,13 @@ def _session_or_error(state: ServingState, sid: str) -> dict[str, Any] | JSONRes
     return transcript.document()
 
 
-def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str]], max_tokens: int) -> tuple[Turn, list[dict[str, str]]] | JSONResponse:
+def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str]], max_tokens: int, route: str | None = None,
+                  fresh: SessionSummary | None = None) -> tuple[Turn, list[dict[str, str]]] | NeedSummary | JSONResponse:  # fmt: skip
     """The whole conversation for the prompt: the session's turns, oldest dropped when they no longer fit, then the new messages."""
-    sessions = state.backend.sessions
+    sessions = state.backend.sessions if route is None else state.route_sessions.get(route)
     sid = getattr(body, "session", None)
+    if route is not None and sessions is None:
+        return _error(400, f"session: route '{route[:64]}' has no sessions here", param="session")
     if sessions is None or sid is None:
         return _error(400, "session: sessions are not available here", param="session")
     try:
@@ -365,9 +381,45 @@ def _session_turn(state: ServingState, body: _Body, messages: list[dict[str, str
     except SessionError as exc:
         return _error(400, str(exc), param="session")
     turns = transcript.turns if transcript is not None else []
-    dropped, ids = state.backend.session_prompt(turns, messages, state.max_prompt_tokens - max_tokens)
+    # The model's own context bounds the prompt too: a session on a small model leaves turns out, it does not fail.
+    budget = min(state.max_prompt_tokens, state.backend.context_length() or state.max_prompt_tokens) - max_tokens
+    if route is not None:
+        return _route_turn(state, sessions, sid, transcript, messages, budget, fresh)
+    dropped, ids = state.backend.session_prompt(turns, messages, budget)
     turn = Turn(sid, messages, dropped, history=turns[dropped:], cache="none" if not turns else "pending", prompt_ids=ids)
     return turn, Sessions.messages(transcript, dropped) + messages
+
+
+def _route_turn(state: ServingState, sessions: Sessions, sid: str, transcript: SessionFile | None, messages: list[dict[str, str]],
+                budget: int, fresh: SessionSummary | None) -> tuple[Turn, list[dict[str, str]]] | NeedSummary:  # fmt: skip
+    """A route session's prompt on this tenant's model (issue #21): every turn, in this model's
+    template; when they do not fit, the oldest are replaced by the route's summary of them
+    (reused while it covers enough, made anew when more must go) or by a marker."""
+    turns = transcript.turns if transcript is not None else []
+    dropped, ids = state.backend.session_prompt(turns, messages, budget, native=sessions.native)
+    turn = Turn(sid, messages, 0, cache="none" if not turns else "pending", store=sessions)
+    preface: list[dict[str, str]] = []
+    if dropped:
+        reserve = min(256, budget // 4)  # room for the summary or the marker in front
+        dropped, _ = state.backend.session_prompt(turns, messages, budget - reserve, native=sessions.native)
+        latest = transcript.summaries[-1] if transcript is not None and transcript.summaries else None
+        summarizer = state.summarizers.get(sessions.route or "")
+        if latest is not None and latest.covers >= dropped:
+            dropped, turn.summary, preface = latest.covers, "reused", [summary_message(latest)]
+        elif fresh is not None and fresh.covers >= dropped and fresh.text:
+            # At most the room reserved for it, in this model's tokens (the summarizer counts in its own).
+            fresh = fresh.model_copy(update={"text": state.backend.truncate(fresh.text, reserve * 3 // 4)})
+            dropped, turn.new_summary, turn.summary, preface = fresh.covers, fresh, "new", [summary_message(fresh)]
+        elif summarizer is not None and fresh is None:
+            return NeedSummary(dropped, condensed(latest, turns[latest.covers if latest else 0 : dropped]), max(16, reserve // 2))
+        if not preface:
+            turn.summary, preface = "marker", [marker_message(dropped)]
+        more, ids = state.backend.session_prompt(turns[dropped:], messages, budget, native=sessions.native, preface=preface)
+        if more:  # the summary itself took more room than reserved: later turns go too, without a summary
+            ids = state.backend.session_prompt(turns[dropped + more :], messages, budget, native=sessions.native, preface=preface)[1]
+            dropped += more
+    turn.dropped_turns, turn.history, turn.prompt_ids = dropped, turns[dropped:], ids
+    return turn, preface + Sessions.messages(transcript, dropped) + messages
 
 
 def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
@@ -386,8 +438,19 @@ def _adapter_for(state: ServingState, model: str) -> str | None | JSONResponse:
     return _error(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
 
 
+async def _summarize(state: ServingState, route: str, need: NeedSummary) -> SessionSummary:
+    """The route's summarizer's summary; one with no text (then: a marker) when it cannot answer."""
+    summarizer = state.summarizers[route]
+    try:
+        text, model = await summarizer.summarize(need.messages, need.max_tokens)
+    except SummaryFailed as exc:
+        log.warning("route %s: %s; the first %d turns of the session are left out instead", route, exc, need.covers)
+        text, model = "", summarizer.tenant
+    return SessionSummary(covers=need.covers, text=text, model=model, time=now())
+
+
 async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool,
-                 priority: str | None = None) -> Response:  # fmt: skip
+                 priority: str | None = None, route: str | None = None) -> Response:  # fmt: skip
     adapter = _adapter_for(state, body.model)
     if isinstance(adapter, JSONResponse):
         return adapter
@@ -403,11 +466,17 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
     # Reading a session and tokenizing a long prompt take real time: never on the event loop,
     # which must keep answering pings (a blocked loop gets the worker killed). Requests being
     # prepared count against the queue, so that a burst cannot pass the check all at once.
-    state.preparing += 1
-    try:
-        request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat, level)
-    finally:
-        state.preparing -= 1
+    fresh: SessionSummary | None = None
+    while True:
+        state.preparing += 1
+        try:
+            request = await asyncio.get_running_loop().run_in_executor(state.preparer, _prepare, state, body, messages, prompt, adapter, chat,
+                                                                       level, route, fresh)  # fmt: skip
+        finally:
+            state.preparing -= 1
+        if not isinstance(request, NeedSummary):
+            break
+        fresh = await _summarize(state, route or "", request)  # then prepared again, with the summary
     if isinstance(request, JSONResponse):
         return request
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -418,13 +487,13 @@ async def _serve(state: ServingState, body: _Body, messages: list[dict[str, str]
 
 
 def _prepare(state: ServingState, body: _Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,
-             chat: bool, priority: int = 0) -> GenRequest | JSONResponse:  # fmt: skip
+             chat: bool, priority: int = 0, route: str | None = None, fresh: SessionSummary | None = None) -> GenRequest | NeedSummary | JSONResponse:  # fmt: skip
     """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
     d = state.defaults
     turn = None
     if getattr(body, "session", None) is not None and messages is not None:
-        made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"])
-        if isinstance(made, JSONResponse):
+        made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"], route, fresh)
+        if isinstance(made, JSONResponse | NeedSummary):
             return made
         turn, messages = made
     request = GenRequest(
@@ -557,6 +626,8 @@ def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
         extra.update(adapter=result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {}))
     if (turn := request.session) is not None:
         extra["session"] = {"id": turn.id, "cache": turn.cache, "cached_tokens": turn.cached_tokens, "dropped_turns": turn.dropped_turns}
+        if turn.store is not None:  # a route session: how the turns that do not fit were replaced
+            extra["session"].update(route=turn.store.route, summary=turn.summary)
     return {"x_zoo": extra} if extra else {}
 
 

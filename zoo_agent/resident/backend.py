@@ -191,9 +191,15 @@ class TransformersBackend:
         """Token ids a prompt may hold: rows of the input embedding."""
         return int(self.model.get_input_embeddings().num_embeddings)
 
-    def session_prompt(self, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int) -> tuple[int, list[int]]:
+    def session_prompt(self, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None, *,
+                       native: Callable[[SessionTurn], bool] | None = None, preface: list[dict[str, str]] | None = None) -> tuple[int, list[int]]:  # fmt: skip
         """(turns dropped, prompt ids): the oldest turns left out until the prompt fits ``budget``."""
-        return session_prompt(self.tokenizer, history, new_messages, budget)
+        return session_prompt(self.tokenizer, history, new_messages, budget, native=native, preface=preface)
+
+    def truncate(self, text: str, tokens: int) -> str:
+        """``text`` cut to at most ``tokens`` of this model's tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens], skip_special_tokens=True))
 
     def count_tokens(self, request: Request) -> int:
         return int(self._inputs(request)["input_ids"].shape[1])
@@ -240,16 +246,21 @@ class TransformersBackend:
         if (before := cut(result.text, request.stop)) is not None:
             # The session keeps every id generated (the cache covers them); the reply's text ends before the stop.
             result.text, result.finish_reason = before, "stop"
-        if request.session is not None and self.sessions is not None:
+        if request.session is not None and self._store(request.session) is not None:
             self._session_end(request, result, ids, cache)
+
+    def _store(self, turn: Turn) -> Sessions | None:
+        """The turn's sessions: its route's (issue #21), else the tenant's."""
+        return turn.store if turn.store is not None else self.sessions
 
     def _session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
         """generate() arguments that continue a session from its saved cache, when that cache fits."""
         turn = request.session
-        if turn is None or self.sessions is None:
+        store = self._store(turn) if turn is not None else None
+        if turn is None or store is None:
             return {}
-        past = self.sessions.restore(turn, inputs["input_ids"][0].tolist(), result.adapter, self.model.config, self.device)
-        stats = self.sessions.stats
+        past = store.restore(turn, inputs["input_ids"][0].tolist(), result.adapter, self.model.config, self.device)
+        stats = store.stats
         if past is not None:
             turn.cache = "restored"
             stats.restores += 1
@@ -260,13 +271,14 @@ class TransformersBackend:
 
     def _session_end(self, request: Request, result: Generated, ids: list[int], cache: Any) -> None:
         """Commit the turn (durably, before the answer completes), then save the cache."""
-        assert request.session is not None and self.sessions is not None
+        store = self._store(request.session) if request.session is not None else None
+        assert request.session is not None and store is not None
         sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
                     "top_k": request.top_k, "seed": request.seed, **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
         meta = {"sampling": sampling, "adapter": result.adapter, "finish_reason": result.finish_reason, "cache": request.session.cache}
-        self.sessions.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
+        store.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
         try:
-            self.sessions.save_cache(request.session.id, ids, cache, result.adapter)
+            store.save_cache(request.session.id, ids, cache, result.adapter)
         except Exception as exc:  # noqa: BLE001 - the cache only accelerates; the turn is committed
             log.warning("session %s: cache not saved: %s", request.session.id, exc)
 

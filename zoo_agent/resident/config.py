@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AdapterConfig", "ResidentConfig", "SelectionConfig", "WorkerConfig"]
+__all__ = ["AdapterConfig", "ResidentConfig", "RouteSessions", "SelectionConfig", "WorkerConfig"]
 
 
 class AdapterConfig(BaseModel):
@@ -35,6 +35,15 @@ class SelectionConfig(BaseModel):
     threshold: float = 0.7
 
 
+class RouteSessions(BaseModel):
+    """A route this tenant answers for: where the route's sessions live, and who summarizes them (issue #21)."""
+
+    model_config = ConfigDict(frozen=True)
+    route: str
+    dir: Path  # resident/routes/<route>/
+    summarizer: str | None = None
+
+
 class WorkerConfig(BaseModel):
     """Sent to a worker over its control socket (so a secret never shows in argv)."""
 
@@ -60,6 +69,9 @@ class WorkerConfig(BaseModel):
     base_names: tuple[str, ...] = ()  # what adapter_config.json may call the base model
     selection: SelectionConfig | None = None
     sessions_dir: Path | None = None  # resident/tenants/<tenant>/: sessions/ and kv-cache/
+    route_sessions: tuple[RouteSessions, ...] = ()
+    router_socket: Path | None = None  # the router's private socket: how a worker asks another tenant (a summarizer)
+    router_key: str | None = Field(default=None, repr=False)  # the resident's API key, for that socket
     backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model
     ollama_model: str | None = None
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked

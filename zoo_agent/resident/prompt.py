@@ -17,6 +17,7 @@ window's text does not start with the text before it) gets the whole-history ren
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from zoo_agent.resident.transcript import SessionTurn
@@ -37,26 +38,37 @@ def conversation_ids(tokenizer: Any, history: list[SessionTurn], new_messages: l
     return session_prompt(tokenizer, history, new_messages, budget=None)[1]
 
 
-def session_prompt(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None) -> tuple[int, list[int]]:
+def session_prompt(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None, *,
+                   native: Callable[[SessionTurn], bool] | None = None, preface: list[dict[str, str]] | None = None) -> tuple[int, list[int]]:  # fmt: skip
     """``(dropped, ids)``: the fewest oldest turns left out so that the prompt has at most
-    ``budget`` tokens (all of them, when even the new messages alone do not fit)."""
+    ``budget`` tokens (all of them, when even the new messages alone do not fit).
+
+    A turn another model answered (``native`` false: a route session moved, issue #21) has no
+    ids of this tokenizer: its reply's text is tokenized instead, so the whole conversation is
+    in this model's own chat template. ``preface`` (a summary or a marker of left-out turns)
+    comes before the first turn kept."""
     prompts = [[m.model_dump() for m in t.messages[:-1]] for t in history] + [new_messages]
     n = len(history)
+    head = list(preface or [])
+
+    def own_ids(turn: SessionTurn) -> list[int]:
+        return turn.completion_ids if native is None or native(turn) else _tokens(tokenizer, turn.messages[-1].content)
+
     later: list[list[int]] = []  # per turn after the candidate, newest first: the template's text, then the completion
     later_len = 0
     best: tuple[int, list[int], int] | None = None  # the oldest turn kept, its own ids, how many of `later` follow
     for k in range(n, -1, -1):  # k: the oldest turn kept (n: only the new messages)
-        own = history[k].completion_ids if k < n else []
-        first = _tokens(tokenizer, _render(tokenizer, prompts[k]))
+        own = own_ids(history[k]) if k < n else []
+        first = _tokens(tokenizer, _render(tokenizer, [*head, *prompts[k]]))
         fits = budget is None or len(first) + len(own) + later_len <= budget
         if best is not None and not fits:
             break
         best = (k, [*first, *own], len(later))
         if not fits or k == 0:
             break
-        between = _between(tokenizer, history[k - 1], prompts[k - 1], prompts[k])
+        between = _between(tokenizer, history[k - 1], own_ids(history[k - 1]), prompts[k - 1], prompts[k])
         if between is None:
-            return _whole_history(tokenizer, history, new_messages, budget)
+            return _whole_history(tokenizer, history, new_messages, budget, head)
         later.append(between + own)
         later_len += len(later[-1])
     assert best is not None
@@ -66,7 +78,8 @@ def session_prompt(tokenizer: Any, history: list[SessionTurn], new_messages: lis
     return kept, ids
 
 
-def _between(tokenizer: Any, previous: SessionTurn, previous_prompt: list[dict[str, str]], prompt: list[dict[str, str]]) -> list[int] | None:
+def _between(tokenizer: Any, previous: SessionTurn, previous_ids: list[int], previous_prompt: list[dict[str, str]],
+             prompt: list[dict[str, str]]) -> list[int] | None:  # fmt: skip
     """The tokens the template writes after ``previous``'s reply up to the generation prompt of
     the next turn, from a window of those two turns; None for a template that is not append-only."""
     reply = previous.messages[-1]
@@ -75,17 +88,18 @@ def _between(tokenizer: Any, previous: SessionTurn, previous_prompt: list[dict[s
     if not text.startswith(before):
         return None
     ids = _tokens(tokenizer, text[len(before):])
-    if previous.completion_ids[-1:] == [tokenizer.eos_token_id] and ids[:1] == [tokenizer.eos_token_id]:
+    if previous_ids[-1:] == [tokenizer.eos_token_id] and ids[:1] == [tokenizer.eos_token_id]:
         ids = ids[1:]  # the reply ended with the end token the template also writes
     return ids
 
 
-def _whole_history(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None) -> tuple[int, list[int]]:
+def _whole_history(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None,
+                   preface: list[dict[str, str]]) -> tuple[int, list[int]]:  # fmt: skip
     """For templates that rewrite earlier text: the whole conversation, rendered and tokenized
     whole; the turns dropped found by bisection (a prompt grows with every turn kept)."""
 
     def ids_from(k: int) -> list[int]:
-        messages = [m.model_dump() for t in history[k:] for m in t.messages] + new_messages
+        messages = preface + [m.model_dump() for t in history[k:] for m in t.messages] + new_messages
         return _tokens(tokenizer, _render(tokenizer, messages))
 
     low, high = 0, len(history)  # the answer is in [low, high]

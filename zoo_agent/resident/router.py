@@ -32,7 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
 from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
+from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files
 from zoo_agent.resident.similarity import Similarity, route_tasks
+from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
 
 if TYPE_CHECKING:
     import socket
@@ -50,10 +52,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY = 1 << 20
-#: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), and the client's
-#: credential: the router checked it; workers, on private sockets, never see it.
+#: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), the client's
+#: credential (the router checked it; workers, on private sockets, never see it), and the
+#: header only the router may set.
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
-                 b"host", b"content-length", b"authorization", b"expect"})  # fmt: skip
+                 b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode()})  # fmt: skip
 HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -135,7 +138,9 @@ class Router:
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
 
-    def start(self, listener: socket.socket) -> None:
+    def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
+        """Serve the public socket, and ``private`` (a unix socket in the supervisor's own
+        directory) where workers ask other tenants, as the route's summarizer (issue #21)."""
         import uvicorn
 
         app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key)
@@ -149,7 +154,7 @@ class Router:
                 self.loop = asyncio.get_running_loop()
                 heart = asyncio.create_task(self._heartbeat())
                 ready.set()
-                await self.server.serve(sockets=[listener])
+                await self.server.serve(sockets=[listener, *([private] if private is not None else [])])
                 heart.cancel()
                 for client in list(self.clients.values()):
                     await client.aclose()
@@ -312,6 +317,9 @@ class Router:
             await _respond(send, *failure)
             return
         assert tenant is not None
+        if path.startswith("/v1/sessions/") and tenant in self.routes:
+            await _respond(send, *self._route_session(tenant, path.removeprefix("/v1/sessions/"), method))
+            return
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
             routed = await self._choose(tenant, route, document)
@@ -371,11 +379,41 @@ class Router:
         if path.startswith("/v1/sessions/"):
             query = dict(part.split("=", 1) for part in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in part)
             tenant = query.get("model", served[0] if served else "").split(":", 1)[0]
+            if tenant in self.routes:
+                return tenant, {}, None  # a route's session: read here, from the zoo (issue #21)
             if tenant not in served:
                 return None, {}, _error(404, f"model: '{tenant[:100]}' is not served by this host (tenants: {', '.join(served)})", param="model",
                                         code="model_not_found")  # fmt: skip
             return tenant, {}, None
         return None, {}, _error(404, "Not Found")
+
+    def _route_session(self, route: str, sid: str, method: str) -> tuple[int, bytes]:
+        """GET or DELETE a route's session. Its transcript is a file any of the route's workers
+        may write (under their lock, by rename): reading it here needs no worker loaded."""
+        sessions = self.sup.zoo.route_dir(route) / "sessions"
+        try:
+            path = sessions / f"{valid_id(sid)}.json"
+        except SessionError as exc:
+            return _error(400, str(exc), param="session")
+        if method == "DELETE":
+            found = False
+            for file in (path, *cache_files(sessions.parent / "kv-cache", sid)):
+                with contextlib.suppress(FileNotFoundError):
+                    file.unlink()
+                    found = True
+            if not found:
+                return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
+            return 200, json.dumps({"id": sid, "object": "session.deleted", "deleted": True}).encode()
+        if method != "GET":
+            return _error(405, "Method Not Allowed")
+        try:
+            transcript = read_session(path)
+        except FileNotFoundError:
+            return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
+        except SessionDamaged as exc:
+            return _error(422, f"session '{sid}' is damaged ({exc}); delete it (DELETE /v1/sessions/{sid}?model={route})", param="session",
+                          code="session_damaged")  # fmt: skip
+        return 200, json.dumps(transcript.document()).encode()
 
     def _default_priority(self, tenant: str) -> int:
         slot = self.sup.slots.get(tenant)
@@ -440,6 +478,8 @@ class Router:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
         (its place refused, its queue full, its worker failing, no first token in time), never after."""
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
+        if "session" in routed.document:  # the session is the route's: it follows the conversation from model to model
+            headers.append((ROUTE_HEADER.lower().encode(), routed.id.encode()))
         gone = asyncio.ensure_future(_disconnected(receive))
         failure: tuple[int, str] = (503, f"route '{routed.id}': none of its tenants is served here")
         try:

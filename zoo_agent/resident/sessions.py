@@ -14,11 +14,14 @@ mismatch or damage means a re-prefill from the transcript, never a wrong cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from zoo_agent.resident.transcript import (
     SessionDamaged,
     SessionError,
     SessionFile,
+    SessionSummary,
     SessionTurn,
     read_session,
     valid_id,
@@ -35,9 +39,12 @@ from zoo_agent.resident.transcript import (
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 from zoo_agent.store.zoo import now
 
-__all__ = ["SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "valid_id"]
+__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "valid_id"]
 
 log = logging.getLogger("zoo_agent.resident")
+
+#: Set by the router on a routed request (a client's own is dropped): the session is that route's (issue #21).
+ROUTE_HEADER = "X-Zoo-Session-Route"
 
 
 @dataclass
@@ -51,6 +58,9 @@ class Turn:
     cache: str = "none"  # restored | re-prefilled | none (first turn)
     cached_tokens: int = 0
     prompt_ids: list[int] | None = None  # built (off the event loop) when the request was accepted
+    summary: str = "none"  # a route session (issue #21): new | reused | marker (turns left out, none summarized them) | none
+    new_summary: SessionSummary | None = None  # committed with the turn
+    store: Sessions | None = None  # a route's sessions (else: the tenant's)
 
 
 @dataclass
@@ -61,16 +71,41 @@ class SessionStats:
     restore_seconds: list[float] = field(default_factory=list)
 
 
-class Sessions:
-    """The sessions of one tenant: `resident/tenants/<tenant>/{sessions,kv-cache}/`."""
+def cache_files(kv_dir: Path, sid: str) -> list[Path]:
+    """Every saved KV cache of a session: ``<sid>.safetensors`` (a tenant's) and
+    ``<sid>+<key>.safetensors`` (a route's, one per model@version and adapter; '+' is not in a session id)."""
+    try:
+        return sorted(p for p in kv_dir.iterdir() if p.name == f"{sid}.safetensors" or (p.name.startswith(f"{sid}+") and p.suffix == ".safetensors"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
-    def __init__(self, tenant_dir: Path, *, model_key: str, dtype: str, template: str, vocab_size: int | None = None) -> None:
-        self.dir = tenant_dir / "sessions"
-        self.kv_dir = tenant_dir / "kv-cache"
+
+class Sessions:
+    """The sessions of one tenant (`resident/tenants/<tenant>/{sessions,kv-cache}/`), or of a
+    route (`resident/routes/<route>/...`, ``route`` set): there a session moves between the
+    route's tenants, so its turns come from several models, several workers may commit to it
+    (a lock serializes them), and its KV caches are kept per model@version and adapter, so
+    that returning to a model restores its cache (issue #21)."""
+
+    def __init__(self, base_dir: Path, *, model_key: str, dtype: str, template: str, vocab_size: int | None = None,
+                 route: str | None = None) -> None:  # fmt: skip
+        self.dir = base_dir / "sessions"
+        self.kv_dir = base_dir / "kv-cache"
+        self.route = route
         self.model_key, self.dtype = model_key, dtype
         self.vocab_size = vocab_size  # token ids of a transcript must be below it
         self.template = hashlib.sha256(template.encode()).hexdigest()[:16]
         self.stats = SessionStats()
+
+    def native(self, turn: SessionTurn) -> bool:
+        """Whether a turn's ids are this model's own (its reply's ids can be reused as they are)."""
+        return turn.model == self.model_key and turn.template == self.template
+
+    def cache_path(self, sid: str, adapter: str | None) -> Path:
+        if self.route is None:
+            return self.kv_dir / f"{sid}.safetensors"
+        key = hashlib.sha256(f"{self.model_key}\0{adapter or ''}\0{self.dtype}".encode()).hexdigest()[:16]
+        return self.kv_dir / f"{sid}+{key}.safetensors"
 
     # -- transcripts -------------------------------------------------------------------
     def path(self, sid: str) -> Path:
@@ -80,7 +115,7 @@ class Sessions:
         """The session, or None; ``SessionDamaged`` (logged) when its file holds no valid session."""
         path = self.path(sid)
         try:
-            session = read_session(path, vocab_size=self.vocab_size)
+            session = read_session(path, vocab_size=self.vocab_size, model=self.model_key.split("@", 1)[0] if self.route else None)
             if session.id != sid:
                 raise SessionDamaged(str(path), "/id", f"is '{session.id}', but the file is {sid}.json")
         except FileNotFoundError:
@@ -96,21 +131,38 @@ class Sessions:
 
     def commit(self, turn: Turn, reply: str, completion_ids: list[int], meta: dict[str, Any]) -> SessionFile:
         """Append the turn durably; only then may the answer complete."""
-        transcript = self.load(turn.id) or SessionFile(id=turn.id, created=now(), turns=[])
-        transcript.turns.append(SessionTurn.model_validate({
-            "messages": [*turn.new_messages, {"role": "assistant", "content": reply}],
-            "completion_ids": completion_ids, "template": self.template, "model": self.model_key,
-            "dropped_turns": turn.dropped_turns, "time": now(), **meta,
-        }))  # fmt: skip
-        transcript.updated = now()
         self.dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), FILE_MODE)
-        fsync_dir(self.dir)
+        with self._locked():
+            transcript = self.load(turn.id) or SessionFile(id=turn.id, created=now(), turns=[])
+            transcript.turns.append(SessionTurn.model_validate({
+                "messages": [*turn.new_messages, {"role": "assistant", "content": reply}],
+                "completion_ids": completion_ids, "template": self.template, "model": self.model_key,
+                "dropped_turns": turn.dropped_turns, "time": now(), **meta,
+            }))  # fmt: skip
+            if turn.new_summary is not None and all(s.covers < turn.new_summary.covers for s in transcript.summaries):
+                transcript.summaries = [*transcript.summaries, turn.new_summary]  # assigned: then the file has the field
+            transcript.updated = now()
+            write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), FILE_MODE)
+            fsync_dir(self.dir)
         return transcript
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """A route session is shared by the workers of the route's tenants: read, append and
+        rename under one lock, so that two turns committed at once are both kept."""
+        if self.route is None:  # one worker, and its one model thread, writes a tenant's sessions
+            yield
+            return
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def delete(self, sid: str) -> bool:
         found = False
-        for path in (self.path(sid), self.kv_dir / f"{sid}.safetensors"):
+        for path in (self.path(sid), *cache_files(self.kv_dir, sid)):
             try:
                 path.unlink()
                 found = True
@@ -138,14 +190,14 @@ class Sessions:
         meta = {"model": self.model_key, "adapter": adapter or "", "dtype": self.dtype, "tokens": str(n),
                 "ids_sha256": _ids_digest(ids[:n]), "tensors_sha256": _tensors_digest(tensors)}  # fmt: skip
         self.kv_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        target = self.kv_dir / f"{sid}.safetensors"
+        target = self.cache_path(sid, adapter)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, target)
 
     def restore(self, turn: Turn, ids: list[int], adapter: str | None, config: Any, device: str) -> Any:
         """A DynamicCache for the longest usable prefix of ``ids``, or None (then: re-prefill)."""
-        path = self.kv_dir / f"{turn.id}.safetensors"
+        path = self.cache_path(turn.id, adapter)
         if not path.exists():
             return None
         started = time.perf_counter()

@@ -33,7 +33,7 @@ from zoo_agent.fit import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.resident import protocol as p
-from zoo_agent.resident.config import ResidentConfig, WorkerConfig
+from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
 from zoo_agent.resident.listener import listen_socket, read_api_key
 from zoo_agent.resident.memory import mem_available, rss
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
@@ -165,8 +165,28 @@ class Supervisor:
             adapters=adapters, refused_adapters=refused, max_loras=tenant.resources.max_loras,
             base_names=base_names(idx, tid), selection=selection_for(self.zoo, idx, tid),
             sessions_dir=self.zoo.tenant_dir(tid), priority=CLASSES[tenant.priority], aging_seconds=self.config.aging_seconds,
+            route_sessions=self.route_sessions(idx, tid), router_socket=self.sockets / "router.sock" if self.sockets else None,
+            router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
         )  # fmt: skip
+
+    def _private_socket(self) -> socket.socket:
+        """The router's socket for workers (a summarizer asked by another tenant's worker)."""
+        assert self.sockets is not None
+        private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        private.bind(str(self.sockets / "router.sock"))
+        private.listen(128)
+        return private
+
+    def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:
+        """The routes of this host that may send ``tid`` a session: where those sessions live."""
+        host = idx.hosts[self.config.host.lower()]
+        found = []
+        for rid in host.routes:
+            route = idx.routes.get(rid)
+            if route is not None and tid in {r.tenant for r in route.rules} | {route.default, *route.fallback}:
+                found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer))
+        return tuple(found)
 
     def spawn(self, slot: Slot, config: WorkerConfig, *, standby: bool = False) -> Worker:
         """A worker on a private socket of its own (the router is its only client)."""
@@ -216,7 +236,7 @@ class Supervisor:
         for tid in first:
             self.slots[tid].wanted = True
         self.notify.extend_timeout(30, f"loading {', '.join(first)}")
-        self.router.start(self.listener)
+        self.router.start(self.listener, self._private_socket())
         while self.exit_code is None:
             for key, _ in self.selector.select(timeout=0.2):
                 if key.data == "wake":

@@ -28,7 +28,8 @@ QWEN2_05B_SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "int
 
 
 def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 512, heads: int = 4,
-                     kv_heads: int = 2, intermediate: int | None = None, model_vocab: int | None = None, tie: bool = False) -> Path:  # fmt: skip
+                     kv_heads: int = 2, intermediate: int | None = None, model_vocab: int | None = None, tie: bool = False,
+                     chat_template: str = CHAT_TEMPLATE, context: int = 4096) -> Path:  # fmt: skip
     """Write config, safetensors weights and tokenizer files into ``out``; return it.
 
     Byte for byte reproducible (the quick start's index pins these files): the config and
@@ -49,7 +50,7 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": model_vocab or bpe.get_vocab_size(),
         "hidden_size": hidden, "intermediate_size": intermediate or hidden * 2, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 4096,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": context,
         "eos_token_id": bpe.token_to_id("<|end|>"), "pad_token_id": bpe.token_to_id("<|pad|>"), "bos_token_id": None,
         "tie_word_embeddings": tie, "torch_dtype": "float32",
     }  # fmt: skip
@@ -70,7 +71,7 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int 
     bpe.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>",
-        "extra_special_tokens": specials[2:], "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
+        "extra_special_tokens": specials[2:], "chat_template": chat_template, "model_max_length": context,
     })  # fmt: skip
     return out
 

@@ -16,13 +16,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from zoo_agent.errors import SessionDamaged, SessionError
 from zoo_agent.index.schema import pointer
 
-__all__ = ["MAX_SESSION_BYTES", "SESSION_ID", "SessionDamaged", "SessionError", "SessionFile", "SessionMessage", "SessionTurn",
+__all__ = ["MAX_SESSION_BYTES", "SESSION_ID", "SessionDamaged", "SessionError", "SessionFile", "SessionMessage", "SessionSummary", "SessionTurn",
            "Text", "read_session", "valid_id"]  # fmt: skip
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -85,12 +85,33 @@ class SessionTurn(BaseModel):
         return messages
 
 
+class SessionSummary(BaseModel):
+    """The first ``covers`` turns, summarized by a route's summarizer (issue #21): the prompt of a
+    model whose context they no longer fit holds this text instead of them. The turns stay in
+    the file (a summary never loses a committed turn); the newest summary is reused."""
+
+    model_config = _Strict
+    covers: int = Field(ge=1)
+    text: Text
+    model: str | None = None  # the summarizer's model@version
+    time: str | None = None
+
+
 class SessionFile(BaseModel):
     model_config = _Strict
     id: Annotated[str, Field(pattern=f"^{SESSION_ID.pattern}$")]
     created: str | None = None
     updated: str | None = None
     turns: list[SessionTurn]
+    summaries: list[SessionSummary] = []
+
+    @model_validator(mode="after")
+    def _summaries_cover_turns(self) -> SessionFile:
+        for summary in self.summaries:
+            if summary.covers > len(self.turns):
+                raise PydanticCustomError("covers", "a summary covers {covers} turns, but the session has {n}",
+                                          {"covers": summary.covers, "n": len(self.turns)})  # fmt: skip
+        return self
 
     def document(self) -> dict[str, Any]:
         """The JSON document: the fields the file had, plus what was set since."""
@@ -107,8 +128,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_session(raw: bytes, file: str, *, vocab_size: int | None = None) -> SessionFile:
-    """Validate the bytes of a session file; ``vocab_size`` bounds the token ids when known."""
+def parse_session(raw: bytes, file: str, *, vocab_size: int | None = None, model: str | None = None) -> SessionFile:
+    """Validate the bytes of a session file; ``vocab_size`` bounds the token ids when known
+    (with ``model``, only those of that model's turns: a route session holds other models' too)."""
     if len(raw) > MAX_SESSION_BYTES:
         raise SessionDamaged(file, "", f"larger than {MAX_SESSION_BYTES >> 20} MiB; not a session file")
     try:
@@ -127,13 +149,15 @@ def parse_session(raw: bytes, file: str, *, vocab_size: int | None = None) -> Se
         raise SessionDamaged(file, pointer(where), first["msg"]) from exc
     if vocab_size is not None:
         for t, turn in enumerate(session.turns):
+            if model is not None and (turn.model or "").split("@", 1)[0] != model:
+                continue
             for i, token in enumerate(turn.completion_ids):
                 if token >= vocab_size:
                     raise SessionDamaged(file, pointer(("turns", t, "completion_ids", i)), f"token id {token} is outside the vocabulary ({vocab_size} ids)")
     return session
 
 
-def read_session(path: Path, *, vocab_size: int | None = None) -> SessionFile:
+def read_session(path: Path, *, vocab_size: int | None = None, model: str | None = None) -> SessionFile:
     """The session in *path*; ``FileNotFoundError`` when there is none, ``SessionDamaged`` when it is no session."""
     try:
         with open(path, "rb") as f:
@@ -144,4 +168,4 @@ def read_session(path: Path, *, vocab_size: int | None = None) -> SessionFile:
         raise SessionDamaged(str(path), "", "is a directory, not a session file") from None
     except OSError as exc:
         raise SessionDamaged(str(path), "", f"cannot be read: {exc.strerror or exc}") from exc
-    return parse_session(raw, str(path), vocab_size=vocab_size)
+    return parse_session(raw, str(path), vocab_size=vocab_size, model=model)

@@ -132,6 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
 
 
+def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
+    """The sessions of the routes this tenant answers for (issue #21), and their summarizers."""
+    if backend.sessions is None:
+        return
+    from zoo_agent.resident.sessions import Sessions
+    from zoo_agent.resident.summaries import Summarizer
+
+    for rs in config.route_sessions:
+        sessions = Sessions(rs.dir, model_key=backend.sessions.model_key, dtype=backend.dtype, template=str(backend.tokenizer.chat_template or ""),
+                            vocab_size=backend.sessions.vocab_size, route=rs.route)  # fmt: skip
+        sessions.stats = backend.sessions.stats  # one set of counters per worker
+        state.route_sessions[rs.route] = sessions
+        if rs.summarizer is not None and config.router_socket is not None:
+            state.summarizers[rs.route] = Summarizer(config.router_socket, rs.summarizer, config.router_key)
+
+
 def _measured(config: WorkerConfig, backend: Any) -> tuple[int, int]:
     """The loaded model's own bytes (parameters and buffers at the dtype they were loaded in: a
     float16 file loaded as float32 takes twice its size) and its KV budget at that dtype.
@@ -169,6 +185,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
                          aging_seconds=config.aging_seconds)  # fmt: skip
+    _route_sessions(config, backend, state)
     state.metrics.swap_seconds.set(load_seconds)
     state.sync_metrics()
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=int(config.drain_seconds), access_log=False))

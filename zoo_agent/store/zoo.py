@@ -111,6 +111,10 @@ class Zoo:
         """A tenant's resident state: model-info.json, lease.json, sessions/, kv-cache/."""
         return self.resident_dir / "tenants" / tenant
 
+    def route_dir(self, route: str) -> Path:
+        """A route's sessions (issue #21): conversations that move between its tenants' models."""
+        return self.resident_dir / "routes" / route
+
     # -- reading, for programs on the host (issue #18) --------------------------------
     def current(self, kind: str, aid: str, *, strict: bool | None = None) -> Path:
         """The verified directory of the current version of a model or lora.
