@@ -138,6 +138,11 @@ let
               default = null;
               description = "\"eager\": fetched by the reconcile unit; \"on-demand\": by its first request (null: \"eager\").";
             };
+            overflow = mkOption {
+              type = types.nullOr (types.enum [ "peers" "never" ]);
+              default = null;
+              description = "\"peers\": a peer that accepts this tenant answers when this host's queue is full or it does not fit (null: \"never\").";
+            };
           };
         });
         default = { };
@@ -162,6 +167,17 @@ let
               default = null;
               example = "8G";
               description = "Memory the served tenants share, in systemd's notation (device memory on a CUDA host, RAM otherwise).";
+            };
+            endpoint = mkOption {
+              type = types.nullOr (types.strMatching "https?://[^/?#@[:space:]]+");
+              default = null;
+              example = "http://sprout.lan:8000";
+              description = "Base URL at which peers reach this host's resident: scheme, host and port, no path.";
+            };
+            accept_from_peers = mkOption {
+              type = types.nullOr (types.listOf id);
+              default = null;
+              description = "Ids of served tenants this host answers for peers (null: none).";
             };
           };
         });
@@ -340,8 +356,8 @@ in
       default = null;
       description = ''
         The index, in Nix (see `schema.json`). `models.<id>.version`, `.source.type`,
-        `.files.*.sha256`, `tenants.<id>.model`, `.pinned`, `.priority`, `.fetch`, `hosts.<id>.resident`,
-        `.tenants` and `.memory_budget` are typed;
+        `.files.*.sha256`, `tenants.<id>.model`, `.pinned`, `.priority`, `.fetch`, `.overflow`, `hosts.<id>.resident`,
+        `.tenants`, `.memory_budget`, `.endpoint` and `.accept_from_peers` are typed;
         the rest is passed through and validated at build time. Exclusive with `indexFile`.
       '';
     };

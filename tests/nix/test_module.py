@@ -181,7 +181,23 @@ class TestModule:
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
+    def test_federation_fields_are_typed_and_reach_the_index(self, tmp_path: Path) -> None:
+        """Issue #22: endpoint, accept_from_peers and overflow reach the index as written, and it validates."""
+        body = SETTINGS.replace('tenants.chat.model = "demo";', 'tenants.chat = { model = "demo"; overflow = "never"; };')
+        out = evaluated(tmp_path, body.replace('hosts.nixos.resident = "chat";',
+                                               'hosts.nixos = { tenants = [ "chat" ]; endpoint = "http://nixos.lan:8000"; accept_from_peers = [ "chat" ]; };'))
+        document = json.loads(Path(out["indexScripts"][0].split()[2]).read_text())
+        assert document["hosts"] == {"nixos": {"tenants": ["chat"], "endpoint": "http://nixos.lan:8000", "accept_from_peers": ["chat"]}}
+        assert document["tenants"] == {"chat": {"model": "demo", "overflow": "never"}}
+        proc = subprocess.run([str(REPO / ".venv" / "bin" / "zoo-agent"), "validate", str(Path(out["indexScripts"][0].split()[2]))],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
     @pytest.mark.parametrize(("change", "expected"), [
+        ('hosts.nixos.resident = "chat";', 'hosts.nixos = { resident = "chat"; endpoint = "nixos.lan:8000"; };'),
+        ('hosts.nixos.resident = "chat";', 'hosts.nixos = { resident = "chat"; endpoint = "http://nixos.lan:8000/v1"; };'),
+        ('hosts.nixos.resident = "chat";', 'hosts.nixos = { resident = "chat"; accept_from_peers = "chat"; };'),
+        ('tenants.chat.model = "demo";', 'tenants.chat = { model = "demo"; overflow = "always"; };'),
         ('sha256 = "%s";' % SHA, 'sha256 = "not-a-hash";'),
         ('version = "1";', "version = 1;"),
         ('type = "file";', 'type = "ftp";'),

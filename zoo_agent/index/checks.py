@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from zoo_agent.fit import check_host
 from zoo_agent.index.model import ArtifactEntry, Index, RouteEntry
 from zoo_agent.index.schema import pointer
 
-__all__ = ["PICKLE_SUFFIXES", "placeholder_problems", "semantic_problems"]
+__all__ = ["PICKLE_SUFFIXES", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -55,6 +56,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _hosts_serve,
         _weights_fit,
         _routes,
+        _peers,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -310,3 +312,66 @@ def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Proble
         yield Problem(at, f"the router embeds with transformers; model '{mid}' has an 'ollama' source")
     if not any(r.when.similar_to is not None for r in route.rules):
         yield Problem(at, "no rule has 'similar_to', so nothing uses it; remove it or add a similarity rule")
+
+
+def endpoint_problem(url: str) -> str | None:
+    """What is wrong with a host's ``endpoint``, if anything: a base URL that a path is
+    appended to (``/v1/models``), so only scheme, host and port (issue #22)."""
+    if any(c.isspace() for c in url):
+        return f"must not contain whitespace ({url!r})"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a URL ({exc}): {url!r}"
+    if parts.scheme not in ("http", "https") or not url.startswith(f"{parts.scheme}://"):
+        return f"must start with 'http://' or 'https://', got {url!r}"
+    if "@" in parts.netloc:
+        return "must not carry a user or password; peers authenticate with the fleet key"
+    if not parts.hostname:
+        return f"names no host, got {url!r}"
+    if parts.path or parts.query or parts.fragment or url.endswith(("?", "#")):
+        base = f"{parts.scheme}://{parts.netloc}"
+        return f"must be a base URL with no path, query or fragment (write {base!r}), got {url!r}"
+    if port == 0:
+        return f"port 0 cannot be reached, got {url!r}"
+    return None
+
+
+def endpoint_key(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port as a peer connects to them: ``http://A`` and ``http://a:80`` are one endpoint."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _peers(idx: Index) -> Iterator[Problem]:
+    """Federation (issue #22): endpoints peers can reach, each once; a host accepts only
+    tenants it serves; a tenant that may overflow has somewhere to overflow to."""
+    seen: dict[tuple[str, str, int], str] = {}
+    for hid, host in idx.hosts.items():
+        if host.endpoint is not None:
+            if problem := endpoint_problem(host.endpoint):
+                yield Problem(pointer(("hosts", hid, "endpoint")), problem)
+            elif (other := seen.setdefault(endpoint_key(host.endpoint), hid)) != hid:
+                yield Problem(pointer(("hosts", hid, "endpoint")), f"is also the endpoint of /hosts/{other}/endpoint; each host needs its own")
+        served = set(host.served())
+        first: dict[str, int] = {}
+        for i, tid in enumerate(host.accept_from_peers):
+            if tid in first:
+                yield Problem(pointer(("hosts", hid, "accept_from_peers", i)), f"lists tenant '{tid}' again (already /hosts/{hid}/accept_from_peers/{first[tid]})")
+            elif tid not in served:
+                listed = ", ".join(host.served()) or "none"
+                yield Problem(pointer(("hosts", hid, "accept_from_peers", i)), f"host {hid} does not serve tenant '{tid}' (it serves: {listed}); add it to /hosts/{hid}/tenants or remove it here")
+            first.setdefault(tid, i)
+        if host.accept_from_peers and host.endpoint is None:
+            yield Problem(pointer(("hosts", hid, "accept_from_peers")), f"peers cannot reach host {hid}: set /hosts/{hid}/endpoint, or accept nothing")
+    accepting = {tid: [hid for hid, h in idx.hosts.items() if tid in h.accept_from_peers and tid in h.served()] for tid in idx.tenants}
+    for tid, tenant in idx.tenants.items():
+        if tenant.overflow != "peers":
+            continue
+        serving = [hid for hid, h in idx.hosts.items() if tid in h.served()]
+        stranded = next((hid for hid in serving if not set(accepting[tid]) - {hid}), None)
+        if not accepting[tid] or stranded is not None:
+            where = f"no host other than {stranded}" if stranded is not None else "no host"
+            yield Problem(pointer(("tenants", tid, "overflow")),
+                          f"is 'peers', but {where} accepts tenant '{tid}' from peers; list it in another host's accept_from_peers, or set 'never'")

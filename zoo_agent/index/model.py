@@ -254,6 +254,11 @@ class TenantEntry(_Strict):
         default="eager",
         description="'eager': apply fetches it; 'on-demand': declared, fetched by its first request (never for a pinned tenant).",
     )
+    overflow: Literal["peers", "never"] = Field(
+        default="never",
+        description="'peers': when this host's queue for it is full or it does not fit right now, a peer that accepts it answers "
+        "(issue #22); 'never': such a request waits or gets 429 here.",
+    )
 
 
 class RouteWhen(_Strict):
@@ -336,6 +341,20 @@ class HostEntry(_Strict):
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")
     description: str = Field(default="", max_length=1000, description="What the machine is.")
+    endpoint: Annotated[Annotated[str, Field(min_length=1, max_length=300)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description=(
+            "Base URL at which peers (and `zoo-agent fleet status`) reach this host's resident: 'http://' or 'https://', "
+            "a host and an optional port, no path, query or user (e.g. 'http://sprout.lan:8000'). Issue #22."
+        ),
+    )
+    accept_from_peers: list[Id] = Field(
+        default=[],
+        description=(
+            "Ids of served tenants this host answers for peers (needs 'endpoint'). Default none: taking other hosts' "
+            "load costs this host's memory and queue, so it is declared, never implied by serving a tenant."
+        ),
+    )
 
     def served(self) -> tuple[str, ...]:
         """The tenants this host serves, in order: ``tenants``, else the one ``resident``, else none

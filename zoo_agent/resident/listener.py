@@ -11,18 +11,18 @@ from zoo_agent.errors import UsageError
 __all__ = ["listen_socket", "read_api_key"]
 
 
-def read_api_key(path: Path) -> str:
+def read_api_key(path: Path, option: str = "--api-key-file") -> str:
     """The bearer token: one line of visible ASCII. An empty file silently turned auth off (issue #17)."""
     try:
         key = path.read_bytes().decode("ascii").strip()
     except UnicodeDecodeError:
-        raise UsageError(f"--api-key-file {path}: not ASCII; a bearer token is visible ASCII characters") from None
+        raise UsageError(f"{option} {path}: not ASCII; a bearer token is visible ASCII characters") from None
     except OSError as exc:
-        raise UsageError(f"--api-key-file {path}: cannot be read: {exc.strerror or exc}") from exc
+        raise UsageError(f"{option} {path}: cannot be read: {exc.strerror or exc}") from exc
     if not key:
-        raise UsageError(f"--api-key-file {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
+        raise UsageError(f"{option} {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
     if not all(33 <= ord(c) < 127 for c in key):
-        raise UsageError(f"--api-key-file {path}: the token holds spaces or control characters; a bearer token is one word")
+        raise UsageError(f"{option} {path}: the token holds spaces or control characters; a bearer token is one word")
     return key
 
 

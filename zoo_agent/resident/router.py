@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.peers import pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
 from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
 from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files
@@ -697,15 +698,18 @@ class Router:
             return []
         data = []
 
-        def card(mid: str, root: str, parent: str | None, state: str) -> dict[str, Any]:
-            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state}}
+        def card(mid: str, root: str, parent: str | None, state: str, **extra: Any) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state, **extra}}
 
         for tid in self.sup.order:
             slot, tenant = self.sup.slots[tid], idx.tenants[tid]
             worker = slot.serving
-            root = f"{worker.config.model}@{worker.config.version}" if worker else f"{tenant.model}@{idx.models[tenant.model].version}"
-            data.append(card(tid, root, None, slot.phase))
+            root = f"{worker.config.model}@{worker.config.version}" if worker else pinned(idx, tid)
             refused = worker.config.refused_adapters if worker else {}
+            # What peers compare with their index (issue #22): the digest vouches only for
+            # exactly the pinned set; mid-swap or with a refused adapter there is none.
+            digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
+            data.append(card(tid, root, None, slot.phase, model=root, digest=digest))
             data += [card(f"{tid}:{lid}", f"{lid}@{idx.loras[lid].version}", tid, slot.phase) for lid in tenant.loras if lid not in refused]
             if tenant.adapter_selection is not None:
                 data.append(card(f"{tid}:auto", "chosen per request", tid, slot.phase))

@@ -1,0 +1,144 @@
+"""`zoo-agent fleet status` (issue #22): ask every endpoint the index declares what it
+serves, and compare with what the index pins. Read-only; hosts never coordinate state.
+
+Each endpoint is asked ``/health`` and ``/v1/models`` with a short timeout, all at once
+(threads, at most ``_PARALLEL``), so the run takes about one timeout however many hosts
+are down. The comparison (``fleet_rows``) is pure; only ``_ask`` touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from zoo_agent.cli.options import emit_json, json_option
+from zoo_agent.errors import UsageError
+from zoo_agent.index.load import load_index
+from zoo_agent.index.model import Index
+from zoo_agent.resident.listener import read_api_key
+from zoo_agent.resident.peers import pinned, served_state, tenant_digest
+
+__all__ = ["Answer", "fleet_group", "fleet_rows"]
+
+_PARALLEL = 16
+_MAX_ANSWER = 4 << 20  # a /v1/models list is a few kB; a larger answer is not a resident's
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one endpoint said: its ``/health`` state and its tenant cards, or why it did not."""
+
+    error: str | None = None
+    health: str | None = None
+    cards: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+class _Unanswered(Exception):
+    pass
+
+
+def _get(url: str, key: str | None, timeout: float) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Accept": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the index's http(s) endpoints only
+            status, raw = response.status, response.read(_MAX_ANSWER)
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read(_MAX_ANSWER)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Unanswered(str(getattr(reason, "strerror", None) or reason)) from exc
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        raise _Unanswered(f"HTTP {status}, not a resident's JSON answer") from None
+
+
+def _ask(endpoint: str, key: str | None, timeout: float) -> Answer:
+    try:
+        _, health = _get(endpoint + "/health", key, timeout)
+        status, models = _get(endpoint + "/v1/models", key, timeout)
+    except _Unanswered as exc:
+        return Answer(error=str(exc))
+    if status != 200 or not isinstance(models, dict) or not isinstance(models.get("data"), list):
+        message = models.get("error", {}).get("message", "") if isinstance(models, dict) and isinstance(models.get("error"), dict) else ""
+        return Answer(error=f"/v1/models answered HTTP {status}" + (f": {message}" if message else ""))
+    cards = {c["id"]: c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)}
+    state = health.get("state") if isinstance(health, dict) else None
+    return Answer(health=state if isinstance(state, str) else None, cards=cards)
+
+
+def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]]:
+    """One row per (host with an endpoint, tenant it serves), in the index's order."""
+    rows = []
+    for hid, host in idx.hosts.items():
+        if hid not in answers:
+            continue
+        answer = answers[hid]
+        for tid in host.served():
+            card = answer.cards.get(tid)
+            x_zoo = card.get("x_zoo") if card is not None else None
+            served = (x_zoo.get("model") if isinstance(x_zoo, dict) else None) or (card.get("root") if card is not None else None)
+            state = "unreachable" if answer.error is not None else served_state(pinned(idx, tid), tenant_digest(idx, tid), card)
+            rows.append({"host": hid, "endpoint": host.endpoint, "tenant": tid, "served": served, "pinned": pinned(idx, tid),
+                         "state": state, "health": answer.health, "error": answer.error})  # fmt: skip
+    return rows
+
+
+def fleet_status(idx: Index, key: str | None, timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """Ask every endpoint at once; the rows, and the hosts that declare none (not asked)."""
+    endpoints = {hid: h.endpoint for hid, h in idx.hosts.items() if h.endpoint is not None}
+    with ThreadPoolExecutor(max_workers=max(1, min(_PARALLEL, len(endpoints)))) as pool:
+        futures = {hid: pool.submit(_ask, url, key, timeout) for hid, url in endpoints.items()}
+        answers = {hid: future.result() for hid, future in futures.items()}
+    return fleet_rows(idx, answers), [hid for hid in idx.hosts if hid not in endpoints]
+
+
+@click.group("fleet")
+def fleet_group() -> None:
+    """The hosts of one index, seen from outside (issue #22)."""
+
+
+@fleet_group.command("status")
+@click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
+              help="The fleet's index ($ZOO_INDEX).")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None, help="The fleet key, sent as a bearer token.")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=60), default=3.0, show_default=True, help="Seconds per request to each endpoint.")
+@json_option
+def status_cmd(index_path: Path, key_file: Path | None, timeout: float, as_json: bool) -> None:
+    """Ask every host's endpoint what it serves; compare with what INDEX pins.
+
+    Exit 0 when every served tenant is ok, 1 when one differs, is not served or is
+    unreachable, 2 for a bad index or flag."""
+    idx = load_index(index_path, str(index_path))
+    key = read_api_key(key_file, "--key-file") if key_file is not None else None
+    if not any(h.endpoint for h in idx.hosts.values()):
+        raise UsageError(f"{index_path}: no host declares an 'endpoint'; set hosts.<host>.endpoint for the hosts to ask")
+    rows, not_asked = fleet_status(idx, key, timeout)
+    ok = all(r["state"] == "ok" for r in rows)
+    if as_json:
+        emit_json({"index": str(index_path), "ok": ok, "tenants": rows, "not_asked": not_asked})
+    else:
+        _print_table(rows, not_asked)
+    if not ok:
+        click.get_current_context().exit(1)
+
+
+def _print_table(rows: list[dict[str, Any]], not_asked: list[str]) -> None:
+    header = ("HOST", "TENANT", "SERVED", "PINNED", "STATE")
+    cells = [(r["host"], r["tenant"], r["served"] or "-", r["pinned"], r["state"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
+    widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header) - 1)]
+    for line in [header, *cells]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
+    counts = Counter(r["state"] for r in rows)
+    click.echo("fleet: " + ", ".join(f"{n} {state}" for state, n in counts.items()) if rows else "fleet: no served tenants")
+    if not_asked:
+        click.echo(f"not asked (no endpoint): {', '.join(not_asked)}")
