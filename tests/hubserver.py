@@ -1,4 +1,5 @@
-"""A Hugging Face hub-compatible server for tests, standard library only, on 127.0.0.1.
+"""A Hugging Face hub-compatible server for tests, standard library only, on 127.0.0.1
+(or another address: the fleet test binds it inside a network namespace, tests/netns.py).
 
 It speaks what the real ``huggingface_hub`` client calls for our hf source and ``add``:
 ``GET /api/models/<repo>/revision/<rev>`` (model_info), ``GET /api/models/<repo>/tree/<rev>``
@@ -66,8 +67,9 @@ class Hit:
 class HubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), _Handler)
+        self.host = host
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.log: list[Hit] = []
@@ -75,7 +77,7 @@ class HubServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.host}:{self.server_address[1]}"
 
     def bytes_sent(self, path_suffix: str) -> int:
         return sum(h.sent for h in self.log if h.method == "GET" and h.path.endswith(path_suffix))
