@@ -86,6 +86,8 @@ class ResidentConfig(BaseModel):
     host: str
     listen: str = "127.0.0.1:8000"
     api_key_file: Path | None = None
+    fleet_key_file: Path | None = None  # the key peers present and are presented (issue #22)
+    peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0
     max_crashes: int = 5
