@@ -42,12 +42,17 @@ def ranked(ids: Sequence[str], scores: Sequence[float], *, threshold: float, lim
 
 
 def normalised_weights(similarities: Sequence[float], step: float = WEIGHT_STEP) -> tuple[float, ...]:
-    """The similarities scaled to sum 1, rounded to ``step``; a negative similarity (a threshold
-    below 0) counts as 0, and when nothing is left the adapters weigh the same."""
+    """The similarities scaled to sum 1, in multiples of ``step`` that still sum to 1 (largest
+    remainders round up; ties: the more similar first). A negative similarity (a threshold
+    below 0) counts as 0; when nothing is left the adapters weigh the same."""
     clamped = [max(s, 0.0) for s in similarities]
     total = sum(clamped)
-    shares = [s / total for s in clamped] if total > 0 else [1 / len(clamped)] * len(clamped)
-    return tuple(round(round(share / step) * step, 4) for share in shares)
+    units = round(1 / step)
+    shares = [s / total * units for s in clamped] if total > 0 else [units / len(clamped)] * len(clamped)
+    whole = [int(share) for share in shares]
+    for i in sorted(range(len(shares)), key=lambda i: -(shares[i] - whole[i]))[: units - sum(whole)]:
+        whole[i] += 1
+    return tuple(round(w * step, 4) for w in whole)
 
 
 @dataclass(frozen=True)
