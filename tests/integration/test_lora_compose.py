@@ -20,7 +20,10 @@ import pytest
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, built, peft_ids  # noqa: E402, F401 - built: the fixture
+from tests.integration import test_lora  # noqa: E402
+from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
+
+built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
 
 # Bag-of-words similarities (test_lora's embedder): terse 0.66, code 0.65, legal 0.11.
 TWO = "review python code for bugs and answer tersely in one short line"
