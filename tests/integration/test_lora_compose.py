@@ -22,6 +22,7 @@ pytest.importorskip("peft", reason="the resident extra is not installed (pip ins
 
 from tests.integration import test_lora  # noqa: E402
 from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
+from zoo_agent.resident.backend import AUTO  # noqa: E402
 
 built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
 
@@ -94,6 +95,9 @@ def test_a_composition_answers_as_peft_composes_the_same_adapters(built: dict[st
         assert all("weight" not in a for a in x["adapters"]) and x["adapter"] == "terse@1+code@1+legal@1"
     expected = peft_ids(built, ("terse", "code", "legal"), combine=combine, weights=weights, messages=ask(THREE)["messages"])
     assert ids[THREE] == expected
+    with generated_ids(composing) as serial:  # one generate() at a time (max_batch 1): the same composition
+        greedy_text(composing, THREE, AUTO)
+    assert serial[THREE] == expected
     singles = [peft_ids(built, (aid,), messages=ask(THREE)["messages"]) for aid in ALL]
     assert all(expected != single for single in singles)  # the composition is none of its adapters alone
 
@@ -218,9 +222,15 @@ def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_
     a.max_loras = 2
     with pytest.raises(AdaptersBusy):
         a.load("legal", busy=frozenset([summed]))
-    # A new version of an adapter drops the compositions made with it.
+    # A new version of an adapter drops the compositions made with it; so does its leaving the index, loaded or not.
     b.update_adapters((adapter(built, "code", source="legal", version="2", rank=8), adapter(built, "terse"), adapter(built, "legal")))
     assert not a.compositions and all(not n.startswith("compose-") for n in a.peft.peft_config)
+    a.max_loras = 3
+    kept = a.compose(Composition(("terse", "legal"), "weighted", (0.5, 0.5)))
+    a._evict("legal")  # LRU: unloaded to make room, the composition keeps its own weights
+    assert kept in a.compositions
+    b.update_adapters((adapter(built, "code", source="legal", version="2", rank=8), adapter(built, "terse")))
+    assert not a.compositions and kept not in a.peft.peft_config
 
 
 def test_a_composition_continues_a_session_only_from_its_own_cache(built: dict[str, Path], tmp_path: Path) -> None:

@@ -177,7 +177,8 @@ class Adapters:
         new = {a.id: a for a in declared}
         for aid in [a for a in self.loaded if a not in new]:
             self._evict(aid, counted=False)
-            self._forget(aid)
+        for aid in {a for c in self.compositions.values() for a in c.ids} - set(new):
+            self._forget(aid)  # also where it was no longer loaded: a weighted composition holds its weights
         for aid, adapter in new.items():
             old = self.declared.get(aid)
             if old is not None and old.version == adapter.version and old.dir == adapter.dir:
