@@ -27,12 +27,15 @@ class AdapterConfig(BaseModel):
 
 
 class SelectionConfig(BaseModel):
-    """`<tenant>:auto`: an embedding model from the zoo and the least similarity that counts."""
+    """`<tenant>:auto`: an embedding model from the zoo, the least similarity that counts, and how
+    many chosen adapters are composed, how (the index's adapter_selection; issue #21)."""
 
     model_config = ConfigDict(frozen=True)
     embedding_dir: Path
     embedding_label: str
     threshold: float = 0.7
+    max_adapters: int = 3
+    combine: Literal["sum", "weighted"] = "sum"
 
 
 class RouteSessions(BaseModel):
