@@ -9,6 +9,14 @@ adapters (ours: `using()`; peer: set_adapter); a new version swapped in place (o
 `update()`, which checks the config and calls hotswap; peer: peft's hotswap_adapter); and
 time to the first generated token with an adapter against the base model (the goal is a
 ratio: at most 1.2x).
+
+Compositions (issue #21): `<tenant>:auto` choosing all three adapters for one request, composed
+"sum" (peft's multiple active adapters) or "weighted" (add_weighted_adapter "cat"), time from
+the request to its first token against the same path choosing one adapter (max_adapters 1):
+warm (the composition cached), cold (its first request: composed now, its adapters loaded) and
+cold from disk (its adapters loaded too). The seed's goal: a layer swap under 500 ms, i.e. a cold
+composition's first token at most 500 ms after a single adapter's. Also the weighted build
+alone against peft's add_weighted_adapter on the bare model.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ def main() -> int:
                                                Generated()), args.runs)  # fmt: skip
 
     ttft_base, ttft_adapter = first_token(None), first_token("a1")
+    compositions = compose_rows(ours, work, declared, args.runs)
 
     # -- the peer: bare peft on a fresh copy of the model -------------------------------
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32).eval()
@@ -106,6 +115,15 @@ def main() -> int:
     flip = itertools.cycle(["a0", "a1"])
     switch_peer = median_of(lambda: peft_model.set_adapter(next(flip)), args.runs * 5)
     swap_peer = median_of(lambda: hotswap_adapter(peft_model, str(dirs[1 + next(counter) % 2]), adapter_name="a0"), args.runs)
+    peft_model.load_adapter(str(dirs[2]), adapter_name="a2") if "a2" not in peft_model.peft_config else None
+
+    def unmix() -> None:
+        if "mix" in peft_model.peft_config:
+            peft_model.set_adapter("a0")
+            peft_model.delete_adapter("mix")
+
+    build_peer = median_of(lambda: peft_model.add_weighted_adapter(["a0", "a1", "a2"], [0.35, 0.35, 0.3], "mix", combination_type="cat"),
+                           args.runs, setup=unmix)  # fmt: skip
 
     rows = [
         {"name": f"load a declared rank-{args.rank} adapter", "ours_s": load_ours, "peer": "peft load_adapter", "peer_s": load_peer,
@@ -116,12 +134,58 @@ def main() -> int:
          "ratio": swap_ours_s / swap_peer, "goal": "no restart"},
         {"name": "first token with an adapter vs the base model", "ours_s": ttft_adapter, "peer": "same backend, no adapter", "peer_s": ttft_base,
          "ratio": ttft_adapter / ttft_base, "goal": "<= 1.2x"},
+        *compositions["rows"],
+        {"name": "build a weighted composition of three adapters", "ours_s": compositions["build_s"], "peer": "peft add_weighted_adapter",
+         "peer_s": build_peer, "ratio": compositions["build_s"] / build_peer, "goal": "<= 500 ms"},
     ]  # fmt: skip
     print(f"\nLoRA, {args.shape} shape, rank {args.rank} on {','.join(TARGETS)}, CPU, {torch.get_num_threads()} threads, median of {args.runs}")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "rank": args.rank, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def compose_rows(ours: Any, work: Path, declared: tuple[Any, ...], runs: int) -> dict[str, Any]:
+    """First tokens of '<tenant>:auto' composing all three adapters vs choosing one (issue #21), and the weighted build."""
+    from zoo_agent.resident.backend import AUTO, Generated, Request
+    from zoo_agent.resident.config import SelectionConfig
+    from zoo_agent.resident.selection import Composition, Selector
+    from zoo_agent.resident.tiny import build_tiny_embedder
+
+    task = "review typescript code with strict typing"  # every adapter describes it: all three pass the threshold
+    selection = SelectionConfig(embedding_dir=build_tiny_embedder(work / "embedder", task), embedding_label="e@1", threshold=0.5)
+    adapters, ids = ours.adapters, [a.id for a in declared]
+    ours.selector = Selector(selection.embedding_dir, selection.threshold, max_adapters=1)
+    ours.selector.index([adapters.declared[aid].model_copy(update={"description": task}) for aid in ids])
+    request = Request([{"role": "user", "content": f"please {task}"}], None, 1, 0.0, 1.0, adapter=AUTO)
+
+    def ttft(setup: Callable[[], object] | None = None) -> float:
+        return median_of(lambda: ours.complete(request, Generated()), runs, setup=setup)
+
+    def uncached() -> None:
+        for name in list(adapters.compositions):
+            adapters._drop(name)
+
+    def unloaded() -> None:
+        for aid in ids:
+            if aid in adapters.loaded:
+                adapters.unload(aid)  # its compositions go with it
+
+    single = ttft()
+    rows, build = [], 0.0
+    ours.selector.max_adapters = 3
+    for combine in ("sum", "weighted"):
+        ours.worker = ours.worker.model_copy(update={"selection": selection.model_copy(update={"max_adapters": 3, "combine": combine})})
+        ours.complete(request, check := Generated())
+        assert check.combine == combine and len(check.adapters) == 3, check  # what is measured is a composition of three
+        figures = {"warm (cached)": ttft(), "cold (composed now)": ttft(uncached), "cold from disk (adapters loaded too)": ttft(unloaded)}
+        for when, seconds in figures.items():
+            rows.append({"name": f"first token, 3 adapters {'summed' if combine == 'sum' else 'weighted'}, {when}", "ours_s": seconds,
+                         "peer": "same path, one adapter chosen", "peer_s": single, "ratio": seconds / single,
+                         "goal": "<= 1.2x" if when.startswith("warm") else "+<= 500 ms (layer swap)"})  # fmt: skip
+    mix = Composition(tuple(ids), "weighted", (0.35, 0.35, 0.3))
+    build = median_of(lambda: adapters.compose(mix), runs, setup=uncached)
+    return {"rows": rows, "build_s": build}
 
 
 if __name__ == "__main__":

@@ -62,10 +62,12 @@ def adapter(built: dict[str, Path], aid: str, *, source: str | None = None, vers
                          description=desc, tags=tags)  # fmt: skip
 
 
-def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_loras: int = 8, threshold: float | None = None) -> Any:
+def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_loras: int = 8, threshold: float | None = None,
+            **selecting: Any) -> Any:  # fmt: skip
+    """A loaded backend; ``threshold`` (and SelectionConfig's ``selecting``: max_adapters, combine) offer '<tenant>:auto'."""
     from zoo_agent.resident.backend import TransformersBackend
 
-    selection = SelectionConfig(embedding_dir=built["embedder"], embedding_label="e@1", threshold=threshold) if threshold is not None else None
+    selection = SelectionConfig(embedding_dir=built["embedder"], embedding_label="e@1", threshold=threshold, **selecting) if threshold is not None else None
     worker = WorkerConfig(tenant="t", model="m", version="1", version_dir=built["base"], adapters=adapters, max_loras=max_loras,
                           base_names=("m",), selection=selection)  # fmt: skip
     b = TransformersBackend(built["base"], allow_pickle=False, allow_code=False, device="cpu", worker=worker)
@@ -81,17 +83,34 @@ def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
 
 def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12) -> str:
     """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means."""
+    from transformers import AutoTokenizer
+
+    return str(AutoTokenizer.from_pretrained(built["base"]).decode(peft_ids(built, (aid,), tokens=tokens), skip_special_tokens=True))
+
+
+def peft_ids(built: dict[str, Path], aids: tuple[str, ...], *, combine: str = "sum", weights: tuple[float, ...] = (),
+             messages: list[dict[str, str]] = PROMPT, tokens: int = 12) -> list[int]:  # fmt: skip
+    """The greedy token ids of a fresh PeftModel with ``aids`` composed by peft itself (issue #21):
+    "sum" all active at once, "weighted" one add_weighted_adapter("cat") adapter; one id: that adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(built["base"])
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(built["base"]), str(built[aid])).eval()
-    enc = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(built["base"]), str(built[aids[0]]), adapter_name=aids[0])
+    for aid in aids[1:]:
+        model.load_adapter(str(built[aid]), adapter_name=aid)
+    if combine == "weighted":
+        model.add_weighted_adapter(list(aids), list(weights), "mix", combination_type="cat")
+        model.set_adapter("mix")
+    else:
+        model.base_model.set_adapter(list(aids))
+    model.eval()
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         ids = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return str(tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return [int(t) for t in ids[0][enc["input_ids"].shape[1]:]]
 
 
 @pytest.fixture(scope="module")

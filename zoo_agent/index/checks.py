@@ -50,6 +50,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
     checks: list[Callable[[Index], Iterator[Problem]]] = [
         _references,
         _tenant_loras_fit_model,
+        _compositions_fit,
         _backends,
         _artifact_files,
         _artifact_safety,
@@ -90,6 +91,15 @@ def _references(idx: Index) -> Iterator[Problem]:
         for i, model in enumerate(host.available):
             if model not in idx.models:
                 yield Problem(pointer(("hosts", hid, "available", i)), _unknown("model", model, idx.models))
+
+
+def _compositions_fit(idx: Index) -> Iterator[Problem]:
+    """A composition needs all its adapters loaded at once (issue #21): more than max_loras could never be built."""
+    for tid, tenant in idx.tenants.items():
+        selection = tenant.adapter_selection
+        if selection is not None and selection.max_adapters > tenant.resources.max_loras:
+            yield Problem(pointer(("tenants", tid, "adapter_selection", "max_adapters")),
+                          f"composes up to {selection.max_adapters} adapters, more than resources.max_loras ({tenant.resources.max_loras}) keeps loaded")
 
 
 def _tenant_loras_fit_model(idx: Index) -> Iterator[Problem]:

@@ -213,12 +213,25 @@ class Resources(_Strict):
 
 
 class AdapterSelection(_Strict):
-    """`model: "<tenant>:auto"`: the adapter whose description and tags are nearest the request."""
+    """`model: "<tenant>:auto"`: the adapters whose description and tags are nearest the request,
+    composed when more than one passes the threshold (issue #21)."""
 
     embedding_model: Id = Field(description="Id of a sentence-embedding model in 'models' (fetched with the tenant).")
     threshold: float = Field(
         default=DEFAULT_SIMILARITY, ge=-1, le=1, description="Least cosine similarity for an adapter to be chosen; below it, the base model answers."
     )
+    max_adapters: int = Field(
+        default=3, ge=1, le=8,
+        description="Most adapters composed for one request: those at or above the threshold, most similar first; "
+                    "1 answers with the single nearest adapter. At most resources.max_loras.",
+    )  # fmt: skip
+    combine: Literal["sum", "weighted"] = Field(
+        default="sum",
+        description="How chosen adapters are composed. 'sum': peft's multiple active adapters (set_adapter with a list), each at "
+                    "its own scale, their outputs added; such a request is decoded in a batch of its own composition. 'weighted': "
+                    "one adapter built by peft's add_weighted_adapter (combination_type 'cat', exact for any ranks and target "
+                    "modules), weights the similarities normalised to sum 1 and rounded to 0.05; it batches with other requests.",
+    )  # fmt: skip
 
 
 class SessionRetention(_Strict):

@@ -5,6 +5,12 @@ against its own `adapter_config.json` (rank, base model, target modules) before 
 sees it. Every method runs on the one thread that runs the model (the batching engine's,
 or the one generate() thread), so `set_adapter` being global in peft cannot leak one
 request's adapter into another's; a batch that mixes adapters uses peft's `adapter_names`.
+
+Compositions (issue #21) are cached per combination beside the single adapters, also LRU and
+at most max_loras of them: a "sum" composition is peft's multiple active adapters (nothing to
+build; its adapters must stay loaded while it runs), a "weighted" one is a peft adapter of its
+own, built once by `add_weighted_adapter`. Either is made only of adapters the tenant declares
+and that are not refused, checked here again whatever the caller chose.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from zoo_agent.errors import AdapterError
 from zoo_agent.resident.config import AdapterConfig
+from zoo_agent.resident.selection import Composition
 
 __all__ = ["AdapterError", "Adapters", "AdaptersBusy", "check_adapter"]
 
@@ -58,6 +65,7 @@ class AdapterStats:
     load_failures: int = 0
     swaps: int = 0
     evictions: int = 0
+    compositions_built: int = 0  # weighted compositions built with add_weighted_adapter
     last_seconds: float = 0.0
     seconds: list[float] = field(default_factory=list)  # drained into the histogram by the API
 
@@ -73,6 +81,7 @@ class Adapters:
         self.loaded: OrderedDict[str, AdapterConfig] = OrderedDict()
         self.configs: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = dict(refused or {})
+        self.compositions: OrderedDict[str, Composition] = OrderedDict()  # by peft name, least recently used first
         self.max_loras, self.base_names = max_loras, base_names
         self.module_names = {name for name, _ in base.named_modules()}
         self.stats = AdapterStats()
@@ -87,18 +96,20 @@ class Adapters:
 
     def load(self, aid: str, busy: frozenset[str] = frozenset()) -> float:
         """Make ``aid`` resident (most recently used); returns the seconds it took (0 when it was).
-        The least recently used adapter not in ``busy`` (in use by a running batch) makes room."""
+        The least recently used adapter not in ``busy`` (in use by a running batch, also as part of
+        a composition there) makes room."""
         if aid in self.loaded:
             self.loaded.move_to_end(aid)
             return 0.0
         adapter = self._declared(aid)
-        if len(self.loaded) >= self.max_loras and all(a in busy for a in self.loaded):
+        pinned = self._pinned(busy)
+        if len(self.loaded) >= self.max_loras and all(a in pinned for a in self.loaded):
             raise AdaptersBusy(aid)
         started = time.perf_counter()
         try:
             self.configs[aid] = check_adapter(adapter, self.base_names, self.module_names)
             while len(self.loaded) >= self.max_loras:
-                self._evict(next(a for a in self.loaded if a not in busy))
+                self._evict(next(a for a in self.loaded if a not in pinned))
             self._attach(adapter)
         except AdapterError as exc:
             self.stats.load_failures += 1
@@ -120,6 +131,45 @@ class Adapters:
         if aid not in self.loaded:
             raise AdapterError(f"adapter '{aid}' is not loaded")
         self._evict(aid, counted=False)
+        self._forget(aid)
+
+    def compose(self, composition: Composition, busy: frozenset[str] = frozenset()) -> str:
+        """Make ``composition`` ready to run; returns its name for `using` (and peft's adapter_names).
+        Its adapters are loaded first; the least recently used composition not in ``busy`` makes room."""
+        for aid in composition.ids:
+            self._declared(aid)
+            if aid in self.refused:
+                raise AdapterError(f"adapter '{aid}' is refused, so it is never composed: {self.refused[aid]}")
+        if len(composition.ids) > self.max_loras:  # the index refuses this; a hand-made config might not
+            raise AdapterError(f"a composition of {len(composition.ids)} adapters needs them loaded at once, but max_loras is {self.max_loras}")
+        name = composition.name
+        for aid in composition.ids:
+            self.load(aid, busy=busy | set(composition.ids) | {name})
+        if name in self.compositions:
+            self.compositions.move_to_end(name)
+            return name
+        if len(self.compositions) >= self.max_loras:
+            pinned = self._pinned(busy)
+            victim = next((n for n in self.compositions if n not in pinned), None)
+            if victim is None:
+                raise AdaptersBusy(name)
+            self._drop(victim)
+        if composition.combine == "weighted":
+            started = time.perf_counter()
+            # "cat" stacks the adapters' A and B matrices (rank = the sum of theirs): exactly
+            # sum(weight * scale * B @ A), for any ranks and target modules; "linear" and "svd" approximate.
+            self.peft.add_weighted_adapter(list(composition.ids), list(composition.weights), name, combination_type="cat")
+            self.peft.eval()
+            self.stats.compositions_built += 1
+            log.info("composition %s of %s built in %.0f ms", name, "+".join(composition.ids), (time.perf_counter() - started) * 1000)
+        self.compositions[name] = composition
+        return name
+
+    def exclusive(self, name: str | None) -> bool:
+        """Whether sequences running ``name`` must be decoded in a batch of their own: a "sum"
+        composition activates several adapters at once, and peft's per-row ``adapter_names`` names one."""
+        composition = self.compositions.get(name) if name is not None else None
+        return composition is not None and composition.combine == "sum"
 
     def update(self, declared: tuple[AdapterConfig, ...]) -> list[str]:
         """New versions from `apply`: swapped in place when loaded, else used from the next load. Returns what changed."""
@@ -127,11 +177,14 @@ class Adapters:
         new = {a.id: a for a in declared}
         for aid in [a for a in self.loaded if a not in new]:
             self._evict(aid, counted=False)
+        for aid in {a for c in self.compositions.values() for a in c.ids} - set(new):
+            self._forget(aid)  # also where it was no longer loaded: a weighted composition holds its weights
         for aid, adapter in new.items():
             old = self.declared.get(aid)
             if old is not None and old.version == adapter.version and old.dir == adapter.dir:
                 continue
             self.declared[aid] = adapter
+            self._forget(aid)  # a composition holds the old version's weights
             if aid in self.loaded:
                 try:
                     self._swap(adapter)
@@ -155,9 +208,24 @@ class Adapters:
             else:
                 yield self.base  # no LoRA layer is active (peft cannot disable when none is loaded)
             return
+        if (composition := self.compositions.get(aid)) is not None:
+            self.compositions.move_to_end(aid)
+            if composition.combine == "sum":
+                for member in composition.ids:
+                    self.load(member, busy=frozenset(composition.ids))
+                self.peft.base_model.set_adapter(list(composition.ids))  # PeftModel's own takes one name
+            else:
+                self.peft.set_adapter(aid)
+            yield self.peft
+            return
         self.load(aid)
         self.peft.set_adapter(aid)
         yield self.peft
+
+    def _pinned(self, busy: frozenset[str]) -> frozenset[str]:
+        """``busy`` and the adapters its "sum" compositions activate: none of them may be unloaded now."""
+        members = [c.ids for n, c in self.compositions.items() if n in busy and c.combine == "sum"]
+        return busy.union(*members)
 
     def _declared(self, aid: str) -> AdapterConfig:
         if aid not in self.declared:
@@ -174,17 +242,31 @@ class Adapters:
         self.peft.eval()
 
     def _evict(self, aid: str, counted: bool = True) -> None:
-        others = [a for a in self.loaded if a != aid]
+        self._delete(aid)
+        del self.loaded[aid]
+        if counted:
+            self.stats.evictions += 1
+        log.info("adapter %s unloaded", aid)
+
+    def _forget(self, aid: str) -> None:
+        """Compositions made with ``aid`` go: it was unloaded on request, changed version or left the index."""
+        for name in [n for n, c in self.compositions.items() if aid in c.ids]:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        if self.compositions.pop(name).combine == "weighted":
+            self._delete(name)
+        log.info("composition %s dropped", name)
+
+    def _delete(self, name: str) -> None:
+        """An adapter (or weighted composition) out of peft."""
+        others = [a for a in self.peft.peft_config if a != name]
         if others:  # never delete the active adapter: peft would warn and pick one itself
             self.peft.set_adapter(others[-1])
         with warnings.catch_warnings():
             # Deleting the last adapter leaves none active; `using` never asks peft for one then.
             warnings.simplefilter("ignore", UserWarning)
-            self.peft.delete_adapter(aid)
-        del self.loaded[aid]
-        if counted:
-            self.stats.evictions += 1
-        log.info("adapter %s unloaded", aid)
+            self.peft.delete_adapter(name)
 
     def _swap(self, adapter: AdapterConfig) -> None:
         """In place when rank and target modules allow (peft's hotswap), else unload and load."""

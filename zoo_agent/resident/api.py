@@ -83,7 +83,13 @@ class Metrics:
         self.session_reprefills = Counter("zoo:session_reprefills", "Session turns prefilled again from the transcript.", registry=r)
         self.session_corrupt = Counter("zoo:session_cache_corrupt", "Damaged session caches ignored.", registry=r)
         self.session_restore_seconds = Histogram("zoo:session_restore_seconds", "Seconds to load a session's KV cache.", registry=r, buckets=LATENCY_BUCKETS)
-        self.lora_selections = Counter("zoo:lora_selections", "Adapters chosen for '<tenant>:auto' ('base' when none qualified).", ["adapter"], registry=r)
+        self.lora_selections = Counter("zoo:lora_selections", "Adapters chosen for '<tenant>:auto' ('base' when none qualified), "
+                                       "each adapter of a composition counted.", ["adapter"], registry=r)  # fmt: skip
+        # As vLLM's lora_requests_info names its adapters: one label, comma-joined (sorted, so one set is one series).
+        self.lora_compositions = Counter("zoo:lora_composition_requests", "Requests answered by a composition of adapters.",
+                                         ["combine", "adapters"], registry=r)  # fmt: skip
+        self.lora_compositions_cached = Gauge("zoo:lora_compositions_cached", "Adapter compositions cached now.", registry=r)
+        self.lora_compositions_built = Counter("zoo:lora_compositions_built", "Weighted compositions built (add_weighted_adapter).", registry=r)
 
 
 @dataclass
@@ -161,6 +167,8 @@ class ServingState:
             self._add(m.lora_loads.labels("ok"), st.loads, "loads")
             self._add(m.lora_loads.labels("failed"), st.load_failures, "load_failures")
             self._add(m.lora_swaps, st.swaps, "swaps")
+            m.lora_compositions_cached.set(len(adapters.compositions))
+            self._add(m.lora_compositions_built, st.compositions_built, "compositions_built")
 
     def _add(self, counter: Any, total: int, key: str) -> None:
         counter.inc(max(0, total - self._counted.get(key, 0)))
@@ -600,7 +608,11 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
                 m.generation_tokens.inc(item.completion_tokens)
                 m.requests.labels(item.finish_reason).inc()
                 if request.adapter == AUTO:
-                    m.lora_selections.labels(item.adapter or "base").inc()
+                    labels = [f"{a['id']}@{a['version']}" for a in item.adapters] or [item.adapter or "base"]
+                    for label in labels:
+                        m.lora_selections.labels(label).inc()
+                    if item.combine is not None:
+                        m.lora_compositions.labels(item.combine, ",".join(sorted(labels))).inc()
                 state.sync_metrics()
                 with state.lock:
                     state.served += 1
@@ -619,11 +631,14 @@ async def _pieces(state: ServingState, request: GenRequest, stream: bool = True)
 
 
 def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
-    """Our extension field: which adapter answered (for '<tenant>:auto', how similar it was),
-    and for a session how its turn was continued."""
+    """Our extension field: which adapter answered (for '<tenant>:auto', how similar it was; a
+    composition also lists its adapters and how they were combined), and for a session how its
+    turn was continued."""
     extra: dict[str, Any] = {}
     if request.adapter is not None:
         extra.update(adapter=result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {}))
+        if result.combine is not None:
+            extra.update(adapters=result.adapters, combine=result.combine)
     if (turn := request.session) is not None:
         extra["session"] = {"id": turn.id, "cache": turn.cache, "cached_tokens": turn.cached_tokens, "dropped_turns": turn.dropped_turns}
         if turn.store is not None:  # a route session: how the turns that do not fit were replaced

@@ -10,14 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zoo_agent.resident.adapters import AdapterError, Adapters
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.prompt import conversation_ids, session_prompt
-from zoo_agent.resident.selection import Selector
+from zoo_agent.resident.selection import Selector, compose
 from zoo_agent.resident.sessions import Sessions, Turn
 from zoo_agent.resident.stops import StopFilter, criteria, cut
 from zoo_agent.resident.transcript import SessionTurn
@@ -55,8 +55,10 @@ class Generated:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
-    adapter: str | None = None  # id@version of the adapter that ran
+    adapter: str | None = None  # id@version of the adapter that ran (a composition: Composition.label)
     similarity: float | None = None  # with AUTO: the best adapter's cosine similarity
+    combine: str | None = None  # a composition's: "sum" or "weighted"
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # a composition's: id, version, similarity (and weight), best first
     text: str = ""  # the reply, decoded once generation ended
     queue_seconds: float = 0.0  # from submission until it started generating
 
@@ -123,18 +125,23 @@ class TransformersBackend:
             self.adapters = Adapters(self.model, w.adapters, max_loras=w.max_loras, base_names=w.base_names, refused=w.refused_adapters)
             self.adapters.preload()
             if w.selection is not None:
-                self.selector = Selector(w.selection.embedding_dir, w.selection.threshold, self.device)
+                self.selector = Selector(w.selection.embedding_dir, w.selection.threshold, self.device, max_adapters=w.selection.max_adapters)
                 self.selector.index(list(w.adapters))
         return time.monotonic() - started
 
     def _resolve(self, request: Request, result: Generated, busy: frozenset[str] = frozenset()) -> str | None:
-        """Which adapter this request runs with (loading it if it is not resident, never evicting one in ``busy``)."""
+        """Which adapter (or composition: its name) this request runs with, loading what is not
+        resident, never evicting one in ``busy``."""
         aid = request.adapter
         if aid == AUTO:
             if self.selector is None:
                 raise AdapterError("this tenant has no adapter_selection in the index")
             text = request.prompt or next((m["content"] for m in reversed(request.messages or []) if m["role"] == "user"), "")
-            aid, result.similarity = self.selector.choose(text)
+            refused = frozenset(self.adapters.refused) if self.adapters is not None else frozenset()
+            picked, result.similarity = self.selector.choose(text, exclude=refused)
+            if len(picked) > 1:
+                return self._compose(picked, result, busy)
+            aid = picked[0][0] if picked else None
         if aid is None:
             return None
         if self.adapters is None:
@@ -142,6 +149,18 @@ class TransformersBackend:
         self.adapters.load(aid, busy=busy)
         result.adapter = self.adapters.loaded[aid].label
         return aid
+
+    def _compose(self, picked: list[tuple[str, float]], result: Generated, busy: frozenset[str]) -> str:
+        """Two or more chosen adapters, composed as the index declares; ``result`` says which and how similar (x_zoo)."""
+        assert self.adapters is not None and self.worker is not None and self.worker.selection is not None
+        composition = compose(picked, self.worker.selection.combine)
+        name = self.adapters.compose(composition, busy=busy)
+        members = [self.adapters.loaded[aid] for aid in composition.ids]
+        result.adapter, result.combine = composition.label([a.label for a in members]), composition.combine
+        weights = composition.weights or (None,) * len(members)
+        result.adapters = [{"id": a.id, "version": a.version, "similarity": round(similarity, 4), **({"weight": w} if w is not None else {})}
+                           for a, (_, similarity), w in zip(members, picked, weights, strict=True)]  # fmt: skip
+        return name
 
     def load_adapter(self, aid: str) -> float:
         with self.lock:

@@ -27,12 +27,15 @@ class AdapterConfig(BaseModel):
 
 
 class SelectionConfig(BaseModel):
-    """`<tenant>:auto`: an embedding model from the zoo and the least similarity that counts."""
+    """`<tenant>:auto`: an embedding model from the zoo, the least similarity that counts, and how
+    many chosen adapters are composed, how (the index's adapter_selection; issue #21)."""
 
     model_config = ConfigDict(frozen=True)
     embedding_dir: Path
     embedding_label: str
     threshold: float = 0.7
+    max_adapters: int = 3
+    combine: Literal["sum", "weighted"] = "sum"
 
 
 class RouteSessions(BaseModel):
@@ -86,6 +89,8 @@ class ResidentConfig(BaseModel):
     host: str
     listen: str = "127.0.0.1:8000"
     api_key_file: Path | None = None
+    fleet_key_file: Path | None = None  # the key peers present and are presented (issue #22)
+    peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0
     max_crashes: int = 5

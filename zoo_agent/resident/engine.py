@@ -19,6 +19,13 @@ padding and each row gets its own position ids, so a row computes what it would 
 Everything that touches the model runs on the engine's one thread, so peft's global
 ``set_adapter`` cannot leak between requests. Adapter management (``call``) runs between
 steps when no sequence is in flight: admission pauses until then.
+
+Adapter compositions (issue #21): a "weighted" one is a peft adapter of its own, so its rows
+mix with any others through ``adapter_names``. A "sum" one activates several adapters at once,
+which ``adapter_names`` (one adapter per row) cannot say, and activating them for the whole
+batch would run them on the other rows too: its sequences are decoded in a batch of their own
+(`_compatible`). One waiting for such a batch stops admission until the running rows finish,
+so neither side starves; building a per-row sum into peft's mixed forward was not worth a fork.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from zoo_agent.resident.priority import PriorityQueue
 from zoo_agent.resident.stops import StopFilter, hit, window
@@ -368,11 +375,14 @@ class Batcher:
                 self.stats.cancelled += 1
                 continue
             try:
-                if not self._start(seq, frozenset(busy)):
-                    deferred.append(seq)  # its adapter needs a slot that a running sequence holds
-                    continue
+                started = self._start(seq, frozenset(busy))
             except Exception as exc:  # noqa: BLE001 - this request's failure (an adapter, a session), not the batch's
                 seq.emit(exc)
+                continue
+            if started != "joins":
+                deferred.append(seq)  # "busy": its adapter needs a slot that a running sequence holds
+                if started == "alone":  # it needs a batch of its own: none joins before it
+                    break
                 continue
             if seq.aid is not None:
                 busy.add(seq.aid)
@@ -382,7 +392,7 @@ class Batcher:
                 for seq in deferred:
                     self.queue.push(seq, seq.request.priority, seq.queued)
 
-    def _start(self, seq: _Seq, busy: frozenset[str]) -> bool:
+    def _start(self, seq: _Seq, busy: frozenset[str]) -> Literal["joins", "busy", "alone"]:
         from zoo_agent.resident.adapters import AdaptersBusy
 
         b, request, result = self.backend, seq.request, seq.result
@@ -392,7 +402,9 @@ class Batcher:
         try:
             seq.aid = b._resolve(request, result, busy=busy)
         except AdaptersBusy:
-            return False
+            return "busy"
+        if not self._compatible(seq.aid):
+            return "alone"
         result.queue_seconds = self.clock() - seq.queued
         resume = b._session_begin(request, inputs, result)
         seq.cache = resume.get("cache")
@@ -405,7 +417,16 @@ class Batcher:
             seq.generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, (1,))))
         seq.text = _Text(b.tokenizer, request.stop) if seq.stream else None
         seq.window = window(request.stop)
-        return True
+        return "joins"
+
+    def _compatible(self, aid: str | None) -> bool:
+        """Whether a sequence running ``aid`` may join the batch now: a "sum" composition only
+        joins rows of the same composition, and none joins those (see the module docstring)."""
+        adapters = self.backend.adapters
+        running = {s.aid for s in (*self.rows, *self.joining)}
+        if adapters is None or not running or running == {aid}:
+            return True
+        return not (adapters.exclusive(aid) or any(adapters.exclusive(a) for a in running))
 
     @contextmanager
     def _model(self, aids: list[str | None]) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -416,6 +437,8 @@ class Batcher:
             with adapters.using(aids[0]) as model:
                 yield model, {}
         else:  # peft's mixed batch: each row through its own adapter, "__base__" through none
+            if any(adapters.exclusive(a) for a in aids):
+                raise RuntimeError("a 'sum' composition was batched with other rows")  # _compatible forbids it: a bug
             yield adapters.peft, {"adapter_names": [a or "__base__" for a in aids]}
 
     def _prefill(self) -> int:

@@ -8,6 +8,8 @@
   one byte more is a 413 (uvicorn discards the rest of that body without buffering it).
 - Auth: with an API key, ``/v1/*`` needs ``Authorization: Bearer <key>`` (the scheme is
   required: a bare key was accepted), compared in constant time, checked before the body is read.
+  A request from a peer (``X-Zoo-Peer``, issue #22) needs the fleet key instead, always: a
+  host with no fleet key answers no peer, and a client key never passes for a peer's.
 """
 
 from __future__ import annotations
@@ -37,18 +39,17 @@ async def _reply(send: Send, status: int, message: str, *, param: str | None, co
 
 
 class Gate:
-    def __init__(self, app: App, *, max_body: int, api_key: str | None = None) -> None:
+    def __init__(self, app: App, *, max_body: int, api_key: str | None = None, fleet_key: str | None = None) -> None:
         self.app, self.max_body = app, max_body
         self.api_key = api_key.encode() if api_key is not None else None
+        self.fleet_key = fleet_key.encode() if fleet_key is not None else None
 
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
-        if self.api_key is None or not str(scope.get("path", "")).startswith("/v1/"):
+        if not str(scope.get("path", "")).startswith("/v1/"):
             return True
-        given = [v for k, v in headers if k.lower() == b"authorization"]
-        if len(given) != 1:
-            return False
-        scheme, _, token = given[0].strip().partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        if any(k.lower() == b"x-zoo-peer" for k, _ in headers):
+            return self.fleet_key is not None and _bearer(headers, self.fleet_key)
+        return self.api_key is None or _bearer(headers, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,6 +80,14 @@ class Gate:
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _bearer(headers: list[tuple[bytes, bytes]], key: bytes) -> bool:
+    given = [v for k, v in headers if k.lower() == b"authorization"]
+    if len(given) != 1:
+        return False
+    scheme, _, token = given[0].strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

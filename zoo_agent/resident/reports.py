@@ -62,7 +62,8 @@ class Reports:
                 extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
             loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
         head = f"{len(sup.order)} tenant{'s' if len(sup.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
-        return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests"
+        peers = sup.router.federation.summary()
+        return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests" + (f"; {peers}" if peers else "")
 
     def measured(self, tenant: str, label: str) -> int:
         """The footprint a previous load of this model@version measured, or 0."""

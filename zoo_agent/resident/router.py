@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from zoo_agent.resident.federation import PEER_HEADER, Federation
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.peers import pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
@@ -57,7 +59,7 @@ MAX_BODY = 1 << 20
 #: credential (the router checked it; workers, on private sockets, never see it), and the
 #: header only the router may set.
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
-                 b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode()})  # fmt: skip
+                 b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode(), PEER_HEADER.lower().encode()})  # fmt: skip
 HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -107,6 +109,12 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _header(scope: Scope, name: str) -> str | None:
+    wanted = name.lower().encode()
+    value = next((v for k, v in scope.get("headers", []) if k.lower() == wanted), None)
+    return value.decode("latin-1") if value is not None else None
+
+
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -122,6 +130,8 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.similarity = Similarity(supervisor.zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
+        self.federation = Federation(supervisor.config.host.lower(), supervisor.fleet_key, self.metrics.registry,
+                                     supervisor.config.peer_poll_seconds)  # the peers (issue #22)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -138,13 +148,14 @@ class Router:
         host_id = self.sup.config.host.lower()
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
+        self.federation.take_index(idx)
 
     def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
         """Serve the public socket, and ``private`` (a unix socket in the supervisor's own
         directory) where workers ask other tenants, as the route's summarizer (issue #21)."""
         import uvicorn
 
-        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key)
+        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key, fleet_key=self.sup.fleet_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.sup.config.drain_seconds) + 1,
                                 lifespan="off")  # fmt: skip
         self.server = uvicorn.Server(config)
@@ -154,11 +165,14 @@ class Router:
             async def main() -> None:
                 self.loop = asyncio.get_running_loop()
                 heart = asyncio.create_task(self._heartbeat())
+                polling = asyncio.create_task(self.federation.poll_forever())
                 ready.set()
                 await self.server.serve(sockets=[listener, *([private] if private is not None else [])])
                 heart.cancel()
+                polling.cancel()
                 for client in list(self.clients.values()):
                     await client.aclose()
+                await self.federation.close()
 
             asyncio.run(main())
 
@@ -313,11 +327,15 @@ class Router:
         if path == "/v1/models" and method == "GET":
             await _respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
             return
-        tenant, document, failure = self._tenant_of(scope, body)
+        from_peer = _header(scope, PEER_HEADER)
+        tenant, document, failure = self._tenant_of(scope, body, from_peer)
         if failure is not None:
             await _respond(send, *failure)
             return
         assert tenant is not None
+        if tenant not in self.sup.slots and tenant not in self.routes and path in GENERATE:  # served by peers only (_tenant_of checked)
+            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True)
+            return
         if path.startswith("/v1/sessions/") and tenant in self.routes:
             await _respond(send, *self._route_session(tenant, path.removeprefix("/v1/sessions/"), method))
             return
@@ -352,8 +370,10 @@ class Router:
         tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots]
         return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why)
 
-    def _tenant_of(self, scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
-        """Which tenant a request is for (and its JSON body), or the error that says why it has none."""
+    def _tenant_of(self, scope: Scope, body: bytes, from_peer: str | None = None) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
+        """Which tenant a request is for (and its JSON body), or the error that says why it has none.
+        A tenant this host does not serve is its peers' (when the index names any); a request
+        from a peer is answered only for a tenant this host accepts from peers, and only here."""
         path = scope["path"]
         served = self.sup.order
         if path in GENERATE or path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
@@ -368,8 +388,15 @@ class Router:
             if not isinstance(name, str):
                 return None, {}, _error(400, f"{key}: required, a string", param=key)
             tenant = name.split(":", 1)[0]
+            if from_peer is not None:
+                if key != "model" or tenant not in self.federation.accepts or tenant not in served:
+                    return None, {}, _error(403, f"{key}: this host answers peers only for {', '.join(sorted(self.federation.accepts)) or 'no tenant'}",
+                                            param=key, code="peer_not_accepted")  # fmt: skip
+                return tenant, document, None
             if key == "model" and name in self.routes:
                 return name, document, None
+            if key == "model" and tenant not in served and self.federation.peers_of(tenant):
+                return tenant, document, None
             if key == "lora_name" and tenant not in served:
                 tenant = self.lora_tenant.get(name, tenant)
             if tenant not in served:
@@ -416,6 +443,26 @@ class Router:
                           code="session_damaged")  # fmt: skip
         return 200, json.dumps(transcript.document()).encode()
 
+    def _may_overflow(self, scope: Scope, tenant: str) -> bool:
+        """A tenant declared ``overflow: "peers"`` with peers, for a request that did not come from one."""
+        idx = self.sup.idx
+        return (idx is not None and tenant in idx.tenants and idx.tenants[tenant].overflow == "peers" and bool(self.federation.peers_of(tenant))
+                and _header(scope, PEER_HEADER) is None)  # fmt: skip
+
+    def _overflows(self, scope: Scope, tenant: str) -> str | None:
+        """Why a request goes to peers before it waits here: its tenant's queue is full, or it does not fit now."""
+        if scope["path"] not in GENERATE or not self._may_overflow(scope, tenant):
+            return None
+        with self.sup.lock:
+            slot = self.sup.slots.get(tenant)
+            if slot is None:
+                return None
+            if slot.path is not None and slot.inflight >= slot.capacity:
+                return f"at capacity ({slot.capacity} running and waiting)"
+            if slot.path is None and slot.blocked:
+                return f"does not fit now ({slot.blocked})"
+        return None
+
     def _default_priority(self, tenant: str) -> int:
         slot = self.sup.slots.get(tenant)
         return slot.priority if slot is not None else 0
@@ -439,6 +486,10 @@ class Router:
         code = 0
         try:
             for attempt in range(3):
+                if not started and (why := self._overflows(scope, tenant)) is not None:
+                    code = 0  # counted per peer
+                    await self._forward_peers(scope, receive, send, body, tenant, stream, why)
+                    return
                 placing = asyncio.ensure_future(self._place(tenant, priority))
                 try:
                     path = await self._wait(placing, gone, tenant, comment if stream else None)
@@ -446,6 +497,10 @@ class Router:
                     status = 429 if isinstance(exc, _Full) else 503
                     message = str(exc) or f"tenant '{tenant}' did not load within {self.sup.config.load_wait:.0f}s"
                     code = status
+                    if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
+                        code = 0
+                        await self._forward_peers(scope, receive, send, body, tenant, stream, message)
+                        return
                     if started:
                         await self._stream_error(send, status, message)
                     else:
@@ -475,6 +530,36 @@ class Router:
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
+    async def _forward_peers(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool,
+                             why: str | None = None) -> None:  # fmt: skip
+        """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
+        only while nothing was sent to the client; 503 naming every peer when none answers."""
+        fed = self.federation
+        if not fed.polled.is_set():  # just started: wait for the first poll to say who is usable
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fed.polled.wait(), 5.0)
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP] + fed.headers()
+        gone = asyncio.ensure_future(_disconnected(receive))
+        tried: list[str] = []
+        try:
+            for peer in fed.candidates(tenant):
+                try:
+                    code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, None,
+                                                      {"host": peer.host}, lambda: None, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
+                except _Fallback as exc:
+                    log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
+                    fed.failed(peer)
+                    tried.append(f"{peer.host}: {exc}")
+                    continue
+                fed.answered(peer, code)
+                return
+            names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
+            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
+            await _respond(send, *_error(503, head + f"no peer could answer (peers: {names})", code="model_unavailable"),
+                           headers=[(b"retry-after", b"5")])  # fmt: skip
+        finally:
+            gone.cancel()
+
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
         (its place refused, its queue full, its worker failing, no first token in time), never after."""
@@ -499,7 +584,9 @@ class Router:
                 if path is None:
                     return  # the client left
                 try:
-                    code = await self._pipe_routed(path, scope["path"], headers, body, send, gone, stream, routed, tenant)
+                    ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
+                    code = await self._pipe_committed(self._client(path), scope["path"], headers, body, send, gone, stream, ttft,
+                                                      {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
                 except _Fallback as exc:
                     failure = (503, f"{tenant}: {exc}")
                     routed.fell(tenant, str(exc), self.metrics, exc.kind)
@@ -514,31 +601,33 @@ class Router:
         finally:
             gone.cancel()
 
-    async def _pipe_routed(self, path: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
-                           stream: bool, routed: _Routed, tenant: str) -> int:  # fmt: skip
-        """One exchange for a routed request: committed to the client only at its first token, which
-        carries (on its last chunk) which tenant answered and why."""
-        ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
+    async def _pipe_committed(self, client: httpx.AsyncClient, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
+                              gone: asyncio.Future[None], stream: bool, ttft: float | None, x_zoo: dict[str, Any],
+                              committed_to: Callable[[], None], passes: frozenset[int] = frozenset({429})) -> int:  # fmt: skip
+        """One exchange that another candidate (a route's next tenant, the next peer) may still take
+        over: committed to the client only at its first token. ``x_zoo`` goes into the answer
+        (on its last chunk): who answered and why. ``_Fallback`` before the first token: a
+        failure, a status in ``passes`` or any 5xx, or no first token within ``ttft``."""
         deadline = time.monotonic() + ttft if ttft else None
         try:
-            response = await self._exchange(path, "POST", target, headers, body, gone, ttft)
+            response = await self._exchange(client, "POST", target, headers, body, gone, ttft)
         except _WorkerFailed as exc:
-            raise _Fallback(f"its worker failed before answering ({exc})", "crashed") from exc
+            raise _Fallback(f"failed before answering ({exc})", "crashed") from exc
         except TimeoutError:
             raise _Fallback(f"no first token within {ttft:g}s", "first_token_timeout") from None
         if response is None:
             return 499
         try:
-            if response.status_code >= 500 or response.status_code == 429:
+            if response.status_code >= 500 or response.status_code in passes:
                 raise _Fallback(f"answered {response.status_code}: {_message_of(await response.aread())}", "failed")
             out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
             if not stream or response.status_code != 200:
                 data = await response.aread()
                 if response.status_code == 200:
                     document = json.loads(data)
-                    document["x_zoo"] = {**document.get("x_zoo", {}), "route": routed.report(tenant)}
+                    document["x_zoo"] = {**document.get("x_zoo", {}), **x_zoo}
                     data = json.dumps(document).encode()
-                    routed.answered(tenant, self.metrics)
+                    committed_to()
                 await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
                 await send({"type": "http.response.body", "body": data, "more_body": False})
                 return response.status_code
@@ -554,15 +643,15 @@ class Router:
                     return 499
                 if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
                     chunk.cancel()
-                    raise _Fallback(f"no first token within {routed.route.first_token_seconds:g}s", "first_token_timeout")
+                    raise _Fallback(f"no first token within {ttft:g}s", "first_token_timeout")
                 try:
                     data = chunk.result()
                 except StopAsyncIteration:
                     break
                 except (httpx.TransportError, OSError) as exc:
                     if not committed:
-                        raise _Fallback(f"its worker failed before the first token ({type(exc).__name__})", "crashed") from exc
-                    await self._stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
+                        raise _Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
+                    await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}")
                     return 502
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
@@ -572,13 +661,13 @@ class Router:
                         if not _first_token(event):
                             continue
                         committed = True
-                        routed.answered(tenant, self.metrics)
+                        committed_to()
                         await send({"type": "http.response.start", "status": 200, "headers": out})
                         events_out, held = held, []
                     else:
                         events_out = [event]
                     for e in events_out:
-                        await send({"type": "http.response.body", "body": _with_route(e, routed.report(tenant)) + b"\n\n", "more_body": True})
+                        await send({"type": "http.response.body", "body": _with_x_zoo(e, x_zoo) + b"\n\n", "more_body": True})
             if not committed:
                 raise _Fallback("its answer ended before a first token", "failed")
             await send({"type": "http.response.body", "body": buffer, "more_body": False})
@@ -586,12 +675,11 @@ class Router:
         finally:
             await response.aclose()
 
-    async def _exchange(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    async def _exchange(self, client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
                         gone: asyncio.Future[None], timeout: float | None = None) -> httpx.Response | None:  # fmt: skip
         """Send the request to the worker; its response head, or None when the client left first.
         A non-streaming answer's head comes only when it is complete: the client is watched
         meanwhile, so one that leaves closes the worker's connection and so cancels its generation."""
-        client = self._client(path)
         request = client.build_request(method, target, headers=headers, content=body)
         sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(client.send(request, stream=True))
         waiting: set[asyncio.Future[Any]] = {sending, gone}
@@ -633,7 +721,7 @@ class Router:
     async def _pipe(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
                     gone: asyncio.Future[None], started: bool) -> int:  # fmt: skip
         """One exchange with the worker, its answer streamed to the client as it arrives."""
-        response = await self._exchange(path, method, target, headers, body, gone)
+        response = await self._exchange(self._client(path), method, target, headers, body, gone)
         if response is None:
             return 499
         try:
@@ -688,7 +776,8 @@ class Router:
                                 **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
                                 **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
         state = "stopping" if self.stopping else ("ready" if sup.ready_sent else "starting")
-        body = {"state": state, "status": sup.status_line(), "budget": sup.budget, "tenants": tenants}
+        body = {"state": state, "status": sup.status_line(), "budget": sup.budget, "tenants": tenants,
+                **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip
         return (200 if state == "ready" else 503), json.dumps(body).encode()
 
     def _models(self) -> list[dict[str, Any]]:
@@ -843,8 +932,8 @@ def _first_token(event: bytes) -> bool:
     return False
 
 
-def _with_route(event: bytes, route: dict[str, Any]) -> bytes:
-    """The last chunk (the one with a finish_reason) says which tenant answered."""
+def _with_x_zoo(event: bytes, x_zoo: dict[str, Any]) -> bytes:
+    """The last chunk (the one with a finish_reason) says who answered (a route's tenant, a peer)."""
     if not event.startswith(b"data: {"):
         return event
     try:
@@ -853,5 +942,5 @@ def _with_route(event: bytes, route: dict[str, Any]) -> bytes:
         return event
     if not any(c.get("finish_reason") for c in document.get("choices") or []):
         return event
-    document["x_zoo"] = {**document.get("x_zoo", {}), "route": route}
+    document["x_zoo"] = {**document.get("x_zoo", {}), **x_zoo}
     return b"data: " + json.dumps(document).encode()

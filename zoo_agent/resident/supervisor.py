@@ -54,6 +54,7 @@ class Supervisor:
         self.notify = notifier or Notifier()
         self.zoo = Zoo(config.root)
         self.api_key = read_api_key(config.api_key_file) if config.api_key_file else None
+        self.fleet_key = read_api_key(config.fleet_key_file, "--fleet-key-file") if config.fleet_key_file else None
         self.selector = selectors.DefaultSelector()
         self.lock = threading.RLock()
         self.slots: dict[str, Slot] = {}

@@ -52,7 +52,8 @@ def selection_for(zoo: Zoo, idx: Index, tenant_id: str) -> SelectionConfig | Non
     version = zoo.read_link("models", mid, "current")
     if version is None:
         return None  # `<tenant>:auto` is not offered until apply has published it
-    return SelectionConfig(embedding_dir=zoo.version_dir("models", mid, version), embedding_label=f"{mid}@{version}", threshold=selection.threshold)
+    return SelectionConfig(embedding_dir=zoo.version_dir("models", mid, version), embedding_label=f"{mid}@{version}", threshold=selection.threshold,
+                           max_adapters=selection.max_adapters, combine=selection.combine)  # fmt: skip
 
 
 def strict_check(zoo: Zoo, idx: Index, tenant_id: str) -> None:

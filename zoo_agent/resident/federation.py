@@ -1,0 +1,221 @@
+"""The router's view of its peers (issue #22): who may answer a tenant this host does not serve
+(or overflows), whether each serves exactly what the index pins, and how busy and healthy it is.
+
+The table comes from the index (``peers.peer_table``), never from the peers. Every
+``poll_seconds`` each peer host is asked for ``/health`` and ``/v1/models`` with the fleet
+key; a tenant's card must report the ``model@version`` and digest this host's index pins
+for it, or that peer is refused for that tenant (counted, shown in ``Status:`` and
+``/health``) until a later poll says otherwise. Requests that fail before their first token
+count toward LiteLLM-style cooldowns (``PeerHealth``); a poll that cannot reach a host
+counts as a failure for each of its tenants, so a host whose link went down cools down, and
+comes back when a poll reaches it again and its cooldown ran out.
+
+All of it runs on the router's event loop: no locks; ``take_index`` (the supervisor's thread)
+replaces the table in one assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
+
+if TYPE_CHECKING:
+    from zoo_agent.index.model import Index
+
+__all__ = ["PEER_HEADER", "Federation"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+#: On a request one host delegates to another: the origin's host id. Such a request needs the
+#: fleet key, is answered only for tenants the host accepts from peers, and is never delegated again.
+PEER_HEADER = "X-Zoo-Peer"
+
+
+@dataclass
+class View:
+    """What the last poll said of one tenant at one peer."""
+
+    state: str = "unknown"  # ok | refused | unreachable | unknown (not polled yet)
+    reason: str | None = None
+
+
+class Federation:
+    def __init__(self, host: str, fleet_key: str | None, registry: CollectorRegistry, poll_seconds: float = 1.0) -> None:
+        self.host, self.fleet_key, self.poll_seconds = host, fleet_key, poll_seconds
+        self.table: dict[str, list[Peer]] = {}
+        self.accepts: frozenset[str] = frozenset()  # tenants this host answers for peers
+        self.health = PeerHealth()
+        self.views: dict[tuple[str, str], View] = {}
+        self.polled = asyncio.Event()
+        self.clients: dict[str, httpx.AsyncClient] = {}
+        r = registry
+        self.requests = Counter("zoo:peer_requests", "Requests delegated to a peer, by the status it answered.", ["peer", "tenant", "code"], registry=r)
+        self.refusals = Counter("zoo:peer_refusals", "Peers not used for a tenant, by why (wrong_version, digest_differs, not_served, "
+                                "unauthorized, unreachable).", ["peer", "tenant", "reason"], registry=r)  # fmt: skip
+        self.failovers = Counter("zoo:peer_failovers", "Delegated requests that went to the next peer before their first token.",
+                                 ["peer", "tenant"], registry=r)  # fmt: skip
+        self.up = Gauge("zoo:peer_up", "1 while the last poll reached the peer host.", ["peer"], registry=r)
+
+    # -- the supervisor's thread ---------------------------------------------------------------
+    def take_index(self, idx: Index) -> None:
+        self.table = peer_table(idx, self.host)
+        self.accepts = frozenset(idx.hosts[self.host].accept_from_peers) if self.host in idx.hosts else frozenset()
+
+    # -- the router's loop ---------------------------------------------------------------------
+    def peers_of(self, tenant: str) -> list[Peer]:
+        return self.table.get(tenant, [])
+
+    def candidates(self, tenant: str) -> list[Peer]:
+        """The peers to try for ``tenant``, in order: verified by the last poll, not cooling down, least busy first."""
+        ok = [p for p in self.peers_of(tenant) if self.views.get(p.key, View()).state == "ok"]
+        return choose_peer(ok, self.health, time.monotonic())
+
+    def unusable(self, tenant: str) -> list[str]:
+        """Why each peer of ``tenant`` that is not a candidate is not: for the 503 that names them."""
+        now, out = time.monotonic(), []
+        for p in self.peers_of(tenant):
+            view = self.views.get(p.key, View())
+            if view.state != "ok":
+                out.append(f"{p.host}: {view.state}" + (f" ({view.reason})" if view.reason else ""))
+            elif self.health.cooling(p, now):
+                out.append(f"{p.host}: cooling down {self.health.cooldown_left(p, now):.0f}s")
+        return out
+
+    def failed(self, peer: Peer) -> None:
+        self.health = self.health.failed(peer, time.monotonic())
+        self.failovers.labels(peer.host, peer.tenant).inc()
+
+    def answered(self, peer: Peer, code: int) -> None:
+        self.health = self.health.succeeded(peer, time.monotonic())
+        self.requests.labels(peer.host, peer.tenant, str(code)).inc()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """What a delegated request (and a poll) carries: the fleet key, never a client's."""
+        out = [(PEER_HEADER.lower().encode(), self.host.encode())]
+        if self.fleet_key is not None:
+            out.append((b"authorization", b"Bearer " + self.fleet_key.encode()))
+        return out
+
+    def client(self, endpoint: str) -> httpx.AsyncClient:
+        client = self.clients.get(endpoint)
+        if client is None:
+            client = self.clients[endpoint] = httpx.AsyncClient(base_url=endpoint, timeout=httpx.Timeout(None, connect=2.0),
+                                                                transport=httpx.AsyncHTTPTransport(retries=0))  # fmt: skip
+        return client
+
+    async def poll_forever(self) -> None:
+        while True:
+            if self.table:
+                with contextlib.suppress(Exception):  # a poll must never end the loop; each host's failure is its own
+                    await self.poll()
+            self.polled.set()
+            await asyncio.sleep(self.poll_seconds)
+
+    async def poll(self) -> None:
+        hosts: dict[str, list[Peer]] = {}
+        for peers in list(self.table.values()):
+            for p in peers:
+                hosts.setdefault(p.host, []).append(p)
+        await asyncio.gather(*(self._poll_host(peers) for peers in hosts.values()))
+
+    async def _poll_host(self, peers: list[Peer]) -> None:
+        host, endpoint = peers[0].host, peers[0].endpoint
+        headers = dict((k.decode(), v.decode()) for k, v in self.headers())
+        client = self.client(endpoint)
+        try:
+            health, models = await asyncio.gather(client.get("/health", headers=headers, timeout=2.0),
+                                                  client.get("/v1/models", headers=headers, timeout=2.0))  # fmt: skip
+        except (httpx.HTTPError, OSError) as exc:
+            self.up.labels(host).set(0)
+            for p in peers:
+                self._view(p, "unreachable", type(exc).__name__, "unreachable")
+                self.health = self.health.failed(p, time.monotonic())
+            return
+        self.up.labels(host).set(1)
+        if models.status_code in (401, 403):
+            for p in peers:
+                self._view(p, "refused", f"refused our fleet key ({models.status_code})", "unauthorized")
+            return
+        cards = _cards(models)
+        tenants = _tenants(health)
+        for p in peers:
+            state = served_state(p.model, p.digest, cards.get(p.tenant))
+            if state == "ok":
+                self._view(p, "ok", None, None)
+                t = tenants.get(p.tenant, {})
+                busy = sum(v for k in ("running", "waiting") if isinstance(v := t.get(k), int))
+                self.health = self.health.polled(p, busy)
+            else:
+                served = (cards.get(p.tenant) or {}).get("x_zoo", {}).get("model") if isinstance(cards.get(p.tenant), dict) else None
+                why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
+                self._view(p, "refused", why, state.replace(" ", "_"))
+
+    def _view(self, peer: Peer, state: str, reason: str | None, counted: str | None) -> None:
+        old = self.views.get(peer.key)
+        if old is None or (old.state, old.reason) != (state, reason):
+            if counted is not None:
+                self.refusals.labels(peer.host, peer.tenant, counted).inc()
+                log.warning("peer %s for %s: %s", peer.host, peer.tenant, reason)
+            elif old is not None and old.state != "unknown":
+                log.info("peer %s for %s: usable again", peer.host, peer.tenant)
+        self.views[peer.key] = View(state, reason)
+
+    def report(self) -> dict[str, Any]:
+        """``/health``'s ``peers``: per host, its worst state over its tenants."""
+        now, out = time.monotonic(), dict[str, dict[str, Any]]()
+        for peers in self.table.values():
+            for p in peers:
+                view = self.views.get(p.key, View())
+                state = "cooling" if view.state == "ok" and self.health.cooling(p, now) else view.state
+                entry = out.setdefault(p.host, {"state": "ok", "reason": None, "busy": 0, "tenants": {}})
+                entry["tenants"][p.tenant] = state
+                entry["busy"] += self.health.busy.get(p.key, 0)
+                if _RANK[state] > _RANK[entry["state"]]:
+                    entry["state"] = state
+                    entry["reason"] = f"cooling down {self.health.cooldown_left(p, now):.0f}s" if state == "cooling" else view.reason
+        return out
+
+    def summary(self) -> str:
+        """`peers: sprout ok (2 waiting), legion cooling down 20s, thor refused (wrong version ...)`; empty with no peers."""
+        parts = []
+        for host, entry in self.report().items():
+            state = entry["state"]
+            if state == "ok":
+                parts.append(f"{host} ok" + (f" ({entry['busy']} busy)" if entry["busy"] else ""))
+            elif state == "cooling":
+                parts.append(f"{host} {entry['reason']}")
+            else:
+                parts.append(f"{host} {state}" + (f" ({entry['reason']})" if entry["reason"] else ""))
+        return "peers: " + ", ".join(parts) if parts else ""
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            await client.aclose()
+
+
+_RANK = {"ok": 0, "unknown": 1, "cooling": 2, "refused": 3, "unreachable": 4}
+
+
+def _cards(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        return {}
+    return {c["id"]: c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)} if isinstance(data, list) else {}
+
+
+def _tenants(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    try:
+        tenants = response.json().get("tenants")
+    except (ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in tenants.items() if isinstance(v, dict)} if isinstance(tenants, dict) else {}
