@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,14 @@ if TYPE_CHECKING:
 __all__ = ["PEER_HEADER", "Federation"]
 
 log = logging.getLogger("zoo_agent.resident")
+
+#: Milliseconds a peer connection may leave data unacknowledged before the kernel aborts it
+#: (Linux's TCP_USER_TIMEOUT). A peer whose link went down leaves pooled connections that look
+#: open; without this, a request sent on one waits for its head forever and never fails over
+#: (found by the fleet test: tests/integration/test_fleet.py, a cut cable). A slow answer is
+#: unaffected: a peer that is generating still acknowledges what it was sent.
+_UNACKED_MS = 3000
+_SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _UNACKED_MS)] if hasattr(socket, "TCP_USER_TIMEOUT") else []
 
 #: On a request one host delegates to another: the origin's host id. Such a request needs the
 #: fleet key, is answered only for tenants the host accepts from peers, and is never delegated again.
@@ -109,7 +118,7 @@ class Federation:
         client = self.clients.get(endpoint)
         if client is None:
             client = self.clients[endpoint] = httpx.AsyncClient(base_url=endpoint, timeout=httpx.Timeout(None, connect=2.0),
-                                                                transport=httpx.AsyncHTTPTransport(retries=0))  # fmt: skip
+                                                                transport=httpx.AsyncHTTPTransport(retries=0, socket_options=_SOCKET_OPTIONS))  # fmt: skip
         return client
 
     async def poll_forever(self) -> None:
