@@ -277,6 +277,11 @@ class HostResident:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def terminate(self) -> None:
+        """SIGTERM, without waiting (``stop`` waits)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL of the group after 30 s; close the notify socket and the log."""
         if self.proc.poll() is None:

@@ -14,8 +14,8 @@ tiny model, one index; only the stale host reads another (older) one.
 
 In the index, e and f come before b, c and d: with every peer idle, the table's order would
 pick e first, so an answer from b shows that e and f were refused, not skipped by chance.
-Tests run in file order against one fleet (module scope) and undo what they change;
-the last one kills b.
+Tests run in file order against one fleet (module scope) and undo what they change,
+except the kill: b stays dead for the tests after it.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Fleet:
                     doc = r.json()
                     return Answer(r.status_code, (doc.get("x_zoo") or {}).get("host"), doc)
                 with http.stream("POST", self.url(at) + "/v1/chat/completions", json=body, headers=hdrs) as r:
-                    lines = [line for line in r.iter_lines()]
+                    lines = [line for line in r.iter_lines() if line]
                 chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
                 status = r.status_code if not any("error" in c for c in chunks) and (not chunks or lines[-1] == "data: [DONE]") else 599
                 last = chunks[-1] if chunks else {}
@@ -172,14 +172,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> I
             key = work / ("wrong" if hid == "f" else "fleet")
             poll = ("--peer-poll-seconds", "30") if hid == "g" else ()
             fed = ("--fleet-key-file", key, *poll) if DELEGATES else ()
+            if hid == "g":  # g's first poll must find every peer serving: g starts once they all are
+                for r in residents.values():
+                    r.wait_ready(timeout=180)
             residents[hid] = HostResident(net, hid, work / hid, indexes[hid], "--api-key-file", work / "client", *fed)
-        for r in residents.values():
-            r.wait_ready(timeout=180)
+        residents["g"].wait_ready(timeout=180)
         fleet = Fleet(net, residents, index, work)
         if DELEGATES:
             wait_until("a has polled every peer", lambda: all(fleet.peer("a", p).get("state") not in (None, "unknown") for p in PEERS), 30)
         yield fleet
     finally:
+        for r in residents.values():  # all at once: each takes a moment to stop
+            r.terminate()
         for r in residents.values():
             r.stop()
         net.close()
@@ -234,7 +238,8 @@ def test_a_host_without_the_tenant_is_answered_by_a_verified_peer(fleet: Fleet) 
 
     # what f refuses, it refuses to anyone holding the fleet's key; e would answer, with v1
     as_peer = {"X-Zoo-Peer": "a"}
-    assert fleet.ask("a", key=FLEET_KEY, headers=as_peer).status in (401, 403)  # a accepts nothing from peers
+    passed_on = fleet.ask("a", key=FLEET_KEY, headers=as_peer)  # a request from a peer is never delegated again
+    assert (passed_on.status, passed_on.body["error"]["code"]) == (403, "peer_not_accepted")
     wrong_key = fleet.net.call("a", lambda: _post(fleet.url("f"), FLEET_KEY, as_peer))
     assert wrong_key == 401
 
@@ -287,33 +292,9 @@ def test_the_busiest_peer_is_avoided(fleet: Fleet) -> None:
 
 
 @needs_delegation
-def test_an_unreachable_peer_cools_down_then_is_used_again(fleet: Fleet) -> None:
-    """b's cable cut: nothing fails at a (c answers), a marks b unreachable and cools it down;
-    the cable back: b answers again once a poll reaches it and the cooldown ran out."""
-    assert fleet.ask("a").host == "b"
-    fleet.net.link("b", up=False)
-    try:
-        answers, deadline = [], time.monotonic() + 30
-        while time.monotonic() < deadline:
-            answers.append(fleet.ask("a"))
-            if fleet.peer("a", "b").get("state") in ("unreachable", "cooling") and len(answers) >= 3:
-                break
-        assert [a.status for a in answers] == [200] * len(answers) and {a.host for a in answers} <= {"c", "d"}
-        health = fleet.health("a")
-        assert health["peers"]["b"]["state"] in ("unreachable", "cooling")
-        assert "b unreachable" in health["status"] or "b cooling down" in health["status"]
-        assert metric(fleet.metrics("a"), "zoo:peer_up", peer="b") == 0
-    finally:
-        fleet.net.link("b", up=True)
-    wait_until("a uses b again", lambda: fleet.peer("a", "b").get("state") == "ok", 30, every=0.25)
-    assert fleet.ask("a").host == "b"
-    assert metric(fleet.metrics("a"), "zoo:peer_up", peer="b") == 1
-
-
-@needs_delegation
 def test_a_killed_peer_fails_over_before_the_first_token(fleet: Fleet) -> None:
     """g polls every 30 s, so it still believes in b when b dies: the requests that go to b
-    fail before their first token and go to c, and no client sees a failure. (Last: b stays dead.)"""
+    fail before their first token and go to c, and no client sees a failure. (b stays dead.)"""
     assert [fleet.ask("g").host for _ in range(3)] == ["b"] * 3
     before = metric(fleet.metrics("g"), "zoo:peer_failovers_total", peer="b")
     fleet.residents["b"].kill()
@@ -323,3 +304,33 @@ def test_a_killed_peer_fails_over_before_the_first_token(fleet: Fleet) -> None:
     assert metric(metrics, "zoo:peer_failovers_total", peer="b", tenant="t") > before
     assert metric(metrics, "zoo:peer_requests_total", peer="c", tenant="t", code="200") >= 8
     assert fleet.health("g")["peers"]["b"]["state"] == "cooling"  # more than 3 failures within a minute
+
+
+@needs_delegation
+def test_an_unreachable_peer_cools_down_then_is_used_again(fleet: Fleet) -> None:
+    """The cable of the peer a asks first is cut: nothing fails at a (another peer answers), a
+    marks the peer unreachable and cools it down; the cable back: it answers again once a poll
+    reaches it and its cooldown ran out. Pooled connections to it are what a request would hang
+    on: one was used just before the cut."""
+    alive = [h for h in ("b", "c", "d") if fleet.residents[h].proc.poll() is None]
+    wait_until("a knows who is gone", lambda: all(fleet.peer("a", h).get("state") == "unreachable" for h in {"b", "c", "d"} - set(alive)), 20)
+    cut = fleet.ask("a").host
+    assert cut == alive[0]
+    fleet.net.link(cut, up=False)
+    try:
+        answers: list[Answer] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            answers.append(fleet.ask("a", stream=len(answers) % 2 == 1))
+            if fleet.peer("a", cut).get("state") in ("unreachable", "cooling") and len(answers) >= 3:
+                break
+        assert [(x.status, x.host) for x in answers] == [(200, alive[1])] * len(answers)
+        health = fleet.health("a")
+        assert health["peers"][cut]["state"] in ("unreachable", "cooling")
+        assert f"{cut} unreachable" in health["status"] or f"{cut} cooling down" in health["status"]
+        assert metric(fleet.metrics("a"), "zoo:peer_up", peer=cut) == 0
+    finally:
+        fleet.net.link(cut, up=True)
+    wait_until(f"a uses {cut} again", lambda: fleet.peer("a", cut).get("state") == "ok", 30, every=0.25)
+    assert fleet.ask("a").host == cut
+    assert metric(fleet.metrics("a"), "zoo:peer_up", peer=cut) == 1
