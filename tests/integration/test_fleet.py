@@ -24,7 +24,6 @@ import hashlib
 import json
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,17 +40,6 @@ from tests.netns import MIRROR_ADDRESS, HostResident, Network, unavailable, wait
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
 pytestmark = pytest.mark.slow
-
-
-def _delegates() -> bool:
-    """Until delegation lands in the router, only the harness and fleet status can be tested."""
-    from zoo_agent.cli.resident import resident
-
-    return any("--fleet-key-file" in p.opts for p in resident.params)
-
-
-DELEGATES = _delegates()
-needs_delegation = pytest.mark.skipif(not DELEGATES, reason="the resident has no --fleet-key-file yet (delegation, issue #22)")
 
 CLIENT_KEY, FLEET_KEY = "client-secret", "fleet-secret"
 ORDER = ("a", "e", "f", "b", "c", "d", "g")
@@ -171,15 +159,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> I
         for hid in ORDER:
             key = work / ("wrong" if hid == "f" else "fleet")
             poll = ("--peer-poll-seconds", "30") if hid == "g" else ()
-            fed = ("--fleet-key-file", key, *poll) if DELEGATES else ()
             if hid == "g":  # g's first poll must find every peer serving: g starts once they all are
                 for r in residents.values():
                     r.wait_ready(timeout=180)
-            residents[hid] = HostResident(net, hid, work / hid, indexes[hid], "--api-key-file", work / "client", *fed)
+            residents[hid] = HostResident(net, hid, work / hid, indexes[hid], "--api-key-file", work / "client", "--fleet-key-file", key, *poll)
         residents["g"].wait_ready(timeout=180)
         fleet = Fleet(net, residents, index, work)
-        if DELEGATES:
-            wait_until("a has polled every peer", lambda: all(fleet.peer("a", p).get("state") not in (None, "unknown") for p in PEERS), 30)
+        wait_until("a has polled every peer", lambda: all(fleet.peer("a", p).get("state") not in (None, "unknown") for p in PEERS), 30)
         yield fleet
     finally:
         for r in residents.values():  # all at once: each takes a moment to stop
@@ -215,7 +201,6 @@ def test_fleet_status_across_the_namespaces(fleet: Fleet) -> None:
     assert rows[("d", "t")]["state"] == "ok"
 
 
-@needs_delegation
 def test_a_host_without_the_tenant_is_answered_by_a_verified_peer(fleet: Fleet) -> None:
     """a lacks t: b answers (e and f come first in the index and are idle, but are refused)."""
     answer = fleet.ask("a")
@@ -275,7 +260,6 @@ def _idle(fleet: Fleet, hid: str) -> None:
     wait_until(f"{hid} is idle again", idle, 60, every=0.2)
 
 
-@needs_delegation
 def test_the_busiest_peer_is_avoided(fleet: Fleet) -> None:
     held = _hold(fleet, "b", 2)  # max_batch 1: one runs, one waits
     try:
@@ -291,7 +275,6 @@ def test_the_busiest_peer_is_avoided(fleet: Fleet) -> None:
     assert fleet.ask("a").host == "b"
 
 
-@needs_delegation
 def test_a_killed_peer_fails_over_before_the_first_token(fleet: Fleet) -> None:
     """g polls every 30 s, so it still believes in b when b dies: the requests that go to b
     fail before their first token and go to c, and no client sees a failure. (b stays dead.)"""
@@ -306,31 +289,36 @@ def test_a_killed_peer_fails_over_before_the_first_token(fleet: Fleet) -> None:
     assert fleet.health("g")["peers"]["b"]["state"] == "cooling"  # more than 3 failures within a minute
 
 
-@needs_delegation
 def test_an_unreachable_peer_cools_down_then_is_used_again(fleet: Fleet) -> None:
-    """The cable of the peer a asks first is cut: nothing fails at a (another peer answers), a
-    marks the peer unreachable and cools it down; the cable back: it answers again once a poll
-    reaches it and its cooldown ran out. Pooled connections to it are what a request would hang
-    on: one was used just before the cut."""
+    """The cable of the peer a asks first is cut, then four requests arrive at once: a still
+    believes in the peer, so all four go to it, fail before their first token (one on a pooled
+    connection that looks open) and fail over; no client sees a failure. The fourth failure
+    within a minute cools the peer down: when the cable is back and a poll reaches it, it is
+    "cooling" (and not asked) until the cooldown runs out, then asked again."""
     alive = [h for h in ("b", "c", "d") if fleet.residents[h].proc.poll() is None]
     wait_until("a knows who is gone", lambda: all(fleet.peer("a", h).get("state") == "unreachable" for h in {"b", "c", "d"} - set(alive)), 20)
-    cut = fleet.ask("a").host
+    cut, other = fleet.ask("a").host, alive[1]
     assert cut == alive[0]
+    failovers = metric(fleet.metrics("a"), "zoo:peer_failovers_total", peer=cut)
     fleet.net.link(cut, up=False)
     try:
-        answers: list[Answer] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            answers.append(fleet.ask("a", stream=len(answers) % 2 == 1))
-            if fleet.peer("a", cut).get("state") in ("unreachable", "cooling") and len(answers) >= 3:
-                break
-        assert [(x.status, x.host) for x in answers] == [(200, alive[1])] * len(answers)
-        health = fleet.health("a")
-        assert health["peers"][cut]["state"] in ("unreachable", "cooling")
-        assert f"{cut} unreachable" in health["status"] or f"{cut} cooling down" in health["status"]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: fleet.ask("a", stream=i % 2 == 1), range(4)))
+        assert [(x.status, x.host) for x in answers] == [(200, other)] * 4
+        metrics = fleet.metrics("a")
+        assert metric(metrics, "zoo:peer_failovers_total", peer=cut, tenant="t") == failovers + 4
+        wait_until(f"a marks {cut} unreachable", lambda: fleet.peer("a", cut).get("state") == "unreachable", 10)
+        assert f"{cut} unreachable" in fleet.health("a")["status"]
         assert metric(fleet.metrics("a"), "zoo:peer_up", peer=cut) == 0
     finally:
         fleet.net.link(cut, up=True)
-    wait_until(f"a uses {cut} again", lambda: fleet.peer("a", cut).get("state") == "ok", 30, every=0.25)
+    def reached() -> dict[str, Any] | None:
+        peer = fleet.peer("a", cut)
+        return peer if peer.get("state") != "unreachable" else None
+
+    cooling = wait_until(f"a reaches {cut} again", reached, 10, every=0.05)
+    assert cooling["state"] == "cooling" and cooling["reason"].startswith("cooling down "), cooling
+    assert fleet.ask("a").host == other  # not asked while it cools down
+    wait_until(f"{cut} cooled down", lambda: fleet.peer("a", cut).get("state") == "ok", 10, every=0.1)
     assert fleet.ask("a").host == cut
     assert metric(fleet.metrics("a"), "zoo:peer_up", peer=cut) == 1
