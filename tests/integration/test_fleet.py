@@ -312,9 +312,9 @@ def test_an_unreachable_peer_cools_down_then_is_used_again(fleet: Fleet) -> None
         assert metric(fleet.metrics("a"), "zoo:peer_up", peer=cut) == 0
     finally:
         fleet.net.link(cut, up=True)
-    def reached() -> dict[str, Any] | None:
+    def reached() -> dict[str, Any]:
         peer = fleet.peer("a", cut)
-        return peer if peer.get("state") != "unreachable" else None
+        return peer if peer.get("state") != "unreachable" else {}
 
     cooling = wait_until(f"a reaches {cut} again", reached, 10, every=0.05)
     assert cooling["state"] == "cooling" and cooling["reason"].startswith("cooling down "), cooling
