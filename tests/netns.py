@@ -154,8 +154,11 @@ class Network:
 
     def call(self, hid: str, fn: Callable[[], T], timeout: float = 60) -> T:
         """``fn()`` in a fresh thread inside the host's namespace (its sockets are the host's)."""
-        with self.pool(hid, 1) as pool:
+        pool = self.pool(hid, 1)
+        try:
             return pool.submit(fn).result(timeout=timeout)
+        finally:
+            pool.shutdown(wait=False)  # after a timeout, the thread is left to its own socket timeouts
 
     def pool(self, hid: str, workers: int) -> ThreadPoolExecutor:
         """Threads inside the host's namespace, for concurrent clients (the caller shuts it down)."""
