@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
-__all__ = ["MIRROR_ADDRESS", "Host", "HostResident", "Network", "unavailable"]
+__all__ = ["MIRROR_ADDRESS", "PORT", "SUBNET", "Host", "HostResident", "Network", "network", "unavailable", "wait_until"]
 
 SUBNET = "10.77.0"  # a /24 nothing on these machines uses (checked with `ip -o addr`); it exists only in our namespaces
 MIRROR_ADDRESS = f"{SUBNET}.254"
