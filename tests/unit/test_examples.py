@@ -107,6 +107,8 @@ def test_fleet_example_is_valid() -> None:
     result = CliRunner().invoke(cli, ["validate", str(FLEET_EXAMPLE)])
     assert result.exit_code == 0, result.output
     assert "3 models, 0 loras, 3 tenants, 3 hosts" in result.output
+    result = CliRunner().invoke(cli, ["fmt", "--check", str(FLEET_EXAMPLE)])  # as .github/workflows/index.yml checks
+    assert result.exit_code == 0, result.output
 
 
 def test_fleet_example_pins_its_placeholders() -> None:
