@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -54,9 +56,10 @@ def model_files(name: str, size: int) -> dict[str, bytes]:
     }  # fmt: skip
 
 
-def fleet_index(server: HubServer, size: int) -> tuple[dict[str, object], dict[str, int]]:
+def fleet_index(server: HubServer, size: int) -> tuple[dict[str, Any], dict[str, int]]:
     """The index of 8 hosts (shared + own-i each), its models on the mirror, and each model's bytes."""
-    models, sizes = {}, {}
+    models: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
     for name in ["shared", *(f"own-{i}" for i in range(HOSTS))]:
         files = model_files(name, size)
         commit = server.repos.setdefault(f"site/{name}", Repo()).commit(files)
@@ -70,30 +73,49 @@ def fleet_index(server: HubServer, size: int) -> tuple[dict[str, object], dict[s
     }, sizes
 
 
-def apply_fleet(work: Path, index: Path, n: int, env: dict[str, str]) -> float:
-    """`apply` for host-0 .. host-(n-1), each in its own root and process, all started at once."""
+def apply_fleet(work: Path, index: Path, n: int, env: dict[str, str]) -> tuple[float, float]:
+    """`apply` for host-0 .. host-(n-1), each in its own root and process, all started at once:
+    the wall time, and the CPU seconds the N processes used together."""
     roots = [work / f"fleet-{n}" / f"host-{i}" for i in range(n)]
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     procs = [subprocess.Popen([*AGENT, "apply", "--root", str(root), "--index", str(index), "--host", f"host-{i}", "--json"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i, root in enumerate(roots)]  # fmt: skip
     errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for i, (proc, err) in enumerate(zip(procs, errors, strict=True)):
         if proc.returncode != 0:
             raise RuntimeError(f"apply --host host-{i} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def expected_gets(n: int, models: dict[str, object]) -> Counter[str]:
+def expected_gets(n: int, models: dict[str, Any]) -> Counter[str]:
     """How many times each file should be fetched: a shared file once per host, a host's own once."""
     want: Counter[str] = Counter()
     for name, entry in models.items():
         hosts = n if name == "shared" else int(int(name.removeprefix("own-")) < n)
-        for file in entry["files"]:  # type: ignore[index]
-            want[f"/site/{name}/resolve/{entry['source']['revision']}/{file['path']}"] = hosts  # type: ignore[index]
+        for file in entry["files"]:
+            want[f"/site/{name}/resolve/{entry['source']['revision']}/{file['path']}"] = hosts
     return +want
+
+
+def table_rows(measured: dict[str, dict[str, Any]], slice_bytes: int, cpus: int) -> list[dict[str, object]]:
+    """Per N: bytes served against N slices; wall time, and CPU per host, against one host alone."""
+    alone, alone_cpu = statistics.median(measured["1"]["wall_s"]), statistics.median(measured["1"]["cpu_s"])
+    rows: list[dict[str, object]] = []
+    for n in FLEETS[1:]:
+        m = measured[str(n)]
+        wall, cpu, served, expected = statistics.median(m["wall_s"]), statistics.median(m["cpu_s"]) / n, max(m["served_bytes"]), m["expected_bytes"]
+        rows.append({"name": f"fleet apply, {n} hosts x {slice_bytes // MB} MB slice: bytes served", "ours_mb": served / MB,
+                     "peer": f"{n} x one host's slice", "peer_mb": expected / MB, "ratio": served / expected, "goal": "= 1.00"})
+        rows.append({"name": f"fleet apply, {n} hosts at once: wall time", "ours_s": wall, "peer": "one host alone", "peer_s": alone,
+                     "ratio": wall / alone, "goal": f"<= {n / min(n, cpus):.1f} ({n} hosts on {cpus} cores)"})
+        rows.append({"name": f"fleet apply, {n} hosts at once: CPU per host", "ours_s": cpu, "peer": "one host alone", "peer_s": alone_cpu,
+                     "ratio": cpu / alone_cpu, "goal": "~1.0 (informational)"})
+    return rows  # fmt: skip
 
 
 def main() -> None:
@@ -110,34 +132,28 @@ def main() -> None:
     slice_bytes = sizes["shared"] + sizes["own-0"]
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-", dir=HERE.parent))
     env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(work / "hf-home")}
-    measured: dict[str, dict[str, object]] = {}
+    measured: dict[str, dict[str, Any]] = {}
     try:
         index = work / "index.json"
         index.write_text(json.dumps(document))
         for n in FLEETS:
-            walls, served = [], []
+            walls, cpu, served = [], [], []
             for _ in range(args.runs):
                 server.log.clear()
-                walls.append(apply_fleet(work, index, n, env))
+                wall, used = apply_fleet(work, index, n, env)
+                walls.append(wall)
+                cpu.append(used)
                 served.append(server.bytes_sent(""))
                 gets = Counter(h.path for h in server.log if h.method == "GET")
-                if gets != expected_gets(n, document["models"]):  # type: ignore[arg-type]
+                if gets != expected_gets(n, document["models"]):
                     raise RuntimeError(f"{n} hosts: GETs per file differ from one per host that needs it: {dict(gets)}")
-            measured[str(n)] = {"wall_s": walls, "served_bytes": served, "expected_bytes": n * slice_bytes}
-            print(f"{n} host(s): wall {statistics.median(walls):.2f} s, served {max(served) / MB:.1f} MB", file=sys.stderr, flush=True)
+            measured[str(n)] = {"wall_s": walls, "cpu_s": cpu, "served_bytes": served, "expected_bytes": n * slice_bytes}
+            print(f"{n} host(s): wall {statistics.median(walls):.2f} s, CPU {statistics.median(cpu) / n:.2f} s per host,"
+                  f" served {max(served) / MB:.1f} MB", file=sys.stderr, flush=True)
     finally:
         server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    alone = statistics.median(measured["1"]["wall_s"])  # type: ignore[arg-type]
-    rows: list[dict[str, object]] = []
-    for n in FLEETS[1:]:
-        m = measured[str(n)]
-        wall, served = statistics.median(m["wall_s"]), max(m["served_bytes"])  # type: ignore[arg-type, type-var]
-        expected = int(m["expected_bytes"])  # type: ignore[call-overload]
-        rows.append({"name": f"fleet apply, {n} hosts x {slice_bytes // MB} MB slice: bytes served", "ours_mb": served / MB,
-                     "peer": f"{n} x one host's slice", "peer_mb": expected / MB, "ratio": served / expected, "goal": "= 1.00"})  # fmt: skip
-        rows.append({"name": f"fleet apply, {n} hosts at once: wall time", "ours_s": wall, "peer": "one host alone", "peer_s": alone,
-                     "ratio": wall / alone, "goal": f"<= {n / min(n, cpus):.1f} ({n} hosts on {cpus} cores)"})  # fmt: skip
+    rows = table_rows(measured, slice_bytes, cpus)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": {"cpus": cpus}, "slice_bytes": slice_bytes, "measured": measured, "rows": rows}, indent=2) + "\n")
