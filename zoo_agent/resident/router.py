@@ -367,7 +367,7 @@ class Router:
             scores, why = await self.similarity.scores(rid, text)
             f = features(document, scores)
         choice = choose(route, f)
-        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots]
+        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots or self.federation.peers_of(t)]  # here, or at a peer
         return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why)
 
     def _tenant_of(self, scope: Scope, body: bytes, from_peer: str | None = None) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
@@ -534,31 +534,38 @@ class Router:
                              why: str | None = None) -> None:  # fmt: skip
         """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
         only while nothing was sent to the client; 503 naming every peer when none answers."""
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await self._peer_attempt(scope, body, send, gone, tenant, stream)
+        except _Fallback as exc:
+            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
+            await _respond(send, *_error(503, head + str(exc), code="model_unavailable"), headers=[(b"retry-after", b"5")])
+        finally:
+            gone.cancel()
+
+    async def _peer_attempt(self, scope: Scope, body: bytes, send: Send, gone: asyncio.Future[None], tenant: str, stream: bool,
+                            x_zoo: dict[str, Any] | None = None, committed_to: Callable[[], None] = lambda: None) -> int:  # fmt: skip
+        """Each usable peer of the tenant in turn, until one answers (its status code); ``_Fallback``
+        naming every peer and why when none did and nothing was sent to the client."""
         fed = self.federation
         if not fed.polled.is_set():  # just started: wait for the first poll to say who is usable
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fed.polled.wait(), 5.0)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP] + fed.headers()
-        gone = asyncio.ensure_future(_disconnected(receive))
         tried: list[str] = []
-        try:
-            for peer in fed.candidates(tenant):
-                try:
-                    code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, None,
-                                                      {"host": peer.host}, lambda: None, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
-                except _Fallback as exc:
-                    log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
-                    fed.failed(peer)
-                    tried.append(f"{peer.host}: {exc}")
-                    continue
-                fed.answered(peer, code)
-                return
-            names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
-            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
-            await _respond(send, *_error(503, head + f"no peer could answer (peers: {names})", code="model_unavailable"),
-                           headers=[(b"retry-after", b"5")])  # fmt: skip
-        finally:
-            gone.cancel()
+        for peer in fed.candidates(tenant):
+            try:
+                code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, None,
+                                                  {**(x_zoo or {}), "host": peer.host}, committed_to, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
+            except _Fallback as exc:
+                log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
+                fed.failed(peer)
+                tried.append(f"{peer.host}: {exc}")
+                continue
+            fed.answered(peer, code)
+            return code
+        names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
+        raise _Fallback(f"no peer could answer (peers: {names})", "peers")
 
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
@@ -572,6 +579,15 @@ class Router:
             for i, tenant in enumerate(routed.tenants):
                 last = i == len(routed.tenants) - 1
                 body = json.dumps({**routed.document, "model": tenant}).encode()
+                if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
+                    try:
+                        await self._peer_attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
+                                                 functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
+                    except _Fallback as exc:
+                        failure = (503, f"{tenant}: {exc}")
+                        routed.fell(tenant, str(exc), self.metrics, exc.kind)
+                        continue
+                    return
                 wait = self.sup.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
                 placing = asyncio.ensure_future(self._place(tenant, priority))
                 try:
