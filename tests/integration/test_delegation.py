@@ -88,6 +88,13 @@ def test_a_tenant_the_host_lacks_is_answered_by_the_peer_that_serves_it(pair: tu
     long = httpx.post(a.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer client-a"}, timeout=120).json()
     assert long["model"] == "big" and long["x_zoo"]["host"] == "b" and long["x_zoo"]["route"] == {"route": "assistant", "tenant": "big", "rule": "default"}
 
+    # A session's turns live on the host that holds it: they never go to a peer, which would answer without them.
+    crossing = _ask(a, "big", "client-a", session="s1")
+    assert crossing.status_code == 400 and "sessions do not cross hosts" in crossing.json()["error"]["message"]
+    assert _ask(a, "assistant", "client-a", session="s2").json()["model"] == "chat"
+    kept = httpx.post(a.url + "/v1/chat/completions", json={**body, "session": "s2"}, headers={"Authorization": "Bearer client-a"}, timeout=120)
+    assert kept.status_code == 503 and "a route session does not cross hosts" in kept.json()["error"]["message"]
+
     health = httpx.get(a.url + "/health", timeout=10).json()
     peer = health["peers"]["b"]
     assert (peer["state"], peer["reason"], peer["tenants"]) == ("ok", None, {"big": "ok"}) and isinstance(peer["busy"], int)
@@ -113,6 +120,8 @@ def test_what_a_peer_may_ask_is_bounded_by_the_fleet_key_and_accept_from_peers(p
     refused = as_peer("fleet-secret", "chat")  # b serves chat, but not for peers
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "peer_not_accepted"
     assert as_peer("fleet-secret").status_code == 200
+    sessions = httpx.get(b.url + "/v1/sessions/s", params={"model": "big"}, timeout=10, headers={"Authorization": "Bearer fleet-secret", "X-Zoo-Peer": "a"})
+    assert sessions.status_code == 403  # the fleet key asks for generations, never for clients' conversations
     assert _ask(b, "big", "fleet-secret").status_code == 401  # nor is the fleet key a client's
 
 
