@@ -94,7 +94,9 @@ class Resident:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """SIGTERM, then the seconds until it exited (what a clean stop takes)."""
+        started = time.monotonic()
         try:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -102,6 +104,7 @@ class Resident:
                     self.proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     pass
+            return time.monotonic() - started
         finally:
             try:  # the group is ours (start_new_session): a worker left behind goes with it
                 os.killpg(self.proc.pid, signal.SIGKILL)

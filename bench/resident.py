@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import AGENT  # noqa: E402
+from common import AGENT, Resident  # noqa: E402
 
 BARE = """
 import sys, time, resource
@@ -69,45 +68,11 @@ def children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in children(k)]
 
 
-class Resident:
-    def __init__(self, work: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(work / f"notify-{self.port}"))
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen([*AGENT, "resident", "--root", str(work / "zoo"), "--index", str(work / "index.json"), "--host", "h",
-                                      "--listen", f"127.0.0.1:{self.port}"], env={**os.environ, "NOTIFY_SOCKET": str(work / f"notify-{self.port}")},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        self.ready_after = self.wait_ready()
-
-    def wait_ready(self) -> float:
-        self.sock.settimeout(300)
-        while b"READY=1" not in self.sock.recv(65536):
-            pass
-        ready = time.monotonic() - self.start
-        threading.Thread(target=self._drain, daemon=True).start()  # keep reading, as systemd does
-        return ready
-
-    def _drain(self) -> None:
-        self.sock.settimeout(None)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except OSError:
-            pass
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> float:
-        t0 = time.monotonic()
-        self.proc.terminate()
-        self.proc.wait(timeout=120)
-        self.sock.close()
-        return time.monotonic() - t0
+def started(work: Path) -> Resident:
+    """The resident over ``work``'s zoo and index, once READY (``ready_after`` says when)."""
+    r = Resident(work, work / "index.json")
+    r.wait_ready()
+    return r
 
 
 def main() -> None:
@@ -145,7 +110,7 @@ def main() -> None:
             t0 = time.monotonic()
             subprocess.run([sys.executable, "-c", BARE, str(version_dir)], check=True, capture_output=True)
             bare_times.append(time.monotonic() - t0)
-            r = Resident(work)
+            r = started(work)
             ours_times.append(r.ready_after)
             r.stop()
         ours_ready, bare_ready = statistics.median(ours_times), statistics.median(bare_times)
@@ -170,7 +135,7 @@ def main() -> None:
             th.join()
             return time.monotonic() - t0, int(out["ids"].shape[1] - enc["input_ids"].shape[1]), first
 
-        r = Resident(work)
+        r = started(work)
         http = httpx.Client(timeout=120)
 
         def api() -> tuple[float, int, float]:

@@ -424,6 +424,15 @@ in
         default = null;
         description = "Bearer token clients must send; passed with `LoadCredential=`. Required beyond loopback.";
       };
+      fleetKeyFile = mkOption {
+        type = types.nullOr (unquoted types.externalPath);
+        default = null;
+        description = ''
+          The fleet key (issue #22): presented to the peers this host delegates to and required of
+          peers that delegate here (`X-Zoo-Peer`), separate from the clients' `apiKeyFile`; passed
+          with `LoadCredential=`. Without it this host neither asks nor answers peers.
+        '';
+      };
       watchdogSec = mkOption {
         type = types.ints.unsigned;
         default = 30;
@@ -578,7 +587,8 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = execLine zooAgent ([ "resident" ] ++ cfg.resident.extraArgs)
-          + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key";
+          + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key"
+          + lib.optionalString (cfg.resident.fleetKeyFile != null) " --fleet-key-file %d/fleet-key";
         # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
         ExecReload = execLine zooAgent [ "resident" "reload" "--pid" ] + " $MAINPID";
         Restart = "on-failure";
@@ -591,7 +601,8 @@ in
         RuntimeDirectoryMode = "0750";
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
         # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
-        LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile) ++ hfCredential;
+        LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile)
+          ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile) ++ hfCredential;
         PrivateDevices = cfg.resident.gpu == "none";
         PrivateUsers = cfg.resident.gpu == "none";
         DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};

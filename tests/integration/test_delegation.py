@@ -26,7 +26,8 @@ def _host(tmp: Path, tiny: dict[str, bytes], ports: dict[str, int], host: str) -
     w.artifact("m", "v1", tiny)
     w.artifact("m2", "v1", {**tiny, "config.json": tiny["config.json"].replace(b"{", b'{"_v": 2,', 1)})
     doc = {"models": w.models, "loras": {}, "tenants": {"chat": {"model": "m", **GEN}, "big": {"model": "m2", **GEN}},
-           "hosts": {"a": {"tenants": ["chat"], "endpoint": f"http://127.0.0.1:{ports['a']}"},
+           "routes": {"assistant": {"rules": [{"tenant": "chat", "when": {"max_words": 3}}], "default": "big"}},
+           "hosts": {"a": {"tenants": ["chat"], "endpoint": f"http://127.0.0.1:{ports['a']}", "routes": ["assistant"]},
                      "b": {"tenants": ["chat", "big"], "endpoint": f"http://127.0.0.1:{ports['b']}", "accept_from_peers": ["big"]}}}  # fmt: skip
     w.index.write_text(json.dumps(doc, indent=2))
     assert w.run("apply", "--host", host).exit_code == 0
@@ -80,12 +81,26 @@ def test_a_tenant_the_host_lacks_is_answered_by_the_peer_that_serves_it(pair: tu
         chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["x_zoo"]["host"] == "b" and chunks[-1]["choices"][0]["finish_reason"]
 
+    # A route whose default lives on the peer: the short question stays here, the long one goes there.
+    short = _ask(a, "assistant", "client-a").json()
+    assert short["model"] == "chat" and short["x_zoo"]["route"]["tenant"] == "chat" and "host" not in short["x_zoo"]
+    body = {"model": "assistant", "messages": [{"role": "user", "content": "Tell me all about the zoo and its models"}]}
+    long = httpx.post(a.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer client-a"}, timeout=120).json()
+    assert long["model"] == "big" and long["x_zoo"]["host"] == "b" and long["x_zoo"]["route"] == {"route": "assistant", "tenant": "big", "rule": "default"}
+
+    # A session's turns live on the host that holds it: they never go to a peer, which would answer without them.
+    crossing = _ask(a, "big", "client-a", session="s1")
+    assert crossing.status_code == 400 and "sessions do not cross hosts" in crossing.json()["error"]["message"]
+    assert _ask(a, "assistant", "client-a", session="s2").json()["model"] == "chat"
+    kept = httpx.post(a.url + "/v1/chat/completions", json={**body, "session": "s2"}, headers={"Authorization": "Bearer client-a"}, timeout=120)
+    assert kept.status_code == 503 and "a route session does not cross hosts" in kept.json()["error"]["message"]
+
     health = httpx.get(a.url + "/health", timeout=10).json()
     peer = health["peers"]["b"]
     assert (peer["state"], peer["reason"], peer["tenants"]) == ("ok", None, {"big": "ok"}) and isinstance(peer["busy"], int)
     assert "peers: b ok" in health["status"]
     metrics = httpx.get(a.url + "/metrics", timeout=30).text
-    assert 'zoo:peer_requests_total{code="200",peer="b",tenant="big"} 2.0' in metrics
+    assert 'zoo:peer_requests_total{code="200",peer="b",tenant="big"} 3.0' in metrics
     assert 'zoo:peer_up{peer="b"} 1.0' in metrics
     assert 'zoo:router_requests_total{code="200",tenant="big"}' in httpx.get(b.url + "/metrics", timeout=30).text
 
@@ -105,6 +120,8 @@ def test_what_a_peer_may_ask_is_bounded_by_the_fleet_key_and_accept_from_peers(p
     refused = as_peer("fleet-secret", "chat")  # b serves chat, but not for peers
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "peer_not_accepted"
     assert as_peer("fleet-secret").status_code == 200
+    sessions = httpx.get(b.url + "/v1/sessions/s", params={"model": "big"}, timeout=10, headers={"Authorization": "Bearer fleet-secret", "X-Zoo-Peer": "a"})
+    assert sessions.status_code == 403  # the fleet key asks for generations, never for clients' conversations
     assert _ask(b, "big", "fleet-secret").status_code == 401  # nor is the fleet key a client's
 
 

@@ -36,7 +36,9 @@ def fleet(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Re
     old["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 0,', 1)
     a, b = _world(tmp_path / "a", "v1", tiny), _world(tmp_path / "b", "v0", old)
     (tmp_path / "key").write_text("fleet-secret\n")
-    residents = [Resident(a), Resident(b, "--api-key-file", str(tmp_path / "key"))]
+    (tmp_path / "client-key").write_text("client-secret\n")  # b's clients' key: not the fleet's, which status sends
+    residents = [Resident(a, "--fleet-key-file", str(tmp_path / "key")),
+                 Resident(b, "--api-key-file", str(tmp_path / "client-key"), "--fleet-key-file", str(tmp_path / "key"))]
     try:
         for r in residents:
             r.notify.wait(lambda m: "READY" in m, timeout=180)
@@ -97,6 +99,10 @@ def test_without_the_fleet_key_a_guarded_host_is_unreachable_and_says_why(fleet:
     assert code == 1
     assert rows["a"]["state"] == "ok"
     assert rows["b"]["state"] == "unreachable" and rows["b"]["error"].startswith("/v1/models answered HTTP 401: missing or wrong bearer token")
+    # b's clients' key is not the fleet key: status speaks as the fleet, so it is refused too.
+    code, out = _status(a.world, "--index", str(index), "--key-file", str(a.world.tmp.parent / "client-key"), "--json")
+    rows = {r["host"]: r for r in json.loads(out)["tenants"]}
+    assert code == 1 and rows["b"]["state"] == "unreachable" and "401" in rows["b"]["error"]
 
 
 def test_all_ok_exits_0(fleet: tuple[Resident, Resident, Path]) -> None:

@@ -5,6 +5,9 @@
 {
   nixpkgsLib,
   configuration,
+  # More stand-ins, and what else to report from the evaluated config (fleet-eval.nix).
+  extraModules ? [ ],
+  report ? (_config: { }),
 }:
 let
   lib = import nixpkgsLib;
@@ -71,7 +74,7 @@ let
       nixosStandIn
       configuration
       { _module.args.pkgs = pkgs; }
-    ];
+    ] ++ extraModules;
   };
   inherit (evaluated) config;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
@@ -93,3 +96,4 @@ else
   # What the build-time validation runs (the stand-in runCommand keeps its script).
   indexScripts = map (d: d.script) (config.systemd.services.model-zoo-reconcile.restartTriggers or [ ]);
 }
+// report config

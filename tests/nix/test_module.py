@@ -143,9 +143,11 @@ class TestModule:
     def test_units_equal_zoo_agent_systemd_render(self, tmp_path: Path, gpu: str) -> None:
         """`zoo-agent systemd render` and the module give the same [Service] lines."""
         out = evaluated(tmp_path, f'indexFile = "/etc/model-zoo/index.json"; resident.gpu = "{gpu}"; resident.memoryMax = "8G";'
-                                  ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; gc.enable = true; ollama.enable = true;')
+                                  ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; resident.fleetKeyFile = "/run/keys/fleet";'
+                                  ' gc.enable = true; ollama.enable = true;')
         rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", gpu=gpu, memory_max="8G",  # type: ignore[arg-type]
-                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), gc=True, ollama_host="127.0.0.1:11434"))
+                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), fleet_key_file=Path("/run/keys/fleet"),
+                                       gc=True, ollama_host="127.0.0.1:11434"))
         assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
         for name, service in out["services"].items():
             assert service_lines(rendered[f"{name}.service"]) == nixos_service_lines(service), name

@@ -166,3 +166,15 @@ def test_a_host_serving_a_similarity_route_fetches_its_embedding_model() -> None
     routes = {"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": {"similar_to": "review code"}}]}}
     assert ("models", "e") in [(w.kind, w.id) for w in desired_for_host(_index(routes, ["r"]), "h").wants]
     assert ("models", "e") not in [(w.kind, w.id) for w in desired_for_host(_index(routes, []), "h").wants]  # a route the host does not serve
+
+
+def test_a_route_may_name_a_tenant_that_another_host_answers_for_peers() -> None:
+    """"The small host handles simple, the large one complex" (issue #22): the route's default is served through a peer."""
+    doc = _index({"r": {"rules": [{"tenant": "small", "when": {"max_words": 5}}], "default": "large"}}, ["r"], served=("small",)).model_dump(
+        mode="json", by_alias=True, exclude_none=True)
+    doc["hosts"]["p"] = {"tenants": ["large"], "endpoint": "http://p.lan:8000", "accept_from_peers": ["large"]}
+    assert [p for p in semantic_problems(Index.model_validate(doc)) if "route" in p.pointer] == []
+    doc["hosts"]["p"]["accept_from_peers"] = []
+    problems = [p for p in semantic_problems(Index.model_validate(doc)) if "route" in p.pointer]
+    assert [(p.pointer, p.message) for p in problems] == [
+        ("/hosts/h/routes/0", "route 'r' names tenant large, which host h does not serve and no other host accepts from peers")]

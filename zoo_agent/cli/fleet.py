@@ -8,6 +8,7 @@ are down. The comparison (``fleet_rows``) is pure; only ``_ask`` touches the net
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -46,13 +47,27 @@ class _Unanswered(Exception):
     pass
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the fleet key to wherever it points: not followed."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _get(url: str, key: str | None, timeout: float) -> tuple[int, Any]:
-    request = urllib.request.Request(url, headers={"Accept": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    # With X-Zoo-Peer the key is checked as the fleet key (a host's client key may differ).
+    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {key}", "X-Zoo-Peer": "fleet-status"} if key else {})}
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the index's http(s) endpoints only
+        with _OPENER.open(request, timeout=timeout) as response:
             status, raw = response.status, response.read(_MAX_ANSWER)
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read(_MAX_ANSWER)
+    except http.client.HTTPException as exc:  # not HTTP at all (BadStatusLine, IncompleteRead)
+        raise _Unanswered(f"not an HTTP answer ({type(exc).__name__})") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Unanswered(str(getattr(reason, "strerror", None) or reason)) from exc
@@ -110,7 +125,7 @@ def fleet_group() -> None:
 @fleet_group.command("status")
 @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
               help="The fleet's index ($ZOO_INDEX).")
-@click.option("--key-file", type=click.Path(path_type=Path), default=None, help="The fleet key, sent as a bearer token.")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None, help="The fleet key (the residents' --fleet-key-file), sent as a bearer token.")
 @click.option("--timeout", type=click.FloatRange(min=0.1, max=60), default=3.0, show_default=True, help="Seconds per request to each endpoint.")
 @json_option
 def status_cmd(index_path: Path, key_file: Path | None, timeout: float, as_json: bool) -> None:

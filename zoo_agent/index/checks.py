@@ -303,10 +303,13 @@ def _routes(idx: Index) -> Iterator[Problem]:
                 yield Problem(pointer(("hosts", hid, "routes", i)), _unknown("route", rid, idx.routes))
                 continue
             named_here = [r.tenant for r in entry.rules] + [entry.default, *entry.fallback] + ([entry.summarizer] if entry.summarizer else [])
-            missing = [t for t in dict.fromkeys(named_here) if t not in served]
+            # A tenant another host answers for peers is served through it (issue #22).
+            by_peers = {t for other, h in idx.hosts.items() if other != hid and h.endpoint for t in h.accept_from_peers if t in h.served()}
+            missing = [t for t in dict.fromkeys(named_here) if t not in served and t not in by_peers]
             if missing:
                 yield Problem(pointer(("hosts", hid, "routes", i)),
-                              f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve")
+                              f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve "
+                              "and no other host accepts from peers")
 
 
 def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Problem]:

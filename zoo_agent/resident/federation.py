@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -51,10 +52,14 @@ PEER_HEADER = "X-Zoo-Peer"
 
 @dataclass
 class View:
-    """What the last poll said of one tenant at one peer."""
+    """What the last poll said of one tenant at one peer, against which pin (a new index re-asks)."""
 
     state: str = "unknown"  # ok | refused | unreachable | unknown (not polled yet)
     reason: str | None = None
+    digest: str = ""
+
+#: The most a peer's /health or /v1/models may be (a peer's answer is input like any other).
+MAX_POLL_BYTES = 4 << 20
 
 
 class Federation:
@@ -69,7 +74,7 @@ class Federation:
         r = registry
         self.requests = Counter("zoo:peer_requests", "Requests delegated to a peer, by the status it answered.", ["peer", "tenant", "code"], registry=r)
         self.refusals = Counter("zoo:peer_refusals", "Peers not used for a tenant, by why (wrong_version, digest_differs, not_served, "
-                                "unauthorized, unreachable).", ["peer", "tenant", "reason"], registry=r)  # fmt: skip
+                                "unauthorized, unreachable, malformed).", ["peer", "tenant", "reason"], registry=r)  # fmt: skip
         self.failovers = Counter("zoo:peer_failovers", "Delegated requests that went to the next peer before their first token.",
                                  ["peer", "tenant"], registry=r)  # fmt: skip
         self.up = Gauge("zoo:peer_up", "1 while the last poll reached the peer host.", ["peer"], registry=r)
@@ -85,14 +90,14 @@ class Federation:
 
     def candidates(self, tenant: str) -> list[Peer]:
         """The peers to try for ``tenant``, in order: verified by the last poll, not cooling down, least busy first."""
-        ok = [p for p in self.peers_of(tenant) if self.views.get(p.key, View()).state == "ok"]
+        ok = [p for p in self.peers_of(tenant) if self._view_of(p).state == "ok"]
         return choose_peer(ok, self.health, time.monotonic())
 
     def unusable(self, tenant: str) -> list[str]:
         """Why each peer of ``tenant`` that is not a candidate is not: for the 503 that names them."""
         now, out = time.monotonic(), []
         for p in self.peers_of(tenant):
-            view = self.views.get(p.key, View())
+            view = self._view_of(p)
             if view.state != "ok":
                 out.append(f"{p.host}: {view.state}" + (f" ({view.reason})" if view.reason else ""))
             elif self.health.cooling(p, now):
@@ -117,8 +122,10 @@ class Federation:
     def client(self, endpoint: str) -> httpx.AsyncClient:
         client = self.clients.get(endpoint)
         if client is None:
-            client = self.clients[endpoint] = httpx.AsyncClient(base_url=endpoint, timeout=httpx.Timeout(None, connect=2.0),
-                                                                transport=httpx.AsyncHTTPTransport(retries=0, socket_options=_SOCKET_OPTIONS))  # fmt: skip
+            # No read timeout (an answer streams as long as it takes; the router bounds the first token).
+            timeout = httpx.Timeout(None, connect=2.0, write=10.0, pool=10.0)
+            transport = httpx.AsyncHTTPTransport(retries=0, socket_options=_SOCKET_OPTIONS)
+            client = self.clients[endpoint] = httpx.AsyncClient(base_url=endpoint, timeout=timeout, transport=transport)
         return client
 
     async def poll_forever(self) -> None:
@@ -137,12 +144,18 @@ class Federation:
         await asyncio.gather(*(self._poll_host(peers) for peers in hosts.values()))
 
     async def _poll_host(self, peers: list[Peer]) -> None:
+        try:
+            await self._ask_host(peers)
+        except Exception as exc:  # noqa: BLE001 - whatever a peer answered, it is not used until it answers well
+            for p in peers:
+                self._view(p, "refused", f"malformed answer ({type(exc).__name__})", "malformed")
+
+    async def _ask_host(self, peers: list[Peer]) -> None:
         host, endpoint = peers[0].host, peers[0].endpoint
         headers = dict((k.decode(), v.decode()) for k, v in self.headers())
         client = self.client(endpoint)
         try:
-            health, models = await asyncio.gather(client.get("/health", headers=headers, timeout=2.0),
-                                                  client.get("/v1/models", headers=headers, timeout=2.0))  # fmt: skip
+            health, models = await asyncio.gather(_get(client, "/health", headers), _get(client, "/v1/models", headers))
         except (httpx.HTTPError, OSError) as exc:
             self.up.labels(host).set(0)
             for p in peers:
@@ -150,12 +163,12 @@ class Federation:
                 self.health = self.health.failed(p, time.monotonic())
             return
         self.up.labels(host).set(1)
-        if models.status_code in (401, 403):
+        if models[0] in (401, 403):
             for p in peers:
-                self._view(p, "refused", f"refused our fleet key ({models.status_code})", "unauthorized")
+                self._view(p, "refused", f"refused our fleet key ({models[0]})", "unauthorized")
             return
-        cards = _cards(models)
-        tenants = _tenants(health)
+        cards = _cards(models[1])
+        tenants = _tenants(health[1])
         for p in peers:
             state = served_state(p.model, p.digest, cards.get(p.tenant))
             if state == "ok":
@@ -164,9 +177,15 @@ class Federation:
                 busy = sum(v for k in ("running", "waiting") if isinstance(v := t.get(k), int))
                 self.health = self.health.polled(p, busy)
             else:
-                served = (cards.get(p.tenant) or {}).get("x_zoo", {}).get("model") if isinstance(cards.get(p.tenant), dict) else None
+                x_zoo = (cards.get(p.tenant) or {}).get("x_zoo")
+                served = x_zoo.get("model") if isinstance(x_zoo, dict) else None
                 why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
                 self._view(p, "refused", why, state.replace(" ", "_"))
+
+    def _view_of(self, peer: Peer) -> View:
+        """The last poll's word on ``peer``, if it was about what this index pins now."""
+        view = self.views.get(peer.key)
+        return view if view is not None and view.digest == peer.digest else View()
 
     def _view(self, peer: Peer, state: str, reason: str | None, counted: str | None) -> None:
         old = self.views.get(peer.key)
@@ -176,14 +195,14 @@ class Federation:
                 log.warning("peer %s for %s: %s", peer.host, peer.tenant, reason)
             elif old is not None and old.state != "unknown":
                 log.info("peer %s for %s: usable again", peer.host, peer.tenant)
-        self.views[peer.key] = View(state, reason)
+        self.views[peer.key] = View(state, reason, peer.digest)
 
     def report(self) -> dict[str, Any]:
         """``/health``'s ``peers``: per host, its worst state over its tenants."""
         now, out = time.monotonic(), dict[str, dict[str, Any]]()
         for peers in self.table.values():
             for p in peers:
-                view = self.views.get(p.key, View())
+                view = self._view_of(p)
                 state = "cooling" if view.state == "ok" and self.health.cooling(p, now) else view.state
                 entry = out.setdefault(p.host, {"state": "ok", "reason": None, "busy": 0, "tenants": {}})
                 entry["tenants"][p.tenant] = state
@@ -214,17 +233,25 @@ class Federation:
 _RANK = {"ok": 0, "unknown": 1, "cooling": 2, "refused": 3, "unreachable": 4}
 
 
-def _cards(response: httpx.Response) -> dict[str, dict[str, Any]]:
+async def _get(client: httpx.AsyncClient, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+    """(status, JSON document or None) of a GET, the body bounded by ``MAX_POLL_BYTES``, within 2 s."""
+    async with asyncio.timeout(2.0), client.stream("GET", path, headers=headers) as response:
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > MAX_POLL_BYTES:
+                raise ValueError(f"{path}: larger than {MAX_POLL_BYTES} bytes")
     try:
-        data = response.json().get("data")
-    except (ValueError, AttributeError):
-        return {}
+        return response.status_code, json.loads(bytes(data))
+    except ValueError:
+        return response.status_code, None
+
+
+def _cards(document: Any) -> dict[str, dict[str, Any]]:
+    data = document.get("data") if isinstance(document, dict) else None
     return {c["id"]: c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)} if isinstance(data, list) else {}
 
 
-def _tenants(response: httpx.Response) -> dict[str, dict[str, Any]]:
-    try:
-        tenants = response.json().get("tenants")
-    except (ValueError, AttributeError):
-        return {}
+def _tenants(document: Any) -> dict[str, dict[str, Any]]:
+    tenants = document.get("tenants") if isinstance(document, dict) else None
     return {k: v for k, v in tenants.items() if isinstance(v, dict)} if isinstance(tenants, dict) else {}

@@ -35,7 +35,7 @@ from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.peers import pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
 from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
-from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files
+from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
 
@@ -55,11 +55,15 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY = 1 << 20
+#: The most a worker's or a peer's answer (or one of its events) may be; ours are far smaller.
+MAX_ANSWER = 16 << 20
 #: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), the client's
 #: credential (the router checked it; workers, on private sockets, never see it), and the
 #: header only the router may set.
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
                  b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode(), PEER_HEADER.lower().encode()})  # fmt: skip
+#: The request headers a delegated request keeps (with the fleet key and X-Zoo-Peer added).
+TO_PEERS = frozenset({b"content-type", b"accept", HEADER.lower().encode(), b"user-agent"})
 HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -107,6 +111,14 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})  # fmt: skip
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _has_session(body: bytes) -> bool:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(document, dict) and document.get("session") is not None
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -170,6 +182,8 @@ class Router:
                 await self.server.serve(sockets=[listener, *([private] if private is not None else [])])
                 heart.cancel()
                 polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling  # no poll in flight on a client being closed
                 for client in list(self.clients.values()):
                     await client.aclose()
                 await self.federation.close()
@@ -337,7 +351,9 @@ class Router:
             await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True)
             return
         if path.startswith("/v1/sessions/") and tenant in self.routes:
-            await _respond(send, *self._route_session(tenant, path.removeprefix("/v1/sessions/"), method))
+            # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, path.removeprefix("/v1/sessions/"), method)
+            await _respond(send, *answer)
             return
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
@@ -367,7 +383,7 @@ class Router:
             scores, why = await self.similarity.scores(rid, text)
             f = features(document, scores)
         choice = choose(route, f)
-        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots]
+        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots or self.federation.peers_of(t)]  # here, or at a peer
         return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why)
 
     def _tenant_of(self, scope: Scope, body: bytes, from_peer: str | None = None) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
@@ -407,6 +423,8 @@ class Router:
         if path.startswith("/v1/sessions/"):
             query = dict(part.split("=", 1) for part in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in part)
             tenant = query.get("model", served[0] if served else "").split(":", 1)[0]
+            if from_peer is not None:
+                return None, {}, _error(403, "sessions: a peer may only ask for generations", param="model", code="peer_not_accepted")
             if tenant in self.routes:
                 return tenant, {}, None  # a route's session: read here, from the zoo (issue #21)
             if tenant not in served:
@@ -425,10 +443,11 @@ class Router:
             return _error(400, str(exc), param="session")
         if method == "DELETE":
             found = False
-            for file in (path, *cache_files(sessions.parent / "kv-cache", sid)):
-                with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
-                    found = True
+            with session_lock(sessions):  # a commit under way finishes first, or sees no session
+                for file in (path, *cache_files(sessions.parent / "kv-cache", sid)):
+                    with contextlib.suppress(FileNotFoundError):
+                        file.unlink()
+                        found = True
             if not found:
                 return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
             return 200, json.dumps({"id": sid, "object": "session.deleted", "deleted": True}).encode()
@@ -534,31 +553,45 @@ class Router:
                              why: str | None = None) -> None:  # fmt: skip
         """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
         only while nothing was sent to the client; 503 naming every peer when none answers."""
+        if _has_session(body):  # its turns live here: a peer would answer without them, and keep its reply
+            await _respond(send, *_error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
+            return
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await self._peer_attempt(scope, body, send, gone, tenant, stream)
+        except _Fallback as exc:
+            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
+            await _respond(send, *_error(503, head + str(exc), code="model_unavailable"), headers=[(b"retry-after", b"5")])
+        finally:
+            gone.cancel()
+
+    async def _peer_attempt(self, scope: Scope, body: bytes, send: Send, gone: asyncio.Future[None], tenant: str, stream: bool,
+                            x_zoo: dict[str, Any] | None = None, committed_to: Callable[[], None] = lambda: None,
+                            first_token: float | None = None) -> int:  # fmt: skip
+        """Each usable peer of the tenant in turn, until one answers (its status code); ``_Fallback``
+        naming every peer and why when none did and nothing was sent to the client."""
         fed = self.federation
         if not fed.polled.is_set():  # just started: wait for the first poll to say who is usable
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fed.polled.wait(), 5.0)
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP] + fed.headers()
-        gone = asyncio.ensure_future(_disconnected(receive))
+        # What describes the request, never a client's credentials (cookies, other keys): the fleet key speaks for it.
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() in TO_PEERS] + fed.headers()
         tried: list[str] = []
-        try:
-            for peer in fed.candidates(tenant):
-                try:
-                    code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, None,
-                                                      {"host": peer.host}, lambda: None, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
-                except _Fallback as exc:
-                    log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
-                    fed.failed(peer)
-                    tried.append(f"{peer.host}: {exc}")
-                    continue
-                fed.answered(peer, code)
-                return
-            names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
-            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
-            await _respond(send, *_error(503, head + f"no peer could answer (peers: {names})", code="model_unavailable"),
-                           headers=[(b"retry-after", b"5")])  # fmt: skip
-        finally:
-            gone.cancel()
+        # A peer that hangs (stopped, its link cut under a pooled connection) gives way after this.
+        wait = first_token or self.sup.config.load_wait
+        for peer in fed.candidates(tenant):
+            try:
+                code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, wait,
+                                                  {**(x_zoo or {}), "host": peer.host}, committed_to, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
+            except _Fallback as exc:
+                log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
+                fed.failed(peer)
+                tried.append(f"{peer.host}: {exc}")
+                continue
+            fed.answered(peer, code)
+            return code
+        names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
+        raise _Fallback(f"no peer could answer (peers: {names})", "peers")
 
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
@@ -572,6 +605,19 @@ class Router:
             for i, tenant in enumerate(routed.tenants):
                 last = i == len(routed.tenants) - 1
                 body = json.dumps({**routed.document, "model": tenant}).encode()
+                if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
+                    if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
+                        failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
+                        routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
+                        continue
+                    try:
+                        await self._peer_attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
+                                                 functools.partial(routed.answered, tenant, self.metrics), routed.route.first_token_seconds)  # fmt: skip
+                    except _Fallback as exc:
+                        failure = (503, f"{tenant}: {exc}")
+                        routed.fell(tenant, str(exc), self.metrics, exc.kind)
+                        continue
+                    return
                 wait = self.sup.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
                 placing = asyncio.ensure_future(self._place(tenant, priority))
                 try:
@@ -619,14 +665,15 @@ class Router:
             return 499
         try:
             if response.status_code >= 500 or response.status_code in passes:
-                raise _Fallback(f"answered {response.status_code}: {_message_of(await response.aread())}", "failed")
+                raise _Fallback(f"answered {response.status_code}: {_message_of(await _read(response, MAX_ANSWER))}", "failed")
             out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
             if not stream or response.status_code != 200:
-                data = await response.aread()
+                data = await _read(response, MAX_ANSWER)
                 if response.status_code == 200:
-                    document = json.loads(data)
-                    document["x_zoo"] = {**document.get("x_zoo", {}), **x_zoo}
-                    data = json.dumps(document).encode()
+                    try:
+                        data = json.dumps(_merged(json.loads(data), x_zoo)).encode()
+                    except ValueError as exc:
+                        raise _Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
                     committed_to()
                 await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
                 await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -654,6 +701,11 @@ class Router:
                     await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}")
                     return 502
                 buffer += data
+                if len(buffer) > MAX_ANSWER:  # one event this large is no chunk of ours
+                    if not committed:
+                        raise _Fallback(f"an event larger than {MAX_ANSWER} bytes", "failed")
+                    await self._stream_error(send, 502, "the answer sent an oversized event")
+                    return 502
                 *events, buffer = buffer.split(b"\n\n")
                 for event in events:
                     if not committed:
@@ -868,6 +920,19 @@ class _WorkerFailed(Exception):
     """The worker failed before its answer started: the request may go again."""
 
 
+async def _read(response: httpx.Response, limit: int) -> bytes:
+    """A body, at most ``limit`` bytes (a peer's answer is input); ``_Fallback`` when the read fails or passes it."""
+    data = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limit:
+                raise _Fallback(f"an answer larger than {limit} bytes", "failed")
+    except (httpx.HTTPError, OSError) as exc:
+        raise _Fallback(f"the answer broke off ({type(exc).__name__})", "crashed") from exc
+    return bytes(data)
+
+
 def _message_of(body: bytes) -> str:
     try:
         return str(json.loads(body)["error"]["message"])
@@ -924,12 +989,27 @@ def _first_token(event: bytes) -> bool:
         document = json.loads(data)
     except ValueError:
         return True
-    if "error" in document:
-        return True
-    for choice in document.get("choices") or []:
-        if choice.get("finish_reason") or choice.get("text") or (choice.get("delta") or {}).get("content"):
+    if not isinstance(document, dict) or "error" in document:
+        return True  # not a chunk we know: it is the answer's, so it commits (never a second model's continuation)
+    for choice in _choices(document):
+        delta = choice.get("delta")
+        if choice.get("finish_reason") or choice.get("text") or (isinstance(delta, dict) and delta.get("content")):
             return True
     return False
+
+
+def _choices(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chunk's choices that are objects (a peer's answer is input like any other)."""
+    choices = document.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _merged(document: Any, x_zoo: dict[str, Any]) -> Any:
+    """``document`` with ``x_zoo`` added to its own (replaced when that is not an object)."""
+    if isinstance(document, dict):
+        own = document.get("x_zoo")
+        document["x_zoo"] = {**(own if isinstance(own, dict) else {}), **x_zoo}
+    return document
 
 
 def _with_x_zoo(event: bytes, x_zoo: dict[str, Any]) -> bytes:
@@ -940,7 +1020,6 @@ def _with_x_zoo(event: bytes, x_zoo: dict[str, Any]) -> bytes:
         document = json.loads(event[6:])
     except ValueError:
         return event
-    if not any(c.get("finish_reason") for c in document.get("choices") or []):
+    if not isinstance(document, dict) or not any(c.get("finish_reason") for c in _choices(document)):
         return event
-    document["x_zoo"] = {**document.get("x_zoo", {}), **x_zoo}
-    return b"data: " + json.dumps(document).encode()
+    return b"data: " + json.dumps(_merged(document, x_zoo)).encode()

@@ -39,7 +39,7 @@ from zoo_agent.resident.transcript import (
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 from zoo_agent.store.zoo import now
 
-__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "valid_id"]
+__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "session_lock", "valid_id"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -78,6 +78,18 @@ def cache_files(kv_dir: Path, sid: str) -> list[Path]:
         return sorted(p for p in kv_dir.iterdir() if p.name == f"{sid}.safetensors" or (p.name.startswith(f"{sid}+") and p.suffix == ".safetensors"))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+@contextmanager
+def session_lock(sessions_dir: Path) -> Iterator[None]:
+    """The lock of a route's sessions directory (``.lock``, flock): commits and deletes take it."""
+    sessions_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    fd = os.open(sessions_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Sessions:
@@ -153,12 +165,8 @@ class Sessions:
         if self.route is None:  # one worker, and its one model thread, writes a tenant's sessions
             yield
             return
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with session_lock(self.dir):
             yield
-        finally:
-            os.close(fd)
 
     def delete(self, sid: str) -> bool:
         found = False

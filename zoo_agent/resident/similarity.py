@@ -81,7 +81,10 @@ class Similarity:
         """({task: cosine similarity of ``text``}, None), or ({}, why) when the route cannot measure."""
         if self.executor is None:
             return {}, "no embedding model is loaded for this route"
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._scores, route, text)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._scores, route, text)
+        except Exception as exc:  # noqa: BLE001 - an embedder that fails (or shut down at stop) means: no similarity, not a 500
+            return {}, f"embedding failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
     def close(self) -> None:
         if self.executor is not None:
