@@ -71,6 +71,7 @@ class Federation:
         self.views: dict[tuple[str, str], View] = {}
         self.polled = asyncio.Event()
         self.clients: dict[str, httpx.AsyncClient] = {}
+        self.watchers: dict[str, set[asyncio.Future[str]]] = {}  # host -> attempts to give up when a poll finds it gone
         r = registry
         self.requests = Counter("zoo:peer_requests", "Requests delegated to a peer, by the status it answered.", ["peer", "tenant", "code"], registry=r)
         self.refusals = Counter("zoo:peer_refusals", "Peers not used for a tenant, by why (wrong_version, digest_differs, not_served, "
@@ -182,6 +183,15 @@ class Federation:
                 why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
                 self._view(p, "refused", why, state.replace(" ", "_"))
 
+    def watch(self, host: str) -> asyncio.Future[str]:
+        """Resolved (with the state) when a poll finds ``host`` unreachable or refusing: its attempts give way."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.watchers.setdefault(host, set()).add(future)
+        return future
+
+    def unwatch(self, host: str, future: asyncio.Future[str]) -> None:
+        self.watchers.get(host, set()).discard(future)
+
     def _view_of(self, peer: Peer) -> View:
         """The last poll's word on ``peer``, if it was about what this index pins now."""
         view = self.views.get(peer.key)
@@ -196,6 +206,10 @@ class Federation:
             elif old is not None and old.state != "unknown":
                 log.info("peer %s for %s: usable again", peer.host, peer.tenant)
         self.views[peer.key] = View(state, reason, peer.digest)
+        if state != "ok":
+            for future in self.watchers.pop(peer.host, set()):
+                if not future.done():
+                    future.set_result(state + (f" ({reason})" if reason else ""))
 
     def report(self) -> dict[str, Any]:
         """``/health``'s ``peers``: per host, its worst state over its tenants."""

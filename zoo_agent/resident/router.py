@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.federation import PEER_HEADER, Federation
 from zoo_agent.resident.gate import Gate
-from zoo_agent.resident.peers import pinned, tenant_digest
+from zoo_agent.resident.peers import Peer, pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
 from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
 from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files, session_lock
@@ -581,8 +581,8 @@ class Router:
         wait = first_token or self.sup.config.load_wait
         for peer in fed.candidates(tenant):
             try:
-                code = await self._pipe_committed(fed.client(peer.endpoint), scope["path"], headers, body, send, gone, stream, wait,
-                                                  {**(x_zoo or {}), "host": peer.host}, committed_to, passes=frozenset({401, 403, 404, 429}))  # fmt: skip
+                code = await self._one_peer(peer, scope["path"], headers, body, send, gone, stream, wait, {**(x_zoo or {}), "host": peer.host},
+                                            committed_to)  # fmt: skip
             except _Fallback as exc:
                 log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
                 fed.failed(peer)
@@ -592,6 +592,37 @@ class Router:
             return code
         names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
         raise _Fallback(f"no peer could answer (peers: {names})", "peers")
+
+    async def _one_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
+                        stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
+        """One delegated exchange, given up when a poll finds the peer gone: before its first token
+        that is the next peer's turn (a stopped peer still accepts, and would hold the request for
+        ``wait``); after it, the stream ends with an error event."""
+        fed, committed = self.federation, False
+
+        def commit() -> None:
+            nonlocal committed
+            committed = True
+            committed_to()
+
+        attempt: asyncio.Future[int] = asyncio.ensure_future(self._pipe_committed(fed.client(peer.endpoint), target, headers, body, send, gone, stream, wait, x_zoo,
+                                                             commit, passes=frozenset({401, 403, 404, 429})))  # fmt: skip
+        lost = fed.watch(peer.host)
+        try:
+            either: set[asyncio.Future[Any]] = {attempt, lost}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fed.unwatch(peer.host, lost)
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()  # closing its connection
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await attempt
+        why = f"the poll found it {lost.result()}"
+        if committed:
+            await self._stream_error(send, 502, f"peer {peer.host} stopped answering midway ({why})")
+            return 502
+        raise _Fallback(why, "crashed")
 
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
