@@ -28,16 +28,16 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
+
+from tests.notify import Notify
 
 __all__ = ["MIRROR_ADDRESS", "PORT", "SUBNET", "Host", "HostResident", "Network", "network", "unavailable", "wait_until"]
 
@@ -230,23 +230,12 @@ class HostResident:
         self.net, self.host, self.root = net, net.hosts[hid], root
         self.notify_path = net.work / f"notify-{hid}.sock"
         self.notify_path.unlink(missing_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.notify_path))
-        self.messages: list[dict[str, str]] = []
-        threading.Thread(target=self._listen, daemon=True).start()
+        self.notify = Notify(self.notify_path)
         self.log_path = net.work / f"resident-{hid}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = net.spawn(hid, sys.executable, "-m", "zoo_agent", "resident", "--root", root, "--index", index, "--host", hid,
                               "--listen", f"{self.host.address}:{PORT}", *extra, log=self.log,
                               env={"NOTIFY_SOCKET": str(self.notify_path), **(env or {})})  # fmt: skip
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536).decode()
-            except OSError:
-                return
-            self.messages.append(dict(line.split("=", 1) for line in data.split("\n") if "=" in line))
 
     @property
     def url(self) -> str:
@@ -258,14 +247,14 @@ class HostResident:
         def found() -> dict[str, str] | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.host.id}: the resident exited ({self.proc.returncode}); its log: {self.tail()}")
-            return next((m for m in self.messages[after:] if predicate(m)), None)
+            return next((m for _, m in self.notify.messages[after:] if predicate(m)), None)
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (message := found()) is not None:
                 return message
             time.sleep(0.05)
-        raise TimeoutError(f"{self.host.id}: no such sd_notify message within {timeout:.0f}s; got {self.messages[after:][-5:]}; log: {self.tail()}")
+        raise TimeoutError(f"{self.host.id}: no such sd_notify message within {timeout:.0f}s; got {[m for _, m in self.notify.messages[after:]][-5:]}; log: {self.tail()}")
 
     def wait_ready(self, timeout: float = 180) -> dict[str, str]:
         return self.wait(lambda m: m.get("READY") == "1", timeout)
@@ -292,7 +281,7 @@ class HostResident:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
         self.kill()
-        self.sock.close()
+        self.notify.sock.close()
         self.log.close()
 
 

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import World
+from tests.notify import Notify
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
@@ -27,38 +28,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
     out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-class Notify:
-    """A datagram socket standing in for systemd's: records every sd_notify message."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        threading.Thread(target=self._listen, daemon=True).start()
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536).decode()
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
-            self.messages.append((time.monotonic(), fields))
-
-    def wait(self, pred: Callable[[dict[str, str]], bool], timeout: float = 60, after: int = 0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for _, fields in self.messages[after:]:
-                if pred(fields):
-                    return fields
-            time.sleep(0.05)
-        raise AssertionError(f"no such sd_notify message within {timeout}s; got {[m for _, m in self.messages]}")
-
-    def keys(self) -> list[str]:
-        return [k for _, m in self.messages for k in m]
 
 
 def _free_port() -> int:
