@@ -263,6 +263,11 @@ def _weights_fit(idx: Index) -> Iterator[Problem]:
             yield from check_host(idx, hid, {}, weights_only=True)
 
 
+def _accepting(idx: Index) -> dict[str, list[str]]:
+    """For each tenant, the hosts that serve it and accept it from peers (issue #22)."""
+    return {tid: [hid for hid, h in idx.hosts.items() if tid in h.accept_from_peers and tid in h.served()] for tid in idx.tenants}
+
+
 def _routes(idx: Index) -> Iterator[Problem]:
     """A route names served tenants (never a route: no chains, so no cycles) and has no rule that can never match."""
     for rid, route in idx.routes.items():
@@ -295,6 +300,7 @@ def _routes(idx: Index) -> Iterator[Problem]:
             if w == type(w)():
                 always = i
         yield from _route_embedding(idx, rid, route)
+    accepting = _accepting(idx)
     for hid, host in idx.hosts.items():
         served = set(host.served())
         for i, rid in enumerate(host.routes):
@@ -302,10 +308,9 @@ def _routes(idx: Index) -> Iterator[Problem]:
             if entry is None:
                 yield Problem(pointer(("hosts", hid, "routes", i)), _unknown("route", rid, idx.routes))
                 continue
-            named_here = [r.tenant for r in entry.rules] + [entry.default, *entry.fallback] + ([entry.summarizer] if entry.summarizer else [])
+            named_here = entry.tenants() + ([entry.summarizer] if entry.summarizer else [])
             # A tenant another host answers for peers is served through it (issue #22).
-            by_peers = {t for other, h in idx.hosts.items() if other != hid and h.endpoint for t in h.accept_from_peers if t in h.served()}
-            missing = [t for t in dict.fromkeys(named_here) if t not in served and t not in by_peers]
+            missing = [t for t in dict.fromkeys(named_here) if t not in served and not set(accepting.get(t, ())) - {hid}]
             if missing:
                 yield Problem(pointer(("hosts", hid, "routes", i)),
                               f"route '{rid}' names tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which host {hid} does not serve "
@@ -378,7 +383,7 @@ def _peers(idx: Index) -> Iterator[Problem]:
             first.setdefault(tid, i)
         if host.accept_from_peers and host.endpoint is None:
             yield Problem(pointer(("hosts", hid, "accept_from_peers")), f"peers cannot reach host {hid}: set /hosts/{hid}/endpoint, or accept nothing")
-    accepting = {tid: [hid for hid, h in idx.hosts.items() if tid in h.accept_from_peers and tid in h.served()] for tid in idx.tenants}
+    accepting = _accepting(idx)
     for tid, tenant in idx.tenants.items():
         if tenant.overflow != "peers":
             continue

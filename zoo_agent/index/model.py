@@ -327,6 +327,10 @@ class RouteEntry(_Strict):
         "(the summary is kept in the session and reused); none: those turns are left out, with a marker.",
     )
 
+    def tenants(self) -> list[str]:
+        """Every tenant the route may send a request to, once each: the rules', the default, the fallbacks."""
+        return list(dict.fromkeys([*(r.tenant for r in self.rules), self.default, *self.fallback]))
+
 
 class Retention(_Strict):
     """How much history each artifact keeps on this host."""

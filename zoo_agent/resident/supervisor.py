@@ -185,7 +185,7 @@ class Supervisor:
         found = []
         for rid in host.routes:
             route = idx.routes.get(rid)
-            if route is not None and tid in {r.tenant for r in route.rules} | {route.default, *route.fallback}:
+            if route is not None and tid in route.tenants():
                 found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer))
         return tuple(found)
 
