@@ -19,7 +19,7 @@ from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import ID_PATTERN
-from zoo_agent.resident.sessions import cache_files
+from zoo_agent.resident.sessions import cache_files, remove_session
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, write_atomic
 
@@ -222,8 +222,7 @@ def prune_cmd(target: Target, tenant: str | None, route: str | None, dry_run: bo
     doomed = [r["id"] for i, r in enumerate(rows) if i >= keep.keep or (r["updated"] or "") < cutoff.replace("+00:00", "Z")]
     if not dry_run:
         for sid in doomed:
-            for path in (base / "sessions" / f"{sid}.json", *cache_files(base / "kv-cache", sid)):
-                path.unlink(missing_ok=True)
+            remove_session(base, sid)
     if as_json:
         emit_json({kind: tid, "dry_run": dry_run, "removed": doomed, "kept": len(rows) - len(doomed), "damaged": [d["file"] for d in damaged]})
     else:

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from zoo_agent.resident.transcript import (
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 from zoo_agent.store.zoo import now
 
-__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "session_lock", "valid_id"]
+__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "remove_session", "session_lock", "valid_id"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -78,6 +78,17 @@ def cache_files(kv_dir: Path, sid: str) -> list[Path]:
         return sorted(p for p in kv_dir.iterdir() if p.name == f"{sid}.safetensors" or (p.name.startswith(f"{sid}+") and p.suffix == ".safetensors"))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def remove_session(base_dir: Path, sid: str) -> bool:
+    """Delete a session's transcript and every cache of it under ``base_dir`` (a tenant's or a
+    route's directory; ``sid`` already valid); whether there was anything to delete."""
+    found = False
+    for path in (base_dir / "sessions" / f"{sid}.json", *cache_files(base_dir / "kv-cache", sid)):
+        with suppress(FileNotFoundError):
+            path.unlink()
+            found = True
+    return found
 
 
 @contextmanager
@@ -169,14 +180,7 @@ class Sessions:
             yield
 
     def delete(self, sid: str) -> bool:
-        found = False
-        for path in (self.path(sid), *cache_files(self.kv_dir, sid)):
-            try:
-                path.unlink()
-                found = True
-            except FileNotFoundError:
-                pass
-        return found
+        return remove_session(self.dir.parent, sid)
 
     def open_count(self) -> int:
         try:
