@@ -35,7 +35,7 @@ from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.peers import Peer, pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
 from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
-from zoo_agent.resident.sessions import ROUTE_HEADER, cache_files, session_lock
+from zoo_agent.resident.sessions import ROUTE_HEADER, remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
 
@@ -111,14 +111,6 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})  # fmt: skip
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _has_session(body: bytes) -> bool:
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(document, dict) and document.get("session") is not None
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -348,7 +340,7 @@ class Router:
             return
         assert tenant is not None
         if tenant not in self.sup.slots and tenant not in self.routes and path in GENERATE:  # served by peers only (_tenant_of checked)
-            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True)
+            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None)
             return
         if path.startswith("/v1/sessions/") and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
@@ -374,7 +366,7 @@ class Router:
         if route is not None:
             await self._forward_routed(scope, receive, send, routed, priority, stream)
             return
-        await self._forward(scope, receive, send, body, tenant, priority, stream)
+        await self._forward(scope, receive, send, body, tenant, priority, stream, session=document.get("session") is not None)
 
     async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any]) -> _Routed:
         """The route's decision; the message is embedded only when a similarity rule would be tried."""
@@ -442,12 +434,8 @@ class Router:
         except SessionError as exc:
             return _error(400, str(exc), param="session")
         if method == "DELETE":
-            found = False
             with session_lock(sessions):  # a commit under way finishes first, or sees no session
-                for file in (path, *cache_files(sessions.parent / "kv-cache", sid)):
-                    with contextlib.suppress(FileNotFoundError):
-                        file.unlink()
-                        found = True
+                found = remove_session(sessions.parent, sid)
             if not found:
                 return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
             return 200, json.dumps({"id": sid, "object": "session.deleted", "deleted": True}).encode()
@@ -486,7 +474,8 @@ class Router:
         slot = self.sup.slots.get(tenant)
         return slot.priority if slot is not None else 0
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, priority: int, stream: bool) -> None:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, priority: int, stream: bool,
+                       session: bool = False) -> None:  # fmt: skip
         """Wait for a place, send the request, stream the answer back; a worker that fails before
         answering gets the request again once it is back (bounded), never a second model."""
         started = False  # our response's head is out
@@ -507,7 +496,7 @@ class Router:
             for attempt in range(3):
                 if not started and (why := self._overflows(scope, tenant)) is not None:
                     code = 0  # counted per peer
-                    await self._forward_peers(scope, receive, send, body, tenant, stream, why)
+                    await self._forward_peers(scope, receive, send, body, tenant, stream, why, session)
                     return
                 placing = asyncio.ensure_future(self._place(tenant, priority))
                 try:
@@ -518,7 +507,7 @@ class Router:
                     code = status
                     if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
                         code = 0
-                        await self._forward_peers(scope, receive, send, body, tenant, stream, message)
+                        await self._forward_peers(scope, receive, send, body, tenant, stream, message, session)
                         return
                     if started:
                         await self._stream_error(send, status, message)
@@ -550,10 +539,11 @@ class Router:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
     async def _forward_peers(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool,
-                             why: str | None = None) -> None:  # fmt: skip
+                             why: str | None = None, session: bool = False) -> None:  # fmt: skip
         """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
-        only while nothing was sent to the client; 503 naming every peer when none answers."""
-        if _has_session(body):  # its turns live here: a peer would answer without them, and keep its reply
+        only while nothing was sent to the client; 503 naming every peer when none answers.
+        ``session``: the body names one, which stays here (400)."""
+        if session:  # its turns live here: a peer would answer without them, and keep its reply
             await _respond(send, *_error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
             return
         gone = asyncio.ensure_future(_disconnected(receive))
