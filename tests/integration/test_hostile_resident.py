@@ -62,6 +62,30 @@ def test_a_tenant_that_is_a_path_is_refused_and_nothing_outside_the_zoo_changes(
     assert not (world.root / "resident").exists()  # nothing was created in the zoo either
 
 
+def test_a_route_that_is_a_path_is_refused_and_nothing_outside_the_zoo_changes(world: World, tmp_path: Path) -> None:
+    """The same for a route's sessions (issue #21): `--route` becomes a path component too."""
+    world.artifact("m", "v1", {"config.json": b"{}"})
+    doc = json.loads(world.index.read_text())
+    doc["routes"] = {"r": {"default": "t"}}
+    world.index.write_text(json.dumps(doc))
+    victim = make_victim(tmp_path / "victim")
+    (victim / "sessions").mkdir()
+    (victim / "sessions" / "precious.json").write_text(json.dumps(_session("precious")))
+    before = snapshot(victim)
+    upload = tmp_path / "upload.json"
+    upload.write_text(json.dumps(_session("precious")))
+    routes_dir = world.root / "resident" / "routes"
+    for route in [str(victim), os.path.relpath(victim, routes_dir), "../../../victim", "r/../../../../victim", "R", "", "r\n", "a/b"]:
+        for command in (["import", "--force", str(upload)], ["list"], ["show", "precious"], ["export", "precious"], ["prune"]):
+            result = world.raw("sessions", command[0], *world.args("--route", route, *command[1:]))
+            assert result.exit_code == 2, (route, command, result.output)
+            assert "not a route id" in _one_line_error(result), (route, command)
+    unknown = world.raw("sessions", "list", *world.args("--route", "nobody"))
+    assert unknown.exit_code == 2 and _one_line_error(unknown).endswith("no such route in " + str(world.index) + " (routes: r)")
+    assert snapshot(victim) == before
+    assert not (world.root / "resident").exists()
+
+
 # -- 2. session files are validated: refused at import, reported and skipped on disk ---------
 
 BROKEN_TURNS: list[tuple[Any, str, str]] = [
