@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.conftest import REPO
 from zoo_agent.index.checks import semantic_problems
 from zoo_agent.index.load import check_document
 from zoo_agent.index.model import Index, RouteEntry
@@ -178,3 +185,39 @@ def test_a_route_may_name_a_tenant_that_another_host_answers_for_peers() -> None
     problems = [p for p in semantic_problems(Index.model_validate(doc)) if "route" in p.pointer]
     assert [(p.pointer, p.message) for p in problems] == [
         ("/hosts/h/routes/0", "route 'r' names tenant large, which host h does not serve and no other host accepts from peers")]
+
+
+# -- issue #31: every rule is linear in the message ------------------------------------------
+
+#: The rules' code pattern before issue #31: ``\s*`` ran across blank lines from every line start (quadratic).
+_OLD_CODE_LINE = re.compile(r"(?m)^\s*(?:def |class |import |from \S+ import |#include|fn |func |public |function |const |let |var |SELECT |for \(|if \().*"
+                            r"|[;{]\s*$|=>")  # fmt: skip
+_PIECES = ["\n", " ", "\t", "\r", "\x0b", "\u00a0", ";", "{", "=", ">", "def ", "from x import ", "from ", "import ", "x", "#include", "if ("]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=14).map("".join))
+def test_the_linear_code_rule_matches_exactly_what_the_former_one_did(text: str) -> None:
+    assert features({"prompt": text}).code == ("```" in text or bool(_OLD_CODE_LINE.search(text)))
+
+
+#: 1 MiB messages that cost the former rules hours: blank lines, whitespace runs, a brace before them.
+PATHOLOGICAL = {"newlines": '"\\n" * N', "crlf": '"\\r\\n" * (N // 2)', "spaces": '" " * N', "tabs and lines": '("\\t" * 1000 + "\\n") * (N // 1001)',
+                "brace, blanks": '"{" + " " * (N - 2) + "x"', "semicolons and blanks": '(";" + " \\n" * 500 + "x") * (N // 1002)',
+                "from": '"from " + "x" * N', "words": '"ab " * (N // 3)'}  # fmt: skip
+
+
+def test_the_rules_take_a_pathological_1_mib_message_in_linear_time() -> None:
+    """In a child process, under a liveness timeout far above what linear costs (well under a
+    second each here) and far below what the former rules took (52 kB of newlines: tens of seconds)."""
+    cases = ", ".join(f"({name!r}, {expr})" for name, expr in PATHOLOGICAL.items())
+    script = f"""
+from zoo_agent.resident.routing import features
+N = 1 << 20
+for name, text in [{cases}]:
+    f = features({{"messages": [{{"role": "user", "content": text[:N]}}]}})
+    print(name, f.words, f.code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == len(PATHOLOGICAL)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -22,11 +22,13 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.backend import AUTO, AdapterError, Generated, TransformersBackend
 from zoo_agent.resident.backend import Request as GenRequest
 from zoo_agent.resident.engine import scheduler_for
@@ -246,15 +248,40 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _BoundedRequest(Request):
+    """A request whose body FastAPI reads with the one bounded JSON reader (issue #31): a body
+    nested 100,000 levels deep, not UTF-8 or not JSON is a 400 naming ``body`` and saying why."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads(await self.body())
+            except JSONRefused as exc:
+                raise StarletteHTTPException(400, detail=str(exc)) from None
+            except ValueError:  # Python's limit on an integer's digits, which jsonbound lets through
+                raise StarletteHTTPException(400, detail="not JSON we read (a number with too many digits)") from None
+        return self._json
+
+
+class _BoundedRoute(APIRoute):
+    """Every route's request is a ``_BoundedRequest`` (FastAPI's documented way to change how a body is read)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(_BoundedRequest(request.scope, request.receive))
+
+        return bounded
+
+
 def create_app(state: ServingState) -> FastAPI:
     app = FastAPI(title="model-zoo resident", version="1")
+    app.router.route_class = _BoundedRoute  # before the first route
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-            return _error(400, f"body: not JSON ({reason} at character {first['loc'][-1]})", param="body")
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return _error(400, f"{where}: {first['msg']}", param=where or None)
 

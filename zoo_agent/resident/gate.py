@@ -10,16 +10,26 @@
   required: a bare key was accepted), compared in constant time, checked before the body is read.
   A request from a peer (``X-Zoo-Peer``, issue #22) needs the fleet key instead, always: a
   host with no fleet key answers no peer, and a client key never passes for a peer's.
+- Answering before the body is read (413, 401): the rest of the body is read and thrown away
+  first, at most ``DRAIN_BYTES`` and ``DRAIN_SECONDS``, then the answer goes out (issue #31).
+  A server that closes a connection with unread bytes in it makes the kernel reset it, and
+  the reset takes the answer with it: a client still sending (``Connection: close``, HTTP/1.0)
+  saw a reset where a 413 was due. Past either bound the answer says ``Connection: close``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["Gate"]
+__all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "Gate"]
+
+#: How much of a refused body is read (and thrown away) so that its sender can read the answer.
+DRAIN_BYTES = 16 << 20
+DRAIN_SECONDS = 5.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -61,12 +71,15 @@ class Gate:
             await _reply(send, 400, "body: Transfer-Encoding and Content-Length together frame the body twice; send one of them",
                          param="body", code="ambiguous_framing", close=True)  # fmt: skip
             return
+        waits = any(k.lower() == b"expect" and v.strip().lower() == b"100-continue" for k, v in headers)  # sends only when asked
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > self.max_body:
-            await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large")
+            closing = int(lengths[0]) > DRAIN_BYTES or waits or not await _drain(receive)
+            await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large", close=closing)
             return
         if not self._authorized(scope, headers):
+            closing = not waits and not await _drain(receive)
             await _reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <key>)", param=None, code="invalid_api_key",
-                         kind="authentication_error", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
+                         kind="authentication_error", extra=[(b"www-authenticate", b"Bearer")], close=closing)  # fmt: skip
             return
         body = bytearray()
         while True:
@@ -75,11 +88,29 @@ class Gate:
                 return  # the client went away before its body arrived
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large")
+                closing = message.get("more_body", False) and not await _drain(receive)
+                await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large", close=closing)
                 return
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(bytes(body), receive), send)
+
+
+async def _drain(receive: Receive) -> bool:
+    """Read the rest of the body and throw it away: True when it ended within the bounds."""
+    read = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while read <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return False
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        pass
+    return False
 
 
 def _bearer(headers: list[tuple[bytes, bytes]], key: bytes) -> bool:

@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,10 +32,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.federation import PEER_HEADER, Federation
+from zoo_agent.jsonbound import loads
 from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.inbound import GENERATE, Host, Refused, parse_request
 from zoo_agent.resident.peers import Peer, pinned, tenant_digest
 from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
-from zoo_agent.resident.routing import candidates, choose, features, last_user_text, needs_similarity
+from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
 from zoo_agent.resident.sessions import ROUTE_HEADER, remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
@@ -65,7 +68,13 @@ HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"up
 #: The request headers a delegated request keeps (with the fleet key and X-Zoo-Peer added).
 TO_PEERS = frozenset({b"content-type", b"accept", HEADER.lower().encode(), b"user-agent"})
 HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
-GENERATE = ("/v1/chat/completions", "/v1/completions")
+#: Request or answer data up to this size is worked on in the router's loop (parsing 64 kB of
+#: JSON or running the route's rules over it takes well under a millisecond); more, on ``_WORK``.
+INLINE = 64 << 10
+#: Two threads for larger bodies, answers and events: at most two such parses at once (the memory
+#: bound, a few times 16 MiB at most), and the loop, which feeds the watchdog, never waits for one.
+_WORK = ThreadPoolExecutor(max_workers=2, thread_name_prefix="router-work")
+T = TypeVar("T")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -122,6 +131,26 @@ def _header(scope: Scope, name: str) -> str | None:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _bounded(size: int, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, whose cost is linear in ``size`` bytes of someone else's data: in the loop
+    when that is at most ``INLINE``, else on ``_WORK`` (the loop answers /health meanwhile)."""
+    if size <= INLINE:
+        return work(*args)
+    return await asyncio.get_running_loop().run_in_executor(_WORK, functools.partial(work, *args))
+
+
+def _features(route: RouteEntry, document: dict[str, Any]) -> tuple[Features, str | None]:
+    """The request's features for the route's rules, and its message when a similarity rule would be tried (to embed)."""
+    f = features(document)
+    if needs_similarity(route, f) and (text := last_user_text(document)).strip():
+        return f, text
+    return f, None
+
+
+def _with_model(document: dict[str, Any], tenant: str) -> bytes:
+    return json.dumps({**document, "model": tenant}).encode()
 
 
 class Router:
@@ -334,22 +363,23 @@ class Router:
             await _respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
             return
         from_peer = _header(scope, PEER_HEADER)
-        tenant, document, failure = self._tenant_of(scope, body, from_peer)
-        if failure is not None:
-            await _respond(send, *failure)
+        parse = functools.partial(parse_request, path, scope.get("query_string", b""), body, self._host(), from_peer=from_peer is not None)
+        parsed = await _bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
+        if isinstance(parsed, Refused):
+            await _respond(send, *_error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
-        assert tenant is not None
-        if tenant not in self.sup.slots and tenant not in self.routes and path in GENERATE:  # served by peers only (_tenant_of checked)
+        tenant, document = parsed.tenant, parsed.document
+        if tenant not in self.sup.slots and tenant not in self.routes and path in GENERATE:  # served by peers only (parse_request checked)
             await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None)
             return
-        if path.startswith("/v1/sessions/") and tenant in self.routes:
+        if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
-            answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, path.removeprefix("/v1/sessions/"), method)
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, parsed.session, method)
             await _respond(send, *answer)
             return
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
-            routed = await self._choose(tenant, route, document)
+            routed = await self._choose(tenant, route, document, len(body))
             tenant = routed.tenants[0] if routed.tenants else routed.chosen
         stream, priority = False, self._default_priority(tenant)
         if path in GENERATE and method == "POST":
@@ -368,62 +398,23 @@ class Router:
             return
         await self._forward(scope, receive, send, body, tenant, priority, stream, session=document.get("session") is not None)
 
-    async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any]) -> _Routed:
-        """The route's decision; the message is embedded only when a similarity rule would be tried."""
-        f, why = features(document), None
-        if needs_similarity(route, f) and (text := last_user_text(document)).strip():
+    async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any], size: int) -> _Routed:
+        """The route's decision; the message is embedded only when a similarity rule would be tried.
+        The features are linear in the message, ``size`` bytes of body: a large one is read off the loop."""
+        f, text = await _bounded(size, _features, route, document)
+        why = None
+        if text is not None:
             scores, why = await self.similarity.scores(rid, text)
-            f = features(document, scores)
+            f = replace(f, similarity=scores)
         choice = choose(route, f)
         tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots or self.federation.peers_of(t)]  # here, or at a peer
-        return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why)
+        return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why,
+                       size=size)  # fmt: skip
 
-    def _tenant_of(self, scope: Scope, body: bytes, from_peer: str | None = None) -> tuple[str | None, dict[str, Any], tuple[int, bytes] | None]:
-        """Which tenant a request is for (and its JSON body), or the error that says why it has none.
-        A tenant this host does not serve is its peers' (when the index names any); a request
-        from a peer is answered only for a tenant this host accepts from peers, and only here."""
-        path = scope["path"]
-        served = self.sup.order
-        if path in GENERATE or path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            try:
-                document = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return None, {}, _error(400, f"body: not JSON ({exc})", param="body")
-            if not isinstance(document, dict):
-                return None, {}, _error(400, "body: must be a JSON object", param="body")
-            key = "model" if path in GENERATE else "lora_name"
-            name = document.get(key)
-            if not isinstance(name, str):
-                return None, {}, _error(400, f"{key}: required, a string", param=key)
-            tenant = name.split(":", 1)[0]
-            if from_peer is not None:
-                if key != "model" or tenant not in self.federation.accepts or tenant not in served:
-                    return None, {}, _error(403, f"{key}: this host answers peers only for {', '.join(sorted(self.federation.accepts)) or 'no tenant'}",
-                                            param=key, code="peer_not_accepted")  # fmt: skip
-                return tenant, document, None
-            if key == "model" and name in self.routes:
-                return name, document, None
-            if key == "model" and tenant not in served and self.federation.peers_of(tenant):
-                return tenant, document, None
-            if key == "lora_name" and tenant not in served:
-                tenant = self.lora_tenant.get(name, tenant)
-            if tenant not in served:
-                names = ", ".join([*served, *self.routes])
-                return None, {}, _error(404, f"{key}: '{name[:100]}' is not served by this host (models: {names})", param=key,
-                                        code="model_not_found")  # fmt: skip
-            return tenant, document, None
-        if path.startswith("/v1/sessions/"):
-            query = dict(part.split("=", 1) for part in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in part)
-            tenant = query.get("model", served[0] if served else "").split(":", 1)[0]
-            if from_peer is not None:
-                return None, {}, _error(403, "sessions: a peer may only ask for generations", param="model", code="peer_not_accepted")
-            if tenant in self.routes:
-                return tenant, {}, None  # a route's session: read here, from the zoo (issue #21)
-            if tenant not in served:
-                return None, {}, _error(404, f"model: '{tenant[:100]}' is not served by this host (tenants: {', '.join(served)})", param="model",
-                                        code="model_not_found")  # fmt: skip
-            return tenant, {}, None
-        return None, {}, _error(404, "Not Found")
+    def _host(self) -> Host:
+        """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
+        fed = self.federation
+        return Host(self.sup.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant)
 
     def _route_session(self, route: str, sid: str, method: str) -> tuple[int, bytes]:
         """GET or DELETE a route's session. Its transcript is a file any of the route's workers
@@ -625,7 +616,7 @@ class Router:
         try:
             for i, tenant in enumerate(routed.tenants):
                 last = i == len(routed.tenants) - 1
-                body = json.dumps({**routed.document, "model": tenant}).encode()
+                body = await _bounded(routed.size, _with_model, routed.document, tenant)
                 if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
                     if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
                         failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
@@ -686,20 +677,23 @@ class Router:
             return 499
         try:
             if response.status_code >= 500 or response.status_code in passes:
-                raise _Fallback(f"answered {response.status_code}: {_message_of(await _read(response, MAX_ANSWER))}", "failed")
+                error = await _read(response, MAX_ANSWER)
+                raise _Fallback(f"answered {response.status_code}: {await _bounded(len(error), _message_of, error)}", "failed")
             out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
             if not stream or response.status_code != 200:
                 data = await _read(response, MAX_ANSWER)
+                try:  # an error answer says who gave it too (README: every answer)
+                    data = await _bounded(len(data), _answer_with, data, x_zoo, response.status_code == 200)
+                except ValueError as exc:
+                    raise _Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
                 if response.status_code == 200:
-                    try:
-                        data = json.dumps(_merged(json.loads(data), x_zoo)).encode()
-                    except ValueError as exc:
-                        raise _Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
                     committed_to()
                 await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
                 await send({"type": "http.response.body", "body": data, "more_body": False})
                 return response.status_code
-            committed, held, buffer = False, [], b""
+            # Linear in the answer whatever its chunks: each read is searched for an event's end once,
+            # and what arrives before the first token is held up to MAX_ANSWER bytes in all.
+            committed, held, held_bytes, buffer = False, [], 0, bytearray()
             reading = response.aiter_raw().__aiter__()
             while True:
                 timeout = None if committed or deadline is None else max(0.0, deadline - time.monotonic())
@@ -719,19 +713,25 @@ class Router:
                 except (httpx.TransportError, OSError) as exc:
                     if not committed:
                         raise _Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
-                    await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}")
+                    await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
                     return 502
+                seen = len(buffer)
                 buffer += data
-                if len(buffer) > MAX_ANSWER:  # one event this large is no chunk of ours
+                if len(buffer) > MAX_ANSWER or (not committed and held_bytes + len(buffer) > MAX_ANSWER):  # no answer of ours
                     if not committed:
-                        raise _Fallback(f"an event larger than {MAX_ANSWER} bytes", "failed")
-                    await self._stream_error(send, 502, "the answer sent an oversized event")
+                        raise _Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
+                    await self._stream_error(send, 502, "the answer sent an oversized event", x_zoo)
                     return 502
-                *events, buffer = buffer.split(b"\n\n")
+                end = buffer.rfind(b"\n\n", max(0, seen - 1))
+                if end < 0:
+                    continue
+                events = bytes(buffer[:end]).split(b"\n\n")
+                del buffer[: end + 2]
                 for event in events:
                     if not committed:
                         held.append(event)
-                        if not _first_token(event):
+                        held_bytes += len(event)
+                        if not await _bounded(len(event), _first_token, event):
                             continue
                         committed = True
                         committed_to()
@@ -740,10 +740,10 @@ class Router:
                     else:
                         events_out = [event]
                     for e in events_out:
-                        await send({"type": "http.response.body", "body": _with_x_zoo(e, x_zoo) + b"\n\n", "more_body": True})
+                        await send({"type": "http.response.body", "body": await _bounded(len(e), _with_x_zoo, e, x_zoo) + b"\n\n", "more_body": True})
             if not committed:
                 raise _Fallback("its answer ended before a first token", "failed")
-            await send({"type": "http.response.body", "body": buffer, "more_body": False})
+            await send({"type": "http.response.body", "body": bytes(buffer), "more_body": False})
             return 200
         finally:
             await response.aclose()
@@ -752,9 +752,9 @@ class Router:
                         gone: asyncio.Future[None], timeout: float | None = None) -> httpx.Response | None:  # fmt: skip
         """Send the request to the worker; its response head, or None when the client left first.
         A non-streaming answer's head comes only when it is complete: the client is watched
-        meanwhile, so one that leaves closes the worker's connection and so cancels its generation."""
-        request = client.build_request(method, target, headers=headers, content=body)
-        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(client.send(request, stream=True))
+        meanwhile, so one that leaves closes the worker's connection and so cancels its generation.
+        Every forwarding path (plain, routed, peer) sends through here, so each gets ``_send``'s one retry."""
+        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(_send(client, method, target, headers, body))
         waiting: set[asyncio.Future[Any]] = {sending, gone}
         await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not sending.done():
@@ -802,8 +802,11 @@ class Router:
                 out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
                 await send({"type": "http.response.start", "status": response.status_code, "headers": out})
             elif response.status_code != 200:  # our 200 and SSE comments went out already
-                error = (await response.aread())[:4000]
-                await self._stream_error(send, response.status_code, _message_of(error))
+                try:
+                    error = await _read(response, 64 << 10)
+                except _Fallback as exc:  # too long, or it broke off: what we can say of it
+                    error = str(exc).encode()
+                await self._stream_error(send, response.status_code, await _bounded(len(error), _message_of, error))
                 return response.status_code
             reading = response.aiter_raw().__aiter__()
             while True:
@@ -829,8 +832,10 @@ class Router:
         finally:
             await response.aclose()
 
-    async def _stream_error(self, send: Send, status: int, message: str) -> None:
-        event = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "param": None, "code": status}}
+    async def _stream_error(self, send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
+        """The stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
+        event: dict[str, Any] = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "param": None,
+                                           "code": status}, **({"x_zoo": x_zoo} if x_zoo else {})}  # fmt: skip
         await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), "more_body": False})
 
     # -- what the router answers itself ------------------------------------------------------------
@@ -929,6 +934,43 @@ class _Static:
         return []
 
 
+class _Trace:
+    """httpcore's trace extension: which steps of one exchange began, ended or failed."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        self.seen.add(name.split(".", 1)[-1])  # 'http11.send_request_body.failed' -> 'send_request_body.failed'
+
+    def unsent(self) -> bool:
+        """Nothing of an answer came, and the server cannot have read the request: it went out on a
+        pooled connection (one the server closed as we took it: a worker does after its 500s),
+        or writing it failed. A request on a connection made for it that got no answer may have
+        been acted on: that one is not sent again here (the callers decide, knowing the tenant)."""
+        if "receive_response_headers.complete" in self.seen:
+            return False
+        connected = "connect_tcp.started" in self.seen or "connect_unix_socket.started" in self.seen
+        failed_write = "send_request_headers.failed" in self.seen or "send_request_body.failed" in self.seen
+        return not connected or failed_write
+
+
+async def _send(client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> httpx.Response:
+    """The answer's head; a request that failed before it was sent goes once more. httpcore drops
+    the failed connection, so the second try takes a connection that passed its readability check,
+    or a new one (issue #31: after a worker's 500 the next request failed with ReadError)."""
+    for attempt in (1, 2):
+        trace = _Trace()
+        request = client.build_request(method, target, headers=headers, content=body, extensions={"trace": trace})
+        try:
+            return await client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            if attempt == 2 or isinstance(exc, httpx.TimeoutException) or not trace.unsent():
+                raise
+            log.info("%s %s: the connection failed before the request was sent (%s); sending it once more", method, target, type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
 class _Refused(Exception):
     """The tenant cannot be served now (it does not fit, failed to load or fetch, is gone): 503."""
 
@@ -955,10 +997,26 @@ async def _read(response: httpx.Response, limit: int) -> bytes:
 
 
 def _message_of(body: bytes) -> str:
+    """An error answer's message, on one line of at most 400 characters (a peer's answer is input)."""
     try:
-        return str(json.loads(body)["error"]["message"])
+        message = str(loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")[:400]
+        message = body.decode("utf-8", "replace")
+    return " ".join(message[:400].split())
+
+
+def _answer_with(data: bytes, x_zoo: dict[str, Any], required: bool) -> bytes:
+    """A whole JSON answer with ``x_zoo`` merged into it; ``ValueError`` when it is no JSON and ``required``
+    (a 200), else the bytes as they came (an error answer that is not ours to judge)."""
+    try:
+        document = loads(data)
+    except ValueError:
+        if required:
+            raise
+        return data
+    if not isinstance(document, dict) and not required:
+        return data
+    return json.dumps(_merged(document, x_zoo)).encode()
 
 
 class _Fallback(Exception):
@@ -983,6 +1041,7 @@ class _Routed:
     similarity_unavailable: str | None = None  # why similarity rules could not be evaluated
     fallback_from: str | None = None
     reason: str | None = None
+    size: int = 0  # the request body's bytes (what re-encoding it for each candidate costs)
 
     def fell(self, tenant: str, reason: str, metrics: _Metrics, kind: str) -> None:
         log.info("route %s: %s cannot answer (%s); trying the next candidate", self.id, tenant, reason)
@@ -1007,7 +1066,7 @@ def _first_token(event: bytes) -> bool:
     if not event.startswith(b"data: ") or data == b"[DONE]":
         return data == b"[DONE]"
     try:
-        document = json.loads(data)
+        document = loads(data)
     except ValueError:
         return True
     if not isinstance(document, dict) or "error" in document:
@@ -1034,13 +1093,13 @@ def _merged(document: Any, x_zoo: dict[str, Any]) -> Any:
 
 
 def _with_x_zoo(event: bytes, x_zoo: dict[str, Any]) -> bytes:
-    """The last chunk (the one with a finish_reason) says who answered (a route's tenant, a peer)."""
+    """The last chunk (the one with a finish_reason, or an error event) says who answered (a route's tenant, a peer)."""
     if not event.startswith(b"data: {"):
         return event
     try:
-        document = json.loads(event[6:])
+        document = loads(event[6:])
     except ValueError:
         return event
-    if not isinstance(document, dict) or not any(c.get("finish_reason") for c in _choices(document)):
+    if not isinstance(document, dict) or not ("error" in document or any(c.get("finish_reason") for c in _choices(document))):
         return event
     return b"data: " + json.dumps(_merged(document, x_zoo)).encode()

@@ -1,0 +1,126 @@
+"""The router's request parser (issue #31): whatever a client sends (random bytes, JSON nested
+100,000 levels deep or 100,000 wide, control characters in a session path) is a success or a
+4xx naming the field, never an exception (the router answered those with a 500)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zoo_agent.index.model import RouteEntry
+from zoo_agent.resident.inbound import GENERATE, LORA, SESSIONS, Host, Parsed, Refused, parse_request
+from zoo_agent.resident.routing import choose, features
+
+HOST = Host(served=["small", "large"], routes=["assistant"], accepts=["small"], has_peers=lambda t: t == "remote",
+            lora_tenant={"code": "small"})  # fmt: skip
+ROUTE = RouteEntry.model_validate({
+    "rules": [{"tenant": "large", "when": {"code": True}}, {"tenant": "large", "when": {"keywords": ["explain"]}},
+              {"tenant": "small", "when": {"max_words": 12, "max_messages": 4}}],
+    "default": "large",
+})  # fmt: skip
+
+
+def _check(result: Parsed | Refused) -> None:
+    if isinstance(result, Refused):
+        assert 400 <= result.status < 500, result
+        assert "\n" not in result.message and "\r" not in result.message and len(result.message) < 1000, result
+        return
+    assert isinstance(result.document, dict)
+    choose(ROUTE, features(result.document))  # the route's decision takes whatever the parse let through
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (b'{"model": "assistant", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body", "nests deeper than 64 levels"),
+        (b"[" * 100_000, "body", "nests deeper than 64 levels"),
+        (b'{"model": "small", "x": ' + b'{"a":' * 100_000 + b"}", "body", "nests deeper than 64 levels"),
+        (b'{"model": "small", "n": ' + b"1" * 5000 + b"}", "body", "too many digits"),
+        (b'{"model": "small", "temperature": NaN}', "body", "NaN is not a JSON number"),
+        (b"\xff{}", "body", "not UTF-8"),
+        (b"[]", "body", "must be a JSON object"),
+        (b'{"model": 5}', "model", "required, a string"),
+        (b'{"model": "no\\u0000body\\r\\n"}', "model", "is not served by this host"),
+    ],
+)
+def test_a_body_we_cannot_read_is_a_400_naming_it(body: bytes, param: str, says: str) -> None:
+    for path in GENERATE:
+        result = parse_request(path, b"", body, HOST)
+        assert isinstance(result, Refused) and result.param == param and says in result.message, result
+        assert result.status == (404 if says.startswith("is not served") else 400) and "\n" not in result.message
+
+
+@pytest.mark.parametrize("sid", ["a\x00b", "a\r\nSet-Cookie: x", "a\x7f", "", "../x", "a/b", "x" * 65, ".hidden", "a b", "\u00e9"])
+def test_a_session_id_that_is_not_one_is_a_400_before_it_reaches_a_url(sid: str) -> None:
+    for query in (b"model=small", b"model=assistant", b""):
+        result = parse_request(SESSIONS + sid, query, b"", HOST)
+        assert isinstance(result, Refused) and (result.status, result.param) == (400, "session"), (sid, result)
+        assert "\n" not in result.message and "\r" not in result.message
+
+
+def test_what_is_served_here_by_a_route_or_by_peers() -> None:
+    chat = json.dumps({"model": "small:code", "messages": []}).encode()
+    assert parse_request(GENERATE[0], b"", chat, HOST) == Parsed("small", {"model": "small:code", "messages": []})
+    assert parse_request(GENERATE[1], b"", b'{"model": "assistant"}', HOST) == Parsed("assistant", {"model": "assistant"})
+    assert parse_request(GENERATE[1], b"", b'{"model": "remote"}', HOST) == Parsed("remote", {"model": "remote"})
+    assert parse_request(LORA[0], b"", b'{"lora_name": "code"}', HOST) == Parsed("small", {"lora_name": "code"})
+    assert parse_request(SESSIONS + "s-1.a", b"model=assistant", b"", HOST) == Parsed("assistant", {}, "s-1.a")
+    assert parse_request(SESSIONS + "s", b"", b"", HOST) == Parsed("small", {}, "s")  # the first tenant
+    assert isinstance(parse_request(GENERATE[1], b"", b'{"model": "large"}', HOST, from_peer=True), Refused)  # not accepted from peers
+    assert parse_request(GENERATE[1], b"", b'{"model": "small"}', HOST, from_peer=True) == Parsed("small", {"model": "small"})
+    assert parse_request("/v1/embeddings", b"", b"{}", HOST) == Refused(404, "Not Found")
+
+
+_text = st.text(max_size=12) | st.sampled_from(["\ud800", "\x00", "\r\n", "explain", "def f():\n", "{", "small", "assistant", "remote"])
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=20,
+)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", 5]), "content": _json})
+_request = st.fixed_dictionaries(
+    {"model": st.sampled_from(["small", "large", "assistant", "remote", "nobody", "small:auto"]) | _json},
+    optional={"messages": st.lists(_message | _json, max_size=4) | _json, "prompt": _json, "stream": _json, "session": _json},
+)
+
+
+@st.composite
+def _deep_or_wide(draw: st.DrawFn) -> bytes:
+    """A request whose messages (or a field) nest up to 100,000 levels, or hold up to 100,000 items."""
+    depth = draw(st.sampled_from([1, 63, 64, 65, 1000, 100_000]))
+    width = draw(st.sampled_from([1, 1000, 100_000]))
+    inner = draw(st.sampled_from(["[", '{"a":', '[{"role":"user","content":']))
+    close = {"[": "]", '{"a":': "}", '[{"role":"user","content":': "}]"}[inner]
+    leaf = draw(st.sampled_from(['"x"', "1", "[]", "{}", "null", '"\\ud800"']))
+    nested = inner * depth + leaf + close * depth
+    wide = "[" + ",".join([leaf] * width) + "]"
+    field = draw(st.sampled_from(["messages", "prompt", "stop", "x"]))
+    return json.dumps({"model": draw(st.sampled_from(["small", "assistant"]))})[:-1].encode() + f', "{field}": {nested}, "w": {wide}}}'.encode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(path=st.sampled_from([*GENERATE, *LORA]), body=st.binary(max_size=64) | _request.map(lambda d: json.dumps(d).encode()) | _deep_or_wide(),
+       cut=st.integers(0, 8), peer=st.booleans())  # fmt: skip
+def test_random_bodies_are_parsed_or_refused_with_a_4xx(path: str, body: bytes, cut: int, peer: bool) -> None:
+    for data in (body, body[: len(body) - cut]):  # and cut short
+        _check(parse_request(path, b"", data, HOST, from_peer=peer))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sid=st.text(max_size=70), query=st.binary(max_size=40), peer=st.booleans())
+def test_random_session_paths_and_queries_are_parsed_or_refused_with_a_4xx(sid: str, query: bytes, peer: bool) -> None:
+    result = parse_request(SESSIONS + sid, query, b"", HOST, from_peer=peer)
+    _check(result)
+    if isinstance(result, Parsed):
+        assert result.session == sid and sid.isascii() and sid.isprintable() and "/" not in sid
+
+
+def test_a_document_the_parse_lets_through_never_breaks_the_decision() -> None:
+    odd: list[Any] = [{"messages": "x"}, {"messages": [None, 5, {"role": "user"}]}, {"messages": [{"role": "user", "content": ["a"]}]},
+                      {"prompt": ["a", "b"]}, {"prompt": None}, {"messages": []}]  # fmt: skip
+    for document in odd:
+        _check(parse_request(GENERATE[0], b"", json.dumps({"model": "assistant", **document}).encode(), HOST))

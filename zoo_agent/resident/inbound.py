@@ -1,0 +1,105 @@
+"""What a client's request asks for, read once: a pure function of its path, query and body (issue #31).
+
+The router's first look at a request, before anything is forwarded. Each request is parsed
+here once, and every way it can be wrong is a 4xx naming its field, never an exception:
+the body goes through the one bounded JSON reader (``jsonbound``: depth 64, so ``[[[…]]]``
+100,000 levels deep is a 400, not a ``RecursionError``), and a session id is checked before
+it becomes part of a URL (``%00`` or ``%0d%0a`` in a path made httpx refuse the URL: a 500).
+The work is linear in the body (at most the Gate's 1 MiB) and touches nothing but its
+arguments, so the router may run it on another thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zoo_agent.jsonbound import JSONRefused, loads
+from zoo_agent.resident.transcript import SessionError, valid_id
+
+__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Refused", "parse_request"]
+
+GENERATE = ("/v1/chat/completions", "/v1/completions")
+LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+SESSIONS = "/v1/sessions/"
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the host serves, as a request's parse needs it (a snapshot: the router's own dicts, never mutated in place)."""
+
+    served: Sequence[str]  # the tenants, in the index's order
+    routes: Collection[str]
+    accepts: Collection[str]  # tenants this host answers for peers
+    has_peers: Callable[[str], bool]  # whether the index names peers for a tenant
+    lora_tenant: Mapping[str, str]  # adapter id -> the tenant declaring it
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A request this host answers: its tenant (or route), its JSON body, the session id of its path."""
+
+    tenant: str
+    document: dict[str, Any]
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a request is answered with an error at once: its status and one line naming the field."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+def parse_request(path: str, query: bytes, body: bytes, host: Host, *, from_peer: bool = False) -> Parsed | Refused:
+    """Which tenant a request is for (and its JSON body), or why it has none.
+    A tenant this host does not serve is its peers' (when the index names any); a request
+    from a peer is answered only for a tenant this host accepts from peers, and only here."""
+    served = host.served
+    if path in GENERATE or path in LORA:
+        try:
+            document = loads(body)
+        except JSONRefused as exc:
+            return Refused(400, f"body: {exc}", "body")
+        except ValueError:  # Python's limit on an integer's digits, which jsonbound lets through
+            return Refused(400, "body: not JSON we read (a number with too many digits)", "body")
+        if not isinstance(document, dict):
+            return Refused(400, "body: must be a JSON object", "body")
+        key = "model" if path in GENERATE else "lora_name"
+        name = document.get(key)
+        if not isinstance(name, str):
+            return Refused(400, f"{key}: required, a string", key)
+        tenant = name.split(":", 1)[0]
+        if from_peer:
+            if key != "model" or tenant not in host.accepts or tenant not in served:
+                return Refused(403, f"{key}: this host answers peers only for {', '.join(sorted(host.accepts)) or 'no tenant'}", key, "peer_not_accepted")
+            return Parsed(tenant, document)
+        if key == "model" and name in host.routes:
+            return Parsed(name, document)
+        if key == "model" and tenant not in served and host.has_peers(tenant):
+            return Parsed(tenant, document)
+        if key == "lora_name" and tenant not in served:
+            tenant = host.lora_tenant.get(name, tenant)
+        if tenant not in served:
+            names = ", ".join([*served, *host.routes])
+            return Refused(404, f"{key}: {name[:100]!r} is not served by this host (models: {names})", key, "model_not_found")
+        return Parsed(tenant, document)
+    if path.startswith(SESSIONS):
+        if from_peer:
+            return Refused(403, "sessions: a peer may only ask for generations", "model", "peer_not_accepted")
+        try:  # before it goes into a URL or a file name: letters, digits, '_', '-', '.'
+            sid = valid_id(path.removeprefix(SESSIONS))
+        except SessionError as exc:
+            return Refused(400, str(exc), "session")
+        fields = dict(part.split("=", 1) for part in query.decode("latin-1").split("&") if "=" in part)
+        tenant = fields.get("model", served[0] if served else "").split(":", 1)[0]
+        if tenant in host.routes:
+            return Parsed(tenant, {}, sid)  # a route's session: read here, from the zoo (issue #21)
+        if tenant not in served:
+            return Refused(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
+        return Parsed(tenant, {}, sid)
+    return Refused(404, "Not Found")
