@@ -1,0 +1,131 @@
+"""What the router does with the exchanges it forwards (issue #31): a request a pooled connection
+never delivered goes once more on a fresh one (every path sends through ``_send``), and an
+answer's last event says who gave it, an error event too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from zoo_agent.resident.router import _answer_with, _send, _with_x_zoo
+
+ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}
+
+
+class Worker:
+    """A worker on a unix socket: answers its first request with ``status``, the others 200, keeping the connection,
+    except that ``close_on`` says which request of a connection (1 = its first) it closes
+    without answering, as a worker whose 500 closed the connection just as the next request came."""
+
+    def __init__(self, path: Path, close_on: int | None, status: int = 500) -> None:
+        self.path, self.close_on, self.status = path, close_on, status
+        self.connections = 0
+        self.answered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        count = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                count += 1
+                if count == self.close_on:
+                    return  # unread bytes and all: the kernel resets the connection
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                body = json.dumps({"n": self.answered}).encode()
+                status = self.status if self.answered == 0 else 200
+                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+                await writer.drain()
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _two_requests(worker: Worker) -> list[int | str]:
+    server = await asyncio.start_unix_server(worker.handle, path=str(worker.path))
+    out: list[int | str] = []
+    try:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(worker.path), retries=0), base_url="http://worker") as client:
+            for _ in range(2):
+                try:
+                    response = await _send(client, "POST", "/v1/chat/completions", [(b"content-type", b"application/json")], b'{"model": "t"}')
+                except httpx.TransportError as exc:
+                    out.append(type(exc).__name__)
+                    continue
+                await response.aread()
+                await response.aclose()
+                out.append(response.status_code)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return out
+
+
+def test_a_request_on_a_pooled_connection_the_worker_closed_goes_again_on_a_fresh_one(tmp_path: Path) -> None:
+    worker = Worker(tmp_path / "w.sock", close_on=2)  # its 500, then it closes as the next request comes
+    assert asyncio.run(_two_requests(worker)) == [500, 200]
+    assert worker.connections == 2 and worker.answered == 2
+
+
+def test_a_request_on_a_connection_made_for_it_is_not_sent_twice(tmp_path: Path) -> None:
+    """No answer on a fresh connection: the worker may have acted on it; the callers decide (failover, restart)."""
+    worker = Worker(tmp_path / "w.sock", close_on=1)
+    assert asyncio.run(_two_requests(worker)) == ["RemoteProtocolError", "RemoteProtocolError"]
+    assert worker.connections == 2 and worker.answered == 0  # one connection per request: none sent again
+
+
+@pytest.mark.parametrize(
+    ("event", "tagged"),
+    [
+        (b'data: {"choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]}', False),
+        (b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}', True),
+        (b'data: {"error": {"message": "CUDA out of memory", "type": "server_error", "code": 500}}', True),  # the stream's last event
+        (b"data: [DONE]", False),
+        (b'data: {"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", False),  # not JSON we read: passed on as it came
+    ],
+)
+def test_the_last_event_says_who_answered_an_error_event_too(event: bytes, tagged: bool) -> None:
+    out = _with_x_zoo(event, ROUTE)
+    assert (out != event) == tagged
+    if tagged:
+        assert json.loads(out[6:])["x_zoo"] == ROUTE
+
+
+def test_a_whole_answer_says_who_gave_it_an_error_too() -> None:
+    ok = json.loads(_answer_with(b'{"choices": [], "x_zoo": {"session": {"id": "s"}}}', ROUTE, True))
+    assert ok["x_zoo"] == {"session": {"id": "s"}, **ROUTE}
+    error = json.loads(_answer_with(b'{"error": {"message": "temperature: too high", "param": "temperature"}}', ROUTE, False))
+    assert error["x_zoo"] == ROUTE and error["error"]["param"] == "temperature"
+    assert _answer_with(b"Bad Gateway", ROUTE, False) == b"Bad Gateway"  # not ours to judge: as it came
+    with pytest.raises(ValueError):
+        _answer_with(b"[" * 100_000, ROUTE, True)  # a 200 that is no JSON we read: the next candidate's turn
+
+
+def test_trace_names_are_what_httpcore_sends() -> None:
+    """The retry decides from httpcore's trace events; a rename there would silently end it."""
+    seen: list[str] = []
+
+    async def run(path: Path) -> None:
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            seen.append(name)
+
+        worker = Worker(path, close_on=None, status=200)
+        server = await asyncio.start_unix_server(worker.handle, path=str(path))
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://w") as client:
+            await client.post("/", content=b"{}", extensions={"trace": trace})
+        server.close()
+        await server.wait_closed()
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp) / "w.sock"))
+    assert {"connection.connect_unix_socket.started", "http11.send_request_headers.started", "http11.receive_response_headers.complete"} <= set(seen)
