@@ -16,6 +16,11 @@ Time to first token is to the first data event with text (the role chunk does no
 routed answer holds it until the first token); total is to the end of the stream. p50s and
 ratios against the reference; p90s in the JSON. Loopback only; the loop is bounded by a count
 and a deadline; the resident gets SIGTERM, then SIGKILL of its process group.
+
+Hostile messages (issue #31): the route decision (the request's parse, the rules' features,
+the choice) for 1 MiB bodies of each pathological kind, in-process, against reading the same
+body with ``json.loads`` (the worst kind's median); and the slowest ``/health`` answer while
+those bodies go through the ``rules`` route at once, against ``/health`` when idle.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import AGENT, REQUEST_TIMEOUT, Resident, run, seconds, table  # noqa: E402
+from common import AGENT, MB, REQUEST_TIMEOUT, Resident, run, seconds, table, timed  # noqa: E402
 
 TEXT = "could you please review my python code for bugs and errors"
 TASK = "review this python code for bugs"
@@ -47,6 +52,67 @@ ROUTES = {  # every route chooses tenant a for TEXT (checked before measuring)
 }  # fmt: skip
 NAMES = {"a": "tenant by name", "rules": "route, word/keyword/code rules", "similar": "route, similarity (0-layer embedder)",
          "similar-l6": "route, similarity (MiniLM-L6 shape)"}  # fmt: skip
+
+
+#: 1 MiB bodies (JSON writes a newline or a tab in two bytes) that cost the former rules hours, and plain ones.
+HOSTILE = {"newlines": "\n" * (MB // 2 - 512), "blank lines of tabs": ("\t" * 1000 + "\n") * (MB // 2002 - 1),
+           "a brace, then blanks": "{" + " " * (MB - 1024) + "x", "words": "zoo " * (MB // 4 - 256),
+           "code lines": "x = f(y);\n" * (MB // 11 - 100)}  # fmt: skip
+
+
+def _hostile_body(text: str) -> bytes:
+    return json.dumps({"model": "rules", "messages": [{"role": "user", "content": text}], "max_tokens": 1}).encode()
+
+
+def decision(rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Per kind: the median route decision for its 1 MiB body (parse, features, choice), and json.loads of it."""
+    from zoo_agent.index.model import RouteEntry
+    from zoo_agent.resident.inbound import Host, Parsed, parse_request
+    from zoo_agent.resident.router import _features
+    from zoo_agent.resident.routing import choose
+
+    route = RouteEntry.model_validate(ROUTES["rules"])
+    host = Host(["a", "b"], list(ROUTES), [], lambda tenant: False, {})
+
+    def decide(body: bytes) -> str:
+        parsed = parse_request("/v1/chat/completions", b"", body, host)
+        assert isinstance(parsed, Parsed), parsed
+        return choose(route, _features(route, parsed.document)[0]).tenant
+
+    out = {}
+    for kind, text in HOSTILE.items():
+        body = _hostile_body(text)
+        assert len(body) <= MB, (kind, len(body))
+        out[kind] = {"decision_s": timed(lambda: decide(body), rounds), "json_loads_s": timed(lambda: json.loads(body), rounds), "bytes": len(body)}
+    return out
+
+
+def health_under_hostile(url: str) -> dict[str, Any]:
+    """The slowest /health answer while every hostile body goes through the rules route at once, and /health idle (p50 of 20)."""
+    import threading
+
+    import httpx
+
+    with httpx.Client() as http:
+        idle = timed(lambda: http.get(url + "/health", timeout=REQUEST_TIMEOUT), 20)
+        stop, seen, answers = threading.Event(), [], []
+
+        def ask(body: bytes) -> None:
+            with httpx.Client() as own:
+                answers.append(own.post(url + "/v1/chat/completions", content=body, timeout=REQUEST_TIMEOUT).status_code)
+
+        askers = [threading.Thread(target=ask, args=(_hostile_body(text),)) for text in HOSTILE.values()]
+        for asker in askers:
+            asker.start()
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        while any(a.is_alive() for a in askers) and time.monotonic() < deadline:
+            start = time.perf_counter()
+            http.get(url + "/health", timeout=REQUEST_TIMEOUT)
+            seen.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        for asker in askers:
+            asker.join(REQUEST_TIMEOUT)
+    return {"idle_p50_s": idle, "max_s": max(seen), "polls": len(seen), "answers": answers}
 
 
 def _entry(src: Path) -> dict[str, Any]:
@@ -121,9 +187,15 @@ def measure(url: str, requests: int) -> tuple[dict[str, dict[str, list[float]]],
     return samples, routes
 
 
-def rows_of(samples: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def rows_of(samples: dict[str, dict[str, list[float]]], decided: dict[str, dict[str, float]], health: dict[str, Any]) -> list[dict[str, Any]]:
     n = len(samples["a"]["ttft"])
-    rows = []
+    worst = max(decided, key=lambda kind: decided[kind]["decision_s"])
+    rows = [{"name": f"route decision for a 1 MiB message (parse, rules, choice; worst of {len(decided)} kinds: {worst})",
+             "ours_s": decided[worst]["decision_s"], "peer": "json.loads of the same body", "peer_s": decided[worst]["json_loads_s"],
+             "ratio": decided[worst]["decision_s"] / decided[worst]["json_loads_s"], "goal": "linear in the message (former rules: hours)"},
+            {"name": f"slowest /health while {len(HOSTILE)} hostile 1 MiB messages go through a route", "ours_s": health["max_s"],
+             "peer": "/health when idle, p50", "peer_s": health["idle_p50_s"], "ratio": health["max_s"] / health["idle_p50_s"],
+             "goal": "< 1 s (the loop never waits for a message)"}]  # fmt: skip
     for what, key in (("time to first token", "ttft"), ("total latency", "total")):
         peer = statistics.median(samples["a"][key])
         for t in ROUTES:
@@ -146,18 +218,20 @@ def main() -> None:
         try:
             r.wait_ready()
             samples, routes = measure(r.url, args.requests)
+            health = health_under_hostile(r.url)
         finally:
             r.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = rows_of(samples)
+    decided = decision()
+    rows = rows_of(samples, decided, health)
     print(table(rows))
     p90 = {t: {k: statistics.quantiles(xs, n=10)[-1] for k, xs in s.items()} for t, s in samples.items()}
     for t, q in p90.items():
         print(f"  p90 {NAMES[t]}: first token {seconds(q['ttft'])}, total {seconds(q['total'])}")
     print(f"({seconds(time.monotonic() - started)} in all, {os.cpu_count()} CPUs)")
     if args.json:
-        measured = {"routes": routes, "p90_s": p90, "samples_s": samples}
+        measured = {"routes": routes, "p90_s": p90, "samples_s": samples, "hostile_decision": decided, "hostile_health": health}
         args.json.write_text(json.dumps({"machine": {"cpus": os.cpu_count()}, "measured": measured, "rows": rows}, indent=2) + "\n")
 
 

@@ -10,6 +10,31 @@ its answer started is not the client's failure: the request waits for the restar
 
 It runs on its own thread and event loop inside the supervisor's process, so a model's
 crash, hang or OOM (in its worker) never stops it from answering ``/health``.
+
+That loop also feeds systemd's watchdog, so no request may hold it (issue #31: 52 kB of
+newlines through a route held it for tens of seconds). Every place where request or peer
+data is worked on in this loop, and its bound in time and memory:
+
+- request line and headers: uvicorn's h11 parser, at most 16 KiB; headers scanned once;
+- the body (``gate.py``): read up to ``MAX_BODY`` (1 MiB) into one buffer, a 413 past it; a
+  body refused before it ends is read and thrown away, at most 16 MiB and 5 s, no memory kept;
+- the parse (``inbound.parse_request``: the bounded JSON reader, depth 64; the session id;
+  the query, within the 16 KiB above), the route's features (linear regexes, no backtracking
+  across lines; transient memory a few times the message) and the body re-encoded for each
+  candidate: linear in the body, so in the loop up to ``INLINE`` (64 KiB: under a
+  millisecond), else on ``_WORK``'s two threads (at most two such at once: the memory bound);
+- embedding a message for a similarity rule: its own one-thread executor (``similarity.py``);
+  a route's session file (up to 64 MiB, validated): the default executor;
+- answers: a plain tenant's answer passes through chunk by chunk, unparsed; a routed or
+  delegated one (``_pipe_committed``) is searched for event ends once per chunk (linear),
+  holds at most ``MAX_ANSWER`` (16 MiB) before its first token and per event, and each
+  event or whole answer is parsed (``jsonbound``) by the same rule as the body (in the loop
+  up to 64 KiB, else on ``_WORK``); an error's message is cut to 400 characters;
+- peers' ``/health`` (``federation.py``): at most ``MAX_POLL_BYTES`` (4 MiB) each, within 2 s;
+- the workers' own ``/metrics`` text (not request data): parsed here, each scrape within 2 s.
+
+The number of open requests is not bounded here (uvicorn's ``limit_concurrency`` is unset):
+each holds at most its body (1 MiB), and waits in its tenant's bounded queue.
 """
 
 from __future__ import annotations
