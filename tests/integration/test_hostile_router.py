@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import World
+from tests.integration.test_hostile_resident import CHAT, app, ask, model_dir  # noqa: F401 - app and model_dir are fixtures
 from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
@@ -186,3 +187,23 @@ def test_a_routed_stream_that_ends_in_an_error_event_says_who_answered(resident:
                 break
         time.sleep(0.5)
     _serving(resident)
+
+
+# -- the worker's own parse: the same bounded reader ------------------------------------------------
+
+
+def test_the_worker_reads_bodies_with_the_bounded_reader(app: Any) -> None:  # noqa: F811 - the fixture imported above
+    """A body the router let through (a peer's, or one sent on the worker's socket) meets the same
+    reader in the worker: one line naming ``body`` and why, where FastAPI said only that parsing failed."""
+    deep = json.dumps({"model": "t"})[:-1].encode() + b', "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    shallow_but_past_64 = json.dumps({**CHAT, "extra": json.loads("[" * 65 + "]" * 65)}).encode()
+    digits = json.dumps(CHAT)[:-1].encode() + b', "seed": ' + b"9" * 5000 + b"}"
+    for body, says in ((deep, "nests deeper than 64 levels"), (shallow_but_past_64, "nests deeper than 64 levels"),
+                       (b"\xff{}", "not UTF-8"), (digits, "too many digits")):  # fmt: skip
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            (answer,) = ask(app, (path, body))
+            assert answer.status_code == 400, (path, says, answer.text[:300])
+            error = answer.json()["error"]
+            assert error["param"] == "body" and says in error["message"] and error["message"].startswith("body: "), error
+    (fine,) = ask(app, ("/v1/chat/completions", CHAT))
+    assert fine.status_code == 200
