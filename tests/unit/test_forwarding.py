@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from zoo_agent.resident.router import _answer_with, _send, _with_x_zoo
+from zoo_agent.resident.router import _answer_with, _first_token, _message_of, _send, _with_x_zoo
 
 ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}
 
@@ -129,3 +131,27 @@ def test_trace_names_are_what_httpcore_sends() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(Path(tmp) / "w.sock"))
     assert {"connection.connect_unix_socket.started", "http11.send_request_headers.started", "http11.receive_response_headers.complete"} <= set(seen)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["choices", "error", "delta", "finish_reason", "x_zoo",
+                                                                                                    "content", "text", "message"]), inner, max_size=3),
+                     max_leaves=12)  # fmt: skip
+_event = st.binary(max_size=40) | _json.map(lambda d: b"data: " + json.dumps(d).encode()) | st.sampled_from(
+    [b"data: " + b"[" * 100_000, b'data: {"error": ' + b"{" * 5000, b"data: [DONE]", b": comment", b"data: {\xff}"])
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=_event, required=st.booleans())
+def test_what_a_worker_or_peer_answers_is_read_without_an_exception(event: bytes, required: bool) -> None:
+    """The helpers that read an answer (a peer's is input like a client's) return, or refuse a 200 with ValueError."""
+    _first_token(event)
+    tagged = _with_x_zoo(event, ROUTE)
+    assert tagged == event or json.loads(tagged[6:])["x_zoo"]["route"] == ROUTE["route"]
+    message = _message_of(event)
+    assert "\n" not in message and len(message) <= 400
+    for body in (event, event.removeprefix(b"data: ")):
+        try:
+            _answer_with(body, ROUTE, required)
+        except ValueError:
+            assert required
