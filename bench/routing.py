@@ -75,7 +75,7 @@ def decision(rounds: int = 5) -> dict[str, dict[str, float]]:
     host = Host(["a", "b"], list(ROUTES), [], lambda tenant: False, {})
 
     def decide(body: bytes) -> str:
-        parsed = parse_request("/v1/chat/completions", b"", body, host)
+        parsed = parse_request("POST", "/v1/chat/completions", b"", body, host, content_type="application/json")
         assert isinstance(parsed, Parsed), parsed
         return choose(route, _features(route, parsed.document)[0]).tenant
 
@@ -99,7 +99,8 @@ def health_under_hostile(url: str) -> dict[str, Any]:
 
         def ask(body: bytes) -> None:
             with httpx.Client() as own:
-                answers.append(own.post(url + "/v1/chat/completions", content=body, timeout=REQUEST_TIMEOUT).status_code)
+                headers = {"content-type": "application/json"}
+                answers.append(own.post(url + "/v1/chat/completions", content=body, headers=headers, timeout=REQUEST_TIMEOUT).status_code)
 
         askers = [threading.Thread(target=ask, args=(_hostile_body(text),)) for text in HOSTILE.values()]
         for asker in askers:

@@ -27,6 +27,7 @@ pytest.importorskip("torch", reason="the resident extra is not installed (pip in
 ROUTE = {"rules": [{"tenant": "large", "when": {"code": True}}, {"tenant": "large", "when": {"keywords": ["explain"]}},
                    {"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}  # fmt: skip
 MIB = 1 << 20
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_pathological_1_mib_messages_through_a_route_leave_health_answering(resi
     def ask(text: str) -> None:
         body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": text}], "max_tokens": 1}).encode()
         assert MIB - 8192 < len(body) <= MIB
-        answers.append(httpx.post(resident.url + "/v1/chat/completions", content=body, timeout=300))
+        answers.append(httpx.post(resident.url + "/v1/chat/completions", content=body, headers=JSON, timeout=300))
 
     poller = threading.Thread(target=poll)
     poller.start()
@@ -120,7 +121,7 @@ def test_deep_json_is_a_400_naming_the_body(resident: Resident) -> None:
     for model in ("assistant", "small"):
         for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000, b"[" * 65 + b"]" * 65):
             body = json.dumps({"model": model})[:-1].encode() + b', "messages": ' + deep + b"}"
-            answer = httpx.post(resident.url + "/v1/chat/completions", content=body, timeout=60)
+            answer = httpx.post(resident.url + "/v1/chat/completions", content=body, headers=JSON, timeout=60)
             assert answer.status_code == 400, (model, answer.status_code, answer.text[:300])
             error = answer.json()["error"]
             assert error["param"] == "body" and "nests deeper than 64 levels" in error["message"], error
@@ -137,6 +138,21 @@ def test_a_session_path_with_control_characters_is_a_400_naming_the_session(resi
             assert answer.status_code == 400, (method, model, answer.status_code, answer.text[:300])
             assert answer.json()["error"]["param"] == "session"
     assert httpx.get(f"{resident.url}/v1/sessions/fine?model=small", timeout=60).status_code == 404  # a valid id that has no session
+    _serving(resident)
+
+
+def test_a_body_not_sent_as_json_or_by_another_method_is_refused_before_it_is_routed(resident: Resident) -> None:
+    """A browser's cross-site POST carries no JSON Content-Type; the router routed it (and would load
+    a tenant for it) and the worker answered a 400 naming nothing. A route forwarded PUT as POST."""
+    import httpx
+
+    body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+        answer = httpx.post(resident.url + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+        assert answer.status_code == 415 and answer.json()["error"]["param"] == "content-type", answer.text
+    for method in ("PUT", "GET", "DELETE"):
+        answer = httpx.request(method, resident.url + "/v1/chat/completions", content=body, headers=JSON, timeout=60)
+        assert answer.status_code == 405 and answer.json()["error"]["param"] == "method", (method, answer.text)
     _serving(resident)
 
 
@@ -207,3 +223,19 @@ def test_the_worker_reads_bodies_with_the_bounded_reader(app: Any) -> None:  # n
             assert error["param"] == "body" and says in error["message"] and error["message"].startswith("body: "), error
     (fine,) = ask(app, ("/v1/chat/completions", CHAT))
     assert fine.status_code == 200
+
+
+def test_the_worker_names_the_body_when_it_is_not_sent_as_json(app: Any) -> None:
+    """FastAPI does not read a body without Content-Type: application/json; its 400 named nothing (': Input should be …')."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zoo", timeout=60) as client:
+            return [await client.post("/v1/chat/completions", content=json.dumps(CHAT).encode(), headers=headers)
+                    for headers in ({}, {"content-type": "text/plain"})]  # fmt: skip
+
+    for answer in asyncio.run(run()):
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "body", answer.text
+        assert "Content-Type: application/json" in answer.json()["error"]["message"]

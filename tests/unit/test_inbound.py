@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from zoo_agent.index.model import RouteEntry
 from zoo_agent.resident.inbound import GENERATE, LORA, SESSIONS, Host, Parsed, Refused, parse_request
+
+JSON = "application/json"
 from zoo_agent.resident.routing import choose, features
 
 HOST = Host(served=["small", "large"], routes=["assistant"], accepts=["small"], has_peers=lambda t: t == "remote",
@@ -49,7 +51,7 @@ def _check(result: Parsed | Refused) -> None:
 )
 def test_a_body_we_cannot_read_is_a_400_naming_it(body: bytes, param: str, says: str) -> None:
     for path in GENERATE:
-        result = parse_request(path, b"", body, HOST)
+        result = parse_request("POST", path, b"", body, HOST, content_type=JSON)
         assert isinstance(result, Refused) and result.param == param and says in result.message, result
         assert result.status == (404 if says.startswith("is not served") else 400) and "\n" not in result.message
 
@@ -57,22 +59,22 @@ def test_a_body_we_cannot_read_is_a_400_naming_it(body: bytes, param: str, says:
 @pytest.mark.parametrize("sid", ["a\x00b", "a\r\nSet-Cookie: x", "a\x7f", "", "../x", "a/b", "x" * 65, ".hidden", "a b", "\u00e9"])
 def test_a_session_id_that_is_not_one_is_a_400_before_it_reaches_a_url(sid: str) -> None:
     for query in (b"model=small", b"model=assistant", b""):
-        result = parse_request(SESSIONS + sid, query, b"", HOST)
+        result = parse_request("GET", SESSIONS + sid, query, b"", HOST, content_type=None)
         assert isinstance(result, Refused) and (result.status, result.param) == (400, "session"), (sid, result)
         assert "\n" not in result.message and "\r" not in result.message
 
 
 def test_what_is_served_here_by_a_route_or_by_peers() -> None:
     chat = json.dumps({"model": "small:code", "messages": []}).encode()
-    assert parse_request(GENERATE[0], b"", chat, HOST) == Parsed("small", {"model": "small:code", "messages": []})
-    assert parse_request(GENERATE[1], b"", b'{"model": "assistant"}', HOST) == Parsed("assistant", {"model": "assistant"})
-    assert parse_request(GENERATE[1], b"", b'{"model": "remote"}', HOST) == Parsed("remote", {"model": "remote"})
-    assert parse_request(LORA[0], b"", b'{"lora_name": "code"}', HOST) == Parsed("small", {"lora_name": "code"})
-    assert parse_request(SESSIONS + "s-1.a", b"model=assistant", b"", HOST) == Parsed("assistant", {}, "s-1.a")
-    assert parse_request(SESSIONS + "s", b"", b"", HOST) == Parsed("small", {}, "s")  # the first tenant
-    assert isinstance(parse_request(GENERATE[1], b"", b'{"model": "large"}', HOST, from_peer=True), Refused)  # not accepted from peers
-    assert parse_request(GENERATE[1], b"", b'{"model": "small"}', HOST, from_peer=True) == Parsed("small", {"model": "small"})
-    assert parse_request("/v1/embeddings", b"", b"{}", HOST) == Refused(404, "Not Found")
+    assert parse_request("POST", GENERATE[0], b"", chat, HOST, content_type=JSON) == Parsed("small", {"model": "small:code", "messages": []})
+    assert parse_request("POST", GENERATE[1], b"", b'{"model": "assistant"}', HOST, content_type="application/json; charset=utf-8") == Parsed("assistant", {"model": "assistant"})
+    assert parse_request("POST", GENERATE[1], b"", b'{"model": "remote"}', HOST, content_type="Application/JSON") == Parsed("remote", {"model": "remote"})
+    assert parse_request("POST", LORA[0], b"", b'{"lora_name": "code"}', HOST, content_type="application/vnd.api+json") == Parsed("small", {"lora_name": "code"})
+    assert parse_request("DELETE", SESSIONS + "s-1.a", b"model=assist%61nt", b"", HOST, content_type=None) == Parsed("assistant", {}, "s-1.a")
+    assert parse_request("GET", SESSIONS + "s", b"", b"", HOST, content_type=None) == Parsed("small", {}, "s")  # the first tenant
+    assert isinstance(parse_request("POST", GENERATE[1], b"", b'{"model": "large"}', HOST, content_type=JSON, from_peer=True), Refused)  # not accepted from peers
+    assert parse_request("POST", GENERATE[1], b"", b'{"model": "small"}', HOST, content_type=JSON, from_peer=True) == Parsed("small", {"model": "small"})
+    assert parse_request("POST", "/v1/embeddings", b"", b"{}", HOST, content_type=JSON) == Refused(404, "Not Found")
 
 
 _text = st.text(max_size=12) | st.sampled_from(["\ud800", "\x00", "\r\n", "explain", "def f():\n", "{", "small", "assistant", "remote"])
@@ -107,13 +109,13 @@ def _deep_or_wide(draw: st.DrawFn) -> bytes:
        cut=st.integers(0, 8), peer=st.booleans())  # fmt: skip
 def test_random_bodies_are_parsed_or_refused_with_a_4xx(path: str, body: bytes, cut: int, peer: bool) -> None:
     for data in (body, body[: len(body) - cut]):  # and cut short
-        _check(parse_request(path, b"", data, HOST, from_peer=peer))
+        _check(parse_request("POST", path, b"", data, HOST, content_type=JSON, from_peer=peer))
 
 
 @settings(max_examples=300, deadline=None)
 @given(sid=st.text(max_size=70), query=st.binary(max_size=40), peer=st.booleans())
 def test_random_session_paths_and_queries_are_parsed_or_refused_with_a_4xx(sid: str, query: bytes, peer: bool) -> None:
-    result = parse_request(SESSIONS + sid, query, b"", HOST, from_peer=peer)
+    result = parse_request("GET", SESSIONS + sid, query, b"", HOST, content_type=None, from_peer=peer)
     _check(result)
     if isinstance(result, Parsed):
         assert result.session == sid and sid.isascii() and sid.isprintable() and "/" not in sid
@@ -123,4 +125,23 @@ def test_a_document_the_parse_lets_through_never_breaks_the_decision() -> None:
     odd: list[Any] = [{"messages": "x"}, {"messages": [None, 5, {"role": "user"}]}, {"messages": [{"role": "user", "content": ["a"]}]},
                       {"prompt": ["a", "b"]}, {"prompt": None}, {"messages": []}]  # fmt: skip
     for document in odd:
-        _check(parse_request(GENERATE[0], b"", json.dumps({"model": "assistant", **document}).encode(), HOST))
+        _check(parse_request("POST", GENERATE[0], b"", json.dumps({"model": "assistant", **document}).encode(), HOST, content_type=JSON))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type", "status", "param"),
+    [
+        ("PUT", GENERATE[0], JSON, 405, "method"),  # a route forwarded any method as POST
+        ("GET", GENERATE[1], None, 405, "method"),
+        ("POST", SESSIONS + "s", None, 405, "method"),
+        ("POST", GENERATE[0], None, 415, "content-type"),  # what a browser sends cross-site without a preflight
+        ("POST", GENERATE[0], "text/plain", 415, "content-type"),
+        ("POST", LORA[1], "application/x-www-form-urlencoded", 415, "content-type"),
+        ("POST", GENERATE[0], "application/jsonx", 415, "content-type"),
+    ],
+)
+def test_a_request_a_worker_would_not_read_is_refused_here_naming_why(method: str, path: str, content_type: str | None, status: int,
+                                                                       param: str) -> None:  # fmt: skip
+    """Before anything is routed, loaded or forwarded (the worker answered these with a 400 naming nothing)."""
+    result = parse_request(method, path, b"model=small", b'{"model": "assistant"}', HOST, content_type=content_type)
+    assert isinstance(result, Refused) and (result.status, result.param) == (status, param), result

@@ -283,7 +283,9 @@ def create_app(state: ServingState) -> FastAPI:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error(400, f"{where}: {first['msg']}", param=where or None)
+        if not where:  # the body as a whole: not an object, or not read as JSON at all (FastAPI's strict Content-Type)
+            return _error(400, "body: must be a JSON object, sent with Content-Type: application/json", param="body")
+        return _error(400, f"{where}: {first['msg']}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,8 +5,11 @@ here once, and every way it can be wrong is a 4xx naming its field, never an exc
 the body goes through the one bounded JSON reader (``jsonbound``: depth 64, so ``[[[…]]]``
 100,000 levels deep is a 400, not a ``RecursionError``), and a session id is checked before
 it becomes part of a URL (``%00`` or ``%0d%0a`` in a path made httpx refuse the URL: a 500).
-The work is linear in the body (at most the Gate's 1 MiB) and touches nothing but its
-arguments, so the router may run it on another thread.
+A body must say it is JSON (``Content-Type: application/json``), as the workers require
+(FastAPI's strict content type, against cross-site requests a browser sends without one):
+the router parsed any body, routed it, even loaded a tenant for it, and the worker then
+answered a 400 that named nothing. The work is linear in the body (at most the Gate's 1 MiB)
+and touches nothing but its arguments, so the router may run it on another thread.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.transcript import SessionError, valid_id
@@ -55,12 +59,19 @@ class Refused:
     code: str | None = None
 
 
-def parse_request(path: str, query: bytes, body: bytes, host: Host, *, from_peer: bool = False) -> Parsed | Refused:
+def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host, *, content_type: str | None,
+                  from_peer: bool = False) -> Parsed | Refused:  # fmt: skip
     """Which tenant a request is for (and its JSON body), or why it has none.
     A tenant this host does not serve is its peers' (when the index names any); a request
     from a peer is answered only for a tenant this host accepts from peers, and only here."""
     served = host.served
     if path in GENERATE or path in LORA:
+        if method != "POST":
+            return Refused(405, f"method: {path} takes POST, not {method[:20]!r}", "method", "method_not_allowed")
+        if not _json_type(content_type):
+            given = "none" if content_type is None else repr(content_type[:60])
+            return Refused(415, f"content-type: a body is read as JSON only with Content-Type: application/json (given: {given})",
+                           "content-type", "unsupported_media_type")  # fmt: skip
         try:
             document = loads(body)
         except JSONRefused as exc:
@@ -91,11 +102,16 @@ def parse_request(path: str, query: bytes, body: bytes, host: Host, *, from_peer
     if path.startswith(SESSIONS):
         if from_peer:
             return Refused(403, "sessions: a peer may only ask for generations", "model", "peer_not_accepted")
+        if method not in ("GET", "DELETE"):
+            return Refused(405, f"method: a session takes GET or DELETE, not {method[:20]!r}", "method", "method_not_allowed")
         try:  # before it goes into a URL or a file name: letters, digits, '_', '-', '.'
             sid = valid_id(path.removeprefix(SESSIONS))
         except SessionError as exc:
             return Refused(400, str(exc), "session")
-        fields = dict(part.split("=", 1) for part in query.decode("latin-1").split("&") if "=" in part)
+        try:  # percent-decoded, as the worker reads it (the whole query is within uvicorn's 16 KiB head)
+            fields = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=100))
+        except ValueError:
+            return Refused(400, "query: more than 100 fields", "query")
         tenant = fields.get("model", served[0] if served else "").split(":", 1)[0]
         if tenant in host.routes:
             return Parsed(tenant, {}, sid)  # a route's session: read here, from the zoo (issue #21)
@@ -103,3 +119,11 @@ def parse_request(path: str, query: bytes, body: bytes, host: Host, *, from_peer
             return Refused(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
         return Parsed(tenant, {}, sid)
     return Refused(404, "Not Found")
+
+
+def _json_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, with any parameters (what FastAPI reads as JSON)."""
+    if content_type is None:
+        return False
+    kind, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))

@@ -388,7 +388,8 @@ class Router:
             await _respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
             return
         from_peer = _header(scope, PEER_HEADER)
-        parse = functools.partial(parse_request, path, scope.get("query_string", b""), body, self._host(), from_peer=from_peer is not None)
+        parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
+                                  content_type=_header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
         parsed = await _bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Refused):
             await _respond(send, *_error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
