@@ -128,6 +128,18 @@ def test_deep_json_is_a_400_naming_the_body(resident: Resident) -> None:
     _serving(resident)
 
 
+def test_a_number_json_cannot_carry_is_a_400_naming_the_body_not_a_refusal_of_infinity(resident: Resident) -> None:
+    """``1e999`` reads as infinity; re-encoded for the route's tenant it went out as ``Infinity``,
+    and the worker refused a body saying 'Infinity is not a JSON number', which the client never sent."""
+    import httpx
+
+    body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": "Hi"}]})[:-1].encode() + b', "x": [1e999]}'
+    answer = httpx.post(resident.url + "/v1/chat/completions", content=body, headers=JSON, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "body", answer.text
+    assert "1e999" in answer.json()["error"]["message"] and "Infinity" not in answer.text
+    _serving(resident)
+
+
 @pytest.mark.parametrize("sid", ["a%00b", "a%0d%0aSet-Cookie:%20x", "a%7f", "%2e%2e", "a%2fb", "%ff", "a%20b"])
 def test_a_session_path_with_control_characters_is_a_400_naming_the_session(resident: Resident, sid: str) -> None:
     import httpx

@@ -112,7 +112,7 @@ def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host,
             fields = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=100))
         except ValueError:
             return Refused(400, "query: more than 100 fields", "query")
-        tenant = fields.get("model", served[0] if served else "").split(":", 1)[0]
+        tenant = (fields.get("model") or (served[0] if served else "")).split(":", 1)[0]
         if tenant in host.routes:
             return Parsed(tenant, {}, sid)  # a route's session: read here, from the zoo (issue #21)
         if tenant not in served:

@@ -175,7 +175,9 @@ def _features(route: RouteEntry, document: dict[str, Any]) -> tuple[Features, st
 
 
 def _with_model(document: dict[str, Any], tenant: str) -> bytes:
-    return json.dumps({**document, "model": tenant}).encode()
+    """The body for one candidate. ``ValueError`` for a number JSON cannot hold (``1e999`` reads as
+    infinity, which would go out as ``Infinity``: the worker then refused a body the client never sent)."""
+    return json.dumps({**document, "model": tenant}, allow_nan=False).encode()
 
 
 class Router:
@@ -642,7 +644,11 @@ class Router:
         try:
             for i, tenant in enumerate(routed.tenants):
                 last = i == len(routed.tenants) - 1
-                body = await _bounded(routed.size, _with_model, routed.document, tenant)
+                try:
+                    body = await _bounded(routed.size, _with_model, routed.document, tenant)
+                except ValueError:  # the same for every candidate: the first finds it, before anything is sent
+                    await _respond(send, *_error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
+                    return
                 if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
                     if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
                         failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
