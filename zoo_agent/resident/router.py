@@ -22,7 +22,9 @@ data is worked on in this loop, and its bound in time and memory:
   the query, within the 16 KiB above), the route's features (linear regexes, no backtracking
   across lines; transient memory a few times the message) and the body re-encoded for each
   candidate: linear in the body, so in the loop up to ``INLINE`` (64 KiB: under a
-  millisecond), else on ``_WORK``'s two threads (at most two such at once: the memory bound);
+  millisecond), else on ``_WORK``'s two threads (at most two such at once: the memory bound;
+  a thread still holds the GIL for one C call, a regex over 1 MiB: the loop waits at most
+  that, about 0.1 s here; bench/routing.py measures the slowest /health meanwhile);
 - embedding a message for a similarity rule: its own one-thread executor (``similarity.py``);
   a route's session file (up to 64 MiB, validated): the default executor;
 - answers: a plain tenant's answer passes through chunk by chunk, unparsed; a routed or
