@@ -725,9 +725,8 @@ class Router:
                 await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
                 await send({"type": "http.response.body", "body": data, "more_body": False})
                 return response.status_code
-            # Linear in the answer whatever its chunks: each read is searched for an event's end once,
-            # and what arrives before the first token is held up to MAX_ANSWER bytes in all.
-            committed, held, held_bytes, buffer = False, [], 0, bytearray()
+            # What arrives before the first token is held, up to MAX_ANSWER bytes in all.
+            committed, held, held_bytes, buffer = False, [], 0, _Events()
             reading = response.aiter_raw().__aiter__()
             while True:
                 timeout = None if committed or deadline is None else max(0.0, deadline - time.monotonic())
@@ -749,18 +748,13 @@ class Router:
                         raise _Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
                     await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
                     return 502
-                seen = len(buffer)
-                buffer += data
-                if len(buffer) > MAX_ANSWER or (not committed and held_bytes + len(buffer) > MAX_ANSWER):  # no answer of ours
+                events = buffer.feed(data)
+                size = len(buffer.pending) + (0 if committed else held_bytes + sum(map(len, events)))
+                if size > MAX_ANSWER:  # no answer of ours: one event this large, or this much before a first token
                     if not committed:
                         raise _Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
                     await self._stream_error(send, 502, "the answer sent an oversized event", x_zoo)
                     return 502
-                end = buffer.rfind(b"\n\n", max(0, seen - 1))
-                if end < 0:
-                    continue
-                events = bytes(buffer[:end]).split(b"\n\n")
-                del buffer[: end + 2]
                 for event in events:
                     if not committed:
                         held.append(event)
@@ -777,7 +771,7 @@ class Router:
                         await send({"type": "http.response.body", "body": await _bounded(len(e), _with_x_zoo, e, x_zoo) + b"\n\n", "more_body": True})
             if not committed:
                 raise _Fallback("its answer ended before a first token", "failed")
-            await send({"type": "http.response.body", "body": bytes(buffer), "more_body": False})
+            await send({"type": "http.response.body", "body": bytes(buffer.pending), "more_body": False})
             return 200
         finally:
             await response.aclose()
@@ -966,6 +960,25 @@ class _Static:
 
     def describe(self) -> list[Metric]:
         return []
+
+
+class _Events:
+    """An SSE answer's events from its chunks, each chunk searched for an event's end once: linear
+    in the answer however it is cut (joining and splitting the whole buffer at every chunk was
+    quadratic: a peer sending a large event a few bytes at a time held the router's loop)."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()  # the event under way
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The events ``data`` completes (without their blank-line ends)."""
+        seen = len(self.pending)  # it holds no blank line: only where the new bytes begin can one start
+        self.pending += data
+        if self.pending.find(b"\n\n", max(0, seen - 1)) < 0:
+            return []
+        *events, rest = bytes(self.pending).split(b"\n\n")  # each byte split once: at the chunk that ends its event
+        self.pending = bytearray(rest)
+        return events
 
 
 class _Trace:
