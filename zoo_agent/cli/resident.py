@@ -27,6 +27,8 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
 @click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None,
               help="The fleet key: presented to peers and required of them (issue #22); separate from client keys.")
+@click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
+              help="A client key that may also ask for priority classes above 'default' (X-Zoo-Priority: realtime, system).")
 @click.option("--peer-poll-seconds", type=click.FloatRange(min=0.1, max=60), default=1.0, show_default=True, hidden=True,
               help="How often each peer's /health and /v1/models are asked.")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
@@ -34,8 +36,8 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--paging-policy", type=click.Choice(["lru", "oldest"]), default="lru", show_default=True, hidden=True,
               help="Which idle tenant makes room: least recently used, or the first loaded (the benchmark's naive baseline).")
 @click.pass_context
-def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, fleet_key_file: Path | None, peer_poll_seconds: float,
-             strict: bool, paging_policy: str) -> None:  # fmt: skip
+def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, fleet_key_file: Path | None, priority_key_file: Path | None,
+             peer_poll_seconds: float, strict: bool, paging_policy: str) -> None:  # fmt: skip
     """Serve the host's tenants: a router in front of one worker per loaded tenant, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
@@ -47,7 +49,8 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
     from zoo_agent.resident.supervisor import Supervisor
 
     config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict,
-                            paging_policy=paging_policy, fleet_key_file=fleet_key_file, peer_poll_seconds=peer_poll_seconds)  # fmt: skip
+                            paging_policy=paging_policy, fleet_key_file=fleet_key_file, peer_poll_seconds=peer_poll_seconds,
+                            priority_key_file=priority_key_file)  # fmt: skip
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
     sys.exit(supervisor.run())

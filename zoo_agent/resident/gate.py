@@ -10,6 +10,8 @@
   required: a bare key was accepted), compared in constant time, checked before the body is read.
   A request from a peer (``X-Zoo-Peer``, issue #22) needs the fleet key instead, always: a
   host with no fleet key answers no peer, and a client key never passes for a peer's.
+  The priority key (issue #31) is a client key that also grants classes above ``default``:
+  a request that presents it is marked ``scope[PRIVILEGED]`` for the router.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["Gate"]
+__all__ = ["PRIVILEGED", "Gate"]
+
+#: The scope key the gate sets on a request that presented the priority key (a client cannot set scope keys).
+PRIVILEGED = "zoo.privileged"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,16 +44,20 @@ async def _reply(send: Send, status: int, message: str, *, param: str | None, co
 
 
 class Gate:
-    def __init__(self, app: App, *, max_body: int, api_key: str | None = None, fleet_key: str | None = None) -> None:
+    def __init__(self, app: App, *, max_body: int, api_key: str | None = None, fleet_key: str | None = None, priority_key: str | None = None) -> None:
         self.app, self.max_body = app, max_body
         self.api_key = api_key.encode() if api_key is not None else None
         self.fleet_key = fleet_key.encode() if fleet_key is not None else None
+        self.priority_key = priority_key.encode() if priority_key is not None else None
 
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
         if not str(scope.get("path", "")).startswith("/v1/"):
             return True
         if any(k.lower() == b"x-zoo-peer" for k, _ in headers):
             return self.fleet_key is not None and _bearer(headers, self.fleet_key)
+        if self.priority_key is not None and _bearer(headers, self.priority_key):
+            scope[PRIVILEGED] = True
+            return True
         return self.api_key is None or _bearer(headers, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

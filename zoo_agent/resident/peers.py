@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from zoo_agent.index.model import ArtifactEntry, Index
 
-__all__ = ["FAIL_WINDOW", "Peer", "PeerHealth", "State", "choose_peer", "peer_table", "pinned", "served_state", "tenant_digest"]
+__all__ = ["FAIL_WINDOW", "Peer", "PeerHealth", "State", "choose_peer", "peer_table", "pinned", "served_state", "tenant_digest", "undeclared"]
 
 #: Seconds over which failures are counted (LiteLLM counts them per minute).
 FAIL_WINDOW = 60.0
@@ -70,6 +70,19 @@ def pinned(idx: Index, tenant: str) -> str:
     """``<model>@<version>`` as the index pins it for the tenant."""
     model = idx.tenants[tenant].model
     return f"{model}@{idx.models[model].version}"
+
+
+def undeclared(idx: Index, name: str) -> str | None:
+    """Why ``name`` (``tenant``, ``tenant:adapter`` or ``tenant:auto``) is nothing the index declares;
+    None when it is. A peer could only answer 404 for such a name: the router answers it at once."""
+    tenant, sep, adapter = name.partition(":")
+    entry = idx.tenants.get(tenant)
+    if entry is None:
+        return f"'{name[:100]}' is not a tenant of the index"
+    if not sep or adapter in entry.loras or (adapter == "auto" and entry.adapter_selection is not None):
+        return None
+    declared = ", ".join([*entry.loras, *(["auto"] if entry.adapter_selection is not None else [])]) or "none"
+    return f"'{name[:100]}': tenant '{tenant}' declares no adapter '{adapter[:100]}' (declared: {declared})"
 
 
 def peer_table(idx: Index, host: str) -> dict[str, list[Peer]]:

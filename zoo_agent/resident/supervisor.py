@@ -55,6 +55,10 @@ class Supervisor:
         self.zoo = Zoo(config.root)
         self.api_key = read_api_key(config.api_key_file) if config.api_key_file else None
         self.fleet_key = read_api_key(config.fleet_key_file, "--fleet-key-file") if config.fleet_key_file else None
+        self.priority_key = read_api_key(config.priority_key_file, "--priority-key-file") if config.priority_key_file else None
+        if self.priority_key is not None and self.priority_key in (self.api_key, self.fleet_key):  # every client, or every peer, privileged
+            raise UsageError(f"--priority-key-file {config.priority_key_file}: the same key as --{'api' if self.priority_key == self.api_key else 'fleet'}-key-file; "
+                             "the privileged key must be a key of its own")  # fmt: skip
         self.selector = selectors.DefaultSelector()
         self.lock = threading.RLock()
         self.slots: dict[str, Slot] = {}
