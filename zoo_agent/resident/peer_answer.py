@@ -39,7 +39,12 @@ MAX_ERROR = 64 << 10
 
 
 class Refused(ValueError):
-    """An answer (or part of one) that is not relayed: a failed attempt, with why in one line."""
+    """An answer (or part of one) that is not relayed: a failed attempt, with why in one line.
+    ``ready``: the events checked before it in the same chunk, which may still be sent."""
+
+    def __init__(self, message: str, ready: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.ready = ready or []
 
 
 def judge(status: int, content_type: str, stream: bool) -> Literal["answer", "error"]:
@@ -104,15 +109,22 @@ class Events:
         self._buffer += data
         out: list[bytes] = []
         start, search = 0, max(0, self._searched - 1)  # a separator may straddle the last chunk's end
-        while (end := self._buffer.find(b"\n\n", search)) >= 0:
-            event = self._event(bytes(self._buffer[start:end]))
-            start = search = end + 2
-            if event is not None:
-                out.append(event)
+        try:
+            while (end := self._buffer.find(b"\n\n", search)) >= 0:
+                event = self._event(bytes(self._buffer[start:end]))
+                start = search = end + 2
+                if event is not None:
+                    out.append(event)
+        except Refused as exc:
+            raise Refused(str(exc), self._ready(out)) from None
         del self._buffer[:start]
         self._searched = len(self._buffer)
         if len(self._buffer) > self.limit:
-            raise Refused(f"sent an event larger than {self.limit} bytes")
+            raise Refused(f"sent an event larger than {self.limit} bytes", self._ready(out))
+        return self._ready(out)
+
+    def _ready(self, out: list[bytes]) -> list[bytes]:
+        """What may be sent now: nothing before the first token, then everything held and ``out``."""
         if not self.committed:
             return []
         out, self._held = self._held + out, []

@@ -690,6 +690,8 @@ class Router:
                 why = str(exc) if isinstance(exc, Refused) else f"the answer broke off ({type(exc).__name__})"
                 if not started:
                     raise _Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
+                for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
                 await self._stream_error(send, 502, f"peer {peer.host}: {why}")
                 return 502
             if events.committed and not started:
