@@ -268,3 +268,18 @@ def test_a_peer_refused_for_one_tenant_keeps_answering_for_another(f: Fleet) -> 
     assert events[-2]["x_zoo"]["host"] == "b1" and events[-2]["choices"][0]["delta"]["content"] == " end"
     peers = httpx.get(f.a.url + "/health", timeout=10).json()["peers"]
     assert peers["b1"]["tenants"] == {"big": "ok", "huge": "refused"}
+
+
+@pytest.mark.parametrize("other", ["--api-key-file", "--fleet-key-file"])
+def test_the_priority_key_is_a_key_of_its_own(tmp_path: Path, other: str) -> None:
+    """The same key as every client's (or every peer's) would make them all privileged: exit 2, one line, at start."""
+    from click.testing import CliRunner
+
+    from zoo_agent.cli.main import cli
+
+    (tmp_path / "key").write_text("one-key\n")
+    result = CliRunner().invoke(cli, ["resident", "--root", str(tmp_path / "zoo"), "--index", str(tmp_path / "index.json"), "--host", "h",
+                                      other, str(tmp_path / "key"), "--priority-key-file", str(tmp_path / "key")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"--priority-key-file {tmp_path / 'key'}: the same key as {other}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "zoo").exists()
