@@ -158,6 +158,7 @@ HOSTILE_STREAM = {
     "not data": sse(b"hello\n\n", b"data: [DONE]\n\n"),
     "JSON for a stream": good_json(),
     "an event of no JSON": sse(b"data: {not json\n\n", b"data: [DONE]\n\n"),
+    "an error after its notes": sse(b": waiting for big: loading\n\n", b'data: {"error": {"message": "did not load", "code": 503}}\n\n', b"data: [DONE]\n\n"),
 }
 
 
@@ -185,6 +186,12 @@ def test_what_a_peer_sends_after_its_first_token_is_still_checked(f: Fleet) -> N
     status, _, events = ask_stream(f.a)
     assert status == 200 and events[1]["choices"][0]["delta"]["content"] == "peer"
     assert events[-1] == "[DONE]" and "b1" in events[-2]["error"]["message"] and events[-2]["error"]["code"] == 502, events
+
+
+def test_nothing_after_done_is_relayed(f: Fleet) -> None:
+    f.b1.answer = good_sse() + b"data: " + json.dumps(chunk("more", "stop")).encode() + b"\n\nevent: x\r\n\r\n"
+    status, _, events = ask_stream(f.a)
+    assert status == 200 and events[-1] == "[DONE]" and events[-2]["x_zoo"]["host"] == "b1" and len(events) == 4, events
 
 
 def test_only_our_own_headers_reach_the_client_and_a_compressed_answer_is_decoded(f: Fleet) -> None:
@@ -239,6 +246,9 @@ def test_priority_above_default_needs_the_priority_key_and_a_peer_gets_at_most_d
             beyond = ask(f.a, model, key=key, priority=-1000)  # ranked above system: no such class
             assert beyond.status_code == 400 and beyond.json()["error"]["param"] == "priority", beyond.text
         assert ask(f.a, model, headers={"X-Zoo-Priority": "batch"}).status_code == 200
+        twice = httpx.post(f.a.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}]},
+                           headers=[("Authorization", f"Bearer {CLIENT}"), ("X-Zoo-Priority", "system"), ("X-Zoo-Priority", "default")], timeout=60)  # fmt: skip
+        assert twice.status_code == 400 and twice.json()["error"]["param"] == "X-Zoo-Priority"  # checked one, served the other
         assert ask(f.a, model, key=PRIVILEGED, headers={"X-Zoo-Priority": "system"}).status_code == 200
 
     seen = []

@@ -145,9 +145,26 @@ def test_an_event_not_ours_to_relay_is_refused(stream: bytes) -> None:
     assert _feed([stream]) == ([], False)
 
 
-def test_an_error_event_commits_and_is_relayed() -> None:
-    out, ok = _feed([b'data: {"error": {"message": "x", "code": 500}}\n\n', b"data: [DONE]\n\n"])
-    assert ok and json.loads(out[0][6:])["error"]["code"] == 500
+def test_nothing_after_done_is_read() -> None:
+    out, ok = _feed([_event(_chunk("a", "stop")) + b"data: [DONE]\n\ndata: " + DEEP[:50], b"\r\nevent: x\n\n"])
+    assert ok and out[-1] == b"data: [DONE]\n\n" and len(out) == 2
+
+
+def test_what_waits_for_the_first_token_is_bounded() -> None:
+    """A peer sending role chunks forever, never a token: refused once they pass the limit, not held without end."""
+    events = Events(X_ZOO, limit=1 << 12)
+    with pytest.raises(Refused, match="before a first token"):
+        for _ in range(1000):
+            events.feed(_event(_chunk()))
+
+
+def test_an_error_event_is_a_failed_attempt_before_the_first_token_and_relayed_after() -> None:
+    error = b'data: {"error": {"message": "tenant big did not load", "code": 503}}\n\n'
+    events = Events(X_ZOO, limit=1 << 16)
+    with pytest.raises(Refused, match="before a first token: tenant big did not load"):
+        events.feed(b": waiting for big: loading\n\n" + _event(_chunk()) + error)
+    out, ok = _feed([_event(_chunk("a")), error, b"data: [DONE]\n\n"])
+    assert ok and json.loads(out[1][6:])["error"]["code"] == 503
 
 
 def test_a_large_stream_of_small_chunks_is_searched_once() -> None:

@@ -6,8 +6,9 @@ relays only
 
 - a ``200`` whose body is one JSON object with a ``choices`` list (a completion), or, when
   the client asked for a stream, ``text/event-stream`` events that are each one line:
-  ``data: <a JSON object with choices or an error>`` or ``data: [DONE]`` (comment lines, the
-  peer's "waiting for" notes, are dropped);
+  ``data: <a JSON object with choices>``, ``data: [DONE]`` (nothing after it is read) or,
+  after the first token, ``data: <a JSON object with an error>``; comment lines (the peer's
+  "waiting for" notes) are dropped;
 - a ``400``, ``404``, ``413`` or ``422`` whose body is ``{"error": {"message": "..."}}``:
   the request's own error, which every peer serving the same pins would give (a ``404``
   for an adapter the index declares is such an error, never a reason to ask the next peer).
@@ -93,15 +94,20 @@ def error_message(data: bytes) -> str:
 
 class Events:
     """A peer's event stream, fed as it arrives. ``feed`` returns the events to send now, each
-    ending in its blank line: none until one commits the answer (text, a finish, an error,
-    [DONE]; the role chunk does not), then every event held so far and each one after.
-    ``Refused`` for an event that is not ours to relay, or one larger than ``limit``; before
-    ``committed`` that is the next peer's turn, after it the router ends the stream with an error."""
+    ending in its blank line: none until one commits the answer (text, a finish or [DONE]; the
+    role chunk does not), then every event held so far and each one after. An error event
+    before that is a failed attempt (a peer that waited for its tenant to load sends its notes,
+    then an error, in a stream it already started); after it, it ends the relayed stream.
+    ``Refused`` for an event that is not ours to relay, one larger than ``limit``, or more than
+    ``limit`` bytes held; before ``committed`` that is the next peer's turn, after it the router
+    ends the stream with an error. Nothing after ``data: [DONE]`` is read (``finished``)."""
 
     def __init__(self, x_zoo: dict[str, Any], limit: int) -> None:
         self.x_zoo, self.limit = x_zoo, limit
         self.committed = False
+        self.finished = False  # [DONE] came: the answer is over, whatever follows is not read
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._buffer = bytearray()
         self._searched = 0  # the buffer before this holds no separator: each byte is searched once
 
@@ -110,13 +116,15 @@ class Events:
         out: list[bytes] = []
         start, search = 0, max(0, self._searched - 1)  # a separator may straddle the last chunk's end
         try:
-            while (end := self._buffer.find(b"\n\n", search)) >= 0:
+            while not self.finished and (end := self._buffer.find(b"\n\n", search)) >= 0:
                 event = self._event(bytes(self._buffer[start:end]))
                 start = search = end + 2
                 if event is not None:
                     out.append(event)
         except Refused as exc:
             raise Refused(str(exc), self._ready(out)) from None
+        if self.finished:
+            start = len(self._buffer)
         del self._buffer[:start]
         self._searched = len(self._buffer)
         if len(self._buffer) > self.limit:
@@ -132,6 +140,8 @@ class Events:
 
     def end(self) -> None:
         """The answer ended: ``Refused`` when it ended inside an event or before a first token."""
+        if self.finished:
+            return
         if self._buffer.strip():
             raise Refused("its answer ended inside an event")
         if not self.committed:
@@ -148,11 +158,14 @@ class Events:
         payload = raw[6:]
         if payload == b"[DONE]":
             self._commit()
+            self.finished = True
             return b"data: [DONE]\n\n"
         document = _object(payload, "an event")
         choices = document.get("choices")
         if "error" in document:
-            self._commit()
+            if not self.committed:  # the peer could not answer after all (its notes went out first): the next peer may
+                said = error_message(payload)
+                raise Refused("sent an error before a first token" + (f": {said}" if said else ""))
         elif not isinstance(choices, list):
             raise Refused("sent an event with no 'choices' list")
         else:
@@ -163,6 +176,9 @@ class Events:
                 document = _with_x_zoo(document, self.x_zoo)  # the last chunk says who answered
         event = b"data: " + _dump(document) + b"\n\n"
         if not self.committed:
+            self._held_bytes += len(event)
+            if self._held_bytes > self.limit:  # what waits for the first token is bounded as one event is
+                raise Refused(f"sent more than {self.limit} bytes before a first token")
             self._held.append(event)
             return None
         return event

@@ -355,7 +355,11 @@ class Router:
         if path in GENERATE and method == "POST":
             stream = document.get("stream") is True
             field = document.get("priority")
-            header = dict((k.lower(), v) for k, v in scope.get("headers", [])).get(HEADER.lower().encode())
+            named = [v for k, v in scope.get("headers", []) if k.lower() == HEADER.lower().encode()]
+            if len(named) > 1:  # the router would check one and the worker serve another
+                await _respond(send, *_error(400, f"{HEADER}: sent {len(named)} times; send it once", param=HEADER))
+                return
+            header = named[0] if named else None
             # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
             field = field if isinstance(field, int) and not isinstance(field, bool) else None
             try:  # above default only with the priority key (issue #31); a peer's request is a client's
@@ -700,6 +704,8 @@ class Router:
                 started = True
             for event in out:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+            if events.finished:
+                break  # [DONE]: whatever the peer sends after it is not the answer's
         try:
             events.end()
         except Refused as exc:
