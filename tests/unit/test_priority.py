@@ -86,6 +86,14 @@ def test_above_default_without_the_priority_key_is_not_allowed(header: str | Non
     assert raised.value.param == param and "--priority-key-file" in str(raised.value) and isinstance(raised.value, BadPriority)
 
 
+def test_a_route_may_name_no_better_than_its_worst_candidates_own() -> None:
+    """A route whose first candidate is realtime and whose fallback is default: naming realtime would carry it to the fallback."""
+    assert grant(None, None, -1, privileged=False, own=0) == -1  # naming none: the first candidate's own, as before
+    with pytest.raises(PriorityNotAllowed, match="default or lower"):
+        grant("realtime", None, -1, privileged=False, own=0)
+    assert grant("realtime", None, -1, privileged=True, own=0) == -1
+
+
 def test_a_peer_is_asked_for_at_most_default() -> None:
     assert [for_peer(p) for p in (None, -2, -1, 0, 1, 500)] == [None, "default", "default", "default", "batch", "batch"]
 

@@ -71,15 +71,16 @@ def parse_priority(header: str | None, field: int | None, default: int) -> int:
     return default
 
 
-def grant(header: str | None, field: int | None, default: int, privileged: bool) -> int:
+def grant(header: str | None, field: int | None, default: int, privileged: bool, own: int | None = None) -> int:
     """``parse_priority``, then the privilege: without the priority key a request may ask for no
-    better than ``default``, or its tenant's own priority when that is better (it gets that
-    one by naming none). ``PriorityNotAllowed`` names what it asked for otherwise."""
+    better than ``default``, or its tenant's ``own`` priority (``default`` unless given: a
+    route's worst candidate's) when that is better, which it gets by naming none anyway.
+    ``PriorityNotAllowed`` names what it asked for otherwise."""
     priority = parse_priority(header, field, default)
-    if not privileged and priority < min(default, UNPRIVILEGED):
+    best = min(default if own is None else own, UNPRIVILEGED)
+    if not privileged and (header is not None or field is not None) and priority < best:  # naming none is never refused
         param, asked = (HEADER, f"{HEADER}: {header.strip()[:40]!r}") if header is not None else ("priority", f"priority: {field}")
-        raise PriorityNotAllowed(param, f"{asked} needs the priority key (--priority-key-file); this key may ask for "
-                                        f"{class_name(min(default, UNPRIVILEGED))} or lower")  # fmt: skip
+        raise PriorityNotAllowed(param, f"{asked} needs the priority key (--priority-key-file); this key may ask for {class_name(best)} or lower")
     return priority
 
 

@@ -362,8 +362,10 @@ class Router:
             header = named[0] if named else None
             # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
             field = field if isinstance(field, int) and not isinstance(field, bool) else None
+            # A route's request may be answered by any of its candidates: it may name no better than the worst one's own class.
+            own = max(self._default_priority(t) for t in routed.tenants) if route is not None and routed.tenants else priority
             try:  # above default only with the priority key (issue #31); a peer's request is a client's
-                priority = grant(header.decode("latin-1") if header is not None else None, field, priority, scope.get(PRIVILEGED) is True)
+                priority = grant(header.decode("latin-1") if header is not None else None, field, priority, scope.get(PRIVILEGED) is True, own)
             except BadPriority as exc:
                 await _respond(send, *_error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
                                              code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
