@@ -210,3 +210,12 @@ def test_a_503_names_a_peer_it_tried_once() -> None:
         fed.failed(PEER)  # the one too many cools it down
     assert fed.unusable("big") == ["b: cooling down 5s"]
     assert fed.unusable("big", besides={"b"}) == []  # already named with what it answered
+
+
+def test_what_a_peer_says_of_itself_is_repeated_short_and_printable() -> None:
+    """Its served model goes into the log, /health and Status:; a newline there would forge a log line."""
+    card = {"id": "big", "root": "x", "x_zoo": {"model": "m2@v0\nWARNING forged line" + "x" * 500, "digest": PEER.digest}}
+    fed = _federation(_answers(card))
+    _poll(fed)
+    reason = fed.report()["b"]["reason"]
+    assert "\n" not in reason and reason.startswith("wrong version (m2@v0?WARNING forged line") and len(reason) < 200

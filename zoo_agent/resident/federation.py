@@ -197,7 +197,7 @@ class Federation:
                 self.health = self.health.polled(p, busy)
             else:
                 x_zoo = (cards.get(p.tenant) or {}).get("x_zoo")
-                served = x_zoo.get("model") if isinstance(x_zoo, dict) else None
+                served = _shown(x_zoo.get("model")) if isinstance(x_zoo, dict) else None
                 why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
                 self._view(p, "refused", why, state.replace(" ", "_"))
 
@@ -283,6 +283,11 @@ async def _get(client: httpx.AsyncClient, path: str, headers: dict[str, str]) ->
         return response.status_code, loads(bytes(data))
     except ValueError:  # JSONRefused too: nested 100,000 levels deep is no answer, never a RecursionError
         return response.status_code, None
+
+
+def _shown(value: Any) -> str | None:
+    """A peer's word as we repeat it (log, /health, Status:): a short printable string, or None (issue #31)."""
+    return "".join(c if c.isprintable() else "?" for c in value[:100]) if isinstance(value, str) else None
 
 
 def _cards(document: Any) -> dict[str, dict[str, Any]]:
