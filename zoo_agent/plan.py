@@ -10,9 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from zoo_agent.errors import UsageError
+from zoo_agent.index.digest import version_digest
 from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
@@ -44,6 +45,14 @@ class Want:
     version: str
     source: Source
     files: tuple[FileEntry, ...]
+    # The declared facts manifest.json records beside the files (issue #35); they never decide a step.
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """The whole-version digest (index/digest.py): the files' pins, or an 'ollama' source's manifest digest."""
+        ollama = self.source.digest if self.source.type == "ollama" else None
+        return version_digest(((f.path, f.sha256) for f in self.files), ollama)
 
     @property
     def size(self) -> int:
@@ -230,7 +239,7 @@ def route_embedding_models(idx: Index, entry: HostEntry) -> list[str]:
 
 def _want(idx: Index, kind: Kind, aid: str) -> Want:
     art = idx.models[aid] if kind == "models" else idx.loras[aid]
-    return Want(kind, aid, art.version, art.source, tuple(art.files))
+    return Want(kind, aid, art.version, art.source, tuple(art.files), art.metadata())
 
 
 def desired_for_host(idx: Index, host: str) -> Desired:

@@ -41,7 +41,7 @@ from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
 from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
-from zoo_agent.reconcile.status import artifact_status, healthy, resident_status
+from zoo_agent.reconcile.status import artifact_status, healthy, resident_status, with_digests
 from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
@@ -225,7 +225,7 @@ def status_cmd(target: Target, as_json: bool) -> None:
     """Per artifact: declared version, current, previous, verified-at, size, state."""
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=True)
-    rows = artifact_status(desired, observe(target.zoo))
+    rows = with_digests(target.zoo, artifact_status(desired, observe(target.zoo)))
     ok = all(healthy(r["state"]) for r in rows)
     resident = resident_status(target.zoo)
     if as_json:

@@ -24,7 +24,7 @@ from zoo_agent.sources import FetchSettings, Source, open_source
 from zoo_agent.store.durable import PUBLISHED_MODE
 from zoo_agent.store.host import append_action
 from zoo_agent.store.reuse import reuse_file
-from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, read_manifest, set_mode, write_manifest
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, manifest_digest, now, read_manifest, set_mode, write_manifest
 
 __all__ = ["Moved", "Outcome", "Result", "apply", "refuse_conflicts"]
 
@@ -158,7 +158,14 @@ class _Run:
         self.zoo.publish(self.staged.pop((step.kind, step.id)), step.kind, step.id, step.version)
         return Moved()
 
+    def record(self, step: Step) -> None:
+        """The index's metadata for a version already on disk (issue #35): before its swap, or on a no-op."""
+        want = self.wants.get((step.kind, step.id, step.version))
+        if want is not None and self.zoo.record_metadata(want):
+            log.info("recorded the declared metadata of %s", step.subject)
+
     def swap(self, step: Step) -> Moved:
+        self.record(step)
         if step.previous and step.previous != step.version:
             self.zoo.swap_link(step.kind, step.id, "previous", step.previous)
         self.zoo.swap_link(step.kind, step.id, "current", step.version)
@@ -206,6 +213,7 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
         total += size
     base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
     base.update(files=files, verified_at=now())
+    base.update(digest=manifest_digest(base), **({"metadata": dict(want.metadata)} if want else {}))  # issue #35
     write_manifest(vdir, base)
     return total
 
@@ -224,6 +232,9 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
         handler = handlers.get(step.action)
         if handler is None:
             log.debug("%s", step.describe("apply"))
+            if step.action is Action.NOOP and (failed := _record_noop(run, step)) is not None:
+                result.outcomes.append(failed)
+                _log_action(zoo, failed)
             continue
         if (step.kind, step.id) in blocked:
             result.outcomes.append(Outcome(step, False, "skipped: an earlier step for it failed", 1))
@@ -246,6 +257,17 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
         _log_action(zoo, outcome)
     progress.close()
     return result
+
+
+def _record_noop(run: _Run, step: Step) -> Outcome | None:
+    """A no-op still records corrected metadata; a failure to write it is the step's failure."""
+    try:
+        run.record(step)
+    except OSError as exc:
+        error = StoreError(f"{exc.filename or run.zoo.root}: {exc.strerror or exc} while recording the metadata of {step.subject}")
+        log.error("%s", error)
+        return Outcome(step, False, str(error), error.exit_code)
+    return None
 
 
 def _log_action(zoo: Zoo, outcome: Outcome) -> None:

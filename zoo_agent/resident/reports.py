@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
-from zoo_agent.store.zoo import now
+from zoo_agent.store.zoo import declared_facts, now
 
 if TYPE_CHECKING:
     from zoo_agent.resident.protocol import Ready
@@ -79,6 +79,7 @@ class Reports:
                 "load_seconds": ready.load_seconds, "pid": ready.pid, "socket": worker.path, "since": now(),
                 "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
                               "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
+        info.update(declared_facts(c.version_dir))  # what the index declares of it, beside what was measured (issue #35)
         base = self.sup.zoo.tenant_dir(c.tenant)
         makedirs_durable(base)
         write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())

@@ -32,7 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from zoo_agent import jsonbound
 from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
+from zoo_agent.index.digest import version_digest
 from zoo_agent.index.model import FileEntry
 from zoo_agent.plan import Kind, Want, human_bytes
 from zoo_agent.sources import Source
@@ -48,13 +50,14 @@ from zoo_agent.store.durable import (
 )
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "read_manifest", "set_mode",
-    "shared_inodes", "write_manifest",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "declared_facts", "drift", "file_record", "hash_file", "manifest_digest", "now",
+    "read_manifest", "set_mode", "shared_inodes", "write_manifest",
 ]  # fmt: skip
 
 MANIFEST = "manifest.json"
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
 STAGING_MARK = ".tmp."
+CONFIG_LIMIT = 1 << 20  # a model's config.json is a few kB; declared_facts reads no more
 
 
 def now() -> str:
@@ -273,12 +276,27 @@ class Zoo:
             "source": want.source.model_dump(mode="json"),
             "files": sorted(files, key=lambda f: f["path"]), "published_at": (sealed := now()), "verified_at": sealed,
         }  # fmt: skip
+        manifest.update(digest=manifest_digest(manifest), metadata=dict(want.metadata))  # issue #35
         write_manifest(staging, manifest)
         for directory in sorted({staging / f["path"] for f in files} | {staging}, key=lambda p: -len(p.parts)):
             if directory.is_dir():
                 fsync_dir(directory)
             elif directory.parent != staging:
                 fsync_dir(directory.parent)
+
+    def record_metadata(self, want: Want) -> bool:
+        """Bring a published version's recorded metadata and digest up to what the index declares
+        (issue #35): a description or provenance corrected without new bytes needs no new version.
+        The files are not touched; True when the manifest was rewritten."""
+        vdir = self.version_dir(want.kind, want.id, want.version)
+        manifest = read_manifest(vdir)
+        if manifest is None:
+            return False
+        wanted = {"digest": manifest_digest(manifest), "metadata": dict(want.metadata)}
+        if all(manifest.get(key) == value for key, value in wanted.items()):
+            return False
+        write_manifest(vdir, {**manifest, **wanted})
+        return True
 
     def publish(self, staging: Path, kind: Kind, aid: str, version: str) -> None:
         final = self.version_dir(kind, aid, version)
@@ -444,6 +462,35 @@ def read_manifest(version_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return cast(dict[str, Any], data) if isinstance(data, dict) and isinstance(data.get("files"), list) else None
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The whole-version digest of what a manifest pins (index/digest.py): the same for the same bytes on every host."""
+    source = manifest.get("source")
+    ollama = source.get("digest") if isinstance(source, dict) and source.get("type") == "ollama" else None
+    return version_digest(((str(f["path"]), str(f["sha256"])) for f in manifest["files"]), ollama if isinstance(ollama, str) else None)
+
+
+def declared_facts(version_dir: Path) -> dict[str, Any]:
+    """What a version declares about itself, for model-info.json (issue #35): the index's
+    description, tags and provenance as apply recorded them, the whole-version digest, and the
+    quantization its config.json declares (null: none). Empty values when a part is unreadable."""
+    manifest = read_manifest(version_dir) or {"files": []}
+    metadata = manifest.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    try:
+        digest = manifest.get("digest") or manifest_digest(manifest)
+    except (KeyError, TypeError):
+        digest = ""
+    try:
+        with open(version_dir / "config.json", "rb") as f:
+            config = jsonbound.loads(f.read(CONFIG_LIMIT + 1), limit=CONFIG_LIMIT)  # the hub's bytes: bounded
+    except (OSError, ValueError):
+        config = {}
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return {"digest": digest, "description": metadata.get("description", ""),
+            "tags": metadata.get("tags", []), "provenance": metadata.get("provenance", {}),
+            "quantization": quantization if isinstance(quantization, dict) else None}  # fmt: skip
 
 
 def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
