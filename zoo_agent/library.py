@@ -5,7 +5,7 @@ here publishes: only ``apply`` does, and only what the index declares. With the 
 imported as ``zoo_agent``::
 
     zoo = zoo_agent.open("/var/lib/model-zoo")
-    path = zoo.current("model", "qwen2-0.5b")          # verified, or raises naming the fix
+    path = zoo.current("model", "qwen2-0.5b")          # verified, or raises naming the fix; an alias resolves too
     model, tokenizer = zoo.load_transformers("qwen2-0.5b", dtype="auto")
     entry = zoo_agent.entry_for("out/adapter", version="2026-12-01", license="MIT", lora_for="qwen2-0.5b")
 """
@@ -70,10 +70,11 @@ def load_transformers(zoo: Zoo, aid: str, **kwargs: Any) -> tuple[Any, Any]:
     if not zoo.applied_index.is_file():
         raise StoreError(f"{zoo.applied_index}: no applied index; run: zoo-agent apply")
     idx = load_index(zoo.applied_index, str(zoo.applied_index))
-    model = idx.models.get(aid)
-    if model is None:
+    mid = idx.model_named(aid)  # an id or one of its aliases (issue #35)
+    if mid is None:
         raise UsageError(f"model '{aid}' is not in the applied index (models: {', '.join(sorted(idx.models)) or 'none'})")
-    path = zoo.current("model", aid)
+    model = idx.models[mid]
+    path = zoo.current("model", mid)
     safety = {"local_files_only": True, "use_safetensors": not model.allow_pickle, "trust_remote_code": model.allow_code}
     return (AutoModelForCausalLM.from_pretrained(path, **safety, **kwargs),
             AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=model.allow_code))  # fmt: skip

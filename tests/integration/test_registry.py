@@ -93,3 +93,101 @@ def test_model_info_carries_the_declared_metadata_beside_the_runtime_facts(world
     assert info["description"] == "The tiny one." and info["provenance"] == PROVENANCE
     assert info["quantization"] is None  # the tiny model's config.json declares none
     assert info["digest"] == _expected_digest(files) == next(r["digest"] for r in status["artifacts"] if r["id"] == "m")
+
+
+def _aliased(world: World, *aliases: str) -> None:
+    if "m" not in world.models:
+        world.artifact("m", "v1", {"config.json": b"{}", "w.safetensors": b"weights"})
+    world.models["m"]["aliases"] = list(aliases)
+    world.write_index()
+
+
+def test_aliases_render_as_links_the_library_resolves_and_go_when_undeclared(world: World) -> None:
+    import zoo_agent
+
+    _aliased(world, "latest", "small")
+    assert "would link alias latest to model m" in world.run("plan").output
+    result = world.run("apply")
+    assert result.exit_code == 0, result.output
+    models = world.root / "models"
+    assert {n: os.readlink(models / n) for n in ("latest", "small")} == {"latest": "m", "small": "m"}
+    zoo = zoo_agent.open(world.root)
+    assert zoo.current("model", "latest") == zoo.current("model", "m") == models / "m/versions/v1"  # the id's own path
+    assert oct((zoo.current("model", "small") / "w.safetensors").stat().st_mode & 0o777) == "0o440"  # read-only, as published
+    assert world.run("status").exit_code == 0 and "nothing to do" in world.run("plan").output
+    _aliased(world, "small")
+    assert world.run("apply").exit_code == 0
+    assert not os.path.lexists(models / "latest") and os.readlink(models / "small") == "m"
+    with pytest.raises(zoo_agent.StoreError, match="no current version"):
+        zoo.current("model", "latest")
+    assert json.loads((world.root / "host/aliases.json").read_text()) == {"models": {"small": "m"}}
+    bk = world.tmp / "bk"
+    assert world.run("backup", "--to", str(bk)).exit_code == 0  # an alias link is not an artifact to back up
+    assert not (bk / "files/models/small").exists()
+
+
+def test_an_alias_never_replaces_or_removes_what_the_zoo_did_not_make(world: World) -> None:
+    """A real directory (with the user's files) at models/<alias>, and a link planted there pointing
+    out of the zoo: apply fails that one step, naming the path, and leaves both as they were."""
+    from tests.victim import make_victim, snapshot
+
+    _aliased(world)
+    assert world.run("apply").exit_code == 0
+    occupied = make_victim(world.root / "models" / "latest")
+    outside = make_victim(world.tmp / "victim")
+    os.symlink(str(outside), world.root / "models" / "planted")
+    before = (snapshot(occupied), snapshot(outside))
+    _aliased(world, "latest", "planted", "fine")
+    result = world.run("apply")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{world.root / 'models/latest'}: models/latest exists and the zoo did not make it" in result.output
+    assert f"{world.root / 'models/planted'}: models/planted exists and the zoo did not make it" in result.output
+    assert os.readlink(world.root / "models/fine") == "m"  # the rest was done
+    assert (snapshot(occupied), snapshot(outside)) == before
+    assert os.readlink(world.root / "models/planted") == str(outside)
+    import zoo_agent
+
+    with pytest.raises(zoo_agent.StoreError, match="is a link the zoo did not make"):
+        zoo_agent.open(world.root).current("model", "planted")
+    # A forged record does not make a foreign link ours: undeclaring removes only our own link.
+    (world.root / "host/aliases.json").write_text(json.dumps({"models": {"planted": "m", "fine": "m", "latest": "m"}}))
+    _aliased(world)
+    result = world.run("apply")
+    assert result.exit_code == 0, result.output
+    assert (snapshot(occupied), snapshot(outside)) == before and os.readlink(world.root / "models/planted") == str(outside)
+    assert not os.path.lexists(world.root / "models/fine")
+    assert world.run("status").exit_code == 0  # the links are never taken for artifacts
+
+
+def test_a_path_like_alias_is_refused_before_anything_is_written(world: World) -> None:
+    from tests.victim import make_victim, snapshot
+
+    victim = make_victim(world.tmp / "x")
+    before = snapshot(victim)
+    _aliased(world, "../x")
+    result = world.run("apply")
+    assert result.exit_code == 2 and "/models/m/aliases/0: expected an id" in result.output
+    assert not world.root.exists() and snapshot(victim) == before
+
+
+def test_a_model_taking_a_former_alias_name_is_never_fetched_through_the_old_link(world: World) -> None:
+    _aliased(world, "next")
+    assert world.run("apply").exit_code == 0
+    before = world.tree()
+    world.models["m"]["aliases"] = []
+    world.artifact("next", "n1", {"config.json": b"{}", "x.safetensors": b"other"})
+    world.available = ["next"]
+    world.write_index()
+    result = world.run("apply")
+    assert result.exit_code == 0, result.output
+    assert (world.root / "models/next").is_dir() and not (world.root / "models/next").is_symlink()
+    assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1"]  # nothing landed in the old target
+    assert sorted(k for k in world.tree() if k.startswith("models/m/")) == sorted(k for k in before if k.startswith("models/m/"))
+    # And a link planted where a model's directory belongs is never written through either.
+    world.artifact("other", "o1", {"config.json": b"{}"})
+    world.available = ["next", "other"]
+    world.write_index()
+    os.symlink("m", world.root / "models/other")
+    result = world.run("apply")
+    assert result.exit_code == 1 and "models/other: is a link, not the artifact's directory" in result.output
+    assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1"]

@@ -120,3 +120,48 @@ def test_pydantic_and_the_published_schema_agree_on_provenance(provenance: dict[
     except ValidationError:
         model_ok = False
     assert schema_ok == model_ok, provenance
+
+
+@pytest.mark.parametrize(("aliases", "line"), [
+    (["qwen"], "/models/qwen/aliases/0: alias 'qwen' of model 'qwen' is its own id"),
+    (["llama"], "/models/qwen/aliases/0: alias 'llama' of model 'qwen' is also the id of model 'llama'"),
+    (["review"], "/models/qwen/aliases/0: alias 'review' of model 'qwen' is also the id of adapter 'review'"),
+    (["chat"], "/models/qwen/aliases/0: alias 'chat' of model 'qwen' is also the id of tenant 'chat'"),
+    (["q", "q"], "/models/qwen/aliases/1: alias 'q' of model 'qwen' is listed twice (/models/qwen/aliases/0)"),
+    (["../x"], "/models/qwen/aliases/0: expected an id"),
+    (["Q"], "/models/qwen/aliases/0: expected an id"),
+])  # fmt: skip
+def test_an_alias_clashing_with_a_name_is_refused_naming_both(index_doc: dict[str, Any], aliases: list[str], line: str) -> None:
+    index_doc["models"]["qwen"]["aliases"] = aliases
+    assert any(p.startswith(line) for p in _problems(index_doc)), _problems(index_doc)
+
+
+def test_an_alias_of_two_models_or_a_route_id_is_refused_naming_both(index_doc: dict[str, Any]) -> None:
+    index_doc["models"]["qwen"]["aliases"] = ["small", "fast"]
+    index_doc["models"]["llama"]["aliases"] = ["small"]
+    index_doc["routes"] = {"fast": {"default": "chat"}}
+    assert sorted(_problems(index_doc)) == [
+        "/models/llama/aliases/0: alias 'small' of model 'llama' is already an alias of model 'qwen' (/models/qwen/aliases/0)",
+        "/models/qwen/aliases/1: alias 'fast' of model 'qwen' is also the id of route 'fast'; rename one of them",
+    ]
+
+
+def test_aliases_resolve_in_the_index_and_are_planned_after_the_artifacts(index_doc: dict[str, Any]) -> None:
+    from zoo_agent.plan import Action, desired_for_host, plan_aliases
+
+    index_doc["models"]["qwen"]["aliases"] = ["small", "qwen-latest"]
+    index_doc["models"]["llama"]["aliases"] = ["mac-model"]
+    idx, problems = check_document(index_doc)
+    assert problems == [] and idx is not None
+    assert (idx.model_named("small"), idx.model_named("qwen"), idx.model_named("nope")) == ("qwen", "qwen", None)
+    desired = desired_for_host(idx, "edge-1")
+    assert desired.aliases == {"small": "qwen", "qwen-latest": "qwen"}  # llama is not held on edge-1
+    present = {"small": "", "qwen-latest": None, "old": "qwen", "gone": ""}
+    steps = [(s.action, s.id, s.version, s.describe("plan")) for s in plan_aliases(desired, present)]
+    assert steps == [
+        (Action.ALIAS, "qwen-latest", "qwen", "cannot link alias qwen-latest to model qwen: models/qwen-latest exists and the zoo did not make it; "
+                                              "move it away (or run zoo-agent gc if it is an old model) or rename the alias"),
+        (Action.ALIAS, "small", "qwen", "would link alias small to model qwen"),
+        (Action.ALIAS, "old", "", "would remove alias old (no longer declared)"),
+    ]  # fmt: skip
+    assert plan_aliases(desired, {"small": "qwen", "qwen-latest": "qwen"}).steps == ()

@@ -33,7 +33,9 @@ from zoo_agent.plan import (
     desired_for_host,
     desired_for_tenant,
     human_bytes,
+    Observed,
     plan,
+    plan_aliases,
     plan_gc,
     plan_versions,
 )
@@ -80,6 +82,14 @@ def _result_rows(result: Result) -> list[dict[str, Any]]:
     } for o in result.outcomes]  # fmt: skip
 
 
+def _plan(target: Target, desired: Desired, observed: Observed) -> Plan:
+    """Links of aliases no longer declared go first (a model may now have that name: it must never be
+    fetched through the old link), then the artifacts' steps, then the alias links (issue #35)."""
+    aliases = plan_aliases(desired, target.zoo.alias_links(desired.aliases or {})).steps
+    removals = tuple(s for s in aliases if not s.version)
+    return Plan(removals + plan(desired, observed).steps + tuple(s for s in aliases if s.version))
+
+
 def _fetch_total(the_plan: Plan) -> int:
     """What progress counts: the bytes that come over a source; reused ones take no time worth a bar."""
     return sum(s.size - s.reused_size for s in the_plan if s.action is Action.FETCH)
@@ -124,7 +134,7 @@ def plan_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
     desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=True)
     observed = observe(target.zoo)
-    the_plan = plan(desired, observed)
+    the_plan = _plan(target, desired, observed)
     fits = tenant_fits(idx, host, target.zoo, observed)  # what the zoo holds; apply reads the rest from the sources
     prove_fit(idx, host, fits, str(target.index))
     if as_json:
@@ -175,7 +185,7 @@ def _apply(target: Target, wait: float, allow_network_fs: bool, strict: bool, te
         sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
         target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
         observed = observe(target.zoo)
-        the_plan = plan(desired, observed)
+        the_plan = _plan(target, desired, observed)
         refuse_conflicts(the_plan, str(target.index))
         # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
         proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())

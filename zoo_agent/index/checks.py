@@ -60,6 +60,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _routes,
         _peers,
         _registry_metadata,
+        _aliases,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -411,3 +412,27 @@ def _registry_metadata(idx: Index) -> Iterator[Problem]:
             if near:
                 yield Problem(pointer((*at, "provenance", key)),
                               f"is not a provenance part; did you mean '{near[0]}'? (typed parts: {', '.join(typed)}; other keys are free-form strings)")
+
+
+def _aliases(idx: Index) -> Iterator[Problem]:
+    """An alias is one more name for one model: never an id a request, a link or the store
+    already means (a model, adapter, tenant or route), never another model's alias. So an
+    alias always names an id, never an alias: there is no chain, hence no cycle (issue #35)."""
+    taken: dict[str, str] = {}
+    for kind, ids in (("model", idx.models), ("adapter", idx.loras), ("tenant", idx.tenants), ("route", idx.routes)):
+        for name in ids:
+            taken.setdefault(name, f"{kind} '{name}'")
+    owner: dict[str, tuple[str, int]] = {}
+    for mid, model in idx.models.items():
+        for i, alias in enumerate(model.aliases):
+            at = pointer(("models", mid, "aliases", i))
+            if alias == mid:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is its own id")
+            elif alias in taken:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is also the id of {taken[alias]}; rename one of them")
+            elif alias in owner:
+                other, j = owner[alias]
+                again = "listed twice" if other == mid else f"already an alias of model '{other}'"
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is {again} (/models/{other}/aliases/{j})")
+            else:
+                owner[alias] = (mid, i)

@@ -249,6 +249,11 @@ class ModelEntry(ArtifactEntry):
     """A base model."""
 
     tags: list[Tag] = Field(default=[], max_length=64, description="Keywords: lowercase words joined by hyphens, e.g. 'code-review'.")
+    aliases: list[Id] = Field(
+        default=[], max_length=64,
+        description="Other names for this model: apply links models/<alias> to models/<id> (read-only), and zoo_agent.open(...) "
+        "resolves them. Each is unique among model, adapter, tenant and route ids and other aliases.",
+    )  # fmt: skip
 
 
 class LoraEntry(ArtifactEntry):
@@ -469,3 +474,9 @@ class Index(_Strict):
     tenants: dict[Id, TenantEntry] = Field(default={}, description="Tenants (what a resident serves) by id.")
     routes: dict[Id, RouteEntry] = Field(default={}, description="Routes by id: model names whose rules choose a tenant per request.")
     hosts: dict[Id, HostEntry] = Field(default={}, description="Hosts by id (their host names, lowercase).")
+
+    def model_named(self, name: str) -> str | None:
+        """The id of the model ``name`` is the id or an alias of, or None (issue #35)."""
+        if name in self.models:
+            return name
+        return next((mid for mid, entry in self.models.items() if name in entry.aliases), None)

@@ -174,6 +174,16 @@ class _Run:
     def verify(self, step: Step) -> Moved:
         return Moved(reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id, step.version))))
 
+    def alias(self, step: Step) -> Moved:
+        """Link an alias (or remove one no longer declared); a name taken by something else fails here, untouched."""
+        if step.version and step.reason:
+            raise StoreError(f"{self.zoo.root / 'models' / step.id}: {step.reason}")
+        if step.version:
+            self.zoo.link_alias(step.id, step.version)
+        else:
+            self.zoo.unlink_alias(step.id)
+        return Moved()
+
     def remove(self, step: Step) -> Moved:
         # Unlink first: a kill between the two leaves an unlinked version (gc takes it
         # next time), never a link to a half-deleted one.
@@ -225,7 +235,7 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
     run = _Run(zoo, {(w.kind, w.id, w.version): w for w in desired.wants}, index_dir, progress, settings or FetchSettings(), strict)
     handlers: dict[Action, Callable[[Step], Moved]] = {
         Action.FETCH: run.fetch, Action.PUBLISH: run.publish, Action.SWAP_CURRENT: run.swap,
-        Action.VERIFY: run.verify, Action.REMOVE: run.remove,
+        Action.VERIFY: run.verify, Action.REMOVE: run.remove, Action.ALIAS: run.alias,
     }  # fmt: skip
     result, blocked = Result(), set()
     for step in plan:
