@@ -191,3 +191,86 @@ def test_a_model_taking_a_former_alias_name_is_never_fetched_through_the_old_lin
     result = world.run("apply")
     assert result.exit_code == 1 and "models/other: is a link, not the artifact's directory" in result.output
     assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1"]
+
+
+def _training_run(world: World, weights: bytes, name: str = "run") -> Any:
+    out = world.tmp / "train" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_bytes(b"{}")
+    (out / "w.safetensors").write_bytes(weights)
+    return out
+
+
+def test_add_file_attaches_typed_provenance_and_update_bumps_only_when_bytes_changed(world: World) -> None:
+    world.write_index()
+    out = _training_run(world, b"epoch-1")
+    prov = world.tmp / "provenance.json"
+    prov.write_text(json.dumps({"run": {"id": "r1", "metrics": {"loss": 2.5}}, "dataset": {"id": "org/data"}}))
+    result = world.raw("add", f"file:{out}", "--id", "ft", "--version", "1", "--license", "MIT", "--provenance", str(prov),
+                       "--tag", "fine-tuned", "--description", "Nightly fine-tune.", "--index", str(world.index))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    entry = json.loads(world.index.read_text())["models"]["ft"]
+    assert entry["provenance"] == {"run": {"id": "r1", "metrics": {"loss": 2.5}}, "dataset": {"id": "org/data"}}
+    assert entry["tags"] == ["fine-tuned"] and entry["description"] == "Nightly fine-tune." and entry["version"] == "1"
+    before = world.index.read_bytes()
+    same = world.raw("add", "--update", "ft", "--index", str(world.index))  # the training job ran, wrote the same bytes
+    assert same.exit_code == 2 and "nothing to update" in same.stderr and world.index.read_bytes() == before
+    (out / "w.safetensors").write_bytes(b"epoch-2")
+    prov.write_text(json.dumps({"run": {"id": "r2", "metrics": {"loss": 1.9}}}))
+    bumped = world.raw("add", "--update", "ft", "--provenance", str(prov), "--index", str(world.index), "--json")
+    assert bumped.exit_code == 0, bumped.output
+    entry = json.loads(world.index.read_text())["models"]["ft"]
+    assert entry["version"] == "2" and entry["provenance"] == {"run": {"id": "r2", "metrics": {"loss": 1.9}}}
+    assert entry["tags"] == ["fine-tuned"] and entry["source"] == {"type": "file", "path": "train/run"}  # in place
+    assert json.loads(bumped.stdout)["version"] == "2"
+    (out / "w.safetensors").write_bytes(b"epoch-3")
+    reused = world.raw("add", "--update", "ft", "--version", "2", "--index", str(world.index))
+    assert reused.exit_code == 2 and "version 2 is already pinned with other files" in reused.stderr
+    assert world.run("plan").exit_code == 0  # nothing published: only apply does
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    ("{not json", "provenance.json: not JSON"),
+    ("[1]", "provenance.json: expected a JSON object (the entry's provenance), got array"),
+    ('{"run": {"metrics": {"loss": "low"}}}', "provenance.json: /run/metrics/loss: expected number, got string"),
+])  # fmt: skip
+def test_a_bad_provenance_file_is_named_and_changes_nothing(world: World, content: str, line: str) -> None:
+    world.write_index()
+    out = _training_run(world, b"w")
+    prov = world.tmp / "provenance.json"
+    prov.write_text(content)
+    before = world.index.read_bytes()
+    result = world.raw("add", f"file:{out}", "--id", "ft", "--version", "1", "--license", "MIT", "--provenance", str(prov), "--index", str(world.index))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert any(line in err for err in result.stderr.splitlines()), result.stderr
+    assert world.index.read_bytes() == before
+
+
+def test_pin_directory_writes_the_entry_and_returns_it(world: World) -> None:
+    import zoo_agent
+
+    world.write_index()
+    out = _training_run(world, b"a")
+    entry = zoo_agent.pin_directory(out, id="ft", version="7", license="MIT", index=world.index,
+                                    provenance={"run": {"metrics": {"acc": 0.9}}}, tags=["nightly"])  # fmt: skip
+    assert json.loads(world.index.read_text())["models"]["ft"] == entry
+    assert entry["provenance"] == {"run": {"metrics": {"acc": 0.9}}} and entry["version"] == "7"
+    with pytest.raises(zoo_agent.UsageError, match="nothing to update"):
+        zoo_agent.pin_directory(out, id="ft", index=world.index, update=True)
+    (out / "w.safetensors").write_bytes(b"b")
+    assert zoo_agent.pin_directory(out, id="ft", index=world.index, update=True)["version"] == "8"
+    assert not world.root.exists()  # nothing published
+
+
+def test_a_provenance_file_that_is_a_fifo_or_endless_is_refused_not_waited_on(world: World) -> None:
+    world.write_index()
+    out = _training_run(world, b"w")
+    fifo = world.tmp / "fifo.json"
+    os.mkfifo(fifo)
+    for path, why in ((fifo, "is not a regular file"), ("/dev/zero", "is not a regular file")):
+        result = world.raw("add", f"file:{out}", "--id", "ft", "--version", "1", "--license", "MIT", "--provenance", str(path), "--index", str(world.index))
+        assert result.exit_code == 2 and why in result.stderr, result.output
+    big = world.tmp / "big.json"
+    big.write_bytes(b'{"a": "' + b"x" * (2 << 20) + b'"}')
+    result = world.raw("add", f"file:{out}", "--id", "ft", "--version", "1", "--license", "MIT", "--provenance", str(big), "--index", str(world.index))
+    assert result.exit_code == 2 and "larger than 1048576 bytes" in result.stderr
