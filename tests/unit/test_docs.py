@@ -88,11 +88,14 @@ def test_links_of_the_readme_and_the_docs_resolve() -> None:
 
 def test_the_link_checker_finds_what_is_broken(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# A title: `here`\n\n[ok](#a-title-here) [gone](missing.md) ![img](x.png)\n`[code](not-a-link.md)`\n"
-                    "```\n[fenced](not-a-link-either.md)\n```\n[site](https://example.org/x)\n")  # fmt: skip
+    page.write_text(
+        "# A title: `here`\n\n[ok](#a-title-here) [gone](missing.md) ![img](x.png)\n"
+        "`[code](not-a-link.md)`\n```\n[fenced](not-a-link-either.md)\n```\n[site](https://example.org/x)\n"
+    )
     assert targets(page.read_text()) == ["#a-title-here", "missing.md", "x.png", "https://example.org/x"]
     assert anchors(page) == {"a-title-here"}
-    assert site_slug("Several tenants per host: the router, paging and priority") == "several-tenants-per-host-the-router-paging-and-priority"
+    heading = "Several tenants per host: the router, paging and priority"
+    assert site_slug(heading) == github_slug(heading) == "several-tenants-per-host-the-router-paging-and-priority"
 
 
 def test_every_page_is_in_the_nav_and_in_the_readme() -> None:
@@ -126,14 +129,16 @@ def test_the_readme_is_one_screen_with_the_two_commands() -> None:
 def test_the_site_builds_with_strict(tmp_path: Path) -> None:
     if not MKDOCS.is_file():
         pytest.skip(f"MkDocs not installed at {MKDOCS.parent.parent} (.ci/setup installs it)")
-    proc = subprocess.run([str(MKDOCS), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # fmt: skip
+    command = [str(MKDOCS), "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its successor, not a warning of ours
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "nixos-options" / "index.html").is_file()
 
 
 def test_the_performance_page_and_the_readme_show_the_benchmark_json() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run"), "--check-docs"], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(REPO / "bench" / "run"), "--check-docs"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -141,9 +146,12 @@ def test_the_nixos_option_reference_is_generated_from_the_module() -> None:
     if shutil.which("nix-instantiate") is None:
         pytest.skip("nix-instantiate not installed (.ci/setup installs Debian's nix-bin)")
     if not (NIX_LIB / "default.nix").is_file():
-        pytest.skip(f"no nixpkgs lib at {NIX_LIB} (set NIXPKGS_LIB; .ci/setup unpacks one when a nixpkgs.lib checkout is present)")
-    proc = subprocess.run([sys.executable, str(REPO / ".ci" / "nixos-options")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NIXPKGS_LIB": str(NIX_LIB)})  # fmt: skip
+        pytest.skip(f"no nixpkgs lib at {NIX_LIB} (set NIXPKGS_LIB; .ci/setup unpacks one from a nixpkgs.lib checkout)")
+    command = [sys.executable, str(REPO / ".ci" / "nixos-options")]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "NIXPKGS_LIB": str(NIX_LIB)}
+    )
     assert proc.returncode == 0, proc.stderr
-    assert (DOCS / "nixos-options.md").read_text() == proc.stdout, "docs/nixos-options.md is stale: python3 .ci/nixos-options --write"
+    stale = "docs/nixos-options.md is stale: python3 .ci/nixos-options --write"
+    assert (DOCS / "nixos-options.md").read_text() == proc.stdout, stale
     assert "## `services.model-zoo.resident.fleetKeyFile`" in proc.stdout
