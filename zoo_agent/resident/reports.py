@@ -46,7 +46,8 @@ class Reports:
             served += slot.served_before + sum(w.stats.served for w in slot.workers)
             worker = slot.serving
             if worker is None or worker.state != "serving":
-                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": "failed"}.get(slot.phase)
+                failed = "fetch failed" if slot.fetch_failed else "failed"
+                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": failed}.get(slot.phase)
                 out.append(f"{tid} ({what})" if what else tid)
                 continue
             s = worker.stats
