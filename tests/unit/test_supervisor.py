@@ -1,9 +1,11 @@
-"""Fetch on first use as the supervisor runs it (issues #20, #31): what it fetches, how often,
-and what a failed fetch leaves behind.
+"""The supervisor's decisions with a real ``Supervisor`` that is never started (no socket, no
+worker), ticked by hand (issues #20, #31): fetch on first use (what it fetches, how often, what
+a failed fetch leaves behind), the metrics a tenant has from the moment it is known, and the
+lease that carries over from one resident to the next.
 
-A real ``Supervisor`` (never started: no socket, no worker) ticks by hand; the real verified
-fetch reads file sources; the router's own ``_place`` and ``_pump`` stand for a request that
-arrives and its answer. Only spawning a worker is replaced: loading is recorded instead.
+The real verified fetch reads file sources; the router's own ``_place`` and ``_pump`` stand
+for a request that arrives and its answer. Only spawning a worker is replaced: loading is
+recorded instead.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ class Harness:
         return generate_latest(self.sup.router.metrics.registry).decode()
 
     def close(self) -> None:
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:  # requests still waiting: their clients leave
+            task.cancel()
+
+        async def settled() -> None:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        self.loop.run_until_complete(settled())
         self.loop.close()
         self.sup.router.similarity.close()
         for sock in (self.sup.wake_r, self.sup.wake_w):
@@ -193,3 +203,29 @@ def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp
     assert len(h.fetches) == 3 and h.loads == ["lazy"]
     assert h.sup.zoo.read_link("models", "od", "current") == "v1"
     assert 'zoo:fetches_total{result="ok",tenant="lazy"} 1.0' in h.metrics()
+
+
+# -- metrics a tenant has from the start ------------------------------------------------------------
+
+def test_every_known_tenant_has_its_alerting_series_at_zero(tmp_path: Path, harness: Any) -> None:
+    """``increase()`` sees a tenant's first restart, load and fetch only if the series existed at
+    zero before it (a series born at 1 has no increase), and the load panel is not NaN."""
+    _write(tmp_path, _model(tmp_path, "od", "v1", b"one"))
+    h = harness()
+    text = h.metrics()
+    for tenant in ("a", "lazy"):
+        for reason in ("crash", "hang"):
+            assert f'zoo:worker_restarts_total{{reason="{reason}",tenant="{tenant}"}} 0.0' in text
+        assert f'zoo:model_load_seconds_count{{tenant="{tenant}"}} 0.0' in text
+        assert f'zoo:model_load_seconds_bucket{{le="+Inf",tenant="{tenant}"}} 0.0' in text
+        assert f'zoo:model_evictions_total{{reason="budget",tenant="{tenant}"}} 0.0' in text
+        assert f'zoo:router_retries_total{{tenant="{tenant}"}} 0.0' in text
+    assert 'zoo:fetches_total{result="ok",tenant="lazy"} 0.0' in text and 'tenant="a"' not in text.split("zoo:fetches_total")[-1]
+    # A tenant a reload adds is known from that reload on.
+    doc = json.loads((tmp_path / "index.json").read_text())
+    doc["tenants"]["b"] = {"model": "m"}
+    doc["hosts"]["h"]["tenants"].append("b")
+    (tmp_path / "index.json").write_text(json.dumps(doc))
+    h.sup.flags.add("hup")
+    h.tick()
+    assert 'zoo:worker_restarts_total{reason="crash",tenant="b"} 0.0' in h.metrics()
