@@ -229,3 +229,66 @@ def test_every_known_tenant_has_its_alerting_series_at_zero(tmp_path: Path, harn
     h.sup.flags.add("hup")
     h.tick()
     assert 'zoo:worker_restarts_total{reason="crash",tenant="b"} 0.0' in h.metrics()
+
+
+# -- the lease carries over ---------------------------------------------------------------------------
+
+def _lease(h: Harness, tenant: str = "a") -> dict[str, Any]:
+    return dict(json.loads((h.root / f"resident/tenants/{tenant}/lease.json").read_text()))
+
+
+def test_the_lease_counts_across_residents(tmp_path: Path, harness: Any) -> None:
+    _write(tmp_path, _model(tmp_path, "od", "v1", b"one"))
+    first = harness()
+    (first.root / "resident/tenants/a").mkdir(parents=True)
+    slot = first.sup.slots["a"]
+    slot.served_before, slot.tokens_before, slot.evictions = 3, 10, 1
+    first.sup.reports.swaps["a"] = [{"time": "t0", "from": "v0", "to": "v1", "reason": "reload", "seconds": 1.5}]
+    first.sup.reports.lease(slot)
+    assert (_lease(first)["requests"], _lease(first)["tokens_generated"]) == (3, 10)
+    since = _lease(first)["since"]
+
+    second = harness()  # the next resident (a restart, a crash, a new boot)
+    second.sup.reports.started_at = "a later start"
+    slot = second.sup.slots["a"]
+    slot.served_before, slot.tokens_before = 2, 5
+    for _ in range(3):  # written again and again (every status change): counted once
+        second.sup.reports.lease(slot)
+    lease = _lease(second)
+    assert (lease["requests"], lease["tokens_generated"], lease["evictions"]) == (5, 15, 1)
+    assert lease["since"] == since and lease["resident_since"] == "a later start"
+    assert [s["to"] for s in lease["swaps"]] == ["v1"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe", b'{"requests": -5, "tokens_generated": "9", "evictions": true, "swaps": 7, "since": 3}',
+     b'{"requests": 1e400}', b"[1, 2]", b"x" * (2 << 20), "fifo", "link"],
+    ids=["deep", "not UTF-8", "wrong types", "huge number", "not an object", "too large", "a FIFO", "a link"],
+)
+def test_a_damaged_previous_lease_counts_nothing_and_is_replaced(tmp_path: Path, harness: Any, damage: bytes | str) -> None:
+    import os
+
+    from tests.victim import make_victim, snapshot
+
+    _write(tmp_path, _model(tmp_path, "od", "v1", b"one"))
+    h = harness()
+    base = h.root / "resident/tenants/a"
+    base.mkdir(parents=True)
+    victim = make_victim(tmp_path / "victim")
+    (victim / "lease.json").write_text('{"requests": 1000}')  # a lease of someone else's: never read through a link
+    before = snapshot(victim)
+    if damage == "fifo":
+        os.mkfifo(base / "lease.json")
+    elif damage == "link":
+        (base / "lease.json").symlink_to(victim / "lease.json")
+    else:
+        assert isinstance(damage, bytes)
+        (base / "lease.json").write_bytes(damage)
+    slot = h.sup.slots["a"]
+    slot.served_before = 2
+    h.sup.reports.lease(slot)  # returns (a FIFO is never opened for a blocking read)
+    lease = _lease(h)
+    assert (lease["requests"], lease["tokens_generated"], lease["evictions"], lease["swaps"]) == (2, 0, 0, [])
+    assert not (base / "lease.json").is_symlink()
+    assert snapshot(victim) == before

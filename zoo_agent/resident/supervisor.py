@@ -783,6 +783,8 @@ class Supervisor:
             log.info("%s: adapters now %s: swapping in place", slot.tenant, ", ".join(a.label for a in adapters) or "none")
             if not self._send(worker, p.Adapters(adapters=adapters)):
                 log.warning("could not tell worker %d about new adapters", worker.proc.pid)
+            if worker.ready is not None:
+                self.reports.model_info(slot, worker, worker.ready)  # what gc must keep: the versions it serves now
 
     def _tell_reloads(self, slot: Slot) -> None:
         """zoo:reloads_total{result} lives in the worker's /metrics; only we know."""
