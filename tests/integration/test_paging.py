@@ -236,7 +236,7 @@ def test_a_failed_on_demand_fetch_is_fetched_again_only_when_a_request_asks(five
         health = httpx.get(r.url + "/health", timeout=5).json()
         assert health["tenants"]["lazy"]["state"] == "failed" and "sha256" in health["tenants"]["lazy"]["error"]
         assert "lazy (fetch failed)" in health["status"]
-        assert 'zoo:fetches_total{result="failed",tenant="lazy"} 1.0' in httpx.get(r.url + "/metrics", timeout=30).text
+        assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 1.0' in httpx.get(r.url + "/metrics", timeout=30).text
         code, body = _ask(r, "lazy")
         assert code == 503 and fetches() == 2
     finally:

@@ -166,7 +166,7 @@ def test_a_fetch_that_leaves_something_else_current_is_a_failed_fetch_never_a_lo
 def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp_path: Path, harness: Any) -> None:
     _write(tmp_path, _model(tmp_path, "od", "v1", b"one", sha=hashlib.sha256(b"not one").hexdigest()))  # the source's bytes do not match the pin
     h = harness()
-    assert 'zoo:fetches_total{result="failed",tenant="lazy"} 0.0' in h.metrics()
+    assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 0.0' in h.metrics()
     request = h.ask()
     h.tick()
     assert len(h.fetches) == 1 and h.slot.phase == "failed"
@@ -185,7 +185,7 @@ def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp
     health = json.loads(h.sup.router._health()[1])["tenants"]["lazy"]
     assert health["state"] == "failed" and "sha256" in health["error"]
     assert "lazy (fetch failed)" in h.sup.status_line()
-    assert 'zoo:fetches_total{result="failed",tenant="lazy"} 1.0' in h.metrics()
+    assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 1.0' in h.metrics()
     # A new request asks again: exactly one more fetch, which fails the same way.
     request = h.ask()
     h.tick(3)
@@ -202,7 +202,7 @@ def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp
     h.tick(3)
     assert len(h.fetches) == 3 and h.loads == ["lazy"]
     assert h.sup.zoo.read_link("models", "od", "current") == "v1"
-    assert 'zoo:fetches_total{result="ok",tenant="lazy"} 1.0' in h.metrics()
+    assert 'zoo:on_demand_fetches_total{result="ok",tenant="lazy"} 1.0' in h.metrics()
 
 
 # -- metrics a tenant has from the start ------------------------------------------------------------
@@ -220,7 +220,8 @@ def test_every_known_tenant_has_its_alerting_series_at_zero(tmp_path: Path, harn
         assert f'zoo:model_load_seconds_bucket{{le="+Inf",tenant="{tenant}"}} 0.0' in text
         assert f'zoo:model_evictions_total{{reason="budget",tenant="{tenant}"}} 0.0' in text
         assert f'zoo:router_retries_total{{tenant="{tenant}"}} 0.0' in text
-    assert 'zoo:fetches_total{result="ok",tenant="lazy"} 0.0' in text and 'tenant="a"' not in text.split("zoo:fetches_total")[-1]
+    assert 'zoo:on_demand_fetches_total{result="ok",tenant="lazy"} 0.0' in text
+    assert not [line for line in text.splitlines() if line.startswith("zoo:on_demand_fetches") and 'tenant="a"' in line]  # eager: never fetched here
     # A tenant a reload adds is known from that reload on.
     doc = json.loads((tmp_path / "index.json").read_text())
     doc["tenants"]["b"] = {"model": "m"}

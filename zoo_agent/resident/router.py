@@ -93,8 +93,8 @@ class _Metrics:
                               ["route", "rule", "tenant"], registry=r)  # fmt: skip
         self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
                                  ["route", "tenant", "reason"], registry=r)  # fmt: skip
-        self.fetches = Counter("zoo:fetches", "Fetches on first use of on-demand tenants, by result (ok, failed).", ["tenant", "result"],
-                               registry=r)  # fmt: skip
+        self.fetches = Counter("zoo:on_demand_fetches", "Fetches on first use of an on-demand tenant, by result (ok, failed).",
+                               ["tenant", "result"], registry=r)  # fmt: skip
 
     def known(self, tenant: str, on_demand: bool = False) -> None:
         """A tenant's label sets, at zero, from the moment it is known: ``increase()`` and
