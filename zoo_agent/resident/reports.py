@@ -88,7 +88,14 @@ class Reports:
         return value if isinstance(value, int) and value >= 0 else 0
 
     def model_info(self, slot: Slot, worker: Worker, ready: Ready) -> None:
-        """What the tenant's worker loaded: written when it is ready, and again when its adapters swap in place."""
+        """A worker became ready: what it loaded, its lease, the resident's state."""
+        self.loaded(slot, worker, ready)
+        self.lease(slot)
+        self.sup.last_error = "" if not self.sup.pending_reloads else self.sup.last_error
+        self.state()
+
+    def loaded(self, slot: Slot, worker: Worker, ready: Ready) -> None:
+        """model-info.json: what the tenant's worker loaded (written when it is ready, and again when its adapters swap in place)."""
         c = worker.config
         pid, since = self.loaded_since.get(c.tenant, (0, ""))
         if pid != ready.pid:
@@ -103,9 +110,6 @@ class Reports:
         base = self.sup.zoo.tenant_dir(c.tenant)
         makedirs_durable(base)
         write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
-        self.lease(slot)
-        self.sup.last_error = "" if not self.sup.pending_reloads else self.sup.last_error
-        self.state()
 
     def paged(self, action: str, slot: Slot, label: str, *, reason: str = "", seconds: float = 0.0) -> None:
         """``page-in`` / ``page-out`` in host/actions.jsonl (`zoo-agent log`): what was loaded and evicted, in order."""

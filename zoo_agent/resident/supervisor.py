@@ -784,7 +784,7 @@ class Supervisor:
             if not self._send(worker, p.Adapters(adapters=adapters)):
                 log.warning("could not tell worker %d about new adapters", worker.proc.pid)
             if worker.ready is not None:
-                self.reports.model_info(slot, worker, worker.ready)  # what gc must keep: the versions it serves now
+                self.reports.loaded(slot, worker, worker.ready)  # what gc must keep: the versions it serves now
 
     def _tell_reloads(self, slot: Slot) -> None:
         """zoo:reloads_total{result} lives in the worker's /metrics; only we know."""
