@@ -6,6 +6,7 @@ so a user sees every problem at once.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 import urllib.parse
@@ -334,9 +335,14 @@ def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Proble
 
 def endpoint_problem(url: str) -> str | None:
     """What is wrong with a host's ``endpoint``, if anything: a base URL that a path is
-    appended to (``/v1/models``), so only scheme, host and port (issue #22)."""
+    appended to (``/v1/models``), so only scheme, host and port (issue #22); a host that
+    an HTTP client can connect to as written: a DNS name in ASCII, an IPv4 address or an
+    IPv6 one in brackets (issue #31: a non-ASCII or over-long label was a traceback in
+    ``fleet status``)."""
     if any(c.isspace() for c in url):
         return f"must not contain whitespace ({url!r})"
+    if any(not c.isprintable() for c in url):
+        return f"must not contain control characters ({url!r})"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -348,11 +354,51 @@ def endpoint_problem(url: str) -> str | None:
         return "must not carry a user or password; peers authenticate with the fleet key"
     if not parts.hostname:
         return f"names no host, got {url!r}"
+    if problem := _host_problem(parts.hostname, bracketed=parts.netloc.rpartition("@")[2].startswith("[")):
+        return problem
     if parts.path or parts.query or parts.fragment or url.endswith(("?", "#")):
         base = f"{parts.scheme}://{parts.netloc}"
         return f"must be a base URL with no path, query or fragment (write {base!r}), got {url!r}"
     if port == 0:
         return f"port 0 cannot be reached, got {url!r}"
+    return None
+
+
+_LABEL = re.compile(r"[a-z0-9_-]+")
+
+
+def _host_problem(host: str, *, bracketed: bool) -> str | None:
+    """What keeps ``host`` (urlsplit's ``hostname``: lowercase, brackets removed) from being connected to."""
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"the host {host!r} in brackets is not an IPv6 address"
+        return None
+    if not host.isascii():
+        try:
+            hint = repr(host.encode("idna").decode("ascii"))
+        except UnicodeError:
+            hint = "punycode"
+        return f"the host {host!r} is not ASCII; write it in its xn-- form ({hint})"
+    name = host.removesuffix(".")
+    if all(c.isdigit() or c == "." for c in name):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return f"the host {host!r} is not an IPv4 address (each part is 0-255)"
+        return None
+    if len(name) > 253:
+        return f"the host is {len(name)} characters; a DNS name has at most 253"
+    for label in name.split("."):
+        if not label:
+            return f"the host {host!r} has an empty label; write a DNS name such as 'sprout.lan'"
+        if bad := next((c for c in label if not _LABEL.fullmatch(c)), None):
+            return f"the host {host!r} holds {bad!r}; a host name is letters, digits, '-' and '.' (or an IP address)"
+        if len(label) > 63:
+            return f"the label {label!r} is {len(label)} characters; a DNS label has at most 63"
+        if label.startswith("-") or label.endswith("-"):
+            return f"the label {label!r} starts or ends with '-'; a DNS label does not"
     return None
 
 
