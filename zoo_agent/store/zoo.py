@@ -1,6 +1,6 @@
 """The zoo on disk: stage, verify, publish, swap, remove, lock (issue #3).
 
-Layout (see DESIGN.md)::
+Layout::
 
     $ROOT/.lock
     $ROOT/host/actions.jsonl

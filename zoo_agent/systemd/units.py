@@ -69,7 +69,7 @@ GPU_DEVICES: dict[str, tuple[str, ...]] = {
 GPU_GROUPS: dict[str, tuple[str, ...]] = {"nvidia": (), "rocm": ("render", "video")}
 
 # What ProtectHome= and PrivateTmp= hide from the services: an interpreter, a venv or an
-# index there cannot even be read by them (FIELD-NOTES "systemd").
+# index there cannot even be read by them.
 _HIDDEN = (Path("/root"), Path("/home"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
 
 
