@@ -18,9 +18,12 @@ from zoo_agent.fit import check_host
 from zoo_agent.index.model import ArtifactEntry, Index, RouteEntry
 from zoo_agent.index.schema import pointer
 
-__all__ = ["PICKLE_SUFFIXES", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
+__all__ = ["PICKLE_SUFFIXES", "TRANSFORMERS_FORMATS", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: What transformers and peft load (``from_pretrained``): a gguf, onnx or ollama entry would
+#: fail at the first request, after a fetch of gigabytes (issue #31).
+TRANSFORMERS_FORMATS = ("safetensors", "pickle")
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 # A whole value that is a placeholder ("TODO", "xxx", "changeme-later"), or any text that
 # carries the registry stub marker; prose that merely mentions "todo lists" passes.
@@ -126,11 +129,30 @@ def _backends(idx: Index) -> Iterator[Problem]:
             yield Problem(pointer(("tenants", tid, "backend")), f"backend 'ollama' needs a model with an 'ollama' source; '{tenant.model}' has '{model.source.type}'")
         if tenant.backend == "transformers" and is_ollama:
             yield Problem(pointer(("tenants", tid, "backend")), f"model '{tenant.model}' comes from Ollama; set backend to 'ollama'")
+        if tenant.backend == "transformers" and not is_ollama and model.format not in TRANSFORMERS_FORMATS:
+            yield Problem(pointer(("tenants", tid, "backend")),
+                          f"backend 'transformers' loads safetensors (or pickle) weights; model '{tenant.model}' has format '{model.format}'")
         if tenant.backend == "ollama" and tenant.loras:
             yield Problem(pointer(("tenants", tid, "loras")), "the 'ollama' backend cannot attach LoRA adapters at runtime")
+        if tenant.adapter_selection is not None:
+            at = pointer(("tenants", tid, "adapter_selection", "embedding_model"))
+            yield from _embedder_problems(idx, tenant.adapter_selection.embedding_model, at, "adapter selection")
     for lid, lora in idx.loras.items():
         if lora.source.type == "ollama":
             yield Problem(pointer(("loras", lid, "source", "type")), "an adapter cannot come from an 'ollama' source")
+        elif lora.format not in TRANSFORMERS_FORMATS:
+            yield Problem(pointer(("loras", lid, "format")), f"an adapter is loaded by peft, which reads safetensors (or pickle); got '{lora.format}'")
+
+
+def _embedder_problems(idx: Index, mid: str, at: str, who: str) -> Iterator[Problem]:
+    """An embedding model is loaded by transformers from safetensors (``use_safetensors=True``)."""
+    model = idx.models.get(mid)
+    if model is None:
+        return  # reported as an unknown model
+    if model.source.type == "ollama":
+        yield Problem(at, f"{who} embeds with transformers; model '{mid}' has an 'ollama' source")
+    elif model.format != "safetensors":
+        yield Problem(at, f"{who} embeds with transformers from safetensors; model '{mid}' has format '{model.format}'")
 
 
 def _artifacts(idx: Index) -> Iterator[tuple[tuple[str, str], ArtifactEntry]]:
@@ -324,11 +346,9 @@ def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Proble
     if mid is None:
         return
     at = pointer(("routes", rid, "embedding_model"))
-    model = idx.models.get(mid)
-    if model is None:
+    if mid not in idx.models:
         yield Problem(at, _unknown("model", mid, idx.models))
-    elif model.source.type == "ollama":
-        yield Problem(at, f"the router embeds with transformers; model '{mid}' has an 'ollama' source")
+    yield from _embedder_problems(idx, mid, at, "the router")
     if not any(r.when.similar_to is not None for r in route.rules):
         yield Problem(at, "no rule has 'similar_to', so nothing uses it; remove it or add a similarity rule")
 
