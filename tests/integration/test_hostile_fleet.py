@@ -192,3 +192,44 @@ def test_validate_refuses_an_endpoint_fleet_status_could_not_ask(tmp_path: Path,
 def test_validate_accepts_ordinary_endpoints(tmp_path: Path, endpoint: str) -> None:
     result = CliRunner().invoke(cli, ["validate", str(_index(tmp_path, {"a": endpoint}))])
     assert result.exit_code == 0, result.output
+
+
+# -- the other commands that read a resident's answers: `resident status` and `chat` ----------------
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(("status", "body", "message"), [
+    ("200 OK", DEEP, "/health: not a resident's answer (nests deeper than 64 levels)"),
+    ("503 Service Unavailable", DEEP, "/health: not a resident's answer (nests deeper than 64 levels)"),
+    ("200 OK", b"[1, 2]", "/health: not a resident's answer (not a JSON object)"),
+])  # fmt: skip
+def test_resident_status_reads_health_through_the_bounded_reader(tmp_path: Path, hosts: Callable[[Serve], FakeHost],
+                                                                 status: str, body: bytes, message: str) -> None:  # fmt: skip
+    host = hosts(answer(body, status))
+    result = CliRunner().invoke(cli, ["resident", "--root", str(tmp_path / "zoo"), "status", "--url", host.url])
+    assert (result.exit_code, result.stderr) == (1, f"{host.url}{message}\n")
+
+
+def test_resident_status_prints_odd_fields_without_a_traceback_or_an_escape(tmp_path: Path, hosts: Callable[[Serve], FakeHost]) -> None:
+    health = {"state": "ready\x1b[2J", "status": "1 tenant", "tenants": {
+        "a": {"state": "serving", "model": "m", "version": "1", "running": "many", "idle_seconds": 10**400, "footprint": None},
+        "b": "not an object", "c": {"error": "bad\nline"}}}  # fmt: skip
+    host = hosts(answer(json.dumps(health).encode()))
+    result = CliRunner().invoke(cli, ["resident", "--root", str(tmp_path / "zoo"), "status", "--url", host.url])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ready\\x1b[2J: 1 tenant" and len(lines) == 3
+    assert lines[1].split() == ["a", "serving", "m@1", "0", "running", "0", "waiting", "idle", "-", "0.0", "MiB"]
+    assert lines[2].split() == ["c", "?", "-", "0", "running", "0", "waiting", "idle", "-", "0.0", "MiB", "bad\\nline"]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (DEEP, "/v1/models: not a resident's answer (nests deeper than 64 levels)"),
+    (b'{"data": 5}', "/v1/models: not a resident's answer (no 'data' list)"),
+])  # fmt: skip
+def test_chat_reads_answers_through_the_bounded_reader(hosts: Callable[[Serve], FakeHost], body: bytes, message: str) -> None:
+    host = hosts(answer(body))
+    result = CliRunner().invoke(cli, ["chat", "--url", host.url], input="/quit\n")
+    assert (result.exit_code, result.stderr) == (1, f"{host.url}{message}\n")

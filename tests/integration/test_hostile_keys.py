@@ -87,8 +87,8 @@ def test_the_hub_token_credential_is_read_the_same_way(world: World, tmp_path: P
     os.mkfifo(tmp_path / "hf-token")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))  # systemd's LoadCredential=hf-token:...
     result = _invoke(["apply", *world.args()])
-    assert (result.exit_code, result.stderr) == (2, f"the systemd credential hf-token {tmp_path / 'hf-token'}: is a FIFO; "
-                                                    "a key file is a regular file holding one token\n")  # fmt: skip
+    why = "is a FIFO; a key file is a regular file holding one token"
+    assert (result.exit_code, result.stderr) == (2, f"the systemd credential hf-token {tmp_path / 'hf-token'}: {why}\n")
 
 
 def test_a_key_at_the_limit_is_read_and_an_empty_hub_token_falls_through(tmp_path: Path) -> None:

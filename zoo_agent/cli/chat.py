@@ -128,8 +128,8 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -
                 out.write(delta)
                 out.flush()
             last = chunk
-        zoo = last.get("x_zoo") if isinstance(last.get("x_zoo"), dict) else {}
-        info = zoo.get("session") if isinstance(zoo.get("session"), dict) else {}
+        zoo: dict[str, Any] = last["x_zoo"] if isinstance(last.get("x_zoo"), dict) else {}
+        info: dict[str, Any] = zoo["session"] if isinstance(zoo.get("session"), dict) else {}
         adapter = f" · adapter {zoo['adapter']}" if zoo.get("adapter") else ""
         out.write(f"\n[{last.get('system_fingerprint')}{adapter} · session {session} · cache {info.get('cache', '-')}]\n")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import emit_json, json_option
+from zoo_agent.cli.options import emit_json, json_option, printable
 from zoo_agent.errors import UsageError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
@@ -113,7 +113,7 @@ def _ask(endpoint: str, key: str | None, deadline: float) -> Answer:
     if status != 200 or not isinstance(models, dict) or not isinstance(models.get("data"), list):
         error = models.get("error") if isinstance(models, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
-        message = _one_line(message) if isinstance(message, str) else ""
+        message = printable(message, _MAX_MESSAGE) if isinstance(message, str) else ""
         return Answer(error=f"/v1/models answered HTTP {status}" + (f": {message}" if message else ""))
     cards = {c["id"]: c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)}
     state = health.get("state") if isinstance(health, dict) else None
@@ -137,20 +137,10 @@ def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]
     return rows
 
 
-def _printable(text: str) -> str:
-    """No control characters (a terminal's escapes, a second line): each written as its escape."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def _one_line(text: str) -> str:
-    """A host's words, safe to print and bounded."""
-    return _printable(text[:_MAX_MESSAGE]) + ("…" if len(text) > _MAX_MESSAGE else "")
-
-
 def _asked(future: Future[Answer], endpoint: str, key: str | None, deadline: float) -> None:
     try:
         future.set_result(_ask(endpoint, key, deadline))
-    except BaseException as exc:  # a bug: raised again in the main thread, with its traceback
+    except Exception as exc:  # noqa: BLE001 - a bug: raised again in the main thread, with its traceback
         future.set_exception(exc)
 
 
@@ -215,7 +205,7 @@ def status_cmd(index_path: Path, key_file: Path | None, timeout: float, as_json:
 
 def _print_table(rows: list[dict[str, Any]], not_asked: list[str]) -> None:
     header = ("HOST", "TENANT", "SERVED", "PINNED", "STATE")
-    cells = [(r["host"], r["tenant"], _one_line(str(r["served"] or "-")), r["pinned"], r["state"] + (f" ({_printable(r['error'])})" if r["error"] else ""))
+    cells = [(r["host"], r["tenant"], printable(str(r["served"] or "-"), _MAX_MESSAGE), r["pinned"], r["state"] + (f" ({printable(r['error'])})" if r["error"] else ""))
              for r in rows]  # fmt: skip
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header) - 1)]
     for line in [header, *cells]:

@@ -80,7 +80,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
         sock = socket.socket(fileno=3)
         _needs_key(sock, "the socket systemd passed (LISTEN_FDS)", api_key)
         return sock
-    if spec.startswith("unix:") or spec.startswith("/"):
+    if spec.startswith(("unix:", "/")):
         path = spec.removeprefix("unix:")
         _remove_stale_socket(Path(path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -95,7 +95,8 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             family, _, _, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0]
         except (OSError, UnicodeError) as exc:
-            raise UsageError(f"--listen {spec}: cannot resolve {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
+            why = getattr(exc, "strerror", None) or exc
+            raise UsageError(f"--listen {spec}: cannot resolve {host!r}: {why}") from None
         # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
         # and without it Nagle held each response body for the client's delayed ACK (+40 ms a request).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
