@@ -32,33 +32,35 @@ def read_key_file(path: Path, flag: str, *, allow_empty: bool = False) -> str:
     ``allow_empty`` returns ``""`` for a file that holds only whitespace (the hub token:
     the next place a token may come from is tried); a bearer token must never be empty,
     or auth would be off."""
+    # A path is the user's bytes: a newline or an escape in it must not split or paint the line.
+    where = f"{flag} {path}" if str(path).isprintable() else f"{flag} {ascii(str(path))}"
     try:
         # O_NONBLOCK: opening a FIFO nobody writes to returns at once (then it is refused),
         # where a plain open() waits for a writer forever. O_NOCTTY: a terminal is not adopted.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         why = "no such file" if exc.errno == errno.ENOENT else f"cannot be read: {exc.strerror or exc}"
-        raise UsageError(f"{flag} {path}: {why}") from None
+        raise UsageError(f"{where}: {why}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-            raise UsageError(f"{flag} {path}: is {kind}; a key file is a regular file holding one token")
+            raise UsageError(f"{where}: is {kind}; a key file is a regular file holding one token")
         raw = _read_at_most(fd, MAX_KEY_BYTES + 1)
     except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot be read: {exc.strerror or exc}") from None
+        raise UsageError(f"{where}: cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     if len(raw) > MAX_KEY_BYTES:
-        raise UsageError(f"{flag} {path}: larger than {MAX_KEY_BYTES} bytes; a key file holds one token")
+        raise UsageError(f"{where}: larger than {MAX_KEY_BYTES} bytes; a key file holds one token")
     try:
         key = raw.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise UsageError(f"{flag} {path}: not ASCII; a bearer token is visible ASCII characters") from None
+        raise UsageError(f"{where}: not ASCII; a bearer token is visible ASCII characters") from None
     if not key and not allow_empty:
-        raise UsageError(f"{flag} {path}: empty; it must hold the bearer token (an empty one would turn auth off)")
+        raise UsageError(f"{where}: empty; it must hold the bearer token (an empty one would turn auth off)")
     if not all(33 <= ord(c) < 127 for c in key):
-        raise UsageError(f"{flag} {path}: the token holds spaces or control characters; a bearer token is one word")
+        raise UsageError(f"{where}: the token holds spaces or control characters; a bearer token is one word")
     return key
 
 

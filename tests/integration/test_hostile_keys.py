@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from tests.integration.conftest import World
 from zoo_agent.cli.main import cli
+from zoo_agent.errors import UsageError
 from zoo_agent.keyfile import MAX_KEY_BYTES, read_key_file
 
 Make = Callable[[Path], Path]
@@ -118,3 +119,12 @@ def test_the_resident_refuses_such_a_key_file_before_ready(world: World, tmp_pat
             proc.kill()
             _, err = proc.communicate()
     assert (proc.returncode, err) == (2, f"{flag} {key}: {why}\n")
+
+
+def test_a_path_with_a_newline_is_named_on_one_line(tmp_path: Path) -> None:
+    odd = tmp_path / "key\nINJECTED: \x1b[2J"
+    odd.write_text("")
+    with pytest.raises(UsageError) as caught:
+        read_key_file(odd, "--api-key-file")
+    assert str(caught.value) == f"--api-key-file {ascii(str(odd))}: empty; it must hold the bearer token (an empty one would turn auth off)"
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)

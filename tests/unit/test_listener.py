@@ -54,6 +54,7 @@ def test_loopback_is_what_is_bound(spec: str) -> None:
     ("localhost", "--listen localhost: expected host:port (a port from 0 to 65535) or unix:/path"),
     ("127.0.0.1:70000", "--listen 127.0.0.1:70000: expected host:port (a port from 0 to 65535) or unix:/path"),
     ("127.0.0.1:٣", "--listen 127.0.0.1:٣: expected host:port (a port from 0 to 65535) or unix:/path"),
+    ("x\n\x1b[2J:80x", "--listen 'x\\n\\x1b[2J:80x': expected host:port (a port from 0 to 65535) or unix:/path"),
 ])  # fmt: skip
 def test_a_bad_listen_spec_is_one_line(spec: str, message: str) -> None:
     with pytest.raises(UsageError) as caught:

@@ -61,12 +61,17 @@ def _remove_stale_socket(path: Path) -> None:
         pass
 
 
+def _shown(spec: str) -> str:
+    """The flag's value as typed, or escaped when it holds a control character (one line stays one line)."""
+    return spec if spec.isprintable() else ascii(spec)
+
+
 def _tcp_address(spec: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``; an empty host is 127.0.0.1) or one line naming --listen."""
     host, _, port = spec.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {spec}: expected host:port (a port from 0 to 65535) or unix:/path")
+        raise UsageError(f"--listen {_shown(spec)}: expected host:port (a port from 0 to 65535) or unix:/path")
     return host, int(port)
 
 
@@ -88,7 +93,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror or exc}") from exc
+            raise UsageError(f"--listen {_shown(spec)}: cannot bind: {exc.strerror or exc}") from exc
     else:
         host, port = _tcp_address(spec)
         try:  # an IPv4 address for a name, as before; an IPv6 one for a literal such as [::1]
@@ -96,7 +101,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
             family, _, _, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0]
         except (OSError, UnicodeError) as exc:
             why = getattr(exc, "strerror", None) or exc
-            raise UsageError(f"--listen {spec}: cannot resolve {host!r}: {why}") from None
+            raise UsageError(f"--listen {_shown(spec)}: cannot resolve {host!r}: {why}") from None
         # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
         # and without it Nagle held each response body for the client's delayed ACK (+40 ms a request).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -105,7 +110,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
             sock.bind(address)
         except OSError as exc:
             sock.close()
-            raise UsageError(f"--listen {spec}: cannot bind: {exc.strerror}") from exc
-        _needs_key(sock, f"--listen {spec}", api_key)
+            raise UsageError(f"--listen {_shown(spec)}: cannot bind: {exc.strerror}") from exc
+        _needs_key(sock, f"--listen {_shown(spec)}", api_key)
     sock.listen(128)
     return sock
