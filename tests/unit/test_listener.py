@@ -80,3 +80,16 @@ def test_a_unix_path_that_is_a_users_file_is_left_alone(tmp_path: Path) -> None:
 ])  # fmt: skip
 def test_is_loopback(address: Any, loopback: bool) -> None:
     assert is_loopback(address) is loopback
+
+
+def test_the_key_is_required_before_anything_is_bound() -> None:
+    """The resolved address decides before bind (and the bound one again after): a busy port
+    beyond loopback still says what is missing, and nothing ever listens there without a key."""
+    busy = socket.create_server(("0.0.0.0", 0))
+    try:
+        port = busy.getsockname()[1]
+        with pytest.raises(UsageError) as caught:
+            listen_socket(f"0.0.0.0:{port}", None)
+        assert str(caught.value) == f"--listen 0.0.0.0:{port}: listening beyond loopback needs a bearer token (--api-key-file); it binds 0.0.0.0"
+    finally:
+        busy.close()

@@ -37,18 +37,21 @@ def is_loopback(address: object) -> bool:
     return ip.is_loopback
 
 
-def _needs_key(sock: socket.socket, what: str, api_key: str | None) -> None:
-    """Refuse (closing ``sock``) a socket bound beyond loopback when there is no bearer token."""
-    if api_key:
+def _needs_key(address: object, what: str, api_key: str | None, sock: socket.socket | None = None) -> None:
+    """Refuse an ``address`` beyond loopback when there is no bearer token (closing ``sock``, if given)."""
+    if api_key or is_loopback(address):
         return
-    try:
-        bound = sock.getsockname()
-    except OSError:
-        bound = None
-    if not is_loopback(bound):
-        where = bound[0] if isinstance(bound, tuple) else "an address that is not loopback"
+    if sock is not None:
         sock.close()
-        raise UsageError(f"{what}: listening beyond loopback needs a bearer token (--api-key-file); it binds {where}")
+    where = address[0] if isinstance(address, tuple) and address else "an address that is not loopback"
+    raise UsageError(f"{what}: listening beyond loopback needs a bearer token (--api-key-file); it binds {where}")
+
+
+def _bound(sock: socket.socket) -> object:
+    try:
+        return sock.getsockname()
+    except OSError:
+        return None
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -83,7 +86,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
     address beyond loopback without one."""
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
         sock = socket.socket(fileno=3)
-        _needs_key(sock, "the socket systemd passed (LISTEN_FDS)", api_key)
+        _needs_key(_bound(sock), "the socket systemd passed (LISTEN_FDS)", api_key, sock)
         return sock
     if spec.startswith(("unix:", "/")):
         path = spec.removeprefix("unix:")
@@ -102,6 +105,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
         except (OSError, UnicodeError) as exc:
             why = getattr(exc, "strerror", None) or exc
             raise UsageError(f"--listen {_shown(spec)}: cannot resolve {host!r}: {why}") from None
+        _needs_key(address, f"--listen {_shown(spec)}", api_key)  # the resolved address, before anything is bound
         # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
         # and without it Nagle held each response body for the client's delayed ACK (+40 ms a request).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -111,6 +115,6 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
         except OSError as exc:
             sock.close()
             raise UsageError(f"--listen {_shown(spec)}: cannot bind: {exc.strerror}") from exc
-        _needs_key(sock, f"--listen {_shown(spec)}", api_key)
+        _needs_key(_bound(sock), f"--listen {_shown(spec)}", api_key, sock)  # and what was bound, before it listens
     sock.listen(128)
     return sock
