@@ -55,6 +55,9 @@ class _Unanswered(Exception):
     pass
 
 
+_LATE = "late"  # a thread past its deadline says so; _ask_all words it with the timeout
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect would carry the fleet key to wherever it points: not followed."""
 
@@ -72,7 +75,7 @@ def _read(response: Any, deadline: float) -> bytes:
     size = 0
     while size <= _MAX_ANSWER:
         if time.monotonic() >= deadline:
-            raise _Unanswered("too slow")
+            raise _Unanswered(_LATE)
         chunk = response.read1(min(1 << 16, _MAX_ANSWER + 1 - size))
         if not chunk:
             break
@@ -162,6 +165,8 @@ def _ask_all(endpoints: Mapping[str, str], key: str | None, timeout: float) -> d
             try:
                 answers[hid] = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
+                answers[hid] = Answer(error=_LATE)
+            if answers[hid].error == _LATE:
                 answers[hid] = Answer(error=f"no whole answer within {timeout:g}s")
     return answers
 
