@@ -23,8 +23,9 @@ __all__ = ["PeerStandIn", "chunk", "completion", "http", "sse"]
 
 
 def http(status: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-    """One HTTP/1.1 response, framed by Content-Length."""
-    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    """One HTTP/1.1 response, framed by Content-Length; the connection closes after it (and says so:
+    a pooled connection the server closed would fail the next request before it is sent)."""
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -100,9 +101,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             doc = {"object": "list", "data": self.server.cards}
         else:
-            self.wfile.write(http("404 Not Found", b"{}"))
-            return
-        self.wfile.write(http("200 OK", json.dumps(doc).encode(), {"Content-Type": "application/json"}))
+            doc = None
+        self.wfile.write(http("200 OK", json.dumps(doc).encode(), {"Content-Type": "application/json"}) if doc is not None else http("404 Not Found", b"{}"))
+        self.close_connection = True
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
