@@ -23,6 +23,7 @@ from zoo_agent.cli.zoo import add_cmd
 from zoo_agent.errors import IntegrityError, UsageError
 from zoo_agent.index.load import load_index, read_document
 from zoo_agent.pin import existing
+from zoo_agent.store.durable import write_atomic
 from zoo_agent.registry import github, hubcheck, pull
 from zoo_agent.registry.pins import EntryChange, changes
 from zoo_agent.sources import FetchSettings
@@ -132,25 +133,29 @@ def update_pr_cmd(aid: str, index: Path, spec: str | None, revision: str | None,
     options = [*(a for g in include for a in ("--include", g)), *(a for g in exclude for a in ("--exclude", g))]
     options += [*(("--version", label) if label else ()), *(("--provenance", str(provenance_file)) if provenance_file else ())]
     options += [*(("--hf-token-file", str(hf_token_file)) if hf_token_file else ())]
-    before = read_document(index, str(index))
+    before_bytes, before = index.read_bytes(), read_document(index, str(index))
     _run_add(aid, index, spec, options)
-    load_index(index, str(index))  # what `zoo-agent validate` checks: the pull request never carries an invalid index
-    found = [c for c in changes(before, read_document(index, str(index))) if c.id == aid]
-    if not found:
-        if as_json:
-            emit_json({"id": aid, "changed": False, "branch": branch, "pull_request": None})
-        else:
-            click.echo(f"{aid}: the index already pins these bytes; no pull request")
-        return
-    change = found[0]
-    findings = _hub_findings(found, FetchSettings.from_environment(hf_token_file))
-    text = pull.body(change, {**pull.metrics_of(change.after), **metrics}, findings)
-    opened = None
-    if gh is not None:
-        assert base is not None
-        opened = github.open_pull_request(gh, base=base, base_sha=base_sha or "", branch=branch, path=where,
-                                          content=index.read_text(encoding="utf-8"), message=pull.commit_message(change),
-                                          title=title, body=text)  # fmt: skip
+    try:
+        load_index(index, str(index))  # what `zoo-agent validate` checks: the pull request never carries an invalid index
+        found = [c for c in changes(before, read_document(index, str(index))) if c.id == aid]
+        if not found:
+            if as_json:
+                emit_json({"id": aid, "changed": False, "branch": branch, "pull_request": None})
+            else:
+                click.echo(f"{aid}: the index already pins these bytes; no pull request")
+            return
+        change = found[0]
+        findings = _hub_findings(found, FetchSettings.from_environment(hf_token_file))
+        text = pull.body(change, {**pull.metrics_of(change.after), **metrics}, findings)
+        opened = None
+        if gh is not None:
+            assert base is not None
+            opened = github.open_pull_request(gh, base=base, base_sha=base_sha or "", branch=branch, path=where,
+                                              content=index.read_text(encoding="utf-8"), message=pull.commit_message(change),
+                                              title=title, body=text)  # fmt: skip
+    except BaseException:
+        write_atomic(Path(os.path.realpath(index)), before_bytes)  # no pull request: the index as it was, for a rerun
+        raise
     if as_json:
         emit_json({"id": aid, "kind": change.kind, "changed": True, "version": change.after.get("version"), "branch": branch,
                    "title": title, "body": text,
