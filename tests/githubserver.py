@@ -109,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._route(self.command, unquote(url.path[len(prefix):]), parse_qs(url.query), body)
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> None:  # noqa: C901 - one table
+    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> None:
         state, repo = self.server.state, self.server.repository
         if method == "GET" and path.startswith("git/commits/"):
             sha = path.removeprefix("git/commits/")

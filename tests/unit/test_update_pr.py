@@ -101,7 +101,7 @@ def test_strings_from_the_index_or_hub_stay_inside_their_cell() -> None:
     assert not [line for line in body.splitlines() if line.startswith("#") and "octocat" in line]  # no heading injected
     spans = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")  # CommonMark: a closing run of exactly the opening's length
     assert "@octocat" not in spans.sub("", body)  # only ever inside code spans: no mention, no notification
-    tables = re.findall(r"(?:^\|.*\n)+", body, re.M)
+    tables = re.findall(r"(?:^\|.*\n)+", body, re.MULTILINE)
     assert len(tables) == 3
     for table in tables:  # every row has as many cells as its table's header: no pipe escaped its cell
         widths = {len(re.split(r"(?<!\\)\|", line)) for line in table.splitlines()}

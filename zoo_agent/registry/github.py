@@ -130,12 +130,13 @@ def open_pull_request(gh: GitHub, *, base: str, base_sha: str, branch: str, path
     """Commit ``content`` at ``path`` over ``base_sha`` on ``branch`` (created, or moved there), then open
     the pull request into ``base``, or update the one already open from that branch."""
     if not SHA1.match(base_sha):
-        raise UsageError(f"GITHUB_SHA (--base-sha): expected the 40-hex commit the workflow checked out, got {base_sha!r}")
+        raise UsageError(f"GITHUB_SHA (--base-sha): expected the 40-hex commit checked out, got {base_sha!r}")
     base_tree = _field(gh.expect("GET", gh.repo_path(f"/git/commits/{base_sha}")), "tree", "sha")
     tree = gh.expect("POST", gh.repo_path("/git/trees"), {
         "base_tree": base_tree, "tree": [{"path": path, "mode": "100644", "type": "blob", "content": content}],
     })  # fmt: skip
-    commit = gh.expect("POST", gh.repo_path("/git/commits"), {"message": message, "tree": _field(tree, "sha"), "parents": [base_sha]})
+    commit = gh.expect("POST", gh.repo_path("/git/commits"),
+                       {"message": message, "tree": _field(tree, "sha"), "parents": [base_sha]})  # fmt: skip
     sha = _field(commit, "sha")
     ref = quote(branch, safe="/")
     status, _ = gh.call("GET", gh.repo_path(f"/git/ref/heads/{ref}"))

@@ -105,7 +105,8 @@ def check(entries: Iterable[EntryChange], settings: FetchSettings) -> list[Findi
         repo, revision = source.get("repo"), source.get("revision")
         if source.get("type") != "hf" or not isinstance(repo, str) or not isinstance(revision, str):
             what = f"{source.get('type')!s} source" if isinstance(source.get("type"), str) else "source"
-            findings.append(Finding(where, "skipped", f"{len(pins)} new pins from a {what}: no hub to ask (apply checks the bytes)"))
+            pins_ = f"{len(pins)} new {'pin' if len(pins) == 1 else 'pins'}"
+            findings.append(Finding(where, "skipped", f"{pins_} from a {what}: no hub to ask (apply checks the bytes)"))
             continue
         hub = hub_files(repo, revision, [p.path for p in pins], settings)
         for pin in pins:

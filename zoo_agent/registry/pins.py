@@ -75,6 +75,10 @@ def _files(entry: Mapping[str, Any] | None) -> dict[str, tuple[str, int]]:
     return found
 
 
+def _status(old: tuple[str, int] | None, new: tuple[str, int]) -> Status:
+    return "added" if old is None else "same" if old == new else "changed"
+
+
 def totals(entry: Mapping[str, Any] | None) -> tuple[int, int]:
     """(files, bytes) an entry pins."""
     files = _files(entry)
@@ -91,9 +95,6 @@ def changes(base: Any, head: Any) -> list[EntryChange]:
             if before == after:
                 continue
             old, new = _files(before), _files(after)
-            pins = tuple(
-                FilePin(path, sha256, size, "added" if path not in old else "same" if old[path] == (sha256, size) else "changed")
-                for path, (sha256, size) in sorted(new.items())
-            )
+            pins = tuple(FilePin(path, *pin, _status(old.get(path), pin)) for path, pin in sorted(new.items()))
             found.append(EntryChange(kind, aid, before, after, pins, tuple(sorted(set(old) - set(new)))))
     return found

@@ -93,14 +93,15 @@ def _size(entry: Mapping[str, Any] | None) -> str:
 
 
 def commit_message(change: EntryChange) -> str:
-    return (f"{title(change.id)}\n\n{change.kind[:-1]} {change.id}: {_version(change.before)} -> {_version(change.after)}"
-            f" ({describe_source(change.source)})\n")  # fmt: skip
+    moved = f"{_version(change.before)} -> {_version(change.after)} ({describe_source(change.source)})"
+    return f"{title(change.id)}\n\n{change.kind[:-1]} {change.id}: {moved}\n"
 
 
 def _files_table(change: EntryChange) -> list[str]:
     rows = ["| file | size (bytes) | sha256 | |", "|---|---:|---|---|"]
     for pin in change.files[:FILES_SHOWN]:
-        rows.append(f"| {code(pin.path)} | {pin.size} | {code(pin.sha256)} | {'' if pin.status == 'same' else pin.status} |")
+        status = "" if pin.status == "same" else pin.status
+        rows.append(f"| {code(pin.path)} | {pin.size} | {code(pin.sha256)} | {status} |")
     if len(change.files) > FILES_SHOWN:
         rows.append(f"\n… and {len(change.files) - FILES_SHOWN} more files: see the diff.")
     if change.removed:
@@ -122,11 +123,11 @@ def _checks(findings: Sequence[Finding]) -> list[str]:
     counts = Counter(f.checked for f in findings)
     lines = ["- the index validates (`zoo-agent validate`), written in canonical form"]
     if n := counts["lfs"]:
-        lines.append(f"- {n} {'LFS file matches' if n == 1 else 'LFS files match'} the hub's LFS metadata (sha256 and size), "
-                     "asked without downloading")  # fmt: skip
+        lfs = "LFS file matches" if n == 1 else "LFS files match"
+        lines.append(f"- {n} {lfs} the hub's LFS metadata (sha256 and size), asked without downloading")
     if n := counts["size"]:
-        lines.append(f"- {n} small {'file' if n == 1 else 'files'} kept in git {'matches' if n == 1 else 'match'} by size; "
-                     "the sha256 is checked by `apply` as it fetches")  # fmt: skip
+        small = "small file kept in git matches" if n == 1 else "small files kept in git match"
+        lines.append(f"- {n} {small} by size; the sha256 is checked by `apply` as it fetches")
     if counts["skipped"]:
         lines.append("- the source is not the hub: `apply` checks the bytes as it fetches")
     return lines
@@ -134,15 +135,15 @@ def _checks(findings: Sequence[Finding]) -> list[str]:
 
 def body(change: EntryChange, metrics: Mapping[str, int | float], findings: Sequence[Finding]) -> str:
     """The pull request's description: what moved, every pinned file's sha256 and size, the metrics, the checks."""
+    before_source = change.before.get("source") if change.before else None
     lines = [
-        f"Pins a new version of {change.kind[:-1]} {code(change.id)}. Opened by `zoo-agent registry update-pr`; "
-        "nothing reaches a host until this is merged and the host runs `apply`.",
+        (f"Pins a new version of {change.kind[:-1]} {code(change.id)}. Opened by `zoo-agent registry update-pr`; "
+         "nothing reaches a host until this is merged and the host runs `apply`."),
         "",
         "| | before | after |",
         "|---|---|---|",
         f"| version | {code(_version(change.before))} | {code(_version(change.after))} |",
-        f"| source | {code(describe_source(change.before.get('source') if change.before else None))} "
-        f"| {code(describe_source(change.source))} |",
+        f"| source | {code(describe_source(before_source))} | {code(describe_source(change.source))} |",
         f"| files | {_size(change.before)} | {_size(change.after)} |",
         "",
         "### Files",
