@@ -155,3 +155,16 @@ def test_the_nixos_option_reference_is_generated_from_the_module() -> None:
     stale = "docs/nixos-options.md is stale: python3 .ci/nixos-options --write"
     assert (DOCS / "nixos-options.md").read_text() == proc.stdout, stale
     assert "## `services.model-zoo.resident.fleetKeyFile`" in proc.stdout
+
+
+def test_exit_code_table_matches_errors() -> None:
+    """docs/troubleshooting.md's table lists exactly the codes errors.EXIT_CODES defines, each
+    meaning opening with the same words (the page may add where else a code is used)."""
+    from zoo_agent.errors import EXIT_CODES
+
+    text = (DOCS / "troubleshooting.md").read_text()
+    section = text.split("## Exit codes", 1)[1]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", section, flags=re.M))
+    assert {int(code) for code in rows} == set(EXIT_CODES)
+    for code, meaning in EXIT_CODES.items():
+        assert rows[str(code)].startswith(meaning.split(";")[0]), (code, rows[str(code)])

@@ -6,6 +6,7 @@ so a user sees every problem at once.
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 import urllib.parse
@@ -14,7 +15,7 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.fit import check_host
-from zoo_agent.index.model import ArtifactEntry, Index, RouteEntry
+from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
 __all__ = ["PICKLE_SUFFIXES", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
@@ -58,6 +59,8 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _weights_fit,
         _routes,
         _peers,
+        _registry_metadata,
+        _aliases,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -393,3 +396,43 @@ def _peers(idx: Index) -> Iterator[Problem]:
             where = f"no host other than {stranded}" if stranded is not None else "no host"
             yield Problem(pointer(("tenants", tid, "overflow")),
                           f"is 'peers', but {where} accepts tenant '{tid}' from peers; list it in another host's accept_from_peers, or set 'never'")
+
+
+def _registry_metadata(idx: Index) -> Iterator[Problem]:
+    """Tags once each; a free-form provenance key that is a near miss of a typed part is a
+    typo, not a fact (issue #35: the typed parts would silently go unrecorded)."""
+    typed = list(Provenance.model_fields)
+    for at, entry in _artifacts(idx):
+        tags: list[str] = list(getattr(entry, "tags", ()))
+        for i, tag in enumerate(tags):
+            if tag in tags[:i]:
+                yield Problem(pointer((*at, "tags", i)), f"lists tag '{tag}' again (already /{'/'.join(at)}/tags/{tags.index(tag)})")
+        for key in entry.provenance.model_extra or {}:
+            near = difflib.get_close_matches(key.lower().replace("-", "_"), typed, n=1, cutoff=0.8)
+            if near:
+                yield Problem(pointer((*at, "provenance", key)),
+                              f"is not a provenance part; did you mean '{near[0]}'? (typed parts: {', '.join(typed)}; other keys are free-form strings)")
+
+
+def _aliases(idx: Index) -> Iterator[Problem]:
+    """An alias is one more name for one model: never an id a request, a link or the store
+    already means (a model, adapter, tenant or route), never another model's alias. So an
+    alias always names an id, never an alias: there is no chain, hence no cycle (issue #35)."""
+    taken: dict[str, str] = {}
+    for kind, ids in (("model", idx.models), ("adapter", idx.loras), ("tenant", idx.tenants), ("route", idx.routes)):
+        for name in ids:
+            taken.setdefault(name, f"{kind} '{name}'")
+    owner: dict[str, tuple[str, int]] = {}
+    for mid, model in idx.models.items():
+        for i, alias in enumerate(model.aliases):
+            at = pointer(("models", mid, "aliases", i))
+            if alias == mid:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is its own id")
+            elif alias in taken:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is also the id of {taken[alias]}; rename one of them")
+            elif alias in owner:
+                other, j = owner[alias]
+                again = "listed twice" if other == mid else f"already an alias of model '{other}'"
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is {again} (/models/{other}/aliases/{j})")
+            else:
+                owner[alias] = (mid, i)

@@ -35,6 +35,9 @@ _PATTERN_HINTS: dict[str, str] = {
     index.URL_PATTERN: "an http:// or https:// URL",
     index.MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G",
     index.LICENSE_PATTERN: "an SPDX license identifier (Apache-2.0, MIT, ...), 'LicenseRef-...' or 'other'",
+    index.TAG_PATTERN: "a tag: lowercase letters and digits, words joined by '-' (e.g. 'code-review')",
+    index.COMMIT_PATTERN: "a commit id: 7 to 64 lowercase hex characters",
+    index.TIMESTAMP_PATTERN: "an ISO 8601 date or date and time, e.g. 2026-01-31 or 2026-01-31T12:00:00Z",
 }
 
 
@@ -171,8 +174,13 @@ def _json_type(name: Any) -> str:
 
 
 def _json_type_of(value: Any) -> str:
+    """The JSON name of a value's type; by isinstance, since the reader's objects are a dict
+    subclass whose class name ("_Object") means nothing to a user (issue #35)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}.get(type(value), type(value).__name__)
+    for kind, name in ((dict, "object"), (list, "array"), (str, "string"), (int, "integer"), (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return "value"

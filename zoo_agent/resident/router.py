@@ -93,6 +93,20 @@ class _Metrics:
                               ["route", "rule", "tenant"], registry=r)  # fmt: skip
         self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
                                  ["route", "tenant", "reason"], registry=r)  # fmt: skip
+        self.fetches = Counter("zoo:on_demand_fetches", "Fetches on first use of an on-demand tenant, by result (ok, failed).",
+                               ["tenant", "result"], registry=r)  # fmt: skip
+
+    def known(self, tenant: str, on_demand: bool = False) -> None:
+        """A tenant's label sets, at zero, from the moment it is known: ``increase()`` and
+        ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
+        self.load_seconds.labels(tenant)
+        self.retries.labels(tenant)
+        self.evictions.labels(tenant, "budget")
+        for reason in ("crash", "hang"):
+            self.restarts.labels(tenant, reason)
+        if on_demand:
+            for result in ("ok", "failed"):
+                self.fetches.labels(tenant, result)
 
 
 class _Waiter:
