@@ -147,6 +147,11 @@ def test_github_settings_are_checked_before_the_index_changes(world: World, hub:
     assert result.exit_code == 2 and "GITHUB_REPOSITORY: expected OWNER/NAME" in result.stderr
     result = world.raw("registry", "update-pr", "--id", "no-such-model", "--dry-run")
     assert result.exit_code == 2 and "no model or lora 'no-such-model' to update" in result.stderr
+    result = world.raw("registry", "update-pr", "--id", "tiny", "--dry-run", "--revision", "main", "--source", "hf:org/tiny")
+    assert result.exit_code == 2 and result.stderr.startswith("--revision and --source: give one")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "acme/zoo")
+    result = world.raw("registry", "update-pr", "--id", "tiny", "--repo-root", str(world.tmp / "elsewhere"))
+    assert result.exit_code == 2 and "index.json: is outside the repository at" in result.stderr
     assert world.index.read_bytes() == before and github.calls == []
 
 
@@ -236,12 +241,15 @@ def test_the_model_update_workflow_script_opens_the_pull_request(world: World, h
     second = hub.repos["org/tiny"].commit({**V2, "README.md": b"# tiny"}, branch="run-7")
     (world.tmp / "aaa.md").write_text("a glob the shell would expand")
     metrics = json.dumps({"loss": 1.75}, indent=2)  # as toJSON(github.event.client_payload.metrics) writes it
-    env = {"MODEL_ID": "tiny", "REVISION": "run-7", "ZOO_EXCLUDE": "*.md tokenizer.json", "METRICS": metrics}
+    provenance = {"run": {"id": "run-7", "metrics": {"eval_loss": 1.9}}, "training": {"repository": "https://example.org/t"}}
+    env = {"MODEL_ID": "tiny", "REVISION": "run-7", "ZOO_EXCLUDE": "*.md tokenizer.json", "METRICS": metrics,
+           "PROVENANCE": json.dumps(provenance, indent=2)}  # fmt: skip
     proc = _bash(script, world.tmp, env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "opened pull request #1 from ci/model-update-tiny: https://github.com/acme/zoo/pull/1\n"
+    assert json.loads(world.index.read_text())["models"]["tiny"]["provenance"] == provenance  # through `add --provenance`
     body = github.state.pulls[0]["body"]
-    assert f"`hf:org/tiny@{second}`" in body and "| `loss` | 1.75 |" in body
+    assert f"`hf:org/tiny@{second}`" in body and "| `loss` | 1.75 |" in body and "| `eval_loss` | 1.9 |" in body
     assert "No longer pinned: `tokenizer.json`." in body and "README.md" not in body  # both globs reached `add`, unexpanded
 
 
@@ -249,10 +257,12 @@ def test_the_model_update_workflow_script_takes_hostile_inputs_as_data(world: Wo
                                                                        pinned: str) -> None:  # fmt: skip
     script = _step("model-update.yml", "update", "Pin, validate, check against the hub, open the pull request")
     before = world.index.read_bytes()
+    hub.repos["org/tiny"].commit(V2)  # something to update: each input is refused for itself
     hostile = [
         {"MODEL_ID": 'tiny"; touch pwned; echo "', "REVISION": "", "METRICS": "null"},
         {"MODEL_ID": "tiny", "REVISION": "$(touch pwned)", "METRICS": "null"},
         {"MODEL_ID": "tiny", "REVISION": "", "METRICS": '{"loss": "$(touch pwned)"}'},
+        {"MODEL_ID": "tiny", "REVISION": "", "METRICS": "null", "PROVENANCE": '{"run": {"metrics": {"loss": "$(touch pwned)"}}}'},
         {"MODEL_ID": "--dry-run", "REVISION": "", "METRICS": "null"},
     ]
     for env in hostile:
