@@ -150,6 +150,10 @@ def test_github_settings_are_checked_before_the_index_changes(world: World, hub:
     result = world.raw("registry", "update-pr", "--id", "tiny", "--dry-run", "--revision", "main", "--source", "hf:org/tiny")
     assert result.exit_code == 2 and result.stderr.startswith("--revision and --source: give one")
     monkeypatch.setenv("GITHUB_REPOSITORY", "acme/zoo")
+    monkeypatch.setenv("GITHUB_SHA", "main")
+    result = world.raw("registry", "update-pr", "--id", "tiny")
+    assert result.exit_code == 2 and result.stderr == "--base-sha: expected the 40-hex commit checked out ($GITHUB_SHA), got 'main'\n"
+    monkeypatch.setenv("GITHUB_SHA", BASE_SHA)
     result = world.raw("registry", "update-pr", "--id", "tiny", "--repo-root", str(world.tmp / "elsewhere"))
     assert result.exit_code == 2 and "index.json: is outside the repository at" in result.stderr
     assert world.index.read_bytes() == before and github.calls == []

@@ -142,6 +142,8 @@ def update_pr_cmd(aid: str, index: Path, spec: str | None, revision: str | None,
     gh = None if dry_run else github.connect(api_url, repository, os.environ.get("GITHUB_TOKEN"))
     if gh is not None and not base:
         raise UsageError("--base: the branch to merge into is not set ($GITHUB_REF_NAME)")
+    if gh is not None and not github.SHA1.match(base_sha or ""):
+        raise UsageError(f"--base-sha: expected the 40-hex commit checked out ($GITHUB_SHA), got {base_sha!r}")
     where = _repo_path(index, repo_root) if gh is not None else ""
     metrics = _read_metrics(metrics_file) if metrics_file is not None else {}
     argv = _add_argv(index, aid, spec, revision, {

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from zoo_agent import jsonbound
 from zoo_agent.errors import UsageError, ZooError
 
-__all__ = ["GitHub", "PullRequest", "connect", "open_pull_request"]
+__all__ = ["SHA1", "GitHub", "PullRequest", "connect", "open_pull_request"]
 
 API_VERSION = "2022-11-28"
 TIMEOUT_S = 30.0
