@@ -44,13 +44,20 @@ HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0
 OLLAMA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 OLLAMA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
-MEMORY_PATTERN = r"^[1-9][0-9]*[KMGT]?$"
 #: A tag: lowercase words joined by hyphens ("code-review"), as adapters and models carry them.
 TAG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 #: A source-control commit: 7 to 64 lowercase hex characters (git's short or full id, sha1 or sha256).
 COMMIT_PATTERN = r"^[0-9a-f]{7,64}$"
 #: An ISO 8601 date, or date and time with an optional offset ('2026-01-31', '2026-01-31T12:00:00Z').
 TIMESTAMP_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+# At most 16 digits (issue #31): thousands of them overflowed float arithmetic and Python's
+# int-from-string limit; 16 digits of T is still beyond any machine.
+MEMORY_PATTERN = r"^[1-9][0-9]{0,15}[KMGT]?$"
+#: The largest integer every JSON reader holds exactly (JavaScript's, jq's); Nix's too. A
+#: field that counts bytes, a seed: nothing real comes near it (issue #31).
+MAX_EXACT_INT = 2**53 - 1
+#: Words, messages, top-k: a 1 MiB request holds fewer than a million of any of them.
+MAX_COUNT = 1_000_000
 #: The least cosine similarity that counts when the index names none (adapter selection, route rules).
 DEFAULT_SIMILARITY = 0.7
 
@@ -96,7 +103,7 @@ class FileEntry(_Strict):
         description="Path inside the version directory: relative, normalized, '/' separated, no '..'.",
     )
     sha256: Sha256
-    size: int = Field(gt=0, description="Size in bytes; a positive integer.")
+    size: int = Field(gt=0, le=MAX_EXACT_INT, description="Size in bytes; a positive integer (at most 2^53-1).")
 
 
 class HfSource(_Strict):
@@ -271,8 +278,8 @@ class Generation(_Strict):
     max_tokens: int = Field(default=256, ge=1, le=1_000_000, description="Default completion length.")
     temperature: float = Field(default=0.7, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 turns it off.")
-    seed: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(
+    top_k: int = Field(default=0, ge=0, le=MAX_COUNT, description="Top-k sampling; 0 turns it off.")
+    seed: Annotated[Annotated[int, Field(ge=0, le=MAX_EXACT_INT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="Seed for reproducible sampling."
     )
 
@@ -360,15 +367,17 @@ class RouteWhen(_Strict):
     """Conditions over a request; every one that is set must hold (none set: every request).
     Words, keywords and code are read from the last user message (a completion: its prompt)."""
 
-    min_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At least this many words.")
-    max_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At most this many words.")
+    min_words: Annotated[Annotated[int, Field(ge=0, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="At least this many words.")
+    max_words: Annotated[Annotated[int, Field(ge=0, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="At most this many words.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default=[], max_length=64, description="Any of these words (case-insensitive, whole words) is present.")
     code: Annotated[bool | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="true: the message holds code (a ``` fence or code-like lines); false: it does not.")
-    min_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+    min_messages: Annotated[Annotated[int, Field(ge=1, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="The conversation has at least this many messages (a completion has 1).")
-    max_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+    max_messages: Annotated[Annotated[int, Field(ge=1, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="The conversation has at most this many messages.")
     similar_to: Annotated[Annotated[str, Field(min_length=1, max_length=1000)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="A described task: the message's cosine similarity to it, by the route's embedding_model, is at least min_similarity.")

@@ -33,7 +33,7 @@ _PATTERN_HINTS: dict[str, str] = {
     index.OLLAMA_NAME_PATTERN: "an Ollama model 'name:tag'",
     index.OLLAMA_DIGEST_PATTERN: "a manifest digest 'sha256:' followed by 64 lowercase hex characters",
     index.URL_PATTERN: "an http:// or https:// URL",
-    index.MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G",
+    index.MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G (at most 16 digits)",
     index.LICENSE_PATTERN: "an SPDX license identifier (Apache-2.0, MIT, ...), 'LicenseRef-...' or 'other'",
     index.TAG_PATTERN: "a tag: lowercase letters and digits, words joined by '-' (e.g. 'code-review')",
     index.COMMIT_PATTERN: "a commit id: 7 to 64 lowercase hex characters",
@@ -118,7 +118,7 @@ def _explain(error: ValidationError) -> Iterator[Problem]:
                 hint = f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(allowed)})"
                 yield Problem(pointer([*error.absolute_path, name]), f"unknown field{hint}")
     elif kind == "pattern":
-        yield Problem(at, f"expected {_PATTERN_HINTS.get(value, 'a match for ' + value)}, got {json.dumps(instance)}{_license_hint(value, instance)}")
+        yield Problem(at, f"expected {_PATTERN_HINTS.get(value, 'a match for ' + value)}, got {_shown(instance)}{_license_hint(value, instance)}")
     elif kind in ("oneOf", "anyOf"):
         yield from _explain_source(error)
     elif kind == "type":
@@ -128,7 +128,7 @@ def _explain(error: ValidationError) -> Iterator[Problem]:
         yield Problem(at, f"expected one of {', '.join(map(json.dumps, options))}, got {json.dumps(instance)}")
     elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
-        yield Problem(at, f"must be {op} {value}, got {json.dumps(instance)}")
+        yield Problem(at, f"must be {op} {value}, got {_shown(instance)}")
     elif kind == "minLength":
         yield Problem(at, "must not be empty")
     elif kind == "maxLength":
@@ -159,6 +159,12 @@ def _explain_source(error: ValidationError) -> Iterator[Problem]:
         return
     for sub in chosen[0]:
         yield from _explain(sub)
+
+
+def _shown(value: Any) -> str:
+    """The offending value as JSON, cut short: a number of thousands of digits is named, not repeated (issue #31)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def _license_hint(pattern: str, value: Any) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from zoo_agent.errors import SourceError, Transient, UsageError
+from zoo_agent.errors import SourceError, Transient
+from zoo_agent.keyfile import read_key_file
 
 __all__ = ["ATTEMPTS", "CHUNK", "TOKEN_HELP", "FetchSettings", "Source", "Transient", "resolve_token", "retried", "with_retries"]
 
@@ -84,15 +85,10 @@ def resolve_token(token_file: Path | None) -> str | None:
     if creds := os.environ.get("CREDENTIALS_DIRECTORY"):
         candidates.append(Path(creds) / "hf-token")
     for path in candidates:
-        try:
-            token = path.read_text().strip()
-        except FileNotFoundError:
-            if path == token_file:
-                raise UsageError(f"{path}: no such token file (--hf-token-file)") from None
-            continue
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read the token file: {exc.strerror}") from exc
-        if token:
+        if path != token_file and not path.exists():
+            continue  # no credential of that name: the next place a token may come from
+        flag = "--hf-token-file" if path == token_file else "the systemd credential hf-token"
+        if token := read_key_file(path, flag, allow_empty=True):  # the one key file reader (issue #31)
             return token
     return os.environ.get("HF_TOKEN") or None
 

@@ -247,7 +247,7 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
     """Paths the units need that ProtectHome=/PrivateTmp= would hide from them."""
     needed = [("ExecStart", Path(settings.exec_start[0])), ("index", settings.index), ("root", settings.root)]
     needed += [(name, p) for name, p in (("hf token file", settings.hf_token_file), ("api key file", settings.api_key_file),
-                                         ("fleet key file", settings.fleet_key_file)) if p]  # fmt: skip
+                                         ("fleet key file", settings.fleet_key_file), ("textfile dir", settings.textfile_dir)) if p]  # fmt: skip
     return [f"{name} {path} is under {hidden} (hidden from the service by the unit's sandbox)"
             for name, path in needed for hidden in _HIDDEN if path.is_relative_to(hidden)]
 
