@@ -293,3 +293,20 @@ def test_a_damaged_previous_lease_counts_nothing_and_is_replaced(tmp_path: Path,
     assert (lease["requests"], lease["tokens_generated"], lease["evictions"], lease["swaps"]) == (2, 0, 0, [])
     assert not (base / "lease.json").is_symlink()
     assert snapshot(victim) == before
+
+
+def test_a_hostname_the_index_knows_by_its_short_name_serves(tmp_path: Path) -> None:
+    """`apply` on a host named `H.lan` reconciles the index's `h` (plan.host_id); the resident
+    resolves the same id once, so it starts, and its routes and peers are `h`'s (issue #32)."""
+    _write(tmp_path, _model(tmp_path, "od", "v1", b"lazy"))
+    sup = Supervisor(ResidentConfig(root=tmp_path / "zoo", index=tmp_path / "index.json", host="H.lan"))
+    try:
+        sup.take_index(sup.load_index())
+        assert sup.host_id == "h"
+        assert sup.order == ["a", "lazy"]
+        assert sup.router.federation.host == "h"
+    finally:
+        sup.router.similarity.close()
+        for sock in (sup.wake_r, sup.wake_w):
+            sock.close()
+        sup.selector.close()

@@ -86,7 +86,10 @@ class Federation:
                              "not served, our key refused, a malformed answer); what the alert watches.", ["peer", "tenant"], registry=r)  # fmt: skip
 
     # -- the supervisor's thread ---------------------------------------------------------------
-    def take_index(self, idx: Index) -> None:
+    def take_index(self, idx: Index, host: str | None = None) -> None:
+        """``host``: this host's id in ``idx``, as the supervisor resolved it (a hostname
+        ``box.lan`` is the index's ``box``); the one given at construction otherwise."""
+        self.host = host or self.host
         self.table = peer_table(idx, self.host)
         # Every series an alert reads exists from the start (at 0), and none outlives its peer.
         series = {p.key for peers in self.table.values() for p in peers}

@@ -151,7 +151,7 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.similarity = Similarity(supervisor.zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
-        self.federation = Federation(supervisor.config.host.lower(), supervisor.fleet_key, self.metrics.registry,
+        self.federation = Federation(supervisor.host_id, supervisor.fleet_key, self.metrics.registry,
                                      supervisor.config.peer_poll_seconds)  # the peers (issue #22)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -166,10 +166,10 @@ class Router:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
-        host_id = self.sup.config.host.lower()
+        host_id = self.sup.host_id
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
-        self.federation.take_index(idx)
+        self.federation.take_index(idx, host_id)
 
     def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
         """Serve the public socket, and ``private`` (a unix socket in the supervisor's own

@@ -32,6 +32,7 @@ from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.fit import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
+from zoo_agent.plan import host_id
 from zoo_agent.resident import protocol as p
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
 from zoo_agent.resident.listener import listen_socket, read_api_key
@@ -65,6 +66,7 @@ class Supervisor:
         self.order: list[str] = []  # the host's tenants, as the index lists them
         self.budget: int | None = None
         self.idx: Index | None = None
+        self.host_id = self.config.host.lower()  # this host's id in the index: resolved by take_index
         self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
         self.flags: set[str] = set()
         self.exit_code: int | None = None
@@ -115,7 +117,7 @@ class Supervisor:
     # -- what to serve ------------------------------------------------------------------
     def load_index(self) -> Index:
         idx: Index = load_index(self.config.index, str(self.config.index))
-        host = idx.hosts.get(self.config.host.lower())
+        host = idx.hosts.get(host_id(idx, self.config.host))
         if host is None or not host.served():
             raise UsageError(f"host '{self.config.host}' serves no tenant in {self.config.index}")
         return idx
@@ -124,7 +126,8 @@ class Supervisor:
         """The slot table follows the index: new tenants paged out, gone ones drained."""
         from zoo_agent.fit import read_config, tenant_footprint
 
-        host = idx.hosts[self.config.host.lower()]
+        self.host_id = host_id(idx, self.config.host)  # resolved once per index, as plan and apply resolve it
+        host = idx.hosts[self.host_id]
         served = list(host.served())
         with self.lock:
             for tid in served:
@@ -198,7 +201,7 @@ class Supervisor:
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:
         """The routes of this host that may send ``tid`` a session: where those sessions live."""
-        host = idx.hosts[self.config.host.lower()]
+        host = idx.hosts[host_id(idx, self.config.host)]
         found = []
         for rid in host.routes:
             route = idx.routes.get(rid)
