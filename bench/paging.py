@@ -17,7 +17,7 @@ every tenant serves it. Each row has the reference measured in the same run:
    sequence (a hot tenant every other request); requests/s and loads (``page-in`` records of
    the action log) for the default LRU policy vs ``--paging-policy oldest``, same sequence.
 4. memory: the summed RSS of the supervisor and all its children, sampled every 50 ms during
-   each rotation; the peak against the budget plus the slack the README documents (per live
+   each rotation; the peak against the budget plus the slack docs/paging.md documents (per live
    worker: its runtime, i.e. an idle worker's RSS minus its model's footprint; plus the router,
    i.e. the supervisor process itself), both measured in this run.
 

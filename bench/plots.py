@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""PNG plots of the benchmark JSON files, for the README next to the table (issue #25).
+"""PNG plots of the benchmark JSON files, for docs/performance.md next to the table (issue #25).
 
     .venv/bin/python bench/plots.py            # from bench/*.json as they are (measures nothing)
     .venv/bin/python bench/run --from-json     # the table, then these plots, measuring nothing
 
-Writes bench/plots/throughput.png (aggregate tok/s vs clients: ours batched, ours one at a
+Writes docs/plots/throughput.png (aggregate tok/s vs clients: ours batched, ours one at a
 time, the peer), ttft.png (TTFT p50/p99 vs clients) and fetch.png (fetch and verify time
 of the hub and loopback fetches: ours vs each peer). A plot whose JSON file is missing is
 left out, saying so. matplotlib is not a dependency of the project: without it the plots
@@ -111,7 +111,7 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 def main(argv: list[str] | None = None, directory: Path = HERE) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-json", action="store_true", help="accepted for symmetry with bench/run: plots never measure")
-    parser.add_argument("--out", type=Path, default=directory / "plots", help="where the PNG files go (default: bench/plots)")
+    parser.add_argument("--out", type=Path, default=directory.parent / "docs" / "plots", help="where the PNG files go (default: docs/plots)")
     args = parser.parse_args(argv)
     try:
         import matplotlib

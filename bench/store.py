@@ -3,7 +3,7 @@
     .venv/bin/python bench/store.py [--scale 1.0] [--json bench/store.json]
 
 Prints one table: our figure, the peer's, the ratio (peer time / our time, so > 1 means
-we are faster) and the goal. Sizes shrink with --scale for a quick look; the README
+we are faster) and the goal. Sizes shrink with --scale for a quick look; docs/performance.md
 quotes a run at scale 1. Everything runs on loopback and on the local disk.
 """
 

@@ -24,8 +24,9 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     machine.wait_for_unit("model-zoo-reconcile.service")
     machine.wait_for_unit("model-zoo-resident.service")
-    # What the resident really says (tests/e2e/test_systemd.py asserts the same line).
-    machine.succeed("systemctl show -p StatusText --value model-zoo-resident | grep -Eq '^chat: tiny@1; [0-9]+ requests, '")
+    # What the resident really says, its STATUS= line (reports.py status_line; tests/e2e/test_systemd.py
+    # asserts the same): "1 tenant: chat tiny@1 (idle 4s); 0 requests".
+    machine.succeed("systemctl show -p StatusText --value model-zoo-resident | grep -Eq '^1 tenant: chat tiny@1 [(](idle|[0-9]+ running)[^)]*[)]; [0-9]+ requests'")
     out = machine.succeed(
         "curl -sf http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json'"
         + " -d '{\"model\": \"chat\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 4}'"

@@ -433,6 +433,16 @@ in
           with `LoadCredential=`. Without it this host neither asks nor answers peers.
         '';
       };
+      priorityKeyFile = mkOption {
+        type = types.nullOr (unquoted types.externalPath);
+        default = null;
+        description = ''
+          The priority key (issue #31): a client key that may also ask for the classes above
+          `default` (`X-Zoo-Priority: realtime` or `system`, a negative `priority`); with any
+          other key they are refused (403). Passed with `LoadCredential=`; it must differ from
+          `apiKeyFile` and `fleetKeyFile`.
+        '';
+      };
       watchdogSec = mkOption {
         type = types.ints.unsigned;
         default = 30;
@@ -588,7 +598,8 @@ in
         NotifyAccess = "main";
         ExecStart = execLine zooAgent ([ "resident" ] ++ cfg.resident.extraArgs)
           + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key"
-          + lib.optionalString (cfg.resident.fleetKeyFile != null) " --fleet-key-file %d/fleet-key";
+          + lib.optionalString (cfg.resident.fleetKeyFile != null) " --fleet-key-file %d/fleet-key"
+          + lib.optionalString (cfg.resident.priorityKeyFile != null) " --priority-key-file %d/priority-key";
         # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
         ExecReload = execLine zooAgent [ "resident" "reload" "--pid" ] + " $MAINPID";
         Restart = "on-failure";
@@ -602,7 +613,8 @@ in
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
         # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
         LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile)
-          ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile) ++ hfCredential;
+          ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile)
+          ++ optional (cfg.resident.priorityKeyFile != null) (credential "priority-key" cfg.resident.priorityKeyFile) ++ hfCredential;
         PrivateDevices = cfg.resident.gpu == "none";
         PrivateUsers = cfg.resident.gpu == "none";
         DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};

@@ -3,7 +3,9 @@
 
 It speaks what the real ``huggingface_hub`` client calls for our hf source and ``add``:
 ``GET /api/models/<repo>/revision/<rev>`` (model_info), ``GET /api/models/<repo>/tree/<rev>``
-(list_repo_tree), and ``GET|HEAD /<repo>/resolve/<rev>/<path>`` with ``X-Repo-Commit``,
+(list_repo_tree), ``POST /api/models/<repo>/paths-info/<rev>`` (get_paths_info: a form of
+``paths`` and ``expand``; paths that do not exist are left out, as the hub does), and
+``GET|HEAD /<repo>/resolve/<rev>/<path>`` with ``X-Repo-Commit``,
 ``ETag``, ``X-Linked-Etag``, ``X-Linked-Size`` and Range requests. Errors carry the hub's
 ``X-Error-Code`` values (RepoNotFound 401, GatedRepo 401/403, RevisionNotFound 404,
 EntryNotFound 404), which is how the client picks its exception types.
@@ -135,6 +137,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        hit = Hit(self.command, url.path, "", 0, "Authorization" in self.headers)
+        with self.server.lock:
+            self.server.log.append(hit)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(min(length, 1 << 20)).decode())
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "paths-info":
+            self._paths_info(parts[2] + "/" + parts[3], "/".join(parts[5:]), form.get("paths", []))
+        else:
+            self._error(404, "NotFound", "no such endpoint")
+
+    def _paths_info(self, repo_id: str, rev: str, paths: list[str]) -> None:
+        """The hub's answer: one tree entry per path that exists (a file, or a directory above files)."""
+        repo = self._repo(repo_id)
+        sha = self._commit(repo, rev) if repo else None
+        if repo is None or sha is None:
+            return
+        files, entries = repo.commits[sha], []
+        for path in dict.fromkeys(paths):
+            data = files.get(path)
+            if data is not None:
+                entry: dict[str, object] = {"type": "file", "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "size": len(data), "path": path}
+                if len(data) >= LFS_THRESHOLD:
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entries.append(entry)
+            elif any(p.startswith(path.rstrip("/") + "/") for p in files):
+                entries.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path})
+        self._json(entries)
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)

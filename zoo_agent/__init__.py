@@ -13,7 +13,7 @@ from zoo_agent.errors import (
 )
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
-from zoo_agent.library import HostZoo, entry_for, open
+from zoo_agent.library import HostZoo, entry_for, open, pin_directory
 from zoo_agent.store.zoo import Zoo
 
 __all__ = [
@@ -32,4 +32,5 @@ __all__ = [
     "entry_for",
     "load_index",
     "open",
+    "pin_directory",
 ]

@@ -43,7 +43,7 @@ __all__ = [
     "ZooError",
 ]
 
-#: The one exit-code table; the README shows the same.
+#: The one exit-code table; docs/troubleshooting.md shows the same (tests/unit/test_docs.py checks it).
 EXIT_CODES: dict[int, str] = {
     0: "success: the index is valid / the zoo matches the index",
     1: "an operation failed (source, integrity, store); the rest was done where safe",

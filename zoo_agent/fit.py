@@ -10,7 +10,6 @@ and only to parse a version's ``config.json``.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.index.model import MEMORY_PATTERN, ArtifactEntry, Index, ModelEntry, Resources
+from zoo_agent.jsonbound import loads
 from zoo_agent.plan import human_bytes
 
 __all__ = [
@@ -31,6 +31,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".on
 DEFAULT_CONTEXT = 2048
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+#: A config.json number is counted up to this: beyond any real model's layers, heads or
+#: context, and small enough that their product stays a number ``human_bytes`` can print
+#: (a config of 10^400 layers was an OverflowError; issue #31).
+_MAX_CONFIG_VALUE = 2**40
+_MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
 
 
 def parse_memory(spec: str) -> int:
@@ -68,7 +73,7 @@ def _field(config: dict[str, Any], *names: str) -> int | None:
         for name in names:
             value = where.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
+                return min(value, _MAX_CONFIG_VALUE)
     return None
 
 
@@ -130,7 +135,8 @@ def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) 
 def read_config(version_dir: Path) -> dict[str, Any] | None:
     """config.json of a published or staged version; None when absent, unreadable or not a JSON object."""
     try:
-        config = json.loads((version_dir / "config.json").read_bytes())
+        with open(version_dir / "config.json", "rb") as f:
+            config = loads(f.read(_MAX_CONFIG_BYTES + 1), limit=_MAX_CONFIG_BYTES)  # the bounded reader: a deep one is refused
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None

@@ -11,13 +11,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import re
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.errors import InvalidIndex, UsageError
+from zoo_agent import jsonbound
+from zoo_agent.errors import InvalidIndex, Problem, UsageError
 from zoo_agent.index.checks import PICKLE_SUFFIXES
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.index.load import check_document, read_document
@@ -27,7 +32,15 @@ from zoo_agent.sources.file import confined
 from zoo_agent.store.durable import write_atomic
 from zoo_agent.store.zoo import hash_file
 
-__all__ = ["Selection", "adapter_rank", "file_source", "pin_directory", "pin_hf", "write_entry", "write_index"]
+__all__ = [
+    "Selection", "adapter_rank", "add_directory", "bump_version", "file_source", "pin_directory", "pin_hf", "read_provenance", "write_entry",
+    "write_index",
+]  # fmt: skip
+
+log = logging.getLogger("zoo_agent")
+
+#: A provenance document is a few kB; a file far larger is not one.
+PROVENANCE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -183,3 +196,107 @@ def existing(index_path: Path, aid: str) -> tuple[str, dict[str, Any]]:
             return kind, dict(document[kind][aid])
     raise UsageError(f"{index_path}: no model or lora '{aid}' to update")
 
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (``add --provenance FILE``), bounded; a problem is one line naming the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang the job
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{path}: the provenance file is not a regular file")
+            data = f.read(PROVENANCE_LIMIT + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the provenance file: {exc.strerror or exc}") from None
+    try:
+        document = jsonbound.loads(data, limit=PROVENANCE_LIMIT)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if not isinstance(document, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(document), "null")
+        raise UsageError(f"{path}: expected a JSON object (the entry's provenance), got {kind}")
+    return document
+
+
+def bump_version(label: str) -> str | None:
+    """The next label after ``label``: its trailing number plus one, width kept ('7' -> '8', 'v09' -> 'v10',
+    'run-7' -> 'run-8', '2026.01.1' -> '2026.01.2'); None when it ends in no number."""
+    m = re.search(r"[0-9]+$", label)
+    if m is None:
+        return None
+    return label[: m.start()] + str(int(m.group()) + 1).zfill(len(m.group()))
+
+
+def _pins(files: Sequence[Mapping[str, Any]]) -> set[tuple[Any, Any, Any]]:
+    return {(f.get("path"), f.get("sha256"), f.get("size")) for f in files}
+
+
+def add_directory(index_path: Path, directory: Path | None, aid: str, *, update: bool = False, version: str | None = None,
+                  license_: str | None = None, lora_for: str | None = None, rank: int | None = None, sel: Selection = Selection(),
+                  provenance: Mapping[str, Any] | None = None, provenance_file: str | None = None, tags: Sequence[str] = (),
+                  description: str | None = None) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    """Pin ``directory`` into the index as entry ``aid`` and write it: a training job's one step (issue #35).
+    Returns (kind, the entry written). Nothing is published: ``apply`` does that.
+
+    ``update``: the entry exists; ``directory`` defaults to its file source, the version is bumped
+    in place (unless given), and the files must differ from the ones it pins, else nothing changes.
+    ``provenance`` replaces the entry's whole; without it an update keeps the old one (and says so)."""
+    if update:
+        kind, old = existing(index_path, aid)
+        source: dict[str, Any] = old["source"] if isinstance(old.get("source"), dict) else {}
+        if directory is None:
+            if source.get("type") != "file" or not isinstance(source.get("path"), str):
+                raise UsageError(f"{index_path}: /{kind}/{aid}: is not a file: entry; name the directory to pin (file:PATH)")
+            directory = index_path.resolve().parent / source["path"]
+    else:
+        kind, old = ("loras" if lora_for else "models"), {}
+        if directory is None:
+            raise UsageError(f"{aid}: name the directory to pin (file:PATH)")
+    sel = Selection(sel.include, sel.exclude, sel.allow_pickle or bool(old.get("allow_pickle")), sel.allow_code or bool(old.get("allow_code")))
+    files = pin_directory(directory, sel)
+    previous = old.get("version")
+    if update:
+        if _pins(files) == _pins(old.get("files") or []):
+            raise UsageError(f"{directory}: holds exactly the files {kind[:-1]} {aid} {previous} pins (paths, sizes, sha256); nothing to update")
+        if version is None:
+            version = bump_version(str(previous or ""))
+            if version is None:
+                raise UsageError(f"{kind[:-1]} {aid}: version {previous!r} ends in no number to bump; pass --version LABEL")
+        elif version == previous:
+            raise UsageError(f"{kind[:-1]} {aid}: version {previous} is already pinned with other files, and a published version is "
+                             "immutable; pass a new --version (or leave it out to bump it)")  # fmt: skip
+        if provenance is None and old.get("provenance"):
+            log.warning("%s %s %s keeps the provenance of %s; pass --provenance to describe the new run", kind[:-1], aid, version, previous)
+    elif version is None:
+        raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
+    license_ = license_ or old.get("license")
+    if license_ is None:
+        raise UsageError("add file:PATH needs --license SPDX (or 'other')")
+    entry: dict[str, Any] = {**old, "version": version, "source": file_source(directory, index_path), "files": files, "license": license_}
+    if sel.allow_pickle:
+        entry["allow_pickle"] = True
+    if sel.allow_code:
+        entry["allow_code"] = True
+    if description is not None:
+        entry["description"] = description
+    if provenance is not None:
+        entry["provenance"] = dict(provenance)
+    if tags:
+        entry["tags"] = list(tags)
+    if kind == "loras":
+        entry["base_model"] = lora_for or old.get("base_model")
+        entry["rank"] = rank or old.get("rank") or adapter_rank(directory)
+        if entry["rank"] is None:
+            raise UsageError(f"{directory}: a LoRA needs --rank (no adapter_config.json with 'r' was found)")
+    try:
+        write_entry(index_path, kind, aid, entry, update=update)
+    except InvalidIndex as exc:
+        raise _blame_provenance(exc, f"/{kind}/{aid}/provenance", provenance_file) from None
+    return kind, entry
+
+
+def _blame_provenance(exc: InvalidIndex, at: str, provenance_file: str | None) -> InvalidIndex:
+    """Problems only inside the provenance a file supplied are that file's, located inside it."""
+    if provenance_file is None or not all(p.pointer == at or p.pointer.startswith(at + "/") for p in exc.problems):
+        return exc
+    return InvalidIndex(provenance_file, [Problem(p.pointer.removeprefix(at), p.message) for p in exc.problems])

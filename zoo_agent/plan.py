@@ -10,14 +10,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from zoo_agent.errors import UsageError
+from zoo_agent.index.digest import version_digest
 from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
-    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_gc", "plan_versions", "route_embedding_models",
+    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_aliases", "plan_gc", "plan_versions",
+    "route_embedding_models",
 ]  # fmt: skip
 
 Kind = Literal["models", "loras"]
@@ -33,6 +35,7 @@ class Action(enum.Enum):
     REMOVE = "remove"
     NOOP = "no-op"
     REFUSE = "refuse"
+    ALIAS = "alias"  # link models/<alias> to models/<id> (``version``), or remove the link (``version`` "")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class Want:
     version: str
     source: Source
     files: tuple[FileEntry, ...]
+    # The declared facts manifest.json records beside the files (issue #35); they never decide a step.
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """The whole-version digest (index/digest.py): the files' pins, or an 'ollama' source's manifest digest."""
+        ollama = self.source.digest if self.source.type == "ollama" else None
+        return version_digest(((f.path, f.sha256) for f in self.files), ollama)
 
     @property
     def size(self) -> int:
@@ -60,6 +71,8 @@ class Desired:
     keep_versions: int = 2
     # Declared for on-demand tenants (issue #20): apply does not fetch them, gc keeps what is on disk.
     on_demand: tuple[Want, ...] = ()
+    # alias -> model id for the models this host holds (issue #35); None: a partial slice, whose apply leaves aliases alone.
+    aliases: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,12 @@ class Step:
             return f"{'would remove' if would else 'removing'} {subject} ({self.reason})"
         if a is Action.NOOP:
             return f"{subject} is up to date"
+        if a is Action.ALIAS:
+            if not self.version:
+                return f"{'would remove' if would else 'removing'} alias {self.id} ({self.reason})"
+            if self.reason:
+                return f"cannot link alias {self.id} to model {self.version}: {self.reason}"
+            return f"{'would link' if would else 'linking'} alias {self.id} to model {self.version}"
         return f"cannot publish {subject}: {self.reason}"
 
 
@@ -230,7 +249,7 @@ def route_embedding_models(idx: Index, entry: HostEntry) -> list[str]:
 
 def _want(idx: Index, kind: Kind, aid: str) -> Want:
     art = idx.models[aid] if kind == "models" else idx.loras[aid]
-    return Want(kind, aid, art.version, art.source, tuple(art.files))
+    return Want(kind, aid, art.version, art.source, tuple(art.files), art.metadata())
 
 
 def desired_for_host(idx: Index, host: str) -> Desired:
@@ -248,7 +267,9 @@ def desired_for_host(idx: Index, host: str) -> Desired:
     for model in [*route_embedding_models(idx, entry), *entry.available]:
         wants.setdefault(("models", model), _want(idx, "models", model))
     on_demand = tuple(w for key, w in later.items() if key not in wants)
-    return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions, on_demand)
+    held = dict.fromkeys(w.id for w in (*wants.values(), *on_demand) if w.kind == "models")
+    aliases = {alias: mid for mid in held for alias in idx.models[mid].aliases}
+    return Desired(host.lower(), tuple(wants.values()), entry.retention.keep_versions, on_demand, aliases)
 
 
 def desired_for_tenant(idx: Index, host: str, tenant: str) -> Desired:
@@ -280,6 +301,28 @@ def plan(desired: Desired, observed: Observed) -> Plan:
         planned = _plan_want(want, observed.seen.get((want.kind, want.id)), held, resumable.get((want.kind, want.id), ""))
         _will_hold(held, want, planned)
         steps += planned
+    return Plan(tuple(steps))
+
+
+#: Why an alias cannot be linked: its name is taken on disk by something the zoo did not make.
+ALIAS_OCCUPIED = "models/{name} exists and the zoo did not make it; move it away (or run zoo-agent gc if it is an old model) or rename the alias"
+
+
+def plan_aliases(desired: Desired, present: Mapping[str, str | None]) -> Plan:
+    """Steps that make ``models/<alias>`` link each declared alias to its model and remove the
+    links of aliases no longer declared (issue #35). ``present`` says what each name is on disk:
+    the model id a link the zoo made names, "" for nothing, None for something it did not make,
+    which is never replaced or removed: its step fails, saying so."""
+    if desired.aliases is None:
+        return Plan()
+    steps = []
+    for name, mid in sorted(desired.aliases.items()):
+        have = present.get(name, "")
+        if have != mid:
+            steps.append(Step(Action.ALIAS, "models", name, mid, reason=ALIAS_OCCUPIED.format(name=name) if have is None else ""))
+    for name, have in sorted(present.items()):
+        if name not in desired.aliases and have:
+            steps.append(Step(Action.ALIAS, "models", name, "", reason="no longer declared"))
     return Plan(tuple(steps))
 
 

@@ -4,7 +4,7 @@ No host systemd or D-Bus is needed (`--keep-unit --register=no`); the root is bu
 by debootstrap and cached, keyed by its recipe; every boot gets a throwaway overlay
 (`--volatile=overlay`) and its own network namespace with only a loopback. Nothing is
 installed inside by network: the project's environment is bound in read-only and a venv
-is pointed at it with Debian's own python3.11 (FIELD-NOTES "systemd").
+is pointed at it with Debian's own python3.11, the same minor version as ours.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One container per module, the units installed by `zoo-agent systemd install`; th
 scenarios run in file order on it (start, reload, watchdog, stop, security, crash loop,
 then several tenants on one host: issue #20; that last one starts from whatever the
 others left and needs none of it).
-Set ZOO_E2E_CAPTURE=DIR to keep the `systemctl status` text the README quotes
+Set ZOO_E2E_CAPTURE=DIR to keep the `systemctl status` text docs/systemd.md quotes
 (`resident-status.txt`: one tenant after a reload; `resident-status-tenants.txt`: three
 tenants, one paged out, after a reload that swapped one of them).
 """
@@ -178,7 +178,7 @@ def test_reload_swaps_to_the_new_version_without_a_failed_request(machine: Conta
     assert result["failed"] == 0 and result["ok"] > 0, result
     assert "tiny@2" in result["fingerprints"], result
     print(f"reload returned after {reload_seconds:.1f}s; {result['ok']} requests, none failed")
-    if CAPTURE:  # the README's operations section quotes it
+    if CAPTURE:  # docs/systemd.md quotes it
         Path(CAPTURE).mkdir(parents=True, exist_ok=True)
         (Path(CAPTURE) / "resident-status.txt").write_text(machine.status(RESIDENT))
 
@@ -353,6 +353,6 @@ def test_several_tenants_page_and_reload_one_while_another_serves(machine: Conta
     assert "memory does not allow two versions of code at once" in journal, journal[-3000:]
     print(f"publish + reload took {reloaded - started:.1f}s; chat answered {during} times meanwhile (longest gap {gap:.1f}s); "
           f"{chat['ok']} chat and {code['ok']} code requests, none failed")
-    if CAPTURE:  # the README's operations section quotes it
+    if CAPTURE:  # docs/systemd.md quotes it
         Path(CAPTURE).mkdir(parents=True, exist_ok=True)
         (Path(CAPTURE) / "resident-status-tenants.txt").write_text(shown)

@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL apply and gc anywhere, check the invariants, converge (issue #3).
 
-Invariant 1 (DESIGN.md): whatever ``current`` or ``previous`` resolves to is complete
+Invariant 1 (docs/architecture.md): whatever ``current`` or ``previous`` resolves to is complete
 and matches its pins. Invariant 3: after any kill, a rerun converges and leaves no
 staging bytes behind. Kill points: random delays, and right after the agent logs each
 phase ("fetching", "publishing", "switching", "removing"), read off its own stderr.

@@ -120,6 +120,9 @@ def test_what_a_peer_may_ask_is_bounded_by_the_fleet_key_and_accept_from_peers(p
     refused = as_peer("fleet-secret", "chat")  # b serves chat, but not for peers
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "peer_not_accepted"
     assert as_peer("fleet-secret").status_code == 200
+    system = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=60,
+                        headers={"Authorization": "Bearer fleet-secret", "X-Zoo-Peer": "a", "X-Zoo-Priority": "system"})  # fmt: skip
+    assert system.status_code == 403 and system.json()["error"]["param"] == "X-Zoo-Priority"  # the fleet key grants what a client key does (issue #31)
     sessions = httpx.get(b.url + "/v1/sessions/s", params={"model": "big"}, timeout=10, headers={"Authorization": "Bearer fleet-secret", "X-Zoo-Peer": "a"})
     assert sessions.status_code == 403  # the fleet key asks for generations, never for clients' conversations
     assert _ask(b, "big", "fleet-secret").status_code == 401  # nor is the fleet key a client's

@@ -185,3 +185,35 @@ def test_restoring_from_something_that_is_not_a_backup_creates_nothing(world: Wo
     result = world.raw("host", "init", *world.args("--import", str(tmp_path / "nowhere")))
     assert result.exit_code == 2 and result.output.strip().endswith(f"--import {tmp_path / 'nowhere'}: not a directory")
     assert not world.root.exists()
+
+
+def test_the_action_log_is_0640_whatever_the_umask(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside systemd (UMask=0027) open(..., "a") made host/actions.jsonl 0644 (issue #31)."""
+    from tests.victim import make_victim, snapshot
+
+    old = os.umask(0o022)
+    try:
+        world.artifact("m", "1", {"config.json": b'{"a": 1}'})
+        assert world.run("apply").exit_code == 0
+        log = world.root / "host" / "actions.jsonl"
+        assert oct(log.stat().st_mode & 0o777) == oct(0o640)
+        os.chmod(log, 0o644)  # a log an older zoo-agent made is brought to the mode too
+        world.artifact("m", "2", {"config.json": b'{"a": 2}'})
+        assert world.run("apply").exit_code == 0
+        assert oct(log.stat().st_mode & 0o777) == oct(0o640)
+        monkeypatch.setattr(host_module, "ROTATE_BYTES", 1)  # every line starts a new file
+        world.artifact("m", "2b", {"config.json": b'{"a": 22}'})
+        assert world.run("apply").exit_code == 0
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in log.parent.glob("actions.jsonl*")}
+        assert len(modes) > 2 and set(modes.values()) == {oct(0o640)}, modes
+        # A link in its place is not followed: the file it points to is left as it was.
+        victim = make_victim(tmp_path / "victim")
+        before = snapshot(victim)
+        for part in log.parent.glob("actions.jsonl*"):
+            part.unlink()
+        log.symlink_to(victim / "precious.txt")
+        world.artifact("m", "3", {"config.json": b'{"a": 3}'})
+        assert world.run("apply").exit_code == 0
+        assert snapshot(victim) == before
+    finally:
+        os.umask(old)

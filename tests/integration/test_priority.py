@@ -223,7 +223,8 @@ def test_the_api_takes_the_header_and_the_field_and_the_metric_counts_by_class(b
         ({}, {"priority": True}, "priority", ["priority"]),
         ({}, {"priority": 1.5}, "priority", ["priority"]),
         ({}, {"priority": 5000}, "priority", ["priority", "1000"]),
-        ({}, {"priority": -5000}, "priority", ["priority", "-1000"]),
+        ({}, {"priority": -5000}, "priority", ["priority", "-2"]),
+        ({}, {"priority": -3}, "priority", ["priority", "-2"]),  # ranked above system: no such class (issue #31)
     ],
 )
 def test_a_bad_priority_is_a_400_naming_it(backend: Any, headers: dict[str, str], extra: dict[str, Any], param: str, words: list[str]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,48 @@ def test_gc_never_removes_what_the_resident_uses(world: World) -> None:
     info.write_text(json.dumps({"model": "m", "version": "v1"}))
     assert world.run("gc").exit_code == 0
     assert sorted(os.listdir(world.root / "models/m/versions")) == ["v1", "v2"]
+
+
+def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World) -> None:
+    """What the resident writes (its own model-info.json writer, not a hand-made file) is what gc
+    reads: the adapter version a worker serves is kept beyond retention, until the worker swaps
+    to the new one in place; then the old one is no longer in use, and goes."""
+    pytest.importorskip("prometheus_client", reason="the resident extra is not installed (pip install -e .[resident])")
+    from zoo_agent.resident import protocol as p
+    from zoo_agent.resident.config import ResidentConfig
+    from zoo_agent.resident.slots import Worker
+    from zoo_agent.resident.supervisor import Supervisor
+
+    world.keep_versions = 1
+    world.artifact("m", "v1", {"config.json": b"{}"})
+    world.artifact("r", "l1", {"adapter_model.safetensors": b"l1"}, kind="loras")
+    assert world.run("apply").exit_code == 0
+    sup = Supervisor(ResidentConfig(root=world.root, index=world.index, host="h"))
+    ours, theirs = socket.socketpair()
+    try:
+        idx = sup.load_index()
+        sup.take_index(idx)
+        slot = sup.slots["t"]
+        worker = Worker(subprocess.Popen(["true"]), ours, sup.worker_config(idx, "t"), "unused.sock")
+        worker.ready = p.Ready(pid=worker.proc.pid, load_seconds=0.1, device="cpu", dtype="float32")
+        slot.serving = worker
+        sup.reports.model_info(slot, worker, worker.ready)
+        world.artifact("r", "l2", {"adapter_model.safetensors": b"l2"}, kind="loras")
+        world.artifact("r", "l3", {"adapter_model.safetensors": b"l3"}, kind="loras")
+        assert world.run("apply").exit_code == 0
+        assert world.run("gc").exit_code == 0
+        assert sorted(os.listdir(world.root / "loras/r/versions")) == ["l1", "l3"]  # l1: in use; l2: neither in use nor kept
+        sup._follow_adapters(slot, worker)  # the resident follows `current` to l3, in place
+        assert p.to_worker(theirs.recv(65536).splitlines()[0]).type == "adapters"
+        assert world.run("gc").exit_code == 0
+        assert sorted(os.listdir(world.root / "loras/r/versions")) == ["l3"]
+    finally:
+        worker.proc.wait()
+        ours.close()
+        theirs.close()
+        sup.wake_r.close()
+        sup.wake_w.close()
+        sup.selector.close()
 
 
 def test_status_reports_declared_current_previous_and_state(world: World) -> None:

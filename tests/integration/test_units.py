@@ -72,6 +72,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--exec", "/root/venv/bin/zoo-agent"], "ExecStart /root/venv/bin/zoo-agent is under /root (hidden from the service by the unit's sandbox);"),
     (["--api-key-file", "/tmp/key"], "api key file /tmp/key is under /tmp (hidden from the service by the unit's sandbox);"),
+    (["--textfile-dir", "/tmp/metrics"], "textfile dir /tmp/metrics is under /tmp (hidden from the service by the unit's sandbox);"),
     (["--root", "zoo"], "--root: must be an absolute path (a unit has no working directory of ours): zoo"),
     (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
 ])
@@ -79,6 +80,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, visible: Path,
     code, out, prefix = install(tmp_path, visible, *args)
     assert code == 2 and out.splitlines()[-1].startswith(message), out
     assert list(prefix.iterdir()) == []
+
+
+@pytest.mark.parametrize(("directory", "hidden"), [("/tmp/metrics", "/tmp"), ("/var/tmp/m", "/var/tmp"), ("/home/ops/metrics", "/home")])
+def test_render_warns_that_a_textfile_dir_the_sandbox_hides_never_reaches_node_exporter(directory: str, hidden: str) -> None:
+    """PrivateTmp=yes gives the units a /tmp of their own: metrics written there never reach
+    node_exporter. The fleet key file got this warning; the textfile directory did not (issue #31)."""
+    result = CliRunner().invoke(cli, ["systemd", "render", "--index", "/etc/model-zoo/index.json", "--exec", AGENT, "--textfile-dir", directory])
+    assert result.exit_code == 0
+    assert result.stderr == f"zoo-agent: textfile dir {directory} is under {hidden} (hidden from the service by the unit's sandbox)\n"
+    clean = CliRunner().invoke(cli, ["systemd", "render", "--index", "/etc/model-zoo/index.json", "--exec", AGENT,
+                                     "--textfile-dir", "/var/lib/prometheus/node-exporter"])  # fmt: skip
+    assert clean.exit_code == 0 and clean.stderr == ""
 
 
 def test_an_invalid_index_is_refused_before_anything_is_written(tmp_path: Path, visible: Path) -> None:

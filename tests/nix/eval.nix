@@ -1,5 +1,5 @@
 # Evaluates modules/model-zoo.nix with the real nixpkgs `lib` and a small stand-in for the
-# NixOS options the module sets (full nixpkgs cannot be fetched here; FIELD-NOTES "Nix").
+# NixOS options the module sets (full nixpkgs cannot be fetched here: no channel is reachable).
 # The stand-ins are loose on purpose: they check nothing the real options would, they
 # only let the module's own types, assertions and definitions be evaluated.
 {

@@ -1,7 +1,7 @@
 """examples/fleet: three hosts from one flake and one index, as nixos-rebuild, colmena and
 deploy-rs get them (issue #22), evaluated offline.
 
-Full nixpkgs cannot be fetched here (FIELD-NOTES "Nix"), so `fleet-eval.nix` calls the
+Full nixpkgs cannot be fetched here (no channel is reachable offline), so `fleet-eval.nix` calls the
 example's flake with stand-in inputs: nixpkgs' real `lib` whose `nixosSystem` is
 `eval.nix` (our module really evaluated, a loose stand-in for the rest of NixOS), colmena's
 `makeHive` as the identity, deploy-rs' `activate.nixos` wrapping the configuration. What

@@ -144,9 +144,10 @@ class TestModule:
         """`zoo-agent systemd render` and the module give the same [Service] lines."""
         out = evaluated(tmp_path, f'indexFile = "/etc/model-zoo/index.json"; resident.gpu = "{gpu}"; resident.memoryMax = "8G";'
                                   ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; resident.fleetKeyFile = "/run/keys/fleet";'
+                                  ' resident.priorityKeyFile = "/run/keys/priority";'
                                   ' gc.enable = true; ollama.enable = true;')
         rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", gpu=gpu, memory_max="8G",  # type: ignore[arg-type]
-                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), fleet_key_file=Path("/run/keys/fleet"),
+                                       hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), fleet_key_file=Path("/run/keys/fleet"), priority_key_file=Path("/run/keys/priority"),
                                        gc=True, ollama_host="127.0.0.1:11434"))
         assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
         for name, service in out["services"].items():
@@ -234,6 +235,18 @@ class TestModule:
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"api-key:{tmp_path}/api", f"hf-token:{tmp_path}/hf"]  # on-demand tenants fetch from the resident
         assert "LoadCredential" not in out["services"]["model-zoo-verify"]["serviceConfig"]
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["ExecStart"].endswith("--api-key-file %d/api-key")
+
+    def test_the_priority_key_is_a_credential_never_in_the_config(self, tmp_path: Path) -> None:
+        """Issue #31: the privileged key travels like the others; a Nix path (copied to the store) is refused."""
+        key = secrets.token_hex(16)
+        (tmp_path / "priority").write_text(key)
+        proc = evaluate(tmp_path, f'{SETTINGS} resident.priorityKeyFile = "{tmp_path}/priority";')
+        assert proc.returncode == 0, proc.stderr
+        assert key not in proc.stdout
+        config = json.loads(proc.stdout)["services"]["model-zoo-resident"]["serviceConfig"]
+        assert config["LoadCredential"] == [f"priority-key:{tmp_path}/priority"] and config["ExecStart"].endswith("--priority-key-file %d/priority-key")
+        proc = evaluate(tmp_path, f"{SETTINGS} resident.priorityKeyFile = {tmp_path}/priority;")
+        assert proc.returncode != 0 and "services.model-zoo.resident.priorityKeyFile" in proc.stderr, proc.stderr
 
     def test_a_secret_as_a_nix_path_is_refused(self, tmp_path: Path) -> None:
         """A path literal would be copied into the world-readable store."""

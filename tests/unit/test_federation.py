@@ -131,3 +131,91 @@ def test_the_metrics_count_refusals_once_per_change() -> None:
     text = generate_latest(registry)
     assert b'zoo:peer_refusals_total{peer="b",reason="wrong_version",tenant="big"} 1.0' in text
     json.dumps(fed.report())  # /health's peers is JSON
+
+
+HUGE = Peer("b", "huge", PEER.endpoint, "m3@v1", "sha256:" + "12" * 32)
+
+
+def _card(peer: Peer, model: str | None = None) -> dict[str, Any]:
+    return {"id": peer.tenant, "root": model or peer.model, "x_zoo": {"model": model or peer.model, "digest": peer.digest}}
+
+
+def test_a_refusal_for_one_tenant_gives_up_only_that_tenants_attempts_at_the_host() -> None:
+    """Mid-rollout b moved `huge` to another version: what b is answering for `big` goes on (issue #31)."""
+    cards = [_card(PEER), _card(HUGE, "m3@v2")]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"state": "ready", "tenants": {}})
+        return httpx.Response(200, json={"object": "list", "data": cards})
+
+    fed = _federation(handler)
+    fed.table = {"big": [PEER], "huge": [HUGE]}
+
+    async def run() -> tuple[asyncio.Future[str], asyncio.Future[str]]:
+        big, huge = fed.watch(PEER), fed.watch(HUGE)
+        await fed.poll()
+        return big, huge
+
+    big, huge = asyncio.run(run())
+    assert not big.done() and huge.result() == "refused (wrong version (m3@v2; the index pins m3@v1))"
+    fed.unwatch(PEER, big)
+    assert fed.watchers == {}  # nothing kept for an attempt that ended
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    fed.clients[PEER.endpoint] = httpx.AsyncClient(base_url=PEER.endpoint, transport=httpx.MockTransport(down))
+
+    async def unreachable() -> tuple[str, str]:
+        big, huge = fed.watch(PEER), fed.watch(HUGE)
+        await fed.poll()
+        return big.result(), huge.result()
+
+    assert asyncio.run(unreachable()) == ("unreachable (ConnectError)", "unreachable (ConnectError)")  # the host itself: every tenant's
+
+
+def test_a_deep_answer_to_a_poll_is_no_answer_not_a_recursion_error() -> None:
+    deep = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    fed = _federation(lambda request: httpx.Response(200, content=deep))
+    _poll(fed)
+    assert fed.candidates("big") == [] and fed.report()["b"]["reason"] == "not served"
+
+
+def test_refused_peers_have_a_gauge_from_the_start_for_the_alert() -> None:
+    from tests.unit.test_peers import _index, fleet
+
+    registry = CollectorRegistry()
+    fed = Federation("sprout", "fleet-secret", registry)
+    fed.take_index(_index(fleet()))
+    text = generate_latest(registry).decode()
+    for peer, tenant in (("thor", "chat"), ("thor", "big"), ("legion", "big")):
+        assert f'zoo:peer_refused{{peer="{peer}",tenant="{tenant}"}} 0.0' in text
+    assert 'zoo:peer_up{peer="thor"} 0.0' in text
+    smaller = fleet()
+    smaller["hosts"]["legion"]["accept_from_peers"], smaller["tenants"]["big"]["overflow"] = [], "never"
+    fed.take_index(_index(smaller))  # legion is no one's peer any more: its series go with it
+    text = generate_latest(registry).decode()
+    assert 'peer="legion"' not in text and 'zoo:peer_refused{peer="thor",tenant="big"} 0.0' in text
+
+    fed = _federation(_answers({"id": "big", "root": "m2@v0", "x_zoo": {"model": "m2@v0", "digest": PEER.digest}}), registry := CollectorRegistry())
+    _poll(fed)
+    assert 'zoo:peer_refused{peer="b",tenant="big"} 1.0' in generate_latest(registry).decode()
+
+
+def test_a_503_names_a_peer_it_tried_once() -> None:
+    fed = _federation(_answers())
+    _poll(fed)
+    for _ in range(fed.health.allowed_fails + 1):
+        fed.failed(PEER)  # the one too many cools it down
+    assert fed.unusable("big") == ["b: cooling down 5s"]
+    assert fed.unusable("big", besides={"b"}) == []  # already named with what it answered
+
+
+def test_what_a_peer_says_of_itself_is_repeated_short_and_printable() -> None:
+    """Its served model goes into the log, /health and Status:; a newline there would forge a log line."""
+    card = {"id": "big", "root": "x", "x_zoo": {"model": "m2@v0\nWARNING forged line" + "x" * 500, "digest": PEER.digest}}
+    fed = _federation(_answers(card))
+    _poll(fed)
+    reason = fed.report()["b"]["reason"]
+    assert "\n" not in reason and reason.startswith("wrong version (m2@v0?WARNING forged line") and len(reason) < 200

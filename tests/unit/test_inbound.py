@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zoo_agent.index.model import RouteEntry
-from zoo_agent.resident.inbound import GENERATE, LORA, SESSIONS, Host, Parsed, Refused, parse_request
+from zoo_agent.resident.inbound import GENERATE, LORA, SESSIONS, Host, Parsed, Rejected, parse_request
 
 JSON = "application/json"
 from zoo_agent.resident.routing import choose, features
@@ -26,8 +26,8 @@ ROUTE = RouteEntry.model_validate({
 })  # fmt: skip
 
 
-def _check(result: Parsed | Refused) -> None:
-    if isinstance(result, Refused):
+def _check(result: Parsed | Rejected) -> None:
+    if isinstance(result, Rejected):
         assert 400 <= result.status < 500, result
         assert "\n" not in result.message and "\r" not in result.message and len(result.message) < 1000, result
         return
@@ -52,7 +52,7 @@ def _check(result: Parsed | Refused) -> None:
 def test_a_body_we_cannot_read_is_a_400_naming_it(body: bytes, param: str, says: str) -> None:
     for path in GENERATE:
         result = parse_request("POST", path, b"", body, HOST, content_type=JSON)
-        assert isinstance(result, Refused) and result.param == param and says in result.message, result
+        assert isinstance(result, Rejected) and result.param == param and says in result.message, result
         assert result.status == (404 if says.startswith("is not served") else 400) and "\n" not in result.message
 
 
@@ -60,7 +60,7 @@ def test_a_body_we_cannot_read_is_a_400_naming_it(body: bytes, param: str, says:
 def test_a_session_id_that_is_not_one_is_a_400_before_it_reaches_a_url(sid: str) -> None:
     for query in (b"model=small", b"model=assistant", b""):
         result = parse_request("GET", SESSIONS + sid, query, b"", HOST, content_type=None)
-        assert isinstance(result, Refused) and (result.status, result.param) == (400, "session"), (sid, result)
+        assert isinstance(result, Rejected) and (result.status, result.param) == (400, "session"), (sid, result)
         assert "\n" not in result.message and "\r" not in result.message
 
 
@@ -72,9 +72,9 @@ def test_what_is_served_here_by_a_route_or_by_peers() -> None:
     assert parse_request("POST", LORA[0], b"", b'{"lora_name": "code"}', HOST, content_type="application/vnd.api+json") == Parsed("small", {"lora_name": "code"})
     assert parse_request("DELETE", SESSIONS + "s-1.a", b"model=assist%61nt", b"", HOST, content_type=None) == Parsed("assistant", {}, "s-1.a")
     assert parse_request("GET", SESSIONS + "s", b"", b"", HOST, content_type=None) == Parsed("small", {}, "s")  # the first tenant
-    assert isinstance(parse_request("POST", GENERATE[1], b"", b'{"model": "large"}', HOST, content_type=JSON, from_peer=True), Refused)  # not accepted from peers
+    assert isinstance(parse_request("POST", GENERATE[1], b"", b'{"model": "large"}', HOST, content_type=JSON, from_peer=True), Rejected)  # not accepted from peers
     assert parse_request("POST", GENERATE[1], b"", b'{"model": "small"}', HOST, content_type=JSON, from_peer=True) == Parsed("small", {"model": "small"})
-    assert parse_request("POST", "/v1/embeddings", b"", b"{}", HOST, content_type=JSON) == Refused(404, "Not Found")
+    assert parse_request("POST", "/v1/embeddings", b"", b"{}", HOST, content_type=JSON) == Rejected(404, "Not Found")
 
 
 _text = st.text(max_size=12) | st.sampled_from(["\ud800", "\x00", "\r\n", "explain", "def f():\n", "{", "small", "assistant", "remote"])
@@ -144,4 +144,4 @@ def test_a_request_a_worker_would_not_read_is_refused_here_naming_why(method: st
                                                                        param: str) -> None:  # fmt: skip
     """Before anything is routed, loaded or forwarded (the worker answered these with a 400 naming nothing)."""
     result = parse_request(method, path, b"model=small", b'{"model": "assistant"}', HOST, content_type=content_type)
-    assert isinstance(result, Refused) and (result.status, result.param) == (status, param), result
+    assert isinstance(result, Rejected) and (result.status, result.param) == (status, param), result

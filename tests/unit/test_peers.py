@@ -14,7 +14,7 @@ from tests.conftest import SHA_A, SHA_B, SHA_C, write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
 from zoo_agent.index.model import Index
-from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest
+from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
 
 
 def _model(version: str, sha: str = SHA_A) -> dict[str, Any]:
@@ -210,3 +210,20 @@ def test_health_is_kept_per_tenant_at_a_host_and_is_a_value() -> None:
 ])  # fmt: skip
 def test_served_state(card: dict[str, Any] | None, state: str) -> None:
     assert served_state("small@v1", "sha256:x", card) == state
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("chat", None),
+        ("chat:sql", None),
+        ("big", None),
+        ("chat:nope", "'chat:nope': tenant 'chat' declares no adapter 'nope' (declared: sql)"),
+        ("big:sql", "'big:sql': tenant 'big' declares no adapter 'sql' (declared: none)"),
+        ("big:auto", "'big:auto': tenant 'big' declares no adapter 'auto' (declared: none)"),  # no adapter_selection
+        ("big:", "'big:': tenant 'big' declares no adapter '' (declared: none)"),
+        ("nobody", "'nobody' is not a tenant of the index"),
+    ],
+)
+def test_a_name_the_index_does_not_declare_is_said_so_before_any_peer_is_asked(name: str, says: str | None) -> None:
+    assert undeclared(_index(fleet()), name) == says

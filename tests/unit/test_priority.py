@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zoo_agent.resident.priority import CLASSES, BadPriority, PriorityQueue, class_name, parse_priority, rank
+from zoo_agent.resident.priority import CLASSES, BadPriority, PriorityNotAllowed, PriorityQueue, class_name, for_peer, grant, parse_priority, rank
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,8 @@ from zoo_agent.resident.priority import CLASSES, BadPriority, PriorityQueue, cla
         (" batch ", None, 0, 1),
         ("default", None, 1, 0),
         (None, 5, 0, 5),  # vLLM's integer, as is
-        (None, -1000, 0, -1000),
+        (None, -2, 0, -2),  # as good as system, and no better
+        (None, 1000, 0, 1000),
         (None, 0, 1, 0),  # an explicit 0 is not "unset"
         ("batch", -2, 0, 1),  # the header wins over the body's field
     ],
@@ -35,8 +36,9 @@ def test_parse_priority(header: str | None, field: int | None, default: int, exp
         ("urgent", None, "X-Zoo-Priority", ["X-Zoo-Priority", "'urgent'", "system, realtime, default, batch"]),
         ("", None, "X-Zoo-Priority", ["X-Zoo-Priority", "system"]),
         ("-1", None, "X-Zoo-Priority", ["X-Zoo-Priority"]),  # the header takes names only
-        (None, 1001, "priority", ["priority", "-1000..1000"]),
-        (None, -1001, "priority", ["priority", "-1000..1000"]),
+        (None, 1001, "priority", ["priority", "-2..1000"]),
+        (None, -3, "priority", ["priority", "-2..1000"]),  # ranked above system: no such class (issue #31)
+        (None, -1000, "priority", ["priority", "-2..1000"]),
         (None, True, "priority", ["priority", "not an integer"]),
     ],
 )
@@ -47,6 +49,53 @@ def test_a_bad_priority_names_its_param_and_what_is_allowed(header: str | None, 
     assert isinstance(raised.value, ValueError)
     for word in words:
         assert word in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "field", "default", "privileged", "expected"),
+    [
+        (None, None, -1, False, -1),  # a realtime tenant's own class needs no key: naming none gets it
+        ("realtime", None, -1, False, -1),  # nor does naming it
+        ("default", None, 0, False, 0),
+        ("batch", None, 0, False, 1),
+        (None, 0, 0, False, 0),
+        (None, 7, 1, False, 7),
+        ("system", None, 0, True, -2),  # the priority key grants every class
+        (None, -2, 1, True, -2),
+        ("default", None, -1, False, 0),  # lower than the tenant's own: always allowed
+    ],
+)
+def test_grant(header: str | None, field: int | None, default: int, privileged: bool, expected: int) -> None:
+    assert grant(header, field, default, privileged) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "field", "default", "param"),
+    [
+        ("system", None, 0, "X-Zoo-Priority"),
+        ("Realtime", None, 0, "X-Zoo-Priority"),
+        ("system", None, -1, "X-Zoo-Priority"),  # better than the tenant's own realtime
+        (None, -1, 0, "priority"),
+        (None, -1, 1, "priority"),
+        (None, -2, -1, "priority"),
+    ],
+)
+def test_above_default_without_the_priority_key_is_not_allowed(header: str | None, field: int | None, default: int, param: str) -> None:
+    with pytest.raises(PriorityNotAllowed) as raised:
+        grant(header, field, default, privileged=False)
+    assert raised.value.param == param and "--priority-key-file" in str(raised.value) and isinstance(raised.value, BadPriority)
+
+
+def test_a_route_may_name_no_better_than_its_worst_candidates_own() -> None:
+    """A route whose first candidate is realtime and whose fallback is default: naming realtime would carry it to the fallback."""
+    assert grant(None, None, -1, privileged=False, own=0) == -1  # naming none: the first candidate's own, as before
+    with pytest.raises(PriorityNotAllowed, match="default or lower"):
+        grant("realtime", None, -1, privileged=False, own=0)
+    assert grant("realtime", None, -1, privileged=True, own=0) == -1
+
+
+def test_a_peer_is_asked_for_at_most_default() -> None:
+    assert [for_peer(p) for p in (None, -2, -1, 0, 1, 500)] == [None, "default", "default", "default", "batch", "batch"]
 
 
 @pytest.mark.parametrize(

@@ -78,3 +78,113 @@ def test_a_sessions_cache_files_are_its_own_and_no_other_sessions(tmp_path: Path
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in cache_files(tmp_path, "s")] == ["s+0123abcd.safetensors", "s.safetensors"]
     assert cache_files(tmp_path / "missing", "s") == []
+
+
+# -- the summarizer's answer is input ------------------------------------------------------------
+
+def _answer(body: bytes, status: int = 200) -> bytes:
+    head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+def _chat(content: object, fingerprint: object = "sum@1") -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}], "system_fingerprint": fingerprint}).encode()
+
+
+UNUSABLE = [
+    ("a lone surrogate", _answer(_chat("\ud800 they met"))),
+    ("only a lone surrogate", _answer(b'{"choices": [{"message": {"content": "\\udc00"}}]}')),
+    ("not text: an object", _answer(_chat({"text": "they met"}))),
+    ("not text: a list", _answer(_chat(["they", "met"]))),
+    ("not text: a number", _answer(_chat(12))),
+    ("not text: null", _answer(_chat(None))),
+    ("blank", _answer(_chat(" \n\t "))),
+    ("far longer than any summary", _answer(_chat("word " * 200_000))),
+    ("deep JSON", _answer(b"[" * 100_000 + b"]" * 100_000)),
+    ("not UTF-8", _answer(b'{"choices": [{"message": {"content": "\xff\xfe"}}]}')),
+    ("NaN", _answer(b'{"choices": [{"message": {"content": "x"}}], "usage": NaN}')),
+    ("no choices", _answer(b'{"choices": []}')),
+    ("a 200 that is not JSON", _answer(b"<html>")),
+    ("an error", _answer(b'{"error": {"message": "no"}}', 503)),
+]
+
+
+def _summarize_against(tmp_path: Path, answer: bytes, *, trickle: float = 0.0, timeout: float = 30) -> tuple[str, str]:
+    """Summarizer.summarize against a unix socket that answers ``answer`` to one request
+    (``trickle``: a byte at a time, this many seconds apart)."""
+    import asyncio
+
+    from zoo_agent.resident.summaries import Summarizer
+
+    path = tmp_path / "router.sock"
+
+    async def main() -> tuple[str, str]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            try:
+                for piece in [answer[i : i + 1] for i in range(len(answer))] if trickle else [answer]:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(trickle)
+            except ConnectionError:
+                pass  # the client gave up
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(handle, path=str(path))
+        async with server:
+            return await Summarizer(path, "sum", timeout=timeout).summarize([{"role": "user", "content": "hi"}], 32)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(("name", "answer"), UNUSABLE, ids=[c[0] for c in UNUSABLE])
+def test_an_unusable_summary_is_a_failed_one(tmp_path: Path, name: str, answer: bytes) -> None:
+    """The session model would refuse it (a lone surrogate made the user's turn a 503): the turns
+    are left out with the marker instead, as when the summarizer does not answer."""
+    from zoo_agent.resident.summaries import SummaryFailed
+
+    with pytest.raises(SummaryFailed, match="^summarizer sum: "):
+        _summarize_against(tmp_path, answer)
+
+
+def test_a_usable_summary_is_taken_and_a_strange_fingerprint_is_not(tmp_path: Path) -> None:
+    assert _summarize_against(tmp_path, _answer(_chat(" They met. "))) == ("They met.", "sum@1")
+    assert _summarize_against(tmp_path, _answer(_chat("They met.", "\ud800"))) == ("They met.", "sum")
+    assert _summarize_against(tmp_path, _answer(_chat("They met.", {"a": 1}))) == ("They met.", "sum")
+
+
+def test_the_turn_gets_the_marker_when_the_summary_is_unusable(tmp_path: Path) -> None:
+    """What the worker does with it: a summary without text, so the prompt carries the marker."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from zoo_agent.resident.api import _summarize
+    from zoo_agent.resident.summaries import NeedSummary, Summarizer
+
+    path = tmp_path / "router.sock"
+
+    async def main() -> SessionSummary:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_answer(_chat("\ud800")))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, path=str(path))
+        async with server:
+            state = SimpleNamespace(summarizers={"r": Summarizer(path, "sum", timeout=30)})
+            return await _summarize(state, "r", NeedSummary(2, [{"role": "user", "content": "hi"}], 32))  # type: ignore[arg-type]
+
+    summary = asyncio.run(main())
+    assert (summary.covers, summary.text) == (2, "")
+
+
+def test_a_summary_trickling_in_is_bounded_as_a_whole(tmp_path: Path) -> None:
+    """Each byte comes within the read timeout; the exchange as a whole is what is bounded."""
+    from zoo_agent.resident.summaries import SummaryFailed
+
+    with pytest.raises(SummaryFailed, match="no whole answer within 1s"):
+        _summarize_against(tmp_path, _answer(_chat("They met. " * 20)), trickle=0.1, timeout=1)

@@ -19,9 +19,12 @@ from typing import Any
 import click
 
 from zoo_agent.errors import SourceError, UsageError
+from zoo_agent.jsonbound import loads
+from zoo_agent.keyfile import read_key_file
 
 __all__ = ["chat_cmd", "run_chat"]
 
+_MAX_ANSWER = 4 << 20  # a model list, a session or one streamed chunk is far smaller
 HELP = "/adapter NAME (or /adapter off, /adapter auto), /new, /quit"
 
 
@@ -37,8 +40,8 @@ class Client:
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             try:
-                message = json.loads(exc.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
+                message = loads(exc.read(_MAX_ANSWER + 1), limit=_MAX_ANSWER)["error"]["message"]
+            except (ValueError, KeyError, TypeError, OSError):
                 message = exc.reason
             raise UsageError(f"{self.url}{path}: HTTP {exc.code}: {message}") from exc
         except (urllib.error.URLError, OSError) as exc:
@@ -46,26 +49,55 @@ class Client:
 
     def get(self, path: str) -> Any:
         with self._open("GET", path, timeout=30) as response:
-            return json.load(response)
+            return self._document(response.read(_MAX_ANSWER + 1), path)
 
     def stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with self._open("POST", "/v1/chat/completions", {**body, "stream": True}) as response:
-            for raw in response:
-                line = raw.decode().strip()
+            while raw := response.readline(_MAX_ANSWER + 1):  # one SSE line, bounded: never a whole body in memory
+                if len(raw) > _MAX_ANSWER:
+                    raise SourceError(f"{self.url}/v1/chat/completions: not a resident's answer (a line longer than {_MAX_ANSWER} bytes)")
+                line = raw.decode("utf-8", "replace").strip()
                 if line.startswith("data: {"):
-                    yield json.loads(line[6:])
+                    chunk = self._document(line[6:], "/v1/chat/completions")
+                    if isinstance(chunk, dict):
+                        yield chunk
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """``/v1/models`` by id; an answer of another shape is one line."""
+        data = self.get("/v1/models")
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise SourceError(f"{self.url}/v1/models: not a resident's answer (no 'data' list)")
+        return {c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)}
+
+    def _document(self, raw: bytes | str, path: str) -> Any:
+        """The bounded reader (zoo_agent.jsonbound) for every answer: deep or huge JSON is one line, not a traceback."""
+        try:
+            return loads(raw, limit=_MAX_ANSWER)
+        except ValueError as exc:
+            raise SourceError(f"{self.url}{path}: not a resident's answer ({exc})") from None
+
+
+def _content(chunk: dict[str, Any]) -> str:
+    """The text a streamed chunk adds; nothing for a chunk of another shape."""
+    choices = chunk.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    delta = first.get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -> None:
-    models = {m["id"]: m for m in client.get("/v1/models")["data"]}
+    models = client.models()
     if tenant not in models:
         raise UsageError(f"--model {tenant}: not served at {client.url} (serving: {', '.join(models)})")
     model = tenant
     try:
-        turns = len(client.get(f"/v1/sessions/{session}")["turns"])
-        out.write(f"resuming session {session} ({turns} turns) with {tenant} ({models[tenant]['root']}); {HELP}\n")
+        found = client.get(f"/v1/sessions/{session}")
+        turns = found.get("turns") if isinstance(found, dict) else None
+        out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({models[tenant].get('root')}); {HELP}\n")
     except UsageError:
-        out.write(f"new session {session} with {tenant} ({models[tenant]['root']}); {HELP}\n")
+        out.write(f"new session {session} with {tenant} ({models[tenant].get('root')}); {HELP}\n")
     while True:
         out.write("you> ")
         out.flush()
@@ -92,13 +124,12 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -
             continue
         last: dict[str, Any] = {}
         for chunk in client.stream({"model": model, "session": session, "messages": [{"role": "user", "content": text}]}):
-            delta = chunk["choices"][0].get("delta", {}).get("content")
-            if delta:
+            if delta := _content(chunk):
                 out.write(delta)
                 out.flush()
             last = chunk
-        zoo = last.get("x_zoo", {})
-        info = zoo.get("session", {})
+        zoo: dict[str, Any] = last["x_zoo"] if isinstance(last.get("x_zoo"), dict) else {}
+        info: dict[str, Any] = zoo["session"] if isinstance(zoo.get("session"), dict) else {}
         adapter = f" · adapter {zoo['adapter']}" if zoo.get("adapter") else ""
         out.write(f"\n[{last.get('system_fingerprint')}{adapter} · session {session} · cache {info.get('cache', '-')}]\n")
 
@@ -109,8 +140,10 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for a resident that needs one.")
 def chat_cmd(url: str, tenant: str | None, session: str | None, api_key_file: Path | None) -> None:
     """Talk to the host's resident; the conversation is a session that survives restarts."""
-    api_key = api_key_file.read_text().strip() if api_key_file else None
+    api_key = read_key_file(api_key_file, "--api-key-file") if api_key_file else None
     client = Client(url, api_key)
     if tenant is None:
-        tenant = next(m["id"] for m in client.get("/v1/models")["data"] if m.get("parent") is None)
+        tenant = next((tid for tid, m in client.models().items() if m.get("parent") is None), None)
+        if tenant is None:
+            raise UsageError(f"{client.url}: serves no tenant; pass --model")
     run_chat(client, tenant, session or f"chat-{secrets.token_hex(4)}")

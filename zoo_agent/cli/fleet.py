@@ -1,30 +1,37 @@
 """`zoo-agent fleet status` (issue #22): ask every endpoint the index declares what it
 serves, and compare with what the index pins. Read-only; hosts never coordinate state.
 
-Each endpoint is asked ``/health`` and ``/v1/models`` with a short timeout, all at once
-(threads, at most ``_PARALLEL``), so the run takes about one timeout however many hosts
-are down. The comparison (``fleet_rows``) is pure; only ``_ask`` touches the network.
+Each endpoint is asked ``/health`` and ``/v1/models``, all at once (threads, at most
+``_PARALLEL``), and each host's whole exchange, both requests from the first byte to the
+last, has ``--timeout`` seconds of wall time: a server that trickles one byte at a time
+cannot hold the run (issue #31), so it takes about one timeout however many hosts are
+down or slow. Every answer is read through the one bounded JSON reader
+(``zoo_agent.jsonbound``). The comparison (``fleet_rows``) is pure; only ``_ask`` touches
+the network.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from zoo_agent.cli.options import emit_json, json_option
+from zoo_agent.cli.options import emit_json, json_option, printable
 from zoo_agent.errors import UsageError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
+from zoo_agent.jsonbound import loads
 from zoo_agent.resident.listener import read_api_key
 from zoo_agent.resident.peers import pinned, served_state, tenant_digest
 
@@ -32,6 +39,7 @@ __all__ = ["Answer", "fleet_group", "fleet_rows"]
 
 _PARALLEL = 16
 _MAX_ANSWER = 4 << 20  # a /v1/models list is a few kB; a larger answer is not a resident's
+_MAX_MESSAGE = 200  # characters of a host's error message shown in a row
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,9 @@ class _Unanswered(Exception):
     pass
 
 
+_LATE = "late"  # a thread past its deadline says so; _ask_all words it with the timeout
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect would carry the fleet key to wherever it points: not followed."""
 
@@ -57,34 +68,55 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _get(url: str, key: str | None, timeout: float) -> tuple[int, Any]:
+def _read(response: Any, deadline: float) -> bytes:
+    """The body, at most one byte past ``_MAX_ANSWER``, read in pieces until ``deadline``: a
+    trickling server leaves this thread soon after the run has stopped waiting for it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= _MAX_ANSWER:
+        if time.monotonic() >= deadline:
+            raise _Unanswered(_LATE)
+        chunk = response.read1(min(1 << 16, _MAX_ANSWER + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _get(url: str, key: str | None, deadline: float) -> tuple[int, Any]:
     # With X-Zoo-Peer the key is checked as the fleet key (a host's client key may differ).
     headers = {"Accept": "application/json", **({"Authorization": f"Bearer {key}", "X-Zoo-Peer": "fleet-status"} if key else {})}
-    request = urllib.request.Request(url, headers=headers)
+    timeout = max(0.01, deadline - time.monotonic())  # each socket operation; the whole exchange is bounded by _ask_all
     try:
+        request = urllib.request.Request(url, headers=headers)
         with _OPENER.open(request, timeout=timeout) as response:
-            status, raw = response.status, response.read(_MAX_ANSWER)
+            status, raw = response.status, _read(response, deadline)
     except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read(_MAX_ANSWER)
+        status, raw = exc.code, _read(exc, deadline)
     except http.client.HTTPException as exc:  # not HTTP at all (BadStatusLine, IncompleteRead)
         raise _Unanswered(f"not an HTTP answer ({type(exc).__name__})") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Unanswered(str(getattr(reason, "strerror", None) or reason)) from exc
+    except ValueError as exc:  # a URL urllib cannot use (validate refuses these; an index read elsewhere may not)
+        raise _Unanswered(f"not a usable URL ({type(exc).__name__})") from exc
     try:
-        return status, json.loads(raw)
-    except ValueError:
-        raise _Unanswered(f"HTTP {status}, not a resident's JSON answer") from None
+        return status, loads(raw, limit=_MAX_ANSWER)
+    except ValueError as exc:
+        raise _Unanswered(f"HTTP {status}, not a resident's JSON answer ({exc})") from None
 
 
-def _ask(endpoint: str, key: str | None, timeout: float) -> Answer:
+def _ask(endpoint: str, key: str | None, deadline: float) -> Answer:
     try:
-        _, health = _get(endpoint + "/health", key, timeout)
-        status, models = _get(endpoint + "/v1/models", key, timeout)
+        _, health = _get(endpoint + "/health", key, deadline)
+        status, models = _get(endpoint + "/v1/models", key, deadline)
     except _Unanswered as exc:
         return Answer(error=str(exc))
     if status != 200 or not isinstance(models, dict) or not isinstance(models.get("data"), list):
-        message = models.get("error", {}).get("message", "") if isinstance(models, dict) and isinstance(models.get("error"), dict) else ""
+        error = models.get("error") if isinstance(models, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        message = printable(message, _MAX_MESSAGE) if isinstance(message, str) else ""
         return Answer(error=f"/v1/models answered HTTP {status}" + (f": {message}" if message else ""))
     cards = {c["id"]: c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)}
     state = health.get("state") if isinstance(health, dict) else None
@@ -108,13 +140,41 @@ def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]
     return rows
 
 
+def _asked(future: Future[Answer], endpoint: str, key: str | None, deadline: float) -> None:
+    try:
+        future.set_result(_ask(endpoint, key, deadline))
+    except Exception as exc:  # noqa: BLE001 - a bug: raised again in the main thread, with its traceback
+        future.set_exception(exc)
+
+
+def _ask_all(endpoints: Mapping[str, str], key: str | None, timeout: float) -> dict[str, Answer]:
+    """Every endpoint's answer; each host's whole exchange gets ``timeout`` seconds of wall time.
+
+    Daemon threads, ``_PARALLEL`` at a time: one that has not answered by its deadline is
+    left behind (it cannot hold the process at exit) and its host reported as too slow, so
+    neither a slow name lookup, a trickling server nor one that never ends its body holds the run."""
+    answers: dict[str, Answer] = {}
+    items = list(endpoints.items())
+    for first in range(0, len(items), _PARALLEL):
+        deadline = time.monotonic() + timeout
+        futures: dict[str, Future[Answer]] = {}
+        for hid, url in items[first : first + _PARALLEL]:
+            futures[hid] = Future()
+            threading.Thread(target=_asked, args=(futures[hid], url, key, deadline), name=f"fleet-status {hid}", daemon=True).start()
+        for hid, future in futures.items():
+            try:
+                answers[hid] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                answers[hid] = Answer(error=_LATE)
+            if answers[hid].error == _LATE:
+                answers[hid] = Answer(error=f"no whole answer within {timeout:g}s")
+    return answers
+
+
 def fleet_status(idx: Index, key: str | None, timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
     """Ask every endpoint at once; the rows, and the hosts that declare none (not asked)."""
     endpoints = {hid: h.endpoint for hid, h in idx.hosts.items() if h.endpoint is not None}
-    with ThreadPoolExecutor(max_workers=max(1, min(_PARALLEL, len(endpoints)))) as pool:
-        futures = {hid: pool.submit(_ask, url, key, timeout) for hid, url in endpoints.items()}
-        answers = {hid: future.result() for hid, future in futures.items()}
-    return fleet_rows(idx, answers), [hid for hid in idx.hosts if hid not in endpoints]
+    return fleet_rows(idx, _ask_all(endpoints, key, timeout)), [hid for hid in idx.hosts if hid not in endpoints]
 
 
 @click.group("fleet")
@@ -126,7 +186,8 @@ def fleet_group() -> None:
 @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
               help="The fleet's index ($ZOO_INDEX).")
 @click.option("--key-file", type=click.Path(path_type=Path), default=None, help="The fleet key (the residents' --fleet-key-file), sent as a bearer token.")
-@click.option("--timeout", type=click.FloatRange(min=0.1, max=60), default=3.0, show_default=True, help="Seconds per request to each endpoint.")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=60), default=3.0, show_default=True,
+              help="Seconds each host has for its whole answer (both requests, wall time).")
 @json_option
 def status_cmd(index_path: Path, key_file: Path | None, timeout: float, as_json: bool) -> None:
     """Ask every host's endpoint what it serves; compare with what INDEX pins.
@@ -149,7 +210,8 @@ def status_cmd(index_path: Path, key_file: Path | None, timeout: float, as_json:
 
 def _print_table(rows: list[dict[str, Any]], not_asked: list[str]) -> None:
     header = ("HOST", "TENANT", "SERVED", "PINNED", "STATE")
-    cells = [(r["host"], r["tenant"], r["served"] or "-", r["pinned"], r["state"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
+    cells = [(r["host"], r["tenant"], printable(str(r["served"] or "-"), _MAX_MESSAGE), r["pinned"], r["state"] + (f" ({printable(r['error'])})" if r["error"] else ""))
+             for r in rows]  # fmt: skip
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header) - 1)]
     for line in [header, *cells]:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from zoo_agent._version import __version__
-from zoo_agent.cli import chat, demo, fleet, host, index, resident, sessions, systemd, zoo
+from zoo_agent.cli import chat, demo, export, fleet, host, index, registry, resident, sessions, systemd, zoo
 from zoo_agent.cli.options import emit_json
 from zoo_agent.errors import EXIT_CODES, InvalidIndex, ZooError
 
@@ -80,8 +80,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # Every command, in the order of the data flow; each module holds one family.
 for _command in (
-    index.validate, index.schema, index.fmt, zoo.add_cmd,
-    zoo.plan_cmd, zoo.apply_cmd, zoo.status_cmd, zoo.verify_cmd, zoo.rollback_cmd, zoo.gc_cmd,
+    index.validate, index.schema, index.fmt, zoo.add_cmd, registry.registry_group,
+    zoo.plan_cmd, zoo.apply_cmd, zoo.status_cmd, zoo.verify_cmd, zoo.rollback_cmd, zoo.gc_cmd, export.export_group,
     host.host_group, host.log_cmd, host.backup_cmd, host.restore_cmd,
     resident.resident, fleet.fleet_group, sessions.sessions_group, chat.chat_cmd, systemd.systemd_group, demo.demo_cmd,
 ):  # fmt: skip

@@ -22,11 +22,21 @@ from zoo_agent.plan import Desired, desired_for_host, host_id
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "tenant_option", "textfile_option", "wait_option", "zoo_options"]
+__all__ = ["Target", "emit_json", "fetch_options", "index_argument", "json_option", "net_option", "printable", "tenant_option", "textfile_option",
+           "wait_option", "zoo_options"]
 
 
 def emit_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=False))
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Words another host or process sent, safe for a terminal: every control character (an
+    escape sequence, a second line) written as its escape, and at most ``limit`` characters
+    of the original, then "…" (issue #31)."""
+    cut = text if limit is None else text[:limit]
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in cut)
+    return shown + ("…" if len(cut) < len(text) else "")
 
 
 def json_option(func: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -13,8 +12,9 @@ from typing import Any
 
 import click
 
-from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
+from zoo_agent.cli.options import Target, emit_json, json_option, printable, zoo_options
 from zoo_agent.errors import SourceError, StoreError, UsageError
+from zoo_agent.jsonbound import loads
 
 __all__ = ["resident"]
 
@@ -27,6 +27,8 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for /v1/* (required beyond loopback).")
 @click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None,
               help="The fleet key: presented to peers and required of them (issue #22); separate from client keys.")
+@click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
+              help="A client key that may also ask for priority classes above 'default' (X-Zoo-Priority: realtime, system).")
 @click.option("--peer-poll-seconds", type=click.FloatRange(min=0.1, max=60), default=1.0, show_default=True, hidden=True,
               help="How often each peer's /health and /v1/models are asked.")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
@@ -34,8 +36,8 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
 @click.option("--paging-policy", type=click.Choice(["lru", "oldest"]), default="lru", show_default=True, hidden=True,
               help="Which idle tenant makes room: least recently used, or the first loaded (the benchmark's naive baseline).")
 @click.pass_context
-def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, fleet_key_file: Path | None, peer_poll_seconds: float,
-             strict: bool, paging_policy: str) -> None:  # fmt: skip
+def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, fleet_key_file: Path | None, priority_key_file: Path | None,
+             peer_poll_seconds: float, strict: bool, paging_policy: str) -> None:  # fmt: skip
     """Serve the host's tenants: a router in front of one worker per loaded tenant, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
@@ -47,7 +49,8 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
     from zoo_agent.resident.supervisor import Supervisor
 
     config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict,
-                            paging_policy=paging_policy, fleet_key_file=fleet_key_file, peer_poll_seconds=peer_poll_seconds)  # fmt: skip
+                            paging_policy=paging_policy, fleet_key_file=fleet_key_file, peer_poll_seconds=peer_poll_seconds,
+                            priority_key_file=priority_key_file)  # fmt: skip
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
     sys.exit(supervisor.run())
@@ -90,35 +93,69 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
 @click.pass_obj
 def status(target: Target, url: str | None, as_json: bool) -> None:
     """Ask the running resident what it serves: every tenant, loaded or paged out (its /health)."""
-    import urllib.error
-    import urllib.request
-
     if url is None:
-        listen = _state(target.zoo.resident_state).get("listen") or "127.0.0.1:8000"
+        listen = _state(target.zoo.resident_state).get("listen")
+        listen = listen if isinstance(listen, str) and listen else "127.0.0.1:8000"
         if listen.startswith(("unix:", "/")):
             raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
         url = "http://" + listen.removeprefix("http://")
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as response:
-            health = json.loads(response.read())
-    except urllib.error.HTTPError as exc:  # 503 while starting or stopping: the body still says what it serves
-        health = json.loads(exc.read() or b"{}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SourceError(f"{url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
+    health = _health(url.rstrip("/"))
     if as_json:
         emit_json(health)
         return
-    click.echo(f"{health.get('state', '?')}: {health.get('status', '')}")
-    for tid, t in (health.get("tenants") or {}).items():
-        served = f"{t['model']}@{t['version']}" if t.get("model") else "-"
-        idle = f"{t['idle_seconds']:.0f}s" if t.get("idle_seconds") is not None else "-"
-        click.echo(f"  {tid:<20} {t['state']:<10} {served:<24} {t.get('running', 0):>3} running {t.get('waiting', 0):>3} waiting  idle {idle:<6} "
-                   f"{t.get('footprint', 0) / (1 << 20):>8.1f} MiB{'  pinned' if t.get('pinned') else ''}{'  ' + t['error'] if t.get('error') else ''}")  # fmt: skip
+    click.echo(printable(f"{health.get('state', '?')}: {health.get('status', '')}", _SHOWN))
+    tenants = health.get("tenants")
+    for tid, t in (tenants.items() if isinstance(tenants, dict) else ()):
+        if isinstance(t, dict):
+            click.echo(_tenant_row(str(tid), t))
+
+
+_MAX_HEALTH = 4 << 20  # a /health document is kilobytes
+_SHOWN = 1200  # characters of the resident's own words on one line (its STATUS= line is at most 1024)
+
+
+def _health(url: str) -> dict[str, Any]:
+    """The resident's /health document, read through the one bounded JSON reader (issue #31)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as response:
+                raw = response.read(_MAX_HEALTH + 1)
+        except urllib.error.HTTPError as exc:  # 503 while starting or stopping: the body still says what it serves
+            raw = exc.read(_MAX_HEALTH + 1) or b"{}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceError(f"{url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
+    try:
+        health = loads(raw, limit=_MAX_HEALTH)
+    except ValueError as exc:
+        raise SourceError(f"{url}/health: not a resident's answer ({exc})") from None
+    if not isinstance(health, dict):
+        raise SourceError(f"{url}/health: not a resident's answer (not a JSON object)")
+    return health
+
+
+def _tenant_row(tid: str, t: dict[str, Any]) -> str:
+    """One tenant of /health as a line; a field of another type shows as '-' (never a traceback)."""
+    def number(name: str) -> float | None:
+        value = t.get(name)
+        try:
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        except OverflowError:  # an integer of hundreds of digits
+            return None
+
+    served = f"{t.get('model')}@{t.get('version')}" if t.get("model") else "-"
+    idle = f"{seconds:.0f}s" if (seconds := number("idle_seconds")) is not None else "-"
+    footprint = (number("footprint") or 0.0) / (1 << 20)
+    line = (f"  {tid:<20} {t.get('state', '?')!s:<10} {served:<24} {number('running') or 0:>3.0f} running {number('waiting') or 0:>3.0f} waiting  "
+            f"idle {idle:<6} {footprint:>8.1f} MiB{'  pinned' if t.get('pinned') is True else ''}{'  ' + str(t['error']) if t.get('error') else ''}")  # fmt: skip
+    return printable(line, _SHOWN)
 
 
 def _state(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = loads(path.read_bytes(), limit=_MAX_HEALTH)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -45,6 +45,8 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port or unix:/path"),
         click.option("--api-key-file", type=click.Path(path_type=Path), default=None),
         click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None, help="The fleet key for peers (issue #22); LoadCredential=."),
+        click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
+                     help="A client key that may also ask for priority above 'default' (issue #31); LoadCredential=."),
         click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
         click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
         click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),

@@ -25,7 +25,7 @@ from zoo_agent.cli.options import (
     zoo_options,
 )
 from zoo_agent.errors import UsageError, ZooError
-from zoo_agent.pin import Selection, adapter_rank, existing, file_source, pin_directory, pin_hf, write_entry
+from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, write_entry
 from zoo_agent.plan import (
     Action,
     Desired,
@@ -33,7 +33,9 @@ from zoo_agent.plan import (
     desired_for_host,
     desired_for_tenant,
     human_bytes,
+    Observed,
     plan,
+    plan_aliases,
     plan_gc,
     plan_versions,
 )
@@ -41,7 +43,7 @@ from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
 from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
-from zoo_agent.reconcile.status import artifact_status, healthy, resident_status
+from zoo_agent.reconcile.status import artifact_status, healthy, resident_status, with_digests
 from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.sources import FetchSettings
@@ -78,6 +80,14 @@ def _result_rows(result: Result) -> list[dict[str, Any]]:
         **({"fetched_bytes": o.moved.fetched, "reused_bytes": o.moved.reused, "reused_files": o.moved.reused_files}
            if o.step.action is Action.FETCH else {}),
     } for o in result.outcomes]  # fmt: skip
+
+
+def _plan(target: Target, desired: Desired, observed: Observed) -> Plan:
+    """Links of aliases no longer declared go first (a model may now have that name: it must never be
+    fetched through the old link), then the artifacts' steps, then the alias links (issue #35)."""
+    aliases = plan_aliases(desired, target.zoo.alias_links(desired.aliases or {})).steps
+    removals = tuple(s for s in aliases if not s.version)
+    return Plan(removals + plan(desired, observed).steps + tuple(s for s in aliases if s.version))
 
 
 def _fetch_total(the_plan: Plan) -> int:
@@ -124,7 +134,7 @@ def plan_cmd(target: Target, tenant: str | None, as_json: bool) -> None:
     desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=True)
     observed = observe(target.zoo)
-    the_plan = plan(desired, observed)
+    the_plan = _plan(target, desired, observed)
     fits = tenant_fits(idx, host, target.zoo, observed)  # what the zoo holds; apply reads the rest from the sources
     prove_fit(idx, host, fits, str(target.index))
     if as_json:
@@ -175,7 +185,7 @@ def _apply(target: Target, wait: float, allow_network_fs: bool, strict: bool, te
         sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
         target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
         observed = observe(target.zoo)
-        the_plan = plan(desired, observed)
+        the_plan = _plan(target, desired, observed)
         refuse_conflicts(the_plan, str(target.index))
         # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
         proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())
@@ -225,7 +235,7 @@ def status_cmd(target: Target, as_json: bool) -> None:
     """Per artifact: declared version, current, previous, verified-at, size, state."""
     desired = target.desired()
     target.zoo.check_root(allow_network_fs=True)
-    rows = artifact_status(desired, observe(target.zoo))
+    rows = with_digests(target.zoo, artifact_status(desired, observe(target.zoo)))
     ok = all(healthy(r["state"]) for r in rows)
     resident = resident_status(target.zoo)
     if as_json:
@@ -347,65 +357,68 @@ def rollback_cmd(target: Target, ref: str, wait: float, as_json: bool) -> None:
 @click.command("add")
 @click.argument("spec", required=False)
 @click.option("--id", "aid", help="Id of the new entry.")
-@click.option("--update", "update_id", help="Move an existing hf entry to a newer revision (default: main).")
+@click.option("--update", "update_id",
+              help="Move an existing entry to new bytes: an hf entry to a newer revision (default: main); a file entry to what its "
+                   "directory (or file:PATH) holds now, bumping the version unless --version is given; refused if nothing changed.")
 @click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True)
 @click.option("--include", multiple=True, help="Glob of files to pin (repeatable; default: all).")
 @click.option("--exclude", multiple=True, help="Glob of files to leave out (repeatable).")
-@click.option("--version", "label", help="Version label (default for hf: the commit's first 12 hex).")
+@click.option("--version", "label", help="Version label (default for hf: the commit's first 12 hex; for --update of a file entry: the next number).")
 @click.option("--license", "license_", help="SPDX license id (default for hf: the model card's).")
 @click.option("--lora-for", "base_model", help="Make it a LoRA adapter for this model id.")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: adapter_config.json's r).")
 @click.option("--allow-pickle", is_flag=True, help="Pin pickle files too (they run code when loaded).")
 @click.option("--allow-code", is_flag=True, help="Pin repository .py files too.")
+@click.option("--provenance", "provenance_file", type=click.Path(path_type=Path),
+              help="JSON file with the entry's provenance (dataset, training, run and its metrics, ...); replaces the old one.")
+@click.option("--tag", "tags", multiple=True, help="A tag (repeatable; replaces the entry's tags).")
+@click.option("--description", help="What it is for, in a sentence.")
 @fetch_options
 @json_option
 def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path: Path, include: tuple[str, ...],
             exclude: tuple[str, ...], label: str | None, license_: str | None, base_model: str | None, rank: int | None,
-            allow_pickle: bool, allow_code: bool, fetching: FetchSettings, as_json: bool) -> None:  # fmt: skip
-    """Pin SPEC (hf:ORG/REPO[@REVISION] or file:PATH) into the index as a new entry."""
+            allow_pickle: bool, allow_code: bool, provenance_file: Path | None, tags: tuple[str, ...], description: str | None,
+            fetching: FetchSettings, as_json: bool) -> None:  # fmt: skip
+    """Pin SPEC (hf:ORG/REPO[@REVISION] or file:PATH) into the index as a new entry; nothing is published until apply."""
     kind, old = existing(index_path, update_id) if update_id else ("loras" if base_model else "models", {})
-    if update_id and spec is None:
-        src = old.get("source", {})
-        if src.get("type") != "hf":
-            raise UsageError(f"{index_path}: /{kind}/{update_id}: --update without SPEC moves an hf entry; give file:PATH")
-        spec = f"hf:{src['repo']}"
+    provenance = read_provenance(provenance_file) if provenance_file is not None else None
     new_id = update_id or aid
-    if not spec or not new_id:
+    src = old.get("source", {})
+    if update_id and spec is None and src.get("type") == "hf":
+        spec = f"hf:{src['repo']}"
+    elif update_id and spec is None and src.get("type") != "file":
+        raise UsageError(f"{index_path}: /{kind}/{update_id}: --update without SPEC moves an hf or file entry; give file:PATH")
+    if not (spec or update_id) or not new_id:
         raise UsageError("usage: zoo-agent add hf:ORG/REPO[@REVISION] --id ID  (or file:PATH --id ID --version LABEL, or --update ID)")
     safety = Selection(include, exclude, allow_pickle or old.get("allow_pickle", False), allow_code or old.get("allow_code", False))
-    if spec.startswith("hf:"):
+    if spec is None or spec.startswith("file:"):  # a training job's step: pin the directory, write the entry (issue #35)
+        kind, entry = add_directory(index_path, Path(spec[5:]) if spec else None, new_id, update=bool(update_id), version=label,
+                                    license_=license_, lora_for=base_model, rank=rank, sel=safety, provenance=provenance,
+                                    provenance_file=str(provenance_file) if provenance_file else None, tags=tags, description=description)  # fmt: skip
+        source, files, label = entry["source"], entry["files"], entry["version"]
+    elif spec.startswith("hf:"):
         repo, _, revision = spec[3:].partition("@")
         commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
         if update_id and old.get("source", {}).get("revision") == commit and not label:
             click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
             return
-        source: dict[str, Any] = {"type": "hf", "repo": repo, "revision": commit}
+        source = {"type": "hf", "repo": repo, "revision": commit}
         label = label or commit[:12]
         license_ = license_ or card_license or old.get("license")
         if license_ is None:
             raise UsageError(f"hf:{repo}: its model card names no SPDX license we know; pass --license SPDX (or 'other')")
-    elif spec.startswith("file:"):
-        directory = Path(spec[5:])
-        files = pin_directory(directory, safety)
-        if not label:
-            raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
-        source = file_source(directory, index_path)
-        license_ = license_ or old.get("license")
-        if license_ is None:
-            raise UsageError("add file:PATH needs --license SPDX (or 'other')")
-        if kind == "loras" and rank is None:
-            rank = adapter_rank(directory)
+        entry = {**old, "version": label, "source": source, "files": files, "license": license_}
+        entry.update({k: v for k, v in (("provenance", provenance), ("tags", list(tags)), ("description", description)) if v})
+        if kind == "loras":
+            entry["base_model"] = base_model or old.get("base_model")
+            entry["rank"] = rank or old.get("rank")
+            if entry["rank"] is None:
+                raise UsageError("a LoRA needs --rank (no adapter_config.json with 'r' was found)")
+        write_entry(index_path, kind, new_id, entry, update=bool(update_id))
     else:
         raise UsageError(f"'{spec}': expected hf:ORG/REPO[@REVISION] or file:PATH")
-    entry = {**old, "version": label, "source": source, "files": files, "license": license_}
-    if kind == "loras":
-        entry["base_model"] = base_model or old.get("base_model")
-        entry["rank"] = rank or old.get("rank")
-        if entry["rank"] is None:
-            raise UsageError("a LoRA needs --rank (no adapter_config.json with 'r' was found)")
-    write_entry(index_path, kind, new_id, entry, update=bool(update_id))
     size = sum(f["size"] for f in files)
     if as_json:
         emit_json({"kind": kind, "id": new_id, "version": label, "source": source, "files": len(files), "size": size})
     else:
-        click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec})")
+        click.echo(f"pinned {kind[:-1]} {new_id} {label}: {len(files)} files, {human_bytes(size)} ({spec or 'file:' + source['path']})")

@@ -6,6 +6,8 @@ so a user sees every problem at once.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import posixpath
 import re
 import urllib.parse
@@ -14,12 +16,15 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.fit import check_host
-from zoo_agent.index.model import ArtifactEntry, Index, RouteEntry
+from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
-__all__ = ["PICKLE_SUFFIXES", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
+__all__ = ["PICKLE_SUFFIXES", "TRANSFORMERS_FORMATS", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: What transformers and peft load (``from_pretrained``): a gguf, onnx or ollama entry would
+#: fail at the first request, after a fetch of gigabytes (issue #31).
+TRANSFORMERS_FORMATS = ("safetensors", "pickle")
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 # A whole value that is a placeholder ("TODO", "xxx", "changeme-later"), or any text that
 # carries the registry stub marker; prose that merely mentions "todo lists" passes.
@@ -58,6 +63,8 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _weights_fit,
         _routes,
         _peers,
+        _registry_metadata,
+        _aliases,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -125,11 +132,30 @@ def _backends(idx: Index) -> Iterator[Problem]:
             yield Problem(pointer(("tenants", tid, "backend")), f"backend 'ollama' needs a model with an 'ollama' source; '{tenant.model}' has '{model.source.type}'")
         if tenant.backend == "transformers" and is_ollama:
             yield Problem(pointer(("tenants", tid, "backend")), f"model '{tenant.model}' comes from Ollama; set backend to 'ollama'")
+        if tenant.backend == "transformers" and not is_ollama and model.format not in TRANSFORMERS_FORMATS:
+            yield Problem(pointer(("tenants", tid, "backend")),
+                          f"backend 'transformers' loads safetensors (or pickle) weights; model '{tenant.model}' has format '{model.format}'")
         if tenant.backend == "ollama" and tenant.loras:
             yield Problem(pointer(("tenants", tid, "loras")), "the 'ollama' backend cannot attach LoRA adapters at runtime")
+        if tenant.adapter_selection is not None:
+            at = pointer(("tenants", tid, "adapter_selection", "embedding_model"))
+            yield from _embedder_problems(idx, tenant.adapter_selection.embedding_model, at, "adapter selection")
     for lid, lora in idx.loras.items():
         if lora.source.type == "ollama":
             yield Problem(pointer(("loras", lid, "source", "type")), "an adapter cannot come from an 'ollama' source")
+        elif lora.format not in TRANSFORMERS_FORMATS:
+            yield Problem(pointer(("loras", lid, "format")), f"an adapter is loaded by peft, which reads safetensors (or pickle); got '{lora.format}'")
+
+
+def _embedder_problems(idx: Index, mid: str, at: str, who: str) -> Iterator[Problem]:
+    """An embedding model is loaded by transformers from safetensors (``use_safetensors=True``)."""
+    model = idx.models.get(mid)
+    if model is None:
+        return  # reported as an unknown model
+    if model.source.type == "ollama":
+        yield Problem(at, f"{who} embeds with transformers; model '{mid}' has an 'ollama' source")
+    elif model.format != "safetensors":
+        yield Problem(at, f"{who} embeds with transformers from safetensors; model '{mid}' has format '{model.format}'")
 
 
 def _artifacts(idx: Index) -> Iterator[tuple[tuple[str, str], ArtifactEntry]]:
@@ -323,20 +349,23 @@ def _route_embedding(idx: Index, rid: str, route: RouteEntry) -> Iterator[Proble
     if mid is None:
         return
     at = pointer(("routes", rid, "embedding_model"))
-    model = idx.models.get(mid)
-    if model is None:
+    if mid not in idx.models:
         yield Problem(at, _unknown("model", mid, idx.models))
-    elif model.source.type == "ollama":
-        yield Problem(at, f"the router embeds with transformers; model '{mid}' has an 'ollama' source")
+    yield from _embedder_problems(idx, mid, at, "the router")
     if not any(r.when.similar_to is not None for r in route.rules):
         yield Problem(at, "no rule has 'similar_to', so nothing uses it; remove it or add a similarity rule")
 
 
 def endpoint_problem(url: str) -> str | None:
     """What is wrong with a host's ``endpoint``, if anything: a base URL that a path is
-    appended to (``/v1/models``), so only scheme, host and port (issue #22)."""
+    appended to (``/v1/models``), so only scheme, host and port (issue #22); a host that
+    an HTTP client can connect to as written: a DNS name in ASCII, an IPv4 address or an
+    IPv6 one in brackets (issue #31: a non-ASCII or over-long label was a traceback in
+    ``fleet status``)."""
     if any(c.isspace() for c in url):
         return f"must not contain whitespace ({url!r})"
+    if any(not c.isprintable() for c in url):
+        return f"must not contain control characters ({url!r})"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -348,11 +377,51 @@ def endpoint_problem(url: str) -> str | None:
         return "must not carry a user or password; peers authenticate with the fleet key"
     if not parts.hostname:
         return f"names no host, got {url!r}"
+    if problem := _host_problem(parts.hostname, bracketed=parts.netloc.rpartition("@")[2].startswith("[")):
+        return problem
     if parts.path or parts.query or parts.fragment or url.endswith(("?", "#")):
         base = f"{parts.scheme}://{parts.netloc}"
         return f"must be a base URL with no path, query or fragment (write {base!r}), got {url!r}"
     if port == 0:
         return f"port 0 cannot be reached, got {url!r}"
+    return None
+
+
+_LABEL = re.compile(r"[a-z0-9_-]+")
+
+
+def _host_problem(host: str, *, bracketed: bool) -> str | None:
+    """What keeps ``host`` (urlsplit's ``hostname``: lowercase, brackets removed) from being connected to."""
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"the host {host!r} in brackets is not an IPv6 address"
+        return None
+    if not host.isascii():
+        try:
+            hint = repr(host.encode("idna").decode("ascii"))
+        except UnicodeError:
+            hint = "punycode"
+        return f"the host {host!r} is not ASCII; write it in its xn-- form ({hint})"
+    name = host.removesuffix(".")
+    if all(c.isdigit() or c == "." for c in name):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return f"the host {host!r} is not an IPv4 address (each part is 0-255)"
+        return None
+    if len(name) > 253:
+        return f"the host is {len(name)} characters; a DNS name has at most 253"
+    for label in name.split("."):
+        if not label:
+            return f"the host {host!r} has an empty label; write a DNS name such as 'sprout.lan'"
+        if bad := next((c for c in label if not _LABEL.fullmatch(c)), None):
+            return f"the host {host!r} holds {bad!r}; a host name is letters, digits, '-' and '.' (or an IP address)"
+        if len(label) > 63:
+            return f"the label {label!r} is {len(label)} characters; a DNS label has at most 63"
+        if label.startswith("-") or label.endswith("-"):
+            return f"the label {label!r} starts or ends with '-'; a DNS label does not"
     return None
 
 
@@ -393,3 +462,43 @@ def _peers(idx: Index) -> Iterator[Problem]:
             where = f"no host other than {stranded}" if stranded is not None else "no host"
             yield Problem(pointer(("tenants", tid, "overflow")),
                           f"is 'peers', but {where} accepts tenant '{tid}' from peers; list it in another host's accept_from_peers, or set 'never'")
+
+
+def _registry_metadata(idx: Index) -> Iterator[Problem]:
+    """Tags once each; a free-form provenance key that is a near miss of a typed part is a
+    typo, not a fact (issue #35: the typed parts would silently go unrecorded)."""
+    typed = list(Provenance.model_fields)
+    for at, entry in _artifacts(idx):
+        tags: list[str] = list(getattr(entry, "tags", ()))
+        for i, tag in enumerate(tags):
+            if tag in tags[:i]:
+                yield Problem(pointer((*at, "tags", i)), f"lists tag '{tag}' again (already /{'/'.join(at)}/tags/{tags.index(tag)})")
+        for key in entry.provenance.model_extra or {}:
+            near = difflib.get_close_matches(key.lower().replace("-", "_"), typed, n=1, cutoff=0.8)
+            if near:
+                yield Problem(pointer((*at, "provenance", key)),
+                              f"is not a provenance part; did you mean '{near[0]}'? (typed parts: {', '.join(typed)}; other keys are free-form strings)")
+
+
+def _aliases(idx: Index) -> Iterator[Problem]:
+    """An alias is one more name for one model: never an id a request, a link or the store
+    already means (a model, adapter, tenant or route), never another model's alias. So an
+    alias always names an id, never an alias: there is no chain, hence no cycle (issue #35)."""
+    taken: dict[str, str] = {}
+    for kind, ids in (("model", idx.models), ("adapter", idx.loras), ("tenant", idx.tenants), ("route", idx.routes)):
+        for name in ids:
+            taken.setdefault(name, f"{kind} '{name}'")
+    owner: dict[str, tuple[str, int]] = {}
+    for mid, model in idx.models.items():
+        for i, alias in enumerate(model.aliases):
+            at = pointer(("models", mid, "aliases", i))
+            if alias == mid:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is its own id")
+            elif alias in taken:
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is also the id of {taken[alias]}; rename one of them")
+            elif alias in owner:
+                other, j = owner[alias]
+                again = "listed twice" if other == mid else f"already an alias of model '{other}'"
+                yield Problem(at, f"alias '{alias}' of model '{mid}' is {again} (/models/{other}/aliases/{j})")
+            else:
+                owner[alias] = (mid, i)

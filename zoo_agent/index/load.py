@@ -48,6 +48,15 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    """No field of an index holds an integer of more than 16 digits (``model.MAX_EXACT_INT``).
+    Up to 40 are parsed, so the schema names the field; one of thousands hit Python's
+    int-from-string limit, with a message about Python (issue #31)."""
+    if len(text) > 40:
+        raise ValueError(f"the number {text[:24]}… has {len(text.lstrip('-'))} digits; no field of an index holds such a number")
+    return int(text)
+
+
 #: An index nests about six levels; a deeper document is hostile or broken, and every
 #: recursive reader after this one (pydantic, jsonschema, fmt) would overflow the stack.
 MAX_DEPTH = 64
@@ -77,7 +86,8 @@ def read_document(path: Path, display: str | None = None) -> Any:
     if not text.strip():
         raise fail("is empty; an index is a JSON object such as {\"models\": {}}")
     try:
-        document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant, parse_float=_finite)
+        document = json.loads(text, object_pairs_hook=_pairs, parse_constant=_reject_constant, parse_float=_finite,
+                              parse_int=_integer)
     except json.JSONDecodeError as exc:
         raise fail(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except RecursionError:

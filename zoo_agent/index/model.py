@@ -7,9 +7,9 @@ are unique by construction, diffs stay small and the NixOS module can type them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ModelEntry",
     "OllamaSource",
     "Priority",
+    "Provenance",
     "Resources",
     "Retention",
     "RouteEntry",
@@ -43,7 +44,20 @@ HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0
 OLLAMA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 OLLAMA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
-MEMORY_PATTERN = r"^[1-9][0-9]*[KMGT]?$"
+#: A tag: lowercase words joined by hyphens ("code-review"), as adapters and models carry them.
+TAG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
+#: A source-control commit: 7 to 64 lowercase hex characters (git's short or full id, sha1 or sha256).
+COMMIT_PATTERN = r"^[0-9a-f]{7,64}$"
+#: An ISO 8601 date, or date and time with an optional offset ('2026-01-31', '2026-01-31T12:00:00Z').
+TIMESTAMP_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+# At most 16 digits (issue #31): thousands of them overflowed float arithmetic and Python's
+# int-from-string limit; 16 digits of T is still beyond any machine.
+MEMORY_PATTERN = r"^[1-9][0-9]{0,15}[KMGT]?$"
+#: The largest integer every JSON reader holds exactly (JavaScript's, jq's); Nix's too. A
+#: field that counts bytes, a seed: nothing real comes near it (issue #31).
+MAX_EXACT_INT = 2**53 - 1
+#: Words, messages, top-k: a 1 MiB request holds fewer than a million of any of them.
+MAX_COUNT = 1_000_000
 #: The least cosine similarity that counts when the index names none (adapter selection, route rules).
 DEFAULT_SIMILARITY = 0.7
 
@@ -89,7 +103,7 @@ class FileEntry(_Strict):
         description="Path inside the version directory: relative, normalized, '/' separated, no '..'.",
     )
     sha256: Sha256
-    size: int = Field(gt=0, description="Size in bytes; a positive integer.")
+    size: int = Field(gt=0, le=MAX_EXACT_INT, description="Size in bytes; a positive integer (at most 2^53-1).")
 
 
 class HfSource(_Strict):
@@ -134,6 +148,66 @@ class FileSource(_Strict):
 Source = Annotated[HfSource | OllamaSource | UrlSource | FileSource, Field(discriminator="type")]
 SOURCE_TYPES: tuple[str, ...] = ("hf", "ollama", "url", "file")
 
+Tag = Annotated[str, Field(pattern=TAG_PATTERN, max_length=64)]
+#: Any JSON number; ``int | float`` so that 1000 stays 1000 on its way into manifest.json.
+Number = Annotated[int | float, WithJsonSchema({"type": "number"})]
+Text = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class ProvenanceDataset(_Strict):
+    """The data an artifact was trained on (issue #35)."""
+
+    id: Text = Field(description="Dataset name, e.g. a hub id 'org/name' or an internal name.")
+    revision: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="The dataset's commit, version or snapshot id.")
+    url: Annotated[Annotated[str, Field(pattern=URL_PATTERN, max_length=1000)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Where the dataset can be found.")
+
+
+class ProvenanceTraining(_Strict):
+    """The code that produced an artifact."""
+
+    repository: Text = Field(description="Repository of the training code (URL or name).")
+    commit: Annotated[Annotated[str, Field(pattern=COMMIT_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Commit of the training code: 7 to 64 lowercase hex characters.")
+    command: Annotated[Text | SkipJsonSchema[None], NotNull] = Field(default=None, description="The command line that trained it.")
+
+
+class ProvenanceRun(_Strict):
+    """One training run and what it measured."""
+
+    id: Annotated[Text | SkipJsonSchema[None], NotNull] = Field(default=None, description="Run id in the tracker (MLflow, W&B, ...).")
+    metrics: dict[Annotated[str, Field(min_length=1, max_length=64)], Number] = Field(
+        default={}, max_length=256, description="Final metrics by name, each a number, e.g. {\"loss\": 2.143}.")
+
+
+class ProvenanceReproducibility(_Strict):
+    """What a rerun needs to give the same artifact."""
+
+    seed: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="Random seed of the run.")
+    environment: dict[Annotated[str, Field(min_length=1, max_length=100)], Annotated[str, Field(max_length=1000)]] = Field(
+        default={}, max_length=256,
+        description="Package or tool -> version or image digest, e.g. {\"torch\": \"2.4.0\", \"image\": \"sha256:...\"}.")
+
+
+class Provenance(_Strict):
+    """Where an artifact came from, typed (issue #35). Keys other than the typed ones are
+    free-form facts whose values are strings: the provenance maps indexes wrote before keep
+    validating unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Annotated[str, Field(max_length=1000)]] = Field(init=False)
+
+    dataset: Annotated[ProvenanceDataset | SkipJsonSchema[None], NotNull] = Field(default=None, description="The training data.")
+    training: Annotated[ProvenanceTraining | SkipJsonSchema[None], NotNull] = Field(default=None, description="The training code.")
+    run: Annotated[ProvenanceRun | SkipJsonSchema[None], NotNull] = Field(default=None, description="The training run and its metrics.")
+    reproducibility: Annotated[ProvenanceReproducibility | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="Seed and environment of the run.")
+    created_by: Annotated[Text | SkipJsonSchema[None], NotNull] = Field(default=None, description="Who or what made it (a person, a CI job).")
+    created_at: Annotated[Annotated[str, Field(pattern=TIMESTAMP_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="When it was made: an ISO 8601 date or date and time.")
+
+
 Format = Literal["safetensors", "gguf", "onnx", "pickle", "ollama"]
 #: Request classes, highest first: waiting requests are served in this order (issue #20).
 Priority = Literal["system", "realtime", "default", "batch"]
@@ -160,9 +234,10 @@ class ArtifactEntry(_Strict):
         description="SPDX license identifier (e.g. Apache-2.0, MIT), 'LicenseRef-...', or 'other'.",
     )
     description: str = Field(default="", max_length=1000, description="What it is for, in a sentence.")
-    provenance: dict[str, str] = Field(
-        default={},
-        description="Free-form origin facts, e.g. {\"base\": \"Qwen/Qwen2.5-0.5B\", \"pipeline\": \"...\"}.",
+    provenance: Provenance = Field(
+        default=Provenance(),
+        description="Where it came from: typed dataset, training, run (with numeric metrics), reproducibility, created_by, "
+        "created_at; any other key is a free-form fact whose value is a string.",
     )
     allow_pickle: bool = Field(
         default=False,
@@ -170,9 +245,22 @@ class ArtifactEntry(_Strict):
     )
     allow_code: bool = Field(default=False, description="Allow Python files from the repository to be loaded.")
 
+    def metadata(self) -> dict[str, Any]:
+        """The declared facts the zoo records beside the files (manifest.json, model-info.json), as the index wrote them."""
+        return {"description": self.description, "license": self.license, "format": self.format,
+                "tags": list(getattr(self, "tags", ())),  # models and adapters declare tags; the base has none
+                "provenance": self.provenance.model_dump(mode="json", by_alias=True, exclude_defaults=True)}  # fmt: skip
+
 
 class ModelEntry(ArtifactEntry):
     """A base model."""
+
+    tags: list[Tag] = Field(default=[], max_length=64, description="Keywords: lowercase words joined by hyphens, e.g. 'code-review'.")
+    aliases: list[Id] = Field(
+        default=[], max_length=64,
+        description="Other names for this model: apply links models/<alias> to models/<id> (read-only), and zoo_agent.open(...) "
+        "resolves them. Each is unique among model, adapter, tenant and route ids and other aliases.",
+    )  # fmt: skip
 
 
 class LoraEntry(ArtifactEntry):
@@ -180,7 +268,8 @@ class LoraEntry(ArtifactEntry):
 
     base_model: Id = Field(description="Id of the model this adapter was trained for.")
     rank: int = Field(ge=1, le=4096, description="LoRA rank r, as in adapter_config.json.")
-    tags: list[str] = Field(default=[], description="Keywords for choosing the adapter by task.")
+    tags: list[Tag] = Field(
+        default=[], max_length=64, description="Keywords for choosing the adapter by task: lowercase words joined by hyphens.")
 
 
 class Generation(_Strict):
@@ -189,8 +278,8 @@ class Generation(_Strict):
     max_tokens: int = Field(default=256, ge=1, le=1_000_000, description="Default completion length.")
     temperature: float = Field(default=0.7, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 turns it off.")
-    seed: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(
+    top_k: int = Field(default=0, ge=0, le=MAX_COUNT, description="Top-k sampling; 0 turns it off.")
+    seed: Annotated[Annotated[int, Field(ge=0, le=MAX_EXACT_INT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="Seed for reproducible sampling."
     )
 
@@ -278,15 +367,17 @@ class RouteWhen(_Strict):
     """Conditions over a request; every one that is set must hold (none set: every request).
     Words, keywords and code are read from the last user message (a completion: its prompt)."""
 
-    min_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At least this many words.")
-    max_words: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None], NotNull] = Field(default=None, description="At most this many words.")
+    min_words: Annotated[Annotated[int, Field(ge=0, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="At least this many words.")
+    max_words: Annotated[Annotated[int, Field(ge=0, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="At most this many words.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default=[], max_length=64, description="Any of these words (case-insensitive, whole words) is present.")
     code: Annotated[bool | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="true: the message holds code (a ``` fence or code-like lines); false: it does not.")
-    min_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+    min_messages: Annotated[Annotated[int, Field(ge=1, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="The conversation has at least this many messages (a completion has 1).")
-    max_messages: Annotated[Annotated[int, Field(ge=1)] | SkipJsonSchema[None], NotNull] = Field(
+    max_messages: Annotated[Annotated[int, Field(ge=1, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="The conversation has at most this many messages.")
     similar_to: Annotated[Annotated[str, Field(min_length=1, max_length=1000)] | SkipJsonSchema[None], NotNull] = Field(
         default=None, description="A described task: the message's cosine similarity to it, by the route's embedding_model, is at least min_similarity.")
@@ -392,3 +483,9 @@ class Index(_Strict):
     tenants: dict[Id, TenantEntry] = Field(default={}, description="Tenants (what a resident serves) by id.")
     routes: dict[Id, RouteEntry] = Field(default={}, description="Routes by id: model names whose rules choose a tenant per request.")
     hosts: dict[Id, HostEntry] = Field(default={}, description="Hosts by id (their host names, lowercase).")
+
+    def model_named(self, name: str) -> str | None:
+        """The id of the model ``name`` is the id or an alias of, or None (issue #35)."""
+        if name in self.models:
+            return name
+        return next((mid for mid, entry in self.models.items() if name in entry.aliases), None)

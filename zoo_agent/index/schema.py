@@ -33,8 +33,11 @@ _PATTERN_HINTS: dict[str, str] = {
     index.OLLAMA_NAME_PATTERN: "an Ollama model 'name:tag'",
     index.OLLAMA_DIGEST_PATTERN: "a manifest digest 'sha256:' followed by 64 lowercase hex characters",
     index.URL_PATTERN: "an http:// or https:// URL",
-    index.MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G",
+    index.MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G (at most 16 digits)",
     index.LICENSE_PATTERN: "an SPDX license identifier (Apache-2.0, MIT, ...), 'LicenseRef-...' or 'other'",
+    index.TAG_PATTERN: "a tag: lowercase letters and digits, words joined by '-' (e.g. 'code-review')",
+    index.COMMIT_PATTERN: "a commit id: 7 to 64 lowercase hex characters",
+    index.TIMESTAMP_PATTERN: "an ISO 8601 date or date and time, e.g. 2026-01-31 or 2026-01-31T12:00:00Z",
 }
 
 
@@ -115,7 +118,7 @@ def _explain(error: ValidationError) -> Iterator[Problem]:
                 hint = f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(allowed)})"
                 yield Problem(pointer([*error.absolute_path, name]), f"unknown field{hint}")
     elif kind == "pattern":
-        yield Problem(at, f"expected {_PATTERN_HINTS.get(value, 'a match for ' + value)}, got {json.dumps(instance)}{_license_hint(value, instance)}")
+        yield Problem(at, f"expected {_PATTERN_HINTS.get(value, 'a match for ' + value)}, got {_shown(instance)}{_license_hint(value, instance)}")
     elif kind in ("oneOf", "anyOf"):
         yield from _explain_source(error)
     elif kind == "type":
@@ -125,7 +128,7 @@ def _explain(error: ValidationError) -> Iterator[Problem]:
         yield Problem(at, f"expected one of {', '.join(map(json.dumps, options))}, got {json.dumps(instance)}")
     elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
-        yield Problem(at, f"must be {op} {value}, got {json.dumps(instance)}")
+        yield Problem(at, f"must be {op} {value}, got {_shown(instance)}")
     elif kind == "minLength":
         yield Problem(at, "must not be empty")
     elif kind == "maxLength":
@@ -158,6 +161,12 @@ def _explain_source(error: ValidationError) -> Iterator[Problem]:
         yield from _explain(sub)
 
 
+def _shown(value: Any) -> str:
+    """The offending value as JSON, cut short: a number of thousands of digits is named, not repeated (issue #31)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:40]}… ({len(text)} characters)"
+
+
 def _license_hint(pattern: str, value: Any) -> str:
     if pattern != index.LICENSE_PATTERN or not isinstance(value, str):
         return ""
@@ -171,8 +180,13 @@ def _json_type(name: Any) -> str:
 
 
 def _json_type_of(value: Any) -> str:
+    """The JSON name of a value's type; by isinstance, since the reader's objects are a dict
+    subclass whose class name ("_Object") means nothing to a user (issue #35)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}.get(type(value), type(value).__name__)
+    for kind, name in ((dict, "object"), (list, "array"), (str, "string"), (int, "integer"), (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return "value"

@@ -24,7 +24,7 @@ from zoo_agent.sources import FetchSettings, Source, open_source
 from zoo_agent.store.durable import PUBLISHED_MODE
 from zoo_agent.store.host import append_action
 from zoo_agent.store.reuse import reuse_file
-from zoo_agent.store.zoo import Zoo, file_record, hash_file, now, read_manifest, set_mode, write_manifest
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, manifest_digest, now, read_manifest, set_mode, write_manifest
 
 __all__ = ["Moved", "Outcome", "Result", "apply", "refuse_conflicts"]
 
@@ -158,7 +158,14 @@ class _Run:
         self.zoo.publish(self.staged.pop((step.kind, step.id)), step.kind, step.id, step.version)
         return Moved()
 
+    def record(self, step: Step) -> None:
+        """The index's metadata for a version already on disk (issue #35): before its swap, or on a no-op."""
+        want = self.wants.get((step.kind, step.id, step.version))
+        if want is not None and self.zoo.record_metadata(want):
+            log.info("recorded the declared metadata of %s", step.subject)
+
     def swap(self, step: Step) -> Moved:
+        self.record(step)
         if step.previous and step.previous != step.version:
             self.zoo.swap_link(step.kind, step.id, "previous", step.previous)
         self.zoo.swap_link(step.kind, step.id, "current", step.version)
@@ -166,6 +173,16 @@ class _Run:
 
     def verify(self, step: Step) -> Moved:
         return Moved(reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id, step.version))))
+
+    def alias(self, step: Step) -> Moved:
+        """Link an alias (or remove one no longer declared); a name taken by something else fails here, untouched."""
+        if step.version and step.reason:
+            raise StoreError(f"{self.zoo.root / 'models' / step.id}: {step.reason}")
+        if step.version:
+            self.zoo.link_alias(step.id, step.version)
+        else:
+            self.zoo.unlink_alias(step.id)
+        return Moved()
 
     def remove(self, step: Step) -> Moved:
         # Unlink first: a kill between the two leaves an unlinked version (gc takes it
@@ -206,6 +223,7 @@ def reverify(zoo: Zoo, kind: Kind, aid: str, version: str, want: Want | None) ->
         total += size
     base = dict(manifest or {"kind": kind, "id": aid, "version": version, "source": want.source.model_dump(mode="json") if want else {}})
     base.update(files=files, verified_at=now())
+    base.update(digest=manifest_digest(base), **({"metadata": dict(want.metadata)} if want else {}))  # issue #35
     write_manifest(vdir, base)
     return total
 
@@ -217,13 +235,16 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
     run = _Run(zoo, {(w.kind, w.id, w.version): w for w in desired.wants}, index_dir, progress, settings or FetchSettings(), strict)
     handlers: dict[Action, Callable[[Step], Moved]] = {
         Action.FETCH: run.fetch, Action.PUBLISH: run.publish, Action.SWAP_CURRENT: run.swap,
-        Action.VERIFY: run.verify, Action.REMOVE: run.remove,
+        Action.VERIFY: run.verify, Action.REMOVE: run.remove, Action.ALIAS: run.alias,
     }  # fmt: skip
     result, blocked = Result(), set()
     for step in plan:
         handler = handlers.get(step.action)
         if handler is None:
             log.debug("%s", step.describe("apply"))
+            if step.action is Action.NOOP and (failed := _record_noop(run, step)) is not None:
+                result.outcomes.append(failed)
+                _log_action(zoo, failed)
             continue
         if (step.kind, step.id) in blocked:
             result.outcomes.append(Outcome(step, False, "skipped: an earlier step for it failed", 1))
@@ -246,6 +267,17 @@ def apply(plan: Plan, zoo: Zoo, desired: Desired, index_dir: Path, progress: Pro
         _log_action(zoo, outcome)
     progress.close()
     return result
+
+
+def _record_noop(run: _Run, step: Step) -> Outcome | None:
+    """A no-op still records corrected metadata; a failure to write it is the step's failure."""
+    try:
+        run.record(step)
+    except OSError as exc:
+        error = StoreError(f"{exc.filename or run.zoo.root}: {exc.strerror or exc} while recording the metadata of {step.subject}")
+        log.error("%s", error)
+        return Outcome(step, False, str(error), error.exit_code)
+    return None
 
 
 def _log_action(zoo: Zoo, outcome: Outcome) -> None:

@@ -3,10 +3,10 @@ reads file content, so a no-op ``apply`` costs almost nothing (issue #3)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from zoo_agent.jsonbound import loads
 from zoo_agent.plan import Have, Kind, Observed, Seen
 from zoo_agent.store.zoo import STAGING_MARK, Zoo, drift, read_manifest
 
@@ -52,14 +52,18 @@ def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
 
 
 def _in_use(zoo: Zoo) -> frozenset[tuple[Kind, str, str]]:
-    """What a running resident has loaded, from its model-info.json files."""
+    """What a running resident has loaded, from the model-info.json files it writes
+    (``resident/reports.py``): each tenant's model, its adapters, its selection's embedding model."""
     used: set[tuple[Kind, str, str]] = set()
     for info_path in (zoo.resident_dir / "tenants").glob("*/model-info.json"):
         try:
-            info = json.loads(info_path.read_text())
+            info = loads(info_path.read_bytes(), limit=1 << 20)
             used.add(("models", str(info["model"]), str(info["version"])))
-            for lid, version in dict(info.get("loras", {})).items():
+            for lid, version in dict(info.get("adapters", {})).items():
                 used.add(("loras", str(lid), str(version)))
+            if isinstance(label := info.get("embedding_model"), str) and "@" in label:
+                mid, _, version = label.partition("@")
+                used.add(("models", mid, version))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return frozenset(used)

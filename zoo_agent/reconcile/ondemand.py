@@ -1,6 +1,7 @@
 """Fetch on first use: ``apply`` for one tenant, called in-process by the resident (issue #20).
 
-The same verified fetch as ``zoo-agent apply --tenant``: the index loaded and validated,
+The same verified fetch as ``zoo-agent apply --tenant``: the index loaded and validated
+(the resident passes the one it serves from: the file may have moved on since),
 the tenant checked against what the index declares for the host (an undeclared one is
 never fetched), the zoo's lock (waited for, so a running ``apply`` delays a first request
 instead of failing it), the fit proven, then staging, sha256 checks and the atomic
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from zoo_agent.errors import ZooError
 from zoo_agent.index.load import load_index
+from zoo_agent.index.model import Index
 from zoo_agent.plan import Action, Plan, desired_for_tenant, host_id, plan
 from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts
 from zoo_agent.reconcile.footprints import proven_fits
@@ -25,7 +27,7 @@ from zoo_agent.store.host import init_identity
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
 
-__all__ = ["FetchFailed", "fetch_tenant"]
+__all__ = ["FetchFailed", "fetch_tenant", "pins"]
 
 Report = Callable[[int, int], None]
 
@@ -74,15 +76,25 @@ def _fetch_bytes(the_plan: Plan) -> int:
     return sum(s.size - s.reused_size for s in the_plan if s.action is Action.FETCH)
 
 
+def pins(idx: Index, host: str, tenant: str) -> str:
+    """Everything a fetch of ``tenant`` makes current (each artifact's id, version and file
+    pins), as one string: two indexes that give the same one ask for the same fetch."""
+    desired = desired_for_tenant(idx, host_id(idx, host), tenant)
+    return "\n".join(f"{w.kind}/{w.id}@{w.version} {w.source!r} {sorted(w.pins())}" for w in desired.wants)
+
+
 def fetch_tenant(index: Path, root: Path, host: str, tenant: str, progress: Report | None = None,
-                 lock_timeout: float = 600.0) -> None:  # fmt: skip
+                 lock_timeout: float = 600.0, idx: Index | None = None) -> None:  # fmt: skip
     """Make ``tenant``'s declared model and adapters current in the zoo at ``root``.
 
+    ``idx``: the index already loaded from ``index`` (the resident's: it fetches exactly what
+    it serves, never what the file says since; relative sources still resolve beside ``index``).
     Raises ``InvalidIndex`` (a bad index, or a tenant that cannot fit the host's budget),
     ``UsageError`` (the index does not declare the tenant for ``host``), ``LockHeld``
     (another run held the lock for ``lock_timeout`` seconds), or ``FetchFailed``.
     Writes no applied index and collects no garbage: only a whole ``apply`` does."""
-    idx = load_index(index, str(index))
+    if idx is None:
+        idx = load_index(index, str(index))
     hid = host_id(idx, host)
     desired = desired_for_tenant(idx, hid, tenant)
     zoo = Zoo(root)

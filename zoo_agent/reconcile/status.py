@@ -7,9 +7,9 @@ import os
 from typing import Any
 
 from zoo_agent.plan import Desired, Observed
-from zoo_agent.store.zoo import Zoo
+from zoo_agent.store.zoo import Zoo, manifest_digest, read_manifest
 
-__all__ = ["artifact_status", "healthy", "resident_status"]
+__all__ = ["artifact_status", "healthy", "resident_status", "with_digests"]
 
 
 def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]]:
@@ -30,6 +30,18 @@ def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]
             "versions": sorted(seen.versions) if seen else [],
             "state": _state(declared.get(key), seen is not None, current, have is not None, have.drifted if have else (), key in later),
         })  # fmt: skip
+    return rows
+
+
+def with_digests(zoo: Zoo, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with its current version's whole-version digest as the manifest records it
+    (issue #35; computed from the manifest's files when an older apply did not record it)."""
+    for row in rows:
+        manifest = read_manifest(zoo.version_dir(row["kind"], row["id"], row["current"])) if row["current"] else None
+        try:
+            row["digest"] = (manifest.get("digest") or manifest_digest(manifest)) if manifest else None
+        except (KeyError, TypeError):
+            row["digest"] = None  # a damaged manifest: the row's state says so
     return rows
 
 

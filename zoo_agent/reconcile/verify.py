@@ -110,5 +110,5 @@ def wants_to_rebuild(desired: Desired, quarantined: dict[tuple[Kind, str, str], 
         except (ValidationError, KeyError, TypeError) as exc:
             log.warning("cannot rebuild %s/%s %s: its manifest does not say what it held (%s)", kind, aid, version, exc)
             continue
-        wants.append(Want(kind, aid, version, source, files))
+        wants.append(Want(kind, aid, version, source, files, dict((manifest or {}).get("metadata") or {})))
     return tuple(wants)

@@ -90,6 +90,7 @@ class ResidentConfig(BaseModel):
     listen: str = "127.0.0.1:8000"
     api_key_file: Path | None = None
     fleet_key_file: Path | None = None  # the key peers present and are presented (issue #22)
+    priority_key_file: Path | None = None  # a client key that may also ask for classes above default (issue #31)
     peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from zoo_agent.jsonbound import loads
 from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
 
 if TYPE_CHECKING:
@@ -70,8 +70,11 @@ class Federation:
         self.health = PeerHealth()
         self.views: dict[tuple[str, str], View] = {}
         self.polled = asyncio.Event()
+        self.series: set[tuple[str, str]] = set()  # the (peer, tenant) label pairs of the gauges
         self.clients: dict[str, httpx.AsyncClient] = {}
-        self.watchers: dict[str, set[asyncio.Future[str]]] = {}  # host -> attempts to give up when a poll finds it gone
+        # (host, tenant) -> attempts to give up when a poll finds that peer gone or refused for that tenant: a host
+        # refused for one tenant (mid-rollout, another version of it) still answers for the others (issue #31).
+        self.watchers: dict[tuple[str, str], set[asyncio.Future[str]]] = {}
         r = registry
         self.requests = Counter("zoo:peer_requests", "Requests delegated to a peer, by the status it answered.", ["peer", "tenant", "code"], registry=r)
         self.refusals = Counter("zoo:peer_refusals", "Peers not used for a tenant, by why (wrong_version, digest_differs, not_served, "
@@ -79,10 +82,25 @@ class Federation:
         self.failovers = Counter("zoo:peer_failovers", "Delegated requests that went to the next peer before their first token.",
                                  ["peer", "tenant"], registry=r)  # fmt: skip
         self.up = Gauge("zoo:peer_up", "1 while the last poll reached the peer host.", ["peer"], registry=r)
+        self.refused = Gauge("zoo:peer_refused", "1 while the last poll refused the peer for the tenant (wrong version, digest differs, "
+                             "not served, our key refused, a malformed answer); what the alert watches.", ["peer", "tenant"], registry=r)  # fmt: skip
 
     # -- the supervisor's thread ---------------------------------------------------------------
-    def take_index(self, idx: Index) -> None:
+    def take_index(self, idx: Index, host: str | None = None) -> None:
+        """``host``: this host's id in ``idx``, as the supervisor resolved it (a hostname
+        ``box.lan`` is the index's ``box``); the one given at construction otherwise."""
+        self.host = host or self.host
         self.table = peer_table(idx, self.host)
+        # Every series an alert reads exists from the start (at 0), and none outlives its peer.
+        series = {p.key for peers in self.table.values() for p in peers}
+        for host, tenant in self.series - series:
+            self.refused.remove(host, tenant)
+        for host in {h for h, _ in self.series} - {h for h, _ in series}:
+            self.up.remove(host)
+        for host, tenant in series:
+            self.refused.labels(host, tenant).inc(0)
+            self.up.labels(host).inc(0)
+        self.series = series
         self.accepts = frozenset(idx.hosts[self.host].accept_from_peers) if self.host in idx.hosts else frozenset()
 
     # -- the router's loop ---------------------------------------------------------------------
@@ -94,10 +112,13 @@ class Federation:
         ok = [p for p in self.peers_of(tenant) if self._view_of(p).state == "ok"]
         return choose_peer(ok, self.health, time.monotonic())
 
-    def unusable(self, tenant: str) -> list[str]:
-        """Why each peer of ``tenant`` that is not a candidate is not: for the 503 that names them."""
+    def unusable(self, tenant: str, besides: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Why each peer of ``tenant`` that is not a candidate is not: for the 503 that names them
+        (``besides``: hosts the 503 already names, with what they answered)."""
         now, out = time.monotonic(), []
         for p in self.peers_of(tenant):
+            if p.host in besides:
+                continue
             view = self._view_of(p)
             if view.state != "ok":
                 out.append(f"{p.host}: {view.state}" + (f" ({view.reason})" if view.reason else ""))
@@ -179,18 +200,23 @@ class Federation:
                 self.health = self.health.polled(p, busy)
             else:
                 x_zoo = (cards.get(p.tenant) or {}).get("x_zoo")
-                served = x_zoo.get("model") if isinstance(x_zoo, dict) else None
+                served = _shown(x_zoo.get("model")) if isinstance(x_zoo, dict) else None
                 why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
                 self._view(p, "refused", why, state.replace(" ", "_"))
 
-    def watch(self, host: str) -> asyncio.Future[str]:
-        """Resolved (with the state) when a poll finds ``host`` unreachable or refusing: its attempts give way."""
+    def watch(self, peer: Peer) -> asyncio.Future[str]:
+        """Resolved (with the state) when a poll finds ``peer``'s host unreachable, or the peer refused
+        for ``peer.tenant``: its attempts give way. Another tenant's refusal at that host is not this one's."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.watchers.setdefault(host, set()).add(future)
+        self.watchers.setdefault(peer.key, set()).add(future)
         return future
 
-    def unwatch(self, host: str, future: asyncio.Future[str]) -> None:
-        self.watchers.get(host, set()).discard(future)
+    def unwatch(self, peer: Peer, future: asyncio.Future[str]) -> None:
+        watching = self.watchers.get(peer.key)
+        if watching is not None:
+            watching.discard(future)
+            if not watching:
+                del self.watchers[peer.key]
 
     def _view_of(self, peer: Peer) -> View:
         """The last poll's word on ``peer``, if it was about what this index pins now."""
@@ -206,8 +232,9 @@ class Federation:
             elif old is not None and old.state != "unknown":
                 log.info("peer %s for %s: usable again", peer.host, peer.tenant)
         self.views[peer.key] = View(state, reason, peer.digest)
+        self.refused.labels(peer.host, peer.tenant).set(1 if state == "refused" else 0)
         if state != "ok":
-            for future in self.watchers.pop(peer.host, set()):
+            for future in self.watchers.pop(peer.key, set()):
                 if not future.done():
                     future.set_result(state + (f" ({reason})" if reason else ""))
 
@@ -256,9 +283,14 @@ async def _get(client: httpx.AsyncClient, path: str, headers: dict[str, str]) ->
             if len(data) > MAX_POLL_BYTES:
                 raise ValueError(f"{path}: larger than {MAX_POLL_BYTES} bytes")
     try:
-        return response.status_code, json.loads(bytes(data))
-    except ValueError:
+        return response.status_code, loads(bytes(data))
+    except ValueError:  # JSONRefused too: nested 100,000 levels deep is no answer, never a RecursionError
         return response.status_code, None
+
+
+def _shown(value: Any) -> str | None:
+    """A peer's word as we repeat it (log, /health, Status:): a short printable string, or None (issue #31)."""
+    return "".join(c if c.isprintable() else "?" for c in value[:100]) if isinstance(value, str) else None
 
 
 def _cards(document: Any) -> dict[str, dict[str, Any]]:

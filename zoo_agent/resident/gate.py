@@ -10,6 +10,8 @@
   required: a bare key was accepted), compared in constant time, checked before the body is read.
   A request from a peer (``X-Zoo-Peer``, issue #22) needs the fleet key instead, always: a
   host with no fleet key answers no peer, and a client key never passes for a peer's.
+  The priority key (issue #31) is a client key that also grants classes above ``default``:
+  a request that presents it is marked ``scope[PRIVILEGED]`` for the router.
 - Answering before the body is read (413, 401): the rest of the body is read and thrown away
   first, at most ``DRAIN_BYTES`` and ``DRAIN_SECONDS``, then the answer goes out (issue #31).
   A server that closes a connection with unread bytes in it makes the kernel reset it, and
@@ -25,8 +27,10 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "Gate"]
+__all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "PRIVILEGED", "Gate"]
 
+#: The scope key the gate sets on a request that presented the priority key (a client cannot set scope keys).
+PRIVILEGED = "zoo.privileged"
 #: How much of a refused body is read (and thrown away) so that its sender can read the answer.
 DRAIN_BYTES = 16 << 20
 DRAIN_SECONDS = 5.0
@@ -49,16 +53,20 @@ async def _reply(send: Send, status: int, message: str, *, param: str | None, co
 
 
 class Gate:
-    def __init__(self, app: App, *, max_body: int, api_key: str | None = None, fleet_key: str | None = None) -> None:
+    def __init__(self, app: App, *, max_body: int, api_key: str | None = None, fleet_key: str | None = None, priority_key: str | None = None) -> None:
         self.app, self.max_body = app, max_body
         self.api_key = api_key.encode() if api_key is not None else None
         self.fleet_key = fleet_key.encode() if fleet_key is not None else None
+        self.priority_key = priority_key.encode() if priority_key is not None else None
 
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
         if not str(scope.get("path", "")).startswith("/v1/"):
             return True
         if any(k.lower() == b"x-zoo-peer" for k, _ in headers):
             return self.fleet_key is not None and _bearer(headers, self.fleet_key)
+        if self.priority_key is not None and _bearer(headers, self.priority_key):
+            scope[PRIVILEGED] = True
+            return True
         return self.api_key is None or _bearer(headers, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,7 +85,7 @@ class Gate:
             await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large", close=closing)
             return
         if not self._authorized(scope, headers):
-            closing = not waits and not await _drain(receive)
+            closing = waits or not await _drain(receive)
             await _reply(send, 401, "missing or wrong bearer token (Authorization: Bearer <key>)", param=None, code="invalid_api_key",
                          kind="authentication_error", extra=[(b"www-authenticate", b"Bearer")], close=closing)  # fmt: skip
             return

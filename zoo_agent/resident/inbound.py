@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.transcript import SessionError, valid_id
 
-__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Refused", "parse_request"]
+__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "parse_request"]
 
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -50,7 +50,7 @@ class Parsed:
 
 
 @dataclass(frozen=True)
-class Refused:
+class Rejected:
     """Why a request is answered with an error at once: its status and one line naming the field."""
 
     status: int
@@ -60,34 +60,34 @@ class Refused:
 
 
 def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host, *, content_type: str | None,
-                  from_peer: bool = False) -> Parsed | Refused:  # fmt: skip
+                  from_peer: bool = False) -> Parsed | Rejected:  # fmt: skip
     """Which tenant a request is for (and its JSON body), or why it has none.
     A tenant this host does not serve is its peers' (when the index names any); a request
     from a peer is answered only for a tenant this host accepts from peers, and only here."""
     served = host.served
     if path in GENERATE or path in LORA:
         if method != "POST":
-            return Refused(405, f"method: {path} takes POST, not {method[:20]!r}", "method", "method_not_allowed")
+            return Rejected(405, f"method: {path} takes POST, not {method[:20]!r}", "method", "method_not_allowed")
         if not _json_type(content_type):
             given = "none" if content_type is None else repr(content_type[:60])
-            return Refused(415, f"content-type: a body is read as JSON only with Content-Type: application/json (given: {given})",
+            return Rejected(415, f"content-type: a body is read as JSON only with Content-Type: application/json (given: {given})",
                            "content-type", "unsupported_media_type")  # fmt: skip
         try:
             document = loads(body)
         except JSONRefused as exc:
-            return Refused(400, f"body: {exc}", "body")
+            return Rejected(400, f"body: {exc}", "body")
         except ValueError:  # Python's limit on an integer's digits, which jsonbound lets through
-            return Refused(400, "body: not JSON we read (a number with too many digits)", "body")
+            return Rejected(400, "body: not JSON we read (a number with too many digits)", "body")
         if not isinstance(document, dict):
-            return Refused(400, "body: must be a JSON object", "body")
+            return Rejected(400, "body: must be a JSON object", "body")
         key = "model" if path in GENERATE else "lora_name"
         name = document.get(key)
         if not isinstance(name, str):
-            return Refused(400, f"{key}: required, a string", key)
+            return Rejected(400, f"{key}: required, a string", key)
         tenant = name.split(":", 1)[0]
         if from_peer:
             if key != "model" or tenant not in host.accepts or tenant not in served:
-                return Refused(403, f"{key}: this host answers peers only for {', '.join(sorted(host.accepts)) or 'no tenant'}", key, "peer_not_accepted")
+                return Rejected(403, f"{key}: this host answers peers only for {', '.join(sorted(host.accepts)) or 'no tenant'}", key, "peer_not_accepted")
             return Parsed(tenant, document)
         if key == "model" and name in host.routes:
             return Parsed(name, document)
@@ -97,28 +97,28 @@ def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host,
             tenant = host.lora_tenant.get(name, tenant)
         if tenant not in served:
             names = ", ".join([*served, *host.routes])
-            return Refused(404, f"{key}: {name[:100]!r} is not served by this host (models: {names})", key, "model_not_found")
+            return Rejected(404, f"{key}: {name[:100]!r} is not served by this host (models: {names})", key, "model_not_found")
         return Parsed(tenant, document)
     if path.startswith(SESSIONS):
         if from_peer:
-            return Refused(403, "sessions: a peer may only ask for generations", "model", "peer_not_accepted")
+            return Rejected(403, "sessions: a peer may only ask for generations", "model", "peer_not_accepted")
         if method not in ("GET", "DELETE"):
-            return Refused(405, f"method: a session takes GET or DELETE, not {method[:20]!r}", "method", "method_not_allowed")
+            return Rejected(405, f"method: a session takes GET or DELETE, not {method[:20]!r}", "method", "method_not_allowed")
         try:  # before it goes into a URL or a file name: letters, digits, '_', '-', '.'
             sid = valid_id(path.removeprefix(SESSIONS))
         except SessionError as exc:
-            return Refused(400, str(exc), "session")
+            return Rejected(400, str(exc), "session")
         try:  # percent-decoded, as the worker reads it (the whole query is within uvicorn's 16 KiB head)
             fields = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=100))
         except ValueError:
-            return Refused(400, "query: more than 100 fields", "query")
+            return Rejected(400, "query: more than 100 fields", "query")
         tenant = (fields.get("model") or (served[0] if served else "")).split(":", 1)[0]
         if tenant in host.routes:
             return Parsed(tenant, {}, sid)  # a route's session: read here, from the zoo (issue #21)
         if tenant not in served:
-            return Refused(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
+            return Rejected(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
         return Parsed(tenant, {}, sid)
-    return Refused(404, "Not Found")
+    return Rejected(404, "Not Found")
 
 
 def _json_type(content_type: str | None) -> bool:

@@ -14,15 +14,14 @@ LiteLLM, a success clears the count, so failures must come close together to cou
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from zoo_agent.index.model import ArtifactEntry, Index
+from zoo_agent.index.digest import artifact_doc, digest_of
+from zoo_agent.index.model import Index
 
-__all__ = ["FAIL_WINDOW", "Peer", "PeerHealth", "State", "choose_peer", "peer_table", "pinned", "served_state", "tenant_digest"]
+__all__ = ["FAIL_WINDOW", "Peer", "PeerHealth", "State", "choose_peer", "peer_table", "pinned", "served_state", "tenant_digest", "undeclared"]
 
 #: Seconds over which failures are counted (LiteLLM counts them per minute).
 FAIL_WINDOW = 60.0
@@ -44,14 +43,6 @@ class Peer:
         return self.host, self.tenant
 
 
-def _artifact(aid: str, entry: ArtifactEntry) -> dict[str, Any]:
-    files = sorted([f.path, f.sha256] for f in entry.files)
-    doc: dict[str, Any] = {"id": aid, "version": entry.version, "files": files}
-    if entry.source.type == "ollama":  # no files: the daemon's manifest digest pins the bytes
-        doc["ollama"] = entry.source.digest
-    return doc
-
-
 def tenant_digest(idx: Index, tenant: str) -> str:
     """sha256 over canonical JSON (sorted keys, no spaces, ASCII) of the tenant's model
     (id, version, sorted [path, sha256] pairs) and its adapters likewise, sorted by id.
@@ -60,16 +51,28 @@ def tenant_digest(idx: Index, tenant: str) -> str:
     same bytes report the same digest, whatever else differs between their indexes.
     """
     entry = idx.tenants[tenant]
-    doc = {"model": _artifact(entry.model, idx.models[entry.model]),
-           "loras": [_artifact(lid, idx.loras[lid]) for lid in sorted(entry.loras)]}  # fmt: skip
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    doc = {"model": artifact_doc(entry.model, idx.models[entry.model]),
+           "loras": [artifact_doc(lid, idx.loras[lid]) for lid in sorted(entry.loras)]}  # fmt: skip
+    return digest_of(doc)
 
 
 def pinned(idx: Index, tenant: str) -> str:
     """``<model>@<version>`` as the index pins it for the tenant."""
     model = idx.tenants[tenant].model
     return f"{model}@{idx.models[model].version}"
+
+
+def undeclared(idx: Index, name: str) -> str | None:
+    """Why ``name`` (``tenant``, ``tenant:adapter`` or ``tenant:auto``) is nothing the index declares;
+    None when it is. A peer could only answer 404 for such a name: the router answers it at once."""
+    tenant, sep, adapter = name.partition(":")
+    entry = idx.tenants.get(tenant)
+    if entry is None:
+        return f"'{name[:100]}' is not a tenant of the index"
+    if not sep or adapter in entry.loras or (adapter == "auto" and entry.adapter_selection is not None):
+        return None
+    declared = ", ".join([*entry.loras, *(["auto"] if entry.adapter_selection is not None else [])]) or "none"
+    return f"'{name[:100]}': tenant '{tenant}' declares no adapter '{adapter[:100]}' (declared: {declared})"
 
 
 def peer_table(idx: Index, host: str) -> dict[str, list[Peer]]:

@@ -7,6 +7,12 @@ a class, and a waiting request gains one class per ``aging_seconds`` waited, so 
 is never starved: under any load it waits at most about (its class - the best class) x
 ``aging_seconds`` behind requests that arrived after it.
 
+Priority is a privilege (issue #31): a class better than ``default`` (or than the tenant's
+own, when that is better) needs the priority key (``--priority-key-file``), and no integer
+ranks above ``system`` (the aging bound above holds only if ``system`` is the best there
+is). A peer is asked for at most ``default``: the fleet key grants what a client key does,
+and a client's privilege at one host is not the fleet's at another.
+
 Pure (no torch, no threads): the engine's schedulers and the router lock around the queue.
 """
 
@@ -18,13 +24,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["CLASSES", "HEADER", "MAX_PRIORITY", "MIN_PRIORITY", "BadPriority", "PriorityQueue", "class_name", "parse_priority", "rank"]
+__all__ = ["CLASSES", "HEADER", "MAX_PRIORITY", "MIN_PRIORITY", "BadPriority", "PriorityNotAllowed", "PriorityQueue", "class_name", "for_peer",
+           "grant", "parse_priority", "rank"]
 
 #: The named classes on vLLM's integer scale (lower is served first).
 CLASSES: dict[str, int] = {"system": -2, "realtime": -1, "default": 0, "batch": 1}
 HEADER = "X-Zoo-Priority"
-#: Bounds of the integer ``priority`` field: wide enough for any scheme, small enough that aging stays meaningful.
-MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+#: Bounds of the integer ``priority`` field: none better than ``system`` (issue #31: an integer
+#: below every class was served before ``system``, and held ``batch`` back ~1000 classes), and
+#: as far below ``batch`` as a client wants to put itself.
+MIN_PRIORITY, MAX_PRIORITY = CLASSES["system"], 1000
+#: The best a request may ask for without the priority key (or its tenant's own, when better).
+UNPRIVILEGED = CLASSES["default"]
 
 T = TypeVar("T")
 
@@ -35,6 +46,10 @@ class BadPriority(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class PriorityNotAllowed(BadPriority):
+    """A priority this request's key does not grant: a 403."""
 
 
 def parse_priority(header: str | None, field: int | None, default: int) -> int:
@@ -54,6 +69,25 @@ def parse_priority(header: str | None, field: int | None, default: int) -> int:
             raise BadPriority("priority", f"priority: {field} is outside {MIN_PRIORITY}..{MAX_PRIORITY}")
         return field
     return default
+
+
+def grant(header: str | None, field: int | None, default: int, privileged: bool, own: int | None = None) -> int:
+    """``parse_priority``, then the privilege: without the priority key a request may ask for no
+    better than ``default``, or its tenant's ``own`` priority (``default`` unless given: a
+    route's worst candidate's) when that is better, which it gets by naming none anyway.
+    ``PriorityNotAllowed`` names what it asked for otherwise."""
+    priority = parse_priority(header, field, default)
+    best = min(default if own is None else own, UNPRIVILEGED)
+    if not privileged and (header is not None or field is not None) and priority < best:  # naming none is never refused
+        param, asked = (HEADER, f"{HEADER}: {header.strip()[:40]!r}") if header is not None else ("priority", f"priority: {field}")
+        raise PriorityNotAllowed(param, f"{asked} needs the priority key (--priority-key-file); this key may ask for {class_name(best)} or lower")
+    return priority
+
+
+def for_peer(priority: int | None) -> str | None:
+    """The ``X-Zoo-Priority`` a delegated request carries: the class granted here, at most
+    ``default`` (None: the request named none, and the peer gives its tenant's own)."""
+    return None if priority is None else class_name(max(priority, UNPRIVILEGED))
 
 
 def class_name(priority: int) -> str:

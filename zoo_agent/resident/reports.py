@@ -2,9 +2,12 @@
 
 - ``resident/state.json``: what `zoo-agent resident reload` waits on, and what
   `zoo-agent status` shows of the resident (every tenant: loaded, paged out, fetching).
-- ``resident/tenants/<tenant>/model-info.json``: the loaded version, its measured footprint
-  (kept: the next load of the same version starts from the larger of estimate and measurement).
-- ``resident/tenants/<tenant>/lease.json``: since when, what it served, every swap.
+- ``resident/tenants/<tenant>/model-info.json``: the loaded version, the adapter versions its
+  worker serves (gc never removes either: ``reconcile/observe.py`` reads this file), its
+  measured footprint (kept: the next load of the same version starts from the larger of
+  estimate and measurement).
+- ``resident/tenants/<tenant>/lease.json``: since when, what it served, every swap; counted
+  across residents (the previous resident's lease is read before the first one is written).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zoo_agent.jsonbound import loads
 from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
-from zoo_agent.store.zoo import now
+from zoo_agent.store.zoo import declared_facts, now
 
 if TYPE_CHECKING:
     from zoo_agent.resident.protocol import Ready
@@ -28,6 +34,11 @@ __all__ = ["Reports"]
 
 log = logging.getLogger("zoo_agent.resident")
 
+#: The swaps a lease keeps (the newest): a lease carried over for years stays small.
+MAX_SWAPS = 100
+#: Our own files; one larger than this is not one we wrote.
+MAX_REPORT_BYTES = 1 << 20
+
 
 class Reports:
     def __init__(self, supervisor: Supervisor) -> None:
@@ -35,6 +46,8 @@ class Reports:
         self.started_at = now()
         self.swaps: dict[str, list[dict[str, Any]]] = {}
         self.gap_from: dict[str, str] = {}  # tenant -> the version a stop-first reload stopped
+        self.before: dict[str, dict[str, Any]] = {}  # tenant -> what the previous residents' leases counted
+        self.loaded_since: dict[str, tuple[int, str]] = {}  # tenant -> (its worker's pid, when it became ready)
 
     def status_line(self) -> str:
         """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""
@@ -46,7 +59,8 @@ class Reports:
             served += slot.served_before + sum(w.stats.served for w in slot.workers)
             worker = slot.serving
             if worker is None or worker.state != "serving":
-                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": "failed"}.get(slot.phase)
+                failed = "fetch failed" if slot.fetch_failed else "failed"
+                what = {"fetching": f"fetching {slot.fetch_pct}%", "loading": "loading", "failed": failed}.get(slot.phase)
                 out.append(f"{tid} ({what})" if what else tid)
                 continue
             s = worker.stats
@@ -74,17 +88,29 @@ class Reports:
         return value if isinstance(value, int) and value >= 0 else 0
 
     def model_info(self, slot: Slot, worker: Worker, ready: Ready) -> None:
-        c = worker.config
-        info = {"tenant": c.tenant, "model": c.model, "version": c.version, "backend": c.backend, "device": ready.device, "dtype": ready.dtype,
-                "load_seconds": ready.load_seconds, "pid": ready.pid, "socket": worker.path, "since": now(),
-                "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
-                              "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
-        base = self.sup.zoo.tenant_dir(c.tenant)
-        makedirs_durable(base)
-        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
+        """A worker became ready: what it loaded, its lease, the resident's state."""
+        self.loaded(slot, worker, ready)
         self.lease(slot)
         self.sup.last_error = "" if not self.sup.pending_reloads else self.sup.last_error
         self.state()
+
+    def loaded(self, slot: Slot, worker: Worker, ready: Ready) -> None:
+        """model-info.json: what the tenant's worker loaded (written when it is ready, and again when its adapters swap in place)."""
+        c = worker.config
+        pid, since = self.loaded_since.get(c.tenant, (0, ""))
+        if pid != ready.pid:
+            since = now()
+            self.loaded_since[c.tenant] = (ready.pid, since)
+        info = {"tenant": c.tenant, "model": c.model, "version": c.version, "backend": c.backend, "device": ready.device, "dtype": ready.dtype,
+                "load_seconds": ready.load_seconds, "pid": ready.pid, "socket": worker.path, "since": since,
+                "adapters": {a.id: a.version for a in c.adapters},
+                **({"embedding_model": c.selection.embedding_label} if c.selection is not None else {}),
+                "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
+                              "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
+        info.update(declared_facts(c.version_dir))  # what the index declares of it, beside what was measured (issue #35)
+        base = self.sup.zoo.tenant_dir(c.tenant)
+        makedirs_durable(base)
+        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
 
     def paged(self, action: str, slot: Slot, label: str, *, reason: str = "", seconds: float = 0.0) -> None:
         """``page-in`` / ``page-out`` in host/actions.jsonl (`zoo-agent log`): what was loaded and evicted, in order."""
@@ -100,14 +126,20 @@ class Reports:
                                                        "seconds": round(time.monotonic() - worker.started, 3)})  # fmt: skip
 
     def lease(self, slot: Slot) -> None:
-        """Since when this resident serves the tenant, what it served, and every swap."""
+        """Since when the host serves the tenant, what it served, and its swaps: the counts of the
+        residents before this one (read once, before this one first writes) plus this one's."""
+        base = self.sup.zoo.tenant_dir(slot.tenant)
+        if not base.is_dir():
+            return
+        if slot.tenant not in self.before:
+            self.before[slot.tenant] = previous_lease(_read(base / "lease.json"))
+        before = self.before[slot.tenant]
         served = slot.served_before + sum(w.stats.served for w in slot.workers)
         tokens = slot.tokens_before + sum(w.stats.tokens for w in slot.workers)
-        lease = {"since": self.started_at, "supervisor_pid": os.getpid(), "requests": served, "tokens_generated": tokens,
-                 "swaps": self.swaps.get(slot.tenant, []), "evictions": slot.evictions}  # fmt: skip
-        base = self.sup.zoo.tenant_dir(slot.tenant)
-        if base.is_dir():
-            write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
+        lease = {"since": before["since"] or self.started_at, "resident_since": self.started_at, "supervisor_pid": os.getpid(),
+                 "requests": before["requests"] + served, "tokens_generated": before["tokens_generated"] + tokens,
+                 "swaps": [*before["swaps"], *self.swaps.get(slot.tenant, [])][-MAX_SWAPS:], "evictions": before["evictions"] + slot.evictions}  # fmt: skip
+        write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
 
     def leases(self) -> None:
         for slot in list(self.sup.slots.values()):
@@ -144,12 +176,43 @@ def _wall(monotonic: float) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - monotonic)))
 
 
-def _read(path: Any) -> dict[str, Any]:
+def previous_lease(document: dict[str, Any]) -> dict[str, Any]:
+    """What a lease on disk counted, each field taken only if it is what we write (a damaged one counts nothing)."""
+
+    def count(name: str) -> int:
+        value = document.get(name)
+        return value if type(value) is int and value >= 0 else 0
+
+    since = document.get("since")
+    swaps = document.get("swaps")
+    return {"since": since if isinstance(since, str) and 0 < len(since) <= 64 else "", "requests": count("requests"),
+            "tokens_generated": count("tokens_generated"), "evictions": count("evictions"),
+            "swaps": [_swap(s) for s in swaps if isinstance(s, dict)][-MAX_SWAPS:] if isinstance(swaps, list) else []}  # fmt: skip
+
+
+def _swap(record: dict[str, Any]) -> dict[str, Any]:
+    """A swap as we write it: these keys, scalar values."""
+    keep = ("time", "from", "to", "reason", "seconds")
+    return {k: v for k in keep if isinstance(v := record.get(k), str | int | float) and not isinstance(v, bool) and len(str(v)) <= 200}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """One of our JSON files, or {} when it is missing, not a regular file, too large or not ours."""
     try:
-        data = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_REPORT_BYTES + 1)
+        data = loads(raw, limit=MAX_REPORT_BYTES)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
 
 
 def _ago(seconds: float) -> str:

@@ -60,10 +60,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.resident.federation import PEER_HEADER, Federation
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.gate import Gate
-from zoo_agent.resident.inbound import GENERATE, Host, Refused, parse_request
-from zoo_agent.resident.peers import Peer, pinned, tenant_digest
-from zoo_agent.resident.priority import HEADER, BadPriority, PriorityQueue, parse_priority
+from zoo_agent.resident.gate import PRIVILEGED, Gate
+from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
+from zoo_agent.resident.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
+from zoo_agent.resident.peers import Peer, pinned, tenant_digest, undeclared
+from zoo_agent.resident.priority import CLASSES, HEADER, BadPriority, PriorityNotAllowed, PriorityQueue, for_peer, grant
 from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
 from zoo_agent.resident.sessions import ROUTE_HEADER, remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
@@ -92,8 +93,10 @@ MAX_ANSWER = 16 << 20
 #: header only the router may set.
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
                  b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode(), PEER_HEADER.lower().encode()})  # fmt: skip
-#: The request headers a delegated request keeps (with the fleet key and X-Zoo-Peer added).
-TO_PEERS = frozenset({b"content-type", b"accept", HEADER.lower().encode(), b"user-agent"})
+#: The request headers a delegated request keeps (with the fleet key, X-Zoo-Peer and the priority for_peer added).
+TO_PEERS = frozenset({b"content-type", b"accept", b"user-agent"})
+#: The scope key for a request's granted priority, when it named one (what for_peer asks a peer for).
+GRANTED = "zoo.priority"
 HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 #: Request or answer data up to this size is worked on in the router's loop (parsing 64 kB of
 #: JSON or running the route's rules over it takes well under a millisecond); more, on ``_WORK``.
@@ -129,6 +132,20 @@ class _Metrics:
                               ["route", "rule", "tenant"], registry=r)  # fmt: skip
         self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
                                  ["route", "tenant", "reason"], registry=r)  # fmt: skip
+        self.fetches = Counter("zoo:on_demand_fetches", "Fetches on first use of an on-demand tenant, by result (ok, failed).",
+                               ["tenant", "result"], registry=r)  # fmt: skip
+
+    def known(self, tenant: str, on_demand: bool = False) -> None:
+        """A tenant's label sets, at zero, from the moment it is known: ``increase()`` and
+        ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
+        self.load_seconds.labels(tenant)
+        self.retries.labels(tenant)
+        self.evictions.labels(tenant, "budget")
+        for reason in ("crash", "hang"):
+            self.restarts.labels(tenant, reason)
+        if on_demand:
+            for result in ("ok", "failed"):
+                self.fetches.labels(tenant, result)
 
 
 class _Waiter:
@@ -192,7 +209,7 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.similarity = Similarity(supervisor.zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
-        self.federation = Federation(supervisor.config.host.lower(), supervisor.fleet_key, self.metrics.registry,
+        self.federation = Federation(supervisor.host_id, supervisor.fleet_key, self.metrics.registry,
                                      supervisor.config.peer_poll_seconds)  # the peers (issue #22)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -207,17 +224,17 @@ class Router:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
-        host_id = self.sup.config.host.lower()
+        host_id = self.sup.host_id
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
-        self.federation.take_index(idx)
+        self.federation.take_index(idx, host_id)
 
     def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
         """Serve the public socket, and ``private`` (a unix socket in the supervisor's own
         directory) where workers ask other tenants, as the route's summarizer (issue #21)."""
         import uvicorn
 
-        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key, fleet_key=self.sup.fleet_key)
+        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key, fleet_key=self.sup.fleet_key, priority_key=self.sup.priority_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.sup.config.drain_seconds) + 1,
                                 lifespan="off")  # fmt: skip
         self.server = uvicorn.Server(config)
@@ -395,13 +412,10 @@ class Router:
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
                                   content_type=_header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
         parsed = await _bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
-        if isinstance(parsed, Refused):
+        if isinstance(parsed, Rejected):
             await _respond(send, *_error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
         tenant, document = parsed.tenant, parsed.document
-        if tenant not in self.sup.slots and tenant not in self.routes and path in GENERATE:  # served by peers only (parse_request checked)
-            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None)
-            return
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, parsed.session, method)
@@ -415,14 +429,26 @@ class Router:
         if path in GENERATE and method == "POST":
             stream = document.get("stream") is True
             field = document.get("priority")
-            header = dict((k.lower(), v) for k, v in scope.get("headers", [])).get(HEADER.lower().encode())
-            try:
-                # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
-                priority = parse_priority(header.decode("latin-1") if header is not None else None,
-                                          field if isinstance(field, int) and not isinstance(field, bool) else None, priority)  # fmt: skip
-            except BadPriority as exc:
-                await _respond(send, *_error(400, str(exc), param=exc.param))
+            named = [v for k, v in scope.get("headers", []) if k.lower() == HEADER.lower().encode()]
+            if len(named) > 1:  # the router would check one and the worker serve another
+                await _respond(send, *_error(400, f"{HEADER}: sent {len(named)} times; send it once", param=HEADER))
                 return
+            header = named[0] if named else None
+            # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
+            field = field if isinstance(field, int) and not isinstance(field, bool) else None
+            # A route's request may be answered by any of its candidates: it may name no better than the worst one's own class.
+            own = max(self._default_priority(t) for t in routed.tenants) if route is not None and routed.tenants else priority
+            try:  # above default only with the priority key (issue #31); a peer's request is a client's
+                priority = grant(header.decode("latin-1") if header is not None else None, field, priority, scope.get(PRIVILEGED) is True, own)
+            except BadPriority as exc:
+                await _respond(send, *_error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
+                                             code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
+                return
+            scope[GRANTED] = priority if header is not None or field is not None else None  # what a peer is asked for: for_peer
+        if tenant not in self.sup.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
+            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
+                                      model=document.get("model"))  # fmt: skip
+            return
         if route is not None:
             await self._forward_routed(scope, receive, send, routed, priority, stream)
             return
@@ -492,7 +518,10 @@ class Router:
         return None
 
     def _default_priority(self, tenant: str) -> int:
-        slot = self.sup.slots.get(tenant)
+        """The tenant's own class: its slot's here, the index's for a tenant only peers serve."""
+        slot, idx = self.sup.slots.get(tenant), self.sup.idx
+        if slot is None and idx is not None and tenant in idx.tenants:
+            return CLASSES[idx.tenants[tenant].priority]
         return slot.priority if slot is not None else 0
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, priority: int, stream: bool,
@@ -560,12 +589,17 @@ class Router:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
     async def _forward_peers(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool,
-                             why: str | None = None, session: bool = False) -> None:  # fmt: skip
+                             why: str | None = None, session: bool = False, model: Any = None) -> None:  # fmt: skip
         """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
         only while nothing was sent to the client; 503 naming every peer when none answers.
-        ``session``: the body names one, which stays here (400)."""
+        ``session``: the body names one, which stays here (400). ``model``: the name asked for;
+        one the index does not declare (``tenant:adapter``) is a 404 here, never every peer's question."""
         if session:  # its turns live here: a peer would answer without them, and keep its reply
             await _respond(send, *_error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
+            return
+        idx = self.sup.idx
+        if isinstance(model, str) and idx is not None and (problem := undeclared(idx, model)) is not None:
+            await _respond(send, *_error(404, f"model: {problem}", param="model", code="model_not_found"))
             return
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
@@ -580,14 +614,17 @@ class Router:
                             x_zoo: dict[str, Any] | None = None, committed_to: Callable[[], None] = lambda: None,
                             first_token: float | None = None) -> int:  # fmt: skip
         """Each usable peer of the tenant in turn, until one answers (its status code); ``_Fallback``
-        naming every peer and why when none did and nothing was sent to the client."""
+        naming every peer once, and why, when none did and nothing was sent to the client."""
         fed = self.federation
         if not fed.polled.is_set():  # just started: wait for the first poll to say who is usable
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fed.polled.wait(), 5.0)
-        # What describes the request, never a client's credentials (cookies, other keys): the fleet key speaks for it.
+        # What describes the request, never a client's credentials (cookies, other keys): the fleet key speaks for it,
+        # and asks for at most the class it grants (issue #31).
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() in TO_PEERS] + fed.headers()
-        tried: list[str] = []
+        if (wanted := for_peer(scope.get(GRANTED))) is not None:
+            headers.append((HEADER.lower().encode(), wanted.encode()))
+        tried: dict[str, str] = {}
         # A peer that hangs (stopped, its link cut under a pooled connection) gives way after this.
         wait = first_token or self.sup.config.load_wait
         for peer in fed.candidates(tenant):
@@ -597,18 +634,18 @@ class Router:
             except _Fallback as exc:
                 log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
                 fed.failed(peer)
-                tried.append(f"{peer.host}: {exc}")
+                tried[peer.host] = f"{peer.host}: {exc}"
                 continue
             fed.answered(peer, code)
             return code
-        names = "; ".join([*tried, *fed.unusable(tenant)]) or "none declared"
+        names = "; ".join([*tried.values(), *fed.unusable(tenant, besides=set(tried))]) or "none declared"
         raise _Fallback(f"no peer could answer (peers: {names})", "peers")
 
     async def _one_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
                         stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """One delegated exchange, given up when a poll finds the peer gone: before its first token
-        that is the next peer's turn (a stopped peer still accepts, and would hold the request for
-        ``wait``); after it, the stream ends with an error event."""
+        """One delegated exchange, given up when a poll finds the peer gone or refused for this
+        tenant: before its first token that is the next peer's turn (a stopped peer still accepts,
+        and would hold the request for ``wait``); after it, the stream ends with an error event."""
         fed, committed = self.federation, False
 
         def commit() -> None:
@@ -616,14 +653,13 @@ class Router:
             committed = True
             committed_to()
 
-        attempt: asyncio.Future[int] = asyncio.ensure_future(self._pipe_committed(fed.client(peer.endpoint), target, headers, body, send, gone, stream, wait, x_zoo,
-                                                             commit, passes=frozenset({401, 403, 404, 429})))  # fmt: skip
-        lost = fed.watch(peer.host)
+        attempt: asyncio.Future[int] = asyncio.ensure_future(self._relay_peer(peer, target, headers, body, send, gone, stream, wait, x_zoo, commit))
+        lost = fed.watch(peer)
         try:
             either: set[asyncio.Future[Any]] = {attempt, lost}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            fed.unwatch(peer.host, lost)
+            fed.unwatch(peer, lost)
         if attempt.done():
             return attempt.result()
         attempt.cancel()  # closing its connection
@@ -634,6 +670,88 @@ class Router:
             await self._stream_error(send, 502, f"peer {peer.host} stopped answering midway ({why})")
             return 502
         raise _Fallback(why, "crashed")
+
+    async def _relay_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
+                          stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
+        """One exchange with a peer, relayed only as ``peer_answer`` allows (issue #31): the head is
+        ours, each document read by the bounded reader and written by us, the body decoded. Before
+        anything reached the client, a failure, an answer not to relay or no first token within
+        ``wait`` is a ``_Fallback``; after it, the stream ends with an error event naming the peer."""
+        deadline = time.monotonic() + wait
+        try:
+            response = await self._exchange(self.federation.client(peer.endpoint), "POST", target, headers, body, gone, wait)
+        except _WorkerFailed as exc:
+            raise _Fallback(f"failed before answering ({exc})", "crashed") from exc
+        except TimeoutError:
+            raise _Fallback(f"no first token within {wait:g}s", "first_token_timeout") from None
+        if response is None:
+            return 499
+        try:
+            try:
+                kind = judge(response.status_code, response.headers.get("content-type", ""), stream)
+            except Refused as exc:
+                said = error_message(await _read_some(response, MAX_ERROR)) if response.status_code >= 400 else ""
+                raise _Fallback(str(exc) + (f": {said}" if said else ""), "failed") from None
+            if kind == "error" or not stream:
+                try:
+                    data = await asyncio.wait_for(_read(response, MAX_ANSWER), max(1.0, deadline - time.monotonic()))
+                    whole_answer = whole(response.status_code, data, x_zoo)
+                except TimeoutError:
+                    raise _Fallback(f"its answer did not arrive within {wait:g}s", "first_token_timeout") from None
+                except Refused as exc:
+                    raise _Fallback(str(exc), "failed") from None
+                if kind == "answer":
+                    committed_to()
+                await _respond(send, response.status_code, whole_answer)
+                return response.status_code
+            return await self._relay_events(peer, response, send, gone, Events(x_zoo, MAX_ANSWER), deadline, wait, committed_to)
+        finally:
+            await response.aclose()
+
+    async def _relay_events(self, peer: Peer, response: httpx.Response, send: Send, gone: asyncio.Future[None], events: Events, deadline: float,
+                            wait: float, committed_to: Callable[[], None]) -> int:  # fmt: skip
+        """A peer's event stream, each event checked (``Events``) before it is sent; see ``_relay_peer``."""
+        started = False  # our head is out: from here on a failure ends the stream, never the next peer
+        reading = response.aiter_bytes().__aiter__()  # decoded: a compressing proxy in front of the peer changes nothing
+        while True:
+            chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
+            pair: set[asyncio.Future[Any]] = {chunk, gone}
+            done, _ = await asyncio.wait(pair, timeout=None if started else max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                chunk.cancel()
+                return 499
+            if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
+                chunk.cancel()
+                raise _Fallback(f"no first token within {wait:g}s", "first_token_timeout")
+            try:
+                out = events.feed(chunk.result())
+            except StopAsyncIteration:
+                break
+            except (httpx.HTTPError, OSError, Refused) as exc:
+                why = str(exc) if isinstance(exc, Refused) else f"the answer broke off ({type(exc).__name__})"
+                if not started:
+                    raise _Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
+                for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                await self._stream_error(send, 502, f"peer {peer.host}: {why}")
+                return 502
+            if events.committed and not started:
+                committed_to()
+                await send({"type": "http.response.start", "status": 200, "headers": head(True)})
+                started = True
+            for event in out:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            if events.finished:
+                break  # [DONE]: whatever the peer sends after it is not the answer's
+        try:
+            events.end()
+        except Refused as exc:
+            if not started:
+                raise _Fallback(str(exc), "failed") from None
+            await self._stream_error(send, 502, f"peer {peer.host}: {exc}")
+            return 502
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return 200
 
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
@@ -1028,6 +1146,18 @@ class _Full(Exception):
 
 class _WorkerFailed(Exception):
     """The worker failed before its answer started: the request may go again."""
+
+
+async def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of a failed answer, for its message, within 2 s; what arrived when the read fails."""
+    data = bytearray()
+    with contextlib.suppress(httpx.HTTPError, OSError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) >= limit:
+                    break
+    return bytes(data[:limit])
 
 
 async def _read(response: httpx.Response, limit: int) -> bytes:

@@ -69,6 +69,9 @@ class Slot:
     crashes: list[float] = field(default_factory=list)
     restart_at: float = 0.0
     fetch_pct: int = 0
+    pins: str = ""  # on-demand: what a fetch makes current under the loaded index (ondemand.pins)
+    fetched: str = ""  # the pins of the last fetch: never fetched again until on disk, or asked again after a failure
+    fetch_failed: str = ""  # the pins whose fetch failed: failed (and shown) until a request or an index change asks again
     error: str = ""
     served_before: int = 0  # requests and tokens of this tenant's workers that are gone
     tokens_before: int = 0

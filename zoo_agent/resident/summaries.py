@@ -14,22 +14,34 @@ the summarizer may be this very tenant, whose own request needs that thread), fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from zoo_agent.jsonbound import loads
 from zoo_agent.resident.transcript import SessionSummary, SessionTurn
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["NeedSummary", "Summarizer", "SummaryFailed", "condensed", "marker_message", "summary_message"]
 
 log = logging.getLogger("zoo_agent.resident")
+
+#: The summarizer's whole answer (a chat completion of at most ``max_tokens`` tokens): far below this.
+MAX_ANSWER_BYTES = 256 << 10
+#: A summary longer than this is no summary (the prompt keeps room for a few hundred tokens of it).
+MAX_SUMMARY_CHARS = 32 << 10
 
 INSTRUCTION = ("Summarize the conversation below in a few sentences. Keep names, numbers, facts, decisions and open questions; "
                "leave out greetings. Write only the summary.")  # fmt: skip
 
 
 class SummaryFailed(Exception):
-    """The summarizer did not answer (not loaded in time, refused, failed): the turns are left out instead."""
+    """The summarizer did not answer (not loaded in time, refused, failed), or answered something
+    the session's model could not take (not text, not Unicode, too long): the turns are left out instead."""
 
 
 @dataclass
@@ -72,28 +84,82 @@ class Summarizer:
     max_tokens: int = 128
 
     async def summarize(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> tuple[str, str]:
-        """The summary and the model@version that wrote it."""
+        """The summary and the model@version that wrote it; ``SummaryFailed`` for no answer or an unusable one."""
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.tenant, "messages": messages, "max_tokens": min(self.max_tokens, max_tokens or self.max_tokens), "temperature": 0}
         transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://resident", timeout=self.timeout) as client:
-                response = await client.post("/v1/chat/completions", json=body, headers=headers)
+            async with asyncio.timeout(self.timeout):  # the whole exchange: an answer trickling in is bounded too
+                async with httpx.AsyncClient(transport=transport, base_url="http://resident", timeout=self.timeout) as client:
+                    async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+                        raw = await _read(response, MAX_ANSWER_BYTES)
         except httpx.HTTPError as exc:
             raise SummaryFailed(f"summarizer {self.tenant}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError:
+            raise SummaryFailed(f"summarizer {self.tenant}: no whole answer within {self.timeout:.0f}s") from None
+        if raw is None:
+            raise SummaryFailed(f"summarizer {self.tenant}: an answer larger than {MAX_ANSWER_BYTES} bytes")
         try:
-            document = response.json()
-        except ValueError:
+            document = loads(raw)
+        except ValueError as exc:
+            if response.status_code == 200:
+                raise SummaryFailed(f"summarizer {self.tenant}: an answer that is {exc}") from None
+            document = {}
+        if not isinstance(document, dict):
             document = {}
         if response.status_code != 200:
-            message = document.get("error", {}).get("message") if isinstance(document.get("error"), dict) else None
-            raise SummaryFailed(f"summarizer {self.tenant}: answered {response.status_code}: {message or response.text[:200]}")
-        try:
-            text = str(document["choices"][0]["message"]["content"]).strip()
-        except (KeyError, IndexError, TypeError) as exc:
-            raise SummaryFailed(f"summarizer {self.tenant}: an answer without a message") from exc
-        if not text:
-            raise SummaryFailed(f"summarizer {self.tenant}: an empty summary")
-        return text, str(document.get("system_fingerprint") or self.tenant)
+            error = document.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            shown = message if isinstance(message, str) else raw[:200].decode("utf-8", "replace")
+            raise SummaryFailed(f"summarizer {self.tenant}: answered {response.status_code}: {_printable(shown)}")
+        return _usable(self.tenant, document), _fingerprint(document) or self.tenant
+
+
+async def _read(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None past ``limit`` bytes (read no further)."""
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+def _usable(tenant: str, document: dict[str, object]) -> str:
+    """The summary text, if the session's model can take it: a string of Unicode text (a lone
+    surrogate made the user's turn fail), not blank, not longer than a summary can be."""
+    try:
+        content = document["choices"][0]["message"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        raise SummaryFailed(f"summarizer {tenant}: an answer without a message") from None
+    if not isinstance(content, str):
+        raise SummaryFailed(f"summarizer {tenant}: a summary that is not text ({type(content).__name__})")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SummaryFailed(f"summarizer {tenant}: a summary holding a lone surrogate, which is not Unicode text") from None
+    text = content.strip()
+    if not text:
+        raise SummaryFailed(f"summarizer {tenant}: an empty summary")
+    if len(text) > MAX_SUMMARY_CHARS:
+        raise SummaryFailed(f"summarizer {tenant}: a summary of {len(text)} characters (at most {MAX_SUMMARY_CHARS})")
+    return text
+
+
+def _fingerprint(document: dict[str, object]) -> str | None:
+    """The answer's model@version, when it is one short line of Unicode text."""
+    value = document.get("system_fingerprint")
+    if not isinstance(value, str) or not value or len(value) > 200 or not value.isprintable():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _printable(text: str) -> str:
+    """Text from someone else, fit for one log line."""
+    return "".join(c if c.isprintable() else "?" for c in text[:200])

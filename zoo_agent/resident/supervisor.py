@@ -32,6 +32,7 @@ from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.fit import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
+from zoo_agent.plan import host_id
 from zoo_agent.resident import protocol as p
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
 from zoo_agent.resident.listener import listen_socket, read_api_key
@@ -55,12 +56,17 @@ class Supervisor:
         self.zoo = Zoo(config.root)
         self.api_key = read_api_key(config.api_key_file) if config.api_key_file else None
         self.fleet_key = read_api_key(config.fleet_key_file, "--fleet-key-file") if config.fleet_key_file else None
+        self.priority_key = read_api_key(config.priority_key_file, "--priority-key-file") if config.priority_key_file else None
+        if self.priority_key is not None and self.priority_key in (self.api_key, self.fleet_key):  # every client, or every peer, privileged
+            raise UsageError(f"--priority-key-file {config.priority_key_file}: the same key as --{'api' if self.priority_key == self.api_key else 'fleet'}-key-file; "
+                             "the privileged key must be a key of its own")  # fmt: skip
         self.selector = selectors.DefaultSelector()
         self.lock = threading.RLock()
         self.slots: dict[str, Slot] = {}
         self.order: list[str] = []  # the host's tenants, as the index lists them
         self.budget: int | None = None
         self.idx: Index | None = None
+        self.host_id = self.config.host.lower()  # this host's id in the index: resolved by take_index
         self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
         self.flags: set[str] = set()
         self.exit_code: int | None = None
@@ -111,7 +117,7 @@ class Supervisor:
     # -- what to serve ------------------------------------------------------------------
     def load_index(self) -> Index:
         idx: Index = load_index(self.config.index, str(self.config.index))
-        host = idx.hosts.get(self.config.host.lower())
+        host = idx.hosts.get(host_id(idx, self.config.host))
         if host is None or not host.served():
             raise UsageError(f"host '{self.config.host}' serves no tenant in {self.config.index}")
         return idx
@@ -120,7 +126,8 @@ class Supervisor:
         """The slot table follows the index: new tenants paged out, gone ones drained."""
         from zoo_agent.fit import read_config, tenant_footprint
 
-        host = idx.hosts[self.config.host.lower()]
+        self.host_id = host_id(idx, self.config.host)  # resolved once per index, as plan and apply resolve it
+        host = idx.hosts[self.host_id]
         served = list(host.served())
         with self.lock:
             for tid in served:
@@ -133,7 +140,9 @@ class Supervisor:
                 config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
                 slot.estimate = tenant_footprint(idx, tid, config).total
                 slot.measured = self.reports.measured(tid, f"{tenant.model}@{version}") if version else 0
+                self._take_pins(idx, slot)
                 self.slots[tid] = slot
+                self.router.metrics.known(tid, on_demand=slot.fetch == "on-demand")
             for tid in [t for t in self.slots if t not in served]:
                 slot = self.slots.pop(tid)
                 for worker in slot.workers:
@@ -144,6 +153,17 @@ class Supervisor:
             self.budget = parse_memory(host.memory_budget) if host.memory_budget else None
             self.idx = idx
         self.router.take_index(idx)
+
+    def _take_pins(self, idx: Index, slot: Slot) -> None:
+        """What a fetch of an on-demand tenant makes current under ``idx``; a failed fetch of
+        other pins is forgotten (the index changed: the next request fetches anew)."""
+        from zoo_agent.reconcile.ondemand import pins
+
+        slot.pins = pins(idx, self.config.host, slot.tenant) if slot.fetch == "on-demand" else ""
+        if slot.fetch_failed and slot.fetch_failed != slot.pins:
+            slot.fetch_failed = slot.fetched = slot.error = ""
+            if slot.phase == "failed":
+                slot.phase, slot.refusal = "paged_out", None
 
     def worker_config(self, idx: Index, tid: str) -> WorkerConfig:
         tenant = idx.tenants[tid]
@@ -181,7 +201,7 @@ class Supervisor:
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:
         """The routes of this host that may send ``tid`` a session: where those sessions live."""
-        host = idx.hosts[self.config.host.lower()]
+        host = idx.hosts[host_id(idx, self.config.host)]
         found = []
         for rid in host.routes:
             route = idx.routes.get(rid)
@@ -304,13 +324,24 @@ class Supervisor:
                       or (s.serving is not None and s.serving.standby)]  # fmt: skip
         wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
         for slot in wanted:
-            if slot.phase == "failed" and not slot.queued:
-                continue  # a failed load is retried by a request, not in a loop
+            if slot.phase == "failed":
+                # A failed load or fetch is tried again by a new request, never in a loop: the router
+                # clears the refusal only for a request that arrives after the failure. The request
+                # that saw it fail may still be waiting to be told (it counts as queued till then).
+                if slot.refusal is not None or not slot.queued:
+                    continue
+                slot.fetched = ""  # asked again
             if slot.tenant in self.reports.gap_from and any(s is slot for s, _ in self.retiring):
                 continue  # a stop-first reload: the new version loads once the old one has exited
-            if slot.fetch == "on-demand" and not self._on_disk(slot):
-                self._start_fetch(slot)
-                continue
+            if slot.fetch == "on-demand":
+                if not self._on_disk(slot):
+                    if slot.fetched == slot.pins:
+                        # Fetched already for this ask, and still not current: fetching again would only loop.
+                        self._fetch_failed(slot, f"fetching {slot.tenant} failed: {self._not_current(slot)} after its fetch")
+                    else:
+                        self._start_fetch(slot)
+                    continue
+                slot.fetched = ""  # there: a later fetch (the zoo changed) is a new one
             with self.lock:
                 decision = decide(self.budget, self._live(), slot.tenant, slot.footprint, self.config.paging_policy)
             if isinstance(decision, Load):
@@ -334,40 +365,63 @@ class Supervisor:
                     self._load(slot, standby=True)  # the memory comes back when they exit: start the runtime now
                 return
 
-    def _on_disk(self, slot: Slot) -> bool:
-        assert self.idx is not None
-        model = self.idx.tenants[slot.tenant].model
+    def _on_disk(self, slot: Slot, idx: Index | None = None) -> bool:
+        """The model version the (loaded) index pins is the zoo's current one."""
+        return not self._not_current(slot, idx)
+
+    def _not_current(self, slot: Slot, idx: Index | None = None) -> str:
+        """Why the tenant's pinned model version is not current in the zoo ("" when it is)."""
+        idx = idx or self.idx
+        assert idx is not None
+        model = idx.tenants[slot.tenant].model
+        pinned = idx.models[model].version
         version = self.zoo.read_link("models", model, "current")
-        return version == self.idx.models[model].version and self.zoo.version_dir("models", model, version).is_dir()
+        if version == pinned and self.zoo.version_dir("models", model, version).is_dir():
+            return ""
+        return f"model {model}@{pinned} is not current in the zoo (current: {version or 'none'})"
 
     def _start_fetch(self, slot: Slot) -> None:
-        """Fetch on first use: the same verified fetch as `apply`, for this tenant only, beside the loop."""
+        """Fetch on first use: the same verified fetch as `apply`, for this tenant only, beside the loop.
+
+        It fetches what the loaded index pins (the file may say otherwise until a reload), once
+        per ask: ``slot.fetched`` holds those pins until they are on disk or a request asks again."""
         from zoo_agent.reconcile.ondemand import fetch_tenant
 
-        slot.phase, slot.fetch_pct, slot.refusal = "fetching", 0, None
-        log.info("%s: fetching on first use", slot.tenant)
-        self.notify.status(f"fetching {slot.tenant}; " + self.status_line())
+        assert self.idx is not None
+        idx, tid = self.idx, slot.tenant
+        slot.phase, slot.fetch_pct, slot.refusal, slot.fetched, slot.fetch_failed = "fetching", 0, None, slot.pins, ""
+        log.info("%s: fetching on first use", tid)
+        self.notify.status(f"fetching {tid}; " + self.status_line())
 
         def progress(done: int, total: int) -> None:
             slot.fetch_pct = 100 * done // total if total else 100
 
         def run() -> None:
             try:
-                fetch_tenant(self.config.index, self.config.root, self.config.host, slot.tenant, progress)
+                fetch_tenant(self.config.index, self.config.root, self.config.host, tid, progress, idx=idx)
+                if missing := self._not_current(slot, idx):
+                    raise UsageError(f"{missing} after its fetch (another writer swapped it?)")
             except Exception as exc:  # noqa: BLE001 - reported to the waiting requests and the journal
-                slot.error = " ".join(f"fetching {slot.tenant} failed: {exc}".split())[:400]
-                log.error("%s", slot.error)
-                with self.lock:
-                    slot.phase, slot.refusal = "failed", slot.error
-                self.router.poke(slot.tenant)
+                self._fetch_failed(slot, f"fetching {tid} failed: {exc}")
             else:
-                log.info("%s: fetched", slot.tenant)
+                log.info("%s: fetched", tid)
+                self.router.metrics.fetches.labels(tid, "ok").inc()
                 with self.lock:
                     slot.phase = "paged_out"
                 self.flags.add("reindex")  # the footprint: its config.json is on disk now
             self.wake()
 
-        threading.Thread(target=run, name=f"fetch-{slot.tenant}", daemon=True).start()
+        threading.Thread(target=run, name=f"fetch-{tid}", daemon=True).start()
+
+    def _fetch_failed(self, slot: Slot, message: str) -> None:
+        """Failed, and so it stays (shown in /health and Status:, counted) until a new request
+        or an index change asks again; the requests waiting for it are told why."""
+        error = " ".join(message.split())[:400]
+        log.error("%s", error)
+        self.router.metrics.fetches.labels(slot.tenant, "failed").inc()
+        with self.lock:
+            slot.phase, slot.refusal, slot.error, slot.wanted, slot.fetch_failed = "failed", error, error, False, slot.fetched
+        self.router.poke(slot.tenant)
 
     def _load(self, slot: Slot, standby: bool = False) -> None:
         """Spawn the tenant's worker (``standby``: its runtime only, until ``Proceed``); a worker
@@ -643,7 +697,10 @@ class Supervisor:
         self.reload_attempts += 1
         with self.lock:
             for slot in self.slots.values():
-                if slot.phase == "failed":  # the index or the zoo may have changed: a request may try again
+                # The index or the zoo may have changed: a request may try again. A failed fetch stays
+                # failed (a reload must not download gigabytes that fail again): take_index forgets it
+                # only when the tenant's pins changed, and a request asks again anyway.
+                if slot.phase == "failed" and not slot.fetch_failed:
                     slot.phase, slot.refusal = "paged_out", None
         try:
             idx = self.load_index()
@@ -733,6 +790,8 @@ class Supervisor:
             log.info("%s: adapters now %s: swapping in place", slot.tenant, ", ".join(a.label for a in adapters) or "none")
             if not self._send(worker, p.Adapters(adapters=adapters)):
                 log.warning("could not tell worker %d about new adapters", worker.proc.pid)
+            if worker.ready is not None:
+                self.reports.loaded(slot, worker, worker.ready)  # what gc must keep: the versions it serves now
 
     def _tell_reloads(self, slot: Slot) -> None:
         """zoo:reloads_total{result} lives in the worker's /metrics; only we know."""

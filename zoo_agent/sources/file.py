@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK, Source
+from zoo_agent.sources.base import CHUNK, Source
 
 __all__ = ["FileDir", "confined", "file_kind"]
 

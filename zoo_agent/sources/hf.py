@@ -31,7 +31,7 @@ from huggingface_hub.utils import (
 )
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK, TOKEN_HELP, FetchSettings, Source, Transient, with_retries
+from zoo_agent.sources.base import CHUNK, TOKEN_HELP, FetchSettings, Source, Transient, with_retries
 
 __all__ = ["HfRepo"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from zoo_agent.errors import IntegrityError, SourceError
 from zoo_agent.index import model as index
-from zoo_agent.sources import FetchSettings, Source, Transient, retried
+from zoo_agent.sources.base import FetchSettings, Source, Transient, retried
 
 __all__ = ["OllamaDaemon", "daemon_host"]
 

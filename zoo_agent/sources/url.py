@@ -8,7 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from zoo_agent.errors import SourceError
-from zoo_agent.sources import CHUNK, Source, Transient, with_retries
+from zoo_agent.sources.base import CHUNK, Source, Transient, with_retries
 
 __all__ = ["UrlFiles"]
 

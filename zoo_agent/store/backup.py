@@ -361,7 +361,7 @@ def _collect(zoo: Zoo, include_models: bool) -> tuple[list[str], list[BackupLink
             elif path.is_file():
                 files.append(str(path.relative_to(zoo.root)))
     for kind in ("models", "loras"):
-        for artifact in sorted(p for p in (zoo.root / kind).glob("*") if p.is_dir()):
+        for artifact in sorted(p for p in (zoo.root / kind).glob("*") if p.is_dir() and not p.is_symlink()):  # not an alias link (#35)
             for name in ("current", "previous"):
                 if (artifact / name).is_symlink():
                     add_link(artifact / name)

@@ -2,7 +2,7 @@
 
 ext4's ``auto_da_alloc`` does not cover a rename of new data, and a failed fsync cannot
 be retried (the pages are already marked clean), so every writer goes through here and
-abandons its temp file on any error (see FIELD-NOTES "Files and durability").
+abandons its temp file on any error.
 """
 
 from __future__ import annotations

@@ -101,7 +101,12 @@ def append_action(zoo: Zoo, record: dict[str, Any]) -> None:
             os.replace(path, path.with_name(f"{path.name}.1"))
     except FileNotFoundError:
         pass
-    with open(path, "a") as f:
+    # 0640 however it is created: open(path, "a") made it 0644 outside systemd's UMask=0027,
+    # where the promise is that zoo state is never world-readable (issue #31). No link is followed.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "a") as f:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is filtered by the umask; an older log is brought to it too
         f.write(json.dumps(record) + "\n")
 
 

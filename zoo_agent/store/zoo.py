@@ -1,6 +1,6 @@
 """The zoo on disk: stage, verify, publish, swap, remove, lock (issue #3).
 
-Layout (see DESIGN.md)::
+Layout::
 
     $ROOT/.lock
     $ROOT/host/actions.jsonl
@@ -20,20 +20,24 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from zoo_agent import jsonbound
 from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
-from zoo_agent.index.model import FileEntry
+from zoo_agent.index.digest import version_digest
+from zoo_agent.index.model import ID_PATTERN, FileEntry
 from zoo_agent.plan import Kind, Want, human_bytes
 from zoo_agent.sources import Source
 from zoo_agent.store.durable import (
@@ -48,13 +52,16 @@ from zoo_agent.store.durable import (
 )
 
 __all__ = [
-    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "drift", "file_record", "hash_file", "now", "read_manifest", "set_mode",
-    "shared_inodes", "write_manifest",
+    "MANIFEST", "NETWORK_FILESYSTEMS", "Zoo", "declared_facts", "drift", "file_record", "hash_file", "manifest_digest", "now",
+    "read_manifest", "set_mode", "shared_inodes", "write_manifest",
 ]  # fmt: skip
+
+log = logging.getLogger("zoo_agent")
 
 MANIFEST = "manifest.json"
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
 STAGING_MARK = ".tmp."
+CONFIG_LIMIT = 1 << 20  # a model's config.json is a few kB; declared_facts reads no more
 
 
 def now() -> str:
@@ -111,6 +118,11 @@ class Zoo:
         """A tenant's resident state: model-info.json, lease.json, sessions/, kv-cache/."""
         return self.resident_dir / "tenants" / tenant
 
+    @property
+    def aliases_record(self) -> Path:
+        """The alias links apply made (issue #35): the only ones it ever replaces or removes."""
+        return self.host_dir / "aliases.json"
+
     def route_dir(self, route: str) -> Path:
         """A route's sessions (issue #21): conversations that move between its tenants' models."""
         return self.resident_dir / "routes" / route
@@ -125,6 +137,8 @@ class Zoo:
         if kind not in kinds:
             raise UsageError(f"kind {kind!r}: expected 'model' or 'lora'")
         plural = kinds[kind]
+        if plural == "models":
+            aid = self.resolve_alias(aid)
         version = self.read_link(plural, aid, "current")
         if version is None:
             raise StoreError(f"{self.artifact_dir(plural, aid)}: no current version; run: zoo-agent apply")
@@ -141,6 +155,81 @@ class Zoo:
                 raise IntegrityError(f"{path}: sha256 differs from the manifest; run: zoo-agent verify --repair {aid}",
                                      file=f["path"], expected=f["sha256"])  # fmt: skip
         return vdir
+
+    def resolve_alias(self, name: str) -> str:
+        """The model id ``name`` names: itself, or the id an alias link apply made points at (issue #35).
+        Only links recorded in host/aliases.json count, and only to a sibling id: never a path elsewhere."""
+        path = self.root / "models" / name
+        if "/" in name or name in (".", "..") or not path.is_symlink():
+            return name
+        target = _alias_target(path) if name in self.recorded_aliases() else None
+        if target is None:
+            raise StoreError(f"{path}: is a link the zoo did not make; remove it, or name the model by its id")
+        return target
+
+    # -- aliases (issue #35) -------------------------------------------------------
+    def recorded_aliases(self) -> dict[str, str]:
+        """alias -> model id, as host/aliases.json records the links apply made."""
+        try:
+            doc = jsonbound.loads(self.aliases_record.read_bytes(), limit=1 << 20)
+        except (OSError, ValueError):
+            return {}
+        models = doc.get("models") if isinstance(doc, dict) else None
+        if not isinstance(models, dict):
+            return {}
+        return {k: v for k, v in models.items() if isinstance(v, str) and _ALIAS_NAME.match(k) and _ALIAS_NAME.match(v)}
+
+    def alias_links(self, names: Iterable[str]) -> dict[str, str | None]:
+        """What ``models/<name>`` is now, for each name given and each alias recorded: the id a
+        link apply made names, "" when nothing is there, None when something it did not make is."""
+        recorded = self.recorded_aliases()
+        present: dict[str, str | None] = {}
+        for name in sorted(set(names) | set(recorded)):
+            path = self.root / "models" / name
+            if not os.path.lexists(path):
+                present[name] = ""
+            else:
+                present[name] = _alias_target(path) if name in recorded else None
+        return present
+
+    def link_alias(self, name: str, target: str) -> None:
+        """Point ``models/<name>`` at ``models/<target>`` (a relative link, replaced atomically). Refuses,
+        changing nothing, when anything but a link apply made is there: a directory is never replaced."""
+        if not (_ALIAS_NAME.match(name) and _ALIAS_NAME.match(target)):
+            raise UsageError(f"alias {name!r} -> {target!r}: not model ids")
+        models = self.root / "models"
+        path = models / name
+        recorded = self.recorded_aliases()
+        if os.path.lexists(path) and (name not in recorded or _alias_target(path) is None):
+            raise StoreError(f"{path}: exists and the zoo did not make it; nothing there was changed. "
+                             "Move it away (or run zoo-agent gc if it is an old model) or rename the alias")  # fmt: skip
+        # The record first: a kill in between leaves a record of a link not made yet, never a link we forget.
+        self._record_aliases({**recorded, name: target})
+        makedirs_durable(models, DIR_MODE)
+        tmp = temp_name(path)
+        os.symlink(target, tmp)
+        try:
+            if os.path.lexists(path) and _alias_target(path) is None:  # taken since the check above: leave it
+                raise StoreError(f"{path}: appeared while linking the alias; nothing there was changed")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(models)
+
+    def unlink_alias(self, name: str) -> None:
+        """Remove ``models/<name>`` if it is a link apply made; anything else there stays."""
+        recorded = self.recorded_aliases()
+        path = self.root / "models" / name
+        if name in recorded and _alias_target(path) is not None:
+            path.unlink()
+            fsync_dir(path.parent)
+        elif os.path.lexists(path):
+            log.warning("%s: not an alias link the zoo made; left as it is", path)
+        self._record_aliases({k: v for k, v in recorded.items() if k != name})
+
+    def _record_aliases(self, aliases: Mapping[str, str]) -> None:
+        makedirs_durable(self.host_dir, DIR_MODE)
+        write_atomic(self.aliases_record, (json.dumps({"models": dict(sorted(aliases.items()))}, indent=2) + "\n").encode(), FILE_MODE)
 
     # -- safety checks -------------------------------------------------------------
     def check_root(self, *, allow_network_fs: bool = False, create: bool = False) -> None:
@@ -192,6 +281,8 @@ class Zoo:
 
     # -- writing a version -----------------------------------------------------------
     def new_staging(self, kind: Kind, aid: str, version: str) -> Path:
+        if self.artifact_dir(kind, aid).is_symlink():  # an alias link, or planted: never written through (issue #35)
+            raise StoreError(f"{self.artifact_dir(kind, aid)}: is a link, not the artifact's directory; nothing is written through it")
         versions = self.artifact_dir(kind, aid) / "versions"
         makedirs_durable(versions, DIR_MODE)
         staging = versions / f"{version}{STAGING_MARK}{os.getpid()}.{secrets.token_hex(4)}"
@@ -273,12 +364,27 @@ class Zoo:
             "source": want.source.model_dump(mode="json"),
             "files": sorted(files, key=lambda f: f["path"]), "published_at": (sealed := now()), "verified_at": sealed,
         }  # fmt: skip
+        manifest.update(digest=manifest_digest(manifest), metadata=dict(want.metadata))  # issue #35
         write_manifest(staging, manifest)
         for directory in sorted({staging / f["path"] for f in files} | {staging}, key=lambda p: -len(p.parts)):
             if directory.is_dir():
                 fsync_dir(directory)
             elif directory.parent != staging:
                 fsync_dir(directory.parent)
+
+    def record_metadata(self, want: Want) -> bool:
+        """Bring a published version's recorded metadata and digest up to what the index declares
+        (issue #35): a description or provenance corrected without new bytes needs no new version.
+        The files are not touched; True when the manifest was rewritten."""
+        vdir = self.version_dir(want.kind, want.id, want.version)
+        manifest = read_manifest(vdir)
+        if manifest is None:
+            return False
+        wanted = {"digest": manifest_digest(manifest), "metadata": dict(want.metadata)}
+        if all(manifest.get(key) == value for key, value in wanted.items()):
+            return False
+        write_manifest(vdir, {**manifest, **wanted})
+        return True
 
     def publish(self, staging: Path, kind: Kind, aid: str, version: str) -> None:
         final = self.version_dir(kind, aid, version)
@@ -446,6 +552,35 @@ def read_manifest(version_dir: Path) -> dict[str, Any] | None:
     return cast(dict[str, Any], data) if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The whole-version digest of what a manifest pins (index/digest.py): the same for the same bytes on every host."""
+    source = manifest.get("source")
+    ollama = source.get("digest") if isinstance(source, dict) and source.get("type") == "ollama" else None
+    return version_digest(((str(f["path"]), str(f["sha256"])) for f in manifest["files"]), ollama if isinstance(ollama, str) else None)
+
+
+def declared_facts(version_dir: Path) -> dict[str, Any]:
+    """What a version declares about itself, for model-info.json (issue #35): the index's
+    description, tags and provenance as apply recorded them, the whole-version digest, and the
+    quantization its config.json declares (null: none). Empty values when a part is unreadable."""
+    manifest = read_manifest(version_dir) or {"files": []}
+    metadata = manifest.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    try:
+        digest = manifest.get("digest") or manifest_digest(manifest)
+    except (KeyError, TypeError):
+        digest = ""
+    try:
+        with open(version_dir / "config.json", "rb") as f:
+            config = jsonbound.loads(f.read(CONFIG_LIMIT + 1), limit=CONFIG_LIMIT)  # the hub's bytes: bounded
+    except (OSError, ValueError):
+        config = {}
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return {"digest": digest, "description": metadata.get("description", ""),
+            "tags": metadata.get("tags", []), "provenance": metadata.get("provenance", {}),
+            "quantization": quantization if isinstance(quantization, dict) else None}  # fmt: skip
+
+
 def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
     """manifest.json, read-only like the files it describes."""
     write_atomic(version_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=PUBLISHED_MODE)
@@ -476,6 +611,18 @@ def drift(path: str | Path, record: dict[str, Any]) -> str | None:
         return "changed (ctime)"
     return None
 
+
+
+_ALIAS_NAME = re.compile(ID_PATTERN)
+
+
+def _alias_target(path: Path) -> str | None:
+    """The sibling model id a link names ("qwen", never "../x" or "/x"), or None: not such a link."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    return target if _ALIAS_NAME.match(target) and target not in (".", "..") else None
 
 
 def _subdirs(path: Path) -> list[Path]:

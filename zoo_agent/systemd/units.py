@@ -69,7 +69,7 @@ GPU_DEVICES: dict[str, tuple[str, ...]] = {
 GPU_GROUPS: dict[str, tuple[str, ...]] = {"nvidia": (), "rocm": ("render", "video")}
 
 # What ProtectHome= and PrivateTmp= hide from the services: an interpreter, a venv or an
-# index there cannot even be read by them (FIELD-NOTES "systemd").
+# index there cannot even be read by them.
 _HIDDEN = (Path("/root"), Path("/home"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
 
 
@@ -154,6 +154,7 @@ class UnitSettings(BaseModel):
     listen: str = "127.0.0.1:8000"
     api_key_file: Path | None = None
     fleet_key_file: Path | None = None  # the key peers present and are presented (issue #22)
+    priority_key_file: Path | None = None  # a client key that may also ask for classes above default (issue #31)
     watchdog_sec: int = Field(default=30, ge=0)
     memory_max: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
@@ -172,7 +173,7 @@ class UnitSettings(BaseModel):
                 raise ValueError(problem)
         return value
 
-    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "textfile_dir")
+    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "textfile_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -217,7 +218,7 @@ class UnitSettings(BaseModel):
             raise ValueError(problem)
         return value
 
-    @field_validator("hf_token_file", "api_key_file", "fleet_key_file", "verify_interval")
+    @field_validator("hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "verify_interval")
     @classmethod
     def _unquoted(cls, value: Path | str | None) -> Path | str | None:
         # LoadCredential= takes the rest of its line as the path and OnCalendar= the whole
@@ -247,7 +248,8 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
     """Paths the units need that ProtectHome=/PrivateTmp= would hide from them."""
     needed = [("ExecStart", Path(settings.exec_start[0])), ("index", settings.index), ("root", settings.root)]
     needed += [(name, p) for name, p in (("hf token file", settings.hf_token_file), ("api key file", settings.api_key_file),
-                                         ("fleet key file", settings.fleet_key_file)) if p]  # fmt: skip
+                                         ("fleet key file", settings.fleet_key_file), ("priority key file", settings.priority_key_file),
+                                         ("textfile dir", settings.textfile_dir)) if p]  # fmt: skip
     return [f"{name} {path} is under {hidden} (hidden from the service by the unit's sandbox)"
             for name, path in needed for hidden in _HIDDEN if path.is_relative_to(hidden)]
 
@@ -284,7 +286,8 @@ def render(settings: UnitSettings) -> dict[str, str]:
                   "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
             service={"Type": "notify", "NotifyAccess": "main",
                      "ExecStart": _exec(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else "")
-                                  + (" --fleet-key-file %d/fleet-key" if settings.fleet_key_file else ""),
+                                  + (" --fleet-key-file %d/fleet-key" if settings.fleet_key_file else "")
+                                  + (" --priority-key-file %d/priority-key" if settings.priority_key_file else ""),
                      # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
                      "ExecReload": _exec(settings, "resident", "reload", "--pid") + " $MAINPID",
                      "Restart": "on-failure", "RestartSec": "5",
@@ -295,8 +298,9 @@ def render(settings: UnitSettings) -> dict[str, str]:
                      **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
                      **_common(settings, {"ZOO_LISTEN": settings.listen}),
                      **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("fleet-key", settings.fleet_key_file),
+                                                                                       ("priority-key", settings.priority_key_file),
                                                                                        ("hf-token", settings.hf_token_file)) if path is not None]}
-                        if settings.api_key_file or settings.fleet_key_file or settings.hf_token_file else {}),
+                        if settings.api_key_file or settings.fleet_key_file or settings.priority_key_file or settings.hf_token_file else {}),
                      **_devices(settings)},
             install={"WantedBy": "multi-user.target"})
     if settings.verify_interval:

@@ -1,0 +1,44 @@
+"""checks/vm.nix greps the resident's STATUS= line: the pattern must match what the resident
+writes now (reports.py ``status_line``), not the old one-tenant ``chat: tiny@1; N requests``
+form (issue #31)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from tests.conftest import REPO
+from zoo_agent.resident.reports import Reports
+
+VM = REPO / "checks" / "vm.nix"
+
+
+def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0) -> str:
+    """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in supervisor."""
+    stats = SimpleNamespace(served=served, running=running, waiting=0, tps=tps, adapters=[], refused=set(), sessions=0)
+    worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"))
+    slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0)
+    sup = SimpleNamespace(order=["chat"], slots={"chat": slot}, router=SimpleNamespace(federation=SimpleNamespace(summary=lambda: "")))
+    return Reports(cast(Any, sup)).status_line()
+
+
+def _pattern() -> str:
+    (found,) = re.findall(r"StatusText --value model-zoo-resident \| grep -Eq '([^']+)'", VM.read_text())
+    return found
+
+
+@pytest.mark.parametrize("line", [_status_line(), _status_line(running=2, served=5, tps=3.5)])
+def test_the_vm_check_matches_the_status_line_the_resident_writes(line: str) -> None:
+    assert line.startswith("1 tenant: chat tiny@1 (")
+    assert re.search(_pattern(), line), (_pattern(), line)
+
+
+@pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="nix-instantiate is not installed")
+def test_the_vm_check_parses() -> None:
+    proc = subprocess.run(["nix-instantiate", "--parse", str(VM)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
