@@ -69,7 +69,7 @@ class Zoo:
 
     def estimate(self, index: Path, tenant: str) -> int:
         """What the budget counts for the tenant before it loads (the fit module's estimate)."""
-        from zoo_agent.fit import read_config, tenant_footprint
+        from zoo_agent.index.fit import read_config, tenant_footprint
         from zoo_agent.index.load import load_index
 
         return tenant_footprint(load_index(index, str(index)), tenant, read_config(self.src)).total

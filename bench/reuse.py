@@ -37,7 +37,7 @@ from common import AGENT, MB, run, table, timed  # noqa: E402
 import tests.hubserver  # noqa: E402
 from tests.httpfiles import FileServer  # noqa: E402
 from tests.hubserver import HubServer, Repo  # noqa: E402
-from zoo_agent.plan import human_bytes  # noqa: E402
+from zoo_agent.formats import human_bytes  # noqa: E402
 
 SNAPSHOT = "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], endpoint=sys.argv[4])"
 N_FILES = 20

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from zoo_agent.errors import UsageError
+from zoo_agent.formats import human_bytes
 from zoo_agent.index.digest import version_digest
 from zoo_agent.index.model import FileEntry, HostEntry, Index, Source
 
 __all__ = [
     "Action", "Desired", "Have", "Observed", "Origin", "Plan", "Reuse", "Seen", "Step", "Want",
-    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "human_bytes", "plan", "plan_aliases", "plan_gc", "plan_versions",
+    "desired_for_host", "desired_for_tenant", "holdings", "host_id", "plan", "plan_aliases", "plan_gc", "plan_versions",
     "route_embedding_models",
 ]  # fmt: skip
 
@@ -204,14 +205,6 @@ class Plan:
 
 def _files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def host_id(idx: Index, host: str) -> str:

@@ -92,7 +92,7 @@ def write_tenants_index(data: Path, coder: str, budget: str | None) -> None:
 def two_tenants_budget(data: Path) -> str:
     """Bytes for two of the three tenants, not three (the estimate the resident pages by; the three are one size).
     Writes the tenants' index without a budget to read it."""
-    from zoo_agent.fit import read_config, tenant_footprint
+    from zoo_agent.index.fit import read_config, tenant_footprint
     from zoo_agent.index.load import load_index
 
     write_tenants_index(data, "1", None)

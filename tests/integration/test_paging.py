@@ -36,7 +36,7 @@ def _index(world: World, tenants: dict[str, dict[str, Any]], budget: str | None 
 
 def _footprint(world: World) -> int:
     """What the budget counts for one tenant of the tiny model (the fit module's estimate)."""
-    from zoo_agent.fit import read_config, tenant_footprint
+    from zoo_agent.index.fit import read_config, tenant_footprint
     from zoo_agent.index.load import load_index
 
     idx = load_index(world.index, str(world.index))

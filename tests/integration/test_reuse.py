@@ -22,7 +22,7 @@ import pytest
 
 from tests.hubserver import HubServer, Repo, serve
 from tests.integration.conftest import World
-from zoo_agent.plan import human_bytes
+from zoo_agent.formats import human_bytes
 
 SHARDS = {f"model-{i:05d}-of-00004.safetensors": random.Random(i).randbytes(300_000 + i) for i in range(4)}
 V1 = {**SHARDS, "tokenizer.json": b'{"vocab": [1, 2, 3]}' * 50, "config.json": b'{"layers": 2}'}

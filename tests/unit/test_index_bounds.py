@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from tests.conftest import SHA_A, write_index
 from zoo_agent.cli.main import cli
-from zoo_agent.fit import human_bytes, kv_bytes, read_config
+from zoo_agent.index.fit import human_bytes, kv_bytes, read_config
 
 NINES = "9" * 5000
 

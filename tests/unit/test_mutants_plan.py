@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from zoo_agent.plan import Action, Origin, Reuse, Step, human_bytes
+from zoo_agent.formats import human_bytes
+from zoo_agent.plan import Action, Origin, Reuse, Step
 
 
 def _reuse(*origins: tuple[str, str], size: int = 1500) -> tuple[Reuse, ...]:

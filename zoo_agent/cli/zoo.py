@@ -25,6 +25,7 @@ from zoo_agent.cli.options import (
     zoo_options,
 )
 from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.formats import human_bytes
 from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, write_entry
 from zoo_agent.plan import (
     Action,
@@ -32,7 +33,6 @@ from zoo_agent.plan import (
     Plan,
     desired_for_host,
     desired_for_tenant,
-    human_bytes,
     Observed,
     plan,
     plan_aliases,

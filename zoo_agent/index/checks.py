@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from zoo_agent.errors import Problem
-from zoo_agent.fit import check_host
+from zoo_agent.index.fit import check_host
 from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
@@ -283,7 +283,7 @@ def _hosts_serve(idx: Index) -> Iterator[Problem]:
 
 def _weights_fit(idx: Index) -> Iterator[Problem]:
     """From declared sizes alone, a lower bound: the KV cache needs config.json, which
-    ``plan``/``apply`` read (zoo_agent.fit). A failure here is a failure there too."""
+    ``plan``/``apply`` read (zoo_agent.index.fit). A failure here is a failure there too."""
     for hid, host in idx.hosts.items():
         if host.memory_budget is not None:
             yield from check_host(idx, hid, {}, weights_only=True)

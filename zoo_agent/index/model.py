@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
+from zoo_agent.formats import MEMORY_PATTERN
+
 __all__ = [
     "ArtifactEntry",
     "FileEntry",
@@ -50,9 +52,6 @@ TAG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 COMMIT_PATTERN = r"^[0-9a-f]{7,64}$"
 #: An ISO 8601 date, or date and time with an optional offset ('2026-01-31', '2026-01-31T12:00:00Z').
 TIMESTAMP_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
-# At most 16 digits (issue #31): thousands of them overflowed float arithmetic and Python's
-# int-from-string limit; 16 digits of T is still beyond any machine.
-MEMORY_PATTERN = r"^[1-9][0-9]{0,15}[KMGT]?$"
 #: The largest integer every JSON reader holds exactly (JavaScript's, jq's); Nix's too. A
 #: field that counts bytes, a seed: nothing real comes near it (issue #31).
 MAX_EXACT_INT = 2**53 - 1

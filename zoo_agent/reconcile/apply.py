@@ -24,7 +24,8 @@ from zoo_agent.sources import FetchSettings, Source, open_source
 from zoo_agent.store.durable import PUBLISHED_MODE
 from zoo_agent.store.host import append_action
 from zoo_agent.store.reuse import reuse_file
-from zoo_agent.store.zoo import Zoo, file_record, hash_file, manifest_digest, now, read_manifest, set_mode, write_manifest
+from zoo_agent.formats import now
+from zoo_agent.store.zoo import Zoo, file_record, hash_file, manifest_digest, read_manifest, set_mode, write_manifest
 
 __all__ = ["Moved", "Outcome", "Result", "apply", "refuse_conflicts"]
 

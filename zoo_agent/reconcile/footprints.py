@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zoo_agent.errors import IntegrityError, InvalidIndex, SourceError
-from zoo_agent.fit import Footprint, check_host, parse_memory, pinned_tenants, read_config, tenant_footprint
+from zoo_agent.formats import parse_memory
+from zoo_agent.index.fit import Footprint, check_host, pinned_tenants, read_config, tenant_footprint
 from zoo_agent.index.model import FileEntry, Index, ModelEntry
 from zoo_agent.plan import Observed, holdings
 from zoo_agent.sources import FetchSettings, open_source

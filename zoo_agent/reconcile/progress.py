@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from zoo_agent.plan import human_bytes
+from zoo_agent.formats import human_bytes
 from zoo_agent.systemd.notify import Notifier
 
 __all__ = ["Progress", "make_progress"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from zoo_agent.errors import UsageError
 from zoo_agent.index.model import ID_PATTERN
-from zoo_agent.plan import human_bytes
+from zoo_agent.formats import human_bytes
 from zoo_agent.registry.hubcheck import Finding
 from zoo_agent.registry.pins import EntryChange, totals
 

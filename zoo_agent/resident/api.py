@@ -44,7 +44,7 @@ from zoo_agent.resident.summaries import (
     summary_message,
 )
 from zoo_agent.resident.transcript import MAX_SEED, SessionFile, SessionSummary, Text
-from zoo_agent.store.zoo import now
+from zoo_agent.formats import now
 
 __all__ = ["ServingState", "create_app"]
 

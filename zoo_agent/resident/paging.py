@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from zoo_agent.plan import human_bytes
+from zoo_agent.formats import human_bytes
 
 __all__ = ["Evict", "Live", "Load", "Refuse", "Wait", "decide"]
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from zoo_agent.jsonbound import loads
 from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
-from zoo_agent.store.zoo import declared_facts, now
+from zoo_agent.formats import now
+from zoo_agent.store.zoo import declared_facts
 
 if TYPE_CHECKING:
     from zoo_agent.resident.protocol import Ready

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from zoo_agent.errors import UsageError, ZooError
-from zoo_agent.fit import parse_memory
+from zoo_agent.formats import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
@@ -124,7 +124,7 @@ class Supervisor:
 
     def take_index(self, idx: Index) -> None:
         """The slot table follows the index: new tenants paged out, gone ones drained."""
-        from zoo_agent.fit import read_config, tenant_footprint
+        from zoo_agent.index.fit import read_config, tenant_footprint
 
         self.host_id = host_id(idx, self.config.host)  # resolved once per index, as plan and apply resolve it
         host = idx.hosts[self.host_id]

@@ -156,7 +156,7 @@ def _measured(config: WorkerConfig, backend: Any) -> tuple[int, int]:
     model = getattr(backend, "model", None)
     if model is None or not hasattr(model, "parameters"):
         return 0, 0  # the ollama daemon holds its own models
-    from zoo_agent.fit import kv_bytes
+    from zoo_agent.index.fit import kv_bytes
 
     tensors = [*model.parameters(), *model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)

@@ -43,7 +43,8 @@ from zoo_agent.index.schema import pointer
 from zoo_agent.sources.file import file_kind
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, makedirs_durable, temp_name, write_atomic
 from zoo_agent.store.host import store_errors
-from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, hash_file, now
+from zoo_agent.formats import now
+from zoo_agent.store.zoo import MANIFEST, STAGING_MARK, Zoo, hash_file
 
 __all__ = ["BACKUP_MANIFEST", "BackupManifest", "Summary", "backup", "check_backup", "manifest_problems", "parse_manifest", "restore"]
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from zoo_agent.errors import StoreError, UsageError
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, makedirs_durable, write_atomic
-from zoo_agent.store.zoo import Zoo, now
+from zoo_agent.formats import now
+from zoo_agent.store.zoo import Zoo
 
 __all__ = ["ROTATE_BYTES", "append_action", "import_state", "init_identity", "parse_since", "read_actions", "store_errors"]
 

@@ -36,9 +36,10 @@ from typing import Any, cast
 
 from zoo_agent import jsonbound
 from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
+from zoo_agent.formats import human_bytes, now
 from zoo_agent.index.digest import version_digest
 from zoo_agent.index.model import ID_PATTERN, FileEntry
-from zoo_agent.plan import Kind, Want, human_bytes
+from zoo_agent.plan import Kind, Want
 from zoo_agent.sources import Source
 from zoo_agent.store.durable import (
     DIR_MODE,
@@ -62,10 +63,6 @@ MANIFEST = "manifest.json"
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs", "afs"})
 STAGING_MARK = ".tmp."
 CONFIG_LIMIT = 1 << 20  # a model's config.json is a few kB; declared_facts reads no more
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def hash_file(path: Path | int) -> tuple[str, int]:

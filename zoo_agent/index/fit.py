@@ -10,18 +10,17 @@ and only to parse a version's ``config.json``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zoo_agent.errors import Problem
-from zoo_agent.index.model import MEMORY_PATTERN, ArtifactEntry, Index, ModelEntry, Resources
+from zoo_agent.formats import human_bytes, parse_memory
+from zoo_agent.index.model import ArtifactEntry, Index, ModelEntry, Resources
 from zoo_agent.jsonbound import loads
-from zoo_agent.plan import human_bytes
 
 __all__ = [
-    "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "estimate", "kv_bytes", "parse_memory",
+    "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "estimate", "kv_bytes",
     "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
 ]  # fmt: skip
 
@@ -29,7 +28,6 @@ __all__ = [
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".onnx", ".pkl", ".pickle", ".h5", ".msgpack")
 #: Context assumed when config.json names none (an old GPT-2-style config without n_positions).
 DEFAULT_CONTEXT = 2048
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 #: A config.json number is counted up to this: beyond any real model's layers, heads or
 #: context, and small enough that their product stays a number ``human_bytes`` can print
@@ -37,12 +35,6 @@ _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 _MAX_CONFIG_VALUE = 2**40
 _MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
 
-
-def parse_memory(spec: str) -> int:
-    """Bytes of a systemd size ("8G", "512M", "123"): K/M/G/T are powers of 1024, as systemd reads them."""
-    if not isinstance(spec, str) or not re.fullmatch(MEMORY_PATTERN, spec):
-        raise ValueError(f"{spec!r} is not a size in systemd's notation (digits, then optionally K, M, G or T)")
-    return int(spec.rstrip("KMGT")) * _UNITS[spec[-1] if spec[-1] in "KMGT" else ""]
 
 
 @dataclass(frozen=True)
