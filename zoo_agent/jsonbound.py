@@ -13,6 +13,7 @@ and lone surrogates, with the same depth.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "JSONRefused", "loads"]
@@ -30,18 +31,26 @@ def loads(data: bytes | bytearray | str, *, limit: int | None = None, max_depth:
     """The JSON document in ``data``; ``JSONRefused`` naming the problem otherwise.
 
     ``limit`` bounds the size in bytes before any parsing. ``NaN`` and ``Infinity`` are
-    refused: they are not JSON (RFC 8259), and a client that reads our answers would choke.
+    refused: they are not JSON (RFC 8259), and a client that reads our answers would choke;
+    so is a number too large for a double (``1e999``), which would be written out as ``Infinity``.
     """
     if limit is not None and len(data) > limit:
         raise JSONRefused(f"larger than {limit} bytes")
     try:
-        document = json.loads(data, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise JSONRefused(f"nests deeper than {max_depth} levels") from None
+        # Bytes are UTF-8 (RFC 8259 §8.1): json.loads would also guess UTF-16 and UTF-32.
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JSONRefused(f"not UTF-8 (byte at offset {exc.start})") from None
+    try:
+        document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+    except RecursionError:
+        raise JSONRefused(f"nests deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise JSONRefused(f"not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except JSONRefused:
+        raise
+    except ValueError:  # an integer past Python's digit limit (sys.get_int_max_str_digits)
+        raise JSONRefused("not JSON we read (a number with too many digits)") from None
     if _deeper_than(document, max_depth):
         raise JSONRefused(f"nests deeper than {max_depth} levels")
     return document
@@ -49,6 +58,13 @@ def loads(data: bytes | bytearray | str, *, limit: int | None = None, max_depth:
 
 def _refuse_constant(name: str) -> Any:
     raise JSONRefused(f"not JSON ({name} is not a JSON number)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise JSONRefused(f"a number too large for a double ({text[:40]})")
+    return value
 
 
 def _deeper_than(document: Any, max_depth: int) -> bool:

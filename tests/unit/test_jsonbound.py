@@ -17,6 +17,10 @@ from zoo_agent.jsonbound import MAX_DEPTH, JSONRefused, loads
         ("{", "not JSON"),
         ('{"x": NaN}', "NaN is not a JSON number"),
         ("[Infinity]", "Infinity is not a JSON number"),
+        ("[1e999]", "too large for a double"),
+        ("[" + "9" * 5000 + "]", "a number with too many digits"),
+        ('{"a": 1}'.encode("utf-16"), "not UTF-8"),
+        ('{"a": 1}'.encode("utf-32-le"), "not JSON"),  # NULs are valid UTF-8; no guessing of another encoding
     ],
 )
 def test_refused_with_one_line(data: str | bytes, says: str) -> None:

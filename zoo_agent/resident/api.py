@@ -258,8 +258,6 @@ class _BoundedRequest(Request):
                 self._json = loads(await self.body())
             except JSONRefused as exc:
                 raise StarletteHTTPException(400, detail=str(exc)) from None
-            except ValueError:  # Python's limit on an integer's digits, which jsonbound lets through
-                raise StarletteHTTPException(400, detail="not JSON we read (a number with too many digits)") from None
         return self._json
 
 
