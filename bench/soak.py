@@ -68,7 +68,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {  # series -> (ratio, absolute sla
     "router_rss": (1.10, 24 * MB),  # the supervisor (router): allocator noise, no trend
     "router_fds": (1.0, 8),  # sockets of requests in flight come and go
     "router_threads": (1.0, 4),
-    "worker_rss": (1.15, 48 * MB),  # the mean worker: one that just loaded differs from one that served for minutes
+    "worker_rss": (1.15, 48 * MB),  # the largest worker (a serving one: a worker still loading is smaller)
     "worker_fds": (1.0, 8),
     "worker_threads": (1.0, 4),
     "tree_rss": (1.25, 96 * MB),  # everything: how many workers are loaded when the sample is taken varies (paging, reloads)
@@ -329,12 +329,12 @@ def sample(soak: Soak, root_pid: int, url: str, http: Any, t: float) -> dict[str
     metrics = http.get(url + "/metrics").text
     window = soak.take_window()
 
-    def mean(key: str) -> float:
-        return statistics.fmean(p[key] for p in workers) if workers else 0.0
+    def largest(key: str) -> int:  # a serving worker's: one still loading has fewer threads, fds and bytes
+        return max((p[key] for p in workers), default=0)
 
     return {"t_s": round(t, 1), "health": health.status_code, "processes": len(procs), "workers": len(workers),
             "router_rss": router["rss"], "router_fds": router["fds"], "router_threads": router["threads"],
-            "worker_rss": mean("rss"), "worker_fds": mean("fds"), "worker_threads": mean("threads"),
+            "worker_rss": largest("rss"), "worker_fds": largest("fds"), "worker_threads": largest("threads"),
             "tree_rss": sum(p["rss"] for p in procs), "tree_fds": sum(p["fds"] for p in procs), "tree_threads": sum(p["threads"] for p in procs),
             "waiting": metric_sum(metrics, "zoo:router_requests_waiting"), "inflight": metric_sum(metrics, "zoo:router_requests_inflight"),
             "restarts": metric_sum(metrics, "zoo:worker_restarts_total"), "ok": window["ok"], "cancelled": window["cancelled"],
@@ -437,9 +437,9 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
             "growth": grown, "samples": samples, "failed": bool(why), "why": why}  # fmt: skip
 
 
-UNITS = {"router_rss": "router RSS", "worker_rss": "RSS per worker (mean)", "tree_rss": "RSS of the process tree",
-         "router_fds": "router open fds", "worker_fds": "open fds per worker (mean)", "router_threads": "router threads",
-         "worker_threads": "threads per worker (mean)", "processes": "processes (router + workers)"}  # fmt: skip
+UNITS = {"router_rss": "router RSS", "worker_rss": "RSS of the largest worker", "tree_rss": "RSS of the process tree",
+         "router_fds": "router open fds", "worker_fds": "open fds of the busiest worker", "router_threads": "router threads",
+         "worker_threads": "threads of the busiest worker", "processes": "processes (router + workers)"}  # fmt: skip
 
 
 def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -486,12 +486,12 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     (mem, fds), (queue, reqs) = axes
     mem.plot(t, [x["tree_rss"] / MB for x in s], marker=".", label="process tree")
     mem.plot(t, [x["router_rss"] / MB for x in s], marker=".", label="router")
-    mem.plot(t, [x["worker_rss"] / MB for x in s], marker=".", label="per worker (mean)")
+    mem.plot(t, [x["worker_rss"] / MB for x in s], marker=".", label="largest worker")
     mem.set(ylabel="RSS (MB)", title="memory")
     fds.plot(t, [x["router_fds"] for x in s], marker=".", label="router fds")
     fds.plot(t, [x["router_threads"] for x in s], marker=".", label="router threads")
-    fds.plot(t, [x["worker_fds"] for x in s], marker=".", label="fds per worker")
-    fds.plot(t, [x["worker_threads"] for x in s], marker=".", label="threads per worker")
+    fds.plot(t, [x["worker_fds"] for x in s], marker=".", label="fds, busiest worker")
+    fds.plot(t, [x["worker_threads"] for x in s], marker=".", label="threads, busiest worker")
     fds.set(ylabel="count", title="file descriptors and threads")
     queue.plot(t, [x["waiting"] for x in s], marker=".", label="waiting (router)")
     queue.plot(t, [x["inflight"] for x in s], marker=".", label="in flight")
