@@ -75,7 +75,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {  # series -> (ratio, absolute sla
     "processes": (1.0, 2),
 }
 GENEROUS = 4.0
-WORDS = "zoo model host tenant adapter digest version answer question pinned serves keeps changes".split()
+WORDS = ["zoo", "model", "host", "tenant", "adapter", "digest", "version", "answer", "question", "pinned", "serves", "keeps", "changes"]
 SESSION_TURNS = 4  # a session is deleted after this many turns: the disk stays bounded
 MAX_REQUESTS = 1_000_000  # per client: a bound besides the deadline
 
@@ -83,7 +83,7 @@ MAX_REQUESTS = 1_000_000  # per client: a bound besides the deadline
 def tiny_model(directory: Path) -> Path:
     """The tests' tiny model (random weights): the one place that knows where its builder lives."""
     try:
-        from zoo_agent.demo.tiny import build_tiny_model  # type: ignore[import-not-found,unused-ignore]
+        from zoo_agent.demo.tiny import build_tiny_model  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         from zoo_agent.resident.tiny import build_tiny_model  # type: ignore[import-not-found,no-redef,unused-ignore]
     return Path(build_tiny_model(directory))
@@ -307,12 +307,12 @@ def metric_sum(text: str, name: str) -> float:
 
 def metric_max(text: str, name: str) -> float:
     """The largest sample of *name* (over its label sets) in a Prometheus text page; 0 without one."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " "))]
     return max(values, default=0.0)
 
 
 def sample(soak: Soak, root_pid: int, url: str, http: Any, t: float) -> dict[str, Any]:
-    import psutil
+    import psutil  # type: ignore[import-untyped,unused-ignore]
 
     procs: list[dict[str, Any]] = []
     root = psutil.Process(root_pid)
@@ -389,7 +389,7 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"zoo-agent apply: {out.stderr.strip()}")
         soak.size_budget()
         resident = Resident(work, soak.index)
-        print(f"==> soak: {args.minutes} min, {args.clients} clients, budget {soak.budget / MB:.1f} MB (room for {args.budget} tenants), "
+        print(f"==> soak: {args.minutes} min, {args.clients} clients, budget {(soak.budget or 0) / MB:.1f} MB (room for {args.budget} tenants), "
               f"a reload every {args.reload_minutes} min; READY after {resident.wait_ready():.1f} s", file=sys.stderr, flush=True)  # fmt: skip
         started = time.monotonic()
         deadline = started + args.minutes * 60
@@ -473,12 +473,12 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Per-sample RSS, fds and threads, queue and requests: one PNG (None without matplotlib)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         print("bench/soak.py: matplotlib is not installed, so no plot (pip install matplotlib; the table is unaffected)", file=sys.stderr)
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
 
     s = result["samples"]
     t = [x["t_s"] / 60 for x in s]

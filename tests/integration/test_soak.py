@@ -57,6 +57,8 @@ def test_metric_sum_reads_every_label_set() -> None:
            'zoo:router_requests_waiting_other 7\n# HELP zoo:router_requests_waiting x\nzoo:router_requests_inflight{tenant="a"} 3.0\n'  # fmt: skip
     assert soak.metric_sum(page, "zoo:router_requests_waiting") == 3.0
     assert soak.metric_sum(page, "zoo:router_requests_inflight") == 3.0
+    assert soak.metric_max(page, "zoo:router_requests_waiting") == 2.0
+    assert soak.metric_max(page, "zoo:model_footprint_bytes") == 0.0
 
 
 @pytest.mark.slow
