@@ -22,6 +22,8 @@ It fails (exit 1) on any failed request (an HTTP error, an SSE error event, a dr
 connection we did not close on purpose, a failed reload), on a worker that crashed, on a
 resident that died, or on growth: after the ``--warmup``, the median of the last third of
 the samples above the first third's times a ratio plus an absolute slack (TOLERANCES).
+Unhandled exceptions in the resident's log (its stderr, as journald keeps it) are counted
+and shown, not failed on: they are the resident's to fix, and no request failed with them.
 ``--generous`` multiplies each tolerance by 4: a 2-minute run on a busy 2-core machine is
 about zero failed requests and no crash, not about a trend.
 
@@ -360,6 +362,18 @@ def growth(samples: list[dict[str, Any]], warmup: float, scale: float = 1.0) -> 
     return out
 
 
+def log_exceptions(log: str) -> list[str]:
+    """Each unhandled exception the resident logged: its last line (the exception) and the line before
+    its traceback (what it was doing). Reported, not failed on: no request failed with it."""
+    lines = log.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            end = next((j for j in range(i + 1, min(i + 200, len(lines))) if lines[j] and not lines[j].startswith(" ")), i)
+            found.append(f"{lines[i - 1][:200] if i else ''} -> {lines[end][:200]}")
+    return found
+
+
 def verdict(samples: list[dict[str, Any]], grown: dict[str, dict[str, Any]], failed: int, crashed: float) -> list[str]:
     """Why the run fails (empty: it passed)."""
     why = [f"{failed} failed request(s)"] if failed else []
@@ -425,6 +439,7 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         stop.set()
         stopped = resident.stop() if resident is not None else None
+        logged = log_exceptions(Path(resident.log.name).read_text(errors="replace")) if resident is not None else []
         if resident is not None and (soak.errors or sys.exc_info()[0] is not None):
             tail = Path(resident.log.name).read_text(errors="replace").splitlines()[-30:]
             print("  the resident's log, last lines:\n    " + "\n    ".join(tail), file=sys.stderr)
@@ -434,7 +449,7 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
     why = verdict(samples, grown, failed, max((s["restarts"] for s in samples), default=0.0))
     return {"minutes": args.minutes, "interval_s": args.interval, "warmup_s": args.warmup, "clients": args.clients, "generous": args.generous,
             "budget_bytes": soak.budget, "stop_s": stopped, "requests": dict(soak.requests), "errors": soak.errors, "reloads": reloads,
-            "growth": grown, "samples": samples, "failed": bool(why), "why": why}  # fmt: skip
+            "growth": grown, "log_exceptions": logged, "samples": samples, "failed": bool(why), "why": why}  # fmt: skip
 
 
 UNITS = {"router_rss": "router RSS", "worker_rss": "RSS of the largest worker", "tree_rss": "RSS of the process tree",
@@ -452,6 +467,9 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": f"{what}: requests served / failed ({len(result['reloads'])} reloads)", "ours_text": f"{ok} / {failed}",
          "peer": "-", "peer_text": f"{cancelled} cancelled", "ratio": None, "goal": "0 failed"},
     ]  # fmt: skip
+    logged = result.get("log_exceptions", [])
+    out.append({"name": f"{what}: unhandled exceptions in the resident's log", "ours_text": str(len(logged)), "peer": "-", "ratio": None,
+                "goal": "0 (reported, not failed on)", **({"notes": "goal missed: " + "; ".join(logged[:3])} if logged else {})})
     for key, g in result["growth"].items():
         if not g["judged"]:
             continue
