@@ -356,9 +356,11 @@ def growth(samples: list[dict[str, Any]], warmup: float, scale: float = 1.0) -> 
             continue
         third = len(series) // 3
         first, last = statistics.median(series[:third]), statistics.median(series[-third:])
+        times = [s["t_s"] / 3600 for s in kept if not key.startswith("worker_") or s["workers"]]
+        slope = statistics.linear_regression(times, series).slope if len(set(times)) > 1 else 0.0  # per hour: shown, not judged
         limit = first * (1 + (ratio - 1) * scale) + slack * scale
         out[key] = {"judged": True, "samples": len(series), "first": first, "last": last, "limit": limit, "ok": last <= limit,
-                    "ratio": ratio, "slack": slack, "scale": scale}  # fmt: skip
+                    "ratio": ratio, "slack": slack, "scale": scale, "per_hour": slope}  # fmt: skip
     return out
 
 
@@ -482,8 +484,8 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             row.update(ours_mb=g["last"] / MB, peer_mb=g["first"] / MB)
         else:
             row.update(ours_text=f"{g['last']:.1f}", peer_text=f"{g['first']:.1f}")
-        if not g["ok"]:
-            row["notes"] = f"goal missed: grew past {g['limit'] / MB if size else g['limit']:.1f}"
+        trend = f"least-squares trend {g.get('per_hour', 0.0) / (MB if size else 1):+.1f}{' MB' if size else ''} an hour"
+        row["notes"] = f"goal missed: grew past {g['limit'] / MB if size else g['limit']:.1f}; {trend}" if not g["ok"] else trend
         out.append(row)
     return out
 

@@ -34,6 +34,7 @@ def test_flat_series_pass_and_a_leak_fails() -> None:
     assert all(g["judged"] and g["ok"] for g in flat.values())
     leak = soak.growth(series([0, 50 * MB, 60 * MB, 70 * MB, 80 * MB, 90 * MB, 100 * MB]), warmup=60)
     assert not leak["router_rss"]["ok"]
+    assert leak["router_rss"]["per_hour"] == pytest.approx(600 * MB)  # 10 MB a minute
     assert soak.verdict([], leak, failed=0, crashed=0) == [f"router_rss grew: {55 * MB} -> {95 * MB} (limit {leak['router_rss']['limit']:.0f})"]
 
 
