@@ -1,7 +1,7 @@
 """Soak benchmark (issue #36): hours of changing load on a multi-tenant resident, checked for growth.
 
     .venv/bin/python bench/soak.py --minutes 60 [--json bench/soak.json] [--plot docs/plots/soak.png]
-    .venv/bin/python bench/soak.py --minutes 2 --interval 10 --warmup 20 --generous   # the CI version
+    .venv/bin/python bench/soak.py --minutes 2 --interval 10 --warmup 30 --clients 2 --reload-minutes 0.75 --generous  # CI
     .venv/bin/python bench/soak.py --plot-only                                      # the plot of bench/soak.json
 
 One resident on the tests' tiny model: three tenants (a, b, c) with a memory budget for two,
