@@ -45,7 +45,7 @@ GEN = {"generation": {"temperature": 0, "max_tokens": 4}, "resources": {"max_bat
 
 def build(work: Path, net: Network) -> Path:
     """The tiny model, the index (a serves o, b serves t for peers) and each host's `apply`."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     src = build_tiny_model(work / "src" / "m")
     files = [{"path": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size} for p in sorted(src.iterdir())]

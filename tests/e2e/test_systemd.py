@@ -58,7 +58,7 @@ def write_index(data: Path, version: str) -> None:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Versions 1 and 2 of a tiny model, a version 3 whose weights cannot load (hashes pinned all the same), and two
     versions of another tiny model (coder)."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     data = tmp_path_factory.mktemp("e2e")
     build_tiny_model(data / "v1", seed=0)

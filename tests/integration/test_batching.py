@@ -29,18 +29,18 @@ PROMPTS = ["Hello", "What is a model zoo?", "The zoo keeps every model pinned by
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("batching") / "model")
 
 
 def plain_backend(model_dir: Path, sessions: Path | None = None) -> Any:
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
     if sessions is not None:
-        from zoo_agent.resident.sessions import Sessions
+        from zoo_agent.resident.sessions.store import Sessions
 
         b.sessions = Sessions(sessions, model_key="m@1", dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())
     return b
@@ -56,7 +56,7 @@ Client = Any
 async def _serve(b: Any, max_batch: int, body: Callable[[Client, Any], Awaitable[Any]]) -> Any:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_batch=max_batch)
     try:
@@ -164,7 +164,7 @@ def test_a_client_that_leaves_mid_batch_stops_only_its_own_sequence(model_dir: P
     import httpx
     import uvicorn
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     b = plain_backend(model_dir)
     bodies = [chat(p, 24) for p in PROMPTS[:5]]
@@ -309,8 +309,8 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
 def test_a_hung_model_is_seen_as_stalled_only_while_it_has_work(model_dir: Path) -> None:
     """The worker stops answering pings while `stalled` (so the watchdog starves and the worker is
     replaced); an idle engine, however long idle, is never stalled."""
-    from zoo_agent.resident.backend import Generated, Request
-    from zoo_agent.resident.engine import Batcher
+    from zoo_agent.resident.worker.backend import Generated, Request
+    from zoo_agent.resident.engine.batcher import Batcher
 
     b = plain_backend(model_dir)
     engine = Batcher(b, max_batch=4)

@@ -27,7 +27,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}

@@ -159,7 +159,7 @@ def test_a_damaged_session_on_disk_is_listed_as_damaged_and_the_others_still_lis
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("hostile") / "model")
 
@@ -365,8 +365,8 @@ def _reference_prompt(tokenizer: Any, history: list[Any], new: list[dict[str, st
 def test_the_linear_prompt_equals_the_former_one(model_dir: Path, template: str) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from zoo_agent.resident.prompt import session_prompt
-    from zoo_agent.resident.transcript import SessionFile
+    from zoo_agent.resident.sessions.prompt import session_prompt
+    from zoo_agent.resident.sessions.transcript import SessionFile
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     if template == "rewrites":  # newest first: every turn changes the text before it
@@ -399,8 +399,8 @@ def test_the_worker_serves_a_300_turn_session_and_is_not_killed_for_it(served: A
 
 @pytest.fixture(scope="module")
 def app(model_dir: Path) -> Any:
-    from zoo_agent.resident.api import ServingState, create_app
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
@@ -553,8 +553,8 @@ def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: 
     """Both paths: one generate() at a time (max_batch 1) and the batching engine."""
     import logging
 
-    from zoo_agent.resident.api import ServingState, create_app
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()

@@ -44,7 +44,7 @@ LABELLED = [  # (request text, the adapter a person would pick)
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from zoo_agent.resident.tiny import build_tiny_adapter, build_tiny_embedder, build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_adapter, build_tiny_embedder, build_tiny_model
 
     out = tmp_path_factory.mktemp("lora")
     paths = {"base": build_tiny_model(out / "base")}
@@ -65,7 +65,7 @@ def adapter(built: dict[str, Path], aid: str, *, source: str | None = None, vers
 def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_loras: int = 8, threshold: float | None = None,
             **selecting: Any) -> Any:  # fmt: skip
     """A loaded backend; ``threshold`` (and SelectionConfig's ``selecting``: max_adapters, combine) offer '<tenant>:auto'."""
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     selection = SelectionConfig(embedding_dir=built["embedder"], embedding_label="e@1", threshold=threshold, **selecting) if threshold is not None else None
     worker = WorkerConfig(tenant="t", model="m", version="1", version_dir=built["base"], adapters=adapters, max_loras=max_loras,
@@ -76,7 +76,7 @@ def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_
 
 
 def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
-    from zoo_agent.resident.backend import Generated, Request
+    from zoo_agent.resident.worker.backend import Generated, Request
 
     return str(b.complete(Request(PROMPT, None, tokens, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 
@@ -152,7 +152,7 @@ def test_an_adapter_that_contradicts_the_index_is_refused_and_the_rest_serve(
 async def _call(b: Any, requests: list[tuple[str, str, dict[str, Any] | None]]) -> list[tuple[int, Any]]:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://zoo", timeout=60) as client:
@@ -238,7 +238,7 @@ def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any) -
 def test_auto_is_counted_in_metrics_and_streams_say_which_adapter(three: Any) -> None:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     async def run() -> tuple[str, str]:
         state = ServingState("t", "m", "1", three, {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0})

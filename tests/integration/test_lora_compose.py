@@ -22,7 +22,7 @@ pytest.importorskip("peft", reason="the resident extra is not installed (pip ins
 
 from tests.integration import test_lora  # noqa: E402
 from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
-from zoo_agent.resident.backend import AUTO  # noqa: E402
+from zoo_agent.resident.worker.backend import AUTO  # noqa: E402
 
 built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
 
@@ -59,7 +59,7 @@ def served(b: Any, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     """The answers to ``bodies``, asked one after the other, and the /metrics they leave."""
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     async def run() -> tuple[list[dict[str, Any]], str]:
         state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
@@ -107,7 +107,7 @@ async def _queued_together(b: Any, bodies: list[dict[str, Any]]) -> list[dict[st
     so the engine decides, in one admission, which of them share a batch."""
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
     gate = threading.Event()
@@ -139,7 +139,7 @@ def test_a_composition_batched_with_other_adapters_keeps_every_row_its_own(compo
 def test_an_undeclared_adapter_is_never_composed_in(built: dict[str, Path]) -> None:
     """'legal' is on disk (its files beside the others) and named in the request, but not declared."""
     from zoo_agent.errors import AdapterError
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.worker.selection import Composition
 
     b = backend(built, (adapter(built, "code"), adapter(built, "terse")), threshold=0.0, max_adapters=3)
     text = "legal " + THREE + " legal contracts clauses and liability law"
@@ -155,7 +155,7 @@ def test_an_undeclared_adapter_is_never_composed_in(built: dict[str, Path]) -> N
 
 def test_a_refused_adapter_is_never_composed_in(built: dict[str, Path], tmp_path: Path) -> None:
     from zoo_agent.errors import AdapterError
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.worker.selection import Composition
 
     bad = tmp_path / "terse"
     shutil.copytree(built["terse"], bad)
@@ -180,7 +180,7 @@ def test_max_adapters_1_chooses_one_adapter_as_before(built: dict[str, Path]) ->
 
 
 def greedy_text(b: Any, text: str, aid: str | None) -> str:
-    from zoo_agent.resident.backend import Generated, Request
+    from zoo_agent.resident.worker.backend import Generated, Request
 
     return str(b.complete(Request([{"role": "user", "content": text}], None, 12, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 
@@ -200,8 +200,8 @@ def test_the_threshold_leaves_out_adapters_below_it(built: dict[str, Path], thre
 
 
 def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_their_adapters(built: dict[str, Path]) -> None:
-    from zoo_agent.resident.adapters import AdaptersBusy
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.worker.adapters import AdaptersBusy
+    from zoo_agent.resident.worker.selection import Composition
 
     b = backend(built, tuple(adapter(built, a) for a in ALL), max_loras=3)
     a = b.adapters
@@ -235,7 +235,7 @@ def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_
 
 def test_a_composition_continues_a_session_only_from_its_own_cache(built: dict[str, Path], tmp_path: Path) -> None:
     """The session cache is keyed by what answered: a composition's label, never one of its adapters'."""
-    from zoo_agent.resident.sessions import Sessions
+    from zoo_agent.resident.sessions.store import Sessions
 
     b = backend(built, tuple(adapter(built, a) for a in ALL), threshold=THRESHOLD, max_adapters=3)
     b.sessions = Sessions(tmp_path, model_key="m@1", dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())

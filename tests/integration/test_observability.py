@@ -293,7 +293,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(world: World, tmp_path: P
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
     from tests.integration.test_paging import GEN, _ask, _footprint
     from tests.integration.test_resident import Resident
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     directory, textfile_addr, serving = textfile_target
     tiny = build_tiny_model(tmp_path / "tiny")

@@ -74,7 +74,7 @@ def test_model_info_carries_the_declared_metadata_beside_the_runtime_facts(world
     """index -> manifest.json -> the resident's model-info.json -> status --json: one round trip."""
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
     from tests.integration.test_resident import Resident
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     src = build_tiny_model(world.tmp / "tiny")
     files = {p.name: p.read_bytes() for p in sorted(src.iterdir())}

@@ -39,7 +39,7 @@ def _files(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """The second model twice: with a large context, and with one a long session does not fit."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("other")
     wide = build_tiny_model(base / "wide", seed=7, vocab=400, chat_template=OTHER_TEMPLATE)

@@ -169,7 +169,7 @@ SIMILAR_ROUTE = {"rules": [{"tenant": "large", "when": {"similar_to": TASK, "min
 
 @pytest.fixture
 def similar(routed: World, tmp_path: Any) -> World:
-    from zoo_agent.resident.tiny import build_tiny_embedder
+    from zoo_agent.demo.tiny import build_tiny_embedder
 
     out = build_tiny_embedder(tmp_path / "embedder", " ".join([TASK, SIMILAR, OTHER]))
     routed.artifact("e", "1", {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()})

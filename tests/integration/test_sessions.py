@@ -22,14 +22,14 @@ TURNS = ["Hello there", "Tell me about the zoo", "And what about the lions?"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("sessions") / "model")
 
 
 def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
-    from zoo_agent.resident.backend import TransformersBackend
-    from zoo_agent.resident.sessions import Sessions
+    from zoo_agent.resident.worker.backend import TransformersBackend
+    from zoo_agent.resident.sessions.store import Sessions
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
@@ -40,7 +40,7 @@ def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
 async def _talk(b: Any, bodies: list[dict[str, Any]], max_prompt_tokens: int = 4096) -> list[tuple[int, Any]]:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_prompt_tokens=max_prompt_tokens)
     out = []

@@ -11,9 +11,9 @@ import pytest
 from tests.unit.test_routing import _index
 from zoo_agent.errors import SessionDamaged
 from zoo_agent.index.checks import semantic_problems
-from zoo_agent.resident.sessions import cache_files
-from zoo_agent.resident.summaries import condensed, marker_message, summary_message
-from zoo_agent.resident.transcript import SessionSummary, SessionTurn, parse_session
+from zoo_agent.resident.sessions.store import cache_files
+from zoo_agent.resident.sessions.summaries import condensed, marker_message, summary_message
+from zoo_agent.resident.sessions.transcript import SessionSummary, SessionTurn, parse_session
 
 ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large"}
 
@@ -114,7 +114,7 @@ def _summarize_against(tmp_path: Path, answer: bytes, *, trickle: float = 0.0, t
     (``trickle``: a byte at a time, this many seconds apart)."""
     import asyncio
 
-    from zoo_agent.resident.summaries import Summarizer
+    from zoo_agent.resident.sessions.summaries import Summarizer
 
     path = tmp_path / "router.sock"
 
@@ -144,7 +144,7 @@ def _summarize_against(tmp_path: Path, answer: bytes, *, trickle: float = 0.0, t
 def test_an_unusable_summary_is_a_failed_one(tmp_path: Path, name: str, answer: bytes) -> None:
     """The session model would refuse it (a lone surrogate made the user's turn a 503): the turns
     are left out with the marker instead, as when the summarizer does not answer."""
-    from zoo_agent.resident.summaries import SummaryFailed
+    from zoo_agent.resident.sessions.summaries import SummaryFailed
 
     with pytest.raises(SummaryFailed, match="^summarizer sum: "):
         _summarize_against(tmp_path, answer)
@@ -161,8 +161,8 @@ def test_the_turn_gets_the_marker_when_the_summary_is_unusable(tmp_path: Path) -
     import asyncio
     from types import SimpleNamespace
 
-    from zoo_agent.resident.api import _summarize
-    from zoo_agent.resident.summaries import NeedSummary, Summarizer
+    from zoo_agent.resident.worker.app import _summarize
+    from zoo_agent.resident.sessions.summaries import NeedSummary, Summarizer
 
     path = tmp_path / "router.sock"
 
@@ -184,7 +184,7 @@ def test_the_turn_gets_the_marker_when_the_summary_is_unusable(tmp_path: Path) -
 
 def test_a_summary_trickling_in_is_bounded_as_a_whole(tmp_path: Path) -> None:
     """Each byte comes within the read timeout; the exchange as a whole is what is bounded."""
-    from zoo_agent.resident.summaries import SummaryFailed
+    from zoo_agent.resident.sessions.summaries import SummaryFailed
 
     with pytest.raises(SummaryFailed, match="no whole answer within 1s"):
         _summarize_against(tmp_path, _answer(_chat("They met. " * 20)), trickle=0.1, timeout=1)

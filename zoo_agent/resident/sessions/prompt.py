@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zoo_agent.resident.transcript import SessionTurn
+from zoo_agent.resident.sessions.transcript import SessionTurn
 
 __all__ = ["conversation_ids", "session_prompt"]
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from zoo_agent.resident.priority import PriorityQueue
-from zoo_agent.resident.stops import StopFilter, hit, window
+from zoo_agent.resident.engine.stops import StopFilter, hit, window
 
 if TYPE_CHECKING:
-    from zoo_agent.resident.backend import Generated, Request, TransformersBackend
+    from zoo_agent.resident.worker.backend import Generated, Request, TransformersBackend
 
 __all__ = ["PREFILL_CHUNK", "Batcher", "Emit", "Serial", "batchable", "scheduler_for", "warm_up"]
 
@@ -170,7 +170,7 @@ def batchable(model: Any) -> str | None:
 def scheduler_for(backend: Any, max_batch: int) -> Serial | Batcher:
     """The batching engine where it can run; else generate() one at a time, or, for the Ollama
     daemon (which batches itself), up to ``max_batch`` requests passed through at once."""
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     if not isinstance(backend, TransformersBackend):
         return Serial(backend, threads=max_batch)
@@ -184,7 +184,7 @@ def scheduler_for(backend: Any, max_batch: int) -> Serial | Batcher:
 def warm_up(scheduler: Serial | Batcher, timeout: float = 600.0) -> str:
     """A real one-token generation on the path requests take: READY means the model answers
     through it, not that files exist (issue #5)."""
-    from zoo_agent.resident.backend import Generated, Request
+    from zoo_agent.resident.worker.backend import Generated, Request
 
     done, out = threading.Event(), list[Any]()
 
@@ -393,7 +393,7 @@ class Batcher:
                     self.queue.push(seq, seq.request.priority, seq.queued)
 
     def _start(self, seq: _Seq, busy: frozenset[str]) -> Literal["joins", "busy", "alone"]:
-        from zoo_agent.resident.adapters import AdaptersBusy
+        from zoo_agent.resident.worker.adapters import AdaptersBusy
 
         b, request, result = self.backend, seq.request, seq.result
         inputs = b._inputs(request)

@@ -142,7 +142,7 @@ def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m zoo_agent.resident.tiny DIR`: a tiny model in DIR/model and DIR/index.json
+    """`python -m zoo_agent.demo.tiny DIR`: a tiny model in DIR/model and DIR/index.json
     that pins it for host 'local' (tenant 'chat'), ready for apply and resident."""
     import argparse
     import json
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoo_agent.index.fmt import canonical_text
     from zoo_agent.pin import Selection, pin_directory
 
-    parser = argparse.ArgumentParser(prog="python -m zoo_agent.resident.tiny", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m zoo_agent.demo.tiny", description=main.__doc__)
     parser.add_argument("dir", type=Path)
     out = parser.parse_args(argv).dir
     model = build_tiny_model(out / "model")

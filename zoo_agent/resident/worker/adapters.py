@@ -27,7 +27,7 @@ from typing import Any
 
 from zoo_agent.errors import AdapterError
 from zoo_agent.resident.config import AdapterConfig
-from zoo_agent.resident.selection import Composition
+from zoo_agent.resident.worker.selection import Composition
 
 __all__ = ["AdapterError", "Adapters", "AdaptersBusy", "check_adapter"]
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.resident.adapters import AdapterError, Adapters
+from zoo_agent.resident.worker.adapters import AdapterError, Adapters
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.prompt import conversation_ids, session_prompt
-from zoo_agent.resident.selection import Selector, compose
-from zoo_agent.resident.sessions import Sessions, Turn
-from zoo_agent.resident.stops import StopFilter, criteria, cut
-from zoo_agent.resident.transcript import SessionTurn
+from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
+from zoo_agent.resident.worker.selection import Selector, compose
+from zoo_agent.resident.sessions.store import Sessions, Turn
+from zoo_agent.resident.engine.stops import StopFilter, criteria, cut
+from zoo_agent.resident.sessions.transcript import SessionTurn
 
 __all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.resident.transcript import (
+from zoo_agent.resident.sessions.transcript import (
     SESSION_ID,
     SessionDamaged,
     SessionError,

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # the supervisor went away before it told us what to serve
     config = configure.config
     if config.backend != "ollama":
-        import zoo_agent.resident.api  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
-        import zoo_agent.resident.backend  # noqa: F401
+        import zoo_agent.resident.worker.app  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
+        import zoo_agent.resident.worker.backend  # noqa: F401
     if not isinstance(_next(control, lines, pending), p.Proceed):
         return 2  # the supervisor went away (or evicted us) before the memory had room
     last = -1
@@ -103,25 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     backend: Any
     try:
         if config.backend == "ollama":
-            from zoo_agent.resident.ollama_backend import OllamaBackend
+            from zoo_agent.resident.worker.ollama_backend import OllamaBackend
 
             backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
         else:
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
-            from zoo_agent.resident.backend import TransformersBackend
+            from zoo_agent.resident.worker.backend import TransformersBackend
 
             backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
                                           device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
         backend.preread(progress)
         load_seconds = backend.load()
         if config.sessions_dir is not None and config.backend != "ollama":
-            from zoo_agent.resident.sessions import Sessions
+            from zoo_agent.resident.sessions.store import Sessions
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
                                         template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
-        from zoo_agent.resident.engine import scheduler_for, warm_up
+        from zoo_agent.resident.engine.batcher import scheduler_for, warm_up
 
         scheduler = scheduler_for(backend, config.max_batch)
         warm_up(scheduler)
@@ -136,8 +136,8 @@ def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
     """The sessions of the routes this tenant answers for (issue #21), and their summarizers."""
     if backend.sessions is None:
         return
-    from zoo_agent.resident.sessions import Sessions
-    from zoo_agent.resident.summaries import Summarizer
+    from zoo_agent.resident.sessions.store import Sessions
+    from zoo_agent.resident.sessions.summaries import Summarizer
 
     for rs in config.route_sessions:
         sessions = Sessions(rs.dir, model_key=backend.sessions.model_key, dtype=backend.dtype, template=str(backend.tokenizer.chat_template or ""),
@@ -180,7 +180,7 @@ class _Rate:
 async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
     import uvicorn
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
@@ -246,7 +246,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
 
     async def watch_daemon() -> None:
         """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
-        from zoo_agent.resident.ollama_backend import OllamaDown
+        from zoo_agent.resident.worker.ollama_backend import OllamaDown
 
         while not server.should_exit:
             await asyncio.sleep(config.health_interval)

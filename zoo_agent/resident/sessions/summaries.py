@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.transcript import SessionSummary, SessionTurn
+from zoo_agent.resident.sessions.transcript import SessionSummary, SessionTurn
 
 if TYPE_CHECKING:
     import httpx

@@ -29,13 +29,13 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo_agent.jsonbound import JSONRefused, loads
-from zoo_agent.resident.backend import AUTO, AdapterError, Generated, TransformersBackend
-from zoo_agent.resident.backend import Request as GenRequest
-from zoo_agent.resident.engine import scheduler_for
+from zoo_agent.resident.worker.backend import AUTO, AdapterError, Generated, TransformersBackend
+from zoo_agent.resident.worker.backend import Request as GenRequest
+from zoo_agent.resident.engine.batcher import scheduler_for
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
-from zoo_agent.resident.sessions import ROUTE_HEADER, SessionDamaged, SessionError, Sessions, Turn, valid_id
-from zoo_agent.resident.summaries import (
+from zoo_agent.resident.sessions.store import ROUTE_HEADER, SessionDamaged, SessionError, Sessions, Turn, valid_id
+from zoo_agent.resident.sessions.summaries import (
     NeedSummary,
     Summarizer,
     SummaryFailed,
@@ -43,7 +43,7 @@ from zoo_agent.resident.summaries import (
     marker_message,
     summary_message,
 )
-from zoo_agent.resident.transcript import MAX_SEED, SessionFile, SessionSummary, Text
+from zoo_agent.resident.sessions.transcript import MAX_SEED, SessionFile, SessionSummary, Text
 from zoo_agent.formats import now
 
 __all__ = ["ServingState", "create_app"]
