@@ -65,7 +65,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from zoo_agent.resident.worker.adapters import Adapters
-    from zoo_agent.resident.worker.backend import Generated, Request, TransformersBackend
+    from zoo_agent.resident.engine.base import Generated, Request
+    from zoo_agent.resident.worker.backend import TransformersBackend
     from zoo_agent.resident.config import AdapterConfig, WorkerConfig
     from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_adapter, build_tiny_model
 
@@ -147,7 +148,7 @@ def main() -> int:
 
 def compose_rows(ours: Any, work: Path, declared: tuple[Any, ...], runs: int) -> dict[str, Any]:
     """First tokens of '<tenant>:auto' composing all three adapters vs choosing one (issue #21), and the weighted build."""
-    from zoo_agent.resident.worker.backend import AUTO, Generated, Request
+    from zoo_agent.resident.engine.base import AUTO, Generated, Request
     from zoo_agent.resident.config import SelectionConfig
     from zoo_agent.resident.worker.selection import Composition, Selector
     from zoo_agent.demo.tiny import build_tiny_embedder

@@ -309,7 +309,7 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
 def test_a_hung_model_is_seen_as_stalled_only_while_it_has_work(model_dir: Path) -> None:
     """The worker stops answering pings while `stalled` (so the watchdog starves and the worker is
     replaced); an idle engine, however long idle, is never stalled."""
-    from zoo_agent.resident.worker.backend import Generated, Request
+    from zoo_agent.resident.engine.base import Generated, Request
     from zoo_agent.resident.engine.batcher import Batcher
 
     b = plain_backend(model_dir)

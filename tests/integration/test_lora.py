@@ -76,7 +76,7 @@ def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_
 
 
 def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
-    from zoo_agent.resident.worker.backend import Generated, Request
+    from zoo_agent.resident.engine.base import Generated, Request
 
     return str(b.complete(Request(PROMPT, None, tokens, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 

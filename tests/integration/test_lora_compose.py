@@ -22,7 +22,7 @@ pytest.importorskip("peft", reason="the resident extra is not installed (pip ins
 
 from tests.integration import test_lora  # noqa: E402
 from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
-from zoo_agent.resident.worker.backend import AUTO  # noqa: E402
+from zoo_agent.resident.engine.base import AUTO  # noqa: E402
 
 built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
 
@@ -41,18 +41,18 @@ def ask(text: str, model: str = "t:auto", tokens: int = 12) -> dict[str, Any]:
 def generated_ids(b: Any) -> Iterator[dict[str, list[int]]]:
     """The token ids each finished request generated, by its last message: the backend reports text only."""
     seen: dict[str, list[int]] = {}
-    finish = b._finish
+    finish = b.finish
 
     def spy(request: Any, result: Any, out: Any) -> None:
         ids = out[0] if isinstance(out, tuple) else getattr(out, "sequences", out)[0].tolist()
         seen[(request.messages or [{}])[-1].get("content", request.prompt)] = [int(t) for t in ids[result.prompt_tokens :]]
         finish(request, result, out)
 
-    b._finish = spy
+    b.finish = spy
     try:
         yield seen
     finally:
-        del b._finish
+        del b.finish
 
 
 def served(b: Any, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
@@ -180,7 +180,7 @@ def test_max_adapters_1_chooses_one_adapter_as_before(built: dict[str, Path]) ->
 
 
 def greedy_text(b: Any, text: str, aid: str | None) -> str:
-    from zoo_agent.resident.worker.backend import Generated, Request
+    from zoo_agent.resident.engine.base import Generated, Request
 
     return str(b.complete(Request([{"role": "user", "content": text}], None, 12, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 

@@ -36,7 +36,8 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def make(kind: str, backend: Any, aging_seconds: float = 10.0) -> Any:
     """``serial``: one generate() at a time; ``batcher1``/``batcher2``: the batching engine with room for 1 or 2."""
-    from zoo_agent.resident.engine.batcher import Batcher, Serial
+    from zoo_agent.resident.engine.batcher import Batcher
+    from zoo_agent.resident.engine.serial import Serial
 
     if kind == "serial":
         return Serial(backend, aging_seconds=aging_seconds)
@@ -49,7 +50,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 def req(priority: int, prompt: str = "Hello") -> Any:
-    from zoo_agent.resident.worker.backend import Request
+    from zoo_agent.resident.engine.base import Request
 
     return Request(None, prompt, 4, 0.0, 1.0, ignore_eos=True, priority=priority)
 
@@ -58,7 +59,7 @@ def served_order(scheduler: Any, requests: list[tuple[str, Any]], clock: Iterato
     """Submit ``requests`` while the scheduler is held, let go, and return their tags in the order
     they finished (with one served at a time: the order they were served). ``clock`` gives each
     submission's arrival time."""
-    from zoo_agent.resident.worker.backend import Generated
+    from zoo_agent.resident.engine.base import Generated
 
     done: list[str] = []
     lock, finished = threading.Lock(), threading.Event()
@@ -140,7 +141,7 @@ def test_an_aged_batch_request_is_admitted_before_a_fresh_default_one(backend: A
 
 
 def test_a_cancelled_waiting_request_is_skipped_and_counted(backend: Any, kind: str) -> None:
-    from zoo_agent.resident.worker.backend import Generated
+    from zoo_agent.resident.engine.base import Generated
 
     scheduler = make(kind, backend)
     release, seen = threading.Event(), list[Any]()

@@ -30,175 +30,25 @@ so neither side starves; building a per-row sum into peft's mixed forward was no
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from zoo_agent.resident.priority import PriorityQueue
+from zoo_agent.resident.engine.base import Emit, Generated, Model, Request, Stats, log
+from zoo_agent.resident.engine.cache import row, select
 from zoo_agent.resident.engine.stops import StopFilter, hit, window
+from zoo_agent.resident.priority import PriorityQueue
 
-if TYPE_CHECKING:
-    from zoo_agent.resident.worker.backend import Generated, Request, TransformersBackend
-
-__all__ = ["PREFILL_CHUNK", "Batcher", "Emit", "Serial", "batchable", "scheduler_for", "warm_up"]
-
-log = logging.getLogger("zoo_agent.resident")
+__all__ = ["PREFILL_CHUNK", "Batcher"]
 
 #: Prompt tokens fed per engine step: ~1.5 s on 2 CPU cores for the Qwen2-0.5B shape, so
 #: running rows wait at most that long for a joining sequence's prefill.
 PREFILL_CHUNK = 512
-
-#: What a sequence hands back, in order: text pieces (str), then exactly one Generated or
-#: one exception. Called on the engine's thread.
-Emit = Callable[[Any], None]
-
-
-@dataclass
-class Stats:
-    cancelled: int = 0  # requests whose client went away before they finished
-    steps: int = 0
-
-
-class Serial:
-    """One generation at a time with ``generate()`` (``resources.max_batch: 1``): the previous
-    behaviour, kept as the reference the batching engine is measured and tested against, and
-    the path for models whose cache cannot be batched. With ``threads > 1`` (the Ollama
-    backend, whose daemon batches itself) requests pass through concurrently.
-
-    Waiting requests are served best first (issue #20): each pool job takes the best waiting
-    request from the shared queue, not the one it was submitted with, so the pool's own FIFO
-    only decides when a thread is free."""
-
-    def __init__(self, backend: Any, threads: int = 1, aging_seconds: float = 10.0) -> None:
-        self.backend, self.threads = backend, threads
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="generate")
-        self.lock = threading.Lock()
-        self.queue: PriorityQueue[_Job] = PriorityQueue(aging_seconds)
-        self.running = 0
-        self.stats = Stats()
-        self.on_step: Callable[[int, int], None] | None = None
-        self.clock: Callable[[], float] = time.monotonic  # arrival times: a test's own clock makes aging deterministic
-
-    @property
-    def waiting(self) -> int:
-        return len(self.queue)
-
-    @property
-    def aging_seconds(self) -> float:
-        return self.queue.aging_seconds
-
-    @aging_seconds.setter
-    def aging_seconds(self, value: float) -> None:
-        with self.lock:
-            self.queue.aging_seconds = value
-
-    def waiting_by_class(self) -> dict[str, int]:
-        with self.lock:
-            return self.queue.counts_by_class()
-
-    def submit(self, request: Request, result: Generated, cancel: threading.Event, emit: Emit, stream: bool = True) -> None:
-        queued = self.clock()
-        with self.lock:
-            self.queue.push(_Job(request, result, cancel, emit, stream, queued), request.priority, queued)
-        self.pool.submit(self._run_best)
-
-    def _run_best(self) -> None:
-        """One pool job: the best waiting request (one job is submitted per request, so each is served once)."""
-        with self.lock:
-            job = self.queue.pop_best()
-            self.running += 1
-        request, result, cancel, emit = job.request, job.result, job.cancel, job.emit
-        result.queue_seconds = self.clock() - job.queued
-        try:
-            if cancel.is_set():  # its client left while it waited: nothing to generate
-                self.stats.cancelled += 1
-                return
-            if job.stream:
-                for piece in self.backend.stream(request, result, cancel):
-                    emit(piece)
-            else:
-                emit(self.backend.complete(request, result, cancel))
-            if cancel.is_set() and result.completion_tokens < request.max_tokens:
-                self.stats.cancelled += 1
-            emit(result)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
-            emit(exc)
-        finally:
-            with self.lock:
-                self.running -= 1
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Between two generations (on the one thread; with several, beside them)."""
-        return self.pool.submit(fn, *args)
-
-    def stalled(self, seconds: float) -> bool:
-        return False  # generate() reports no steps; the worker's event loop is the liveness signal
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-@dataclass(eq=False)
-class _Job:
-    """A request waiting in Serial's queue."""
-
-    request: Request
-    result: Generated
-    cancel: threading.Event
-    emit: Emit
-    stream: bool
-    queued: float
-
-
-def batchable(model: Any) -> str | None:
-    """Why this model's cache cannot be batched here, or None when it can: left-padded rows
-    need plain dynamic layers (a sliding-window or hybrid cache keeps per-layer offsets)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    layers = DynamicCache(config=model.config).layers
-    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
-    return f"its cache has {', '.join(sorted(odd))} layers" if odd else None
-
-
-def scheduler_for(backend: Any, max_batch: int) -> Serial | Batcher:
-    """The batching engine where it can run; else generate() one at a time, or, for the Ollama
-    daemon (which batches itself), up to ``max_batch`` requests passed through at once."""
-    from zoo_agent.resident.worker.backend import TransformersBackend
-
-    if not isinstance(backend, TransformersBackend):
-        return Serial(backend, threads=max_batch)
-    if max_batch > 1:
-        if (why := batchable(backend.model)) is None:
-            return Batcher(backend, max_batch=max_batch)
-        log.warning("%s: %s; serving one request at a time (resources.max_batch 1)", backend.version_dir.name, why)
-    return Serial(backend)
-
-
-def warm_up(scheduler: Serial | Batcher, timeout: float = 600.0) -> str:
-    """A real one-token generation on the path requests take: READY means the model answers
-    through it, not that files exist (issue #5)."""
-    from zoo_agent.resident.worker.backend import Generated, Request
-
-    done, out = threading.Event(), list[Any]()
-
-    def emit(item: Any) -> None:
-        if isinstance(item, (BaseException, Generated)):
-            out.append(item)
-            done.set()
-
-    scheduler.submit(Request(None, "Hello", 1, 0.0, 1.0), Generated(), threading.Event(), emit, stream=False)
-    if not done.wait(timeout):
-        raise TimeoutError(f"the warm-up generation did not finish in {timeout:.0f}s")
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return str(out[0].text)
 
 
 class _Text:
@@ -261,7 +111,7 @@ class _Seq:
 class Batcher:
     """The batching engine: ``submit`` from any thread; the model runs on the engine thread."""
 
-    def __init__(self, backend: TransformersBackend, *, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, aging_seconds: float = 10.0) -> None:
+    def __init__(self, backend: Model, *, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, aging_seconds: float = 10.0) -> None:
         self.backend, self.max_batch, self.prefill_chunk = backend, max_batch, prefill_chunk
         self.queue: PriorityQueue[_Seq] = PriorityQueue(aging_seconds)  # best first, then oldest (issue #20)
         self.clock: Callable[[], float] = time.monotonic  # arrival times: a test's own clock makes aging deterministic
@@ -396,17 +246,17 @@ class Batcher:
         from zoo_agent.resident.worker.adapters import AdaptersBusy
 
         b, request, result = self.backend, seq.request, seq.result
-        inputs = b._inputs(request)
+        inputs = b.inputs(request)
         seq.ids = inputs["input_ids"][0].tolist()
         seq.prompt_len = result.prompt_tokens = len(seq.ids)
         try:
-            seq.aid = b._resolve(request, result, busy=busy)
+            seq.aid = b.resolve(request, result, busy=busy)
         except AdaptersBusy:
             return "busy"
         if not self._compatible(seq.aid):
             return "alone"
         result.queue_seconds = self.clock() - seq.queued
-        resume = b._session_begin(request, inputs, result)
+        resume = b.session_begin(request, inputs, result)
         seq.cache = resume.get("cache")
         seq.fed = seq.cache.get_seq_length() if seq.cache is not None else 0
         seq.processors, seq.sample = _processors(b, request, seq.prompt_len)
@@ -523,11 +373,11 @@ class Batcher:
                 done.append(i)
         for i in done:
             if seqs[i].request.session is not None and not seqs[i].failed:
-                seqs[i].cache = _row(cache, mask, i, self.backend.model.config)
+                seqs[i].cache = row(cache, mask, i, self.backend.model.config)
             self._finish(seqs[i])
         keep = [i for i in range(len(seqs)) if i not in set(done)]
         if keep:
-            cache, mask = _select(cache, mask, keep)
+            cache, mask = select(cache, mask, keep)
             self._join([seqs[i] for i in keep], cache, mask)
 
     def _decode(self) -> None:
@@ -601,11 +451,11 @@ class Batcher:
         finished = [self.rows[i] for i in done]
         for i, seq in zip(done, finished, strict=True):
             if seq.request.session is not None and not seq.failed:
-                seq.cache = _row(self.cache, self.mask, i, self.backend.model.config)
+                seq.cache = row(self.cache, self.mask, i, self.backend.model.config)
         keep = [i for i in range(len(self.rows)) if i not in set(done)]
         self.rows = [self.rows[i] for i in keep]
         if keep:
-            self.cache, self.mask = _select(self.cache, self.mask, keep)
+            self.cache, self.mask = select(self.cache, self.mask, keep)
         else:
             self.cache = self.mask = None
         for seq in finished:
@@ -620,7 +470,7 @@ class Batcher:
                 self.stats.cancelled += 1
             if seq.text is not None and (piece := seq.text.end()):
                 seq.emit(piece)
-            self.backend._finish(request, result, (seq.ids, seq.cache))
+            self.backend.finish(request, result, (seq.ids, seq.cache))
             if not seq.stream:
                 seq.emit(result.text)
             seq.emit(result)
@@ -629,41 +479,20 @@ class Batcher:
         seq.cache = None
 
 
-def _select(cache: Any, mask: Any, keep: list[int]) -> tuple[Any, Any]:
-    """Rows ``keep`` of a left-padded cache, without the padding none of them needs."""
-    import torch
-
-    index = torch.tensor(keep, device=mask.device)
-    mask = mask.index_select(0, index)
-    start = int(mask.any(dim=0).to(torch.int8).argmax())
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return cache, mask[:, start:]
-
-
-def _row(cache: Any, mask: Any, i: int, config: Any) -> Any:
-    """Row ``i`` alone, without its padding: what generate() would hand a session to save."""
-    from transformers import DynamicCache
-
-    start = int(mask.shape[1] - mask[i].sum())
-    return DynamicCache([(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers], config=config)
-
-
-def _eos_ids(backend: Any) -> set[int]:
+def _eos_ids(backend: Model) -> set[int]:
     eos = backend.model.generation_config.eos_token_id
     if eos is None:
         eos = backend.tokenizer.eos_token_id
     return set(eos) if isinstance(eos, list) else ({int(eos)} if eos is not None else set())
 
 
-def _processors(backend: Any, request: Request, prompt_len: int) -> tuple[Any, bool]:
+def _processors(backend: Model, request: Request, prompt_len: int) -> tuple[Any, bool]:
     """The logits processors generate() would use for this request, and whether it samples.
 
     Built by generate's own (private, long-stable) helpers from the model's generation_config
     and the request's sampling: a repetition penalty, banned words or suppressed tokens in
     generation_config.json apply here exactly as there, and so do their failures."""
     model = backend.model
-    config, _ = model._prepare_generation_config(None, **backend._sampling(request))
+    config, _ = model._prepare_generation_config(None, **backend.sampling(request))
     model._prepare_special_tokens(config, True, device=backend.device, batch_size=1)
     return model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt_len, device=backend.device), bool(config.do_sample)

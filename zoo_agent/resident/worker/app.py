@@ -29,9 +29,10 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo_agent.jsonbound import JSONRefused, loads
-from zoo_agent.resident.worker.backend import AUTO, AdapterError, Generated, TransformersBackend
-from zoo_agent.resident.worker.backend import Request as GenRequest
-from zoo_agent.resident.engine.batcher import scheduler_for
+from zoo_agent.resident.engine.base import AUTO, Generated
+from zoo_agent.resident.worker.backend import AdapterError, TransformersBackend
+from zoo_agent.resident.engine.base import Request as GenRequest
+from zoo_agent.resident.engine.startup import scheduler_for
 from zoo_agent.resident.gate import Gate
 from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
 from zoo_agent.resident.sessions.store import ROUTE_HEADER, SessionDamaged, SessionError, Sessions, Turn, valid_id

@@ -19,48 +19,15 @@ from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
 from zoo_agent.resident.worker.selection import Selector, compose
 from zoo_agent.resident.sessions.store import Sessions, Turn
+from zoo_agent.resident.engine.base import AUTO, Generated, Request
 from zoo_agent.resident.engine.stops import StopFilter, criteria, cut
 from zoo_agent.resident.sessions.transcript import SessionTurn
 
-__all__ = ["AUTO", "AdapterError", "Generated", "Request", "TransformersBackend"]
+__all__ = ["AdapterError", "TransformersBackend"]
 
 log = logging.getLogger("zoo_agent.resident")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation: a chat (messages) or a raw prompt, and the sampling parameters."""
-
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int = 0
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
-    adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
-    session: Turn | None = None  # a turn of a session: its cache is restored and the turn committed
-    stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the text ends before the first one
-    priority: int = 0  # lower is served first, as vLLM's (resident/priority.py); last, so positional constructions keep working
-
-
-AUTO = ":auto"  # choose the adapter by the request's text
-
-
-@dataclass
-class Generated:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-    adapter: str | None = None  # id@version of the adapter that ran (a composition: Composition.label)
-    similarity: float | None = None  # with AUTO: the best adapter's cosine similarity
-    combine: str | None = None  # a composition's: "sum" or "weighted"
-    adapters: list[dict[str, Any]] = field(default_factory=list)  # a composition's: id, version, similarity (and weight), best first
-    text: str = ""  # the reply, decoded once generation ended
-    queue_seconds: float = 0.0  # from submission until it started generating
 
 
 class _Plain:
@@ -129,7 +96,7 @@ class TransformersBackend:
                 self.selector.index(list(w.adapters))
         return time.monotonic() - started
 
-    def _resolve(self, request: Request, result: Generated, busy: frozenset[str] = frozenset()) -> str | None:
+    def resolve(self, request: Request, result: Generated, busy: frozenset[str] = frozenset()) -> str | None:
         """Which adapter (or composition: its name) this request runs with, loading what is not
         resident, never evicting one in ``busy``."""
         aid = request.adapter
@@ -187,7 +154,7 @@ class TransformersBackend:
     def _model(self) -> Any:
         return self.adapters if self.adapters is not None else _Plain(self.model)
 
-    def _inputs(self, request: Request) -> Any:
+    def inputs(self, request: Request) -> Any:
         if request.session is not None:  # exactly the ids the earlier turns saw and produced
             import torch
 
@@ -221,28 +188,28 @@ class TransformersBackend:
         return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens], skip_special_tokens=True))
 
     def count_tokens(self, request: Request) -> int:
-        return int(self._inputs(request)["input_ids"].shape[1])
+        return int(self.inputs(request)["input_ids"].shape[1])
 
     def complete(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> str:
         """The whole answer at once: no streamer, no per-token hand-off between threads."""
         import torch
 
         with self.lock:
-            inputs = self._inputs(request)
+            inputs = self.inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
-            aid = self._resolve(request, result)
-            resume = self._session_begin(request, inputs, result)
+            aid = self.resolve(request, result)
+            resume = self.session_begin(request, inputs, result)
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             with torch.inference_mode(), self._model().using(aid) as model:
-                out = model.generate(**inputs, **self._sampling(request), stopping_criteria=self._criteria(request, result, cancel), **resume)
-            self._finish(request, result, out)
+                out = model.generate(**inputs, **self.sampling(request), stopping_criteria=self._criteria(request, result, cancel), **resume)
+            self.finish(request, result, out)
             return result.text
 
     def _criteria(self, request: Request, result: Generated, cancel: threading.Event | None) -> Any:
         return criteria(cancel, self.tokenizer, request.stop, result.prompt_tokens)
 
-    def _sampling(self, request: Request) -> dict[str, Any]:
+    def sampling(self, request: Request) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0,
                                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}  # fmt: skip
         if request.temperature > 0:
@@ -251,7 +218,7 @@ class TransformersBackend:
             kwargs["min_new_tokens"] = request.max_tokens  # end-of-sequence is suppressed until then
         return kwargs
 
-    def _finish(self, request: Request, result: Generated, out: Any) -> None:
+    def finish(self, request: Request, result: Generated, out: Any) -> None:
         """The reply of a finished generation: ``out`` is generate()'s, or (ids, cache) from the batching engine."""
         if isinstance(out, tuple):
             ids, cache = out
@@ -272,7 +239,7 @@ class TransformersBackend:
         """The turn's sessions: its route's (issue #21), else the tenant's."""
         return turn.store if turn.store is not None else self.sessions
 
-    def _session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
+    def session_begin(self, request: Request, inputs: Any, result: Generated) -> dict[str, Any]:
         """generate() arguments that continue a session from its saved cache, when that cache fits."""
         turn = request.session
         store = self._store(turn) if turn is not None else None
@@ -308,14 +275,14 @@ class TransformersBackend:
         from transformers import TextIteratorStreamer
 
         with self.lock:
-            inputs = self._inputs(request)
+            inputs = self.inputs(request)
             result.prompt_tokens = int(inputs["input_ids"].shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            kwargs: dict[str, Any] = {**inputs, **self._sampling(request), "streamer": streamer,
+            kwargs: dict[str, Any] = {**inputs, **self.sampling(request), "streamer": streamer,
                                       "stopping_criteria": self._criteria(request, result, cancel)}  # fmt: skip
             output: dict[str, Any] = {}
-            aid = self._resolve(request, result)
-            kwargs.update(self._session_begin(request, inputs, result))
+            aid = self.resolve(request, result)
+            kwargs.update(self.session_begin(request, inputs, result))
 
             def run() -> None:
                 try:
@@ -338,4 +305,4 @@ class TransformersBackend:
             thread.join()
             if "error" in output:
                 raise output["error"]
-            self._finish(request, result, output["ids"])
+            self.finish(request, result, output["ids"])

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from zoo_agent.errors import BackendError, OllamaDown
-from zoo_agent.resident.worker.backend import Generated, Request
+from zoo_agent.resident.engine.base import Generated, Request
 
 __all__ = ["OllamaBackend", "OllamaDown"]
 
