@@ -159,10 +159,9 @@ def test_a_usable_summary_is_taken_and_a_strange_fingerprint_is_not(tmp_path: Pa
 def test_the_turn_gets_the_marker_when_the_summary_is_unusable(tmp_path: Path) -> None:
     """What the worker does with it: a summary without text, so the prompt carries the marker."""
     import asyncio
-    from types import SimpleNamespace
 
-    from zoo_agent.resident.worker.app import _summarize
     from zoo_agent.resident.sessions.summaries import NeedSummary, Summarizer
+    from zoo_agent.resident.sessions.turns import summarize
 
     path = tmp_path / "router.sock"
 
@@ -175,8 +174,8 @@ def test_the_turn_gets_the_marker_when_the_summary_is_unusable(tmp_path: Path) -
 
         server = await asyncio.start_unix_server(handle, path=str(path))
         async with server:
-            state = SimpleNamespace(summarizers={"r": Summarizer(path, "sum", timeout=30)})
-            return await _summarize(state, "r", NeedSummary(2, [{"role": "user", "content": "hi"}], 32))  # type: ignore[arg-type]
+            summarizers = {"r": Summarizer(path, "sum", timeout=30)}
+            return await summarize(summarizers, "r", NeedSummary(2, [{"role": "user", "content": "hi"}], 32))
 
     summary = asyncio.run(main())
     assert (summary.covers, summary.text) == (2, "")

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zoo_agent.resident.config import AdapterConfig
+from zoo_agent.resident.embedder import Embedder
 
-__all__ = ["WEIGHT_STEP", "Combine", "Composition", "Embedder", "Selector", "adapter_text", "compose", "normalised_weights", "ranked"]
+__all__ = ["WEIGHT_STEP", "Combine", "Composition", "Selector", "adapter_text", "compose", "normalised_weights", "ranked"]
 
 Combine = Literal["sum", "weighted"]
 
@@ -79,29 +80,6 @@ def compose(picked: Sequence[tuple[str, float]], combine: Combine) -> Compositio
     """The composition of two or more chosen adapters (most similar first)."""
     ids = tuple(aid for aid, _ in picked)
     return Composition(ids, combine, normalised_weights([s for _, s in picked]) if combine == "weighted" else ())
-
-
-class Embedder:
-    """A sentence-embedding model from the zoo: texts in, mean-pooled normalised vectors out
-    (their dot product is the cosine similarity). The one embedder: `<tenant>:auto` and route
-    similarity rules (resident/similarity.py) both use it."""
-
-    def __init__(self, embedding_dir: Path, device: str = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(embedding_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(embedding_dir, local_files_only=True, use_safetensors=True).to(device).eval()
-        self.device = device
-
-    def embed(self, texts: list[str]) -> Any:
-        import torch
-
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class Selector:
