@@ -52,7 +52,7 @@ def damaged(sid: str, exc: SessionDamaged) -> Refusal:
     """A damaged session file fails its own requests only, with a 4xx naming it (issue #17)."""
     where = f"{exc.pointer}: " if exc.pointer else ""
     return Refusal(422, f"session '{sid}' is damaged ({where}{exc.problem}); delete it (DELETE /v1/sessions/{sid}) or import a good copy",
-                  param="session", code="session_damaged")  # fmt: skip
+                   param="session", code="session_damaged")  # fmt: skip
 
 
 def session_document(sessions: Sessions | None, sid: str) -> dict[str, Any] | Refusal:

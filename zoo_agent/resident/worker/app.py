@@ -37,6 +37,23 @@ MAX_BODY = 1 << 20
 def create_app(state: ServingState) -> FastAPI:
     app = FastAPI(title="model-zoo resident", version="1")
     app.router.route_class = BoundedRoute  # before the first route
+    _errors(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        if state.draining:
+            response.headers["Connection"] = "close"  # clients move to the new worker, no reset
+        return response
+
+    app.add_middleware(Gate, max_body=MAX_BODY, api_key=state.api_key)  # outermost: auth and body limit before anything reads
+    _status_routes(app, state)
+    _serving_routes(app, state)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    """What FastAPI and Starlette answer themselves, in OpenAI's error shape."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -47,20 +64,13 @@ def create_app(state: ServingState) -> FastAPI:
         return error(400, f"{where}: {first['msg']}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
-    async def httperror(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """OpenAI's error shape for what Starlette answers itself (a body that is not JSON or not UTF-8, no such route)."""
         return error(exc.status_code, f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail),
-                      param="body" if exc.status_code == 400 else None, headers=getattr(exc, "headers", None))  # fmt: skip
+                     param="body" if exc.status_code == 400 else None, headers=getattr(exc, "headers", None))  # fmt: skip
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        if state.draining:
-            response.headers["Connection"] = "close"  # clients move to the new worker, no reset
-        return response
 
-    app.add_middleware(Gate, max_body=MAX_BODY, api_key=state.api_key)  # outermost: auth and body limit before anything reads
-
+def _status_routes(app: FastAPI, state: ServingState) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
         body = {"state": "draining" if state.draining else "ready", "tenant": state.tenant, "model": state.model, "version": state.version}
@@ -84,6 +94,8 @@ def create_app(state: ServingState) -> FastAPI:
             data.append(card(f"{state.tenant}:auto", "chosen per request", state.tenant))
         return {"object": "list", "data": data}
 
+
+def _serving_routes(app: FastAPI, state: ServingState) -> None:
     @app.post("/v1/load_lora_adapter", response_model=None)
     async def load_lora(body: LoadLoraBody) -> Response:
         return await _manage_lora(state, body, load=True)
@@ -118,8 +130,6 @@ def create_app(state: ServingState) -> FastAPI:
     async def completions(body: CompletionBody, x_zoo_priority: PriorityHeader = None) -> Response:
         return await _serve(state, body, None, body.prompt, chat=False, priority=x_zoo_priority)
 
-    return app
-
 
 async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -> Response:
     """vLLM's runtime LoRA routes, restricted to adapters the index declares and the zoo verified."""
@@ -130,7 +140,7 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
     if adapters is None or aid not in adapters.declared:
         declared = ", ".join(sorted(adapters.declared)) if adapters else "none"
         return error(404, f"lora_name: '{body.lora_name}' is not an adapter declared for tenant '{state.tenant}' (declared: {declared})",
-                      param="lora_name", code="model_not_found")  # fmt: skip
+                     param="lora_name", code="model_not_found")  # fmt: skip
     action = state.backend.load_adapter if load else state.backend.unload_adapter
     try:
         await asyncio.wrap_future(state.scheduler.call(action, aid))  # between two generations

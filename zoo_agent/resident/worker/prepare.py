@@ -32,7 +32,7 @@ def adapter_for(state: ServingState, model: str) -> str | None | Refusal:
 
 
 def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,
-             chat: bool, priority: int = 0, route: str | None = None, fresh: SessionSummary | None = None) -> GenRequest | NeedSummary | Refusal:  # fmt: skip
+            chat: bool, priority: int = 0, route: str | None = None, fresh: SessionSummary | None = None) -> GenRequest | NeedSummary | Refusal:  # fmt: skip
     """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
     d = state.defaults
     turn = None
@@ -58,7 +58,7 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
         if prompt_tokens >= context:
             return Refusal(400, f"{field_name}: {prompt_tokens} tokens do not fit the model's context of {context}", param=field_name)
         return Refusal(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the model's context of {context}; "
-                           f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
+                            f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
     return request
 
 
