@@ -24,7 +24,7 @@ Adapter compositions (issue #21): a "weighted" one is a peft adapter of its own,
 mix with any others through ``adapter_names``. A "sum" one activates several adapters at once,
 which ``adapter_names`` (one adapter per row) cannot say, and activating them for the whole
 batch would run them on the other rows too: its sequences are decoded in a batch of their own
-(`_compatible`). One waiting for such a batch stops admission until the running rows finish,
+(``compatible``). One waiting for such a batch stops admission until the running rows finish,
 so neither side starves; building a per-row sum into peft's mixed forward was not worth a fork.
 """
 
@@ -33,15 +33,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from zoo_agent.resident.engine.base import Emit, Generated, Model, Request, Stats, log
-from zoo_agent.resident.engine.cache import row, select
-from zoo_agent.resident.engine.stops import StopFilter, hit, window
+from zoo_agent.resident.engine.cache import join, row, select
+from zoo_agent.resident.engine.sequence import Seq, begin, choose, compatible, eos_ids, forward_with
+from zoo_agent.resident.engine.stops import hit
 from zoo_agent.resident.priority import PriorityQueue
 
 __all__ = ["PREFILL_CHUNK", "Batcher"]
@@ -51,72 +50,15 @@ __all__ = ["PREFILL_CHUNK", "Batcher"]
 PREFILL_CHUNK = 512
 
 
-class _Text:
-    """Streamed text of one sequence: TextStreamer's decoding, then the stop filter."""
-
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
-        from transformers import TextStreamer
-
-        pieces = self.pieces = list[str]()
-
-        class Collect(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    pieces.append(text)
-
-        self.streamer = Collect(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.stops = StopFilter(stops)
-
-    def put(self, token: int) -> str:
-        import torch
-
-        self.streamer.put(torch.tensor([token]))  # type: ignore[no-untyped-call]
-        return self._take()
-
-    def end(self) -> str:
-        self.streamer.end()  # type: ignore[no-untyped-call]
-        return self._take() + self.stops.flush()
-
-    def _take(self) -> str:
-        text = "".join(self.stops.feed(p) for p in self.pieces)
-        self.pieces.clear()
-        return text
-
-
-@dataclass(eq=False)
-class _Seq:
-    request: Request
-    result: Generated
-    cancel: threading.Event
-    emit: Emit
-    stream: bool
-    queued: float
-    ids: list[int] = field(default_factory=list)  # the prompt, then every token generated
-    prompt_len: int = 0
-    aid: str | None = None  # the adapter it runs with
-    fed: int = 0  # prompt tokens already in its cache (a restored session starts above 0)
-    cache: Any = None  # its own cache while it prefills; the batch's rows afterwards
-    processors: Any = None
-    sample: bool = False
-    generator: Any = None
-    text: _Text | None = None
-    window: int = 0  # tokens decoded to look for a stop sequence
-    failed: bool = False  # its exception was emitted: nothing more is
-
-    @property
-    def generated(self) -> int:
-        return len(self.ids) - self.prompt_len
-
-
 class Batcher:
     """The batching engine: ``submit`` from any thread; the model runs on the engine thread."""
 
     def __init__(self, backend: Model, *, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, aging_seconds: float = 10.0) -> None:
         self.backend, self.max_batch, self.prefill_chunk = backend, max_batch, prefill_chunk
-        self.queue: PriorityQueue[_Seq] = PriorityQueue(aging_seconds)  # best first, then oldest (issue #20)
+        self.queue: PriorityQueue[Seq] = PriorityQueue(aging_seconds)  # best first, then oldest (issue #20)
         self.clock: Callable[[], float] = time.monotonic  # arrival times: a test's own clock makes aging deterministic
-        self.joining: deque[_Seq] = deque()  # admitted, prefilling
-        self.rows: list[_Seq] = []  # decoding together
+        self.joining: deque[Seq] = deque()  # admitted, prefilling
+        self.rows: list[Seq] = []  # decoding together
         self.mask: Any = None  # [rows, cache length]: 1 for a real token, 0 for left padding
         self.cache: Any = None  # the rows' DynamicCache
         self.calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
@@ -125,7 +67,7 @@ class Batcher:
         self.last_step = time.monotonic()
         self.stats = Stats()
         self.on_step: Callable[[int, int], None] | None = None  # (rows decoded, tokens fed): the metrics
-        self.eos = _eos_ids(backend)
+        self.eos = eos_ids(backend)
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
 
@@ -154,7 +96,7 @@ class Batcher:
     def submit(self, request: Request, result: Generated, cancel: threading.Event, emit: Emit, stream: bool = True) -> None:
         with self.cond:
             queued = self.clock()
-            self.queue.push(_Seq(request, result, cancel, emit, stream, queued), request.priority, queued)
+            self.queue.push(Seq(request, result, cancel, emit, stream, queued), request.priority, queued)
             self.cond.notify()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -217,7 +159,7 @@ class Batcher:
         """Waiting sequences join, best first (priority, aged; then oldest), while there is room and no call waits:
         priority decides admission into the running batch, never preempts a running row."""
         busy = {s.aid for s in (*self.rows, *self.joining) if s.aid is not None}
-        deferred: list[_Seq] = []
+        deferred: list[Seq] = []
         while self.queue and not self.calls and self.running < self.max_batch:
             with self.cond:
                 seq = self.queue.pop_best()
@@ -242,7 +184,7 @@ class Batcher:
                 for seq in deferred:
                     self.queue.push(seq, seq.request.priority, seq.queued)
 
-    def _start(self, seq: _Seq, busy: frozenset[str]) -> Literal["joins", "busy", "alone"]:
+    def _start(self, seq: Seq, busy: frozenset[str]) -> Literal["joins", "busy", "alone"]:
         from zoo_agent.resident.worker.adapters import AdaptersBusy
 
         b, request, result = self.backend, seq.request, seq.result
@@ -253,43 +195,11 @@ class Batcher:
             seq.aid = b.resolve(request, result, busy=busy)
         except AdaptersBusy:
             return "busy"
-        if not self._compatible(seq.aid):
+        if not compatible(b.adapters, {s.aid for s in (*self.rows, *self.joining)}, seq.aid):
             return "alone"
         result.queue_seconds = self.clock() - seq.queued
-        resume = b.session_begin(request, inputs, result)
-        seq.cache = resume.get("cache")
-        seq.fed = seq.cache.get_seq_length() if seq.cache is not None else 0
-        seq.processors, seq.sample = _processors(b, request, seq.prompt_len)
-        if seq.sample:
-            import torch
-
-            seq.generator = torch.Generator(device=b.device)
-            seq.generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        seq.text = _Text(b.tokenizer, request.stop) if seq.stream else None
-        seq.window = window(request.stop)
+        begin(seq, b, inputs)
         return "joins"
-
-    def _compatible(self, aid: str | None) -> bool:
-        """Whether a sequence running ``aid`` may join the batch now: a "sum" composition only
-        joins rows of the same composition, and none joins those (see the module docstring)."""
-        adapters = self.backend.adapters
-        running = {s.aid for s in (*self.rows, *self.joining)}
-        if adapters is None or not running or running == {aid}:
-            return True
-        return not (adapters.exclusive(aid) or any(adapters.exclusive(a) for a in running))
-
-    @contextmanager
-    def _model(self, aids: list[str | None]) -> Iterator[tuple[Any, dict[str, Any]]]:
-        adapters = self.backend.adapters
-        if adapters is None or adapters.peft is None:
-            yield self.backend.model, {}
-        elif len(set(aids)) == 1:
-            with adapters.using(aids[0]) as model:
-                yield model, {}
-        else:  # peft's mixed batch: each row through its own adapter, "__base__" through none
-            if any(adapters.exclusive(a) for a in aids):
-                raise RuntimeError("a 'sum' composition was batched with other rows")  # _compatible forbids it: a bug
-            yield adapters.peft, {"adapter_names": [a or "__base__" for a in aids]}
 
     def _prefill(self) -> int:
         """Prompts into the cache: fresh short prompts together in one left-padded forward (up to
@@ -310,7 +220,7 @@ class Batcher:
             tokens += s.prompt_len
         return self._prefill_group(group)
 
-    def _prefill_chunk(self, seq: _Seq) -> int:
+    def _prefill_chunk(self, seq: Seq) -> int:
         import torch
         from transformers import DynamicCache
 
@@ -319,7 +229,7 @@ class Batcher:
         if seq.cache is None:
             seq.cache = DynamicCache(config=b.model.config)
         try:
-            with self._model([seq.aid]) as (model, extra):
+            with forward_with(self.backend, [seq.aid]) as (model, extra):
                 out = model(input_ids=torch.tensor([chunk], device=b.device), attention_mask=torch.ones(1, seq.fed + len(chunk), dtype=torch.long, device=b.device),
                             position_ids=torch.arange(seq.fed, seq.fed + len(chunk), device=b.device)[None], cache=seq.cache,
                             use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
@@ -335,7 +245,7 @@ class Batcher:
         self.joining.popleft()
         return len(chunk)
 
-    def _prefill_group(self, group: list[_Seq]) -> int:
+    def _prefill_group(self, group: list[Seq]) -> int:
         import torch
         from transformers import DynamicCache
 
@@ -345,7 +255,7 @@ class Batcher:
         mask = torch.tensor([[0] * (length - s.prompt_len) + [1] * s.prompt_len for s in group], device=b.device)
         cache = DynamicCache(config=b.model.config)
         try:
-            with self._model([s.aid for s in group]) as (model, extra):
+            with forward_with(self.backend, [s.aid for s in group]) as (model, extra):
                 out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
                             use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - these sequences fail, the running batch goes on
@@ -360,7 +270,7 @@ class Batcher:
             self.joining.popleft()
         return int(mask.sum())
 
-    def _first_tokens(self, seqs: list[_Seq], logits: Any, cache: Any, mask: Any) -> None:
+    def _first_tokens(self, seqs: list[Seq], logits: Any, cache: Any, mask: Any) -> None:
         """Prefilled sequences choose their first token; the finished ones end, the rest join the batch."""
         done = []
         for i, seq in enumerate(seqs):
@@ -386,7 +296,7 @@ class Batcher:
         b, rows = self.backend, self.rows
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=self.mask.device)], dim=1)
         try:
-            with self._model([s.aid for s in rows]) as (model, extra):
+            with forward_with(self.backend, [s.aid for s in rows]) as (model, extra):
                 out = model(input_ids=torch.tensor([[s.ids[-1]] for s in rows], device=b.device), attention_mask=mask,
                             position_ids=torch.tensor([[s.fed] for s in rows], device=b.device), cache=self.cache,
                             use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
@@ -412,17 +322,9 @@ class Batcher:
         if done:
             self._leave(done)
 
-    def _next(self, seq: _Seq, logits: Any) -> bool:
+    def _next(self, seq: Seq, logits: Any) -> bool:
         """Choose the next token as generate() would; True when the sequence is finished."""
-        import torch
-
-        scores = logits.to(dtype=torch.float32)
-        if seq.processors:
-            scores = seq.processors(torch.tensor([seq.ids], device=scores.device), scores)
-        if seq.sample:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=seq.generator)[0, 0])
-        else:
-            token = int(torch.argmax(scores, dim=-1)[0])
+        token = choose(seq, logits)
         seq.ids.append(token)
         if seq.text is not None and (piece := seq.text.put(token)):
             seq.emit(piece)
@@ -430,20 +332,12 @@ class Batcher:
         return (token in self.eos and not request.ignore_eos) or seq.generated >= request.max_tokens or seq.cancel.is_set() or (
             bool(request.stop) and hit(self.backend.tokenizer, seq.ids[seq.prompt_len :][-seq.window :], request.stop))  # fmt: skip
 
-    def _join(self, seqs: list[_Seq], cache: Any, mask: Any) -> None:
+    def _join(self, seqs: list[Seq], cache: Any, mask: Any) -> None:
         """Prefilled rows join the batch's: both left-padded to one length."""
-        import torch
-        import torch.nn.functional as F
-
         if not self.rows:
             self.rows, self.cache, self.mask = list(seqs), cache, mask
             return
-        length = max(self.mask.shape[1], mask.shape[1])
-        pad_rows, pad_new = length - self.mask.shape[1], length - mask.shape[1]
-        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-            layer.keys = torch.cat([F.pad(layer.keys, (0, 0, pad_rows, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_rows, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-        self.mask = torch.cat([F.pad(self.mask, (pad_rows, 0)), F.pad(mask, (pad_new, 0))])
+        self.cache, self.mask = join(self.cache, self.mask, cache, mask)
         self.rows.extend(seqs)
 
     def _leave(self, done: list[int]) -> None:
@@ -461,7 +355,7 @@ class Batcher:
         for seq in finished:
             self._finish(seq)
 
-    def _finish(self, seq: _Seq) -> None:
+    def _finish(self, seq: Seq) -> None:
         request, result = seq.request, seq.result
         if seq.failed:
             return
@@ -477,22 +371,3 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - e.g. a session that cannot be committed
             seq.emit(exc)
         seq.cache = None
-
-
-def _eos_ids(backend: Model) -> set[int]:
-    eos = backend.model.generation_config.eos_token_id
-    if eos is None:
-        eos = backend.tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, list) else ({int(eos)} if eos is not None else set())
-
-
-def _processors(backend: Model, request: Request, prompt_len: int) -> tuple[Any, bool]:
-    """The logits processors generate() would use for this request, and whether it samples.
-
-    Built by generate's own (private, long-stable) helpers from the model's generation_config
-    and the request's sampling: a repetition penalty, banned words or suppressed tokens in
-    generation_config.json apply here exactly as there, and so do their failures."""
-    model = backend.model
-    config, _ = model._prepare_generation_config(None, **backend.sampling(request))
-    model._prepare_special_tokens(config, True, device=backend.device, batch_size=1)
-    return model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt_len, device=backend.device), bool(config.do_sample)

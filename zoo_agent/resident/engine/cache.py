@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["row", "select"]
+__all__ = ["join", "row", "select"]
 
 
 def select(cache: Any, mask: Any, keep: list[int]) -> tuple[Any, Any]:
@@ -26,3 +26,16 @@ def row(cache: Any, mask: Any, i: int, config: Any) -> Any:
 
     start = int(mask.shape[1] - mask[i].sum())
     return DynamicCache([(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers], config=config)
+
+
+def join(cache: Any, mask: Any, new: Any, new_mask: Any) -> tuple[Any, Any]:
+    """Two left-padded caches as one: the rows of ``cache``, then those of ``new``, padded to one length."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(mask.shape[1], new_mask.shape[1])
+    pad_rows, pad_new = length - mask.shape[1], length - new_mask.shape[1]
+    for layer, added in zip(cache.layers, new.layers, strict=True):
+        layer.keys = torch.cat([F.pad(layer.keys, (0, 0, pad_rows, 0)), F.pad(added.keys, (0, 0, pad_new, 0))])
+        layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_rows, 0)), F.pad(added.values, (0, 0, pad_new, 0))])
+    return cache, torch.cat([F.pad(mask, (pad_rows, 0)), F.pad(new_mask, (pad_new, 0))])
