@@ -17,9 +17,9 @@ schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not i
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from zoo_agent.demo.tiny import build_tiny_model
     from zoo_agent.resident.worker.app import ServingState, create_app
     from zoo_agent.resident.worker.backend import TransformersBackend
-    from zoo_agent.demo.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
     backend = TransformersBackend(Path(model), allow_pickle=False, allow_code=False)

@@ -96,8 +96,8 @@ def test_reverify_keeps_when_a_version_was_published(world: World) -> None:
 
 def test_load_transformers_applies_the_index_safety(world: World) -> None:
     pytest.importorskip("transformers", reason="the resident extra is not installed (pip install -e .[resident])")
-    from zoo_agent.pin import Selection, pin_directory
     from zoo_agent.demo.tiny import build_tiny_model
+    from zoo_agent.pin import Selection, pin_directory
 
     src = build_tiny_model(world.tmp / "src" / "m" / "v1")
     world.models["m"] = {"version": "v1", "source": {"type": "file", "path": "src/m/v1"},

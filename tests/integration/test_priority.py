@@ -26,8 +26,8 @@ DEFAULTS = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0}
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from zoo_agent.resident.worker.backend import TransformersBackend
     from zoo_agent.demo.tiny import build_tiny_model
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(build_tiny_model(tmp_path_factory.mktemp("priority") / "model"), allow_pickle=False, allow_code=False, device="cpu")
     b.load()

@@ -28,8 +28,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
-    from zoo_agent.resident.worker.backend import TransformersBackend
     from zoo_agent.resident.sessions.store import Sessions
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()

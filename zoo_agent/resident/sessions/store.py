@@ -36,8 +36,8 @@ from zoo_agent.resident.sessions.transcript import (
     read_session,
     valid_id,
 )
-from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 from zoo_agent.formats import now
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 
 __all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "remove_session", "session_lock", "valid_id"]
 

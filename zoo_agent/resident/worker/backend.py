@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.resident.worker.adapters import AdapterError, Adapters
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
-from zoo_agent.resident.worker.selection import Selector, compose
-from zoo_agent.resident.sessions.store import Sessions, Turn
 from zoo_agent.resident.engine.base import AUTO, Generated, Request
 from zoo_agent.resident.engine.stops import StopFilter, criteria, cut
+from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
+from zoo_agent.resident.sessions.store import Sessions, Turn
 from zoo_agent.resident.sessions.transcript import SessionTurn
+from zoo_agent.resident.worker.adapters import AdapterError, Adapters
+from zoo_agent.resident.worker.selection import Selector, compose
 
 __all__ = ["AdapterError", "TransformersBackend"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from zoo_agent.resident.engine.base import AUTO
 from zoo_agent.resident.engine.base import Request as GenRequest
+from zoo_agent.resident.sessions.store import Turn
 from zoo_agent.resident.sessions.summaries import NeedSummary
 from zoo_agent.resident.sessions.transcript import SessionSummary
 from zoo_agent.resident.sessions.turns import Refusal, session_turn
-from zoo_agent.resident.sessions.store import Turn
 from zoo_agent.resident.worker.bodies import Body
 from zoo_agent.resident.worker.state import ServingState
 

@@ -39,7 +39,7 @@ class ServingState:
     served: int = 0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Where generations run: the batching engine, or one generate() at a time (engine.scheduler_for).
+    # Where generations run: the batching engine, or one generate() at a time (engine/startup.py).
     scheduler: Scheduler = None  # type: ignore[assignment]  # built in __post_init__ when not given
     # Sessions read and prompts tokenized, one at a time, beside the generation thread (never on the event loop).
     preparer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prepare"))
