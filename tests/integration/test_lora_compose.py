@@ -200,7 +200,7 @@ def test_the_threshold_leaves_out_adapters_below_it(built: dict[str, Path], thre
 
 
 def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_their_adapters(built: dict[str, Path]) -> None:
-    from zoo_agent.resident.worker.adapters import AdaptersBusy
+    from zoo_agent.resident.engine.base import AdaptersBusy
     from zoo_agent.resident.worker.selection import Composition
 
     b = backend(built, tuple(adapter(built, a) for a in ALL), max_loras=3)

@@ -12,15 +12,16 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from zoo_agent.resident.sessions.store import Turn
-    from zoo_agent.resident.worker.adapters import Adapters
 
-__all__ = ["AUTO", "Emit", "Generated", "Generator", "Model", "Request", "Scheduler", "Stats"]
+__all__ = ["AUTO", "AdapterSet", "AdaptersBusy", "Emit", "Generated", "Generator", "Model", "Request", "Scheduler", "Stats"]
 
 log = logging.getLogger("zoo_agent.resident")
+
 
 @dataclass(frozen=True)
 class Request:
@@ -68,6 +69,22 @@ class Stats:
 
 
 
+class AdaptersBusy(Exception):
+    """Loading would evict an adapter that a running sequence uses: the request waits (not an error)."""
+
+
+class AdapterSet(Protocol):
+    """A tenant's loaded adapters as the engine uses them: which run alone, how to run one, and
+    peft's model for a mixed batch (``None`` until an adapter is loaded)."""
+
+    @property
+    def peft(self) -> Any: ...
+
+    def exclusive(self, name: str | None) -> bool: ...
+
+    def using(self, aid: str | None) -> AbstractContextManager[Any]: ...
+
+
 class Generator(Protocol):
     """A backend that generates one request at a time with its own loop (``generate()``, or
     the Ollama daemon's): all that ``Serial`` needs."""
@@ -92,7 +109,7 @@ class Model(Generator, Protocol):
     def device(self) -> Any: ...
 
     @property
-    def adapters(self) -> Adapters | None: ...
+    def adapters(self) -> AdapterSet | None: ...
 
     def inputs(self, request: Request) -> Any:
         """The tokenized prompt (``input_ids``, ``attention_mask``) on the model's device."""

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Literal
 
-from zoo_agent.resident.engine.base import Emit, Generated, Model, Request, Stats, log
+from zoo_agent.resident.engine.base import AdaptersBusy, Emit, Generated, Model, Request, Stats, log
 from zoo_agent.resident.engine.cache import join, row, select
 from zoo_agent.resident.engine.sequence import Seq, begin, choose, compatible, eos_ids, forward_with
 from zoo_agent.resident.engine.stops import hit
@@ -185,8 +185,6 @@ class Batcher:
                     self.queue.push(seq, seq.request.priority, seq.queued)
 
     def _start(self, seq: Seq, busy: frozenset[str]) -> Literal["joins", "busy", "alone"]:
-        from zoo_agent.resident.worker.adapters import AdaptersBusy
-
         b, request, result = self.backend, seq.request, seq.result
         inputs = b.inputs(request)
         seq.ids = inputs["input_ids"][0].tolist()

@@ -7,13 +7,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from zoo_agent.resident.engine.base import Emit, Generated, Model, Request
+from zoo_agent.resident.engine.base import AdapterSet, Emit, Generated, Model, Request
 from zoo_agent.resident.engine.stops import StopFilter, window
-
-if TYPE_CHECKING:
-    from zoo_agent.resident.worker.adapters import Adapters
 
 __all__ = ["Seq", "Text", "begin", "choose", "compatible", "eos_ids", "forward_with", "processors"]
 
@@ -104,7 +101,7 @@ def choose(seq: Seq, logits: Any) -> int:
     return int(torch.argmax(scores, dim=-1)[0])
 
 
-def compatible(adapters: Adapters | None, running: set[str | None], aid: str | None) -> bool:
+def compatible(adapters: AdapterSet | None, running: set[str | None], aid: str | None) -> bool:
     """Whether a sequence running ``aid`` may join rows running ``running`` now: a "sum" composition
     only joins rows of the same composition, and none joins those (see batcher's docstring)."""
     if adapters is None or not running or running == {aid}:

@@ -27,9 +27,10 @@ from typing import Any
 
 from zoo_agent.errors import AdapterError
 from zoo_agent.resident.config import AdapterConfig
+from zoo_agent.resident.engine.base import AdaptersBusy
 from zoo_agent.resident.worker.selection import Composition
 
-__all__ = ["AdapterError", "Adapters", "AdaptersBusy", "check_adapter"]
+__all__ = ["AdapterError", "Adapters", "check_adapter"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -53,10 +54,6 @@ def check_adapter(adapter: AdapterConfig, base_names: tuple[str, ...], module_na
         if isinstance(target, str) and target.isidentifier() and not any(n == target or n.endswith("." + target) for n in module_names):
             raise AdapterError(f"{adapter.label}: {path.name}: target module '{target}' is not in the base model")
     return config
-
-
-class AdaptersBusy(Exception):
-    """Loading would evict an adapter that a running sequence uses: the request waits (not an error)."""
 
 
 @dataclass

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
                                         template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
-        from zoo_agent.resident.engine.startup import scheduler_for, warm_up
+        from zoo_agent.resident.engine.warmup import warm_up
+        from zoo_agent.resident.worker.scheduling import scheduler_for
 
         scheduler = scheduler_for(backend, config.max_batch)
         warm_up(scheduler)

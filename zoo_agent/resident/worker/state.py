@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zoo_agent.resident.engine.base import Scheduler
-from zoo_agent.resident.engine.startup import scheduler_for
 from zoo_agent.resident.sessions.store import Sessions
 from zoo_agent.resident.sessions.summaries import Summarizer
 from zoo_agent.resident.worker.backend import TransformersBackend
 from zoo_agent.resident.worker.metrics import Metrics
+from zoo_agent.resident.worker.scheduling import scheduler_for
 
 __all__ = ["ServingState"]
 
@@ -39,7 +39,7 @@ class ServingState:
     served: int = 0
     tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Where generations run: the batching engine, or one generate() at a time (engine/startup.py).
+    # Where generations run: the batching engine, or one generate() at a time (worker/scheduling.py).
     scheduler: Scheduler = None  # type: ignore[assignment]  # built in __post_init__ when not given
     # Sessions read and prompts tokenized, one at a time, beside the generation thread (never on the event loop).
     preparer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prepare"))

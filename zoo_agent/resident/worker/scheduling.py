@@ -1,15 +1,16 @@
-"""Which engine a worker runs, and the warm-up generation through it (issues #5, #19)."""
+"""Which engine a worker's backend runs on (issue #19): the batching engine where the model's
+cache can be batched, else one generation at a time (the Ollama daemon batches itself)."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from zoo_agent.resident.engine.base import Generated, Request, Scheduler, log
+from zoo_agent.resident.engine.base import Scheduler, log
 from zoo_agent.resident.engine.batcher import Batcher
 from zoo_agent.resident.engine.serial import Serial
+from zoo_agent.resident.worker.backend import TransformersBackend
 
-__all__ = ["batchable", "scheduler_for", "warm_up"]
+__all__ = ["batchable", "scheduler_for"]
 
 
 def batchable(model: Any) -> str | None:
@@ -26,8 +27,6 @@ def batchable(model: Any) -> str | None:
 def scheduler_for(backend: Any, max_batch: int) -> Scheduler:
     """The batching engine where it can run; else generate() one at a time, or, for the Ollama
     daemon (which batches itself), up to ``max_batch`` requests passed through at once."""
-    from zoo_agent.resident.worker.backend import TransformersBackend
-
     if not isinstance(backend, TransformersBackend):
         return Serial(backend, threads=max_batch)
     if max_batch > 1:
@@ -35,21 +34,3 @@ def scheduler_for(backend: Any, max_batch: int) -> Scheduler:
             return Batcher(backend, max_batch=max_batch)
         log.warning("%s: %s; serving one request at a time (resources.max_batch 1)", backend.version_dir.name, why)
     return Serial(backend)
-
-
-def warm_up(scheduler: Scheduler, timeout: float = 600.0) -> str:
-    """A real one-token generation on the path requests take: READY means the model answers
-    through it, not that files exist (issue #5)."""
-    done, out = threading.Event(), list[Any]()
-
-    def emit(item: Any) -> None:
-        if isinstance(item, (BaseException, Generated)):
-            out.append(item)
-            done.set()
-
-    scheduler.submit(Request(None, "Hello", 1, 0.0, 1.0), Generated(), threading.Event(), emit, stream=False)
-    if not done.wait(timeout):
-        raise TimeoutError(f"the warm-up generation did not finish in {timeout:.0f}s")
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return str(out[0].text)
