@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.container import AGENT, Container, build_root, missing_tools
+from tests.support.container import AGENT, Container, build_root, missing_tools
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.pin import Selection, pin_directory
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import zoo_agent
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.errors import IntegrityError, StoreError, UsageError
 from zoo_agent.reconcile.apply import reverify
 from zoo_agent.reconcile.observe import observe
