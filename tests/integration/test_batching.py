@@ -23,6 +23,8 @@ pytest.importorskip("torch", reason="the resident extra is not installed (pip in
 
 from tests.support.lora import DESCRIPTIONS, adapter, backend  # noqa: E402
 
+pytestmark = pytest.mark.resident
+
 PROMPTS = ["Hello", "What is a model zoo?", "The zoo keeps every model pinned by its digest.", "Ask a question",
            "I am fine, thank you. And you?", "Adapters change how", "A host serves one tenant at a time. What is a", "x"]  # fmt: skip
 

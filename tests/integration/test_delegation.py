@@ -17,6 +17,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 GEN = {"generation": {"temperature": 0, "max_tokens": 4}}
 
 

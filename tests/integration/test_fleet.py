@@ -41,7 +41,7 @@ from tests.support.resident import Resident
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.resident]
 
 CLIENT_KEY, FLEET_KEY = "client-secret", "fleet-secret"
 ORDER = ("a", "e", "f", "b", "c", "d", "g")

@@ -18,6 +18,8 @@ from zoo_agent.resident.peers import tenant_digest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 
 def _world(tmp: Path, version: str, files: dict[str, bytes]) -> World:
     tmp.mkdir()

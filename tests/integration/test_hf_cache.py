@@ -17,6 +17,8 @@ from tests.support.world import World
 
 pytest.importorskip("transformers", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:

@@ -21,6 +21,8 @@ from zoo_agent.cli.main import cli
 from zoo_agent.errors import UsageError
 from zoo_agent.keyfile import MAX_KEY_BYTES, read_key_file
 
+pytestmark = pytest.mark.resident
+
 Make = Callable[[Path], Path]
 
 

@@ -29,6 +29,8 @@ pytest.importorskip("torch", reason="the resident extra is not installed (pip in
 
 import httpx  # noqa: E402
 
+pytestmark = pytest.mark.resident
+
 CLIENT, PRIVILEGED = "client-key", "priority-key"
 DEEP = b"[" * 100_000 + b"]" * 100_000
 

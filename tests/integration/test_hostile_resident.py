@@ -17,6 +17,8 @@ from tests.support.asgi import CHAT, ask
 from tests.support.victim import make_victim, snapshot
 from tests.support.world import World
 
+pytestmark = pytest.mark.resident
+
 
 def _session(sid: str, turns: int = 1) -> dict[str, Any]:
     """A session file as the resident writes it."""

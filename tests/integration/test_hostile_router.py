@@ -24,6 +24,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 ROUTE = {"rules": [{"tenant": "large", "when": {"code": True}}, {"tenant": "large", "when": {"keywords": ["explain"]}},
                    {"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}  # fmt: skip
 MIB = 1 << 20

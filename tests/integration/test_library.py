@@ -14,6 +14,8 @@ from zoo_agent.errors import IntegrityError, StoreError, UsageError
 from zoo_agent.reconcile.apply import reverify
 from zoo_agent.reconcile.observe import observe
 
+pytestmark = pytest.mark.resident
+
 
 def _applied(world: World, files: dict[str, bytes]) -> zoo_agent.HostZoo:
     world.artifact("m", "v1", files)

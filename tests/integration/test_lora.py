@@ -24,6 +24,8 @@ pytest.importorskip("peft", reason="the resident extra is not installed (pip ins
 from tests.support.lora import DESCRIPTIONS, LABELLED, PROMPT, THRESHOLD, adapter, backend, call, greedy, peft_reference  # noqa: E402
 from zoo_agent.resident.config import AdapterConfig  # noqa: E402
 
+pytestmark = pytest.mark.resident
+
 @pytest.fixture(scope="module")
 def three(built: dict[str, Path]) -> Any:
     return backend(built, tuple(adapter(built, a) for a in DESCRIPTIONS), threshold=THRESHOLD)

@@ -24,6 +24,8 @@ pytest.importorskip("peft", reason="the resident extra is not installed (pip ins
 from tests.support.lora import THRESHOLD, adapter, backend, call, peft_ids  # noqa: E402
 from zoo_agent.resident.backend import AUTO  # noqa: E402
 
+pytestmark = pytest.mark.resident
+
 # Bag-of-words similarities (test_lora's embedder): terse 0.66, code 0.65, legal 0.11.
 TWO = "review python code for bugs and answer tersely in one short line"
 # terse 0.57, code 0.43, legal 0.32: two pass 0.4, three pass 0.3.

@@ -27,6 +27,8 @@ import pytest
 
 from tests.support.world import World
 
+pytestmark = pytest.mark.resident
+
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "examples" / "prometheus" / "model-zoo-rules.yml"
 RULE_TESTS = REPO / "examples" / "prometheus" / "model-zoo-rules.test.yml"

@@ -12,6 +12,8 @@ from tests.support.ollamaserver import OllamaStandIn
 from tests.support.world import World
 from zoo_agent.sources import ollama as ollama_source
 
+pytestmark = pytest.mark.resident
+
 MANIFEST = b'{"schemaVersion": 2, "layers": ["llama3.2:1b weights"]}'
 DIGEST = "sha256:" + OllamaStandIn.digest_of(MANIFEST)
 

@@ -24,6 +24,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 def _index(world: World, tenants: dict[str, dict[str, Any]], budget: str | None = None) -> None:
     host: dict[str, Any] = {"tenants": list(tenants)}
     if budget is not None:

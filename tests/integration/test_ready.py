@@ -19,6 +19,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 
 def _cannot_generate(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
     """The tiny model plus a generation config that bans a token id the model does not have."""

@@ -12,6 +12,8 @@ import pytest
 
 from tests.support.world import World
 
+pytestmark = pytest.mark.resident
+
 PROVENANCE: dict[str, Any] = {
     "dataset": {"id": "org/reviews", "revision": "v3", "url": "https://example.org/reviews"},
     "training": {"repository": "https://git.example.org/train", "commit": "0123456789abcdef", "command": "python train.py"},

@@ -22,6 +22,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 
 @pytest.fixture
 def resident_world(world: World, tiny: dict[str, bytes]) -> World:

@@ -18,6 +18,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}
 LONG = "Tell me, in many words, " + " ".join(["about the zoo"] * 10)
 

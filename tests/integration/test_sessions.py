@@ -17,6 +17,8 @@ from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 TURNS = ["Hello there", "Tell me about the zoo", "And what about the lions?"]
 
 
