@@ -62,20 +62,19 @@ def carries_the_marker(path: Path) -> bool:
     return False
 
 
-@pytest.mark.parametrize("path", [*MODULES, *TESTS.rglob("conftest.py"), *(TESTS / "support").glob("*.py")],
-                         ids=lambda p: str(p.relative_to(TESTS)))  # fmt: skip
-def test_nothing_is_imported_from_a_test_module_or_a_conftest(path: Path) -> None:
-    wrong = [m for m in _imported_modules(ast.parse(path.read_text())) if _is_test_module_or_conftest(m)]
-    assert wrong == [], f"{path.relative_to(REPO)} imports {wrong}: move the helper to tests/support, or the fixture to a conftest.py (used by name)"
+def test_nothing_is_imported_from_a_test_module_or_a_conftest() -> None:
+    wrong = {}
+    for path in [*MODULES, *TESTS.rglob("conftest.py"), *(TESTS / "support").glob("*.py")]:
+        if found := [m for m in _imported_modules(ast.parse(path.read_text())) if _is_test_module_or_conftest(m)]:
+            wrong[str(path.relative_to(REPO))] = found
+    assert wrong == {}, "move each helper to tests/support, each fixture to a conftest.py (used by name)"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(TESTS)))
-def test_a_module_carries_the_resident_marker_exactly_when_it_runs_the_resident(path: Path) -> None:
-    expected = runs_the_resident(path)
-    assert carries_the_marker(path) == expected, (
-        f"{path.relative_to(REPO)}: " + ("runs the resident; add `pytestmark = pytest.mark.resident`" if expected
-                                        else "carries the resident marker but runs no resident; drop it")
-    )  # fmt: skip
+def test_a_module_carries_the_resident_marker_exactly_when_it_runs_the_resident() -> None:
+    unmarked = [str(p.relative_to(REPO)) for p in MODULES if runs_the_resident(p) and not carries_the_marker(p)]
+    marked = [str(p.relative_to(REPO)) for p in MODULES if carries_the_marker(p) and not runs_the_resident(p)]
+    assert unmarked == [], "these run the resident: add `pytestmark = pytest.mark.resident`"
+    assert marked == [], "these carry the resident marker but run no resident: drop it"
 
 
 def test_the_marker_is_registered_and_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
