@@ -414,6 +414,19 @@ def test_wrong_types_and_values_are_openai_400s_naming_the_field(app: Any) -> No
     assert responses[-1].status_code == 200  # n=1 is fine
 
 
+def test_a_400_names_the_field_in_the_clients_words_and_counts_come_before_items(app: Any) -> None:
+    """A union's branch is no field and its repr holds an address (``function-after[functools.
+    partial(<function … at 0x…>)]``); half a million bad messages were validated one by one and
+    took the worker past its ping timeout: the count is checked first (issue #31, adversarial pass)."""
+    five, many = ask(app, ("/v1/chat/completions", {**CHAT, "stop": ["a"] * 5}),
+                     ("/v1/chat/completions", {**CHAT, "messages": [0] * 300_000}))  # fmt: skip
+    error = five.json()["error"]
+    assert five.status_code == 400 and error["param"] == "stop" and "at most 4 items" in error["message"], error
+    assert "0x" not in five.text and "function-after" not in five.text
+    error = many.json()["error"]
+    assert many.status_code == 400 and error["param"] == "messages" and error["message"] == "messages: at most 10000 messages, not 300000", error
+
+
 def test_stop_ends_the_text_before_the_first_stop_sequence(app: Any) -> None:
     plain = ask(app, ("/v1/chat/completions", CHAT))[0].json()
     text = plain["choices"][0]["message"]["content"]

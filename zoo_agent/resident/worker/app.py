@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,11 +58,10 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        where, message = _first_problem(exc.errors())
         if not where:  # the body as a whole: not an object, or not read as JSON at all (FastAPI's strict Content-Type)
             return error(400, "body: must be a JSON object, sent with Content-Type: application/json", param="body")
-        return error(400, f"{where}: {first['msg']}", param=where)
+        return error(400, f"{where}: {message}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -186,3 +186,19 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(sse(pieces(state, request), rid, state, chat, request, usage), media_type="text/event-stream")
     return Deferred(state, request, rid, chat)
+
+
+def _first_problem(errors: Sequence[Any]) -> tuple[str, str]:
+    """The field and the message of a body's first problem, in the client's words. pydantic names
+    the branch of a union it tried (``function-after[functools.partial(<function … at 0x…>)]``):
+    that is no field, and its address is ours; of the branches' errors at one field, the one
+    that is not only "a valid string" says what is wrong (``stop`` of five items, issue #31)."""
+
+    def field(loc: Sequence[Any]) -> str:
+        return ".".join(str(p) for p in loc if p != "body" and (isinstance(p, int) or str(p).isidentifier()))
+
+    first = errors[0]
+    where = field(first["loc"])
+    same = [e for e in errors if field(e["loc"]) == where]
+    chosen = next((e for e in same if not str(e.get("type", "")).endswith("_type")), first)
+    return where, str(chosen["msg"])

@@ -18,10 +18,14 @@ from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIOR
 from zoo_agent.resident.sessions.store import ROUTE_HEADER
 from zoo_agent.resident.sessions.transcript import MAX_SEED, Text
 
-__all__ = ["MAX_STOP_CHARS", "Body", "BoundedRoute", "ChatBody", "CompletionBody", "LoadLoraBody", "Message", "PriorityHeader", "RouteHeader",
+__all__ = ["MAX_MESSAGES", "MAX_STOP_CHARS", "Body", "BoundedRoute", "ChatBody", "CompletionBody", "LoadLoraBody", "Message", "PriorityHeader", "RouteHeader",
            "StopText", "StreamOptions"]
 
 MAX_STOP_CHARS = 256
+#: More messages than any conversation holds (a 1 MiB body of ``{"role": "user", "content": ""}``
+#: is ~30,000): checked before a single item is validated, because validating and reporting
+#: half a million bad items took the worker past its ping timeout (issue #31).
+MAX_MESSAGES = 10_000
 
 
 StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -70,8 +74,15 @@ class Message(BaseModel):
 
 
 class ChatBody(Body):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     session: Text | None = Field(default=None, description="Our extension: append this exchange to a session (created on first use).")
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded(cls, messages: Any) -> Any:
+        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+            raise PydanticCustomError("too_long", "at most {limit} messages, not {given}", {"limit": MAX_MESSAGES, "given": len(messages)})
+        return messages
 
 
 class CompletionBody(Body):
