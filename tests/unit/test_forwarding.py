@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
-from zoo_agent.resident.router import _answer_with, _Events, _first_token, _message_of, _send, _with_x_zoo
+from zoo_agent.resident.router.app import _answer_with, _Events, _first_token, _message_of, _send, _with_x_zoo
 
 ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}
 
@@ -177,7 +177,7 @@ def test_a_large_event_a_few_bytes_at_a_time_is_read_in_linear_time() -> None:
     """In a child process under a liveness timeout: 4 MiB in 16-byte reads took the former
     join-and-split-everything hours of copying; this takes well under a second here."""
     script = (
-        "from zoo_agent.resident.router import _Events\n"
+        "from zoo_agent.resident.router.app import _Events\n"
         "r = _Events()\n"
         "data = b'data: ' + b'x' * (4 << 20) + b'\\n\\n'\n"
         "events = [e for i in range(0, len(data), 16) for e in r.feed(data[i : i + 16])]\n"

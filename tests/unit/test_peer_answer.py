@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zoo_agent.resident.peer_answer import PASSED_ON, RELAYED_ERRORS, Events, Refused, error_message, head, judge, whole
+from zoo_agent.resident.router.peer_answer import PASSED_ON, RELAYED_ERRORS, Events, Refused, error_message, head, judge, whole
 
 X_ZOO = {"host": "b"}
 DEEP = b"[" * 100_000 + b"]" * 100_000

@@ -14,7 +14,7 @@ from tests.conftest import SHA_A, SHA_B, SHA_C, write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
 from zoo_agent.index.model import Index
-from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
+from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
 
 
 def _model(version: str, sha: str = SHA_A) -> dict[str, Any]:

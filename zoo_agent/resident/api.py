@@ -32,9 +32,12 @@ from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.backend import AUTO, AdapterError, Generated, TransformersBackend
 from zoo_agent.resident.backend import Request as GenRequest
 from zoo_agent.resident.engine import scheduler_for
-from zoo_agent.resident.gate import Gate
-from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
-from zoo_agent.resident.sessions import ROUTE_HEADER, SessionDamaged, SessionError, Sessions, Turn, valid_id
+from zoo_agent.resident.wire.gate import Gate
+from zoo_agent.resident.wire.http import ApiError
+from zoo_agent.resident.wire.headers import PRIORITY as HEADER
+from zoo_agent.resident.wire.headers import SESSION_ROUTE as ROUTE_HEADER
+from zoo_agent.resident.wire.priority import CLASSES, MAX_PRIORITY, MIN_PRIORITY, BadPriority, parse_priority
+from zoo_agent.resident.sessions import SessionDamaged, SessionError, Sessions, Turn, valid_id
 from zoo_agent.resident.summaries import (
     NeedSummary,
     Summarizer,
@@ -244,8 +247,7 @@ class LoadLoraBody(BaseModel):
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(ApiError(status, message, param, code).document(), status_code=status, headers=headers)
 
 
 class _BoundedRequest(Request):

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from zoo_agent.resident.priority import PriorityQueue
+from zoo_agent.resident.wire.priority import PriorityQueue
 from zoo_agent.resident.stops import StopFilter, hit, window
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from zoo_agent.formats import now
 from zoo_agent.store.zoo import declared_facts
 
 if TYPE_CHECKING:
-    from zoo_agent.resident.protocol import Ready
+    from zoo_agent.resident.wire.control import Ready
     from zoo_agent.resident.slots import Slot, Worker
     from zoo_agent.resident.supervisor import Supervisor
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
 
 __all__ = ["Phase", "Slot", "Worker"]

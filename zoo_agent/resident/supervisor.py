@@ -33,12 +33,12 @@ from zoo_agent.formats import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
 from zoo_agent.resident.listener import listen_socket, read_api_key
 from zoo_agent.resident.memory import mem_available, rss
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
-from zoo_agent.resident.priority import CLASSES
+from zoo_agent.resident.wire.priority import CLASSES
 from zoo_agent.resident.reports import Reports
 from zoo_agent.resident.slots import Slot, Worker
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
@@ -90,7 +90,7 @@ class Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        from zoo_agent.resident.router import Router  # here: the router imports this module's types
+        from zoo_agent.resident.router.app import Router  # here: the router imports this module's types
 
         self.router = Router(self)
 

@@ -48,7 +48,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,17 +58,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from zoo_agent.resident.federation import PEER_HEADER, Federation
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.gate import PRIVILEGED, Gate
+from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
-from zoo_agent.resident.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
-from zoo_agent.resident.peers import Peer, pinned, tenant_digest, undeclared
-from zoo_agent.resident.priority import CLASSES, HEADER, BadPriority, PriorityNotAllowed, PriorityQueue, for_peer, grant
+from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
+from zoo_agent.resident.router.peers import Peer, pinned, tenant_digest, undeclared
 from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
-from zoo_agent.resident.sessions import ROUTE_HEADER, remove_session, session_lock
+from zoo_agent.resident.sessions import remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
+from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
+from zoo_agent.resident.wire.headers import PEER, PRIORITY, SESSION_ROUTE
+from zoo_agent.resident.wire.http import MAX_BODY, ApiError, Receive, Scope, Send, disconnected, error, header, respond
+from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, PriorityQueue, for_peer, grant
 
 if TYPE_CHECKING:
     import socket
@@ -80,19 +82,13 @@ __all__ = ["Router"]
 
 log = logging.getLogger("zoo_agent.resident")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-MAX_BODY = 1 << 20
 #: The most a worker's or a peer's answer (or one of its events) may be; ours are far smaller.
 MAX_ANSWER = 16 << 20
 #: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), the client's
 #: credential (the router checked it; workers, on private sockets, never see it), and the
 #: header only the router may set.
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
-                 b"host", b"content-length", b"authorization", b"expect", ROUTE_HEADER.lower().encode(), PEER_HEADER.lower().encode()})  # fmt: skip
+                 b"host", b"content-length", b"authorization", b"expect", SESSION_ROUTE.lower().encode(), PEER.lower().encode()})  # fmt: skip
 #: The request headers a delegated request keeps (with the fleet key, X-Zoo-Peer and the priority for_peer added).
 TO_PEERS = frozenset({b"content-type", b"accept", b"user-agent"})
 #: The scope key for a request's granted priority, when it named one (what for_peer asks a peer for).
@@ -153,28 +149,6 @@ class _Waiter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.future: asyncio.Future[str] = loop.create_future()
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> tuple[int, bytes]:
-    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
-    return status, json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _header(scope: Scope, name: str) -> str | None:
-    wanted = name.lower().encode()
-    value = next((v for k, v in scope.get("headers", []) if k.lower() == wanted), None)
-    return value.decode("latin-1") if value is not None else None
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _bounded(size: int, work: Callable[..., T], *args: Any) -> T:
@@ -399,27 +373,27 @@ class Router:
         method, path = scope["method"], scope["path"]
         if path == "/health" and method == "GET":
             status, data = self._health()
-            await _respond(send, status, data)
+            await respond(send, status, data)
             return
         if path == "/metrics" and method == "GET":
             text = await self._metrics()
-            await _respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
+            await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
             return
         if path == "/v1/models" and method == "GET":
-            await _respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
+            await respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
             return
-        from_peer = _header(scope, PEER_HEADER)
+        from_peer = header(scope, PEER)
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
-                                  content_type=_header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
+                                  content_type=header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
         parsed = await _bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Rejected):
-            await _respond(send, *_error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
+            await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
         tenant, document = parsed.tenant, parsed.document
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, parsed.session, method)
-            await _respond(send, *answer)
+            await respond(send, *answer)
             return
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
@@ -429,22 +403,22 @@ class Router:
         if path in GENERATE and method == "POST":
             stream = document.get("stream") is True
             field = document.get("priority")
-            named = [v for k, v in scope.get("headers", []) if k.lower() == HEADER.lower().encode()]
+            named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
             if len(named) > 1:  # the router would check one and the worker serve another
-                await _respond(send, *_error(400, f"{HEADER}: sent {len(named)} times; send it once", param=HEADER))
+                await respond(send, *error(400, f"{PRIORITY}: sent {len(named)} times; send it once", param=PRIORITY))
                 return
-            header = named[0] if named else None
+            sent = named[0] if named else None
             # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
             field = field if isinstance(field, int) and not isinstance(field, bool) else None
             # A route's request may be answered by any of its candidates: it may name no better than the worst one's own class.
             own = max(self._default_priority(t) for t in routed.tenants) if route is not None and routed.tenants else priority
             try:  # above default only with the priority key (issue #31); a peer's request is a client's
-                priority = grant(header.decode("latin-1") if header is not None else None, field, priority, scope.get(PRIVILEGED) is True, own)
+                priority = grant(sent.decode("latin-1") if sent is not None else None, field, priority, scope.get(PRIVILEGED) is True, own)
             except BadPriority as exc:
-                await _respond(send, *_error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
+                await respond(send, *error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
                                              code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
                 return
-            scope[GRANTED] = priority if header is not None or field is not None else None  # what a peer is asked for: for_peer
+            scope[GRANTED] = priority if sent is not None or field is not None else None  # what a peer is asked for: for_peer
         if tenant not in self.sup.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
             await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
                                       model=document.get("model"))  # fmt: skip
@@ -479,21 +453,21 @@ class Router:
         try:
             path = sessions / f"{valid_id(sid)}.json"
         except SessionError as exc:
-            return _error(400, str(exc), param="session")
+            return error(400, str(exc), param="session")
         if method == "DELETE":
             with session_lock(sessions):  # a commit under way finishes first, or sees no session
                 found = remove_session(sessions.parent, sid)
             if not found:
-                return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
+                return error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
             return 200, json.dumps({"id": sid, "object": "session.deleted", "deleted": True}).encode()
         if method != "GET":
-            return _error(405, "Method Not Allowed")
+            return error(405, "Method Not Allowed")
         try:
             transcript = read_session(path)
         except FileNotFoundError:
-            return _error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
+            return error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
         except SessionDamaged as exc:
-            return _error(422, f"session '{sid}' is damaged ({exc}); delete it (DELETE /v1/sessions/{sid}?model={route})", param="session",
+            return error(422, f"session '{sid}' is damaged ({exc}); delete it (DELETE /v1/sessions/{sid}?model={route})", param="session",
                           code="session_damaged")  # fmt: skip
         return 200, json.dumps(transcript.document()).encode()
 
@@ -501,7 +475,7 @@ class Router:
         """A tenant declared ``overflow: "peers"`` with peers, for a request that did not come from one."""
         idx = self.sup.idx
         return (idx is not None and tenant in idx.tenants and idx.tenants[tenant].overflow == "peers" and bool(self.federation.peers_of(tenant))
-                and _header(scope, PEER_HEADER) is None)  # fmt: skip
+                and header(scope, PEER) is None)  # fmt: skip
 
     def _overflows(self, scope: Scope, tenant: str) -> str | None:
         """Why a request goes to peers before it waits here: its tenant's queue is full, or it does not fit now."""
@@ -540,7 +514,7 @@ class Router:
 
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
         target = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         code = 0
         try:
             for attempt in range(3):
@@ -562,7 +536,7 @@ class Router:
                     if started:
                         await self._stream_error(send, status, message)
                     else:
-                        await _respond(send, *_error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
+                        await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
                                        headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
                     return
                 if path is None:
@@ -582,7 +556,7 @@ class Router:
             if started:
                 await self._stream_error(send, 503, message)
             else:
-                await _respond(send, *_error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
+                await respond(send, *error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
         finally:
             gone.cancel()
             if code:
@@ -595,18 +569,18 @@ class Router:
         ``session``: the body names one, which stays here (400). ``model``: the name asked for;
         one the index does not declare (``tenant:adapter``) is a 404 here, never every peer's question."""
         if session:  # its turns live here: a peer would answer without them, and keep its reply
-            await _respond(send, *_error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
+            await respond(send, *error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
             return
         idx = self.sup.idx
         if isinstance(model, str) and idx is not None and (problem := undeclared(idx, model)) is not None:
-            await _respond(send, *_error(404, f"model: {problem}", param="model", code="model_not_found"))
+            await respond(send, *error(404, f"model: {problem}", param="model", code="model_not_found"))
             return
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         try:
             await self._peer_attempt(scope, body, send, gone, tenant, stream)
         except _Fallback as exc:
             head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
-            await _respond(send, *_error(503, head + str(exc), code="model_unavailable"), headers=[(b"retry-after", b"5")])
+            await respond(send, *error(503, head + str(exc), code="model_unavailable"), headers=[(b"retry-after", b"5")])
         finally:
             gone.cancel()
 
@@ -623,7 +597,7 @@ class Router:
         # and asks for at most the class it grants (issue #31).
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() in TO_PEERS] + fed.headers()
         if (wanted := for_peer(scope.get(GRANTED))) is not None:
-            headers.append((HEADER.lower().encode(), wanted.encode()))
+            headers.append((PRIORITY.lower().encode(), wanted.encode()))
         tried: dict[str, str] = {}
         # A peer that hangs (stopped, its link cut under a pooled connection) gives way after this.
         wait = first_token or self.sup.config.load_wait
@@ -702,7 +676,7 @@ class Router:
                     raise _Fallback(str(exc), "failed") from None
                 if kind == "answer":
                     committed_to()
-                await _respond(send, response.status_code, whole_answer)
+                await respond(send, response.status_code, whole_answer)
                 return response.status_code
             return await self._relay_events(peer, response, send, gone, Events(x_zoo, MAX_ANSWER), deadline, wait, committed_to)
         finally:
@@ -758,8 +732,8 @@ class Router:
         (its place refused, its queue full, its worker failing, no first token in time), never after."""
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
         if "session" in routed.document:  # the session is the route's: it follows the conversation from model to model
-            headers.append((ROUTE_HEADER.lower().encode(), routed.id.encode()))
-        gone = asyncio.ensure_future(_disconnected(receive))
+            headers.append((SESSION_ROUTE.lower().encode(), routed.id.encode()))
+        gone = asyncio.ensure_future(disconnected(receive))
         failure: tuple[int, str] = (503, f"route '{routed.id}': none of its tenants is served here")
         try:
             for i, tenant in enumerate(routed.tenants):
@@ -767,7 +741,7 @@ class Router:
                 try:
                     body = await _bounded(routed.size, _with_model, routed.document, tenant)
                 except ValueError:  # the same for every candidate: the first finds it, before anything is sent
-                    await _respond(send, *_error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
+                    await respond(send, *error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
                     return
                 if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
                     if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
@@ -806,7 +780,7 @@ class Router:
                 self.metrics.requests.labels(tenant, str(code)).inc()
                 return
             status, message = failure
-            await _respond(send, *_error(status, f"route '{routed.id}': no tenant could answer; last: {message}", code="model_unavailable"),
+            await respond(send, *error(status, f"route '{routed.id}': no tenant could answer; last: {message}", code="model_unavailable"),
                            headers=[(b"retry-after", b"5")])  # fmt: skip
         finally:
             gone.cancel()
@@ -980,9 +954,7 @@ class Router:
 
     async def _stream_error(self, send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
         """The stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
-        event: dict[str, Any] = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "param": None,
-                                           "code": status}, **({"x_zoo": x_zoo} if x_zoo else {})}  # fmt: skip
-        await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), "more_body": False})
+        await send({"type": "http.response.body", "body": ApiError(status, message, code=status).event(x_zoo), "more_body": False})
 
     # -- what the router answers itself ------------------------------------------------------------
     def _health(self) -> tuple[int, bytes]:
