@@ -72,13 +72,13 @@ class Harness:
 
     def ask(self) -> asyncio.Task[str]:
         """A request for the on-demand tenant, as the router places it (it waits in the router's queue)."""
-        task = self.loop.create_task(self.sup.router._place("lazy", 2))
+        task = self.loop.create_task(self.sup.router.admission.place("lazy", 2))
         self.loop.run_until_complete(asyncio.sleep(0))
         return task
 
     def answer(self, task: asyncio.Task[str]) -> BaseException | None:
         """What the router does when the supervisor pokes it: the waiter is answered."""
-        self.sup.router._pump("lazy")
+        self.sup.router.admission.pump("lazy")
         self.loop.run_until_complete(asyncio.sleep(0))
         assert task.done()
         return task.exception()

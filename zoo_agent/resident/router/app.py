@@ -59,26 +59,29 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
 from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
 from zoo_agent.resident.router.peers import Peer, pinned, tenant_digest, undeclared
 from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
+from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.sessions import remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
 from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
 from zoo_agent.resident.wire.headers import PEER, PRIORITY, SESSION_ROUTE
 from zoo_agent.resident.wire.http import MAX_BODY, ApiError, Receive, Scope, Send, disconnected, error, header, respond
-from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, PriorityQueue, for_peer, grant
+from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, for_peer, grant
 
 if TYPE_CHECKING:
     import socket
 
     from zoo_agent.index.model import Index, RouteEntry
-    from zoo_agent.resident.supervisor import Supervisor
+    from zoo_agent.resident.config import ResidentConfig
+    from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Router"]
+__all__ = ["Keys", "Router"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -144,13 +147,6 @@ class _Metrics:
                 self.fetches.labels(tenant, result)
 
 
-class _Waiter:
-    """A request waiting for a place in its tenant's worker."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[str] = loop.create_future()
-
-
 async def _bounded(size: int, work: Callable[..., T], *args: Any) -> T:
     """``work(*args)``, whose cost is linear in ``size`` bytes of someone else's data: in the loop
     when that is at most ``INLINE``, else on ``_WORK`` (the loop answers /health meanwhile)."""
@@ -173,43 +169,58 @@ def _with_model(document: dict[str, Any], tenant: str) -> bytes:
     return json.dumps({**document, "model": tenant}, allow_nan=False).encode()
 
 
+@dataclass(frozen=True)
+class Keys:
+    """The bearer keys the gate checks (issue #31): clients', peers' (the fleet key), the privileged client's."""
+
+    api: str | None = None
+    fleet: str | None = None
+    priority: str | None = None
+
+
 class Router:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    """The ASGI entry: the public socket's requests, each dispatched once parsed (issue #32: it shares
+    only the ``SlotTable`` with the supervisor; what it tells the supervisor's metrics goes through
+    ``known``, ``loaded``, ``evicted``, ``restarted``, ``fetched``; what it asks, through ``is_ready``
+    and ``status_line``)."""
+
+    def __init__(self, table: SlotTable, config: ResidentConfig, zoo: Zoo, host_id: str, keys: Keys, *,
+                 is_ready: Callable[[], bool], status_line: Callable[[], str]) -> None:  # fmt: skip
+        self.table, self.config, self.zoo, self.keys = table, config, zoo, keys
+        self.is_ready, self.status_line = is_ready, status_line
+        self.idx: Index | None = None
         self.metrics = _Metrics()
-        self.queues: dict[str, PriorityQueue[_Waiter]] = {}
+        self.admission = Admission(table, config.aging_seconds, config.load_wait)
         self.clients: dict[str, httpx.AsyncClient] = {}
-        self.models: list[dict[str, Any]] = []
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
-        self.similarity = Similarity(supervisor.zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
-        self.federation = Federation(supervisor.host_id, supervisor.fleet_key, self.metrics.registry,
-                                     supervisor.config.peer_poll_seconds)  # the peers (issue #22)  # fmt: skip
+        self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
+        self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
         self.beat = time.monotonic()
-        self.stopping = False
 
     # -- the supervisor's thread ------------------------------------------------------------
-    def take_index(self, idx: Index) -> None:
+    def take_index(self, idx: Index, host_id: str) -> None:
+        """The index the supervisor took (its slot table already follows it), with this host's id in it."""
         lora_tenant: dict[str, str] = {}
-        for tid in self.sup.order:
+        for tid in self.table.order:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
-        host_id = self.sup.host_id
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
-        self.similarity.take(route_tasks(self.sup.zoo, idx, host_id))
+        self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
+        self.idx = idx
 
     def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
         """Serve the public socket, and ``private`` (a unix socket in the supervisor's own
         directory) where workers ask other tenants, as the route's summarizer (issue #21)."""
         import uvicorn
 
-        app = Gate(self, max_body=MAX_BODY, api_key=self.sup.api_key, fleet_key=self.sup.fleet_key, priority_key=self.sup.priority_key)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.sup.config.drain_seconds) + 1,
+        app = Gate(self, max_body=MAX_BODY, api_key=self.keys.api, fleet_key=self.keys.fleet, priority_key=self.keys.priority)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.config.drain_seconds) + 1,
                                 lifespan="off")  # fmt: skip
         self.server = uvicorn.Server(config)
         ready = threading.Event()
@@ -242,13 +253,22 @@ class Router:
     def poke(self, tenant: str) -> None:
         """A tenant's state changed (loaded, refused, failed): serve or answer who waits for it."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._pump, tenant)
+            self.loop.call_soon_threadsafe(self.admission.pump, tenant)
 
     def forget(self, path: str) -> None:
         """A worker is gone: close the connections to its socket."""
         client = self.clients.pop(path, None)
         if client is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(client.aclose(), self.loop)
+
+    def known(self, tenant: str, on_demand: bool) -> None:
+        self.metrics.known(tenant, on_demand)
+
+    def restarted(self, tenant: str, reason: str) -> None:
+        self.metrics.restarts.labels(tenant, reason).inc()
+
+    def fetched(self, tenant: str, result: str) -> None:
+        self.metrics.fetches.labels(tenant, result).inc()
 
     def loaded(self, tenant: str, seconds: float) -> None:
         self.metrics.load_seconds.labels(tenant).observe(seconds)
@@ -258,10 +278,10 @@ class Router:
 
     def stop(self) -> None:
         """Stop accepting; requests in flight finish (uvicorn's graceful shutdown)."""
-        self.stopping = True
+        self.admission.stopping = True
         if self.server is not None:
             self.server.should_exit = True
-        for tenant in list(self.queues):
+        for tenant in self.admission.waiting():
             self.poke(tenant)  # who waits for a tenant to load is answered now: nothing loads any more
         self.similarity.close()
 
@@ -274,82 +294,6 @@ class Router:
         while True:
             self.beat = time.monotonic()
             await asyncio.sleep(0.25)
-
-    def _pump(self, tenant: str) -> None:
-        """Give free places in the tenant's worker to its best waiters; answer them all if it is refused."""
-        queue = self.queues.get(tenant)
-        if not queue:
-            return
-        with self.sup.lock:
-            slot = self.sup.slots.get(tenant)
-            while len(queue):
-                if slot is None or slot.refusal is not None or self.stopping:
-                    waiter = queue.pop_best()
-                    if not waiter.future.done():
-                        why = "the resident is stopping" if self.stopping else slot.refusal if slot else f"tenant '{tenant}' is no longer served here"
-                        waiter.future.set_exception(_Refused(why))
-                    continue
-                if slot.path is None or slot.inflight >= slot.capacity:
-                    break
-                waiter = queue.pop_best()
-                if waiter.future.done():  # its client left
-                    continue
-                slot.inflight += 1
-                slot.last_used = time.monotonic()
-                waiter.future.set_result(slot.path)
-            if slot is not None:
-                slot.queued = len(queue)
-                slot.wanted = slot.wanted or bool(len(queue))
-
-    async def _place(self, tenant: str, priority: int) -> str:
-        """A place in the tenant's worker: its socket path (release it with ``_release``)."""
-        loop = asyncio.get_running_loop()
-        queue = self.queues.setdefault(tenant, PriorityQueue(self.sup.config.aging_seconds))
-        with self.sup.lock:
-            slot = self.sup.slots.get(tenant)
-            if slot is None:
-                raise _Refused(f"tenant '{tenant}' is not served by this host")
-            if slot.path is not None and not len(queue):
-                if slot.inflight >= slot.capacity:
-                    raise _Full(f"tenant '{tenant}' is at capacity ({slot.capacity} requests running and waiting); retry later")
-                slot.inflight += 1
-                slot.last_used = time.monotonic()
-                return slot.path
-            if len(queue) >= slot.capacity:
-                raise _Full(f"tenant '{tenant}' is {slot.phase.replace('_', ' ')} and {len(queue)} requests already wait for it; retry later")
-            if slot.phase == "failed" and slot.refusal is not None:
-                slot.refusal = None  # a new request tries a failed tenant again
-            if slot.refusal is not None:
-                raise _Refused(slot.refusal)
-            if self.stopping:
-                raise _Refused("the resident is stopping")
-            waiter = _Waiter(loop)
-            queue.push(waiter, priority, time.monotonic())
-            slot.queued, slot.wanted, slot.last_used = len(queue), True, time.monotonic()
-        self.sup.wake()
-        try:
-            return await waiter.future
-        except asyncio.CancelledError:
-            placed = False
-            with self.sup.lock:
-                future = waiter.future
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    placed = True  # given a place just as its client left: give it back
-                else:
-                    future.cancel()
-                    queue.remove(waiter)
-                    slot.queued = len(queue)
-            if placed:
-                self._release(tenant)
-            raise
-
-    def _release(self, tenant: str) -> None:
-        with self.sup.lock:
-            slot = self.sup.slots.get(tenant)
-            if slot is not None:
-                slot.inflight = max(0, slot.inflight - 1)
-                slot.last_used = time.monotonic()
-        self._pump(tenant)
 
     def _client(self, path: str) -> httpx.AsyncClient:
         client = self.clients.get(path)
@@ -419,7 +363,7 @@ class Router:
                                              code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
                 return
             scope[GRANTED] = priority if sent is not None or field is not None else None  # what a peer is asked for: for_peer
-        if tenant not in self.sup.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
+        if tenant not in self.table.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
             await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
                                       model=document.get("model"))  # fmt: skip
             return
@@ -437,19 +381,19 @@ class Router:
             scores, why = await self.similarity.scores(rid, text)
             f = replace(f, similarity=scores)
         choice = choose(route, f)
-        tried = [t for t in candidates(route, choice.tenant) if t in self.sup.slots or self.federation.peers_of(t)]  # here, or at a peer
+        tried = [t for t in candidates(route, choice.tenant) if t in self.table.slots or self.federation.peers_of(t)]  # here, or at a peer
         return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why,
                        size=size)  # fmt: skip
 
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
-        return Host(self.sup.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant)
+        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant)
 
     def _route_session(self, route: str, sid: str, method: str) -> tuple[int, bytes]:
         """GET or DELETE a route's session. Its transcript is a file any of the route's workers
         may write (under their lock, by rename): reading it here needs no worker loaded."""
-        sessions = self.sup.zoo.route_dir(route) / "sessions"
+        sessions = self.zoo.route_dir(route) / "sessions"
         try:
             path = sessions / f"{valid_id(sid)}.json"
         except SessionError as exc:
@@ -473,7 +417,7 @@ class Router:
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:
         """A tenant declared ``overflow: "peers"`` with peers, for a request that did not come from one."""
-        idx = self.sup.idx
+        idx = self.idx
         return (idx is not None and tenant in idx.tenants and idx.tenants[tenant].overflow == "peers" and bool(self.federation.peers_of(tenant))
                 and header(scope, PEER) is None)  # fmt: skip
 
@@ -481,19 +425,11 @@ class Router:
         """Why a request goes to peers before it waits here: its tenant's queue is full, or it does not fit now."""
         if scope["path"] not in GENERATE or not self._may_overflow(scope, tenant):
             return None
-        with self.sup.lock:
-            slot = self.sup.slots.get(tenant)
-            if slot is None:
-                return None
-            if slot.path is not None and slot.inflight >= slot.capacity:
-                return f"at capacity ({slot.capacity} running and waiting)"
-            if slot.path is None and slot.blocked:
-                return f"does not fit now ({slot.blocked})"
-        return None
+        return self.admission.overflows(tenant)
 
     def _default_priority(self, tenant: str) -> int:
         """The tenant's own class: its slot's here, the index's for a tenant only peers serve."""
-        slot, idx = self.sup.slots.get(tenant), self.sup.idx
+        slot, idx = self.table.slots.get(tenant), self.idx
         if slot is None and idx is not None and tenant in idx.tenants:
             return CLASSES[idx.tenants[tenant].priority]
         return slot.priority if slot is not None else 0
@@ -522,12 +458,12 @@ class Router:
                     code = 0  # counted per peer
                     await self._forward_peers(scope, receive, send, body, tenant, stream, why, session)
                     return
-                placing = asyncio.ensure_future(self._place(tenant, priority))
+                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
                 try:
-                    path = await self._wait(placing, gone, tenant, comment if stream else None)
-                except (_Refused, _Full, TimeoutError) as exc:
-                    status = 429 if isinstance(exc, _Full) else 503
-                    message = str(exc) or f"tenant '{tenant}' did not load within {self.sup.config.load_wait:.0f}s"
+                    path = await self.admission.wait(placing, gone, tenant, comment if stream else None)
+                except (Unavailable, QueueFull, TimeoutError) as exc:
+                    status = 429 if isinstance(exc, QueueFull) else 503
+                    message = str(exc) or f"tenant '{tenant}' did not load within {self.config.load_wait:.0f}s"
                     code = status
                     if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
                         code = 0
@@ -549,7 +485,7 @@ class Router:
                     await asyncio.sleep(0.2)
                     continue
                 finally:
-                    self._release(tenant)
+                    self.admission.release(tenant)
                 return
             code = 503
             message = f"tenant '{tenant}': its worker failed three times before answering"
@@ -571,7 +507,7 @@ class Router:
         if session:  # its turns live here: a peer would answer without them, and keep its reply
             await respond(send, *error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
             return
-        idx = self.sup.idx
+        idx = self.idx
         if isinstance(model, str) and idx is not None and (problem := undeclared(idx, model)) is not None:
             await respond(send, *error(404, f"model: {problem}", param="model", code="model_not_found"))
             return
@@ -600,7 +536,7 @@ class Router:
             headers.append((PRIORITY.lower().encode(), wanted.encode()))
         tried: dict[str, str] = {}
         # A peer that hangs (stopped, its link cut under a pooled connection) gives way after this.
-        wait = first_token or self.sup.config.load_wait
+        wait = first_token or self.config.load_wait
         for peer in fed.candidates(tenant):
             try:
                 code = await self._one_peer(peer, scope["path"], headers, body, send, gone, stream, wait, {**(x_zoo or {}), "host": peer.host},
@@ -743,7 +679,7 @@ class Router:
                 except ValueError:  # the same for every candidate: the first finds it, before anything is sent
                     await respond(send, *error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
                     return
-                if tenant not in self.sup.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
+                if tenant not in self.table.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
                     if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
                         failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
                         routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
@@ -756,14 +692,14 @@ class Router:
                         routed.fell(tenant, str(exc), self.metrics, exc.kind)
                         continue
                     return
-                wait = self.sup.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
-                placing = asyncio.ensure_future(self._place(tenant, priority))
+                wait = self.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
+                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
                 try:
-                    path = await self._wait(placing, gone, tenant, None, wait)
-                except (_Refused, _Full, TimeoutError) as exc:
-                    why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.sup.slots.get(tenant)) and slot.blocked else "")
-                    failure = (429 if isinstance(exc, _Full) else 503, f"{tenant}: {why}")
-                    routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, _Full) else "unavailable")
+                    path = await self.admission.wait(placing, gone, tenant, None, wait)
+                except (Unavailable, QueueFull, TimeoutError) as exc:
+                    why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.table.slots.get(tenant)) and slot.blocked else "")
+                    failure = (429 if isinstance(exc, QueueFull) else 503, f"{tenant}: {why}")
+                    routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, QueueFull) else "unavailable")
                     continue
                 if path is None:
                     return  # the client left
@@ -776,7 +712,7 @@ class Router:
                     routed.fell(tenant, str(exc), self.metrics, exc.kind)
                     continue
                 finally:
-                    self._release(tenant)
+                    self.admission.release(tenant)
                 self.metrics.requests.labels(tenant, str(code)).inc()
                 return
             status, message = failure
@@ -889,28 +825,6 @@ class Router:
         except (httpx.TransportError, OSError) as exc:
             raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _wait(self, placing: asyncio.Future[str], gone: asyncio.Future[None], tenant: str,
-                    comment: Callable[[str], Awaitable[None]] | None, seconds: float | None = None) -> str | None:  # fmt: skip
-        deadline = time.monotonic() + (self.sup.config.load_wait if seconds is None else seconds)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                placing.cancel()
-                raise TimeoutError
-            both: set[asyncio.Future[Any]] = {placing, gone}
-            done, _ = await asyncio.wait(both, timeout=min(left, 2.0), return_when=asyncio.FIRST_COMPLETED)
-            if placing in done:
-                return placing.result()
-            if gone in done:
-                placing.cancel()
-                return None
-            if comment is not None:
-                slot = self.sup.slots.get(tenant)
-                what = slot.phase.replace("_", " ") if slot else "gone"
-                if slot is not None and slot.phase == "fetching":
-                    what += f" {slot.fetch_pct}%"
-                await comment(f"waiting for {tenant}: {what}")
-
     async def _pipe(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
                     gone: asyncio.Future[None], started: bool) -> int:  # fmt: skip
         """One exchange with the worker, its answer streamed to the client as it arrives."""
@@ -958,12 +872,11 @@ class Router:
 
     # -- what the router answers itself ------------------------------------------------------------
     def _health(self) -> tuple[int, bytes]:
-        sup = self.sup
         tenants: dict[str, Any] = {}
         t = time.monotonic()
-        with sup.lock:
-            for tid in sup.order:
-                slot = sup.slots[tid]
+        with self.table.lock:
+            for tid in self.table.order:
+                slot = self.table.slots[tid]
                 worker = slot.serving
                 tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
                                 "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
@@ -971,14 +884,14 @@ class Router:
                                 "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
                                 **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
                                 **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
-        state = "stopping" if self.stopping else ("ready" if sup.ready_sent else "starting")
-        body = {"state": state, "status": sup.status_line(), "budget": sup.budget, "tenants": tenants,
+        state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
+        body = {"state": state, "status": self.status_line(), "budget": self.table.budget, "tenants": tenants,
                 **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip
         return (200 if state == "ready" else 503), json.dumps(body).encode()
 
     def _models(self) -> list[dict[str, Any]]:
         """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules)."""
-        idx = self.sup.idx
+        idx = self.idx
         if idx is None:
             return []
         data = []
@@ -986,8 +899,8 @@ class Router:
         def card(mid: str, root: str, parent: str | None, state: str, **extra: Any) -> dict[str, Any]:
             return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state, **extra}}
 
-        for tid in self.sup.order:
-            slot, tenant = self.sup.slots[tid], idx.tenants[tid]
+        for tid in self.table.order:
+            slot, tenant = self.table.slots[tid], idx.tenants[tid]
             worker = slot.serving
             root = f"{worker.config.model}@{worker.config.version}" if worker else pinned(idx, tid)
             refused = worker.config.refused_adapters if worker else {}
@@ -1002,19 +915,19 @@ class Router:
 
     async def _metrics(self) -> bytes:
         """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""
-        m, sup = self.metrics, self.sup
-        with sup.lock:
-            serving = {tid: s.path for tid, s in sup.slots.items() if s.path is not None}
-            for tid, slot in sup.slots.items():
+        m, table = self.metrics, self.table
+        with table.lock:
+            serving = {tid: s.path for tid, s in table.slots.items() if s.path is not None}
+            for tid, slot in table.slots.items():
                 m.loaded.labels(tid).set(1 if slot.path is not None else 0)
                 m.footprint.labels(tid).set(slot.footprint)
                 m.inflight.labels(tid).set(slot.inflight)
-                counts = self.queues[tid].counts_by_class() if tid in self.queues else {}
+                counts = self.admission.counts_by_class(tid)
                 for name in ("system", "realtime", "default", "batch"):
                     m.waiting.labels(tid, name).set(counts.get(name, 0))
-            if sup.budget is not None:
-                m.budget.set(sup.budget)
-            m.ready.set(1 if sup.ready_sent and not self.stopping else 0)
+            if table.budget is not None:
+                m.budget.set(table.budget)
+            m.ready.set(1 if self.is_ready() and not self.admission.stopping else 0)
 
         async def scrape(tid: str, path: str) -> tuple[str, str]:
             try:
@@ -1106,14 +1019,6 @@ async def _send(client: httpx.AsyncClient, method: str, target: str, headers: li
                 raise
             log.info("%s %s: the connection failed before the request was sent (%s); sending it once more", method, target, type(exc).__name__)
     raise AssertionError("unreachable")
-
-
-class _Refused(Exception):
-    """The tenant cannot be served now (it does not fit, failed to load or fetch, is gone): 503."""
-
-
-class _Full(Exception):
-    """The tenant's worker and queue are full: 429."""
 
 
 class _WorkerFailed(Exception):
