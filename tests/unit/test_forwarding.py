@@ -184,3 +184,36 @@ def test_a_large_event_a_few_bytes_at_a_time_is_read_in_linear_time() -> None:
         "assert len(events) == 1 and len(events[0]) == (4 << 20) + 6\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class _BrokenStream(httpx.AsyncByteStream):
+    """A peer's answer: its first token, then the connection breaks."""
+
+    async def __aiter__(self) -> Any:
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+        raise httpx.ReadError("reset")
+
+
+def test_a_peer_answer_that_breaks_after_its_first_token_ends_in_an_error_that_says_who_gave_it() -> None:
+    """A route answered by a peer: the error event that ends the stream carries ``x_zoo.route`` like every other answer."""
+    from zoo_agent.resident.router.app import Router
+    from zoo_agent.resident.router.peer_answer import Events
+    from zoo_agent.resident.router.peers import Peer
+
+    x_zoo = {"route": {"route": "r", "tenant": "big"}, "host": "b"}
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def go() -> int:
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        response = httpx.Response(200, stream=_BrokenStream())
+        router = object.__new__(Router)  # the relay reads no state of the router's
+        peer = Peer(host="b", tenant="big", endpoint="http://127.0.0.1:1", model="m@1", digest="sha256:0")
+        return await router._relay_events(peer, response, send, gone, Events(x_zoo, 1 << 16), 1e9, 5.0, lambda: None)
+
+    assert asyncio.run(go()) == 502
+    last = sent[-1]["body"].decode().split("\n\n")[0]
+    event = json.loads(last.removeprefix("data: "))
+    assert "peer b: the answer broke off" in event["error"]["message"] and event["x_zoo"] == x_zoo

@@ -147,6 +147,11 @@ class _Metrics:
                 self.fetches.labels(tenant, result)
 
 
+async def _stream_error(send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
+    """The stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
+    await send({"type": "http.response.body", "body": ApiError(status, message, code=status).event(x_zoo), "more_body": False})
+
+
 async def _bounded(size: int, work: Callable[..., T], *args: Any) -> T:
     """``work(*args)``, whose cost is linear in ``size`` bytes of someone else's data: in the loop
     when that is at most ``INLINE``, else on ``_WORK`` (the loop answers /health meanwhile)."""
@@ -470,7 +475,7 @@ class Router:
                         await self._forward_peers(scope, receive, send, body, tenant, stream, message, session)
                         return
                     if started:
-                        await self._stream_error(send, status, message)
+                        await _stream_error(send, status, message)
                     else:
                         await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
                                        headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
@@ -490,7 +495,7 @@ class Router:
             code = 503
             message = f"tenant '{tenant}': its worker failed three times before answering"
             if started:
-                await self._stream_error(send, 503, message)
+                await _stream_error(send, 503, message)
             else:
                 await respond(send, *error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
         finally:
@@ -577,7 +582,7 @@ class Router:
             await attempt
         why = f"the poll found it {lost.result()}"
         if committed:
-            await self._stream_error(send, 502, f"peer {peer.host} stopped answering midway ({why})")
+            await _stream_error(send, 502, f"peer {peer.host} stopped answering midway ({why})", x_zoo)
             return 502
         raise _Fallback(why, "crashed")
 
@@ -643,7 +648,7 @@ class Router:
                     raise _Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
                 for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one
                     await send({"type": "http.response.body", "body": event, "more_body": True})
-                await self._stream_error(send, 502, f"peer {peer.host}: {why}")
+                await _stream_error(send, 502, f"peer {peer.host}: {why}", events.x_zoo)
                 return 502
             if events.committed and not started:
                 committed_to()
@@ -658,7 +663,7 @@ class Router:
         except Refused as exc:
             if not started:
                 raise _Fallback(str(exc), "failed") from None
-            await self._stream_error(send, 502, f"peer {peer.host}: {exc}")
+            await _stream_error(send, 502, f"peer {peer.host}: {exc}", events.x_zoo)
             return 502
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
@@ -774,14 +779,14 @@ class Router:
                 except (httpx.TransportError, OSError) as exc:
                     if not committed:
                         raise _Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
-                    await self._stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
+                    await _stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
                     return 502
                 events = buffer.feed(data)
                 size = len(buffer.pending) + (0 if committed else held_bytes + sum(map(len, events)))
                 if size > MAX_ANSWER:  # no answer of ours: one event this large, or this much before a first token
                     if not committed:
                         raise _Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
-                    await self._stream_error(send, 502, "the answer sent an oversized event", x_zoo)
+                    await _stream_error(send, 502, "the answer sent an oversized event", x_zoo)
                     return 502
                 for event in events:
                     if not committed:
@@ -840,7 +845,7 @@ class Router:
                     error = await _read(response, 64 << 10)
                 except _Fallback as exc:  # too long, or it broke off: what we can say of it
                     error = str(exc).encode()
-                await self._stream_error(send, response.status_code, await _bounded(len(error), _message_of, error))
+                await _stream_error(send, response.status_code, await _bounded(len(error), _message_of, error))
                 return response.status_code
             reading = response.aiter_raw().__aiter__()
             while True:
@@ -857,7 +862,7 @@ class Router:
                 except (httpx.TransportError, OSError) as exc:
                     log.warning("a worker's answer broke off: %s", exc)
                     if "text/event-stream" in response.headers.get("content-type", ""):
-                        await self._stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
+                        await _stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
                     return 502
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -865,10 +870,6 @@ class Router:
             return response.status_code
         finally:
             await response.aclose()
-
-    async def _stream_error(self, send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
-        """The stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
-        await send({"type": "http.response.body", "body": ApiError(status, message, code=status).event(x_zoo), "more_body": False})
 
     # -- what the router answers itself ------------------------------------------------------------
     def _health(self) -> tuple[int, bytes]:
