@@ -48,22 +48,22 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from zoo_agent.jsonbound import loads
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
+from zoo_agent.resident.router.commit import pipe_committed
+from zoo_agent.resident.router.delegate import GRANTED, Delegation
 from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.upstream import HOP, Clients, Fallback, WorkerFailed, bounded, pipe
 from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
-from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
-from zoo_agent.resident.router.peers import Peer, pinned, tenant_digest, undeclared
+from zoo_agent.resident.router.peers import pinned, tenant_digest
 from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
 from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.sessions import remove_session, session_lock
@@ -71,8 +71,8 @@ from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
 from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
 from zoo_agent.resident.wire.headers import PEER, PRIORITY, SESSION_ROUTE
-from zoo_agent.resident.wire.http import MAX_BODY, ApiError, Receive, Scope, Send, disconnected, error, header, respond
-from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, for_peer, grant
+from zoo_agent.resident.wire.http import MAX_BODY, Receive, Scope, Send, disconnected, error, header, respond, stream_error
+from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, grant
 
 if TYPE_CHECKING:
     import socket
@@ -85,25 +85,6 @@ __all__ = ["Keys", "Router"]
 
 log = logging.getLogger("zoo_agent.resident")
 
-#: The most a worker's or a peer's answer (or one of its events) may be; ours are far smaller.
-MAX_ANSWER = 16 << 20
-#: Request headers that describe this hop, not the request (RFC 9110 §7.6.1), the client's
-#: credential (the router checked it; workers, on private sockets, never see it), and the
-#: header only the router may set.
-HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-authorization", b"proxy-connection",
-                 b"host", b"content-length", b"authorization", b"expect", SESSION_ROUTE.lower().encode(), PEER.lower().encode()})  # fmt: skip
-#: The request headers a delegated request keeps (with the fleet key, X-Zoo-Peer and the priority for_peer added).
-TO_PEERS = frozenset({b"content-type", b"accept", b"user-agent"})
-#: The scope key for a request's granted priority, when it named one (what for_peer asks a peer for).
-GRANTED = "zoo.priority"
-HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
-#: Request or answer data up to this size is worked on in the router's loop (parsing 64 kB of
-#: JSON or running the route's rules over it takes well under a millisecond); more, on ``_WORK``.
-INLINE = 64 << 10
-#: Two threads for larger bodies, answers and events: at most two such parses at once (the memory
-#: bound, a few times 16 MiB at most), and the loop, which feeds the watchdog, never waits for one.
-_WORK = ThreadPoolExecutor(max_workers=2, thread_name_prefix="router-work")
-T = TypeVar("T")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -147,19 +128,6 @@ class _Metrics:
                 self.fetches.labels(tenant, result)
 
 
-async def _stream_error(send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
-    """The stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
-    await send({"type": "http.response.body", "body": ApiError(status, message, code=status).event(x_zoo), "more_body": False})
-
-
-async def _bounded(size: int, work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)``, whose cost is linear in ``size`` bytes of someone else's data: in the loop
-    when that is at most ``INLINE``, else on ``_WORK`` (the loop answers /health meanwhile)."""
-    if size <= INLINE:
-        return work(*args)
-    return await asyncio.get_running_loop().run_in_executor(_WORK, functools.partial(work, *args))
-
-
 def _features(route: RouteEntry, document: dict[str, Any]) -> tuple[Features, str | None]:
     """The request's features for the route's rules, and its message when a similarity rule would be tried (to embed)."""
     f = features(document)
@@ -196,11 +164,12 @@ class Router:
         self.idx: Index | None = None
         self.metrics = _Metrics()
         self.admission = Admission(table, config.aging_seconds, config.load_wait)
-        self.clients: dict[str, httpx.AsyncClient] = {}
+        self.clients = Clients()
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
+        self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -241,8 +210,7 @@ class Router:
                 polling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await polling  # no poll in flight on a client being closed
-                for client in list(self.clients.values()):
-                    await client.aclose()
+                await self.clients.close()
                 await self.federation.close()
 
             asyncio.run(main())
@@ -262,9 +230,7 @@ class Router:
 
     def forget(self, path: str) -> None:
         """A worker is gone: close the connections to its socket."""
-        client = self.clients.pop(path, None)
-        if client is not None and self.loop is not None:
-            asyncio.run_coroutine_threadsafe(client.aclose(), self.loop)
+        self.clients.forget(path, self.loop)
 
     def known(self, tenant: str, on_demand: bool) -> None:
         self.metrics.known(tenant, on_demand)
@@ -300,12 +266,6 @@ class Router:
             self.beat = time.monotonic()
             await asyncio.sleep(0.25)
 
-    def _client(self, path: str) -> httpx.AsyncClient:
-        client = self.clients.get(path)
-        if client is None:
-            transport = httpx.AsyncHTTPTransport(uds=path, retries=0)
-            client = self.clients[path] = httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
-        return client
 
     # -- ASGI ----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -334,7 +294,7 @@ class Router:
         from_peer = header(scope, PEER)
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
                                   content_type=header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
-        parsed = await _bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
+        parsed = await bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Rejected):
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
@@ -369,7 +329,7 @@ class Router:
                 return
             scope[GRANTED] = priority if sent is not None or field is not None else None  # what a peer is asked for: for_peer
         if tenant not in self.table.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
-            await self._forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
                                       model=document.get("model"))  # fmt: skip
             return
         if route is not None:
@@ -380,7 +340,7 @@ class Router:
     async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any], size: int) -> _Routed:
         """The route's decision; the message is embedded only when a similarity rule would be tried.
         The features are linear in the message, ``size`` bytes of body: a large one is read off the loop."""
-        f, text = await _bounded(size, _features, route, document)
+        f, text = await bounded(size, _features, route, document)
         why = None
         if text is not None:
             scores, why = await self.similarity.scores(rid, text)
@@ -461,7 +421,7 @@ class Router:
             for attempt in range(3):
                 if not started and (why := self._overflows(scope, tenant)) is not None:
                     code = 0  # counted per peer
-                    await self._forward_peers(scope, receive, send, body, tenant, stream, why, session)
+                    await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, why, session)
                     return
                 placing = asyncio.ensure_future(self.admission.place(tenant, priority))
                 try:
@@ -472,10 +432,10 @@ class Router:
                     code = status
                     if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
                         code = 0
-                        await self._forward_peers(scope, receive, send, body, tenant, stream, message, session)
+                        await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, message, session)
                         return
                     if started:
-                        await _stream_error(send, status, message)
+                        await stream_error(send, status, message)
                     else:
                         await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
                                        headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
@@ -483,8 +443,8 @@ class Router:
                 if path is None:
                     return  # the client left while it waited
                 try:
-                    code = await self._pipe(path, scope["method"], target, headers, body, send, gone, started)
-                except _WorkerFailed as exc:
+                    code = await pipe(self.clients.to(path), scope["method"], target, headers, body, send, gone, started)
+                except WorkerFailed as exc:
                     self.metrics.retries.labels(tenant).inc()
                     log.warning("%s: the worker failed before answering (%s); sending the request again (%d)", tenant, exc, attempt + 1)
                     await asyncio.sleep(0.2)
@@ -495,7 +455,7 @@ class Router:
             code = 503
             message = f"tenant '{tenant}': its worker failed three times before answering"
             if started:
-                await _stream_error(send, 503, message)
+                await stream_error(send, 503, message)
             else:
                 await respond(send, *error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
         finally:
@@ -503,170 +463,6 @@ class Router:
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
-    async def _forward_peers(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool,
-                             why: str | None = None, session: bool = False, model: Any = None) -> None:  # fmt: skip
-        """Delegate to the tenant's peers (issue #22): the least busy verified one first, the next
-        only while nothing was sent to the client; 503 naming every peer when none answers.
-        ``session``: the body names one, which stays here (400). ``model``: the name asked for;
-        one the index does not declare (``tenant:adapter``) is a 404 here, never every peer's question."""
-        if session:  # its turns live here: a peer would answer without them, and keep its reply
-            await respond(send, *error(400, f"session: tenant '{tenant}' is answered by a peer here; sessions do not cross hosts", param="session"))
-            return
-        idx = self.idx
-        if isinstance(model, str) and idx is not None and (problem := undeclared(idx, model)) is not None:
-            await respond(send, *error(404, f"model: {problem}", param="model", code="model_not_found"))
-            return
-        gone = asyncio.ensure_future(disconnected(receive))
-        try:
-            await self._peer_attempt(scope, body, send, gone, tenant, stream)
-        except _Fallback as exc:
-            head = f"tenant '{tenant}': {why}; " if why else f"tenant '{tenant}' is not served here; "
-            await respond(send, *error(503, head + str(exc), code="model_unavailable"), headers=[(b"retry-after", b"5")])
-        finally:
-            gone.cancel()
-
-    async def _peer_attempt(self, scope: Scope, body: bytes, send: Send, gone: asyncio.Future[None], tenant: str, stream: bool,
-                            x_zoo: dict[str, Any] | None = None, committed_to: Callable[[], None] = lambda: None,
-                            first_token: float | None = None) -> int:  # fmt: skip
-        """Each usable peer of the tenant in turn, until one answers (its status code); ``_Fallback``
-        naming every peer once, and why, when none did and nothing was sent to the client."""
-        fed = self.federation
-        if not fed.polled.is_set():  # just started: wait for the first poll to say who is usable
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fed.polled.wait(), 5.0)
-        # What describes the request, never a client's credentials (cookies, other keys): the fleet key speaks for it,
-        # and asks for at most the class it grants (issue #31).
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() in TO_PEERS] + fed.headers()
-        if (wanted := for_peer(scope.get(GRANTED))) is not None:
-            headers.append((PRIORITY.lower().encode(), wanted.encode()))
-        tried: dict[str, str] = {}
-        # A peer that hangs (stopped, its link cut under a pooled connection) gives way after this.
-        wait = first_token or self.config.load_wait
-        for peer in fed.candidates(tenant):
-            try:
-                code = await self._one_peer(peer, scope["path"], headers, body, send, gone, stream, wait, {**(x_zoo or {}), "host": peer.host},
-                                            committed_to)  # fmt: skip
-            except _Fallback as exc:
-                log.warning("%s: peer %s did not answer (%s); trying the next", tenant, peer.host, exc)
-                fed.failed(peer)
-                tried[peer.host] = f"{peer.host}: {exc}"
-                continue
-            fed.answered(peer, code)
-            return code
-        names = "; ".join([*tried.values(), *fed.unusable(tenant, besides=set(tried))]) or "none declared"
-        raise _Fallback(f"no peer could answer (peers: {names})", "peers")
-
-    async def _one_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
-                        stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """One delegated exchange, given up when a poll finds the peer gone or refused for this
-        tenant: before its first token that is the next peer's turn (a stopped peer still accepts,
-        and would hold the request for ``wait``); after it, the stream ends with an error event."""
-        fed, committed = self.federation, False
-
-        def commit() -> None:
-            nonlocal committed
-            committed = True
-            committed_to()
-
-        attempt: asyncio.Future[int] = asyncio.ensure_future(self._relay_peer(peer, target, headers, body, send, gone, stream, wait, x_zoo, commit))
-        lost = fed.watch(peer)
-        try:
-            either: set[asyncio.Future[Any]] = {attempt, lost}
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            fed.unwatch(peer, lost)
-        if attempt.done():
-            return attempt.result()
-        attempt.cancel()  # closing its connection
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await attempt
-        why = f"the poll found it {lost.result()}"
-        if committed:
-            await _stream_error(send, 502, f"peer {peer.host} stopped answering midway ({why})", x_zoo)
-            return 502
-        raise _Fallback(why, "crashed")
-
-    async def _relay_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
-                          stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """One exchange with a peer, relayed only as ``peer_answer`` allows (issue #31): the head is
-        ours, each document read by the bounded reader and written by us, the body decoded. Before
-        anything reached the client, a failure, an answer not to relay or no first token within
-        ``wait`` is a ``_Fallback``; after it, the stream ends with an error event naming the peer."""
-        deadline = time.monotonic() + wait
-        try:
-            response = await self._exchange(self.federation.client(peer.endpoint), "POST", target, headers, body, gone, wait)
-        except _WorkerFailed as exc:
-            raise _Fallback(f"failed before answering ({exc})", "crashed") from exc
-        except TimeoutError:
-            raise _Fallback(f"no first token within {wait:g}s", "first_token_timeout") from None
-        if response is None:
-            return 499
-        try:
-            try:
-                kind = judge(response.status_code, response.headers.get("content-type", ""), stream)
-            except Refused as exc:
-                said = error_message(await _read_some(response, MAX_ERROR)) if response.status_code >= 400 else ""
-                raise _Fallback(str(exc) + (f": {said}" if said else ""), "failed") from None
-            if kind == "error" or not stream:
-                try:
-                    data = await asyncio.wait_for(_read(response, MAX_ANSWER), max(1.0, deadline - time.monotonic()))
-                    whole_answer = whole(response.status_code, data, x_zoo)
-                except TimeoutError:
-                    raise _Fallback(f"its answer did not arrive within {wait:g}s", "first_token_timeout") from None
-                except Refused as exc:
-                    raise _Fallback(str(exc), "failed") from None
-                if kind == "answer":
-                    committed_to()
-                await respond(send, response.status_code, whole_answer)
-                return response.status_code
-            return await self._relay_events(peer, response, send, gone, Events(x_zoo, MAX_ANSWER), deadline, wait, committed_to)
-        finally:
-            await response.aclose()
-
-    async def _relay_events(self, peer: Peer, response: httpx.Response, send: Send, gone: asyncio.Future[None], events: Events, deadline: float,
-                            wait: float, committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """A peer's event stream, each event checked (``Events``) before it is sent; see ``_relay_peer``."""
-        started = False  # our head is out: from here on a failure ends the stream, never the next peer
-        reading = response.aiter_bytes().__aiter__()  # decoded: a compressing proxy in front of the peer changes nothing
-        while True:
-            chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-            pair: set[asyncio.Future[Any]] = {chunk, gone}
-            done, _ = await asyncio.wait(pair, timeout=None if started else max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                chunk.cancel()
-                return 499
-            if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
-                chunk.cancel()
-                raise _Fallback(f"no first token within {wait:g}s", "first_token_timeout")
-            try:
-                out = events.feed(chunk.result())
-            except StopAsyncIteration:
-                break
-            except (httpx.HTTPError, OSError, Refused) as exc:
-                why = str(exc) if isinstance(exc, Refused) else f"the answer broke off ({type(exc).__name__})"
-                if not started:
-                    raise _Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
-                for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-                await _stream_error(send, 502, f"peer {peer.host}: {why}", events.x_zoo)
-                return 502
-            if events.committed and not started:
-                committed_to()
-                await send({"type": "http.response.start", "status": 200, "headers": head(True)})
-                started = True
-            for event in out:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            if events.finished:
-                break  # [DONE]: whatever the peer sends after it is not the answer's
-        try:
-            events.end()
-        except Refused as exc:
-            if not started:
-                raise _Fallback(str(exc), "failed") from None
-            await _stream_error(send, 502, f"peer {peer.host}: {exc}", events.x_zoo)
-            return 502
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return 200
 
     async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
         """Each candidate in turn until one answers: the next only while nothing was sent to the client
@@ -680,7 +476,7 @@ class Router:
             for i, tenant in enumerate(routed.tenants):
                 last = i == len(routed.tenants) - 1
                 try:
-                    body = await _bounded(routed.size, _with_model, routed.document, tenant)
+                    body = await bounded(routed.size, _with_model, routed.document, tenant)
                 except ValueError:  # the same for every candidate: the first finds it, before anything is sent
                     await respond(send, *error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
                     return
@@ -690,9 +486,9 @@ class Router:
                         routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
                         continue
                     try:
-                        await self._peer_attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
+                        await self.delegation.attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
                                                  functools.partial(routed.answered, tenant, self.metrics), routed.route.first_token_seconds)  # fmt: skip
-                    except _Fallback as exc:
+                    except Fallback as exc:
                         failure = (503, f"{tenant}: {exc}")
                         routed.fell(tenant, str(exc), self.metrics, exc.kind)
                         continue
@@ -710,9 +506,9 @@ class Router:
                     return  # the client left
                 try:
                     ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
-                    code = await self._pipe_committed(self._client(path), scope["path"], headers, body, send, gone, stream, ttft,
+                    code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
                                                       {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
-                except _Fallback as exc:
+                except Fallback as exc:
                     failure = (503, f"{tenant}: {exc}")
                     routed.fell(tenant, str(exc), self.metrics, exc.kind)
                     continue
@@ -726,150 +522,6 @@ class Router:
         finally:
             gone.cancel()
 
-    async def _pipe_committed(self, client: httpx.AsyncClient, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
-                              gone: asyncio.Future[None], stream: bool, ttft: float | None, x_zoo: dict[str, Any],
-                              committed_to: Callable[[], None], passes: frozenset[int] = frozenset({429})) -> int:  # fmt: skip
-        """One exchange that another candidate (a route's next tenant, the next peer) may still take
-        over: committed to the client only at its first token. ``x_zoo`` goes into the answer
-        (on its last chunk): who answered and why. ``_Fallback`` before the first token: a
-        failure, a status in ``passes`` or any 5xx, or no first token within ``ttft``."""
-        deadline = time.monotonic() + ttft if ttft else None
-        try:
-            response = await self._exchange(client, "POST", target, headers, body, gone, ttft)
-        except _WorkerFailed as exc:
-            raise _Fallback(f"failed before answering ({exc})", "crashed") from exc
-        except TimeoutError:
-            raise _Fallback(f"no first token within {ttft:g}s", "first_token_timeout") from None
-        if response is None:
-            return 499
-        try:
-            if response.status_code >= 500 or response.status_code in passes:
-                error = await _read(response, MAX_ANSWER)
-                raise _Fallback(f"answered {response.status_code}: {await _bounded(len(error), _message_of, error)}", "failed")
-            out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
-            if not stream or response.status_code != 200:
-                data = await _read(response, MAX_ANSWER)
-                try:  # an error answer says who gave it too (README: every answer)
-                    data = await _bounded(len(data), _answer_with, data, x_zoo, response.status_code == 200)
-                except ValueError as exc:
-                    raise _Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
-                if response.status_code == 200:
-                    committed_to()
-                await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
-                await send({"type": "http.response.body", "body": data, "more_body": False})
-                return response.status_code
-            # What arrives before the first token is held, up to MAX_ANSWER bytes in all.
-            committed, held, held_bytes, buffer = False, [], 0, _Events()
-            reading = response.aiter_raw().__aiter__()
-            while True:
-                timeout = None if committed or deadline is None else max(0.0, deadline - time.monotonic())
-                chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-                pair: set[asyncio.Future[Any]] = {chunk, gone}
-                done, _ = await asyncio.wait(pair, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if gone in done:
-                    chunk.cancel()
-                    return 499
-                if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
-                    chunk.cancel()
-                    raise _Fallback(f"no first token within {ttft:g}s", "first_token_timeout")
-                try:
-                    data = chunk.result()
-                except StopAsyncIteration:
-                    break
-                except (httpx.TransportError, OSError) as exc:
-                    if not committed:
-                        raise _Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
-                    await _stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
-                    return 502
-                events = buffer.feed(data)
-                size = len(buffer.pending) + (0 if committed else held_bytes + sum(map(len, events)))
-                if size > MAX_ANSWER:  # no answer of ours: one event this large, or this much before a first token
-                    if not committed:
-                        raise _Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
-                    await _stream_error(send, 502, "the answer sent an oversized event", x_zoo)
-                    return 502
-                for event in events:
-                    if not committed:
-                        held.append(event)
-                        held_bytes += len(event)
-                        if not await _bounded(len(event), _first_token, event):
-                            continue
-                        committed = True
-                        committed_to()
-                        await send({"type": "http.response.start", "status": 200, "headers": out})
-                        events_out, held = held, []
-                    else:
-                        events_out = [event]
-                    for e in events_out:
-                        await send({"type": "http.response.body", "body": await _bounded(len(e), _with_x_zoo, e, x_zoo) + b"\n\n", "more_body": True})
-            if not committed:
-                raise _Fallback("its answer ended before a first token", "failed")
-            await send({"type": "http.response.body", "body": bytes(buffer.pending), "more_body": False})
-            return 200
-        finally:
-            await response.aclose()
-
-    async def _exchange(self, client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                        gone: asyncio.Future[None], timeout: float | None = None) -> httpx.Response | None:  # fmt: skip
-        """Send the request to the worker; its response head, or None when the client left first.
-        A non-streaming answer's head comes only when it is complete: the client is watched
-        meanwhile, so one that leaves closes the worker's connection and so cancels its generation.
-        Every forwarding path (plain, routed, peer) sends through here, so each gets ``_send``'s one retry."""
-        sending: asyncio.Future[httpx.Response] = asyncio.ensure_future(_send(client, method, target, headers, body))
-        waiting: set[asyncio.Future[Any]] = {sending, gone}
-        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not sending.done():
-            sending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError, OSError):
-                await sending
-            if not gone.done():
-                raise TimeoutError  # no head within ``timeout``
-            return None
-        try:
-            return sending.result()
-        except (httpx.TransportError, OSError) as exc:
-            raise _WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _pipe(self, path: str, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
-                    gone: asyncio.Future[None], started: bool) -> int:  # fmt: skip
-        """One exchange with the worker, its answer streamed to the client as it arrives."""
-        response = await self._exchange(self._client(path), method, target, headers, body, gone)
-        if response is None:
-            return 499
-        try:
-            if not started:
-                out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
-                await send({"type": "http.response.start", "status": response.status_code, "headers": out})
-            elif response.status_code != 200:  # our 200 and SSE comments went out already
-                try:
-                    error = await _read(response, 64 << 10)
-                except _Fallback as exc:  # too long, or it broke off: what we can say of it
-                    error = str(exc).encode()
-                await _stream_error(send, response.status_code, await _bounded(len(error), _message_of, error))
-                return response.status_code
-            reading = response.aiter_raw().__aiter__()
-            while True:
-                chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-                pair: set[asyncio.Future[Any]] = {chunk, gone}
-                done, _ = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
-                if chunk not in done:  # the client went away: closing the connection cancels the generation
-                    chunk.cancel()
-                    return 499
-                try:
-                    data = chunk.result()
-                except StopAsyncIteration:
-                    break
-                except (httpx.TransportError, OSError) as exc:
-                    log.warning("a worker's answer broke off: %s", exc)
-                    if "text/event-stream" in response.headers.get("content-type", ""):
-                        await _stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
-                    return 502
-                if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return response.status_code
-        finally:
-            await response.aclose()
 
     # -- what the router answers itself ------------------------------------------------------------
     def _health(self) -> tuple[int, bytes]:
@@ -932,7 +584,7 @@ class Router:
 
         async def scrape(tid: str, path: str) -> tuple[str, str]:
             try:
-                response = await self._client(path).get("/metrics", timeout=2.0)
+                response = await self.clients.to(path).get("/metrics", timeout=2.0)
                 return tid, response.text if response.status_code == 200 else ""
             except (httpx.HTTPError, OSError):
                 return tid, ""
@@ -964,122 +616,6 @@ class _Static:
 
     def describe(self) -> list[Metric]:
         return []
-
-
-class _Events:
-    """An SSE answer's events from its chunks, each chunk searched for an event's end once: linear
-    in the answer however it is cut (joining and splitting the whole buffer at every chunk was
-    quadratic: a peer sending a large event a few bytes at a time held the router's loop)."""
-
-    def __init__(self) -> None:
-        self.pending = bytearray()  # the event under way
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """The events ``data`` completes (without their blank-line ends)."""
-        seen = len(self.pending)  # it holds no blank line: only where the new bytes begin can one start
-        self.pending += data
-        if self.pending.find(b"\n\n", max(0, seen - 1)) < 0:
-            return []
-        *events, rest = bytes(self.pending).split(b"\n\n")  # each byte split once: at the chunk that ends its event
-        self.pending = bytearray(rest)
-        return events
-
-
-class _Trace:
-    """httpcore's trace extension: which steps of one exchange began, ended or failed."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    async def __call__(self, name: str, info: dict[str, Any]) -> None:
-        self.seen.add(name.split(".", 1)[-1])  # 'http11.send_request_body.failed' -> 'send_request_body.failed'
-
-    def unsent(self) -> bool:
-        """Nothing of an answer came, and the server cannot have read the request: it went out on a
-        pooled connection (one the server closed as we took it: a worker does after its 500s),
-        or writing it failed. A request on a connection made for it that got no answer may have
-        been acted on: that one is not sent again here (the callers decide, knowing the tenant)."""
-        if "receive_response_headers.complete" in self.seen:
-            return False
-        connected = "connect_tcp.started" in self.seen or "connect_unix_socket.started" in self.seen
-        failed_write = "send_request_headers.failed" in self.seen or "send_request_body.failed" in self.seen
-        return not connected or failed_write
-
-
-async def _send(client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> httpx.Response:
-    """The answer's head; a request that failed before it was sent goes once more. httpcore drops
-    the failed connection, so the second try takes a connection that passed its readability check,
-    or a new one (issue #31: after a worker's 500 the next request failed with ReadError)."""
-    for attempt in (1, 2):
-        trace = _Trace()
-        request = client.build_request(method, target, headers=headers, content=body, extensions={"trace": trace})
-        try:
-            return await client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            if attempt == 2 or isinstance(exc, httpx.TimeoutException) or not trace.unsent():
-                raise
-            log.info("%s %s: the connection failed before the request was sent (%s); sending it once more", method, target, type(exc).__name__)
-    raise AssertionError("unreachable")
-
-
-class _WorkerFailed(Exception):
-    """The worker failed before its answer started: the request may go again."""
-
-
-async def _read_some(response: httpx.Response, limit: int) -> bytes:
-    """At most ``limit`` bytes of a failed answer, for its message, within 2 s; what arrived when the read fails."""
-    data = bytearray()
-    with contextlib.suppress(httpx.HTTPError, OSError, TimeoutError):
-        async with asyncio.timeout(2.0):
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) >= limit:
-                    break
-    return bytes(data[:limit])
-
-
-async def _read(response: httpx.Response, limit: int) -> bytes:
-    """A body, at most ``limit`` bytes (a peer's answer is input); ``_Fallback`` when the read fails or passes it."""
-    data = bytearray()
-    try:
-        async for chunk in response.aiter_bytes():
-            data += chunk
-            if len(data) > limit:
-                raise _Fallback(f"an answer larger than {limit} bytes", "failed")
-    except (httpx.HTTPError, OSError) as exc:
-        raise _Fallback(f"the answer broke off ({type(exc).__name__})", "crashed") from exc
-    return bytes(data)
-
-
-def _message_of(body: bytes) -> str:
-    """An error answer's message, on one line of at most 400 characters (a peer's answer is input)."""
-    try:
-        message = str(loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = body.decode("utf-8", "replace")
-    return " ".join(message[:400].split())
-
-
-def _answer_with(data: bytes, x_zoo: dict[str, Any], required: bool) -> bytes:
-    """A whole JSON answer with ``x_zoo`` merged into it; ``ValueError`` when it is no JSON and ``required``
-    (a 200), else the bytes as they came (an error answer that is not ours to judge)."""
-    try:
-        document = loads(data)
-    except ValueError:
-        if required:
-            raise
-        return data
-    if not isinstance(document, dict) and not required:
-        return data
-    return json.dumps(_merged(document, x_zoo)).encode()
-
-
-class _Fallback(Exception):
-    """A routed request's tenant could not answer before its first token: the next candidate may."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # the metric's reason label: a small fixed set
 
 
 @dataclass
@@ -1115,46 +651,3 @@ class _Routed:
                 **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}  # fmt: skip
 
 
-def _first_token(event: bytes) -> bool:
-    """An SSE event that commits the answer: text, the end, an error, or [DONE] (the role chunk does not)."""
-    data = event.removeprefix(b"data: ").strip()
-    if not event.startswith(b"data: ") or data == b"[DONE]":
-        return data == b"[DONE]"
-    try:
-        document = loads(data)
-    except ValueError:
-        return True
-    if not isinstance(document, dict) or "error" in document:
-        return True  # not a chunk we know: it is the answer's, so it commits (never a second model's continuation)
-    for choice in _choices(document):
-        delta = choice.get("delta")
-        if choice.get("finish_reason") or choice.get("text") or (isinstance(delta, dict) and delta.get("content")):
-            return True
-    return False
-
-
-def _choices(document: dict[str, Any]) -> list[dict[str, Any]]:
-    """A chunk's choices that are objects (a peer's answer is input like any other)."""
-    choices = document.get("choices")
-    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
-
-
-def _merged(document: Any, x_zoo: dict[str, Any]) -> Any:
-    """``document`` with ``x_zoo`` added to its own (replaced when that is not an object)."""
-    if isinstance(document, dict):
-        own = document.get("x_zoo")
-        document["x_zoo"] = {**(own if isinstance(own, dict) else {}), **x_zoo}
-    return document
-
-
-def _with_x_zoo(event: bytes, x_zoo: dict[str, Any]) -> bytes:
-    """The last chunk (the one with a finish_reason, or an error event) says who answered (a route's tenant, a peer)."""
-    if not event.startswith(b"data: {"):
-        return event
-    try:
-        document = loads(event[6:])
-    except ValueError:
-        return event
-    if not isinstance(document, dict) or not ("error" in document or any(c.get("finish_reason") for c in _choices(document))):
-        return event
-    return b"data: " + json.dumps(_merged(document, x_zoo)).encode()

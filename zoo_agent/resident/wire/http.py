@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["MAX_BODY", "ApiError", "App", "Message", "Receive", "Scope", "Send", "disconnected", "error", "error_type", "header", "respond"]
+__all__ = ["MAX_BODY", "ApiError", "App", "Message", "Receive", "Scope", "Send", "disconnected", "error", "error_type", "header", "respond", "stream_error"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -76,3 +76,8 @@ async def disconnected(receive: Receive) -> None:
     """Returns when the client has gone (what every exchange watches beside its worker)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def stream_error(send: Send, status: int, message: str, x_zoo: dict[str, Any] | None = None) -> None:
+    """A started stream's last event: the error, with ``x_zoo`` (a route's or a peer's answer says who gave it, errors too)."""
+    await send({"type": "http.response.body", "body": ApiError(status, message, code=status).event(x_zoo), "more_body": False})
