@@ -182,7 +182,7 @@ def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp
         h.tick(3)
     assert len(h.fetches) == 1
     assert h.slot.phase == "failed"
-    health = json.loads(h.sup.router._health()[1])["tenants"]["lazy"]
+    health = json.loads(h.sup.router.endpoints.health()[1])["tenants"]["lazy"]
     assert health["state"] == "failed" and "sha256" in health["error"]
     assert "lazy (fetch failed)" in h.sup.status_line()
     assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 1.0' in h.metrics()

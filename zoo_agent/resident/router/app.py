@@ -16,22 +16,22 @@ newlines through a route held it for tens of seconds). Every place where request
 data is worked on in this loop, and its bound in time and memory:
 
 - request line and headers: uvicorn's h11 parser, at most 16 KiB; headers scanned once;
-- the body (``gate.py``): read up to ``MAX_BODY`` (1 MiB) into one buffer, a 413 past it; a
+- the body (``wire/gate.py``): read up to ``MAX_BODY`` (1 MiB) into one buffer, a 413 past it; a
   body refused before it ends is read and thrown away, at most 16 MiB and 5 s, no memory kept;
 - the parse (``inbound.parse_request``: the bounded JSON reader, depth 64; the session id;
   the query, within the 16 KiB above), the route's features (linear regexes, no backtracking
   across lines; transient memory a few times the message) and the body re-encoded for each
   candidate: linear in the body, so in the loop up to ``INLINE`` (64 KiB: under a
-  millisecond), else on ``_WORK``'s two threads (at most two such at once: the memory bound;
+  millisecond), else on two threads (``upstream.bounded``) (at most two such at once: the memory bound;
   a thread still holds the GIL for one C call, a regex over 1 MiB: the loop waits at most
   that, about 0.1 s here; bench/routing.py measures the slowest /health meanwhile);
 - embedding a message for a similarity rule: its own one-thread executor (``similarity.py``);
   a route's session file (up to 64 MiB, validated): the default executor;
 - answers: a plain tenant's answer passes through chunk by chunk, unparsed; a routed or
-  delegated one (``_pipe_committed``) is searched for event ends once per chunk (linear),
+  delegated one (``commit.pipe_committed``, ``peer_answer.Events``) is searched for event ends once per chunk (linear),
   holds at most ``MAX_ANSWER`` (16 MiB) before its first token and per event, and each
   event or whole answer is parsed (``jsonbound``) by the same rule as the body (in the loop
-  up to 64 KiB, else on ``_WORK``); an error's message is cut to 400 characters;
+  up to 64 KiB, else on those two threads); an error's message is cut to 400 characters;
 - peers' ``/health`` (``federation.py``): at most ``MAX_POLL_BYTES`` (4 MiB) each, within 2 s;
 - the workers' own ``/metrics`` text (not request data): parsed here, each scrape within 2 s.
 
@@ -49,28 +49,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-
-from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
-from zoo_agent.resident.router.commit import pipe_committed
-from zoo_agent.resident.router.delegate import GRANTED, Delegation
-from zoo_agent.resident.router.federation import Federation
-from zoo_agent.resident.router.upstream import HOP, Clients, Fallback, WorkerFailed, bounded, pipe
 from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
-from zoo_agent.resident.router.peers import pinned, tenant_digest
-from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
-from zoo_agent.resident.slots import SlotTable
-from zoo_agent.resident.sessions import remove_session, session_lock
+from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
+from zoo_agent.resident.router.delegate import GRANTED, Delegation
+from zoo_agent.resident.router.endpoints import Endpoints, Metrics
+from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.routes import Routes
+from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
 from zoo_agent.resident.similarity import Similarity, route_tasks
-from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
+from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
-from zoo_agent.resident.wire.headers import PEER, PRIORITY, SESSION_ROUTE
+from zoo_agent.resident.wire.headers import PEER, PRIORITY
 from zoo_agent.resident.wire.http import MAX_BODY, Receive, Scope, Send, disconnected, error, header, respond, stream_error
 from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, grant
 
@@ -84,62 +76,6 @@ if TYPE_CHECKING:
 __all__ = ["Keys", "Router"]
 
 log = logging.getLogger("zoo_agent.resident")
-
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.loaded = Gauge("zoo:model_loaded", "1 while the tenant's model is loaded and serving.", ["tenant"], registry=r)
-        self.load_seconds = Histogram("zoo:model_load_seconds", "Seconds from spawning a tenant's worker to its first real generation.",
-                                      ["tenant"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room).", ["tenant", "reason"], registry=r)
-        self.footprint = Gauge("zoo:model_footprint_bytes", "Memory the budget counts for the tenant (the larger of estimate and measurement).",
-                               ["tenant"], registry=r)  # fmt: skip
-        self.budget = Gauge("zoo:memory_budget_bytes", "The host's memory budget (absent: none).", registry=r)
-        self.waiting = Gauge("zoo:router_requests_waiting", "Requests waiting in the router for their tenant to load, by priority class.",
-                             ["tenant", "priority"], registry=r)  # fmt: skip
-        self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
-        self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
-        self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
-        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings).",
-                                ["tenant", "reason"], registry=r)  # fmt: skip
-        self.ready = Gauge("zoo:resident_ready", "1 once every pinned tenant (or the first listed) answered a real generation.", registry=r)
-        self.started = Gauge("zoo:resident_start_time_seconds", "When this resident started (Unix time).", registry=r)
-        self.started.set(time.time())
-        self.routed = Counter("zoo:route_requests", "Requests for a route, by the rule that chose and the tenant that answered.",
-                              ["route", "rule", "tenant"], registry=r)  # fmt: skip
-        self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
-                                 ["route", "tenant", "reason"], registry=r)  # fmt: skip
-        self.fetches = Counter("zoo:on_demand_fetches", "Fetches on first use of an on-demand tenant, by result (ok, failed).",
-                               ["tenant", "result"], registry=r)  # fmt: skip
-
-    def known(self, tenant: str, on_demand: bool = False) -> None:
-        """A tenant's label sets, at zero, from the moment it is known: ``increase()`` and
-        ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
-        self.load_seconds.labels(tenant)
-        self.retries.labels(tenant)
-        self.evictions.labels(tenant, "budget")
-        for reason in ("crash", "hang"):
-            self.restarts.labels(tenant, reason)
-        if on_demand:
-            for result in ("ok", "failed"):
-                self.fetches.labels(tenant, result)
-
-
-def _features(route: RouteEntry, document: dict[str, Any]) -> tuple[Features, str | None]:
-    """The request's features for the route's rules, and its message when a similarity rule would be tried (to embed)."""
-    f = features(document)
-    if needs_similarity(route, f) and (text := last_user_text(document)).strip():
-        return f, text
-    return f, None
-
-
-def _with_model(document: dict[str, Any], tenant: str) -> bytes:
-    """The body for one candidate. ``ValueError`` for a number JSON cannot hold (``1e999`` reads as
-    infinity, which would go out as ``Infinity``: the worker then refused a body the client never sent)."""
-    return json.dumps({**document, "model": tenant}, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -162,7 +98,7 @@ class Router:
         self.table, self.config, self.zoo, self.keys = table, config, zoo, keys
         self.is_ready, self.status_line = is_ready, status_line
         self.idx: Index | None = None
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.admission = Admission(table, config.aging_seconds, config.load_wait)
         self.clients = Clients()
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
@@ -170,6 +106,9 @@ class Router:
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
+        self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
+        self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
+                                   index=lambda: self.idx)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -281,15 +220,15 @@ class Router:
                 break
         method, path = scope["method"], scope["path"]
         if path == "/health" and method == "GET":
-            status, data = self._health()
+            status, data = self.endpoints.health()
             await respond(send, status, data)
             return
         if path == "/metrics" and method == "GET":
-            text = await self._metrics()
+            text = await self.endpoints.metrics()
             await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
             return
         if path == "/v1/models" and method == "GET":
-            await respond(send, 200, json.dumps({"object": "list", "data": self._models()}).encode())
+            await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
             return
         from_peer = header(scope, PEER)
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
@@ -301,12 +240,12 @@ class Router:
         tenant, document = parsed.tenant, parsed.document
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
-            answer = await asyncio.get_running_loop().run_in_executor(None, self._route_session, tenant, parsed.session, method)
+            answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
             await respond(send, *answer)
             return
         route = self.routes.get(tenant) if path in GENERATE else None
         if route is not None:
-            routed = await self._choose(tenant, route, document, len(body))
+            routed = await self.route.choose(tenant, route, document, len(body))
             tenant = routed.tenants[0] if routed.tenants else routed.chosen
         stream, priority = False, self._default_priority(tenant)
         if path in GENERATE and method == "POST":
@@ -333,52 +272,16 @@ class Router:
                                       model=document.get("model"))  # fmt: skip
             return
         if route is not None:
-            await self._forward_routed(scope, receive, send, routed, priority, stream)
+            await self.route.forward(scope, receive, send, routed, priority, stream)
             return
         await self._forward(scope, receive, send, body, tenant, priority, stream, session=document.get("session") is not None)
 
-    async def _choose(self, rid: str, route: RouteEntry, document: dict[str, Any], size: int) -> _Routed:
-        """The route's decision; the message is embedded only when a similarity rule would be tried.
-        The features are linear in the message, ``size`` bytes of body: a large one is read off the loop."""
-        f, text = await bounded(size, _features, route, document)
-        why = None
-        if text is not None:
-            scores, why = await self.similarity.scores(rid, text)
-            f = replace(f, similarity=scores)
-        choice = choose(route, f)
-        tried = [t for t in candidates(route, choice.tenant) if t in self.table.slots or self.federation.peers_of(t)]  # here, or at a peer
-        return _Routed(rid, route, choice.rule, tried, document, chosen=choice.tenant, similarity=choice.similarity, similarity_unavailable=why,
-                       size=size)  # fmt: skip
 
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
         return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant)
 
-    def _route_session(self, route: str, sid: str, method: str) -> tuple[int, bytes]:
-        """GET or DELETE a route's session. Its transcript is a file any of the route's workers
-        may write (under their lock, by rename): reading it here needs no worker loaded."""
-        sessions = self.zoo.route_dir(route) / "sessions"
-        try:
-            path = sessions / f"{valid_id(sid)}.json"
-        except SessionError as exc:
-            return error(400, str(exc), param="session")
-        if method == "DELETE":
-            with session_lock(sessions):  # a commit under way finishes first, or sees no session
-                found = remove_session(sessions.parent, sid)
-            if not found:
-                return error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
-            return 200, json.dumps({"id": sid, "object": "session.deleted", "deleted": True}).encode()
-        if method != "GET":
-            return error(405, "Method Not Allowed")
-        try:
-            transcript = read_session(path)
-        except FileNotFoundError:
-            return error(404, f"session '{sid}' does not exist (route '{route}')", param="session", code="session_not_found")
-        except SessionDamaged as exc:
-            return error(422, f"session '{sid}' is damaged ({exc}); delete it (DELETE /v1/sessions/{sid}?model={route})", param="session",
-                          code="session_damaged")  # fmt: skip
-        return 200, json.dumps(transcript.document()).encode()
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:
         """A tenant declared ``overflow: "peers"`` with peers, for a request that did not come from one."""
@@ -464,190 +367,6 @@ class Router:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
 
-    async def _forward_routed(self, scope: Scope, receive: Receive, send: Send, routed: _Routed, priority: int, stream: bool) -> None:
-        """Each candidate in turn until one answers: the next only while nothing was sent to the client
-        (its place refused, its queue full, its worker failing, no first token in time), never after."""
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
-        if "session" in routed.document:  # the session is the route's: it follows the conversation from model to model
-            headers.append((SESSION_ROUTE.lower().encode(), routed.id.encode()))
-        gone = asyncio.ensure_future(disconnected(receive))
-        failure: tuple[int, str] = (503, f"route '{routed.id}': none of its tenants is served here")
-        try:
-            for i, tenant in enumerate(routed.tenants):
-                last = i == len(routed.tenants) - 1
-                try:
-                    body = await bounded(routed.size, _with_model, routed.document, tenant)
-                except ValueError:  # the same for every candidate: the first finds it, before anything is sent
-                    await respond(send, *error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
-                    return
-                if tenant not in self.table.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
-                    if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
-                        failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
-                        routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
-                        continue
-                    try:
-                        await self.delegation.attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
-                                                 functools.partial(routed.answered, tenant, self.metrics), routed.route.first_token_seconds)  # fmt: skip
-                    except Fallback as exc:
-                        failure = (503, f"{tenant}: {exc}")
-                        routed.fell(tenant, str(exc), self.metrics, exc.kind)
-                        continue
-                    return
-                wait = self.config.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
-                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
-                try:
-                    path = await self.admission.wait(placing, gone, tenant, None, wait)
-                except (Unavailable, QueueFull, TimeoutError) as exc:
-                    why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.table.slots.get(tenant)) and slot.blocked else "")
-                    failure = (429 if isinstance(exc, QueueFull) else 503, f"{tenant}: {why}")
-                    routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, QueueFull) else "unavailable")
-                    continue
-                if path is None:
-                    return  # the client left
-                try:
-                    ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
-                    code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
-                                                      {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
-                except Fallback as exc:
-                    failure = (503, f"{tenant}: {exc}")
-                    routed.fell(tenant, str(exc), self.metrics, exc.kind)
-                    continue
-                finally:
-                    self.admission.release(tenant)
-                self.metrics.requests.labels(tenant, str(code)).inc()
-                return
-            status, message = failure
-            await respond(send, *error(status, f"route '{routed.id}': no tenant could answer; last: {message}", code="model_unavailable"),
-                           headers=[(b"retry-after", b"5")])  # fmt: skip
-        finally:
-            gone.cancel()
-
-
     # -- what the router answers itself ------------------------------------------------------------
-    def _health(self) -> tuple[int, bytes]:
-        tenants: dict[str, Any] = {}
-        t = time.monotonic()
-        with self.table.lock:
-            for tid in self.table.order:
-                slot = self.table.slots[tid]
-                worker = slot.serving
-                tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
-                                "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
-                                "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
-                                "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
-                                **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
-                                **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
-        state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
-        body = {"state": state, "status": self.status_line(), "budget": self.table.budget, "tenants": tenants,
-                **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip
-        return (200 if state == "ready" else 503), json.dumps(body).encode()
-
-    def _models(self) -> list[dict[str, Any]]:
-        """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules)."""
-        idx = self.idx
-        if idx is None:
-            return []
-        data = []
-
-        def card(mid: str, root: str, parent: str | None, state: str, **extra: Any) -> dict[str, Any]:
-            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state, **extra}}
-
-        for tid in self.table.order:
-            slot, tenant = self.table.slots[tid], idx.tenants[tid]
-            worker = slot.serving
-            root = f"{worker.config.model}@{worker.config.version}" if worker else pinned(idx, tid)
-            refused = worker.config.refused_adapters if worker else {}
-            # What peers compare with their index (issue #22): the digest vouches only for
-            # exactly the pinned set; mid-swap or with a refused adapter there is none.
-            digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
-            data.append(card(tid, root, None, slot.phase, model=root, digest=digest))
-            data += [card(f"{tid}:{lid}", f"{lid}@{idx.loras[lid].version}", tid, slot.phase) for lid in tenant.loras if lid not in refused]
-            if tenant.adapter_selection is not None:
-                data.append(card(f"{tid}:auto", "chosen per request", tid, slot.phase))
-        return data
-
-    async def _metrics(self) -> bytes:
-        """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""
-        m, table = self.metrics, self.table
-        with table.lock:
-            serving = {tid: s.path for tid, s in table.slots.items() if s.path is not None}
-            for tid, slot in table.slots.items():
-                m.loaded.labels(tid).set(1 if slot.path is not None else 0)
-                m.footprint.labels(tid).set(slot.footprint)
-                m.inflight.labels(tid).set(slot.inflight)
-                counts = self.admission.counts_by_class(tid)
-                for name in ("system", "realtime", "default", "batch"):
-                    m.waiting.labels(tid, name).set(counts.get(name, 0))
-            if table.budget is not None:
-                m.budget.set(table.budget)
-            m.ready.set(1 if self.is_ready() and not self.admission.stopping else 0)
-
-        async def scrape(tid: str, path: str) -> tuple[str, str]:
-            try:
-                response = await self.clients.to(path).get("/metrics", timeout=2.0)
-                return tid, response.text if response.status_code == 200 else ""
-            except (httpx.HTTPError, OSError):
-                return tid, ""
-
-        texts = await asyncio.gather(*(scrape(tid, path) for tid, path in serving.items()))
-        families: dict[str, Metric] = {}
-        for tid, text in texts:
-            try:
-                parsed = list(text_string_to_metric_families(text))
-            except ValueError:
-                continue
-            for family in parsed:
-                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
-                for sample in family.samples:
-                    merged.samples.append(sample._replace(labels={**sample.labels, "tenant": tid}))
-        registry = CollectorRegistry()
-        registry.register(_Static(list(families.values())))
-        return generate_latest(m.registry) + generate_latest(registry)
-
-
-class _Static:
-    """A collector that yields metric families already gathered (the workers')."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-    def describe(self) -> list[Metric]:
-        return []
-
-
-@dataclass
-class _Routed:
-    """A request for a route: the rule's choice, the candidates in order, what happened to them."""
-
-    id: str
-    route: RouteEntry
-    rule: str
-    tenants: list[str]
-    document: dict[str, Any]
-    chosen: str = ""  # the rules' choice, served here or not
-    similarity: float | None = None  # the similarity rule's score, when one was evaluated
-    similarity_unavailable: str | None = None  # why similarity rules could not be evaluated
-    fallback_from: str | None = None
-    reason: str | None = None
-    size: int = 0  # the request body's bytes (what re-encoding it for each candidate costs)
-
-    def fell(self, tenant: str, reason: str, metrics: _Metrics, kind: str) -> None:
-        log.info("route %s: %s cannot answer (%s); trying the next candidate", self.id, tenant, reason)
-        metrics.fallbacks.labels(self.id, tenant, kind).inc()
-        if self.fallback_from is None:
-            self.fallback_from, self.reason = tenant, reason
-
-    def answered(self, tenant: str, metrics: _Metrics) -> None:
-        metrics.routed.labels(self.id, self.rule, tenant).inc()
-
-    def report(self, tenant: str) -> dict[str, Any]:
-        """``x_zoo.route``: which tenant answered, by which rule (with the similarity it measured), and whom it stood in for and why."""
-        return {"route": self.id, "tenant": tenant, "rule": self.rule,
-                **({"similarity": round(self.similarity, 4)} if self.similarity is not None else {}),
-                **({"similarity_unavailable": self.similarity_unavailable} if self.similarity_unavailable else {}),
-                **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}  # fmt: skip
 
 
