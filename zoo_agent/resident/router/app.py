@@ -52,12 +52,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zoo_agent.resident.inbound import GENERATE, Host, Rejected, parse_request
+from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
-from zoo_agent.resident.router.routes import Routes
+from zoo_agent.resident.router.routes import Routed, Routes
 from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
 from zoo_agent.resident.similarity import Similarity, route_tasks
 from zoo_agent.resident.slots import SlotTable
@@ -230,52 +230,48 @@ class Router:
         if path == "/v1/models" and method == "GET":
             await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
             return
-        from_peer = header(scope, PEER)
+        named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
-                                  content_type=header(scope, "content-type"), from_peer=from_peer is not None)  # fmt: skip
+                                  content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None, priority=named)  # fmt: skip
         parsed = await bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Rejected):
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
-        tenant, document = parsed.tenant, parsed.document
+        tenant = parsed.tenant
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
             await respond(send, *answer)
             return
         route = self.routes.get(tenant) if path in GENERATE else None
-        if route is not None:
-            routed = await self.route.choose(tenant, route, document, len(body))
+        routed = await self.route.choose(tenant, route, parsed.document, len(body)) if route is not None else None
+        if routed is not None:
             tenant = routed.tenants[0] if routed.tenants else routed.chosen
-        stream, priority = False, self._default_priority(tenant)
-        if path in GENERATE and method == "POST":
-            stream = document.get("stream") is True
-            field = document.get("priority")
-            named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
-            if len(named) > 1:  # the router would check one and the worker serve another
-                await respond(send, *error(400, f"{PRIORITY}: sent {len(named)} times; send it once", param=PRIORITY))
-                return
-            sent = named[0] if named else None
-            # A field of the wrong type is the worker's 400 to give, with the rest of the body's checks.
-            field = field if isinstance(field, int) and not isinstance(field, bool) else None
-            # A route's request may be answered by any of its candidates: it may name no better than the worst one's own class.
-            own = max(self._default_priority(t) for t in routed.tenants) if route is not None and routed.tenants else priority
-            try:  # above default only with the priority key (issue #31); a peer's request is a client's
-                priority = grant(sent.decode("latin-1") if sent is not None else None, field, priority, scope.get(PRIVILEGED) is True, own)
+        priority = self._default_priority(tenant)
+        if path in GENERATE:
+            try:
+                priority = self._grant(scope, parsed, priority, routed)
             except BadPriority as exc:
                 await respond(send, *error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
-                                             code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
+                                           code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
                 return
-            scope[GRANTED] = priority if sent is not None or field is not None else None  # what a peer is asked for: for_peer
-        if tenant not in self.table.slots and route is None and path in GENERATE:  # served by peers only (parse_request checked)
-            await self.delegation.forward_peers(scope, receive, send, body, tenant, document.get("stream") is True, session=document.get("session") is not None,
-                                      model=document.get("model"))  # fmt: skip
+        if tenant not in self.table.slots and routed is None and path in GENERATE:  # served by peers only (parse_request checked)
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
             return
-        if route is not None:
-            await self.route.forward(scope, receive, send, routed, priority, stream)
+        if routed is not None:
+            await self.route.forward(scope, receive, send, routed, priority, parsed.stream)
             return
-        await self._forward(scope, receive, send, body, tenant, priority, stream, session=document.get("session") is not None)
+        await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
 
+    def _grant(self, scope: Scope, parsed: Parsed, default: int, routed: Routed | None) -> int:
+        """The request's priority: above default only with the priority key (issue #31; a peer's request
+        is a client's). A route's request may be answered by any of its candidates: it may name no
+        better than the worst one's own class. ``BadPriority`` when it asks for what it may not have."""
+        own = max(self._default_priority(t) for t in routed.tenants) if routed is not None and routed.tenants else default
+        priority = grant(parsed.priority_header, parsed.priority_field, default, scope.get(PRIVILEGED) is True, own)
+        named = parsed.priority_header is not None or parsed.priority_field is not None
+        scope[GRANTED] = priority if named else None  # what a peer is asked for: for_peer
+        return priority
 
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
