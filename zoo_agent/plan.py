@@ -87,6 +87,7 @@ class Have:
     size: int = 0
     verified_at: str = ""  # the last full re-hash (a reverify moves this, never published_at)
     drifted_paths: frozenset[str] = frozenset()  # the paths of ``drifted``: never reused (issue #23)
+    daemon: tuple[str, str] | None = None  # an Ollama version: the daemon's name:tag and digest it stands for (issue #35)
 
 
 @dataclass(frozen=True)

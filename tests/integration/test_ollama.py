@@ -81,6 +81,37 @@ def test_a_daemon_that_is_down_or_stalls_is_retried_a_bounded_number_of_times(
     assert not (ollama_world.root / "models/m/current").exists()
 
 
+def test_a_model_deleted_from_the_daemon_is_drift_that_apply_pulls_again(ollama_world: World, daemon: OllamaStandIn) -> None:
+    """`ollama rm` behind the zoo's back (issue #35): status and verify see it, apply pulls it
+    again and checks its digest, and then all three are content."""
+    assert ollama_world.run("apply").exit_code == 0
+    del daemon.local["llama3.2:1b"]  # what `ollama rm llama3.2:1b` does to the daemon's store
+    status = ollama_world.run("status", "--json")
+    row = next(r for r in json.loads(status.stdout)["artifacts"] if r["id"] == "m")
+    assert status.exit_code == 1 and row["state"].startswith("drifted: ollama:llama3.2:1b (the daemon no longer has sha256:"), status.output
+    verify = ollama_world.run("verify")
+    assert verify.exit_code == 1
+    assert f"models/m/versions/1: the Ollama daemon no longer has llama3.2:1b {DIGEST}" in verify.output + verify.stderr
+    pulls = len([r for r in daemon.requests if r[1] == "/api/pull"])
+    again = ollama_world.run("apply", "--json")
+    assert again.exit_code == 0, again.output
+    assert [(s["action"], s["ok"]) for s in json.loads(again.output[again.output.index("{"):])["steps"]] == [("verify", True)]
+    assert len([r for r in daemon.requests if r[1] == "/api/pull"]) == pulls + 1 and "llama3.2:1b" in daemon.local
+    assert ollama_world.run("status").exit_code == 0 and ollama_world.run("verify").exit_code == 0
+
+
+def test_a_daemon_that_does_not_answer_is_not_drift(ollama_world: World, daemon: OllamaStandIn) -> None:
+    """Unknown is not lost: with the daemon stopped, status and a no-op apply change nothing
+    and say why they could not check."""
+    assert ollama_world.run("apply").exit_code == 0
+    daemon.stop()
+    status = ollama_world.run("status", "--json")
+    assert status.exit_code == 0 and next(r for r in json.loads(status.stdout)["artifacts"] if r["id"] == "m")["state"] == "ok"
+    assert "cannot check the Ollama models against the daemon: no Ollama daemon answers" in status.stderr
+    again = ollama_world.run("apply", "--json")
+    assert again.exit_code == 0 and json.loads(again.output[again.output.index("{"):])["steps"] == []
+
+
 def test_an_empty_list_of_ollama_models_does_nothing(world: World, daemon: OllamaStandIn) -> None:
     world.write_index()
     assert world.run("apply").exit_code == 0 and daemon.requests == []

@@ -275,8 +275,9 @@ def verify_cmd(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | N
 def _verify(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None, wait: float, fetching: FetchSettings, as_json: bool,
             rec: Recorder) -> None:  # fmt: skip
     target.zoo.check_root(allow_network_fs=True)
-    selection = select(observe(target.zoo), ids)
-    report = verify(target.zoo, selection, jobs)
+    observed = observe(target.zoo)
+    selection = select(observed, ids)
+    report = verify(target.zoo, selection, jobs, observed)
     repaired: list[str] = []
     gone: list[str] = []
     if repair and report.findings:
@@ -299,7 +300,7 @@ def _verify(target: Target, ids: tuple[str, ...], repair: bool, jobs: int | None
                 result.outcomes += again.outcomes
         for o in result.failures:
             log.error("repair: %s: %s", o.step.describe("plan").removeprefix("would "), o.error)
-        after = verify(target.zoo, selection, jobs)
+        after = verify(target.zoo, selection, jobs, observe(target.zoo))
         gone = [f"{k}/{i}/{v}" for k, i, v in report.bad_versions() if not target.zoo.version_dir(k, i, v).is_dir()]
         for ref in gone:
             log.error("repair: %s was quarantined and could not be fetched again (no longer declared for this host, "

@@ -173,7 +173,10 @@ class _Run:
         return Moved()
 
     def verify(self, step: Step) -> Moved:
-        return Moved(reverify(self.zoo, step.kind, step.id, step.version, self.wants.get((step.kind, step.id, step.version))))
+        want = self.wants.get((step.kind, step.id, step.version))
+        if want is not None and want.source.type == "ollama":
+            self.source(want)  # the daemon lost it (observe.py): pull it again and check its digest (issue #35)
+        return Moved(reverify(self.zoo, step.kind, step.id, step.version, want))
 
     def alias(self, step: Step) -> Moved:
         """Link an alias (or remove one no longer declared); a name taken by something else fails here, untouched."""

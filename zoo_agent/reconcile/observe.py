@@ -1,16 +1,26 @@
 """Scan the zoo into an ``Observed`` value. Reads manifests and stats files; never
-reads file content, so a no-op ``apply`` costs almost nothing (issue #3)."""
+reads file content, so a no-op ``apply`` costs almost nothing (issue #3).
+
+An Ollama model's bytes are the daemon's, not ours: for those versions the daemon is asked
+once (``/api/tags``) whether it still holds the pinned digest, and one it lost is drifted
+like a changed file, so ``status`` shows it and ``apply`` pulls it again (issue #35).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from pathlib import Path
 
+from zoo_agent.errors import SourceError
 from zoo_agent.jsonbound import loads
 from zoo_agent.plan import Have, Kind, Observed, Seen
 from zoo_agent.store.zoo import STAGING_MARK, Zoo, drift, read_manifest
 
 __all__ = ["observe"]
+
+log = logging.getLogger(__name__)
 
 KINDS: tuple[Kind, ...] = ("models", "loras")
 
@@ -29,7 +39,39 @@ def _have(version_dir: Path, version: str) -> Have:
             drifted_paths.add(f["path"])
     verified = str(manifest.get("verified_at", ""))
     published = str(manifest.get("published_at", verified))  # manifests before #18 knew only verified_at
-    return Have(version, frozenset(pins), tuple(drifted), published, size, verified, frozenset(drifted_paths))
+    return Have(version, frozenset(pins), tuple(drifted), published, size, verified, frozenset(drifted_paths), _daemon(manifest))
+
+
+def _daemon(manifest: dict[str, object]) -> tuple[str, str] | None:
+    source = manifest.get("source")
+    if isinstance(source, dict) and source.get("type") == "ollama" and isinstance(source.get("name"), str) and isinstance(source.get("digest"), str):
+        return str(source["name"]), str(source["digest"])
+    return None
+
+
+def _ask_daemon(seen: dict[tuple[Kind, str], Seen]) -> dict[tuple[Kind, str], Seen]:
+    """The Ollama versions the daemon no longer holds, drifted; the rest as they were. A daemon
+    that does not answer leaves them as they were: unknown is not drift (the resident says why)."""
+    pins = {have.daemon for s in seen.values() for have in s.versions.values() if have.daemon is not None}
+    if not pins:
+        return seen
+    from zoo_agent.sources.ollama import daemon_has  # imports the ollama client: only when the zoo holds such a model
+
+    try:
+        held = daemon_has(dict(pins))
+    except SourceError as exc:
+        log.warning("cannot check the Ollama models against the daemon: %s", exc)
+        return seen
+    out = dict(seen)
+    for key, s in seen.items():
+        lost = {v: h for v, h in s.versions.items() if h.daemon is not None and not held.get(h.daemon[0], False)}
+        if lost:
+            versions = dict(s.versions)
+            for v, h in lost.items():
+                assert h.daemon is not None
+                versions[v] = dataclasses.replace(h, drifted=(*h.drifted, f"ollama:{h.daemon[0]} (the daemon no longer has {h.daemon[1][:19]}…)"))
+            out[key] = dataclasses.replace(s, versions=versions)
+    return out
 
 
 def _seen(zoo: Zoo, kind: Kind, aid: str) -> Seen:
@@ -78,4 +120,4 @@ def observe(zoo: Zoo) -> Observed:
             continue
         for aid in ids:
             seen[(kind, aid)] = _seen(zoo, kind, aid)
-    return Observed(seen, _in_use(zoo))
+    return Observed(_ask_daemon(seen), _in_use(zoo))

@@ -34,6 +34,8 @@ class Finding:
     actual: str  # a digest, or "missing", or "unreadable: <reason>"
 
     def line(self, zoo: Zoo) -> str:
+        if self.path.startswith("ollama:"):  # the daemon holds the bytes (issue #35)
+            return f"{zoo.version_dir(self.kind, self.id, self.version)}: the Ollama daemon no longer has {self.path[7:]} {self.expected}"
         where = zoo.version_dir(self.kind, self.id, self.version) / self.path
         return f"{where}: expected sha256 {self.expected}, got {self.actual}"
 
@@ -67,9 +69,15 @@ def select(observed: Observed, refs: tuple[str, ...]) -> list[tuple[Kind, str, s
     return [(k, i, v) for (k, i) in dict.fromkeys(keys) for v in sorted(observed.seen[(k, i)].versions)]
 
 
-def verify(zoo: Zoo, versions: list[tuple[Kind, str, str]], jobs: int | None = None) -> Report:
+def verify(zoo: Zoo, versions: list[tuple[Kind, str, str]], jobs: int | None = None, observed: Observed | None = None) -> Report:
+    """Re-hash every file of ``versions``; with ``observed``, an Ollama version its daemon no
+    longer holds (``observe`` asked it) is a finding too."""
     work: list[tuple[Kind, str, str, str, str, int]] = []
     findings: list[Finding] = []
+    for kind, aid, version in versions:
+        have = observed.seen[(kind, aid)].versions.get(version) if observed and (kind, aid) in observed.seen else None
+        if have is not None and have.daemon is not None and have.drifted:  # no files of ours: its drift is the daemon's
+            findings.append(Finding(kind, aid, version, f"ollama:{have.daemon[0]}", have.daemon[1], "missing from the daemon"))
     for kind, aid, version in versions:
         manifest = read_manifest(zoo.version_dir(kind, aid, version))
         if manifest is None:

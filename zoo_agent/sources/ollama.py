@@ -16,7 +16,7 @@ from zoo_agent.errors import IntegrityError, SourceError
 from zoo_agent.index import model as index
 from zoo_agent.sources.base import FetchSettings, Source, Transient, retried
 
-__all__ = ["OllamaDaemon", "daemon_host"]
+__all__ = ["OllamaDaemon", "daemon_host", "daemon_has"]
 
 STALL_SECONDS = 60.0  # a pull that sends nothing for this long is retried
 
@@ -24,6 +24,28 @@ STALL_SECONDS = 60.0  # a pull that sends nothing for this long is retried
 def daemon_host() -> str | None:
     """$OLLAMA_HOST, as the ollama client and daemon read it (None: the client's default, 127.0.0.1:11434)."""
     return os.environ.get("OLLAMA_HOST") or None
+
+
+def daemon_has(pins: dict[str, str], timeout: float = 5.0) -> dict[str, bool]:
+    """For each ``name[:tag]`` → pinned digest: whether the daemon holds exactly that digest now.
+
+    One ``/api/tags`` for all of them (issue #35: a model deleted from the daemon was not
+    noticed by ``status``, ``verify`` or ``apply``). ``SourceError`` when the daemon does not
+    answer: a caller decides whether that is drift or only unknown."""
+    import httpx
+    import ollama
+
+    client = ollama.Client(host=daemon_host(), timeout=timeout)
+    try:
+        models = client.list().models
+    except (ConnectionError, httpx.HTTPError):
+        raise SourceError(f"no Ollama daemon answers at {daemon_host() or '127.0.0.1:11434'} (OLLAMA_HOST)") from None
+    except ollama.ResponseError as exc:
+        raise SourceError(f"the Ollama daemon at {daemon_host() or '127.0.0.1:11434'}: HTTP {exc.status_code}: {exc.error}") from None
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
+    held = {m.model: f"sha256:{m.digest}" for m in models if m.model and m.digest}
+    return {name: held.get(name if ":" in name else f"{name}:latest") == digest for name, digest in pins.items()}
 
 
 class OllamaDaemon(Source):
