@@ -211,3 +211,21 @@ def test_a_waiting_streaming_client_is_told_what_its_tenant_does() -> None:
     with pytest.raises(TimeoutError):
         _run(go)
     assert adm.phase("a") == "fetching 40%" and adm.phase("nobody") == "gone"
+
+
+def test_a_loaded_worker_gets_no_more_than_its_capacity_from_the_queue() -> None:
+    adm, table, _, _ = _admission(Slot("a", capacity=2, phase="loading"))
+
+    async def go() -> None:
+        asks = [asyncio.ensure_future(adm.place("a", 0)) for _ in range(2)]
+        await _settle()
+        slot = table.slots["a"]
+        slot.path, slot.inflight = "/w/a", 1  # loaded, one place already taken (a request that came as it loaded)
+        adm.pump("a")
+        await _settle()
+        assert [t.done() for t in asks] == [True, False] and slot.inflight == 2 and slot.queued == 1
+        adm.release("a")  # an answer ended: the next waiter takes its place
+        await _settle()
+        assert asks[1].done() and slot.inflight == 2 and slot.queued == 0
+
+    _run(go)
