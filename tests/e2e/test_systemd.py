@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.container import AGENT, Container, build_root, missing_tools
+from tests.support.container import AGENT, Container, build_root, missing_tools
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.pin import Selection, pin_directory
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]
+pytestmark = [pytest.mark.e2e, pytest.mark.resident, pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("client.py")

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, settings
 pytest.importorskip("torch", reason="the resident extra is not installed")
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e .[test])")
 
+pytestmark = pytest.mark.resident
+
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> object:

@@ -21,7 +21,9 @@ import pytest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.integration.test_lora import DESCRIPTIONS, adapter, backend, built  # noqa: E402,F401 - built is a fixture
+from tests.support.lora import DESCRIPTIONS, adapter, backend  # noqa: E402
+
+pytestmark = pytest.mark.resident
 
 PROMPTS = ["Hello", "What is a model zoo?", "The zoo keeps every model pinned by its digest.", "Ask a question",
            "I am fine, thank you. And you?", "Adapters change how", "A host serves one tenant at a time. What is a", "x"]  # fmt: skip
@@ -230,7 +232,7 @@ def test_seeded_sampling_gives_the_same_text_in_a_batch_as_alone(model_dir: Path
     assert len(set(first)) > 1
 
 
-def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:
     b = backend(built, tuple(adapter(built, a) for a in DESCRIPTIONS))
     order = ["code", None, "legal", "terse", "code", None, "terse", "legal"]
     bodies = [{**chat("Hello there", 12), "model": f"t:{a}" if a else "t"} for a in order]
@@ -248,7 +250,7 @@ def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:
     assert largest_batch(metrics) == 8
 
 
-def test_an_adapter_that_needs_a_running_adapters_slot_waits_for_it(built: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+def test_an_adapter_that_needs_a_running_adapters_slot_waits_for_it(built: dict[str, Path]) -> None:
     """max_loras 1: a request for another adapter is not admitted (it would evict the running one); it runs after."""
     b = backend(built, tuple(adapter(built, a) for a in DESCRIPTIONS), max_loras=1)
     bodies = [{**chat("Hello there", 12), "model": f"t:{a}"} for a in ("code", "terse", "code", "legal")]

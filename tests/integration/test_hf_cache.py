@@ -11,11 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.hubserver import HubServer, Repo, serve
-from tests.integration.conftest import World
-from tests.victim import make_victim, snapshot
+from tests.support.hubserver import HubServer, Repo, serve
+from tests.support.victim import make_victim, snapshot
+from tests.support.world import World
 
 pytest.importorskip("transformers", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 
 @pytest.fixture

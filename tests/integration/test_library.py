@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 import zoo_agent
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.errors import IntegrityError, StoreError, UsageError
 from zoo_agent.reconcile.apply import reverify
 from zoo_agent.reconcile.observe import observe
+
+pytestmark = pytest.mark.resident
 
 
 def _applied(world: World, files: dict[str, bytes]) -> zoo_agent.HostZoo:

@@ -2,7 +2,8 @@
 threshold answer together, exactly as peft composes them; only declared, unrefused adapters
 are ever composed; max_adapters 1 is the single choice of issue #6.
 
-Reuses test_lora's tiny model, adapters and bag-of-words embedder (THRESHOLD 0.4 there).
+Uses the tiny model, adapters and bag-of-words embedder of the ``built`` fixture (THRESHOLD 0.4,
+tests/support/lora.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import pytest
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.integration import test_lora  # noqa: E402
-from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
+from tests.support.lora import THRESHOLD, adapter, backend, call, peft_ids  # noqa: E402
 from zoo_agent.resident.backend import AUTO  # noqa: E402
 
-built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
+pytestmark = pytest.mark.resident
 
 # Bag-of-words similarities (test_lora's embedder): terse 0.66, code 0.65, legal 0.11.
 TWO = "review python code for bugs and answer tersely in one short line"
@@ -146,7 +146,7 @@ def test_an_undeclared_adapter_is_never_composed_in(built: dict[str, Path]) -> N
     (body,) = post(b, [ask(text)])
     assert {a["id"] for a in body["x_zoo"]["adapters"]} == {"code", "terse"}
     assert "legal" not in b.adapters.peft.peft_config
-    status, error = asyncio.run(_call(b, [("POST", "/v1/chat/completions", ask(text, "t:legal"))]))[0]
+    status, error = asyncio.run(call(b, [("POST", "/v1/chat/completions", ask(text, "t:legal"))]))[0]
     assert status == 404 and error["error"]["code"] == "model_not_found"
     with pytest.raises(AdapterError, match=r"^adapter 'legal' is not declared for this tenant \(declared: code, terse\)$"):
         b.adapters.compose(Composition(("code", "legal"), "sum"))

@@ -21,6 +21,8 @@ import pytest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 DEFAULTS = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0}
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.resident.router.commit import _answer_with, _Events, _first_token, _with_x_zoo
 from zoo_agent.resident.router.upstream import _send, message_of
 

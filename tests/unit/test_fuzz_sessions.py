@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.mutate import mutate
+from tests.support.mutate import mutate
 from zoo_agent.cli.main import cli
 from zoo_agent.resident.transcript import SessionDamaged, parse_session
 

@@ -12,7 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 #: lock file -> the extras it was compiled with
 LOCKS: dict[str, tuple[str, ...]] = {

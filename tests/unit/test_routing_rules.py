@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO
+from tests.support import REPO
+from tests.support.routes import routes_document, routes_index
 from zoo_agent.index.checks import semantic_problems
 from zoo_agent.index.load import check_document
 from zoo_agent.index.model import Index, RouteEntry
@@ -103,23 +104,6 @@ def test_candidates_are_the_choice_then_the_default_then_the_fallbacks_once_each
     assert candidates(ROUTE, "code") == ["code", "large", "small"]
 
 
-def _index(routes: dict[str, Any], host_routes: list[str], served: tuple[str, ...] = ("small", "large")) -> Index:
-    return Index.model_validate(_document(routes, host_routes, served))
-
-
-def _document(routes: dict[str, Any], host_routes: list[str], served: tuple[str, ...] = ("small", "large")) -> dict[str, Any]:
-    file = {"path": "m.safetensors", "sha256": "a" * 64, "size": 1}
-    ollama = {"type": "ollama", "name": "o:1", "digest": "sha256:" + "b" * 64}
-    return {
-        "models": {"m": {"version": "1", "source": {"type": "file", "path": "m"}, "files": [file], "license": "MIT"},
-                   "e": {"version": "1", "source": {"type": "file", "path": "e"}, "files": [file], "license": "MIT"},
-                   "o": {"version": "1", "source": ollama, "format": "ollama", "license": "MIT"}},
-        "tenants": {t: {"model": "m"} for t in ("small", "large", "other")},
-        "routes": routes,
-        "hosts": {"h": {"tenants": list(served), "routes": host_routes}},
-    }
-
-
 @pytest.mark.parametrize(
     ("routes", "host_routes", "pointer", "words"),
     [
@@ -146,7 +130,7 @@ def _document(routes: dict[str, Any], host_routes: list[str], served: tuple[str,
     ],
 )
 def test_validation_refuses_what_cannot_route(routes: dict[str, Any], host_routes: list[str], pointer: str, words: str) -> None:
-    problems = [p for p in semantic_problems(_index(routes, host_routes)) if p.pointer.startswith(("/routes", "/hosts/h/routes"))]
+    problems = [p for p in semantic_problems(routes_index(routes, host_routes)) if p.pointer.startswith(("/routes", "/hosts/h/routes"))]
     assert any(p.pointer == pointer and words in p.message for p in problems), problems
 
 
@@ -156,28 +140,28 @@ def test_validation_refuses_what_cannot_route(routes: dict[str, Any], host_route
     ({"similar_to": ""}, "/routes/r/rules/0/when/similar_to", "must not be empty"),
 ])
 def test_similarity_thresholds_out_of_range_are_refused(when: dict[str, Any], pointer: str, words: str) -> None:
-    _, problems = check_document(_document({"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": when}]}}, ["r"]))
+    _, problems = check_document(routes_document({"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": when}]}}, ["r"]))
     assert [p.pointer for p in problems] == [pointer] and words in problems[0].message, problems
 
 
 def test_a_sound_route_passes() -> None:
     routes = {"assistant": {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}}
-    assert [p for p in semantic_problems(_index(routes, ["assistant"])) if "route" in p.pointer] == []
+    assert [p for p in semantic_problems(routes_index(routes, ["assistant"])) if "route" in p.pointer] == []
     routes["assistant"].update(embedding_model="e", rules=[{"tenant": "small", "when": {"similar_to": "review code", "min_similarity": 0.5}}])
-    assert [p for p in semantic_problems(_index(routes, ["assistant"])) if "route" in p.pointer] == []
+    assert [p for p in semantic_problems(routes_index(routes, ["assistant"])) if "route" in p.pointer] == []
 
 
 def test_a_host_serving_a_similarity_route_fetches_its_embedding_model() -> None:
     from zoo_agent.plan import desired_for_host
 
     routes = {"r": {"default": "small", "embedding_model": "e", "rules": [{"tenant": "large", "when": {"similar_to": "review code"}}]}}
-    assert ("models", "e") in [(w.kind, w.id) for w in desired_for_host(_index(routes, ["r"]), "h").wants]
-    assert ("models", "e") not in [(w.kind, w.id) for w in desired_for_host(_index(routes, []), "h").wants]  # a route the host does not serve
+    assert ("models", "e") in [(w.kind, w.id) for w in desired_for_host(routes_index(routes, ["r"]), "h").wants]
+    assert ("models", "e") not in [(w.kind, w.id) for w in desired_for_host(routes_index(routes, []), "h").wants]  # a route the host does not serve
 
 
 def test_a_route_may_name_a_tenant_that_another_host_answers_for_peers() -> None:
     """"The small host handles simple, the large one complex" (issue #22): the route's default is served through a peer."""
-    doc = _index({"r": {"rules": [{"tenant": "small", "when": {"max_words": 5}}], "default": "large"}}, ["r"], served=("small",)).model_dump(
+    doc = routes_index({"r": {"rules": [{"tenant": "small", "when": {"max_words": 5}}], "default": "large"}}, ["r"], served=("small",)).model_dump(
         mode="json", by_alias=True, exclude_none=True)
     doc["hosts"]["p"] = {"tenants": ["large"], "endpoint": "http://p.lan:8000", "accept_from_peers": ["large"]}
     assert [p for p in semantic_problems(Index.model_validate(doc)) if "route" in p.pointer] == []

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from click.testing import CliRunner
 
-from tests.conftest import write_index
+from tests.support.index import write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.index.load import check_document
@@ -108,7 +108,7 @@ def test_pydantic_and_the_published_schema_agree_on_provenance(provenance: dict[
     from jsonschema import Draft202012Validator
     from pydantic import ValidationError
 
-    from tests.conftest import VALID_INDEX
+    from tests.support.index import VALID_INDEX
     from zoo_agent.index.model import Index
     from zoo_agent.index.schema import index_schema
 

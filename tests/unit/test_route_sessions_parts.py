@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_routing import _index
+from tests.support.routes import routes_index
 from zoo_agent.errors import SessionDamaged
 from zoo_agent.index.checks import semantic_problems
 from zoo_agent.resident.sessions import cache_files
@@ -26,12 +26,12 @@ ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "
     ],
 )
 def test_a_summarizer_must_be_a_tenant_the_host_serves(summarizer: str, pointer: str, words: str) -> None:
-    problems = semantic_problems(_index({"r": {**ROUTE, "summarizer": summarizer}}, ["r"]))
+    problems = semantic_problems(routes_index({"r": {**ROUTE, "summarizer": summarizer}}, ["r"]))
     assert any(p.pointer == pointer and words in p.message for p in problems), problems
 
 
 def test_a_served_summarizer_passes() -> None:
-    assert [p for p in semantic_problems(_index({"r": {**ROUTE, "summarizer": "small"}}, ["r"])) if "route" in p.pointer] == []
+    assert [p for p in semantic_problems(routes_index({"r": {**ROUTE, "summarizer": "small"}}, ["r"])) if "route" in p.pointer] == []
 
 
 def _turn(user: str, reply: str, system: str | None = None) -> SessionTurn:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHA_A, SHA_B, SHA_C
+from tests.support.index import SHA_A, SHA_B, SHA_C
 from zoo_agent.index.fit import (
     DEFAULT_CONTEXT,
     Footprint,

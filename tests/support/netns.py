@@ -1,5 +1,6 @@
 """A fleet on one machine (issue #22): one network namespace per host, veth pairs on a
-private bridge, a hub-compatible mirror in a namespace of its own, and a resident per host.
+private bridge, a hub-compatible mirror in a namespace of its own, and a resident per host
+(``Resident.on_host`` in tests/support/resident.py).
 
 Used by tests/integration/test_fleet.py and bench/delegation.py. Standard library only
 (the residents are real ``zoo-agent`` processes), so a benchmark imports it without pytest.
@@ -29,7 +30,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
-from tests.notify import Notify
-
-__all__ = ["MIRROR_ADDRESS", "PORT", "SUBNET", "Host", "HostResident", "Network", "network", "unavailable", "wait_until"]
+__all__ = ["MIRROR_ADDRESS", "PORT", "SUBNET", "Host", "Network", "network", "unavailable", "wait_until"]
 
 SUBNET = "10.77.0"  # a /24 nothing on these machines uses (checked with `ip -o addr`); it exists only in our namespaces
 MIRROR_ADDRESS = f"{SUBNET}.254"
@@ -47,7 +45,7 @@ PORT = 8000  # every host has a port space of its own
 _CLONE_NEWNET = 0x40000000
 _NETNS_DIR = Path("/run/netns")
 _PREFIX = "zoofleet"
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parent.parent.parent
 
 T = TypeVar("T")
 
@@ -220,69 +218,6 @@ def wait_until(what: str, predicate: Callable[[], T], timeout: float, every: flo
                 return last
         time.sleep(every)
     raise TimeoutError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
-
-
-class HostResident:
-    """``zoo-agent resident`` of one host, in its namespace, listening on the host's address,
-    with a NOTIFY_SOCKET of ours (a datagram socket, as systemd's) that records every message."""
-
-    def __init__(self, net: Network, hid: str, root: Path, index: Path, *extra: str | Path, env: dict[str, str] | None = None) -> None:
-        self.net, self.host, self.root = net, net.hosts[hid], root
-        self.notify_path = net.work / f"notify-{hid}.sock"
-        self.notify_path.unlink(missing_ok=True)
-        self.notify = Notify(self.notify_path)
-        self.log_path = net.work / f"resident-{hid}.log"
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = net.spawn(hid, sys.executable, "-m", "zoo_agent", "resident", "--root", root, "--index", index, "--host", hid,
-                              "--listen", f"{self.host.address}:{PORT}", *extra, log=self.log,
-                              env={"NOTIFY_SOCKET": str(self.notify_path), **(env or {})})  # fmt: skip
-
-    @property
-    def url(self) -> str:
-        return self.host.url
-
-    def wait(self, predicate: Callable[[dict[str, str]], bool], timeout: float, after: int = 0) -> dict[str, str]:
-        """The first sd_notify message (from index ``after`` on) that satisfies ``predicate``."""
-
-        def found() -> dict[str, str] | None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.host.id}: the resident exited ({self.proc.returncode}); its log: {self.tail()}")
-            return next((m for _, m in self.notify.messages[after:] if predicate(m)), None)
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (message := found()) is not None:
-                return message
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.host.id}: no such sd_notify message within {timeout:.0f}s; got {[m for _, m in self.notify.messages[after:]][-5:]}; log: {self.tail()}")
-
-    def wait_ready(self, timeout: float = 180) -> dict[str, str]:
-        return self.wait(lambda m: m.get("READY") == "1", timeout)
-
-    def tail(self, chars: int = 3000) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def kill(self) -> None:
-        """SIGKILL the resident and its workers (its process group), as a crash would; wait for it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def terminate(self) -> None:
-        """SIGTERM, without waiting (``stop`` waits)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL of the group after 30 s; close the notify socket and the log."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=30)
-        self.kill()
-        self.notify.sock.close()
-        self.log.close()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.errors import UsageError
 from zoo_agent.registry import pull
 from zoo_agent.registry.hubcheck import Finding, HubFile, compare

@@ -1,5 +1,5 @@
 """A Hugging Face hub-compatible server for tests, standard library only, on 127.0.0.1
-(or another address: the fleet test binds it inside a network namespace, tests/netns.py).
+(or another address: the fleet test binds it inside a network namespace, tests/support/netns.py).
 
 It speaks what the real ``huggingface_hub`` client calls for our hf source and ``add``:
 ``GET /api/models/<repo>/revision/<rev>`` (model_info), ``GET /api/models/<repo>/tree/<rev>``
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.httpfiles import running
+from tests.support.httpfiles import running
 
 LFS_THRESHOLD = 10_000  # files at least this large are "LFS" (carry a sha256 in listings)
 
