@@ -68,7 +68,7 @@ def decision(rounds: int = 5) -> dict[str, dict[str, float]]:
     """Per kind: the median route decision for its 1 MiB body (parse, features, choice), and json.loads of it."""
     from zoo_agent.index.model import RouteEntry
     from zoo_agent.resident.inbound import Host, Parsed, parse_request
-    from zoo_agent.resident.router import _features
+    from zoo_agent.resident.router.routes import _features
     from zoo_agent.resident.routing import choose
 
     route = RouteEntry.model_validate(ROUTES["rules"])

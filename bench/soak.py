@@ -83,11 +83,9 @@ MAX_REQUESTS = 1_000_000  # per client: a bound besides the deadline
 
 
 def tiny_model(directory: Path) -> Path:
-    """The tests' tiny model (random weights): the one place that knows where its builder lives."""
-    try:
-        from zoo_agent.demo.tiny import build_tiny_model  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:
-        from zoo_agent.resident.tiny import build_tiny_model  # type: ignore[import-not-found,no-redef,unused-ignore]
+    """The tests' tiny model (random weights), built as `zoo-agent demo` builds it."""
+    from zoo_agent.demo.tiny import build_tiny_model
+
     return Path(build_tiny_model(directory))
 
 

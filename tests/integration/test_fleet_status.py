@@ -14,7 +14,7 @@ import pytest
 from tests.support.resident import Resident, free_port
 from tests.support.world import World
 from zoo_agent.index.load import load_index
-from zoo_agent.resident.peers import tenant_digest
+from zoo_agent.resident.router.peers import tenant_digest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import load_index
-from zoo_agent.resident.peers import tenant_digest
+from zoo_agent.resident.router.peers import tenant_digest
 
 Serve = Callable[[socket.socket, bytes], None]
 

@@ -65,7 +65,7 @@ def _file(data: bytes) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Fleet]:
     from zoo_agent.index.load import load_index
-    from zoo_agent.resident.peers import pinned, tenant_digest
+    from zoo_agent.resident.router.peers import pinned, tenant_digest
 
     tmp = tmp_path_factory.mktemp("hostile-peers")
     peers = [PeerStandIn([]).start() for _ in range(3)]

@@ -207,7 +207,7 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
     reads: the adapter version a worker serves is kept beyond retention, until the worker swaps
     to the new one in place; then the old one is no longer in use, and goes."""
     pytest.importorskip("prometheus_client", reason="the resident extra is not installed (pip install -e .[resident])")
-    from zoo_agent.resident import protocol as p
+    from zoo_agent.resident.wire import control as p
     from zoo_agent.resident.config import ResidentConfig
     from zoo_agent.resident.slots import Worker
     from zoo_agent.resident.supervisor import Supervisor

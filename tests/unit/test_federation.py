@@ -17,8 +17,8 @@ pytest.importorskip("prometheus_client", reason="the resident extra is not insta
 import httpx  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from zoo_agent.resident.federation import MAX_POLL_BYTES, Federation  # noqa: E402
-from zoo_agent.resident.peers import Peer  # noqa: E402
+from zoo_agent.resident.router.federation import MAX_POLL_BYTES, Federation  # noqa: E402
+from zoo_agent.resident.router.peers import Peer  # noqa: E402
 
 PEER = Peer("b", "big", "http://b.test:8000", "m2@v1", "sha256:" + "ab" * 32)
 

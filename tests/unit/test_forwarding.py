@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import REPO
-from zoo_agent.resident.router import _answer_with, _Events, _first_token, _message_of, _send, _with_x_zoo
+from zoo_agent.resident.router.commit import _answer_with, _Events, _first_token, _with_x_zoo
+from zoo_agent.resident.router.upstream import _send, message_of
 
 ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}
 
@@ -152,7 +153,7 @@ def test_what_a_worker_or_peer_answers_is_read_without_an_exception(event: bytes
     _first_token(event)
     tagged = _with_x_zoo(event, ROUTE)
     assert tagged == event or json.loads(tagged[6:])["x_zoo"]["route"] == ROUTE["route"]
-    message = _message_of(event)
+    message = message_of(event)
     assert "\n" not in message and len(message) <= 400
     for body in (event, event.removeprefix(b"data: ")):
         try:
@@ -177,10 +178,43 @@ def test_a_large_event_a_few_bytes_at_a_time_is_read_in_linear_time() -> None:
     """In a child process under a liveness timeout: 4 MiB in 16-byte reads took the former
     join-and-split-everything hours of copying; this takes well under a second here."""
     script = (
-        "from zoo_agent.resident.router import _Events\n"
+        "from zoo_agent.resident.router.commit import _Events\n"
         "r = _Events()\n"
         "data = b'data: ' + b'x' * (4 << 20) + b'\\n\\n'\n"
         "events = [e for i in range(0, len(data), 16) for e in r.feed(data[i : i + 16])]\n"
         "assert len(events) == 1 and len(events[0]) == (4 << 20) + 6\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class _BrokenStream(httpx.AsyncByteStream):
+    """A peer's answer: its first token, then the connection breaks."""
+
+    async def __aiter__(self) -> Any:
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+        raise httpx.ReadError("reset")
+
+
+def test_a_peer_answer_that_breaks_after_its_first_token_ends_in_an_error_that_says_who_gave_it() -> None:
+    """A route answered by a peer: the error event that ends the stream carries ``x_zoo.route`` like every other answer."""
+    from zoo_agent.resident.router.delegate import Delegation
+    from zoo_agent.resident.router.peer_answer import Events
+    from zoo_agent.resident.router.peers import Peer
+
+    x_zoo = {"route": {"route": "r", "tenant": "big"}, "host": "b"}
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def go() -> int:
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        response = httpx.Response(200, stream=_BrokenStream())
+        delegation = Delegation(None, 5.0, lambda: None)  # type: ignore[arg-type]  # the relay reads no federation
+        peer = Peer(host="b", tenant="big", endpoint="http://127.0.0.1:1", model="m@1", digest="sha256:0")
+        return await delegation._relay_events(peer, response, send, gone, Events(x_zoo, 1 << 16), 1e9, 5.0, lambda: None)
+
+    assert asyncio.run(go()) == 502
+    last = sent[-1]["body"].decode().split("\n\n")[0]
+    event = json.loads(last.removeprefix("data: "))
+    assert "peer b: the answer broke off" in event["error"]["message"] and event["x_zoo"] == x_zoo

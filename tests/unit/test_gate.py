@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from zoo_agent.resident.gate import Gate
+from zoo_agent.resident.wire.gate import Gate
 
 KEY = "k3y"
 
@@ -78,7 +78,7 @@ def test_an_unauthorized_body_gets_its_401_read(port: int) -> None:
 
 def test_a_body_that_does_not_end_is_not_read_forever(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the drain bound the answer says Connection: close and the connection closes."""
-    import zoo_agent.resident.gate as gate
+    import zoo_agent.resident.wire.gate as gate
 
     monkeypatch.setattr(gate, "DRAIN_BYTES", 1 << 20)
     sent, total = 0, 256 << 20

@@ -145,3 +145,15 @@ def test_a_request_a_worker_would_not_read_is_refused_here_naming_why(method: st
     """Before anything is routed, loaded or forwarded (the worker answered these with a 400 naming nothing)."""
     result = parse_request(method, path, b"model=small", b'{"model": "assistant"}', HOST, content_type=content_type)
     assert isinstance(result, Rejected) and (result.status, result.param) == (status, param), result
+
+
+def test_a_generation_is_read_once_into_what_the_router_decides_on() -> None:
+    """Stream, session, priority and whether a peer sent it, in the one value (issue #32)."""
+    body = b'{"model": "small", "stream": true, "session": "s1", "priority": -1}'
+    parsed = parse_request("POST", GENERATE[0], b"", body, HOST, content_type=JSON, priority=[b"batch"])
+    assert isinstance(parsed, Parsed)
+    assert (parsed.stream, parsed.in_session, parsed.from_peer, parsed.priority_header, parsed.priority_field) == (True, True, False, "batch", -1)
+    wrong_type = parse_request("POST", GENERATE[0], b"", b'{"model": "small", "priority": true, "stream": 1}', HOST, content_type=JSON)
+    assert isinstance(wrong_type, Parsed) and wrong_type.priority_field is None and not wrong_type.stream  # the worker's 400 to give
+    twice = parse_request("POST", GENERATE[0], b"", body, HOST, content_type=JSON, priority=[b"batch", b"system"])
+    assert twice == Rejected(400, "X-Zoo-Priority: sent 2 times; send it once", "X-Zoo-Priority")

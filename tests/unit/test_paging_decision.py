@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
 

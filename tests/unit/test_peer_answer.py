@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zoo_agent.resident.peer_answer import PASSED_ON, RELAYED_ERRORS, Events, Refused, error_message, head, judge, whole
+from zoo_agent.resident.router.peer_answer import PASSED_ON, RELAYED_ERRORS, Events, Refused, error_message, head, judge, whole
 
 X_ZOO = {"host": "b"}
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -165,6 +165,13 @@ def test_an_error_event_is_a_failed_attempt_before_the_first_token_and_relayed_a
         events.feed(b": waiting for big: loading\n\n" + _event(_chunk()) + error)
     out, ok = _feed([_event(_chunk("a")), error, b"data: [DONE]\n\n"])
     assert ok and json.loads(out[1][6:])["error"]["code"] == 503
+
+
+def test_an_error_event_after_the_first_token_says_who_gave_it() -> None:
+    """A route's or a peer's answer names who gave it, errors too: the error event that ends a stream carries ``x_zoo``."""
+    error = b'data: {"error": {"message": "the device went away", "code": 500}, "x_zoo": {"tenant": "big"}}\n\n'
+    out, ok = _feed([_event(_chunk("a")), error, b"data: [DONE]\n\n"])
+    assert ok and json.loads(out[1][6:])["x_zoo"] == {"tenant": "big", **X_ZOO}
 
 
 def test_a_large_stream_of_small_chunks_is_searched_once() -> None:

@@ -13,7 +13,7 @@ from tests.support.index import SHA_A, SHA_B, SHA_C, write_index
 from tests.support.peers import fleet, fleet_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
-from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
+from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
 
 
 def test_the_fleet_is_valid_and_defaults_are_closed() -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zoo_agent.resident.priority import CLASSES, BadPriority, PriorityNotAllowed, PriorityQueue, class_name, for_peer, grant, parse_priority, rank
+from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, PriorityQueue, class_name, for_peer, grant, parse_priority, rank
 
 
 @pytest.mark.parametrize(
@@ -205,5 +205,5 @@ def test_remove_by_identity() -> None:
 
 def test_priority_is_pure() -> None:
     """The router reuses it without the [resident] extra: no torch comes in with it."""
-    code = "import sys, zoo_agent.resident.priority; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, zoo_agent.resident.wire.priority; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -72,13 +72,13 @@ class Harness:
 
     def ask(self) -> asyncio.Task[str]:
         """A request for the on-demand tenant, as the router places it (it waits in the router's queue)."""
-        task = self.loop.create_task(self.sup.router._place("lazy", 2))
+        task = self.loop.create_task(self.sup.router.admission.place("lazy", 2))
         self.loop.run_until_complete(asyncio.sleep(0))
         return task
 
     def answer(self, task: asyncio.Task[str]) -> BaseException | None:
         """What the router does when the supervisor pokes it: the waiter is answered."""
-        self.sup.router._pump("lazy")
+        self.sup.router.admission.pump("lazy")
         self.loop.run_until_complete(asyncio.sleep(0))
         assert task.done()
         return task.exception()
@@ -182,7 +182,7 @@ def test_a_failed_fetch_stays_failed_until_a_request_or_the_index_asks_again(tmp
         h.tick(3)
     assert len(h.fetches) == 1
     assert h.slot.phase == "failed"
-    health = json.loads(h.sup.router._health()[1])["tenants"]["lazy"]
+    health = json.loads(h.sup.router.endpoints.health()[1])["tenants"]["lazy"]
     assert health["state"] == "failed" and "sha256" in health["error"]
     assert "lazy (fetch failed)" in h.sup.status_line()
     assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 1.0' in h.metrics()

@@ -19,12 +19,12 @@ VM = REPO / "checks" / "vm.nix"
 
 
 def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0) -> str:
-    """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in supervisor."""
+    """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in slot table."""
     stats = SimpleNamespace(served=served, running=running, waiting=0, tps=tps, adapters=[], refused=set(), sessions=0)
     worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"))
     slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0)
-    sup = SimpleNamespace(order=["chat"], slots={"chat": slot}, router=SimpleNamespace(federation=SimpleNamespace(summary=lambda: "")))
-    return Reports(cast(Any, sup)).status_line()
+    table = SimpleNamespace(order=["chat"], slots={"chat": slot})
+    return Reports(cast(Any, table), cast(Any, None), cast(Any, None), lambda: "").status_line()
 
 
 def _pattern() -> str:

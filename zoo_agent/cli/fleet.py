@@ -33,7 +33,8 @@ from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.listener import read_api_key
-from zoo_agent.resident.peers import pinned, served_state, tenant_digest
+from zoo_agent.resident.router.peers import pinned, served_state, tenant_digest
+from zoo_agent.resident.wire.headers import PEER
 
 __all__ = ["Answer", "fleet_group", "fleet_rows"]
 
@@ -86,7 +87,7 @@ def _read(response: Any, deadline: float) -> bytes:
 
 def _get(url: str, key: str | None, deadline: float) -> tuple[int, Any]:
     # With X-Zoo-Peer the key is checked as the fleet key (a host's client key may differ).
-    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {key}", "X-Zoo-Peer": "fleet-status"} if key else {})}
+    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {key}", PEER: "fleet-status"} if key else {})}
     timeout = max(0.01, deadline - time.monotonic())  # each socket operation; the whole exchange is bounded by _ask_all
     try:
         request = urllib.request.Request(url, headers=headers)

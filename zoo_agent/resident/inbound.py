@@ -15,12 +15,13 @@ and touches nothing but its arguments, so the router may run it on another threa
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.sessions.transcript import SessionError, valid_id
+from zoo_agent.resident.wire.headers import PRIORITY
 
 __all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "parse_request"]
 
@@ -42,11 +43,17 @@ class Host:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A request this host answers: its tenant (or route), its JSON body, the session id of its path."""
+    """A request this host answers: its tenant (or route), its JSON body, the session id of its path;
+    for a generation, what the router decides on (issue #32: read here once, not again where it is used)."""
 
     tenant: str
     document: dict[str, Any]
     session: str | None = None
+    stream: bool = False  # ``"stream": true``
+    in_session: bool = False  # the body names a session (its turns live here: never a peer's)
+    from_peer: bool = field(default=False, compare=False)  # it came from a peer (``X-Zoo-Peer``): never delegated again
+    priority_header: str | None = None  # the ``X-Zoo-Priority`` it sent (at most once)
+    priority_field: int | None = None  # the body's integer ``priority`` (a field of another type is the worker's 400 to give)
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,25 @@ class Rejected:
 
 
 def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host, *, content_type: str | None,
-                  from_peer: bool = False) -> Parsed | Rejected:  # fmt: skip
+                  from_peer: bool = False, priority: Sequence[bytes] = ()) -> Parsed | Rejected:  # fmt: skip
     """Which tenant a request is for (and its JSON body), or why it has none.
     A tenant this host does not serve is its peers' (when the index names any); a request
-    from a peer is answered only for a tenant this host accepts from peers, and only here."""
+    from a peer is answered only for a tenant this host accepts from peers, and only here.
+    ``priority``: the values of every ``X-Zoo-Priority`` header it sent."""
+    parsed = _parse(method, path, query, body, host, content_type=content_type, from_peer=from_peer)
+    if isinstance(parsed, Rejected) or path not in GENERATE:
+        return parsed
+    if len(priority) > 1:  # the router would check one and the worker serve another
+        return Rejected(400, f"{PRIORITY}: sent {len(priority)} times; send it once", PRIORITY)
+    document = parsed.document
+    asked = document.get("priority")
+    return replace(parsed, stream=document.get("stream") is True, in_session=document.get("session") is not None, from_peer=from_peer,
+                   priority_header=priority[0].decode("latin-1") if priority else None,
+                   priority_field=asked if isinstance(asked, int) and not isinstance(asked, bool) else None)  # fmt: skip
+
+
+def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, content_type: str | None, from_peer: bool) -> Parsed | Rejected:
+    """``parse_request`` up to its tenant and body."""
     served = host.served
     if path in GENERATE or path in LORA:
         if method != "POST":

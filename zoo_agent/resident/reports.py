@@ -17,6 +17,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +29,11 @@ from zoo_agent.formats import now
 from zoo_agent.store.zoo import declared_facts
 
 if TYPE_CHECKING:
-    from zoo_agent.resident.protocol import Ready
-    from zoo_agent.resident.slots import Slot, Worker
-    from zoo_agent.resident.supervisor import Supervisor
+    from zoo_agent.resident.wire.control import Ready
+    from zoo_agent.resident.slots import Slot, SlotTable, Worker
+    from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Reports"]
+__all__ = ["Outlook", "Reports"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -41,9 +43,23 @@ MAX_SWAPS = 100
 MAX_REPORT_BYTES = 1 << 20
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """What the supervisor says of itself in ``state.json`` (issue #32: asked for, never read off the supervisor)."""
+
+    attempts: int
+    reloads: int
+    last_error: str
+    state: str  # reloading, ready or starting
+    swapped: list[str]
+    listen: str
+
+
 class Reports:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    """The files above, written from the slot table; ``outlook`` and ``peers`` are the supervisor's and the router's word."""
+
+    def __init__(self, table: SlotTable, zoo: Zoo, outlook: Callable[[], Outlook], peers: Callable[[], str]) -> None:
+        self.table, self.zoo, self.outlook, self.peers = table, zoo, outlook, peers
         self.started_at = now()
         self.swaps: dict[str, list[dict[str, Any]]] = {}
         self.gap_from: dict[str, str] = {}  # tenant -> the version a stop-first reload stopped
@@ -52,11 +68,11 @@ class Reports:
 
     def status_line(self) -> str:
         """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""
-        sup, t = self.sup, time.monotonic()
+        table, t = self.table, time.monotonic()
         loaded, out = [], []
         served = 0
-        for tid in sup.order:
-            slot = sup.slots[tid]
+        for tid in table.order:
+            slot = table.slots[tid]
             served += slot.served_before + sum(w.stats.served for w in slot.workers)
             worker = slot.serving
             if worker is None or worker.state != "serving":
@@ -76,13 +92,13 @@ class Reports:
             if s.sessions:
                 extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
             loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
-        head = f"{len(sup.order)} tenant{'s' if len(sup.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
-        peers = sup.router.federation.summary()
+        head = f"{len(table.order)} tenant{'s' if len(table.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
+        peers = self.peers()
         return head + (f"; paged out: {', '.join(out)}" if out else "") + f"; {served} requests" + (f"; {peers}" if peers else "")
 
     def measured(self, tenant: str, label: str) -> int:
         """The footprint a previous load of this model@version measured, or 0."""
-        info = _read(self.sup.zoo.tenant_dir(tenant) / "model-info.json")
+        info = _read(self.zoo.tenant_dir(tenant) / "model-info.json")
         if f"{info.get('model')}@{info.get('version')}" != label:
             return 0
         value = (info.get("footprint") or {}).get("measured", 0)
@@ -92,7 +108,6 @@ class Reports:
         """A worker became ready: what it loaded, its lease, the resident's state."""
         self.loaded(slot, worker, ready)
         self.lease(slot)
-        self.sup.last_error = "" if not self.sup.pending_reloads else self.sup.last_error
         self.state()
 
     def loaded(self, slot: Slot, worker: Worker, ready: Ready) -> None:
@@ -109,7 +124,7 @@ class Reports:
                 "footprint": {"estimate": slot.estimate, "measured": ready.weights_bytes + ready.kv_bytes, "weights": ready.weights_bytes,
                               "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
         info.update(declared_facts(c.version_dir))  # what the index declares of it, beside what was measured (issue #35)
-        base = self.sup.zoo.tenant_dir(c.tenant)
+        base = self.zoo.tenant_dir(c.tenant)
         makedirs_durable(base)
         write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
 
@@ -118,9 +133,9 @@ class Reports:
         record = {"time": now(), "action": action, "kind": "tenants", "id": slot.tenant, "version": label, "result": "ok",
                   "duration_s": round(seconds, 4), **({"reason": reason} if reason else {})}  # fmt: skip
         try:
-            append_action(self.sup.zoo, record)
+            append_action(self.zoo, record)
         except OSError as exc:  # the log must not fail serving
-            log.warning("cannot append to %s: %s", self.sup.zoo.actions_log, exc.strerror)
+            log.warning("cannot append to %s: %s", self.zoo.actions_log, exc.strerror)
 
     def swap(self, slot: Slot, old_version: str, worker: Worker, reason: str = "reload") -> None:
         self.swaps.setdefault(slot.tenant, []).append({"time": now(), "from": old_version, "to": worker.config.version, "reason": reason,
@@ -129,7 +144,7 @@ class Reports:
     def lease(self, slot: Slot) -> None:
         """Since when the host serves the tenant, what it served, and its swaps: the counts of the
         residents before this one (read once, before this one first writes) plus this one's."""
-        base = self.sup.zoo.tenant_dir(slot.tenant)
+        base = self.zoo.tenant_dir(slot.tenant)
         if not base.is_dir():
             return
         if slot.tenant not in self.before:
@@ -143,17 +158,17 @@ class Reports:
         write_atomic(base / "lease.json", (json.dumps(lease, indent=2) + "\n").encode())
 
     def leases(self) -> None:
-        for slot in list(self.sup.slots.values()):
+        for slot in list(self.table.slots.values()):
             if slot.serving is not None:
                 self.lease(slot)
         self.state()
 
     def state(self) -> None:
-        sup = self.sup
+        table, said = self.table, self.outlook()
         tenants = {}
         first_version = None
-        for tid in sup.order:
-            slot = sup.slots.get(tid)
+        for tid in table.order:
+            slot = table.slots.get(tid)
             if slot is None:
                 continue
             worker = slot.serving
@@ -163,11 +178,11 @@ class Reports:
                             "pid": worker.proc.pid if worker else None, "pinned": slot.pinned, "footprint": slot.footprint,
                             "running": worker.stats.running if worker else 0, "waiting": (worker.stats.waiting if worker else 0) + slot.queued,
                             "last_used": _wall(slot.last_used), "error": slot.refusal or slot.error or ""}  # fmt: skip
-        state = {"pid": os.getpid(), "attempts": sup.reload_attempts, "reloads": sup.reloads, "last_error": sup.last_error,
-                 "state": "reloading" if sup.pending_reloads else ("ready" if sup.ready_sent else "starting"), "version": first_version,
-                 "swapped": sup.swapped, "listen": sup.config.listen, "budget": sup.budget, "status": sup.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
-        makedirs_durable(sup.zoo.resident_dir)
-        write_atomic(sup.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
+        state = {"pid": os.getpid(), "attempts": said.attempts, "reloads": said.reloads, "last_error": said.last_error,
+                 "state": said.state, "version": first_version,
+                 "swapped": said.swapped, "listen": said.listen, "budget": table.budget, "status": self.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
+        makedirs_durable(self.zoo.resident_dir)
+        write_atomic(self.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
 
 
 def _wall(monotonic: float) -> str | None:

@@ -1,22 +1,26 @@
 """What the supervisor knows of each tenant and each worker process (issue #20).
 
 A ``Slot`` is one tenant the host serves, loaded or not, with an explicit ``phase`` the
-supervisor's tick switches on; a ``Worker`` is one process serving it. The router reads
-and writes the few fields it shares with the supervisor under ``Supervisor.lock``.
+supervisor's tick switches on; a ``Worker`` is one process serving it. The ``SlotTable`` is
+the one object the supervisor and the router share (issue #32): the router reads and writes
+the few fields it shares with the supervisor under ``SlotTable.lock``, and asks the
+supervisor's loop to look again with ``SlotTable.wake``; it is never handed the supervisor.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
 
-__all__ = ["Phase", "Slot", "Worker"]
+__all__ = ["Phase", "Slot", "SlotTable", "Worker"]
 
 Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
 
@@ -88,3 +92,20 @@ class Slot:
     @property
     def workers(self) -> list[Worker]:
         return [w for w in (self.serving, self.incoming) if w is not None]
+
+
+def _no_wake() -> None:
+    """A table with no supervisor loop to wake (a unit test's)."""
+
+
+@dataclass
+class SlotTable:
+    """The host's tenants, what the supervisor and the router share: ``slots`` change under ``lock``;
+    ``order`` (the tenants as the index lists them) and ``budget`` are replaced whole by the
+    supervisor when it takes an index; ``wake`` tells the supervisor's loop a request waits."""
+
+    slots: dict[str, Slot] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    order: list[str] = field(default_factory=list)
+    budget: int | None = None
+    wake: Callable[[], None] = _no_wake

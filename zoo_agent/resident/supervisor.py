@@ -33,14 +33,15 @@ from zoo_agent.formats import parse_memory
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
 from zoo_agent.resident.listener import listen_socket, read_api_key
 from zoo_agent.resident.memory import mem_available, rss
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
-from zoo_agent.resident.priority import CLASSES
-from zoo_agent.resident.reports import Reports
-from zoo_agent.resident.slots import Slot, Worker
+from zoo_agent.resident.wire.priority import CLASSES
+from zoo_agent.resident.reports import Outlook, Reports
+from zoo_agent.resident.router.app import Keys, Router
+from zoo_agent.resident.slots import Slot, SlotTable, Worker
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
@@ -61,10 +62,8 @@ class Supervisor:
             raise UsageError(f"--priority-key-file {config.priority_key_file}: the same key as --{'api' if self.priority_key == self.api_key else 'fleet'}-key-file; "
                              "the privileged key must be a key of its own")  # fmt: skip
         self.selector = selectors.DefaultSelector()
-        self.lock = threading.RLock()
-        self.slots: dict[str, Slot] = {}
-        self.order: list[str] = []  # the host's tenants, as the index lists them
-        self.budget: int | None = None
+        self.table = SlotTable(wake=self.wake)  # what the router shares: the slots, their lock, order and budget
+        self.slots, self.lock = self.table.slots, self.table.lock  # the table's own dict and lock, never replaced
         self.idx: Index | None = None
         self.host_id = self.config.host.lower()  # this host's id in the index: resolved by take_index
         self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
@@ -85,14 +84,22 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.sockets: Path | None = None  # the workers' private sockets: a directory of our own, made by run()
         self.spawned = 0
-        self.reports = Reports(self)
+        self.reports = Reports(self.table, self.zoo, self._outlook, lambda: self.router.federation.summary())
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        from zoo_agent.resident.router import Router  # here: the router imports this module's types
+        self.router = Router(self.table, config, self.zoo, self.host_id, Keys(self.api_key, self.fleet_key, self.priority_key),
+                             is_ready=lambda: self.ready_sent, status_line=self.status_line)  # fmt: skip
 
-        self.router = Router(self)
+    @property
+    def order(self) -> list[str]:
+        """The host's tenants, as the index lists them (the table's)."""
+        return self.table.order
+
+    @property
+    def budget(self) -> int | None:
+        return self.table.budget
 
     # -- signals: record only --------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -142,17 +149,17 @@ class Supervisor:
                 slot.measured = self.reports.measured(tid, f"{tenant.model}@{version}") if version else 0
                 self._take_pins(idx, slot)
                 self.slots[tid] = slot
-                self.router.metrics.known(tid, on_demand=slot.fetch == "on-demand")
+                self.router.known(tid, on_demand=slot.fetch == "on-demand")
             for tid in [t for t in self.slots if t not in served]:
                 slot = self.slots.pop(tid)
                 for worker in slot.workers:
                     self._drain(slot, worker, "removed")
                 slot.path = None
                 slot.refusal = f"tenant '{tid}' is no longer served by this host"
-            self.order = served
-            self.budget = parse_memory(host.memory_budget) if host.memory_budget else None
+            self.table.order = served
+            self.table.budget = parse_memory(host.memory_budget) if host.memory_budget else None
             self.idx = idx
-        self.router.take_index(idx)
+        self.router.take_index(idx, self.host_id)
 
     def _take_pins(self, idx: Index, slot: Slot) -> None:
         """What a fetch of an on-demand tenant makes current under ``idx``; a failed fetch of
@@ -405,7 +412,7 @@ class Supervisor:
                 self._fetch_failed(slot, f"fetching {tid} failed: {exc}")
             else:
                 log.info("%s: fetched", tid)
-                self.router.metrics.fetches.labels(tid, "ok").inc()
+                self.router.fetched(tid, "ok")
                 with self.lock:
                     slot.phase = "paged_out"
                 self.flags.add("reindex")  # the footprint: its config.json is on disk now
@@ -418,7 +425,7 @@ class Supervisor:
         or an index change asks again; the requests waiting for it are told why."""
         error = " ".join(message.split())[:400]
         log.error("%s", error)
-        self.router.metrics.fetches.labels(slot.tenant, "failed").inc()
+        self.router.fetched(slot.tenant, "failed")
         with self.lock:
             slot.phase, slot.refusal, slot.error, slot.wanted, slot.fetch_failed = "failed", error, error, False, slot.fetched
         self.router.poke(slot.tenant)
@@ -526,6 +533,8 @@ class Supervisor:
         self.router.loaded(slot.tenant, time.monotonic() - worker.started)
         self.reports.paged("page-in", slot, f"{worker.config.model}@{worker.config.version}", seconds=time.monotonic() - worker.started)
         self.router.poke(slot.tenant)
+        if not self.pending_reloads:
+            self.last_error = ""  # a reload's error stays until the reload ends
         self.reports.model_info(slot, worker, ready)
         self._reload_done(slot.tenant, ok=True)
         self._tell_reloads(slot)
@@ -611,7 +620,7 @@ class Supervisor:
                 return
             self._refuse(slot, message, failed=True)
             return
-        self.router.metrics.restarts.labels(slot.tenant, worker.killed_for or "crash").inc()
+        self.router.restarted(slot.tenant, worker.killed_for or "crash")
         t = time.monotonic()
         slot.crashes = [c for c in slot.crashes if t - c < self.config.crash_window] + [t]
         if len(slot.crashes) >= self.config.max_crashes:
@@ -771,6 +780,11 @@ class Supervisor:
     # -- reporting ------------------------------------------------------------------------------
     def status_line(self) -> str:
         return self.reports.status_line()
+
+    def _outlook(self) -> Outlook:
+        """What ``state.json`` says of the supervisor: its reloads, and whether it is ready."""
+        state = "reloading" if self.pending_reloads else ("ready" if self.ready_sent else "starting")
+        return Outlook(self.reload_attempts, self.reloads, self.last_error, state, list(self.swapped), self.config.listen)
 
     def _follow_adapters(self, slot: Slot, worker: Worker) -> None:
         """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart."""

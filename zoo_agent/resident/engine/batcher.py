@@ -41,7 +41,7 @@ from zoo_agent.resident.engine.base import AdaptersBusy, Emit, Generated, Model,
 from zoo_agent.resident.engine.cache import join, row, select
 from zoo_agent.resident.engine.sequence import Seq, begin, choose, compatible, eos_ids, forward_with
 from zoo_agent.resident.engine.stops import hit
-from zoo_agent.resident.priority import PriorityQueue
+from zoo_agent.resident.wire.priority import PriorityQueue
 
 __all__ = ["PREFILL_CHUNK", "Batcher"]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zoo_agent.resident.engine.base import Emit, Generated, Generator, Request, Stats
-from zoo_agent.resident.priority import PriorityQueue
+from zoo_agent.resident.wire.priority import PriorityQueue
 
 __all__ = ["Serial"]
 

@@ -39,12 +39,11 @@ from zoo_agent.resident.sessions.transcript import (
 from zoo_agent.formats import now
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
 
-__all__ = ["ROUTE_HEADER", "SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "remove_session", "session_lock", "valid_id"]
+__all__ = ["SESSION_ID", "SessionDamaged", "SessionError", "SessionStats", "Sessions", "Turn", "cache_files", "remove_session", "session_lock", "valid_id"]
 
 log = logging.getLogger("zoo_agent.resident")
 
 #: Set by the router on a routed request (a client's own is dropped): the session is that route's (issue #21).
-ROUTE_HEADER = "X-Zoo-Session-Route"
 
 
 @dataclass

@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zoo_agent.resident.gate import Gate
-from zoo_agent.resident.priority import BadPriority, parse_priority
 from zoo_agent.resident.sessions.store import SessionError, valid_id
 from zoo_agent.resident.sessions.summaries import NeedSummary
 from zoo_agent.resident.sessions.transcript import SessionSummary
 from zoo_agent.resident.sessions.turns import Refusal, session_document, summarize
+from zoo_agent.resident.wire.gate import Gate
+from zoo_agent.resident.wire.priority import BadPriority, parse_priority
 from zoo_agent.resident.worker.backend import AdapterError
 from zoo_agent.resident.worker.bodies import Body, BoundedRoute, ChatBody, CompletionBody, LoadLoraBody, PriorityHeader, RouteHeader
 from zoo_agent.resident.worker.prepare import adapter_for, prepare

@@ -14,9 +14,10 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo_agent.jsonbound import JSONRefused, loads
-from zoo_agent.resident.priority import CLASSES, HEADER, MAX_PRIORITY, MIN_PRIORITY
-from zoo_agent.resident.sessions.store import ROUTE_HEADER
 from zoo_agent.resident.sessions.transcript import MAX_SEED, Text
+from zoo_agent.resident.wire.headers import PRIORITY as HEADER
+from zoo_agent.resident.wire.headers import SESSION_ROUTE as ROUTE_HEADER
+from zoo_agent.resident.wire.priority import CLASSES, MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = ["MAX_MESSAGES", "MAX_STOP_CHARS", "Body", "BoundedRoute", "ChatBody", "CompletionBody", "LoadLoraBody", "Message", "PriorityHeader", "RouteHeader",
            "StopText", "StreamOptions"]

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from zoo_agent.resident import protocol as p
+from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
 
 __all__ = ["main"]

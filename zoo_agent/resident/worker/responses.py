@@ -18,6 +18,7 @@ from zoo_agent.resident.engine.base import AUTO, Generated
 from zoo_agent.resident.engine.base import Request as GenRequest
 from zoo_agent.resident.sessions.store import SessionError
 from zoo_agent.resident.sessions.turns import Refusal
+from zoo_agent.resident.wire.http import ApiError
 from zoo_agent.resident.worker.backend import AdapterError
 from zoo_agent.resident.worker.state import ServingState
 
@@ -27,8 +28,9 @@ log = logging.getLogger("zoo_agent.resident")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object: the one place a worker builds one (its ``type`` follows the status)."""
-    return {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "param": param, "code": code}
+    """OpenAI's error object: the one place a worker builds one, by the wire's one rule (``wire/http.py``)."""
+    error: dict[str, Any] = ApiError(status, message, param, code).document()["error"]
+    return error
 
 
 def error(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:

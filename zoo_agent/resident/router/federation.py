@@ -28,12 +28,13 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
+from zoo_agent.resident.wire.headers import PEER
+from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
 
 if TYPE_CHECKING:
     from zoo_agent.index.model import Index
 
-__all__ = ["PEER_HEADER", "Federation"]
+__all__ = ["Federation"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -44,10 +45,6 @@ log = logging.getLogger("zoo_agent.resident")
 #: unaffected: a peer that is generating still acknowledges what it was sent.
 _UNACKED_MS = 3000
 _SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _UNACKED_MS)] if hasattr(socket, "TCP_USER_TIMEOUT") else []
-
-#: On a request one host delegates to another: the origin's host id. Such a request needs the
-#: fleet key, is answered only for tenants the host accepts from peers, and is never delegated again.
-PEER_HEADER = "X-Zoo-Peer"
 
 
 @dataclass
@@ -136,7 +133,7 @@ class Federation:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """What a delegated request (and a poll) carries: the fleet key, never a client's."""
-        out = [(PEER_HEADER.lower().encode(), self.host.encode())]
+        out = [(PEER.lower().encode(), self.host.encode())]
         if self.fleet_key is not None:
             out.append((b"authorization", b"Bearer " + self.fleet_key.encode()))
         return out

@@ -24,12 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["CLASSES", "HEADER", "MAX_PRIORITY", "MIN_PRIORITY", "BadPriority", "PriorityNotAllowed", "PriorityQueue", "class_name", "for_peer",
+from zoo_agent.resident.wire.headers import PRIORITY as HEADER
+
+__all__ = ["CLASSES", "MAX_PRIORITY", "MIN_PRIORITY", "BadPriority", "PriorityNotAllowed", "PriorityQueue", "class_name", "for_peer",
            "grant", "parse_priority", "rank"]
 
 #: The named classes on vLLM's integer scale (lower is served first).
 CLASSES: dict[str, int] = {"system": -2, "realtime": -1, "default": 0, "batch": 1}
-HEADER = "X-Zoo-Priority"
 #: Bounds of the integer ``priority`` field: none better than ``system`` (issue #31: an integer
 #: below every class was served before ``system``, and held ``batch`` back ~1000 classes), and
 #: as far below ``batch`` as a client wants to put itself.

@@ -166,6 +166,7 @@ class Events:
             if not self.committed:  # the peer could not answer after all (its notes went out first): the next peer may
                 said = error_message(payload)
                 raise Refused("sent an error before a first token" + (f": {said}" if said else ""))
+            document = _with_x_zoo(document, self.x_zoo)  # the error that ends the answer says who gave it too
         elif not isinstance(choices, list):
             raise Refused("sent an event with no 'choices' list")
         else:

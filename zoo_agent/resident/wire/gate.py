@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+
+from zoo_agent.resident.wire.headers import PEER
+from zoo_agent.resident.wire.http import ApiError, App, Message, Receive, Scope, Send
 
 __all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "PRIVILEGED", "Gate"]
 
@@ -35,16 +35,11 @@ PRIVILEGED = "zoo.privileged"
 DRAIN_BYTES = 16 << 20
 DRAIN_SECONDS = 5.0
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def _reply(send: Send, status: int, message: str, *, param: str | None, code: str | None = None, close: bool = False,
-                 kind: str = "invalid_request_error", extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
-    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+                 kind: str | None = None, extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+    body = ApiError(status, message, param, code, kind).body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
     if close:
         headers.append((b"connection", b"close"))
@@ -62,7 +57,7 @@ class Gate:
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
         if not str(scope.get("path", "")).startswith("/v1/"):
             return True
-        if any(k.lower() == b"x-zoo-peer" for k, _ in headers):
+        if any(k.lower() == PEER.lower().encode() for k, _ in headers):
             return self.fleet_key is not None and _bearer(headers, self.fleet_key)
         if self.priority_key is not None and _bearer(headers, self.priority_key):
             scope[PRIVILEGED] = True

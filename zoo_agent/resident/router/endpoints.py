@@ -1,0 +1,174 @@
+"""What the router answers itself: ``/health``, ``/v1/models``, ``/metrics`` (issues #20, #22, #32).
+
+Each reads the slot table under its lock and the router's own state (admission's queues, the
+peers); ``/metrics`` adds every loaded worker's own, each sample labelled with its tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from zoo_agent.resident.router.admission import Admission
+from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.peers import pinned, tenant_digest
+from zoo_agent.resident.router.upstream import Clients
+from zoo_agent.resident.slots import SlotTable
+
+if TYPE_CHECKING:
+    from zoo_agent.index.model import Index
+
+__all__ = ["LATENCY_BUCKETS", "Endpoints", "Metrics"]
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The router's own metrics (the workers' are scraped and relabelled by ``Endpoints.metrics``)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.loaded = Gauge("zoo:model_loaded", "1 while the tenant's model is loaded and serving.", ["tenant"], registry=r)
+        self.load_seconds = Histogram("zoo:model_load_seconds", "Seconds from spawning a tenant's worker to its first real generation.",
+                                      ["tenant"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room).", ["tenant", "reason"], registry=r)
+        self.footprint = Gauge("zoo:model_footprint_bytes", "Memory the budget counts for the tenant (the larger of estimate and measurement).",
+                               ["tenant"], registry=r)  # fmt: skip
+        self.budget = Gauge("zoo:memory_budget_bytes", "The host's memory budget (absent: none).", registry=r)
+        self.waiting = Gauge("zoo:router_requests_waiting", "Requests waiting in the router for their tenant to load, by priority class.",
+                             ["tenant", "priority"], registry=r)  # fmt: skip
+        self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
+        self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
+        self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
+        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings).",
+                                ["tenant", "reason"], registry=r)  # fmt: skip
+        self.ready = Gauge("zoo:resident_ready", "1 once every pinned tenant (or the first listed) answered a real generation.", registry=r)
+        self.started = Gauge("zoo:resident_start_time_seconds", "When this resident started (Unix time).", registry=r)
+        self.started.set(time.time())
+        self.routed = Counter("zoo:route_requests", "Requests for a route, by the rule that chose and the tenant that answered.",
+                              ["route", "rule", "tenant"], registry=r)  # fmt: skip
+        self.fallbacks = Counter("zoo:route_fallbacks", "Requests that went to the next candidate before their first token, by why.",
+                                 ["route", "tenant", "reason"], registry=r)  # fmt: skip
+        self.fetches = Counter("zoo:on_demand_fetches", "Fetches on first use of an on-demand tenant, by result (ok, failed).",
+                               ["tenant", "result"], registry=r)  # fmt: skip
+
+    def known(self, tenant: str, on_demand: bool = False) -> None:
+        """A tenant's label sets, at zero, from the moment it is known: ``increase()`` and
+        ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
+        self.load_seconds.labels(tenant)
+        self.retries.labels(tenant)
+        self.evictions.labels(tenant, "budget")
+        for reason in ("crash", "hang"):
+            self.restarts.labels(tenant, reason)
+        if on_demand:
+            for result in ("ok", "failed"):
+                self.fetches.labels(tenant, result)
+
+
+class _Static:
+    """A collector that yields metric families already gathered (the workers')."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+    def describe(self) -> list[Metric]:
+        return []
+
+class Endpoints:
+    """The three documents, from the table and the router's parts; ``is_ready``, ``status_line`` and ``index`` are the supervisor's word."""
+
+    def __init__(self, table: SlotTable, own: Metrics, admission: Admission, federation: Federation, clients: Clients, *,
+                 is_ready: Callable[[], bool], status_line: Callable[[], str], index: Callable[[], Index | None]) -> None:  # fmt: skip
+        self.table, self.own, self.admission, self.federation, self.clients = table, own, admission, federation, clients
+        self.is_ready, self.status_line, self.index = is_ready, status_line, index
+
+    def health(self) -> tuple[int, bytes]:
+        tenants: dict[str, Any] = {}
+        t = time.monotonic()
+        with self.table.lock:
+            for tid in self.table.order:
+                slot = self.table.slots[tid]
+                worker = slot.serving
+                tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
+                                "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
+                                "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
+                                "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
+                                **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
+                                **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
+        state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
+        body = {"state": state, "status": self.status_line(), "budget": self.table.budget, "tenants": tenants,
+                **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip
+        return (200 if state == "ready" else 503), json.dumps(body).encode()
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules)."""
+        idx = self.index()
+        if idx is None:
+            return []
+        data = []
+
+        def card(mid: str, root: str, parent: str | None, state: str, **extra: Any) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state, **extra}}
+
+        for tid in self.table.order:
+            slot, tenant = self.table.slots[tid], idx.tenants[tid]
+            worker = slot.serving
+            root = f"{worker.config.model}@{worker.config.version}" if worker else pinned(idx, tid)
+            refused = worker.config.refused_adapters if worker else {}
+            # What peers compare with their index (issue #22): the digest vouches only for
+            # exactly the pinned set; mid-swap or with a refused adapter there is none.
+            digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
+            data.append(card(tid, root, None, slot.phase, model=root, digest=digest))
+            data += [card(f"{tid}:{lid}", f"{lid}@{idx.loras[lid].version}", tid, slot.phase) for lid in tenant.loras if lid not in refused]
+            if tenant.adapter_selection is not None:
+                data.append(card(f"{tid}:auto", "chosen per request", tid, slot.phase))
+        return data
+
+    async def metrics(self) -> bytes:
+        """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""
+        m, table = self.own, self.table
+        with table.lock:
+            serving = {tid: s.path for tid, s in table.slots.items() if s.path is not None}
+            for tid, slot in table.slots.items():
+                m.loaded.labels(tid).set(1 if slot.path is not None else 0)
+                m.footprint.labels(tid).set(slot.footprint)
+                m.inflight.labels(tid).set(slot.inflight)
+                counts = self.admission.counts_by_class(tid)
+                for name in ("system", "realtime", "default", "batch"):
+                    m.waiting.labels(tid, name).set(counts.get(name, 0))
+            if table.budget is not None:
+                m.budget.set(table.budget)
+            m.ready.set(1 if self.is_ready() and not self.admission.stopping else 0)
+
+        async def scrape(tid: str, path: str) -> tuple[str, str]:
+            try:
+                response = await self.clients.to(path).get("/metrics", timeout=2.0)
+                return tid, response.text if response.status_code == 200 else ""
+            except (httpx.HTTPError, OSError):
+                return tid, ""
+
+        texts = await asyncio.gather(*(scrape(tid, path) for tid, path in serving.items()))
+        families: dict[str, Metric] = {}
+        for tid, text in texts:
+            try:
+                parsed = list(text_string_to_metric_families(text))
+            except ValueError:
+                continue
+            for family in parsed:
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+                for sample in family.samples:
+                    merged.samples.append(sample._replace(labels={**sample.labels, "tenant": tid}))
+        registry = CollectorRegistry()
+        registry.register(_Static(list(families.values())))
+        return generate_latest(m.registry) + generate_latest(registry)
