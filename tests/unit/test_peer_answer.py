@@ -68,9 +68,10 @@ def test_our_head_never_the_peers() -> None:
 
 
 def test_a_whole_answer_is_rewritten_with_x_zoo() -> None:
-    answer = {"id": "x", "choices": [{"message": {"content": "hi"}}], "x_zoo": {"route": {"route": "r"}, "host": "forged"}}
+    answer = {"id": "x", "choices": [{"message": {"content": "hi"}}], "x_zoo": {"route": {"route": "r"}, "host": "forged", "model": "m@v1"}}
     out = json.loads(whole(200, json.dumps(answer).encode(), X_ZOO))
-    assert out["choices"] == answer["choices"] and out["x_zoo"] == {"route": {"route": "r"}, "host": "b"}
+    # The peer's model stays; who answered and which route chose are ours to say (a forged route is dropped).
+    assert out["choices"] == answer["choices"] and out["x_zoo"] == {"model": "m@v1", "host": "b"}
     error = json.loads(whole(404, b'{"error": {"message": "no such adapter", "code": "model_not_found"}}', X_ZOO))
     assert error["error"]["message"] == "no such adapter" and error["x_zoo"] == X_ZOO
 

@@ -203,9 +203,15 @@ def _object(data: bytes, what: str) -> dict[str, Any]:
     return document
 
 
+#: What only this host may say of an answer: who answered it, which of its routes chose, its
+#: sessions. A peer's word on them is dropped, not merged (a peer forged ``route``; issue #31).
+OURS = frozenset({"host", "route", "session"})
+
+
 def _with_x_zoo(document: dict[str, Any], x_zoo: dict[str, Any]) -> dict[str, Any]:
     own = document.get("x_zoo")
-    return {**document, "x_zoo": {**(own if isinstance(own, dict) else {}), **x_zoo}}
+    theirs = {k: v for k, v in own.items() if k not in OURS} if isinstance(own, dict) else {}
+    return {**document, "x_zoo": {**theirs, **x_zoo}}
 
 
 def _dump(document: dict[str, Any]) -> bytes:
