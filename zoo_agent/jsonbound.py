@@ -37,8 +37,9 @@ def loads(data: bytes | bytearray | str, *, limit: int | None = None, max_depth:
     if limit is not None and len(data) > limit:
         raise JSONRefused(f"larger than {limit} bytes")
     try:
-        # Bytes are UTF-8 (RFC 8259 §8.1): json.loads would also guess UTF-16 and UTF-32.
-        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        # Bytes are UTF-8 (RFC 8259 §8.1; a leading byte order mark may be ignored, and is):
+        # json.loads would also guess UTF-16 and UTF-32.
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise JSONRefused(f"not UTF-8 (byte at offset {exc.start})") from None
     try:

@@ -129,10 +129,10 @@ def test_a_trickling_host_is_given_up_after_the_timeout(tmp_path: Path, hosts: C
         assert time.monotonic() - started < 30  # a liveness bound, not a timing claim
         assert result.exit_code == 1, result.output
         rows = {r["host"]: (r["state"], r["error"]) for r in json.loads(result.stdout)["tenants"]}
-        assert rows == {"body": ("unreachable", "no whole answer within 1s"), "head": ("unreachable", "no whole answer within 1s"),
-                        "fine": ("ok", None)}  # fmt: skip
+        late = ("unreachable", "timed out: no whole answer within 1s")
+        assert rows == {"body": late, "head": late, "fine": ("ok", None)}
         table = _status("--index", str(index), "--timeout", "0.5")
-        assert table.output.splitlines()[1].split(None, 4) == ["body", "t", "-", "m@1", "unreachable (no whole answer within 0.5s)"]
+        assert table.output.splitlines()[1].split(None, 4) == ["body", "t", "-", "m@1", "unreachable (timed out: no whole answer within 0.5s)"]
     finally:
         stop.set()
 

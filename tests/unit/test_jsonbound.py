@@ -36,6 +36,7 @@ def test_accepts_up_to_the_depth_and_wide_documents() -> None:
     wide = "[" + ",".join(['{"a": [1, 2]}'] * 10_000) + "]"
     assert len(loads(wide)) == 10_000
     assert loads(b'{"model": "t", "messages": []}') == {"model": "t", "messages": []}
+    assert loads(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 byte order mark may be ignored (RFC 8259 section 8.1)
 
 
 def test_limit_is_checked_before_parsing() -> None:

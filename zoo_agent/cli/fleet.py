@@ -167,7 +167,7 @@ def _ask_all(endpoints: Mapping[str, str], key: str | None, timeout: float) -> d
             except FutureTimeout:
                 answers[hid] = Answer(error=_LATE)
             if answers[hid].error == _LATE:
-                answers[hid] = Answer(error=f"no whole answer within {timeout:g}s")
+                answers[hid] = Answer(error=f"timed out: no whole answer within {timeout:g}s")
     return answers
 
 
