@@ -154,3 +154,10 @@ def test_validate_matches_backend_and_format(name: str, models: dict[str, Any], 
 def test_the_schema_bounds_the_fields(resources: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Index.model_validate({"models": {"m": _model()}, "tenants": {"t": {"model": "m", "backend": "llama.cpp", "resources": resources}}})
+
+
+def test_a_symlinked_gguf_is_not_followed_out_of_the_version(tmp_path: Path) -> None:
+    outside = write_gguf(tmp_path / "outside.gguf")
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "model.gguf").symlink_to(outside)
+    assert read_config(tmp_path / "v") is None
