@@ -123,7 +123,7 @@ def level(server: Server, clients: int, tokens: int) -> dict[str, Any]:
 
 def measure(shape: str, tokens: int, max_batch: int, levels: tuple[int, ...], peer: bool) -> dict[str, dict[int, dict[str, Any]]]:
     """Each server in turn on one published model of ``shape``: {server: {clients: figures}}."""
-    from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_model
+    from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-", dir=HERE.parent))
     measured: dict[str, dict[int, dict[str, Any]]] = {}

@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/delegation.py [--requests 100] [--json bench/delegation.json]
 
 About 20 s on 2 cores (100 requests). Needs root: three network namespaces on a private bridge
-(tests/netns.py, addresses only inside them): a client, host ``a`` (which does not serve
+(tests/support/netns.py, addresses only inside them): a client, host ``a`` (which does not serve
 tenant ``t``) and host ``b`` (which serves ``t`` and accepts it from peers). The tests' tiny
 model, one index, each host's own zoo root and resident, the fleet key between them.
 
@@ -36,7 +36,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import REQUEST_TIMEOUT, seconds, table  # noqa: E402
 from routing import request  # noqa: E402
 
-from tests.netns import HostResident, Network, network, unavailable, wait_until  # noqa: E402
+from tests.support.netns import Network, network, unavailable, wait_until  # noqa: E402
+from tests.support.resident import Resident  # noqa: E402
 
 TARGETS = {"direct": "at the peer directly (client → b)", "hop": "through a peer hop (client → a → b)"}
 GOAL_MS = 3.0
@@ -45,7 +46,7 @@ GEN = {"generation": {"temperature": 0, "max_tokens": 4}, "resources": {"max_bat
 
 def build(work: Path, net: Network) -> Path:
     """The tiny model, the index (a serves o, b serves t for peers) and each host's `apply`."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     src = build_tiny_model(work / "src" / "m")
     files = [{"path": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size} for p in sorted(src.iterdir())]
@@ -124,7 +125,7 @@ def main() -> None:
             index = build(work, net)
             for name, text in (("client", "client-secret"), ("fleet", "fleet-secret")):
                 (work / name).write_text(text + "\n")
-            residents = [HostResident(net, hid, work / hid, index, "--api-key-file", work / "client", "--fleet-key-file", work / "fleet")
+            residents = [Resident.on_host(net, hid, work / hid, index, "--api-key-file", work / "client", "--fleet-key-file", work / "fleet")
                          for hid in ("a", "b")]  # fmt: skip
             try:
                 for r in residents:

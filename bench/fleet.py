@@ -3,7 +3,7 @@
     .venv/bin/python bench/fleet.py [--scale 1.0] [--runs 2] [--json bench/fleet.json]
 
 One index declares 8 hosts; host i serves the tenant every host shares and one of its own
-(a model each, ~24 MB in 3 files at scale 1). tests/hubserver.py on 127.0.0.1 is the site
+(a model each, ~24 MB in 3 files at scale 1). tests/support/hubserver.py on 127.0.0.1 is the site
 mirror. For N = 1, 2, 4, 8, N separate zoo roots run `zoo-agent apply --host host-i`, all
 started at once, each its own process (as N machines would). Measured: the wall time from
 the first start to the last exit, and the bytes the mirror served against N x one host's
@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import AGENT, MB, table  # noqa: E402
 
-from tests.hubserver import HubServer, Repo  # noqa: E402
+from tests.support.hubserver import HubServer, Repo  # noqa: E402
 
 HOSTS = 8
 FLEETS = (1, 2, 4, 8)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/hf.py [--scale 1.0] [--json bench/hf.json]
 
-Serves ~1 GB in 4 files from tests/hubserver.py on 127.0.0.1 and fetches it three ways:
+Serves ~1 GB in 4 files from tests/support/hubserver.py on 127.0.0.1 and fetches it three ways:
 `zoo-agent apply` (hashed while written, fsynced, published), `snapshot_download`
 alone (verifies nothing but sizes), and `snapshot_download` then `sha256sum` (the
 user's way to a verified copy). Ratios are the peer's time over ours.
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import AGENT, MB, run, table, timed  # noqa: E402
 
-from tests.hubserver import HubServer, Repo  # noqa: E402
+from tests.support.hubserver import HubServer, Repo  # noqa: E402
 
 SNAPSHOT = "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3], endpoint=sys.argv[4])"
 

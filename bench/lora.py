@@ -64,10 +64,11 @@ def main() -> int:
     from peft.utils.hotswap import hotswap_adapter
     from transformers import AutoModelForCausalLM
 
-    from zoo_agent.resident.adapters import Adapters
-    from zoo_agent.resident.backend import Generated, Request, TransformersBackend
+    from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_adapter, build_tiny_model
     from zoo_agent.resident.config import AdapterConfig, WorkerConfig
-    from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_adapter, build_tiny_model
+    from zoo_agent.resident.engine.base import Generated, Request
+    from zoo_agent.resident.worker.adapters import Adapters
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-lora-"))
@@ -147,10 +148,10 @@ def main() -> int:
 
 def compose_rows(ours: Any, work: Path, declared: tuple[Any, ...], runs: int) -> dict[str, Any]:
     """First tokens of '<tenant>:auto' composing all three adapters vs choosing one (issue #21), and the weighted build."""
-    from zoo_agent.resident.backend import AUTO, Generated, Request
+    from zoo_agent.demo.tiny import build_tiny_embedder
     from zoo_agent.resident.config import SelectionConfig
-    from zoo_agent.resident.selection import Composition, Selector
-    from zoo_agent.resident.tiny import build_tiny_embedder
+    from zoo_agent.resident.engine.base import AUTO, Generated, Request
+    from zoo_agent.resident.worker.selection import Composition, Selector
 
     task = "review typescript code with strict typing"  # every adapter describes it: all three pass the threshold
     selection = SelectionConfig(embedding_dir=build_tiny_embedder(work / "embedder", task), embedding_label="e@1", threshold=0.5)

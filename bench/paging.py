@@ -302,7 +302,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests through the router and directly, each")
     parser.add_argument("--rounds", type=int, default=2, help=f"rounds of {HOT_SEQUENCE} in the rotation, per policy")
     args = parser.parse_args()
-    from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_model
+    from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_model
 
     label = "Qwen2-0.5B shape" if args.shape == "qwen2-0.5b" else "tiny model"
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-paging-"))

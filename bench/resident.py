@@ -86,7 +86,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-    from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_model
+    from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-", dir=HERE.parent))
     rows: list[dict[str, Any]] = []

@@ -3,8 +3,8 @@
     .venv/bin/python bench/reuse.py [--size 1024] [--runs 3] [--json bench/reuse.json]
 
 A model of 20 files (``--size`` MB in all, 19 shards and a config.json) is published as v1;
-v2 changes config.json only. Measured in the same run, from tests/hubserver.py and
-tests/httpfiles.py on 127.0.0.1:
+v2 changes config.json only. Measured in the same run, from tests/support/hubserver.py and
+tests/support/httpfiles.py on 127.0.0.1:
 
 - bytes fetched by `zoo-agent apply` of v2 into a zoo that holds v1 (goal: the changed file only),
   and by `snapshot_download` of the new revision into a hub cache that holds the old one;
@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import AGENT, MB, run, table, timed  # noqa: E402
 
-import tests.hubserver  # noqa: E402
-from tests.httpfiles import FileServer  # noqa: E402
-from tests.hubserver import HubServer, Repo  # noqa: E402
+import tests.support.hubserver  # noqa: E402
+from tests.support.httpfiles import FileServer  # noqa: E402
+from tests.support.hubserver import HubServer, Repo  # noqa: E402
 from zoo_agent.formats import human_bytes  # noqa: E402
 
 SNAPSHOT = "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], endpoint=sys.argv[4])"
@@ -44,7 +44,7 @@ N_FILES = 20
 
 
 class _StoredDigests:
-    """tests/hubserver.py hashes the whole file for its ETag on every HEAD and GET; a real hub
+    """tests/support/hubserver.py hashes the whole file for its ETag on every HEAD and GET; a real hub
     stores it. Remembered here, so snapshot_download's 20 HEADs are not charged ~1 GB of our
     test server's hashing (which would flatter us)."""
 
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     v1, v2 = model(args.size)
-    tests.hubserver.hashlib = _StoredDigests([*v1.values(), *v2.values()])  # type: ignore[assignment]
+    tests.support.hubserver.hashlib = _StoredDigests([*v1.values(), *v2.values()])  # type: ignore[assignment]
     hub = HubServer()
     repo = hub.repos.setdefault("org/big", Repo())
     commits = (repo.commit(v1), repo.commit(v2))

@@ -123,7 +123,7 @@ def _entry(src: Path) -> dict[str, Any]:
 
 def build(work: Path) -> Path:
     """The models, the index (tenants a and b, the three routes) and the zoo `apply` makes of it."""
-    from zoo_agent.resident.tiny import build_tiny_embedder, build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_embedder, build_tiny_model
 
     words = " ".join([TEXT, TASK])
     models = {"m": _entry(build_tiny_model(work / "src" / "m")), "e": _entry(build_tiny_embedder(work / "src" / "e", words)),

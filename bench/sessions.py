@@ -39,10 +39,11 @@ def main() -> int:
 
     import torch
 
-    from zoo_agent.resident.backend import Generated, Request, TransformersBackend
-    from zoo_agent.resident.prompt import conversation_ids
-    from zoo_agent.resident.sessions import Sessions, Turn
-    from zoo_agent.resident.tiny import QWEN2_05B_SHAPE, build_tiny_model
+    from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_model
+    from zoo_agent.resident.engine.base import Generated, Request
+    from zoo_agent.resident.sessions.prompt import conversation_ids
+    from zoo_agent.resident.sessions.store import Sessions, Turn
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-sessions-"))
@@ -117,9 +118,10 @@ def move_and_back(work: Path, large: Any, text: str, runs: int) -> tuple[float, 
     """A route session (issue #21): a long turn on ``large``, one on a second model with another
     tokenizer and template, then back to ``large``: its first token with its own cache for the
     session restored, against the same turn prefilled again. Medians of ``runs``."""
-    from zoo_agent.resident.backend import Generated, Request, TransformersBackend
-    from zoo_agent.resident.sessions import Sessions, Turn
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
+    from zoo_agent.resident.engine.base import Generated, Request
+    from zoo_agent.resident.sessions.store import Sessions, Turn
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     route = work / "route"
     small = TransformersBackend(build_tiny_model(work / "small", seed=3, vocab=400, chat_template=_OTHER), allow_pickle=False,

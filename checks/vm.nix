@@ -8,7 +8,7 @@ let
   zoo = self.packages.${pkgs.system}.default;
   python = pkgs.python3.withPackages (ps: [ (ps.toPythonModule zoo) ]);
   # A tiny model and an index for host "local" (files from a local source), built offline.
-  tiny = pkgs.runCommand "model-zoo-tiny" { } "${python.interpreter} -m zoo_agent.resident.tiny $out";
+  tiny = pkgs.runCommand "model-zoo-tiny" { } "${python.interpreter} -m zoo_agent.demo.tiny $out";
 in
 pkgs.testers.runNixOSTest {
   name = "model-zoo";

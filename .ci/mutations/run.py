@@ -8,7 +8,7 @@ break under every rewrite of the code it mutates; a pattern that no longer match
 loudly instead), its replacement, and the tests that must fail once it is applied:
 
     # what the mutation breaks, and why it is kept
-    file: zoo_agent/resident/worker.py
+    file: zoo_agent/resident/worker/main.py
     test: tests/integration/test_ready.py
     find:
     ^(\\s*)backend\\.warmup\\(\\)$

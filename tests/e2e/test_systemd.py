@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.container import AGENT, Container, build_root, missing_tools
+from tests.support.container import AGENT, Container, build_root, missing_tools
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.pin import Selection, pin_directory
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]
+pytestmark = [pytest.mark.e2e, pytest.mark.resident, pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("client.py")
@@ -58,7 +58,7 @@ def write_index(data: Path, version: str) -> None:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Versions 1 and 2 of a tiny model, a version 3 whose weights cannot load (hashes pinned all the same), and two
     versions of another tiny model (coder)."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     data = tmp_path_factory.mktemp("e2e")
     build_tiny_model(data / "v1", seed=0)

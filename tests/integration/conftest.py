@@ -1,116 +1,79 @@
-"""A zoo world for integration tests: a source directory, an index, a root, the CLI."""
+"""Fixtures of the integration tests, used by name (never imported): a zoo world, the tiny models
+the resident tests serve, the worker's app, the LoRA models, an applied zoo with host state.
+The harnesses they build on live in tests/support."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from zoo_agent.cli.main import cli
-
-
-@dataclass
-class World:
-    tmp: Path
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loras: dict[str, dict[str, Any]] = field(default_factory=dict)
-    available: list[str] = field(default_factory=list)
-    keep_versions: int = 2
-    tenant: dict[str, Any] = field(default_factory=dict)  # extra tenant settings (generation, resources)
-
-    @property
-    def index(self) -> Path:
-        return self.tmp / "index.json"
-
-    @property
-    def root(self) -> Path:
-        return self.tmp / "zoo"
-
-    def source_dir(self, aid: str, version: str) -> Path:
-        return self.tmp / "src" / aid / version
-
-    def artifact(self, aid: str, version: str, files: dict[str, bytes], *, kind: str = "models", source: dict[str, Any] | None = None) -> None:
-        """Write the files to a source directory and declare them, pinned, in the index."""
-        src = self.source_dir(aid, version)
-        for name, data in files.items():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_bytes(data)
-        entry: dict[str, Any] = {
-            "version": version,
-            "source": source or {"type": "file", "path": str(src.relative_to(self.tmp))},
-            "files": [{"path": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()],
-            "license": "MIT",
-        }
-        if kind == "loras":
-            entry.update(base_model="m", rank=4)
-            self.loras[aid] = entry
-        else:
-            self.models[aid] = entry
-        self.write_index()
-
-    def write_index(self) -> None:
-        loras = sorted(self.loras)
-        doc = {
-            "models": self.models,
-            "loras": self.loras,
-            "tenants": {"t": {"model": "m", "loras": loras, **self.tenant}} if "m" in self.models else {},
-            "hosts": {"h": {"resident": "t" if "m" in self.models else None, "available": self.available,
-                            "retention": {"keep_versions": self.keep_versions}}},
-        }
-        if doc["hosts"]["h"]["resident"] is None:
-            del doc["hosts"]["h"]["resident"]
-        self.index.write_text(json.dumps(doc, indent=2))
-
-    def args(self, *args: str) -> list[str]:
-        """Defaults first, so a test's own --host or --index wins (click keeps the last)."""
-        return ["--root", str(self.root), "--index", str(self.index), "--host", "h", *args]
-
-    def run(self, *args: str) -> Result:
-        """The CLI in-process: `zoo-agent ARGS --root --index --host h`."""
-        command, *rest = args
-        return CliRunner().invoke(cli, [command, *self.args(*rest)] if command != "--debug" else list(args))
-
-    def raw(self, *args: str) -> Result:
-        """The CLI in-process with exactly these arguments (for commands without --root)."""
-        return CliRunner().invoke(cli, list(args))
-
-    def spawn(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-        """The CLI as a real process (for kills, locks and concurrency)."""
-        command, *rest = args
-        return subprocess.Popen(
-            [sys.executable, "-m", "zoo_agent", command, *self.args(*rest)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.tmp, **kwargs,
-        )
-
-    def current(self, aid: str, kind: str = "models") -> str | None:
-        link = self.root / kind / aid / "current"
-        return os.readlink(link).removeprefix("versions/") if link.is_symlink() else None
-
-    def tree(self) -> dict[str, Any]:
-        """Every path under the root with its type, mode and content: for byte-identical checks."""
-        snapshot: dict[str, Any] = {}
-        if not self.root.exists():
-            return snapshot
-        for path in sorted(self.root.rglob("*")):
-            rel = str(path.relative_to(self.root))
-            st = path.lstat()
-            if path.is_symlink():
-                snapshot[rel] = ("link", os.readlink(path))
-            elif path.is_dir():
-                snapshot[rel] = ("dir", st.st_mode)
-            else:
-                snapshot[rel] = ("file", st.st_mode, st.st_mtime_ns, path.read_bytes())
-        return snapshot
+from tests.support.world import World
 
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The tiny model's files (built once per run), for a world to publish with `artifact`."""
+    from zoo_agent.demo.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model built in a directory of its own, once per module (for in-process backends)."""
+    pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+    from zoo_agent.demo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module")
+def app(model_dir: Path) -> Any:
+    """The worker's ASGI app serving the tiny model as tenant t (``tests.support.asgi.ask`` talks to it)."""
+    from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.backend import TransformersBackend
+
+    b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
+    b.load()
+    return create_app(ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny base model, three random adapters (code, terse, legal) and a bag-of-words embedder (tests.support.lora)."""
+    from tests.support.lora import DESCRIPTIONS, LABELLED
+    from zoo_agent.demo.tiny import build_tiny_adapter, build_tiny_embedder, build_tiny_model
+
+    out = tmp_path_factory.mktemp("lora")
+    paths = {"base": build_tiny_model(out / "base")}
+    paths["code"] = build_tiny_adapter(paths["base"], out / "code", seed=1, base_name="m")
+    paths["terse"] = build_tiny_adapter(paths["base"], out / "terse", seed=2, base_name="m")
+    paths["legal"] = build_tiny_adapter(paths["base"], out / "legal", seed=3, rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), base_name="m")
+    words = " ".join(d for d, _ in DESCRIPTIONS.values()) + " " + " ".join(t for t, _ in LABELLED) + " hello there weather today"
+    paths["embedder"] = build_tiny_embedder(out / "embedder", words + " " + " ".join(t for _, tags in DESCRIPTIONS.values() for t in tags))
+    return paths
+
+
+@pytest.fixture
+def zoo(world: World) -> World:
+    """An applied zoo with a model and a LoRA, and host and resident state of an application's own."""
+    world.artifact("m", "1", {"config.json": b'{"a": 1}', "model.safetensors": b"w" * 70_000})
+    world.artifact("lo", "1", {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"l" * 5000}, kind="loras")
+    assert world.run("apply").exit_code == 0
+    # An application's own state, opaque to us, with the modes the zoo's own writers use
+    # (0750/0640, as the resident's sessions do); a backup narrows wider modes to these.
+    for directory in ("host/app", "resident", "resident/tenants", "resident/tenants/t"):
+        (world.root / directory).mkdir(mode=0o750, exist_ok=True)
+    for path, text in (("host/app/experience.json", '{"episodes": 12}'), ("resident/tenants/t/lease.json", '{"requests": 3}')):
+        (world.root / path).write_text(text)
+        os.chmod(world.root / path, 0o640)
+    return world

@@ -14,12 +14,14 @@ from hypothesis import HealthCheck, settings
 pytest.importorskip("torch", reason="the resident extra is not installed")
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e .[test])")
 
+pytestmark = pytest.mark.resident
+
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from zoo_agent.resident.api import ServingState, create_app
-    from zoo_agent.resident.backend import TransformersBackend
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
+    from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     model = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
     backend = TransformersBackend(Path(model), allow_pickle=False, allow_code=False)

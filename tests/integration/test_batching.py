@@ -21,7 +21,9 @@ import pytest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.integration.test_lora import DESCRIPTIONS, adapter, backend, built  # noqa: E402,F401 - built is a fixture
+from tests.support.lora import DESCRIPTIONS, adapter, backend  # noqa: E402
+
+pytestmark = pytest.mark.resident
 
 PROMPTS = ["Hello", "What is a model zoo?", "The zoo keeps every model pinned by its digest.", "Ask a question",
            "I am fine, thank you. And you?", "Adapters change how", "A host serves one tenant at a time. What is a", "x"]  # fmt: skip
@@ -29,18 +31,18 @@ PROMPTS = ["Hello", "What is a model zoo?", "The zoo keeps every model pinned by
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("batching") / "model")
 
 
 def plain_backend(model_dir: Path, sessions: Path | None = None) -> Any:
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
     if sessions is not None:
-        from zoo_agent.resident.sessions import Sessions
+        from zoo_agent.resident.sessions.store import Sessions
 
         b.sessions = Sessions(sessions, model_key="m@1", dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())
     return b
@@ -56,7 +58,7 @@ Client = Any
 async def _serve(b: Any, max_batch: int, body: Callable[[Client, Any], Awaitable[Any]]) -> Any:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_batch=max_batch)
     try:
@@ -164,7 +166,7 @@ def test_a_client_that_leaves_mid_batch_stops_only_its_own_sequence(model_dir: P
     import httpx
     import uvicorn
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     b = plain_backend(model_dir)
     bodies = [chat(p, 24) for p in PROMPTS[:5]]
@@ -230,7 +232,7 @@ def test_seeded_sampling_gives_the_same_text_in_a_batch_as_alone(model_dir: Path
     assert len(set(first)) > 1
 
 
-def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:
     b = backend(built, tuple(adapter(built, a) for a in DESCRIPTIONS))
     order = ["code", None, "legal", "terse", "code", None, "terse", "legal"]
     bodies = [{**chat("Hello there", 12), "model": f"t:{a}" if a else "t"} for a in order]
@@ -248,7 +250,7 @@ def test_mixed_adapters_in_one_batch_never_leak(built: dict[str, Path]) -> None:
     assert largest_batch(metrics) == 8
 
 
-def test_an_adapter_that_needs_a_running_adapters_slot_waits_for_it(built: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+def test_an_adapter_that_needs_a_running_adapters_slot_waits_for_it(built: dict[str, Path]) -> None:
     """max_loras 1: a request for another adapter is not admitted (it would evict the running one); it runs after."""
     b = backend(built, tuple(adapter(built, a) for a in DESCRIPTIONS), max_loras=1)
     bodies = [{**chat("Hello there", 12), "model": f"t:{a}"} for a in ("code", "terse", "code", "legal")]
@@ -309,8 +311,8 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
 def test_a_hung_model_is_seen_as_stalled_only_while_it_has_work(model_dir: Path) -> None:
     """The worker stops answering pings while `stalled` (so the watchdog starves and the worker is
     replaced); an idle engine, however long idle, is never stalled."""
-    from zoo_agent.resident.backend import Generated, Request
-    from zoo_agent.resident.engine import Batcher
+    from zoo_agent.resident.engine.base import Generated, Request
+    from zoo_agent.resident.engine.batcher import Batcher
 
     b = plain_backend(model_dir)
     engine = Batcher(b, max_batch=4)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
 
 KILLS = int(os.environ.get("ZOO_CRASH_KILLS", "200"))
 FILES = {"config.json": 200, "model-1.safetensors": 700_000, "model-2.safetensors": 900_000}

@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, _free_port, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.resident import Resident, free_port
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 GEN = {"generation": {"temperature": 0, "max_tokens": 4}}
 
 
-def _host(tmp: Path, tiny: dict[str, bytes], ports: dict[str, int], host: str) -> World:  # noqa: F811 - the fixture imported above
+def _host(tmp: Path, tiny: dict[str, bytes], ports: dict[str, int], host: str) -> World:
     tmp.mkdir()
     w = World(tmp)
     w.artifact("m", "v1", tiny)
@@ -35,8 +37,8 @@ def _host(tmp: Path, tiny: dict[str, bytes], ports: dict[str, int], host: str) -
 
 
 @pytest.fixture
-def pair(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Resident, Path]]:  # noqa: F811
-    ports = {"a": _free_port(), "b": _free_port()}
+def pair(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Resident, Path]]:
+    ports = {"a": free_port(), "b": free_port()}
     (tmp_path / "fleet-key").write_text("fleet-secret\n")
     (tmp_path / "client-a").write_text("client-a\n")
     (tmp_path / "client-b").write_text("client-b\n")

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 REPO = Path(__file__).resolve().parents[2]
 
 

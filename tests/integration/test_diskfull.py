@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.httpfiles import serve
-from tests.integration.conftest import World
+from tests.support.httpfiles import serve
+from tests.support.world import World
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.hubserver import HubServer, Repo, serve
-from tests.integration.conftest import World
+from tests.support.hubserver import HubServer, Repo, serve
+from tests.support.world import World
 from zoo_agent.errors import InvalidIndex, LockHeld, UsageError
 from zoo_agent.reconcile.ondemand import fetch_tenant
 from zoo_agent.store.zoo import Zoo

@@ -1,5 +1,5 @@
 """The fleet test (issue #22): seven hosts on one machine, each in its own network namespace
-on a private bridge (tests/netns.py), each with its own zoo root, `apply` of its own slice
+on a private bridge (tests/support/netns.py), each with its own zoo root, `apply` of its own slice
 from one hub mirror in a namespace of its own, and its own resident. Real processes, the
 tiny model, one index; only the stale host reads another (older) one.
 
@@ -34,14 +34,14 @@ from typing import Any
 
 import pytest
 
-from tests.httpfiles import running
-from tests.hubserver import HubServer, Repo
-from tests.integration.test_resident import tiny  # noqa: F401 - a fixture
-from tests.netns import MIRROR_ADDRESS, HostResident, Network, unavailable, wait_until
+from tests.support.httpfiles import running
+from tests.support.hubserver import HubServer, Repo
+from tests.support.netns import MIRROR_ADDRESS, Network, unavailable, wait_until
+from tests.support.resident import Resident
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.resident]
 
 CLIENT_KEY, FLEET_KEY = "client-secret", "fleet-secret"
 ORDER = ("a", "e", "f", "b", "c", "d", "g")
@@ -60,7 +60,7 @@ class Answer:
 @dataclass
 class Fleet:
     net: Network
-    residents: dict[str, HostResident]
+    residents: dict[str, Resident]
     index: Path
     work: Path
 
@@ -130,13 +130,13 @@ def _start(server: HubServer) -> Any:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Fleet]:  # noqa: F811 - the fixture imported above
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Fleet]:
     why = unavailable()
     if why:
         pytest.skip(f"the fleet test builds network namespaces: {why}")
     work = tmp_path_factory.mktemp("fleet")
     net = Network(work)
-    residents: dict[str, HostResident] = {}
+    residents: dict[str, Resident] = {}
     try:
         for hid in ORDER:
             net.add(hid)
@@ -164,7 +164,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> I
             if hid == "g":  # g's first poll must find every peer serving: g starts once they all are
                 for r in residents.values():
                     r.wait_ready(timeout=180)
-            residents[hid] = HostResident(net, hid, work / hid, indexes[hid], "--api-key-file", work / "client", "--fleet-key-file", key, *poll)
+            residents[hid] = Resident.on_host(net, hid, work / hid, indexes[hid], "--api-key-file", work / "client", "--fleet-key-file", key, *poll)
         residents["g"].wait_ready(timeout=180)
         fleet = Fleet(net, residents, index, work)
         wait_until("a has polled every peer", lambda: all(fleet.peer("a", p).get("state") not in (None, "unknown") for p in PEERS), 30)

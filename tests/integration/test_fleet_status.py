@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, _free_port, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.resident import Resident, free_port
+from tests.support.world import World
 from zoo_agent.index.load import load_index
 from zoo_agent.resident.peers import tenant_digest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 
 def _world(tmp: Path, version: str, files: dict[str, bytes]) -> World:
@@ -30,7 +32,7 @@ def _world(tmp: Path, version: str, files: dict[str, bytes]) -> World:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Resident, Path]]:  # noqa: F811 - the fixture imported above
+def fleet(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Resident, Path]]:
     """Host a serves m@v1 as the fleet pins it; host b still serves m@v0 and wants a key."""
     old = dict(tiny)
     old["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 0,', 1)
@@ -44,7 +46,7 @@ def fleet(tmp_path: Path, tiny: dict[str, bytes]) -> Iterator[tuple[Resident, Re
             r.notify.wait(lambda m: "READY" in m, timeout=180)
         doc = json.loads(a.index.read_text())
         doc["hosts"] = {"a": {"resident": "t", "endpoint": residents[0].url}, "b": {"resident": "t", "endpoint": residents[1].url},
-                        "c": {"resident": "t", "endpoint": f"http://127.0.0.1:{_free_port()}"}, "d": {"resident": "t"}}  # fmt: skip
+                        "c": {"resident": "t", "endpoint": f"http://127.0.0.1:{free_port()}"}, "d": {"resident": "t"}}  # fmt: skip
         index = a.tmp / "fleet.json"
         index.write_text(json.dumps(doc))
         yield residents[0], residents[1], index

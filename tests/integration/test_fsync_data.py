@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
 
 
 def test_a_data_file_whose_fsync_failed_is_never_published(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

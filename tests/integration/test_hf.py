@@ -1,5 +1,5 @@
 """The hf source and `add` with the real huggingface_hub client against a hub-compatible
-server on 127.0.0.1 (tests/hubserver.py), through HF_ENDPOINT (issue #4)."""
+server on 127.0.0.1 (tests/support/hubserver.py), through HF_ENDPOINT (issue #4)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hubserver import HubServer, Repo, serve
-from tests.integration.conftest import World
+from tests.support.hubserver import HubServer, Repo, serve
+from tests.support.world import World
 
 TOKEN = "hf_" + "s3cr3t" * 6
 BIG = os.urandom(5 << 20)

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.hubserver import HubServer, Repo, serve
-from tests.integration.conftest import World
-from tests.victim import make_victim, snapshot
+from tests.support.hubserver import HubServer, Repo, serve
+from tests.support.victim import make_victim, snapshot
+from tests.support.world import World
 
 pytest.importorskip("transformers", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 
 @pytest.fixture
@@ -27,7 +29,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.store import host as host_module
 
 
@@ -37,21 +37,6 @@ def tree_hash(root: Path, *, skip: tuple[str, ...] = (), refetched: bool = False
                 data = json.dumps(manifest).encode()
             digest.update(f"F {rel} {st.st_mode:o} ".encode() + hashlib.sha256(data).digest())
     return digest.hexdigest()
-
-
-@pytest.fixture
-def zoo(world: World) -> World:
-    world.artifact("m", "1", {"config.json": b'{"a": 1}', "model.safetensors": b"w" * 70_000})
-    world.artifact("lo", "1", {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"l" * 5000}, kind="loras")
-    assert world.run("apply").exit_code == 0
-    # An application's own state, opaque to us, with the modes the zoo's own writers use
-    # (0750/0640, as the resident's sessions do); a backup narrows wider modes to these.
-    for directory in ("host/app", "resident", "resident/tenants", "resident/tenants/t"):
-        (world.root / directory).mkdir(mode=0o750, exist_ok=True)
-    for path, text in (("host/app/experience.json", '{"episodes": 12}'), ("resident/tenants/t/lease.json", '{"requests": 3}')):
-        (world.root / path).write_text(text)
-        os.chmod(world.root / path, 0o640)
-    return world
 
 
 def test_apply_creates_the_identity_and_keeps_it(zoo: World) -> None:
@@ -189,7 +174,7 @@ def test_restoring_from_something_that_is_not_a_backup_creates_nothing(world: Wo
 
 def test_the_action_log_is_0640_whatever_the_umask(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside systemd (UMask=0027) open(..., "a") made host/actions.jsonl 0644 (issue #31)."""
-    from tests.victim import make_victim, snapshot
+    from tests.support.victim import make_victim, snapshot
 
     old = os.umask(0o022)
     try:

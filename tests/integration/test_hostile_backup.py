@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from tests.integration.conftest import World
-from tests.integration.test_host import zoo  # noqa: F401 - the fixture: a zoo with host and resident state
-from tests.victim import make_victim, snapshot
+from tests.support.victim import make_victim, snapshot
+from tests.support.world import World
 
 
 @pytest.fixture

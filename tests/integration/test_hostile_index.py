@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.integration.conftest import World
-from tests.victim import make_victim, snapshot
+from tests.support.victim import make_victim, snapshot
+from tests.support.world import World
 from zoo_agent.cli.main import cli
 
 

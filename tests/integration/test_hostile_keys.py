@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.cli.main import cli
 from zoo_agent.errors import UsageError
 from zoo_agent.keyfile import MAX_KEY_BYTES, read_key_file
+
+pytestmark = pytest.mark.resident
 
 Make = Callable[[Path], Path]
 
@@ -105,13 +107,13 @@ def test_a_key_at_the_limit_is_read_and_an_empty_hub_token_falls_through(tmp_pat
 @pytest.mark.parametrize(("flag", "kind"), [("--api-key-file", "fifo"), ("--fleet-key-file", "fifo"), ("--api-key-file", "zero")])
 def test_the_resident_refuses_such_a_key_file_before_ready(world: World, tmp_path: Path, flag: str, kind: str) -> None:
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
-    from tests.integration.test_resident import _free_port
+    from tests.support.resident import free_port
 
     world.artifact("m", "v1", {"config.json": b"{}"})
     make, why = KINDS[kind]
     (tmp_path / "keys").mkdir()
     key = make(tmp_path / "keys")
-    proc = world.spawn("resident", flag, str(key), "--listen", f"127.0.0.1:{_free_port()}")
+    proc = world.spawn("resident", flag, str(key), "--listen", f"127.0.0.1:{free_port()}")
     try:
         _, err = proc.communicate(timeout=120)
     finally:

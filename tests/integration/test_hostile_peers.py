@@ -1,5 +1,5 @@
 """Hostile peers (issue #31): a real resident on 127.0.0.1 delegates to two stand-in peers
-(tests/peerserver.py) that pass its polls and then answer whatever a test makes them say.
+(tests/support/peerserver.py) that pass its polls and then answer whatever a test makes them say.
 Nothing a peer answers reaches the client unless it is a well-formed 200 or one of the
 request's own errors: a redirect (a standard-library client would follow it with its own
 Authorization header), a 1xx, another 2xx, JSON nested 100,000 levels deep, an SSE event
@@ -21,13 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
-from tests.peerserver import PeerStandIn, chunk, completion, good_json, good_sse, gzipped, http, sse
+from tests.support.peerserver import PeerStandIn, chunk, completion, good_json, good_sse, gzipped, http, sse
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
 import httpx  # noqa: E402
+
+pytestmark = pytest.mark.resident
 
 CLIENT, PRIVILEGED = "client-key", "priority-key"
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -61,7 +63,7 @@ def _file(data: bytes) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Fleet]:  # noqa: F811 - the fixture imported above
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Fleet]:
     from zoo_agent.index.load import load_index
     from zoo_agent.resident.peers import pinned, tenant_digest
 

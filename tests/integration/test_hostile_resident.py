@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.victim import make_victim, snapshot
+from tests.support.asgi import CHAT, ask
+from tests.support.victim import make_victim, snapshot
+from tests.support.world import World
+
+pytestmark = pytest.mark.resident
 
 
 def _session(sid: str, turns: int = 1) -> dict[str, Any]:
@@ -156,16 +159,8 @@ def test_a_damaged_session_on_disk_is_listed_as_damaged_and_the_others_still_lis
     assert shown.exit_code == 2 and "/turns/0" in _one_line_error(shown)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
-    from zoo_agent.resident.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("hostile") / "model")
-
-
 def test_a_damaged_session_fails_only_its_own_requests_with_a_4xx_naming_it(model_dir: Path, tmp_path: Path) -> None:
-    from tests.integration.test_sessions import backend, talk, turn
+    from tests.support.sessions import backend, talk, turn
 
     b = backend(model_dir, tmp_path)
     assert talk(b, [turn("Hello", session="good")])[0][0] == 200
@@ -198,7 +193,7 @@ def _flip_tensor_byte(path: Path, name: str) -> None:
 def test_a_cache_with_damaged_tensor_bytes_is_refused_counted_and_re_prefilled(model_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from tests.integration.test_sessions import backend, reply, talk, turn
+    from tests.support.sessions import backend, reply, talk, turn
 
     talk(backend(model_dir, tmp_path / "a"), [turn("Hello there")])
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -217,7 +212,7 @@ def test_a_cache_with_damaged_tensor_bytes_is_refused_counted_and_re_prefilled(m
 
 @pytest.fixture(scope="module")
 def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     world = World(tmp_path_factory.mktemp("served"))
     world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
@@ -310,7 +305,7 @@ def _long_session(sid: str, turns: int) -> dict[str, Any]:
 def test_a_300_turn_session_is_prepared_off_the_loop_rendering_each_kept_turn_once(model_dir: Path, tmp_path: Path) -> None:
     import threading
 
-    from tests.integration.test_sessions import backend, talk, turn
+    from tests.support.sessions import backend, talk, turn
 
     b = backend(model_dir, tmp_path)
     (tmp_path / "sessions").mkdir(parents=True)
@@ -365,8 +360,8 @@ def _reference_prompt(tokenizer: Any, history: list[Any], new: list[dict[str, st
 def test_the_linear_prompt_equals_the_former_one(model_dir: Path, template: str) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from zoo_agent.resident.prompt import session_prompt
-    from zoo_agent.resident.transcript import SessionFile
+    from zoo_agent.resident.sessions.prompt import session_prompt
+    from zoo_agent.resident.sessions.transcript import SessionFile
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     if template == "rewrites":  # newest first: every turn changes the text before it
@@ -397,34 +392,6 @@ def test_the_worker_serves_a_300_turn_session_and_is_not_killed_for_it(served: A
 # -- 6. request validation: strict types, Unicode text, seeds torch takes, stop and n ------------
 
 
-@pytest.fixture(scope="module")
-def app(model_dir: Path) -> Any:
-    from zoo_agent.resident.api import ServingState, create_app
-    from zoo_agent.resident.backend import TransformersBackend
-
-    b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
-    b.load()
-    return create_app(ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}))
-
-
-def ask(app: Any, *requests: tuple[str, Any]) -> list[Any]:
-    """Requests in-process (ASGI); a body of bytes is sent as it is (for what json= would not write)."""
-    import asyncio
-
-    import httpx
-
-    async def run() -> list[Any]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zoo", timeout=120) as client:
-            out = []
-            for path, body in requests:
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                out.append(await client.post(path, content=raw, headers={"content-type": "application/json"}))
-            return out
-
-    return asyncio.run(run())
-
-
-CHAT = {"model": "t", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "ignore_eos": True}
 BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"seed": 2**64}, "seed"), ({"seed": 2**64, "stream": True}, "seed"), ({"seed": -1}, "seed"),
     ({"max_tokens": True}, "max_tokens"), ({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": 5.0}, "max_tokens"),
@@ -445,6 +412,19 @@ def test_wrong_types_and_values_are_openai_400s_naming_the_field(app: Any) -> No
         assert error["type"] == "invalid_request_error" and str(error["param"]).startswith(param), (change, error)
     assert "only n=1 is supported" in responses[[c for c, _ in BAD_FIELDS].index({"n": 2})].json()["error"]["message"]
     assert responses[-1].status_code == 200  # n=1 is fine
+
+
+def test_a_400_names_the_field_in_the_clients_words_and_counts_come_before_items(app: Any) -> None:
+    """A union's branch is no field and its repr holds an address (``function-after[functools.
+    partial(<function … at 0x…>)]``); half a million bad messages were validated one by one and
+    took the worker past its ping timeout: the count is checked first (issue #31, adversarial pass)."""
+    five, many = ask(app, ("/v1/chat/completions", {**CHAT, "stop": ["a"] * 5}),
+                     ("/v1/chat/completions", {**CHAT, "messages": [0] * 300_000}))  # fmt: skip
+    error = five.json()["error"]
+    assert five.status_code == 400 and error["param"] == "stop" and "at most 4 items" in error["message"], error
+    assert "0x" not in five.text and "function-after" not in five.text
+    error = many.json()["error"]
+    assert many.status_code == 400 and error["param"] == "messages" and error["message"] == "messages: at most 10000 messages, not 300000", error
 
 
 def test_stop_ends_the_text_before_the_first_stop_sequence(app: Any) -> None:
@@ -515,7 +495,7 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(model_dir: Path, tmp
 
     import httpx
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     world = World(tmp_path)
     world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
@@ -553,8 +533,8 @@ def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(model_dir: 
     """Both paths: one generate() at a time (max_batch 1) and the batching engine."""
     import logging
 
-    from zoo_agent.resident.api import ServingState, create_app
-    from zoo_agent.resident.backend import TransformersBackend
+    from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
     b.load()
@@ -614,11 +594,11 @@ def test_the_bearer_scheme_is_required_and_the_token_compared_whole(served: Any)
 
 @pytest.mark.parametrize(("content", "why"), [(b"", "empty"), (b"  \n\t\n", "empty"), (b"two words\n", "spaces"), (b"\xff\xfe", "not ASCII")])
 def test_an_unusable_api_key_file_refuses_to_start_in_one_line(world: World, tmp_path: Path, content: bytes, why: str) -> None:
-    from tests.integration.test_resident import _free_port
+    from tests.support.resident import free_port
 
     world.artifact("m", "v1", {"config.json": b"{}"})
     (tmp_path / "key").write_bytes(content)
-    proc = world.spawn("resident", "--api-key-file", str(tmp_path / "key"), "--listen", f"127.0.0.1:{_free_port()}")
+    proc = world.spawn("resident", "--api-key-file", str(tmp_path / "key"), "--listen", f"127.0.0.1:{free_port()}")
     try:
         _, err = proc.communicate(timeout=60)
     finally:

@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_hostile_resident import CHAT, app, ask, model_dir  # noqa: F401 - app and model_dir are fixtures
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.asgi import CHAT, ask
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 ROUTE = {"rules": [{"tenant": "large", "when": {"code": True}}, {"tenant": "large", "when": {"keywords": ["explain"]}},
                    {"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}  # fmt: skip
@@ -31,7 +33,7 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def resident(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Resident]:  # noqa: F811 - the fixture imported above
+def resident(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, bytes]) -> Iterator[Resident]:
     world = World(tmp_path_factory.mktemp("router"))
     world.artifact("m", "v1", tiny)
     files = dict(tiny)
@@ -220,7 +222,7 @@ def test_a_routed_stream_that_ends_in_an_error_event_says_who_answered(resident:
 # -- the worker's own parse: the same bounded reader ------------------------------------------------
 
 
-def test_the_worker_reads_bodies_with_the_bounded_reader(app: Any) -> None:  # noqa: F811 - the fixture imported above
+def test_the_worker_reads_bodies_with_the_bounded_reader(app: Any) -> None:
     """A body the router let through (a peer's, or one sent on the worker's socket) meets the same
     reader in the worker: one line naming ``body`` and why, where FastAPI said only that parsing failed."""
     deep = json.dumps({"model": "t"})[:-1].encode() + b', "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from tests.victim import make_victim, snapshot
+from tests.support.victim import make_victim, snapshot
 from zoo_agent.cli.main import cli
 from zoo_agent.systemd.units import UnitSettings
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 import zoo_agent
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.errors import IntegrityError, StoreError, UsageError
 from zoo_agent.reconcile.apply import reverify
 from zoo_agent.reconcile.observe import observe
+
+pytestmark = pytest.mark.resident
 
 
 def _applied(world: World, files: dict[str, bytes]) -> zoo_agent.HostZoo:
@@ -96,8 +98,8 @@ def test_reverify_keeps_when_a_version_was_published(world: World) -> None:
 
 def test_load_transformers_applies_the_index_safety(world: World) -> None:
     pytest.importorskip("transformers", reason="the resident extra is not installed (pip install -e .[resident])")
+    from zoo_agent.demo.tiny import build_tiny_model
     from zoo_agent.pin import Selection, pin_directory
-    from zoo_agent.resident.tiny import build_tiny_model
 
     src = build_tiny_model(world.tmp / "src" / "m" / "v1")
     world.models["m"] = {"version": "v1", "source": {"type": "file", "path": "src/m/v1"},

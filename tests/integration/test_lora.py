@@ -17,101 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from zoo_agent.resident.config import AdapterConfig, SelectionConfig, WorkerConfig  # noqa: E402
+from tests.support.lora import DESCRIPTIONS, LABELLED, PROMPT, THRESHOLD, adapter, backend, call, greedy, peft_reference  # noqa: E402
+from zoo_agent.resident.config import AdapterConfig  # noqa: E402
 
-PROMPT = [{"role": "user", "content": "Hello there"}]
-# Bag-of-words similarities on the labelled set below run from 0.48 to 0.81; the unrelated
-# request scores 0.03. (A real sentence-embedding model would use the default, 0.7.)
-THRESHOLD = 0.4
-DESCRIPTIONS = {
-    "code": ("review python code for bugs and style", ("code", "python")),
-    "terse": ("answer tersely in one short line", ("short",)),
-    "legal": ("legal contracts clauses and liability", ("law",)),
-}
-LABELLED = [  # (request text, the adapter a person would pick)
-    ("please review this python code for bugs", "code"),
-    ("is the style of my python code ok", "code"),
-    ("answer in one short line please", "terse"),
-    ("one line answer tersely", "terse"),
-    ("what liability do these contracts clauses give", "legal"),
-    ("explain the legal clauses in contracts", "legal"),
-]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from zoo_agent.resident.tiny import build_tiny_adapter, build_tiny_embedder, build_tiny_model
-
-    out = tmp_path_factory.mktemp("lora")
-    paths = {"base": build_tiny_model(out / "base")}
-    paths["code"] = build_tiny_adapter(paths["base"], out / "code", seed=1, base_name="m")
-    paths["terse"] = build_tiny_adapter(paths["base"], out / "terse", seed=2, base_name="m")
-    paths["legal"] = build_tiny_adapter(paths["base"], out / "legal", seed=3, rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), base_name="m")
-    words = " ".join(d for d, _ in DESCRIPTIONS.values()) + " " + " ".join(t for t, _ in LABELLED) + " hello there weather today"
-    paths["embedder"] = build_tiny_embedder(out / "embedder", words + " " + " ".join(t for _, tags in DESCRIPTIONS.values() for t in tags))
-    return paths
-
-
-def adapter(built: dict[str, Path], aid: str, *, source: str | None = None, version: str = "1", rank: int | None = None) -> AdapterConfig:
-    desc, tags = DESCRIPTIONS[aid]
-    return AdapterConfig(id=aid, version=version, dir=built[source or aid], rank=rank or (8 if (source or aid) == "legal" else 4),
-                         description=desc, tags=tags)  # fmt: skip
-
-
-def backend(built: dict[str, Path], adapters: tuple[AdapterConfig, ...], *, max_loras: int = 8, threshold: float | None = None,
-            **selecting: Any) -> Any:  # fmt: skip
-    """A loaded backend; ``threshold`` (and SelectionConfig's ``selecting``: max_adapters, combine) offer '<tenant>:auto'."""
-    from zoo_agent.resident.backend import TransformersBackend
-
-    selection = SelectionConfig(embedding_dir=built["embedder"], embedding_label="e@1", threshold=threshold, **selecting) if threshold is not None else None
-    worker = WorkerConfig(tenant="t", model="m", version="1", version_dir=built["base"], adapters=adapters, max_loras=max_loras,
-                          base_names=("m",), selection=selection)  # fmt: skip
-    b = TransformersBackend(built["base"], allow_pickle=False, allow_code=False, device="cpu", worker=worker)
-    b.load()
-    return b
-
-
-def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
-    from zoo_agent.resident.backend import Generated, Request
-
-    return str(b.complete(Request(PROMPT, None, tokens, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
-
-
-def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12) -> str:
-    """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means."""
-    from transformers import AutoTokenizer
-
-    return str(AutoTokenizer.from_pretrained(built["base"]).decode(peft_ids(built, (aid,), tokens=tokens), skip_special_tokens=True))
-
-
-def peft_ids(built: dict[str, Path], aids: tuple[str, ...], *, combine: str = "sum", weights: tuple[float, ...] = (),
-             messages: list[dict[str, str]] = PROMPT, tokens: int = 12) -> list[int]:  # fmt: skip
-    """The greedy token ids of a fresh PeftModel with ``aids`` composed by peft itself (issue #21):
-    "sum" all active at once, "weighted" one add_weighted_adapter("cat") adapter; one id: that adapter."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(built["base"])
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(built["base"]), str(built[aids[0]]), adapter_name=aids[0])
-    for aid in aids[1:]:
-        model.load_adapter(str(built[aid]), adapter_name=aid)
-    if combine == "weighted":
-        model.add_weighted_adapter(list(aids), list(weights), "mix", combination_type="cat")
-        model.set_adapter("mix")
-    else:
-        model.base_model.set_adapter(list(aids))
-    model.eval()
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        ids = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return [int(t) for t in ids[0][enc["input_ids"].shape[1]:]]
-
+pytestmark = pytest.mark.resident
 
 @pytest.fixture(scope="module")
 def three(built: dict[str, Path]) -> Any:
@@ -149,28 +62,14 @@ def test_an_adapter_that_contradicts_the_index_is_refused_and_the_rest_serve(
     assert status == 400 and body["error"]["message"] == f"model: adapter refused: {expected}"
 
 
-async def _call(b: Any, requests: list[tuple[str, str, dict[str, Any] | None]]) -> list[tuple[int, Any]]:
-    import httpx
-
-    from zoo_agent.resident.api import ServingState, create_app
-
-    state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://zoo", timeout=60) as client:
-        async def one(method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
-            r = await client.request(method, path, json=body)
-            return r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
-
-        return list(await asyncio.gather(*(one(*req) for req in requests)))
-
-
 async def call(b: Any, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    return (await _call(b, [(method, path, body)]))[0]
+    return (await call(b, [(method, path, body)]))[0]
 
 
 def test_concurrent_requests_for_different_adapters_each_get_their_own(three: Any, singles: dict[str | None, str]) -> None:
     order = ["code", None, "legal", "terse", "code", None, "terse", "legal"]
     bodies = [{"model": f"t:{a}" if a else "t", "messages": PROMPT, "ignore_eos": True} for a in order]
-    results = asyncio.run(_call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
+    results = asyncio.run(call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
     for aid, (status, body) in zip(order, results, strict=True):
         assert status == 200 and body["choices"][0]["message"]["content"] == singles[aid], aid
         assert body.get("x_zoo", {}).get("adapter") == (f"{aid}@1" if aid else None)
@@ -227,7 +126,7 @@ def test_a_new_version_swaps_in_place_or_reloads_when_the_rank_changes(built: di
 def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any) -> None:
     bodies = [{"model": "t:auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2} for text, _ in LABELLED]
     bodies.append({"model": "t:auto", "messages": [{"role": "user", "content": "hello there weather today"}], "max_tokens": 2})
-    results = asyncio.run(_call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
+    results = asyncio.run(call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
     chosen = [body["x_zoo"]["adapter"] for _, body in results]
     assert chosen == [f"{aid}@1" for _, aid in LABELLED] + [None]
     assert all(body["x_zoo"]["similarity"] >= THRESHOLD for _, body in results[:-1]) and results[-1][1]["x_zoo"]["similarity"] < THRESHOLD
@@ -238,7 +137,7 @@ def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any) -
 def test_auto_is_counted_in_metrics_and_streams_say_which_adapter(three: Any) -> None:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     async def run() -> tuple[str, str]:
         state = ServingState("t", "m", "1", three, {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0})
@@ -274,7 +173,7 @@ def test_the_resident_serves_published_adapters_and_follows_a_new_version_withou
         lora_world: World, built: dict[str, Path], singles: dict[str | None, str]) -> None:  # fmt: skip
     import httpx
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     r = Resident(lora_world)
     try:

@@ -2,7 +2,8 @@
 threshold answer together, exactly as peft composes them; only declared, unrefused adapters
 are ever composed; max_adapters 1 is the single choice of issue #6.
 
-Reuses test_lora's tiny model, adapters and bag-of-words embedder (THRESHOLD 0.4 there).
+Uses the tiny model, adapters and bag-of-words embedder of the ``built`` fixture (THRESHOLD 0.4,
+tests/support/lora.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import pytest
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.integration import test_lora  # noqa: E402
-from tests.integration.test_lora import THRESHOLD, _call, adapter, backend, peft_ids  # noqa: E402
-from zoo_agent.resident.backend import AUTO  # noqa: E402
+from tests.support.lora import THRESHOLD, adapter, backend, call, peft_ids  # noqa: E402
+from zoo_agent.resident.engine.base import AUTO  # noqa: E402
 
-built = test_lora.built  # its tiny model, adapters and embedder: the fixture, built once for this module too
+pytestmark = pytest.mark.resident
 
 # Bag-of-words similarities (test_lora's embedder): terse 0.66, code 0.65, legal 0.11.
 TWO = "review python code for bugs and answer tersely in one short line"
@@ -41,25 +41,25 @@ def ask(text: str, model: str = "t:auto", tokens: int = 12) -> dict[str, Any]:
 def generated_ids(b: Any) -> Iterator[dict[str, list[int]]]:
     """The token ids each finished request generated, by its last message: the backend reports text only."""
     seen: dict[str, list[int]] = {}
-    finish = b._finish
+    finish = b.finish
 
     def spy(request: Any, result: Any, out: Any) -> None:
         ids = out[0] if isinstance(out, tuple) else getattr(out, "sequences", out)[0].tolist()
         seen[(request.messages or [{}])[-1].get("content", request.prompt)] = [int(t) for t in ids[result.prompt_tokens :]]
         finish(request, result, out)
 
-    b._finish = spy
+    b.finish = spy
     try:
         yield seen
     finally:
-        del b._finish
+        del b.finish
 
 
 def served(b: Any, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The answers to ``bodies``, asked one after the other, and the /metrics they leave."""
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     async def run() -> tuple[list[dict[str, Any]], str]:
         state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
@@ -107,7 +107,7 @@ async def _queued_together(b: Any, bodies: list[dict[str, Any]]) -> list[dict[st
     so the engine decides, in one admission, which of them share a batch."""
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0})
     gate = threading.Event()
@@ -139,14 +139,14 @@ def test_a_composition_batched_with_other_adapters_keeps_every_row_its_own(compo
 def test_an_undeclared_adapter_is_never_composed_in(built: dict[str, Path]) -> None:
     """'legal' is on disk (its files beside the others) and named in the request, but not declared."""
     from zoo_agent.errors import AdapterError
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.worker.selection import Composition
 
     b = backend(built, (adapter(built, "code"), adapter(built, "terse")), threshold=0.0, max_adapters=3)
     text = "legal " + THREE + " legal contracts clauses and liability law"
     (body,) = post(b, [ask(text)])
     assert {a["id"] for a in body["x_zoo"]["adapters"]} == {"code", "terse"}
     assert "legal" not in b.adapters.peft.peft_config
-    status, error = asyncio.run(_call(b, [("POST", "/v1/chat/completions", ask(text, "t:legal"))]))[0]
+    status, error = asyncio.run(call(b, [("POST", "/v1/chat/completions", ask(text, "t:legal"))]))[0]
     assert status == 404 and error["error"]["code"] == "model_not_found"
     with pytest.raises(AdapterError, match=r"^adapter 'legal' is not declared for this tenant \(declared: code, terse\)$"):
         b.adapters.compose(Composition(("code", "legal"), "sum"))
@@ -155,7 +155,7 @@ def test_an_undeclared_adapter_is_never_composed_in(built: dict[str, Path]) -> N
 
 def test_a_refused_adapter_is_never_composed_in(built: dict[str, Path], tmp_path: Path) -> None:
     from zoo_agent.errors import AdapterError
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.worker.selection import Composition
 
     bad = tmp_path / "terse"
     shutil.copytree(built["terse"], bad)
@@ -180,7 +180,7 @@ def test_max_adapters_1_chooses_one_adapter_as_before(built: dict[str, Path]) ->
 
 
 def greedy_text(b: Any, text: str, aid: str | None) -> str:
-    from zoo_agent.resident.backend import Generated, Request
+    from zoo_agent.resident.engine.base import Generated, Request
 
     return str(b.complete(Request([{"role": "user", "content": text}], None, 12, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 
@@ -200,8 +200,8 @@ def test_the_threshold_leaves_out_adapters_below_it(built: dict[str, Path], thre
 
 
 def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_their_adapters(built: dict[str, Path]) -> None:
-    from zoo_agent.resident.adapters import AdaptersBusy
-    from zoo_agent.resident.selection import Composition
+    from zoo_agent.resident.engine.base import AdaptersBusy
+    from zoo_agent.resident.worker.selection import Composition
 
     b = backend(built, tuple(adapter(built, a) for a in ALL), max_loras=3)
     a = b.adapters
@@ -235,7 +235,7 @@ def test_compositions_are_cached_lru_never_evicting_a_busy_one_and_dropped_with_
 
 def test_a_composition_continues_a_session_only_from_its_own_cache(built: dict[str, Path], tmp_path: Path) -> None:
     """The session cache is keyed by what answered: a composition's label, never one of its adapters'."""
-    from zoo_agent.resident.sessions import Sessions
+    from zoo_agent.resident.sessions.store import Sessions
 
     b = backend(built, tuple(adapter(built, a) for a in ALL), threshold=THRESHOLD, max_adapters=3)
     b.sessions = Sessions(tmp_path, model_key="m@1", dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())

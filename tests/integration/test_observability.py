@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
+
+pytestmark = pytest.mark.resident
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "examples" / "prometheus" / "model-zoo-rules.yml"
@@ -291,9 +293,9 @@ def _rule_exprs() -> list[tuple[str, str]]:
 @needs_prometheus
 def test_dashboard_and_rules_against_a_real_prometheus(world: World, tmp_path: Path, textfile_target: tuple[Path, str, str]) -> None:
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
-    from tests.integration.test_paging import GEN, _ask, _footprint
-    from tests.integration.test_resident import Resident
-    from zoo_agent.resident.tiny import build_tiny_model
+    from tests.support.paging import GEN, ask, footprint
+    from tests.support.resident import Resident
+    from zoo_agent.demo.tiny import build_tiny_model
 
     directory, textfile_addr, serving = textfile_target
     tiny = build_tiny_model(tmp_path / "tiny")
@@ -302,7 +304,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(world: World, tmp_path: P
     doc = {"models": world.models, "loras": {}, "tenants": {t: {"model": "m", **GEN} for t in ("a", "b")},
            "hosts": {"h": {"tenants": ["a", "b"], "available": ["spare"]}}}
     world.index.write_text(json.dumps(doc))
-    budget = int(_footprint(world) * 1.5)  # room for one tenant: asking the other pages the first out
+    budget = int(footprint(world) * 1.5)  # room for one tenant: asking the other pages the first out
     doc["hosts"]["h"]["memory_budget"] = str(budget)
     world.index.write_text(json.dumps(doc))
     assert world.run("apply", "--textfile-dir", str(directory)).exit_code == 0
@@ -321,7 +323,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(world: World, tmp_path: P
         p = prometheus
         _wait(lambda: _try(lambda: len([r for r in p.query("up") if r["value"][1] == "1"]) == 2), 60, "both targets up")
         for tenant in ("a", "b", "a", "b"):  # each one pages the other out
-            code, body = _ask(resident, tenant, max_tokens=4, stream=False)
+            code, body = ask(resident, tenant, max_tokens=4, stream=False)
             assert code == 200, body
         _wait(lambda: _try(lambda: p.query("sum(zoo:model_evictions_total) >= 3")), 60, "the evictions scraped")
         _wait(lambda: _try(lambda: p.query("increase(zoo:router_requests_total[1m]) > 0")), 60, "requests scraped twice")

@@ -3,7 +3,7 @@
 olah runs from its own virtual environment (.ci/olah, made by .ci/setup; it pins newer
 dependencies than ours) in offline mode over a git repository this module builds, with
 LFS objects laid out by hand as git-lfs would. It shows that we speak the real protocol;
-error paths and large files use tests/hubserver.py, since olah maps every miss to
+error paths and large files use tests/support/hubserver.py, since olah maps every miss to
 RepoNotFound and hashes whole files on each request.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.integration.conftest import World
+from tests.support import REPO
+from tests.support.world import World
 
 OLAH = REPO / ".ci" / "olah" / "bin" / "olah-cli"
 WEIGHTS = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB, stored as an LFS object

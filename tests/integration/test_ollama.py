@@ -1,5 +1,5 @@
 """Ollama as a source (issue #11): the real `ollama` client against the stand-in daemon in
-tests/ollamaserver.py (no Ollama server can be installed here)."""
+tests/support/ollamaserver.py (no Ollama server can be installed here)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.ollamaserver import OllamaStandIn
+from tests.support.ollamaserver import OllamaStandIn
+from tests.support.world import World
 from zoo_agent.sources import ollama as ollama_source
+
+pytestmark = pytest.mark.resident
 
 MANIFEST = b'{"schemaVersion": 2, "layers": ["llama3.2:1b weights"]}'
 DIGEST = "sha256:" + OllamaStandIn.digest_of(MANIFEST)
@@ -120,7 +122,7 @@ def test_an_empty_list_of_ollama_models_does_nothing(world: World, daemon: Ollam
 def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ollama_world: World, daemon: OllamaStandIn) -> None:
     import httpx
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     assert ollama_world.run("apply").exit_code == 0
     r = Resident(ollama_world, env={"OLLAMA_HOST": daemon.url})
@@ -155,7 +157,7 @@ def test_concurrent_requests_pass_through_to_the_daemon_which_batches_itself(oll
 
     import httpx
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     ollama_world.tenant = {**ollama_world.tenant, "resources": {"max_batch": 4}}
     ollama_world.write_index()

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.paging import GEN, ask, footprint
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-GEN = {"generation": {"temperature": 0, "max_tokens": 4}, "resources": {"max_batch": 2, "max_queue": 4}}
-
+pytestmark = pytest.mark.resident
 
 def _index(world: World, tenants: dict[str, dict[str, Any]], budget: str | None = None) -> None:
     host: dict[str, Any] = {"tenants": list(tenants)}
@@ -34,26 +34,9 @@ def _index(world: World, tenants: dict[str, dict[str, Any]], budget: str | None 
     world.index.write_text(json.dumps(doc, indent=2))
 
 
-def _footprint(world: World) -> int:
-    """What the budget counts for one tenant of the tiny model (the fit module's estimate)."""
-    from zoo_agent.index.fit import read_config, tenant_footprint
-    from zoo_agent.index.load import load_index
-
-    idx = load_index(world.index, str(world.index))
-    tid = next(iter(idx.tenants))
-    return tenant_footprint(idx, tid, read_config(world.source_dir("m", "v1"))).total
-
-
 def _paged(world: World) -> list[tuple[str, str]]:
     lines = (world.root / "host/actions.jsonl").read_text().splitlines()
     return [(r["action"], r["id"]) for r in map(json.loads, lines) if r["action"] in ("page-in", "page-out")]
-
-
-def _ask(r: Resident, tenant: str, prompt: str = "Hello there", **kw: Any) -> tuple[int, dict[str, Any]]:
-    import httpx
-
-    resp = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": prompt, **kw}, timeout=120)
-    return resp.status_code, resp.json()
 
 
 def _worker_pid(world: World, tenant: str) -> int:
@@ -61,7 +44,7 @@ def _worker_pid(world: World, tenant: str) -> int:
 
 
 @pytest.fixture
-def five(world: World, tiny: dict[str, bytes]) -> World:  # noqa: F811 - the fixture imported above
+def five(world: World, tiny: dict[str, bytes]) -> World:
     world.artifact("m", "v1", tiny)
     _index(world, {t: {"model": "m", **GEN} for t in "abcde"})
     assert world.run("apply").exit_code == 0
@@ -69,7 +52,7 @@ def five(world: World, tiny: dict[str, bytes]) -> World:  # noqa: F811 - the fix
 
 
 def test_rotation_pages_least_recently_used_and_never_the_pinned(five: World) -> None:
-    fp = _footprint(five)
+    fp = footprint(five)
     tenants = {t: {"model": "m", **GEN, **({"pinned": True} if t == "a" else {})} for t in "abcde"}
     _index(five, tenants, budget=str(int(fp * 3.5)))  # room for the pinned tenant and two others
     r = Resident(five)
@@ -77,7 +60,7 @@ def test_rotation_pages_least_recently_used_and_never_the_pinned(five: World) ->
         r.notify.wait(lambda m: "READY" in m)
         answers: dict[str, list[str]] = {}
         for tenant in ["b", "c", "b", "d", "e", "a", "c", "b"]:
-            code, body = _ask(r, tenant)
+            code, body = ask(r, tenant)
             assert code == 200, body
             answers.setdefault(tenant, []).append(body["choices"][0]["text"])
         outs = [t for action, t in _paged(five) if action == "page-out"]
@@ -141,7 +124,7 @@ def test_a_killed_or_hung_worker_fails_no_request_of_another_tenant(five: World)
                 with contextlib.suppress(ProcessLookupError):  # the supervisor killed it on its ping timeout
                     os.kill(victim, signal.SIGKILL)
             assert _worker_pid(five, "b") != victim  # replaced ...
-            code, body = _ask(r, "b")
+            code, body = ask(r, "b")
             assert code == 200, body  # ... and answering again
         metrics = httpx.get(r.url + "/metrics", timeout=30).text
         assert 'zoo:worker_restarts_total{reason="crash",tenant="b"} 1.0' in metrics  # SIGKILL: it exited
@@ -159,8 +142,8 @@ def test_the_router_answers_while_every_worker_is_busy(five: World) -> None:
     r = Resident(five)
     try:
         r.notify.wait(lambda m: "READY" in m)
-        threads = [threading.Thread(target=_ask, args=(r, "a"), kwargs={"max_tokens": 200, "ignore_eos": True}) for _ in range(2)]
-        threads.append(threading.Thread(target=_ask, args=(r, "b")))  # b loads meanwhile
+        threads = [threading.Thread(target=ask, args=(r, "a"), kwargs={"max_tokens": 200, "ignore_eos": True}) for _ in range(2)]
+        threads.append(threading.Thread(target=ask, args=(r, "b")))  # b loads meanwhile
         for t in threads:
             t.start()
         time.sleep(0.3)
@@ -178,7 +161,7 @@ def test_the_router_answers_while_every_worker_is_busy(five: World) -> None:
         r.stop()
 
 
-def test_on_demand_tenant_is_fetched_once_by_concurrent_first_requests(five: World, tiny: dict[str, bytes]) -> None:  # noqa: F811
+def test_on_demand_tenant_is_fetched_once_by_concurrent_first_requests(five: World, tiny: dict[str, bytes]) -> None:
     files = dict(tiny)
     files["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 2,', 1)
     five.artifact("m2", "v1", files)
@@ -189,7 +172,7 @@ def test_on_demand_tenant_is_fetched_once_by_concurrent_first_requests(five: Wor
     try:
         r.notify.wait(lambda m: "READY" in m)
         results: list[tuple[int, dict[str, Any]]] = []
-        askers = [threading.Thread(target=lambda: results.append(_ask(r, "lazy"))) for _ in range(3)]
+        askers = [threading.Thread(target=lambda: results.append(ask(r, "lazy"))) for _ in range(3)]
         for t in askers:
             t.start()
         for t in askers:
@@ -205,7 +188,7 @@ def test_on_demand_tenant_is_fetched_once_by_concurrent_first_requests(five: Wor
         r.stop()
 
 
-def test_a_failed_on_demand_fetch_is_fetched_again_only_when_a_request_asks(five: World, tiny: dict[str, bytes]) -> None:  # noqa: F811
+def test_a_failed_on_demand_fetch_is_fetched_again_only_when_a_request_asks(five: World, tiny: dict[str, bytes]) -> None:
     """Issue #31: the source's bytes do not match the pin. One request: one fetch (the request
     still waiting to be told was once taken for a second one). Reloads (systemd's ExecReload)
     fetch nothing; the failure stays shown and counted. The next request fetches once more."""
@@ -225,7 +208,7 @@ def test_a_failed_on_demand_fetch_is_fetched_again_only_when_a_request_asks(five
     r = Resident(five)
     try:
         r.notify.wait(lambda m: "READY" in m)
-        code, body = _ask(r, "lazy")
+        code, body = ask(r, "lazy")
         assert code == 503 and "sha256" in body["error"]["message"], body
         time.sleep(1)  # the supervisor's loop turns a few times: nothing asks again
         assert fetches() == 1
@@ -237,7 +220,7 @@ def test_a_failed_on_demand_fetch_is_fetched_again_only_when_a_request_asks(five
         assert health["tenants"]["lazy"]["state"] == "failed" and "sha256" in health["tenants"]["lazy"]["error"]
         assert "lazy (fetch failed)" in health["status"]
         assert 'zoo:on_demand_fetches_total{result="failed",tenant="lazy"} 1.0' in httpx.get(r.url + "/metrics", timeout=30).text
-        code, body = _ask(r, "lazy")
+        code, body = ask(r, "lazy")
         assert code == 503 and fetches() == 2
     finally:
         out = r.stop()

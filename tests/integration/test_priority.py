@@ -21,13 +21,15 @@ import pytest
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
+pytestmark = pytest.mark.resident
+
 DEFAULTS = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0}
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from zoo_agent.resident.backend import TransformersBackend
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
+    from zoo_agent.resident.worker.backend import TransformersBackend
 
     b = TransformersBackend(build_tiny_model(tmp_path_factory.mktemp("priority") / "model"), allow_pickle=False, allow_code=False, device="cpu")
     b.load()
@@ -36,7 +38,8 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def make(kind: str, backend: Any, aging_seconds: float = 10.0) -> Any:
     """``serial``: one generate() at a time; ``batcher1``/``batcher2``: the batching engine with room for 1 or 2."""
-    from zoo_agent.resident.engine import Batcher, Serial
+    from zoo_agent.resident.engine.batcher import Batcher
+    from zoo_agent.resident.engine.serial import Serial
 
     if kind == "serial":
         return Serial(backend, aging_seconds=aging_seconds)
@@ -49,7 +52,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 def req(priority: int, prompt: str = "Hello") -> Any:
-    from zoo_agent.resident.backend import Request
+    from zoo_agent.resident.engine.base import Request
 
     return Request(None, prompt, 4, 0.0, 1.0, ignore_eos=True, priority=priority)
 
@@ -58,7 +61,7 @@ def served_order(scheduler: Any, requests: list[tuple[str, Any]], clock: Iterato
     """Submit ``requests`` while the scheduler is held, let go, and return their tags in the order
     they finished (with one served at a time: the order they were served). ``clock`` gives each
     submission's arrival time."""
-    from zoo_agent.resident.backend import Generated
+    from zoo_agent.resident.engine.base import Generated
 
     done: list[str] = []
     lock, finished = threading.Lock(), threading.Event()
@@ -140,7 +143,7 @@ def test_an_aged_batch_request_is_admitted_before_a_fresh_default_one(backend: A
 
 
 def test_a_cancelled_waiting_request_is_skipped_and_counted(backend: Any, kind: str) -> None:
-    from zoo_agent.resident.backend import Generated
+    from zoo_agent.resident.engine.base import Generated
 
     scheduler = make(kind, backend)
     release, seen = threading.Event(), list[Any]()
@@ -178,7 +181,7 @@ def _gauge(metrics: str, name: str) -> float:
 def test_the_api_takes_the_header_and_the_field_and_the_metric_counts_by_class(backend: Any, max_batch: int) -> None:
     import httpx
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", backend, dict(DEFAULTS), max_batch=max_batch, priority=1)  # the tenant's default: batch
 
@@ -230,7 +233,7 @@ def test_the_api_takes_the_header_and_the_field_and_the_metric_counts_by_class(b
 def test_a_bad_priority_is_a_400_naming_it(backend: Any, headers: dict[str, str], extra: dict[str, Any], param: str, words: list[str]) -> None:
     from fastapi.testclient import TestClient
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", backend, dict(DEFAULTS), max_batch=1)
     try:
@@ -249,7 +252,7 @@ def test_a_bad_priority_is_a_400_naming_it(backend: Any, headers: dict[str, str]
 def test_the_schema_documents_the_header_and_the_field(backend: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from zoo_agent.resident.api import ServingState, create_app
+    from zoo_agent.resident.worker.app import ServingState, create_app
 
     state = ServingState("t", "m", "1", backend, dict(DEFAULTS), max_batch=1)
     try:

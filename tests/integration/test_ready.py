@@ -14,10 +14,12 @@ import json
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 
 def _cannot_generate(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
@@ -28,7 +30,7 @@ def _cannot_generate(tiny_files: dict[str, bytes]) -> dict[str, bytes]:
     return {**tiny_files, "generation_config.json": json.dumps(generation).encode()}
 
 
-def test_a_model_that_loads_but_cannot_generate_never_sends_ready(world: World, tiny: dict[str, bytes]) -> None:  # noqa: F811
+def test_a_model_that_loads_but_cannot_generate_never_sends_ready(world: World, tiny: dict[str, bytes]) -> None:
     world.artifact("m", "v1", _cannot_generate(tiny))
     world.tenant = {"generation": {"temperature": 0, "max_tokens": 4}}
     world.write_index()

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
+
+pytestmark = pytest.mark.resident
 
 PROVENANCE: dict[str, Any] = {
     "dataset": {"id": "org/reviews", "revision": "v3", "url": "https://example.org/reviews"},
@@ -73,8 +75,8 @@ def test_metadata_corrected_without_new_bytes_is_recorded_by_the_next_apply_file
 def test_model_info_carries_the_declared_metadata_beside_the_runtime_facts(world: World) -> None:
     """index -> manifest.json -> the resident's model-info.json -> status --json: one round trip."""
     pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
-    from tests.integration.test_resident import Resident
-    from zoo_agent.resident.tiny import build_tiny_model
+    from tests.support.resident import Resident
+    from zoo_agent.demo.tiny import build_tiny_model
 
     src = build_tiny_model(world.tmp / "tiny")
     files = {p.name: p.read_bytes() for p in sorted(src.iterdir())}
@@ -129,7 +131,7 @@ def test_aliases_render_as_links_the_library_resolves_and_go_when_undeclared(wor
 def test_an_alias_never_replaces_or_removes_what_the_zoo_did_not_make(world: World) -> None:
     """A real directory (with the user's files) at models/<alias>, and a link planted there pointing
     out of the zoo: apply fails that one step, naming the path, and leaves both as they were."""
-    from tests.victim import make_victim, snapshot
+    from tests.support.victim import make_victim, snapshot
 
     _aliased(world)
     assert world.run("apply").exit_code == 0
@@ -160,7 +162,7 @@ def test_an_alias_never_replaces_or_removes_what_the_zoo_did_not_make(world: Wor
 
 
 def test_a_path_like_alias_is_refused_before_anything_is_written(world: World) -> None:
-    from tests.victim import make_victim, snapshot
+    from tests.support.victim import make_victim, snapshot
 
     victim = make_victim(world.tmp / "x")
     before = snapshot(victim)

@@ -16,50 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.notify import Notify
+from tests.support.notify import Notify
+from tests.support.resident import Resident, free_port
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
 
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    from zoo_agent.resident.tiny import build_tiny_model
-
-    out = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Resident:
-    def __init__(self, world: World, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.world, self.port = world, _free_port()
-        self.notify = Notify(world.tmp / f"notify-{self.port}.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zoo_agent", "resident", *world.args("--listen", f"127.0.0.1:{self.port}", *extra)],
-            env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=world.tmp,
-        )  # fmt: skip
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def worker_pid(self) -> int:
-        info = json.loads((self.world.root / "resident/tenants/t/model-info.json").read_text())
-        return int(info["pid"])
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        self.notify.sock.close()
-        return out
+pytestmark = pytest.mark.resident
 
 
 @pytest.fixture
@@ -287,7 +250,7 @@ def test_unix_socket_listener(resident_world: World) -> None:
     import httpx
 
     path = resident_world.tmp / "resident.sock"
-    port = _free_port()
+    port = free_port()
     notify = Notify(resident_world.tmp / "n.sock")
     proc = subprocess.Popen([sys.executable, "-m", "zoo_agent", "resident", *resident_world.args("--listen", f"unix:{path}")],
                             env={**os.environ, "NOTIFY_SOCKET": str(notify.path)}, cwd=resident_world.tmp)  # fmt: skip
@@ -334,7 +297,7 @@ def test_stop_first_reload_holds_requests_in_the_gap(resident_world: World, tiny
 def test_socket_activation(resident_world: World) -> None:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     notify = Notify(resident_world.tmp / "sa.sock")
     proc = subprocess.Popen(["/usr/bin/systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify.path}",
                              sys.executable, "-m", "zoo_agent", "resident",

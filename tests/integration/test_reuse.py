@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hubserver import HubServer, Repo, serve
-from tests.integration.conftest import World
+from tests.support.hubserver import HubServer, Repo, serve
+from tests.support.world import World
 from zoo_agent.formats import human_bytes
 
 SHARDS = {f"model-{i:05d}-of-00004.safetensors": random.Random(i).randbytes(300_000 + i) for i in range(4)}

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 #: The second model writes its conversations otherwise than the first.
 OTHER_TEMPLATE = (
@@ -39,7 +41,7 @@ def _files(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """The second model twice: with a large context, and with one a long session does not fit."""
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("other")
     wide = build_tiny_model(base / "wide", seed=7, vocab=400, chat_template=OTHER_TEMPLATE)
@@ -47,7 +49,7 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], d
     return _files(wide), _files(narrow)
 
 
-def _world(world: World, tiny: dict[str, bytes], large: dict[str, bytes]) -> World:  # noqa: F811 - the fixture imported above
+def _world(world: World, tiny: dict[str, bytes], large: dict[str, bytes]) -> World:
     world.artifact("m", "v1", tiny)
     world.artifact("m2", "v1", large)
     routes = {"assistant": {"rules": RULES, "default": "small", "summarizer": "small"},
@@ -83,7 +85,7 @@ def _same(session_answer: dict[str, Any], stateless: dict[str, Any]) -> None:
     assert session_answer["usage"]["prompt_tokens"] == stateless["usage"]["prompt_tokens"]
 
 
-def test_a_session_moves_to_another_model_and_back_keeping_every_turn(world: World, tiny: dict[str, bytes],  # noqa: F811
+def test_a_session_moves_to_another_model_and_back_keeping_every_turn(world: World, tiny: dict[str, bytes],
                                                                      other: tuple[dict[str, bytes], dict[str, bytes]]) -> None:  # fmt: skip
     import httpx
 
@@ -137,7 +139,7 @@ def test_a_session_moves_to_another_model_and_back_keeping_every_turn(world: Wor
 LONG = " ".join(["The zoo keeps every model pinned by its digest."] * 6)
 
 
-def test_turns_that_do_not_fit_are_summarized_once_and_the_summary_reused(world: World, tiny: dict[str, bytes],  # noqa: F811
+def test_turns_that_do_not_fit_are_summarized_once_and_the_summary_reused(world: World, tiny: dict[str, bytes],
                                                                          other: tuple[dict[str, bytes], dict[str, bytes]]) -> None:  # fmt: skip
     w = _world(world, tiny, other[1])  # the second model's context: 200 tokens
     r = Resident(w)

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
-from tests.integration.test_resident import Resident, tiny  # noqa: F401 - tiny is a fixture
+from tests.support.resident import Resident
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 ROUTE = {"rules": [{"tenant": "small", "when": {"max_words": 12}}], "default": "large", "fallback": ["small"]}
 LONG = "Tell me, in many words, " + " ".join(["about the zoo"] * 10)
@@ -36,7 +38,7 @@ def _index(world: World, budget: str | None = None, first_token_seconds: float =
 
 
 @pytest.fixture
-def routed(world: World, tiny: dict[str, bytes]) -> World:  # noqa: F811 - the fixture imported above
+def routed(world: World, tiny: dict[str, bytes]) -> World:
     world.artifact("m", "v1", tiny)
     files = dict(tiny)
     files["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 2,', 1)
@@ -169,7 +171,7 @@ SIMILAR_ROUTE = {"rules": [{"tenant": "large", "when": {"similar_to": TASK, "min
 
 @pytest.fixture
 def similar(routed: World, tmp_path: Any) -> World:
-    from zoo_agent.resident.tiny import build_tiny_embedder
+    from zoo_agent.demo.tiny import build_tiny_embedder
 
     out = build_tiny_embedder(tmp_path / "embedder", " ".join([TASK, SIMILAR, OTHER]))
     routed.artifact("e", "1", {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()})

@@ -3,7 +3,6 @@ the right one, and continuing from it gives the same tokens as prefilling again.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import shutil
@@ -13,57 +12,21 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.sessions import backend, reply, talk, turn
+from tests.support.world import World
 
 pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+
+pytestmark = pytest.mark.resident
 
 TURNS = ["Hello there", "Tell me about the zoo", "And what about the lions?"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("sessions") / "model")
-
-
-def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
-    from zoo_agent.resident.backend import TransformersBackend
-    from zoo_agent.resident.sessions import Sessions
-
-    b = TransformersBackend(model_dir, allow_pickle=False, allow_code=False, device="cpu")
-    b.load()
-    b.sessions = Sessions(sessions_dir, model_key=model_key, dtype=b.dtype, template=str(b.tokenizer.chat_template), vocab_size=b.vocab_size())
-    return b
-
-
-async def _talk(b: Any, bodies: list[dict[str, Any]], max_prompt_tokens: int = 4096) -> list[tuple[int, Any]]:
-    import httpx
-
-    from zoo_agent.resident.api import ServingState, create_app
-
-    state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_prompt_tokens=max_prompt_tokens)
-    out = []
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://zoo", timeout=60) as client:
-        for body in bodies:
-            method, path = body.pop("_method", "POST"), body.pop("_path", "/v1/chat/completions")
-            r = await client.request(method, path, json=body or None)
-            out.append((r.status_code, r.json()))
-        out.append((200, (await client.get("/metrics")).text))
-    return out
-
-
-def talk(b: Any, bodies: list[dict[str, Any]], **kw: Any) -> list[tuple[int, Any]]:
-    return asyncio.run(_talk(b, [dict(x) for x in bodies], **kw))
-
-
-def turn(text: str, session: str = "s", **kw: Any) -> dict[str, Any]:
-    return {"model": "t", "session": session, "messages": [{"role": "user", "content": text}], "max_tokens": 12, "ignore_eos": True, **kw}
-
-
-def reply(result: tuple[int, Any]) -> str:
-    assert result[0] == 200, result
-    return str(result[1]["choices"][0]["message"]["content"])
 
 
 def test_a_session_continues_from_its_cache_with_the_same_tokens_as_a_re_prefill(model_dir: Path, tmp_path: Path) -> None:
@@ -147,7 +110,7 @@ def test_old_turns_are_dropped_from_the_prompt_when_the_context_is_full(model_di
 def test_a_session_survives_sigkill_and_continues_token_for_token(world: World, model_dir: Path) -> None:
     import httpx
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
     world.tenant = {"generation": {"temperature": 0, "max_tokens": 12}}
@@ -188,7 +151,7 @@ def test_chat_in_a_terminal_resumes_its_session_and_the_cli_manages_sessions(wor
 
     import pexpect
 
-    from tests.integration.test_resident import Resident
+    from tests.support.resident import Resident
 
     world.artifact("m", "v1", {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())})
     world.tenant = {"generation": {"temperature": 0, "max_tokens": 6}, "sessions": {"keep": 1, "max_age_days": 30}}

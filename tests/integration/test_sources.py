@@ -8,8 +8,8 @@ import signal
 import threading
 import time
 
-from tests.httpfiles import serve
-from tests.integration.conftest import World
+from tests.support.httpfiles import serve
+from tests.support.world import World
 
 
 def _declare_url(world: World, version: str, files: dict[str, bytes], url: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import World
+from tests.support.world import World
 from zoo_agent.store import zoo as store
 
 

@@ -1,6 +1,6 @@
 """Update pull requests and the pin check (issue #35): `zoo-agent registry update-pr` and
-`check-pins` against the test hub (tests/hubserver.py), with GitHub mocked at its REST API
-only (tests/githubserver.py), and the two workflows' own scripts run by bash."""
+`check-pins` against the test hub (tests/support/hubserver.py), with GitHub mocked at its REST API
+only (tests/support/githubserver.py), and the two workflows' own scripts run by bash."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.githubserver import GitHubServer
-from tests.githubserver import serve as serve_github
-from tests.hubserver import HubServer, Repo
-from tests.hubserver import serve as serve_hub
-from tests.integration.conftest import World
+from tests.support import REPO
+from tests.support.githubserver import GitHubServer
+from tests.support.githubserver import serve as serve_github
+from tests.support.hubserver import HubServer, Repo
+from tests.support.hubserver import serve as serve_hub
+from tests.support.world import World
 
 AGENT = str(Path(sys.executable).with_name("zoo-agent"))
 BASE_SHA = "b" * 40

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.nix.test_module import NIX_LIB, REPO, needs_lib, needs_nix
+from tests.support import REPO
+from tests.support.nix import NIX_LIB, needs_lib, needs_nix
 
 EXAMPLE = REPO / "examples" / "fleet"
 #: Until modules/model-zoo.nix declares it, fleet-eval.nix declares a stand-in for it.

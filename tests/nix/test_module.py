@@ -11,24 +11,19 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support import REPO
+from tests.support.nix import NIX_LIB, needs_lib, needs_nix
 from zoo_agent.systemd.units import HARDENING, UnitSettings, render
 
-REPO = Path(__file__).resolve().parents[2]
-NIX_LIB = Path(os.environ.get("NIXPKGS_LIB") or REPO / ".ci" / "nixpkgs-lib" / "lib")
 FAKE_AGENT = "/nix/store/00000000000000000000000000000000-zoo-agent-0.1.0/bin/zoo-agent"
 FAKE_INDEX = "/nix/store/00000000000000000000000000000000-model-zoo-index"
 SHA = "febd1b82a821e2a3ecf7187c7dace15fa986840de0e4310609018aef388f56e3"
-
-needs_nix = pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="nix-instantiate not installed (.ci/setup installs Debian's nix-bin)")
-needs_lib = pytest.mark.skipif(not (NIX_LIB / "default.nix").is_file(),
-                               reason=f"no nixpkgs lib at {NIX_LIB} (set NIXPKGS_LIB; .ci/setup unpacks one when a nixpkgs.lib checkout is present)")
 
 SETTINGS = """settings = {
     models.demo = { version = "1"; source = { type = "file"; path = "/srv/models/demo"; };

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 AGENT = str(Path(sys.executable).with_name("zoo-agent"))
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from tests.conftest import REPO, write_index
+from tests.support import REPO
+from tests.support.index import write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.errors import EXIT_CODES
 

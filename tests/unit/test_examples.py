@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
 
@@ -134,7 +134,7 @@ def test_fleet_example_hosts_share_one_tenant_and_declare_their_endpoints() -> N
 def test_fleet_example_each_host_fetches_its_slice_once_from_the_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every host applies the one index from one mirror: each gets its tenants' models, and
     the mirror serves each host exactly those bytes (bench/fleet.py measures the same at scale)."""
-    from tests.hubserver import HubServer, Repo, serve
+    from tests.support.hubserver import HubServer, Repo, serve
 
     document = json.loads(FLEET_EXAMPLE.read_text())
     server: HubServer

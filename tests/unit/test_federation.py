@@ -183,18 +183,18 @@ def test_a_deep_answer_to_a_poll_is_no_answer_not_a_recursion_error() -> None:
 
 
 def test_refused_peers_have_a_gauge_from_the_start_for_the_alert() -> None:
-    from tests.unit.test_peers import _index, fleet
+    from tests.support.peers import fleet, fleet_index
 
     registry = CollectorRegistry()
     fed = Federation("sprout", "fleet-secret", registry)
-    fed.take_index(_index(fleet()))
+    fed.take_index(fleet_index(fleet()))
     text = generate_latest(registry).decode()
     for peer, tenant in (("thor", "chat"), ("thor", "big"), ("legion", "big")):
         assert f'zoo:peer_refused{{peer="{peer}",tenant="{tenant}"}} 0.0' in text
     assert 'zoo:peer_up{peer="thor"} 0.0' in text
     smaller = fleet()
     smaller["hosts"]["legion"]["accept_from_peers"], smaller["tenants"]["big"]["overflow"] = [], "never"
-    fed.take_index(_index(smaller))  # legion is no one's peer any more: its series go with it
+    fed.take_index(fleet_index(smaller))  # legion is no one's peer any more: its series go with it
     text = generate_latest(registry).decode()
     assert 'peer="legion"' not in text and 'zoo:peer_refused{peer="thor",tenant="big"} 0.0' in text
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.cli.main import cli
 from zoo_agent.index.fmt import canonical_text
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.resident.router import _answer_with, _Events, _first_token, _message_of, _send, _with_x_zoo
 
 ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}

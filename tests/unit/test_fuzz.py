@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import VALID_INDEX
-from tests.mutate import mutate
+from tests.support.index import VALID_INDEX
+from tests.support.mutate import mutate
 from zoo_agent.cli.main import cli
 from zoo_agent.errors import InvalidIndex
 from zoo_agent.index.load import load_index

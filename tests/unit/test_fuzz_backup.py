@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.victim import make_victim, snapshot
+from tests.support.victim import make_victim, snapshot
 from zoo_agent.cli.main import cli
 
 VICTIM = "<victim>"  # replaced by the victim's absolute path

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.mutate import mutate
+from tests.support.mutate import mutate
 from zoo_agent.cli.main import cli
-from zoo_agent.resident.transcript import SessionDamaged, parse_session
+from zoo_agent.resident.sessions.transcript import SessionDamaged, parse_session
 
 VOCAB = 512
 _text = st.text(max_size=20) | st.sampled_from(["\ud800", "x\udfff", "", "\n", "\x00"])

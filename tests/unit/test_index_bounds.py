@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import SHA_A, write_index
+from tests.support.index import SHA_A, write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.fit import human_bytes, kv_bytes, read_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from packaging.requirements import Requirement
 
-from tests.lockfile import LOCKS, inputs_digest, normalize, pins, requested, stored_digest
+from tests.support.lockfile import LOCKS, inputs_digest, normalize, pins, requested, stored_digest
 
 FIX = "regenerate the locks: bash .ci/lock"
 

@@ -11,7 +11,7 @@ import types
 import pytest
 
 import zoo_agent
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_exported_members() -> None:

@@ -3,50 +3,21 @@ table, the digest, and the choice of peer, all pure and checked against literal 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import SHA_A, SHA_B, SHA_C, write_index
+from tests.support.index import SHA_A, SHA_B, SHA_C, write_index
+from tests.support.peers import fleet, fleet_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
-from zoo_agent.index.model import Index
 from zoo_agent.resident.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
 
 
-def _model(version: str, sha: str = SHA_A) -> dict[str, Any]:
-    return {"version": version, "source": {"type": "file", "path": "m"}, "files": [{"path": "model.safetensors", "sha256": sha, "size": 10}],
-            "license": "MIT"}  # fmt: skip
-
-
-FLEET: dict[str, Any] = {
-    "models": {"small": _model("v1"), "large": _model("v2", SHA_B)},
-    "loras": {"sql": {**_model("1", SHA_C), "base_model": "small", "rank": 4}},
-    "tenants": {"chat": {"model": "small", "loras": ["sql"]}, "big": {"model": "large", "overflow": "peers"}},
-    "hosts": {
-        "thor": {"tenants": ["chat", "big"], "endpoint": "http://thor.lan:8000", "accept_from_peers": ["chat", "big"]},
-        "sprout": {"tenants": ["chat"], "endpoint": "http://sprout.lan:8000", "accept_from_peers": ["chat"]},
-        "legion": {"tenants": ["big"], "endpoint": "https://10.0.0.7:8443", "accept_from_peers": ["big"]},
-        "edge": {"tenants": ["chat"]},  # serves, no endpoint: never anyone's peer
-    },
-}
-
-
-def fleet() -> dict[str, Any]:
-    return copy.deepcopy(FLEET)
-
-
-def _index(doc: dict[str, Any]) -> Index:
-    idx, problems = check_document(doc)
-    assert problems == [] and idx is not None
-    return idx
-
-
 def test_the_fleet_is_valid_and_defaults_are_closed() -> None:
-    idx = _index(fleet())
+    idx = fleet_index(fleet())
     assert idx.tenants["chat"].overflow == "never"
     assert idx.hosts["edge"].endpoint is None and idx.hosts["edge"].accept_from_peers == []
 
@@ -113,7 +84,7 @@ def test_a_bad_endpoint_is_one_line_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_the_peer_table_is_derived_from_the_index() -> None:
-    idx = _index(fleet())
+    idx = fleet_index(fleet())
     chat, big = tenant_digest(idx, "chat"), tenant_digest(idx, "big")
     assert peer_table(idx, "thor") == {
         "chat": [Peer("sprout", "chat", "http://sprout.lan:8000", "small@v1", chat)],
@@ -127,20 +98,20 @@ def test_the_peer_table_is_derived_from_the_index() -> None:
 
 
 def test_the_digest_covers_the_pinned_bytes_and_nothing_else() -> None:
-    digest = tenant_digest(_index(fleet()), "chat")
+    digest = tenant_digest(fleet_index(fleet()), "chat")
     assert digest.startswith("sha256:") and len(digest) == 71
     # Settings, descriptions, sources and the order of files and adapters do not count ...
     same = fleet()
     same["tenants"]["chat"].update(description="other words", generation={"temperature": 0})
     same["models"]["small"]["source"] = {"type": "url", "base_url": "https://mirror.lan/small"}
     same["models"]["small"]["description"] = "moved"
-    assert tenant_digest(_index(same), "chat") == digest
+    assert tenant_digest(fleet_index(same), "chat") == digest
     # ... a version, a file's bytes, a file's name or an adapter do.
     for path, value in [("/models/small/version", "v1.1"), ("/loras/sql/version", "2"),
                         ("/models/small/files", [{"path": "model.safetensors", "sha256": SHA_B, "size": 10}]),
                         ("/models/small/files", [{"path": "weights.safetensors", "sha256": SHA_A, "size": 10}]),
                         ("/tenants/chat/loras", [])]:  # fmt: skip
-        assert tenant_digest(_index(_with(path, value)), "chat") != digest, path
+        assert tenant_digest(fleet_index(_with(path, value)), "chat") != digest, path
 
 
 def test_the_digest_is_canonical_json_of_the_pins() -> None:
@@ -149,7 +120,7 @@ def test_the_digest_is_canonical_json_of_the_pins() -> None:
 
     canonical = ('{"loras":[{"files":[["model.safetensors","%s"]],"id":"sql","version":"1"}],'
                  '"model":{"files":[["model.safetensors","%s"]],"id":"small","version":"v1"}}') % (SHA_C, SHA_A)  # fmt: skip
-    assert tenant_digest(_index(fleet()), "chat") == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    assert tenant_digest(fleet_index(fleet()), "chat") == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 A = Peer("a", "chat", "http://a:1", "small@v1", "sha256:x")
@@ -226,4 +197,4 @@ def test_served_state(card: dict[str, Any] | None, state: str) -> None:
     ],
 )
 def test_a_name_the_index_does_not_declare_is_said_so_before_any_peer_is_asked(name: str, says: str | None) -> None:
-    assert undeclared(_index(fleet()), name) == says
+    assert undeclared(fleet_index(fleet()), name) == says

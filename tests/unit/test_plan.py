@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHA_A, SHA_B, SHA_C
+from tests.support.index import SHA_A, SHA_B, SHA_C
 from zoo_agent.errors import UsageError
 from zoo_agent.index.model import FileEntry, FileSource, Index
 from zoo_agent.plan import (

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
-from tests.conftest import REPO, write_index
+from tests.support import REPO
+from tests.support.index import write_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.schema import index_schema, render_schema
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zoo_agent.resident.selection import Composition, compose, normalised_weights, ranked
+from zoo_agent.resident.worker.selection import Composition, compose, normalised_weights, ranked
 
 IDS = ("code", "terse", "legal", "ts")
 

@@ -270,7 +270,7 @@ def test_the_lease_counts_across_residents(tmp_path: Path, harness: Any) -> None
 def test_a_damaged_previous_lease_counts_nothing_and_is_replaced(tmp_path: Path, harness: Any, damage: bytes | str) -> None:
     import os
 
-    from tests.victim import make_victim, snapshot
+    from tests.support.victim import make_victim, snapshot
 
     _write(tmp_path, _model(tmp_path, "od", "v1", b"one"))
     h = harness()

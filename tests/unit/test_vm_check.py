@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from zoo_agent.resident.reports import Reports
 
 VM = REPO / "checks" / "vm.nix"

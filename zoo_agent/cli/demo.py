@@ -43,7 +43,7 @@ def _agent(*args: str) -> list[str]:
 
 def build_sources(idx: Index, index_dir: Path, host: str) -> list[str]:
     """Build the tenant's file-sourced model and adapters where they are missing; check them against the pins."""
-    from zoo_agent.resident.tiny import build_tiny_adapter, build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_adapter, build_tiny_model
 
     tenant = idx.tenants[idx.hosts[host].served()[0]]
     model = idx.models[tenant.model]

@@ -19,8 +19,8 @@ from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import ID_PATTERN
-from zoo_agent.resident.sessions import cache_files, remove_session
-from zoo_agent.resident.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
+from zoo_agent.resident.sessions.store import cache_files, remove_session
+from zoo_agent.resident.sessions.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, write_atomic
 
 __all__ = ["sessions_group"]

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from zoo_agent.jsonbound import JSONRefused, loads
-from zoo_agent.resident.transcript import SessionError, valid_id
+from zoo_agent.resident.sessions.transcript import SessionError, valid_id
 
 __all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "parse_request"]
 

@@ -66,9 +66,9 @@ from zoo_agent.resident.peer_answer import MAX_ERROR, Events, Refused, error_mes
 from zoo_agent.resident.peers import Peer, pinned, tenant_digest, undeclared
 from zoo_agent.resident.priority import CLASSES, HEADER, BadPriority, PriorityNotAllowed, PriorityQueue, for_peer, grant
 from zoo_agent.resident.routing import Features, candidates, choose, features, last_user_text, needs_similarity
-from zoo_agent.resident.sessions import ROUTE_HEADER, remove_session, session_lock
+from zoo_agent.resident.sessions.store import ROUTE_HEADER, remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity, route_tasks
-from zoo_agent.resident.transcript import SessionDamaged, SessionError, read_session, valid_id
+from zoo_agent.resident.sessions.transcript import SessionDamaged, SessionError, read_session, valid_id
 
 if TYPE_CHECKING:
     import socket

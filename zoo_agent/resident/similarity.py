@@ -29,7 +29,7 @@ from zoo_agent.reconcile.verify import verify
 
 if TYPE_CHECKING:
     from zoo_agent.index.model import Index
-    from zoo_agent.resident.selection import Embedder
+    from zoo_agent.resident.embedder import Embedder
     from zoo_agent.store.zoo import Zoo
 
 __all__ = ["RouteTasks", "Similarity", "route_tasks"]
@@ -115,7 +115,7 @@ class Similarity:
         self.embedders = {k: v for k, v in self.embedders.items() if k in keep}
 
     def _embedder(self, want: RouteTasks) -> Embedder:
-        from zoo_agent.resident.selection import Embedder
+        from zoo_agent.resident.embedder import Embedder
 
         if want.version is None or not self.zoo.version_dir("models", want.model, want.version).is_dir():
             raise _Unavailable(f"{want.model}: not in the zoo at {self.zoo.root}; run: zoo-agent apply")

@@ -221,7 +221,7 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "zoo_agent.resident.worker", "--listen-fd", str(listener.fileno()), "--control-fd", str(theirs.fileno()),
+                [sys.executable, "-m", "zoo_agent.resident.worker.main", "--listen-fd", str(listener.fileno()), "--control-fd", str(theirs.fileno()),
                  "--supervisor-pid", str(os.getpid())],
                 pass_fds=(listener.fileno(), theirs.fileno()), env=env,
             )  # fmt: skip

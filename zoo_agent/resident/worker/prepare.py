@@ -1,0 +1,75 @@
+"""A request made ready to generate (issue #5), on the app's preparing thread: the adapter its
+``model`` names, its session turn, its sampling, and its prompt counted against the limits."""
+
+from __future__ import annotations
+
+from zoo_agent.resident.engine.base import AUTO
+from zoo_agent.resident.engine.base import Request as GenRequest
+from zoo_agent.resident.sessions.store import Turn
+from zoo_agent.resident.sessions.summaries import NeedSummary
+from zoo_agent.resident.sessions.transcript import SessionSummary
+from zoo_agent.resident.sessions.turns import Refusal, session_turn
+from zoo_agent.resident.worker.bodies import Body
+from zoo_agent.resident.worker.state import ServingState
+
+__all__ = ["adapter_for", "prepare"]
+
+
+def adapter_for(state: ServingState, model: str) -> str | None | Refusal:
+    """The `model` field: '<tenant>' is the base model, '<tenant>:<adapter>' an adapter, '<tenant>:auto' a choice."""
+    if model in (state.tenant, state.model):
+        return None
+    tenant, sep, aid = model.partition(":")
+    adapters = state.backend.adapters
+    if sep and tenant == state.tenant:
+        if aid == "auto" and state.backend.selector is not None:
+            return AUTO
+        if adapters is not None and aid in adapters.declared:
+            if aid in adapters.refused:
+                return Refusal(400, f"model: adapter refused: {adapters.refused[aid]}", param="model", code="adapter_refused")
+            return aid
+    return Refusal(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
+
+
+def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,
+            chat: bool, priority: int = 0, route: str | None = None, fresh: SessionSummary | None = None) -> GenRequest | NeedSummary | Refusal:  # fmt: skip
+    """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
+    d = state.defaults
+    turn = None
+    if getattr(body, "session", None) is not None and messages is not None:
+        made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"], route, fresh)
+        if isinstance(made, Refusal | NeedSummary):
+            return made
+        turn, messages = made
+    request = GenRequest(
+        messages, prompt, body.max_tokens or d["max_tokens"],
+        d["temperature"] if body.temperature is None else body.temperature,
+        body.top_p if body.top_p is not None else d["top_p"], d.get("top_k", 0),
+        body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn, body.stops(), priority=priority,
+    )  # fmt: skip
+    prompt_tokens = state.backend.count_tokens(request)
+    field_name = "messages" if chat else "prompt"
+    if prompt_tokens == 0:
+        return Refusal(400, f"{field_name}: encodes to no tokens", param=field_name)
+    if prompt_tokens > state.max_prompt_tokens:
+        return Refusal(400, f"{field_name}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param=field_name)
+    context = state.backend.context_length()
+    if context is not None and prompt_tokens + request.max_tokens > context:
+        if prompt_tokens >= context:
+            return Refusal(400, f"{field_name}: {prompt_tokens} tokens do not fit the model's context of {context}", param=field_name)
+        return Refusal(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the model's context of {context}; "
+                            f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
+    return request
+
+
+def _session_turn(state: ServingState, body: Body, messages: list[dict[str, str]], max_tokens: int, route: str | None,
+                  fresh: SessionSummary | None) -> tuple[Turn, list[dict[str, str]]] | NeedSummary | Refusal:  # fmt: skip
+    """The tenant's sessions, or the route's, and the room its prompt has."""
+    sessions = state.backend.sessions if route is None else state.route_sessions.get(route)
+
+    def budget() -> int:
+        # The model's own context bounds the prompt too: a session on a small model leaves turns out, it does not fail.
+        return min(state.max_prompt_tokens, state.backend.context_length() or state.max_prompt_tokens) - max_tokens
+
+    summarizer = state.summarizers.get(sessions.route or "") if route is not None and sessions is not None else None
+    return session_turn(state.backend, sessions, getattr(body, "session", None), messages, budget, route, summarizer, fresh)
