@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.llamacpp import LlamaCpp, llama_cpp, serve, tiny_gguf  # noqa: F401  (fixtures)
+from tests.support.llamacpp import LlamaCpp, serve
 from zoo_agent.index.fit import gguf_config, read_config
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]  # token ids: both engines see exactly the same input
 STEPS = 8
+pytestmark = pytest.mark.resident  # transformers runs the tiny model in-process
 
 
 def _transformers_greedy(model_dir: Path) -> list[int]:
@@ -40,11 +41,11 @@ def _server_greedy(build: LlamaCpp, gguf: Path, log: Path) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def test_llama_server_on_the_f32_gguf_answers_as_transformers(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_llama_server_on_the_f32_gguf_answers_as_transformers(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
     assert _server_greedy(llama_cpp, tiny_gguf["f32"], tmp_path / "f32.log") == _transformers_greedy(tiny_gguf["hf"])
 
 
-def test_quantized_ggufs_serve_and_their_headers_fit(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_quantized_ggufs_serve_and_their_headers_fit(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
     sizes = {k: tiny_gguf[k].stat().st_size for k in ("f32", "q8_0", "q4_k_m")}
     assert sizes["q4_k_m"] <= sizes["q8_0"] < sizes["f32"]
     hf = read_config(tiny_gguf["hf"])
@@ -59,7 +60,7 @@ def test_quantized_ggufs_serve_and_their_headers_fit(llama_cpp: LlamaCpp, tiny_g
 
 
 @pytest.mark.parametrize("kind", ["f32"])
-def test_a_gguf_version_directory_fits_from_its_header(tiny_gguf: dict[str, Path], tmp_path: Path, kind: str) -> None:  # noqa: F811
+def test_a_gguf_version_directory_fits_from_its_header(tiny_gguf: dict[str, Path], tmp_path: Path, kind: str) -> None:
     version = tmp_path / "v1"
     version.mkdir()
     (version / "model.gguf").symlink_to(tiny_gguf[kind])

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHA_A, SHA_B, SHA_C
+from tests.support.index import SHA_A, SHA_B, SHA_C
 from zoo_agent.errors import Problem
 from zoo_agent.index.checks import semantic_problems
 from zoo_agent.index.fit import Footprint, check_host, gguf_config, kv_bytes, read_config, tenant_footprint

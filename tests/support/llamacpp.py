@@ -2,8 +2,8 @@
 builds from the pinned llama-cpp-python sdist, its converters, and GGUF models converted from the
 tests' tiny transformers model. Nothing is downloaded; without a build the tests are skipped, saying so.
 
-Fixtures (session-scoped, import them into a conftest or test module):
-  ``llama_cpp``  the build (``LlamaCpp``: ``server``, ``quantize``, ``convert_dir``)
+Fixtures (session-scoped, tests/integration/conftest.py):
+  ``llama_cpp``  the build (``LlamaCpp``: ``server``, ``quantize_bin``, ``convert_dir``)
   ``tiny_gguf``  {"hf": the tiny transformers model's directory, "f32" / "q8_0" / "q4_k_m": GGUF files}
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 PIN = REPO / ".ci" / "llama-cpp.txt"
 #: Bounded waits: a tiny model converts in seconds and llama-server is ready in about one.
 CONVERT_TIMEOUT = 600
@@ -97,24 +97,22 @@ def _run(argv: list[str]) -> None:
     assert done.returncode == 0, f"{argv[0]} {argv[1:3]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
-@pytest.fixture(scope="session")
-def llama_cpp() -> LlamaCpp:
+def llama_cpp_or_skip() -> LlamaCpp:
     build = find_llama_cpp()
     if build is None:
         pytest.skip(f"llama.cpp {pinned_version()} is not built (bash .ci/llama-cpp builds it into .ci/llama.cpp-{pinned_version()})")
     return build
 
 
-@pytest.fixture(scope="session")
-def tiny_gguf(llama_cpp: LlamaCpp, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def build_tiny_gguf(build: LlamaCpp, where: Path) -> dict[str, Path]:
+    """The tiny transformers model and its GGUF conversions: f32, q8_0, q4_k_m."""
     pytest.importorskip("torch", reason="the resident extra is not installed (the converter and the tiny model need torch)")
-    from zoo_agent.resident.tiny import build_tiny_model
+    from zoo_agent.demo.tiny import build_tiny_model
 
-    where = tmp_path_factory.mktemp("tiny-gguf")
     hf = build_tiny_model(where / "hf")
-    f32 = llama_cpp.convert(hf, where / "tiny-f32.gguf", "f32")
-    return {"hf": hf, "f32": f32, "q8_0": llama_cpp.quantize(f32, where / "tiny-q8_0.gguf", "q8_0"),
-            "q4_k_m": llama_cpp.quantize(f32, where / "tiny-q4_k_m.gguf", "q4_k_m")}  # fmt: skip
+    f32 = build.convert(hf, where / "tiny-f32.gguf", "f32")
+    return {"hf": hf, "f32": f32, "q8_0": build.quantize(f32, where / "tiny-q8_0.gguf", "q8_0"),
+            "q4_k_m": build.quantize(f32, where / "tiny-q4_k_m.gguf", "q4_k_m")}  # fmt: skip
 
 
 def _free_port() -> int:
