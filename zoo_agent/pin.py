@@ -33,8 +33,8 @@ from zoo_agent.store.durable import write_atomic
 from zoo_agent.store.zoo import hash_file
 
 __all__ = [
-    "Selection", "adapter_rank", "add_directory", "bump_version", "file_source", "pin_directory", "pin_hf", "read_provenance", "write_entry",
-    "write_index",
+    "Selection", "adapter_rank", "add_directory", "bump_version", "file_source", "pin_directory", "pin_hf", "read_provenance",
+    "weights_format", "write_entry", "write_index",
 ]  # fmt: skip
 
 log = logging.getLogger("zoo_agent")
@@ -53,9 +53,14 @@ class Selection:
     allow_code: bool = False
 
 
+def _matches(path: str, glob: str) -> bool:
+    """Globs ignore case: a GGUF repository names its quantizations 'Q4_K_M' or 'q4_k_m' (issue #33)."""
+    return fnmatch.fnmatchcase(path.lower(), glob.lower())
+
+
 def _selected(where: str, paths: list[str], sel: Selection) -> list[str]:
-    chosen = [p for p in paths if not sel.include or any(fnmatch.fnmatch(p, g) for g in sel.include)]
-    chosen = sorted(p for p in chosen if not any(fnmatch.fnmatch(p, g) for g in sel.exclude))
+    chosen = [p for p in paths if not sel.include or any(_matches(p, g) for g in sel.include)]
+    chosen = sorted(p for p in chosen if not any(_matches(p, g) for g in sel.exclude))
     if not chosen:
         raise UsageError(f"{where}: no files left to pin after --include/--exclude")
     pickles = [p for p in chosen if p.lower().endswith(PICKLE_SUFFIXES)]
@@ -66,6 +71,15 @@ def _selected(where: str, paths: list[str], sel: Selection) -> list[str]:
     if code and not sel.allow_code:
         raise UsageError(f"{where}: has repository code ({', '.join(code[:4])}); leave it out with --exclude '*.py' or pass --allow-code")
     return chosen
+
+
+def weights_format(files: Sequence[Mapping[str, Any]], old: Mapping[str, Any]) -> str | None:
+    """'gguf' when the pinned weights are GGUF files only (llama.cpp's), else the entry's old format
+    (None: the default, safetensors)."""
+    paths = [str(f.get("path", "")).lower() for f in files]
+    if any(p.endswith(".gguf") for p in paths) and not any(p.endswith(".safetensors") for p in paths):
+        return "gguf"
+    return old.get("format") if isinstance(old.get("format"), str) else None
 
 
 def spdx(license_: str | None) -> str | None:
@@ -273,6 +287,8 @@ def add_directory(index_path: Path, directory: Path | None, aid: str, *, update:
     if license_ is None:
         raise UsageError("add file:PATH needs --license SPDX (or 'other')")
     entry: dict[str, Any] = {**old, "version": version, "source": file_source(directory, index_path), "files": files, "license": license_}
+    if fmt := weights_format(files, old):
+        entry["format"] = fmt
     if sel.allow_pickle:
         entry["allow_pickle"] = True
     if sel.allow_code:

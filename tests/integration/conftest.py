@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.llamacpp import LlamaCpp, build_tiny_gguf, llama_cpp_or_skip
 from tests.support.world import World
 
 
@@ -77,3 +78,15 @@ def zoo(world: World) -> World:
         (world.root / path).write_text(text)
         os.chmod(world.root / path, 0o640)
     return world
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> LlamaCpp:
+    """llama.cpp built by .ci/llama-cpp (skipped, saying how to build it, where absent; issue #33)."""
+    return llama_cpp_or_skip()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(llama_cpp: LlamaCpp, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model converted with the pinned source's converter: {"hf", "f32", "q8_0", "q4_k_m"}."""
+    return build_tiny_gguf(llama_cpp, tmp_path_factory.mktemp("tiny-gguf"))

@@ -19,9 +19,11 @@ from zoo_agent.index.fit import (
     read_config,
     tenant_footprint,
 )
-from zoo_agent.index.model import Index, ModelEntry, Resources
+from zoo_agent.index.model import DEFAULT_MAX_CONTEXT, Index, ModelEntry, Resources
 
 GiB = 1024**3
+#: QWEN declares 32768 positions; a tenant that declares no max_context gets at most DEFAULT_MAX_CONTEXT (issue #33).
+QWEN_CONTEXT = DEFAULT_MAX_CONTEXT
 
 MEMORY = [("123", 123), ("1K", 1024), ("512M", 512 * 1024**2), ("8G", 8 * GiB), ("2T", 2 * 1024**4), ("10", 10)]
 
@@ -42,24 +44,24 @@ QWEN = {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads
 
 KV = [
     # (name, config, dtype, max_batch, expected)
-    ("grouped-query, dtype from config", QWEN, "auto", 1, 2 * 24 * 2 * 64 * 2 * 32768),
-    ("max_batch multiplies", QWEN, "auto", 16, 16 * 2 * 24 * 2 * 64 * 2 * 32768),
-    ("float32 asked for", QWEN, "float32", 1, 2 * 24 * 2 * 64 * 4 * 32768),
-    ("float16 asked for", QWEN, "float16", 1, 2 * 24 * 2 * 64 * 2 * 32768),
+    ("grouped-query, dtype from config", QWEN, "auto", 1, 2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
+    ("max_batch multiplies", QWEN, "auto", 16, 16 * 2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
+    ("float32 asked for", QWEN, "float32", 1, 2 * 24 * 2 * 64 * 4 * QWEN_CONTEXT),
+    ("float16 asked for", QWEN, "float16", 1, 2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
     ("no kv heads: all heads", {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "max_position_embeddings": 128},
      "float16", 1, 2 * 2 * 4 * 16 * 2 * 128),
-    ("explicit head_dim wins", {**QWEN, "head_dim": 128}, "auto", 1, 2 * 24 * 2 * 128 * 2 * 32768),
-    ("auto without a dtype: float32", {k: v for k, v in QWEN.items() if k != "torch_dtype"}, "auto", 1, 2 * 24 * 2 * 64 * 4 * 32768),
+    ("explicit head_dim wins", {**QWEN, "head_dim": 128}, "auto", 1, 2 * 24 * 2 * 128 * 2 * QWEN_CONTEXT),
+    ("auto without a dtype: float32", {k: v for k, v in QWEN.items() if k != "torch_dtype"}, "auto", 1, 2 * 24 * 2 * 64 * 4 * QWEN_CONTEXT),
     ("newer 'dtype' key", {**{k: v for k, v in QWEN.items() if k != "torch_dtype"}, "dtype": "float16"}, "auto", 1,
-     2 * 24 * 2 * 64 * 2 * 32768),
+     2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
     ("gpt-2 names", {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}, "float32", 2, 2 * 2 * 12 * 12 * 64 * 4 * 1024),
     ("no context: the default", {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 8}, "float32", 1,
      2 * 2 * 2 * 4 * 4 * DEFAULT_CONTEXT),
     ("max_seq_len", {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8, "max_seq_len": 100}, "float32", 1, 2 * 8 * 4 * 100),
     ("multimodal: text_config", {"model_type": "llava", "torch_dtype": "float16", "text_config": QWEN}, "auto", 1,
-     2 * 24 * 2 * 64 * 2 * 32768),
+     2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
     ("text_config dtype missing: outer one", {"torch_dtype": "float16", "text_config": {k: v for k, v in QWEN.items() if k != "torch_dtype"}},
-     "auto", 1, 2 * 24 * 2 * 64 * 2 * 32768),
+     "auto", 1, 2 * 24 * 2 * 64 * 2 * QWEN_CONTEXT),
     ("not a decoder we know", {"model_type": "bert-ish"}, "float32", 4, 0),
     ("heads but no size", {"num_hidden_layers": 2, "num_attention_heads": 2}, "float32", 1, 0),
     ("booleans are not counts", {"num_hidden_layers": True, "num_attention_heads": 2, "hidden_size": 8}, "float32", 1, 0),

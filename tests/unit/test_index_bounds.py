@@ -99,11 +99,16 @@ def test_a_config_json_nested_100000_deep_is_no_config(tmp_path: Path) -> None:
 ])  # fmt: skip
 def test_a_transformers_tenant_needs_weights_transformers_loads(tmp_path: Path, index_doc: dict[str, Any], fmt: str, pointer: str, message: str) -> None:
     index_doc["models"]["qwen"]["format"] = fmt
+    if fmt == "gguf":  # a well-formed GGUF model, so the backend is the one problem
+        for f in index_doc["models"]["qwen"]["files"]:
+            f["path"] = f["path"].replace(".safetensors", ".gguf")
     assert _invoke(tmp_path, index_doc) == (2, f"{tmp_path / 'index.json'}: {pointer}: {message}\n")
 
 
 def test_adapters_and_embedders_need_formats_their_loaders_read(tmp_path: Path, index_doc: dict[str, Any]) -> None:
     index_doc["loras"]["review"]["format"] = "gguf"
+    for f in index_doc["loras"]["review"]["files"]:  # a well-formed GGUF adapter: its tenant's backend is the problem
+        f["path"] = f["path"].replace(".safetensors", ".gguf")
     index_doc["models"]["embed"] = {"version": "1", "source": {"type": "file", "path": "e"}, "format": "onnx", "license": "MIT",
                                     "files": [{"path": "model.onnx", "sha256": SHA_A, "size": 10}]}  # fmt: skip
     index_doc["tenants"]["chat"]["adapter_selection"] = {"embedding_model": "embed"}
@@ -112,8 +117,8 @@ def test_adapters_and_embedders_need_formats_their_loaders_read(tmp_path: Path, 
     code, err = _invoke(tmp_path, index_doc)
     path = tmp_path / "index.json"
     assert (code, err.splitlines()) == (2, [
+        f"{path}: /tenants/chat/loras/0: backend 'transformers' loads peft adapters (safetensors); adapter 'review' has format 'gguf'",
         f"{path}: /tenants/chat/adapter_selection/embedding_model: adapter selection embeds with transformers from safetensors; model 'embed' has format 'onnx'",
-        f"{path}: /loras/review/format: an adapter is loaded by peft, which reads safetensors (or pickle); got 'gguf'",
         f"{path}: /routes/r/embedding_model: the router embeds with transformers from safetensors; model 'embed' has format 'onnx'",
         f"{path}: invalid (3 problems)",
     ])  # fmt: skip

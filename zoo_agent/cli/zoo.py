@@ -26,7 +26,7 @@ from zoo_agent.cli.options import (
 )
 from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.formats import human_bytes
-from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, write_entry
+from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, weights_format, write_entry
 from zoo_agent.plan import (
     Action,
     Desired,
@@ -409,6 +409,8 @@ def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path
         if license_ is None:
             raise UsageError(f"hf:{repo}: its model card names no SPDX license we know; pass --license SPDX (or 'other')")
         entry = {**old, "version": label, "source": source, "files": files, "license": license_}
+        if fmt := weights_format(files, old):
+            entry["format"] = fmt
         entry.update({k: v for k, v in (("provenance", provenance), ("tags", list(tags)), ("description", description)) if v})
         if kind == "loras":
             entry["base_model"] = base_model or old.get("base_model")

@@ -137,14 +137,62 @@ def _backends(idx: Index) -> Iterator[Problem]:
                           f"backend 'transformers' loads safetensors (or pickle) weights; model '{tenant.model}' has format '{model.format}'")
         if tenant.backend == "ollama" and tenant.loras:
             yield Problem(pointer(("tenants", tid, "loras")), "the 'ollama' backend cannot attach LoRA adapters at runtime")
+        if tenant.backend == "llama.cpp" and model.format != "gguf":
+            yield Problem(pointer(("tenants", tid, "backend")),
+                          f"backend 'llama.cpp' loads a 'gguf' model; model '{tenant.model}' has format '{model.format}'")
+        for i, lid in enumerate(tenant.loras):
+            lora = idx.loras.get(lid)
+            if lora is None or lora.source.type == "ollama" or tenant.backend not in ("transformers", "llama.cpp"):
+                continue  # reported elsewhere
+            if tenant.backend == "llama.cpp" and lora.format != "gguf":
+                yield Problem(pointer(("tenants", tid, "loras", i)),
+                              f"backend 'llama.cpp' loads GGUF adapters (convert_lora_to_gguf.py); adapter '{lid}' has format '{lora.format}'")
+            if tenant.backend == "transformers" and lora.format == "gguf":
+                yield Problem(pointer(("tenants", tid, "loras", i)),
+                              f"backend 'transformers' loads peft adapters (safetensors); adapter '{lid}' has format 'gguf'")
+        if tenant.backend != "llama.cpp":
+            for field in ("gpu_layers", "kv_cache_type"):
+                if getattr(tenant.resources, field) is not None:
+                    yield Problem(pointer(("tenants", tid, "resources", field)),
+                                  f"applies to backend 'llama.cpp' only; this tenant's backend is '{tenant.backend}'")
         if tenant.adapter_selection is not None:
             at = pointer(("tenants", tid, "adapter_selection", "embedding_model"))
             yield from _embedder_problems(idx, tenant.adapter_selection.embedding_model, at, "adapter selection")
     for lid, lora in idx.loras.items():
         if lora.source.type == "ollama":
             yield Problem(pointer(("loras", lid, "source", "type")), "an adapter cannot come from an 'ollama' source")
-        elif lora.format not in TRANSFORMERS_FORMATS:
-            yield Problem(pointer(("loras", lid, "format")), f"an adapter is loaded by peft, which reads safetensors (or pickle); got '{lora.format}'")
+        elif lora.format not in (*TRANSFORMERS_FORMATS, "gguf"):
+            yield Problem(pointer(("loras", lid, "format")),
+                          f"an adapter is loaded by peft (safetensors or pickle) or llama.cpp (gguf); got '{lora.format}'")
+    for where, entry in _artifacts(idx):
+        if entry.format == "gguf" and entry.source.type != "ollama" and entry.files:
+            yield from _gguf_files(entry, where)
+
+
+#: llama.cpp's split files (``gguf-split``): NAME-00001-of-00003.gguf ... NAME-00003-of-00003.gguf.
+_GGUF_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _gguf_files(entry: ArtifactEntry, at: tuple[str, str]) -> Iterator[Problem]:
+    """A 'gguf' entry loads one GGUF file, or every part of one split set: llama-server is given
+    the first part and opens the others beside it, so a missing part fails only at load."""
+    ggufs = [f.path for f in entry.files if f.path.lower().endswith(".gguf")]
+    where = pointer((*at, "files"))
+    if not ggufs:
+        yield Problem(where, "format 'gguf' needs a .gguf file among the files")
+        return
+    stems = {(m["stem"], int(m["count"])) if (m := _GGUF_SPLIT.match(p)) else (p, 1) for p in ggufs}
+    if len(stems) > 1:
+        yield Problem(where, f"format 'gguf' loads one model file (or one split set); found {len(stems)}: "
+                             + ", ".join(sorted(s for s, _ in stems)) + "; list one and its parts only")  # fmt: skip
+        return
+    stem, count = next(iter(stems))
+    if count > 1:
+        parts = {int(m["part"]) for p in ggufs if (m := _GGUF_SPLIT.match(p))}
+        if missing := sorted(set(range(1, count + 1)) - parts):
+            yield Problem(where, f"split GGUF '{stem}' has {count} parts; missing part {', '.join(str(n) for n in missing)}")
+        elif max(parts) > count:
+            yield Problem(where, f"split GGUF '{stem}' has {count} parts; a part numbered beyond that is listed")
 
 
 def _embedder_problems(idx: Index, mid: str, at: str, who: str) -> Iterator[Problem]:

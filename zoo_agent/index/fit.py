@@ -4,24 +4,30 @@ A tenant's footprint is the bytes of its weight files plus a KV-cache budget siz
 its worst case (full context for every sequence of a full batch). ``plan`` and ``apply``
 prove the fit before anything switches; the resident uses the same numbers (and the
 larger of estimate and measurement once a tenant has loaded) to decide what to evict.
-Nothing here imports torch or reads a model file: only ``read_config`` touches the disk,
-and only to parse a version's ``config.json``.
+Nothing here imports torch or reads weights: only ``read_config`` touches the disk, to parse a
+version's ``config.json`` or, for a GGUF model, the header of its file (read with ``gguf``,
+llama.cpp's own reader, which maps the file and parses only the metadata and tensor table).
+The context budgeted is the tenant's declared ``max_context`` (default: the model's own, at
+most ``DEFAULT_MAX_CONTEXT``; issue #33).
 """
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.formats import human_bytes, parse_memory
-from zoo_agent.index.model import ArtifactEntry, Index, ModelEntry, Resources
+from zoo_agent.index.model import DEFAULT_MAX_CONTEXT, ArtifactEntry, Index, ModelEntry, Resources
 from zoo_agent.jsonbound import loads
 
 __all__ = [
-    "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "estimate", "kv_bytes",
-    "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
+    "CACHE_TYPE_BYTES", "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "context", "estimate",
+    "gguf_config", "kv_bytes", "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
 ]  # fmt: skip
 
 #: Files whose bytes are loaded into memory as weights; tokenizers and configs are noise.
@@ -34,6 +40,13 @@ _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 #: (a config of 10^400 layers was an OverflowError; issue #31).
 _MAX_CONFIG_VALUE = 2**40
 _MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
+#: Bytes per cached value of llama.cpp's KV cache types: q8_0 stores 32 values in 34 bytes.
+CACHE_TYPE_BYTES: dict[str, Fraction] = {"f16": Fraction(2), "q8_0": Fraction(34, 32)}
+#: A GGUF header is refused beyond these counts before the reader walks it (real models have
+#: hundreds to a few thousand tensors and tens of metadata keys, plus the tokenizer's arrays).
+_MAX_GGUF_TENSORS = 1 << 16
+_MAX_GGUF_KEYS = 1 << 12
+_FIRST_SPLIT = re.compile(r"-00001-of-\d{5}\.gguf$")
 
 
 
@@ -80,14 +93,26 @@ def _dtype(config: dict[str, Any], dtype: str) -> int:
     return _DTYPE_BYTES.get(dtype, 4)
 
 
-def kv_bytes(config: dict[str, Any], *, dtype: str, max_batch: int) -> int:
+def context(config: dict[str, Any], max_context: int | None = None) -> int:
+    """The tokens one sequence may hold: the declared ``max_context``, else the model's own
+    (``max_position_embeddings``, ``n_positions``, ``max_seq_len``; else ``DEFAULT_CONTEXT``)
+    capped at ``DEFAULT_MAX_CONTEXT``."""
+    if max_context is not None:
+        return max_context
+    own = _field(config, "max_position_embeddings", "n_positions", "max_seq_len") or DEFAULT_CONTEXT
+    return min(own, DEFAULT_MAX_CONTEXT)
+
+
+def kv_bytes(config: dict[str, Any], *, dtype: str, max_batch: int, max_context: int | None = None,
+             cache_type: str | None = None) -> int:
     """2 (K and V) x layers x KV heads x head size x bytes per value x context x ``max_batch``.
 
     From config.json: ``num_hidden_layers`` (``n_layer``), ``num_key_value_heads`` (else
     ``num_attention_heads``: no grouped-query attention), ``head_dim`` (else ``hidden_size``
-    / heads), ``max_position_embeddings`` (``n_positions``, ``max_seq_len``; else
-    ``DEFAULT_CONTEXT``). ``dtype`` "auto" takes config's ``torch_dtype``, else float32.
-    A config that names no layers or heads (not a decoder we know) counts 0.
+    / heads); the context is ``context(config, max_context)``. Bytes per value: llama.cpp's
+    ``cache_type`` when given (``CACHE_TYPE_BYTES``), else ``dtype`` ("auto" takes config's
+    ``torch_dtype``, else float32). A config that names no layers or heads (not a decoder we
+    know) counts 0.
     """
     layers = _field(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _field(config, "num_attention_heads", "n_head")
@@ -100,16 +125,21 @@ def kv_bytes(config: dict[str, Any], *, dtype: str, max_batch: int) -> int:
         if hidden is None:
             return 0
         head_dim = hidden // heads
-    context = _field(config, "max_position_embeddings", "n_positions", "max_seq_len") or DEFAULT_CONTEXT
-    return 2 * layers * kv_heads * head_dim * _dtype(config, dtype) * context * max_batch
+    per_value = CACHE_TYPE_BYTES[cache_type] if cache_type is not None else Fraction(_dtype(config, dtype))
+    values = 2 * layers * kv_heads * head_dim * context(config, max_context) * max_batch
+    return int(values * per_value)
 
 
 def estimate(model: ModelEntry, resources: Resources, config: dict[str, Any] | None) -> Footprint:
-    """The model's declared weight bytes and, when its config.json is known, the KV budget.
+    """The model's declared weight bytes and, when its config (config.json, or a GGUF model's
+    header: ``gguf_config``) is known, the KV budget for ``resources.max_context`` x ``max_batch``.
 
-    ``config`` None (an Ollama model, or a version not fetched yet) counts the KV cache as
-    0: a lower bound, which is what ``validate`` can check without the files."""
-    kv = kv_bytes(config, dtype=resources.dtype, max_batch=resources.max_batch) if config else 0
+    A GGUF model is served by llama.cpp, whose cache is ``resources.kv_cache_type`` (f16 unless
+    declared). ``config`` None (an Ollama model, or a version not fetched yet) counts the KV
+    cache as 0: a lower bound, which is what ``validate`` can check without the files."""
+    cache_type = (resources.kv_cache_type or "f16") if model.format == "gguf" else None
+    kv = kv_bytes(config, dtype=resources.dtype, max_batch=resources.max_batch, max_context=resources.max_context,
+                  cache_type=cache_type) if config else 0  # fmt: skip
     return Footprint(weight_bytes(model), kv)
 
 
@@ -125,13 +155,81 @@ def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) 
 
 
 def read_config(version_dir: Path) -> dict[str, Any] | None:
-    """config.json of a published or staged version; None when absent, unreadable or not a JSON object."""
+    """config.json of a published or staged version, else (a GGUF model: no config.json) the
+    config-shaped facts of its GGUF header (``gguf_config``); None when absent, unreadable or
+    not a JSON object."""
     try:
         with open(version_dir / "config.json", "rb") as f:
             config = loads(f.read(_MAX_CONFIG_BYTES + 1), limit=_MAX_CONFIG_BYTES)  # the bounded reader: a deep one is refused
+    except FileNotFoundError:
+        gguf = _first_gguf(version_dir)
+        return gguf_config(gguf) if gguf is not None else None
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def _first_gguf(version_dir: Path) -> Path | None:
+    """The GGUF file whose header describes the model: the only one, or part 1 of a split set
+    (``NAME-00001-of-0000N.gguf``, where llama.cpp keeps the metadata)."""
+    try:
+        found = sorted(p for p in version_dir.rglob("*.gguf") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return None
+    first = [p for p in found if _FIRST_SPLIT.search(p.name)]
+    return (first or found)[0] if found else None
+
+
+def gguf_config(path: Path) -> dict[str, Any] | None:
+    """The facts of a GGUF file's header in config.json's names, for ``kv_bytes``: layers
+    (``<arch>.block_count``), heads and KV heads (``<arch>.attention.head_count[_kv]``), head
+    size (``<arch>.attention.key_length``, else ``embedding_length`` / heads), context
+    (``<arch>.context_length``), plus ``gguf_architecture`` and ``gguf_tensor_bytes`` (the
+    tensors' bytes as the header lays them out). None for a file that is not a readable GGUF.
+
+    The counts at the start of the file are checked before ``gguf.GGUFReader`` walks the
+    header, so a file claiming billions of entries costs nothing; the reader maps the file
+    and touches only the header's pages."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(24)
+    except OSError:
+        return None
+    if len(start) < 24 or start[:4] != b"GGUF":
+        return None
+    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
+    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
+        return None
+    import gguf  # numpy and llama.cpp's reader, only when a GGUF model is fitted
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        arch = _gguf_value(reader, "general.architecture")
+        if not isinstance(arch, str):
+            return None
+        config: dict[str, Any] = {"gguf_architecture": arch, "gguf_tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors)}
+        for name, key in (("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
+                          ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
+                          ("hidden_size", "embedding_length"), ("max_position_embeddings", "context_length")):  # fmt: skip
+            value = _gguf_value(reader, f"{arch}.{key}")
+            if isinstance(value, int) and not isinstance(value, bool):
+                config[name] = value
+        return config
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError, struct.error):
+        return None
+
+
+def _gguf_value(reader: Any, key: str) -> object:
+    """A scalar or string metadata value; None when absent or an array (per-layer head counts
+    are arrays in some architectures: the largest then counts, an upper bound)."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    value = field.contents()
+    if isinstance(value, list):
+        numbers = [v for v in value if isinstance(v, int)]
+        return max(numbers) if numbers else None
+    return value
 
 
 def pinned_tenants(idx: Index, host_id: str) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from pydantic.json_schema import SkipJsonSchema
 from zoo_agent.formats import MEMORY_PATTERN
 
 __all__ = [
+    "DEFAULT_MAX_CONTEXT",
+    "MAX_CONTEXT",
     "ArtifactEntry",
     "FileEntry",
     "FileSource",
@@ -208,6 +210,10 @@ class Provenance(_Strict):
 
 
 Format = Literal["safetensors", "gguf", "onnx", "pickle", "ollama"]
+#: The most tokens a tenant may declare as its context (``resources.max_context``), and the
+#: context a tenant that declares none gets when its model's own is longer (issue #33).
+MAX_CONTEXT = 1 << 20
+DEFAULT_MAX_CONTEXT = 4096
 #: Request classes, highest first: waiting requests are served in this order (issue #20).
 Priority = Literal["system", "realtime", "default", "batch"]
 
@@ -296,6 +302,18 @@ class Resources(_Strict):
         default=16, ge=1, le=256,
         description="Sequences decoded together (continuous batching); 1 serves one request at a time. KV cache memory grows with it.",
     )  # fmt: skip
+    max_context: Annotated[Annotated[int, Field(ge=1, le=MAX_CONTEXT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Tokens one sequence may hold (prompt plus completion), for every backend: the memory fit budgets the KV "
+                    f"cache for it (x max_batch). Default: the model's own context, at most {DEFAULT_MAX_CONTEXT}.",
+    )  # fmt: skip
+    gpu_layers: Annotated[Annotated[int, Field(ge=0, le=4096)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="backend 'llama.cpp' only: layers offloaded to the GPU (llama-server --n-gpu-layers); default none.")
+    kv_cache_type: Annotated[Literal["f16", "q8_0"] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="backend 'llama.cpp' only: the KV cache's type (llama-server --cache-type-k/-v); default f16. "
+                    "q8_0 takes about half the memory.",
+    )  # fmt: skip
     max_queue: int = Field(default=16, ge=1, le=4096, description="Requests waiting behind a full batch before 429.")
     max_loras: int = Field(default=8, ge=1, le=1024, description="Adapters kept loaded at once (LRU).")
 
@@ -334,9 +352,11 @@ class TenantEntry(_Strict):
 
     model: Id = Field(description="Id of the model to serve.")
     loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
-    backend: Literal["transformers", "ollama"] = Field(
-        default="transformers", description="Inference backend; 'ollama' needs an 'ollama' model source."
-    )
+    backend: Literal["transformers", "ollama", "llama.cpp"] = Field(
+        default="transformers",
+        description="Inference backend: 'transformers' loads safetensors, 'llama.cpp' a 'gguf' model (llama-server), "
+                    "'ollama' needs an 'ollama' model source.",
+    )  # fmt: skip
     generation: Generation = Field(default=Generation(), description="Generation defaults.")
     resources: Resources = Field(default=Resources(), description="Resource limits.")
     adapter_selection: Annotated[AdapterSelection | SkipJsonSchema[None], NotNull] = Field(

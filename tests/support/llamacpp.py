@@ -1,0 +1,173 @@
+"""llama.cpp for the tests (issue #33): the `llama-server` and `llama-quantize` that .ci/llama-cpp
+builds from the pinned llama-cpp-python sdist, its converters, and GGUF models converted from the
+tests' tiny transformers model. Nothing is downloaded; without a build the tests are skipped, saying so.
+
+Fixtures (session-scoped, tests/integration/conftest.py):
+  ``llama_cpp``  the build (``LlamaCpp``: ``server``, ``quantize_bin``, ``convert_dir``)
+  ``tiny_gguf``  {"hf": the tiny transformers model's directory, "f32" / "q8_0" / "q4_k_m": GGUF files}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PIN = REPO / ".ci" / "llama-cpp.txt"
+#: Bounded waits: a tiny model converts in seconds and llama-server is ready in about one.
+CONVERT_TIMEOUT = 600
+READY_TIMEOUT = 60.0
+#: The tiny model's tokenizer is a GPT-2 byte-level BPE whose hash the converter does not know;
+#: its pre-tokenizer is exactly GPT-2's regex, so declaring "gpt-2" is honest. It has no
+#: SentencePiece file, which the converter looks for only after importing sentencepiece (not a
+#: dependency here), so that attempt fails as "no file" and the converter goes on to the BPE vocab.
+_CONVERT = """
+import runpy, sys
+convert_dir = sys.argv.pop(1)
+sys.path[:0] = [convert_dir, convert_dir + "/gguf-py"]
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sentencepiece = TextModel._set_vocab_sentencepiece
+def no_sentencepiece_file(self, *args, **kwargs):  # it imports sentencepiece before looking for the file
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError("no tokenizer.model")
+    return sentencepiece(self, *args, **kwargs)
+TextModel._set_vocab_sentencepiece = no_sentencepiece_file
+sys.argv[0] = convert_dir + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def pinned_version() -> str:
+    match = re.search(r"^llama-cpp-python==(\S+)", PIN.read_text(), re.M)
+    assert match, f"{PIN}: no llama-cpp-python==VERSION line"
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """One build: .ci/llama.cpp-<version>/{bin,convert}."""
+
+    root: Path
+
+    @property
+    def server(self) -> Path:
+        return self.root / "bin" / "llama-server"
+
+    @property
+    def quantize_bin(self) -> Path:
+        return self.root / "bin" / "llama-quantize"
+
+    @property
+    def convert_dir(self) -> Path:
+        return self.root / "convert"
+
+    def convert(self, model_dir: Path, out: Path, outtype: str = "f32") -> Path:
+        """convert_hf_to_gguf.py from the same source, on a transformers model directory."""
+        _run([sys.executable, "-c", _CONVERT, str(self.convert_dir), str(model_dir), "--outtype", outtype, "--outfile", str(out)])
+        return out
+
+    def quantize(self, src: Path, out: Path, kind: str) -> Path:
+        _run([str(self.quantize_bin), str(src), str(out), kind])
+        return out
+
+
+def find_llama_cpp() -> LlamaCpp | None:
+    build = LlamaCpp(REPO / ".ci" / f"llama.cpp-{pinned_version()}")
+    ok = all(os.access(p, os.X_OK) for p in (build.server, build.quantize_bin)) and (build.convert_dir / "convert_hf_to_gguf.py").is_file()
+    return build if ok else None
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CONVERT_TIMEOUT, check=False)
+    assert done.returncode == 0, f"{argv[0]} {argv[1:3]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def llama_cpp_or_skip() -> LlamaCpp:
+    build = find_llama_cpp()
+    if build is None:
+        pytest.skip(f"llama.cpp {pinned_version()} is not built (bash .ci/llama-cpp builds it into .ci/llama.cpp-{pinned_version()})")
+    return build
+
+
+def build_tiny_gguf(build: LlamaCpp, where: Path) -> dict[str, Path]:
+    """The tiny transformers model and its GGUF conversions: f32, q8_0, q4_k_m."""
+    pytest.importorskip("torch", reason="the resident extra is not installed (the converter and the tiny model need torch)")
+    from zoo_agent.demo.tiny import build_tiny_model
+
+    hf = build_tiny_model(where / "hf")
+    f32 = build.convert(hf, where / "tiny-f32.gguf", "f32")
+    return {"hf": hf, "f32": f32, "q8_0": build.quantize(f32, where / "tiny-q8_0.gguf", "q8_0"),
+            "q4_k_m": build.quantize(f32, where / "tiny-q4_k_m.gguf", "q4_k_m")}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LlamaServer:
+    """`llama-server` on 127.0.0.1 (a free port), no web UI, ready when /health says so."""
+
+    def __init__(self, build: LlamaCpp, model: Path, *extra: str, ctx: int = 512, parallel: int = 1, log: Path | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        argv = [str(build.server), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--ctx-size", str(ctx),
+                "--parallel", str(parallel), "--threads", "2", "--no-webui", "--no-warmup", *extra]  # fmt: skip
+        self.out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"llama-server exited {self.proc.returncode} (log: {self.log})"
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"llama-server not ready in {timeout} s (log: {self.log})")
+
+    def post(self, path: str, body: dict[str, Any], timeout: float = 120) -> Any:
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read(1 << 20))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        if self.out is not subprocess.DEVNULL:
+            self.out.close()  # type: ignore[union-attr]
+
+
+def serve(build: LlamaCpp, model: Path, *extra: str, log: Path | None = None, **kw: Any) -> Iterator[LlamaServer]:
+    """A started, ready server, stopped afterwards (for ``with contextlib.contextmanager(serve)(...)``)."""
+    server = LlamaServer(build, model, *extra, log=log, **kw)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
