@@ -241,3 +241,13 @@ def test_any_stream_is_relayed_well_formed_or_refused_wherever_it_is_cut(stream:
     for event in out:
         _well_formed_event(event)
     assert (out, ok) == _feed([stream])  # how the bytes were cut changes nothing
+
+
+def test_a_stream_cut_off_after_its_first_token_is_no_whole_answer() -> None:
+    """A peer that sends two chunks and closes looked like a complete answer: 200, a clean end,
+    no error event and no [DONE] (issue #31, adversarial pass B3). It ends in the 502 error event now."""
+    events = Events(X_ZOO, limit=1 << 16)
+    sent = events.feed(_event(_chunk()) + _event(_chunk("Hi")))
+    assert events.committed and len(sent) == 2
+    with pytest.raises(Refused, match=r"ended before data: \[DONE\]"):
+        events.end()

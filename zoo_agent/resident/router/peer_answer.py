@@ -139,13 +139,15 @@ class Events:
         return out
 
     def end(self) -> None:
-        """The answer ended: ``Refused`` when it ended inside an event or before a first token."""
+        """The answer ended: ``Refused`` unless it ended with ``data: [DONE]`` (inside an event, before
+        a first token, or cut off after it: a stream that just stops is no whole answer; issue #31)."""
         if self.finished:
             return
         if self._buffer.strip():
             raise Refused("its answer ended inside an event")
         if not self.committed:
             raise Refused("its answer ended before a first token")
+        raise Refused("its answer ended before data: [DONE]")  # cut off: never passed on as a whole answer
 
     def _event(self, raw: bytes) -> bytes | None:
         """One event as we send it (None: a comment, dropped); it may commit the answer."""
