@@ -39,9 +39,8 @@ class Resident:
     proc: subprocess.Popen[bytes]
 
     def __init__(self, world: World, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.world, self.port = world, free_port()
+        self.world, self.port, self.address = world, free_port(), "127.0.0.1"
         self._open(world.root, world.tmp, f"notify-{self.port}.sock", f"resident-{self.port}.log", "local")
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zoo_agent", "resident", *world.args("--listen", f"127.0.0.1:{self.port}", *extra)],
             env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})},
@@ -56,11 +55,16 @@ class Resident:
         self = cls.__new__(cls)
         host = net.hosts[hid]
         self._open(root, net.work, f"notify-{hid}.sock", f"resident-{hid}.log", hid)
-        self.url, self.port = host.url, PORT
+        self.address, self.port = host.address, PORT
         self.proc = net.spawn(hid, sys.executable, "-m", "zoo_agent", "resident", "--root", root, "--index", index, "--host", hid,
                               "--listen", f"{host.address}:{PORT}", *extra, log=self.log,
                               env={"NOTIFY_SOCKET": str(self.notify.path), **(env or {})})  # fmt: skip
         return self
+
+    @property
+    def url(self) -> str:
+        """Where it listens; follows ``port`` (a test that passes its own ``--listen`` sets ``port``)."""
+        return f"http://{self.address}:{self.port}"
 
     def _open(self, root: Path, work: Path, notify: str, log: str, name: str) -> None:
         self.root, self.name, self.group = root, name, name != "local"  # a host's resident leads its process group

@@ -218,3 +218,52 @@ def test_a_peer_answer_that_breaks_after_its_first_token_ends_in_an_error_that_s
     last = sent[-1]["body"].decode().split("\n\n")[0]
     event = json.loads(last.removeprefix("data: "))
     assert "peer b: the answer broke off" in event["error"]["message"] and event["x_zoo"] == x_zoo
+
+
+class _Raw(httpx.AsyncByteStream):
+    """A peer's answer as it arrives on the wire, in pieces."""
+
+    def __init__(self, data: bytes, piece: int = 8192) -> None:
+        self.data, self.piece = data, piece
+
+    async def __aiter__(self) -> Any:
+        for i in range(0, len(self.data), self.piece):
+            yield self.data[i : i + self.piece]
+
+
+def _answer(data: bytes, encoding: str | None) -> httpx.Response:
+    headers = {"content-type": "application/json", **({"content-encoding": encoding} if encoding else {})}
+    return httpx.Response(200, headers=headers, stream=_Raw(data))
+
+
+def test_a_compressed_answer_is_decoded_in_bounded_steps_and_a_bomb_stops_at_the_limit() -> None:
+    """A 64 MiB gzip bomb (64 kB on the wire) was inflated in one call before the 16 MiB limit was
+    looked at: 1.9 GiB for twelve answers (issue #31, adversarial pass B2). Now no step yields more
+    than 64 KiB and the read stops at the limit."""
+    import gzip
+    import zlib
+
+    from zoo_agent.resident.router.upstream import Fallback, decoded, read_body
+
+    bomb = gzip.compress(b"\0" * (64 << 20))
+    assert len(bomb) < 100_000
+
+    async def steps() -> list[int]:
+        sizes = []
+        async for piece in decoded(_answer(bomb, "gzip")):
+            sizes.append(len(piece))
+            if sum(sizes) > 1 << 20:
+                break
+        return sizes
+
+    assert max(asyncio.run(steps())) <= 64 << 10
+    with pytest.raises(Fallback, match="larger than 16777216 bytes"):
+        asyncio.run(read_body(_answer(bomb, "gzip"), 16 << 20))
+    body = json.dumps({"choices": []}).encode()
+    assert asyncio.run(read_body(_answer(gzip.compress(body), "gzip"), 1 << 20)) == body
+    assert asyncio.run(read_body(_answer(zlib.compress(body), "deflate"), 1 << 20)) == body
+    assert asyncio.run(read_body(_answer(body, None), 1 << 20)) == body
+    with pytest.raises(Fallback, match="an encoding we do not read"):
+        asyncio.run(read_body(_answer(body, "br"), 1 << 20))
+    with pytest.raises(Fallback, match="does not decode as gzip"):
+        asyncio.run(read_body(_answer(b"not gzip at all", "gzip"), 1 << 20))

@@ -20,7 +20,7 @@ import httpx
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
 from zoo_agent.resident.router.peers import Peer, undeclared
-from zoo_agent.resident.router.upstream import MAX_ANSWER, Fallback, WorkerFailed, exchange, read_body, read_some
+from zoo_agent.resident.router.upstream import MAX_ANSWER, Fallback, WorkerFailed, decoded, exchange, read_body, read_some
 from zoo_agent.resident.wire.headers import PRIORITY
 from zoo_agent.resident.wire.http import Receive, Scope, Send, disconnected, error, respond, stream_error
 from zoo_agent.resident.wire.priority import for_peer
@@ -167,7 +167,7 @@ class Delegation:
                             wait: float, committed_to: Callable[[], None]) -> int:  # fmt: skip
         """A peer's event stream, each event checked (``Events``) before it is sent; see ``_relay_peer``."""
         started = False  # our head is out: from here on a failure ends the stream, never the next peer
-        reading = response.aiter_bytes().__aiter__()  # decoded: a compressing proxy in front of the peer changes nothing
+        reading = decoded(response).__aiter__()  # decoded, in bounded steps: a compressing proxy in front of the peer changes nothing
         while True:
             chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
             pair: set[asyncio.Future[Any]] = {chunk, gone}
@@ -182,8 +182,10 @@ class Delegation:
                 out = events.feed(chunk.result())
             except StopAsyncIteration:
                 break
-            except (httpx.HTTPError, OSError, Refused) as exc:
-                why = str(exc) if isinstance(exc, Refused) else f"the answer broke off ({type(exc).__name__})"
+            except (httpx.HTTPError, OSError, Refused, Fallback) as exc:
+                if isinstance(exc, Fallback) and not started:
+                    raise
+                why = str(exc) if isinstance(exc, (Refused, Fallback)) else f"the answer broke off ({type(exc).__name__})"
                 if not started:
                     raise Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
                 for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one

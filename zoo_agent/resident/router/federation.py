@@ -28,8 +28,9 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.wire.headers import PEER
 from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
+from zoo_agent.resident.router.upstream import Fallback, decoded
+from zoo_agent.resident.wire.headers import PEER
 
 if TYPE_CHECKING:
     from zoo_agent.index.model import Index
@@ -133,7 +134,7 @@ class Federation:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """What a delegated request (and a poll) carries: the fleet key, never a client's."""
-        out = [(PEER.lower().encode(), self.host.encode())]
+        out = [(PEER.lower().encode(), self.host.encode()), (b"accept-encoding", b"identity")]  # uncompressed: nothing to inflate
         if self.fleet_key is not None:
             out.append((b"authorization", b"Bearer " + self.fleet_key.encode()))
         return out
@@ -275,10 +276,13 @@ async def _get(client: httpx.AsyncClient, path: str, headers: dict[str, str]) ->
     """(status, JSON document or None) of a GET, the body bounded by ``MAX_POLL_BYTES``, within 2 s."""
     async with asyncio.timeout(2.0), client.stream("GET", path, headers=headers) as response:
         data = bytearray()
-        async for chunk in response.aiter_bytes():
-            data += chunk
-            if len(data) > MAX_POLL_BYTES:
-                raise ValueError(f"{path}: larger than {MAX_POLL_BYTES} bytes")
+        try:
+            async for chunk in decoded(response):
+                data += chunk
+                if len(data) > MAX_POLL_BYTES:
+                    raise ValueError(f"{path}: larger than {MAX_POLL_BYTES} bytes")
+        except Fallback as exc:
+            raise ValueError(f"{path}: {exc}") from None
     try:
         return response.status_code, loads(bytes(data))
     except ValueError:  # JSONRefused too: nested 100,000 levels deep is no answer, never a RecursionError
