@@ -21,7 +21,8 @@ from tests.support.world import World
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.support.lora import DESCRIPTIONS, LABELLED, PROMPT, THRESHOLD, adapter, backend, call, greedy, peft_reference  # noqa: E402
+from tests.support.lora import DESCRIPTIONS, LABELLED, PROMPT, THRESHOLD, adapter, backend, greedy, peft_reference  # noqa: E402
+from tests.support.lora import call as call_all  # noqa: E402
 from zoo_agent.resident.config import AdapterConfig  # noqa: E402
 
 pytestmark = pytest.mark.resident
@@ -63,13 +64,13 @@ def test_an_adapter_that_contradicts_the_index_is_refused_and_the_rest_serve(
 
 
 async def call(b: Any, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    return (await call(b, [(method, path, body)]))[0]
+    return (await call_all(b, [(method, path, body)]))[0]
 
 
 def test_concurrent_requests_for_different_adapters_each_get_their_own(three: Any, singles: dict[str | None, str]) -> None:
     order = ["code", None, "legal", "terse", "code", None, "terse", "legal"]
     bodies = [{"model": f"t:{a}" if a else "t", "messages": PROMPT, "ignore_eos": True} for a in order]
-    results = asyncio.run(call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
+    results = asyncio.run(call_all(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
     for aid, (status, body) in zip(order, results, strict=True):
         assert status == 200 and body["choices"][0]["message"]["content"] == singles[aid], aid
         assert body.get("x_zoo", {}).get("adapter") == (f"{aid}@1" if aid else None)
@@ -126,7 +127,7 @@ def test_a_new_version_swaps_in_place_or_reloads_when_the_rank_changes(built: di
 def test_auto_picks_the_adapter_by_task_and_falls_back_to_the_base(three: Any) -> None:
     bodies = [{"model": "t:auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2} for text, _ in LABELLED]
     bodies.append({"model": "t:auto", "messages": [{"role": "user", "content": "hello there weather today"}], "max_tokens": 2})
-    results = asyncio.run(call(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
+    results = asyncio.run(call_all(three, [("POST", "/v1/chat/completions", body) for body in bodies]))
     chosen = [body["x_zoo"]["adapter"] for _, body in results]
     assert chosen == [f"{aid}@1" for _, aid in LABELLED] + [None]
     assert all(body["x_zoo"]["similarity"] >= THRESHOLD for _, body in results[:-1]) and results[-1][1]["x_zoo"]["similarity"] < THRESHOLD
