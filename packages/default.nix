@@ -24,6 +24,7 @@ python3Packages.buildPythonApplication {
 
   dependencies = with python3Packages; [
     click
+    gguf  # the GGUF header reader the memory fit uses for llama.cpp models
     huggingface-hub
     jsonschema
     ollama

@@ -7,7 +7,7 @@ let
   pythonPackage = name: { pname = name; };
   python3Packages = {
     buildPythonApplication = attrs: attrs // { type = "derivation"; outPath = "/nix/store/00000000000000000000000000000000-${attrs.pname}"; };
-  } // lib.genAttrs [ "click" "huggingface-hub" "jsonschema" "ollama" "pydantic" "tqdm" "fastapi" "peft" "prometheus-client" "torch" "transformers" "uvicorn" "hatchling" ] pythonPackage;
+  } // lib.genAttrs [ "click" "gguf" "huggingface-hub" "jsonschema" "ollama" "pydantic" "tqdm" "fastapi" "peft" "prometheus-client" "torch" "transformers" "uvicorn" "hatchling" ] pythonPackage;
   pkgs = {
     inherit lib python3Packages;
     callPackage = path: overrides: import path ({ inherit lib python3Packages; } // overrides);
