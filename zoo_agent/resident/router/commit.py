@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.router.upstream import HOP_BACK, MAX_ANSWER, Fallback, WorkerFailed, bounded, exchange, message_of, read_body
+from zoo_agent.resident.router.upstream import HOP_BACK, MAX_ANSWER, Fallback, attempt, bounded, message_of, read_body
 from zoo_agent.resident.wire.http import Send, stream_error
 
 __all__ = ["pipe_committed"]
@@ -30,12 +30,7 @@ async def pipe_committed(client: httpx.AsyncClient, target: str, headers: list[t
     (on its last chunk): who answered and why. ``Fallback`` before the first token: a
     failure, a status in ``passes`` or any 5xx, or no first token within ``ttft``."""
     deadline = time.monotonic() + ttft if ttft else None
-    try:
-        response = await exchange(client, "POST", target, headers, body, gone, ttft)
-    except WorkerFailed as exc:
-        raise Fallback(f"failed before answering ({exc})", "crashed") from exc
-    except TimeoutError:
-        raise Fallback(f"no first token within {ttft:g}s", "first_token_timeout") from None
+    response = await attempt(client, target, headers, body, gone, ttft)
     if response is None:
         return 499
     try:

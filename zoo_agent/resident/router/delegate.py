@@ -20,7 +20,7 @@ import httpx
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
 from zoo_agent.resident.router.peers import Peer, undeclared
-from zoo_agent.resident.router.upstream import MAX_ANSWER, Fallback, WorkerFailed, decoded, exchange, read_body, read_some
+from zoo_agent.resident.router.upstream import MAX_ANSWER, Fallback, attempt, decoded, read_body, read_some
 from zoo_agent.resident.wire.headers import PRIORITY
 from zoo_agent.resident.wire.http import Receive, Scope, Send, disconnected, error, respond, stream_error
 from zoo_agent.resident.wire.priority import for_peer
@@ -133,12 +133,7 @@ class Delegation:
         anything reached the client, a failure, an answer not to relay or no first token within
         ``wait`` is a ``Fallback``; after it, the stream ends with an error event naming the peer."""
         deadline = time.monotonic() + wait
-        try:
-            response = await exchange(self.federation.client(peer.endpoint), "POST", target, headers, body, gone, wait)
-        except WorkerFailed as exc:
-            raise Fallback(f"failed before answering ({exc})", "crashed") from exc
-        except TimeoutError:
-            raise Fallback(f"no first token within {wait:g}s", "first_token_timeout") from None
+        response = await attempt(self.federation.client(peer.endpoint), target, headers, body, gone, wait)
         if response is None:
             return 499
         try:

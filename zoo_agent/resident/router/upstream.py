@@ -23,7 +23,7 @@ from zoo_agent.jsonbound import loads
 from zoo_agent.resident.wire.headers import PEER, SESSION_ROUTE
 from zoo_agent.resident.wire.http import Send, stream_error
 
-__all__ = ["HOP", "HOP_BACK", "INLINE", "MAX_ANSWER", "Clients", "Fallback", "WorkerFailed", "bounded", "decoded", "exchange", "message_of", "pipe",
+__all__ = ["HOP", "HOP_BACK", "INLINE", "MAX_ANSWER", "Clients", "Fallback", "WorkerFailed", "attempt", "bounded", "decoded", "exchange", "message_of", "pipe",
            "read_body", "read_some"]  # fmt: skip
 
 log = logging.getLogger("zoo_agent.resident")
@@ -169,6 +169,18 @@ class Fallback(Exception):
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
         self.kind = kind  # the metric's reason label: a small fixed set
+
+
+async def attempt(client: httpx.AsyncClient, target: str, headers: list[tuple[bytes, bytes]], body: bytes, gone: asyncio.Future[None],
+                  first_token: float | None) -> httpx.Response | None:  # fmt: skip
+    """A POST that a next candidate (another tenant of the route, another peer) may still take over:
+    a failure or no head within ``first_token`` is ``Fallback``; None when the client left first."""
+    try:
+        return await exchange(client, "POST", target, headers, body, gone, first_token)
+    except WorkerFailed as exc:
+        raise Fallback(f"failed before answering ({exc})", "crashed") from exc
+    except TimeoutError:  # only with a first_token deadline
+        raise Fallback(f"no first token within {first_token or 0:g}s", "first_token_timeout") from None
 
 
 async def exchange(client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
