@@ -64,7 +64,7 @@ class Harness:
             self.loads.append(slot.tenant)
             slot.phase = "loading"  # as the real one: a worker is spawned
 
-        monkeypatch.setattr(self.sup, "_load", load)
+        monkeypatch.setattr(self.sup.pager, "load", load)
 
     @property
     def slot(self) -> Any:
