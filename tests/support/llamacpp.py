@@ -171,3 +171,32 @@ def serve(build: LlamaCpp, model: Path, *extra: str, log: Path | None = None, **
         yield server
     finally:
         server.stop()
+
+
+def declare_gguf(world: Any, aid: str, version: str, files: dict[str, bytes]) -> None:
+    """A GGUF model in ``world``'s index, pinned like every file (``format: "gguf"``)."""
+    world.artifact(aid, version, files)
+    world.models[aid]["format"] = "gguf"
+
+
+def write_llama_index(world: Any, tenants: dict[str, dict[str, Any]], budget: str | None = None) -> None:
+    """``world``'s models with these tenants (each ``backend: "llama.cpp"`` unless it says otherwise), all on host h."""
+    host: dict[str, Any] = {"tenants": list(tenants)}
+    if budget is not None:
+        host["memory_budget"] = budget
+    doc = {"models": world.models, "loras": {}, "tenants": {t: {"backend": "llama.cpp", **spec} for t, spec in tenants.items()},
+           "hosts": {"h": host}}  # fmt: skip
+    world.index.write_text(json.dumps(doc, indent=2))
+
+
+def with_context_length(src: Path, out: Path, tokens: int) -> Path:
+    """A copy of a GGUF file whose header says the model was trained on ``tokens`` of context: it
+    loads, and llama-server caps every slot there (a model that loads but cannot generate at 1)."""
+    import gguf
+
+    out.write_bytes(src.read_bytes())
+    reader = gguf.GGUFReader(out, "r+")
+    arch = reader.fields["general.architecture"].contents()
+    reader.fields[f"{arch}.context_length"].parts[-1][0] = tokens
+    del reader  # the memory map is written back when it goes
+    return out

@@ -33,11 +33,13 @@ EXTRA = ("torch", "transformers", "fastapi", "uvicorn", "prometheus_client")
               help="How often each peer's /health and /v1/models are asked.")
 @click.option("--strict", is_flag=True, envvar="ZOO_STRICT",
               help="Refuse to start (or reload) unless the declared versions are current and verify ($ZOO_STRICT=1).")
+@click.option("--llama-server", "llama_server", default="llama-server", show_default=True, envvar="ZOO_LLAMA_SERVER",
+              help="llama.cpp's server for tenants with backend 'llama.cpp': a path, or a name looked up on PATH ($ZOO_LLAMA_SERVER).")
 @click.option("--paging-policy", type=click.Choice(["lru", "oldest"]), default="lru", show_default=True, hidden=True,
               help="Which idle tenant makes room: least recently used, or the first loaded (the benchmark's naive baseline).")
 @click.pass_context
 def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path | None, fleet_key_file: Path | None, priority_key_file: Path | None,
-             peer_poll_seconds: float, strict: bool, paging_policy: str) -> None:  # fmt: skip
+             peer_poll_seconds: float, strict: bool, llama_server: str, paging_policy: str) -> None:  # fmt: skip
     """Serve the host's tenants: a router in front of one worker per loaded tenant, report to systemd."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = target
@@ -50,7 +52,7 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
 
     config = ResidentConfig(root=target.zoo.root, index=target.index, host=target.host, listen=listen, api_key_file=api_key_file, strict=strict,
                             paging_policy=paging_policy, fleet_key_file=fleet_key_file, peer_poll_seconds=peer_poll_seconds,
-                            priority_key_file=priority_key_file)  # fmt: skip
+                            priority_key_file=priority_key_file, llama_server=llama_server)  # fmt: skip
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
     sys.exit(supervisor.run())

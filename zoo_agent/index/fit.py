@@ -26,7 +26,7 @@ from zoo_agent.index.model import DEFAULT_MAX_CONTEXT, ArtifactEntry, Index, Mod
 from zoo_agent.jsonbound import loads
 
 __all__ = [
-    "CACHE_TYPE_BYTES", "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "context", "estimate",
+    "CACHE_TYPE_BYTES", "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "context", "estimate", "first_gguf",
     "gguf_config", "kv_bytes", "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
 ]  # fmt: skip
 
@@ -162,14 +162,14 @@ def read_config(version_dir: Path) -> dict[str, Any] | None:
         with open(version_dir / "config.json", "rb") as f:
             config = loads(f.read(_MAX_CONFIG_BYTES + 1), limit=_MAX_CONFIG_BYTES)  # the bounded reader: a deep one is refused
     except FileNotFoundError:
-        gguf = _first_gguf(version_dir)
+        gguf = first_gguf(version_dir)
         return gguf_config(gguf) if gguf is not None else None
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
 
 
-def _first_gguf(version_dir: Path) -> Path | None:
+def first_gguf(version_dir: Path) -> Path | None:
     """The GGUF file whose header describes the model: the only one, or part 1 of a split set
     (``NAME-00001-of-0000N.gguf``, where llama.cpp keeps the metadata)."""
     try:
@@ -184,8 +184,9 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
     """The facts of a GGUF file's header in config.json's names, for ``kv_bytes``: layers
     (``<arch>.block_count``), heads and KV heads (``<arch>.attention.head_count[_kv]``), head
     size (``<arch>.attention.key_length``, else ``embedding_length`` / heads), context
-    (``<arch>.context_length``), plus ``gguf_architecture`` and ``gguf_tensor_bytes`` (the
-    tensors' bytes as the header lays them out). None for a file that is not a readable GGUF.
+    (``<arch>.context_length``), plus ``gguf_architecture``, ``gguf_tensor_bytes`` (the
+    tensors' bytes as the header lays them out) and, when the header names it, ``gguf_file_type``
+    (``q4_k_m``, ``f32``). None for a file that is not a readable GGUF.
 
     The counts at the start of the file are checked before ``gguf.GGUFReader`` walks the
     header, so a file claiming billions of entries costs nothing; the reader maps the file
@@ -208,6 +209,9 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
         if not isinstance(arch, str):
             return None
         config: dict[str, Any] = {"gguf_architecture": arch, "gguf_tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors)}
+        file_type = _gguf_value(reader, "general.file_type")
+        if isinstance(file_type, int) and file_type in gguf.LlamaFileType._value2member_map_:
+            config["gguf_file_type"] = gguf.LlamaFileType(file_type).name.lower().removeprefix("mostly_").removeprefix("all_")
         for name, key in (("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
                           ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
                           ("hidden_size", "embedding_length"), ("max_position_embeddings", "context_length")):  # fmt: skip

@@ -75,11 +75,14 @@ class WorkerConfig(BaseModel):
     route_sessions: tuple[RouteSessions, ...] = ()
     router_socket: Path | None = None  # the router's private socket: how a worker asks another tenant (a summarizer)
     router_key: str | None = Field(default=None, repr=False)  # the resident's API key, for that socket
-    backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model
+    backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model; or "llama.cpp": llama-server
     ollama_model: str | None = None
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
     priority: int = 0  # the tenant's default class (resident/priority.py): lower is served first, as vLLM's
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds: batch is never starved
+    max_context: int | None = None  # tokens one sequence may hold: the tenant's, else the model's own (at most 4096; index.fit.context)
+    gpu_layers: int | None = None  # llama.cpp: layers offloaded to the GPU
+    kv_cache_type: str | None = None  # llama.cpp: f16 or q8_0
 
 
 class ResidentConfig(BaseModel):
@@ -101,4 +104,5 @@ class ResidentConfig(BaseModel):
     strict: bool = False  # serve only the declared, verified versions (--strict, ZOO_STRICT=1)
     load_wait: float = 300.0  # how long a request waits for its tenant to fetch and load before a 503
     aging_seconds: float = 10.0  # a waiting request gains one priority class per this many seconds
+    llama_server: str = "llama-server"  # the binary for llama.cpp tenants: a path, or a name on PATH (--llama-server)
     paging_policy: Literal["lru", "oldest"] = "lru"  # "oldest": the naive baseline the paging benchmark compares

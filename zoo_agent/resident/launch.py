@@ -4,7 +4,8 @@ A worker's ``WorkerConfig`` is read from the index and the zoo (the verified ``c
 version, its adapters, the routes whose sessions it may hold); ``verify`` is ``--strict``'s
 re-hash of every file, slow on a large model, so the supervisor runs it beside its loop. Which
 kind of ``WorkerProcess`` serves a tenant is decided here, from its backend: the one place an
-engine's own server plugs in.
+engine's own server plugs in. A llama.cpp tenant gets ``llama-server`` (``engines/``), whose binary
+is checked once (``check_engines`` at the start, for every llama.cpp tenant the host serves).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import tempfile
 from pathlib import Path
 
 from zoo_agent.errors import UsageError
+from zoo_agent.index.fit import context, read_config
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
+from zoo_agent.resident.engines.llamacpp import LlamaServer, find_server
+from zoo_agent.resident.engines.llamaserver import LlamaServerProcess
 from zoo_agent.resident.process import WorkerProcess, ZooWorkerProcess
 from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, strict_check
 from zoo_agent.resident.wire.priority import CLASSES
@@ -39,6 +43,7 @@ class Launcher:
         self.api_key = api_key
         self.sockets: Path | None = None
         self.spawned = 0
+        self._llama_server: LlamaServer | None = None
 
     def open(self) -> None:
         self.sockets = Path(tempfile.mkdtemp(prefix="zoo-resident-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
@@ -52,18 +57,36 @@ class Launcher:
         if self.config.strict:
             strict_check(self.zoo, idx, tid)
 
+    def llama_server(self) -> LlamaServer:
+        """The checked ``llama-server`` (``--llama-server``, else the one on PATH); ``UsageError`` naming what is wrong."""
+        if self._llama_server is None:
+            self._llama_server = find_server(self.config.llama_server)
+            log.info("llama.cpp tenants: %s, version %s", self._llama_server.path, self._llama_server.version)
+        return self._llama_server
+
+    def check_engines(self, idx: Index) -> None:
+        """At the start: the engines the host's tenants need are there (``UsageError``, one line, otherwise)."""
+        host = idx.hosts[host_id(idx, self.config.host)]
+        if any(idx.tenants[t].backend == "llama.cpp" for t in host.served() if t in idx.tenants):
+            self.llama_server()
+
     def worker_config(self, idx: Index, tid: str) -> WorkerConfig:
         tenant = idx.tenants[tid]
         model = idx.models[tenant.model]
         version = self.zoo.read_link("models", tenant.model, "current")
         if version is None or not self.zoo.version_dir("models", tenant.model, version).is_dir():
             raise UsageError(f"model {tenant.model} is not in the zoo at {self.config.root}; run: zoo-agent apply")
+        version_dir = self.zoo.version_dir("models", tenant.model, version)
         adapters, refused = adapters_for(self.zoo, idx, tid)
+        if tenant.backend == "llama.cpp":
+            self.llama_server()
+            refused = {**refused, **{a.id: f"{a.id}: GGUF adapters of a llama.cpp tenant are not served yet" for a in adapters}}
+            adapters = ()
         for why in refused.values():
             log.warning("adapter refused: %s", why)
         return WorkerConfig(
             tenant=tid, model=tenant.model, version=version,
-            version_dir=self.zoo.version_dir("models", tenant.model, version),
+            version_dir=version_dir,
             allow_pickle=model.allow_pickle, allow_code=model.allow_code,
             device=tenant.resources.device, dtype=tenant.resources.dtype,
             defaults=tenant.generation.model_dump(), max_queue=tenant.resources.max_queue, max_batch=tenant.resources.max_batch,
@@ -74,6 +97,8 @@ class Launcher:
             route_sessions=self.route_sessions(idx, tid), router_socket=self.sockets / "router.sock" if self.sockets else None,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
+            max_context=context(read_config(version_dir) or {}, tenant.resources.max_context),
+            gpu_layers=tenant.resources.gpu_layers, kv_cache_type=tenant.resources.kv_cache_type,
         )  # fmt: skip
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:
@@ -95,7 +120,11 @@ class Launcher:
         return private
 
     def spawn(self, config: WorkerConfig, *, standby: bool = False) -> WorkerProcess:
-        """A worker on a private socket of its own (the router is its only client)."""
+        """A worker on a private socket of its own (the router is its only client): our Python
+        worker, or for a llama.cpp tenant ``llama-server`` behind its front."""
         assert self.sockets is not None
         self.spawned += 1
-        return ZooWorkerProcess.spawn(config, str(self.sockets / f"{self.spawned}.sock"), standby=standby)
+        path = str(self.sockets / f"{self.spawned}.sock")
+        if config.backend == "llama.cpp":
+            return LlamaServerProcess.spawn(config, path, self.llama_server(), standby=standby)
+        return ZooWorkerProcess.spawn(config, path, standby=standby)

@@ -149,6 +149,7 @@ class Supervisor:
         try:
             idx = self.load_index()
             self.take_index(idx)
+            self.launcher.check_engines(idx)  # llama-server, where a tenant needs it: missing or too old is one line now
             self.listener = listen_socket(self.config.listen, self.api_key)
             first = [t for t in self.order if self.slots[t].pinned] or self.order[:1]
             for tid in first:  # pinned tenants (or the first listed) load now: READY waits for them
