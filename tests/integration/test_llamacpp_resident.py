@@ -273,3 +273,75 @@ def test_a_missing_or_old_llama_server_stops_the_start_in_one_line(tmp_path: Pat
     assert len(lines) == 1 and "Traceback" not in out, out
     assert lines[0].startswith(f"--llama-server {path}: " if binary == "old" else f"--llama-server: {path} is not an executable file"), out
     assert ("lacks --host PATH.sock (unix sockets)" in out) if binary == "old" else ("install llama.cpp, or pass --llama-server PATH" in out), out
+
+
+def _paged(world: World) -> list[tuple[str, str]]:
+    lines = (world.root / "host/actions.jsonl").read_text().splitlines()
+    return [(r["action"], r["id"]) for r in map(json.loads, lines) if r["action"] in ("page-in", "page-out")]
+
+
+def test_llama_cpp_tenants_page_least_recently_used_under_the_budget(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
+    from zoo_agent.index.fit import read_config, tenant_footprint
+    from zoo_agent.index.load import load_index
+
+    tenants = {t: {**_tenant(max_batch=2), "pinned": False} for t in "abc"}
+    world = _world(tmp_path, tiny_gguf["q4_k_m"], tenants)
+    idx = load_index(world.index, str(world.index))
+    fp = tenant_footprint(idx, "a", read_config(world.root / "models/m/current")).total
+    write_llama_index(world, tenants, budget=str(int(fp * 2.5)))  # room for two
+    r = Resident(world, "--llama-server", str(llama_cpp.server))
+    try:
+        r.wait_ready(120)
+        answers: dict[str, set[str]] = {}
+        pids = []
+        for tenant in ["a", "b", "c", "a", "b"]:
+            answer = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": "Hello"}, timeout=120)
+            assert answer.status_code == 200, answer.text
+            answers.setdefault(tenant, set()).add(_text(answer.json()))
+            pids.append(_pid(r, tenant))
+        health = httpx.get(r.url + "/health", timeout=10).json()
+    finally:
+        out = r.stop()
+    # At c, a (least recently used) goes; at a, b; at b, c: each drained and stopped.
+    assert [t for action, t in _paged(world) if action == "page-out"] == ["a", "b", "c"], out[-3000:]
+    assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "b"}
+    assert all(len(texts) == 1 for texts in answers.values())  # a tenant paged out and in again answers as before
+    for pid in pids[:3]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "Traceback" not in out and "failed before answering" not in out, out[-3000:]
+
+
+def test_a_reload_drains_the_old_llama_server_without_failing_its_stream(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
+    world = _world(tmp_path, tiny_gguf["f32"], {"t": _tenant(max_batch=2, max_context=4096)})
+    r = Resident(world, "--llama-server", str(llama_cpp.server))
+    try:
+        r.wait_ready(120)
+        old = _pid(r, "t")
+        body = {"model": "t", "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=r.url, timeout=120) as client, client.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # under way; the rest (megabytes) waits for us to read it
+            declare_gguf(world, "m", "v2", {tiny_gguf["q8_0"].name: tiny_gguf["q8_0"].read_bytes()})
+            write_llama_index(world, {"t": _tenant(max_batch=2, max_context=4096)})
+            assert world.run("apply").exit_code == 0
+            reloaded = world.run("resident", "reload", "--pid", str(r.proc.pid), "--timeout", "120")
+            assert reloaded.exit_code == 0 and "reloaded: t" in reloaded.output, reloaded.output
+            new = _pid(r, "t")
+            os.kill(old, 0)  # still streaming to us
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert not any("error" in e for e in events), [e for e in events if "error" in e]
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and len(events) > 1000
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(old, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the drained llama-server did not stop")
+        assert new != old and json.loads((r.root / "resident/tenants/t/model-info.json").read_text())["version"] == "v2"
+    finally:
+        out = r.stop()
+    assert "Traceback" not in out, out[-3000:]
