@@ -92,15 +92,15 @@ def _post(path: str, body: bytes, **headers: str) -> Request:
 
 
 @pytest.mark.parametrize(("request_", "status", "param"), [
-    (_post("/v1/chat/completions", b'{"model": "t", "messages": []}'), None, None),
+    (_post("/v1/chat/completions", b'{"model": "t", "messages": [{"role": "user", "content": "x"}]}'), None, None),
     (_post("/v1/completions", b'{"model": "m", "prompt": "x"}'), None, None),  # the model's id names it too
     (_post("/v1/completions", b'{"model": "t:sql", "prompt": "x"}'), 404, "model"),  # no adapter: never the base model's answer instead
     (_post("/v1/completions", b'{"model": "other", "prompt": "x"}'), 404, "model"),
     (_post("/v1/completions", b'{"prompt": "x"}'), 400, "model"),
     (_post("/v1/completions", b'[1]'), 400, "body"),
     (_post("/v1/completions", b'{"model": "t", "prompt": "x", "a": ' + b"[" * 100 + b"]" * 100 + b"}"), 400, "body"),
-    (_post("/v1/chat/completions", b'{"model": "t", "session": "s1", "messages": []}'), 400, "session"),  # it would answer without the conversation
-    (_post("/v1/chat/completions", b'{"model": "t", "messages": []}', **{"x-zoo-session-route": "r"}), 400, "session"),
+    (_post("/v1/chat/completions", b'{"model": "t", "session": "s1", "messages": [{"role": "user", "content": "x"}]}'), 400, "session"),  # it would answer without the conversation
+    (_post("/v1/chat/completions", b'{"model": "t", "messages": [{"role": "user", "content": "x"}]}', **{"x-zoo-session-route": "r"}), 400, "session"),
     (Request("GET", "/v1/sessions/s1", "/v1/sessions/s1?model=t"), 404, "session"),
     (_post("/v1/load_lora_adapter", b'{"lora_name": "t"}'), 400, "lora_name"),
     (Request("GET", "/metrics", "/metrics"), None, None),
@@ -143,3 +143,19 @@ def test_its_log_lines_are_read_at_their_level() -> None:
     assert telling(lines) == "llama_model_load: error loading model: tensor 'blk.0.attn_k.weight' data is not within the file bounds"
     assert telling(lines[2:]) == "srv  llama_server: exiting due to model loading error"
     assert telling([]) == "(no output)"
+
+
+@pytest.mark.parametrize(("body", "param", "chat"), [
+    (b'{"model": "t", "prompt": ["a", "b"]}', "prompt", False),  # a list of prompts: a task each, past the router's admission
+    (b'{"model": "t", "prompt": "a", "n": 4}', "n", False),
+    (b'{"model": "t", "prompt": "a", "n_cmpl": 4}', "n_cmpl", False),
+    (b'{"model": "t", "prompt": "a", "max_tokens": "5"}', "max_tokens", False),
+    (b'{"model": "t", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}', "stop", False),
+    (b'{"model": "t", "messages": [{"role": "tool", "content": "x"}]}', "messages.0.role", True),
+    (b'{"model": "t", "messages": []}', "messages", True),
+    (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', "model", True),
+])  # fmt: skip
+def test_a_body_our_api_refuses_is_refused_as_any_tenant_refuses_it(body: bytes, param: str, chat: bool) -> None:
+    refused = check(_post("/v1/chat/completions" if chat else "/v1/completions", body), ("t", "m"))
+    assert refused is not None and (refused.status, refused.param) == (400, param), refused and refused.document()
+    assert refused.message.startswith(f"{param}: ")

@@ -8,7 +8,8 @@ worker knows which engine answers:
 - a request it cannot serve as asked is refused here, in our error shape, never misserved: a model
   name other than the tenant's (``tenant:adapter``: llama-server would ignore the name and answer
   with the base model), a ``session`` (it would answer without the conversation), our sessions'
-  and adapters' endpoints;
+  and adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
+  prompts: more sequences than the router admitted);
 - an error answer is ours: its ``exceed_context_size_error`` is our 400 naming ``messages`` (or
   ``prompt``), the others keep their status and message in our shape (``wire.http.ApiError``);
 - a 200 passes byte for byte, as it comes (chunked events, ``usage``, llama.cpp's ``timings``).
@@ -69,7 +70,9 @@ class Request:
 
 def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
     """Why llama-server must not be asked this (pure), or None. ``names``: what ``model`` may say
-    (the tenant, its model's id)."""
+    (the tenant, its model's id). A generation's body is held to our API's rules (``worker/bodies``:
+    the same 400 naming the same field as from any tenant; one completion of one prompt per request,
+    which is what the router's admission counts), and then forwarded as it came."""
     if request.path in GENERATE and request.method == "POST":
         try:
             document = loads(request.body, limit=BODY_LIMIT)
@@ -77,14 +80,16 @@ def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
             return ApiError(400, f"body: {exc}", "body")
         if not isinstance(document, dict):
             return ApiError(400, "body: must be a JSON object", "body")
-        model = document.get("model")
-        if not isinstance(model, str):
-            return ApiError(400, "model: required, a string", "model")
+        if (invalid := _invalid(document, chat=request.path == GENERATE[0])) is not None:
+            return invalid
+        model = document["model"]
         if model not in names:
             why = "a llama.cpp tenant serves no adapters yet" if model.partition(":")[0] in names else "not served here"
             return ApiError(404, f"model '{model[:100]}': {why} (serving '{names[0]}')", "model", "model_not_found")
         if document.get("session") is not None or SESSION_ROUTE.lower() in request.headers:
             return ApiError(400, "session: a llama.cpp tenant keeps no sessions yet; send the whole conversation", "session", "not_supported")
+        if document.get("n_cmpl", 1) != 1:
+            return ApiError(400, "n_cmpl: only 1 is supported; send the request again for another completion", "n_cmpl")
         return None
     if request.path == "/metrics" and request.method == "GET":
         return None
@@ -93,6 +98,23 @@ def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
     if request.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return ApiError(400, "lora_name: a llama.cpp tenant loads no adapters at runtime", "lora_name", "not_supported")
     return ApiError(404, f"{request.path[:100]}: not served by a llama.cpp tenant")
+
+
+def _invalid(document: dict[str, Any], chat: bool) -> ApiError | None:
+    """The body against our API's model of it (``ChatBody``, ``CompletionBody``): its first problem, named as our workers name it."""
+    from pydantic import ValidationError
+
+    from zoo_agent.resident.worker.bodies import ChatBody, CompletionBody
+
+    try:
+        (ChatBody if chat else CompletionBody).model_validate(document)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"] if isinstance(part, int) or str(part).isidentifier())
+        same = [e for e in errors if ".".join(str(x) for x in e["loc"] if isinstance(x, int) or str(x).isidentifier()) == where]
+        chosen = next((e for e in same if not str(e.get("type", "")).endswith("_type")), errors[0])  # a union's branch that says what is wrong
+        return ApiError(400, f"{where}: {chosen['msg']}" if where else "body: must be a JSON object", where or "body")
+    return None
 
 
 def engine_error(status: int, body: bytes, field_name: str) -> ApiError:
