@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.llamacpp import LlamaCpp, declare_gguf, with_context_length, write_llama_index
 from tests.support.resident import Resident
+from tests.support.victim import make_victim, snapshot
 from tests.support.world import World
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.engines.llamacpp import engine_env, server_argv
@@ -99,7 +100,8 @@ def served(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path_factory: py
     """One resident serving tenant t (the f32 GGUF), and the same llama-server asked directly."""
     world = _world(tmp_path_factory.mktemp("served"), tiny_gguf["f32"], {"t": _tenant()})
     with _direct(llama_cpp, tiny_gguf["f32"], world.tmp) as direct:
-        r = Resident(world, "--llama-server", str(llama_cpp.server))
+        # llama.cpp's own variables in the operator's environment never reach the engine: a key there would lock the router out.
+        r = Resident(world, "--llama-server", str(llama_cpp.server), env={"LLAMA_API_KEY": "not-ours", "LLAMA_ARG_UI": "true"})
         try:
             r.wait_ready(120)
             yield r, direct
@@ -189,6 +191,18 @@ def test_a_llama_server_that_exits_while_loading_fails_the_start_in_one_line(lla
     assert first["STATUS"].startswith("cannot load m@v1: llama-server exited with status 1 while loading: "), first
     assert "not within the file bounds" in first["STATUS"], first
     assert "\n" not in first["STATUS"]
+
+
+def test_a_slots_directory_planted_as_a_link_is_refused_and_the_victim_unchanged(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path],
+                                                                                tmp_path: Path) -> None:  # fmt: skip
+    victim = make_victim(tmp_path / "victim")
+    before = snapshot(victim)
+    world = _world(tmp_path / "w", tiny_gguf["q4_k_m"], {"t": _tenant()})
+    (world.root / "resident/tenants/t").mkdir(parents=True)
+    (world.root / "resident/tenants/t/slots").symlink_to(victim)
+    first, _ = _fails_to_start(world, llama_cpp)
+    assert first["STATUS"] == f"cannot load m@v1: {world.root}/resident/tenants/t/slots: not a directory of ours", first
+    assert snapshot(victim) == before
 
 
 def _pid(r: Resident, tenant: str) -> int:

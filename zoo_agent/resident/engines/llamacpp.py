@@ -5,7 +5,7 @@ missing, does not answer, or lacks what we pass it is one line naming the flag t
 tenant loads. Builds numbered before ``MIN_BUILD`` listen on no unix socket; a build from a source
 tarball numbers itself 0 or 1, so what decides is whether its ``--help`` lists every flag we use.
 ``server_argv`` is a pure function of the tenant's settings: everything the engine does is said
-on its command line, never in its environment (``engine_env`` drops llama.cpp's ``LLAMA_ARG_*``).
+on its command line, never in its environment (``engine_env`` drops llama.cpp's ``LLAMA_*``).
 """
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ def too_old(version: str, help_text: str) -> str | None:
 
 
 def engine_env() -> dict[str, str]:
-    """Our environment without llama.cpp's ``LLAMA_ARG_*`` (an API key or a host from there would
-    change what we said on the command line) and without systemd's notify and socket variables."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))}
+    """Our environment without llama.cpp's own variables (``LLAMA_ARG_*``, ``LLAMA_API_KEY``,
+    ``LLAMA_SERVER_*``: a key there would lock the router out, a child mode would change what the
+    process is), without hub tokens (it downloads nothing: it is given a file), and without systemd's
+    notify and socket variables. ``GGML_*`` and the GPU runtimes' own (``CUDA_VISIBLE_DEVICES``) stay."""
+    dropped = ("LLAMA_", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
 
 
 def find_server(name: str) -> LlamaServer:
