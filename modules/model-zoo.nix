@@ -123,6 +123,11 @@ let
           freeformType = json.type;
           options = {
             model = mkOption { type = id; description = "Id of the model to serve."; };
+            backend = mkOption {
+              type = types.nullOr (types.enum [ "transformers" "ollama" "llama.cpp" ]);
+              default = null;
+              description = "The engine that serves it (null: \"transformers\"); \"llama.cpp\" needs a `gguf` model and `resident.llamaCpp`.";
+            };
             pinned = mkOption {
               type = types.nullOr types.bool;
               default = null;
@@ -307,6 +312,12 @@ let
     rocm = [ "char-drm" "char-fb" "char-kfd" ];
   };
 
+  # llama.cpp's server for the tenants with backend "llama.cpp" (issue #33): a child of the resident.
+  llamaServerArgs = optionals cfg.resident.llamaCpp.enable [
+    "--llama-server"
+    (lib.getExe' cfg.resident.llamaCpp.package "llama-server")
+  ];
+
   listenPort =
     let
       m = builtins.match ".*:([0-9]+)" cfg.resident.listen;
@@ -476,6 +487,28 @@ in
         default = "none";
         description = "Let the resident reach this GPU's device nodes (and, for ROCm, the render and video groups).";
       };
+      llamaCpp = {
+        enable = mkOption {
+          type = types.bool;
+          default = cfg.settings != null && lib.any (t: t.backend == "llama.cpp") (lib.attrValues cfg.settings.tenants);
+          defaultText = literalExpression ''any tenant of services.model-zoo.settings has backend = "llama.cpp"'';
+          description = ''
+            Give the resident `llama-server` from `llamaCpp.package` (`--llama-server`) for the
+            tenants with `backend = "llama.cpp"`: each loaded one runs as a child of the resident,
+            in its unit, with its hardening. On when `settings` declares such a tenant; with
+            `indexFile`, set it.
+          '';
+        };
+        package = mkPackageOption pkgs "llama-cpp" {
+          example = "pkgs.llama-cpp.override { cudaSupport = true; }";
+          extraDescription = ''
+            Its `llama-server` is checked when the resident starts (a version with unix sockets,
+            llama.cpp b5000 or later). For a GPU, the package's override flags: `cudaSupport`
+            (with `resident.gpu = "nvidia"`), `rocmSupport` (`"rocm"`), `vulkanSupport`, or
+            `metalSupport` on Darwin; and the tenant's `resources.gpu_layers`.
+          '';
+        };
+      };
     };
 
     openFirewall = mkOption {
@@ -596,7 +629,7 @@ in
       serviceConfig = common // {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = execLine zooAgent ([ "resident" ] ++ cfg.resident.extraArgs)
+        ExecStart = execLine zooAgent ([ "resident" ] ++ llamaServerArgs ++ cfg.resident.extraArgs)
           + lib.optionalString (cfg.resident.apiKeyFile != null) " --api-key-file %d/api-key"
           + lib.optionalString (cfg.resident.fleetKeyFile != null) " --fleet-key-file %d/fleet-key"
           + lib.optionalString (cfg.resident.priorityKeyFile != null) " --priority-key-file %d/priority-key";

@@ -29,6 +29,7 @@ let
   };
   pkgs = {
     zoo-agent = fakeDrv "zoo-agent-0.1.0" // { meta.mainProgram = "zoo-agent"; };
+    llama-cpp = fakeDrv "llama-cpp-6981" // { meta.mainProgram = "llama-cli"; };
     formats.json = _: {
       type = jsonValue;
       # A real file, so the test can run `zoo-agent validate` on what Nix would build.
