@@ -3,7 +3,8 @@
 The supervisor sees a ``WorkerProcess`` like any other; its events are made here from what the
 engine shows, on threads of this object (the supervisor's loop never waits on the engine):
 
-- ``Loading`` as it starts (1%), once its HTTP server answers (50%), once its model is loaded (90%);
+- ``Loading`` as it starts (1%), as its files are read (up to 80%: ``_preread``), once its HTTP
+  server answers (85%) and once its model is loaded (90%);
 - ``Ready`` only after a real one-token generation through the front, the path requests take,
   with the weights and KV bytes of the GGUF fit (``index.fit``); a generation that fails is
   ``Failed`` (its error), and the engine is stopped: a model that loads but cannot generate
@@ -289,9 +290,29 @@ class LlamaServerProcess(WorkerProcess):
         self._popen.stdout.close()
 
     # -- loading ------------------------------------------------------------------------------
+    def _preread(self) -> None:
+        """Its GGUF files read once, beside its own start (it maps them; the first generation would
+        fault them in from disk with nothing to show): ``Loading`` up to 80% as they are read, so a
+        slow disk extends the start's timeout honestly, and the warm-up then finds them in memory."""
+        files = sorted(f for f in self.config.version_dir.rglob("*.gguf") if f.is_file() and not f.is_symlink())
+        total, done, last = sum(f.stat().st_size for f in files) or 1, 0, 1
+        buf = bytearray(8 << 20)
+        for path in files:
+            with open(path, "rb", buffering=0) as f:
+                while (n := f.readinto(buf)) and self._code is None and not self._closing.is_set():
+                    done += n
+                    if (pct := max(1, 80 * done // total)) > last:
+                        last = pct
+                        self._emit(p.Loading(pct=pct))
+
     def _load(self, model: Path) -> None:
         started = time.monotonic()
         self._emit(p.Loading(pct=1))
+        try:
+            self._preread()
+        except OSError as exc:
+            self._fail(f"{model.name}: {exc.strerror or exc}")
+            return
         answered = False
         while True:
             if self._code is not None or self._closing.is_set():
@@ -301,7 +322,7 @@ class LlamaServerProcess(WorkerProcess):
                 break
             if status is not None and not answered:
                 answered = True
-                self._emit(p.Loading(pct=50))
+                self._emit(p.Loading(pct=85))
             if time.monotonic() - started > LOAD_SECONDS:
                 self._fail(f"llama-server did not load {model.name} within {LOAD_SECONDS:.0f}s")
                 return
