@@ -32,8 +32,9 @@ def test_a_request_is_told_the_tenant_the_daemon_and_when_to_ask_again() -> None
     assert isinstance(refusal, Away) and refusal.retry_after == 1  # two failures: 1 s
     assert str(refusal) == "tenant 'chat' is unavailable: the Ollama daemon at http://127.0.0.1:11434 does not answer (ConnectError); trying it again in 1s"
     assert failure(refusal) == (503, {"message": str(refusal), "type": "server_error", "param": None, "code": "model_unavailable"})
-    a.down("x\nInjected: header", now=101.5)
-    assert "\n" not in a.why and a.failures == 3 and a.retry_at == 103.5
+    a.down("x\nInjected: header \x1b[31mred\x00" + "long " * 100, now=101.5)  # a daemon's 5xx body: another process's words
+    assert a.why.startswith("x Injected: header [31mred long") and len(a.why) <= 300 and a.why.isprintable()
+    assert a.failures == 3 and a.retry_at == 103.5
     assert a.up() is True and a.refusal() is None and a.failures == 0
 
 
@@ -97,6 +98,28 @@ def test_a_request_the_daemon_refuses_is_that_requests_failure_not_the_tenants()
     assert not isinstance(failed.value, Away) and backend.daemon.why == ""
 
 
+@pytest.mark.parametrize("raising", [ollama.ResponseError("the model runner crashed", 500), httpx.ReadTimeout("slow"),
+                                     ollama.ResponseError("not found", 404)])
+def test_a_request_only_it_fails_never_takes_the_tenant_away_from_the_others(raising: BaseException) -> None:
+    """A generation the daemon fails (or outlasts the timeout) while the daemon answers otherwise is
+    that request's failure: the daemon is asked once, and the tenant stays available."""
+    backend = _backend(None)
+    client: Any = backend.client
+
+    def failing(*a: Any, **k: Any) -> Any:
+        client.calls.append("chat")
+        raise raising
+
+    client.chat = client.generate = failing
+    with pytest.raises(BackendError, match="and it answers otherwise: this request failed") as failed:
+        backend.complete(Request([{"role": "user", "content": "hi"}], None, 4, 0.0, 1.0), Generated())
+    assert not isinstance(failed.value, Away) and backend.daemon.why == "" and client.calls == ["chat", "show"]
+    client.raising = ollama.ResponseError("model 'llama3.2:1b' not found", 404)  # and now the daemon lost the model
+    with pytest.raises(Away, match="does not have llama3.2:1b"):
+        backend.complete(Request([{"role": "user", "content": "hi"}], None, 4, 0.0, 1.0), Generated())
+    assert backend.daemon.failures == 1  # marked once, by the check
+
+
 def test_a_stream_broken_off_by_the_daemon_marks_it_away() -> None:
     backend = _backend(None)
 
@@ -105,8 +128,9 @@ def test_a_stream_broken_off_by_the_daemon_marks_it_away() -> None:
         raise httpx.ReadError("connection reset")
 
     backend.client.chat = backend.client.generate = parts  # type: ignore[method-assign]
+    backend.probe = _Client(httpx.ConnectError("refused"))  # type: ignore[assignment]  # the daemon is gone, not only this answer
     got = []
-    with pytest.raises(Away, match="went away mid-answer \\(ReadError\\)"):
+    with pytest.raises(Away, match="does not answer \\(ConnectError\\)"):
         for piece in backend.stream(Request(None, "hi", 4, 0.0, 1.0), Generated()):
             got.append(piece)
     assert got == ["one "] and backend.daemon.why

@@ -67,7 +67,9 @@ class Availability:
         now = time.monotonic() if now is None else now
         with self.lock:
             was = not self.why
-            self.why = " ".join(why.split())[:300]
+            # One line of printable text: it reaches a 503's message, the journal and the Status: line
+            # (a daemon's 5xx body is another process's words).
+            self.why = " ".join("".join(c if c.isprintable() else " " for c in why).split())[:300]
             self.failures += 1
             self.retry_at = now + backoff(self.failures, self.cap)
         return was

@@ -46,31 +46,55 @@ class OllamaBackend:
         self.device, self.dtype = "ollama", "daemon"
         self.daemon = Availability(tenant or self.name, host or "127.0.0.1:11434", cap=retry_cap)
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One call to the daemon: its being away (refused, a timeout, 5xx, the model gone) marks it so and raises ``Away``."""
+    def _call(self, fn: Callable[..., Any], *args: Any, request: bool = False, **kwargs: Any) -> Any:
+        """One call to the daemon: its being away (refused, a timeout, 5xx, the model gone) marks it so and
+        raises ``Away``. ``request``: a client's generation, whose failure may be its own (see ``_failure``)."""
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            failure = self._failure(exc)
+            failure = self._failure(exc, request=request)
             if failure is exc:
                 raise
             raise failure from exc
 
-    def _failure(self, exc: Exception, mid_answer: bool = False) -> Exception:
-        """What a failed call means: ``Away`` for the daemon's being away, ``BackendError`` for a request it refused."""
+    def _failure(self, exc: Exception, mid_answer: bool = False, request: bool = False) -> Exception:
+        """What a failed call means: ``Away`` for the daemon's being away, ``BackendError`` for a request it failed.
+
+        A refused connection is the daemon's. Anything else a client's request met (a 5xx, a 404, a
+        timeout, a connection broken mid-answer) may be that request's own doing (a generation the
+        daemon cannot run, one slower than the timeout): the daemon is asked once (``/api/show``, the
+        short timeout) and the tenant is marked away only when that fails too, so no client can take
+        the tenant away from the others."""
         import httpx
         import ollama
 
         where = f"the Ollama daemon at {self.daemon.address}"
-        if isinstance(exc, (ConnectionError, httpx.TransportError)):
-            return self._away(f"{where} {'went away mid-answer' if mid_answer else 'does not answer'} ({type(exc).__name__})")
-        if isinstance(exc, ollama.ResponseError):
-            if exc.status_code == 404:
-                return self._away(f"{where} does not have {self.name} (HTTP 404; zoo-agent apply pulls it again)")
-            if exc.status_code >= 500:
-                return self._away(f"{where} answered HTTP {exc.status_code}: {' '.join(str(exc.error).split())[:200]}")
+        if isinstance(exc, (ConnectionError, httpx.ConnectError)):
+            return self._away(f"{where} does not answer ({type(exc).__name__})")
+        if isinstance(exc, httpx.TransportError):
+            why = f"{where} {'went away mid-answer' if mid_answer else 'does not answer'} ({type(exc).__name__})"
+        elif isinstance(exc, ollama.ResponseError) and exc.status_code == 404:
+            why = f"{where} does not have {self.name} (HTTP 404; zoo-agent apply pulls it again)"
+        elif isinstance(exc, ollama.ResponseError) and exc.status_code >= 500:
+            why = f"{where} answered HTTP {exc.status_code}: {' '.join(str(exc.error).split())[:200]}"
+        elif isinstance(exc, ollama.ResponseError):
             return BackendError(f"ollama:{self.name}: HTTP {exc.status_code}: {exc.error}")
-        return exc
+        else:
+            return exc
+        if not request:
+            return self._away(why)
+        if self._answers():
+            return BackendError(f"ollama:{self.name}: {why.removeprefix(where + ' ')}, and it answers otherwise: this request failed")
+        refusal = self.daemon.refusal()  # marked by the check, with its own reason
+        return refusal if refusal is not None else self._away(why)
+
+    def _answers(self) -> bool:
+        """Whether the daemon answers and has the model (``Away``, marked, when it does not)."""
+        try:
+            self._call(self.probe.show, self.name)
+        except Away:
+            return False
+        return True
 
     def _away(self, why: str) -> Away:
         mark(self.daemon, why)
@@ -117,8 +141,8 @@ class OllamaBackend:
             raise refusal  # away: not asked again per request (the watcher asks, with backoff)
         common = {"model": self.name, "options": self._options(request), "keep_alive": KEEP_LOADED, "stream": stream}
         if request.messages is not None:
-            return self._call(self.client.chat, messages=request.messages, **common)
-        return self._call(self.client.generate, prompt=request.prompt or "", **common)
+            return self._call(self.client.chat, messages=request.messages, request=True, **common)
+        return self._call(self.client.generate, prompt=request.prompt or "", request=True, **common)
 
     @staticmethod
     def _text(part: Any) -> str:
@@ -154,7 +178,7 @@ class OllamaBackend:
         except Away:
             raise
         except Exception as exc:  # a streamed answer fails as it is read: the same meanings as _call's
-            failure = self._failure(exc, mid_answer=bool(pieces))
+            failure = self._failure(exc, mid_answer=bool(pieces), request=True)
             if failure is exc:
                 raise
             raise failure from exc
