@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -89,19 +89,19 @@ class Health(_Document):
 # -- /v1/models ----------------------------------------------------------------------------------
 def _object_or_none(value: Any) -> Any:
     """``x_zoo`` that is not an object is some other server's field of that name: it vouches for nothing."""
-    return value if isinstance(value, dict) else None
+    return value if isinstance(value, dict | CardZoo) else None
 
 
 class CardZoo(_Document):
     """Our extension of a model card: what the card is, its state, and what it can do (issue #36)."""
 
-    kind: Literal["tenant", "adapter", "route"] | None = None
+    kind: Word | None = None  # tenant, adapter, route (a word, not a closed set: a newer resident may list other kinds)
     state: Word | None = None  # the tenant's phase (tenants and their adapters)
     model: Word | None = None  # model@version the tenant serves (what peers compare)
     digest: Word | None = None  # the tenant's digest over its pinned model and adapters (peers.tenant_digest); null mid-swap
     version_digest: Word | None = None  # the whole-version digest apply recorded in the version's manifest.json (issue #35)
     backend: Word | None = None
-    task: Literal["generate", "embed"] | None = None
+    task: Word | None = None  # generate (embed: issue #36's embedding tenants)
     max_context: Count | None = None  # tokens one sequence may hold; null: not known (no config.json, nothing declared)
     adapters: list[Word] | None = None  # the model names of the tenant's adapters, <tenant>:auto included where declared
     tenants: list[Word] | None = None  # a route's: every tenant it may send a request to, in order
@@ -281,8 +281,8 @@ _EXPECTED = {
 
 
 def _field_loc(error: Any) -> tuple[Any, ...]:
-    """The error's location without pydantic's own markers (a validator's or a union member's name)."""
-    return tuple(part for part in error["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+    """The error's location: keys and indexes only (no model here has a union that pydantic would name in it)."""
+    return tuple(error["loc"])
 
 
 def _json_type(value: Any) -> str:
