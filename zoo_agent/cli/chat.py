@@ -109,8 +109,10 @@ def _answered(zoo: AnswerZoo, fingerprint: Any, session: str) -> str:
     return f"[{fingerprint}{adapter}{via} · session {session} · cache {cache}]"
 
 
-def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -> None:
-    """``tenant`` is a tenant, ``tenant:adapter`` or a route (issue #36): whatever /v1/models lists."""
+def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None:
+    """``tenant`` is a tenant, ``tenant:adapter`` or a route (issue #36): whatever /v1/models lists.
+    ``out``: standard output as it is when called (click's test runner replaces it)."""
+    out = out if out is not None else sys.stdout
     models = client.models()
     if tenant not in models:
         raise UsageError(f"--model {tenant}: not served at {client.url} (serving: {', '.join(models)})")
