@@ -31,10 +31,10 @@ __all__ = [
 
 #: A count a document may carry: never negative (a peer claiming -5 waiting must not look idlest), and exact in a double.
 Count = Annotated[int, Field(ge=0, le=2**53)]
-#: A short word or label (a state, an id, a model@version, a digest).
-Word = Annotated[str, Field(max_length=1000)]
-#: A sentence a resident says (its STATUS= line, an error).
-Text = Annotated[str, Field(max_length=100_000)]
+#: A word or label (a state, an id, a model@version, a digest, a rule's name) and a sentence (a STATUS= line, an
+#: error). Not bounded here: a reader bounds the whole document's bytes, and a producer must never fail on its own words.
+Word = str
+Text = str
 
 
 class _Document(BaseModel):
@@ -259,8 +259,6 @@ def problem(error: Any) -> str:
         said = "required"
     elif kind in ("greater_than_equal", "less_than_equal") and isinstance(given, int | float):
         said = f"expected {'at least' if kind == 'greater_than_equal' else 'at most'} {bound.get('ge', bound.get('le'))}, got {given:.6g}"
-    elif kind == "string_too_long":
-        said = f"expected a string of at most {bound.get('max_length')} characters, got {len(given) if isinstance(given, str) else '?'}"
     elif expected is not None:
         said = f"expected {expected}, got {_json_type(given)}"
     else:
