@@ -39,17 +39,17 @@ from zoo_agent.plan import (
     plan_gc,
     plan_versions,
 )
-from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
-from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
+from zoo_agent.reconcile.apply import Result, apply, rollback
+from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
+from zoo_agent.reconcile.sequence import planned
 from zoo_agent.reconcile.status import artifact_status, healthy, with_digests
 from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
 from zoo_agent.resident.reports import resident_status
 from zoo_agent.sources import FetchSettings
-from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
-from zoo_agent.store.host import init_identity
+from zoo_agent.store.durable import FILE_MODE, write_atomic
 
 __all__ = ["add_cmd", "apply_cmd", "gc_cmd", "plan_cmd", "rollback_cmd", "status_cmd", "verify_cmd"]
 
@@ -182,15 +182,8 @@ def _apply(target: Target, wait: float, allow_network_fs: bool, strict: bool, te
     idx, host = target.resolve()
     desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
-    with target.zoo.lock(wait):
-        sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
-        target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
-        observed = observe(target.zoo)
-        the_plan = _plan(target, desired, observed)
-        refuse_conflicts(the_plan, str(target.index))
-        # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
-        proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())
-        init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
+    served = (tenant,) if tenant else idx.hosts[host].served()
+    with planned(target.zoo, idx, host, desired, target.index, fetching, served, wait, lambda d, o: _plan(target, d, o)) as the_plan:
         whole = desired_for_host(idx, host)
         rec.artifacts = lambda: artifact_status(whole, observe(target.zoo))
         _run_plan(target, the_plan, desired, "apply", fetching, strict, rec)

@@ -178,7 +178,7 @@ class Reports:
             version = worker.config.version if worker is not None else None
             first_version = first_version or version
             tenants[tid] = StateTenant(state=slot.phase, model=worker.config.model if worker else None, version=version,
-                                       pid=worker.proc.pid if worker else None, pinned=slot.pinned, footprint=slot.footprint,
+                                       pid=worker.pid if worker else None, pinned=slot.pinned, footprint=slot.footprint,
                                        running=worker.stats.running if worker else 0, waiting=(worker.stats.waiting if worker else 0) + slot.queued,
                                        last_used=_wall(slot.last_used), error=slot.refusal or slot.error or "")  # fmt: skip
         state = ResidentState(pid=os.getpid(), attempts=said.attempts, reloads=said.reloads, last_error=said.last_error, state=said.state,
