@@ -351,6 +351,11 @@ class TenantEntry(_Strict):
     """What one resident serves: a model, its adapters and serving settings."""
 
     model: Id = Field(description="Id of the model to serve.")
+    kind: Literal["generation", "embedding"] = Field(
+        default="generation",
+        description="'generation': chat and completions; 'embedding': a sentence-embedding model served at /v1/embeddings "
+                    "(pooled as its modules.json declares; no adapters, sessions or generation settings). Issue #36.",
+    )  # fmt: skip
     loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
     backend: Literal["transformers", "ollama", "llama.cpp"] = Field(
         default="transformers",
