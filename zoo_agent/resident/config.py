@@ -80,6 +80,7 @@ class WorkerConfig(BaseModel):
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
     priority: int = 0  # the tenant's default class (resident/priority.py): lower is served first, as vLLM's
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds: batch is never starved
+    kind: Literal["generation", "embedding"] = "generation"  # the tenant's: an embedding worker serves /v1/embeddings (issue #36)
 
 
 class ResidentConfig(BaseModel):

@@ -77,6 +77,7 @@ class Launcher:
             route_sessions=self.route_sessions(idx, tid), router_socket=self.sockets / "router.sock" if self.sockets else None,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
+            kind=tenant.kind,
         )  # fmt: skip
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:

@@ -52,9 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, alias_tenants, parse_request
+from zoo_agent.resident.inbound import EMBED, GENERATE, Host, Parsed, Rejected, alias_tenants, embedding_tenants, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
+from zoo_agent.resident.router.embeddings import forward_embeddings
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.routes import Routed, Routes
@@ -105,6 +106,7 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.aliases: dict[str, tuple[str, tuple[str, ...]]] = {}  # a model's alias -> (the model, the tenants serving it here)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
+        self.embedders: frozenset[str] = frozenset()  # served tenants of kind "embedding" (issue #36)
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
@@ -125,6 +127,7 @@ class Router:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
         self.aliases = alias_tenants(idx, self.table.order)
+        self.embedders = embedding_tenants(idx, self.table.order)
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
@@ -242,6 +245,9 @@ class Router:
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
         tenant, body = parsed.tenant, body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
+        if path == EMBED:  # an embedding tenant's request (issue #36): router/embeddings.py
+            await forward_embeddings(self, scope, receive, send, body, parsed)
+            return
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
@@ -280,7 +286,8 @@ class Router:
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
-        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases)
+        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases,
+                    self.embedders)
 
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:

@@ -188,7 +188,7 @@ class Endpoints:
             version = worker.config.version if worker else idx.models[tenant.model].version
             facts = self.facts.of("models", tenant.model, version)
             own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
-                                                backend=tenant.backend, task="generate",
+                                                backend=tenant.backend, task="embed" if tenant.kind == "embedding" else "generate",
                                                 max_context=tenant.resources.max_context or facts.context, adapters=adapters + auto))  # fmt: skip
             data.append(own)
             for lid in tenant.loras:

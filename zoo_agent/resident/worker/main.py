@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(configure, p.Configure):
         return 2  # the supervisor went away before it told us what to serve
     config = configure.config
+    if config.kind == "embedding":  # an embedding tenant's worker (issue #36)
+        from zoo_agent.resident.worker.embedding_main import run
+
+        return run(config, control, lines, pending, args.listen_fd)
     if config.backend != "ollama":
         import zoo_agent.resident.worker.app  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
         import zoo_agent.resident.worker.backend  # noqa: F401
