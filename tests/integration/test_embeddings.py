@@ -14,6 +14,7 @@ import base64
 import json
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,4 +261,77 @@ def test_an_embedding_tenant_pages_in_and_out_under_a_budget_like_a_generating_o
         assert [t for action, t in paged if action == "page-in"].count("emb-mean") == 2
     finally:
         out = r.stop()
+    assert "Traceback" not in out
+
+
+def test_a_new_version_reloads_under_load_failing_no_request_and_a_pipeline_it_cannot_reproduce_is_refused(
+        tmp_path: Path, embedders: dict[str, Path]) -> None:  # fmt: skip
+    """Clients embedding without pause while apply publishes a new version: every request answered, by the
+    old version then the new one only. Beside it, a model whose modules.json adds a Dense module fails
+    to load, and a request for it is a 503 naming the file, not another model's vectors."""
+    import httpx
+
+    from zoo_agent.demo.tiny import build_tiny_embedder, sentence_transformers_layout
+
+    world = World(tmp_path)
+    world.artifact("e", "1", _files(embedders["mean"]))
+    dense = _files(embedders["mean"])
+    modules = json.loads(dense["modules.json"])
+    dense["modules.json"] = json.dumps([*modules[:2], {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]).encode()
+    world.artifact("d", "1", dense)
+    tenants = {"emb": {"model": "e", "kind": "embedding", "pinned": True}, "dense": {"model": "d", "kind": "embedding"}}
+
+    def publish() -> None:  # World.artifact writes its own index: ours again, then apply
+        world.index.write_text(json.dumps({"models": world.models, "tenants": tenants, "hosts": {"h": {"tenants": list(tenants)}}}))
+        assert world.run("apply").exit_code == 0
+
+    publish()
+    v2 = sentence_transformers_layout(build_tiny_embedder(tmp_path / "v2", WORDS, hidden=64, layers=2, seed=8), max_seq_length=MAX_TOKENS)
+    r = Resident(world)
+    seen: dict[int, list[float]] = {}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    resp = http.post(r.url + "/v1/embeddings", json={"model": "emb", "input": "the cat sat"})
+                    if resp.status_code != 200:
+                        failures.append(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                        continue
+                    seen.setdefault(n, []).append(resp.json()["data"][0]["embedding"][0])
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    try:
+        r.wait_ready()
+        refused = httpx.post(r.url + "/v1/embeddings", json={"model": "dense", "input": "cat"}, timeout=120)
+        assert refused.status_code == 503, refused.text
+        assert "modules.json: module 'sentence_transformers.models.Dense' is not supported" in refused.json()["error"]["message"]
+        old = httpx.post(r.url + "/v1/embeddings", json={"model": "emb", "input": "the cat sat"}, timeout=60).json()["data"][0]["embedding"][0]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        world.artifact("e", "2", _files(v2))
+        publish()  # current moves; the resident follows it
+        r.wait(lambda m: "emb e@2 (" in m.get("STATUS", ""), timeout=120)
+        new = httpx.post(r.url + "/v1/embeddings", json={"model": "emb", "input": "the cat sat"}, timeout=60).json()["data"][0]["embedding"][0]
+        assert new != old
+        deadline = time.monotonic() + 60  # bounded: until every client has been answered by the new version
+        while time.monotonic() < deadline and not all(len(seen.get(n, [])) and abs(seen[n][-1] - new) < 1e-6 for n in range(4)):
+            time.sleep(0.1)
+        assert 'zoo:reloads_total{result="ok",tenant="emb"} 1.0' in httpx.get(r.url + "/metrics", timeout=30).text
+    finally:
+        stop.set()
+        for t in threads:
+            if t.is_alive():
+                t.join(timeout=60)
+        out = r.stop()
+    assert failures == []
+    for values in seen.values():  # batched with other clients' texts or not: the same vector to float32's last bits
+        versions = ["old" if abs(v - old) < 1e-6 else "new" if abs(v - new) < 1e-6 else repr(v) for v in values]
+        assert set(versions) <= {"old", "new"} and versions[-1] == "new", versions
+        assert "old" not in versions[versions.index("new"):], versions
     assert "Traceback" not in out
