@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -224,6 +226,9 @@ def test_models_metrics_health_and_status_show_the_embedding_tenant(served: Resi
     assert 'zoo:request_success_total{finished_reason="stop",tenant="emb-cls"}' in metrics
     tokens = next(line for line in metrics.splitlines() if line.startswith("zoo:prompt_tokens_total") and 'tenant="emb-cls"' in line)
     assert float(tokens.rsplit(" ", 1)[1]) >= 2
+    if promtool := shutil.which("promtool"):  # the text parses as Prometheus' own, every worker's families merged
+        checked = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True, timeout=60)
+        assert "error" not in (checked.stdout + checked.stderr).lower(), checked.stdout + checked.stderr
     health = httpx.get(served.url + "/health", timeout=5).json()
     assert health["tenants"]["emb-cls"]["state"] == "serving" and health["tenants"]["emb-cls"]["model"] == "e-cls"
     status = served.wait(lambda m: "emb-cls e-cls@1 (" in m.get("STATUS", "") and "; 0 requests" not in m["STATUS"], timeout=30)["STATUS"]
