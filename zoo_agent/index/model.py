@@ -366,6 +366,11 @@ class CheckpointRetention(_Strict):
                     "in systemd's time-span notation ('1h', '30min', '1h 30min'); an idle session is not checkpointed again.",
     )  # fmt: skip
 
+    @property
+    def seconds(self) -> float | None:
+        """``every`` in seconds (None: no timed checkpoints)."""
+        return None if self.every is None else parse_timespan(self.every)
+
 
 class SessionRetention(_Strict):
     """How many conversations a tenant keeps, and for how long (`zoo-agent sessions prune`)."""

@@ -89,6 +89,7 @@ class CheckpointExists(CheckpointError):
 
 class CheckpointBusy(CheckpointError):
     status, code = 503, "checkpoint_busy"
+    exit_code = 75  # another writer holds the lock, as LockHeld
 
 
 class CheckpointRecord(BaseModel):
