@@ -5,6 +5,7 @@ old set or the new one. No model here (tests/integration/test_checkpoints.py run
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -128,6 +129,20 @@ def test_a_route_session_is_checkpointed_with_each_of_its_caches(tmp_path: Path)
     assert record["caches"] == 2
     assert z.cli("restore", "--route", "r", "cp", "--as", "new").exit_code == 0
     assert sorted(p.name for p in (route / "kv-cache").iterdir() if p.name.startswith("new")) == ["new+aaaa.safetensors", "new+bbbb.safetensors"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_set(z: Zooish, monkeypatch: pytest.MonkeyPatch) -> None:
+    z.talk("s", 1)
+    assert z.cli("checkpoint", "s", "--name", "a").exit_code == 0
+
+    def full(*_args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    result = z.cli("checkpoint", "s", "--name", "b")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "checkpointing session 's': No space left on device" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and z.names() == ["a"]
 
 
 HOSTILE = ["../../x", "../victim", "/tmp/x", "a/b", ".hidden", "x" * 65, "", "x y", "..", "a\nb", "é"]

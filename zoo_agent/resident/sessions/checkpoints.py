@@ -157,7 +157,9 @@ class Checkpoints:
         """Every checkpoint (of session ``sid``), oldest first per session, and the sets that are damaged (reported, skipped)."""
         records: list[CheckpointRecord] = []
         damaged: list[dict[str, str]] = []
-        with self._root() as base, _opened(base, "checkpoints", self.base) as cdir:
+        if not self.base.is_dir():  # no session was ever kept here
+            return [], []
+        with self._failing("listing checkpoints"), self._root() as base, _opened(base, "checkpoints", self.base) as cdir:
             if cdir is None:
                 return [], []
             for session in [valid_id(sid)] if sid is not None else sorted(os.listdir(cdir)):
@@ -184,7 +186,8 @@ class Checkpoints:
         if name is not None:
             valid_name(name)
         keep = max(1, min(keep, MAX_KEEP))
-        with self._root() as base, self._dir(base, "checkpoints", create=True) as cdir, self._locked(cdir):
+        with self._failing(f"checkpointing session '{sid}'"), self._root(f"session '{sid}' does not exist") as base, \
+                self._dir(base, "checkpoints", create=True) as cdir, self._locked(cdir):  # fmt: skip
             stamp = now()
             name = name or _unused(cdir, default_name(sid, stamp))
             if (owner := _owner(cdir, name, self.base)) is not None:
@@ -217,7 +220,8 @@ class Checkpoints:
         valid_name(name)
         if new_id is not None:
             valid_id(new_id)
-        with self._root() as base, _opened(base, "checkpoints", self.base) as cdir:
+        with self._failing(f"restoring checkpoint '{name}'"), self._root(f"checkpoint '{name}' does not exist") as base, \
+                _opened(base, "checkpoints", self.base) as cdir:  # fmt: skip
             if cdir is None:
                 raise CheckpointNotFound(f"checkpoint '{name}' does not exist")
             with self._locked(cdir):
@@ -247,7 +251,8 @@ class Checkpoints:
     def delete(self, name: str) -> CheckpointRecord:
         """Remove checkpoint ``name`` from its session's set, then its files."""
         valid_name(name)
-        with self._root() as base, _opened(base, "checkpoints", self.base) as cdir:
+        with self._failing(f"deleting checkpoint '{name}'"), self._root(f"checkpoint '{name}' does not exist") as base, \
+                _opened(base, "checkpoints", self.base) as cdir:  # fmt: skip
             if cdir is None:
                 raise CheckpointNotFound(f"checkpoint '{name}' does not exist")
             with self._locked(cdir):
@@ -318,14 +323,25 @@ class Checkpoints:
         write_atomic_at(sdir, SET, data.encode(), FILE_MODE)
 
     @contextmanager
-    def _root(self) -> Iterator[int]:
-        """The tenant's (route's) directory, as the zoo names it; made when missing."""
-        self.base.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def _root(self, missing: str = "no sessions here yet") -> Iterator[int]:
+        """The tenant's (route's) directory, as the zoo names it (followed: the zoo's own path); ``CheckpointNotFound(missing)`` when there is none."""
+        try:
+            fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CheckpointNotFound(missing) from None
         try:
             yield fd
         finally:
             os.close(fd)
+
+    @contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """An OSError of the store (a full disk, a permission) as one line naming what and where; the rest as they are."""
+        try:
+            yield
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StoreError(f"{self.base}: {doing}: {exc.strerror or exc}{where}") from exc
 
     @contextmanager
     def _dir(self, parent: int, name: str, *, create: bool = False, shown: Path | None = None) -> Iterator[int]:

@@ -178,7 +178,7 @@ class Sessions:
         if policy is None or policy.every is None:
             return
         try:
-            store = Checkpoints(self.dir.parent, route=self.route is not None)
+            store = Checkpoints(self.dir.parent, route=self.route is not None, wait=1.0)  # the model thread: skipped, not held, when busy
             if store.due(transcript.id, policy.every, transcript.created):
                 record, dropped = store.create(transcript.id, keep=policy.keep, kind="timed")
                 log.info("session %s: timed checkpoint %s (%d turns)%s", transcript.id, record.name, record.turns,
