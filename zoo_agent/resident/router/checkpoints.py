@@ -104,8 +104,8 @@ class CheckpointApi:
         if path.startswith(SESSIONS):  # /v1/sessions/<id>/checkpoints
             sid = path.removeprefix(SESSIONS).removesuffix("/checkpoints")
             if method == "GET":
-                records, _ = store.listed(_session(sid))
-                return _ok({"object": "list", "data": [_card(r) for r in records]})
+                records, damaged = store.listed(_session(sid))
+                return _ok({"object": "list", "data": [_card(r) for r in records], "damaged": damaged})
             if method != "POST":
                 return _method(method, "GET or POST")
             asked = _body(body, content_type, _Create)

@@ -473,11 +473,15 @@ def _exists(parent: int, name: str) -> bool:
 
 
 def _exists_at(cdir: int, session: str, name: str) -> bool:
+    """Whether session directory ``session`` (not a link: then it holds nothing of ours) has an entry ``name``."""
     try:
-        os.stat(f"{session}/{name}", dir_fd=cdir, follow_symlinks=False)  # session: a valid id, one component
-    except (FileNotFoundError, NotADirectoryError):
+        fd = os.open(session, _DIR, dir_fd=cdir)
+    except OSError:
         return False
-    return True
+    try:
+        return _exists(fd, name)
+    finally:
+        os.close(fd)
 
 
 def _read_set(sdir: int, sid: str, base: Path) -> list[CheckpointRecord]:
