@@ -5,6 +5,8 @@ The models themselves are built by the ``built`` fixture (tests/integration/conf
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,21 @@ async def call(b: Any, requests: list[tuple[str, str, dict[str, Any] | None]]) -
             return r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
         return list(await asyncio.gather(*(one(*req) for req in requests)))
+
+
+@contextmanager
+def generated_ids(b: Any) -> Iterator[dict[str, list[int]]]:
+    """The token ids each finished request generated, by its last message: the backend reports text only."""
+    seen: dict[str, list[int]] = {}
+    finish = b.finish
+
+    def spy(request: Any, result: Any, out: Any) -> None:
+        ids = out[0] if isinstance(out, tuple) else getattr(out, "sequences", out)[0].tolist()
+        seen[(request.messages or [{}])[-1].get("content", request.prompt)] = [int(t) for t in ids[result.prompt_tokens :]]
+        finish(request, result, out)
+
+    b.finish = spy
+    try:
+        yield seen
+    finally:
+        del b.finish
