@@ -112,6 +112,7 @@ def test_a_set_scales_adapters_rather_than_ignoring_the_scale(three: Any) -> Non
     ("t", {"adapters": [{"name": "code", "scale": 2.5}]}, "x_zoo.adapters.0.scale", "x_zoo.adapters.0.scale: Input should be less than or equal to 2"),
     ("t", {"adapters": [{"name": "code", "scale": 0.33}]}, "x_zoo.adapters.0.scale",
      "x_zoo.adapters.0.scale: 0.33 is not a multiple of 0.05 (scales run from -2 to 2 in steps of 0.05, not 0)"),
+    ("t", {"adapter": "code"}, "x_zoo.adapter", "x_zoo.adapter: Extra inputs are not permitted"),  # a typo never answers with the base
 ])  # fmt: skip
 def test_an_adapter_a_set_may_not_have_is_refused_naming_it_and_its_field(
         small: Any, model: str, x_zoo: dict[str, Any] | None, param: str, message: str) -> None:  # fmt: skip

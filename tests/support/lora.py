@@ -63,11 +63,13 @@ def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
     return str(b.complete(Request(PROMPT, None, tokens, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 
 
-def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12) -> str:
-    """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means."""
+def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12, *, also: tuple[str, ...] = (), weights: tuple[float, ...] = ()) -> str:
+    """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means; with
+    ``also`` and ``weights``, peft's weighted composition of them all (an explicit set, issue #36)."""
     from transformers import AutoTokenizer
 
-    return str(AutoTokenizer.from_pretrained(built["base"]).decode(peft_ids(built, (aid,), tokens=tokens), skip_special_tokens=True))
+    ids = peft_ids(built, (aid, *also), tokens=tokens, **({"combine": "weighted", "weights": weights} if weights else {}))
+    return str(AutoTokenizer.from_pretrained(built["base"]).decode(ids, skip_special_tokens=True))
 
 
 def peft_ids(built: dict[str, Path], aids: tuple[str, ...], *, combine: str = "sum", weights: tuple[float, ...] = (),
