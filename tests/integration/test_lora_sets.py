@@ -152,3 +152,16 @@ def test_auto_never_picks_an_excluded_adapter(three: Any) -> None:
             assert chosen(body["x_zoo"]) == [a for a in before[text] if a != excluded], (excluded, text, body["x_zoo"])
     answers = post(three, [ask("t:auto", {"exclude": list(ALL)}, text=t) for t in texts])
     assert all(body["x_zoo"]["adapter"] is None for _, body in answers)  # all excluded: the base model answers
+
+
+def test_distinct_scales_never_grow_the_cached_compositions_past_max_loras(built: dict[str, Path]) -> None:
+    """A client cycling through scales builds one composition per request, but peft holds at most max_loras of them."""
+    b = backend(built, (adapter(built, "code"), adapter(built, "terse")), max_loras=2)
+    scales = [round(0.05 * k, 2) for k in range(1, 31)]
+    bodies = [ask("t", {"adapters": [{"name": "code", "scale": s}, {"name": "terse", "scale": -s}]}, max_tokens=1) for s in scales]
+    for body in bodies:
+        ((status, answer),) = post(b, [body])
+        assert status == 200, answer
+        composed = [n for n in b.adapters.peft.peft_config if n.startswith("compose-")]
+        assert len(b.adapters.compositions) <= 2 and sorted(composed) == sorted(b.adapters.compositions)
+    assert b.adapters.stats.compositions_built == len(scales) and set(b.adapters.loaded) == {"code", "terse"}
