@@ -8,6 +8,8 @@ composition equal to peft's) are tests/integration/test_lora_sets.py.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zoo_agent.resident.engine.base import AUTO, SET
 from zoo_agent.resident.sessions.turns import Refusal
@@ -61,6 +63,7 @@ def test_a_set_in_x_zoo_carries_its_scales_and_one_adapter_at_scale_1_is_that_ad
      (400, "x_zoo.adapters", "x_zoo.adapters: a set of 4 adapters; at most 3, the adapters this tenant keeps loaded at once (resources.max_loras)")),
     ("t:code+", None, (400, "model", "model: adapter '' is not declared for tenant 't' (declared: bad, code, legal, terse)")),
     ("t:auto+code", None, (400, "model", "model: adapter 'auto' is not declared for tenant 't' (declared: bad, code, legal, terse)")),
+    ("t", [], (400, "x_zoo.adapters", "x_zoo.adapters: an empty set; name at least one adapter")),
     ("t:code", [("code", 0.5)],
      (400, "x_zoo.adapters", "x_zoo.adapters: a set is asked here with model 't', or in model as 't:a+b', not both (model is 't:code')")),
     ("t:auto", [("code", 0.5)],
@@ -139,3 +142,40 @@ def test_the_body_takes_scales_on_the_step_as_their_canonical_value() -> None:
     assert [(a.name, a.scale) for a in body.x_zoo.adapters] == [("a", 0.15), ("b", 1.0), ("c", -2.0), ("d", 0.35)]
     assert body.x_zoo.exclude == ["e"]
     assert ChatBody.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi"}]}).x_zoo is None
+
+
+NAMES = st.one_of(st.sampled_from(["code", "terse", "legal", "bad", "auto", "", "t", "m"]), st.text(max_size=8))
+MODELS = st.one_of(st.sampled_from(["t", "m", "t:auto"]), st.lists(NAMES, max_size=6).map(lambda names: "t:" + "+".join(names)), st.text(max_size=20))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(model=MODELS, adapters=st.none() | st.lists(st.tuples(NAMES, st.sampled_from([1.0, 0.5, -2.0])), max_size=6),
+       exclude=st.lists(NAMES, max_size=4))  # fmt: skip
+def test_any_request_is_a_decision_or_a_one_line_refusal(model: str, adapters: list[tuple[str, float]] | None, exclude: list[str]) -> None:
+    """Nothing a client sends raises; what passes names only declared, unrefused, unexcluded adapters, each once, at most max_loras."""
+    result = asked(OFFER, model, adapters, exclude)
+    if isinstance(result, Refusal):
+        assert result.status in (400, 404) and "\n" not in result.message and result.param is not None
+        assert result.message.startswith(result.param) or result.message.startswith(f"model '{model}'")
+        return
+    names = [aid for aid, _ in result.scaled] if result.adapter == SET else [result.adapter] if result.adapter not in (None, AUTO) else []
+    assert all(n in OFFER.declared and n not in OFFER.refused and n not in result.exclude for n in names)
+    assert len(set(names)) == len(names) <= OFFER.max_loras and result.exclude == frozenset(exclude)
+    assert (result.adapter == SET) == (len(names) > 1 or any(scale != 1.0 for _, scale in result.scaled))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(x_zoo=st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["adapters", "exclude", "name", "scale", "x"]), inner,
+                                                                                      max_size=3), max_leaves=12))  # fmt: skip
+def test_any_x_zoo_is_read_or_refused_by_the_body(x_zoo: object) -> None:
+    from pydantic import ValidationError
+
+    from zoo_agent.resident.worker.bodies import ChatBody
+
+    try:
+        body = ChatBody.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi"}], "x_zoo": x_zoo})
+    except ValidationError:
+        return
+    if body.x_zoo is not None and body.x_zoo.adapters is not None:
+        assert all(-2 <= a.scale <= 2 and a.scale != 0 and abs(a.scale / 0.05 - round(a.scale / 0.05)) < 1e-9 for a in body.x_zoo.adapters)

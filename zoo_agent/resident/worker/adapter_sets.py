@@ -97,6 +97,8 @@ def asked(offer: Offer, model: str, adapters: Sequence[tuple[str, float]] | None
 
 def _set(offer: Offer, named: list[tuple[str, str, float]], excluded: dict[str, str], field: str) -> Asked | Refusal:
     """(field, id, scale) of each adapter in a set: each declared, not refused, not excluded, named once."""
+    if not named:  # the body's min_length says so too; never a set of nothing
+        return Refusal(400, f"{field}: an empty set; name at least one adapter", param=field)
     if offer.declared and len(named) > offer.max_loras:
         return _too_many(offer, len(named), field)
     seen: dict[str, str] = {}
