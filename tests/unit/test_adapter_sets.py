@@ -76,6 +76,8 @@ def test_a_set_is_refused_naming_the_adapter_and_its_field(model: str, adapters:
 def test_a_name_is_quoted_bounded_and_on_one_line() -> None:
     status, param, message = refusal(asked(OFFER, "t:code+" + "x\n" * 10_000))
     assert (status, param) == (400, "model") and len(message) < 300 and "'x\\nx\\n" in message
+    status, param, message = refusal(asked(OFFER, "t:\n" + "x" * 10_000))  # the tenant's, but no adapter of it
+    assert (status, param) == (404, "model") and len(message) < 200 and message.startswith("model 't:\\nxxx")
 
 
 def test_a_set_in_model_is_counted_before_it_is_split() -> None:
@@ -156,7 +158,7 @@ def test_any_request_is_a_decision_or_a_one_line_refusal(model: str, adapters: l
     result = asked(OFFER, model, adapters, exclude)
     if isinstance(result, Refusal):
         assert result.status in (400, 404) and "\n" not in result.message and result.param is not None
-        assert result.message.startswith(result.param) or result.message.startswith(f"model '{model}'")
+        assert result.message.startswith(result.param) or result.message.startswith(f"model {model[:100]!r}")
         return
     names = [aid for aid, _ in result.scaled] if result.adapter == SET else [result.adapter] if result.adapter not in (None, AUTO) else []
     assert all(n in OFFER.declared and n not in OFFER.refused and n not in result.exclude for n in names)

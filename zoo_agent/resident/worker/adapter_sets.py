@@ -92,7 +92,7 @@ def asked(offer: Offer, model: str, adapters: Sequence[tuple[str, float]] | None
             if rest in excluded:
                 return _excluded(rest, "model", excluded)
             return Asked(rest, exclude=out)
-    return Refusal(404, f"model '{model}' is not served here (serving '{offer.tenant}')", param="model", code="model_not_found")
+    return Refusal(404, f"model {model[:100]!r} is not served here (serving '{offer.tenant}')", param="model", code="model_not_found")
 
 
 def _set(offer: Offer, named: list[tuple[str, str, float]], excluded: dict[str, str], field: str) -> Asked | Refusal:
