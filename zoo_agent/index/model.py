@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
-from zoo_agent.formats import MEMORY_PATTERN
+from zoo_agent.formats import MEMORY_PATTERN, parse_timespan
 
 __all__ = [
     "DEFAULT_MAX_CONTEXT",
     "MAX_CONTEXT",
     "ArtifactEntry",
+    "CheckpointRetention",
     "FileEntry",
     "FileSource",
     "Generation",
@@ -340,11 +342,42 @@ class AdapterSelection(_Strict):
     )  # fmt: skip
 
 
+def _timespan(spec: str | None) -> str | None:
+    """A time span systemd would read, of at least a second."""
+    if spec is None:
+        return None
+    try:
+        seconds = parse_timespan(spec)
+    except ValueError as exc:
+        raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    if seconds < 1:
+        raise PydanticCustomError("timespan", "'{spec}' is shorter than a second", {"spec": spec})
+    return spec
+
+
+class CheckpointRetention(_Strict):
+    """Named checkpoints of each session (`zoo-agent sessions checkpoint`, issue #36): how many each
+    session keeps, and how often one is taken on its own."""
+
+    keep: int = Field(default=10, ge=1, le=1000, description="Checkpoints kept per session; the oldest go first.")
+    every: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_timespan)] = Field(
+        default=None,
+        description="Take a checkpoint on its own, after a turn, once the session's newest checkpoint (or its start) is this old, "
+                    "in systemd's time-span notation ('1h', '30min', '1h 30min'); an idle session is not checkpointed again.",
+    )  # fmt: skip
+
+    @property
+    def seconds(self) -> float | None:
+        """``every`` in seconds (None: no timed checkpoints)."""
+        return None if self.every is None else parse_timespan(self.every)
+
+
 class SessionRetention(_Strict):
     """How many conversations a tenant keeps, and for how long (`zoo-agent sessions prune`)."""
 
     keep: int = Field(default=1000, ge=0, le=1_000_000, description="Sessions kept, most recently used first.")
     max_age_days: int = Field(default=90, ge=1, le=36500, description="Sessions unused for longer are removed.")
+    checkpoints: CheckpointRetention = Field(default=CheckpointRetention(), description="Named checkpoints of each session.")
 
 
 class TenantEntry(_Strict):

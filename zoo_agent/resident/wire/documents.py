@@ -165,12 +165,13 @@ class ResidentState(_Document):
 
 # -- x_zoo on answers ------------------------------------------------------------------------------
 class ComposedAdapter(_Document):
-    """One adapter of a composition (``<tenant>:auto`` choosing several)."""
+    """One adapter of a composition (``<tenant>:auto`` choosing several, or a set the caller named, issue #36)."""
 
     id: Word
     version: Word
     similarity: float | None = None
     weight: float | None = None
+    scale: float | None = None  # an explicit set's: the scale the caller gave
 
 
 class SessionReport(_Document):
