@@ -340,3 +340,22 @@ def test_a_new_version_reloads_under_load_failing_no_request_and_a_pipeline_it_c
         assert set(versions) <= {"old", "new"} and versions[-1] == "new", versions
         assert "old" not in versions[versions.index("new"):], versions
     assert "Traceback" not in out
+
+
+def test_route_similarity_and_auto_keep_mean_pooling_where_an_embedding_tenant_refuses_the_pipeline(tmp_path: Path,
+                                                                                                  embedders: dict[str, Path]) -> None:  # fmt: skip
+    """The embedder of route rules and ``<tenant>:auto`` read a model's declared pooling too, but a pipeline it cannot
+    reproduce keeps the mean pooling they always used (a warning), where an embedding tenant refuses to load it."""
+    import shutil as files
+
+    from zoo_agent.resident.embedder import Embedder
+    from zoo_agent.resident.pooling import LayoutError
+
+    model = Path(files.copytree(embedders["cls"], tmp_path / "dense"))
+    assert Embedder(model).layout.modes == ("cls",)  # declared: read
+    modules = json.loads((model / "modules.json").read_text())
+    (model / "modules.json").write_text(json.dumps([*modules, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    lenient = Embedder(model)
+    assert (lenient.layout.modes, lenient.layout.normalize, lenient.layout.declared) == (("mean",), True, False)
+    with pytest.raises(LayoutError, match="modules.json: module 'sentence_transformers.models.Dense' is not supported"):
+        Embedder(model, strict=True)

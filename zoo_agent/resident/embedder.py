@@ -7,12 +7,15 @@ where nothing is declared). torch and transformers are imported on first use onl
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.resident.pooling import Layout, read_layout
+from zoo_agent.resident.pooling import Layout, LayoutError, read_layout
 
 __all__ = ["Embedder"]
+
+log = logging.getLogger("zoo_agent.resident")
 
 #: What a tokenizer that declares no limit says (transformers' VERY_LARGE_INTEGER): no limit.
 _NO_LIMIT = 1 << 40
@@ -22,13 +25,23 @@ class Embedder:
     """A sentence-embedding model from the zoo. ``embed``: texts in, normalised vectors out, cut
     at ``max_tokens`` (their dot product is the cosine similarity: route rules and ``:auto``);
     ``encode``: tokenized texts in, the model's own vectors out (normalised only where it declares
-    ``Normalize``), what ``SentenceTransformer.encode`` gives. Called from one thread at a time."""
+    ``Normalize``), what ``SentenceTransformer.encode`` gives. Called from one thread at a time.
 
-    def __init__(self, embedding_dir: Path, device: str = "cpu", dtype: str | None = None) -> None:
+    ``strict`` (an embedding tenant): a pipeline ``pooling.py`` cannot reproduce is a ``LayoutError``.
+    Otherwise (route similarity, ``<tenant>:auto``, which measured with mean pooling before models
+    were read for theirs) such a model is mean-pooled as before, with a warning, not refused."""
+
+    def __init__(self, embedding_dir: Path, device: str = "cpu", dtype: str | None = None, *, strict: bool = False) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        self.layout: Layout = read_layout(embedding_dir)
+        try:
+            self.layout: Layout = read_layout(embedding_dir)
+        except LayoutError as exc:
+            if strict:
+                raise
+            log.warning("%s: %s; pooled as by default (mean, normalised)", embedding_dir, exc)
+            self.layout = Layout()
         where = embedding_dir / self.layout.transformer if self.layout.transformer else embedding_dir
         self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
         loaded = AutoModel.from_pretrained(where, local_files_only=True, use_safetensors=True,

@@ -11,8 +11,8 @@ computes (sentence-transformers 6: its pooling is followed here, left padding an
 included), and what ``/v1/embeddings`` answers. A directory without ``modules.json`` (a plain
 transformers model) is pooled as the resident always pooled it for route similarity and
 ``<tenant>:auto``: mean over the tokens, normalised. Any other module (``Dense``, ``Router``,
-custom code), or a prompt left out of the pooling, is refused when the model loads: the vectors
-would not be the model's.
+custom code), or a prompt left out of the pooling, is a ``LayoutError``: an embedding tenant
+refuses to load it, its vectors would not be the model's (``embedder.py`` says what the others do).
 
 Reading is pure of torch (``read_layout``), bounded (``jsonbound``: each file at most 1 MiB) and
 stays in the model's directory (a module's ``path`` that climbs out is refused); ``pool`` imports

@@ -54,7 +54,7 @@ def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, float]:
     control.sendall(p.encode(p.Loading(pct=0)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     dtype = config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "float16")
-    embedder = Embedder(config.version_dir, device, dtype)
+    embedder = Embedder(config.version_dir, device, dtype, strict=True)
     engine = EmbeddingEngine(embedder, max_rows=config.max_batch, max_tokens=embedder.max_tokens, aging_seconds=config.aging_seconds)
     warm_up(engine)
     control.sendall(p.encode(p.Loading(pct=100)))
