@@ -143,10 +143,14 @@ class FakeRouter:
 
 
 class FakeReports:
-    gap_from: dict[str, str] = {}
+    """Records the action log's page-in and page-out records."""
 
-    def paged(self, action: str, slot: Slot, label: str, **_: Any) -> None:
-        pass
+    def __init__(self) -> None:
+        self.gap_from: dict[str, str] = {}
+        self.actions: list[str] = []
+
+    def paged(self, action: str, slot: Slot, label: str, *, reason: str = "", **_: Any) -> None:
+        self.actions.append(f"{action} {slot.tenant}" + (f" reason={reason}" if reason else ""))
 
 
 class FakeLauncher:
@@ -159,10 +163,11 @@ class FakeNotify:
         return True
 
 
-def _pager(budget_gib: float | None, sizes: dict[str, float], *, pinned: tuple[str, ...] = ()) -> tuple[Pager, FakeCrew, FakeRouter]:
+def _pager(budget_gib: float | None, sizes: dict[str, float], *, pinned: tuple[str, ...] = (),
+           keep_alive: dict[str, float] | None = None) -> tuple[Pager, FakeCrew, FakeRouter]:  # fmt: skip
     table = SlotTable(budget=int(budget_gib * G) if budget_gib else None, order=list(sizes))
     for tid, gib in sizes.items():
-        table.slots[tid] = Slot(tid, estimate=int(gib * G), pinned=tid in pinned)
+        table.slots[tid] = Slot(tid, estimate=int(gib * G), pinned=tid in pinned, keep_alive=(keep_alive or {}).get(tid))
     crew = FakeCrew(table, idx=object())  # type: ignore[arg-type]  # the pager only hands it on
     router = FakeRouter()
     config = ResidentConfig(root=Path("/zoo"), index=Path("/zoo/index.json"), host="h")
@@ -249,6 +254,35 @@ def test_a_tenant_that_cannot_fit_alone_is_refused_and_its_waiters_told() -> Non
     slot = pager.table.slots["big"]
     assert crew.started == [] and slot.refusal is not None and "big needs" in slot.refusal and not slot.wanted
     assert "poke big" in router.events
+
+
+def test_keep_alive_unloads_a_worker_idle_that_long_and_never_a_pinned_or_busy_one() -> None:
+    """Issue #34, with fake time: page-out reason=idle in the action log, counted as an idle eviction."""
+    pager, crew, router = _pager(None, {"pin": 1, "chat": 1, "busy": 1, "forever": 1}, pinned=("pin",),
+                                 keep_alive={"pin": 60, "chat": 60, "busy": 60})  # fmt: skip
+    for tid in ("pin", "chat", "busy", "forever"):
+        _ask(pager, tid, 10)
+    pager.page(10)
+    for tid in ("pin", "chat", "busy", "forever"):
+        _ready(pager.table.slots[tid], 11)
+    pager.table.slots["chat"].last_used = 30  # served a request at 30
+    pager.table.slots["busy"].inflight = 1  # a long generation, since 11
+    pager.page(89)
+    assert crew.retiring == []  # chat idle 59 s: kept
+    pager.page(90)
+    assert [s.tenant for s, _ in crew.retiring] == ["chat"]
+    assert pager.reports.actions == ["page-out chat reason=idle"] and "evicted chat idle" in router.events  # type: ignore[attr-defined]
+    pager.page(10_000)
+    assert [s.tenant for s, _ in crew.retiring] == ["chat"], "a pinned, busy or keep-alive-less tenant was unloaded"
+    pager.table.slots["busy"].inflight, pager.table.slots["busy"].last_used = 0, 10_000  # its request ended now
+    pager.page(10_059)
+    assert [s.tenant for s, _ in crew.retiring] == ["chat"]
+    pager.page(10_060)
+    assert [s.tenant for s, _ in crew.retiring] == ["chat", "busy"]
+    assert pager.table.slots["chat"].phase == "draining" and not pager.table.slots["chat"].wanted  # not loaded again by itself
+    _exit(crew)
+    pager.page(20_000)
+    assert crew.started == ["pin", "chat", "busy", "forever"]
 
 
 # -- Workers: probing and reaping with a fake process -----------------------------------------------------

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide, expired
 
 G = 1 << 30
 
@@ -74,3 +74,23 @@ def test_lines_reassembles_split_messages() -> None:
     assert lines.feed(data[:5]) == []
     got = lines.feed(data[5:])
     assert [p.to_worker(line) for line in got] == [p.Ping(seq=1), p.Ping(seq=2)]
+
+
+def test_expired_names_only_idle_unpinned_serving_workers_past_their_keep_alive() -> None:
+    """keep_alive (issue #34): idle since the later of its last request and its load; never pinned, busy, loading or draining."""
+    def kept(tenant: str, keep: float | None, **kw: object) -> Live:
+        return Live(tenant, G, keep_alive=keep, **kw)  # type: ignore[arg-type]
+
+    workers = [
+        kept("idle", 300, last_used=100),
+        kept("fresh", 300, last_used=150),  # used 250 s ago
+        kept("reloaded", 300, last_used=10, loaded_at=200),  # loaded again since: idle since its load
+        kept("never", None, last_used=0),
+        kept("pinned", 300, pinned=True),
+        kept("busy", 300, busy=True),
+        kept("loading", 300, evictable=False),
+        kept("draining", 300, draining=True),
+        kept("zero", 0, last_used=399),
+    ]
+    assert expired(workers, 400.0) == ("idle", "zero")
+    assert expired(workers, 399.9) == ("zero",)  # exactly keep_alive: expired; a moment before: not

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
-from zoo_agent.formats import MEMORY_PATTERN
+from zoo_agent.formats import MEMORY_PATTERN, TIMESPAN_PATTERN
 
 __all__ = [
     "DEFAULT_MAX_CONTEXT",
@@ -368,6 +368,12 @@ class TenantEntry(_Strict):
         default=False,
         description="Never evicted from memory: loaded at start, and the resident is READY only once it answers.",
     )
+    keep_alive: Annotated[Annotated[str, Field(pattern=TIMESPAN_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Unload its worker once it has served nothing for this long, in systemd's time notation (e.g. '5min', "
+                    "'1h 30min'; '0': as soon as it is idle; Ollama's keep_alive, llama-swap's ttl). Default: never. "
+                    "Not for a pinned tenant.",
+    )  # fmt: skip
     priority: Priority = Field(
         default="default", description="Class of this tenant's requests unless a request names one (X-Zoo-Priority)."
     )
@@ -464,6 +470,12 @@ class HostEntry(_Strict):
             "on a CUDA host, RAM otherwise. plan/apply refuse tenants whose weights and KV cache cannot fit."
         ),
     )
+    max_loaded: Annotated[Annotated[int, Field(ge=1, le=1024)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Most tenants loaded at once (OLLAMA_MAX_LOADED_MODELS, llama-server's --models-max): loading one more pages "
+                    "out the least recently used idle one, beside the memory budget. At least the number of pinned tenants. "
+                    "Default: no cap.",
+    )  # fmt: skip
     routes: list[Id] = Field(default=[], description="Ids of the routes this host answers (their tenants must be served here).")
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")

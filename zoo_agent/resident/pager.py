@@ -15,12 +15,12 @@ import threading
 import time
 
 from zoo_agent.errors import UsageError, ZooError
-from zoo_agent.formats import parse_memory
+from zoo_agent.formats import parse_memory, parse_timespan
 from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig
 from zoo_agent.resident.crew import Crew
 from zoo_agent.resident.launch import Launcher
-from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide, expired
 from zoo_agent.resident.reports import Reports
 from zoo_agent.resident.router.app import Router
 from zoo_agent.resident.slots import Slot, SlotTable
@@ -72,6 +72,7 @@ class Pager:
 
         tenant = idx.tenants[slot.tenant]
         slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
+        slot.keep_alive = parse_timespan(tenant.keep_alive) if tenant.keep_alive is not None and not tenant.pinned else None
         slot.priority = CLASSES[tenant.priority]
         slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
         version = self.zoo.read_link("models", tenant.model, "current")
@@ -92,7 +93,7 @@ class Pager:
                 if worker.standby:
                     continue  # its runtime only: the weights wait for the budget
                 live.append(Live(slot.tenant, slot.footprint, slot.pinned, slot.busy, worker.state == "serving" and slot.incoming is None,
-                                 slot.last_used, slot.loaded_at))  # fmt: skip
+                                 slot.last_used, slot.loaded_at, keep_alive=slot.keep_alive))  # fmt: skip
             if not slot.workers and self.crew.preparing(slot):
                 live.append(Live(slot.tenant, slot.footprint, slot.pinned, True, False, slot.last_used))  # loading: never evicted
         live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False, draining=True) for slot, _ in self.crew.retiring]
@@ -107,7 +108,9 @@ class Pager:
         return wanted
 
     def page(self, t: float) -> None:
-        """Load what is wanted, in priority order of what waits for it; evict least recently used to make room."""
+        """Unload what stayed idle past its keep_alive; load what is wanted, in priority order of what
+        waits for it; evict least recently used to make room."""
+        self.unload_idle(t)
         for slot in self._wanted(t):
             if slot.phase == "failed":
                 # A failed load or fetch is tried again by a new request, never in a loop: the router
@@ -142,6 +145,13 @@ class Pager:
                 if slot.serving is None and any(w.draining for w in self.live()):
                     self.load(slot, standby=True)  # the memory comes back when they exit: start the runtime now
                 return
+
+    def unload_idle(self, t: float) -> None:
+        """Workers that served nothing for their tenant's keep_alive are paged out (issue #34)."""
+        with self.table.lock:
+            idle = expired(self.live(), t)
+        for tid in idle:
+            self.evict(self.table.slots[tid], "idle")
 
     # -- fetch on first use ------------------------------------------------------------------
     def _fetched(self, slot: Slot) -> bool:
@@ -234,7 +244,7 @@ class Pager:
         self.notify.status(f"loading {slot.tenant}; " + self.crew.status_line())
 
     def evict(self, slot: Slot, reason: str) -> None:
-        log.info("%s: paged out (%s; idle %.0fs)", slot.tenant, reason, time.monotonic() - slot.last_used)
+        log.info("%s: paged out (%s; idle %.0fs)", slot.tenant, reason, time.monotonic() - max(slot.last_used, slot.loaded_at))
         slot.evictions += 1
         self.router.evicted(slot.tenant, reason)
         worker = slot.serving

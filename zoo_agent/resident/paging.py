@@ -3,7 +3,8 @@
 The supervisor describes every live worker (loading, serving, draining: a draining worker's
 memory is in use until its process exits) and asks what loading one more tenant takes.
 The answer is measured in the footprints the index and the loaded models give, before
-anything loads: never load and then find out.
+anything loads: never load and then find out. ``expired`` says which workers served nothing
+for their tenant's ``keep_alive`` (issue #34).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from zoo_agent.formats import human_bytes
 
-__all__ = ["Evict", "Live", "Load", "Refuse", "Wait", "decide"]
+__all__ = ["Evict", "Live", "Load", "Refuse", "Wait", "decide", "expired"]
 
 Policy = Literal["lru", "oldest"]  # "oldest": evict the first loaded (the naive baseline the benchmark compares)
 
@@ -31,6 +32,7 @@ class Live:
     last_used: float = 0.0  # monotonic seconds
     loaded_at: float = 0.0
     draining: bool = False  # stopping: its memory comes back when its process exits
+    keep_alive: float | None = None  # seconds it may serve nothing before it is unloaded (None: never)
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,13 @@ def decide(budget: int | None, live: Sequence[Live], tenant: str, need: int, pol
     others = ", ".join(sorted({w.tenant for w in live if not w.pinned and w.tenant not in victims})) or "none"
     return Wait(f"{tenant} needs {human_bytes(need)}, {human_bytes(budget - used)} of the {human_bytes(budget)} budget is free; "
                 f"waiting for busy tenants to finish ({others})")  # fmt: skip
+
+
+def expired(live: Sequence[Live], now: float) -> tuple[str, ...]:
+    """The tenants whose workers served nothing for their ``keep_alive`` (since their last request,
+    or since they loaded): never a pinned, busy, loading or draining one."""
+    return tuple(dict.fromkeys(
+        w.tenant for w in live
+        if w.keep_alive is not None and not w.pinned and not w.busy and w.evictable and not w.draining
+        and now - max(w.last_used, w.loaded_at) >= w.keep_alive
+    ))  # fmt: skip

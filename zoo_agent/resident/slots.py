@@ -86,6 +86,7 @@ class Slot:
     served_before: int = 0  # requests and tokens of this tenant's workers that are gone
     tokens_before: int = 0
     evictions: int = 0
+    keep_alive: float | None = None  # seconds idle before its worker is unloaded (the index's keep_alive; None: never)
 
     @property
     def footprint(self) -> int:
