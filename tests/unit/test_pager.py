@@ -164,8 +164,8 @@ class FakeNotify:
 
 
 def _pager(budget_gib: float | None, sizes: dict[str, float], *, pinned: tuple[str, ...] = (),
-           keep_alive: dict[str, float] | None = None) -> tuple[Pager, FakeCrew, FakeRouter]:  # fmt: skip
-    table = SlotTable(budget=int(budget_gib * G) if budget_gib else None, order=list(sizes))
+           keep_alive: dict[str, float] | None = None, max_loaded: int | None = None) -> tuple[Pager, FakeCrew, FakeRouter]:  # fmt: skip
+    table = SlotTable(budget=int(budget_gib * G) if budget_gib else None, order=list(sizes), max_loaded=max_loaded)
     for tid, gib in sizes.items():
         table.slots[tid] = Slot(tid, estimate=int(gib * G), pinned=tid in pinned, keep_alive=(keep_alive or {}).get(tid))
     crew = FakeCrew(table, idx=object())  # type: ignore[arg-type]  # the pager only hands it on
@@ -283,6 +283,19 @@ def test_keep_alive_unloads_a_worker_idle_that_long_and_never_a_pinned_or_busy_o
     _exit(crew)
     pager.page(20_000)
     assert crew.started == ["pin", "chat", "busy", "forever"]
+
+
+def test_max_loaded_pages_out_the_least_recently_used_without_a_budget() -> None:
+    pager, crew, router = _pager(None, {"a": 1, "b": 1, "c": 1}, max_loaded=2)
+    for t, tid in enumerate(("a", "b"), start=1):
+        _ask(pager, tid, t)
+        pager.page(t)
+        _ready(pager.table.slots[tid], t)
+    pager.table.slots["a"].last_used = 5  # a was used after b
+    _ask(pager, "c", 6)
+    pager.page(6)
+    assert [s.tenant for s, _ in crew.retiring] == ["b"] and "evicted b budget" in router.events
+    assert crew.started == ["a", "b", "c (standby)"]
 
 
 # -- Workers: probing and reaping with a fake process -----------------------------------------------------

@@ -63,6 +63,7 @@ class Pager:
             self.table.order = served
             memory_budget = idx.hosts[host].memory_budget
             self.table.budget = parse_memory(memory_budget) if memory_budget else None
+            self.table.max_loaded = idx.hosts[host].max_loaded
 
     def _take_tenant(self, idx: Index, slot: Slot) -> None:
         """A slot's settings and footprint under ``idx``; a failed fetch of other pins is forgotten
@@ -124,7 +125,7 @@ class Pager:
             if slot.fetch == "on-demand" and not self._fetched(slot):
                 continue
             with self.table.lock:
-                decision = decide(self.table.budget, self.live(), slot.tenant, slot.footprint, self.config.paging_policy)
+                decision = decide(self.table.budget, self.live(), slot.tenant, slot.footprint, self.config.paging_policy, self.table.max_loaded)
             if isinstance(decision, Load):
                 self.load(slot)
             elif isinstance(decision, Evict):

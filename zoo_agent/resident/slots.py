@@ -108,11 +108,12 @@ def _no_wake() -> None:
 @dataclass
 class SlotTable:
     """The host's tenants, what the supervisor and the router share: ``slots`` change under ``lock``;
-    ``order`` (the tenants as the index lists them) and ``budget`` are replaced whole by the
-    supervisor when it takes an index; ``wake`` tells the supervisor's loop a request waits."""
+    ``order`` (the tenants as the index lists them), ``budget`` and ``max_loaded`` are replaced whole
+    by the supervisor when it takes an index; ``wake`` tells the supervisor's loop a request waits."""
 
     slots: dict[str, Slot] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     order: list[str] = field(default_factory=list)
     budget: int | None = None
+    max_loaded: int | None = None  # most tenants loaded at once (the host's max_loaded)
     wake: Callable[[], None] = _no_wake
