@@ -19,7 +19,7 @@ from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.pager import Pager
 from zoo_agent.resident.process import WorkerProcess
-from zoo_agent.resident.slots import Slot, SlotTable, Worker
+from zoo_agent.resident.slots import Order, Outcome, Slot, SlotTable, Worker
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.workers import Workers
 
@@ -296,6 +296,114 @@ def test_max_loaded_pages_out_the_least_recently_used_without_a_budget() -> None
     pager.page(6)
     assert [s.tenant for s, _ in crew.retiring] == ["b"] and "evicted b budget" in router.events
     assert crew.started == ["a", "b", "c (standby)"]
+
+
+# -- an operator's load and unload (issue #34) ---------------------------------------------------------------
+def _order(pager: Pager, action: str, tid: str, t: float, *, evict: bool = False) -> Order:
+    """The router's side: an order put in the table; the pager takes it at its next tick."""
+    order = Order(action, tid, evict=evict, asked=t)  # type: ignore[arg-type]
+    assert pager.table.ask(order)
+    pager.page(t)
+    return order
+
+
+def _outcome(order: Order) -> Outcome | None:
+    return order.done.result(0) if order.done.done() else None
+
+
+def _loaded(pager: Pager, *tenants: str) -> None:
+    for t, tid in enumerate(tenants, start=1):
+        _ask(pager, tid, t)
+        pager.page(t)
+        _ready(pager.table.slots[tid], t)
+
+
+def test_unload_drains_a_busy_tenant_and_answers_once_its_worker_exited() -> None:
+    pager, crew, router = _pager(None, {"a": 1, "b": 1})
+    _loaded(pager, "a", "b")
+    a = pager.table.slots["a"]
+    worker = a.serving
+    assert worker is not None
+    a.inflight = 1  # a request in flight: it completes (the worker drains), then the worker exits
+    order = _order(pager, "unload", "a", 10)
+    assert worker.state == "draining" and [s.tenant for s, _ in crew.retiring] == ["a"] and _outcome(order) is None
+    assert "forget fake.sock" not in router.events  # its connection carries the request in flight
+    assert pager.reports.actions == ["page-out a reason=unload"]  # type: ignore[attr-defined]
+    pager.page(11)
+    assert _outcome(order) is None  # still draining
+    _exit(crew)
+    pager.page(12)
+    outcome = _outcome(order)
+    assert outcome is not None and outcome.status == 200 and outcome.state == "paged_out" and "a unloaded in 2.0s" in outcome.message
+    assert not a.wanted and crew.started == ["a", "b"]  # not loaded again by itself
+
+
+@pytest.mark.parametrize(("tid", "status", "code", "fragment"), [
+    ("pin", 409, "pinned", "tenant 'pin' is pinned: it is never unloaded"),
+    ("ghost", 404, "model_not_found", "tenant 'ghost' is not served by this host"),
+    ("out", 200, None, "out is not loaded"),
+])  # fmt: skip
+def test_unload_refuses_a_pinned_or_unknown_tenant_and_says_when_there_is_nothing_to_do(tid: str, status: int, code: str | None,
+                                                                                       fragment: str) -> None:  # fmt: skip
+    pager, crew, _ = _pager(None, {"pin": 1, "out": 1}, pinned=("pin",))
+    _loaded(pager, "pin")
+    order = _order(pager, "unload", tid, 5)
+    outcome = _outcome(order)
+    assert outcome is not None and (outcome.status, outcome.code) == (status, code) and fragment in outcome.message
+    assert crew.retiring == []
+
+
+def test_load_answers_once_its_worker_serves_and_counts_keep_alive_from_then() -> None:
+    pager, crew, _ = _pager(None, {"a": 1}, keep_alive={"a": 60})
+    order = _order(pager, "load", "a", 100)
+    assert crew.started == ["a"] and _outcome(order) is None
+    _ready(pager.table.slots["a"], 103)
+    pager.page(104)
+    outcome = _outcome(order)
+    assert outcome is not None and outcome.status == 200 and outcome.message == "a loaded in 4.0s"
+    pager.page(162)
+    assert crew.retiring == []  # idle since its load at 103
+    again = _order(pager, "load", "a", 162)
+    assert _outcome(again) == Outcome(200, "a is loaded", "serving")
+    pager.page(221)
+    assert crew.retiring == []  # asked again at 162: kept till 222
+    pager.page(222)
+    assert [s.tenant for s, _ in crew.retiring] == ["a"]
+
+
+def test_a_load_that_would_page_out_idle_tenants_is_refused_naming_them_unless_it_says_evict() -> None:
+    pager, crew, router = _pager(4, {"a": 2, "b": 2, "c": 3})
+    _loaded(pager, "a", "b")
+    refused = _order(pager, "load", "c", 10)
+    outcome = _outcome(refused)
+    assert outcome is not None and (outcome.status, outcome.code, outcome.evicted) == (409, "would_evict", ("a", "b"))
+    assert outcome.message == "loading c would page out a, b to make room; ask again with evict to do it"
+    pager.page(11)
+    assert crew.retiring == [] and crew.started == ["a", "b"] and not pager.table.slots["c"].wanted  # nothing changed
+    order = _order(pager, "load", "c", 12, evict=True)
+    assert [s.tenant for s, _ in crew.retiring] == ["a", "b"] and "evicted a budget" in router.events
+    _exit(crew)
+    pager.page(13)
+    _ready(pager.table.slots["c"], 14)
+    pager.page(15)
+    outcome = _outcome(order)
+    assert outcome is not None and outcome.status == 200 and outcome.evicted == ("a", "b") and "paging out a, b" in outcome.message
+
+
+def test_a_load_that_cannot_fit_is_refused_saying_why() -> None:
+    pager, crew, _ = _pager(4, {"pin": 3, "big": 2}, pinned=("pin",))
+    _loaded(pager, "pin")
+    outcome = _outcome(_order(pager, "load", "big", 10, evict=True))
+    assert outcome is not None and (outcome.status, outcome.code) == (409, "does_not_fit") and "pinned tenants hold" in outcome.message
+    assert crew.started == ["pin"]
+
+
+def test_an_order_whose_waiter_gave_up_is_dropped() -> None:
+    pager, crew, _ = _pager(None, {"a": 1})
+    order = _order(pager, "load", "a", 1)
+    assert order.done.cancel() and pager.pending
+    pager.page(2)
+    assert pager.pending == [] and crew.started == ["a"]  # the load goes on; nobody is told
 
 
 # -- Workers: probing and reaping with a fake process -----------------------------------------------------

@@ -23,7 +23,7 @@ from zoo_agent.resident.launch import Launcher
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide, expired
 from zoo_agent.resident.reports import Reports
 from zoo_agent.resident.router.app import Router
-from zoo_agent.resident.slots import Slot, SlotTable
+from zoo_agent.resident.slots import Order, Outcome, Slot, SlotTable, Worker
 from zoo_agent.resident.wire.priority import CLASSES
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
@@ -44,6 +44,7 @@ class Pager:
         self.router = router
         self.reports = reports
         self.notify = notify
+        self.pending: list[tuple[Order, Worker | None, tuple[str, ...]]] = []  # orders under way: the worker an unload drains, what a load evicts
 
     def take_index(self, idx: Index, host: str) -> None:
         """The slot table follows the index: new tenants paged out, gone ones drained."""
@@ -111,6 +112,7 @@ class Pager:
     def page(self, t: float) -> None:
         """Unload what stayed idle past its keep_alive; load what is wanted, in priority order of what
         waits for it; evict least recently used to make room."""
+        self.take_orders(t)
         self.unload_idle(t)
         for slot in self._wanted(t):
             if slot.phase == "failed":
@@ -153,6 +155,96 @@ class Pager:
             idle = expired(self.live(), t)
         for tid in idle:
             self.evict(self.table.slots[tid], "idle")
+
+    # -- an operator's load and unload (issue #34) ------------------------------------------------
+    def take_orders(self, t: float) -> None:
+        """The orders the router put in the table since the last tick are started; those under way
+        are answered once done (a load: its worker serves or is refused; an unload: its worker exited)."""
+        with self.table.lock:
+            orders = list(self.table.orders)
+            self.table.orders.clear()
+        for order in orders:
+            slot = self.table.slots.get(order.tenant)
+            if slot is None:
+                order.answer(Outcome(404, f"tenant '{order.tenant}' is not served by this host", code="model_not_found"))
+            elif order.action == "load":
+                self._order_load(order, slot, t)
+            else:
+                self._order_unload(order, slot)
+        self.pending = [(order, worker, evicted) for order, worker, evicted in self.pending
+                        if not order.done.done() and not self._finished(order, worker, evicted, t)]  # fmt: skip
+
+    def _order_load(self, order: Order, slot: Slot, t: float) -> None:
+        """Loaded already: said so (its keep_alive counts from now). Else it loads as for a request, once it
+        fits; one that would page out idle tenants only with ``evict``, else the answer names them."""
+        tid = slot.tenant
+        with self.table.lock:
+            if slot.serving is not None and slot.serving.state == "serving":
+                slot.last_used = t
+                order.answer(Outcome(200, f"{tid} is loaded", slot.phase))
+                return
+            if slot.phase in ("paged_out", "failed"):
+                slot.refusal = None  # asked again, as a new request asks
+                if slot.phase == "failed":
+                    slot.phase, slot.fetched = "paged_out", ""
+            evicted: tuple[str, ...] = ()
+            if slot.phase == "paged_out" and not self.crew.preparing(slot):
+                decision = decide(self.table.budget, self.live(), tid, slot.footprint, self.config.paging_policy, self.table.max_loaded)
+                if isinstance(decision, Refuse):
+                    order.answer(Outcome(409, decision.reason, slot.phase, code="does_not_fit"))
+                    return
+                if isinstance(decision, Evict):
+                    if not order.evict:
+                        order.answer(Outcome(409, f"loading {tid} would page out {', '.join(decision.victims)} to make room; "
+                                                  "ask again with evict to do it", slot.phase, code="would_evict", evicted=decision.victims))  # fmt: skip
+                        return
+                    evicted = decision.victims
+            slot.wanted, slot.last_used = True, t
+        log.info("%s: load asked%s", tid, f" (evicting {', '.join(evicted)})" if evicted else "")
+        self.pending.append((order, None, evicted))
+
+    def _order_unload(self, order: Order, slot: Slot) -> None:
+        """Its worker drains (what is in flight completes) and exits; a request that arrives after loads it again."""
+        tid = slot.tenant
+        if slot.pinned:
+            order.answer(Outcome(409, f"tenant '{tid}' is pinned: it is never unloaded (unpin it in the index first)", slot.phase, code="pinned"))
+            return
+        if slot.phase in ("loading", "fetching") or slot.incoming is not None or self.crew.preparing(slot):
+            what = "reloading" if slot.incoming is not None else slot.phase
+            order.answer(Outcome(409, f"tenant '{tid}' is {what}: unload it once it serves", slot.phase, code="model_loading"))
+            return
+        worker = slot.serving
+        if worker is None:
+            retiring = [w for s, w in self.crew.retiring if s is slot]
+            if not retiring:
+                order.answer(Outcome(200, f"{tid} is not loaded", slot.phase))
+                return
+            worker = retiring[-1]  # paged out already, still exiting: answered once it has
+        else:
+            with self.table.lock:
+                slot.wanted = slot.queued > 0  # requests waiting for a place load it again once it has exited
+            self.evict(slot, "unload")
+        self.pending.append((order, worker, ()))
+
+    def _finished(self, order: Order, worker: Worker | None, evicted: tuple[str, ...], t: float) -> bool:
+        """Answered if done: a load serves (or was refused, or the tenant is gone); an unload's worker exited."""
+        slot = self.table.slots.get(order.tenant)
+        took = f" in {t - order.asked:.1f}s"
+        if slot is None:
+            order.answer(Outcome(404, f"tenant '{order.tenant}' is no longer served by this host", code="model_not_found"))
+        elif order.action == "unload":
+            assert worker is not None
+            if worker is slot.serving or any(w is worker for _, w in self.crew.retiring):
+                return False
+            order.answer(Outcome(200, f"{slot.tenant} unloaded{took}", slot.phase))
+        elif slot.serving is not None and slot.serving.state == "serving":
+            order.answer(Outcome(200, f"{slot.tenant} loaded{took}" + (f", paging out {', '.join(evicted)}" if evicted else ""),
+                                 slot.phase, evicted=evicted))  # fmt: skip
+        elif slot.refusal is not None:
+            order.answer(Outcome(503, slot.refusal, slot.phase, code="model_unavailable"))
+        else:
+            return False
+        return True
 
     # -- fetch on first use ------------------------------------------------------------------
     def _fetched(self, slot: Slot) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +20,7 @@ from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.wire import control as p
 
-__all__ = ["Phase", "Slot", "SlotTable", "Worker"]
+__all__ = ["MAX_ORDERS", "Order", "Outcome", "Phase", "Slot", "SlotTable", "Worker"]
 
 Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
 
@@ -101,6 +102,39 @@ class Slot:
         return [w for w in (self.serving, self.incoming) if w is not None]
 
 
+#: Orders asked and not answered yet: the router refuses more (429), so what waits stays bounded.
+MAX_ORDERS = 64
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an order ended: the HTTP status the router answers with, and what it says."""
+
+    status: int
+    message: str
+    state: str = ""  # the tenant's phase when it ended
+    code: str | None = None  # the error's code (4xx, 5xx): "would_evict", "pinned", ...
+    evicted: tuple[str, ...] = ()  # what a load paged out to make room
+
+
+@dataclass
+class Order:
+    """An operator's load or unload of one tenant (``POST /models/load|unload``, ``zoo-agent resident
+    load|unload``; issue #34): put in the table by the router, carried out by the supervisor's loop
+    (the pager), answered through ``done`` when it is done, whichever thread waits for it."""
+
+    action: Literal["load", "unload"]
+    tenant: str
+    evict: bool = False  # a load may page out idle tenants to make room
+    asked: float = field(default_factory=time.monotonic)
+    done: Future[Outcome] = field(default_factory=Future)
+
+    def answer(self, outcome: Outcome) -> None:
+        """Once; a waiter that gave up (cancelled) is not told."""
+        if not self.done.done() and self.done.set_running_or_notify_cancel():
+            self.done.set_result(outcome)
+
+
 def _no_wake() -> None:
     """A table with no supervisor loop to wake (a unit test's)."""
 
@@ -117,3 +151,13 @@ class SlotTable:
     budget: int | None = None
     max_loaded: int | None = None  # most tenants loaded at once (the host's max_loaded)
     wake: Callable[[], None] = _no_wake
+    orders: list[Order] = field(default_factory=list)  # asked by the router, taken by the pager at its next tick
+
+    def ask(self, order: Order) -> bool:
+        """Hand ``order`` to the supervisor's loop; False when ``MAX_ORDERS`` wait already."""
+        with self.lock:
+            if len(self.orders) >= MAX_ORDERS:
+                return False
+            self.orders.append(order)
+        self.wake()
+        return True

@@ -39,7 +39,8 @@ class Metrics:
         self.loaded = Gauge("zoo:model_loaded", "1 while the tenant's model is loaded and serving.", ["tenant"], registry=r)
         self.load_seconds = Histogram("zoo:model_load_seconds", "Seconds from spawning a tenant's worker to its first real generation.",
                                       ["tenant"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room).", ["tenant", "reason"], registry=r)
+        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room; idle: keep_alive; unload: asked).",
+                                 ["tenant", "reason"], registry=r)  # fmt: skip
         self.footprint = Gauge("zoo:model_footprint_bytes", "Memory the budget counts for the tenant (the larger of estimate and measurement).",
                                ["tenant"], registry=r)  # fmt: skip
         self.budget = Gauge("zoo:memory_budget_bytes", "The host's memory budget (absent: none).", registry=r)
@@ -65,7 +66,8 @@ class Metrics:
         ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
         self.load_seconds.labels(tenant)
         self.retries.labels(tenant)
-        self.evictions.labels(tenant, "budget")
+        for reason in ("budget", "idle", "unload"):
+            self.evictions.labels(tenant, reason)
         for reason in ("crash", "hang"):
             self.restarts.labels(tenant, reason)
         if on_demand:
