@@ -47,8 +47,11 @@ class Launcher:
         if self.sockets is not None:
             shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp in open(), holding only sockets
 
-    def verify(self, idx: Index, tid: str) -> None:
-        """``--strict``: every file of the tenant's versions hashed again (raises ``ZooError``)."""
+    def verify(self, idx: Index, tid: str, *, config: bool = False) -> None:
+        """``--strict``: every file of the tenant's versions hashed again; ``config``: its worker's
+        config made too, as a load would (raises ``ZooError``)."""
+        if config:
+            self.worker_config(idx, tid)
         if self.config.strict:
             strict_check(self.zoo, idx, tid)
 

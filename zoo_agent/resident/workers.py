@@ -139,6 +139,17 @@ class Workers:
         self._unregister(worker)
         worker.process.close()
 
+    def backoff(self, slot: Slot, worker: Worker, t: float) -> int | None:
+        """After ``worker`` crashed: seconds before ``slot`` starts again (doubling, at most 30), or None
+        after ``max_crashes`` in ``crash_window`` (restarting again would only loop)."""
+        slot.crashes = [c for c in slot.crashes if t - c < self.config.crash_window] + [t]
+        if len(slot.crashes) >= self.config.max_crashes:
+            return None
+        delay: int = min(2 ** (len(slot.crashes) - 1), 30)
+        slot.restart_at = t + delay
+        slot.wanted = slot.wanted or slot.busy or slot.pinned or worker.state == "serving"
+        return delay
+
     # -- stopping ---------------------------------------------------------------------------------
     def drain(self, slot: Slot, worker: Worker) -> None:
         worker.state = "draining"

@@ -65,6 +65,7 @@ from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
 from zoo_agent.resident.wire.headers import PEER, PRIORITY
 from zoo_agent.resident.wire.http import MAX_BODY, Receive, Scope, Send, disconnected, error, header, respond, stream_error
+from zoo_agent.resident.wire.loop import quiet_cancelled_wakeups
 from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, grant
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class Router:
         def run() -> None:
             async def main() -> None:
                 self.loop = asyncio.get_running_loop()
+                quiet_cancelled_wakeups(self.loop)
                 heart = asyncio.create_task(self._heartbeat())
                 polling = asyncio.create_task(self.federation.poll_forever())
                 ready.set()
