@@ -120,3 +120,38 @@ def test_keep_alive_unloads_an_idle_tenant_and_load_and_unload_answer_when_done(
     finally:
         out = r.stop()
     assert "Traceback" not in out
+
+
+def test_a_reload_under_the_budget_pages_out_an_idle_tenant_instead_of_stopping_the_old_version(world: World, tiny: dict[str, bytes]) -> None:
+    """Issue #34: the end-to-end test saw ~10 s without answers while a stop-first reload waited for
+    the old version to exit. With an idle tenant to page out, the new version loads beside the old."""
+    world.artifact("m", "v1", tiny)
+    world.artifact("n", "v1", tiny)
+
+    def index(budget: str | None) -> None:
+        doc = {"models": world.models, "loras": {}, "tenants": {"a": {"model": "m", **GEN}, "b": {"model": "n", **GEN}},
+               "hosts": {"h": {"tenants": ["a", "b"], **({"memory_budget": budget} if budget else {})}}}  # fmt: skip
+        world.index.write_text(json.dumps(doc, indent=2))
+
+    index(None)
+    assert world.run("apply").exit_code == 0
+    budget = str(int(footprint(world) * 2.5))  # room for two tenants, not for three versions
+    index(budget)
+    r = Resident(world)
+    try:
+        r.notify.wait(lambda m: "READY" in m)
+        assert ask(r, "b")[0] == 200 and ask(r, "a")[0] == 200  # both loaded; b least recently used
+        files = dict(tiny)
+        files["config.json"] = tiny["config.json"].replace(b"{", b'{"_v": 3,', 1)
+        world.artifact("m", "v3", files)
+        index(budget)
+        assert world.run("apply").exit_code == 0
+        reloaded = world.run("resident", "reload", "--timeout", "300")
+        assert reloaded.exit_code == 0, reloaded.output
+        lease = json.loads((world.root / "resident/tenants/a/lease.json").read_text())
+        assert lease["swaps"][-1]["reason"] == "reload" and lease["swaps"][-1]["to"] == "v3"  # beside the old one, not stop-first
+        assert ("page-out", "b", "budget") in _paged(world), r.tail()
+        assert ask(r, "a")[1]["system_fingerprint"] == "m@v3"
+    finally:
+        out = r.stop()
+    assert "Traceback" not in out

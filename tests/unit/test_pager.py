@@ -19,6 +19,7 @@ from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.pager import Pager
 from zoo_agent.resident.process import WorkerProcess
+from zoo_agent.resident.reload import Reloader
 from zoo_agent.resident.slots import Order, Outcome, Slot, SlotTable, Worker
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.workers import Workers
@@ -97,11 +98,15 @@ class FakeCrew:
     strict: bool = False
 
     def start(self, slot: Slot, config: WorkerConfig, *, standby: bool = False, incoming: bool = False) -> None:
-        self.started.append(f"{slot.tenant}{' (standby)' if standby else ''}")
+        self.started.append(f"{slot.tenant}{' (standby)' if standby else ''}{' (incoming)' if incoming else ''}")
         if self.strict:
             self.verifying.add(slot.tenant)
             return
-        slot.serving = Worker(FakeProcess(), config, standby=standby)
+        worker = Worker(FakeProcess(), config, standby=standby)
+        if incoming:
+            slot.incoming = worker
+        else:
+            slot.serving = worker
 
     def preparing(self, slot: Slot) -> bool:
         return slot.tenant in self.verifying
@@ -404,6 +409,52 @@ def test_an_order_whose_waiter_gave_up_is_dropped() -> None:
     assert order.done.cancel() and pager.pending
     pager.page(2)
     assert pager.pending == [] and crew.started == ["a"]  # the load goes on; nobody is told
+
+
+# -- a reload under the budget (issue #34) -------------------------------------------------------------------
+def _reloader(pager: Pager, crew: FakeCrew) -> Reloader:
+    return Reloader(crew, pager.table, pager.config, None, FakeLauncher(), pager, pager.reports, FakeNotify())  # type: ignore[arg-type]
+
+
+def test_a_reload_that_cannot_fit_beside_pages_out_an_idle_tenant_instead_of_stopping_the_old_version() -> None:
+    pager, crew, router = _pager(6, {"a": 2, "b": 2, "c": 2})
+    _loaded(pager, "a", "b", "c")
+    c = pager.table.slots["c"]
+    old = c.serving
+    assert old is not None
+    _reloader(pager, crew)._swap(c, _config("c").model_copy(update={"version": "v2"}))
+    assert [s.tenant for s, _ in crew.retiring] == ["a"] and "evicted a budget" in router.events  # least recently used
+    assert c.serving is old and c.path == old.path and c.phase == "serving"  # the old version keeps serving: no request waits
+    assert c.incoming is not None and c.incoming.standby and crew.started[-1] == "c (standby) (incoming)"
+    pager.page(10)
+    assert c.incoming.process.told == []  # a still exiting: its memory is in use
+    assert [s.tenant for s, _ in crew.retiring] == ["a"]  # and neither c's old version nor b is paged out for it
+    _exit(crew)
+    pager.page(11)
+    assert c.incoming.process.told == ["proceed"] and not c.incoming.standby
+
+
+def test_a_reload_with_nothing_idle_to_page_out_stops_the_old_version_first() -> None:
+    pager, crew, _ = _pager(6, {"a": 2, "b": 2, "c": 2})
+    _loaded(pager, "a", "b", "c")
+    for tid in ("a", "b"):
+        pager.table.slots[tid].inflight = 1
+    c = pager.table.slots["c"]
+    _reloader(pager, crew)._swap(c, _config("c").model_copy(update={"version": "v2"}))
+    assert [s.tenant for s, _ in crew.retiring] == ["c"] and c.incoming is None and c.path is None and c.wanted
+
+
+def test_a_new_version_that_no_longer_fits_fails_its_reload_and_the_old_one_serves_on() -> None:
+    pager, crew, _ = _pager(6, {"a": 2, "b": 2, "c": 2})
+    _loaded(pager, "a", "b", "c")
+    c = pager.table.slots["c"]
+    _reloader(pager, crew)._swap(c, _config("c").model_copy(update={"version": "v2"}))
+    _exit(crew)
+    c.estimate = 7 * G  # the index changed meanwhile: it can never fit
+    incoming = c.incoming
+    pager.page(10)
+    assert incoming is not None and incoming.process.told == ["kill"] and "c needs" in incoming.error
+    assert c.serving is not None and c.serving.state == "serving" and c.refusal is None
 
 
 # -- Workers: probing and reaping with a fake process -----------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.formats import parse_memory, parse_timespan
@@ -105,7 +106,7 @@ class Pager:
         """What should be loaded, first first: pinned, then by priority, then least recently used."""
         with self.table.lock:
             wanted = [s for s in self.table.slots.values() if ((s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at)
-                      or (s.serving is not None and s.serving.standby)]  # fmt: skip
+                      or (s.serving is not None and s.serving.standby) or (s.incoming is not None and s.incoming.standby)]  # fmt: skip
         wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
         return wanted
 
@@ -136,6 +137,12 @@ class Pager:
                 self.load(slot, standby=True)  # its runtime starts while they exit; its weights wait
                 return  # their memory is in use until they exit: decide again then
             elif isinstance(decision, Refuse):
+                if slot.incoming is not None and slot.incoming.standby:
+                    # A reload's new version that no longer fits beside the old one (the index changed meanwhile):
+                    # that reload fails, the old version keeps serving (the supervisor hears of its exit).
+                    slot.incoming.error = decision.reason
+                    slot.incoming.process.kill()
+                    continue
                 if slot.serving is not None and slot.serving.standby:
                     self.crew.drain(slot, slot.serving, "refused")  # on standby: it exits without loading anything
                     with self.table.lock:
@@ -148,6 +155,14 @@ class Pager:
                 if slot.serving is None and any(w.draining for w in self.live()):
                     self.load(slot, standby=True)  # the memory comes back when they exit: start the runtime now
                 return
+
+    def room_beside(self, slot: Slot) -> tuple[str, ...]:
+        """The idle tenants whose paging out lets a reload load ``slot``'s new version beside its old one
+        (which keeps serving meanwhile, and is never its own victim); () when nothing would make room."""
+        with self.table.lock:
+            live = [replace(w, evictable=False) if w.tenant == slot.tenant else w for w in self.live()]
+            decision = decide(self.table.budget, live, slot.tenant, slot.footprint, self.config.paging_policy, self.table.max_loaded)
+        return decision.victims if isinstance(decision, Evict) else ()
 
     def unload_idle(self, t: float) -> None:
         """Workers that served nothing for their tenant's keep_alive are paged out (issue #34)."""
@@ -317,12 +332,12 @@ class Pager:
     def load(self, slot: Slot, standby: bool = False) -> None:
         """Start the tenant's worker (``standby``: its runtime only, until ``Proceed``); a worker
         already on standby is told to load its weights now."""
-        worker = slot.serving
+        worker = slot.incoming if slot.incoming is not None and slot.incoming.standby else slot.serving
         if worker is not None and worker.standby:
             if not standby:
                 worker.standby = False
                 worker.process.proceed()
-                log.info("%s: the budget has room; loading its weights", slot.tenant)
+                log.info("%s: the budget has room; loading its weights%s", slot.tenant, " (its new version)" if worker is slot.incoming else "")
             return
         assert self.crew.idx is not None
         try:
