@@ -64,6 +64,12 @@ def test_keep_alive_unloads_an_idle_tenant_and_load_and_unload_answer_when_done(
         assert not [p for p in _paged(world) if p[:2] == ("page-out", "pin")]
         metrics = httpx.get(r.url + "/metrics", timeout=30).text
         assert 'zoo:model_evictions_total{reason="idle",tenant="idle"} 1.0' in metrics
+        # Measured beside the estimate (the worker's RAM read live: its runtime is most of it).
+        ram = next(line for line in metrics.splitlines() if line.startswith('zoo:model_memory_bytes{kind="ram",tenant="pin"}'))
+        assert float(ram.split()[-1]) > 10 << 20
+        assert 'zoo:model_memory_bytes{kind="device",tenant="pin"} 0.0' in metrics  # CPU only
+        memory = httpx.get(r.url + "/health", timeout=5).json()["tenants"]["pin"]["memory"]
+        assert memory["estimate"] == footprint(world) and memory["measured"] > 0 and memory["ram"] > 10 << 20 and memory["device"] is None
 
         # load through the CLI: answered once it serves.
         loaded = world.run("resident", "load", "c")

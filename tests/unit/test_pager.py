@@ -20,7 +20,7 @@ from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.pager import Pager
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.reload import Reloader
-from zoo_agent.resident.slots import Order, Outcome, Slot, SlotTable, Worker
+from zoo_agent.resident.slots import GROWTH_NOISE, Order, Outcome, Slot, SlotTable, Worker
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.workers import Workers
 
@@ -455,6 +455,71 @@ def test_a_new_version_that_no_longer_fits_fails_its_reload_and_the_old_one_serv
     pager.page(10)
     assert incoming is not None and incoming.process.told == ["kill"] and "c needs" in incoming.error
     assert c.serving is not None and c.serving.state == "serving" and c.refusal is None
+
+
+# -- measured, not estimated (issue #34) ----------------------------------------------------------------------
+def _measured(slot: Slot, gib: float, device: str = "cpu") -> None:
+    """Its worker's live readings (what ``Workers.measure`` leaves) that make its model hold ``gib``:
+    on CPU, half a GiB of weights at load and the rest grown since (past the noise); on CUDA, device memory."""
+    worker = slot.serving
+    assert worker is not None
+    worker.ready = p.Ready(pid=1, load_seconds=1.0, device=device, dtype="float32", weights_bytes=G // 2)
+    worker.baseline = 2 * G  # runtime, weights, warm-up: not the model's alone
+    if device.startswith("cuda"):
+        worker.device_bytes, worker.ram = int(gib * G), 10 * G  # the budget counts device memory on a CUDA host
+    else:
+        worker.ram = worker.baseline + int((gib - 0.5) * G) + GROWTH_NOISE
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_the_pager_decides_with_what_a_worker_holds_when_it_is_above_the_estimate(device: str) -> None:
+    pager, crew, router = _pager(4, {"a": 1, "b": 1, "c": 1})
+    _loaded(pager, "a", "b")
+    _measured(pager.table.slots["b"], 2.5, device)  # a long prompt, a leak, the engine's own buffers: 2.5 GiB, estimated 1
+    assert pager.table.slots["b"].footprint == int(2.5 * G)
+    _ask(pager, "c", 6)
+    pager.page(6)
+    assert [s.tenant for s, _ in crew.retiring] == ["a"]  # 1 + 2.5 + 1 > 4: the least recently used makes room
+    assert "evicted a budget" in router.events  # estimated, all three (3 GiB) would have fitted
+
+
+def test_a_measurement_below_the_estimate_changes_nothing() -> None:
+    pager, crew, _ = _pager(4, {"a": 1, "b": 1, "c": 2.5})
+    _loaded(pager, "a", "b")
+    _measured(pager.table.slots["b"], 0.25)
+    _ask(pager, "c", 6)
+    pager.page(6)
+    assert [s.tenant for s, _ in crew.retiring] == ["a"]  # b counts its estimate (1 + 1 + 2.5 > 4), not the 0.25 measured
+
+
+def test_workers_measure_what_a_serving_worker_holds_on_a_bounded_cadence(workers: Any) -> None:
+    """Fake readers: read once it serves (its baseline: runtime, weights, warm-up), then every
+    measure_interval (5 s here), not only once after load; what it grows by counts past the noise."""
+    ram = {"now": 2 * G}
+    reads: list[tuple[int, Any]] = []
+
+    def read_ram(pid: int, cgroup: Any) -> int | None:
+        reads.append((pid, cgroup))
+        return ram["now"]
+
+    workers.ram, workers.device = read_ram, lambda pid, own: None if own is None else own + 1
+    slot = Slot("a", estimate=G)
+    workers.start(None, slot, _config("a"))
+    worker = slot.serving
+    workers.check(slot, worker, 50.0)
+    assert reads == []  # loading: not measured
+    worker.state, worker.progressed, worker.ping_sent = "serving", 100.0, 100.0
+    worker.ready = p.Ready(pid=4242, load_seconds=1.0, device="cpu", dtype="float32", weights_bytes=G // 2)
+    workers.check(slot, worker, 100.0)
+    assert (worker.baseline, worker.ram, worker.live, slot.footprint) == (2 * G, 2 * G, G // 2, G)  # the estimate counts
+    ram["now"] = 2 * G + GROWTH_NOISE + 3 * G  # a long prompt, a leak: 3 GiB past the noise
+    workers.check(slot, worker, 104.0)
+    assert worker.ram == 2 * G and len(reads) == 1  # within the cadence: not read again
+    worker.stats = p.Pong(seq=1, device_bytes=5 * G)
+    workers.check(slot, worker, 105.0)
+    assert worker.live == G // 2 + 3 * G and slot.footprint == G // 2 + 3 * G and worker.device_bytes == 5 * G + 1
+    worker.ready = p.Ready(pid=4242, load_seconds=1.0, device="cuda:0", dtype="float16")
+    assert slot.footprint == 5 * G + 1  # on a CUDA device the budget is device memory
 
 
 # -- Workers: probing and reaping with a fake process -----------------------------------------------------

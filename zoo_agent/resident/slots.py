@@ -14,13 +14,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.wire import control as p
 
-__all__ = ["MAX_ORDERS", "Order", "Outcome", "Phase", "Slot", "SlotTable", "Worker"]
+__all__ = ["GROWTH_NOISE", "MAX_ORDERS", "Order", "Outcome", "Phase", "Slot", "SlotTable", "Worker"]
+
+#: RAM a worker may grow by once serving before it counts (issue #34): its allocator's arenas and caches
+#: move by megabytes; a model that outgrows its estimate does by hundreds.
+GROWTH_NOISE = 64 << 20
 
 Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
 
@@ -43,6 +48,22 @@ class Worker:
     killed_for: str = ""  # why the supervisor killed it ("hang"), if it did
     standby: bool = False  # its runtime starts, its weights wait for Proceed (the budget's room)
     fd: int | None = None  # what the supervisor's selector waits on for its events (None: none, or no longer)
+    cgroup: Path | None = None  # its own cgroup (with a memory limit), where the resident may make one (issue #34)
+    ram: int | None = None  # RAM the process holds (its cgroup's working set, else RSS), read live; None: not read
+    device_bytes: int | None = None  # device memory it holds, read live; None: none, or not read
+    baseline: int | None = None  # ``ram`` at its first reading once serving: runtime, weights, warm-up
+    measured_at: float = 0.0  # monotonic, the last reading
+
+    @property
+    def live(self) -> int:
+        """What its model holds, measured (0: not measured): on a CUDA device, the device memory it holds;
+        else the weights it reported at load plus what the process grew by since (less ``GROWTH_NOISE``:
+        allocator arenas and caches): its runtime (Python, torch) is not the model's, and not the budget's."""
+        if self.ready is not None and self.ready.device.startswith("cuda"):
+            return self.device_bytes or 0
+        if self.ram is None or self.baseline is None:
+            return 0
+        return (self.ready.weights_bytes if self.ready else 0) + max(0, self.ram - self.baseline - GROWTH_NOISE)
 
     @property
     def pid(self) -> int:
@@ -91,7 +112,8 @@ class Slot:
 
     @property
     def footprint(self) -> int:
-        return max(self.estimate, self.measured)
+        """What the budget counts: the larger of the estimate, what its loads reported, and what its workers hold now."""
+        return max(self.estimate, self.measured, *(w.live for w in self.workers))
 
     @property
     def busy(self) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.launch import Launcher
+from zoo_agent.resident.memory import DeviceReader, RamReader, process_ram, reported
 from zoo_agent.resident.process import Unintelligible
 from zoo_agent.resident.slots import Slot, Worker
 from zoo_agent.resident.wire import control as p
@@ -33,12 +34,14 @@ Prepared = tuple[Slot, WorkerConfig, bool, bool, str]  # slot, config, standby, 
 
 class Workers:
     def __init__(self, config: ResidentConfig, launcher: Launcher, selector: selectors.BaseSelector,
-                 on_event: Callable[[Slot, Worker, p.ToSupervisor], None], wake: Callable[[], None]) -> None:  # fmt: skip
+                 on_event: Callable[[Slot, Worker, p.ToSupervisor], None], wake: Callable[[], None], *,
+                 ram: RamReader = process_ram, device: DeviceReader = reported) -> None:  # fmt: skip
         self.config = config
         self.launcher = launcher
         self.selector = selector
         self.on_event = on_event
         self.wake = wake
+        self.ram, self.device = ram, device  # how a worker's memory is read (a unit test's fakes)
         self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
         self._preparing: set[str] = set()  # tenants whose worker is verified (--strict) beside the loop
         self._prepared: queue.SimpleQueue[Prepared] = queue.SimpleQueue()
@@ -123,6 +126,8 @@ class Workers:
         code = worker.process.poll()
         if code is not None or worker.state != "serving":
             return code
+        if t - worker.measured_at >= self.config.measure_interval:
+            self.measure(worker, t)
         if worker.ping_sent and t - worker.ping_sent > self.config.ping_timeout:
             log.error("worker %d (%s): no answer to a ping for %.0fs; replacing it", worker.pid, slot.tenant, t - worker.ping_sent)
             worker.killed_for = "hang"
@@ -132,6 +137,15 @@ class Workers:
             worker.ping_sent = t
             worker.process.ping(worker.ping_seq)
         return None
+
+    def measure(self, worker: Worker, t: float) -> None:
+        """What a serving worker holds now (issue #34): its RAM (the first reading is its baseline) and its
+        device memory. The pager counts the larger of its estimate and ``Worker.live`` (``Slot.footprint``)."""
+        worker.measured_at = t
+        worker.ram = self.ram(worker.pid, worker.cgroup)
+        if worker.baseline is None:
+            worker.baseline = worker.ram
+        worker.device_bytes = self.device(worker.pid, worker.stats.device_bytes)
 
     def closed(self, slot: Slot, worker: Worker) -> None:
         """It exited: its last events read (a "failed" just before the exit says what it means), released."""

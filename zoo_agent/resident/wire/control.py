@@ -104,6 +104,7 @@ class Pong(_Message):
     adapters: list[str] = Field(default_factory=list)
     refused: dict[str, str] = Field(default_factory=dict)
     sessions: int = 0
+    device_bytes: int | None = None  # device memory its allocator holds (None: not on a CUDA device); issue #34
 
 
 ToWorker = Annotated[Configure | Proceed | Ping | Drain | Adapters | Reloads, Field(discriminator="type")]

@@ -22,6 +22,7 @@ from typing import Any
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 
 __all__ = ["main"]
 
@@ -215,7 +216,8 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
                                                  waiting=state.waiting, tps=rate(state.tokens),
                                                  adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
                                                  refused=adapters.refused if adapters else {},
-                                                 sessions=backend.sessions.open_count() if backend.sessions else 0)))  # fmt: skip
+                                                 sessions=backend.sessions.open_count() if backend.sessions else 0,
+                                                 device_bytes=device_reserved(backend.device))))  # fmt: skip
                     await writer.drain()
                 case p.Adapters():  # new adapter versions after an apply: swapped between generations
                     future = scheduler.call(backend.update_adapters, message.adapters)
