@@ -26,7 +26,7 @@ from zoo_agent.cli.options import (
 )
 from zoo_agent.errors import UsageError, ZooError
 from zoo_agent.formats import human_bytes
-from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, weights_format, write_entry
+from zoo_agent.pin import Selection, add_directory, describe_entry, existing, pin_hf, read_provenance, weights_format, write_entry
 from zoo_agent.plan import (
     Action,
     Desired,
@@ -394,7 +394,10 @@ def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path
         repo, _, revision = spec[3:].partition("@")
         commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
         if update_id and old.get("source", {}).get("revision") == commit and not label:
-            click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
+            changed = describe_entry(index_path, kind, new_id, old, provenance=provenance, tags=tags, description=description,
+                                     provenance_file=str(provenance_file) if provenance_file else None)  # fmt: skip
+            written = f"; {' and '.join(changed)} written, version {old.get('version')} kept (the bytes did not change)" if changed else ""
+            click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}{written}")
             return
         source = {"type": "hf", "repo": repo, "revision": commit}
         label = label or commit[:12]

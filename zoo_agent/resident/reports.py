@@ -81,6 +81,9 @@ class Reports:
                 out.append(f"{tid} ({what})" if what else tid)
                 continue
             s = worker.stats
+            if s.unavailable:  # up, answering 503: its Ollama daemon is away (issue #35)
+                loaded.append(f"{tid} {worker.config.model}@{worker.config.version} (unavailable: {s.unavailable})")
+                continue
             busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
             if not (s.running or s.waiting or slot.queued):
                 busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"

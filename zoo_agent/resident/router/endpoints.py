@@ -114,13 +114,14 @@ class Endpoints:
             for tid in self.table.order:
                 slot = self.table.slots[tid]
                 worker = slot.serving
-                tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
+                away = worker.stats.unavailable if worker else ""  # its Ollama daemon is away: up, answering 503 (issue #35)
+                tenants[tid] = {"state": "unavailable" if away else slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
                                 "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
                                 "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
                                 "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
                                 "memory": _memory(slot),  # issue #34
                                 **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
-                                **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
+                                **({"error": slot.refusal or slot.error or away} if slot.refusal or slot.error or away else {})}  # fmt: skip
         state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
         body = {"state": state, "status": self.status_line(), "budget": self.table.budget, "tenants": tenants,
                 **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip

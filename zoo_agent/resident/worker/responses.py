@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from zoo_agent.errors import OllamaDown
 from zoo_agent.resident.engine.base import AUTO, Generated
 from zoo_agent.resident.engine.base import Request as GenRequest
 from zoo_agent.resident.sessions.store import SessionError
@@ -74,7 +75,8 @@ class Deferred(Response):
             if not isinstance(failed, Exception):
                 raise failed
             status, error = failure(failed)
-            await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            after = getattr(failed, "retry_after", None)  # an Ollama daemon away: when to ask again
+            await JSONResponse({"error": error}, status_code=status, headers={"Retry-After": str(after)} if after else None)(scope, receive, send)
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
@@ -89,10 +91,13 @@ class Deferred(Response):
 
 def failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     """A generation that failed, as an OpenAI error: the request's fault (an adapter that cannot
-    load, a damaged session) or ours (logged with its traceback: a bug or a broken model)."""
+    load, a damaged session), an Ollama daemon away (503), or ours (logged with its traceback: a
+    bug or a broken model)."""
     if isinstance(exc, (AdapterError, SessionError)):
         param = "model" if isinstance(exc, AdapterError) else "session"
         return 400, error_body(400, " ".join(str(exc).split())[:400], param)
+    if isinstance(exc, OllamaDown):  # the tenant's daemon is away: not a bug, and not for long (issue #35)
+        return 503, error_body(503, " ".join(str(exc).split())[:400], code="model_unavailable")
     log.error("generation failed: %s", exc, exc_info=exc)
     message = " ".join(f"generation failed: {type(exc).__name__}: {exc}".split())[:400]
     return 500, error_body(500, message, code="generation_failed")
