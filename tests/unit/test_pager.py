@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from zoo_agent.index.model import Index
+from zoo_agent.resident.cgroups import WorkerCgroups
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
 from zoo_agent.resident.pager import Pager
 from zoo_agent.resident.process import WorkerProcess
@@ -536,7 +537,8 @@ class FakeLaunch:
 def workers() -> Any:
     events: list[tuple[str, str]] = []
     config = ResidentConfig(root=Path("/zoo"), index=Path("/zoo/index.json"), host="h", ping_interval=5, ping_timeout=10)
-    w = Workers(config, FakeLaunch(), selectors.DefaultSelector(), lambda slot, worker, e: events.append((slot.tenant, e.type)), lambda: None)  # type: ignore[arg-type]
+    w = Workers(config, FakeLaunch(), selectors.DefaultSelector(), lambda slot, worker, e: events.append((slot.tenant, e.type)), lambda: None,  # type: ignore[arg-type]
+                cgroups=WorkerCgroups(None, "a unit test"))  # fmt: skip
     w.events = events  # type: ignore[attr-defined]
     return w
 

@@ -95,7 +95,7 @@ class Reports:
             if s.sessions:
                 extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
             if worker.live:  # issue #34: measured, beside the estimate
-                extra += f", mem {human_bytes(worker.live)} (est. {human_bytes(slot.estimate)})"
+                extra += f", mem {human_bytes(worker.live)}, est. {human_bytes(slot.estimate)}"
             loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
         head = f"{len(table.order)} tenant{'s' if len(table.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
         peers = self.peers()

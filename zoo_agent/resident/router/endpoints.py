@@ -51,7 +51,8 @@ class Metrics:
         self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
         self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
         self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
-        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings).",
+        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings; "
+                                "oom: the kernel killed it past its memory limit).",
                                 ["tenant", "reason"], registry=r)  # fmt: skip
         self.ready = Gauge("zoo:resident_ready", "1 once every pinned tenant (or the first listed) answered a real generation.", registry=r)
         self.started = Gauge("zoo:resident_start_time_seconds", "When this resident started (Unix time).", registry=r)
@@ -70,7 +71,7 @@ class Metrics:
         self.retries.labels(tenant)
         for reason in ("budget", "idle", "unload"):
             self.evictions.labels(tenant, reason)
-        for reason in ("crash", "hang"):
+        for reason in ("crash", "hang", "oom"):
             self.restarts.labels(tenant, reason)
         if on_demand:
             for result in ("ok", "failed"):
