@@ -24,7 +24,7 @@ from zoo_agent.cli.options import (
     wait_option,
     zoo_options,
 )
-from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.errors import StoreError, UsageError, ZooError
 from zoo_agent.formats import human_bytes
 from zoo_agent.pin import Selection, add_directory, describe_entry, existing, pin_hf, read_provenance, weights_format, write_entry
 from zoo_agent.plan import (
@@ -44,9 +44,10 @@ from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, t
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
 from zoo_agent.reconcile.sequence import planned
-from zoo_agent.reconcile.status import artifact_status, healthy, resident_status, with_digests
+from zoo_agent.reconcile.status import artifact_status, healthy, with_digests
 from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
+from zoo_agent.resident.reports import resident_status
 from zoo_agent.sources import FetchSettings
 from zoo_agent.store.durable import FILE_MODE, write_atomic
 
@@ -230,7 +231,11 @@ def status_cmd(target: Target, as_json: bool) -> None:
     target.zoo.check_root(allow_network_fs=True)
     rows = with_digests(target.zoo, artifact_status(desired, observe(target.zoo)))
     ok = all(healthy(r["state"]) for r in rows)
-    resident = resident_status(target.zoo)
+    try:
+        resident = resident_status(target.zoo)
+    except StoreError as exc:  # a state.json no resident wrote: said in one line; the zoo's own state still shows
+        click.echo(str(exc), err=True)
+        resident = None
     if as_json:
         emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": ok, "artifacts": rows, "resident": resident})
     else:
@@ -244,7 +249,7 @@ def status_cmd(target: Target, as_json: bool) -> None:
             click.echo(f"resident: {resident['status'] if resident['running'] else 'not running'}")
             for tid, t in resident["tenants"].items():
                 served = f"{t['model']}@{t['version']}" if t.get("model") else "-"
-                click.echo(f"  tenant {tid:<23} {t['state']:<10} {served:<24}{'  pinned' if t.get('pinned') else ''}"
+                click.echo(f"  tenant {tid:<23} {t['state'] or '?':<10} {served:<24}{'  pinned' if t.get('pinned') else ''}"
                            f"{'  ' + t['error'] if t.get('error') else ''}")  # fmt: skip
     if not ok:
         sys.exit(1)

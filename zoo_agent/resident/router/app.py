@@ -111,7 +111,7 @@ class Router:
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
         self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
-                                   index=lambda: self.idx)  # fmt: skip
+                                   index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
         self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
