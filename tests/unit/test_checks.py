@@ -128,7 +128,8 @@ CASES: list[tuple[str, Mutation, str, str]] = [
      "/hosts/edge-1/memory_budget", "pinned tenants chat (988.1 MB) and mac (3.4 GB) need 4.4 GB of weights alone; the budget is 4G (4.3 GB)"),
     # issue #34: idle unload and a cap on loaded tenants
     ("keep_alive notation", _set("/tenants/chat/keep_alive", "5 mins"), "/tenants/chat/keep_alive",
-     "expected a time span in systemd's notation such as 30s, 5min or 1h 30min, or infinity"),
+     "'5 mins' is not a time span in systemd's notation: cannot read 'mins'"),
+    ("keep_alive bounded", _set("/tenants/chat/keep_alive", "1s " * 9), "/tenants/chat/keep_alive", "is not a time span in systemd's notation"),
     ("keep_alive pinned", _both(_set("/tenants/chat/pinned", True), _set("/tenants/chat/keep_alive", "5min")), "/tenants/chat/keep_alive",
      "a pinned tenant is never unloaded: remove keep_alive or unpin it"),
     ("max_loaded range", _set("/hosts/mini/max_loaded", 0), "/hosts/mini/max_loaded", "must be >= 1, got 0"),

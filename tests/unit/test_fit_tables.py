@@ -19,7 +19,6 @@ from zoo_agent.index.fit import (
     read_config,
     tenant_footprint,
 )
-from zoo_agent.formats import parse_timespan
 from zoo_agent.index.model import DEFAULT_MAX_CONTEXT, Index, ModelEntry, Resources
 
 GiB = 1024**3
@@ -38,22 +37,6 @@ def test_parse_memory(spec: str, expected: int) -> None:
 def test_parse_memory_refuses(spec: str) -> None:
     with pytest.raises(ValueError, match="systemd's notation"):
         parse_memory(spec)
-
-
-SPANS = [("5min", 300), ("1h 30min", 5400), ("1h30min", 5400), ("90", 90), ("0", 0), ("500ms", 0.5), ("2 weeks", 1209600),
-         ("1d2h3m4s", 93784), ("infinity", None)]  # fmt: skip
-
-
-@pytest.mark.parametrize(("spec", "expected"), SPANS)
-def test_parse_timespan(spec: str, expected: float | None) -> None:
-    """keep_alive's notation (issue #34), as systemd.time(7) reads it; infinity is never."""
-    assert parse_timespan(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["", "5 mins", "5mins", "-1", "5M", "1.5h", "infinity ", "forever", "9" * 10, "9" * 72, "1s " * 9])
-def test_parse_timespan_refuses(spec: str) -> None:
-    with pytest.raises(ValueError, match="systemd's notation"):
-        parse_timespan(spec)
 
 
 QWEN = {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_size": 896,

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
-from zoo_agent.formats import MEMORY_PATTERN, TIMESPAN_PATTERN
+from zoo_agent.formats import MEMORY_PATTERN, parse_timespan
 
 __all__ = [
     "DEFAULT_MAX_CONTEXT",
     "MAX_CONTEXT",
     "ArtifactEntry",
+    "CheckpointRetention",
     "FileEntry",
     "FileSource",
     "Generation",
@@ -340,11 +342,52 @@ class AdapterSelection(_Strict):
     )  # fmt: skip
 
 
+def _timespan(spec: str | None) -> str | None:
+    """A time span systemd would read, of at least a second."""
+    if spec is None:
+        return None
+    try:
+        seconds = parse_timespan(spec)
+    except ValueError as exc:
+        raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    if seconds < 1:
+        raise PydanticCustomError("timespan", "'{spec}' is shorter than a second", {"spec": spec})
+    return spec
+
+
+def _idle_span(spec: str | None) -> str | None:
+    """keep_alive (issue #34): a time span systemd would read; 0 is allowed (unloaded as soon as it is idle)."""
+    if spec is not None:
+        try:
+            parse_timespan(spec)
+        except ValueError as exc:
+            raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    return spec
+
+
+class CheckpointRetention(_Strict):
+    """Named checkpoints of each session (`zoo-agent sessions checkpoint`, issue #36): how many each
+    session keeps, and how often one is taken on its own."""
+
+    keep: int = Field(default=10, ge=1, le=1000, description="Checkpoints kept per session; the oldest go first.")
+    every: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_timespan)] = Field(
+        default=None,
+        description="Take a checkpoint on its own, after a turn, once the session's newest checkpoint (or its start) is this old, "
+                    "in systemd's time-span notation ('1h', '30min', '1h 30min'); an idle session is not checkpointed again.",
+    )  # fmt: skip
+
+    @property
+    def seconds(self) -> float | None:
+        """``every`` in seconds (None: no timed checkpoints)."""
+        return None if self.every is None else parse_timespan(self.every)
+
+
 class SessionRetention(_Strict):
     """How many conversations a tenant keeps, and for how long (`zoo-agent sessions prune`)."""
 
     keep: int = Field(default=1000, ge=0, le=1_000_000, description="Sessions kept, most recently used first.")
     max_age_days: int = Field(default=90, ge=1, le=36500, description="Sessions unused for longer are removed.")
+    checkpoints: CheckpointRetention = Field(default=CheckpointRetention(), description="Named checkpoints of each session.")
 
 
 class TenantEntry(_Strict):
@@ -368,9 +411,9 @@ class TenantEntry(_Strict):
         default=False,
         description="Never evicted from memory: loaded at start, and the resident is READY only once it answers.",
     )
-    keep_alive: Annotated[Annotated[str, Field(pattern=TIMESPAN_PATTERN)] | SkipJsonSchema[None], NotNull] = Field(
+    keep_alive: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_idle_span)] = Field(
         default=None,
-        description="Unload its worker once it has served nothing for this long, in systemd's time notation (e.g. '5min', "
+        description="Unload its worker once it has served nothing for this long, in systemd's time-span notation (e.g. '5min', "
                     "'1h 30min'; '0': as soon as it is idle; Ollama's keep_alive, llama-swap's ttl). Default: never. "
                     "Not for a pinned tenant.",
     )  # fmt: skip

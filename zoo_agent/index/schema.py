@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 from zoo_agent.errors import Problem
-from zoo_agent.formats import MEMORY_PATTERN, TIMESPAN_PATTERN
+from zoo_agent.formats import MEMORY_PATTERN
 from zoo_agent.index import model as index
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ _PATTERN_HINTS: dict[str, str] = {
     index.OLLAMA_DIGEST_PATTERN: "a manifest digest 'sha256:' followed by 64 lowercase hex characters",
     index.URL_PATTERN: "an http:// or https:// URL",
     MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G (at most 16 digits)",
-    TIMESPAN_PATTERN: "a time span in systemd's notation such as 30s, 5min or 1h 30min, or infinity",
     index.LICENSE_PATTERN: "an SPDX license identifier (Apache-2.0, MIT, ...), 'LicenseRef-...' or 'other'",
     index.TAG_PATTERN: "a tag: lowercase letters and digits, words joined by '-' (e.g. 'code-review')",
     index.COMMIT_PATTERN: "a commit id: 7 to 64 lowercase hex characters",

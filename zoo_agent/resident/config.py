@@ -45,6 +45,8 @@ class RouteSessions(BaseModel):
     route: str
     dir: Path  # resident/routes/<route>/
     summarizer: str | None = None
+    checkpoint_keep: int = 10  # its default tenant's sessions.checkpoints (issue #36)
+    checkpoint_every: float | None = None
 
 
 class WorkerConfig(BaseModel):
@@ -73,6 +75,8 @@ class WorkerConfig(BaseModel):
     selection: SelectionConfig | None = None
     sessions_dir: Path | None = None  # resident/tenants/<tenant>/: sessions/ and kv-cache/
     route_sessions: tuple[RouteSessions, ...] = ()
+    checkpoint_keep: int = 10  # sessions.checkpoints (issue #36): kept per session, and every how many seconds one is taken on its own
+    checkpoint_every: float | None = None
     router_socket: Path | None = None  # the router's private socket: how a worker asks another tenant (a summarizer)
     router_key: str | None = Field(default=None, repr=False)  # the resident's API key, for that socket
     backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, alias_tenants, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
+from zoo_agent.resident.router.checkpoints import CheckpointApi, is_checkpoint_path
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
@@ -113,6 +114,7 @@ class Router:
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
                                    index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
         self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
+        self.checkpoints = CheckpointApi(zoo, lambda: self.idx, lambda: self.table.order, lambda: self.routes)  # issue #36
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -238,6 +240,11 @@ class Router:
             return
         if path in MANAGED:
             await self.manage(scope, body, send)
+            return
+        if is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
+            files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,
+                                      content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None)  # fmt: skip
+            await respond(send, *await asyncio.get_running_loop().run_in_executor(None, files))
             return
         named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
         parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),

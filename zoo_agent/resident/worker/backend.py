@@ -275,11 +275,12 @@ class TransformersBackend:
         sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
                     "top_k": request.top_k, "seed": request.seed, **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
         meta = {"sampling": sampling, "adapter": result.adapter, "finish_reason": result.finish_reason, "cache": request.session.cache}
-        store.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
+        transcript = store.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
         try:
             store.save_cache(request.session.id, ids, cache, result.adapter)
         except Exception as exc:  # noqa: BLE001 - the cache only accelerates; the turn is committed
             log.warning("session %s: cache not saved: %s", request.session.id, exc)
+        store.timed_checkpoint(transcript)
 
     def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
         """Generate, yielding text as it decodes; fills ``result`` with the token counts.

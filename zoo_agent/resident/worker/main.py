@@ -122,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         if config.sessions_dir is not None and config.backend != "ollama":
             from zoo_agent.resident.sessions.store import Sessions
 
+            from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
+
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
-                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
+                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size(),
+                                        checkpoints=CheckpointPolicy(config.checkpoint_keep, config.checkpoint_every))  # fmt: skip
         from zoo_agent.resident.engine.warmup import warm_up
         from zoo_agent.resident.worker.daemon import away
         from zoo_agent.resident.worker.scheduling import scheduler_for
@@ -142,12 +145,14 @@ def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
     """The sessions of the routes this tenant answers for (issue #21), and their summarizers."""
     if backend.sessions is None:
         return
+    from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
     from zoo_agent.resident.sessions.store import Sessions
     from zoo_agent.resident.sessions.summaries import Summarizer
 
     for rs in config.route_sessions:
         sessions = Sessions(rs.dir, model_key=backend.sessions.model_key, dtype=backend.dtype, template=str(backend.tokenizer.chat_template or ""),
-                            vocab_size=backend.sessions.vocab_size, route=rs.route)  # fmt: skip
+                            vocab_size=backend.sessions.vocab_size, route=rs.route,
+                            checkpoints=CheckpointPolicy(rs.checkpoint_keep, rs.checkpoint_every))  # fmt: skip
         sessions.stats = backend.sessions.stats  # one set of counters per worker
         state.route_sessions[rs.route] = sessions
         if rs.summarizer is not None and config.router_socket is not None:
