@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from zoo_agent.errors import Problem
-from zoo_agent.index.fit import check_host
+from zoo_agent.index.fit import check_host, pinned_tenants
 from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
@@ -361,10 +361,28 @@ def _hosts_serve(idx: Index) -> Iterator[Problem]:
             if tid in first:
                 yield Problem(pointer(("hosts", hid, "tenants", i)), f"lists tenant '{tid}' again (already /hosts/{hid}/tenants/{first[tid]})")
             first.setdefault(tid, i)
+        yield from _max_loaded(idx, hid)
     for tid, tenant in idx.tenants.items():
         if tenant.pinned and tenant.fetch == "on-demand":
             yield Problem(pointer(("tenants", tid, "fetch")),
                           "a pinned tenant is loaded at start, so it must be on disk before: use fetch 'eager' or unpin it")
+        if tenant.pinned and tenant.keep_alive is not None:
+            yield Problem(pointer(("tenants", tid, "keep_alive")), "a pinned tenant is never unloaded: remove keep_alive or unpin it")
+
+
+def _max_loaded(idx: Index, hid: str) -> Iterator[Problem]:
+    """Pinned tenants are never paged out: they must fit under the cap, and leave room for the others (issue #34)."""
+    host = idx.hosts[hid]
+    if host.max_loaded is None:
+        return
+    pinned = pinned_tenants(idx, hid)
+    others = [t for t in dict.fromkeys(host.served()) if t not in pinned]
+    at = pointer(("hosts", hid, "max_loaded"))
+    if len(pinned) > host.max_loaded:
+        yield Problem(at, f"{host.max_loaded} is fewer than the {len(pinned)} pinned tenants ({', '.join(pinned)}), which are never paged out")
+    elif others and len(pinned) == host.max_loaded:
+        yield Problem(at, f"the pinned tenants ({', '.join(pinned)}) fill all {host.max_loaded}: {', '.join(others)} could never load; "
+                          "raise max_loaded or unpin one")
 
 
 def _weights_fit(idx: Index) -> Iterator[Problem]:

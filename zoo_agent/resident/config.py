@@ -99,6 +99,7 @@ class ResidentConfig(BaseModel):
     peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0
+    measure_interval: float = 5.0  # how often each serving worker's memory is read (issue #34)
     max_crashes: int = 5
     crash_window: float = 60.0
     drain_seconds: float = 30.0

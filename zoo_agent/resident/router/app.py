@@ -59,6 +59,7 @@ from zoo_agent.resident.router.delegate import GRANTED, Delegation
 from zoo_agent.resident.router.embeddings import forward_embeddings
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.manage import PATHS as MANAGED, Manage
 from zoo_agent.resident.router.routes import Routed, Routes
 from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
 from zoo_agent.resident.similarity import Similarity, route_tasks
@@ -114,6 +115,7 @@ class Router:
         self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
                                    index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
+        self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
         self.checkpoints = CheckpointApi(zoo, lambda: self.idx, lambda: self.table.order, lambda: self.routes)  # issue #36
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -238,6 +240,9 @@ class Router:
             return
         if path == "/v1/models" and method == "GET":
             await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
+            return
+        if path in MANAGED:
+            await self.manage(scope, body, send)
             return
         if is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
             files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,

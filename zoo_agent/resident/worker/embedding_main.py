@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 from zoo_agent.resident.wire import control as p
 
 __all__ = ["run"]
@@ -98,7 +99,8 @@ async def _answer(config: WorkerConfig, state: Any, server: Any, reader: asyncio
                 if engine.stalled(config.stall_seconds):
                     log.error("no forward pass finished in %.0fs with work waiting; not answering pings", config.stall_seconds)
                     continue  # the missing pong gets this worker replaced
-                writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, running=engine.running, waiting=engine.waiting)))
+                writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, running=engine.running, waiting=engine.waiting,
+                                             device_bytes=device_reserved(engine.embedder.device))))  # fmt: skip
                 await writer.drain()
             case p.Reloads():
                 for result, total in (("ok", message.ok), ("failed", message.failed)):

@@ -23,6 +23,7 @@ from typing import Any
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 
 __all__ = ["main"]
 
@@ -231,7 +232,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
                                                  adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
                                                  refused=adapters.refused if adapters else {},
                                                  sessions=backend.sessions.open_count() if backend.sessions else 0,
-                                                 unavailable=away(backend))))  # fmt: skip
+                                                 unavailable=away(backend), device_bytes=device_reserved(backend.device))))  # fmt: skip
                     await writer.drain()
                 case p.Adapters():  # new adapter versions after an apply: swapped between generations
                     future = scheduler.call(backend.update_adapters, message.adapters)
