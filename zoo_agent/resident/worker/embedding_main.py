@@ -100,7 +100,7 @@ async def _answer(config: WorkerConfig, state: Any, server: Any, reader: asyncio
                     log.error("no forward pass finished in %.0fs with work waiting; not answering pings", config.stall_seconds)
                     continue  # the missing pong gets this worker replaced
                 writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, running=engine.running, waiting=engine.waiting,
-                                             device_bytes=device_reserved(engine.embedder.device))))  # fmt: skip
+                                             device_bytes=device_reserved(engine.embedder.model.device))))  # fmt: skip  # a torch.device
                 await writer.drain()
             case p.Reloads():
                 for result, total in (("ok", message.ok), ("failed", message.failed)):
