@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from zoo_agent.resident.memory import cgroup_working_set, process_ram, reported, rss
 
 
@@ -27,3 +29,14 @@ def test_no_cgroup_or_an_unreadable_one_is_the_process_rss(tmp_path: Path) -> No
 def test_a_process_that_is_gone_reads_as_unknown_not_zero() -> None:
     assert process_ram(2**22 + 12345, None) is None  # above pid_max's default: no such process
     assert reported(1, None) is None and reported(1, 5) == 5
+
+
+def test_device_memory_is_read_for_a_device_named_by_a_string_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transformers backend holds its device as a string ("cuda"): its GPU memory must still be reported."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (the resident extra)")
+    from zoo_agent.resident.memory import device_reserved
+
+    asked: list[object] = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: asked.append(device) or 123)
+    assert device_reserved("cuda") == 123 and device_reserved("cuda:1") == 123 and device_reserved(torch.device("cuda", 0)) == 123
+    assert device_reserved("cpu") is None and device_reserved(torch.device("cpu")) is None and len(asked) == 3

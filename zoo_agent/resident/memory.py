@@ -70,8 +70,10 @@ def reported(pid: int, own: int | None) -> int | None:
 
 def device_reserved(device: Any) -> int | None:
     """In the worker: the device memory torch's allocator holds on ``device`` (weights, KV cache, activations),
-    or None off CUDA. Per process, unlike ``mem_get_info`` (the whole device's)."""
-    if getattr(device, "type", None) != "cuda":
+    or None off CUDA. Per process, unlike ``mem_get_info`` (the whole device's). ``device``: a
+    ``torch.device`` or its name ("cuda", "cuda:1"), as backends hold it."""
+    kind = device.split(":", 1)[0] if isinstance(device, str) else getattr(device, "type", None)
+    if kind != "cuda":
         return None
     import torch
 
