@@ -285,6 +285,12 @@ let
   oneshot = common // lib.optionalAttrs (textfileDir != null) {
     ReadWritePaths = (stateDirectory.ReadWritePaths or [ ]) ++ [ (quoted "-${textfileDir}") ];
   };
+
+  # The HF-cache view (issue #35): `zoo-agent export hf-cache` after each apply (and gc), in
+  # the reconcile unit itself, so with its hardening; the one directory it may write besides
+  # the zoo. '-': a missing directory fails the export, saying so, not the unit's namespace.
+  hfCacheDir = if cfg.hfCache.enable then cfg.hfCache.directory else null;
+  inside = dir: parent: lib.hasPrefix "${toString parent}/" "${toString dir}/";
   nodeExporter = config.services.prometheus.exporters.node.enable or false;
 
   # What Prometheus scrapes: the listen address, with a wildcard made loopback.
@@ -525,6 +531,25 @@ in
 
     gc.enable = mkEnableOption "removal of versions past each host's retention after every apply";
 
+    hfCache = {
+      enable = mkEnableOption ''
+        an HF-cache view of the zoo: after every apply (and gc), `zoo-agent export hf-cache`
+        lays out `hfCache.directory` as a Hugging Face hub cache of links into the zoo's verified
+        `current` versions of hub-sourced models, so `HF_HUB_CACHE` pointing there lets
+        transformers, sentence-transformers and diffusers load them offline by repository id.
+        Readers need the zoo's group, as for the zoo itself'';
+      directory = mkOption {
+        type = statePath;
+        default = "/var/lib/model-zoo-hf-cache";
+        example = "/srv/hf-cache";
+        description = ''
+          Where the view is laid out (created by systemd-tmpfiles, mode 0750, owned by the zoo's
+          user and group). Neither inside the zoo nor holding it: the view only links into the
+          zoo, and the reconcile unit may write here.
+        '';
+      };
+    };
+
     prometheus = {
       enable = mkEnableOption ''
         Prometheus metrics: a scrape job for the resident's /metrics in
@@ -557,6 +582,10 @@ in
       {
         assertion = !(cfg.prometheus.enable && cfg.resident.enable) || listenPort != null;
         message = "services.model-zoo.prometheus.enable needs services.model-zoo.resident.listen to be address:port: Prometheus cannot scrape a unix socket.";
+      }
+      {
+        assertion = hfCacheDir == null || !(inside hfCacheDir cfg.stateDir || inside cfg.stateDir hfCacheDir);
+        message = "services.model-zoo.hfCache.directory (${toString cfg.hfCache.directory}) and services.model-zoo.stateDir (${cfg.stateDir}) overlap: the view lives outside the zoo and only links into it.";
       }
       {
         assertion = !cfg.openFirewall || listenPort != null;
@@ -608,9 +637,12 @@ in
         ExecStart = execLine zooAgent [ "apply" ];
         Restart = "on-failure";
         RestartSec = 30;
-        ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ];
+        ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ]
+          ++ optionals (hfCacheDir != null) [ (execLine zooAgent [ "export" "hf-cache" hfCacheDir ]) ];
         # Only this unit fetches, so only it gets the token.
         LoadCredential = hfCredential;
+      } // optionalAttrs (hfCacheDir != null) {
+        ReadWritePaths = (oneshot.ReadWritePaths or [ ]) ++ [ (quoted "-${hfCacheDir}") ];
       };
     };
 
@@ -644,6 +676,10 @@ in
         RuntimeDirectory = "model-zoo";
         RuntimeDirectoryMode = "0750";
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
+        # One cgroup per worker, with a memory limit (issue #34): the unit's cgroup is the
+        # resident's to divide, writable though ProtectControlGroups= keeps the rest read-only.
+        Delegate = "memory";
+        ReadWritePaths = (stateDirectory.ReadWritePaths or [ ]) ++ [ "-/sys/fs/cgroup/system.slice/model-zoo-resident.service" ];
         # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
         LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile)
           ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile)
@@ -679,6 +715,13 @@ in
     };
 
     networking.firewall.allowedTCPPorts = mkIf (cfg.openFirewall && listenPort != null) [ listenPort ];
+
+    systemd.tmpfiles.settings.model-zoo-hf-cache = mkIf (hfCacheDir != null) {
+      ${hfCacheDir}.d = {
+        mode = "0750";
+        inherit (cfg) user group;
+      };
+    };
 
     systemd.tmpfiles.settings.model-zoo-metrics = mkIf (textfileDir != null) {
       # Readable by node_exporter, which runs as its own user; the files hold no secret.

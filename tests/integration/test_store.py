@@ -240,8 +240,7 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
         worker.process.wait()
         ours.close()
         theirs.close()
-        sup.wake_r.close()
-        sup.wake_w.close()
+        sup.waker.close()
         sup.selector.close()
 
 

@@ -1,4 +1,5 @@
-"""`zoo-agent resident` (the Type=notify main process) and `zoo-agent resident reload`."""
+"""`zoo-agent resident` (the Type=notify main process), and what asks the running one: `reload`,
+`status`, `load` and `unload` (issue #34)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import click
 from zoo_agent.cli.options import Target, emit_json, json_option, printable, zoo_options
 from zoo_agent.errors import SourceError, StoreError, UsageError
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.reports import read_state
+from zoo_agent.resident.wire.documents import Health, HealthTenant, Malformed, ResidentState, salvage
 
 __all__ = ["resident"]
 
@@ -64,8 +67,8 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
 def reload(target: Target, pid: int | None, timeout: float) -> None:
     """Swap to the current version now; return when the swap is done (for ExecReload=)."""
     state_file = target.zoo.resident_state
-    before = _state(state_file)
-    pid = pid or before.get("pid")
+    before = read_state(state_file) or ResidentState()
+    pid = pid or before.pid
     if not pid:
         raise UsageError(f"{state_file}: no running resident recorded; pass --pid")
     try:
@@ -74,15 +77,15 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
         raise UsageError(f"no resident runs as pid {pid}") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = _state(state_file)
-        if now.get("attempts", 0) > before.get("attempts", 0) and now.get("state") == "ready":
-            if now.get("reloads", 0) > before.get("reloads", 0):
-                swapped = now.get("swapped") or []
+        now = read_state(state_file) or ResidentState()
+        if now.attempts > before.attempts and now.state == "ready":
+            if now.reloads > before.reloads:
+                swapped = now.swapped
                 click.echo(f"reloaded: {', '.join(swapped)}" if swapped else "reloaded: every tenant already served its current version")
                 return
-            if now.get("last_error"):
-                raise StoreError(now["last_error"])
-        if before.get("attempts", 0) == now.get("attempts", 0) and time.monotonic() > deadline - timeout + 5:
+            if now.last_error:
+                raise StoreError(now.last_error)
+        if before.attempts == now.attempts and time.monotonic() > deadline - timeout + 5:
             click.echo("nothing to reload: already serving the current version")
             return
         time.sleep(0.2)
@@ -95,21 +98,99 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
 @click.pass_obj
 def status(target: Target, url: str | None, as_json: bool) -> None:
     """Ask the running resident what it serves: every tenant, loaded or paged out (its /health)."""
+    url = _url(target, url)
+    document = _health(url)
+    if as_json:
+        emit_json(document)
+        return
+    try:
+        health, dropped = salvage(Health, document)
+    except Malformed as exc:
+        raise SourceError(f"{url}/health: not a resident's answer ({exc})") from None
+    for line in dropped:  # what this resident says that this command cannot read: named, the rest still shown
+        click.echo(printable(f"{url}/health: {line}; not shown", _SHOWN), err=True)
+    click.echo(printable(f"{health.state or '?'}: {health.status}", _SHOWN))
+    for tid, t in health.tenants.items():
+        click.echo(_tenant_row(tid, t))
+
+
+def _url(target: Target, url: str | None) -> str:
+    """``--url``, else where the zoo's resident listens (its state.json)."""
     if url is None:
-        listen = _state(target.zoo.resident_state).get("listen")
-        listen = listen if isinstance(listen, str) and listen else "127.0.0.1:8000"
+        recorded = read_state(target.zoo.resident_state)
+        listen = recorded.listen if recorded is not None and recorded.listen else "127.0.0.1:8000"
         if listen.startswith(("unix:", "/")):
             raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
         url = "http://" + listen.removeprefix("http://")
-    health = _health(url.rstrip("/"))
-    if as_json:
-        emit_json(health)
-        return
-    click.echo(printable(f"{health.get('state', '?')}: {health.get('status', '')}", _SHOWN))
-    tenants = health.get("tenants")
-    for tid, t in (tenants.items() if isinstance(tenants, dict) else ()):
-        if isinstance(t, dict):
-            click.echo(_tenant_row(str(tid), t))
+    return url.rstrip("/")
+
+
+_url_option = click.option("--url", default=None, envvar="ZOO_URL", help="The resident's address (default: where the zoo's resident listens).")
+_key_option = click.option("--api-key-file", type=click.Path(path_type=Path), default=None, envvar="ZOO_API_KEY_FILE",
+                           help="The resident's API key, for a resident that needs one ($ZOO_API_KEY_FILE).")  # fmt: skip
+_wait_option = click.option("--timeout", type=click.FloatRange(min=1, max=3600), default=600.0, show_default=True,
+                            help="Seconds to wait for the answer (the resident itself waits at most 300 s for a load).")  # fmt: skip
+
+
+@resident.command("load")
+@click.argument("tenant")
+@click.option("--evict", is_flag=True, help="Page out idle tenants if it cannot fit otherwise (without it, the answer names them).")
+@_url_option
+@_key_option
+@_wait_option
+@click.pass_obj
+def load(target: Target, tenant: str, evict: bool, url: str | None, api_key_file: Path | None, timeout: float) -> None:
+    """Load TENANT now (POST /models/load); return once it serves."""
+    click.echo(_order(_url(target, url), "load", {"model": tenant, **({"evict": True} if evict else {})}, api_key_file, timeout))
+
+
+@resident.command("unload")
+@click.argument("tenant")
+@_url_option
+@_key_option
+@_wait_option
+@click.pass_obj
+def unload(target: Target, tenant: str, url: str | None, api_key_file: Path | None, timeout: float) -> None:
+    """Unload TENANT (POST /models/unload): what it is answering completes; return once its worker exited."""
+    click.echo(_order(_url(target, url), "unload", {"model": tenant}, api_key_file, timeout))
+
+
+def _order(url: str, action: str, body: dict[str, Any], api_key_file: Path | None, timeout: float) -> str:
+    """Ask the resident for a load or unload; its answer's message, or the error it gave as one line."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from zoo_agent.keyfile import read_key_file
+
+    headers = {"content-type": "application/json"}
+    if api_key_file is not None:
+        headers["authorization"] = "Bearer " + read_key_file(api_key_file, "--api-key-file")
+    request = urllib.request.Request(f"{url}/models/{action}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read(_MAX_HEALTH + 1)
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read(_MAX_HEALTH + 1) or b"{}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceError(f"{url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
+    try:
+        answer = loads(raw, limit=_MAX_HEALTH)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise SourceError(f"{url}/models/{action}: not a resident's answer (HTTP {status})")
+    if status == 200:
+        return printable(str(answer.get("message") or f"{action}: done"), _SHOWN)
+    error = answer.get("error")
+    error = error if isinstance(error, dict) else {}
+    message = printable(str(error.get("message") or f"HTTP {status}"), _SHOWN)
+    if error.get("code") == "would_evict":
+        message = message.replace("ask again with evict to do it", "pass --evict to do it")
+    if status == 401:
+        message += " (pass --api-key-file)"
+    raise (UsageError if status < 500 and status != 429 else SourceError)(f"{action} {body['model']}: {message}")
 
 
 _MAX_HEALTH = 4 << 20  # a /health document is kilobytes
@@ -138,26 +219,10 @@ def _health(url: str) -> dict[str, Any]:
     return health
 
 
-def _tenant_row(tid: str, t: dict[str, Any]) -> str:
-    """One tenant of /health as a line; a field of another type shows as '-' (never a traceback)."""
-    def number(name: str) -> float | None:
-        value = t.get(name)
-        try:
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        except OverflowError:  # an integer of hundreds of digits
-            return None
-
-    served = f"{t.get('model')}@{t.get('version')}" if t.get("model") else "-"
-    idle = f"{seconds:.0f}s" if (seconds := number("idle_seconds")) is not None else "-"
-    footprint = (number("footprint") or 0.0) / (1 << 20)
-    line = (f"  {tid:<20} {t.get('state', '?')!s:<10} {served:<24} {number('running') or 0:>3.0f} running {number('waiting') or 0:>3.0f} waiting  "
-            f"idle {idle:<6} {footprint:>8.1f} MiB{'  pinned' if t.get('pinned') is True else ''}{'  ' + str(t['error']) if t.get('error') else ''}")  # fmt: skip
+def _tenant_row(tid: str, t: HealthTenant) -> str:
+    """One tenant of /health as a line (a field the resident sent of another type was left out: its default shows)."""
+    served = f"{t.model}@{t.version}" if t.model else "-"
+    idle = f"{t.idle_seconds:.0f}s" if t.idle_seconds is not None else "-"
+    line = (f"  {tid:<20} {t.state or '?':<10} {served:<24} {t.running:>3} running {t.waiting:>3} waiting  "
+            f"idle {idle:<6} {t.footprint / (1 << 20):>8.1f} MiB{'  pinned' if t.pinned else ''}{'  ' + t.error if t.error else ''}")  # fmt: skip
     return printable(line, _SHOWN)
-
-
-def _state(path: Path) -> dict[str, Any]:
-    try:
-        data = loads(path.read_bytes(), limit=_MAX_HEALTH)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}

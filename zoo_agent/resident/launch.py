@@ -52,8 +52,11 @@ class Launcher:
         if self.sockets is not None:
             shutil.rmtree(self.sockets, ignore_errors=True)  # ours: made by mkdtemp in open(), holding only sockets
 
-    def verify(self, idx: Index, tid: str) -> None:
-        """``--strict``: every file of the tenant's versions hashed again (raises ``ZooError``)."""
+    def verify(self, idx: Index, tid: str, *, config: bool = False) -> None:
+        """``--strict``: every file of the tenant's versions hashed again; ``config``: its worker's
+        config made too, as a load would (raises ``ZooError``)."""
+        if config:
+            self.worker_config(idx, tid)
         if self.config.strict:
             strict_check(self.zoo, idx, tid)
 
@@ -95,9 +98,10 @@ class Launcher:
             base_names=base_names(idx, tid), selection=selection_for(self.zoo, idx, tid),
             sessions_dir=self.zoo.tenant_dir(tid), priority=CLASSES[tenant.priority], aging_seconds=self.config.aging_seconds,
             route_sessions=self.route_sessions(idx, tid), router_socket=self.sockets / "router.sock" if self.sockets else None,
+            checkpoint_keep=tenant.sessions.checkpoints.keep, checkpoint_every=tenant.sessions.checkpoints.seconds,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
-            max_context=context(read_config(version_dir) or {}, tenant.resources.max_context),
+            kind=tenant.kind, max_context=context(read_config(version_dir) or {}, tenant.resources.max_context),
             gpu_layers=tenant.resources.gpu_layers, kv_cache_type=tenant.resources.kv_cache_type,
         )  # fmt: skip
 
@@ -108,7 +112,9 @@ class Launcher:
         for rid in host.routes:
             route = idx.routes.get(rid)
             if route is not None and tid in route.tenants():
-                found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer))
+                policy = idx.tenants[route.default].sessions.checkpoints  # a route keeps as its default tenant does
+                found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer, checkpoint_keep=policy.keep,
+                                           checkpoint_every=policy.seconds))  # fmt: skip
         return tuple(found)
 
     def private_socket(self) -> socket.socket:

@@ -34,6 +34,7 @@ from zoo_agent.resident.reports import Outlook, Reports
 from zoo_agent.resident.router.app import Keys, Router
 from zoo_agent.resident.slots import Slot, SlotTable, Worker
 from zoo_agent.resident.wire import control as p
+from zoo_agent.resident.waker import WAKE, Waker
 from zoo_agent.resident.workers import Workers
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier, watchdog_usec
@@ -50,6 +51,7 @@ class Supervisor:
         self.zoo = Zoo(config.root)
         self.api_key, self.fleet_key, self.priority_key = read_keys(config.api_key_file, config.fleet_key_file, config.priority_key_file)
         self.selector = selectors.DefaultSelector()
+        self.waker = Waker(self.selector)
         self.table = SlotTable(wake=self.wake)  # what the router shares: the slots, their lock, order and budget
         self.slots, self.lock = self.table.slots, self.table.lock  # the table's own dict and lock, never replaced
         self.idx: Index | None = None
@@ -66,10 +68,6 @@ class Supervisor:
         self.launcher = Launcher(config, self.zoo, self.api_key)
         self.workers = Workers(config, self.launcher, self.selector, self._event, self.wake)
         self.reports = Reports(self.table, self.zoo, self._outlook, lambda: self.router.federation.summary())
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.router = Router(self.table, config, self.zoo, self.host_id, Keys(self.api_key, self.fleet_key, self.priority_key),
                              is_ready=lambda: self.ready_sent, status_line=self.status_line)  # fmt: skip
         self.pager = Pager(self, self.table, config, self.zoo, self.launcher, self.router, self.reports, self.notify)
@@ -92,10 +90,7 @@ class Supervisor:
 
     def wake(self) -> None:
         """From the router's thread (a request waits for a tenant) or a fetch's: tick now, not in 0.2 s."""
-        try:
-            self.wake_w.send(b"!")
-        except OSError:
-            pass  # the buffer is full: a wake-up is pending anyway
+        self.waker.wake()
 
     def reindex(self) -> None:
         self.flags.add("reindex")
@@ -153,8 +148,7 @@ class Supervisor:
             self.listener = listen_socket(self.config.listen, self.api_key)
             first = [t for t in self.order if self.slots[t].pinned] or self.order[:1]
             for tid in first:  # pinned tenants (or the first listed) load now: READY waits for them
-                self.launcher.worker_config(idx, tid)  # a tenant that cannot load is an error now, not at the first request
-                self.launcher.verify(idx, tid)
+                self.launcher.verify(idx, tid, config=True)  # a tenant that cannot load is an error now, not at the first request
         except ZooError as exc:
             self.notify.failed(errno.EINVAL, f"cannot start: {exc}")
             raise
@@ -164,12 +158,8 @@ class Supervisor:
         self.router.start(self.listener, self.launcher.private_socket())
         while self.exit_code is None:
             for key, _ in self.selector.select(timeout=0.2):
-                if key.data == "wake":
-                    try:
-                        while self.wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, InterruptedError, OSError):
-                        pass
+                if key.data == WAKE:
+                    self.waker.drain()
                 else:
                     slot, worker = key.data
                     self.workers.read(slot, worker)
@@ -300,32 +290,24 @@ class Supervisor:
     def _crashed(self, slot: Slot, worker: Worker, reason: str) -> None:
         """Restarted with backoff, up to ``max_crashes`` in ``crash_window``; then refused (or the unit fails)."""
         self.router.restarted(slot.tenant, worker.killed_for or "crash")
-        t = time.monotonic()
-        slot.crashes = [c for c in slot.crashes if t - c < self.config.crash_window] + [t]
-        if len(slot.crashes) >= self.config.max_crashes:
-            message = f"{slot.tenant}: worker crashed {len(slot.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}"
-            log.error("%s", message)
-            if self._essential(slot):
-                self.notify.failed(errno.ECHILD, message)
-                self.exit_code = 1
-                return
-            slot.crashes.clear()
-            self.pager.refuse(slot, message, failed=True)
+        delay = self.workers.backoff(slot, worker, time.monotonic())
+        if delay is not None:
+            self.notify.status(f"{slot.tenant}: worker died ({reason}); restarting in {delay}s")
+            log.error("worker %d (%s) died (%s); restarting in %ds", worker.pid, slot.tenant, reason, delay)
             return
-        delay = min(2 ** (len(slot.crashes) - 1), 30)
-        slot.restart_at = t + delay
-        slot.wanted = slot.wanted or slot.busy or slot.pinned or worker.state == "serving"
-        self.notify.status(f"{slot.tenant}: worker died ({reason}); restarting in {delay}s")
-        log.error("worker %d (%s) died (%s); restarting in %ds", worker.pid, slot.tenant, reason, delay)
+        message = f"{slot.tenant}: worker crashed {len(slot.crashes)} times in {self.config.crash_window:.0f}s; last: {reason}"
+        log.error("%s", message)
+        if self._essential(slot):
+            self.notify.failed(errno.ECHILD, message)
+            self.exit_code = 1
+            return
+        slot.crashes.clear()
+        self.pager.refuse(slot, message, failed=True)
 
     def _feed_watchdog(self, t: float) -> None:
         """WATCHDOG=1 only while the router's loop turns and every worker that should answer did."""
-        if not self.watchdog_usec:
-            return
         interval = self.watchdog_usec / 2e6
-        if t - self.last_watchdog < interval:
-            return
-        if not self.router.alive(interval * 2):
+        if not self.watchdog_usec or t - self.last_watchdog < interval or not self.router.alive(interval * 2):
             return
         workers = [w for s in self.slots.values() for w in s.workers]
         # A hung worker is replaced by its ping timeout (the others keep serving); the watchdog
@@ -360,3 +342,4 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
         self.launcher.close()
+        self.waker.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from zoo_agent.resident.wire.gate import Gate
 from zoo_agent.resident.wire.priority import BadPriority, parse_priority
 from zoo_agent.resident.worker.backend import AdapterError
 from zoo_agent.resident.worker.bodies import Body, BoundedRoute, ChatBody, CompletionBody, LoadLoraBody, PriorityHeader, RouteHeader
+from zoo_agent.resident.worker.daemon import unavailable
 from zoo_agent.resident.worker.prepare import adapter_for, prepare
 from zoo_agent.resident.worker.responses import Deferred, error, pieces, refused, sse
 from zoo_agent.resident.worker.state import ServingState
@@ -153,9 +155,11 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
 
 async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool,
                  priority: str | None = None, route: str | None = None) -> Response:  # fmt: skip
-    adapter = adapter_for(state, body.model)
+    adapter = adapter_for(state, body.model, body.x_zoo)
     if isinstance(adapter, Refusal):
         return refused(adapter)
+    if (away := unavailable(state.backend)) is not None:  # its Ollama daemon is away (issue #35): a 503 at once, not a try
+        return error(503, str(away), code="model_unavailable", headers={"Retry-After": str(away.retry_after)})
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
     try:
@@ -172,7 +176,7 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
     while True:
         state.preparing += 1
         try:
-            request = await asyncio.get_running_loop().run_in_executor(state.preparer, prepare, state, body, messages, prompt, adapter, chat,
+            request = await asyncio.get_running_loop().run_in_executor(state.preparer, prepare, state, body, messages, prompt, adapter.adapter, chat,
                                                                        level, route, fresh)  # fmt: skip
         finally:
             state.preparing -= 1
@@ -181,6 +185,7 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
         fresh = await summarize(state.summarizers, route or "", request)  # then prepared again, with the summary
     if isinstance(request, Refusal):
         return refused(request)
+    request = replace(request, scaled=adapter.scaled, exclude=adapter.exclude)  # the set and what none may use (issue #36)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

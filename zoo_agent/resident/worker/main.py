@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 
 __all__ = ["main"]
 
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(configure, p.Configure):
         return 2  # the supervisor went away before it told us what to serve
     config = configure.config
+    if config.kind == "embedding":  # an embedding tenant's worker (issue #36)
+        from zoo_agent.resident.worker.embedding_main import run
+
+        return run(config, control, lines, pending, args.listen_fd)
     if config.backend != "ollama":
         import zoo_agent.resident.worker.app  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
         import zoo_agent.resident.worker.backend  # noqa: F401
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.backend == "ollama":
             from zoo_agent.resident.worker.ollama_backend import OllamaBackend
 
-            backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
+            backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
+                                    retry_cap=config.health_interval)  # fmt: skip
         else:
             from transformers.utils import logging as transformers_logging
 
@@ -119,13 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         if config.sessions_dir is not None and config.backend != "ollama":
             from zoo_agent.resident.sessions.store import Sessions
 
+            from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
+
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
-                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
+                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size(),
+                                        checkpoints=CheckpointPolicy(config.checkpoint_keep, config.checkpoint_every))  # fmt: skip
         from zoo_agent.resident.engine.warmup import warm_up
+        from zoo_agent.resident.worker.daemon import away
         from zoo_agent.resident.worker.scheduling import scheduler_for
 
         scheduler = scheduler_for(backend, config.max_batch)
-        warm_up(scheduler)
+        if not away(backend):  # an Ollama daemon away at start: the tenant starts unavailable (worker/daemon.py)
+            warm_up(scheduler)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         _send(control, p.Failed(error=reason))
@@ -137,12 +149,14 @@ def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
     """The sessions of the routes this tenant answers for (issue #21), and their summarizers."""
     if backend.sessions is None:
         return
+    from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
     from zoo_agent.resident.sessions.store import Sessions
     from zoo_agent.resident.sessions.summaries import Summarizer
 
     for rs in config.route_sessions:
         sessions = Sessions(rs.dir, model_key=backend.sessions.model_key, dtype=backend.dtype, template=str(backend.tokenizer.chat_template or ""),
-                            vocab_size=backend.sessions.vocab_size, route=rs.route)  # fmt: skip
+                            vocab_size=backend.sessions.vocab_size, route=rs.route,
+                            checkpoints=CheckpointPolicy(rs.checkpoint_keep, rs.checkpoint_every))  # fmt: skip
         sessions.stats = backend.sessions.stats  # one set of counters per worker
         state.route_sessions[rs.route] = sessions
         if rs.summarizer is not None and config.router_socket is not None:
@@ -181,7 +195,9 @@ class _Rate:
 async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
     import uvicorn
 
+    from zoo_agent.resident.engine.warmup import warm_up
     from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.daemon import away, watch
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
@@ -215,7 +231,8 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
                                                  waiting=state.waiting, tps=rate(state.tokens),
                                                  adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
                                                  refused=adapters.refused if adapters else {},
-                                                 sessions=backend.sessions.open_count() if backend.sessions else 0)))  # fmt: skip
+                                                 sessions=backend.sessions.open_count() if backend.sessions else 0,
+                                                 unavailable=away(backend), device_bytes=device_reserved(backend.device))))  # fmt: skip
                     await writer.drain()
                 case p.Adapters():  # new adapter versions after an apply: swapped between generations
                     future = scheduler.call(backend.update_adapters, message.adapters)
@@ -245,22 +262,10 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
             await asyncio.sleep(0.05)
         server.should_exit = True
 
-    async def watch_daemon() -> None:
-        """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
-        from zoo_agent.resident.worker.ollama_backend import OllamaDown
-
-        while not server.should_exit:
-            await asyncio.sleep(config.health_interval)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, backend.healthy)
-            except OllamaDown as exc:
-                writer.write(p.encode(p.Failed(error=str(exc))))
-                await writer.drain()
-                state.exit_code = 4
-                server.should_exit = True
-
     task = asyncio.create_task(answer())
-    watcher = asyncio.create_task(watch_daemon()) if config.backend == "ollama" else None
+    # The Ollama daemon away is this tenant's trouble, never the worker's end (issue #35): watched, retried with backoff.
+    watcher = asyncio.create_task(watch(backend, functools.partial(warm_up, scheduler), config.health_interval,
+                                        lambda: bool(server.should_exit))) if config.backend == "ollama" else None  # fmt: skip
     weights, kv = _measured(config, backend)
     writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
                                   weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
