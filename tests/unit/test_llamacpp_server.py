@@ -159,3 +159,19 @@ def test_a_body_our_api_refuses_is_refused_as_any_tenant_refuses_it(body: bytes,
     refused = check(_post("/v1/chat/completions" if chat else "/v1/completions", body), ("t", "m"))
     assert refused is not None and (refused.status, refused.param) == (400, param), refused and refused.document()
     assert refused.message.startswith(f"{param}: ")
+
+
+def test_a_worker_with_no_process_is_placed_in_no_cgroup(tmp_path: Path) -> None:
+    """pid 0 (a worker whose start failed before it had a process): written to cgroup.procs, 0 would move the supervisor itself."""
+    from zoo_agent.resident.cgroups import WorkerCgroups
+
+    unit = tmp_path / "cgroup" / "system.slice" / "model-zoo-resident.service"
+    unit.mkdir(parents=True)
+    for where in (tmp_path / "cgroup", unit):
+        (where / "cgroup.controllers").write_text("memory\n")
+    (unit / "cgroup.subtree_control").write_text("")
+    (tmp_path / "self-cgroup").write_text("0::/system.slice/model-zoo-resident.service\n")
+    cgroups = WorkerCgroups.detect(tmp_path / "cgroup", tmp_path / "self-cgroup", delegated=lambda _: True)
+    assert cgroups.unit == unit
+    assert cgroups.place(0, "chat", 1 << 30) is None
+    assert not list(unit.glob("worker-*"))

@@ -90,8 +90,9 @@ class WorkerCgroups:
 
     def place(self, pid: int, tenant: str, limit: int) -> Path | None:
         """Move the worker ``pid`` (just started) into a cgroup of its own limited to ``limit`` bytes;
-        None when there is none to make (it runs without a limit)."""
-        if self.unit is None:
+        None when there is none to make (it runs without a limit), or no process to move (pid 0: its
+        start failed; written to cgroup.procs, 0 would move the supervisor itself)."""
+        if self.unit is None or pid <= 0:
             return None
         path = self.unit / f"worker-{tenant}-{pid}"
         try:

@@ -17,8 +17,9 @@ engine shows, on threads of this object (the supervisor's loop never waits on th
   every few seconds on another thread, as are the counters the pong carries).
 
 Its exit is reported (``poll``) only once its last events are queued, so a ``Failed`` always
-comes before the exit it explains. On standby nothing starts: llama-server has no runtime to warm
-without the weights, and starts in about a second (``proceed`` starts it). ``drain``: llama-server
+comes before the exit it explains. On standby its process waits in a shell that becomes
+``llama-server`` at ``proceed`` (it has no runtime to warm without its weights, and starts in
+about a second; the pid is there from the start, for the supervisor's cgroup). ``drain``: llama-server
 stops at SIGTERM without finishing what is in flight, so the front takes no new request, the
 requests in flight finish (up to ``drain_seconds``), then SIGTERM. Its output goes to our log, a
 line at a time (at most ``LOG_LINE`` characters), with the tenant's name, at the level
@@ -183,12 +184,14 @@ class LlamaServerProcess(WorkerProcess):
         self._progress = time.monotonic()  # its decode loop advanced (or nothing was in flight)
         self._rate: collections.deque[tuple[float, float]] = collections.deque(maxlen=16)
         self._reader: threading.Thread | None = None
+        self._model = Path()  # its GGUF file (part 1 of a split set), once found
 
     @classmethod
     def spawn(cls, config: WorkerConfig, path: str, server: LlamaServer, *, standby: bool = False) -> LlamaServerProcess:
         process = cls(config, path, server)
+        process._start()
         if not standby:
-            process._start()
+            process.proceed()
         return process
 
     # -- the process ------------------------------------------------------------------------
@@ -218,8 +221,10 @@ class LlamaServerProcess(WorkerProcess):
             self._popen.kill()
 
     def _start(self) -> None:
-        """On the supervisor's loop (see the module's note on PR_SET_PDEATHSIG)."""
-        self._state = "loading"
+        """On the supervisor's loop (see the module's note on PR_SET_PDEATHSIG). The process starts
+        now, as a shell that waits for a line on its stdin (``proceed``) and then becomes
+        ``llama-server`` (``exec``: the same pid, so the supervisor places it in its cgroup now, and
+        the same parent-death signal); closed without that line, it exits."""
         model = first_gguf(self.config.version_dir)
         if model is None:
             self._fail_unstarted(f"no .gguf file in {self.config.version_dir}")
@@ -228,11 +233,12 @@ class LlamaServerProcess(WorkerProcess):
         if isinstance(slots, str):
             self._fail_unstarted(slots)
             return
-        for stale in (self.engine_path,):
-            Path(stale).unlink(missing_ok=True)
+        self._model = model
+        Path(self.engine_path).unlink(missing_ok=True)
         argv = server_argv(self.server.path, self.config, model, self.engine_path, slots)
+        gate = ["/bin/sh", "-c", 'read go || exit 0; exec "$@" </dev/null', "llama-server", *argv]
         try:
-            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=engine_env(),
+            self._popen = subprocess.Popen(gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=engine_env(),
                                            preexec_fn=_child_setup(os.getpid()))  # noqa: PLW1509 - see the module's note  # fmt: skip
         except OSError as exc:
             self._fail_unstarted(f"{self.server.path}: {exc}")
@@ -240,7 +246,6 @@ class LlamaServerProcess(WorkerProcess):
         self._reader = threading.Thread(target=self._read_log, name=f"llama-log-{self.config.tenant}", daemon=True)
         self._reader.start()
         threading.Thread(target=self._monitor, name=f"llama-exit-{self.config.tenant}", daemon=True).start()
-        threading.Thread(target=self._load, args=(model,), name=f"llama-load-{self.config.tenant}", daemon=True).start()
 
     def _slots_dir(self) -> Path | str:
         """``--slot-save-path``: ``slots/`` in the tenant's state directory, a directory of ours (not a link)."""
@@ -441,14 +446,22 @@ class LlamaServerProcess(WorkerProcess):
         return True
 
     def proceed(self) -> bool:
-        if self._popen is None and self._code is None:
-            self._start()
+        """The gate opens: it becomes ``llama-server``, which loads the weights; the loading is followed from here."""
+        if self._popen is None or self._popen.stdin is None or self._state != "standby" or self._code is not None:
+            return self._code is None
+        self._state = "loading"
+        try:
+            self._popen.stdin.write(b"go\n")
+            self._popen.stdin.close()
+        except OSError:
+            return False  # it is gone: its exit says so
+        threading.Thread(target=self._load, args=(self._model,), name=f"llama-load-{self.config.tenant}", daemon=True).start()
         return True
 
     def drain(self) -> bool:
-        """No new request; those in flight finish (up to ``drain_seconds``); then SIGTERM."""
-        if self._popen is None:
-            self._finish(0)
+        """No new request; those in flight finish (up to ``drain_seconds``); then SIGTERM (on standby: at once)."""
+        if self._popen is None or self._state == "standby":
+            self.terminate()
             return True
         self._state = "draining"
         self.front.stop()
