@@ -147,6 +147,8 @@ def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) 
     """The tenant's model (``estimate``) plus what loads beside it: its adapters and the
     embedding model of adapter selection. ``config`` is the model's config.json."""
     tenant = idx.tenants[tenant_id]
+    if tenant.is_remote:
+        return Footprint(0, 0)  # a server elsewhere answers for it (backend 'openai'): nothing is loaded here
     base = estimate(idx.models[tenant.model], tenant.resources, config)
     extra = sum(weight_bytes(idx.loras[lid]) for lid in tenant.loras if lid in idx.loras)
     if tenant.adapter_selection is not None and (embedder := idx.models.get(tenant.adapter_selection.embedding_model)):
