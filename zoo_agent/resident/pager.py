@@ -73,6 +73,12 @@ class Pager:
         tenant = idx.tenants[slot.tenant]
         slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
         slot.priority = CLASSES[tenant.priority]
+        if tenant.remote is not None:  # answered by a server elsewhere: always loaded, no process, no memory (issue #36)
+            from zoo_agent.resident.router.remote import take_remote_slot
+
+            take_remote_slot(slot, tenant, self.crew)
+            return
+        slot.remote = ""
         slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
         version = self.zoo.read_link("models", tenant.model, "current")
         config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
@@ -101,8 +107,8 @@ class Pager:
     def _wanted(self, t: float) -> list[Slot]:
         """What should be loaded, first first: pinned, then by priority, then least recently used."""
         with self.table.lock:
-            wanted = [s for s in self.table.slots.values() if ((s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at)
-                      or (s.serving is not None and s.serving.standby)]  # fmt: skip
+            wanted = [s for s in self.table.slots.values() if not s.remote and (((s.wanted or s.pinned) and s.phase in ("paged_out", "failed")
+                      and t >= s.restart_at) or (s.serving is not None and s.serving.standby))]  # fmt: skip
         wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
         return wanted
 

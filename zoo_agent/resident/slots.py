@@ -86,6 +86,9 @@ class Slot:
     served_before: int = 0  # requests and tokens of this tenant's workers that are gone
     tokens_before: int = 0
     evictions: int = 0
+    # A remote tenant (backend 'openai', issue #36): "<model> at <host>". It has no worker and is never
+    # paged; the router (``router/remote.py``) keeps its phase, path and refusal by its health polls.
+    remote: str = ""
 
     @property
     def footprint(self) -> int:
