@@ -1,7 +1,7 @@
 """Checkpoint restore benchmark (issue #36): the first token of a session restored from a named
 checkpoint, against the same conversation resumed from its own files and prefilled again.
 
-    .venv/bin/python bench/checkpoints.py [--shape tiny|qwen2-0.5b] [--tokens 1000] [--runs 15]
+    .venv/bin/python bench/checkpoints.py [--shape tiny|qwen2-0.5b] [--tokens 1000] [--runs 15] [--json bench/checkpoints.json]
 
 A session with one long turn (about --tokens tokens) is committed with its cache, checkpointed,
 and goes on for another turn. Then, --runs times each, the next turn (one new token) of:
@@ -9,7 +9,7 @@ the checkpoint restored as a new session (its frozen cache), the same files copi
 under a new id (what a session resumed after a restart has), and the checkpoint restored with
 its cache removed (a re-prefill from the transcript). The answers must be the same token.
 Also timed: the checkpoint and the restore themselves (file work only: links, a transcript).
-Its numbers are quoted in docs/sessions.md; it is not one of bench/run's rows.
+One of bench/run's rows (``--only checkpoints``); docs/sessions.md quotes it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--shape", choices=("tiny", "qwen2-0.5b"), default="tiny")
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     import torch
@@ -118,6 +119,8 @@ def main() -> int:
     size = (base / "checkpoints" / "long" / "cp" / "long.safetensors").stat().st_size
     print(f"\ncheckpoint restore, {args.shape} shape, {n}-token prompt, cache file {size / 2**20:.1f} MiB, CPU 2 threads, median of {args.runs}")
     print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"shape": args.shape, "tokens": n, "cache_bytes": size, "rows": rows}, indent=2) + "\n")
     for label, measured in (("fastest of the runs", {k: min(v) for k, v in times.items()}), ("median CPU time", {k: statistics.median(v) for k, v in cpu.items()})):
         print(f"{label}: restored {measured['restored'] * 1e3:.1f} ms, resumed {measured['resumed'] * 1e3:.1f} ms, "
               f"re-prefilled {measured['re-prefilled'] * 1e3:.1f} ms (re-prefilled / restored {measured['re-prefilled'] / measured['restored']:.2f})")
