@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +35,8 @@ pytestmark = pytest.mark.resident
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 #: What a client sends that must never reach a remote: its key, its cookies, its own headers.
-CLIENT_HEADERS = {"Authorization": "Bearer client-secret", "Cookie": "sid=client", "X-Forwarded-For": "10.9.8.7", "X-Client-Thing": "mine"}
+CLIENT_HEADERS = {"Authorization": "Bearer client-secret", "Cookie": "sid=client", "X-Forwarded-For": "10.9.8.7",
+                  "X-Client-Thing": "mine"}
 
 
 @dataclass

@@ -161,7 +161,7 @@ class _Notify:
 
 class _Launcher:
     def worker_config(self, idx: Index, tid: str) -> WorkerConfig:
-        return WorkerConfig(tenant=tid, model=tid, version="v1", version_dir=Path("/zoo") / tid)  # type: ignore[arg-type]
+        return WorkerConfig(tenant=tid, model=tid, version="v1", version_dir=Path("/zoo") / tid)
 
 
 def test_a_remote_tenant_is_never_loaded_holds_no_memory_and_a_local_one_that_becomes_remote_is_drained(tmp_path: Path) -> None:
@@ -195,3 +195,24 @@ def test_a_remote_tenant_is_never_loaded_holds_no_memory_and_a_local_one_that_be
     chat.wanted = True
     pager.page(2.0)
     assert crew.started == ["chat"]
+
+
+# -- the key as a systemd credential ----------------------------------------------------------------
+def test_systemd_render_loads_a_remote_tenants_key_as_a_credential_and_refuses_our_own_names(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from zoo_agent.cli.main import cli
+
+    runner = CliRunner()
+    base = ["systemd", "render", "--index", str(tmp_path / "index.json"), "--exec", "/usr/bin/zoo-agent"]
+    result = runner.invoke(cli, [*base, "--api-key-file", "/run/keys/api", "--credential", "openai-key=/run/secrets/openai key",
+                                 "--credential", "vllm=/run/secrets/vllm"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    resident = result.output.split("model-zoo-resident.service")[1]
+    assert [line for line in resident.splitlines() if line.startswith("LoadCredential=")] == [
+        "LoadCredential=api-key:/run/keys/api", "LoadCredential=openai-key:/run/secrets/openai key", "LoadCredential=vllm:/run/secrets/vllm"]
+    for bad, said in (("fleet-key=/run/k", "'fleet-key' is a credential of the resident's own"), ("a/b=/run/k", "is not a credential name"),
+                      ("k=relative", "must be an absolute path"), ("k=/run/k\\", "trailing backslash"), ("k", "expected NAME=PATH")):  # fmt: skip
+        result = runner.invoke(cli, [*base, "--credential", bad])
+        assert result.exit_code == 2 and "--credential" in result.output and said in result.output, (bad, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

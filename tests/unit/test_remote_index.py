@@ -14,7 +14,7 @@ from zoo_agent.index.fit import tenant_footprint
 from zoo_agent.index.load import check_document
 from zoo_agent.plan import desired_for_host
 
-REMOTE = {"backend": "openai", "remote": {"base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini", "key_file": "openai-key"}}
+REMOTE: dict[str, Any] = {"backend": "openai", "remote": {"base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini", "key_file": "openai-key"}}
 
 
 def _doc(**tenant: Any) -> dict[str, Any]:

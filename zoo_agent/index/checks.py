@@ -16,7 +16,7 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.index.fit import check_host
-from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
+from zoo_agent.index.model import OWN_CREDENTIALS, ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
 __all__ = ["PICKLE_SUFFIXES", "TRANSFORMERS_FORMATS", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
@@ -552,10 +552,6 @@ def _aliases(idx: Index) -> Iterator[Problem]:
             else:
                 owner[alias] = (mid, i)
 
-
-#: The credentials the resident's own unit loads (systemd/units.py): a remote tenant's key is never one of them,
-#: or the index could send the fleet's or the clients' key to a server of its choosing.
-OWN_CREDENTIALS = frozenset({"api-key", "fleet-key", "priority-key", "hf-token"})
 #: What a remote tenant's ``resources`` may set: the rest sizes a local model and its process.
 _REMOTE_RESOURCES = frozenset({"max_queue", "max_context"})
 

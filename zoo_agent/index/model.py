@@ -56,8 +56,13 @@ URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
 REMOTE_URL_PATTERN = r"^(?:https://[^\s/?#@]+|http://(?:localhost|127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}|\[::1\])(?::[0-9]{1,5})?)(?:/[^\s?#]*)?$"
 #: The name a remote serves a model under: 'gpt-4o-mini', 'meta-llama/Llama-3.1-8B-Instruct', 'qwen2.5:7b'.
 REMOTE_MODEL_PATTERN = r"^[\x21-\x7e]+$"
-#: A remote tenant's key: an absolute path, or the name of a systemd credential (``LoadCredential=``).
-KEY_FILE_PATTERN = r"^(?:/[^\x00-\x1f\x7f]*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+#: A systemd credential's name, as the resident's unit loads it (``LoadCredential=NAME:PATH``).
+CREDENTIAL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+#: A remote tenant's key: an absolute path, or the name of a systemd credential.
+KEY_FILE_PATTERN = r"^(?:/[^\x00-\x1f\x7f]*|" + CREDENTIAL_PATTERN + ")$"
+#: The credentials the resident's own unit loads (``systemd/units.py``): a remote tenant's key is never one of
+#: them, or an index could send the fleet's or the clients' key to a server of its choosing.
+OWN_CREDENTIALS = frozenset({"api-key", "fleet-key", "priority-key", "hf-token"})
 #: A tag: lowercase words joined by hyphens ("code-review"), as adapters and models carry them.
 TAG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 #: A source-control commit: 7 to 64 lowercase hex characters (git's short or full id, sha1 or sha256).
