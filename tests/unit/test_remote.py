@@ -216,3 +216,24 @@ def test_systemd_render_loads_a_remote_tenants_key_as_a_credential_and_refuses_o
         result = runner.invoke(cli, [*base, "--credential", bad])
         assert result.exit_code == 2 and "--credential" in result.output and said in result.output, (bad, result.output)
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_fleet_status_compares_a_remote_tenant_by_its_name_at_the_remote() -> None:
+    from zoo_agent.cli.fleet import Answer, fleet_rows
+    from zoo_agent.resident.wire.documents import Card, CardZoo
+
+    doc = copy.deepcopy(VALID_INDEX)
+    doc["tenants"]["cloud"] = {"backend": "openai", "remote": {"base_url": "https://api.example.com/v1", "model": "gpt-x"}}
+    doc["hosts"] = {"a": {"tenants": ["cloud"], "endpoint": "http://a.lan:8000"}}
+    idx = Index.model_validate(doc)
+
+    def state(card: Card | None, error: str | None = None) -> str:
+        (row,) = fleet_rows(idx, {"a": Answer(cards={"cloud": card} if card else {}, error=error)})
+        assert row["pinned"] == "gpt-x"
+        return str(row["state"])
+
+    card = Card(id="cloud", root="gpt-x", x_zoo=CardZoo(kind="tenant", state="serving", backend="openai"))
+    assert state(card) == "ok"
+    assert state(card.model_copy(update={"x_zoo": CardZoo(state="unavailable")})) == "unavailable"
+    assert state(card.model_copy(update={"root": "gpt-y"})) == "wrong version"
+    assert state(None) == "not served" and state(card, "refused") == "unreachable"
