@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -286,3 +287,69 @@ def test_a_remote_that_goes_away_makes_its_tenant_unavailable_and_only_it_until_
     assert "does not list model 'remote-model'" in away["error"], away
     s.remote.models = ["remote-model"]
     s.wait_state("cloud", "serving", timeout=10)
+
+
+def test_chat_talks_to_a_remote_tenant_holding_the_conversation_itself(s: Setup) -> None:
+    from click.testing import CliRunner
+
+    from zoo_agent.cli.main import cli
+
+    before = len(s.remote.posts)
+    result = CliRunner().invoke(cli, ["chat", "--url", s.r.url, "--model", "cloud"], input="Hello\nAgain\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "a remote tenant" in result.output and f"remote 127.0.0.1:{s.remote.port}]" in result.output and "peer words" in result.output
+    first, second = (json.loads(raw) for _, _, raw in s.remote.posts[before:])
+    assert "session" not in second and [m["content"] for m in second["messages"]] == ["Hello", "peer words", "Again"]
+    assert [m["content"] for m in first["messages"]] == ["Hello"]
+
+
+def test_a_host_of_remote_tenants_only_is_ready_at_once_and_a_reload_rotates_the_key(tmp_path: Path) -> None:
+    """Nothing loads here: READY once the router listens. A HUP reads the key file again; a key that is the
+    resident's own API key is refused, and never sent."""
+    remote = RemoteStandIn(["remote-model"]).start()
+    (tmp_path / "remote-key").write_text("first-secret\n")
+    (tmp_path / "client").write_text("client-secret\n")
+    w = World(tmp_path)
+    doc = {"tenants": {"cloud": {"backend": "openai", "remote": {"base_url": remote.url, "model": "remote-model", "key_file": str(tmp_path / "remote-key"),
+                                                                   "poll_seconds": 1}}},
+           "hosts": {"h": {"tenants": ["cloud"]}}}  # fmt: skip
+    w.index.write_text(json.dumps(doc))
+    assert w.run("apply").exit_code == 0
+    r = Resident(w, "--api-key-file", str(tmp_path / "client"))
+    auth = {"Authorization": "Bearer client-secret"}
+
+    def key_seen(key: str) -> None:
+        deadline = time.monotonic() + 30
+        while not any(h.get("authorization") == f"Bearer {key}" for _, h in remote.gets[-3:]):
+            assert time.monotonic() < deadline, remote.gets[-3:]
+            time.sleep(0.1)
+
+    try:
+        r.wait_ready(timeout=60)
+        key_seen("first-secret")
+        body = {"model": "cloud", "messages": [{"role": "user", "content": "Hi"}]}
+        deadline = time.monotonic() + 30
+        while (answer := httpx.post(r.url + "/v1/chat/completions", json=body, headers=auth, timeout=30)).status_code != 200:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert remote.posts[-1][1]["authorization"] == "Bearer first-secret"
+        (tmp_path / "remote-key").write_text("second-secret\n")
+        r.proc.send_signal(signal.SIGHUP)
+        key_seen("second-secret")
+        assert httpx.post(r.url + "/v1/chat/completions", json=body, headers=auth, timeout=30).status_code == 200
+        assert remote.posts[-1][1]["authorization"] == "Bearer second-secret"
+
+        (tmp_path / "remote-key").write_text("client-secret\n")  # the clients' key: never sent anywhere
+        r.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while (cloud := httpx.get(r.url + "/health", timeout=10).json()["tenants"]["cloud"])["state"] != "unavailable":
+            assert time.monotonic() < deadline, cloud
+            time.sleep(0.1)
+        assert "a key of the resident's own" in cloud["error"] and "client-secret" not in cloud["error"]
+        assert httpx.post(r.url + "/v1/chat/completions", json=body, headers=auth, timeout=30).status_code == 503
+        time.sleep(1.5)  # a poll interval: none goes out with it either
+        assert not any("client-secret" in json.dumps(h) for _, h in [*remote.gets, *((p, h) for p, h, _ in remote.posts)])
+    finally:
+        out = r.stop()
+        remote.stop()
+    assert "Traceback" not in out and not any(k in out for k in ("first-secret", "second-secret", "client-secret")), out[-3000:]
