@@ -368,6 +368,16 @@ def _timespan(spec: str | None) -> str | None:
     return spec
 
 
+def _idle_span(spec: str | None) -> str | None:
+    """keep_alive (issue #34): a time span systemd would read; 0 is allowed (unloaded as soon as it is idle)."""
+    if spec is not None:
+        try:
+            parse_timespan(spec)
+        except ValueError as exc:
+            raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    return spec
+
+
 class CheckpointRetention(_Strict):
     """Named checkpoints of each session (`zoo-agent sessions checkpoint`, issue #36): how many each
     session keeps, and how often one is taken on its own."""
@@ -441,6 +451,11 @@ class TenantEntry(_Strict):
 
     #: "" only for a remote tenant (``backend: "openai"``), which names none (``index/checks.py`` says so).
     model: Id = Field(default="", description="Id of the model to serve; required, except for backend 'openai' (see 'remote').")
+    kind: Literal["generation", "embedding"] = Field(
+        default="generation",
+        description="'generation': chat and completions; 'embedding': a sentence-embedding model served at /v1/embeddings "
+                    "(pooled as its modules.json declares; no adapters, sessions or generation settings). Issue #36.",
+    )  # fmt: skip
     loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
     backend: Literal["transformers", "ollama", "llama.cpp", "openai"] = Field(
         default="transformers",
@@ -461,6 +476,12 @@ class TenantEntry(_Strict):
         default=False,
         description="Never evicted from memory: loaded at start, and the resident is READY only once it answers.",
     )
+    keep_alive: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_idle_span)] = Field(
+        default=None,
+        description="Unload its worker once it has served nothing for this long, in systemd's time-span notation (e.g. '5min', "
+                    "'1h 30min'; '0': as soon as it is idle; Ollama's keep_alive, llama-swap's ttl). Default: never. "
+                    "Not for a pinned tenant.",
+    )  # fmt: skip
     priority: Priority = Field(
         default="default", description="Class of this tenant's requests unless a request names one (X-Zoo-Priority)."
     )
@@ -562,6 +583,12 @@ class HostEntry(_Strict):
             "on a CUDA host, RAM otherwise. plan/apply refuse tenants whose weights and KV cache cannot fit."
         ),
     )
+    max_loaded: Annotated[Annotated[int, Field(ge=1, le=1024)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Most tenants loaded at once (OLLAMA_MAX_LOADED_MODELS, llama-server's --models-max): loading one more pages "
+                    "out the least recently used idle one, beside the memory budget. At least the number of pinned tenants. "
+                    "Default: no cap.",
+    )  # fmt: skip
     routes: list[Id] = Field(default=[], description="Ids of the routes this host answers (their tenants must be served here).")
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")

@@ -84,6 +84,7 @@ class WorkerConfig(BaseModel):
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
     priority: int = 0  # the tenant's default class (resident/priority.py): lower is served first, as vLLM's
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds: batch is never starved
+    kind: Literal["generation", "embedding"] = "generation"  # the tenant's: an embedding worker serves /v1/embeddings (issue #36)
 
 
 class ResidentConfig(BaseModel):
@@ -98,6 +99,7 @@ class ResidentConfig(BaseModel):
     peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0
+    measure_interval: float = 5.0  # how often each serving worker's memory is read (issue #34)
     max_crashes: int = 5
     crash_window: float = 60.0
     drain_seconds: float = 30.0

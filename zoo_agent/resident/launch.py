@@ -78,6 +78,7 @@ class Launcher:
             checkpoint_keep=tenant.sessions.checkpoints.keep, checkpoint_every=tenant.sessions.checkpoints.seconds,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
+            kind=tenant.kind,
         )  # fmt: skip
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:

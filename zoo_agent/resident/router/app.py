@@ -52,12 +52,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, alias_tenants, parse_request
+from zoo_agent.resident.inbound import EMBED, GENERATE, Host, Parsed, Rejected, alias_tenants, embedding_tenants, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
 from zoo_agent.resident.router.checkpoints import CheckpointApi, is_checkpoint_path
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
+from zoo_agent.resident.router.embeddings import forward_embeddings
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.manage import PATHS as MANAGED, Manage
 from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.routes import Routed, Routes
 from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
@@ -107,6 +109,7 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.aliases: dict[str, tuple[str, tuple[str, ...]]] = {}  # a model's alias -> (the model, the tenants serving it here)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
+        self.embedders: frozenset[str] = frozenset()  # served tenants of kind "embedding" (issue #36)
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
@@ -117,6 +120,7 @@ class Router:
                             self.remotes)  # fmt: skip
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
                                    index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo, remotes=self.remotes)  # fmt: skip
+        self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
         self.checkpoints = CheckpointApi(zoo, lambda: self.idx, lambda: self.table.order, lambda: self.routes)  # issue #36
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -132,6 +136,7 @@ class Router:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
         self.aliases = alias_tenants(idx, self.table.order)
+        self.embedders = embedding_tenants(idx, self.table.order)
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
@@ -247,6 +252,9 @@ class Router:
         if path == "/v1/models" and method == "GET":
             await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
             return
+        if path in MANAGED:
+            await self.manage(scope, body, send)
+            return
         if is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
             files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,
                                       content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None)  # fmt: skip
@@ -260,6 +268,9 @@ class Router:
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
         tenant, body = parsed.tenant, body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
+        if path == EMBED:  # an embedding tenant's request (issue #36): router/embeddings.py
+            await forward_embeddings(self, scope, receive, send, body, parsed)
+            return
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
@@ -301,7 +312,8 @@ class Router:
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
-        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases)
+        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases,
+                    self.embedders)
 
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:

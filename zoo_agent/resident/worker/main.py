@@ -23,6 +23,7 @@ from typing import Any
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 
 __all__ = ["main"]
 
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(configure, p.Configure):
         return 2  # the supervisor went away before it told us what to serve
     config = configure.config
+    if config.kind == "embedding":  # an embedding tenant's worker (issue #36)
+        from zoo_agent.resident.worker.embedding_main import run
+
+        return run(config, control, lines, pending, args.listen_fd)
     if config.backend != "ollama":
         import zoo_agent.resident.worker.app  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
         import zoo_agent.resident.worker.backend  # noqa: F401
@@ -227,7 +232,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
                                                  adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
                                                  refused=adapters.refused if adapters else {},
                                                  sessions=backend.sessions.open_count() if backend.sessions else 0,
-                                                 unavailable=away(backend))))  # fmt: skip
+                                                 unavailable=away(backend), device_bytes=device_reserved(backend.device))))  # fmt: skip
                     await writer.drain()
                 case p.Adapters():  # new adapter versions after an apply: swapped between generations
                     future = scheduler.call(backend.update_adapters, message.adapters)
