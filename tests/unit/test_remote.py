@@ -208,7 +208,7 @@ def test_systemd_render_loads_a_remote_tenants_key_as_a_credential_and_refuses_o
     result = runner.invoke(cli, [*base, "--api-key-file", "/run/keys/api", "--credential", "openai-key=/run/secrets/openai key",
                                  "--credential", "vllm=/run/secrets/vllm"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    resident = result.output.split("model-zoo-resident.service")[1]
+    resident = result.output.split("### model-zoo-resident.service")[1].split("###")[0]
     assert [line for line in resident.splitlines() if line.startswith("LoadCredential=")] == [
         "LoadCredential=api-key:/run/keys/api", "LoadCredential=openai-key:/run/secrets/openai key", "LoadCredential=vllm:/run/secrets/vllm"]
     for bad, said in (("fleet-key=/run/k", "'fleet-key' is a credential of the resident's own"), ("a/b=/run/k", "is not a credential name"),
@@ -237,3 +237,26 @@ def test_fleet_status_compares_a_remote_tenant_by_its_name_at_the_remote() -> No
     assert state(card.model_copy(update={"x_zoo": CardZoo(state="unavailable")})) == "unavailable"
     assert state(card.model_copy(update={"root": "gpt-y"})) == "wrong version"
     assert state(None) == "not served" and state(card, "refused") == "unreachable"
+
+
+def test_a_remote_tenant_is_neither_loaded_nor_unloaded_by_hand() -> None:
+    """``POST /models/load|unload`` (issue #34) answer a remote tenant at once: nothing of it is loaded here."""
+    import httpx
+
+    from zoo_agent.resident.router.manage import Manage
+
+    table = SlotTable()
+    table.slots["cloud"] = Slot("cloud", remote="gpt-x at api.example.com", phase="serving")
+    manage = Manage(table, 5)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await manage(scope, (await receive()).get("body", b""), send)
+
+    async def post(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zoo") as client:
+            return await client.post(path, json={"model": "cloud"})
+
+    loaded, unloaded = asyncio.run(post("/models/load")), asyncio.run(post("/models/unload"))
+    assert loaded.status_code == 200 and "is remote (gpt-x at api.example.com)" in loaded.json()["message"]
+    assert unloaded.status_code == 409 and unloaded.json()["error"]["code"] == "remote"
+    assert table.orders == []  # the pager was never asked

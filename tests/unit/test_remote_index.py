@@ -74,6 +74,8 @@ def test_loopback_http_and_any_https_are_accepted(url: str) -> None:
     ({"loras": ["review"]}, "/tenants/cloud/loras: a remote tenant (backend 'openai') has no adapters here"),
     ({"pinned": True}, "/tenants/cloud/pinned: a remote tenant (backend 'openai') is never paged"),
     ({"fetch": "on-demand"}, "/tenants/cloud/fetch: a remote tenant (backend 'openai') has nothing to fetch"),
+    ({"keep_alive": "5min"}, "/tenants/cloud/keep_alive: a remote tenant (backend 'openai') is never paged"),
+    ({"kind": "embedding"}, "/tenants/cloud/backend: an embedding tenant is served by the 'transformers' backend"),
     ({"sessions": {"keep": 3}}, "/tenants/cloud/sessions: a remote tenant (backend 'openai') keeps no sessions here"),
     ({"resources": {"max_batch": 4}}, "/tenants/cloud/resources/max_batch: does not apply to a remote tenant"),
     ({"resources": {"memory_max": "1G"}}, "/tenants/cloud/resources/memory_max: does not apply to a remote tenant"),
@@ -101,6 +103,13 @@ def test_backend_and_remote_go_together_and_a_local_tenant_names_its_model() -> 
     doc = _doc(backend="transformers")
     assert "/tenants/cloud/remote: only for backend 'openai' (a remote server); this tenant's backend is 'transformers'" in _problems(doc)
     assert any(p.startswith("/tenants/cloud/model: missing required field 'model'") for p in _problems(doc))
+
+
+def test_a_remote_tenant_counts_toward_no_max_loaded() -> None:
+    doc = _doc()
+    doc["tenants"]["chat"]["pinned"] = True
+    doc["hosts"]["edge-1"]["max_loaded"] = 1  # the pinned one fills it: the remote one never needs a place
+    assert _problems(doc) == []
 
 
 def test_peers_never_relay_a_remote_tenant() -> None:
