@@ -163,7 +163,7 @@ class Remote:
     key: str | None
     defaults: dict[str, Any]  # the generation fields the index sets, for requests that name none
     aging_seconds: float
-    why: str = ""  # why it is unavailable now ('' while it answers, or before the first poll)
+    why: str = ""  # why it is unavailable now, a sentence naming its base_url or its key file ('' while it answers)
     up: bool | None = None  # None: not polled yet
     failures: int = 0
     next_poll: float = 0.0
@@ -287,7 +287,7 @@ class Remotes:
         try:
             why = await self._ask(remote)
         except Exception as exc:  # noqa: BLE001 - whatever happened, the tenant is unavailable until a poll succeeds
-            why = f"its health poll failed ({type(exc).__name__})"
+            why = f"failed its health poll ({type(exc).__name__})"
         finally:
             remote.polling = None
         self._polled(remote, why)
@@ -314,8 +314,9 @@ class Remotes:
             document = None
         return listed(response.status_code, document, remote.spec.model)
 
-    def _polled(self, remote: Remote, why: str) -> None:
-        """A poll's outcome: it serves, or it is unavailable (asked again with backoff)."""
+    def _polled(self, remote: Remote, reason: str) -> None:
+        """A poll's outcome: it serves (``reason`` empty), or it is unavailable (asked again with backoff)."""
+        why = f"{remote.spec.base_url} {reason}" if reason else ""
         now = time.monotonic()
         remote.last_poll = now
         if self.by_tenant.get(remote.tenant) is not remote:
@@ -324,7 +325,7 @@ class Remotes:
             remote.failures += 1
             remote.next_poll = now + backoff(remote.failures, remote.spec.poll_seconds)
             if remote.up is not False or remote.why != why:
-                log.warning("%s: unavailable: %s %s", remote.tenant, remote.spec.base_url, why)
+                log.warning("%s: unavailable: %s", remote.tenant, why)
         else:
             if remote.up is False:
                 log.info("%s: %s answers again", remote.tenant, remote.spec.base_url)
@@ -334,11 +335,11 @@ class Remotes:
         self.up.labels(remote.tenant).set(0 if why else 1)
         self._show(remote)
 
-    def _failed(self, remote: Remote, why: str) -> None:
+    def _failed(self, remote: Remote, reason: str) -> None:
         """A request could not reach the remote: unavailable now, and asked again soon."""
         if self.by_tenant.get(remote.tenant) is not remote:
             return
-        self._polled(remote, why)
+        self._polled(remote, reason)
 
     def _recheck(self, remote: Remote) -> None:
         """A request failed in a way a poll may explain (its key refused, a 5xx): ask soon, not every request."""
@@ -357,7 +358,7 @@ class Remotes:
                 slot.phase, slot.path, slot.refusal = "serving", f"remote:{remote.tenant}", None
             else:
                 slot.phase, slot.path = "serving", None
-                slot.refusal = f"tenant '{remote.tenant}' is unavailable: {remote.spec.base_url} {remote.why}"
+                slot.refusal = f"tenant '{remote.tenant}' is unavailable: {remote.why}"
         if pump:
             self.admission.pump(remote.tenant)
 
