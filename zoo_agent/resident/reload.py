@@ -148,7 +148,7 @@ class Reloader:
         if self.table.budget is not None:
             used = sum(live.footprint for live in self.pager.live())
             return used + slot.footprint <= self.table.budget
-        need = sum(f.stat().st_size for f in config.version_dir.rglob("*.safetensors")) * 1.2
+        need = sum(f.stat().st_size for f in config.version_dir.rglob("*") if f.suffix in (".safetensors", ".gguf")) * 1.2
         limit = parse_memory(config.memory_max) if config.memory_max else None
         if limit is not None:
             used = rss(slot.serving.pid) if slot.serving else 0
