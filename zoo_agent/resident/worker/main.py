@@ -91,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         import zoo_agent.resident.worker.backend  # noqa: F401
     if not isinstance(_next(control, lines, pending), p.Proceed):
         return 2  # the supervisor went away (or evicted us) before the memory had room
+    loaded = _load(config, control)
+    if isinstance(loaded, int):
+        return loaded
+    backend, scheduler, load_seconds = loaded
+    return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
+
+
+def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, Any, float] | int:
+    """The backend loaded and warmed up, with its scheduler and load time; 3 once a failure was reported."""
     last = -1
 
     def progress(done: int, total: int) -> None:
@@ -102,18 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend: Any
     try:
-        if config.backend == "ollama":
-            from zoo_agent.resident.worker.ollama_backend import OllamaBackend
-
-            backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
-        else:
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
-            from zoo_agent.resident.worker.backend import TransformersBackend
-
-            backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
-                                          device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
+        backend = _backend(config)
         backend.preread(progress)
         load_seconds = backend.load()
         if config.sessions_dir is not None and config.backend != "ollama":
@@ -130,7 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         _send(control, p.Failed(error=reason))
         return 3
-    return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
+    return backend, scheduler, load_seconds
+
+
+def _backend(config: WorkerConfig) -> Any:
+    """The tenant's backend, not loaded yet: the Ollama daemon's, or transformers'."""
+    if config.backend == "ollama":
+        from zoo_agent.resident.worker.ollama_backend import OllamaBackend
+
+        return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
+    from zoo_agent.resident.worker.backend import TransformersBackend
+
+    return TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
+                               device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
 
 
 def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
@@ -193,48 +206,76 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     listener = socket.socket(fileno=listen_fd)
     control.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=control)
+    talk = _Control(config, backend, scheduler, state, server, reader, writer)
+    task = asyncio.create_task(talk.answer())
+    watcher = asyncio.create_task(talk.watch_daemon()) if config.backend == "ollama" else None
+    weights, kv = _measured(config, backend)
+    writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
+                                  weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
+    await writer.drain()
+    await server.serve(sockets=[listener])
+    task.cancel()
+    if watcher is not None:
+        watcher.cancel()
+    return state.exit_code
 
-    counted: dict[str, int] = {}
 
-    async def answer() -> None:
-        rate, stalled = _Rate(), False
-        while line := await reader.readline():
+class _Control:
+    """The serving worker's side of the control socket: pings, adapter updates, reload totals, drain;
+    and, for the Ollama backend, the daemon's health."""
+
+    def __init__(self, config: WorkerConfig, backend: Any, scheduler: Any, state: Any, server: Any, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        self.config, self.backend, self.scheduler, self.state, self.server = config, backend, scheduler, state, server
+        self.reader, self.writer = reader, writer
+        self.counted: dict[str, int] = {}
+        self.rate, self.stalled = _Rate(), False
+
+    async def answer(self) -> None:
+        state = self.state
+        while line := await self.reader.readline():
             message = p.to_worker(line)
             match message:
                 case p.Ping():
-                    if scheduler.stalled(config.stall_seconds):
-                        # No decode step finished for that long with work in flight: the model hangs. The
-                        # missing pong stops the watchdog and gets this worker replaced (issue #19).
-                        if not stalled:
-                            log.error("no generation step finished in %.0fs with %d running; not answering pings", config.stall_seconds, state.running)
-                        stalled = True
-                        continue
-                    stalled = False
-                    adapters = backend.adapters
-                    writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, tokens=state.tokens, running=state.running,
-                                                 waiting=state.waiting, tps=rate(state.tokens),
-                                                 adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
-                                                 refused=adapters.refused if adapters else {},
-                                                 sessions=backend.sessions.open_count() if backend.sessions else 0)))  # fmt: skip
-                    await writer.drain()
+                    pong = self._pong(message.seq)
+                    if pong is not None:
+                        self.writer.write(p.encode(pong))
+                        await self.writer.drain()
                 case p.Adapters():  # new adapter versions after an apply: swapped between generations
-                    future = scheduler.call(backend.update_adapters, message.adapters)
+                    future = self.scheduler.call(self.backend.update_adapters, message.adapters)
                     asyncio.wrap_future(future).add_done_callback(lambda _: state.sync_metrics())
                 case p.Reloads():  # totals, kept by the supervisor
                     for result, total in (("ok", message.ok), ("failed", message.failed)):
-                        state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
-                        counted[result] = total
+                        state.metrics.reloads.labels(result).inc(max(0, total - self.counted.get(result, 0)))
+                        self.counted[result] = total
                 case p.Drain() if not state.draining:
                     state.draining = True
-                    asyncio.create_task(drain())
-        server.should_exit = True  # the supervisor is gone: stop serving
+                    asyncio.create_task(self.drain())
+        self.server.should_exit = True  # the supervisor is gone: stop serving
 
-    async def drain() -> None:
+    def _pong(self, seq: int) -> p.Pong | None:
+        """The answer to a ping; None while the model hangs."""
+        state, backend, stall = self.state, self.backend, self.config.stall_seconds
+        if self.scheduler.stalled(stall):
+            # No decode step finished for that long with work in flight: the model hangs. The
+            # missing pong stops the watchdog and gets this worker replaced (issue #19).
+            if not self.stalled:
+                log.error("no generation step finished in %.0fs with %d running; not answering pings", stall, state.running)
+            self.stalled = True
+            return None
+        self.stalled = False
+        adapters = backend.adapters
+        return p.Pong(seq=seq, served=state.served, tokens=state.tokens, running=state.running, waiting=state.waiting, tps=self.rate(state.tokens),
+                      adapters=[a.label for a in adapters.loaded.values()] if adapters else [], refused=adapters.refused if adapters else {},
+                      sessions=backend.sessions.open_count() if backend.sessions else 0)  # fmt: skip
+
+    async def drain(self) -> None:
         """Stop accepting (the shared socket's backlog goes to the new worker), answer what
         arrives on open connections with Connection: close, stop when they are gone."""
+        server, state = self.server, self.state
         for listening in getattr(server, "servers", []):
             listening.close()
-        deadline = time.monotonic() + config.drain_seconds
+        deadline = time.monotonic() + self.config.drain_seconds
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             busy = state.running + state.waiting + state.preparing
@@ -245,31 +286,19 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
             await asyncio.sleep(0.05)
         server.should_exit = True
 
-    async def watch_daemon() -> None:
+    async def watch_daemon(self) -> None:
         """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
         from zoo_agent.resident.worker.ollama_backend import OllamaDown
 
-        while not server.should_exit:
-            await asyncio.sleep(config.health_interval)
+        while not self.server.should_exit:
+            await asyncio.sleep(self.config.health_interval)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, backend.healthy)
+                await asyncio.get_running_loop().run_in_executor(None, self.backend.healthy)
             except OllamaDown as exc:
-                writer.write(p.encode(p.Failed(error=str(exc))))
-                await writer.drain()
-                state.exit_code = 4
-                server.should_exit = True
-
-    task = asyncio.create_task(answer())
-    watcher = asyncio.create_task(watch_daemon()) if config.backend == "ollama" else None
-    weights, kv = _measured(config, backend)
-    writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
-                                  weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
-    await writer.drain()
-    await server.serve(sockets=[listener])
-    task.cancel()
-    if watcher is not None:
-        watcher.cancel()
-    return state.exit_code
+                self.writer.write(p.encode(p.Failed(error=str(exc))))
+                await self.writer.drain()
+                self.state.exit_code = 4
+                self.server.should_exit = True
 
 
 if __name__ == "__main__":
