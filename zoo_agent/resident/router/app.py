@@ -48,7 +48,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 __all__ = ["Keys", "Router"]
 
 log = logging.getLogger("zoo_agent.resident")
+_PRIORITY = PRIORITY.lower().encode()
 
 
 @dataclass(frozen=True)
@@ -210,58 +211,60 @@ class Router:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:  # the Gate already read and limited it: one message
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        method, path = scope["method"], scope["path"]
-        if path == "/health" and method == "GET":
-            status, data = self.endpoints.health()
-            await respond(send, status, data)
+        body = await _whole_body(receive)
+        if body is None:
+            return  # the client left before its body arrived
+        if scope["method"] == "GET" and await self._own(scope["path"], send):
             return
-        if path == "/metrics" and method == "GET":
-            text = await self.endpoints.metrics()
-            await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
-            return
-        if path == "/v1/models" and method == "GET":
-            await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
-            return
-        named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
-        parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
+        named = [v for k, v in scope.get("headers", []) if k.lower() == _PRIORITY]
+        parse = functools.partial(parse_request, scope["method"], scope["path"], scope.get("query_string", b""), body, self._host(),
                                   content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None, priority=named)  # fmt: skip
         parsed = await bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Rejected):
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
-        tenant = parsed.tenant
+        await self._dispatch(scope, receive, send, body, parsed)
+
+    async def _own(self, path: str, send: Send) -> bool:
+        """What the router answers itself (``/health``, ``/metrics``, ``/v1/models``): True when it did."""
+        if path == "/health":
+            status, data = self.endpoints.health()
+            await respond(send, status, data)
+        elif path == "/metrics":
+            text = await self.endpoints.metrics()
+            await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
+        elif path == "/v1/models":
+            await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
+        else:
+            return False
+        return True
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, body: bytes, parsed: Parsed) -> None:
+        """A parsed request to where it goes: a route's session, a route's candidates, the tenant's peers, or its worker."""
+        tenant, generate = parsed.tenant, scope["path"] in GENERATE
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
-            answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
+            answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, scope["method"])
             await respond(send, *answer)
             return
-        route = self.routes.get(tenant) if path in GENERATE else None
+        route = self.routes.get(tenant) if generate else None
         routed = await self.route.choose(tenant, route, parsed.document, len(body)) if route is not None else None
         if routed is not None:
             tenant = routed.tenants[0] if routed.tenants else routed.chosen
         priority = self._default_priority(tenant)
-        if path in GENERATE:
+        if generate:
             try:
                 priority = self._grant(scope, parsed, priority, routed)
             except BadPriority as exc:
                 await respond(send, *error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
                                            code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
                 return
-        if tenant not in self.table.slots and routed is None and path in GENERATE:  # served by peers only (parse_request checked)
-            await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
-            return
         if routed is not None:
             await self.route.forward(scope, receive, send, routed, priority, parsed.stream)
-            return
-        await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
+        elif generate and tenant not in self.table.slots:  # served by peers only (parse_request checked)
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
+        else:
+            await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
 
     def _grant(self, scope: Scope, parsed: Parsed, default: int, routed: Routed | None) -> int:
         """The request's priority: above default only with the priority key (issue #31; a peer's request
@@ -302,47 +305,25 @@ class Router:
                        session: bool = False) -> None:  # fmt: skip
         """Wait for a place, send the request, stream the answer back; a worker that fails before
         answering gets the request again once it is back (bounded), never a second model."""
-        started = False  # our response's head is out
-
-        async def comment(text: str) -> None:
-            nonlocal started
-            if not started:
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
-                started = True
-            await send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
-
+        head = _Head(send)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
         target = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
         gone = asyncio.ensure_future(disconnected(receive))
         code = 0
         try:
             for attempt in range(3):
-                if not started and (why := self._overflows(scope, tenant)) is not None:
-                    code = 0  # counted per peer
+                if not head.started and (why := self._overflows(scope, tenant)) is not None:
                     await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, why, session)
-                    return
-                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
+                    return  # counted per peer
                 try:
-                    path = await self.admission.wait(placing, gone, tenant, comment if stream else None)
+                    path = await self._place(tenant, priority, gone, head.comment if stream else None)
                 except (Unavailable, QueueFull, TimeoutError) as exc:
-                    status = 429 if isinstance(exc, QueueFull) else 503
-                    message = str(exc) or f"tenant '{tenant}' did not load within {self.config.load_wait:.0f}s"
-                    code = status
-                    if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
-                        code = 0
-                        await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, message, session)
-                        return
-                    if started:
-                        await stream_error(send, status, message)
-                    else:
-                        await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
-                                       headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
+                    code = await self._unplaced(scope, receive, send, body, tenant, stream, session, exc, head.started)
                     return
                 if path is None:
                     return  # the client left while it waited
                 try:
-                    code = await pipe(self.clients.to(path), scope["method"], target, headers, body, send, gone, started)
+                    code = await pipe(self.clients.to(path), scope["method"], target, headers, body, send, gone, head.started)
                 except WorkerFailed as exc:
                     self.metrics.retries.labels(tenant).inc()
                     log.warning("%s: the worker failed before answering (%s); sending the request again (%d)", tenant, exc, attempt + 1)
@@ -352,17 +333,62 @@ class Router:
                     self.admission.release(tenant)
                 return
             code = 503
-            message = f"tenant '{tenant}': its worker failed three times before answering"
-            if started:
-                await stream_error(send, 503, message)
-            else:
-                await respond(send, *error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
+            await _refuse(send, head.started, 503, f"tenant '{tenant}': its worker failed three times before answering")
         finally:
             gone.cancel()
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
+    async def _place(self, tenant: str, priority: int, gone: asyncio.Future[None], comment: Callable[[str], Awaitable[None]] | None) -> str | None:
+        """A place in the tenant's worker (its socket), at once when one is free, else once one is given; None when the client left."""
+        path = self.admission.free(tenant)
+        if path is not None:
+            return path
+        placing = asyncio.ensure_future(self.admission.place(tenant, priority))
+        return await self.admission.wait(placing, gone, tenant, comment)
 
-    # -- what the router answers itself ------------------------------------------------------------
+    async def _unplaced(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool, session: bool,
+                        exc: Exception, started: bool) -> int:  # fmt: skip
+        """No place: the tenant's peers take it when it may overflow, else a 429 or 503. The status to count (0: counted per peer)."""
+        status = 429 if isinstance(exc, QueueFull) else 503
+        message = str(exc) or f"tenant '{tenant}' did not load within {self.config.load_wait:.0f}s"
+        if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, message, session)
+            return 0
+        await _refuse(send, started, status, message)
+        return status
 
 
+class _Head:
+    """Our answer's head, sent with the first SSE comment of a streaming client that waits for its tenant."""
+
+    def __init__(self, send: Send) -> None:
+        self.send, self.started = send, False
+
+    async def comment(self, text: str) -> None:
+        if not self.started:
+            await self.send({"type": "http.response.start", "status": 200,
+                             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+            self.started = True
+        await self.send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
+
+
+async def _refuse(send: Send, started: bool, status: int, message: str) -> None:
+    """A 429 (the queue is full) or 503 (no worker): the stream's last event once our head is out, else a whole answer."""
+    if started:
+        await stream_error(send, status, message)
+    else:
+        await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
+                      headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
+
+
+async def _whole_body(receive: Receive) -> bytes | None:
+    """The request's body (the Gate read and limited it already: one message), or None when the client left."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body", False):
+            return body
