@@ -15,7 +15,8 @@ That loop also feeds systemd's watchdog, so no request may hold it (issue #31: 5
 newlines through a route held it for tens of seconds). Every place where request or peer
 data is worked on in this loop, and its bound in time and memory:
 
-- request line and headers: uvicorn's h11 parser, at most 16 KiB; headers scanned once;
+- request line and headers: uvicorn's h11 parser, at most 16 KiB (h11's limit while a head arrives, the
+  Gate's ``MAX_HEAD`` once it came: a 431); headers scanned once;
 - the body (``wire/gate.py``): read up to ``MAX_BODY`` (1 MiB) into one buffer, a 413 past it; a
   body refused before it ends is read and thrown away, at most 16 MiB and 5 s, no memory kept;
 - the parse (``inbound.parse_request``: the bounded JSON reader, depth 64; the session id;
