@@ -280,6 +280,12 @@ let
   oneshot = common // lib.optionalAttrs (textfileDir != null) {
     ReadWritePaths = (stateDirectory.ReadWritePaths or [ ]) ++ [ (quoted "-${textfileDir}") ];
   };
+
+  # The HF-cache view (issue #35): `zoo-agent export hf-cache` after each apply (and gc), in
+  # the reconcile unit itself, so with its hardening; the one directory it may write besides
+  # the zoo. '-': a missing directory fails the export, saying so, not the unit's namespace.
+  hfCacheDir = if cfg.hfCache.enable then cfg.hfCache.directory else null;
+  inside = dir: parent: lib.hasPrefix "${toString parent}/" "${toString dir}/";
   nodeExporter = config.services.prometheus.exporters.node.enable or false;
 
   # What Prometheus scrapes: the listen address, with a wildcard made loopback.
@@ -492,6 +498,25 @@ in
 
     gc.enable = mkEnableOption "removal of versions past each host's retention after every apply";
 
+    hfCache = {
+      enable = mkEnableOption ''
+        an HF-cache view of the zoo: after every apply (and gc), `zoo-agent export hf-cache`
+        lays out `hfCache.directory` as a Hugging Face hub cache of links into the zoo's verified
+        `current` versions of hub-sourced models, so `HF_HUB_CACHE` pointing there lets
+        transformers, sentence-transformers and diffusers load them offline by repository id.
+        Readers need the zoo's group, as for the zoo itself'';
+      directory = mkOption {
+        type = statePath;
+        default = "/var/lib/model-zoo-hf-cache";
+        example = "/srv/hf-cache";
+        description = ''
+          Where the view is laid out (created by systemd-tmpfiles, mode 0750, owned by the zoo's
+          user and group). Neither inside the zoo nor holding it: the view only links into the
+          zoo, and the reconcile unit may write here.
+        '';
+      };
+    };
+
     prometheus = {
       enable = mkEnableOption ''
         Prometheus metrics: a scrape job for the resident's /metrics in
@@ -524,6 +549,10 @@ in
       {
         assertion = !(cfg.prometheus.enable && cfg.resident.enable) || listenPort != null;
         message = "services.model-zoo.prometheus.enable needs services.model-zoo.resident.listen to be address:port: Prometheus cannot scrape a unix socket.";
+      }
+      {
+        assertion = hfCacheDir == null || !(inside hfCacheDir cfg.stateDir || inside cfg.stateDir hfCacheDir);
+        message = "services.model-zoo.hfCache.directory (${toString cfg.hfCache.directory}) and services.model-zoo.stateDir (${cfg.stateDir}) overlap: the view lives outside the zoo and only links into it.";
       }
       {
         assertion = !cfg.openFirewall || listenPort != null;
@@ -575,9 +604,12 @@ in
         ExecStart = execLine zooAgent [ "apply" ];
         Restart = "on-failure";
         RestartSec = 30;
-        ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ];
+        ExecStartPost = optionals cfg.gc.enable [ (execLine zooAgent [ "gc" ]) ]
+          ++ optionals (hfCacheDir != null) [ (execLine zooAgent [ "export" "hf-cache" hfCacheDir ]) ];
         # Only this unit fetches, so only it gets the token.
         LoadCredential = hfCredential;
+      } // optionalAttrs (hfCacheDir != null) {
+        ReadWritePaths = (oneshot.ReadWritePaths or [ ]) ++ [ (quoted "-${hfCacheDir}") ];
       };
     };
 
@@ -646,6 +678,13 @@ in
     };
 
     networking.firewall.allowedTCPPorts = mkIf (cfg.openFirewall && listenPort != null) [ listenPort ];
+
+    systemd.tmpfiles.settings.model-zoo-hf-cache = mkIf (hfCacheDir != null) {
+      ${hfCacheDir}.d = {
+        mode = "0750";
+        inherit (cfg) user group;
+      };
+    };
 
     systemd.tmpfiles.settings.model-zoo-metrics = mkIf (textfileDir != null) {
       # Readable by node_exporter, which runs as its own user; the files hold no secret.

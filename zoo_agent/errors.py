@@ -14,7 +14,7 @@ Only ``cli.py`` turns these into an exit status; library code raises. The tree::
     ├── IntegrityError       exit 1   bytes do not match the sha256/size the index pins
     ├── StoreError           exit 1   the zoo on disk cannot be read or written
     ├── BackendError         exit 1   the serving backend failed a request (an Ollama daemon's HTTP error)
-    │   └── OllamaDown       exit 1   the daemon stopped answering: the worker exits, the supervisor restarts it
+    │   └── OllamaDown       exit 1   the daemon stopped answering: the tenant is unavailable (503) until it answers
     ├── FetchFailed      exit 1+  a tenant fetched on first use could not be (reconcile/ondemand.py; the worst step's code)
     └── LockHeld             exit 75  another run holds the zoo's lock (EX_TEMPFAIL)
 
@@ -139,7 +139,8 @@ class BackendError(ZooError):
 
 
 class OllamaDown(BackendError):
-    """The daemon stopped answering: the worker exits and the supervisor restarts it."""
+    """The daemon stopped answering (or lost the model): the tenant is unavailable, its worker
+    answers 503 and asks the daemon again with backoff (``resident/worker/daemon.py``)."""
 
 
 class LockHeld(ZooError):

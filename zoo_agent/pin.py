@@ -33,7 +33,7 @@ from zoo_agent.store.durable import write_atomic
 from zoo_agent.store.zoo import hash_file
 
 __all__ = [
-    "Selection", "adapter_rank", "add_directory", "bump_version", "file_source", "pin_directory", "pin_hf", "read_provenance",
+    "Selection", "adapter_rank", "add_directory", "bump_version", "describe_entry", "file_source", "pin_directory", "pin_hf", "read_provenance",
     "weights_format", "write_entry", "write_index",
 ]  # fmt: skip
 
@@ -321,6 +321,21 @@ def _next_version(directory: Path, kind: str, aid: str, old: Mapping[str, Any], 
     if provenance is None and old.get("provenance"):
         log.warning("%s %s %s keeps the provenance of %s; pass --provenance to describe the new run", kind[:-1], aid, version, previous)
     return version
+
+
+def describe_entry(index_path: Path, kind: str, aid: str, old: Mapping[str, Any], *, provenance: Mapping[str, Any] | None = None,
+                   provenance_file: str | None = None, tags: Sequence[str] = (), description: str | None = None) -> list[str]:  # fmt: skip
+    """``add --update`` of an entry whose source did not move (issue #35): the metadata given is
+    written into it, and nothing else: the same bytes keep the same version. Returns the fields
+    that changed (none: nothing is written)."""
+    given = {"provenance": dict(provenance) if provenance is not None else None, "tags": list(tags) or None, "description": description}
+    changed = {k: v for k, v in given.items() if v is not None and old.get(k) != v}
+    if changed:
+        try:
+            write_entry(index_path, kind, aid, {**old, **changed}, update=True)
+        except InvalidIndex as exc:
+            raise _blame_provenance(exc, f"/{kind}/{aid}/provenance", provenance_file) from None
+    return list(changed)
 
 
 def _blame_provenance(exc: InvalidIndex, at: str, provenance_file: str | None) -> InvalidIndex:

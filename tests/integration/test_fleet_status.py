@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.resident import Resident, free_port
 from tests.support.world import World
+from zoo_agent.index.fit import context
 from zoo_agent.index.load import load_index
 from zoo_agent.resident.router.peers import tenant_digest
 
@@ -62,8 +63,11 @@ def test_v1_models_reports_the_model_and_the_digest_of_what_the_index_pins(fleet
     (card,) = httpx.get(a.url + "/v1/models", timeout=30).json()["data"]
     digest = tenant_digest(load_index(index), "t")  # the fleet's index pins what host a's own index pins
     assert digest == tenant_digest(load_index(a.world.index), "t")
+    version = a.world.root / "models/m/versions/v1"
+    facts = {"kind": "tenant", "version_digest": json.loads((version / "manifest.json").read_text())["digest"], "backend": "transformers",
+             "task": "generate", "max_context": context(json.loads((version / "config.json").read_text())), "adapters": []}  # issue #36
     assert card == {"id": "t", "object": "model", "created": 0, "owned_by": "model-zoo", "root": "m@v1", "parent": None,
-                    "x_zoo": {"state": "serving", "model": "m@v1", "digest": digest}}  # fmt: skip
+                    "x_zoo": {"state": "serving", "model": "m@v1", "digest": digest, **facts}}  # fmt: skip
 
 
 def _status(world: World, *args: str) -> tuple[int, str]:

@@ -182,6 +182,29 @@ def test_add_pins_a_hub_repository(world: World, hub: HubServer) -> None:
     assert entry["source"]["revision"] == second and entry["version"] == second[:12]
 
 
+def test_add_update_at_the_same_commit_attaches_provenance_and_keeps_the_version(world: World, hub: HubServer) -> None:
+    """Issue #35: `--update` of an hf entry whose commit did not move still takes `--provenance`
+    (and tags, a description): the same bytes, so the same version label."""
+    commit = _publish(hub)
+    world.write_index()
+    assert world.raw("add", "hf:org/tiny", "--id", "tiny", "--license", "MIT", "--index", str(world.index)).exit_code == 0
+    before = json.loads(world.index.read_text())["models"]["tiny"]
+    provenance = {"run": {"id": "run-9", "metrics": {"loss": 1.25}}, "created_by": "ci/train-job"}
+    prov = world.tmp / "provenance.json"
+    prov.write_text(json.dumps(provenance))
+    result = world.raw("add", "--update", "tiny", "--provenance", str(prov), "--tag", "eval-done", "--index", str(world.index))
+    assert result.exit_code == 0, result.output
+    assert f"already pinned at {commit}" in result.output and f"version {commit[:12]} kept" in result.output
+    entry = json.loads(world.index.read_text())["models"]["tiny"]
+    assert entry == {**before, "provenance": provenance, "tags": ["eval-done"]}
+    untouched = world.index.read_bytes()
+    again = world.raw("add", "--update", "tiny", "--index", str(world.index))  # nothing new: nothing written
+    assert again.exit_code == 0 and f"already pinned at {commit}" in again.output and world.index.read_bytes() == untouched
+    prov.write_text(json.dumps({"run": {"metrics": {"loss": "low"}}}))
+    bad = world.raw("add", "--update", "tiny", "--provenance", str(prov), "--index", str(world.index))
+    assert bad.exit_code == 2 and str(prov) in bad.stderr and "Traceback" not in bad.output and world.index.read_bytes() == untouched
+
+
 def test_add_file_pins_an_adapter_from_a_training_run(world: World) -> None:
     world.artifact("m", "v1", {"a": b"1"})
     run = world.tmp / "out" / "adapter"

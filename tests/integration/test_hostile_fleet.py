@@ -233,3 +233,28 @@ def test_chat_reads_answers_through_the_bounded_reader(hosts: Callable[[Serve], 
     host = hosts(answer(body))
     result = CliRunner().invoke(cli, ["chat", "--url", host.url], input="/quit\n")
     assert (result.exit_code, result.stderr) == (1, f"{host.url}{message}\n")
+
+
+def test_a_card_with_a_field_of_the_wrong_type_is_that_hosts_error_naming_the_field(tmp_path: Path, hosts: Callable[[Serve], FakeHost]) -> None:
+    """Typed documents (issue #32): a card whose digest is a number is no resident's answer; a newer field is no fault."""
+    cards: dict[str, dict[str, Any]] = {}
+
+    def serving(name: str) -> Serve:
+        return lambda conn, head: answer(json.dumps({"object": "list", "data": [cards[name]]}).encode())(conn, head)
+
+    good, bad = hosts(serving("good")), hosts(serving("bad"))
+    index = _index(tmp_path, {"good": good.url, "bad": bad.url})
+    digest = tenant_digest(load_index(index), "t")
+    cards["good"] = {"id": "t", "root": "m@1", "x_zoo": {"model": "m@1", "digest": digest, "from_the_future": [1]}, "max_model_len": 9}
+    cards["bad"] = {"id": "t", "root": "m@1", "x_zoo": {"model": "m@1", "digest": 5}}
+    result = _status("--index", str(index), "--json")
+    rows = {r["host"]: (r["state"], r["error"]) for r in json.loads(result.stdout)["tenants"]}
+    assert rows == {"good": ("ok", None), "bad": ("unreachable", "not a resident's answer (/v1/models: /data/0/x_zoo/digest: expected a string, got a number)")}
+
+
+def test_resident_status_names_what_it_could_not_read(tmp_path: Path, hosts: Callable[[Serve], FakeHost]) -> None:
+    health = {"state": "ready", "status": "1 tenant", "tenants": {"a": {"state": "serving", "running": "many", "gpu": {"util": 1}}}}
+    host = hosts(answer(json.dumps(health).encode()))
+    result = CliRunner().invoke(cli, ["resident", "--root", str(tmp_path / "zoo"), "status", "--url", host.url])
+    assert result.exit_code == 0 and result.stdout.splitlines()[1].split()[:4] == ["a", "serving", "-", "0"]
+    assert result.stderr == f"{host.url}/health: /tenants/a/running: expected an integer, got a string; not shown\n"

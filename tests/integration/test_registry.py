@@ -97,6 +97,39 @@ def test_model_info_carries_the_declared_metadata_beside_the_runtime_facts(world
     assert info["digest"] == _expected_digest(files) == next(r["digest"] for r in status["artifacts"] if r["id"] == "m")
 
 
+def test_a_request_may_name_an_alias_and_is_answered_by_its_tenant(world: World) -> None:
+    """Issue #35: `model` may be an alias of the model a tenant serves; the answer names the tenant
+    (as OpenAI names the model an alias stands for), streamed or not, with an adapter suffix checked by the worker."""
+    pytest.importorskip("torch", reason="the resident extra is not installed (pip install -e .[resident])")
+    import httpx
+
+    from tests.support.resident import Resident
+    from zoo_agent.demo.tiny import build_tiny_model
+
+    src = build_tiny_model(world.tmp / "tiny")
+    _declare(world, {p.name: p.read_bytes() for p in sorted(src.iterdir())}, aliases=["tiny-latest"])
+    world.tenant = {"generation": {"temperature": 0, "max_tokens": 4}}
+    world.write_index()
+    assert world.run("apply").exit_code == 0
+    resident = Resident(world)
+    try:
+        resident.wait_ready()
+        answers = [httpx.post(resident.url + "/v1/completions", json={"model": name, "prompt": "Hello"}, timeout=120) for name in ("t", "tiny-latest")]
+        assert [a.status_code for a in answers] == [200, 200], answers[1].text
+        by_tenant, by_alias = (a.json() for a in answers)
+        assert by_alias["model"] == "t" and by_alias["system_fingerprint"] == "m@v1"
+        assert by_alias["choices"][0]["text"] == by_tenant["choices"][0]["text"]  # greedy: the same model answered
+        body = {"model": "tiny-latest", "messages": [{"role": "user", "content": "Hello"}], "stream": True}
+        streamed = httpx.post(resident.url + "/v1/chat/completions", json=body, timeout=120).text
+        assert streamed.rstrip().endswith("data: [DONE]") and '"model": "t"' in streamed
+        adapter = httpx.post(resident.url + "/v1/completions", json={"model": "tiny-latest:nosuch", "prompt": "Hello"}, timeout=120)
+        assert adapter.status_code == 404 and "'t:nosuch' is not served here" in adapter.json()["error"]["message"]
+        unknown = httpx.post(resident.url + "/v1/completions", json={"model": "tiny-oldest", "prompt": "Hello"}, timeout=120)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    finally:
+        resident.stop()
+
+
 def _aliased(world: World, *aliases: str) -> None:
     if "m" not in world.models:
         world.artifact("m", "v1", {"config.json": b"{}", "w.safetensors": b"weights"})

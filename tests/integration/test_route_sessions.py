@@ -176,3 +176,31 @@ def test_turns_that_do_not_fit_are_summarized_once_and_the_summary_reused(world:
         assert "summaries" not in _transcript(w, "plain", "long")
     finally:
         r.stop()
+
+
+def test_chat_holds_a_session_through_a_route(world: World, tiny: dict[str, bytes], other: tuple[dict[str, bytes], dict[str, bytes]]) -> None:
+    """`zoo-agent chat --model ROUTE` (issue #36): the route is listed, its session moves between models and resumes."""
+    from click.testing import CliRunner
+
+    from zoo_agent.cli.main import cli
+
+    w = _world(world, tiny, other[0])
+    r = Resident(w)
+    try:
+        r.notify.wait(lambda m: "READY" in m, timeout=120)
+        chat = ["chat", "--url", r.url, "--model", "assistant", "--session", "walk"]
+        first = CliRunner().invoke(cli, chat, input="Hello there\nThink deep about the lions\n/quit\n")
+        assert first.exit_code == 0, first.output
+        assert "new session walk with assistant (a route over large, small)" in first.stdout
+        assert "[m@v1 · small by default · session walk · cache none]" in first.stdout
+        assert "[m2@v1 · large by keywords:deep · session walk · cache re-prefilled]" in first.stdout
+        assert "resume with: zoo-agent chat --session walk --model assistant" in first.stdout
+        again = CliRunner().invoke(cli, chat, input="Back to the zoo\n/quit\n")
+        assert again.exit_code == 0, again.output
+        assert "resuming session walk (2 turns) with assistant" in again.stdout
+        assert "[m@v1 · small by default · session walk · cache restored]" in again.stdout
+        turns = _transcript(w, "assistant", "walk")["turns"]
+        assert [t["model"] for t in turns] == ["m@v1", "m2@v1", "m@v1"]
+        assert not (w.root / "resident/tenants/small/sessions/walk.json").exists()  # the route's session, not a tenant's
+    finally:
+        r.stop()

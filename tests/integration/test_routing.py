@@ -87,8 +87,9 @@ def test_a_short_and_a_long_question_go_to_different_tenants_and_say_so(routed: 
         assert {c["model"] for c in chunks} == {"large"}
         assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["x_zoo"]["route"]["tenant"] == "large"
         assert all("x_zoo" not in c for c in chunks[:-1])  # only the last chunk carries it
-        models = [m["id"] for m in httpx.get(r.url + "/v1/models", timeout=5).json()["data"]]
-        assert models == ["small", "large"]  # a route is a name, not a model card
+        cards = httpx.get(r.url + "/v1/models", timeout=5).json()["data"]
+        assert [m["id"] for m in cards] == ["small", "large", "assistant"]  # a route is listed after the tenants (issue #36)
+        assert cards[-1]["x_zoo"] == {"kind": "route", "tenants": ["small", "large"], "description": ""}
         metrics = httpx.get(r.url + "/metrics", timeout=30).text
         assert 'zoo:route_requests_total{route="assistant",rule="words<=12",tenant="small"} 1.0' in metrics
         assert 'zoo:route_requests_total{route="assistant",rule="default",tenant="large"} 2.0' in metrics

@@ -209,6 +209,7 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
     pytest.importorskip("prometheus_client", reason="the resident extra is not installed (pip install -e .[resident])")
     from zoo_agent.resident.wire import control as p
     from zoo_agent.resident.config import ResidentConfig
+    from zoo_agent.resident.process import ZooWorkerProcess
     from zoo_agent.resident.slots import Worker
     from zoo_agent.resident.supervisor import Supervisor
 
@@ -222,8 +223,8 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
         idx = sup.load_index()
         sup.take_index(idx)
         slot = sup.slots["t"]
-        worker = Worker(subprocess.Popen(["true"]), ours, sup.worker_config(idx, "t"), "unused.sock")
-        worker.ready = p.Ready(pid=worker.proc.pid, load_seconds=0.1, device="cpu", dtype="float32")
+        worker = Worker(ZooWorkerProcess(subprocess.Popen(["true"]), "unused.sock", ours), sup.launcher.worker_config(idx, "t"))
+        worker.ready = p.Ready(pid=worker.pid, load_seconds=0.1, device="cpu", dtype="float32")
         slot.serving = worker
         sup.reports.model_info(slot, worker, worker.ready)
         world.artifact("r", "l2", {"adapter_model.safetensors": b"l2"}, kind="loras")
@@ -231,16 +232,15 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
         assert world.run("apply").exit_code == 0
         assert world.run("gc").exit_code == 0
         assert sorted(os.listdir(world.root / "loras/r/versions")) == ["l1", "l3"]  # l1: in use; l2: neither in use nor kept
-        sup._follow_adapters(slot, worker)  # the resident follows `current` to l3, in place
+        sup.reload.follow_adapters(slot, worker)  # the resident follows `current` to l3, in place
         assert p.to_worker(theirs.recv(65536).splitlines()[0]).type == "adapters"
         assert world.run("gc").exit_code == 0
         assert sorted(os.listdir(world.root / "loras/r/versions")) == ["l3"]
     finally:
-        worker.proc.wait()
+        worker.process.wait()
         ours.close()
         theirs.close()
-        sup.wake_r.close()
-        sup.wake_w.close()
+        sup.waker.close()
         sup.selector.close()
 
 

@@ -75,6 +75,10 @@ def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
     (["--textfile-dir", "/tmp/metrics"], "textfile dir /tmp/metrics is under /tmp (hidden from the service by the unit's sandbox);"),
     (["--root", "zoo"], "--root: must be an absolute path (a unit has no working directory of ours): zoo"),
     (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
+    (["--hf-cache", "/tmp/view"], "hf cache /tmp/view is under /tmp (hidden from the service by the unit's sandbox);"),
+    (["--hf-cache", "/var/lib/model-zoo/view"], "--hf-cache: /var/lib/model-zoo/view and the zoo at /var/lib/model-zoo overlap:"),
+    (["--hf-cache", "/var/lib", "--root", "/var/lib/zoo"], "--hf-cache: /var/lib and the zoo at /var/lib/zoo overlap:"),
+    (["--hf-cache", "view"], "--hf-cache: must be an absolute path"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, visible: Path, args: list[str], message: str) -> None:
     code, out, prefix = install(tmp_path, visible, *args)
@@ -112,10 +116,11 @@ def test_environment_values_survive_quoting() -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("variant", [[], ["--gpu", "nvidia", "--memory-max", "8G", "--api-key-file", "/etc/model-zoo/key", "--gc"],
+@pytest.mark.parametrize("variant", [[], ["--gpu", "nvidia", "--memory-max", "8G", "--api-key-file", "/etc/model-zoo/key", "--gc",
+                                          "--hf-cache", "VISIBLE/hf view $x"],
                                      ["--gpu", "rocm", "--listen", "unix:/run/model-zoo/api.sock", "--env", "A=b c"]])
 def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, visible: Path, variant: list[str]) -> None:
-    code, out, prefix = install(tmp_path, visible, *variant)
+    code, out, prefix = install(tmp_path, visible, *(arg.replace("VISIBLE", str(visible)) for arg in variant))
     assert code == 0, out
     units = sorted(str(p) for p in prefix.iterdir())
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True)

@@ -371,6 +371,50 @@ class TestModule:
         assert proc.returncode != 0
         assert "services.model-zoo.prometheus.textfileDir" in proc.stderr and "is not of type" in proc.stderr, proc.stderr
 
+    def test_the_hf_cache_view_is_exported_after_each_apply_escaped_as_render_does(self, tmp_path: Path) -> None:
+        """Issue #35: `hfCache` runs `zoo-agent export hf-cache DIR` after apply and gc, in the
+        reconcile unit (its hardening), the directory its one extra writable path, made by
+        tmpfiles; '$' and spaces escaped as `zoo-agent systemd render --hf-cache` escapes them."""
+        off = evaluated(tmp_path, SETTINGS + " gc.enable = true;")
+        assert off["services"]["model-zoo-reconcile"]["serviceConfig"]["ExecStartPost"] == [f'"{FAKE_AGENT}" "gc"']
+        assert "model-zoo-hf-cache" not in off["tmpfiles"]
+        view = "/srv/hf view $HOME ;"
+        out = evaluated(tmp_path, SETTINGS + f" gc.enable = true; hfCache.enable = true; hfCache.directory = {nix_string(view)};"
+                                             ' stateDir = "/srv/zoo";')
+        assert out["failedAssertions"] == []
+        reconcile = out["services"]["model-zoo-reconcile"]["serviceConfig"]
+        assert reconcile["ExecStartPost"] == [f'"{FAKE_AGENT}" "gc"', f'"{FAKE_AGENT}" "export" "hf-cache" "/srv/hf view $$HOME ;"']
+        assert reconcile["ReadWritePaths"] == ['"/srv/zoo"', '"-/srv/hf view $HOME ;"']
+        assert out["services"]["model-zoo-verify"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/zoo"']  # only the reconcile unit writes it
+        assert out["tmpfiles"]["model-zoo-hf-cache"] == {view: {"d": {"mode": "0750", "user": "model-zoo", "group": "model-zoo"}}}
+        for key, value in HARDENING.items():
+            assert as_unit_values(reconcile.get(key)) == as_unit_values(value), key
+        rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), root=Path("/srv/zoo"), host="nixos", gc=True,
+                                       hf_cache=Path(view)))  # fmt: skip
+        for name, service in out["services"].items():
+            assert service_lines(rendered[f"{name}.service"]) == nixos_service_lines(service), name
+        default = evaluated(tmp_path, SETTINGS + " hfCache.enable = true;")["services"]["model-zoo-reconcile"]["serviceConfig"]
+        assert default["ExecStartPost"] == [f'"{FAKE_AGENT}" "export" "hf-cache" "/var/lib/model-zoo-hf-cache"']
+        assert default["ReadWritePaths"] == ['"-/var/lib/model-zoo-hf-cache"'] and default["StateDirectory"] == '"model-zoo"'
+
+    @pytest.mark.parametrize(("definition", "expected"), [
+        ('hfCache.directory = "/srv/zoo/view";', "overlap"),
+        ('hfCache.directory = "/srv";', "overlap"),
+        ('hfCache.directory = "/srv/zoo";', "overlap"),
+        ('hfCache.directory = "view";', "is not of type"),
+        ('hfCache.directory = "/srv/view\nExecStartPre=/bin/sh";', "is not of type"),
+        ('hfCache.directory = "/srv/100%";', "is not of type"),
+    ])
+    def test_an_hf_cache_directory_overlapping_the_zoo_or_no_unit_can_hold_is_refused(self, tmp_path: Path, definition: str,
+                                                                                     expected: str) -> None:  # fmt: skip
+        proc = evaluate(tmp_path, f'{SETTINGS} stateDir = "/srv/zoo"; hfCache.enable = true; {definition}')
+        if expected == "overlap":
+            assert proc.returncode == 0, proc.stderr
+            (message,) = json.loads(proc.stdout)["failedAssertions"]
+            assert message.startswith("services.model-zoo.hfCache.directory (") and "overlap" in message
+        else:
+            assert proc.returncode != 0 and "services.model-zoo.hfCache.directory" in proc.stderr and expected in proc.stderr, proc.stderr
+
     def test_open_firewall_with_a_unix_socket_is_refused(self, tmp_path: Path) -> None:
         out = evaluated(tmp_path, SETTINGS + ' resident.listen = "unix:/run/model-zoo/api.sock"; openFirewall = true;')
         assert out["failedAssertions"] == ["services.model-zoo.openFirewall needs services.model-zoo.resident.listen to be address:port, not a unix socket."]

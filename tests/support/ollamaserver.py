@@ -11,13 +11,15 @@ sequence derived from the prompt: the tests check the plumbing, not language.
 
 Faults to inject (`server.faults`): `digest` (tags report another digest than the
 registry's), `stall_pull` (a pull stops sending mid-stream), `too_old` (pull answers like
-an old daemon for a newer model), and `stop()` for a daemon that went away.
+an old daemon for a newer model), and `stop()` for a daemon that went away (`restarted()`
+brings it back at the same address, with the models it had pulled and none loaded).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -31,8 +33,8 @@ WORDS = "the zoo keeps every model pinned by digest and serves one tenant at a t
 class OllamaStandIn(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, registry: dict[str, bytes]) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, registry: dict[str, bytes], port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         # name:tag -> the manifest bytes; its sha256 is the digest Ollama reports
         self.registry = {name: {"manifest": data, "digest": hashlib.sha256(data).hexdigest(), "size": 1000 + len(data)} for name, data in registry.items()}
         self.local: dict[str, dict[str, Any]] = {}  # pulled models
@@ -41,7 +43,19 @@ class OllamaStandIn(ThreadingHTTPServer):
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.lock = threading.Lock()
         self.generating = self.most_generating = 0  # generations in flight now, and the most at once
+        self.placeholder: socket.socket | None = None  # the port, held while stopped
+        self.connections: set[socket.socket] = set()  # open client connections (a stop closes them)
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
 
     @property
     def url(self) -> str:
@@ -51,9 +65,36 @@ class OllamaStandIn(ThreadingHTTPServer):
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep_port: bool = False) -> None:
+        """The daemon goes away: connections are refused. ``keep_port``: its port stays bound (not
+        listening) until ``restarted()``, so no other process on a busy machine takes it and answers
+        in its place meanwhile."""
         self.shutdown()
         self.server_close()
+        with self.lock:
+            open_connections = list(self.connections)
+        for connection in open_connections:  # a daemon that stops closes its keep-alive connections too
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if keep_port and self.placeholder is None:
+            self.placeholder = socket.socket()
+            self.placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.placeholder.bind(self.server_address)
+        elif not keep_port and self.placeholder is not None:
+            self.placeholder.close()
+            self.placeholder = None
+
+    def restarted(self) -> OllamaStandIn:
+        """The daemon started again after ``stop()``: the same address, the models it had pulled (its
+        store is on disk), none loaded, one request log."""
+        if self.placeholder is not None:
+            self.placeholder.close()
+            self.placeholder = None
+        again = OllamaStandIn({}, port=self.server_address[1])
+        again.registry, again.local, again.requests, again.faults = self.registry, self.local, self.requests, self.faults
+        return again.start()
 
     @staticmethod
     def digest_of(data: bytes) -> str:

@@ -18,7 +18,7 @@ JSON = "application/json"
 from zoo_agent.resident.routing import choose, features
 
 HOST = Host(served=["small", "large"], routes=["assistant"], accepts=["small"], has_peers=lambda t: t == "remote",
-            lora_tenant={"code": "small"})  # fmt: skip
+            lora_tenant={"code": "small"}, aliases={"fast": ("small-m", ("small",)), "best": ("large-m", ("large", "large2"))})  # fmt: skip
 ROUTE = RouteEntry.model_validate({
     "rules": [{"tenant": "large", "when": {"code": True}}, {"tenant": "large", "when": {"keywords": ["explain"]}},
               {"tenant": "small", "when": {"max_words": 12, "max_messages": 4}}],
@@ -85,7 +85,7 @@ _json = st.recursive(
 )
 _message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", 5]), "content": _json})
 _request = st.fixed_dictionaries(
-    {"model": st.sampled_from(["small", "large", "assistant", "remote", "nobody", "small:auto"]) | _json},
+    {"model": st.sampled_from(["small", "large", "assistant", "remote", "nobody", "small:auto", "fast", "fast:code", "best"]) | _json},
     optional={"messages": st.lists(_message | _json, max_size=4) | _json, "prompt": _json, "stream": _json, "session": _json},
 )
 
@@ -101,7 +101,7 @@ def _deep_or_wide(draw: st.DrawFn) -> bytes:
     nested = inner * depth + leaf + close * depth
     wide = "[" + ",".join([leaf] * width) + "]"
     field = draw(st.sampled_from(["messages", "prompt", "stop", "x"]))
-    return json.dumps({"model": draw(st.sampled_from(["small", "assistant"]))})[:-1].encode() + f', "{field}": {nested}, "w": {wide}}}'.encode()
+    return json.dumps({"model": draw(st.sampled_from(["small", "assistant", "fast"]))})[:-1].encode() + f', "{field}": {nested}, "w": {wide}}}'.encode()
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -157,3 +157,36 @@ def test_a_generation_is_read_once_into_what_the_router_decides_on() -> None:
     assert isinstance(wrong_type, Parsed) and wrong_type.priority_field is None and not wrong_type.stream  # the worker's 400 to give
     twice = parse_request("POST", GENERATE[0], b"", body, HOST, content_type=JSON, priority=[b"batch", b"system"])
     assert twice == Rejected(400, "X-Zoo-Priority: sent 2 times; send it once", "X-Zoo-Priority")
+
+
+def test_an_alias_names_the_one_tenant_here_that_serves_its_model_and_the_worker_is_told_the_tenant() -> None:
+    """Issue #35: a request's `model` may be an alias the index declares for a model a tenant of
+    this host serves; the worker gets the tenant's name in its place (an adapter suffix kept)."""
+    from zoo_agent.index.model import Index
+    from zoo_agent.resident.inbound import alias_tenants
+
+    idx = Index.model_validate({
+        "models": {m: {"version": "1", "source": {"type": "file", "path": m}, "files": [], "license": "MIT", **extra}
+                   for m, extra in (("small-m", {"aliases": ["fast", "cheap"]}), ("large-m", {"aliases": ["best"]}),
+                                    ("other-m", {"aliases": ["elsewhere"]}))},
+        "tenants": {"small": {"model": "small-m"}, "large": {"model": "large-m"}, "large2": {"model": "large-m"},
+                    "away": {"model": "other-m"}},
+    })  # fmt: skip
+    assert alias_tenants(idx, ["small", "large"]) == {"fast": ("small-m", ("small",)), "cheap": ("small-m", ("small",)),
+                                                      "best": ("large-m", ("large",))}
+    host = Host(served=["small", "large", "large2"], routes=["assistant"], accepts=["small"], has_peers=lambda t: False,
+                lora_tenant={}, aliases=alias_tenants(idx, ["small", "large", "large2"]))  # fmt: skip
+    for name, tenant, model in (("fast", "small", "small"), ("cheap:code", "small", "small:code")):
+        body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+        parsed = parse_request("POST", GENERATE[0], b"", body, host, content_type=JSON)
+        assert isinstance(parsed, Parsed) and parsed.tenant == tenant and parsed.stream, parsed
+        assert parsed.body is not None and json.loads(parsed.body) == {**json.loads(body), "model": model} == parsed.document
+    plain = parse_request("POST", GENERATE[0], b"", b'{"model": "small"}', host, content_type=JSON)
+    assert isinstance(plain, Parsed) and plain.body is None  # a tenant's own name: the client's bytes go on as they are
+    two = parse_request("POST", GENERATE[0], b"", b'{"model": "best"}', host, content_type=JSON)
+    assert two == Rejected(400, "model: 'best' is an alias of model large-m, which tenants large, large2 serve here; name one of them",
+                           "model", "model_ambiguous")  # fmt: skip
+    gone = parse_request("POST", GENERATE[0], b"", b'{"model": "elsewhere"}', host, content_type=JSON)
+    assert isinstance(gone, Rejected) and gone.status == 404 and gone.code == "model_not_found"
+    peer = parse_request("POST", GENERATE[0], b"", b'{"model": "fast"}', host, content_type=JSON, from_peer=True)
+    assert isinstance(peer, Rejected) and peer.status == 403  # a peer names the tenant it was asked for, never an alias

@@ -14,6 +14,7 @@ from tests.support.peers import fleet, fleet_index
 from zoo_agent.cli.main import cli
 from zoo_agent.index.load import check_document
 from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state, tenant_digest, undeclared
+from zoo_agent.resident.wire.documents import Card
 
 
 def test_the_fleet_is_valid_and_defaults_are_closed() -> None:
@@ -180,7 +181,7 @@ def test_health_is_kept_per_tenant_at_a_host_and_is_a_value() -> None:
     ({"id": "chat", "root": "small@v1"}, "digest differs"),  # an agent from before issue #22, or another server
 ])  # fmt: skip
 def test_served_state(card: dict[str, Any] | None, state: str) -> None:
-    assert served_state("small@v1", "sha256:x", card) == state
+    assert served_state("small@v1", "sha256:x", Card.model_validate(card) if card is not None else None) == state
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ class Harness:
             self.loads.append(slot.tenant)
             slot.phase = "loading"  # as the real one: a worker is spawned
 
-        monkeypatch.setattr(self.sup, "_load", load)
+        monkeypatch.setattr(self.sup.pager, "load", load)
 
     @property
     def slot(self) -> Any:
@@ -108,8 +108,7 @@ class Harness:
         self.loop.run_until_complete(settled())
         self.loop.close()
         self.sup.router.similarity.close()
-        for sock in (self.sup.wake_r, self.sup.wake_w):
-            sock.close()
+        self.sup.waker.close()
         self.sup.selector.close()
 
 
@@ -307,6 +306,5 @@ def test_a_hostname_the_index_knows_by_its_short_name_serves(tmp_path: Path) -> 
         assert sup.router.federation.host == "h"
     finally:
         sup.router.similarity.close()
-        for sock in (sup.wake_r, sup.wake_w):
-            sock.close()
+        sup.waker.close()
         sup.selector.close()

@@ -162,3 +162,13 @@ def test_workflows_pin_actions_and_keep_expressions_out_of_scripts(path: Path) -
     if path.name in ("model-update.yml", "index.yml"):  # the workflows of this issue: commits, not tags
         uses = [s["uses"] for job in workflow["jobs"].values() for s in job["steps"] if "uses" in s]
         assert uses and all(re.search(r"@[0-9a-f]{40}$", u) for u in uses)
+
+
+def test_a_metadata_only_change_does_not_claim_a_new_version() -> None:
+    """`add --update` at an unchanged commit writes provenance and keeps the version: the body says so."""
+    before = entry("1", REV1, {"w.safetensors": b"w"})
+    after = {**before, "provenance": {"run": {"metrics": {"loss": 1.5}}}}
+    change = EntryChange("models", "m", before, after, (FilePin("w.safetensors", sha(b"w"), 1, "same"),), ())
+    assert pull.body(change, pull.metrics_of(after), []).startswith("Updates the metadata (the pinned bytes are unchanged) of model `m`")
+    moved = EntryChange("models", "m", before, {**after, "version": "2"}, change.files, ())
+    assert pull.body(moved, {}, []).startswith("Pins a new version of model `m`")

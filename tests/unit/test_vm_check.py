@@ -14,13 +14,14 @@ import pytest
 
 from tests.support import REPO
 from zoo_agent.resident.reports import Reports
+from zoo_agent.resident.wire.control import Pong
 
 VM = REPO / "checks" / "vm.nix"
 
 
 def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0) -> str:
     """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in slot table."""
-    stats = SimpleNamespace(served=served, running=running, waiting=0, tps=tps, adapters=[], refused=set(), sessions=0)
+    stats = Pong(seq=0, served=served, running=running, tps=tps)  # what the worker reports
     worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"))
     slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0)
     table = SimpleNamespace(order=["chat"], slots={"chat": slot})

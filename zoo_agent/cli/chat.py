@@ -1,8 +1,10 @@
 """`zoo-agent chat`: a conversation with the host's resident in the terminal (issue #9).
 
 Streams tokens as they arrive and keeps the conversation as a session on the server, so
-`--session ID` resumes it later, even after a restart of the resident. Standard library
-only: it talks to the OpenAI-compatible API over HTTP like any other client.
+`--session ID` resumes it later, even after a restart of the resident. `--model` may name a
+tenant, an adapter or a route (issue #36: a route's session follows the conversation from
+model to model). Standard library HTTP, like any other client of the OpenAI-compatible API;
+what it reads (``/v1/models``, ``x_zoo``) through the typed documents of ``resident/wire/documents.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import click
 from zoo_agent.errors import SourceError, UsageError
 from zoo_agent.jsonbound import loads
 from zoo_agent.keyfile import read_key_file
+from zoo_agent.resident.wire.documents import AnswerZoo, Card, Malformed, ModelList, validate
 
 __all__ = ["chat_cmd", "run_chat"]
 
@@ -62,13 +66,16 @@ class Client:
                     if isinstance(chunk, dict):
                         yield chunk
 
-    def models(self) -> dict[str, dict[str, Any]]:
-        """``/v1/models`` by id; an answer of another shape is one line."""
+    def models(self) -> dict[str, Card]:
+        """``/v1/models`` by id (tenants, adapters, routes); an answer of another shape is one line naming the field."""
         data = self.get("/v1/models")
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             raise SourceError(f"{self.url}/v1/models: not a resident's answer (no 'data' list)")
-        return {c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)}
+        try:
+            return validate(ModelList, data).by_id()
+        except Malformed as exc:
+            raise SourceError(f"{self.url}/v1/models: not a resident's answer ({exc})") from None
 
     def _document(self, raw: bytes | str, path: str) -> Any:
         """The bounded reader (zoo_agent.jsonbound) for every answer: deep or huge JSON is one line, not a traceback."""
@@ -87,23 +94,41 @@ def _content(chunk: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -> None:
+def _described(card: Card) -> str:
+    """What a card serves, for the banner: a tenant's model@version, or a route's tenants."""
+    if card.x_zoo is not None and card.x_zoo.kind == "route":
+        return "a route over " + ", ".join(card.x_zoo.tenants or [])
+    return str(card.root)
+
+
+def _answered(zoo: AnswerZoo, fingerprint: Any, session: str) -> str:
+    """The line after an answer: which model@version (and adapter, route tenant) answered, and the session's cache."""
+    adapter = f" · adapter {zoo.adapter}" if zoo.adapter else ""
+    via = f" · {zoo.route.tenant} by {zoo.route.rule}" if zoo.route is not None else ""
+    cache = zoo.session.cache if zoo.session is not None else "-"
+    return f"[{fingerprint}{adapter}{via} · session {session} · cache {cache}]"
+
+
+def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None:
+    """``tenant`` is a tenant, ``tenant:adapter`` or a route (issue #36): whatever /v1/models lists.
+    ``out``: standard output as it is when called (click's test runner replaces it)."""
+    out = out if out is not None else sys.stdout
     models = client.models()
     if tenant not in models:
         raise UsageError(f"--model {tenant}: not served at {client.url} (serving: {', '.join(models)})")
     model = tenant
-    try:
-        found = client.get(f"/v1/sessions/{session}")
+    try:  # the session of this tenant or route (a route's sessions are its own, not its tenants')
+        found = client.get(f"/v1/sessions/{quote(session, safe='')}?model={quote(tenant, safe='')}")
         turns = found.get("turns") if isinstance(found, dict) else None
-        out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({models[tenant].get('root')}); {HELP}\n")
+        out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({_described(models[tenant])}); {HELP}\n")
     except UsageError:
-        out.write(f"new session {session} with {tenant} ({models[tenant].get('root')}); {HELP}\n")
+        out.write(f"new session {session} with {tenant} ({_described(models[tenant])}); {HELP}\n")
     while True:
         out.write("you> ")
         out.flush()
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            out.write(f"\nbye; resume with: zoo-agent chat --session {session}\n")
+            out.write(f"\nbye; resume with: zoo-agent chat --session {session} --model {tenant}\n")
             return
         text = line.strip()
         if not text:
@@ -128,14 +153,15 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = sys.stdout) -
                 out.write(delta)
                 out.flush()
             last = chunk
-        zoo: dict[str, Any] = last["x_zoo"] if isinstance(last.get("x_zoo"), dict) else {}
-        info: dict[str, Any] = zoo["session"] if isinstance(zoo.get("session"), dict) else {}
-        adapter = f" · adapter {zoo['adapter']}" if zoo.get("adapter") else ""
-        out.write(f"\n[{last.get('system_fingerprint')}{adapter} · session {session} · cache {info.get('cache', '-')}]\n")
+        try:
+            zoo = validate(AnswerZoo, last["x_zoo"], "x_zoo") if isinstance(last.get("x_zoo"), dict) else AnswerZoo()
+        except Malformed as exc:
+            raise SourceError(f"{client.url}/v1/chat/completions: not a resident's answer ({exc})") from None
+        out.write("\n" + _answered(zoo, last.get("system_fingerprint"), session) + "\n")
 
 @click.command("chat")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="ZOO_URL", help="The resident's address ($ZOO_URL).")
-@click.option("--model", "tenant", default=None, help="Tenant id (default: the one the resident serves).")
+@click.option("--model", "tenant", default=None, help="Tenant, <tenant>:<adapter> or route (default: the first tenant the resident serves).")
 @click.option("--session", default=None, help="Resume this session (default: a new one).")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Bearer token for a resident that needs one.")
 def chat_cmd(url: str, tenant: str | None, session: str | None, api_key_file: Path | None) -> None:
@@ -143,7 +169,7 @@ def chat_cmd(url: str, tenant: str | None, session: str | None, api_key_file: Pa
     api_key = read_key_file(api_key_file, "--api-key-file") if api_key_file else None
     client = Client(url, api_key)
     if tenant is None:
-        tenant = next((tid for tid, m in client.models().items() if m.get("parent") is None), None)
+        tenant = next((tid for tid, m in client.models().items() if m.parent is None), None)
         if tenant is None:
             raise UsageError(f"{client.url}: serves no tenant; pass --model")
     run_chat(client, tenant, session or f"chat-{secrets.token_hex(4)}")

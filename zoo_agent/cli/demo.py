@@ -30,6 +30,7 @@ from zoo_agent.errors import StoreError, UsageError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import FileSource, Index
 from zoo_agent.pin import Selection, pin_directory
+from zoo_agent.resident.wire.documents import AnswerZoo, ModelList, validate
 
 __all__ = ["build_sources", "demo_cmd"]
 
@@ -85,8 +86,8 @@ def _free(listen: str) -> str:
 
 def _ask(listen: str, tenant: str, routes: Iterable[str]) -> int:
     """Show what the resident serves, ask the tenant one question and each route its short and long one; how many were asked."""
-    models = json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))["data"]
-    click.echo("    serving: " + ", ".join(f"{m['id']} ({m['root']})" for m in models))
+    models = validate(ModelList, json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))).data
+    click.echo("    serving: " + ", ".join(f"{m.id} ({'a route' if m.x_zoo and m.x_zoo.kind == 'route' else m.root})" for m in models))
     body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": QUESTION}]}).encode()
     request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
     answer = json.load(urllib.request.urlopen(request, timeout=120))
@@ -98,9 +99,10 @@ def _ask(listen: str, tenant: str, routes: Iterable[str]) -> int:
             body = json.dumps({"model": route, "messages": [{"role": "user", "content": question}]}).encode()
             request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
             answer = json.load(urllib.request.urlopen(request, timeout=300))  # the first request for a tenant loads it
-            taken = answer.get("x_zoo", {}).get("route", {})
+            taken = validate(AnswerZoo, answer.get("x_zoo", {}), "x_zoo").route
             click.echo(f"==> asked {route} (a route): {question}")
-            click.echo(f"    answered by {taken.get('tenant')} (rule {taken.get('rule')}): {answer['choices'][0]['message']['content'][:60]!r}")
+            click.echo(f"    answered by {taken.tenant if taken else None} (rule {taken.rule if taken else None}): "
+                       f"{answer['choices'][0]['message']['content'][:60]!r}")  # fmt: skip
             asked += 1
     return asked
 

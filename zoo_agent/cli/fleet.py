@@ -6,7 +6,8 @@ Each endpoint is asked ``/health`` and ``/v1/models``, all at once (threads, at 
 last, has ``--timeout`` seconds of wall time: a server that trickles one byte at a time
 cannot hold the run (issue #31), so it takes about one timeout however many hosts are
 down or slow. Every answer is read through the one bounded JSON reader
-(``zoo_agent.jsonbound``). The comparison (``fleet_rows``) is pure; only ``_ask`` touches
+(``zoo_agent.jsonbound``), then as the typed documents of ``resident/wire/documents.py``
+(a field of the wrong type is that host's error, naming the field). The comparison (``fleet_rows``) is pure; only ``_ask`` touches
 the network.
 """
 
@@ -34,6 +35,7 @@ from zoo_agent.index.model import Index
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.listener import read_api_key
 from zoo_agent.resident.router.peers import pinned, served_state, tenant_digest
+from zoo_agent.resident.wire.documents import Card, Health, Malformed, ModelList, validate
 from zoo_agent.resident.wire.headers import PEER
 
 __all__ = ["Answer", "fleet_group", "fleet_rows"]
@@ -49,7 +51,7 @@ class Answer:
 
     error: str | None = None
     health: str | None = None
-    cards: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cards: Mapping[str, Card] = field(default_factory=dict)
 
 
 class _Unanswered(Exception):
@@ -119,9 +121,12 @@ def _ask(endpoint: str, key: str | None, deadline: float) -> Answer:
         message = error.get("message") if isinstance(error, dict) else None
         message = printable(message, _MAX_MESSAGE) if isinstance(message, str) else ""
         return Answer(error=f"/v1/models answered HTTP {status}" + (f": {message}" if message else ""))
-    cards = {c["id"]: c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)}
-    state = health.get("state") if isinstance(health, dict) else None
-    return Answer(health=state if isinstance(state, str) else None, cards=cards)
+    try:
+        cards = validate(ModelList, models, "/v1/models").by_id()
+        state = validate(Health, health, "/health").state if health is not None else None
+    except Malformed as exc:  # a resident's document with a field of the wrong type: which one
+        return Answer(error=f"not a resident's answer ({exc})")
+    return Answer(health=state, cards=cards)
 
 
 def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]]:
@@ -133,8 +138,7 @@ def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]
         answer = answers[hid]
         for tid in host.served():
             card = answer.cards.get(tid)
-            x_zoo = card.get("x_zoo") if card is not None else None
-            served = (x_zoo.get("model") if isinstance(x_zoo, dict) else None) or (card.get("root") if card is not None else None)
+            served = ((card.x_zoo.model if card.x_zoo is not None else None) or card.root) if card is not None else None
             state = "unreachable" if answer.error is not None else served_state(pinned(idx, tid), tenant_digest(idx, tid), card)
             rows.append({"host": hid, "endpoint": host.endpoint, "tenant": tid, "served": served, "pinned": pinned(idx, tid),
                          "state": state, "health": answer.health, "error": answer.error})  # fmt: skip

@@ -15,6 +15,8 @@ import click
 from zoo_agent.cli.options import Target, emit_json, json_option, printable, zoo_options
 from zoo_agent.errors import SourceError, StoreError, UsageError
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.reports import read_state
+from zoo_agent.resident.wire.documents import Health, HealthTenant, Malformed, ResidentState, salvage
 
 __all__ = ["resident"]
 
@@ -62,8 +64,8 @@ def resident(ctx: click.Context, target: Target, listen: str, api_key_file: Path
 def reload(target: Target, pid: int | None, timeout: float) -> None:
     """Swap to the current version now; return when the swap is done (for ExecReload=)."""
     state_file = target.zoo.resident_state
-    before = _state(state_file)
-    pid = pid or before.get("pid")
+    before = read_state(state_file) or ResidentState()
+    pid = pid or before.pid
     if not pid:
         raise UsageError(f"{state_file}: no running resident recorded; pass --pid")
     try:
@@ -72,15 +74,15 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
         raise UsageError(f"no resident runs as pid {pid}") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = _state(state_file)
-        if now.get("attempts", 0) > before.get("attempts", 0) and now.get("state") == "ready":
-            if now.get("reloads", 0) > before.get("reloads", 0):
-                swapped = now.get("swapped") or []
+        now = read_state(state_file) or ResidentState()
+        if now.attempts > before.attempts and now.state == "ready":
+            if now.reloads > before.reloads:
+                swapped = now.swapped
                 click.echo(f"reloaded: {', '.join(swapped)}" if swapped else "reloaded: every tenant already served its current version")
                 return
-            if now.get("last_error"):
-                raise StoreError(now["last_error"])
-        if before.get("attempts", 0) == now.get("attempts", 0) and time.monotonic() > deadline - timeout + 5:
+            if now.last_error:
+                raise StoreError(now.last_error)
+        if before.attempts == now.attempts and time.monotonic() > deadline - timeout + 5:
             click.echo("nothing to reload: already serving the current version")
             return
         time.sleep(0.2)
@@ -94,20 +96,25 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
 def status(target: Target, url: str | None, as_json: bool) -> None:
     """Ask the running resident what it serves: every tenant, loaded or paged out (its /health)."""
     if url is None:
-        listen = _state(target.zoo.resident_state).get("listen")
-        listen = listen if isinstance(listen, str) and listen else "127.0.0.1:8000"
+        recorded = read_state(target.zoo.resident_state)
+        listen = recorded.listen if recorded is not None and recorded.listen else "127.0.0.1:8000"
         if listen.startswith(("unix:", "/")):
             raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
         url = "http://" + listen.removeprefix("http://")
-    health = _health(url.rstrip("/"))
+    url = url.rstrip("/")
+    document = _health(url)
     if as_json:
-        emit_json(health)
+        emit_json(document)
         return
-    click.echo(printable(f"{health.get('state', '?')}: {health.get('status', '')}", _SHOWN))
-    tenants = health.get("tenants")
-    for tid, t in (tenants.items() if isinstance(tenants, dict) else ()):
-        if isinstance(t, dict):
-            click.echo(_tenant_row(str(tid), t))
+    try:
+        health, dropped = salvage(Health, document)
+    except Malformed as exc:
+        raise SourceError(f"{url}/health: not a resident's answer ({exc})") from None
+    for line in dropped:  # what this resident says that this command cannot read: named, the rest still shown
+        click.echo(printable(f"{url}/health: {line}; not shown", _SHOWN), err=True)
+    click.echo(printable(f"{health.state or '?'}: {health.status}", _SHOWN))
+    for tid, t in health.tenants.items():
+        click.echo(_tenant_row(tid, t))
 
 
 _MAX_HEALTH = 4 << 20  # a /health document is kilobytes
@@ -136,26 +143,10 @@ def _health(url: str) -> dict[str, Any]:
     return health
 
 
-def _tenant_row(tid: str, t: dict[str, Any]) -> str:
-    """One tenant of /health as a line; a field of another type shows as '-' (never a traceback)."""
-    def number(name: str) -> float | None:
-        value = t.get(name)
-        try:
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        except OverflowError:  # an integer of hundreds of digits
-            return None
-
-    served = f"{t.get('model')}@{t.get('version')}" if t.get("model") else "-"
-    idle = f"{seconds:.0f}s" if (seconds := number("idle_seconds")) is not None else "-"
-    footprint = (number("footprint") or 0.0) / (1 << 20)
-    line = (f"  {tid:<20} {t.get('state', '?')!s:<10} {served:<24} {number('running') or 0:>3.0f} running {number('waiting') or 0:>3.0f} waiting  "
-            f"idle {idle:<6} {footprint:>8.1f} MiB{'  pinned' if t.get('pinned') is True else ''}{'  ' + str(t['error']) if t.get('error') else ''}")  # fmt: skip
+def _tenant_row(tid: str, t: HealthTenant) -> str:
+    """One tenant of /health as a line (a field the resident sent of another type was left out: its default shows)."""
+    served = f"{t.model}@{t.version}" if t.model else "-"
+    idle = f"{t.idle_seconds:.0f}s" if t.idle_seconds is not None else "-"
+    line = (f"  {tid:<20} {t.state or '?':<10} {served:<24} {t.running:>3} running {t.waiting:>3} waiting  "
+            f"idle {idle:<6} {t.footprint / (1 << 20):>8.1f} MiB{'  pinned' if t.pinned else ''}{'  ' + t.error if t.error else ''}")  # fmt: skip
     return printable(line, _SHOWN)
-
-
-def _state(path: Path) -> dict[str, Any]:
-    try:
-        data = loads(path.read_bytes(), limit=_MAX_HEALTH)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}

@@ -57,6 +57,8 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
         click.option("--textfile-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
                      help="node_exporter's textfile-collector directory: the reconcile and verify units write their metrics there."),
+        click.option("--hf-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Run `zoo-agent export hf-cache DIR` after every apply (and gc): the zoo as a Hugging Face cache of links."),
     ]
 
     @functools.wraps(func)
@@ -119,6 +121,8 @@ def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_ru
     ran = [] if dry_run or no_activate else activate(settings)
     if settings.textfile_dir is not None and not dry_run:
         _make_textfile_dir(settings)
+    if settings.hf_cache is not None and not dry_run:
+        _make_hf_cache_dir(settings)
     if as_json:
         emit_json({"dry_run": dry_run, "files": [{"path": str(f.path), "changed": f.changed} for f in done], "ran": ran})
         return
@@ -129,6 +133,18 @@ def install_cmd(settings: UnitSettings, prefix: Path, sysusers_dir: Path, dry_ru
         click.echo(f"ran {command}")
     if not dry_run:
         click.echo("next: systemctl enable --now model-zoo-reconcile.service model-zoo-resident.service")
+
+
+def _make_hf_cache_dir(settings: UnitSettings) -> None:
+    """The HF-cache view's directory, as NixOS's tmpfiles rule makes it: the zoo's user and group, 0750
+    (its readers need the zoo's group anyway, to read the files its links lead to)."""
+    assert settings.hf_cache is not None
+    try:
+        settings.hf_cache.mkdir(mode=0o750, parents=True, exist_ok=True)
+        shutil.chown(settings.hf_cache, settings.user, settings.group)
+    except (LookupError, OSError) as exc:  # no such user yet (--no-activate), or not root
+        log.warning("%s: could not make it writable by %s: %s (the export after apply will say it cannot write there)",
+                    settings.hf_cache, settings.user, exc)
 
 
 def _make_textfile_dir(settings: UnitSettings) -> None:

@@ -24,9 +24,9 @@ from zoo_agent.cli.options import (
     wait_option,
     zoo_options,
 )
-from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.errors import StoreError, UsageError, ZooError
 from zoo_agent.formats import human_bytes
-from zoo_agent.pin import Selection, add_directory, existing, pin_hf, read_provenance, weights_format, write_entry
+from zoo_agent.pin import Selection, add_directory, describe_entry, existing, pin_hf, read_provenance, weights_format, write_entry
 from zoo_agent.plan import (
     Action,
     Desired,
@@ -39,16 +39,17 @@ from zoo_agent.plan import (
     plan_gc,
     plan_versions,
 )
-from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts, rollback
-from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, proven_fits, tenant_fits
+from zoo_agent.reconcile.apply import Result, apply, rollback
+from zoo_agent.reconcile.footprints import TenantFit, fit_document, prove_fit, tenant_fits
 from zoo_agent.reconcile.observe import observe
 from zoo_agent.reconcile.progress import make_progress
-from zoo_agent.reconcile.status import artifact_status, healthy, resident_status, with_digests
+from zoo_agent.reconcile.sequence import planned
+from zoo_agent.reconcile.status import artifact_status, healthy, with_digests
 from zoo_agent.reconcile.textfile import Recorder, recording
 from zoo_agent.reconcile.verify import Report, resolve, select, verify, wants_to_rebuild
+from zoo_agent.resident.reports import resident_status
 from zoo_agent.sources import FetchSettings
-from zoo_agent.store.durable import FILE_MODE, sweep_temps, write_atomic
-from zoo_agent.store.host import init_identity
+from zoo_agent.store.durable import FILE_MODE, write_atomic
 
 __all__ = ["add_cmd", "apply_cmd", "gc_cmd", "plan_cmd", "rollback_cmd", "status_cmd", "verify_cmd"]
 
@@ -181,15 +182,8 @@ def _apply(target: Target, wait: float, allow_network_fs: bool, strict: bool, te
     idx, host = target.resolve()
     desired = desired_for_tenant(idx, host, tenant) if tenant else desired_for_host(idx, host)
     target.zoo.check_root(allow_network_fs=allow_network_fs, create=True)
-    with target.zoo.lock(wait):
-        sweep_temps(target.zoo.host_dir)  # host state a killed run was writing (#17: no orphans)
-        target.zoo.sweep_versions()  # and manifests it was refreshing (#23)
-        observed = observe(target.zoo)
-        the_plan = _plan(target, desired, observed)
-        refuse_conflicts(the_plan, str(target.index))
-        # Before the first step: a host whose tenants cannot fit changes nothing (issue #20).
-        proven_fits(idx, host, target.zoo, observed, target.index, fetching, (tenant,) if tenant else idx.hosts[host].served())
-        init_identity(target.zoo, desired.host)  # a fresh host gets its identity; an existing one is kept
+    served = (tenant,) if tenant else idx.hosts[host].served()
+    with planned(target.zoo, idx, host, desired, target.index, fetching, served, wait, lambda d, o: _plan(target, d, o)) as the_plan:
         whole = desired_for_host(idx, host)
         rec.artifacts = lambda: artifact_status(whole, observe(target.zoo))
         _run_plan(target, the_plan, desired, "apply", fetching, strict, rec)
@@ -237,7 +231,11 @@ def status_cmd(target: Target, as_json: bool) -> None:
     target.zoo.check_root(allow_network_fs=True)
     rows = with_digests(target.zoo, artifact_status(desired, observe(target.zoo)))
     ok = all(healthy(r["state"]) for r in rows)
-    resident = resident_status(target.zoo)
+    try:
+        resident = resident_status(target.zoo)
+    except StoreError as exc:  # a state.json no resident wrote: said in one line; the zoo's own state still shows
+        click.echo(str(exc), err=True)
+        resident = None
     if as_json:
         emit_json({"host": desired.host, "root": str(target.zoo.root), "ok": ok, "artifacts": rows, "resident": resident})
     else:
@@ -251,7 +249,7 @@ def status_cmd(target: Target, as_json: bool) -> None:
             click.echo(f"resident: {resident['status'] if resident['running'] else 'not running'}")
             for tid, t in resident["tenants"].items():
                 served = f"{t['model']}@{t['version']}" if t.get("model") else "-"
-                click.echo(f"  tenant {tid:<23} {t['state']:<10} {served:<24}{'  pinned' if t.get('pinned') else ''}"
+                click.echo(f"  tenant {tid:<23} {t['state'] or '?':<10} {served:<24}{'  pinned' if t.get('pinned') else ''}"
                            f"{'  ' + t['error'] if t.get('error') else ''}")  # fmt: skip
     if not ok:
         sys.exit(1)
@@ -401,7 +399,10 @@ def add_cmd(spec: str | None, aid: str | None, update_id: str | None, index_path
         repo, _, revision = spec[3:].partition("@")
         commit, files, card_license = pin_hf(repo, revision or "main", fetching, safety)
         if update_id and old.get("source", {}).get("revision") == commit and not label:
-            click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}")
+            changed = describe_entry(index_path, kind, new_id, old, provenance=provenance, tags=tags, description=description,
+                                     provenance_file=str(provenance_file) if provenance_file else None)  # fmt: skip
+            written = f"; {' and '.join(changed)} written, version {old.get('version')} kept (the bytes did not change)" if changed else ""
+            click.echo(f"{kind[:-1]} {new_id}: already pinned at {commit}{written}")
             return
         source = {"type": "hf", "repo": repo, "revision": commit}
         label = label or commit[:12]

@@ -16,14 +16,11 @@ from pathlib import Path
 from zoo_agent.errors import ZooError
 from zoo_agent.index.load import load_index
 from zoo_agent.index.model import Index
-from zoo_agent.plan import Action, Plan, desired_for_tenant, host_id, plan
-from zoo_agent.reconcile.apply import Result, apply, refuse_conflicts
-from zoo_agent.reconcile.footprints import proven_fits
-from zoo_agent.reconcile.observe import observe
+from zoo_agent.plan import Action, Plan, desired_for_tenant, host_id
+from zoo_agent.reconcile.apply import Result, apply
 from zoo_agent.reconcile.progress import Progress
+from zoo_agent.reconcile.sequence import planned
 from zoo_agent.sources import FetchSettings
-from zoo_agent.store.durable import sweep_temps
-from zoo_agent.store.host import init_identity
 from zoo_agent.store.zoo import Zoo
 from zoo_agent.systemd.notify import Notifier
 
@@ -100,14 +97,7 @@ def fetch_tenant(index: Path, root: Path, host: str, tenant: str, progress: Repo
     zoo = Zoo(root)
     zoo.check_root(create=True)
     settings = FetchSettings.from_environment()
-    with zoo.lock(lock_timeout):
-        sweep_temps(zoo.host_dir)
-        zoo.sweep_versions()
-        observed = observe(zoo)
-        the_plan = plan(desired, observed)
-        refuse_conflicts(the_plan, str(index))
-        proven_fits(idx, hid, zoo, observed, index, settings, (tenant,))
-        init_identity(zoo, desired.host)
+    with planned(zoo, idx, hid, desired, index, settings, (tenant,), lock_timeout) as the_plan:
         reported = _Reported(_fetch_bytes(the_plan), progress)
         result = apply(the_plan, zoo, desired, index.resolve().parent, reported, settings)
     if result.failures:

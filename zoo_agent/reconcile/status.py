@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from zoo_agent.plan import Desired, Observed
 from zoo_agent.store.zoo import Zoo, manifest_digest, read_manifest
 
-__all__ = ["artifact_status", "healthy", "resident_status", "with_digests"]
+__all__ = ["artifact_status", "healthy", "with_digests"]
 
 
 def artifact_status(desired: Desired, observed: Observed) -> list[dict[str, Any]]:
@@ -64,28 +62,3 @@ def _state(declared: str | None, present: bool, current: str | None, resolved: b
     if current != declared:
         return f"outdated: declared {declared}"
     return "ok"
-
-
-
-def resident_status(zoo: Zoo) -> dict[str, Any] | None:
-    """What the host's resident last reported (``resident/state.json``): every tenant, loaded or
-    paged out. None when no resident ever ran here; ``running`` false when its process is gone."""
-    try:
-        state = json.loads(zoo.resident_state.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict):
-        return None
-    pid = state.get("pid")
-    running = False
-    if isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-            running = True
-        except ProcessLookupError:
-            running = False
-        except PermissionError:
-            running = True  # another user's process: alive
-    tenants = state.get("tenants") if isinstance(state.get("tenants"), dict) else {}
-    return {"running": running, "pid": pid, "state": state.get("state") if running else "stopped", "status": state.get("status", ""),
-            "updated": state.get("updated"), "tenants": tenants if running else {}}

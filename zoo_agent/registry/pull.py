@@ -136,8 +136,10 @@ def _checks(findings: Sequence[Finding]) -> list[str]:
 def body(change: EntryChange, metrics: Mapping[str, int | float], findings: Sequence[Finding]) -> str:
     """The pull request's description: what moved, every pinned file's sha256 and size, the metrics, the checks."""
     before_source = change.before.get("source") if change.before else None
+    same = change.before is not None and _version(change.before) == _version(change.after)
+    what = "Updates the metadata (the pinned bytes are unchanged)" if same else "Pins a new version"
     lines = [
-        (f"Pins a new version of {change.kind[:-1]} {code(change.id)}. Opened by `zoo-agent registry update-pr`; "
+        (f"{what} of {change.kind[:-1]} {code(change.id)}. Opened by `zoo-agent registry update-pr`; "
          "nothing reaches a host until this is merged and the host runs `apply`."),
         "",
         "| | before | after |",

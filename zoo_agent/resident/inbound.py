@@ -14,16 +14,20 @@ and touches nothing but its arguments, so the router may run it on another threa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.sessions.transcript import SessionError, valid_id
 from zoo_agent.resident.wire.headers import PRIORITY
 
-__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "parse_request"]
+if TYPE_CHECKING:
+    from zoo_agent.index.model import Index
+
+__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "alias_tenants", "parse_request"]
 
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -39,6 +43,7 @@ class Host:
     accepts: Collection[str]  # tenants this host answers for peers
     has_peers: Callable[[str], bool]  # whether the index names peers for a tenant
     lora_tenant: Mapping[str, str]  # adapter id -> the tenant declaring it
+    aliases: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # alias -> (its model, the tenants here serving it)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Parsed:
     from_peer: bool = field(default=False, compare=False)  # it came from a peer (``X-Zoo-Peer``): never delegated again
     priority_header: str | None = None  # the ``X-Zoo-Priority`` it sent (at most once)
     priority_field: int | None = None  # the body's integer ``priority`` (a field of another type is the worker's 400 to give)
+    body: bytes | None = None  # what to forward instead of the client's bytes (an alias it named, replaced by the tenant)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, con
             return Parsed(tenant, document)
         if key == "model" and name in host.routes:
             return Parsed(name, document)
+        if key == "model" and tenant not in served and tenant in host.aliases:
+            return _aliased(name, document, *host.aliases[tenant])
         if key == "model" and tenant not in served and host.has_peers(tenant):
             return Parsed(tenant, document)
         if key == "lora_name" and tenant not in served:
@@ -139,6 +147,29 @@ def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, con
             return Rejected(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
         return Parsed(tenant, {}, sid)
     return Rejected(404, "Not Found")
+
+
+def alias_tenants(idx: Index, served: Sequence[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each alias the index declares for a model that tenants of this host serve: (the model, those tenants).
+    An alias is never a tenant, route, model or adapter id (``index/checks.py``), so it shadows nothing."""
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for mid, entry in idx.models.items():
+        tenants = tuple(t for t in served if t in idx.tenants and idx.tenants[t].model == mid)
+        if tenants:
+            found.update((alias, (mid, tenants)) for alias in entry.aliases)
+    return found
+
+
+def _aliased(name: str, document: dict[str, Any], model: str, tenants: tuple[str, ...]) -> Parsed | Rejected:
+    """A request naming an alias (issue #35): its tenant's, with the tenant's name in its body (a
+    ``:adapter`` suffix kept), as a route's request is forwarded. The answer names the tenant, as
+    OpenAI's names the model an alias stands for (``gpt-4o`` is answered as ``gpt-4o-2024-08-06``)."""
+    alias, sep, rest = name.partition(":")
+    if len(tenants) != 1:
+        return Rejected(400, f"model: {alias[:100]!r} is an alias of model {model}, which tenants {', '.join(tenants)} serve here; "
+                        "name one of them", "model", "model_ambiguous")  # fmt: skip
+    document = {**document, "model": tenants[0] + sep + rest}
+    return Parsed(tenants[0], document, body=json.dumps(document, allow_nan=False).encode())
 
 
 def _json_type(content_type: str | None) -> bool:

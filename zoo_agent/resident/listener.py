@@ -11,12 +11,24 @@ from pathlib import Path
 from zoo_agent.errors import UsageError
 from zoo_agent.keyfile import read_key_file
 
-__all__ = ["is_loopback", "listen_socket", "read_api_key"]
+__all__ = ["is_loopback", "listen_socket", "read_api_key", "read_keys"]
 
 
 def read_api_key(path: Path, option: str = "--api-key-file") -> str:
     """The bearer token: one line of visible ASCII from a regular file (``keyfile.read_key_file``)."""
     return read_key_file(path, option)
+
+
+def read_keys(api: Path | None, fleet: Path | None, priority: Path | None) -> tuple[str | None, str | None, str | None]:
+    """The API, fleet and priority keys; the privileged one must be a key of its own (else every
+    client, or every peer, would be privileged)."""
+    api_key = read_api_key(api) if api else None
+    fleet_key = read_api_key(fleet, "--fleet-key-file") if fleet else None
+    priority_key = read_api_key(priority, "--priority-key-file") if priority else None
+    if priority_key is not None and priority_key in (api_key, fleet_key):
+        raise UsageError(f"--priority-key-file {priority}: the same key as --{'api' if priority_key == api_key else 'fleet'}-key-file; "
+                         "the privileged key must be a key of its own")  # fmt: skip
+    return api_key, fleet_key, priority_key
 
 
 def is_loopback(address: object) -> bool:

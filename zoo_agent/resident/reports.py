@@ -1,7 +1,8 @@
 """What the resident leaves on disk for operators and other commands (issues #5, #20).
 
 - ``resident/state.json``: what `zoo-agent resident reload` waits on, and what
-  `zoo-agent status` shows of the resident (every tenant: loaded, paged out, fetching).
+  `zoo-agent status` shows of the resident (every tenant: loaded, paged out, fetching);
+  ``wire/documents.ResidentState``, written by ``Reports.state`` and read by ``read_state``.
 - ``resident/tenants/<tenant>/model-info.json``: the loaded version, the adapter versions its
   worker serves (gc never removes either: ``reconcile/observe.py`` reads this file), its
   measured footprint (kept: the next load of the same version starts from the larger of
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zoo_agent.errors import StoreError
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.wire.documents import ResidentState, StateTenant, dump, parse
 from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
 from zoo_agent.formats import now
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from zoo_agent.resident.slots import Slot, SlotTable, Worker
     from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Outlook", "Reports"]
+__all__ = ["Outlook", "Reports", "read_state", "resident_status"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -81,6 +84,9 @@ class Reports:
                 out.append(f"{tid} ({what})" if what else tid)
                 continue
             s = worker.stats
+            if s.unavailable:  # up, answering 503: its Ollama daemon is away (issue #35)
+                loaded.append(f"{tid} {worker.config.model}@{worker.config.version} (unavailable: {s.unavailable})")
+                continue
             busy = f"{s.running} running" + (f", {s.waiting + slot.queued} waiting" if s.waiting + slot.queued else "")
             if not (s.running or s.waiting or slot.queued):
                 busy = f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle"
@@ -174,15 +180,49 @@ class Reports:
             worker = slot.serving
             version = worker.config.version if worker is not None else None
             first_version = first_version or version
-            tenants[tid] = {"state": slot.phase, "model": worker.config.model if worker else None, "version": version,
-                            "pid": worker.proc.pid if worker else None, "pinned": slot.pinned, "footprint": slot.footprint,
-                            "running": worker.stats.running if worker else 0, "waiting": (worker.stats.waiting if worker else 0) + slot.queued,
-                            "last_used": _wall(slot.last_used), "error": slot.refusal or slot.error or ""}  # fmt: skip
-        state = {"pid": os.getpid(), "attempts": said.attempts, "reloads": said.reloads, "last_error": said.last_error,
-                 "state": said.state, "version": first_version,
-                 "swapped": said.swapped, "listen": said.listen, "budget": table.budget, "status": self.status_line(), "updated": now(), "tenants": tenants}  # fmt: skip
+            tenants[tid] = StateTenant(state=slot.phase, model=worker.config.model if worker else None, version=version,
+                                       pid=worker.pid if worker else None, pinned=slot.pinned, footprint=slot.footprint,
+                                       running=worker.stats.running if worker else 0, waiting=(worker.stats.waiting if worker else 0) + slot.queued,
+                                       last_used=_wall(slot.last_used), error=slot.refusal or slot.error or "")  # fmt: skip
+        state = ResidentState(pid=os.getpid(), attempts=said.attempts, reloads=said.reloads, last_error=said.last_error, state=said.state,
+                              version=first_version, swapped=said.swapped, listen=said.listen, budget=table.budget, status=self.status_line(),
+                              updated=now(), tenants=tenants)  # fmt: skip
         makedirs_durable(self.zoo.resident_dir)
-        write_atomic(self.zoo.resident_state, (json.dumps(state, indent=2) + "\n").encode())
+        write_atomic(self.zoo.resident_state, (json.dumps(dump(state), indent=2) + "\n").encode())
+
+
+def read_state(path: Path) -> ResidentState | None:
+    """``state.json`` as the resident wrote it; None when there is none (no resident ever ran here);
+    ``StoreError`` naming the file and the field when it is not one a resident wrote."""
+    raw = _read_bytes(path)
+    if raw is None:
+        return None
+    try:
+        return parse(ResidentState, raw, limit=MAX_REPORT_BYTES)
+    except ValueError as exc:  # JSONRefused, or Malformed naming the field
+        raise StoreError(f"{path}: not a resident's state ({exc})") from None
+
+
+def resident_status(zoo: Zoo) -> dict[str, Any] | None:
+    """What the host's resident last reported (``resident/state.json``): every tenant, loaded or
+    paged out. None when no resident ever ran here; ``running`` false when its process is gone."""
+    state = read_state(zoo.resident_state)
+    if state is None:
+        return None
+    running = False
+    if state.pid is not None and state.pid > 0:
+        try:
+            os.kill(state.pid, 0)
+            running = True
+        except ProcessLookupError:
+            running = False
+        except PermissionError:
+            running = True  # another user's process: alive
+        except OverflowError:  # a pid no process can have
+            running = False
+    tenants = {tid: t.model_dump(mode="json") for tid, t in state.tenants.items()}
+    return {"running": running, "pid": state.pid, "state": state.state if running else "stopped", "status": state.status,
+            "updated": state.updated, "tenants": tenants if running else {}}  # fmt: skip
 
 
 def _wall(monotonic: float) -> str | None:
@@ -214,19 +254,27 @@ def _swap(record: dict[str, Any]) -> dict[str, Any]:
 
 def _read(path: Path) -> dict[str, Any]:
     """One of our JSON files, or {} when it is missing, not a regular file, too large or not ours."""
+    raw = _read_bytes(path)
+    try:
+        data = loads(raw, limit=MAX_REPORT_BYTES) if raw is not None else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """One of our files' bytes (at most one past ``MAX_REPORT_BYTES``), or None when it is missing or not a regular file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return {}
+        return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
+            return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_REPORT_BYTES + 1)
-        data = loads(raw, limit=MAX_REPORT_BYTES)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+            return f.read(MAX_REPORT_BYTES + 1)
+    except OSError:
+        return None
     finally:
         os.close(fd)
 

@@ -9,16 +9,15 @@ supervisor's loop to look again with ``SlotTable.wake``; it is never handed the 
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.process import WorkerProcess
+from zoo_agent.resident.wire import control as p
 
 __all__ = ["Phase", "Slot", "SlotTable", "Worker"]
 
@@ -27,12 +26,10 @@ Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "fail
 
 @dataclass
 class Worker:
-    """One worker process and what the supervisor knows of it."""
+    """One worker process and what the supervisor knows of it (the process itself: ``process``)."""
 
-    proc: subprocess.Popen[bytes]
-    control: socket.socket
+    process: WorkerProcess
     config: WorkerConfig
-    path: str  # its private socket, where the router forwards
     started: float = field(default_factory=time.monotonic)
     state: Literal["loading", "serving", "draining"] = "loading"
     pct: int = 0
@@ -44,7 +41,16 @@ class Worker:
     error: str = ""
     killed_for: str = ""  # why the supervisor killed it ("hang"), if it did
     standby: bool = False  # its runtime starts, its weights wait for Proceed (the budget's room)
-    lines: p.Lines = field(default_factory=p.Lines)
+    fd: int | None = None  # what the supervisor's selector waits on for its events (None: none, or no longer)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def path(self) -> str:
+        """Its private socket, where the router forwards."""
+        return self.process.path
 
 
 @dataclass

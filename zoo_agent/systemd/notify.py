@@ -12,11 +12,19 @@ import os
 import socket
 import time
 
-__all__ = ["Notifier"]
+__all__ = ["Notifier", "watchdog_usec"]
 
 log = logging.getLogger("zoo_agent.notify")
 
 MAX_STATUS = 1024  # a large STATUS= vanishes (EMSGSIZE); keep it to a line
+
+
+def watchdog_usec() -> int:
+    """The watchdog interval systemd asks of this process (0: none), as sd_watchdog_enabled() reads it."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return 0
+    return int(os.environ.get("WATCHDOG_USEC", "0") or 0)
 
 
 class Notifier:

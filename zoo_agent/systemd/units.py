@@ -164,6 +164,7 @@ class UnitSettings(BaseModel):
     gc: bool = False
     ollama_host: str | None = None  # OLLAMA_HOST; the units then start after ollama.service
     textfile_dir: Path | None = None  # node_exporter's textfile directory: apply, verify and gc write *.prom there (issue #25)
+    hf_cache: Path | None = None  # `zoo-agent export hf-cache` here after every apply (issue #35)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -173,7 +174,7 @@ class UnitSettings(BaseModel):
                 raise ValueError(problem)
         return value
 
-    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "textfile_dir")
+    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "textfile_dir", "hf_cache")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -185,6 +186,14 @@ class UnitSettings(BaseModel):
     def _home(cls, value: Path) -> Path:
         if ":" in str(value):
             raise ValueError(f"':' cannot be in the zoo user's home directory (a passwd field): {value}")
+        return value
+
+    @field_validator("hf_cache")
+    @classmethod
+    def _beside_the_zoo(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        root = info.data.get("root")
+        if value is not None and root is not None and (value.is_relative_to(root) or root.is_relative_to(value)):
+            raise ValueError(f"{value} and the zoo at {root} overlap: the view lives outside the zoo and only links into it")
         return value
 
     @field_validator("user", "group")
@@ -249,7 +258,7 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
     needed = [("ExecStart", Path(settings.exec_start[0])), ("index", settings.index), ("root", settings.root)]
     needed += [(name, p) for name, p in (("hf token file", settings.hf_token_file), ("api key file", settings.api_key_file),
                                          ("fleet key file", settings.fleet_key_file), ("priority key file", settings.priority_key_file),
-                                         ("textfile dir", settings.textfile_dir)) if p]  # fmt: skip
+                                         ("textfile dir", settings.textfile_dir), ("hf cache", settings.hf_cache)) if p]  # fmt: skip
     return [f"{name} {path} is under {hidden} (hidden from the service by the unit's sandbox)"
             for name, path in needed for hidden in _HIDDEN if path.is_relative_to(hidden)]
 
@@ -280,10 +289,11 @@ def _reconcile_unit(settings: UnitSettings) -> str:
                  "NotifyAccess": "main",
                  "ExecStart": _exec(settings, "apply"),
                  "Restart": "on-failure", "RestartSec": "30",
-                 **({"ExecStartPost": _exec(settings, "gc")} if settings.gc else {}),
+                 **_after_apply(settings),
                  # This unit and the resident (a tenant with fetch "on-demand" is fetched by its first request) get the token; verify does not.
                  **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),
-                 **_common(settings, textfile=True), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
+                 **_with_hf_cache(settings, _common(settings, textfile=True)),
+                 "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
         install={"WantedBy": "multi-user.target"})
 
 
@@ -346,6 +356,23 @@ def sysusers(settings: UnitSettings) -> str:
 def _exec(settings: UnitSettings, *args: str) -> str:
     program, *rest = [*settings.exec_start, *args]
     return " ".join([unit_value(program, "program"), *(unit_value(arg, "arg") for arg in rest)])
+
+
+def _after_apply(settings: UnitSettings) -> dict[str, str | list[str]]:
+    """ExecStartPost= of the reconcile unit: gc, then the HF-cache view of what gc left (issue #35)."""
+    commands = [_exec(settings, *args) for args, wanted in ((("gc",), settings.gc),
+                (("export", "hf-cache", str(settings.hf_cache)), settings.hf_cache is not None)) if wanted]  # fmt: skip
+    if not commands:
+        return {}
+    return {"ExecStartPost": commands[0] if len(commands) == 1 else commands}
+
+
+def _with_hf_cache(settings: UnitSettings, common: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    """The view's directory, writable besides the zoo ('-': a missing one fails the export, saying so, not the namespace)."""
+    if settings.hf_cache is None:
+        return common
+    paths = common.get("ReadWritePaths", [])
+    return {**common, "ReadWritePaths": [*(paths if isinstance(paths, list) else [paths]), unit_value(f"-{settings.hf_cache}", "quoted")]}
 
 
 def _credential(name: str, path: Path) -> str:

@@ -53,7 +53,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, parse_request
+from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, alias_tenants, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
@@ -65,6 +65,7 @@ from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.wire.gate import PRIVILEGED, Gate
 from zoo_agent.resident.wire.headers import PEER, PRIORITY
 from zoo_agent.resident.wire.http import MAX_BODY, Receive, Scope, Send, disconnected, error, header, respond, stream_error
+from zoo_agent.resident.wire.loop import quiet_cancelled_wakeups
 from zoo_agent.resident.wire.priority import CLASSES, BadPriority, PriorityNotAllowed, grant
 
 if TYPE_CHECKING:
@@ -104,13 +105,14 @@ class Router:
         self.admission = Admission(table, config.aging_seconds, config.load_wait)
         self.clients = Clients()
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
+        self.aliases: dict[str, tuple[str, tuple[str, ...]]] = {}  # a model's alias -> (the model, the tenants serving it here)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
         self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
-                                   index=lambda: self.idx)  # fmt: skip
+                                   index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -124,6 +126,7 @@ class Router:
             for lid in idx.tenants[tid].loras:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
+        self.aliases = alias_tenants(idx, self.table.order)
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
@@ -144,6 +147,7 @@ class Router:
         def run() -> None:
             async def main() -> None:
                 self.loop = asyncio.get_running_loop()
+                quiet_cancelled_wakeups(self.loop)
                 heart = asyncio.create_task(self._heartbeat())
                 polling = asyncio.create_task(self.federation.poll_forever())
                 ready.set()
@@ -244,6 +248,7 @@ class Router:
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, body: bytes, parsed: Parsed) -> None:
         """A parsed request to where it goes: a route's session, a route's candidates, the tenant's peers, or its worker."""
         tenant, generate = parsed.tenant, scope["path"] in GENERATE
+        body = body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, scope["method"])
@@ -281,7 +286,7 @@ class Router:
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
-        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant)
+        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases)
 
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:

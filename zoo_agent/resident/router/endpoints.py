@@ -1,7 +1,9 @@
-"""What the router answers itself: ``/health``, ``/v1/models``, ``/metrics`` (issues #20, #22, #32).
+"""What the router answers itself: ``/health``, ``/v1/models``, ``/metrics`` (issues #20, #22, #32, #36).
 
 Each reads the slot table under its lock and the router's own state (admission's queues, the
 peers); ``/metrics`` adds every loaded worker's own, each sample labelled with its tenant.
+``/health`` and ``/v1/models`` are the typed documents of ``wire/documents.py``; a card's
+version digest and context are read from the zoo once per published version (``VersionFacts``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -17,14 +20,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from zoo_agent.index.fit import context, read_config
+from zoo_agent.plan import Kind
 from zoo_agent.resident.router.admission import Admission
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peers import pinned, tenant_digest
 from zoo_agent.resident.router.upstream import Clients
 from zoo_agent.resident.slots import SlotTable
+from zoo_agent.resident.wire.documents import Card, CardZoo, Health, HealthTenant, PeerReport, dump
+from zoo_agent.store.zoo import manifest_digest, read_manifest
 
 if TYPE_CHECKING:
-    from zoo_agent.index.model import Index
+    from zoo_agent.index.model import Index, RouteEntry
+    from zoo_agent.store.zoo import Zoo
 
 __all__ = ["LATENCY_BUCKETS", "Endpoints", "Metrics"]
 
@@ -85,41 +93,87 @@ class _Static:
     def describe(self) -> list[Metric]:
         return []
 
+@dataclass(frozen=True)
+class Facts:
+    """What a published version says of itself on disk: its whole-version digest (manifest.json,
+    as apply recorded it: issue #35) and the context its config declares (capped as ``fit.context``)."""
+
+    digest: str | None = None
+    context: int | None = None
+
+
+class VersionFacts:
+    """``Facts`` per published version, read once from the zoo: a published version never changes."""
+
+    #: Versions remembered; beyond this the cache starts again (indexes come and go over months).
+    MOST = 1024
+
+    def __init__(self, zoo: Zoo | None) -> None:
+        self.zoo = zoo
+        self.known: dict[tuple[str, str, str], Facts] = {}
+
+    def of(self, kind: Kind, aid: str, version: str) -> Facts:
+        if self.zoo is None:
+            return Facts()
+        key = (kind, aid, version)
+        if (found := self.known.get(key)) is not None:
+            return found
+        version_dir = self.zoo.version_dir(kind, aid, version)
+        manifest = read_manifest(version_dir)
+        if manifest is None:
+            return Facts()  # not fetched yet (an on-demand tenant): asked again next time
+        try:
+            digest = manifest.get("digest") or manifest_digest(manifest)
+        except (KeyError, TypeError):
+            digest = None
+        config = read_config(version_dir) if kind == "models" else None
+        facts = Facts(digest if isinstance(digest, str) else None, context(config) if config else None)
+        if len(self.known) >= self.MOST:
+            self.known.clear()
+        self.known[key] = facts
+        return facts
+
+
 class Endpoints:
     """The three documents, from the table and the router's parts; ``is_ready``, ``status_line`` and ``index`` are the supervisor's word."""
 
     def __init__(self, table: SlotTable, own: Metrics, admission: Admission, federation: Federation, clients: Clients, *,
-                 is_ready: Callable[[], bool], status_line: Callable[[], str], index: Callable[[], Index | None]) -> None:  # fmt: skip
+                 is_ready: Callable[[], bool], status_line: Callable[[], str], index: Callable[[], Index | None],
+                 routes: Callable[[], Mapping[str, RouteEntry]] = dict, zoo: Zoo | None = None) -> None:  # fmt: skip
         self.table, self.own, self.admission, self.federation, self.clients = table, own, admission, federation, clients
-        self.is_ready, self.status_line, self.index = is_ready, status_line, index
+        self.is_ready, self.status_line, self.index, self.routes = is_ready, status_line, index, routes
+        self.facts = VersionFacts(zoo)
 
     def health(self) -> tuple[int, bytes]:
-        tenants: dict[str, Any] = {}
+        tenants: dict[str, HealthTenant] = {}
         t = time.monotonic()
         with self.table.lock:
             for tid in self.table.order:
                 slot = self.table.slots[tid]
                 worker = slot.serving
-                tenants[tid] = {"state": slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
-                                "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
-                                "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
-                                "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
-                                **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
-                                **({"error": slot.refusal or slot.error} if slot.refusal or slot.error else {})}  # fmt: skip
+                away = worker.stats.unavailable if worker else ""  # its Ollama daemon is away: up, answering 503 (issue #35)
+                tenants[tid] = HealthTenant.model_validate({
+                    "state": "unavailable" if away else slot.phase, "pinned": slot.pinned, "model": worker.config.model if worker else None,
+                    "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
+                    "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
+                    "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
+                    **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
+                    **({"error": slot.refusal or slot.error or away} if slot.refusal or slot.error or away else {})})  # fmt: skip
         state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
-        body = {"state": state, "status": self.status_line(), "budget": self.table.budget, "tenants": tenants,
-                **({"peers": self.federation.report()} if self.federation.table else {})}  # fmt: skip
-        return (200 if state == "ready" else 503), json.dumps(body).encode()
+        peers = {"peers": {host: PeerReport(**entry) for host, entry in self.federation.report().items()}} if self.federation.table else {}
+        body = Health(state=state, status=self.status_line(), budget=self.table.budget, tenants=tenants, **peers)
+        return (200 if state == "ready" else 503), json.dumps(dump(body)).encode()
 
     def models(self) -> list[dict[str, Any]]:
-        """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules)."""
+        """Every tenant the host serves, loaded or not, with its adapters (as vLLM lists LoRA modules) and
+        what it can do; then the host's routes, each with the tenants it may send a request to (issue #36)."""
         idx = self.index()
         if idx is None:
             return []
-        data = []
+        data: list[Card] = []
 
-        def card(mid: str, root: str, parent: str | None, state: str, **extra: Any) -> dict[str, Any]:
-            return {"id": mid, "object": "model", "created": 0, "owned_by": "model-zoo", "root": root, "parent": parent, "x_zoo": {"state": state, **extra}}
+        def card(mid: str, root: str, parent: str | None, x_zoo: CardZoo) -> Card:
+            return Card(id=mid, object="model", created=0, owned_by="model-zoo", root=root, parent=parent, x_zoo=x_zoo)
 
         for tid in self.table.order:
             slot, tenant = self.table.slots[tid], idx.tenants[tid]
@@ -129,11 +183,24 @@ class Endpoints:
             # What peers compare with their index (issue #22): the digest vouches only for
             # exactly the pinned set; mid-swap or with a refused adapter there is none.
             digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
-            data.append(card(tid, root, None, slot.phase, model=root, digest=digest))
-            data += [card(f"{tid}:{lid}", f"{lid}@{idx.loras[lid].version}", tid, slot.phase) for lid in tenant.loras if lid not in refused]
-            if tenant.adapter_selection is not None:
-                data.append(card(f"{tid}:auto", "chosen per request", tid, slot.phase))
-        return data
+            adapters = [f"{tid}:{lid}" for lid in tenant.loras if lid not in refused]
+            auto = [f"{tid}:auto"] if tenant.adapter_selection is not None else []
+            version = worker.config.version if worker else idx.models[tenant.model].version
+            facts = self.facts.of("models", tenant.model, version)
+            own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
+                                                backend=tenant.backend, task="generate",
+                                                max_context=tenant.resources.max_context or facts.context, adapters=adapters + auto))  # fmt: skip
+            data.append(own)
+            for lid in tenant.loras:
+                if lid not in refused:
+                    label = f"{lid}@{idx.loras[lid].version}"
+                    data.append(card(f"{tid}:{lid}", label, tid, CardZoo(kind="adapter", state=slot.phase,
+                                                                          version_digest=self.facts.of("loras", lid, idx.loras[lid].version).digest)))
+            if auto:
+                data.append(card(auto[0], "chosen per request", tid, CardZoo(kind="adapter", state=slot.phase)))
+        for rid, route in self.routes().items():
+            data.append(card(rid, rid, None, CardZoo(kind="route", tenants=route.tenants(), description=route.description)))
+        return [dump(c) for c in data]
 
     async def metrics(self) -> bytes:
         """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""

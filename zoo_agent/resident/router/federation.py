@@ -5,7 +5,9 @@ The table comes from the index (``peers.peer_table``), never from the peers. Eve
 ``poll_seconds`` each peer host is asked for ``/health`` and ``/v1/models`` with the fleet
 key; a tenant's card must report the ``model@version`` and digest this host's index pins
 for it, or that peer is refused for that tenant (counted, shown in ``Status:`` and
-``/health``) until a later poll says otherwise. Requests that fail before their first token
+``/health``) until a later poll says otherwise. Both answers are read as the typed documents of
+``wire/documents.py``: a field of the wrong type refuses the peer as malformed, naming the field.
+Requests that fail before their first token
 count toward LiteLLM-style cooldowns (``PeerHealth``); a poll that cannot reach a host
 counts as a failure for each of its tenants, so a host whose link went down cools down, and
 comes back when a poll reaches it again and its cooldown ran out.
@@ -30,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.router.peers import Peer, PeerHealth, choose_peer, peer_table, served_state
 from zoo_agent.resident.router.upstream import Fallback, decoded
+from zoo_agent.resident.wire.documents import Health, Malformed, ModelList, validate
 from zoo_agent.resident.wire.headers import PEER
 
 if TYPE_CHECKING:
@@ -167,8 +170,9 @@ class Federation:
         try:
             await self._ask_host(peers)
         except Exception as exc:  # noqa: BLE001 - whatever a peer answered, it is not used until it answers well
+            why = str(exc) if isinstance(exc, Malformed) else type(exc).__name__  # a field of the wrong type: which one
             for p in peers:
-                self._view(p, "refused", f"malformed answer ({type(exc).__name__})", "malformed")
+                self._view(p, "refused", f"malformed answer ({why})", "malformed")
 
     async def _ask_host(self, peers: list[Peer]) -> None:
         host, endpoint = peers[0].host, peers[0].endpoint
@@ -187,18 +191,18 @@ class Federation:
             for p in peers:
                 self._view(p, "refused", f"refused our fleet key ({models[0]})", "unauthorized")
             return
-        cards = _cards(models[1])
-        tenants = _tenants(health[1])
+        # Not JSON at all is no card (the tenant is not served there); JSON of the wrong shape is Malformed, naming the field.
+        cards = validate(ModelList, models[1], "/v1/models").by_id() if models[1] is not None else {}
+        tenants = validate(Health, health[1], "/health").tenants if health[1] is not None else {}
         for p in peers:
-            state = served_state(p.model, p.digest, cards.get(p.tenant))
+            card = cards.get(p.tenant)
+            state = served_state(p.model, p.digest, card)
             if state == "ok":
                 self._view(p, "ok", None, None)
-                t = tenants.get(p.tenant, {})
-                busy = sum(v for k in ("running", "waiting") if isinstance(v := t.get(k), int))
-                self.health = self.health.polled(p, busy)
+                t = tenants.get(p.tenant)
+                self.health = self.health.polled(p, t.running + t.waiting if t is not None else 0)
             else:
-                x_zoo = (cards.get(p.tenant) or {}).get("x_zoo")
-                served = _shown(x_zoo.get("model")) if isinstance(x_zoo, dict) else None
+                served = _shown(card.x_zoo.model) if card is not None and card.x_zoo is not None else None
                 why = f"{state} ({served}; the index pins {p.model})" if state == "wrong version" else state
                 self._view(p, "refused", why, state.replace(" ", "_"))
 
@@ -293,12 +297,3 @@ def _shown(value: Any) -> str | None:
     """A peer's word as we repeat it (log, /health, Status:): a short printable string, or None (issue #31)."""
     return "".join(c if c.isprintable() else "?" for c in value[:100]) if isinstance(value, str) else None
 
-
-def _cards(document: Any) -> dict[str, dict[str, Any]]:
-    data = document.get("data") if isinstance(document, dict) else None
-    return {c["id"]: c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)} if isinstance(data, list) else {}
-
-
-def _tenants(document: Any) -> dict[str, dict[str, Any]]:
-    tenants = document.get("tenants") if isinstance(document, dict) else None
-    return {k: v for k, v in tenants.items() if isinstance(v, dict)} if isinstance(tenants, dict) else {}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from zoo_agent.index.digest import artifact_doc, digest_of
 from zoo_agent.index.model import Index
+from zoo_agent.resident.wire.documents import Card, CardZoo
 
 __all__ = ["FAIL_WINDOW", "Peer", "PeerHealth", "State", "choose_peer", "peer_table", "pinned", "served_state", "tenant_digest", "undeclared"]
 
@@ -141,15 +142,16 @@ def choose_peer(peers: Iterable[Peer], health: PeerHealth, now: float) -> list[P
 State = Literal["ok", "wrong version", "digest differs", "unreachable", "not served"]
 
 
-def served_state(model: str, digest: str, card: Mapping[str, Any] | None) -> State:
+def served_state(model: str, digest: str, card: Card | None) -> State:
     """Compare one ``/v1/models`` card with what the index pins (``model@version``, digest):
-    the version first (the usual drift, and the clearer message), then the bytes."""
+    the version first (the usual drift, and the clearer message), then the bytes. A card
+    without our ``x_zoo`` (an agent from before issue #22, another server) vouches for nothing."""
     if card is None:
         return "not served"
-    x_zoo = card.get("x_zoo")
-    x_zoo = x_zoo if isinstance(x_zoo, dict) else {}
-    if x_zoo.get("model", card.get("root")) != model:
+    x_zoo = card.x_zoo or CardZoo()
+    served = x_zoo.model if "model" in x_zoo.model_fields_set else card.root
+    if served != model:
         return "wrong version"
-    if x_zoo.get("digest") != digest:
+    if x_zoo.digest != digest:
         return "digest differs"
     return "ok"

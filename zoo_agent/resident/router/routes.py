@@ -26,6 +26,7 @@ from zoo_agent.resident.sessions.store import remove_session, session_lock
 from zoo_agent.resident.similarity import Similarity
 from zoo_agent.resident.slots import SlotTable
 from zoo_agent.resident.sessions.transcript import SessionDamaged, SessionError, read_session, valid_id
+from zoo_agent.resident.wire.documents import RouteReport, dump
 from zoo_agent.resident.wire.headers import SESSION_ROUTE
 from zoo_agent.resident.wire.http import Receive, Scope, Send, disconnected, error, respond
 
@@ -78,10 +79,10 @@ class Routed:
 
     def report(self, tenant: str) -> dict[str, Any]:
         """``x_zoo.route``: which tenant answered, by which rule (with the similarity it measured), and whom it stood in for and why."""
-        return {"route": self.id, "tenant": tenant, "rule": self.rule,
-                **({"similarity": round(self.similarity, 4)} if self.similarity is not None else {}),
-                **({"similarity_unavailable": self.similarity_unavailable} if self.similarity_unavailable else {}),
-                **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}  # fmt: skip
+        return dump(RouteReport.model_validate({"route": self.id, "tenant": tenant, "rule": self.rule,
+                                                **({"similarity": round(self.similarity, 4)} if self.similarity is not None else {}),
+                                                **({"similarity_unavailable": self.similarity_unavailable} if self.similarity_unavailable else {}),
+                                                **({"fallback_from": self.fallback_from, "reason": self.reason} if self.fallback_from else {})}))  # fmt: skip
 
 class Routes:
     """A route's request from decision to answer, over the router's parts (it holds none of its own)."""

@@ -75,7 +75,8 @@ class Loading(_Message):
 
 
 class Failed(_Message):
-    """Loading failed (deterministic: do not retry), or the backend went away."""
+    """Loading failed (deterministic: do not retry). An Ollama daemon away is no failure: the
+    worker serves on, unavailable, and says so in its pongs (``Pong.unavailable``)."""
 
     type: Literal["failed"] = "failed"
     error: str
@@ -104,6 +105,7 @@ class Pong(_Message):
     adapters: list[str] = Field(default_factory=list)
     refused: dict[str, str] = Field(default_factory=dict)
     sessions: int = 0
+    unavailable: str = ""  # why the tenant cannot answer now (its Ollama daemon is away, issue #35); "" when it can
 
 
 ToWorker = Annotated[Configure | Proceed | Ping | Drain | Adapters | Reloads, Field(discriminator="type")]

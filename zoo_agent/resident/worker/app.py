@@ -26,6 +26,7 @@ from zoo_agent.resident.wire.gate import Gate
 from zoo_agent.resident.wire.priority import BadPriority, parse_priority
 from zoo_agent.resident.worker.backend import AdapterError
 from zoo_agent.resident.worker.bodies import Body, BoundedRoute, ChatBody, CompletionBody, LoadLoraBody, PriorityHeader, RouteHeader
+from zoo_agent.resident.worker.daemon import unavailable
 from zoo_agent.resident.worker.prepare import adapter_for, prepare
 from zoo_agent.resident.worker.responses import Deferred, error, pieces, refused, sse
 from zoo_agent.resident.worker.state import ServingState
@@ -156,6 +157,8 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
     adapter = adapter_for(state, body.model)
     if isinstance(adapter, Refusal):
         return refused(adapter)
+    if (away := unavailable(state.backend)) is not None:  # its Ollama daemon is away (issue #35): a 503 at once, not a try
+        return error(503, str(away), code="model_unavailable", headers={"Retry-After": str(away.retry_after)})
     if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
         return error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
     try:

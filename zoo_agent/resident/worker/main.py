@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -120,10 +121,12 @@ def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, Any, float
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
                                         template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
         from zoo_agent.resident.engine.warmup import warm_up
+        from zoo_agent.resident.worker.daemon import away
         from zoo_agent.resident.worker.scheduling import scheduler_for
 
         scheduler = scheduler_for(backend, config.max_batch)
-        warm_up(scheduler)
+        if not away(backend):  # an Ollama daemon away at start: the tenant starts unavailable (worker/daemon.py)
+            warm_up(scheduler)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, then we exit
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         _send(control, p.Failed(error=reason))
@@ -136,7 +139,8 @@ def _backend(config: WorkerConfig) -> Any:
     if config.backend == "ollama":
         from zoo_agent.resident.worker.ollama_backend import OllamaBackend
 
-        return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None)
+        return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
+                             retry_cap=config.health_interval)  # fmt: skip
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
@@ -194,7 +198,9 @@ class _Rate:
 async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: socket.socket, listen_fd: int, load_seconds: float) -> int:
     import uvicorn
 
+    from zoo_agent.resident.engine.warmup import warm_up
     from zoo_agent.resident.worker.app import ServingState, create_app
+    from zoo_agent.resident.worker.daemon import watch
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
@@ -208,7 +214,9 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     reader, writer = await asyncio.open_connection(sock=control)
     talk = _Control(config, backend, scheduler, state, server, reader, writer)
     task = asyncio.create_task(talk.answer())
-    watcher = asyncio.create_task(talk.watch_daemon()) if config.backend == "ollama" else None
+    # The Ollama daemon away is this tenant's trouble, never the worker's end (issue #35): watched, retried with backoff.
+    watcher = asyncio.create_task(watch(backend, functools.partial(warm_up, scheduler), config.health_interval,
+                                        lambda: bool(server.should_exit))) if config.backend == "ollama" else None  # fmt: skip
     weights, kv = _measured(config, backend)
     writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
                                   weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
@@ -221,8 +229,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
 
 
 class _Control:
-    """The serving worker's side of the control socket: pings, adapter updates, reload totals, drain;
-    and, for the Ollama backend, the daemon's health."""
+    """The serving worker's side of the control socket: pings, adapter updates, reload totals, drain."""
 
     def __init__(self, config: WorkerConfig, backend: Any, scheduler: Any, state: Any, server: Any, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:  # fmt: skip
@@ -264,10 +271,12 @@ class _Control:
             self.stalled = True
             return None
         self.stalled = False
+        from zoo_agent.resident.worker.daemon import away
+
         adapters = backend.adapters
         return p.Pong(seq=seq, served=state.served, tokens=state.tokens, running=state.running, waiting=state.waiting, tps=self.rate(state.tokens),
                       adapters=[a.label for a in adapters.loaded.values()] if adapters else [], refused=adapters.refused if adapters else {},
-                      sessions=backend.sessions.open_count() if backend.sessions else 0)  # fmt: skip
+                      sessions=backend.sessions.open_count() if backend.sessions else 0, unavailable=away(backend))  # fmt: skip
 
     async def drain(self) -> None:
         """Stop accepting (the shared socket's backlog goes to the new worker), answer what
@@ -286,19 +295,6 @@ class _Control:
             await asyncio.sleep(0.05)
         server.should_exit = True
 
-    async def watch_daemon(self) -> None:
-        """The ollama backend: a daemon that stops answering ends this worker (the supervisor restarts it)."""
-        from zoo_agent.resident.worker.ollama_backend import OllamaDown
-
-        while not self.server.should_exit:
-            await asyncio.sleep(self.config.health_interval)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.backend.healthy)
-            except OllamaDown as exc:
-                self.writer.write(p.encode(p.Failed(error=str(exc))))
-                await self.writer.drain()
-                self.state.exit_code = 4
-                self.server.should_exit = True
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What a worker answers (issue #5): OpenAI's error bodies, built in one place (``error_body``),
-a completion as one JSON document or as server-sent events, and our ``x_zoo`` field."""
+a completion as one JSON document or as server-sent events, and our ``x_zoo`` field (``wire/documents.AnswerZoo``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from zoo_agent.errors import OllamaDown
 from zoo_agent.resident.engine.base import AUTO, Generated
 from zoo_agent.resident.engine.base import Request as GenRequest
 from zoo_agent.resident.sessions.store import SessionError
 from zoo_agent.resident.sessions.turns import Refusal
+from zoo_agent.resident.wire.documents import AnswerZoo, ComposedAdapter, SessionReport, dump
 from zoo_agent.resident.wire.http import ApiError
 from zoo_agent.resident.worker.backend import AdapterError
 from zoo_agent.resident.worker.state import ServingState
@@ -74,7 +76,8 @@ class Deferred(Response):
             if not isinstance(failed, Exception):
                 raise failed
             status, error = failure(failed)
-            await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            after = getattr(failed, "retry_after", None)  # an Ollama daemon away: when to ask again
+            await JSONResponse({"error": error}, status_code=status, headers={"Retry-After": str(after)} if after else None)(scope, receive, send)
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
         if chat:
@@ -89,10 +92,13 @@ class Deferred(Response):
 
 def failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     """A generation that failed, as an OpenAI error: the request's fault (an adapter that cannot
-    load, a damaged session) or ours (logged with its traceback: a bug or a broken model)."""
+    load, a damaged session), an Ollama daemon away (503), or ours (logged with its traceback: a
+    bug or a broken model)."""
     if isinstance(exc, (AdapterError, SessionError)):
         param = "model" if isinstance(exc, AdapterError) else "session"
         return 400, error_body(400, " ".join(str(exc).split())[:400], param)
+    if isinstance(exc, OllamaDown):  # the tenant's daemon is away: not a bug, and not for long (issue #35)
+        return 503, error_body(503, " ".join(str(exc).split())[:400], code="model_unavailable")
     log.error("generation failed: %s", exc, exc_info=exc)
     message = " ".join(f"generation failed: {type(exc).__name__}: {exc}".split())[:400]
     return 500, error_body(500, message, code="generation_failed")
@@ -157,12 +163,11 @@ def _x_zoo(request: GenRequest, result: Generated) -> dict[str, Any]:
     if request.adapter is not None:
         extra.update(adapter=result.adapter, **({"similarity": round(result.similarity, 4)} if result.similarity is not None else {}))
         if result.combine is not None:
-            extra.update(adapters=result.adapters, combine=result.combine)
+            extra.update(adapters=[ComposedAdapter(**a) for a in result.adapters], combine=result.combine)
     if (turn := request.session) is not None:
-        extra["session"] = {"id": turn.id, "cache": turn.cache, "cached_tokens": turn.cached_tokens, "dropped_turns": turn.dropped_turns}
-        if turn.store is not None:  # a route session: how the turns that do not fit were replaced
-            extra["session"].update(route=turn.store.route, summary=turn.summary)
-    return {"x_zoo": extra} if extra else {}
+        route = {"route": turn.store.route, "summary": turn.summary} if turn.store is not None else {}  # a route session: how turns that do not fit were replaced
+        extra["session"] = SessionReport(id=turn.id, cache=turn.cache, cached_tokens=turn.cached_tokens, dropped_turns=turn.dropped_turns, **route)
+    return {"x_zoo": dump(AnswerZoo(**extra))} if extra else {}
 
 
 def _usage(result: Generated) -> dict[str, int]:

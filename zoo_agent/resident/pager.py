@@ -1,0 +1,258 @@
+"""What is loaded: paging under the memory budget, and fetch on first use (issues #20, #32).
+
+Each tick the pager takes the tenants that requests wait for (and the pinned ones), in priority
+order, and asks ``paging.decide`` (pure) whether each loads now, evicts the least recently used
+to make room, waits for busy ones, or is refused. An on-demand tenant whose pinned version is
+not on disk is fetched first, by the same verified fetch as ``apply``, on a thread beside the
+loop. It also keeps the slot table following the index (each tenant's footprint, pins, priority).
+The pager decides; the crew (the supervisor) starts and drains the processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.formats import parse_memory
+from zoo_agent.index.model import Index
+from zoo_agent.resident.config import ResidentConfig
+from zoo_agent.resident.crew import Crew
+from zoo_agent.resident.launch import Launcher
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+from zoo_agent.resident.reports import Reports
+from zoo_agent.resident.router.app import Router
+from zoo_agent.resident.slots import Slot, SlotTable
+from zoo_agent.resident.wire.priority import CLASSES
+from zoo_agent.store.zoo import Zoo
+from zoo_agent.systemd.notify import Notifier
+
+__all__ = ["Pager"]
+
+log = logging.getLogger("zoo_agent.resident")
+
+
+class Pager:
+    def __init__(self, crew: Crew, table: SlotTable, config: ResidentConfig, zoo: Zoo, launcher: Launcher, router: Router,
+                 reports: Reports, notify: Notifier) -> None:  # fmt: skip
+        self.crew = crew
+        self.table = table
+        self.config = config
+        self.zoo = zoo
+        self.launcher = launcher
+        self.router = router
+        self.reports = reports
+        self.notify = notify
+
+    def take_index(self, idx: Index, host: str) -> None:
+        """The slot table follows the index: new tenants paged out, gone ones drained."""
+        served = list(idx.hosts[host].served())
+        with self.table.lock:
+            for tid in served:
+                slot = self.table.slots.get(tid) or Slot(tid)
+                self._take_tenant(idx, slot)
+                self.table.slots[tid] = slot
+                self.router.known(tid, on_demand=slot.fetch == "on-demand")
+            for tid in [t for t in self.table.slots if t not in served]:
+                slot = self.table.slots.pop(tid)
+                for worker in slot.workers:
+                    self.crew.drain(slot, worker, "removed")
+                slot.path = None
+                slot.refusal = f"tenant '{tid}' is no longer served by this host"
+            self.table.order = served
+            memory_budget = idx.hosts[host].memory_budget
+            self.table.budget = parse_memory(memory_budget) if memory_budget else None
+
+    def _take_tenant(self, idx: Index, slot: Slot) -> None:
+        """A slot's settings and footprint under ``idx``; a failed fetch of other pins is forgotten
+        (the index changed: the next request fetches anew)."""
+        from zoo_agent.index.fit import read_config, tenant_footprint
+        from zoo_agent.reconcile.ondemand import pins
+
+        tenant = idx.tenants[slot.tenant]
+        slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
+        slot.priority = CLASSES[tenant.priority]
+        slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
+        version = self.zoo.read_link("models", tenant.model, "current")
+        config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
+        slot.estimate = tenant_footprint(idx, slot.tenant, config).total
+        slot.measured = self.reports.measured(slot.tenant, f"{tenant.model}@{version}") if version else 0
+        slot.pins = pins(idx, self.config.host, slot.tenant) if slot.fetch == "on-demand" else ""
+        if slot.fetch_failed and slot.fetch_failed != slot.pins:
+            slot.fetch_failed = slot.fetched = slot.error = ""
+            if slot.phase == "failed":
+                slot.phase, slot.refusal = "paged_out", None
+
+    def live(self) -> list[Live]:
+        """What holds memory now: loaded workers, workers being prepared, and drained ones until they exit."""
+        live = []
+        for slot in self.table.slots.values():
+            for worker in slot.workers:
+                if worker.standby:
+                    continue  # its runtime only: the weights wait for the budget
+                live.append(Live(slot.tenant, slot.footprint, slot.pinned, slot.busy, worker.state == "serving" and slot.incoming is None,
+                                 slot.last_used, slot.loaded_at))  # fmt: skip
+            if not slot.workers and self.crew.preparing(slot):
+                live.append(Live(slot.tenant, slot.footprint, slot.pinned, True, False, slot.last_used))  # loading: never evicted
+        live += [Live(slot.tenant, slot.footprint, slot.pinned, True, False, draining=True) for slot, _ in self.crew.retiring]
+        return live
+
+    def _wanted(self, t: float) -> list[Slot]:
+        """What should be loaded, first first: pinned, then by priority, then least recently used."""
+        with self.table.lock:
+            wanted = [s for s in self.table.slots.values() if ((s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at)
+                      or (s.serving is not None and s.serving.standby)]  # fmt: skip
+        wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
+        return wanted
+
+    def page(self, t: float) -> None:
+        """Load what is wanted, in priority order of what waits for it; evict least recently used to make room."""
+        for slot in self._wanted(t):
+            if slot.phase == "failed":
+                # A failed load or fetch is tried again by a new request, never in a loop: the router
+                # clears the refusal only for a request that arrives after the failure. The request
+                # that saw it fail may still be waiting to be told (it counts as queued till then).
+                if slot.refusal is not None or not slot.queued:
+                    continue
+                slot.fetched = ""  # asked again
+            if slot.tenant in self.reports.gap_from and any(s is slot for s, _ in self.crew.retiring):
+                continue  # a stop-first reload: the new version loads once the old one has exited
+            if slot.fetch == "on-demand" and not self._fetched(slot):
+                continue
+            with self.table.lock:
+                decision = decide(self.table.budget, self.live(), slot.tenant, slot.footprint, self.config.paging_policy)
+            if isinstance(decision, Load):
+                self.load(slot)
+            elif isinstance(decision, Evict):
+                for victim in decision.victims:
+                    self.evict(self.table.slots[victim], "budget")
+                self.load(slot, standby=True)  # its runtime starts while they exit; its weights wait
+                return  # their memory is in use until they exit: decide again then
+            elif isinstance(decision, Refuse):
+                if slot.serving is not None and slot.serving.standby:
+                    self.crew.drain(slot, slot.serving, "refused")  # on standby: it exits without loading anything
+                    with self.table.lock:
+                        slot.phase = "paged_out"
+                self.refuse(slot, decision.reason)
+            elif isinstance(decision, Wait):
+                if slot.blocked != decision.reason:
+                    log.info("%s", decision.reason)
+                slot.blocked = decision.reason
+                if slot.serving is None and any(w.draining for w in self.live()):
+                    self.load(slot, standby=True)  # the memory comes back when they exit: start the runtime now
+                return
+
+    # -- fetch on first use ------------------------------------------------------------------
+    def _fetched(self, slot: Slot) -> bool:
+        """An on-demand tenant's pinned version is on disk; if not, its fetch starts (once per ask)."""
+        if not self._not_current(slot):
+            slot.fetched = ""  # there: a later fetch (the zoo changed) is a new one
+            return True
+        if slot.fetched == slot.pins:
+            # Fetched already for this ask, and still not current: fetching again would only loop.
+            self._fetch_failed(slot, f"fetching {slot.tenant} failed: {self._not_current(slot)} after its fetch")
+        else:
+            self._start_fetch(slot)
+        return False
+
+    def _not_current(self, slot: Slot, idx: Index | None = None) -> str:
+        """Why the tenant's pinned model version is not current in the zoo ("" when it is)."""
+        idx = idx or self.crew.idx
+        assert idx is not None
+        model = idx.tenants[slot.tenant].model
+        pinned = idx.models[model].version
+        version = self.zoo.read_link("models", model, "current")
+        if version == pinned and self.zoo.version_dir("models", model, version).is_dir():
+            return ""
+        return f"model {model}@{pinned} is not current in the zoo (current: {version or 'none'})"
+
+    def _start_fetch(self, slot: Slot) -> None:
+        """Fetch on first use: the same verified fetch as `apply`, for this tenant only, beside the loop.
+
+        It fetches what the loaded index pins (the file may say otherwise until a reload), once
+        per ask: ``slot.fetched`` holds those pins until they are on disk or a request asks again."""
+        from zoo_agent.reconcile.ondemand import fetch_tenant
+
+        assert self.crew.idx is not None
+        idx, tid = self.crew.idx, slot.tenant
+        slot.phase, slot.fetch_pct, slot.refusal, slot.fetched, slot.fetch_failed = "fetching", 0, None, slot.pins, ""
+        log.info("%s: fetching on first use", tid)
+        self.notify.status(f"fetching {tid}; " + self.crew.status_line())
+
+        def progress(done: int, total: int) -> None:
+            slot.fetch_pct = 100 * done // total if total else 100
+
+        def run() -> None:
+            try:
+                fetch_tenant(self.config.index, self.config.root, self.config.host, tid, progress, idx=idx)
+                if missing := self._not_current(slot, idx):
+                    raise UsageError(f"{missing} after its fetch (another writer swapped it?)")
+            except Exception as exc:  # noqa: BLE001 - reported to the waiting requests and the journal
+                self._fetch_failed(slot, f"fetching {tid} failed: {exc}")
+            else:
+                log.info("%s: fetched", tid)
+                self.router.fetched(tid, "ok")
+                with self.table.lock:
+                    slot.phase = "paged_out"
+                self.crew.reindex()  # the footprint: its config.json is on disk now
+            self.crew.wake()
+
+        threading.Thread(target=run, name=f"fetch-{tid}", daemon=True).start()
+
+    def _fetch_failed(self, slot: Slot, message: str) -> None:
+        """Failed, and so it stays (shown in /health and Status:, counted) until a new request
+        or an index change asks again; the requests waiting for it are told why."""
+        error = " ".join(message.split())[:400]
+        log.error("%s", error)
+        self.router.fetched(slot.tenant, "failed")
+        with self.table.lock:
+            slot.phase, slot.refusal, slot.error, slot.wanted, slot.fetch_failed = "failed", error, error, False, slot.fetched
+        self.router.poke(slot.tenant)
+
+    # -- load, evict, refuse -------------------------------------------------------------------
+    def load(self, slot: Slot, standby: bool = False) -> None:
+        """Start the tenant's worker (``standby``: its runtime only, until ``Proceed``); a worker
+        already on standby is told to load its weights now."""
+        worker = slot.serving
+        if worker is not None and worker.standby:
+            if not standby:
+                worker.standby = False
+                worker.process.proceed()
+                log.info("%s: the budget has room; loading its weights", slot.tenant)
+            return
+        assert self.crew.idx is not None
+        try:
+            config = self.launcher.worker_config(self.crew.idx, slot.tenant)
+        except ZooError as exc:
+            self.refuse(slot, str(exc), failed=True)
+            return
+        with self.table.lock:
+            slot.phase, slot.refusal, slot.error, slot.blocked = "loading", None, "", ""
+        slot.incoming = None
+        self.crew.start(slot, config, standby=standby)
+        self.notify.status(f"loading {slot.tenant}; " + self.crew.status_line())
+
+    def evict(self, slot: Slot, reason: str) -> None:
+        log.info("%s: paged out (%s; idle %.0fs)", slot.tenant, reason, time.monotonic() - slot.last_used)
+        slot.evictions += 1
+        self.router.evicted(slot.tenant, reason)
+        worker = slot.serving
+        with self.table.lock:
+            slot.serving, slot.path, slot.phase = None, None, "draining"
+            idle = slot.inflight == 0
+        if worker is not None:
+            self.reports.paged("page-out", slot, f"{worker.config.model}@{worker.config.version}", reason=reason)
+            self.crew.drain(slot, worker, reason)
+            if idle:
+                # Its idle keep-alive connections would hold the drain for 2 s (the worker waits that long
+                # for a client to send on an open connection); nothing is in flight, so close them now.
+                self.router.forget(worker.path)
+
+    def refuse(self, slot: Slot, reason: str, failed: bool = False) -> None:
+        with self.table.lock:
+            if failed:
+                slot.phase = "failed"
+            slot.refusal, slot.wanted, slot.error = reason, False, reason if failed else slot.error
+        log.error("%s: %s", slot.tenant, reason)
+        self.router.poke(slot.tenant)
