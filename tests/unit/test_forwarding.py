@@ -105,36 +105,33 @@ def test_a_request_on_a_connection_made_for_it_is_not_sent_twice(tmp_path: Path,
 
 
 def test_the_router_keeps_a_workers_connection_and_sends_a_request_in_one_piece(tmp_path: Path) -> None:
-    """Head and body went in two sends, each a wake-up of the worker's loop; now one, once the answer is read.
-    A pooled connection is used again: two requests, one connection."""
-    from zoo_agent.resident.router.sockets import _Backend
+    """Head and body went in two sends, each a wake-up of the worker's loop; now one. A pooled
+    connection is used again: two requests, one connection."""
+    from zoo_agent.resident.router.sockets import _Connection
 
-    async def run() -> tuple[bytes, bytes]:
+    async def run() -> tuple[bytes, int]:
         path = str(tmp_path / "raw.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen()
-        stream = await _Backend().connect_unix_socket(path)
+        conn = await _Connection.open(path)
         peer, _ = listener.accept()
-        peer.setblocking(False)
         try:
-            await stream.write(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n")
-            await stream.write(b"{}")
-            with pytest.raises(BlockingIOError):
-                peer.recv(1024)  # nothing went out yet
-            peer.setblocking(True)
-            reading = asyncio.ensure_future(stream.read(1024))
-            await asyncio.sleep(0.1)
-            sent = peer.recv(1024)
+            asking = asyncio.ensure_future(conn.request("POST", "/v1/completions", [(b"content-type", b"application/json")], b"{}"))
+            await asyncio.sleep(0.1)  # the request went out
+            peer.setblocking(False)
+            sent = peer.recv(1 << 16)  # all of it, in the one read
             peer.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            return sent, await asyncio.wait_for(reading, 10)
+            head = await asyncio.wait_for(asking, 10)
+            return sent, head.status_code
         finally:
-            await stream.aclose()
+            conn.close()
             peer.close()
             listener.close()
 
-    sent, answer = asyncio.run(run())
-    assert sent == b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}" and answer.startswith(b"HTTP/1.1 200 OK")
+    sent, status = asyncio.run(run())
+    assert sent.startswith(b"POST /v1/completions HTTP/1.1\r\nhost: worker\r\ncontent-length: 2\r\n") and sent.endswith(b"\r\n\r\n{}")
+    assert status == 200
     worker = Worker(tmp_path / "w.sock", close_on=None, status=200)
     assert asyncio.run(_two_requests(worker, _router_client)) == [200, 200] and worker.connections == 1
 

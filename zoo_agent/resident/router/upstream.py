@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 
 from zoo_agent.jsonbound import loads
-from zoo_agent.resident.router.sockets import worker_client
+from zoo_agent.resident.router.sockets import WorkerClient, worker_client
 from zoo_agent.resident.wire.headers import PEER, SESSION_ROUTE
 from zoo_agent.resident.wire.http import Send, stream_error
 
@@ -78,15 +78,17 @@ class _Trace:
 async def _send(client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> httpx.Response:
     """The answer's head; a request that failed before it was sent goes once more. httpcore drops
     the failed connection, so the second try takes a connection that passed its readability check,
-    or a new one (issue #31: after a worker's 500 the next request failed with ReadError)."""
+    or a new one (issue #31: after a worker's 500 the next request failed with ReadError). A worker's
+    client (``sockets.py``) keeps the same rule itself."""
+    if isinstance(client, WorkerClient):
+        return await client.exchange(method, target, headers, body)
     for attempt in (1, 2):
         trace = _Trace()
         request = client.build_request(method, target, headers=headers, content=body, extensions={"trace": trace})
         try:
             return await client.send(request, stream=True)
         except httpx.TransportError as exc:
-            # A WriteError: the request went in one send (``sockets.py``), so the worker got none of it, or a part.
-            if attempt == 2 or isinstance(exc, httpx.TimeoutException) or not (trace.unsent() or isinstance(exc, httpx.WriteError)):
+            if attempt == 2 or isinstance(exc, httpx.TimeoutException) or not trace.unsent():
                 raise
             log.info("%s %s: the connection failed before the request was sent (%s); sending it once more", method, target, type(exc).__name__)
     raise AssertionError("unreachable")
