@@ -21,6 +21,7 @@ import select
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
 from typing import Any
 
 import h11
@@ -230,9 +231,10 @@ class WorkerClient(httpx.AsyncClient):
         self._close_idle()
         await super().aclose()
 
-    async def __aexit__(self, *args: Any) -> None:  # httpx's own does not call aclose
-        self._close_idle()
-        await super().__aexit__(*args)
+    async def __aexit__(self, kind: type[BaseException] | None = None, value: BaseException | None = None,
+                        traceback: TracebackType | None = None) -> None:  # fmt: skip
+        self._close_idle()  # httpx's own does not call aclose
+        await super().__aexit__(kind, value, traceback)
 
 
 def worker_client(path: str) -> WorkerClient:
