@@ -643,6 +643,10 @@ in
         RuntimeDirectory = "model-zoo";
         RuntimeDirectoryMode = "0750";
         MemoryMax = mkIf (cfg.resident.memoryMax != null) cfg.resident.memoryMax;
+        # One cgroup per worker, with a memory limit (issue #34): the unit's cgroup is the
+        # resident's to divide, writable though ProtectControlGroups= keeps the rest read-only.
+        Delegate = "memory";
+        ReadWritePaths = (stateDirectory.ReadWritePaths or [ ]) ++ [ "-/sys/fs/cgroup/system.slice/model-zoo-resident.service" ];
         # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
         LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile)
           ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile)

@@ -39,7 +39,7 @@ EXPOSURE_LIMIT = 1.5
 RESIDENT, RECONCILE = "model-zoo-resident.service", "model-zoo-reconcile.service"
 CAPTURE = os.environ.get("ZOO_E2E_CAPTURE")  # read at import: a fixture clears ZOO_* for each test
 # The resident's STATUS= line (its status_line) with one tenant: "1 tenant: chat tiny@1 (idle 4s, 3.0 tok/s); 742 requests".
-BUSY = r"(idle( \S+)?|\d+ running(, \d+ waiting)?)(, [\d.]+ tok/s)?"
+BUSY = r"(idle( \S+)?|\d+ running(, \d+ waiting)?)(, [\d.]+ tok/s)?(, mem [\d.]+ [kMGT]?B, est\. [\d.]+ [kMGT]?B)?"  # mem: issue #34
 STATUS_ONE = rf"1 tenant: chat %s \({BUSY}\); \d+ requests"
 
 

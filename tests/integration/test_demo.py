@@ -32,7 +32,7 @@ def test_demo_builds_what_the_index_pins_applies_serves_answers_and_stops(tmp_pa
     assert "==> asked assistant (a route): Which host serves this?\n    answered by demo-chat (rule words<=8): " in out
     assert "how one index keeps a fleet of hosts in sync\n    answered by demo-long (rule default): " in out
     assert "  model demo                     declared 1            current 1" in out
-    assert re.search(r'Status: "2 tenants: demo-chat demo@1 \(idle \d+s(, [\d.]+ tok/s)?, adapters demo-terse@1\), '
+    assert re.search(r'Status: "2 tenants: demo-chat demo@1 \(idle \d+s(, [\d.]+ tok/s)?, adapters demo-terse@1(, mem [\d.]+ [kMGT]?B, est\. [\d.]+ [kMGT]?B)?\), '
                      r'demo-long demo@1 \([^)]*\); 3 requests', out), out
     assert "==> stopped the resident cleanly (exit 0)" in out
     again = subprocess.run([sys.executable, "-m", "zoo_agent", "demo", "--listen", "127.0.0.1:0"], cwd=tmp_path,

@@ -187,6 +187,17 @@ def test_the_resident_serves_published_adapters_and_follows_a_new_version_withou
             return str(httpx.post(r.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"])
 
         assert ask("t:code") == singles["code"] and ask("t") == singles[None]
+        # Explicit sets pass the router as they are (issue #36): in model, and in the body's x_zoo.
+        assert ask("t:code+terse") == peft_reference(built, "code", also=("terse",), weights=(1.0, 1.0))
+        body = {"model": "t", "messages": PROMPT, "max_tokens": 12, "ignore_eos": True,
+                "x_zoo": {"adapters": [{"name": "terse", "scale": 0.5}, {"name": "code", "scale": -1}]}}  # fmt: skip
+        answer = httpx.post(r.url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["choices"][0]["message"]["content"] == peft_reference(built, "terse", also=("code",), weights=(0.5, -1.0))
+        assert answer["x_zoo"]["adapters"] == [{"id": "terse", "version": "1", "scale": 0.5}, {"id": "code", "version": "1", "scale": -1.0}]
+        refused = httpx.post(r.url + "/v1/chat/completions", json={**body, "model": "t:code+legal", "x_zoo": None}, timeout=60)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, "model"), refused.text
+        assert refused.json()["error"]["message"] == "model: adapter 'legal' is not declared for tenant 't' (declared: code, terse)"
+        assert [m["id"] for m in httpx.get(r.url + "/v1/models").json()["data"]] == ids  # a set is asked for, never listed
         worker = r.worker_pid()
         lora_world.artifact("code", "2", {p.name: p.read_bytes() for p in sorted(built["terse"].iterdir()) if p.is_file()}, kind="loras")
         assert lora_world.run("apply").exit_code == 0

@@ -12,8 +12,6 @@ import asyncio
 import json
 import shutil
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import pytest
 
 pytest.importorskip("peft", reason="the resident extra is not installed (pip install -e .[resident])")
 
-from tests.support.lora import THRESHOLD, adapter, backend, call, peft_ids  # noqa: E402
+from tests.support.lora import THRESHOLD, adapter, backend, call, generated_ids, peft_ids  # noqa: E402
 from zoo_agent.resident.engine.base import AUTO  # noqa: E402
 
 pytestmark = pytest.mark.resident
@@ -35,24 +33,6 @@ ALL = ("code", "terse", "legal")
 
 def ask(text: str, model: str = "t:auto", tokens: int = 12) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": tokens, "ignore_eos": True}
-
-
-@contextmanager
-def generated_ids(b: Any) -> Iterator[dict[str, list[int]]]:
-    """The token ids each finished request generated, by its last message: the backend reports text only."""
-    seen: dict[str, list[int]] = {}
-    finish = b.finish
-
-    def spy(request: Any, result: Any, out: Any) -> None:
-        ids = out[0] if isinstance(out, tuple) else getattr(out, "sequences", out)[0].tolist()
-        seen[(request.messages or [{}])[-1].get("content", request.prompt)] = [int(t) for t in ids[result.prompt_tokens :]]
-        finish(request, result, out)
-
-    b.finish = spy
-    try:
-        yield seen
-    finally:
-        del b.finish
 
 
 def served(b: Any, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.nix import NIX_LIB, needs_lib, needs_nix
-from zoo_agent.systemd.units import HARDENING, UnitSettings, render
+from zoo_agent.systemd.units import HARDENING, RESIDENT_CGROUP, UnitSettings, render
 
 FAKE_AGENT = "/nix/store/00000000000000000000000000000000-zoo-agent-0.1.0/bin/zoo-agent"
 FAKE_INDEX = "/nix/store/00000000000000000000000000000000-model-zoo-index"
@@ -257,7 +257,8 @@ class TestModule:
         assert config["DeviceAllow"] == ["char-nvidiactl rw", "char-nvidia-caps rw", "char-nvidia-frontend rw", "char-nvidia-uvm rw"]
         assert config["PrivateDevices"] is False and config["DevicePolicy"] == "closed"
         assert out["networking"]["firewall"]["allowedTCPPorts"] == [9000]
-        assert config["ReadWritePaths"] == ['"/srv/zoo"'] and "StateDirectory" not in config
+        assert config["ReadWritePaths"] == ['"/srv/zoo"', f"-{RESIDENT_CGROUP}"] and "StateDirectory" not in config
+        assert config["Delegate"] == "memory"  # one cgroup per worker (issue #34)
         assert out["tmpfiles"]["model-zoo"]["/srv/zoo"]["d"] == {"mode": "0750", "user": "model-zoo", "group": "model-zoo"}
         assert "model-zoo-verify" not in out["services"] and out["timers"] == {}
         assert out["warnings"] == ["services.model-zoo.resident.listen is not loopback and services.model-zoo.resident.apiKeyFile is unset:"
@@ -333,7 +334,7 @@ class TestModule:
                 ours["Environment"] = [line for line in ours["Environment"] if not line.startswith('"EXTRA=')]
             assert ours == nixos_service_lines(service), name
         assert parse_unit(rendered["model-zoo-verify.timer"])["Timer"]["OnCalendar"] == [out["timers"]["model-zoo-verify"]["timerConfig"]["OnCalendar"]]
-        assert out["services"]["model-zoo-resident"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/my zoo"']
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/my zoo"', f"-{RESIDENT_CGROUP}"]
 
     def test_prometheus_scrapes_the_resident_and_node_exporter_reads_the_textfiles(self, tmp_path: Path) -> None:
         """Issue #25: a scrape job for the resident, the textfile directory for the oneshot units

@@ -5,6 +5,8 @@ The models themselves are built by the ``built`` fixture (tests/integration/conf
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,13 @@ def greedy(b: Any, aid: str | None, tokens: int = 12) -> str:
     return str(b.complete(Request(PROMPT, None, tokens, 0.0, 1.0, adapter=aid, ignore_eos=True), Generated()))
 
 
-def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12) -> str:
-    """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means."""
+def peft_reference(built: dict[str, Path], aid: str, tokens: int = 12, *, also: tuple[str, ...] = (), weights: tuple[float, ...] = ()) -> str:
+    """peft's own answer for one adapter, in a fresh model: what 'the right adapter ran' means; with
+    ``also`` and ``weights``, peft's weighted composition of them all (an explicit set, issue #36)."""
     from transformers import AutoTokenizer
 
-    return str(AutoTokenizer.from_pretrained(built["base"]).decode(peft_ids(built, (aid,), tokens=tokens), skip_special_tokens=True))
+    ids = peft_ids(built, (aid, *also), tokens=tokens, **({"combine": "weighted", "weights": weights} if weights else {}))
+    return str(AutoTokenizer.from_pretrained(built["base"]).decode(ids, skip_special_tokens=True))
 
 
 def peft_ids(built: dict[str, Path], aids: tuple[str, ...], *, combine: str = "sum", weights: tuple[float, ...] = (),
@@ -105,3 +109,21 @@ async def call(b: Any, requests: list[tuple[str, str, dict[str, Any] | None]]) -
             return r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
         return list(await asyncio.gather(*(one(*req) for req in requests)))
+
+
+@contextmanager
+def generated_ids(b: Any) -> Iterator[dict[str, list[int]]]:
+    """The token ids each finished request generated, by its last message: the backend reports text only."""
+    seen: dict[str, list[int]] = {}
+    finish = b.finish
+
+    def spy(request: Any, result: Any, out: Any) -> None:
+        ids = out[0] if isinstance(out, tuple) else getattr(out, "sequences", out)[0].tolist()
+        seen[(request.messages or [{}])[-1].get("content", request.prompt)] = [int(t) for t in ids[result.prompt_tokens :]]
+        finish(request, result, out)
+
+    b.finish = spy
+    try:
+        yield seen
+    finally:
+        del b.finish

@@ -126,6 +126,21 @@ CASES: list[tuple[str, Mutation, str, str]] = [
            _set("/tenants/mac", {"model": "llama", "pinned": True}), _set("/tenants/chat/pinned", True), _delete("/hosts/edge-1/resident"),
            _set("/hosts/edge-1/tenants", ["chat", "mac"]), _set("/hosts/edge-1/memory_budget", "4G")),
      "/hosts/edge-1/memory_budget", "pinned tenants chat (988.1 MB) and mac (3.4 GB) need 4.4 GB of weights alone; the budget is 4G (4.3 GB)"),
+    # issue #34: idle unload and a cap on loaded tenants
+    ("keep_alive notation", _set("/tenants/chat/keep_alive", "5 mins"), "/tenants/chat/keep_alive",
+     "'5 mins' is not a time span in systemd's notation: cannot read 'mins'"),
+    ("keep_alive bounded", _set("/tenants/chat/keep_alive", "1s " * 9), "/tenants/chat/keep_alive", "is not a time span in systemd's notation"),
+    ("keep_alive pinned", _both(_set("/tenants/chat/pinned", True), _set("/tenants/chat/keep_alive", "5min")), "/tenants/chat/keep_alive",
+     "a pinned tenant is never unloaded: remove keep_alive or unpin it"),
+    ("max_loaded range", _set("/hosts/mini/max_loaded", 0), "/hosts/mini/max_loaded", "must be >= 1, got 0"),
+    ("pinned past max_loaded",
+     _both(_set("/tenants/mac/pinned", True), _set("/tenants/chat/pinned", True), _delete("/hosts/edge-1/resident"),
+           _set("/hosts/edge-1/tenants", ["chat", "mac"]), _set("/hosts/edge-1/max_loaded", 1)),
+     "/hosts/edge-1/max_loaded", "1 is fewer than the 2 pinned tenants (chat, mac), which are never paged out"),
+    ("pinned fill max_loaded",
+     _both(_set("/tenants/chat/pinned", True), _delete("/hosts/edge-1/resident"), _set("/hosts/edge-1/tenants", ["chat", "mac"]),
+           _set("/hosts/edge-1/max_loaded", 1)),
+     "/hosts/edge-1/max_loaded", "the pinned tenants (chat) fill all 1: mac could never load; raise max_loaded or unpin one"),
 ]
 
 

@@ -74,7 +74,7 @@ def test_what_is_served_here_by_a_route_or_by_peers() -> None:
     assert parse_request("GET", SESSIONS + "s", b"", b"", HOST, content_type=None) == Parsed("small", {}, "s")  # the first tenant
     assert isinstance(parse_request("POST", GENERATE[1], b"", b'{"model": "large"}', HOST, content_type=JSON, from_peer=True), Rejected)  # not accepted from peers
     assert parse_request("POST", GENERATE[1], b"", b'{"model": "small"}', HOST, content_type=JSON, from_peer=True) == Parsed("small", {"model": "small"})
-    assert parse_request("POST", "/v1/embeddings", b"", b"{}", HOST, content_type=JSON) == Rejected(404, "Not Found")
+    assert parse_request("POST", "/v1/rerank", b"", b"{}", HOST, content_type=JSON) == Rejected(404, "Not Found")
 
 
 _text = st.text(max_size=12) | st.sampled_from(["\ud800", "\x00", "\r\n", "explain", "def f():\n", "{", "small", "assistant", "remote"])

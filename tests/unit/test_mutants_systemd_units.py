@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from zoo_agent._version import __version__
 from zoo_agent.systemd.units import (
     HARDENING,
+    RESIDENT_CGROUP,
     UNIT_NAMES,
     UnitSettings,
     hidden_by_sandbox,
@@ -86,6 +87,7 @@ def test_minimal_settings_render_exactly_these_units() -> None:
                     ("TimeoutStartSec", "90"), ("TimeoutStopSec", "60"), ("WatchdogSec", "30"),
                     ("RuntimeDirectory", "model-zoo"), ("RuntimeDirectoryMode", "0750"),
                     *common([*BASE_ENV, "PYTHONUNBUFFERED=1", "ZOO_LISTEN=127.0.0.1:8000"]),
+                    ("Delegate", "memory"), ("ReadWritePaths", f"-{RESIDENT_CGROUP}"),  # one cgroup per worker (issue #34)
                     ("PrivateDevices", "yes"), ("PrivateUsers", "yes")],
         "Install": [("WantedBy", "multi-user.target")],
     }  # fmt: skip
@@ -122,7 +124,8 @@ def test_every_option_reaches_its_directive() -> None:
         ("Type", "notify"), ("NotifyAccess", "main"), ("ExecStart", f'"{AGENT}" "resident" "--strict" --api-key-file %d/api-key'),
         ("ExecReload", f'"{AGENT}" "resident" "reload" "--pid" $MAINPID'), ("Restart", "on-failure"), ("RestartSec", "5"),
         ("TimeoutStartSec", "90"), ("TimeoutStopSec", "60"), ("WatchdogSec", "20"), ("RuntimeDirectory", "model-zoo"),
-        ("RuntimeDirectoryMode", "0750"), ("MemoryMax", "8G"), *common([*env, "ZOO_LISTEN=127.0.0.1:8000", "A=x$y %%z"], state),
+        ("RuntimeDirectoryMode", "0750"), ("MemoryMax", "8G"),
+        *common([*env, "ZOO_LISTEN=127.0.0.1:8000", "A=x$y %%z"], [*state, ("ReadWritePaths", f"-{RESIDENT_CGROUP}")]), ("Delegate", "memory"),
         ("LoadCredential", "api-key:/etc/zoo/key"), ("LoadCredential", "hf-token:/etc/zoo/token"), ("PrivateDevices", "no"), ("PrivateUsers", "no"),
         ("DeviceAllow", "char-drm rw"), ("DeviceAllow", "char-fb rw"), ("DeviceAllow", "char-kfd rw"),
         ("SupplementaryGroups", "render"), ("SupplementaryGroups", "video"),

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide
+from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide, expired
 
 G = 1 << 30
 
@@ -44,6 +44,39 @@ def test_decide(budget: int | None, workers: list[Live], need: float, expected: 
         assert decision == expected
 
 
+@pytest.mark.parametrize(
+    ("budget", "workers", "need", "expected"),
+    [
+        (None, [live("a", 1), live("b", 1, used=1)], 1, Load()),  # under the cap
+        (None, [live("a", 1, used=5), live("b", 1, used=1), live("c", 1, used=3)], 1, Evict(("b",))),  # at the cap: LRU idle
+        (None, [live("a", 1, used=1, busy=True), live("b", 1, used=5), live("c", 1, used=3)], 1, Evict(("c",))),  # busy: never
+        (None, [live("a", 1, pinned=True), live("b", 1, used=5), live("c", 1, used=3)], 1, Evict(("c",))),  # pinned: never
+        (None, [live("a", 1, busy=True), live("b", 1, busy=True), live("c", 1, evictable=False)], 1, Wait),
+        (None, [live("a", 1, pinned=True), live("b", 1, pinned=True), live("c", 1, pinned=True)], 1, Refuse),
+        (None, [live("a", 1), live("b", 1), live("c", 1, draining=True)], 1, Load()),  # a draining one no longer counts
+        (None, [live("a", 1), live("b", 1), live("new", 1, evictable=False)], 1, Load()),  # a reload beside: one tenant
+        # Both limits: the cap asks for one, the budget for two; the LRU pair goes.
+        (8, [live("a", 3, used=1), live("b", 3, used=2), live("c", 1, used=3)], 6, Evict(("a", "b"))),
+        # The budget has room, the cap does not: one goes although memory was free.
+        (100, [live("a", 3, used=1), live("b", 3, used=2), live("c", 1, used=3)], 4, Evict(("a",))),
+    ],
+)
+def test_decide_under_max_loaded_3(budget: int | None, workers: list[Live], need: float, expected: object) -> None:
+    """max_loaded (issue #34, OLLAMA_MAX_LOADED_MODELS) beside the memory budget."""
+    decision = decide(budget * G if budget else None, workers, "new", int(need * G), max_loaded=3)
+    if isinstance(expected, type):
+        assert isinstance(decision, expected), decision
+    else:
+        assert decision == expected
+
+
+def test_a_cap_the_pinned_fill_is_refused_naming_them() -> None:
+    decision = decide(None, [live("a", 1, pinned=True), live("b", 1, pinned=True)], "new", G, max_loaded=2)
+    assert decision == Refuse("new cannot load: the pinned tenants (a, b) fill max_loaded (2)")
+    busy = decide(None, [live("a", 1, pinned=True), live("b", 1, busy=True)], "new", G, max_loaded=2)
+    assert isinstance(busy, Wait) and "2 tenants are loaded, max_loaded is 2" in busy.reason and "(b)" in busy.reason
+
+
 def test_refusal_names_the_numbers() -> None:
     decision = decide(4 * G, [live("a", 3, pinned=True)], "big", 2 * G)
     assert isinstance(decision, Refuse)
@@ -74,3 +107,23 @@ def test_lines_reassembles_split_messages() -> None:
     assert lines.feed(data[:5]) == []
     got = lines.feed(data[5:])
     assert [p.to_worker(line) for line in got] == [p.Ping(seq=1), p.Ping(seq=2)]
+
+
+def test_expired_names_only_idle_unpinned_serving_workers_past_their_keep_alive() -> None:
+    """keep_alive (issue #34): idle since the later of its last request and its load; never pinned, busy, loading or draining."""
+    def kept(tenant: str, keep: float | None, **kw: object) -> Live:
+        return Live(tenant, G, keep_alive=keep, **kw)  # type: ignore[arg-type]
+
+    workers = [
+        kept("idle", 300, last_used=100),
+        kept("fresh", 300, last_used=150),  # used 250 s ago
+        kept("reloaded", 300, last_used=10, loaded_at=200),  # loaded again since: idle since its load
+        kept("never", None, last_used=0),
+        kept("pinned", 300, pinned=True),
+        kept("busy", 300, busy=True),
+        kept("loading", 300, evictable=False),
+        kept("draining", 300, draining=True),
+        kept("zero", 0, last_used=399),
+    ]
+    assert expired(workers, 400.0) == ("idle", "zero")
+    assert expired(workers, 399.9) == ("zero",)  # exactly keep_alive: expired; a moment before: not

@@ -19,11 +19,12 @@ from zoo_agent.resident.wire.control import Pong
 VM = REPO / "checks" / "vm.nix"
 
 
-def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0) -> str:
+def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0, live: int = 0) -> str:
     """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in slot table."""
     stats = Pong(seq=0, served=served, running=running, tps=tps)  # what the worker reports
-    worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"))
-    slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0)
+    worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"), live=live)  # live: measured (issue #34)
+    slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0,
+                           estimate=4 << 20)  # fmt: skip
     table = SimpleNamespace(order=["chat"], slots={"chat": slot})
     return Reports(cast(Any, table), cast(Any, None), cast(Any, None), lambda: "").status_line()
 
@@ -33,7 +34,7 @@ def _pattern() -> str:
     return found
 
 
-@pytest.mark.parametrize("line", [_status_line(), _status_line(running=2, served=5, tps=3.5)])
+@pytest.mark.parametrize("line", [_status_line(), _status_line(running=2, served=5, tps=3.5), _status_line(live=3 << 20)])
 def test_the_vm_check_matches_the_status_line_the_resident_writes(line: str) -> None:
     assert line.startswith("1 tenant: chat tiny@1 (")
     assert re.search(_pattern(), line), (_pattern(), line)

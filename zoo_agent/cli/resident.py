@@ -1,4 +1,5 @@
-"""`zoo-agent resident` (the Type=notify main process) and `zoo-agent resident reload`."""
+"""`zoo-agent resident` (the Type=notify main process), and what asks the running one: `reload`,
+`status`, `load` and `unload` (issue #34)."""
 
 from __future__ import annotations
 
@@ -95,13 +96,7 @@ def reload(target: Target, pid: int | None, timeout: float) -> None:
 @click.pass_obj
 def status(target: Target, url: str | None, as_json: bool) -> None:
     """Ask the running resident what it serves: every tenant, loaded or paged out (its /health)."""
-    if url is None:
-        recorded = read_state(target.zoo.resident_state)
-        listen = recorded.listen if recorded is not None and recorded.listen else "127.0.0.1:8000"
-        if listen.startswith(("unix:", "/")):
-            raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
-        url = "http://" + listen.removeprefix("http://")
-    url = url.rstrip("/")
+    url = _url(target, url)
     document = _health(url)
     if as_json:
         emit_json(document)
@@ -115,6 +110,85 @@ def status(target: Target, url: str | None, as_json: bool) -> None:
     click.echo(printable(f"{health.state or '?'}: {health.status}", _SHOWN))
     for tid, t in health.tenants.items():
         click.echo(_tenant_row(tid, t))
+
+
+def _url(target: Target, url: str | None) -> str:
+    """``--url``, else where the zoo's resident listens (its state.json)."""
+    if url is None:
+        recorded = read_state(target.zoo.resident_state)
+        listen = recorded.listen if recorded is not None and recorded.listen else "127.0.0.1:8000"
+        if listen.startswith(("unix:", "/")):
+            raise UsageError(f"the resident listens on {listen}; pass --url for a TCP address")
+        url = "http://" + listen.removeprefix("http://")
+    return url.rstrip("/")
+
+
+_url_option = click.option("--url", default=None, envvar="ZOO_URL", help="The resident's address (default: where the zoo's resident listens).")
+_key_option = click.option("--api-key-file", type=click.Path(path_type=Path), default=None, envvar="ZOO_API_KEY_FILE",
+                           help="The resident's API key, for a resident that needs one ($ZOO_API_KEY_FILE).")  # fmt: skip
+_wait_option = click.option("--timeout", type=click.FloatRange(min=1, max=3600), default=600.0, show_default=True,
+                            help="Seconds to wait for the answer (the resident itself waits at most 300 s for a load).")  # fmt: skip
+
+
+@resident.command("load")
+@click.argument("tenant")
+@click.option("--evict", is_flag=True, help="Page out idle tenants if it cannot fit otherwise (without it, the answer names them).")
+@_url_option
+@_key_option
+@_wait_option
+@click.pass_obj
+def load(target: Target, tenant: str, evict: bool, url: str | None, api_key_file: Path | None, timeout: float) -> None:
+    """Load TENANT now (POST /models/load); return once it serves."""
+    click.echo(_order(_url(target, url), "load", {"model": tenant, **({"evict": True} if evict else {})}, api_key_file, timeout))
+
+
+@resident.command("unload")
+@click.argument("tenant")
+@_url_option
+@_key_option
+@_wait_option
+@click.pass_obj
+def unload(target: Target, tenant: str, url: str | None, api_key_file: Path | None, timeout: float) -> None:
+    """Unload TENANT (POST /models/unload): what it is answering completes; return once its worker exited."""
+    click.echo(_order(_url(target, url), "unload", {"model": tenant}, api_key_file, timeout))
+
+
+def _order(url: str, action: str, body: dict[str, Any], api_key_file: Path | None, timeout: float) -> str:
+    """Ask the resident for a load or unload; its answer's message, or the error it gave as one line."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from zoo_agent.keyfile import read_key_file
+
+    headers = {"content-type": "application/json"}
+    if api_key_file is not None:
+        headers["authorization"] = "Bearer " + read_key_file(api_key_file, "--api-key-file")
+    request = urllib.request.Request(f"{url}/models/{action}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read(_MAX_HEALTH + 1)
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read(_MAX_HEALTH + 1) or b"{}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceError(f"{url}: the resident does not answer ({getattr(exc, 'reason', exc)}); is zoo-agent resident running?") from exc
+    try:
+        answer = loads(raw, limit=_MAX_HEALTH)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise SourceError(f"{url}/models/{action}: not a resident's answer (HTTP {status})")
+    if status == 200:
+        return printable(str(answer.get("message") or f"{action}: done"), _SHOWN)
+    error = answer.get("error")
+    error = error if isinstance(error, dict) else {}
+    message = printable(str(error.get("message") or f"HTTP {status}"), _SHOWN)
+    if error.get("code") == "would_evict":
+        message = message.replace("ask again with evict to do it", "pass --evict to do it")
+    if status == 401:
+        message += " (pass --api-key-file)"
+    raise (UsageError if status < 500 and status != 429 else SourceError)(f"{action} {body['model']}: {message}")
 
 
 _MAX_HEALTH = 4 << 20  # a /health document is kilobytes

@@ -1,4 +1,5 @@
-"""`zoo-agent sessions list|show|export|import|prune` (issue #9): conversations as files in the zoo.
+"""`zoo-agent sessions list|show|export|import|prune` (issue #9) and `checkpoint|restore|delete-checkpoint`
+(issue #36): conversations as files in the zoo.
 
 They work on `resident/tenants/<tenant>/sessions/` directly, so they run with or without a
 resident (and without torch). Backups include them (they live under `resident/`).
@@ -18,7 +19,8 @@ import click
 from zoo_agent.cli.options import Target, emit_json, json_option, zoo_options
 from zoo_agent.errors import Problem, UsageError, ZooError
 from zoo_agent.index.load import load_index
-from zoo_agent.index.model import ID_PATTERN
+from zoo_agent.index.model import ID_PATTERN, CheckpointRetention
+from zoo_agent.resident.sessions.checkpoints import CheckpointRecord, Checkpoints
 from zoo_agent.resident.sessions.store import cache_files, remove_session
 from zoo_agent.resident.sessions.transcript import SessionDamaged, SessionError, SessionFile, read_session, valid_id
 from zoo_agent.store.durable import DIR_MODE, FILE_MODE, write_atomic
@@ -82,6 +84,16 @@ def _stored(base: Path, sid: str) -> SessionFile:
     return session
 
 
+def _policy(target: Target, tid: str, kind: str) -> CheckpointRetention:
+    """The index's ``sessions.checkpoints`` for a tenant, or for a route (its default tenant's)."""
+    idx = load_index(target.index, str(target.index))
+    return idx.tenants[tid if kind == "tenant" else idx.routes[tid].default].sessions.checkpoints
+
+
+def _record(record: CheckpointRecord) -> dict[str, Any]:
+    return record.model_dump(mode="json")
+
+
 def _rows(base: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The tenant's sessions, and its damaged session files (reported and skipped, never fatal)."""
     rows, damaged = [], []
@@ -136,15 +148,25 @@ def list_cmd(target: Target, tenant: str | None, route: str | None, as_json: boo
     tid, base, kind = _scope(target, tenant, route)
     rows, damaged = _rows(base)
     rows.sort(key=lambda r: r["updated"] or "")
+    checkpoints, damaged_sets = Checkpoints(base, route=kind == "route").listed()
+    for r in rows:
+        r["checkpoints"] = [c.name for c in checkpoints if c.session == r["id"]]
     if as_json:
-        emit_json({kind: tid, "sessions": rows, "damaged": damaged})
+        emit_json({kind: tid, "sessions": rows, "checkpoints": [_record(c) for c in checkpoints], "damaged": damaged + damaged_sets})
         return
     for r in rows:
+        frozen = f"  ({len(r['checkpoints'])} checkpoints)" if r["checkpoints"] else ""
         click.echo(f"{r['id']:<24} {r['turns']:>4} turns  {r['updated']}  {r['model']}{' +' + r['adapter'] if r['adapter'] else ''}"
-                   f"{'  (cache)' if r['cached'] else ''}")  # fmt: skip
+                   f"{'  (cache)' if r['cached'] else ''}{frozen}")  # fmt: skip
     for d in damaged:
         click.echo(f"{Path(d['file']).stem:<24} damaged (skipped): {d['error']}")
-    if not rows and not damaged:
+    if checkpoints:
+        click.echo("checkpoints:")
+    for c in checkpoints:
+        click.echo(f"  {c.name:<40} of {c.session:<24} {c.turns:>4} turns  {c.created}  {c.kind}")
+    for d in damaged_sets:
+        click.echo(f"checkpoints of {Path(d['file']).parent.name}: damaged (skipped): {d['error']}")
+    if not rows and not damaged and not checkpoints:
         click.echo(f"no sessions for {kind} {tid}")
 
 @sessions_group.command("show")
@@ -229,3 +251,54 @@ def prune_cmd(target: Target, tenant: str | None, route: str | None, dry_run: bo
         verb = "would remove" if dry_run else "removed"
         click.echo(f"{verb} {len(doomed)} of {len(rows)} sessions (keep {keep.keep}, at most {keep.max_age_days} days)"
                    + (f"; {len(damaged)} damaged skipped" if damaged else ""))  # fmt: skip
+
+@sessions_group.command("checkpoint")
+@zoo_options
+@tenant_option
+@route_option
+@click.argument("session_id")
+@click.option("--name", default=None, help="The checkpoint's name (default: the session's id and the time); unique among the tenant's.")
+@json_option
+def checkpoint_cmd(target: Target, tenant: str | None, route: str | None, session_id: str, name: str | None, as_json: bool) -> None:
+    """Freeze the session's transcript and KV caches under a name (issue #36).
+
+    The session keeps going; `restore` makes a new session from the checkpoint, which continues
+    from the frozen cache. Each session keeps the index's `sessions.checkpoints.keep` newest."""
+    tid, base, kind = _scope(target, tenant, route)
+    record, dropped = Checkpoints(base, route=kind == "route").create(session_id, name, keep=_policy(target, tid, kind).keep)
+    if as_json:
+        emit_json({kind: tid, "checkpoint": _record(record), "dropped": dropped})
+    else:
+        click.echo(f"checkpoint {record.name} of session {record.session} ({record.turns} turns, {record.caches} cache files)"
+                   + (f"; dropped {', '.join(dropped)} (keep {_policy(target, tid, kind).keep})" if dropped else ""))  # fmt: skip
+
+@sessions_group.command("restore")
+@zoo_options
+@tenant_option
+@route_option
+@click.argument("checkpoint")
+@click.option("--as", "new_id", default=None, help="The new session's id (default: the checkpoint's session id and 8 random hex digits).")
+@json_option
+def restore_cmd(target: Target, tenant: str | None, route: str | None, checkpoint: str, new_id: str | None, as_json: bool) -> None:
+    """Make a new session from a checkpoint: its transcript and its caches, as they were (issue #36)."""
+    tid, base, kind = _scope(target, tenant, route)
+    sid, record = Checkpoints(base, route=kind == "route").restore(checkpoint, new_id)
+    if as_json:
+        emit_json({kind: tid, "id": sid, "checkpoint": _record(record)})
+    else:
+        click.echo(f"restored checkpoint {record.name} of session {record.session} as session {sid} ({record.turns} turns)")
+
+@sessions_group.command("delete-checkpoint")
+@zoo_options
+@tenant_option
+@route_option
+@click.argument("checkpoint")
+@json_option
+def delete_checkpoint_cmd(target: Target, tenant: str | None, route: str | None, checkpoint: str, as_json: bool) -> None:
+    """Remove a checkpoint (its session, and the sessions restored from it, stay)."""
+    tid, base, kind = _scope(target, tenant, route)
+    record = Checkpoints(base, route=kind == "route").delete(checkpoint)
+    if as_json:
+        emit_json({kind: tid, "deleted": _record(record)})
+    else:
+        click.echo(f"deleted checkpoint {record.name} of session {record.session}")

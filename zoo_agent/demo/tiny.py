@@ -141,6 +141,31 @@ def build_tiny_embedder(out: Path, text: str, *, hidden: int = 256, seed: int = 
     return out
 
 
+def sentence_transformers_layout(model_dir: Path, *, pooling: tuple[str, ...] = ("mean",), normalize: bool = True,
+                                 max_seq_length: int | None = None) -> Path:  # fmt: skip
+    """Make an embedder (``build_tiny_embedder``) a sentence-transformers model, as the hub's are laid
+    out (sentence-transformers 5's files): ``modules.json`` (Transformer, Pooling, optional Normalize),
+    ``1_Pooling/config.json`` with the ``pooling_mode_*`` flags, ``sentence_bert_config.json``."""
+    import json
+
+    from transformers import AutoConfig
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (model_dir / "2_Normalize").mkdir(exist_ok=True)
+    flags = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+             "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
+             "lasttoken": "pooling_mode_lasttoken"}  # fmt: skip
+    width = AutoConfig.from_pretrained(model_dir, local_files_only=True).hidden_size
+    (model_dir / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(model_dir / "1_Pooling" / "config.json", {"word_embedding_dimension": width, **{f: m in pooling for m, f in flags.items()}})
+    _write_json(model_dir / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 512, "do_lower_case": False})
+    (model_dir / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m zoo_agent.demo.tiny DIR`: a tiny model in DIR/model and DIR/index.json
     that pins it for host 'local' (tenant 'chat'), ready for apply and resident."""

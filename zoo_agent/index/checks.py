@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from zoo_agent.errors import Problem
-from zoo_agent.index.fit import check_host
+from zoo_agent.index.fit import check_host, pinned_tenants
 from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
@@ -65,6 +65,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _peers,
         _registry_metadata,
         _aliases,
+        _embedding_tenants,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -206,6 +207,43 @@ def _embedder_problems(idx: Index, mid: str, at: str, who: str) -> Iterator[Prob
         yield Problem(at, f"{who} embeds with transformers from safetensors; model '{mid}' has format '{model.format}'")
 
 
+#: What an embedding tenant (issue #36) cannot have: each names the field and why.
+_NOT_FOR_EMBEDDING: dict[str, str] = {
+    "loras": "an embedding tenant has no adapters; remove 'loras'",
+    "adapter_selection": "an embedding tenant has no adapters to choose; remove 'adapter_selection'",
+    "generation": "an embedding tenant generates nothing; remove 'generation'",
+    "sessions": "an embedding tenant keeps no conversations; remove 'sessions'",
+}
+
+
+def _embedding_tenants(idx: Index) -> Iterator[Problem]:
+    """An embedding tenant (``kind: "embedding"``) is a transformers model answering ``/v1/embeddings``
+    where it is served: whatever only generation uses is refused by name, and routes never name it."""
+    embedding = {tid for tid, t in idx.tenants.items() if t.kind == "embedding"}
+    for tid in sorted(embedding):
+        tenant = idx.tenants[tid]
+        for name, why in _NOT_FOR_EMBEDDING.items():
+            if name in tenant.model_fields_set and (name != "loras" or tenant.loras):
+                yield Problem(pointer(("tenants", tid, name)), why)
+        if "max_loras" in tenant.resources.model_fields_set:
+            yield Problem(pointer(("tenants", tid, "resources", "max_loras")), "an embedding tenant has no adapters; remove 'max_loras'")
+        if tenant.backend != "transformers":
+            yield Problem(pointer(("tenants", tid, "backend")),
+                          f"an embedding tenant is served by the 'transformers' backend; '{tenant.backend}' serves generation only")
+        elif (model := idx.models.get(tenant.model)) is not None and model.source.type != "ollama":
+            yield from _embedder_problems(idx, tenant.model, pointer(("tenants", tid, "model")), f"embedding tenant '{tid}'")
+        if tenant.overflow == "peers":
+            yield Problem(pointer(("tenants", tid, "overflow")),
+                          "an embedding tenant is answered where it is served (peers take generations only); set 'never'")
+    for rid, route in idx.routes.items():
+        named: list[tuple[tuple[str | int, ...], str]] = [(("rules", i, "tenant"), r.tenant) for i, r in enumerate(route.rules)]
+        named += [(("default",), route.default)] + [(("fallback", i), t) for i, t in enumerate(route.fallback)]
+        named += [(("summarizer",), route.summarizer)] if route.summarizer is not None else []
+        for where, tid in named:
+            if tid in embedding:
+                yield Problem(pointer(("routes", rid, *where)), f"tenant '{tid}' is an embedding tenant; a route names tenants that generate")
+
+
 def _artifacts(idx: Index) -> Iterator[tuple[tuple[str, str], ArtifactEntry]]:
     for mid, model in idx.models.items():
         yield ("models", mid), model
@@ -323,10 +361,28 @@ def _hosts_serve(idx: Index) -> Iterator[Problem]:
             if tid in first:
                 yield Problem(pointer(("hosts", hid, "tenants", i)), f"lists tenant '{tid}' again (already /hosts/{hid}/tenants/{first[tid]})")
             first.setdefault(tid, i)
+        yield from _max_loaded(idx, hid)
     for tid, tenant in idx.tenants.items():
         if tenant.pinned and tenant.fetch == "on-demand":
             yield Problem(pointer(("tenants", tid, "fetch")),
                           "a pinned tenant is loaded at start, so it must be on disk before: use fetch 'eager' or unpin it")
+        if tenant.pinned and tenant.keep_alive is not None:
+            yield Problem(pointer(("tenants", tid, "keep_alive")), "a pinned tenant is never unloaded: remove keep_alive or unpin it")
+
+
+def _max_loaded(idx: Index, hid: str) -> Iterator[Problem]:
+    """Pinned tenants are never paged out: they must fit under the cap, and leave room for the others (issue #34)."""
+    host = idx.hosts[hid]
+    if host.max_loaded is None:
+        return
+    pinned = pinned_tenants(idx, hid)
+    others = [t for t in dict.fromkeys(host.served()) if t not in pinned]
+    at = pointer(("hosts", hid, "max_loaded"))
+    if len(pinned) > host.max_loaded:
+        yield Problem(at, f"{host.max_loaded} is fewer than the {len(pinned)} pinned tenants ({', '.join(pinned)}), which are never paged out")
+    elif others and len(pinned) == host.max_loaded:
+        yield Problem(at, f"the pinned tenants ({', '.join(pinned)}) fill all {host.max_loaded}: {', '.join(others)} could never load; "
+                          "raise max_loaded or unpin one")
 
 
 def _weights_fit(idx: Index) -> Iterator[Problem]:

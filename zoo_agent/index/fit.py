@@ -145,9 +145,11 @@ def estimate(model: ModelEntry, resources: Resources, config: dict[str, Any] | N
 
 def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) -> Footprint:
     """The tenant's model (``estimate``) plus what loads beside it: its adapters and the
-    embedding model of adapter selection. ``config`` is the model's config.json."""
+    embedding model of adapter selection. ``config`` is the model's config.json. An embedding
+    tenant (issue #36) keeps no KV cache: one forward pass's activations are transient, part of
+    the documented slack, like the interpreter's."""
     tenant = idx.tenants[tenant_id]
-    base = estimate(idx.models[tenant.model], tenant.resources, config)
+    base = estimate(idx.models[tenant.model], tenant.resources, config if tenant.kind != "embedding" else None)
     extra = sum(weight_bytes(idx.loras[lid]) for lid in tenant.loras if lid in idx.loras)
     if tenant.adapter_selection is not None and (embedder := idx.models.get(tenant.adapter_selection.embedding_model)):
         extra += weight_bytes(embedder)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
-from zoo_agent.formats import MEMORY_PATTERN
+from zoo_agent.formats import MEMORY_PATTERN, parse_timespan
 
 __all__ = [
     "DEFAULT_MAX_CONTEXT",
     "MAX_CONTEXT",
     "ArtifactEntry",
+    "CheckpointRetention",
     "FileEntry",
     "FileSource",
     "Generation",
@@ -340,17 +342,63 @@ class AdapterSelection(_Strict):
     )  # fmt: skip
 
 
+def _timespan(spec: str | None) -> str | None:
+    """A time span systemd would read, of at least a second."""
+    if spec is None:
+        return None
+    try:
+        seconds = parse_timespan(spec)
+    except ValueError as exc:
+        raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    if seconds < 1:
+        raise PydanticCustomError("timespan", "'{spec}' is shorter than a second", {"spec": spec})
+    return spec
+
+
+def _idle_span(spec: str | None) -> str | None:
+    """keep_alive (issue #34): a time span systemd would read; 0 is allowed (unloaded as soon as it is idle)."""
+    if spec is not None:
+        try:
+            parse_timespan(spec)
+        except ValueError as exc:
+            raise PydanticCustomError("timespan", str(exc).replace("{", "(").replace("}", ")")) from None
+    return spec
+
+
+class CheckpointRetention(_Strict):
+    """Named checkpoints of each session (`zoo-agent sessions checkpoint`, issue #36): how many each
+    session keeps, and how often one is taken on its own."""
+
+    keep: int = Field(default=10, ge=1, le=1000, description="Checkpoints kept per session; the oldest go first.")
+    every: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_timespan)] = Field(
+        default=None,
+        description="Take a checkpoint on its own, after a turn, once the session's newest checkpoint (or its start) is this old, "
+                    "in systemd's time-span notation ('1h', '30min', '1h 30min'); an idle session is not checkpointed again.",
+    )  # fmt: skip
+
+    @property
+    def seconds(self) -> float | None:
+        """``every`` in seconds (None: no timed checkpoints)."""
+        return None if self.every is None else parse_timespan(self.every)
+
+
 class SessionRetention(_Strict):
     """How many conversations a tenant keeps, and for how long (`zoo-agent sessions prune`)."""
 
     keep: int = Field(default=1000, ge=0, le=1_000_000, description="Sessions kept, most recently used first.")
     max_age_days: int = Field(default=90, ge=1, le=36500, description="Sessions unused for longer are removed.")
+    checkpoints: CheckpointRetention = Field(default=CheckpointRetention(), description="Named checkpoints of each session.")
 
 
 class TenantEntry(_Strict):
     """What one resident serves: a model, its adapters and serving settings."""
 
     model: Id = Field(description="Id of the model to serve.")
+    kind: Literal["generation", "embedding"] = Field(
+        default="generation",
+        description="'generation': chat and completions; 'embedding': a sentence-embedding model served at /v1/embeddings "
+                    "(pooled as its modules.json declares; no adapters, sessions or generation settings). Issue #36.",
+    )  # fmt: skip
     loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
     backend: Literal["transformers", "ollama", "llama.cpp"] = Field(
         default="transformers",
@@ -368,6 +416,12 @@ class TenantEntry(_Strict):
         default=False,
         description="Never evicted from memory: loaded at start, and the resident is READY only once it answers.",
     )
+    keep_alive: Annotated[Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None], NotNull, AfterValidator(_idle_span)] = Field(
+        default=None,
+        description="Unload its worker once it has served nothing for this long, in systemd's time-span notation (e.g. '5min', "
+                    "'1h 30min'; '0': as soon as it is idle; Ollama's keep_alive, llama-swap's ttl). Default: never. "
+                    "Not for a pinned tenant.",
+    )  # fmt: skip
     priority: Priority = Field(
         default="default", description="Class of this tenant's requests unless a request names one (X-Zoo-Priority)."
     )
@@ -464,6 +518,12 @@ class HostEntry(_Strict):
             "on a CUDA host, RAM otherwise. plan/apply refuse tenants whose weights and KV cache cannot fit."
         ),
     )
+    max_loaded: Annotated[Annotated[int, Field(ge=1, le=1024)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="Most tenants loaded at once (OLLAMA_MAX_LOADED_MODELS, llama-server's --models-max): loading one more pages "
+                    "out the least recently used idle one, beside the memory budget. At least the number of pinned tenants. "
+                    "Default: no cap.",
+    )  # fmt: skip
     routes: list[Id] = Field(default=[], description="Ids of the routes this host answers (their tenants must be served here).")
     available: list[Id] = Field(default=[], description="Model ids kept on disk for fast swaps.")
     retention: Retention = Field(default=Retention(), description="Version retention.")

@@ -45,6 +45,8 @@ class RouteSessions(BaseModel):
     route: str
     dir: Path  # resident/routes/<route>/
     summarizer: str | None = None
+    checkpoint_keep: int = 10  # its default tenant's sessions.checkpoints (issue #36)
+    checkpoint_every: float | None = None
 
 
 class WorkerConfig(BaseModel):
@@ -73,6 +75,8 @@ class WorkerConfig(BaseModel):
     selection: SelectionConfig | None = None
     sessions_dir: Path | None = None  # resident/tenants/<tenant>/: sessions/ and kv-cache/
     route_sessions: tuple[RouteSessions, ...] = ()
+    checkpoint_keep: int = 10  # sessions.checkpoints (issue #36): kept per session, and every how many seconds one is taken on its own
+    checkpoint_every: float | None = None
     router_socket: Path | None = None  # the router's private socket: how a worker asks another tenant (a summarizer)
     router_key: str | None = Field(default=None, repr=False)  # the resident's API key, for that socket
     backend: str = "transformers"  # or "ollama": the daemon at $OLLAMA_HOST runs ollama_model
@@ -80,6 +84,7 @@ class WorkerConfig(BaseModel):
     health_interval: float = 5.0  # the ollama backend: how often the daemon's /api/ps is checked
     priority: int = 0  # the tenant's default class (resident/priority.py): lower is served first, as vLLM's
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds: batch is never starved
+    kind: Literal["generation", "embedding"] = "generation"  # the tenant's: an embedding worker serves /v1/embeddings (issue #36)
 
 
 class ResidentConfig(BaseModel):
@@ -94,6 +99,7 @@ class ResidentConfig(BaseModel):
     peer_poll_seconds: float = 1.0  # how often each peer's /health and /v1/models are asked
     ping_interval: float = 1.0
     ping_timeout: float = 5.0
+    measure_interval: float = 5.0  # how often each serving worker's memory is read (issue #34)
     max_crashes: int = 5
     crash_window: float = 60.0
     drain_seconds: float = 30.0

@@ -22,12 +22,15 @@ from urllib.parse import parse_qsl
 
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.sessions.transcript import SessionError, valid_id
+from zoo_agent.resident.wire.embeddings import PATH as EMBED
+from zoo_agent.resident.wire.embeddings import parse_embeddings
 from zoo_agent.resident.wire.headers import PRIORITY
+from zoo_agent.resident.wire.http import ApiError
 
 if TYPE_CHECKING:
     from zoo_agent.index.model import Index
 
-__all__ = ["GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "alias_tenants", "parse_request"]
+__all__ = ["EMBED", "GENERATE", "LORA", "SESSIONS", "Host", "Parsed", "Rejected", "alias_tenants", "embedding_tenants", "parse_request"]
 
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 LORA = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -44,6 +47,7 @@ class Host:
     has_peers: Callable[[str], bool]  # whether the index names peers for a tenant
     lora_tenant: Mapping[str, str]  # adapter id -> the tenant declaring it
     aliases: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # alias -> (its model, the tenants here serving it)
+    embedders: Collection[str] = frozenset()  # served tenants of kind "embedding" (issue #36): /v1/embeddings only
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,17 @@ def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host,
     from a peer is answered only for a tenant this host accepts from peers, and only here.
     ``priority``: the values of every ``X-Zoo-Priority`` header it sent."""
     parsed = _parse(method, path, query, body, host, content_type=content_type, from_peer=from_peer)
-    if isinstance(parsed, Rejected) or path not in GENERATE:
+    if not isinstance(parsed, Rejected) and (path in GENERATE or path == EMBED):
+        parsed = _kind(path, parsed, host)
+    if isinstance(parsed, Rejected) or (path not in GENERATE and path != EMBED):
         return parsed
     if len(priority) > 1:  # the router would check one and the worker serve another
         return Rejected(400, f"{PRIORITY}: sent {len(priority)} times; send it once", PRIORITY)
     document = parsed.document
     asked = document.get("priority")
-    return replace(parsed, stream=document.get("stream") is True, in_session=document.get("session") is not None, from_peer=from_peer,
+    generate = path in GENERATE  # an embedding is one JSON answer, in no session
+    return replace(parsed, stream=generate and document.get("stream") is True, in_session=generate and document.get("session") is not None,
+                   from_peer=from_peer,
                    priority_header=priority[0].decode("latin-1") if priority else None,
                    priority_field=asked if isinstance(asked, int) and not isinstance(asked, bool) else None)  # fmt: skip
 
@@ -93,7 +101,7 @@ def parse_request(method: str, path: str, query: bytes, body: bytes, host: Host,
 def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, content_type: str | None, from_peer: bool) -> Parsed | Rejected:
     """``parse_request`` up to its tenant and body."""
     served = host.served
-    if path in GENERATE or path in LORA:
+    if path in GENERATE or path in LORA or path == EMBED:
         if method != "POST":
             return Rejected(405, f"method: {path} takes POST, not {method[:20]!r}", "method", "method_not_allowed")
         if not _json_type(content_type):
@@ -106,7 +114,7 @@ def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, con
             return Rejected(400, f"body: {exc}", "body")
         if not isinstance(document, dict):
             return Rejected(400, "body: must be a JSON object", "body")
-        key = "model" if path in GENERATE else "lora_name"
+        key = "lora_name" if path in LORA else "model"
         name = document.get(key)
         if not isinstance(name, str):
             return Rejected(400, f"{key}: required, a string", key)
@@ -116,10 +124,11 @@ def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, con
                 return Rejected(403, f"{key}: this host answers peers only for {', '.join(sorted(host.accepts)) or 'no tenant'}", key, "peer_not_accepted")
             return Parsed(tenant, document)
         if key == "model" and name in host.routes:
-            return Parsed(name, document)
+            return Parsed(name, document) if path != EMBED else Rejected(
+                400, f"model: {name[:100]!r} is a route, which chooses among tenants that generate; name an embedding tenant", "model")
         if key == "model" and tenant not in served and tenant in host.aliases:
             return _aliased(name, document, *host.aliases[tenant])
-        if key == "model" and tenant not in served and host.has_peers(tenant):
+        if key == "model" and tenant not in served and host.has_peers(tenant) and path != EMBED:  # embeddings: where served
             return Parsed(tenant, document)
         if key == "lora_name" and tenant not in served:
             tenant = host.lora_tenant.get(name, tenant)
@@ -147,6 +156,31 @@ def _parse(method: str, path: str, query: bytes, body: bytes, host: Host, *, con
             return Rejected(404, f"model: {tenant[:100]!r} is not served by this host (tenants: {', '.join(served)})", "model", "model_not_found")
         return Parsed(tenant, {}, sid)
     return Rejected(404, "Not Found")
+
+
+def _kind(path: str, parsed: Parsed, host: Host) -> Parsed | Rejected:
+    """A generation for a generating tenant, an embedding for an embedding tenant (issue #36), and an
+    embedding request that is one (``wire/embeddings``: refused here, before a tenant loads for it)."""
+    name = str(parsed.document.get("model", ""))[:100]
+    if path != EMBED:
+        if parsed.tenant in host.embedders:
+            return Rejected(400, f"model: {name!r} is an embedding tenant; ask POST {EMBED}", "model", "wrong_task")
+        return parsed
+    if parsed.tenant not in host.embedders:
+        listed = ", ".join(t for t in host.served if t in host.embedders) or "none"
+        return Rejected(400, f"model: {name!r} generates; {EMBED} takes an embedding tenant (here: {listed})", "model", "wrong_task")
+    if ":" in name:
+        return Rejected(400, f"model: {name!r}: an embedding tenant has no adapters; name the tenant alone", "model")
+    try:
+        parse_embeddings(parsed.document)
+    except ApiError as exc:
+        return Rejected(exc.status, exc.message, exc.param, str(exc.code) if exc.code is not None else None)
+    return parsed
+
+
+def embedding_tenants(idx: Index, served: Sequence[str]) -> frozenset[str]:
+    """The served tenants of kind "embedding"."""
+    return frozenset(t for t in served if t in idx.tenants and idx.tenants[t].kind == "embedding")
 
 
 def alias_tenants(idx: Index, served: Sequence[str]) -> dict[str, tuple[str, tuple[str, ...]]]:

@@ -75,8 +75,10 @@ class Launcher:
             base_names=base_names(idx, tid), selection=selection_for(self.zoo, idx, tid),
             sessions_dir=self.zoo.tenant_dir(tid), priority=CLASSES[tenant.priority], aging_seconds=self.config.aging_seconds,
             route_sessions=self.route_sessions(idx, tid), router_socket=self.sockets / "router.sock" if self.sockets else None,
+            checkpoint_keep=tenant.sessions.checkpoints.keep, checkpoint_every=tenant.sessions.checkpoints.seconds,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
+            kind=tenant.kind,
         )  # fmt: skip
 
     def route_sessions(self, idx: Index, tid: str) -> tuple[RouteSessions, ...]:
@@ -86,7 +88,9 @@ class Launcher:
         for rid in host.routes:
             route = idx.routes.get(rid)
             if route is not None and tid in route.tenants():
-                found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer))
+                policy = idx.tenants[route.default].sessions.checkpoints  # a route keeps as its default tenant does
+                found.append(RouteSessions(route=rid, dir=self.zoo.route_dir(rid), summarizer=route.summarizer, checkpoint_keep=policy.keep,
+                                           checkpoint_every=policy.seconds))  # fmt: skip
         return tuple(found)
 
     def private_socket(self) -> socket.socket:

@@ -1,8 +1,9 @@
 """Reloads: a HUP, or ``current`` moving under a loaded tenant (issues #5, #20, #32).
 
 A reload reads the index again and swaps every loaded tenant whose version or settings changed:
-the new version loads beside the old one when memory allows (no request waits), else the old one
-stops first and requests wait in the router. A reload that fails keeps the old version serving
+the new version loads beside the old one when memory allows (no request waits), or when paging
+out idle tenants makes room for both (under a memory budget), else the old one stops first and
+requests wait in the router. A reload that fails keeps the old version serving
 and says why (``last_error``, ``Status:``). Adapters whose ``current`` moved are swapped inside
 the running worker, without a restart.
 """
@@ -105,9 +106,18 @@ class Reloader:
         if self._fits_beside(slot, config):
             self.crew.start(slot, config, incoming=True)
             return
-        # Two versions do not fit: stop the old one first; its requests wait in the router.
         old = slot.serving
         assert old is not None
+        if self.table.budget is not None and (victims := self.pager.room_beside(slot)):
+            # Idle tenants make room (issue #34): the old version keeps serving; the new one's runtime starts now
+            # and its weights load once their processes have exited (the pager proceeds it, as for any standby worker).
+            log.info("memory does not allow two versions of %s at once: paging out %s to load %s beside %s",
+                     slot.tenant, ", ".join(victims), config.version, old.config.version)  # fmt: skip
+            for victim in victims:
+                self.pager.evict(self.table.slots[victim], "budget")
+            self.crew.start(slot, config, standby=True, incoming=True)
+            return
+        # Two versions do not fit: stop the old one first; its requests wait in the router.
         log.info("memory does not allow two versions of %s at once: stopping %s before loading %s", slot.tenant, old.config.version, config.version)
         self.reports.gap_from[slot.tenant] = old.config.version
         self.crew.drain(slot, old, "reload")

@@ -28,7 +28,7 @@ from zoo_agent.jsonbound import loads
 from zoo_agent.resident.wire.documents import ResidentState, StateTenant, dump, parse
 from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
-from zoo_agent.formats import now
+from zoo_agent.formats import human_bytes, now
 from zoo_agent.store.zoo import declared_facts
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ class Reports:
                 extra += f", refused {','.join(sorted(s.refused))}"
             if s.sessions:
                 extra += f", {s.sessions} session{'s' if s.sessions != 1 else ''}"
+            if worker.live:  # issue #34: measured, beside the estimate
+                extra += f", mem {human_bytes(worker.live)}, est. {human_bytes(slot.estimate)}"
             loaded.append(f"{tid} {worker.config.model}@{worker.config.version} ({busy}{extra})")
         head = f"{len(table.order)} tenant{'s' if len(table.order) != 1 else ''}: " + (", ".join(loaded) or "none loaded")
         peers = self.peers()

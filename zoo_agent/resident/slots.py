@@ -12,14 +12,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.wire import control as p
 
-__all__ = ["Phase", "Slot", "SlotTable", "Worker"]
+__all__ = ["GROWTH_NOISE", "MAX_ORDERS", "Order", "Outcome", "Phase", "Slot", "SlotTable", "Worker"]
+
+#: RAM a worker may grow by once serving before it counts (issue #34): its allocator's arenas and caches
+#: move by megabytes; a model that outgrows its estimate does by hundreds.
+GROWTH_NOISE = 64 << 20
 
 Phase = Literal["paged_out", "fetching", "loading", "serving", "draining", "failed"]
 
@@ -42,6 +48,22 @@ class Worker:
     killed_for: str = ""  # why the supervisor killed it ("hang"), if it did
     standby: bool = False  # its runtime starts, its weights wait for Proceed (the budget's room)
     fd: int | None = None  # what the supervisor's selector waits on for its events (None: none, or no longer)
+    cgroup: Path | None = None  # its own cgroup (with a memory limit), where the resident may make one (issue #34)
+    ram: int | None = None  # RAM the process holds (its cgroup's working set, else RSS), read live; None: not read
+    device_bytes: int | None = None  # device memory it holds, read live; None: none, or not read
+    baseline: int | None = None  # ``ram`` at its first reading once serving: runtime, weights, warm-up
+    measured_at: float = 0.0  # monotonic, the last reading
+
+    @property
+    def live(self) -> int:
+        """What its model holds, measured (0: not measured): on a CUDA device, the device memory it holds;
+        else the weights it reported at load plus what the process grew by since (less ``GROWTH_NOISE``:
+        allocator arenas and caches): its runtime (Python, torch) is not the model's, and not the budget's."""
+        if self.ready is not None and self.ready.device.startswith("cuda"):
+            return self.device_bytes or 0
+        if self.ram is None or self.baseline is None:
+            return 0
+        return (self.ready.weights_bytes if self.ready else 0) + max(0, self.ram - self.baseline - GROWTH_NOISE)
 
     @property
     def pid(self) -> int:
@@ -86,10 +108,12 @@ class Slot:
     served_before: int = 0  # requests and tokens of this tenant's workers that are gone
     tokens_before: int = 0
     evictions: int = 0
+    keep_alive: float | None = None  # seconds idle before its worker is unloaded (the index's keep_alive; None: never)
 
     @property
     def footprint(self) -> int:
-        return max(self.estimate, self.measured)
+        """What the budget counts: the larger of the estimate, what its loads reported, and what its workers hold now."""
+        return max(self.estimate, self.measured, *(w.live for w in self.workers))
 
     @property
     def busy(self) -> bool:
@@ -100,6 +124,39 @@ class Slot:
         return [w for w in (self.serving, self.incoming) if w is not None]
 
 
+#: Orders asked and not answered yet: the router refuses more (429), so what waits stays bounded.
+MAX_ORDERS = 64
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an order ended: the HTTP status the router answers with, and what it says."""
+
+    status: int
+    message: str
+    state: str = ""  # the tenant's phase when it ended
+    code: str | None = None  # the error's code (4xx, 5xx): "would_evict", "pinned", ...
+    evicted: tuple[str, ...] = ()  # what a load paged out to make room
+
+
+@dataclass
+class Order:
+    """An operator's load or unload of one tenant (``POST /models/load|unload``, ``zoo-agent resident
+    load|unload``; issue #34): put in the table by the router, carried out by the supervisor's loop
+    (the pager), answered through ``done`` when it is done, whichever thread waits for it."""
+
+    action: Literal["load", "unload"]
+    tenant: str
+    evict: bool = False  # a load may page out idle tenants to make room
+    asked: float = field(default_factory=time.monotonic)
+    done: Future[Outcome] = field(default_factory=Future)
+
+    def answer(self, outcome: Outcome) -> None:
+        """Once; a waiter that gave up (cancelled) is not told."""
+        if not self.done.done() and self.done.set_running_or_notify_cancel():
+            self.done.set_result(outcome)
+
+
 def _no_wake() -> None:
     """A table with no supervisor loop to wake (a unit test's)."""
 
@@ -107,11 +164,22 @@ def _no_wake() -> None:
 @dataclass
 class SlotTable:
     """The host's tenants, what the supervisor and the router share: ``slots`` change under ``lock``;
-    ``order`` (the tenants as the index lists them) and ``budget`` are replaced whole by the
-    supervisor when it takes an index; ``wake`` tells the supervisor's loop a request waits."""
+    ``order`` (the tenants as the index lists them), ``budget`` and ``max_loaded`` are replaced whole
+    by the supervisor when it takes an index; ``wake`` tells the supervisor's loop a request waits."""
 
     slots: dict[str, Slot] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     order: list[str] = field(default_factory=list)
     budget: int | None = None
+    max_loaded: int | None = None  # most tenants loaded at once (the host's max_loaded)
     wake: Callable[[], None] = _no_wake
+    orders: list[Order] = field(default_factory=list)  # asked by the router, taken by the pager at its next tick
+
+    def ask(self, order: Order) -> bool:
+        """Hand ``order`` to the supervisor's loop; False when ``MAX_ORDERS`` wait already."""
+        with self.lock:
+            if len(self.orders) >= MAX_ORDERS:
+                return False
+            self.orders.append(order)
+        self.wake()
+        return True

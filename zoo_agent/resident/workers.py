@@ -19,7 +19,10 @@ from collections.abc import Callable
 
 from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig, WorkerConfig
+from zoo_agent.formats import human_bytes
+from zoo_agent.resident.cgroups import WorkerCgroups, limit_for
 from zoo_agent.resident.launch import Launcher
+from zoo_agent.resident.memory import DeviceReader, RamReader, process_ram, reported
 from zoo_agent.resident.process import Unintelligible
 from zoo_agent.resident.slots import Slot, Worker
 from zoo_agent.resident.wire import control as p
@@ -33,12 +36,15 @@ Prepared = tuple[Slot, WorkerConfig, bool, bool, str]  # slot, config, standby, 
 
 class Workers:
     def __init__(self, config: ResidentConfig, launcher: Launcher, selector: selectors.BaseSelector,
-                 on_event: Callable[[Slot, Worker, p.ToSupervisor], None], wake: Callable[[], None]) -> None:  # fmt: skip
+                 on_event: Callable[[Slot, Worker, p.ToSupervisor], None], wake: Callable[[], None], *,
+                 ram: RamReader = process_ram, device: DeviceReader = reported, cgroups: WorkerCgroups | None = None) -> None:  # fmt: skip
         self.config = config
         self.launcher = launcher
         self.selector = selector
         self.on_event = on_event
         self.wake = wake
+        self.ram, self.device = ram, device  # how a worker's memory is read (a unit test's fakes)
+        self._cgroups = cgroups  # one per worker, with a memory limit, where the unit delegates them (found at the first start)
         self.retiring: list[tuple[Slot, Worker]] = []  # drained; reaped when they exit
         self._preparing: set[str] = set()  # tenants whose worker is verified (--strict) beside the loop
         self._prepared: queue.SimpleQueue[Prepared] = queue.SimpleQueue()
@@ -81,8 +87,16 @@ class Workers:
                 self._spawn(slot, config, standby, incoming)
             done.append(item)
 
+    @property
+    def cgroups(self) -> WorkerCgroups:
+        if self._cgroups is None:
+            self._cgroups = WorkerCgroups.detect()
+        return self._cgroups
+
     def _spawn(self, slot: Slot, config: WorkerConfig, standby: bool, incoming: bool) -> None:
         worker = Worker(self.launcher.spawn(config, standby=standby), config, standby=standby)
+        # In a cgroup of its own before it loads anything (issue #34): it is still starting its interpreter.
+        worker.cgroup = self.cgroups.place(worker.pid, slot.tenant, limit_for(slot.footprint))
         worker.fd = worker.process.fileno()
         if worker.fd is not None:
             self.selector.register(worker.fd, selectors.EVENT_READ, (slot, worker))
@@ -123,6 +137,8 @@ class Workers:
         code = worker.process.poll()
         if code is not None or worker.state != "serving":
             return code
+        if t - worker.measured_at >= self.config.measure_interval:
+            self.measure(worker, t)
         if worker.ping_sent and t - worker.ping_sent > self.config.ping_timeout:
             log.error("worker %d (%s): no answer to a ping for %.0fs; replacing it", worker.pid, slot.tenant, t - worker.ping_sent)
             worker.killed_for = "hang"
@@ -133,11 +149,28 @@ class Workers:
             worker.process.ping(worker.ping_seq)
         return None
 
+    def measure(self, worker: Worker, t: float) -> None:
+        """What a serving worker holds now (issue #34): its RAM (the first reading is its baseline) and its
+        device memory. The pager counts the larger of its estimate and ``Worker.live`` (``Slot.footprint``)."""
+        worker.measured_at = t
+        worker.ram = self.ram(worker.pid, worker.cgroup)
+        if worker.baseline is None:
+            worker.baseline = worker.ram
+        worker.device_bytes = self.device(worker.pid, worker.stats.device_bytes)
+
     def closed(self, slot: Slot, worker: Worker) -> None:
-        """It exited: its last events read (a "failed" just before the exit says what it means), released."""
+        """It exited: its last events read (a "failed" just before the exit says what it means), released;
+        killed by the kernel for its memory limit, it says so (the journal names the tenant and the limit)."""
         self.read(slot, worker)
         self._unregister(worker)
         worker.process.close()
+        if worker.cgroup is not None:
+            if self.cgroups.oom_kills(worker.cgroup) and worker.state != "draining":
+                limit = self.cgroups.limit(worker.cgroup)
+                worker.killed_for = "oom"
+                worker.error = f"killed by the kernel: it outgrew its memory limit of {human_bytes(limit or 0)} (memory.max)"
+                log.error("worker %d (%s): %s; the other workers and the supervisor are untouched", worker.pid, slot.tenant, worker.error)
+            self.cgroups.remove(worker.cgroup)
 
     def backoff(self, slot: Slot, worker: Worker, t: float) -> int | None:
         """After ``worker`` crashed: seconds before ``slot`` starts again (doubling, at most 30), or None

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["DIR_MODE", "FILE_MODE", "PUBLISHED_MODE", "fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic"]
+__all__ = ["DIR_MODE", "FILE_MODE", "PUBLISHED_MODE", "fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic", "write_atomic_at"]
 
 
 def temp_name(target: Path) -> Path:
@@ -92,6 +93,33 @@ def write_atomic(target: Path, data: bytes, mode: int | None = None) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE, *, replace: bool = True) -> None:
+    """``write_atomic`` inside an open directory (``name`` one component: nothing is followed on the
+    way to it). ``replace=False`` adds the file only where nothing is (a link, however dangling,
+    counts): ``FileExistsError`` otherwise, atomically, with nothing written."""
+    tmp = temp_name(Path(name)).name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)  # linkat never replaces
+            os.unlink(tmp, dir_fd=dir_fd)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
 
 
 def makedirs_durable(path: Path, mode: int = DIR_MODE) -> None:

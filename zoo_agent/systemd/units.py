@@ -318,7 +318,7 @@ def _resident_unit(settings: UnitSettings) -> str:
                  **({"WatchdogSec": str(settings.watchdog_sec)} if settings.watchdog_sec else {}),
                  "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
                  **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
-                 **_common(settings, {"ZOO_LISTEN": settings.listen}),
+                 **_delegated(_common(settings, {"ZOO_LISTEN": settings.listen})),
                  **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("fleet-key", settings.fleet_key_file),
                                                                                    ("priority-key", settings.priority_key_file),
                                                                                    ("hf-token", settings.hf_token_file)) if path is not None]}
@@ -365,6 +365,18 @@ def _after_apply(settings: UnitSettings) -> dict[str, str | list[str]]:
     if not commands:
         return {}
     return {"ExecStartPost": commands[0] if len(commands) == 1 else commands}
+
+
+#: The resident's own cgroup (cgroup v2, the system instance's default slice): ProtectControlGroups=
+#: leaves the rest of /sys/fs/cgroup read-only; '-': a host without it starts anyway (issue #34).
+RESIDENT_CGROUP = "/sys/fs/cgroup/system.slice/model-zoo-resident.service"
+
+
+def _delegated(common: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    """One cgroup per worker, with a memory limit (issue #34): the unit's cgroup is the resident's to divide
+    (Delegate=memory; the memory controller only), writable though the rest of the hierarchy stays read-only."""
+    paths = common.get("ReadWritePaths", [])
+    return {**common, "Delegate": "memory", "ReadWritePaths": [*(paths if isinstance(paths, list) else [paths]), f"-{RESIDENT_CGROUP}"]}
 
 
 def _with_hf_cache(settings: UnitSettings, common: dict[str, str | list[str]]) -> dict[str, str | list[str]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from zoo_agent.resident.sessions.store import Turn
 
-__all__ = ["AUTO", "AdapterSet", "AdaptersBusy", "Emit", "Generated", "Generator", "Model", "Request", "Scheduler", "Stats"]
+__all__ = ["AUTO", "SET", "AdapterSet", "AdaptersBusy", "Emit", "Generated", "Generator", "Model", "Request", "Scheduler", "Stats"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -35,13 +35,16 @@ class Request:
     top_k: int = 0
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: always produce max_tokens (benchmarks, drain tests)
-    adapter: str | None = None  # a declared adapter id, AUTO, or None for the base model
+    adapter: str | None = None  # a declared adapter id, AUTO, SET, or None for the base model
     session: Turn | None = None  # a turn of a session: its cache is restored and the turn committed
     stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the text ends before the first one
     priority: int = 0  # lower is served first, as vLLM's (resident/priority.py); last, so positional constructions keep working
+    scaled: tuple[tuple[str, float], ...] = ()  # with SET: (adapter id, scale), composed in this order (issue #36)
+    exclude: frozenset[str] = frozenset()  # with AUTO: adapters never chosen (issue #36)
 
 
 AUTO = ":auto"  # choose the adapter by the request's text
+SET = ":set"  # the adapters the caller named, at their scales (``Request.scaled``)
 
 
 @dataclass

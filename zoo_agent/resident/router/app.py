@@ -53,11 +53,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zoo_agent.resident.inbound import GENERATE, Host, Parsed, Rejected, alias_tenants, parse_request
+from zoo_agent.resident.inbound import EMBED, GENERATE, Host, Parsed, Rejected, alias_tenants, embedding_tenants, parse_request
 from zoo_agent.resident.router.admission import Admission, QueueFull, Unavailable
+from zoo_agent.resident.router.checkpoints import CheckpointApi, is_checkpoint_path
 from zoo_agent.resident.router.delegate import GRANTED, Delegation
+from zoo_agent.resident.router.embeddings import forward_embeddings
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.manage import PATHS as MANAGED, Manage
 from zoo_agent.resident.router.routes import Routed, Routes
 from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
 from zoo_agent.resident.similarity import Similarity, route_tasks
@@ -107,12 +110,15 @@ class Router:
         self.lora_tenant: dict[str, str] = {}  # adapter id -> the tenant declaring it (vLLM's load route names only the adapter)
         self.aliases: dict[str, tuple[str, tuple[str, ...]]] = {}  # a model's alias -> (the model, the tenants serving it here)
         self.routes: dict[str, RouteEntry] = {}  # the host's routes (issue #21): a model name whose rules choose the tenant
+        self.embedders: frozenset[str] = frozenset()  # served tenants of kind "embedding" (issue #36)
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
         self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
                                    index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
+        self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
+        self.checkpoints = CheckpointApi(zoo, lambda: self.idx, lambda: self.table.order, lambda: self.routes)  # issue #36
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: Any = None
@@ -127,6 +133,7 @@ class Router:
                 lora_tenant.setdefault(lid, tid)
         self.lora_tenant = lora_tenant
         self.aliases = alias_tenants(idx, self.table.order)
+        self.embedders = embedding_tenants(idx, self.table.order)
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
@@ -220,7 +227,7 @@ class Router:
         body = await _whole_body(receive)
         if body is None:
             return  # the client left before its body arrived
-        if scope["method"] == "GET" and await self._own(scope["path"], send):
+        if await self._own(scope, body, send):
             return
         named = [v for k, v in scope.get("headers", []) if k.lower() == _PRIORITY]
         parse = functools.partial(parse_request, scope["method"], scope["path"], scope.get("query_string", b""), body, self._host(),
@@ -231,24 +238,36 @@ class Router:
             return
         await self._dispatch(scope, receive, send, body, parsed)
 
-    async def _own(self, path: str, send: Send) -> bool:
-        """What the router answers itself (``/health``, ``/metrics``, ``/v1/models``): True when it did."""
-        if path == "/health":
+    async def _own(self, scope: Scope, body: bytes, send: Send) -> bool:
+        """What the router answers itself (``/health``, ``/metrics``, ``/v1/models``, the managed paths, the
+        zoo's checkpoint files): True when it did."""
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/health":
             status, data = self.endpoints.health()
             await respond(send, status, data)
-        elif path == "/metrics":
+        elif method == "GET" and path == "/metrics":
             text = await self.endpoints.metrics()
             await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
-        elif path == "/v1/models":
+        elif method == "GET" and path == "/v1/models":
             await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
+        elif path in MANAGED:
+            await self.manage(scope, body, send)
+        elif is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
+            files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,
+                                      content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None)  # fmt: skip
+            await respond(send, *await asyncio.get_running_loop().run_in_executor(None, files))
         else:
             return False
         return True
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, body: bytes, parsed: Parsed) -> None:
-        """A parsed request to where it goes: a route's session, a route's candidates, the tenant's peers, or its worker."""
+        """A parsed request to where it goes: an embedding tenant, a route's session, a route's candidates, the tenant's
+        peers, or its worker."""
         tenant, generate = parsed.tenant, scope["path"] in GENERATE
         body = body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
+        if scope["path"] == EMBED:  # an embedding tenant's request (issue #36): router/embeddings.py
+            await forward_embeddings(self, scope, receive, send, body, parsed)
+            return
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
             answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, scope["method"])
@@ -286,7 +305,8 @@ class Router:
     def _host(self) -> Host:
         """What ``parse_request`` needs to know of this host: its own dicts, which ``take_index`` replaces whole."""
         fed = self.federation
-        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases)
+        return Host(self.table.order, self.routes, fed.accepts, lambda tenant: bool(fed.peers_of(tenant)), self.lora_tenant, self.aliases,
+                    self.embedders)
 
 
     def _may_overflow(self, scope: Scope, tenant: str) -> bool:

@@ -26,7 +26,7 @@ from zoo_agent.resident.router.admission import Admission
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peers import pinned, tenant_digest
 from zoo_agent.resident.router.upstream import Clients
-from zoo_agent.resident.slots import SlotTable
+from zoo_agent.resident.slots import Slot, SlotTable
 from zoo_agent.resident.wire.documents import Card, CardZoo, Health, HealthTenant, PeerReport, dump
 from zoo_agent.store.zoo import manifest_digest, read_manifest
 
@@ -47,16 +47,20 @@ class Metrics:
         self.loaded = Gauge("zoo:model_loaded", "1 while the tenant's model is loaded and serving.", ["tenant"], registry=r)
         self.load_seconds = Histogram("zoo:model_load_seconds", "Seconds from spawning a tenant's worker to its first real generation.",
                                       ["tenant"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room).", ["tenant", "reason"], registry=r)
+        self.evictions = Counter("zoo:model_evictions", "Tenants paged out, by reason (budget: to make room; idle: keep_alive; unload: asked).",
+                                 ["tenant", "reason"], registry=r)  # fmt: skip
         self.footprint = Gauge("zoo:model_footprint_bytes", "Memory the budget counts for the tenant (the larger of estimate and measurement).",
                                ["tenant"], registry=r)  # fmt: skip
         self.budget = Gauge("zoo:memory_budget_bytes", "The host's memory budget (absent: none).", registry=r)
+        self.memory = Gauge("zoo:model_memory_bytes", "Memory the tenant's worker holds, read live: RAM (its cgroup's working set, else RSS; "
+                            "its runtime included) and device memory; 0 while not loaded or not read.", ["tenant", "kind"], registry=r)  # fmt: skip
         self.waiting = Gauge("zoo:router_requests_waiting", "Requests waiting in the router for their tenant to load, by priority class.",
                              ["tenant", "priority"], registry=r)  # fmt: skip
         self.inflight = Gauge("zoo:router_requests_inflight", "Requests forwarded to the tenant's worker and not finished.", ["tenant"], registry=r)
         self.requests = Counter("zoo:router_requests", "Requests the router answered, by tenant and status code.", ["tenant", "code"], registry=r)
         self.retries = Counter("zoo:router_retries", "Requests sent again after their worker failed before answering.", ["tenant"], registry=r)
-        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings).",
+        self.restarts = Counter("zoo:worker_restarts", "Workers the supervisor replaced, by why (crash: it exited; hang: it stopped answering pings; "
+                                "oom: the kernel killed it past its memory limit).",
                                 ["tenant", "reason"], registry=r)  # fmt: skip
         self.ready = Gauge("zoo:resident_ready", "1 once every pinned tenant (or the first listed) answered a real generation.", registry=r)
         self.started = Gauge("zoo:resident_start_time_seconds", "When this resident started (Unix time).", registry=r)
@@ -73,8 +77,9 @@ class Metrics:
         ``rate()`` see its first restart, load or fetch instead of a series born at 1."""
         self.load_seconds.labels(tenant)
         self.retries.labels(tenant)
-        self.evictions.labels(tenant, "budget")
-        for reason in ("crash", "hang"):
+        for reason in ("budget", "idle", "unload"):
+            self.evictions.labels(tenant, reason)
+        for reason in ("crash", "hang", "oom"):
             self.restarts.labels(tenant, reason)
         if on_demand:
             for result in ("ok", "failed"):
@@ -92,6 +97,16 @@ class _Static:
 
     def describe(self) -> list[Metric]:
         return []
+
+def _memory(slot: Slot) -> dict[str, int | None]:
+    """A tenant's memory in /health (issue #34): the estimate and what was measured of its model (the larger
+    of what its loads reported and what its worker holds now, ``Worker.live``; None before any), which the
+    budget counts the larger of; and its worker's own readings (RAM, runtime included; device; None: unknown)."""
+    worker = slot.serving
+    measured = max([slot.measured, *(w.live for w in slot.workers)])
+    return {"estimate": slot.estimate, "measured": measured or None, "ram": worker.ram if worker else None,
+            "device": worker.device_bytes if worker else None}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -157,6 +172,7 @@ class Endpoints:
                     "version": worker.config.version if worker else None, "running": worker.stats.running if worker else 0,
                     "waiting": (worker.stats.waiting if worker else 0) + slot.queued, "inflight": slot.inflight,
                     "idle_seconds": round(t - slot.last_used, 1) if slot.last_used else None, "footprint": slot.footprint,
+                    "memory": _memory(slot),  # issue #34
                     **({"fetch_pct": slot.fetch_pct} if slot.phase == "fetching" else {}),
                     **({"error": slot.refusal or slot.error or away} if slot.refusal or slot.error or away else {})})  # fmt: skip
         state = "stopping" if self.admission.stopping else ("ready" if self.is_ready() else "starting")
@@ -188,7 +204,7 @@ class Endpoints:
             version = worker.config.version if worker else idx.models[tenant.model].version
             facts = self.facts.of("models", tenant.model, version)
             own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
-                                                backend=tenant.backend, task="generate",
+                                                backend=tenant.backend, task="embed" if tenant.kind == "embedding" else "generate",
                                                 max_context=tenant.resources.max_context or facts.context, adapters=adapters + auto))  # fmt: skip
             data.append(own)
             for lid in tenant.loras:
@@ -210,6 +226,9 @@ class Endpoints:
             for tid, slot in table.slots.items():
                 m.loaded.labels(tid).set(1 if slot.path is not None else 0)
                 m.footprint.labels(tid).set(slot.footprint)
+                worker = slot.serving  # issue #34: what it holds, measured
+                m.memory.labels(tid, "ram").set((worker.ram if worker else None) or 0)
+                m.memory.labels(tid, "device").set((worker.device_bytes if worker else None) or 0)
                 m.inflight.labels(tid).set(slot.inflight)
                 counts = self.admission.counts_by_class(tid)
                 for name in ("system", "realtime", "default", "batch"):

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoo_agent.errors import ZooError
+from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy, Checkpoints
 from zoo_agent.resident.sessions.transcript import (
     SESSION_ID,
     SessionDamaged,
@@ -110,10 +112,11 @@ class Sessions:
     that returning to a model restores its cache (issue #21)."""
 
     def __init__(self, base_dir: Path, *, model_key: str, dtype: str, template: str, vocab_size: int | None = None,
-                 route: str | None = None) -> None:  # fmt: skip
+                 route: str | None = None, checkpoints: CheckpointPolicy | None = None) -> None:  # fmt: skip
         self.dir = base_dir / "sessions"
         self.kv_dir = base_dir / "kv-cache"
         self.route = route
+        self.checkpoints = checkpoints  # the index's sessions.checkpoints: timed checkpoints (issue #36)
         self.model_key, self.dtype = model_key, dtype
         self.vocab_size = vocab_size  # token ids of a transcript must be below it
         self.template = hashlib.sha256(template.encode()).hexdigest()[:16]
@@ -167,6 +170,21 @@ class Sessions:
             write_atomic(self.path(turn.id), (json.dumps(transcript.document(), indent=1) + "\n").encode(), FILE_MODE)
             fsync_dir(self.dir)
         return transcript
+
+    def timed_checkpoint(self, transcript: SessionFile) -> None:
+        """After a committed turn and its cache: a checkpoint of its own when ``checkpoints.every`` says
+        one is due (issue #36). An idle session is not checkpointed again; a failure is logged, never the turn's."""
+        policy = self.checkpoints
+        if policy is None or policy.every is None:
+            return
+        try:
+            store = Checkpoints(self.dir.parent, route=self.route is not None, wait=1.0)  # the model thread: skipped, not held, when busy
+            if store.due(transcript.id, policy.every, transcript.created):
+                record, dropped = store.create(transcript.id, keep=policy.keep, kind="timed")
+                log.info("session %s: timed checkpoint %s (%d turns)%s", transcript.id, record.name, record.turns,
+                         f"; dropped {', '.join(dropped)}" if dropped else "")  # fmt: skip
+        except (ZooError, OSError) as exc:
+            log.warning("session %s: timed checkpoint not taken: %s", transcript.id, exc)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

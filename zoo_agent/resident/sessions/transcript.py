@@ -104,6 +104,7 @@ class SessionFile(BaseModel):
     updated: str | None = None
     turns: list[SessionTurn]
     summaries: list[SessionSummary] = []
+    restored_from: Annotated[str, Field(max_length=200)] | None = None  # '<session>/<checkpoint>' it was restored from (issue #36)
 
     @model_validator(mode="after")
     def _summaries_cover_turns(self) -> SessionFile:

@@ -106,6 +106,7 @@ class Pong(_Message):
     refused: dict[str, str] = Field(default_factory=dict)
     sessions: int = 0
     unavailable: str = ""  # why the tenant cannot answer now (its Ollama daemon is away, issue #35); "" when it can
+    device_bytes: int | None = None  # device memory its allocator holds (None: not on a CUDA device); issue #34
 
 
 ToWorker = Annotated[Configure | Proceed | Ping | Drain | Adapters | Reloads, Field(discriminator="type")]

@@ -25,7 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from zoo_agent.jsonbound import loads
 
 __all__ = [
-    "AnswerZoo", "Card", "CardZoo", "ComposedAdapter", "Health", "HealthTenant", "Malformed", "ModelList", "PeerReport",
+    "AnswerZoo", "Card", "CardZoo", "ComposedAdapter", "Health", "HealthMemory", "HealthTenant", "Malformed", "ModelList", "PeerReport",
     "ResidentState", "RouteReport", "SessionReport", "StateTenant", "dump", "parse", "salvage", "validate",
 ]  # fmt: skip
 
@@ -51,6 +51,17 @@ class Malformed(ValueError):
 
 
 # -- /health -----------------------------------------------------------------------------------
+class HealthMemory(_Document):
+    """A tenant's ``memory`` in ``/health`` (issue #34): its estimate, what was measured of its model
+    (the budget counts the larger), and its worker's own readings (RAM, its runtime included; device);
+    null where not read."""
+
+    estimate: Count = 0
+    measured: Count | None = None
+    ram: Count | None = None
+    device: Count | None = None
+
+
 class HealthTenant(_Document):
     """One tenant in ``/health``: its phase, what its worker serves, how busy it is."""
 
@@ -65,6 +76,7 @@ class HealthTenant(_Document):
     footprint: Count = 0
     fetch_pct: Count | None = None  # only while fetching
     error: Text | None = None  # only when it is refused or failed
+    memory: HealthMemory | None = None  # issue #34
 
 
 class PeerReport(_Document):
@@ -165,12 +177,13 @@ class ResidentState(_Document):
 
 # -- x_zoo on answers ------------------------------------------------------------------------------
 class ComposedAdapter(_Document):
-    """One adapter of a composition (``<tenant>:auto`` choosing several)."""
+    """One adapter of a composition (``<tenant>:auto`` choosing several, or a set the caller named, issue #36)."""
 
     id: Word
     version: Word
     similarity: float | None = None
     weight: float | None = None
+    scale: float | None = None  # an explicit set's: the scale the caller gave
 
 
 class SessionReport(_Document):

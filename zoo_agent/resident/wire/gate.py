@@ -12,7 +12,7 @@
   only ``Content-Length`` let a 5 MB chunked body through, and the worker grew to 1.5 GB.
   The body is read here, at most ``max_body`` bytes, then handed to the app in one piece;
   one byte more is a 413 (uvicorn discards the rest of that body without buffering it).
-- Auth: with an API key, ``/v1/*`` needs ``Authorization: Bearer <key>`` (the scheme is
+- Auth: with an API key, ``/v1/*`` and ``/models/*`` (load and unload, issue #34) need ``Authorization: Bearer <key>`` (the scheme is
   required: a bare key was accepted), compared in constant time, checked before the body is read.
   A request from a peer (``X-Zoo-Peer``, issue #22) needs the fleet key instead, always: a
   host with no fleet key answers no peer, and a client key never passes for a peer's.
@@ -37,6 +37,8 @@ __all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "PRIVILEGED", "Gate"]
 
 #: The scope key the gate sets on a request that presented the priority key (a client cannot set scope keys).
 PRIVILEGED = "zoo.privileged"
+#: The paths that need a bearer token where a key is set: the API, and loading and unloading by hand.
+AUTHORIZED = ("/v1/", "/models/")
 #: How much of a refused body is read (and thrown away) so that its sender can read the answer.
 DRAIN_BYTES = 16 << 20
 DRAIN_SECONDS = 5.0
@@ -61,7 +63,7 @@ class Gate:
         self.priority_key = priority_key.encode() if priority_key is not None else None
 
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
-        if not str(scope.get("path", "")).startswith("/v1/"):
+        if not str(scope.get("path", "")).startswith(AUTHORIZED):
             return True
         if any(k.lower() == PEER.lower().encode() for k, _ in headers):
             return self.fleet_key is not None and _bearer(headers, self.fleet_key)

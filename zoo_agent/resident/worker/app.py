@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -154,7 +155,7 @@ async def _manage_lora(state: ServingState, body: LoadLoraBody, *, load: bool) -
 
 async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]] | None, prompt: str | None, *, chat: bool,
                  priority: str | None = None, route: str | None = None) -> Response:  # fmt: skip
-    adapter = adapter_for(state, body.model)
+    adapter = adapter_for(state, body.model, body.x_zoo)
     if isinstance(adapter, Refusal):
         return refused(adapter)
     if (away := unavailable(state.backend)) is not None:  # its Ollama daemon is away (issue #35): a 503 at once, not a try
@@ -175,7 +176,7 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
     while True:
         state.preparing += 1
         try:
-            request = await asyncio.get_running_loop().run_in_executor(state.preparer, prepare, state, body, messages, prompt, adapter, chat,
+            request = await asyncio.get_running_loop().run_in_executor(state.preparer, prepare, state, body, messages, prompt, adapter.adapter, chat,
                                                                        level, route, fresh)  # fmt: skip
         finally:
             state.preparing -= 1
@@ -184,6 +185,7 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
         fresh = await summarize(state.summarizers, route or "", request)  # then prepared again, with the summary
     if isinstance(request, Refusal):
         return refused(request)
+    request = replace(request, scaled=adapter.scaled, exclude=adapter.exclude)  # the set and what none may use (issue #36)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

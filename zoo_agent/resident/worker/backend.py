@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.engine.base import AUTO, Generated, Request
+from zoo_agent.resident.engine.base import AUTO, SET, Generated, Request
 from zoo_agent.resident.engine.stops import StopFilter, criteria, cut
 from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
 from zoo_agent.resident.sessions.store import Sessions, Turn
 from zoo_agent.resident.sessions.transcript import SessionTurn
 from zoo_agent.resident.worker.adapters import AdapterError, Adapters
 from zoo_agent.resident.worker.prompt_bound import longest_token
-from zoo_agent.resident.worker.selection import Selector, compose
+from zoo_agent.resident.worker.selection import Composition, Selector, compose
 
 __all__ = ["AdapterError", "TransformersBackend"]
 
@@ -102,12 +102,14 @@ class TransformersBackend:
         """Which adapter (or composition: its name) this request runs with, loading what is not
         resident, never evicting one in ``busy``."""
         aid = request.adapter
+        if aid == SET:
+            return self._compose_set(request.scaled, result, busy)
         if aid == AUTO:
             if self.selector is None:
                 raise AdapterError("this tenant has no adapter_selection in the index")
             text = request.prompt or next((m["content"] for m in reversed(request.messages or []) if m["role"] == "user"), "")
             refused = frozenset(self.adapters.refused) if self.adapters is not None else frozenset()
-            picked, result.similarity = self.selector.choose(text, exclude=refused)
+            picked, result.similarity = self.selector.choose(text, exclude=refused | request.exclude)
             if len(picked) > 1:
                 return self._compose(picked, result, busy)
             aid = picked[0][0] if picked else None
@@ -129,6 +131,18 @@ class TransformersBackend:
         weights = composition.weights or (None,) * len(members)
         result.adapters = [{"id": a.id, "version": a.version, "similarity": round(similarity, 4), **({"weight": w} if w is not None else {})}
                            for a, (_, similarity), w in zip(members, picked, weights, strict=True)]  # fmt: skip
+        return name
+
+    def _compose_set(self, scaled: tuple[tuple[str, float], ...], result: Generated, busy: frozenset[str]) -> str:
+        """The adapters the caller named, at its scales (issue #36): a "weighted" composition, whose
+        weights are the scales (peft's add_weighted_adapter, "cat": exact); ``result`` says which (x_zoo)."""
+        if self.adapters is None:
+            raise AdapterError(f"adapter '{scaled[0][0]}' is not declared for this tenant (declared: none)")
+        composition = Composition(tuple(aid for aid, _ in scaled), "weighted", tuple(scale for _, scale in scaled))
+        name = self.adapters.compose(composition, busy=busy)  # declared and not refused, checked again here
+        members = [self.adapters.loaded[aid] for aid in composition.ids]
+        result.adapter, result.combine = composition.label([a.label for a in members]), composition.combine
+        result.adapters = [{"id": a.id, "version": a.version, "scale": scale} for a, (_, scale) in zip(members, scaled, strict=True)]
         return name
 
     def load_adapter(self, aid: str) -> float:
@@ -272,11 +286,12 @@ class TransformersBackend:
         sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
                     "top_k": request.top_k, "seed": request.seed, **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
         meta = {"sampling": sampling, "adapter": result.adapter, "finish_reason": result.finish_reason, "cache": request.session.cache}
-        store.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
+        transcript = store.commit(request.session, result.text, ids[result.prompt_tokens:], meta)
         try:
             store.save_cache(request.session.id, ids, cache, result.adapter)
         except Exception as exc:  # noqa: BLE001 - the cache only accelerates; the turn is committed
             log.warning("session %s: cache not saved: %s", request.session.id, exc)
+        store.timed_checkpoint(transcript)
 
     def stream(self, request: Request, result: Generated, cancel: threading.Event | None = None) -> Iterator[str]:
         """Generate, yielding text as it decodes; fills ``result`` with the token counts.

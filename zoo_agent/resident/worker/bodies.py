@@ -18,9 +18,10 @@ from zoo_agent.resident.sessions.transcript import MAX_SEED, Text
 from zoo_agent.resident.wire.headers import PRIORITY as HEADER
 from zoo_agent.resident.wire.headers import SESSION_ROUTE as ROUTE_HEADER
 from zoo_agent.resident.wire.priority import CLASSES, MAX_PRIORITY, MIN_PRIORITY
+from zoo_agent.resident.worker.adapter_sets import MAX_SCALE, SCALE_STEP, on_step
 
-__all__ = ["MAX_MESSAGES", "MAX_STOP_CHARS", "Body", "BoundedRoute", "ChatBody", "CompletionBody", "LoadLoraBody", "Message", "PriorityHeader", "RouteHeader",
-           "StopText", "StreamOptions"]
+__all__ = ["MAX_ASKED", "MAX_MESSAGES", "MAX_STOP_CHARS", "Body", "BoundedRoute", "ChatBody", "CompletionBody", "LoadLoraBody", "Message", "PriorityHeader",
+           "RouteHeader", "ScaledAdapter", "StopText", "StreamOptions", "XZoo"]
 
 MAX_STOP_CHARS = 256
 #: More messages than any conversation holds (a 1 MiB body of ``{"role": "user", "content": ""}``
@@ -31,10 +32,48 @@ MAX_MESSAGES = 10_000
 
 StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
+#: The index's largest ``resources.max_loras``: no set is longer. Checked before an item is
+#: validated, as ``messages`` is (a 1 MiB body holds 300,000 ``{}``).
+MAX_ASKED = 1024
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = Field(default=False, description="OpenAI's: a last chunk, with no choices, carries the usage.")
+
+
+def _at_most(items: Any) -> Any:
+    if isinstance(items, list) and len(items) > MAX_ASKED:
+        raise PydanticCustomError("too_long", "at most {limit} items, not {given}", {"limit": MAX_ASKED, "given": len(items)})
+    return items
+
+
+class ScaledAdapter(BaseModel):
+    """One adapter of an explicit set (issue #36)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: Text = Field(description="An adapter id the index declares for the tenant.")
+    scale: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE,
+                         description=f"Multiplies the adapter's delta: -{MAX_SCALE:g} to {MAX_SCALE:g} in steps of {SCALE_STEP:g}, not 0.")  # fmt: skip
+
+    @field_validator("scale")
+    @classmethod
+    def _on_step(cls, scale: float) -> float:
+        steps = on_step(scale)
+        if steps is None or steps == 0:
+            why = "adds nothing; leave the adapter out" if steps == 0 else f"is not a multiple of {SCALE_STEP:g}"
+            raise PydanticCustomError("scale", f"{scale:g} {why} (scales run from -{MAX_SCALE:g} to {MAX_SCALE:g} in steps of {SCALE_STEP:g}, not 0)")
+        return steps
+
+
+class XZoo(BaseModel):
+    """Our extension's request fields: which adapters answer (issue #36). An unknown field is a 400: a typo must not go unnoticed."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    adapters: list[ScaledAdapter] | None = Field(default=None, min_length=1, description="Compose these adapters at these scales; model names the tenant.")
+    exclude: list[Text] = Field(default_factory=list, description="Adapters never used: '<tenant>:auto' does not choose them, a set may not name them.")
+
+    _bounded = field_validator("adapters", "exclude", mode="before")(_at_most)
 
 
 class Body(BaseModel):
@@ -56,6 +95,7 @@ class Body(BaseModel):
     priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                                  description=f"vLLM's: lower is served first ({', '.join(f'{k} {v}' for k, v in CLASSES.items())}); "
                                              f"the {HEADER} header wins over it; default: the tenant's.")  # fmt: skip
+    x_zoo: XZoo | None = Field(default=None, description="Our extension: adapters composed or excluded (issue #36).")
 
     @field_validator("n")
     @classmethod

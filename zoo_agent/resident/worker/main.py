@@ -23,6 +23,7 @@ from typing import Any
 
 from zoo_agent.resident.wire import control as p
 from zoo_agent.resident.config import WorkerConfig
+from zoo_agent.resident.memory import device_reserved
 
 __all__ = ["main"]
 
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(configure, p.Configure):
         return 2  # the supervisor went away before it told us what to serve
     config = configure.config
+    if config.kind == "embedding":  # an embedding tenant's worker (issue #36)
+        from zoo_agent.resident.worker.embedding_main import run
+
+        return run(config, control, lines, pending, args.listen_fd)
     if config.backend != "ollama":
         import zoo_agent.resident.worker.app  # noqa: F401 - the runtime (torch, transformers, the HTTP stack): no weights yet
         import zoo_agent.resident.worker.backend  # noqa: F401
@@ -118,8 +123,11 @@ def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, Any, float
         if config.sessions_dir is not None and config.backend != "ollama":
             from zoo_agent.resident.sessions.store import Sessions
 
+            from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
+
             backend.sessions = Sessions(config.sessions_dir, model_key=f"{config.model}@{config.version}", dtype=backend.dtype,
-                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size())  # fmt: skip
+                                        template=str(backend.tokenizer.chat_template or ""), vocab_size=backend.vocab_size(),
+                                        checkpoints=CheckpointPolicy(config.checkpoint_keep, config.checkpoint_every))  # fmt: skip
         from zoo_agent.resident.engine.warmup import warm_up
         from zoo_agent.resident.worker.daemon import away
         from zoo_agent.resident.worker.scheduling import scheduler_for
@@ -154,12 +162,14 @@ def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
     """The sessions of the routes this tenant answers for (issue #21), and their summarizers."""
     if backend.sessions is None:
         return
+    from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
     from zoo_agent.resident.sessions.store import Sessions
     from zoo_agent.resident.sessions.summaries import Summarizer
 
     for rs in config.route_sessions:
         sessions = Sessions(rs.dir, model_key=backend.sessions.model_key, dtype=backend.dtype, template=str(backend.tokenizer.chat_template or ""),
-                            vocab_size=backend.sessions.vocab_size, route=rs.route)  # fmt: skip
+                            vocab_size=backend.sessions.vocab_size, route=rs.route,
+                            checkpoints=CheckpointPolicy(rs.checkpoint_keep, rs.checkpoint_every))  # fmt: skip
         sessions.stats = backend.sessions.stats  # one set of counters per worker
         state.route_sessions[rs.route] = sessions
         if rs.summarizer is not None and config.router_socket is not None:
@@ -276,7 +286,8 @@ class _Control:
         adapters = backend.adapters
         return p.Pong(seq=seq, served=state.served, tokens=state.tokens, running=state.running, waiting=state.waiting, tps=self.rate(state.tokens),
                       adapters=[a.label for a in adapters.loaded.values()] if adapters else [], refused=adapters.refused if adapters else {},
-                      sessions=backend.sessions.open_count() if backend.sessions else 0, unavailable=away(backend))  # fmt: skip
+                      sessions=backend.sessions.open_count() if backend.sessions else 0, unavailable=away(backend),
+                      device_bytes=device_reserved(backend.device))  # fmt: skip
 
     async def drain(self) -> None:
         """Stop accepting (the shared socket's backlog goes to the new worker), answer what

@@ -3,32 +3,26 @@
 
 from __future__ import annotations
 
-from zoo_agent.resident.engine.base import AUTO
 from zoo_agent.resident.engine.base import Request as GenRequest
 from zoo_agent.resident.sessions.store import Turn
 from zoo_agent.resident.sessions.summaries import NeedSummary
 from zoo_agent.resident.sessions.transcript import SessionSummary
 from zoo_agent.resident.sessions.turns import Refusal, session_turn
-from zoo_agent.resident.worker.bodies import Body
+from zoo_agent.resident.worker.adapter_sets import Asked, Offer, asked
+from zoo_agent.resident.worker.bodies import Body, XZoo
 from zoo_agent.resident.worker.state import ServingState
 
 __all__ = ["adapter_for", "prepare"]
 
 
-def adapter_for(state: ServingState, model: str) -> str | None | Refusal:
-    """The `model` field: '<tenant>' is the base model, '<tenant>:<adapter>' an adapter, '<tenant>:auto' a choice."""
-    if model in (state.tenant, state.model):
-        return None
-    tenant, sep, aid = model.partition(":")
+def adapter_for(state: ServingState, model: str, x_zoo: XZoo | None = None) -> Asked | Refusal:
+    """The `model` field: '<tenant>' is the base model, '<tenant>:<adapter>' an adapter, '<tenant>:auto' a choice,
+    '<tenant>:a+b' (or ``x_zoo.adapters``) a set at the caller's scales; ``x_zoo.exclude`` what none may use (issue #36)."""
     adapters = state.backend.adapters
-    if sep and tenant == state.tenant:
-        if aid == "auto" and state.backend.selector is not None:
-            return AUTO
-        if adapters is not None and aid in adapters.declared:
-            if aid in adapters.refused:
-                return Refusal(400, f"model: adapter refused: {adapters.refused[aid]}", param="model", code="adapter_refused")
-            return aid
-    return Refusal(404, f"model '{model}' is not served here (serving '{state.tenant}')", param="model", code="model_not_found")
+    offer = Offer(state.tenant, state.model, adapters.declared if adapters is not None else (), adapters.refused if adapters is not None else {},
+                  adapters.max_loras if adapters is not None else 0, auto=state.backend.selector is not None)  # fmt: skip
+    scaled = [(a.name, a.scale) for a in x_zoo.adapters] if x_zoo is not None and x_zoo.adapters is not None else None
+    return asked(offer, model, scaled, x_zoo.exclude if x_zoo is not None else ())
 
 
 def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | None, prompt: str | None, adapter: str | None,

@@ -132,12 +132,12 @@ async def pieces(state: ServingState, request: GenRequest, stream: bool = True) 
                 m.prompt_tokens.inc(item.prompt_tokens)
                 m.generation_tokens.inc(item.completion_tokens)
                 m.requests.labels(item.finish_reason).inc()
+                labels = [f"{a['id']}@{a['version']}" for a in item.adapters] or [item.adapter or "base"]
                 if request.adapter == AUTO:
-                    labels = [f"{a['id']}@{a['version']}" for a in item.adapters] or [item.adapter or "base"]
                     for label in labels:
                         m.lora_selections.labels(label).inc()
-                    if item.combine is not None:
-                        m.lora_compositions.labels(item.combine, ",".join(sorted(labels))).inc()
+                if item.combine is not None:  # '<tenant>:auto' composing, or a set the caller named (issue #36)
+                    m.lora_compositions.labels(item.combine, ",".join(sorted(labels))).inc()
                 state.sync_metrics()
                 with state.lock:
                     state.served += 1
