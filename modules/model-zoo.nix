@@ -122,7 +122,11 @@ let
         type = types.attrsOf (types.submodule {
           freeformType = json.type;
           options = {
-            model = mkOption { type = id; description = "Id of the model to serve."; };
+            model = mkOption {
+              type = types.nullOr id;
+              default = null;
+              description = "Id of the model to serve (null only for a remote tenant: `backend = \"openai\"` with `remote`, issue #36).";
+            };
             pinned = mkOption {
               type = types.nullOr types.bool;
               default = null;
@@ -449,6 +453,17 @@ in
           `apiKeyFile` and `fleetKeyFile`.
         '';
       };
+      credentials = mkOption {
+        type = types.attrsOf (unquoted types.externalPath);
+        default = { };
+        example = literalExpression ''{ openai-key = "/run/secrets/openai-key"; }'';
+        description = ''
+          More credentials of the resident, by name, each passed with `LoadCredential=NAME:PATH` and
+          never copied to the store: a remote tenant's key (issue #36), which its index entry names
+          (`remote.key_file = "openai-key"`) and the resident reads from `$CREDENTIALS_DIRECTORY`.
+          A name is letters, digits, `.`, `_` and `-`; not `api-key`, `fleet-key`, `priority-key` or `hf-token`.
+        '';
+      };
       watchdogSec = mkOption {
         type = types.ints.unsigned;
         default = 30;
@@ -555,6 +570,11 @@ in
         message = "services.model-zoo.hfCache.directory (${toString cfg.hfCache.directory}) and services.model-zoo.stateDir (${cfg.stateDir}) overlap: the view lives outside the zoo and only links into it.";
       }
       {
+        assertion = lib.all (name: builtins.match "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}" name != null
+          && !(builtins.elem name [ "api-key" "fleet-key" "priority-key" "hf-token" ])) (lib.attrNames cfg.resident.credentials);
+        message = "services.model-zoo.resident.credentials: a name is letters, digits, '.', '_' and '-' (at most 64, a letter or digit first), and not one of the resident's own (api-key, fleet-key, priority-key, hf-token).";
+      }
+      {
         assertion = !cfg.openFirewall || listenPort != null;
         message = "services.model-zoo.openFirewall needs services.model-zoo.resident.listen to be address:port, not a unix socket.";
       }
@@ -650,7 +670,8 @@ in
         # hf-token too: a tenant with fetch "on-demand" is fetched by its first request, from here.
         LoadCredential = optional (cfg.resident.apiKeyFile != null) (credential "api-key" cfg.resident.apiKeyFile)
           ++ optional (cfg.resident.fleetKeyFile != null) (credential "fleet-key" cfg.resident.fleetKeyFile)
-          ++ optional (cfg.resident.priorityKeyFile != null) (credential "priority-key" cfg.resident.priorityKeyFile) ++ hfCredential;
+          ++ optional (cfg.resident.priorityKeyFile != null) (credential "priority-key" cfg.resident.priorityKeyFile) ++ hfCredential
+          ++ lib.mapAttrsToList credential cfg.resident.credentials;
         PrivateDevices = cfg.resident.gpu == "none";
         PrivateUsers = cfg.resident.gpu == "none";
         DeviceAllow = map (d: "${d} rw") gpuDevices.${cfg.resident.gpu};

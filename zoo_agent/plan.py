@@ -227,6 +227,8 @@ def _host_entry(idx: Index, host: str) -> HostEntry:
 def _tenant_wants(idx: Index, tenant_id: str) -> Iterator[tuple[Kind, str]]:
     """What one tenant loads: its model, its adapters, the embedding model of adapter selection."""
     tenant = idx.tenants[tenant_id]
+    if tenant.is_remote:
+        return  # answered by a server elsewhere (backend 'openai'): nothing of it is on disk
     yield "models", tenant.model
     for lora in tenant.loras:
         yield "loras", lora

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,11 @@ class TestModule:
         out = evaluated(tmp_path, f'indexFile = "/etc/model-zoo/index.json"; resident.gpu = "{gpu}"; resident.memoryMax = "8G";'
                                   ' huggingFace.tokenFile = "/run/keys/hf"; resident.apiKeyFile = "/run/keys/api"; resident.fleetKeyFile = "/run/keys/fleet";'
                                   ' resident.priorityKeyFile = "/run/keys/priority";'
+                                  ' resident.credentials = { openai-key = "/run/keys/openai"; "b.key" = "/run/keys/b"; };'
                                   ' gc.enable = true; ollama.enable = true;')
         rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", gpu=gpu, memory_max="8G",  # type: ignore[arg-type]
                                        hf_token_file=Path("/run/keys/hf"), api_key_file=Path("/run/keys/api"), fleet_key_file=Path("/run/keys/fleet"), priority_key_file=Path("/run/keys/priority"),
+                                       credentials={"openai-key": Path("/run/keys/openai"), "b.key": Path("/run/keys/b")},
                                        gc=True, ollama_host="127.0.0.1:11434"))
         assert set(rendered) == {f"{n}.service" for n in out["services"]} | {f"{n}.timer" for n in out["timers"]}
         for name, service in out["services"].items():
@@ -230,6 +233,28 @@ class TestModule:
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"api-key:{tmp_path}/api", f"hf-token:{tmp_path}/hf"]  # on-demand tenants fetch from the resident
         assert "LoadCredential" not in out["services"]["model-zoo-verify"]["serviceConfig"]
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["ExecStart"].endswith("--api-key-file %d/api-key")
+
+    def test_a_remote_tenant_and_its_key_as_a_credential(self, tmp_path: Path) -> None:
+        """Issue #36: a tenant with no model (backend "openai") reaches the index and validates; its key is a
+        credential the index names, loaded with LoadCredential=, never in the config; our own names are refused."""
+        key = secrets.token_hex(16)
+        (tmp_path / "openai").write_text(key)
+        remote = ('tenants.cloud = { backend = "openai"; remote = { base_url = "https://api.openai.com/v1"; model = "gpt-4o-mini";'
+                  ' key_file = "openai-key"; }; };')
+        body = SETTINGS.replace('hosts.nixos.resident = "chat";', remote + ' hosts.nixos.tenants = [ "chat" "cloud" ];')
+        proc = evaluate(tmp_path, f'{body} resident.credentials.openai-key = "{tmp_path}/openai";')
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert key not in proc.stdout and out["failedAssertions"] == []
+        assert out["services"]["model-zoo-resident"]["serviceConfig"]["LoadCredential"] == [f"openai-key:{tmp_path}/openai"]
+        generated = Path(out["indexScripts"][0].split()[2])
+        assert "model" not in json.loads(generated.read_text())["tenants"]["cloud"]
+        validated = subprocess.run([sys.executable, "-m", "zoo_agent", "validate", str(generated)], capture_output=True, text=True)
+        assert validated.returncode == 0, validated.stderr
+        out = evaluated(tmp_path, f'{SETTINGS} resident.credentials.fleet-key = "{tmp_path}/openai";')
+        assert any("services.model-zoo.resident.credentials" in a for a in out["failedAssertions"])
+        proc = evaluate(tmp_path, f"{SETTINGS} resident.credentials.openai-key = {tmp_path}/openai;")
+        assert proc.returncode != 0 and "services.model-zoo.resident.credentials" in proc.stderr, proc.stderr
 
     def test_the_priority_key_is_a_credential_never_in_the_config(self, tmp_path: Path) -> None:
         """Issue #31: the privileged key travels like the others; a Nix path (copied to the store) is refused."""

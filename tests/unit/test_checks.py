@@ -106,7 +106,7 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ("lora from ollama", _set("/loras/review/source", {"type": "ollama", "name": "a:b", "digest": "sha256:" + SHA_A}), "/loras/review/source/type", "cannot come from an 'ollama' source"),
     ("temperature range", _set("/tenants/chat/generation", {"temperature": 3}), "/tenants/chat/generation/temperature", "must be <= 2, got 3"),
     ("memory notation", _set("/tenants/chat/resources", {"memory_max": "lots"}), "/tenants/chat/resources/memory_max", "systemd's notation"),
-    ("enum backend", _set("/tenants/chat/backend", "vllm"), "/tenants/chat/backend", 'expected one of "transformers", "ollama", "llama.cpp", got "vllm"'),
+    ("enum backend", _set("/tenants/chat/backend", "vllm"), "/tenants/chat/backend", 'expected one of "transformers", "ollama", "llama.cpp", "openai", got "vllm"'),
     ("not an object", _set("/hosts", []), "/hosts", "expected object, got array"),
     ("url scheme", _set("/models/qwen/source", {"type": "url", "base_url": "ftp://x/y"}), "/models/qwen/source/base_url", "an http:// or https:// URL"),
     # issue #20: several tenants per host under a memory budget

@@ -244,9 +244,8 @@ class _BrokenStream(httpx.AsyncByteStream):
 
 def test_a_peer_answer_that_breaks_after_its_first_token_ends_in_an_error_that_says_who_gave_it() -> None:
     """A route answered by a peer: the error event that ends the stream carries ``x_zoo.route`` like every other answer."""
-    from zoo_agent.resident.router.delegate import Delegation
     from zoo_agent.resident.router.peer_answer import Events
-    from zoo_agent.resident.router.peers import Peer
+    from zoo_agent.resident.router.relay import relay_events
 
     x_zoo = {"route": {"route": "r", "tenant": "big"}, "host": "b"}
     sent: list[Any] = []
@@ -257,9 +256,7 @@ def test_a_peer_answer_that_breaks_after_its_first_token_ends_in_an_error_that_s
     async def go() -> int:
         gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         response = httpx.Response(200, stream=_BrokenStream())
-        delegation = Delegation(None, 5.0, lambda: None)  # type: ignore[arg-type]  # the relay reads no federation
-        peer = Peer(host="b", tenant="big", endpoint="http://127.0.0.1:1", model="m@1", digest="sha256:0")
-        return await delegation._relay_events(peer, response, send, gone, Events(x_zoo, 1 << 16), 1e9, 5.0, lambda: None)
+        return await relay_events(response, send, gone, Events(x_zoo, 1 << 16), 1e9, 5.0, lambda: None, "peer b")
 
     assert asyncio.run(go()) == 502
     last = sent[-1]["body"].decode().split("\n\n")[0]

@@ -105,6 +105,8 @@ def _answered(zoo: AnswerZoo, fingerprint: Any, session: str) -> str:
     """The line after an answer: which model@version (and adapter, route tenant) answered, and the session's cache."""
     adapter = f" · adapter {zoo.adapter}" if zoo.adapter else ""
     via = f" · {zoo.route.tenant} by {zoo.route.rule}" if zoo.route is not None else ""
+    if zoo.remote is not None:  # a remote tenant: its server answered, and no session was kept (issue #36)
+        return f"[{fingerprint or '-'}{via} · remote {zoo.remote}]"
     cache = zoo.session.cache if zoo.session is not None else "-"
     return f"[{fingerprint}{adapter}{via} · session {session} · cache {cache}]"
 
@@ -117,18 +119,24 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None
     if tenant not in models:
         raise UsageError(f"--model {tenant}: not served at {client.url} (serving: {', '.join(models)})")
     model = tenant
-    try:  # the session of this tenant or route (a route's sessions are its own, not its tenants')
-        found = client.get(f"/v1/sessions/{quote(session, safe='')}?model={quote(tenant, safe='')}")
-        turns = found.get("turns") if isinstance(found, dict) else None
-        out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({_described(models[tenant])}); {HELP}\n")
-    except UsageError:
-        out.write(f"new session {session} with {tenant} ({_described(models[tenant])}); {HELP}\n")
+    card = models[tenant]
+    # A remote tenant (issue #36) keeps no sessions: this chat holds the conversation and sends it whole.
+    history: list[dict[str, str]] | None = [] if card.x_zoo is not None and card.x_zoo.backend == "openai" else None
+    if history is not None:
+        out.write(f"talking to {tenant} ({_described(card)}, a remote tenant): the conversation is kept by this chat only, not saved; {HELP}\n")
+    else:
+        try:  # the session of this tenant or route (a route's sessions are its own, not its tenants')
+            found = client.get(f"/v1/sessions/{quote(session, safe='')}?model={quote(tenant, safe='')}")
+            turns = found.get("turns") if isinstance(found, dict) else None
+            out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({_described(card)}); {HELP}\n")
+        except UsageError:
+            out.write(f"new session {session} with {tenant} ({_described(card)}); {HELP}\n")
     while True:
         out.write("you> ")
         out.flush()
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            out.write(f"\nbye; resume with: zoo-agent chat --session {session} --model {tenant}\n")
+            out.write("\nbye\n" if history is not None else f"\nbye; resume with: zoo-agent chat --session {session} --model {tenant}\n")
             return
         text = line.strip()
         if not text:
@@ -145,14 +153,22 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None
             continue
         if text == "/new":
             session = f"chat-{secrets.token_hex(4)}"
+            if history is not None:
+                history.clear()
             out.write(f"new session {session}\n")
             continue
         last: dict[str, Any] = {}
-        for chunk in client.stream({"model": model, "session": session, "messages": [{"role": "user", "content": text}]}):
+        said: list[str] = []
+        asked = {"role": "user", "content": text}
+        body = {"model": model, "session": session, "messages": [asked]} if history is None else {"model": model, "messages": [*history, asked]}
+        for chunk in client.stream(body):
             if delta := _content(chunk):
+                said.append(delta)
                 out.write(delta)
                 out.flush()
             last = chunk
+        if history is not None:
+            history += [asked, {"role": "assistant", "content": "".join(said)}]
         try:
             zoo = validate(AnswerZoo, last["x_zoo"], "x_zoo") if isinstance(last.get("x_zoo"), dict) else AnswerZoo()
         except Malformed as exc:

@@ -139,10 +139,24 @@ def fleet_rows(idx: Index, answers: Mapping[str, Answer]) -> list[dict[str, Any]
         for tid in host.served():
             card = answer.cards.get(tid)
             served = ((card.x_zoo.model if card.x_zoo is not None else None) or card.root) if card is not None else None
-            state = "unreachable" if answer.error is not None else served_state(pinned(idx, tid), tenant_digest(idx, tid), card)
-            rows.append({"host": hid, "endpoint": host.endpoint, "tenant": tid, "served": served, "pinned": pinned(idx, tid),
+            if (remote := idx.tenants[tid].remote) is not None:  # a server elsewhere answers it: no pins, its model's name there (issue #36)
+                want = remote.model
+                state = "unreachable" if answer.error is not None else _remote_state(remote.model, card)
+            else:
+                want = pinned(idx, tid)
+                state = "unreachable" if answer.error is not None else served_state(want, tenant_digest(idx, tid), card)
+            rows.append({"host": hid, "endpoint": host.endpoint, "tenant": tid, "served": served, "pinned": want,
                          "state": state, "health": answer.health, "error": answer.error})  # fmt: skip
     return rows
+
+
+def _remote_state(model: str, card: Card | None) -> str:
+    """A remote tenant's card: its name at the remote, and whether that remote answers now."""
+    if card is None:
+        return "not served"
+    if card.root != model:
+        return "wrong version"
+    return "unavailable" if card.x_zoo is not None and card.x_zoo.state == "unavailable" else "ok"
 
 
 def _asked(future: Future[Answer], endpoint: str, key: str | None, deadline: float) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger("zoo_agent")
 
 
 # UnitSettings fields whose flag is not "--" + the field's name.
-_FLAGS = {"exec_start": "--exec", "environment": "--env", "extra_args": "--extra-arg"}
+_FLAGS = {"exec_start": "--exec", "environment": "--env", "extra_args": "--extra-arg", "credentials": "--credential"}
 
 
 def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,6 +47,8 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None, help="The fleet key for peers (issue #22); LoadCredential=."),
         click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
                      help="A client key that may also ask for priority above 'default' (issue #31); LoadCredential=."),
+        click.option("--credential", "credentials", multiple=True, metavar="NAME=PATH",
+                     help="A credential of the resident (LoadCredential=NAME:PATH), e.g. a remote tenant's key its key_file names (issue #36)."),
         click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
         click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
         click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),
@@ -62,7 +64,7 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ]
 
     @functools.wraps(func)
-    def wrapper(*, exec_start: str | None, index: Path, no_resident: bool, environment: tuple[str, ...],
+    def wrapper(*, exec_start: str | None, index: Path, no_resident: bool, environment: tuple[str, ...], credentials: tuple[str, ...],
                 verify_interval: str, **kwargs: Any) -> Any:
         fields = {name: kwargs.pop(name) for name in list(kwargs) if name in UnitSettings.model_fields}
         env = {}
@@ -71,12 +73,20 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
             if not sep or not key:
                 raise UsageError(f"--env {item!r}: expected KEY=VALUE")
             env[key] = value
+        loaded: dict[str, Path] = {}
+        for item in credentials:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--credential {item!r}: expected NAME=PATH")
+            if name in loaded:
+                raise UsageError(f"--credential {name}: given twice")
+            loaded[name] = Path(path)
         try:
             argv = tuple(shlex.split(exec_start)) if exec_start else default_exec()
         except ValueError as exc:
             raise UsageError(f"--exec: {exc}") from exc
         try:
-            settings = UnitSettings(exec_start=argv, index=index.absolute(), resident=not no_resident, environment=env,
+            settings = UnitSettings(exec_start=argv, index=index.absolute(), resident=not no_resident, environment=env, credentials=loaded,
                                     verify_interval=verify_interval or None, **fields)
         except ValidationError as exc:
             first = exc.errors()[0]

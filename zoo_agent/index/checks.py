@@ -16,7 +16,7 @@ from typing import Any
 
 from zoo_agent.errors import Problem
 from zoo_agent.index.fit import check_host, pinned_tenants
-from zoo_agent.index.model import ArtifactEntry, Index, Provenance, RouteEntry
+from zoo_agent.index.model import OWN_CREDENTIALS, ArtifactEntry, Index, Provenance, RouteEntry
 from zoo_agent.index.schema import pointer
 
 __all__ = ["PICKLE_SUFFIXES", "TRANSFORMERS_FORMATS", "endpoint_key", "endpoint_problem", "placeholder_problems", "semantic_problems"]
@@ -66,6 +66,7 @@ def semantic_problems(idx: Index) -> list[Problem]:
         _registry_metadata,
         _aliases,
         _embedding_tenants,
+        _remote_tenants,
     ]
     return [problem for check in checks for problem in check(idx)]
 
@@ -77,7 +78,7 @@ def _unknown(kind: str, name: str, known: Mapping[str, object]) -> str:
 
 def _references(idx: Index) -> Iterator[Problem]:
     for tid, tenant in idx.tenants.items():
-        if tenant.model not in idx.models:
+        if tenant.model not in idx.models and tenant.model:  # none at all: _remote_tenants says what it needs
             yield Problem(pointer(("tenants", tid, "model")), _unknown("model", tenant.model, idx.models))
         for i, lora in enumerate(tenant.loras):
             if lora not in idx.loras:
@@ -126,8 +127,8 @@ def _tenant_loras_fit_model(idx: Index) -> Iterator[Problem]:
 def _backends(idx: Index) -> Iterator[Problem]:
     for tid, tenant in idx.tenants.items():
         model = idx.models.get(tenant.model)
-        if model is None:
-            continue
+        if model is None or tenant.backend == "openai":
+            continue  # a remote tenant: _remote_tenants
         is_ollama = model.source.type == "ollama"
         if tenant.backend == "ollama" and not is_ollama:
             yield Problem(pointer(("tenants", tid, "backend")), f"backend 'ollama' needs a model with an 'ollama' source; '{tenant.model}' has '{model.source.type}'")
@@ -151,7 +152,7 @@ def _backends(idx: Index) -> Iterator[Problem]:
             if tenant.backend == "transformers" and lora.format == "gguf":
                 yield Problem(pointer(("tenants", tid, "loras", i)),
                               f"backend 'transformers' loads peft adapters (safetensors); adapter '{lid}' has format 'gguf'")
-        if tenant.backend != "llama.cpp":
+        if tenant.backend not in ("llama.cpp", "openai"):  # a remote tenant's resources: _remote_tenants
             for field in ("gpu_layers", "kv_cache_type"):
                 if getattr(tenant.resources, field) is not None:
                     yield Problem(pointer(("tenants", tid, "resources", field)),
@@ -376,7 +377,7 @@ def _max_loaded(idx: Index, hid: str) -> Iterator[Problem]:
     if host.max_loaded is None:
         return
     pinned = pinned_tenants(idx, hid)
-    others = [t for t in dict.fromkeys(host.served()) if t not in pinned]
+    others = [t for t in dict.fromkeys(host.served()) if t not in pinned and not (t in idx.tenants and idx.tenants[t].is_remote)]  # never loaded here
     at = pointer(("hosts", hid, "max_loaded"))
     if len(pinned) > host.max_loaded:
         yield Problem(at, f"{host.max_loaded} is fewer than the {len(pinned)} pinned tenants ({', '.join(pinned)}), which are never paged out")
@@ -606,3 +607,61 @@ def _aliases(idx: Index) -> Iterator[Problem]:
                 yield Problem(at, f"alias '{alias}' of model '{mid}' is {again} (/models/{other}/aliases/{j})")
             else:
                 owner[alias] = (mid, i)
+
+#: What a remote tenant's ``resources`` may set: the rest sizes a local model and its process.
+_REMOTE_RESOURCES = frozenset({"max_queue", "max_context"})
+
+
+def _remote_tenants(idx: Index) -> Iterator[Problem]:
+    """A remote tenant (``backend: "openai"``, issue #36) names its server in ``remote`` and no model; it has
+    no adapters, nothing to fetch or pin, no process to size, and no peer relays it; a local one names its model."""
+    for tid, tenant in idx.tenants.items():
+        at = ("tenants", tid)
+        if tenant.backend != "openai":
+            if tenant.remote is not None:
+                yield Problem(pointer((*at, "remote")), f"only for backend 'openai' (a remote server); this tenant's backend is '{tenant.backend}'")
+            if not tenant.model:
+                yield Problem(pointer((*at, "model")), f"missing required field 'model' (backend '{tenant.backend}' serves a model of 'models'; "
+                                                       "only backend 'openai' names none)")  # fmt: skip
+            continue
+        if tenant.remote is None:
+            yield Problem(pointer((*at, "remote")), "backend 'openai' needs 'remote': the server's base_url and model (and its key_file)")
+        else:
+            yield from _remote_problems(tenant.remote.base_url, tenant.remote.key_file, at)
+        if tenant.model:
+            yield Problem(pointer((*at, "model")), "a remote tenant (backend 'openai') serves no model of 'models'; its name at the remote "
+                                                   "is remote.model: remove this")  # fmt: skip
+        refused = {"loras": "has no adapters here", "adapter_selection": "has no adapters here",
+                   "pinned": "is never paged (no process, no memory here): there is nothing to pin",
+                   "keep_alive": "is never paged (no process, no memory here): there is nothing to unload",
+                   "fetch": "has nothing to fetch", "sessions": "keeps no sessions here (its answers are the remote's)",
+                   "overflow": "is asked directly by every host that serves it; peers do not relay it"}  # fmt: skip
+        for field, why in refused.items():
+            if field in tenant.model_fields_set and getattr(tenant, field) != type(tenant).model_fields[field].default:
+                yield Problem(pointer((*at, field)), f"a remote tenant (backend 'openai') {why}")
+        for field in sorted(tenant.resources.model_fields_set - _REMOTE_RESOURCES):
+            yield Problem(pointer((*at, "resources", field)), "does not apply to a remote tenant (backend 'openai'): it sizes a local model; "
+                                                              "the remote's limits are in 'remote'")  # fmt: skip
+    for hid, host in idx.hosts.items():
+        for i, tid in enumerate(host.accept_from_peers):
+            if tid in idx.tenants and idx.tenants[tid].backend == "openai":
+                yield Problem(pointer(("hosts", hid, "accept_from_peers", i)),
+                              f"tenant '{tid}' is remote (backend 'openai'): each host that serves it asks the remote itself")
+
+
+def _remote_problems(url: str, key_file: str | None, at: tuple[str, ...]) -> Iterator[Problem]:
+    """The base URL's host is one a client can connect to; the key is no credential of the resident's own."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        yield Problem(pointer((*at, "remote", "base_url")), f"is not a URL ({exc}): {url!r}")
+        return
+    if port == 0:
+        yield Problem(pointer((*at, "remote", "base_url")), f"port 0 cannot be reached, got {url!r}")
+    elif problem := _host_problem(parts.hostname or "", bracketed=parts.netloc.startswith("[")):
+        yield Problem(pointer((*at, "remote", "base_url")), problem)
+    if key_file in OWN_CREDENTIALS:
+        yield Problem(pointer((*at, "remote", "key_file")),
+                      f"'{key_file}' is a credential of the resident's own (its clients', its peers' or the hub's key); "
+                      "a remote tenant's key is a credential of its own")  # fmt: skip

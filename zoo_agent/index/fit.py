@@ -149,6 +149,8 @@ def tenant_footprint(idx: Index, tenant_id: str, config: dict[str, Any] | None) 
     tenant (issue #36) keeps no KV cache: one forward pass's activations are transient, part of
     the documented slack, like the interpreter's."""
     tenant = idx.tenants[tenant_id]
+    if tenant.is_remote:
+        return Footprint(0, 0)  # a server elsewhere answers for it (backend 'openai'): nothing is loaded here
     base = estimate(idx.models[tenant.model], tenant.resources, config if tenant.kind != "embedding" else None)
     extra = sum(weight_bytes(idx.loras[lid]) for lid in tenant.loras if lid in idx.loras)
     if tenant.adapter_selection is not None and (embedder := idx.models.get(tenant.adapter_selection.embedding_model)):

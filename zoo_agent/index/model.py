@@ -31,6 +31,7 @@ __all__ = [
     "OllamaSource",
     "Priority",
     "Provenance",
+    "RemoteEntry",
     "Resources",
     "Retention",
     "RouteEntry",
@@ -50,6 +51,18 @@ HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0
 OLLAMA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 OLLAMA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
+#: A remote tenant's base URL: https, or http to this machine only (the tenant's key travels with
+#: every request and poll, and its answers reach our clients: neither crosses a network in clear).
+REMOTE_URL_PATTERN = r"^(?:https://[^\s/?#@]+|http://(?:localhost|127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}|\[::1\])(?::[0-9]{1,5})?)(?:/[^\s?#]*)?$"
+#: The name a remote serves a model under: 'gpt-4o-mini', 'meta-llama/Llama-3.1-8B-Instruct', 'qwen2.5:7b'.
+REMOTE_MODEL_PATTERN = r"^[\x21-\x7e]+$"
+#: A systemd credential's name, as the resident's unit loads it (``LoadCredential=NAME:PATH``).
+CREDENTIAL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+#: A remote tenant's key: an absolute path, or the name of a systemd credential.
+KEY_FILE_PATTERN = r"^(?:/[^\x00-\x1f\x7f]*|" + CREDENTIAL_PATTERN + ")$"
+#: The credentials the resident's own unit loads (``systemd/units.py``): a remote tenant's key is never one of
+#: them, or an index could send the fleet's or the clients' key to a server of its choosing.
+OWN_CREDENTIALS = frozenset({"api-key", "fleet-key", "priority-key", "hf-token"})
 #: A tag: lowercase words joined by hyphens ("code-review"), as adapters and models carry them.
 TAG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 #: A source-control commit: 7 to 64 lowercase hex characters (git's short or full id, sha1 or sha256).
@@ -390,21 +403,68 @@ class SessionRetention(_Strict):
     checkpoints: CheckpointRetention = Field(default=CheckpointRetention(), description="Named checkpoints of each session.")
 
 
+class RemoteEntry(_Strict):
+    """An OpenAI-compatible server elsewhere that answers for a tenant (``backend: "openai"``, issue #36):
+    a cloud provider, a vLLM server, another llama-server. Nothing to fetch, no memory here, never paged."""
+
+    base_url: str = Field(
+        pattern=REMOTE_URL_PATTERN, max_length=300,
+        description="The server's OpenAI base URL, as an OpenAI client takes it (e.g. 'https://api.openai.com/v1'): requests go to "
+                    "<base_url>/chat/completions and <base_url>/completions, its health to <base_url>/models. 'https://', or 'http://' "
+                    "to this machine only (localhost, 127.x.x.x, [::1]): the key travels with every request.",
+    )  # fmt: skip
+    model: str = Field(
+        min_length=1, max_length=200, pattern=REMOTE_MODEL_PATTERN,
+        description="The model name the remote serves it under (what its /models lists, e.g. 'gpt-4o-mini'); requests go out with it.",
+    )
+    key_file: Annotated[Annotated[str, Field(pattern=KEY_FILE_PATTERN, max_length=4096)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="The remote's API key, sent as 'Authorization: Bearer' to base_url only: an absolute path, or the name of a "
+                    "systemd credential of the resident's unit (read from $CREDENTIALS_DIRECTORY; NixOS: "
+                    "services.model-zoo.resident.credentials). Read at start and at every reload. None: no key is sent.",
+    )  # fmt: skip
+    max_concurrent: int = Field(
+        default=4, ge=1, le=1024, description="Requests sent to the remote at once; more wait here (best priority first), "
+                                               "up to resources.max_queue, then 429.")  # fmt: skip
+    max_tokens: Annotated[Annotated[int, Field(ge=1, le=MAX_COUNT)] | SkipJsonSchema[None], NotNull] = Field(
+        default=None,
+        description="The most a request may ask for (max_tokens, max_completion_tokens): more is lowered to it, and a request "
+                    "that names none asks for this many (or generation.max_tokens when the index sets it, at most this).",
+    )  # fmt: skip
+    first_token_seconds: float = Field(
+        default=60, gt=0, le=3600,
+        description="No answer (a streamed one: no first token) within this: the request fails with 503, or a route's next "
+                    "candidate answers (a route's own first_token_seconds wins).",
+    )  # fmt: skip
+    timeout_seconds: float = Field(
+        default=600, gt=0, le=86400, description="The most one answer may take, stream included; a longer one ends with an error.")
+    poll_seconds: float = Field(
+        default=30, ge=1, le=3600,
+        description="How often <base_url>/models is asked (with the key, within 5 s) whether the remote serves 'model'; while it "
+                    "fails, the tenant is unavailable (503 at once, /health says why) and it is asked again sooner (1 s, 2 s, 4 s, ... "
+                    "up to this).",
+    )  # fmt: skip
+
+
 class TenantEntry(_Strict):
     """What one resident serves: a model, its adapters and serving settings."""
 
-    model: Id = Field(description="Id of the model to serve.")
+    #: "" only for a remote tenant (``backend: "openai"``), which names none (``index/checks.py`` says so).
+    model: Id = Field(default="", description="Id of the model to serve; required, except for backend 'openai' (see 'remote').")
     kind: Literal["generation", "embedding"] = Field(
         default="generation",
         description="'generation': chat and completions; 'embedding': a sentence-embedding model served at /v1/embeddings "
                     "(pooled as its modules.json declares; no adapters, sessions or generation settings). Issue #36.",
     )  # fmt: skip
     loras: list[Id] = Field(default=[], description="Ids of the adapters to attach; built for 'model'.")
-    backend: Literal["transformers", "ollama", "llama.cpp"] = Field(
+    backend: Literal["transformers", "ollama", "llama.cpp", "openai"] = Field(
         default="transformers",
         description="Inference backend: 'transformers' loads safetensors, 'llama.cpp' a 'gguf' model (llama-server), "
-                    "'ollama' needs an 'ollama' model source.",
+                    "'ollama' needs an 'ollama' model source, 'openai' is a remote OpenAI-compatible server (needs 'remote', "
+                    "no 'model').",
     )  # fmt: skip
+    remote: Annotated[RemoteEntry | SkipJsonSchema[None], NotNull] = Field(
+        default=None, description="backend 'openai' only: the server that answers for this tenant, its key and its limits.")
     generation: Generation = Field(default=Generation(), description="Generation defaults.")
     resources: Resources = Field(default=Resources(), description="Resource limits.")
     adapter_selection: Annotated[AdapterSelection | SkipJsonSchema[None], NotNull] = Field(
@@ -434,6 +494,11 @@ class TenantEntry(_Strict):
         description="'peers': when this host's queue for it is full or it does not fit right now, a peer that accepts it answers "
         "(issue #22); 'never': such a request waits or gets 429 here.",
     )
+
+    @property
+    def is_remote(self) -> bool:
+        """Answered by a remote server (``backend: "openai"``): no model files, no footprint, no worker."""
+        return self.remote is not None
 
 
 class RouteWhen(_Strict):

@@ -34,6 +34,10 @@ _PATTERN_HINTS: dict[str, str] = {
     index.OLLAMA_NAME_PATTERN: "an Ollama model 'name:tag'",
     index.OLLAMA_DIGEST_PATTERN: "a manifest digest 'sha256:' followed by 64 lowercase hex characters",
     index.URL_PATTERN: "an http:// or https:// URL",
+    index.REMOTE_URL_PATTERN: "an https:// URL with no user, query or fragment, or http:// to this machine only (localhost, 127.x.x.x, "
+                              "[::1]): the tenant's key travels with every request",
+    index.KEY_FILE_PATTERN: "an absolute path, or the name of a systemd credential (letters, digits, '.', '_', '-')",
+    index.REMOTE_MODEL_PATTERN: "a model name: visible ASCII characters, no spaces",
     MEMORY_PATTERN: "a size in systemd's notation such as 512M or 8G (at most 16 digits)",
     index.LICENSE_PATTERN: "an SPDX license identifier (Apache-2.0, MIT, ...), 'LicenseRef-...' or 'other'",
     index.TAG_PATTERN: "a tag: lowercase letters and digits, words joined by '-' (e.g. 'code-review')",

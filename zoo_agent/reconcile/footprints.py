@@ -54,6 +54,8 @@ def tenant_fits(idx: Index, host_id: str, zoo: Zoo, observed: Observed, *, fetch
     fits = {}
     for tid in tenants if tenants is not None else idx.hosts[host_id].served():
         tenant = idx.tenants[tid]
+        if tenant.is_remote:
+            continue  # a server elsewhere answers for it (backend 'openai'): it holds no memory here
         model = idx.models[tenant.model]
         config, origin = _config(zoo, observed, held, tenant.model, model)
         if origin == "unknown" and fetch is not None and index_dir is not None:

@@ -77,6 +77,12 @@ class Pager:
         slot.pinned, slot.fetch = tenant.pinned, tenant.fetch
         slot.keep_alive = parse_timespan(tenant.keep_alive) if tenant.keep_alive is not None and not tenant.pinned else None
         slot.priority = CLASSES[tenant.priority]
+        if tenant.remote is not None:  # answered by a server elsewhere: always loaded, no process, no memory (issue #36)
+            from zoo_agent.resident.router.remote import take_remote_slot
+
+            take_remote_slot(slot, tenant, self.crew)
+            return
+        slot.remote = ""
         slot.capacity = tenant.resources.max_batch + tenant.resources.max_queue
         version = self.zoo.read_link("models", tenant.model, "current")
         config = read_config(self.zoo.version_dir("models", tenant.model, version)) if version else None
@@ -107,6 +113,7 @@ class Pager:
         with self.table.lock:
             wanted = [s for s in self.table.slots.values() if ((s.wanted or s.pinned) and s.phase in ("paged_out", "failed") and t >= s.restart_at)
                       or (s.serving is not None and s.serving.standby) or (s.incoming is not None and s.incoming.standby)]  # fmt: skip
+        wanted = [s for s in wanted if not s.remote]  # a remote tenant (issue #36) is never loaded: a server elsewhere answers it
         wanted.sort(key=lambda s: (not s.pinned, s.priority, s.last_used))
         return wanted
 

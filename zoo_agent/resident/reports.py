@@ -77,6 +77,12 @@ class Reports:
         for tid in table.order:
             slot = table.slots[tid]
             served += slot.served_before + sum(w.stats.served for w in slot.workers)
+            if slot.remote:  # answered by a server elsewhere (issue #36): no worker, never paged out
+                doing = f"unavailable: {slot.refusal.removeprefix(f'tenant {tid!r} is unavailable: ')}" if slot.refusal else (
+                    "connecting" if slot.phase == "loading" else f"{slot.inflight} in flight" if slot.inflight else
+                    f"idle {_ago(t - slot.last_used)}" if slot.last_used else "idle")  # fmt: skip
+                loaded.append(f"{tid} {slot.remote} ({doing})")
+                continue
             worker = slot.serving
             if worker is None or worker.state != "serving":
                 failed = "fetch failed" if slot.fetch_failed else "failed"

@@ -109,6 +109,9 @@ class Slot:
     tokens_before: int = 0
     evictions: int = 0
     keep_alive: float | None = None  # seconds idle before its worker is unloaded (the index's keep_alive; None: never)
+    # A remote tenant (backend 'openai', issue #36): "<model> at <host>". It has no worker and is never
+    # paged; the router (``router/remote.py``) keeps its phase, path and refusal by its health polls.
+    remote: str = ""
 
     @property
     def footprint(self) -> int:

@@ -145,7 +145,7 @@ class Supervisor:
             idx = self.load_index()
             self.take_index(idx)
             self.listener = listen_socket(self.config.listen, self.api_key)
-            first = [t for t in self.order if self.slots[t].pinned] or self.order[:1]
+            first = [t for t in self.order if self.slots[t].pinned] or [t for t in self.order if not self.slots[t].remote][:1]
             for tid in first:  # pinned tenants (or the first listed) load now: READY waits for them
                 self.launcher.verify(idx, tid, config=True)  # a tenant that cannot load is an error now, not at the first request
         except ZooError as exc:
@@ -155,6 +155,10 @@ class Supervisor:
             self.slots[tid].wanted = True
         self.notify.extend_timeout(30, f"loading {', '.join(first)}")
         self.router.start(self.listener, self.launcher.private_socket())
+        if not first:  # remote tenants only (issue #36): nothing loads here, the router serves now
+            self.ready_sent = True
+            self.reports.state()
+            self.notify.ready(self.status_line())
         while self.exit_code is None:
             for key, _ in self.selector.select(timeout=0.2):
                 if key.data == WAKE:
@@ -246,7 +250,8 @@ class Supervisor:
         """What READY waited for (the pinned tenants, else the first listed): a host that cannot
         serve it fails the unit, saying why, instead of serving less than it promised."""
         pinned = [s for s in self.slots.values() if s.pinned]
-        return slot.pinned or (not pinned and bool(self.order) and slot.tenant == self.order[0])
+        local = [t for t in self.order if not self.slots[t].remote]  # a remote tenant loads nothing here (issue #36)
+        return slot.pinned or (not pinned and bool(local) and slot.tenant == local[0])
 
     def _exited(self, slot: Slot, worker: Worker, code: int) -> None:
         self.workers.closed(slot, worker)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from zoo_agent._version import __version__
+from zoo_agent.index.model import CREDENTIAL_PATTERN, OWN_CREDENTIALS
 
 __all__ = ["HARDENING", "UNIT_NAMES", "UnitSettings", "default_exec", "hidden_by_sandbox", "render", "sysusers", "unit_value"]
 
@@ -82,6 +83,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
 # What systemd accepts as an environment variable name (anything else it drops with a warning).
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CREDENTIAL = re.compile(CREDENTIAL_PATTERN)
 # MemoryMax=: bytes with a base-1024 suffix, a percentage of RAM, or infinity.
 _MEMORY = re.compile(r"[0-9]+(\.[0-9]+)?[KMGTPE]?|[0-9]+(\.[0-9]+)?%|infinity")
 
@@ -155,6 +157,8 @@ class UnitSettings(BaseModel):
     api_key_file: Path | None = None
     fleet_key_file: Path | None = None  # the key peers present and are presented (issue #22)
     priority_key_file: Path | None = None  # a client key that may also ask for classes above default (issue #31)
+    # More credentials of the resident, by name: a remote tenant's key (its index key_file names one, issue #36).
+    credentials: dict[str, Path] = Field(default_factory=dict)
     watchdog_sec: int = Field(default=30, ge=0)
     memory_max: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
@@ -179,6 +183,20 @@ class UnitSettings(BaseModel):
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
             raise ValueError(f"must be an absolute path (a unit has no working directory of ours): {value}")
+        return value
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name, path in value.items():
+            if not _CREDENTIAL.fullmatch(name):
+                raise ValueError(f"{name!r} is not a credential name (letters, digits, '.', '_' and '-', at most 64, a letter or digit first)")
+            if name in OWN_CREDENTIALS:
+                raise ValueError(f"{name!r} is a credential of the resident's own; name a remote tenant's key otherwise")
+            if not path.is_absolute():
+                raise ValueError(f"{name}: must be an absolute path (a unit has no working directory of ours): {path}")
+            if problem := unit_problem(str(path), "raw"):  # LoadCredential= takes the rest of its line: no quoting
+                raise ValueError(f"{name}: {problem}")
         return value
 
     @field_validator("root")
@@ -321,8 +339,10 @@ def _resident_unit(settings: UnitSettings) -> str:
                  **_delegated(_common(settings, {"ZOO_LISTEN": settings.listen})),
                  **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("fleet-key", settings.fleet_key_file),
                                                                                    ("priority-key", settings.priority_key_file),
-                                                                                   ("hf-token", settings.hf_token_file)) if path is not None]}
-                    if settings.api_key_file or settings.fleet_key_file or settings.priority_key_file or settings.hf_token_file else {}),
+                                                                                   ("hf-token", settings.hf_token_file), *sorted(settings.credentials.items()))
+                                        if path is not None]}
+                    if settings.api_key_file or settings.fleet_key_file or settings.priority_key_file or settings.hf_token_file
+                    or settings.credentials else {}),
                  **_devices(settings)},
         install={"WantedBy": "multi-user.target"})
 

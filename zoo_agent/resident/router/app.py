@@ -61,6 +61,7 @@ from zoo_agent.resident.router.embeddings import forward_embeddings
 from zoo_agent.resident.router.endpoints import Endpoints, Metrics
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.manage import PATHS as MANAGED, Manage
+from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.routes import Routed, Routes
 from zoo_agent.resident.router.upstream import HOP, Clients, WorkerFailed, bounded, pipe
 from zoo_agent.resident.similarity import Similarity, route_tasks
@@ -114,9 +115,13 @@ class Router:
         self.similarity = Similarity(zoo)  # their similarity rules' embedders (loaded only where a rule needs one)
         self.federation = Federation(host_id, keys.fleet, self.metrics.registry, config.peer_poll_seconds)  # the peers (issue #22)
         self.delegation = Delegation(self.federation, config.load_wait, lambda: self.idx)
-        self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait)
+        own = frozenset(k for k in (keys.api, keys.fleet, keys.priority) if k)  # never a remote tenant's key
+        self.remotes = Remotes(table, self.admission, self.metrics.registry, own, config.aging_seconds, config.load_wait,
+                               lambda tenant, code: self.metrics.requests.labels(tenant, str(code)).inc())  # remote tenants (issue #36)
+        self.route = Routes(table, self.admission, self.delegation, self.federation, self.clients, self.similarity, self.metrics, zoo, config.load_wait,
+                            self.remotes)  # fmt: skip
         self.endpoints = Endpoints(table, self.metrics, self.admission, self.federation, self.clients, is_ready=is_ready, status_line=status_line,
-                                   index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo)  # fmt: skip
+                                   index=lambda: self.idx, routes=lambda: self.routes, zoo=zoo, remotes=self.remotes)  # fmt: skip
         self.manage = Manage(table, config.load_wait)  # POST /models/load|unload (issue #34)
         self.checkpoints = CheckpointApi(zoo, lambda: self.idx, lambda: self.table.order, lambda: self.routes)  # issue #36
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -137,6 +142,7 @@ class Router:
         self.routes = {rid: idx.routes[rid] for rid in idx.hosts[host_id].routes if rid in idx.routes}
         self.similarity.take(route_tasks(self.zoo, idx, host_id))
         self.federation.take_index(idx, host_id)
+        self.remotes.take_index(idx, self.table.order)
         self.idx = idx
 
     def start(self, listener: socket.socket, private: socket.socket | None = None) -> None:
@@ -157,14 +163,19 @@ class Router:
                 quiet_cancelled_wakeups(self.loop)
                 heart = asyncio.create_task(self._heartbeat())
                 polling = asyncio.create_task(self.federation.poll_forever())
+                remotes = asyncio.create_task(self.remotes.poll_forever())
                 ready.set()
                 await self.server.serve(sockets=[listener, *([private] if private is not None else [])])
                 heart.cancel()
                 polling.cancel()
+                remotes.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await polling  # no poll in flight on a client being closed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await remotes
                 await self.clients.close()
                 await self.federation.close()
+                await self.remotes.close()
 
             asyncio.run(main())
 
@@ -289,6 +300,8 @@ class Router:
             await self.route.forward(scope, receive, send, routed, priority, parsed.stream)
         elif generate and tenant not in self.table.slots:  # served by peers only (parse_request checked)
             await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
+        elif tenant in self.remotes:  # a server elsewhere answers it (issue #36)
+            await self.remotes.forward(scope, receive, send, parsed, priority, len(body))
         else:
             await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
 

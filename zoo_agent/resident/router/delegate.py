@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from zoo_agent.resident.router.federation import Federation
-from zoo_agent.resident.router.peer_answer import MAX_ERROR, Events, Refused, error_message, head, judge, whole
 from zoo_agent.resident.router.peers import Peer, undeclared
-from zoo_agent.resident.router.upstream import MAX_ANSWER, Fallback, attempt, decoded, read_body, read_some
+from zoo_agent.resident.router.relay import relay
+from zoo_agent.resident.router.upstream import Fallback
 from zoo_agent.resident.wire.headers import PRIORITY
 from zoo_agent.resident.wire.http import Receive, Scope, Send, disconnected, error, respond, stream_error
 from zoo_agent.resident.wire.priority import for_peer
@@ -128,79 +125,8 @@ class Delegation:
 
     async def _relay_peer(self, peer: Peer, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None],
                           stream: bool, wait: float, x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """One exchange with a peer, relayed only as ``peer_answer`` allows (issue #31): the head is
-        ours, each document read by the bounded reader and written by us, the body decoded. Before
-        anything reached the client, a failure, an answer not to relay or no first token within
-        ``wait`` is a ``Fallback``; after it, the stream ends with an error event naming the peer."""
-        deadline = time.monotonic() + wait
-        response = await attempt(self.federation.client(peer.endpoint), target, headers, body, gone, wait)
-        if response is None:
-            return 499
-        try:
-            try:
-                kind = judge(response.status_code, response.headers.get("content-type", ""), stream)
-            except Refused as exc:
-                said = error_message(await read_some(response, MAX_ERROR)) if response.status_code >= 400 else ""
-                raise Fallback(str(exc) + (f": {said}" if said else ""), "failed") from None
-            if kind == "error" or not stream:
-                try:
-                    data = await asyncio.wait_for(read_body(response, MAX_ANSWER), max(1.0, deadline - time.monotonic()))
-                    whole_answer = whole(response.status_code, data, x_zoo)
-                except TimeoutError:
-                    raise Fallback(f"its answer did not arrive within {wait:g}s", "first_token_timeout") from None
-                except Refused as exc:
-                    raise Fallback(str(exc), "failed") from None
-                if kind == "answer":
-                    committed_to()
-                await respond(send, response.status_code, whole_answer)
-                return response.status_code
-            return await self._relay_events(peer, response, send, gone, Events(x_zoo, MAX_ANSWER), deadline, wait, committed_to)
-        finally:
-            await response.aclose()
-
-    async def _relay_events(self, peer: Peer, response: httpx.Response, send: Send, gone: asyncio.Future[None], events: Events, deadline: float,
-                            wait: float, committed_to: Callable[[], None]) -> int:  # fmt: skip
-        """A peer's event stream, each event checked (``Events``) before it is sent; see ``_relay_peer``."""
-        started = False  # our head is out: from here on a failure ends the stream, never the next peer
-        reading = decoded(response).__aiter__()  # decoded, in bounded steps: a compressing proxy in front of the peer changes nothing
-        while True:
-            chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-            pair: set[asyncio.Future[Any]] = {chunk, gone}
-            done, _ = await asyncio.wait(pair, timeout=None if started else max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                chunk.cancel()
-                return 499
-            if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
-                chunk.cancel()
-                raise Fallback(f"no first token within {wait:g}s", "first_token_timeout")
-            try:
-                out = events.feed(chunk.result())
-            except StopAsyncIteration:
-                break
-            except (httpx.HTTPError, OSError, Refused, Fallback) as exc:
-                if isinstance(exc, Fallback) and not started:
-                    raise
-                why = str(exc) if isinstance(exc, (Refused, Fallback)) else f"the answer broke off ({type(exc).__name__})"
-                if not started:
-                    raise Fallback(why, "failed" if isinstance(exc, Refused) else "crashed") from None
-                for event in exc.ready if isinstance(exc, Refused) else []:  # checked before the bad one
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-                await stream_error(send, 502, f"peer {peer.host}: {why}", events.x_zoo)
-                return 502
-            if events.committed and not started:
-                committed_to()
-                await send({"type": "http.response.start", "status": 200, "headers": head(True)})
-                started = True
-            for event in out:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            if events.finished:
-                break  # [DONE]: whatever the peer sends after it is not the answer's
-        try:
-            events.end()
-        except Refused as exc:
-            if not started:
-                raise Fallback(str(exc), "failed") from None
-            await stream_error(send, 502, f"peer {peer.host}: {exc}", events.x_zoo)
-            return 502
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return 200
+        """One exchange with a peer, relayed only as ``peer_answer`` allows (``relay``, issue #31): before
+        anything reached the client, a failure, an answer not to relay or no first token within ``wait``
+        is a ``Fallback``; after it, the stream ends with an error event naming the peer."""
+        return await relay(self.federation.client(peer.endpoint), target, headers, body, send, gone, stream, wait, x_zoo, committed_to,
+                           f"peer {peer.host}")  # fmt: skip

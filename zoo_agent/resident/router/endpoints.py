@@ -25,6 +25,7 @@ from zoo_agent.plan import Kind
 from zoo_agent.resident.router.admission import Admission
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peers import pinned, tenant_digest
+from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.upstream import Clients
 from zoo_agent.resident.slots import Slot, SlotTable
 from zoo_agent.resident.wire.documents import Card, CardZoo, Health, HealthTenant, PeerReport, dump
@@ -154,8 +155,9 @@ class Endpoints:
 
     def __init__(self, table: SlotTable, own: Metrics, admission: Admission, federation: Federation, clients: Clients, *,
                  is_ready: Callable[[], bool], status_line: Callable[[], str], index: Callable[[], Index | None],
-                 routes: Callable[[], Mapping[str, RouteEntry]] = dict, zoo: Zoo | None = None) -> None:  # fmt: skip
+                 routes: Callable[[], Mapping[str, RouteEntry]] = dict, zoo: Zoo | None = None, remotes: Remotes | None = None) -> None:  # fmt: skip
         self.table, self.own, self.admission, self.federation, self.clients = table, own, admission, federation, clients
+        self.remotes = remotes  # the remote tenants (issue #36): no worker, their own health
         self.is_ready, self.status_line, self.index, self.routes = is_ready, status_line, index, routes
         self.facts = VersionFacts(zoo)
 
@@ -165,6 +167,9 @@ class Endpoints:
         with self.table.lock:
             for tid in self.table.order:
                 slot = self.table.slots[tid]
+                if slot.remote and self.remotes is not None:
+                    tenants[tid] = self.remotes.health(slot, t)
+                    continue
                 worker = slot.serving
                 away = worker.stats.unavailable if worker else ""  # its Ollama daemon is away: up, answering 503 (issue #35)
                 tenants[tid] = HealthTenant.model_validate({
@@ -193,6 +198,9 @@ class Endpoints:
 
         for tid in self.table.order:
             slot, tenant = self.table.slots[tid], idx.tenants[tid]
+            if tenant.remote is not None and self.remotes is not None:
+                data.append(self.remotes.card(tid, tenant, slot.phase))
+                continue
             worker = slot.serving
             root = f"{worker.config.model}@{worker.config.version}" if worker else pinned(idx, tid)
             refused = worker.config.refused_adapters if worker else {}
@@ -222,7 +230,7 @@ class Endpoints:
         """The router's own metrics, then every loaded worker's, each sample labelled with its tenant."""
         m, table = self.own, self.table
         with table.lock:
-            serving = {tid: s.path for tid, s in table.slots.items() if s.path is not None}
+            serving = {tid: s.path for tid, s in table.slots.items() if s.path is not None and not s.remote}  # a remote tenant has no /metrics here
             for tid, slot in table.slots.items():
                 m.loaded.labels(tid).set(1 if slot.path is not None else 0)
                 m.footprint.labels(tid).set(slot.footprint)

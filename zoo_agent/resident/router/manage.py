@@ -48,6 +48,11 @@ class Manage:
         except _Bad as exc:
             await respond(send, *error(400, str(exc), param=exc.param))
             return
+        if (slot := self.table.slots.get(order.tenant)) is not None and slot.remote:  # a server elsewhere answers it (issue #36)
+            outcome = Outcome(200, f"{order.tenant} is remote ({slot.remote}): nothing is loaded here", slot.phase) if order.action == "load" else \
+                Outcome(409, f"tenant '{order.tenant}' is remote ({slot.remote}): nothing is loaded here to unload", slot.phase, code="remote")
+            await _answer(send, order, outcome)
+            return
         if self.waiting >= MAX_ORDERS or not self.table.ask(order):
             await respond(send, *error(429, f"{MAX_ORDERS} loads and unloads are under way; retry later", code="too_many_orders"),
                           headers=[(b"retry-after", b"5")])  # fmt: skip

@@ -222,9 +222,10 @@ def _object(data: bytes, what: str) -> dict[str, Any]:
     return document
 
 
-#: What only this host may say of an answer: who answered it, which of its routes chose, its
-#: sessions. A peer's word on them is dropped, not merged (a peer forged ``route``; issue #31).
-OURS = frozenset({"host", "route", "session"})
+#: What only this host may say of an answer: who answered it (a peer, a remote tenant's server),
+#: which of its routes chose, its sessions. A peer's word on them is dropped, not merged (a peer
+#: forged ``route``; issue #31).
+OURS = frozenset({"host", "route", "session", "remote"})
 
 
 def _with_x_zoo(document: dict[str, Any], x_zoo: dict[str, Any]) -> dict[str, Any]:

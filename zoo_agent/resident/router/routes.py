@@ -19,6 +19,7 @@ from zoo_agent.resident.router.commit import pipe_committed
 from zoo_agent.resident.router.delegate import Delegation
 from zoo_agent.resident.router.endpoints import Metrics
 from zoo_agent.resident.router.federation import Federation
+from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.upstream import HOP, Clients, Fallback, bounded
 from zoo_agent.resident.routing import Features, candidates, features, last_user_text, needs_similarity
 from zoo_agent.resident.routing import choose as choose_tenant
@@ -88,9 +89,10 @@ class Routes:
     """A route's request from decision to answer, over the router's parts (it holds none of its own)."""
 
     def __init__(self, table: SlotTable, admission: Admission, delegation: Delegation, federation: Federation, clients: Clients,
-                 similarity: Similarity, metrics: Metrics, zoo: Zoo, load_wait: float) -> None:  # fmt: skip
+                 similarity: Similarity, metrics: Metrics, zoo: Zoo, load_wait: float, remotes: Remotes | None = None) -> None:  # fmt: skip
         self.table, self.admission, self.delegation, self.federation, self.clients = table, admission, delegation, federation, clients
         self.similarity, self.metrics, self.zoo, self.load_wait = similarity, metrics, zoo, load_wait
+        self.remotes = remotes  # the host's remote tenants (issue #36)
 
     async def choose(self, rid: str, route: RouteEntry, document: dict[str, Any], size: int) -> Routed:
         """The route's decision; the message is embedded only when a similarity rule would be tried.
@@ -159,6 +161,11 @@ class Routes:
                         routed.fell(tenant, str(exc), self.metrics, exc.kind)
                         continue
                     return
+                remote = self.remotes is not None and tenant in self.remotes
+                if remote and "session" in routed.document:  # a remote keeps no turns of ours: it would answer without them
+                    failure = (503, f"{tenant}: a remote tenant, and a route session is kept by local tenants only")
+                    routed.fell(tenant, "a route session is kept by local tenants only", self.metrics, "session")
+                    continue
                 wait = self.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
                 placing = asyncio.ensure_future(self.admission.place(tenant, priority))
                 try:
@@ -172,8 +179,13 @@ class Routes:
                     return  # the client left
                 try:
                     ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
-                    code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
-                                                      {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
+                    if remote and self.remotes is not None:  # relayed as a peer's answer is, never piped (issue #36)
+                        code = await self.remotes.attempt(tenant, scope["path"], routed.document, routed.size, send, gone, stream, priority,
+                                                          {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics),
+                                                          ttft)  # fmt: skip
+                    else:
+                        code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
+                                                    {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
                 except Fallback as exc:
                     failure = (503, f"{tenant}: {exc}")
                     routed.fell(tenant, str(exc), self.metrics, exc.kind)

@@ -220,6 +220,7 @@ class AnswerZoo(_Document):
     session: SessionReport | None = None
     route: RouteReport | None = None
     host: Word | None = None
+    remote: Word | None = None  # a remote tenant's server that answered (its host and port, issue #36)
 
 
 # -- writing and reading ---------------------------------------------------------------------------
