@@ -91,6 +91,14 @@ class Admission:
             slot.last_used = self.clock()
             return slot.path
 
+    async def take(self, tenant: str, priority: int, gone: asyncio.Future[None], comment: Callable[[str], Awaitable[None]] | None) -> str | None:
+        """A place in the tenant's worker (its socket): at once when one is free, else once ``place`` gives one
+        (``wait``: its deadline, its comments); None when the client left first."""
+        path = self.free(tenant)
+        if path is not None:
+            return path
+        return await self.wait(asyncio.ensure_future(self.place(tenant, priority)), gone, tenant, comment)
+
     async def place(self, tenant: str, priority: int) -> str:
         """A place in the tenant's worker: its socket path (give it back with ``release``)."""
         queue = self.queues.setdefault(tenant, PriorityQueue(self.aging_seconds))

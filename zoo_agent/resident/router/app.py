@@ -49,7 +49,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -356,7 +356,7 @@ class Router:
                     await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, why, session)
                     return  # counted per peer
                 try:
-                    path = await self._place(tenant, priority, gone, head.comment if stream else None)
+                    path = await self.admission.take(tenant, priority, gone, head.comment if stream else None)
                 except (Unavailable, QueueFull, TimeoutError) as exc:
                     code = await self._unplaced(scope, receive, send, body, tenant, stream, session, exc, head.started)
                     return
@@ -378,14 +378,6 @@ class Router:
             gone.cancel()
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
-
-    async def _place(self, tenant: str, priority: int, gone: asyncio.Future[None], comment: Callable[[str], Awaitable[None]] | None) -> str | None:
-        """A place in the tenant's worker (its socket), at once when one is free, else once one is given; None when the client left."""
-        path = self.admission.free(tenant)
-        if path is not None:
-            return path
-        placing = asyncio.ensure_future(self.admission.place(tenant, priority))
-        return await self.admission.wait(placing, gone, tenant, comment)
 
     async def _unplaced(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool, session: bool,
                         exc: Exception, started: bool) -> int:  # fmt: skip
