@@ -12,7 +12,8 @@ every tenant serves it. Each row has the reference measured in the same run:
    one, the other loaded) vs exec -> READY of a fresh single-tenant resident (its own index,
    same zoo); medians of ``--reps``, the two interleaved.
 2. the router hop: p50/p90 of a ``max_tokens: 1`` request through the router vs straight to
-   the worker's private socket (``model-info.json`` names it), ``--requests`` each, interleaved.
+   the worker's private socket (``model-info.json`` names it), ``--requests`` each, interleaved
+   (``--only hop`` runs this part alone).
 3. rotation: five tenants, budget 2.5 footprints (room for two), ``--rounds`` of a skewed
    sequence (a hot tenant every other request); requests/s and loads (``page-in`` records of
    the action log) for the default LRU policy vs ``--paging-policy oldest``, same sequence.
@@ -301,7 +302,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="cold starts (and fresh residents) to take the median of")
     parser.add_argument("--requests", type=int, default=200, help="requests through the router and directly, each")
     parser.add_argument("--rounds", type=int, default=2, help=f"rounds of {HOT_SEQUENCE} in the rotation, per policy")
+    parser.add_argument("--only", default="cold,hop,rotation", help="the parts to run, comma-separated: cold, hop, rotation (rotation needs cold)")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if parts - {"cold", "hop", "rotation"} or ("rotation" in parts and "cold" not in parts):
+        parser.error(f"--only {args.only}: name some of cold, hop, rotation (rotation needs cold)")
     from zoo_agent.demo.tiny import QWEN2_05B_SHAPE, build_tiny_model
 
     label = "Qwen2-0.5B shape" if args.shape == "qwen2-0.5b" else "tiny model"
@@ -315,20 +320,23 @@ def main() -> None:
         five = zoo.index("five", list("abcde"), None)
         zoo.apply(five)
         estimate = zoo.estimate(five, "a")
-        print(f"==> cold start ({label}, footprint estimate {estimate / MB:.1f} MB)", file=sys.stderr, flush=True)
-        got, extra["cold_start"] = cold_start(zoo, estimate, args.reps)
-        rows += got
-        # The budget counts the larger of the estimate and what a load measured: size it by both.
-        fp = max(estimate, int(extra["cold_start"]["footprint"]["measured"]))
-        extra["footprint"] = {"estimate": estimate, "used": fp}
-        print("==> router hop", file=sys.stderr, flush=True)
-        got, extra["router_hop"] = router_hop(zoo, args.requests)
-        rows += got
-        print("==> rotation", file=sys.stderr, flush=True)
-        lru = rotation(zoo, fp, args.rounds, "lru")
-        old = rotation(zoo, fp, args.rounds, "oldest")
-        extra["rotation"] = {"lru": lru, "oldest": old}
-        rows += rotation_rows(lru, old, args.rounds)
+        if "cold" in parts:
+            print(f"==> cold start ({label}, footprint estimate {estimate / MB:.1f} MB)", file=sys.stderr, flush=True)
+            got, extra["cold_start"] = cold_start(zoo, estimate, args.reps)
+            rows += got
+            # The budget counts the larger of the estimate and what a load measured: size it by both.
+            fp = max(estimate, int(extra["cold_start"]["footprint"]["measured"]))
+            extra["footprint"] = {"estimate": estimate, "used": fp}
+        if "hop" in parts:
+            print("==> router hop", file=sys.stderr, flush=True)
+            got, extra["router_hop"] = router_hop(zoo, args.requests)
+            rows += got
+        if "rotation" in parts:
+            print("==> rotation", file=sys.stderr, flush=True)
+            lru = rotation(zoo, fp, args.rounds, "lru")
+            old = rotation(zoo, fp, args.rounds, "oldest")
+            extra["rotation"] = {"lru": lru, "oldest": old}
+            rows += rotation_rows(lru, old, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row in rows:

@@ -255,32 +255,11 @@ def add_directory(index_path: Path, directory: Path | None, aid: str, *, update:
     ``update``: the entry exists; ``directory`` defaults to its file source, the version is bumped
     in place (unless given), and the files must differ from the ones it pins, else nothing changes.
     ``provenance`` replaces the entry's whole; without it an update keeps the old one (and says so)."""
-    if update:
-        kind, old = existing(index_path, aid)
-        source: dict[str, Any] = old["source"] if isinstance(old.get("source"), dict) else {}
-        if directory is None:
-            if source.get("type") != "file" or not isinstance(source.get("path"), str):
-                raise UsageError(f"{index_path}: /{kind}/{aid}: is not a file: entry; name the directory to pin (file:PATH)")
-            directory = index_path.resolve().parent / source["path"]
-    else:
-        kind, old = ("loras" if lora_for else "models"), {}
-        if directory is None:
-            raise UsageError(f"{aid}: name the directory to pin (file:PATH)")
+    kind, old, directory = _target(index_path, directory, aid, update, lora_for)
     sel = Selection(sel.include, sel.exclude, sel.allow_pickle or bool(old.get("allow_pickle")), sel.allow_code or bool(old.get("allow_code")))
     files = pin_directory(directory, sel)
-    previous = old.get("version")
     if update:
-        if _pins(files) == _pins(old.get("files") or []):
-            raise UsageError(f"{directory}: holds exactly the files {kind[:-1]} {aid} {previous} pins (paths, sizes, sha256); nothing to update")
-        if version is None:
-            version = bump_version(str(previous or ""))
-            if version is None:
-                raise UsageError(f"{kind[:-1]} {aid}: version {previous!r} ends in no number to bump; pass --version LABEL")
-        elif version == previous:
-            raise UsageError(f"{kind[:-1]} {aid}: version {previous} is already pinned with other files, and a published version is "
-                             "immutable; pass a new --version (or leave it out to bump it)")  # fmt: skip
-        if provenance is None and old.get("provenance"):
-            log.warning("%s %s %s keeps the provenance of %s; pass --provenance to describe the new run", kind[:-1], aid, version, previous)
+        version = _next_version(directory, kind, aid, old, files, version, provenance)
     elif version is None:
         raise UsageError("add file:PATH needs --version LABEL (there is no commit to name it after)")
     license_ = license_ or old.get("license")
@@ -309,6 +288,39 @@ def add_directory(index_path: Path, directory: Path | None, aid: str, *, update:
     except InvalidIndex as exc:
         raise _blame_provenance(exc, f"/{kind}/{aid}/provenance", provenance_file) from None
     return kind, entry
+
+
+def _target(index_path: Path, directory: Path | None, aid: str, update: bool, lora_for: str | None) -> tuple[str, dict[str, Any], Path]:
+    """(kind, the entry as it is, the directory to pin): an update's defaults to its file source."""
+    if update:
+        kind, old = existing(index_path, aid)
+        source: dict[str, Any] = old["source"] if isinstance(old.get("source"), dict) else {}
+        if directory is None:
+            if source.get("type") != "file" or not isinstance(source.get("path"), str):
+                raise UsageError(f"{index_path}: /{kind}/{aid}: is not a file: entry; name the directory to pin (file:PATH)")
+            directory = index_path.resolve().parent / source["path"]
+        return kind, old, directory
+    if directory is None:
+        raise UsageError(f"{aid}: name the directory to pin (file:PATH)")
+    return ("loras" if lora_for else "models"), {}, directory
+
+
+def _next_version(directory: Path, kind: str, aid: str, old: Mapping[str, Any], files: Sequence[Mapping[str, Any]], version: str | None,
+                  provenance: Mapping[str, Any] | None) -> str:  # fmt: skip
+    """An update's version: given, or the old one bumped; refused when the files are the ones pinned already."""
+    previous = old.get("version")
+    if _pins(files) == _pins(old.get("files") or []):
+        raise UsageError(f"{directory}: holds exactly the files {kind[:-1]} {aid} {previous} pins (paths, sizes, sha256); nothing to update")
+    if version is None:
+        version = bump_version(str(previous or ""))
+        if version is None:
+            raise UsageError(f"{kind[:-1]} {aid}: version {previous!r} ends in no number to bump; pass --version LABEL")
+    elif version == previous:
+        raise UsageError(f"{kind[:-1]} {aid}: version {previous} is already pinned with other files, and a published version is "
+                         "immutable; pass a new --version (or leave it out to bump it)")  # fmt: skip
+    if provenance is None and old.get("provenance"):
+        log.warning("%s %s %s keeps the provenance of %s; pass --provenance to describe the new run", kind[:-1], aid, version, previous)
+    return version
 
 
 def describe_entry(index_path: Path, kind: str, aid: str, old: Mapping[str, Any], *, provenance: Mapping[str, Any] | None = None,

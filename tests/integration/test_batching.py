@@ -308,6 +308,25 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
     assert fits.status_code == 200
 
 
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_it_is_tokenized(model_dir: Path) -> None:
+    """The tiny tokenizer is a byte-level BPE: its longest token bounds the characters a token covers."""
+    b = plain_backend(model_dir)
+    longest = b.longest_token()
+    assert longest is not None
+    counted: list[int] = []
+    count = b.count_tokens
+    b.count_tokens = lambda request: counted.append(1) or count(request)
+
+    async def run(client: Client, state: Any) -> list[Any]:
+        return [await client.post("/v1/chat/completions", json=chat("y" * (4096 * longest + 1), 8)),
+                await client.post("/v1/chat/completions", json=chat("Hello", 8))]  # fmt: skip
+
+    refused, fits = serve(b, 1, run)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages", refused.text
+    assert "more than 4096 tokens can hold" in refused.json()["error"]["message"] and fits.status_code == 200
+    assert counted == [1]  # the request that fits, and only it, was tokenized
+
+
 def test_a_hung_model_is_seen_as_stalled_only_while_it_has_work(model_dir: Path) -> None:
     """The worker stops answering pings while `stalled` (so the watchdog starves and the worker is
     replaced); an idle engine, however long idle, is never stalled."""

@@ -170,6 +170,26 @@ def test_a_body_not_sent_as_json_or_by_another_method_is_refused_before_it_is_ro
     _serving(resident)
 
 
+def test_an_encoded_path_is_a_404_and_a_head_over_16_kib_a_431_each_an_openai_error(resident: Resident) -> None:
+    """The router (and behind it the worker) served ``/v1/chat%2fcompletions`` as ``/v1/chat/completions``, and took
+    40 KiB of headers that arrived in one read (h11 limits only a head still arriving)."""
+    import http.client
+
+    body = json.dumps({"model": "small", "messages": [{"role": "user", "content": "Hi"}]})
+    for path, head, status in (("/v1/chat%2fcompletions", {}, 404), ("/v1%2Fchat/completions", {}, 404),
+                               ("/v1/chat/completions", {f"X-Pad-{i}": "a" * 1000 for i in range(40)}, 431)):  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", resident.port, timeout=60)
+        try:
+            conn.request("POST", path, body, {**JSON, **head})
+            answer = conn.getresponse()
+            error = json.loads(answer.read())["error"]
+        finally:
+            conn.close()
+        assert answer.status == status and error["type"] == "invalid_request_error", (path, error)
+        assert error["param"] == ("headers" if status == 431 else None)
+    _serving(resident)
+
+
 def test_a_chunked_body_past_the_limit_gets_its_413_read_through_the_router(resident: Resident) -> None:
     """A client that writes its whole body before reading (``Connection: close``: urllib, curl)."""
     with socket.create_connection(("127.0.0.1", resident.port), timeout=60) as s:

@@ -52,6 +52,26 @@ def test_a_loaded_worker_with_room_gives_a_place_at_once() -> None:
     _run(go)
 
 
+def test_a_free_place_is_taken_without_waiting_and_none_while_it_is_full_unloaded_or_others_wait() -> None:
+    """``free``: the router's common case (a loaded worker with room) with no task and no wait (issue #32: the hop)."""
+    adm, table, clock, woken = _admission(Slot("a", capacity=1, path="/w/a", phase="serving"), Slot("b", capacity=2))
+    clock.t = 1234.0
+    assert adm.free("a") == "/w/a" and table.slots["a"].inflight == 1 and table.slots["a"].last_used == 1234.0
+    assert adm.free("a") is None and table.slots["a"].inflight == 1  # full: place() queues it or says 429
+    assert adm.free("b") is None and adm.free("nobody") is None and not woken  # not loaded, not served: place() decides
+
+    async def go() -> None:
+        adm.release("a")
+        waiting = asyncio.ensure_future(adm.place("b", 0))
+        await _settle()
+        table.slots["b"].path = "/w/b"
+        assert adm.free("b") is None  # one waits for b: it is served first
+        adm.pump("b")
+        assert await waiting == "/w/b" and adm.free("b") == "/w/b" and table.slots["b"].inflight == 2
+
+    _run(go)
+
+
 def test_waiters_are_served_best_priority_first_then_in_arrival_order() -> None:
     adm, table, clock, woken = _admission(Slot("a", capacity=8))
     served: list[str] = []

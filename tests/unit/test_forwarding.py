@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.support import REPO
 from zoo_agent.resident.router.commit import _answer_with, _Events, _first_token, _with_x_zoo
+from zoo_agent.resident.router.sockets import worker_client
 from zoo_agent.resident.router.upstream import _send, message_of
 
 ROUTE = {"route": {"route": "assistant", "tenant": "small", "rule": "default"}}
@@ -56,11 +59,20 @@ class Worker:
             writer.close()
 
 
-async def _two_requests(worker: Worker) -> list[int | str]:
+def _httpx_client(path: Path) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path), retries=0), base_url="http://worker")
+
+
+def _router_client(path: Path) -> httpx.AsyncClient:
+    """The router's own client of a worker (``sockets.py``): the loop's socket calls, a request in one send."""
+    return worker_client(str(path))
+
+
+async def _two_requests(worker: Worker, client_of: Callable[[Path], httpx.AsyncClient] = _httpx_client) -> list[int | str]:
     server = await asyncio.start_unix_server(worker.handle, path=str(worker.path))
     out: list[int | str] = []
     try:
-        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(worker.path), retries=0), base_url="http://worker") as client:
+        async with client_of(worker.path) as client:
             for _ in range(2):
                 try:
                     response = await _send(client, "POST", "/v1/chat/completions", [(b"content-type", b"application/json")], b'{"model": "t"}')
@@ -76,17 +88,52 @@ async def _two_requests(worker: Worker) -> list[int | str]:
     return out
 
 
-def test_a_request_on_a_pooled_connection_the_worker_closed_goes_again_on_a_fresh_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_of", [_httpx_client, _router_client])
+def test_a_request_on_a_pooled_connection_the_worker_closed_goes_again_on_a_fresh_one(tmp_path: Path,
+                                                                                      client_of: Callable[[Path], httpx.AsyncClient]) -> None:  # fmt: skip
     worker = Worker(tmp_path / "w.sock", close_on=2)  # its 500, then it closes as the next request comes
-    assert asyncio.run(_two_requests(worker)) == [500, 200]
+    assert asyncio.run(_two_requests(worker, client_of)) == [500, 200]
     assert worker.connections == 2 and worker.answered == 2
 
 
-def test_a_request_on_a_connection_made_for_it_is_not_sent_twice(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_of", [_httpx_client, _router_client])
+def test_a_request_on_a_connection_made_for_it_is_not_sent_twice(tmp_path: Path, client_of: Callable[[Path], httpx.AsyncClient]) -> None:
     """No answer on a fresh connection: the worker may have acted on it; the callers decide (failover, restart)."""
     worker = Worker(tmp_path / "w.sock", close_on=1)
-    assert asyncio.run(_two_requests(worker)) == ["RemoteProtocolError", "RemoteProtocolError"]
+    assert asyncio.run(_two_requests(worker, client_of)) == ["RemoteProtocolError", "RemoteProtocolError"]
     assert worker.connections == 2 and worker.answered == 0  # one connection per request: none sent again
+
+
+def test_the_router_keeps_a_workers_connection_and_sends_a_request_in_one_piece(tmp_path: Path) -> None:
+    """Head and body went in two sends, each a wake-up of the worker's loop; now one. A pooled
+    connection is used again: two requests, one connection."""
+    from zoo_agent.resident.router.sockets import _Connection
+
+    async def run() -> tuple[bytes, int]:
+        path = str(tmp_path / "raw.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen()
+        conn = await _Connection.open(path)
+        peer, _ = listener.accept()
+        try:
+            asking = asyncio.ensure_future(conn.request("POST", "/v1/completions", [(b"content-type", b"application/json")], b"{}"))
+            await asyncio.sleep(0.1)  # the request went out
+            peer.setblocking(False)
+            sent = peer.recv(1 << 16)  # all of it, in the one read
+            peer.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            head = await asyncio.wait_for(asking, 10)
+            return sent, head.status_code
+        finally:
+            conn.close()
+            peer.close()
+            listener.close()
+
+    sent, status = asyncio.run(run())
+    assert sent.startswith(b"POST /v1/completions HTTP/1.1\r\nhost: worker\r\ncontent-length: 2\r\n") and sent.endswith(b"\r\n\r\n{}")
+    assert status == 200
+    worker = Worker(tmp_path / "w.sock", close_on=None, status=200)
+    assert asyncio.run(_two_requests(worker, _router_client)) == [200, 200] and worker.connections == 1
 
 
 @pytest.mark.parametrize(

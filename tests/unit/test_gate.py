@@ -22,8 +22,10 @@ def port() -> Iterator[int]:
     import uvicorn
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
+        """Routes as the router's and the workers' do: by the path in the scope."""
+        known = scope["path"] in ("/v1/completions", "/v1/chat/completions")
+        await send({"type": "http.response.start", "status": 200 if known else 404, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok" if known else b"no"})
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -89,3 +91,32 @@ def test_a_body_that_does_not_end_is_not_read_forever(port: int, monkeypatch: py
                 s.sendall(chunk)
                 sent += len(chunk)
     assert sent < total
+
+
+def _post(port: int, path: str, head: list[str]) -> tuple[int, bytes]:
+    """One POST of an empty JSON object, its head written in one piece (so the server reads it whole)."""
+    request = "\r\n".join([f"POST {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {KEY}", "Content-Length: 2", "Connection: close", *head])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall((request + "\r\n\r\n{}").encode())
+        data = b""
+        while piece := s.recv(65536):
+            data += piece
+    top, _, body = data.partition(b"\r\n\r\n")
+    return int(top.split()[1]), body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat%2fcompletions", "/v1/chat%2Fcompletions", "/v1/%63ompletions", "/%76%31/completions"])
+def test_a_path_is_matched_as_sent_so_an_encoded_one_is_a_404(port: int, path: str) -> None:
+    """``/v1/chat%2fcompletions`` was served as ``/v1/chat/completions``: the apps matched the decoded path. A proxy
+    in front that allows or denies by path sees the encoded one; what it let through must not become another route."""
+    assert _post(port, path, [])[0] == 404
+    assert _post(port, "/v1/chat/completions", []) == (200, b"ok")
+
+
+def test_a_head_over_16_kib_is_a_431_naming_the_headers(port: int) -> None:
+    """h11 limits a head only while it is incomplete: 40 KiB of headers arriving in one read were accepted."""
+    status, body = _post(port, "/v1/completions", [f"X-Pad-{i}: {'a' * 1000}" for i in range(40)])
+    error = json.loads(body)["error"]
+    assert status == 431 and error["param"] == "headers" and error["code"] == "headers_too_large" and "16384" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert _post(port, "/v1/completions", [f"X-Pad-{i}: {'a' * 1000}" for i in range(14)]) == (200, b"ok")

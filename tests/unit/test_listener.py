@@ -93,3 +93,16 @@ def test_the_key_is_required_before_anything_is_bound() -> None:
         assert str(caught.value) == f"--listen 0.0.0.0:{port}: listening beyond loopback needs a bearer token (--api-key-file); it binds 0.0.0.0"
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("unix:", "--listen unix:: expected unix:/path, a socket file's path (an empty one would bind an abstract socket, which no file guards)"),
+    ("unix:\x00zoo", "--listen 'unix:\\x00zoo': expected unix:/path, a socket file's path (a NUL byte names an abstract socket, or nothing)"),
+    ("unix:/run/a\x00b", "--listen 'unix:/run/a\\x00b': expected unix:/path, a socket file's path (a NUL byte names an abstract socket, or nothing)"),
+])  # fmt: skip
+def test_a_unix_spec_that_names_no_file_is_one_line_and_binds_nothing(spec: str, message: str) -> None:
+    """An empty path bound an abstract socket (autobind: a random name, reachable by any local user, no file mode
+    to guard it); a NUL byte was a ValueError's traceback."""
+    with pytest.raises(UsageError) as caught:
+        listen_socket(spec, None)
+    assert str(caught.value) == message

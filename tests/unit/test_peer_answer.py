@@ -102,6 +102,16 @@ def test_an_error_message_for_our_503_is_short_printable_or_empty() -> None:
         assert error_message(data) == ""
 
 
+def test_a_relayed_error_message_is_cut_to_200_printable_characters() -> None:
+    """A peer's 4xx (and the error event that ends its stream) reaches our client with its message on one
+    short line, as our 503 gets it: 10 kB of it, or a terminal's escape codes, are the peer's to keep."""
+    long = '{"error": {"message": "a\\nb\\u001b[2Jc' + "x" * 10_000 + '", "code": "too_long", "param": "messages"}}'
+    error = json.loads(whole(400, long.encode(), X_ZOO))["error"]
+    assert error == {"message": "a b [2Jc" + "x" * 192, "code": "too_long", "param": "messages"}
+    out, ok = _feed([_event(_chunk("a")), b"data: " + long.encode() + b"\n\n", b"data: [DONE]\n\n"])
+    assert ok and json.loads(out[1][6:])["error"]["message"] == "a b [2Jc" + "x" * 192
+
+
 def _feed(chunks: list[bytes]) -> tuple[list[bytes], bool]:
     """Every event that may be sent (those checked before a refusal too), and whether the stream ended cleanly."""
     events, out = Events(X_ZOO, limit=1 << 16), []

@@ -111,6 +111,42 @@ def _answered(zoo: AnswerZoo, fingerprint: Any, session: str) -> str:
     return f"[{fingerprint}{adapter}{via} · session {session} · cache {cache}]"
 
 
+def _greet(client: Client, tenant: str, card: Any, session: str, out: Any) -> list[dict[str, str]] | None:
+    """Say what the chat talks to; the conversation this chat holds itself (a remote tenant's), else None (the session's)."""
+    # A remote tenant (issue #36) keeps no sessions: this chat holds the conversation and sends it whole.
+    if card.x_zoo is not None and card.x_zoo.backend == "openai":
+        out.write(f"talking to {tenant} ({_described(card)}, a remote tenant): the conversation is kept by this chat only, not saved; {HELP}\n")
+        return []
+    try:  # the session of this tenant or route (a route's sessions are its own, not its tenants')
+        found = client.get(f"/v1/sessions/{quote(session, safe='')}?model={quote(tenant, safe='')}")
+        turns = found.get("turns") if isinstance(found, dict) else None
+        out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({_described(card)}); {HELP}\n")
+    except UsageError:
+        out.write(f"new session {session} with {tenant} ({_described(card)}); {HELP}\n")
+    return None
+
+
+def _turn(client: Client, model: str, session: str, text: str, history: list[dict[str, str]] | None, out: Any) -> None:
+    """One turn: the answer streamed out as it comes, then who gave it."""
+    last: dict[str, Any] = {}
+    said: list[str] = []
+    asked = {"role": "user", "content": text}
+    body = {"model": model, "session": session, "messages": [asked]} if history is None else {"model": model, "messages": [*history, asked]}
+    for chunk in client.stream(body):
+        if delta := _content(chunk):
+            said.append(delta)
+            out.write(delta)
+            out.flush()
+        last = chunk
+    if history is not None:
+        history += [asked, {"role": "assistant", "content": "".join(said)}]
+    try:
+        zoo = validate(AnswerZoo, last["x_zoo"], "x_zoo") if isinstance(last.get("x_zoo"), dict) else AnswerZoo()
+    except Malformed as exc:
+        raise SourceError(f"{client.url}/v1/chat/completions: not a resident's answer ({exc})") from None
+    out.write("\n" + _answered(zoo, last.get("system_fingerprint"), session) + "\n")
+
+
 def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None:
     """``tenant`` is a tenant, ``tenant:adapter`` or a route (issue #36): whatever /v1/models lists.
     ``out``: standard output as it is when called (click's test runner replaces it)."""
@@ -120,17 +156,7 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None
         raise UsageError(f"--model {tenant}: not served at {client.url} (serving: {', '.join(models)})")
     model = tenant
     card = models[tenant]
-    # A remote tenant (issue #36) keeps no sessions: this chat holds the conversation and sends it whole.
-    history: list[dict[str, str]] | None = [] if card.x_zoo is not None and card.x_zoo.backend == "openai" else None
-    if history is not None:
-        out.write(f"talking to {tenant} ({_described(card)}, a remote tenant): the conversation is kept by this chat only, not saved; {HELP}\n")
-    else:
-        try:  # the session of this tenant or route (a route's sessions are its own, not its tenants')
-            found = client.get(f"/v1/sessions/{quote(session, safe='')}?model={quote(tenant, safe='')}")
-            turns = found.get("turns") if isinstance(found, dict) else None
-            out.write(f"resuming session {session} ({len(turns) if isinstance(turns, list) else '?'} turns) with {tenant} ({_described(card)}); {HELP}\n")
-        except UsageError:
-            out.write(f"new session {session} with {tenant} ({_described(card)}); {HELP}\n")
+    history = _greet(client, tenant, card, session, out)
     while True:
         out.write("you> ")
         out.flush()
@@ -157,23 +183,7 @@ def run_chat(client: Client, tenant: str, session: str, out: Any = None) -> None
                 history.clear()
             out.write(f"new session {session}\n")
             continue
-        last: dict[str, Any] = {}
-        said: list[str] = []
-        asked = {"role": "user", "content": text}
-        body = {"model": model, "session": session, "messages": [asked]} if history is None else {"model": model, "messages": [*history, asked]}
-        for chunk in client.stream(body):
-            if delta := _content(chunk):
-                said.append(delta)
-                out.write(delta)
-                out.flush()
-            last = chunk
-        if history is not None:
-            history += [asked, {"role": "assistant", "content": "".join(said)}]
-        try:
-            zoo = validate(AnswerZoo, last["x_zoo"], "x_zoo") if isinstance(last.get("x_zoo"), dict) else AnswerZoo()
-        except Malformed as exc:
-            raise SourceError(f"{client.url}/v1/chat/completions: not a resident's answer ({exc})") from None
-        out.write("\n" + _answered(zoo, last.get("system_fingerprint"), session) + "\n")
+        _turn(client, model, session, text, history, out)
 
 @click.command("chat")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="ZOO_URL", help="The resident's address ($ZOO_URL).")

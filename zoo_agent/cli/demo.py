@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,29 @@ def _free(listen: str) -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
+def _ask(listen: str, tenant: str, routes: Iterable[str]) -> int:
+    """Show what the resident serves, ask the tenant one question and each route its short and long one; how many were asked."""
+    models = validate(ModelList, json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))).data
+    click.echo("    serving: " + ", ".join(f"{m.id} ({'a route' if m.x_zoo and m.x_zoo.kind == 'route' else m.root})" for m in models))
+    body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": QUESTION}]}).encode()
+    request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
+    answer = json.load(urllib.request.urlopen(request, timeout=120))
+    click.echo(f"==> asked {tenant}: {QUESTION}")
+    click.echo(f"    answer ({answer['system_fingerprint']}, random tiny weights, so not much sense): {answer['choices'][0]['message']['content']!r}")
+    asked = 1
+    for route in routes:
+        for question in ROUTED:
+            body = json.dumps({"model": route, "messages": [{"role": "user", "content": question}]}).encode()
+            request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
+            answer = json.load(urllib.request.urlopen(request, timeout=300))  # the first request for a tenant loads it
+            taken = validate(AnswerZoo, answer.get("x_zoo", {}), "x_zoo").route
+            click.echo(f"==> asked {route} (a route): {question}")
+            click.echo(f"    answered by {taken.tenant if taken else None} (rule {taken.rule if taken else None}): "
+                       f"{answer['choices'][0]['message']['content'][:60]!r}")  # fmt: skip
+            asked += 1
+    return asked
+
+
 def _wait(sock: socket.socket, proc: subprocess.Popen[bytes], until: Any, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     last: dict[str, str] = {}
@@ -130,24 +154,7 @@ def demo_cmd(root: Path, index: Path, host: str, listen: str, keep_running: bool
         try:
             ready = _wait(notify, proc, lambda f: "READY" in f, timeout=300)
             click.echo(f"    ready: {ready.get('STATUS', '')}")
-            models = validate(ModelList, json.load(urllib.request.urlopen(f"http://{listen}/v1/models", timeout=30))).data
-            click.echo("    serving: " + ", ".join(f"{m.id} ({'a route' if m.x_zoo and m.x_zoo.kind == 'route' else m.root})" for m in models))
-            body = json.dumps({"model": tenant, "messages": [{"role": "user", "content": QUESTION}]}).encode()
-            request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
-            answer = json.load(urllib.request.urlopen(request, timeout=120))
-            click.echo(f"==> asked {tenant}: {QUESTION}")
-            click.echo(f"    answer ({answer['system_fingerprint']}, random tiny weights, so not much sense): {answer['choices'][0]['message']['content']!r}")
-            asked = 1
-            for route in idx.hosts[host].routes:
-                for question in ROUTED:
-                    body = json.dumps({"model": route, "messages": [{"role": "user", "content": question}]}).encode()
-                    request = urllib.request.Request(f"http://{listen}/v1/chat/completions", body, {"content-type": "application/json"})
-                    answer = json.load(urllib.request.urlopen(request, timeout=300))  # the first request for a tenant loads it
-                    taken = validate(AnswerZoo, answer.get("x_zoo", {}), "x_zoo").route
-                    click.echo(f"==> asked {route} (a route): {question}")
-                    click.echo(f"    answered by {taken.tenant if taken else None} (rule {taken.rule if taken else None}): "
-                               f"{answer['choices'][0]['message']['content'][:60]!r}")  # fmt: skip
-                    asked += 1
+            asked = _ask(listen, tenant, idx.hosts[host].routes)
             status = _wait(notify, proc, lambda f: f"{asked} requests" in f.get("STATUS", ""), timeout=15)
             click.echo(f"==> zoo-agent status {' '.join(zoo)}")
             subprocess.run(_agent("status", *zoo), check=False)

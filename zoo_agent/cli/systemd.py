@@ -28,40 +28,43 @@ log = logging.getLogger("zoo_agent")
 _FLAGS = {"exec_start": "--exec", "environment": "--env", "extra_args": "--extra-arg", "credentials": "--credential"}
 
 
+#: One option per UnitSettings field (and the few that make one).
+_OPTIONS = [
+    click.option("--exec", "exec_start", default=None, help="Command that runs zoo-agent (default: this installation's)."),
+    click.option("--index", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
+                 help="The index the units apply (made absolute)."),
+    click.option("--root", type=click.Path(path_type=Path), default=Path("/var/lib/model-zoo"), show_default=True),
+    click.option("--host", default=None, help="Host id in the index (default: the machine's hostname, at run time)."),
+    click.option("--user", default="model-zoo", show_default=True),
+    click.option("--group", default="model-zoo", show_default=True),
+    click.option("--hf-endpoint", default=None, help="A hub mirror (HF_ENDPOINT)."),
+    click.option("--hf-token-file", type=click.Path(path_type=Path), default=None, help="Passed with LoadCredential=, never copied."),
+    click.option("--offline", is_flag=True),
+    click.option("--no-resident", is_flag=True, help="Only fetch and verify: no serving unit."),
+    click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port or unix:/path"),
+    click.option("--api-key-file", type=click.Path(path_type=Path), default=None),
+    click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None, help="The fleet key for peers (issue #22); LoadCredential=."),
+    click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
+                 help="A client key that may also ask for priority above 'default' (issue #31); LoadCredential=."),
+    click.option("--credential", "credentials", multiple=True, metavar="NAME=PATH",
+                 help="A credential of the resident (LoadCredential=NAME:PATH), e.g. a remote tenant's key its key_file names (issue #36)."),
+    click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
+    click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
+    click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),
+    click.option("--extra-arg", "extra_args", multiple=True, help="Appended to `zoo-agent resident`."),
+    click.option("--gpu", type=click.Choice(["none", "nvidia", "rocm"]), default="none", show_default=True),
+    click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
+    click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
+    click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
+    click.option("--textfile-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                 help="node_exporter's textfile-collector directory: the reconcile and verify units write their metrics there."),
+    click.option("--hf-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+                 help="Run `zoo-agent export hf-cache DIR` after every apply (and gc): the zoo as a Hugging Face cache of links."),
+]
+
+
 def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """One option per UnitSettings field; parsed into the one settings model."""
-    options = [
-        click.option("--exec", "exec_start", default=None, help="Command that runs zoo-agent (default: this installation's)."),
-        click.option("--index", type=click.Path(path_type=Path), envvar="ZOO_INDEX", default="index.json", show_default=True,
-                     help="The index the units apply (made absolute)."),
-        click.option("--root", type=click.Path(path_type=Path), default=Path("/var/lib/model-zoo"), show_default=True),
-        click.option("--host", default=None, help="Host id in the index (default: the machine's hostname, at run time)."),
-        click.option("--user", default="model-zoo", show_default=True),
-        click.option("--group", default="model-zoo", show_default=True),
-        click.option("--hf-endpoint", default=None, help="A hub mirror (HF_ENDPOINT)."),
-        click.option("--hf-token-file", type=click.Path(path_type=Path), default=None, help="Passed with LoadCredential=, never copied."),
-        click.option("--offline", is_flag=True),
-        click.option("--no-resident", is_flag=True, help="Only fetch and verify: no serving unit."),
-        click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port or unix:/path"),
-        click.option("--api-key-file", type=click.Path(path_type=Path), default=None),
-        click.option("--fleet-key-file", type=click.Path(path_type=Path), default=None, help="The fleet key for peers (issue #22); LoadCredential=."),
-        click.option("--priority-key-file", type=click.Path(path_type=Path), default=None,
-                     help="A client key that may also ask for priority above 'default' (issue #31); LoadCredential=."),
-        click.option("--credential", "credentials", multiple=True, metavar="NAME=PATH",
-                     help="A credential of the resident (LoadCredential=NAME:PATH), e.g. a remote tenant's key its key_file names (issue #36)."),
-        click.option("--watchdog-sec", type=click.IntRange(min=0), default=30, show_default=True, help="0 disables the watchdog."),
-        click.option("--memory-max", default=None, help="MemoryMax= of the resident (e.g. 24G)."),
-        click.option("--env", "environment", multiple=True, metavar="KEY=VALUE", help="Extra environment for every unit."),
-        click.option("--extra-arg", "extra_args", multiple=True, help="Appended to `zoo-agent resident`."),
-        click.option("--gpu", type=click.Choice(["none", "nvidia", "rocm"]), default="none", show_default=True),
-        click.option("--verify-interval", default="weekly", show_default=True, help="OnCalendar= of the verify timer; '' disables it."),
-        click.option("--gc", is_flag=True, help="Run `zoo-agent gc` after every apply."),
-        click.option("--ollama-host", default=None, help="An Ollama daemon (OLLAMA_HOST) for ollama sources and backends; after ollama.service."),
-        click.option("--textfile-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-                     help="node_exporter's textfile-collector directory: the reconcile and verify units write their metrics there."),
-        click.option("--hf-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
-                     help="Run `zoo-agent export hf-cache DIR` after every apply (and gc): the zoo as a Hugging Face cache of links."),
-    ]
 
     @functools.wraps(func)
     def wrapper(*, exec_start: str | None, index: Path, no_resident: bool, environment: tuple[str, ...], credentials: tuple[str, ...],
@@ -94,7 +97,7 @@ def _unit_options(func: Callable[..., Any]) -> Callable[..., Any]:
             raise UsageError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from exc
         return func(settings=settings, **kwargs)
 
-    for option in reversed(options):
+    for option in reversed(_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
 

@@ -90,6 +90,17 @@ def _tcp_address(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _unix_path(spec: str) -> str:
+    """``unix:PATH``'s path, or one line naming --listen: an empty path binds an abstract socket (Linux
+    autobinds a random name any local user may reach, with no file mode to guard it), and so does a NUL byte."""
+    path = spec.removeprefix("unix:")
+    why = "an empty one would bind an abstract socket, which no file guards" if not path else (
+        "a NUL byte names an abstract socket, or nothing" if "\x00" in path else None)  # fmt: skip
+    if why is not None:
+        raise UsageError(f"--listen {_shown(spec)}: expected unix:/path, a socket file's path ({why})")
+    return path
+
+
 def listen_socket(spec: str, api_key: str | None) -> socket.socket:
     """A bound, listening socket: systemd's (LISTEN_FDS), a unix path, or host:port.
 
@@ -101,7 +112,7 @@ def listen_socket(spec: str, api_key: str | None) -> socket.socket:
         _needs_key(_bound(sock), "the socket systemd passed (LISTEN_FDS)", api_key, sock)
         return sock
     if spec.startswith(("unix:", "/")):
-        path = spec.removeprefix("unix:")
+        path = _unix_path(spec)
         _remove_stale_socket(Path(path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

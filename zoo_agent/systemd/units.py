@@ -283,8 +283,17 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
 
 def render(settings: UnitSettings) -> dict[str, str]:
     """Unit file name -> text. Pure: the same settings always give the same bytes."""
+    units = {"model-zoo-reconcile.service": _reconcile_unit(settings)}
+    if settings.resident:
+        units["model-zoo-resident.service"] = _resident_unit(settings)
+    if settings.verify_interval:
+        units.update(_verify_units(settings, settings.verify_interval))
+    return units
+
+
+def _reconcile_unit(settings: UnitSettings) -> str:
     ollama = " ollama.service" if settings.ollama_host else ""
-    units = {"model-zoo-reconcile.service": _unit(
+    return _unit(
         unit={"Description": "model zoo: fetch, verify and publish this host's models",
               "Wants": "network-online.target" + ollama, "After": "network-online.target" + ollama,
               # A network failure at boot is retried, boundedly, instead of leaving the zoo
@@ -303,51 +312,57 @@ def render(settings: UnitSettings) -> dict[str, str]:
                  **({"LoadCredential": _credential("hf-token", settings.hf_token_file)} if settings.hf_token_file else {}),
                  **_with_hf_cache(settings, _common(settings, textfile=True)),
                  "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes"},
-        install={"WantedBy": "multi-user.target"})}
-    if settings.resident:
-        units["model-zoo-resident.service"] = _unit(
-            unit={"Description": "model zoo: resident inference server",
-                  "Wants": "network-online.target model-zoo-reconcile.service" + ollama,
-                  "After": "network-online.target model-zoo-reconcile.service" + ollama,
-                  # Bounded backoff: five failed starts in five minutes and the unit stays
-                  # failed with the resident's own Status: line saying why.
-                  "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
-            service={"Type": "notify", "NotifyAccess": "main",
-                     "ExecStart": _exec(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else "")
-                                  + (" --fleet-key-file %d/fleet-key" if settings.fleet_key_file else "")
-                                  + (" --priority-key-file %d/priority-key" if settings.priority_key_file else ""),
-                     # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
-                     "ExecReload": _exec(settings, "resident", "reload", "--pid") + " $MAINPID",
-                     "Restart": "on-failure", "RestartSec": "5",
-                     # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
-                     "TimeoutStartSec": "90", "TimeoutStopSec": "60",
-                     **({"WatchdogSec": str(settings.watchdog_sec)} if settings.watchdog_sec else {}),
-                     "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
-                     **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
-                     **_delegated(_common(settings, {"ZOO_LISTEN": settings.listen})),
-                     **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("fleet-key", settings.fleet_key_file),
-                                                                                       ("priority-key", settings.priority_key_file),
-                                                                                       ("hf-token", settings.hf_token_file), *sorted(settings.credentials.items()))
-                                            if path is not None]}
-                        if settings.api_key_file or settings.fleet_key_file or settings.priority_key_file or settings.hf_token_file
-                        or settings.credentials else {}),
-                     **_devices(settings)},
-            install={"WantedBy": "multi-user.target"})
-    if settings.verify_interval:
-        units["model-zoo-verify.service"] = _unit(
+        install={"WantedBy": "multi-user.target"})
+
+
+def _resident_unit(settings: UnitSettings) -> str:
+    ollama = " ollama.service" if settings.ollama_host else ""
+    return _unit(
+        unit={"Description": "model zoo: resident inference server",
+              "Wants": "network-online.target model-zoo-reconcile.service" + ollama,
+              "After": "network-online.target model-zoo-reconcile.service" + ollama,
+              # Bounded backoff: five failed starts in five minutes and the unit stays
+              # failed with the resident's own Status: line saying why.
+              "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
+        service={"Type": "notify", "NotifyAccess": "main",
+                 "ExecStart": _exec(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else "")
+                              + (" --fleet-key-file %d/fleet-key" if settings.fleet_key_file else "")
+                              + (" --priority-key-file %d/priority-key" if settings.priority_key_file else ""),
+                 # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).
+                 "ExecReload": _exec(settings, "resident", "reload", "--pid") + " $MAINPID",
+                 "Restart": "on-failure", "RestartSec": "5",
+                 # Short: loading a large model extends it with EXTEND_TIMEOUT_USEC as it goes.
+                 "TimeoutStartSec": "90", "TimeoutStopSec": "60",
+                 **({"WatchdogSec": str(settings.watchdog_sec)} if settings.watchdog_sec else {}),
+                 "RuntimeDirectory": "model-zoo", "RuntimeDirectoryMode": "0750",
+                 **({"MemoryMax": unit_value(settings.memory_max, "verbatim")} if settings.memory_max else {}),
+                 **_delegated(_common(settings, {"ZOO_LISTEN": settings.listen})),
+                 **({"LoadCredential": [_credential(name, path) for name, path in (("api-key", settings.api_key_file), ("fleet-key", settings.fleet_key_file),
+                                                                                   ("priority-key", settings.priority_key_file),
+                                                                                   ("hf-token", settings.hf_token_file), *sorted(settings.credentials.items()))
+                                        if path is not None]}
+                    if settings.api_key_file or settings.fleet_key_file or settings.priority_key_file or settings.hf_token_file
+                    or settings.credentials else {}),
+                 **_devices(settings)},
+        install={"WantedBy": "multi-user.target"})
+
+
+def _verify_units(settings: UnitSettings, interval: str) -> dict[str, str]:
+    return {
+        "model-zoo-verify.service": _unit(
             unit={"Description": "model zoo: re-hash every published file against its manifest",
                   "After": "model-zoo-reconcile.service"},
             service={"Type": "oneshot", "ExecStart": _exec(settings, "verify"),
                      **_common(settings, textfile=True), "MemoryDenyWriteExecute": "yes", "PrivateDevices": "yes", "PrivateUsers": "yes",
                      # Re-hashing a zoo is bulk I/O; let serving win.
                      "Nice": "10", "IOSchedulingClass": "idle"},
-            install={})
-        units["model-zoo-verify.timer"] = _unit(
+            install={}),
+        "model-zoo-verify.timer": _unit(
             unit={"Description": "model zoo: periodic verification"},
             service=None,
             install={"WantedBy": "timers.target"},
-            timer={"OnCalendar": unit_value(settings.verify_interval, "raw"), "Persistent": "yes", "RandomizedDelaySec": "1h"})
-    return units
+            timer={"OnCalendar": unit_value(interval, "raw"), "Persistent": "yes", "RandomizedDelaySec": "1h"}),
+    }
 
 
 def sysusers(settings: UnitSettings) -> str:

@@ -79,6 +79,26 @@ class Admission:
                 slot.queued = len(queue)
                 slot.wanted = slot.wanted or bool(len(queue))
 
+    def free(self, tenant: str) -> str | None:
+        """A place in the tenant's worker now (its socket path; give it back with ``release``), when one is free
+        and no one waits; else None (``place`` queues, or says why not). No task, no wait: the common case."""
+        with self.table.lock:
+            slot = self.table.slots.get(tenant)
+            queue = self.queues.get(tenant)
+            if slot is None or slot.path is None or slot.inflight >= slot.capacity or (queue is not None and len(queue)):
+                return None
+            slot.inflight += 1
+            slot.last_used = self.clock()
+            return slot.path
+
+    async def take(self, tenant: str, priority: int, gone: asyncio.Future[None], comment: Callable[[str], Awaitable[None]] | None) -> str | None:
+        """A place in the tenant's worker (its socket): at once when one is free, else once ``place`` gives one
+        (``wait``: its deadline, its comments); None when the client left first."""
+        path = self.free(tenant)
+        if path is not None:
+            return path
+        return await self.wait(asyncio.ensure_future(self.place(tenant, priority)), gone, tenant, comment)
+
     async def place(self, tenant: str, priority: int) -> str:
         """A place in the tenant's worker: its socket path (give it back with ``release``)."""
         queue = self.queues.setdefault(tenant, PriorityQueue(self.aging_seconds))

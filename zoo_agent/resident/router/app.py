@@ -15,7 +15,8 @@ That loop also feeds systemd's watchdog, so no request may hold it (issue #31: 5
 newlines through a route held it for tens of seconds). Every place where request or peer
 data is worked on in this loop, and its bound in time and memory:
 
-- request line and headers: uvicorn's h11 parser, at most 16 KiB; headers scanned once;
+- request line and headers: uvicorn's h11 parser, at most 16 KiB (h11's limit while a head arrives, the
+  Gate's ``MAX_HEAD`` once it came: a 431); headers scanned once;
 - the body (``wire/gate.py``): read up to ``MAX_BODY`` (1 MiB) into one buffer, a 413 past it; a
   body refused before it ends is read and thrown away, at most 16 MiB and 5 s, no memory kept;
 - the parse (``inbound.parse_request``: the bounded JSON reader, depth 64; the session id;
@@ -81,6 +82,7 @@ if TYPE_CHECKING:
 __all__ = ["Keys", "Router"]
 
 log = logging.getLogger("zoo_agent.resident")
+_PRIORITY = PRIORITY.lower().encode()
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,9 @@ class Router:
         import uvicorn
 
         app = Gate(self, max_body=MAX_BODY, api_key=self.keys.api, fleet_key=self.keys.fleet, priority_key=self.keys.priority)
+        # proxy_headers off: no X-Forwarded-* rewriting of a request's client (nothing here reads it), one step less a request.
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(self.config.drain_seconds) + 1,
-                                lifespan="off")  # fmt: skip
+                                lifespan="off", proxy_headers=False)  # fmt: skip
         self.server = uvicorn.Server(config)
         ready = threading.Event()
 
@@ -232,72 +235,75 @@ class Router:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:  # the Gate already read and limited it: one message
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        method, path = scope["method"], scope["path"]
-        if path == "/health" and method == "GET":
-            status, data = self.endpoints.health()
-            await respond(send, status, data)
+        body = await _whole_body(receive)
+        if body is None:
+            return  # the client left before its body arrived
+        if await self._own(scope, body, send):
             return
-        if path == "/metrics" and method == "GET":
-            text = await self.endpoints.metrics()
-            await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
-            return
-        if path == "/v1/models" and method == "GET":
-            await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
-            return
-        if path in MANAGED:
-            await self.manage(scope, body, send)
-            return
-        if is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
-            files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,
-                                      content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None)  # fmt: skip
-            await respond(send, *await asyncio.get_running_loop().run_in_executor(None, files))
-            return
-        named = [v for k, v in scope.get("headers", []) if k.lower() == PRIORITY.lower().encode()]
-        parse = functools.partial(parse_request, method, path, scope.get("query_string", b""), body, self._host(),
+        named = [v for k, v in scope.get("headers", []) if k.lower() == _PRIORITY]
+        parse = functools.partial(parse_request, scope["method"], scope["path"], scope.get("query_string", b""), body, self._host(),
                                   content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None, priority=named)  # fmt: skip
         parsed = await bounded(len(body), parse)  # linear in the body: a large one is parsed off the loop
         if isinstance(parsed, Rejected):
             await respond(send, *error(parsed.status, parsed.message, param=parsed.param, code=parsed.code))
             return
-        tenant, body = parsed.tenant, body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
-        if path == EMBED:  # an embedding tenant's request (issue #36): router/embeddings.py
+        await self._dispatch(scope, receive, send, body, parsed)
+
+    async def _own(self, scope: Scope, body: bytes, send: Send) -> bool:
+        """What the router answers itself (``/health``, ``/metrics``, ``/v1/models``, the managed paths, the
+        zoo's checkpoint files): True when it did."""
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/health":
+            status, data = self.endpoints.health()
+            await respond(send, status, data)
+        elif method == "GET" and path == "/metrics":
+            text = await self.endpoints.metrics()
+            await respond(send, 200, text, [(b"content-type", b"text/plain; version=0.0.4")])
+        elif method == "GET" and path == "/v1/models":
+            await respond(send, 200, json.dumps({"object": "list", "data": self.endpoints.models()}).encode())
+        elif path in MANAGED:
+            await self.manage(scope, body, send)
+        elif is_checkpoint_path(path):  # the zoo's files, no worker (issue #36): on a thread, as a route's session
+            files = functools.partial(self.checkpoints.answer, method, path, scope.get("query_string", b""), body,
+                                      content_type=header(scope, "content-type"), from_peer=header(scope, PEER) is not None)  # fmt: skip
+            await respond(send, *await asyncio.get_running_loop().run_in_executor(None, files))
+        else:
+            return False
+        return True
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, body: bytes, parsed: Parsed) -> None:
+        """A parsed request to where it goes: an embedding tenant, a route's session, a route's candidates, the tenant's
+        peers, or its worker."""
+        tenant, generate = parsed.tenant, scope["path"] in GENERATE
+        body = body if parsed.body is None else parsed.body  # an alias: the tenant's name in the body
+        if scope["path"] == EMBED:  # an embedding tenant's request (issue #36): router/embeddings.py
             await forward_embeddings(self, scope, receive, send, body, parsed)
             return
         if parsed.session is not None and tenant in self.routes:
             # Reading (up to 64 MiB, validated) is no work for the loop that streams every answer.
-            answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, method)
+            answer = await asyncio.get_running_loop().run_in_executor(None, self.route.session, tenant, parsed.session, scope["method"])
             await respond(send, *answer)
             return
-        route = self.routes.get(tenant) if path in GENERATE else None
+        route = self.routes.get(tenant) if generate else None
         routed = await self.route.choose(tenant, route, parsed.document, len(body)) if route is not None else None
         if routed is not None:
             tenant = routed.tenants[0] if routed.tenants else routed.chosen
         priority = self._default_priority(tenant)
-        if path in GENERATE:
+        if generate:
             try:
                 priority = self._grant(scope, parsed, priority, routed)
             except BadPriority as exc:
                 await respond(send, *error(403 if isinstance(exc, PriorityNotAllowed) else 400, str(exc), param=exc.param,
                                            code="priority_not_allowed" if isinstance(exc, PriorityNotAllowed) else None))  # fmt: skip
                 return
-        if tenant not in self.table.slots and routed is None and path in GENERATE:  # served by peers only (parse_request checked)
-            await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
-            return
         if routed is not None:
             await self.route.forward(scope, receive, send, routed, priority, parsed.stream)
-            return
-        if tenant in self.remotes:  # a server elsewhere answers it (issue #36)
+        elif generate and tenant not in self.table.slots:  # served by peers only (parse_request checked)
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, parsed.stream, session=parsed.in_session, model=parsed.document.get("model"))
+        elif tenant in self.remotes:  # a server elsewhere answers it (issue #36)
             await self.remotes.forward(scope, receive, send, parsed, priority, len(body))
-            return
-        await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
+        else:
+            await self._forward(scope, receive, send, body, tenant, priority, parsed.stream, session=parsed.in_session)
 
     def _grant(self, scope: Scope, parsed: Parsed, default: int, routed: Routed | None) -> int:
         """The request's priority: above default only with the priority key (issue #31; a peer's request
@@ -339,47 +345,25 @@ class Router:
                        session: bool = False) -> None:  # fmt: skip
         """Wait for a place, send the request, stream the answer back; a worker that fails before
         answering gets the request again once it is back (bounded), never a second model."""
-        started = False  # our response's head is out
-
-        async def comment(text: str) -> None:
-            nonlocal started
-            if not started:
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
-                started = True
-            await send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
-
+        head = _Head(send)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP]
         target = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
         gone = asyncio.ensure_future(disconnected(receive))
         code = 0
         try:
             for attempt in range(3):
-                if not started and (why := self._overflows(scope, tenant)) is not None:
-                    code = 0  # counted per peer
+                if not head.started and (why := self._overflows(scope, tenant)) is not None:
                     await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, why, session)
-                    return
-                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
+                    return  # counted per peer
                 try:
-                    path = await self.admission.wait(placing, gone, tenant, comment if stream else None)
+                    path = await self.admission.take(tenant, priority, gone, head.comment if stream else None)
                 except (Unavailable, QueueFull, TimeoutError) as exc:
-                    status = 429 if isinstance(exc, QueueFull) else 503
-                    message = str(exc) or f"tenant '{tenant}' did not load within {self.config.load_wait:.0f}s"
-                    code = status
-                    if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
-                        code = 0
-                        await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, message, session)
-                        return
-                    if started:
-                        await stream_error(send, status, message)
-                    else:
-                        await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
-                                       headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
+                    code = await self._unplaced(scope, receive, send, body, tenant, stream, session, exc, head.started)
                     return
                 if path is None:
                     return  # the client left while it waited
                 try:
-                    code = await pipe(self.clients.to(path), scope["method"], target, headers, body, send, gone, started)
+                    code = await pipe(self.clients.to(path), scope["method"], target, headers, body, send, gone, head.started)
                 except WorkerFailed as exc:
                     self.metrics.retries.labels(tenant).inc()
                     log.warning("%s: the worker failed before answering (%s); sending the request again (%d)", tenant, exc, attempt + 1)
@@ -389,17 +373,54 @@ class Router:
                     self.admission.release(tenant)
                 return
             code = 503
-            message = f"tenant '{tenant}': its worker failed three times before answering"
-            if started:
-                await stream_error(send, 503, message)
-            else:
-                await respond(send, *error(503, message, code="model_unavailable"), headers=[(b"retry-after", b"5")])
+            await _refuse(send, head.started, 503, f"tenant '{tenant}': its worker failed three times before answering")
         finally:
             gone.cancel()
             if code:
                 self.metrics.requests.labels(tenant, str(code)).inc()
 
+    async def _unplaced(self, scope: Scope, receive: Receive, send: Send, body: bytes, tenant: str, stream: bool, session: bool,
+                        exc: Exception, started: bool) -> int:  # fmt: skip
+        """No place: the tenant's peers take it when it may overflow, else a 429 or 503. The status to count (0: counted per peer)."""
+        status = 429 if isinstance(exc, QueueFull) else 503
+        message = str(exc) or f"tenant '{tenant}' did not load within {self.config.load_wait:.0f}s"
+        if not started and scope["path"] in GENERATE and self._may_overflow(scope, tenant):
+            await self.delegation.forward_peers(scope, receive, send, body, tenant, stream, message, session)
+            return 0
+        await _refuse(send, started, status, message)
+        return status
 
-    # -- what the router answers itself ------------------------------------------------------------
+
+class _Head:
+    """Our answer's head, sent with the first SSE comment of a streaming client that waits for its tenant."""
+
+    def __init__(self, send: Send) -> None:
+        self.send, self.started = send, False
+
+    async def comment(self, text: str) -> None:
+        if not self.started:
+            await self.send({"type": "http.response.start", "status": 200,
+                             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+            self.started = True
+        await self.send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
 
 
+async def _refuse(send: Send, started: bool, status: int, message: str) -> None:
+    """A 429 (the queue is full) or 503 (no worker): the stream's last event once our head is out, else a whole answer."""
+    if started:
+        await stream_error(send, status, message)
+    else:
+        await respond(send, *error(status, message, code="model_unavailable" if status == 503 else "queue_full"),
+                      headers=[(b"retry-after", b"1" if status == 429 else b"5")])  # fmt: skip
+
+
+async def _whole_body(receive: Receive) -> bytes | None:
+    """The request's body (the Gate read and limited it already: one message), or None when the client left."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body", False):
+            return body

@@ -39,66 +39,91 @@ async def pipe_committed(client: httpx.AsyncClient, target: str, headers: list[t
             raise Fallback(f"answered {response.status_code}: {await bounded(len(error), message_of, error)}", "failed")
         out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK | {b"content-length"}]
         if not stream or response.status_code != 200:
-            data = await read_body(response, MAX_ANSWER)
-            try:  # an error answer says who gave it too (README: every answer)
-                data = await bounded(len(data), _answer_with, data, x_zoo, response.status_code == 200)
-            except ValueError as exc:
-                raise Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
-            if response.status_code == 200:
-                committed_to()
-            await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
-            await send({"type": "http.response.body", "body": data, "more_body": False})
-            return response.status_code
-        # What arrives before the first token is held, up to MAX_ANSWER bytes in all.
-        committed, held, held_bytes, buffer = False, [], 0, _Events()
-        reading = response.aiter_raw().__aiter__()
-        while True:
-            timeout = None if committed or deadline is None else max(0.0, deadline - time.monotonic())
-            chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-            pair: set[asyncio.Future[Any]] = {chunk, gone}
-            done, _ = await asyncio.wait(pair, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                chunk.cancel()
-                return 499
-            if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
-                chunk.cancel()
-                raise Fallback(f"no first token within {ttft:g}s", "first_token_timeout")
-            try:
-                data = chunk.result()
-            except StopAsyncIteration:
-                break
-            except (httpx.TransportError, OSError) as exc:
-                if not committed:
-                    raise Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
-                await stream_error(send, 502, f"the answer failed midway: {type(exc).__name__}", x_zoo)
-                return 502
-            events = buffer.feed(data)
-            size = len(buffer.pending) + (0 if committed else held_bytes + sum(map(len, events)))
-            if size > MAX_ANSWER:  # no answer of ours: one event this large, or this much before a first token
-                if not committed:
-                    raise Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
-                await stream_error(send, 502, "the answer sent an oversized event", x_zoo)
-                return 502
-            for event in events:
-                if not committed:
-                    held.append(event)
-                    held_bytes += len(event)
-                    if not await bounded(len(event), _first_token, event):
-                        continue
-                    committed = True
-                    committed_to()
-                    await send({"type": "http.response.start", "status": 200, "headers": out})
-                    events_out, held = held, []
-                else:
-                    events_out = [event]
-                for e in events_out:
-                    await send({"type": "http.response.body", "body": await bounded(len(e), _with_x_zoo, e, x_zoo) + b"\n\n", "more_body": True})
-        if not committed:
-            raise Fallback("its answer ended before a first token", "failed")
-        await send({"type": "http.response.body", "body": bytes(buffer.pending), "more_body": False})
-        return 200
+            return await _whole(response, send, out, x_zoo, committed_to)
+        commit = _Commit(send, out, x_zoo, committed_to)
+        return await _events(response, gone, deadline, ttft, commit)
     finally:
         await response.aclose()
+
+
+async def _whole(response: httpx.Response, send: Send, out: list[tuple[bytes, bytes]], x_zoo: dict[str, Any],
+                 committed_to: Callable[[], None]) -> int:  # fmt: skip
+    """A whole answer (not a stream, or an error), with ``x_zoo`` merged in; a 200 commits."""
+    data = await read_body(response, MAX_ANSWER)
+    try:  # an error answer says who gave it too (README: every answer)
+        data = await bounded(len(data), _answer_with, data, x_zoo, response.status_code == 200)
+    except ValueError as exc:
+        raise Fallback(f"answered 200 with no JSON ({exc})", "failed") from None
+    if response.status_code == 200:
+        committed_to()
+    await send({"type": "http.response.start", "status": response.status_code, "headers": [*out, (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+    return response.status_code
+
+
+async def _events(response: httpx.Response, gone: asyncio.Future[None], deadline: float | None, ttft: float | None, commit: _Commit) -> int:
+    """A stream read chunk by chunk, the client watched between them, until it ends; ``Fallback`` before its first token."""
+    reading = response.aiter_raw().__aiter__()
+    while True:
+        timeout = None if commit.committed or deadline is None else max(0.0, deadline - time.monotonic())
+        chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
+        pair: set[asyncio.Future[Any]] = {chunk, gone}
+        done, _ = await asyncio.wait(pair, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if gone in done:
+            chunk.cancel()
+            return 499
+        if chunk not in done:  # no first token in time: give it up (closing cancels its generation)
+            chunk.cancel()
+            raise Fallback(f"no first token within {ttft:g}s", "first_token_timeout")
+        try:
+            data = chunk.result()
+        except StopAsyncIteration:
+            break
+        except (httpx.TransportError, OSError) as exc:
+            if not commit.committed:
+                raise Fallback(f"failed before the first token ({type(exc).__name__})", "crashed") from exc
+            await stream_error(commit.send, 502, f"the answer failed midway: {type(exc).__name__}", commit.x_zoo)
+            return 502
+        if (failed := await commit.feed(data)) is not None:
+            return failed
+    if not commit.committed:
+        raise Fallback("its answer ended before a first token", "failed")
+    await commit.send({"type": "http.response.body", "body": bytes(commit.buffer.pending), "more_body": False})
+    return 200
+
+
+class _Commit:
+    """A stream's events on their way to the client: what arrives before the first token is held, up to
+    ``MAX_ANSWER`` bytes in all; the first token commits the answer and sends what was held."""
+
+    def __init__(self, send: Send, out: list[tuple[bytes, bytes]], x_zoo: dict[str, Any], committed_to: Callable[[], None]) -> None:
+        self.send, self.out, self.x_zoo, self.committed_to = send, out, x_zoo, committed_to
+        self.committed, self.held, self.held_bytes, self.buffer = False, list[bytes](), 0, _Events()
+
+    async def feed(self, data: bytes) -> int | None:
+        """A chunk's complete events passed on (or held); 502 when an event passed ``MAX_ANSWER`` after the commit."""
+        events = self.buffer.feed(data)
+        size = len(self.buffer.pending) + (0 if self.committed else self.held_bytes + sum(map(len, events)))
+        if size > MAX_ANSWER:  # no answer of ours: one event this large, or this much before a first token
+            if not self.committed:
+                raise Fallback(f"more than {MAX_ANSWER} bytes before a first token, or one event that large", "failed")
+            await stream_error(self.send, 502, "the answer sent an oversized event", self.x_zoo)
+            return 502
+        for event in events:
+            if not self.committed:
+                self.held.append(event)
+                self.held_bytes += len(event)
+                if not await bounded(len(event), _first_token, event):
+                    continue
+                self.committed = True
+                self.committed_to()
+                await self.send({"type": "http.response.start", "status": 200, "headers": self.out})
+                events_out, self.held = self.held, []
+            else:
+                events_out = [event]
+            for e in events_out:
+                await self.send({"type": "http.response.body", "body": await bounded(len(e), _with_x_zoo, e, self.x_zoo) + b"\n\n", "more_body": True})
+        return None
 
 
 class _Events:

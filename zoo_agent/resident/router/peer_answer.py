@@ -12,6 +12,8 @@ relays only
 - a ``400``, ``404``, ``413`` or ``422`` whose body is ``{"error": {"message": "..."}}``:
   the request's own error, which every peer serving the same pins would give (a ``404``
   for an adapter the index declares is such an error, never a reason to ask the next peer).
+  Its message (and an error event's) reaches our client cut to one line of at most 200
+  printable characters, as our own 503 quotes it (``error_message``).
 
 Each document is read by the one bounded reader (``zoo_agent.jsonbound``) and written out
 again by us, with ``x_zoo`` (who answered) added; the head is ours, never the peer's (no
@@ -78,6 +80,8 @@ def whole(status: int, data: bytes, x_zoo: dict[str, Any]) -> bytes:
             raise Refused("answered 200 with no completion (no 'choices' list)")
     elif not isinstance(error := document.get("error"), dict) or not isinstance(error.get("message"), str):
         raise Refused(f"answered {status} with no error message")
+    else:
+        document = _cut_error(document)
     return _dump(_with_x_zoo(document, x_zoo))
 
 
@@ -89,7 +93,20 @@ def error_message(data: bytes) -> str:
         return ""
     error = document.get("error") if isinstance(document, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
-    return "".join(c if c.isprintable() else " " for c in message[:200]) if isinstance(message, str) else ""
+    return _line(message) if isinstance(message, str) else ""
+
+
+def _line(message: str) -> str:
+    """A peer's message as our client may read it: at most 200 characters, each printable (a newline or an escape is a space)."""
+    return "".join(c if c.isprintable() else " " for c in message[:200])
+
+
+def _cut_error(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with its ``error.message`` (when a string) on one short printable line."""
+    error = document.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return document
+    return {**document, "error": {**error, "message": _line(error["message"])}}
 
 
 class Events:
@@ -168,7 +185,7 @@ class Events:
             if not self.committed:  # the peer could not answer after all (its notes went out first): the next peer may
                 said = error_message(payload)
                 raise Refused("sent an error before a first token" + (f": {said}" if said else ""))
-            document = _with_x_zoo(document, self.x_zoo)  # the error that ends the answer says who gave it too
+            document = _with_x_zoo(_cut_error(document), self.x_zoo)  # the error that ends the answer says who gave it too
         elif not isinstance(choices, list):
             raise Refused("sent an event with no 'choices' list")
         else:

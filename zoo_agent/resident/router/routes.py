@@ -149,53 +149,63 @@ class Routes:
                     await respond(send, *error(400, "body: holds a number too large for JSON to carry (such as 1e999)", param="body"))
                     return
                 if tenant not in self.table.slots:  # a peer's tenant (issue #22): "the small host handles simple, the large one complex"
-                    if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
-                        failure = (503, f"{tenant}: answered by a peer, and a route session does not cross hosts")
-                        routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
-                        continue
-                    try:
-                        await self.delegation.attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
-                                                 functools.partial(routed.answered, tenant, self.metrics), routed.route.first_token_seconds)  # fmt: skip
-                    except Fallback as exc:
-                        failure = (503, f"{tenant}: {exc}")
-                        routed.fell(tenant, str(exc), self.metrics, exc.kind)
-                        continue
+                    fell = await self._peer(scope, body, send, gone, routed, tenant, stream)
+                else:
+                    fell = await self._here(scope, headers, body, send, gone, routed, tenant, priority, stream, last)
+                if fell is None:
                     return
-                remote = self.remotes is not None and tenant in self.remotes
-                if remote and "session" in routed.document:  # a remote keeps no turns of ours: it would answer without them
-                    failure = (503, f"{tenant}: a remote tenant, and a route session is kept by local tenants only")
-                    routed.fell(tenant, "a route session is kept by local tenants only", self.metrics, "session")
-                    continue
-                wait = self.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
-                placing = asyncio.ensure_future(self.admission.place(tenant, priority))
-                try:
-                    path = await self.admission.wait(placing, gone, tenant, None, wait)
-                except (Unavailable, QueueFull, TimeoutError) as exc:
-                    why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.table.slots.get(tenant)) and slot.blocked else "")
-                    failure = (429 if isinstance(exc, QueueFull) else 503, f"{tenant}: {why}")
-                    routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, QueueFull) else "unavailable")
-                    continue
-                if path is None:
-                    return  # the client left
-                try:
-                    ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
-                    if remote and self.remotes is not None:  # relayed as a peer's answer is, never piped (issue #36)
-                        code = await self.remotes.attempt(tenant, scope["path"], routed.document, routed.size, send, gone, stream, priority,
-                                                          {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics),
-                                                          ttft)  # fmt: skip
-                    else:
-                        code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
-                                                    {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
-                except Fallback as exc:
-                    failure = (503, f"{tenant}: {exc}")
-                    routed.fell(tenant, str(exc), self.metrics, exc.kind)
-                    continue
-                finally:
-                    self.admission.release(tenant)
-                self.metrics.requests.labels(tenant, str(code)).inc()
-                return
+                failure = fell
             status, message = failure
             await respond(send, *error(status, f"route '{routed.id}': no tenant could answer; last: {message}", code="model_unavailable"),
                            headers=[(b"retry-after", b"5")])  # fmt: skip
         finally:
             gone.cancel()
+
+    async def _peer(self, scope: Scope, body: bytes, send: Send, gone: asyncio.Future[None], routed: Routed, tenant: str,
+                    stream: bool) -> tuple[int, str] | None:  # fmt: skip
+        """A candidate that peers serve: None when it answered, else why it fell through (status, message)."""
+        if "session" in routed.document:  # its turns live here: a peer would answer without them, and keep its reply
+            routed.fell(tenant, "a route session does not cross hosts", self.metrics, "session")
+            return 503, f"{tenant}: answered by a peer, and a route session does not cross hosts"
+        try:
+            await self.delegation.attempt(scope, body, send, gone, tenant, stream, {"route": routed.report(tenant)},
+                                          functools.partial(routed.answered, tenant, self.metrics), routed.route.first_token_seconds)  # fmt: skip
+        except Fallback as exc:
+            routed.fell(tenant, str(exc), self.metrics, exc.kind)
+            return 503, f"{tenant}: {exc}"
+        return None
+
+    async def _here(self, scope: Scope, headers: list[tuple[bytes, bytes]], body: bytes, send: Send, gone: asyncio.Future[None], routed: Routed,
+                    tenant: str, priority: int, stream: bool, last: bool) -> tuple[int, str] | None:  # fmt: skip
+        """A candidate this host serves (its worker, or a remote server): None when it answered or its client left,
+        else why it fell through (status, message)."""
+        remote = self.remotes is not None and tenant in self.remotes
+        if remote and "session" in routed.document:  # a remote keeps no turns of ours: it would answer without them
+            routed.fell(tenant, "a route session is kept by local tenants only", self.metrics, "session")
+            return 503, f"{tenant}: a remote tenant, and a route session is kept by local tenants only"
+        wait = self.load_wait if last or routed.route.first_token_seconds is None else routed.route.first_token_seconds
+        placing = asyncio.ensure_future(self.admission.place(tenant, priority))
+        try:
+            path = await self.admission.wait(placing, gone, tenant, None, wait)
+        except (Unavailable, QueueFull, TimeoutError) as exc:
+            why = str(exc) or f"not loaded within {wait:g}s" + (f" ({slot.blocked})" if (slot := self.table.slots.get(tenant)) and slot.blocked else "")
+            routed.fell(tenant, why, self.metrics, "queue_full" if isinstance(exc, QueueFull) else "unavailable")
+            return 429 if isinstance(exc, QueueFull) else 503, f"{tenant}: {why}"
+        if path is None:
+            return None  # the client left
+        try:
+            ttft = routed.route.first_token_seconds if stream else None  # a non-streaming answer's first token is not seen
+            if remote and self.remotes is not None:  # relayed as a peer's answer is, never piped (issue #36)
+                code = await self.remotes.attempt(tenant, scope["path"], routed.document, routed.size, send, gone, stream, priority,
+                                                  {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics),
+                                                  ttft)  # fmt: skip
+            else:
+                code = await pipe_committed(self.clients.to(path), scope["path"], headers, body, send, gone, stream, ttft,
+                                            {"route": routed.report(tenant)}, functools.partial(routed.answered, tenant, self.metrics))  # fmt: skip
+        except Fallback as exc:
+            routed.fell(tenant, str(exc), self.metrics, exc.kind)
+            return 503, f"{tenant}: {exc}"
+        finally:
+            self.admission.release(tenant)
+        self.metrics.requests.labels(tenant, str(code)).inc()
+        return None

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import httpx
 
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.router.sockets import WorkerClient, worker_client
 from zoo_agent.resident.wire.headers import PEER, SESSION_ROUTE
 from zoo_agent.resident.wire.http import Send, stream_error
 
@@ -77,7 +78,10 @@ class _Trace:
 async def _send(client: httpx.AsyncClient, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> httpx.Response:
     """The answer's head; a request that failed before it was sent goes once more. httpcore drops
     the failed connection, so the second try takes a connection that passed its readability check,
-    or a new one (issue #31: after a worker's 500 the next request failed with ReadError)."""
+    or a new one (issue #31: after a worker's 500 the next request failed with ReadError). A worker's
+    client (``sockets.py``) keeps the same rule itself."""
+    if isinstance(client, WorkerClient):
+        return await client.exchange(method, target, headers, body)
     for attempt in (1, 2):
         trace = _Trace()
         request = client.build_request(method, target, headers=headers, content=body, extensions={"trace": trace})
@@ -212,39 +216,63 @@ async def pipe(client: httpx.AsyncClient, method: str, target: str, headers: lis
     if response is None:
         return 499
     try:
-        if not started:
-            out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out})
-        elif response.status_code != 200:  # our 200 and SSE comments went out already
+        if started and response.status_code != 200:  # our 200 and SSE comments went out already
             try:
                 error = await read_body(response, 64 << 10)
             except Fallback as exc:  # too long, or it broke off: what we can say of it
                 error = str(exc).encode()
             await stream_error(send, response.status_code, await bounded(len(error), message_of, error))
             return response.status_code
-        reading = response.aiter_raw().__aiter__()
-        while True:
-            chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
-            pair: set[asyncio.Future[Any]] = {chunk, gone}
-            done, _ = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
-            if chunk not in done:  # the client went away: closing the connection cancels the generation
-                chunk.cancel()
-                return 499
-            try:
-                data = chunk.result()
-            except StopAsyncIteration:
-                break
-            except (httpx.TransportError, OSError) as exc:
-                log.warning("a worker's answer broke off: %s", exc)
-                if "text/event-stream" in response.headers.get("content-type", ""):
-                    await stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
-                return 502
-            if data:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return response.status_code
+        if not started:
+            out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BACK]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+        events = "text/event-stream" in response.headers.get("content-type", "")
+        failed = await (_relay_events(response, send, gone) if events else _relay_whole(response, send, gone))
+        return failed or response.status_code
     finally:
         await response.aclose()
+
+
+async def _relay_events(response: httpx.Response, send: Send, gone: asyncio.Future[None]) -> int | None:
+    """A stream's chunks as they come, the client watched between them: one that leaves closes the
+    worker's connection, which cancels the generation. The status when it did not end well."""
+    reading = response.aiter_raw().__aiter__()
+    while True:
+        chunk: asyncio.Future[bytes] = asyncio.ensure_future(reading.__anext__())
+        pair: set[asyncio.Future[Any]] = {chunk, gone}
+        done, _ = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+        if chunk not in done:  # the client went away: closing the connection cancels the generation
+            chunk.cancel()
+            return 499
+        try:
+            data = chunk.result()
+        except StopAsyncIteration:
+            break
+        except (httpx.TransportError, OSError) as exc:
+            log.warning("a worker's answer broke off: %s", exc)
+            await stream_error(send, 502, f"the worker failed mid-answer: {type(exc).__name__}")
+            return 502
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return None
+
+
+async def _relay_whole(response: httpx.Response, send: Send, gone: asyncio.Future[None]) -> int | None:
+    """A whole answer (not a stream), passed on unparsed. Its head came when it was complete (the worker
+    answers once generation ended), so nothing is left to cancel: it is read without a task a chunk."""
+    try:
+        async for data in response.aiter_raw():
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+    except (httpx.TransportError, OSError) as exc:
+        log.warning("a worker's answer broke off: %s", exc)
+        return 502
+    if gone.done():
+        return 499
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return None
+
 
 class Clients:
     """One pooled HTTP client per worker socket, made on first use, closed when its worker is gone."""
@@ -255,8 +283,7 @@ class Clients:
     def to(self, path: str) -> httpx.AsyncClient:
         client = self._by_path.get(path)
         if client is None:
-            transport = httpx.AsyncHTTPTransport(uds=path, retries=0)
-            client = self._by_path[path] = httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=httpx.Timeout(None, connect=5.0))
+            client = self._by_path[path] = worker_client(path)
         return client
 
     def forget(self, path: str, loop: asyncio.AbstractEventLoop | None) -> None:

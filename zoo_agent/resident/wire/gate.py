@@ -1,4 +1,10 @@
-"""The worker's outermost ASGI middleware: what a request must be before any route sees it (issue #17).
+"""The outermost ASGI middleware of the router and of each worker: what a request must be before any route sees it (issue #17).
+
+- Path: matched as sent. The ``path`` the apps route on is the raw one, undecoded: ``/v1/chat%2fcompletions``
+  was served as ``/v1/chat/completions`` (a proxy that allows or denies by path sees the encoded one). No route
+  of ours holds a ``%``, so an encoded path matches none: a 404 (issue #32).
+- Head: at most ``MAX_HEAD`` (16 KiB) of request line and headers, else a 431 naming ``headers``. h11 limits
+  only a head still arriving; 40 KiB that came in one read were accepted (issue #32).
 
 - Framing: ``Transfer-Encoding`` together with ``Content-Length`` is refused (400, and the
   connection closes): two framings of one body are how requests are smuggled.
@@ -25,7 +31,7 @@ import asyncio
 import hmac
 
 from zoo_agent.resident.wire.headers import PEER
-from zoo_agent.resident.wire.http import ApiError, App, Message, Receive, Scope, Send
+from zoo_agent.resident.wire.http import MAX_HEAD, ApiError, App, Message, Receive, Scope, Send, head_size
 
 __all__ = ["DRAIN_BYTES", "DRAIN_SECONDS", "PRIVILEGED", "Gate"]
 
@@ -70,13 +76,20 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if (raw := scope.get("raw_path")) is not None:
+            scope["path"] = raw.decode("latin-1")  # matched as sent: an encoded "/" is no "/"
         headers = scope.get("headers", [])
+        waits = any(k.lower() == b"expect" and v.strip().lower() == b"100-continue" for k, v in headers)  # sends only when asked
+        if (size := head_size(scope)) > MAX_HEAD:
+            closing = waits or not await _drain(receive)
+            await _reply(send, 431, f"headers: the request line and headers are {size} bytes, at most {MAX_HEAD}", param="headers",
+                         code="headers_too_large", close=closing)  # fmt: skip
+            return
         lengths = [v for k, v in headers if k.lower() == b"content-length"]
         if lengths and any(k.lower() == b"transfer-encoding" for k, _ in headers):
             await _reply(send, 400, "body: Transfer-Encoding and Content-Length together frame the body twice; send one of them",
                          param="body", code="ambiguous_framing", close=True)  # fmt: skip
             return
-        waits = any(k.lower() == b"expect" and v.strip().lower() == b"100-continue" for k, v in headers)  # sends only when asked
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > self.max_body:
             closing = int(lengths[0]) > DRAIN_BYTES or waits or not await _drain(receive)
             await _reply(send, 413, f"body: larger than {self.max_body} bytes", param="body", code="body_too_large", close=closing)

@@ -14,7 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["MAX_BODY", "ApiError", "App", "Message", "Receive", "Scope", "Send", "disconnected", "error", "error_type", "header", "respond", "stream_error"]
+__all__ = ["MAX_BODY", "MAX_HEAD", "ApiError", "App", "Message", "Receive", "Scope", "Send", "disconnected", "error", "error_type", "head_size", "header", "respond",
+           "stream_error"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -26,6 +27,16 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The most a request body may be, at the router and at each worker.
 MAX_BODY = 1 << 20
+#: The most a request's line and headers may be, at the router and at each worker: h11's own limit, which it
+#: applies only to a head still arriving (one read of 40 KiB passed). nginx's default is stricter per line
+#: (8 KiB, ``large_client_header_buffers 4 8k``), looser in all (32 KiB).
+MAX_HEAD = 16 << 10
+
+
+def head_size(scope: Scope) -> int:
+    """About the bytes of a request's line and headers as sent: ``NAME: VALUE\r\n`` each."""
+    line = len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b"")) + 12
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
 
 
 def error_type(status: int) -> str:

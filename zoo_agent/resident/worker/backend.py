@@ -5,6 +5,7 @@ Imported by the worker process only: this is where torch and transformers come i
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from zoo_agent.resident.sessions.prompt import conversation_ids, session_prompt
 from zoo_agent.resident.sessions.store import Sessions, Turn
 from zoo_agent.resident.sessions.transcript import SessionTurn
 from zoo_agent.resident.worker.adapters import AdapterError, Adapters
+from zoo_agent.resident.worker.prompt_bound import longest_token
 from zoo_agent.resident.worker.selection import Composition, Selector, compose
 
 __all__ = ["AdapterError", "TransformersBackend"]
@@ -55,6 +57,7 @@ class TransformersBackend:
         self.device = "cpu"
         self.dtype = "float32"
         self.lock = threading.Lock()  # one generate() at a time (the engine's thread runs alone anyway)
+        self._longest: tuple[int | None] | None = None  # longest_token's answer, once asked
 
     def preread(self, on_progress: Callable[[int, int], None]) -> None:
         """Read the weights once (into the page cache): real, measurable load progress,
@@ -185,6 +188,14 @@ class TransformersBackend:
         """Prompt plus completion tokens the model's positions cover."""
         n = getattr(self.model.config, "max_position_embeddings", None)
         return int(n) if n else None
+
+    def longest_token(self) -> int | None:
+        """Characters one token covers at most (``prompt_bound``): a prompt refused before it is tokenized
+        needs more tokens than fit. None for a tokenizer that keeps no such bound (or is not a fast one)."""
+        if self._longest is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            self._longest = (longest_token(json.loads(backend.to_str())) if backend is not None else None,)
+        return self._longest[0]
 
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: rows of the input embedding."""

@@ -97,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         import zoo_agent.resident.worker.backend  # noqa: F401
     if not isinstance(_next(control, lines, pending), p.Proceed):
         return 2  # the supervisor went away (or evicted us) before the memory had room
+    loaded = _load(config, control)
+    if isinstance(loaded, int):
+        return loaded
+    backend, scheduler, load_seconds = loaded
+    return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
+
+
+def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, Any, float] | int:
+    """The backend loaded and warmed up, with its scheduler and load time; 3 once a failure was reported."""
     last = -1
 
     def progress(done: int, total: int) -> None:
@@ -108,19 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend: Any
     try:
-        if config.backend == "ollama":
-            from zoo_agent.resident.worker.ollama_backend import OllamaBackend
-
-            backend = OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
-                                    retry_cap=config.health_interval)  # fmt: skip
-        else:
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
-            from zoo_agent.resident.worker.backend import TransformersBackend
-
-            backend = TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
-                                          device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
+        backend = _backend(config)
         backend.preread(progress)
         load_seconds = backend.load()
         if config.sessions_dir is not None and config.backend != "ollama":
@@ -142,7 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
         _send(control, p.Failed(error=reason))
         return 3
-    return asyncio.run(_serve(config, backend, scheduler, control, args.listen_fd, load_seconds))
+    return backend, scheduler, load_seconds
+
+
+def _backend(config: WorkerConfig) -> Any:
+    """The tenant's backend, not loaded yet: the Ollama daemon's, or transformers'."""
+    if config.backend == "ollama":
+        from zoo_agent.resident.worker.ollama_backend import OllamaBackend
+
+        return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
+                             retry_cap=config.health_interval)  # fmt: skip
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
+    from zoo_agent.resident.worker.backend import TransformersBackend
+
+    return TransformersBackend(config.version_dir, allow_pickle=config.allow_pickle, allow_code=config.allow_code,
+                               device=config.device, dtype=config.dtype, worker=config)  # fmt: skip
 
 
 def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
@@ -197,7 +210,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
 
     from zoo_agent.resident.engine.warmup import warm_up
     from zoo_agent.resident.worker.app import ServingState, create_app
-    from zoo_agent.resident.worker.daemon import away, watch
+    from zoo_agent.resident.worker.daemon import watch
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
@@ -209,60 +222,8 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     listener = socket.socket(fileno=listen_fd)
     control.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=control)
-
-    counted: dict[str, int] = {}
-
-    async def answer() -> None:
-        rate, stalled = _Rate(), False
-        while line := await reader.readline():
-            message = p.to_worker(line)
-            match message:
-                case p.Ping():
-                    if scheduler.stalled(config.stall_seconds):
-                        # No decode step finished for that long with work in flight: the model hangs. The
-                        # missing pong stops the watchdog and gets this worker replaced (issue #19).
-                        if not stalled:
-                            log.error("no generation step finished in %.0fs with %d running; not answering pings", config.stall_seconds, state.running)
-                        stalled = True
-                        continue
-                    stalled = False
-                    adapters = backend.adapters
-                    writer.write(p.encode(p.Pong(seq=message.seq, served=state.served, tokens=state.tokens, running=state.running,
-                                                 waiting=state.waiting, tps=rate(state.tokens),
-                                                 adapters=[a.label for a in adapters.loaded.values()] if adapters else [],
-                                                 refused=adapters.refused if adapters else {},
-                                                 sessions=backend.sessions.open_count() if backend.sessions else 0,
-                                                 unavailable=away(backend), device_bytes=device_reserved(backend.device))))  # fmt: skip
-                    await writer.drain()
-                case p.Adapters():  # new adapter versions after an apply: swapped between generations
-                    future = scheduler.call(backend.update_adapters, message.adapters)
-                    asyncio.wrap_future(future).add_done_callback(lambda _: state.sync_metrics())
-                case p.Reloads():  # totals, kept by the supervisor
-                    for result, total in (("ok", message.ok), ("failed", message.failed)):
-                        state.metrics.reloads.labels(result).inc(max(0, total - counted.get(result, 0)))
-                        counted[result] = total
-                case p.Drain() if not state.draining:
-                    state.draining = True
-                    asyncio.create_task(drain())
-        server.should_exit = True  # the supervisor is gone: stop serving
-
-    async def drain() -> None:
-        """Stop accepting (the shared socket's backlog goes to the new worker), answer what
-        arrives on open connections with Connection: close, stop when they are gone."""
-        for listening in getattr(server, "servers", []):
-            listening.close()
-        deadline = time.monotonic() + config.drain_seconds
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
-            busy = state.running + state.waiting + state.preparing
-            if busy:
-                quiet_since = time.monotonic()
-            elif not server.server_state.connections or time.monotonic() - quiet_since > 2:
-                break  # idle keep-alive connections had 2 s to send and be told to close
-            await asyncio.sleep(0.05)
-        server.should_exit = True
-
-    task = asyncio.create_task(answer())
+    talk = _Control(config, backend, scheduler, state, server, reader, writer)
+    task = asyncio.create_task(talk.answer())
     # The Ollama daemon away is this tenant's trouble, never the worker's end (issue #35): watched, retried with backoff.
     watcher = asyncio.create_task(watch(backend, functools.partial(warm_up, scheduler), config.health_interval,
                                         lambda: bool(server.should_exit))) if config.backend == "ollama" else None  # fmt: skip
@@ -275,6 +236,76 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     if watcher is not None:
         watcher.cancel()
     return state.exit_code
+
+
+class _Control:
+    """The serving worker's side of the control socket: pings, adapter updates, reload totals, drain."""
+
+    def __init__(self, config: WorkerConfig, backend: Any, scheduler: Any, state: Any, server: Any, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        self.config, self.backend, self.scheduler, self.state, self.server = config, backend, scheduler, state, server
+        self.reader, self.writer = reader, writer
+        self.counted: dict[str, int] = {}
+        self.rate, self.stalled = _Rate(), False
+
+    async def answer(self) -> None:
+        state = self.state
+        while line := await self.reader.readline():
+            message = p.to_worker(line)
+            match message:
+                case p.Ping():
+                    pong = self._pong(message.seq)
+                    if pong is not None:
+                        self.writer.write(p.encode(pong))
+                        await self.writer.drain()
+                case p.Adapters():  # new adapter versions after an apply: swapped between generations
+                    future = self.scheduler.call(self.backend.update_adapters, message.adapters)
+                    asyncio.wrap_future(future).add_done_callback(lambda _: state.sync_metrics())
+                case p.Reloads():  # totals, kept by the supervisor
+                    for result, total in (("ok", message.ok), ("failed", message.failed)):
+                        state.metrics.reloads.labels(result).inc(max(0, total - self.counted.get(result, 0)))
+                        self.counted[result] = total
+                case p.Drain() if not state.draining:
+                    state.draining = True
+                    asyncio.create_task(self.drain())
+        self.server.should_exit = True  # the supervisor is gone: stop serving
+
+    def _pong(self, seq: int) -> p.Pong | None:
+        """The answer to a ping; None while the model hangs."""
+        state, backend, stall = self.state, self.backend, self.config.stall_seconds
+        if self.scheduler.stalled(stall):
+            # No decode step finished for that long with work in flight: the model hangs. The
+            # missing pong stops the watchdog and gets this worker replaced (issue #19).
+            if not self.stalled:
+                log.error("no generation step finished in %.0fs with %d running; not answering pings", stall, state.running)
+            self.stalled = True
+            return None
+        self.stalled = False
+        from zoo_agent.resident.worker.daemon import away
+
+        adapters = backend.adapters
+        return p.Pong(seq=seq, served=state.served, tokens=state.tokens, running=state.running, waiting=state.waiting, tps=self.rate(state.tokens),
+                      adapters=[a.label for a in adapters.loaded.values()] if adapters else [], refused=adapters.refused if adapters else {},
+                      sessions=backend.sessions.open_count() if backend.sessions else 0, unavailable=away(backend),
+                      device_bytes=device_reserved(backend.device))  # fmt: skip
+
+    async def drain(self) -> None:
+        """Stop accepting (the shared socket's backlog goes to the new worker), answer what
+        arrives on open connections with Connection: close, stop when they are gone."""
+        server, state = self.server, self.state
+        for listening in getattr(server, "servers", []):
+            listening.close()
+        deadline = time.monotonic() + self.config.drain_seconds
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            busy = state.running + state.waiting + state.preparing
+            if busy:
+                quiet_since = time.monotonic()
+            elif not server.server_state.connections or time.monotonic() - quiet_since > 2:
+                break  # idle keep-alive connections had 2 s to send and be told to close
+            await asyncio.sleep(0.05)
+        server.should_exit = True
+
 
 
 if __name__ == "__main__":

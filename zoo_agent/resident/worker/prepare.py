@@ -29,6 +29,9 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
             chat: bool, priority: int = 0, route: str | None = None, fresh: SessionSummary | None = None) -> GenRequest | NeedSummary | Refusal:  # fmt: skip
     """The generation request, its session turn built and its prompt counted (on the preparing thread)."""
     d = state.defaults
+    field_name = "messages" if chat else "prompt"
+    if (refused := _too_long(state, messages, prompt, field_name)) is not None:
+        return refused
     turn = None
     if getattr(body, "session", None) is not None and messages is not None:
         made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"], route, fresh)
@@ -42,7 +45,6 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
         body.seed if body.seed is not None else d.get("seed"), body.ignore_eos, adapter, turn, body.stops(), priority=priority,
     )  # fmt: skip
     prompt_tokens = state.backend.count_tokens(request)
-    field_name = "messages" if chat else "prompt"
     if prompt_tokens == 0:
         return Refusal(400, f"{field_name}: encodes to no tokens", param=field_name)
     if prompt_tokens > state.max_prompt_tokens:
@@ -54,6 +56,24 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
         return Refusal(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the model's context of {context}; "
                             f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
     return request
+
+
+def _too_long(state: ServingState, messages: list[dict[str, str]] | None, prompt: str | None, field_name: str) -> Refusal | None:
+    """A prompt that cannot fit whatever its tokens, refused before it is tokenized (a 1 MiB prompt took the
+    preparing thread about a second to count): no token covers more than the tokenizer's longest one, so
+    n characters are at least n / longest tokens. A backend that does not know its longest token (the
+    Ollama daemon's: its count is already an estimate from the characters; a tokenizer that drops text)
+    counts every prompt."""
+    longest = getattr(state.backend, "longest_token", None)
+    most = longest() if longest is not None else None
+    if most is None:
+        return None
+    limit = min(state.max_prompt_tokens, state.backend.context_length() or state.max_prompt_tokens)
+    chars = len(prompt or "") if messages is None else sum(len(m.get("content") or "") for m in messages)
+    if chars <= limit * most:
+        return None
+    return Refusal(400, f"{field_name}: {chars} characters, more than {limit} tokens can hold (this model's tokens are at most {most} characters)",
+                   param=field_name)  # fmt: skip
 
 
 def _session_turn(state: ServingState, body: Body, messages: list[dict[str, str]], max_tokens: int, route: str | None,
