@@ -3,7 +3,7 @@
 The supervisor sees a ``WorkerProcess`` like any other; its events are made here from what the
 engine shows, on threads of this object (the supervisor's loop never waits on the engine):
 
-- ``Loading`` as it starts (1%), as its files are read (up to 80%: ``_preread``), once its HTTP
+- ``Loading`` as it starts (1%), as its files are read (up to 80%: ``preread``), once its HTTP
   server answers (85%) and once its model is loaded (90%);
 - ``Ready`` only after a real one-token generation through the front, the path requests take,
   with the weights and KV bytes of the GGUF fit (``index.fit``); a generation that fails is
@@ -42,7 +42,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -156,6 +156,44 @@ def _message(body: bytes) -> str:
         return " ".join(body[:400].decode("utf-8", "replace").split())
 
 
+def slots_dir(sessions_dir: Path | None) -> Path | str:
+    """``--slot-save-path``: ``slots/`` in the tenant's state directory, a directory of ours (not a link); else why not."""
+    if sessions_dir is None:
+        return "no state directory for the tenant"
+    slots = sessions_dir / "slots"
+    try:
+        slots.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if slots.is_symlink() or not slots.is_dir():
+            return f"{slots}: not a directory of ours"
+    except OSError as exc:
+        return f"{slots}: {exc.strerror or exc}"
+    return slots
+
+
+def preread(version_dir: Path, emit: Callable[[p.ToSupervisor], None], stopped: Callable[[], bool]) -> None:
+    """Its GGUF files read once, beside its own start (it maps them; the first generation would
+    fault them in from disk with nothing to show): ``Loading`` up to 80% as they are read, so a
+    slow disk extends the start's timeout honestly, and the warm-up then finds them in memory."""
+    files = sorted(f for f in version_dir.rglob("*.gguf") if f.is_file() and not f.is_symlink())
+    total, done, last = sum(f.stat().st_size for f in files) or 1, 0, 1
+    buf = bytearray(8 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while (n := f.readinto(buf)) and not stopped():
+                done += n
+                if (pct := max(1, 80 * done // total)) > last:
+                    last = pct
+                    emit(p.Loading(pct=pct))
+
+
+def tokens_per_second(rate: Iterable[tuple[float, float]], window: float = 30.0) -> float:
+    """Completion tokens per second over the last ``window`` seconds of (time, tokens_predicted_total) samples."""
+    samples = [s for s in rate if time.monotonic() - s[0] <= window]
+    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+        return 0.0
+    return float(round((samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]), 1))
+
+
 class LlamaServerProcess(WorkerProcess):
     """``llama-server`` for one tenant version: the router reaches it at ``path`` (our front), the
     engine listens on ``engine_path`` beside it."""
@@ -229,7 +267,7 @@ class LlamaServerProcess(WorkerProcess):
         if model is None:
             self._fail_unstarted(f"no .gguf file in {self.config.version_dir}")
             return
-        slots = self._slots_dir()
+        slots = slots_dir(self.config.sessions_dir)
         if isinstance(slots, str):
             self._fail_unstarted(slots)
             return
@@ -246,20 +284,6 @@ class LlamaServerProcess(WorkerProcess):
         self._reader = threading.Thread(target=self._read_log, name=f"llama-log-{self.config.tenant}", daemon=True)
         self._reader.start()
         threading.Thread(target=self._monitor, name=f"llama-exit-{self.config.tenant}", daemon=True).start()
-
-    def _slots_dir(self) -> Path | str:
-        """``--slot-save-path``: ``slots/`` in the tenant's state directory, a directory of ours (not a link)."""
-        base = self.config.sessions_dir
-        if base is None:
-            return "no state directory for the tenant"
-        slots = base / "slots"
-        try:
-            slots.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            if slots.is_symlink() or not slots.is_dir():
-                return f"{slots}: not a directory of ours"
-        except OSError as exc:
-            return f"{slots}: {exc.strerror or exc}"
-        return slots
 
     def _fail_unstarted(self, error: str) -> None:
         self._failed = True
@@ -295,26 +319,11 @@ class LlamaServerProcess(WorkerProcess):
         self._popen.stdout.close()
 
     # -- loading ------------------------------------------------------------------------------
-    def _preread(self) -> None:
-        """Its GGUF files read once, beside its own start (it maps them; the first generation would
-        fault them in from disk with nothing to show): ``Loading`` up to 80% as they are read, so a
-        slow disk extends the start's timeout honestly, and the warm-up then finds them in memory."""
-        files = sorted(f for f in self.config.version_dir.rglob("*.gguf") if f.is_file() and not f.is_symlink())
-        total, done, last = sum(f.stat().st_size for f in files) or 1, 0, 1
-        buf = bytearray(8 << 20)
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while (n := f.readinto(buf)) and self._code is None and not self._closing.is_set():
-                    done += n
-                    if (pct := max(1, 80 * done // total)) > last:
-                        last = pct
-                        self._emit(p.Loading(pct=pct))
-
     def _load(self, model: Path) -> None:
         started = time.monotonic()
         self._emit(p.Loading(pct=1))
         try:
-            self._preread()
+            preread(self.config.version_dir, self._emit, lambda: self._code is not None or self._closing.is_set())
         except OSError as exc:
             self._fail(f"{model.name}: {exc.strerror or exc}")
             return
@@ -383,7 +392,7 @@ class LlamaServerProcess(WorkerProcess):
             stalled = False
             c = self._counters
             self._emit(p.Pong(seq=seq, served=self.front.served, tokens=int(c.get("tokens_predicted_total", 0)),
-                              running=int(c.get("requests_processing", 0)), waiting=int(c.get("requests_deferred", 0)), tps=self._tps()))  # fmt: skip
+                              running=int(c.get("requests_processing", 0)), waiting=int(c.get("requests_deferred", 0)), tps=tokens_per_second(self._rate)))  # fmt: skip
 
     def _watch_metrics(self) -> None:
         """Its counters and whether its decode loop advances: every 2 s while requests are in flight, else every 15 s.
@@ -404,12 +413,6 @@ class LlamaServerProcess(WorkerProcess):
             if counters.get("n_decode_total", -1.0) != decoded or not self.front.inflight:
                 decoded = counters.get("n_decode_total", -1.0)
                 self._progress = time.monotonic()
-
-    def _tps(self) -> float:
-        samples = [s for s in self._rate if time.monotonic() - s[0] <= 30.0]
-        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
-            return 0.0
-        return round((samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]), 1)
 
     # -- WorkerProcess ----------------------------------------------------------------------------
     def _emit(self, event: p.ToSupervisor) -> None:
