@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -173,7 +174,7 @@ def test_chat_in_a_terminal_resumes_its_session_and_the_cli_manages_sessions(wor
             child.sendline("/quit")
             child.expect_exact("resume with: zoo-agent chat --session talk")
             child.expect(pexpect.EOF)
-        r.notify.wait(lambda m: "1 session)" in m.get("STATUS", ""), timeout=30)
+        r.notify.wait(lambda m: re.search(r"\b1 session[,)]", m.get("STATUS", "")) is not None, timeout=30)
     finally:
         r.stop()
     def sessions(command: str, *args: str) -> Any:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import REPO
 from zoo_agent.resident.reports import Reports
+from zoo_agent.resident.slots import Slot
 from zoo_agent.resident.wire.control import Pong
 
 VM = REPO / "checks" / "vm.nix"
@@ -23,8 +24,7 @@ def _status_line(*, running: int = 0, served: int = 0, tps: float = 0.0, live: i
     """Reports.status_line for the VM's one tenant (chat, serving tiny@1), over a stand-in slot table."""
     stats = Pong(seq=0, served=served, running=running, tps=tps)  # what the worker reports
     worker = SimpleNamespace(state="serving", stats=stats, config=SimpleNamespace(model="tiny", version="1"), live=live)  # live: measured (issue #34)
-    slot = SimpleNamespace(served_before=0, workers=[worker], serving=worker, queued=0, last_used=None, phase="serving", fetch_pct=0,
-                           estimate=4 << 20)  # fmt: skip
+    slot = Slot("chat", phase="serving", serving=cast(Any, worker), estimate=4 << 20)  # the real slot: every field status_line reads
     table = SimpleNamespace(order=["chat"], slots={"chat": slot})
     return Reports(cast(Any, table), cast(Any, None), cast(Any, None), lambda: "").status_line()
 

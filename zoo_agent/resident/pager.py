@@ -11,15 +11,15 @@ The pager decides; the crew (the supervisor) starts and drains the processes.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import replace
 
-from zoo_agent.errors import UsageError, ZooError
+from zoo_agent.errors import ZooError
 from zoo_agent.formats import parse_memory, parse_timespan
 from zoo_agent.index.model import Index
 from zoo_agent.resident.config import ResidentConfig
 from zoo_agent.resident.crew import Crew
+from zoo_agent.resident.fetcher import Fetcher
 from zoo_agent.resident.launch import Launcher
 from zoo_agent.resident.paging import Evict, Live, Load, Refuse, Wait, decide, expired
 from zoo_agent.resident.reports import Reports
@@ -45,6 +45,7 @@ class Pager:
         self.router = router
         self.reports = reports
         self.notify = notify
+        self.fetcher = Fetcher(crew, table, config, zoo, router, notify)
         self.pending: list[tuple[Order, Worker | None, tuple[str, ...]]] = []  # orders under way: the worker an unload drains, what a load evicts
 
     def take_index(self, idx: Index, host: str) -> None:
@@ -132,7 +133,7 @@ class Pager:
                 slot.fetched = ""  # asked again
             if slot.tenant in self.reports.gap_from and any(s is slot for s, _ in self.crew.retiring):
                 continue  # a stop-first reload: the new version loads once the old one has exited
-            if slot.fetch == "on-demand" and not self._fetched(slot):
+            if slot.fetch == "on-demand" and not self.fetcher.ready(slot):
                 continue
             with self.table.lock:
                 decision = decide(self.table.budget, self.live(), slot.tenant, slot.footprint, self.config.paging_policy, self.table.max_loaded)
@@ -267,73 +268,6 @@ class Pager:
         else:
             return False
         return True
-
-    # -- fetch on first use ------------------------------------------------------------------
-    def _fetched(self, slot: Slot) -> bool:
-        """An on-demand tenant's pinned version is on disk; if not, its fetch starts (once per ask)."""
-        if not self._not_current(slot):
-            slot.fetched = ""  # there: a later fetch (the zoo changed) is a new one
-            return True
-        if slot.fetched == slot.pins:
-            # Fetched already for this ask, and still not current: fetching again would only loop.
-            self._fetch_failed(slot, f"fetching {slot.tenant} failed: {self._not_current(slot)} after its fetch")
-        else:
-            self._start_fetch(slot)
-        return False
-
-    def _not_current(self, slot: Slot, idx: Index | None = None) -> str:
-        """Why the tenant's pinned model version is not current in the zoo ("" when it is)."""
-        idx = idx or self.crew.idx
-        assert idx is not None
-        model = idx.tenants[slot.tenant].model
-        pinned = idx.models[model].version
-        version = self.zoo.read_link("models", model, "current")
-        if version == pinned and self.zoo.version_dir("models", model, version).is_dir():
-            return ""
-        return f"model {model}@{pinned} is not current in the zoo (current: {version or 'none'})"
-
-    def _start_fetch(self, slot: Slot) -> None:
-        """Fetch on first use: the same verified fetch as `apply`, for this tenant only, beside the loop.
-
-        It fetches what the loaded index pins (the file may say otherwise until a reload), once
-        per ask: ``slot.fetched`` holds those pins until they are on disk or a request asks again."""
-        from zoo_agent.reconcile.ondemand import fetch_tenant
-
-        assert self.crew.idx is not None
-        idx, tid = self.crew.idx, slot.tenant
-        slot.phase, slot.fetch_pct, slot.refusal, slot.fetched, slot.fetch_failed = "fetching", 0, None, slot.pins, ""
-        log.info("%s: fetching on first use", tid)
-        self.notify.status(f"fetching {tid}; " + self.crew.status_line())
-
-        def progress(done: int, total: int) -> None:
-            slot.fetch_pct = 100 * done // total if total else 100
-
-        def run() -> None:
-            try:
-                fetch_tenant(self.config.index, self.config.root, self.config.host, tid, progress, idx=idx)
-                if missing := self._not_current(slot, idx):
-                    raise UsageError(f"{missing} after its fetch (another writer swapped it?)")
-            except Exception as exc:  # noqa: BLE001 - reported to the waiting requests and the journal
-                self._fetch_failed(slot, f"fetching {tid} failed: {exc}")
-            else:
-                log.info("%s: fetched", tid)
-                self.router.fetched(tid, "ok")
-                with self.table.lock:
-                    slot.phase = "paged_out"
-                self.crew.reindex()  # the footprint: its config.json is on disk now
-            self.crew.wake()
-
-        threading.Thread(target=run, name=f"fetch-{tid}", daemon=True).start()
-
-    def _fetch_failed(self, slot: Slot, message: str) -> None:
-        """Failed, and so it stays (shown in /health and Status:, counted) until a new request
-        or an index change asks again; the requests waiting for it are told why."""
-        error = " ".join(message.split())[:400]
-        log.error("%s", error)
-        self.router.fetched(slot.tenant, "failed")
-        with self.table.lock:
-            slot.phase, slot.refusal, slot.error, slot.wanted, slot.fetch_failed = "failed", error, error, False, slot.fetched
-        self.router.poke(slot.tenant)
 
     # -- load, evict, refuse -------------------------------------------------------------------
     def load(self, slot: Slot, standby: bool = False) -> None:

@@ -30,6 +30,7 @@ from zoo_agent.store.durable import makedirs_durable, write_atomic
 from zoo_agent.store.host import append_action
 from zoo_agent.formats import human_bytes, now
 from zoo_agent.store.zoo import declared_facts
+from zoo_agent.systemd.notify import Notifier
 
 if TYPE_CHECKING:
     from zoo_agent.resident.wire.control import Ready
@@ -68,6 +69,17 @@ class Reports:
         self.gap_from: dict[str, str] = {}  # tenant -> the version a stop-first reload stopped
         self.before: dict[str, dict[str, Any]] = {}  # tenant -> what the previous residents' leases counted
         self.loaded_since: dict[str, tuple[int, str]] = {}  # tenant -> (its worker's pid, when it became ready)
+        self.last_status, self.last_status_at = "", 0.0
+
+    def refresh(self, notify: Notifier, t: float) -> None:
+        """At most every 5 s: STATUS= (what `systemctl status` shows) when its line changed, and the leases with it."""
+        if t - self.last_status_at < 5:
+            return
+        self.last_status_at = t
+        if (line := self.status_line()) != self.last_status:
+            self.last_status = line
+            notify.status(line)
+            self.leases()
 
     def status_line(self) -> str:
         """`3 tenants: chat tiny@2 (8 running), code qwen@1 (idle 4m); paged out: summarize; 742 requests`."""

@@ -62,8 +62,6 @@ class Supervisor:
         self.watchdog_usec = watchdog_usec()
         self.last_watchdog = 0.0
         self.last_watch = 0.0
-        self.last_status = ""
-        self.last_status_at = 0.0
         self.listener: socket.socket | None = None
         self.launcher = Launcher(config, self.zoo, self.api_key)
         self.workers = Workers(config, self.launcher, self.selector, self._event, self.wake)
@@ -196,12 +194,8 @@ class Supervisor:
             self.last_watch = t
             self.reload.follow_current()
         self._feed_watchdog(t)
-        if self.ready_sent and t - self.last_status_at >= 5:
-            self.last_status_at = t
-            if (line := self.status_line()) != self.last_status:
-                self.last_status = line
-                self.notify.status(line)  # what an operator reads in `systemctl status`
-                self.reports.leases()
+        if self.ready_sent:
+            self.reports.refresh(self.notify, t)
 
     # -- workers ------------------------------------------------------------------------------
     def _event(self, slot: Slot, worker: Worker, message: p.ToSupervisor) -> None:
