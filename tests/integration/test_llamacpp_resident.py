@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -65,11 +66,16 @@ def _direct(llama_cpp: LlamaCpp, gguf: Path, where: Path) -> Iterator[httpx.Clie
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert proc.poll() is None, "llama-server exited"
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:  # listening yet? (a refused httpx connect leaks its socket: a ResourceWarning, an error under -W error)
+                probe.connect(sock)
+                listening = True
+            except OSError:
+                listening = False
+            finally:
+                probe.close()
+            if listening and client.get("/health").status_code == 200:
+                break
             time.sleep(0.1)
         yield client
     finally:
