@@ -7,13 +7,15 @@ abandons its temp file on any error.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+import time
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["DIR_MODE", "FILE_MODE", "PUBLISHED_MODE", "fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic", "write_atomic_at"]
+__all__ = ["DIR_MODE", "FILE_MODE", "PUBLISHED_MODE", "flock_within", "fsync_dir", "makedirs_durable", "sweep_temps", "temp_name", "write_atomic", "write_atomic_at"]
 
 
 def temp_name(target: Path) -> Path:
@@ -135,3 +137,16 @@ def makedirs_durable(path: Path, mode: int = DIR_MODE) -> None:
         except FileExistsError:
             continue
         fsync_dir(directory.parent)
+
+
+def flock_within(fd: int, wait: float, poll: float = 0.1) -> bool:
+    """An exclusive flock on ``fd``, tried until ``wait`` seconds have passed; False if another holder kept it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)

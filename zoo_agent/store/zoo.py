@@ -11,12 +11,10 @@ directory appears by ``rename`` after every byte, file and directory was fsynced
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
 import stat
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from zoo_agent.errors import IntegrityError, LockHeld, StoreError, UsageError
 from zoo_agent.formats import now
 from zoo_agent.plan import Kind
 from zoo_agent.store.aliases import Aliases
-from zoo_agent.store.durable import DIR_MODE, FILE_MODE, fsync_dir, makedirs_durable, sweep_temps, temp_name
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, flock_within, fsync_dir, makedirs_durable, sweep_temps, temp_name
 from zoo_agent.store.layout import STAGING_MARK
 from zoo_agent.store.manifest import (
     CONFIG_LIMIT,
@@ -120,15 +118,8 @@ class Zoo(Aliases, Staging):
             raise StoreError(f"{self.root / '.lock'}: cannot take the zoo's lock: {exc.strerror or exc} "
                              "(the zoo root must be writable by this user; see --root)") from exc
         try:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise LockHeld(f"{self.root}: another zoo-agent run holds the lock; retry, or pass --wait SECONDS") from None
-                    time.sleep(0.1)
+            if not flock_within(fd, wait):
+                raise LockHeld(f"{self.root}: another zoo-agent run holds the lock; retry, or pass --wait SECONDS")
             yield  # the lock file is never written: a refused run leaves the tree byte-identical
         finally:
             os.close(fd)

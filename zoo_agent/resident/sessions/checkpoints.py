@@ -29,14 +29,12 @@ nothing is ever written, renamed or removed through one.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ from zoo_agent.formats import now
 from zoo_agent.index.schema import pointer
 from zoo_agent.jsonbound import JSONRefused, loads
 from zoo_agent.resident.sessions.transcript import MAX_SESSION_BYTES, SESSION_ID, SessionDamaged, SessionFile, parse_session, valid_id
-from zoo_agent.store.durable import DIR_MODE, FILE_MODE, temp_name, write_atomic_at
+from zoo_agent.store.durable import DIR_MODE, FILE_MODE, flock_within, temp_name, write_atomic_at
 
 __all__ = ["CheckpointBusy", "CheckpointError", "CheckpointExists", "CheckpointNotFound", "CheckpointPolicy", "CheckpointRecord",
            "Checkpoints", "default_name", "retained", "valid_name"]  # fmt: skip
@@ -551,15 +549,8 @@ def _flock(parent: int, name: str, wait: float, shown: Path) -> Iterator[None]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _refusal(parent, name, shown, "a lock file")
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CheckpointBusy(f"{shown / name}: held by another writer for {wait:g}s; try again") from None
-                time.sleep(0.05)
+        if not flock_within(fd, wait, poll=0.05):
+            raise CheckpointBusy(f"{shown / name}: held by another writer for {wait:g}s; try again")
         yield
     finally:
         os.close(fd)
