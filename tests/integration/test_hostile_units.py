@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from tests.support.victim import make_victim, snapshot
 from zoo_agent.cli.main import cli
-from zoo_agent.systemd.units import UnitSettings
+from zoo_agent.systemd.units import RESIDENT_CGROUP, UnitSettings
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "zoo-agent")
@@ -227,7 +227,10 @@ def test_hostile_values_round_trip_through_systemd(tmp_path: Path, place: Path) 
         settings = parsed[name].settings
         listen = [f"ZOO_LISTEN=127.0.0.1:8000 {HOSTILE}"] if name == "model-zoo-resident.service" else []
         assert settings["Environment"] == [*common, *listen, f"HOSTILE={HOSTILE}"], name
-        assert settings["ReadWritePaths"] == [f"/srv/my zoo {HOSTILE}"], name  # one path, not split
+        # systemd's dump joins the paths with spaces, so "not split" rests on verify's silence above:
+        # a split path would leave words like "zoo" that verify calls "not absolute, ignoring".
+        cgroup = [f"-{RESIDENT_CGROUP}"] if name == "model-zoo-resident.service" else []
+        assert settings["ReadWritePaths"] == [" ".join([f"/srv/my zoo {HOSTILE}", *cgroup])], name
         assert settings["User"] == ["zoo_user-1"] and settings["Group"] == ["zoo_group-1"], name
     assert parsed["model-zoo-resident.service"].settings["MemoryMax"] != [str(2**64 - 1)]  # 50% of RAM, not ignored
     assert parsed["model-zoo-verify.timer"].settings["OnCalendar"] == ["Mon,Thu *-*-* 04:30:00 UTC"]
