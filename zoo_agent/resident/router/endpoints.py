@@ -27,7 +27,7 @@ from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peers import pinned, tenant_digest
 from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.upstream import Clients
-from zoo_agent.resident.slots import Slot, SlotTable
+from zoo_agent.resident.slots import Slot, SlotTable, Worker
 from zoo_agent.resident.wire.documents import Card, CardZoo, Health, HealthTenant, PeerReport, dump
 from zoo_agent.store.zoo import manifest_digest, read_manifest
 
@@ -107,6 +107,16 @@ def _memory(slot: Slot) -> dict[str, int | None]:
     measured = max([slot.measured, *(w.live for w in slot.workers)])
     return {"estimate": slot.estimate, "measured": measured or None, "ram": worker.ram if worker else None,
             "device": worker.device_bytes if worker else None}  # fmt: skip
+
+
+def _context(worker: Worker | None, declared: int | None, facts: Facts) -> int | None:
+    """The ``max_context`` a card shows (issue #33): what the serving worker holds requests to (its
+    ``Ready``, else its config: llama-server's ``--ctx-size`` per slot); before one serves, the declared
+    number, else the model's own as ``fit.context`` caps it (None: not fetched, nothing declared)."""
+    if worker is not None:
+        told = worker.ready.max_context if worker.ready is not None else None
+        return told or worker.config.max_context or declared or facts.context
+    return declared or facts.context
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,7 @@ class Endpoints:
             facts = self.facts.of("models", tenant.model, version)
             own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
                                                 backend=tenant.backend, task="embed" if tenant.kind == "embedding" else "generate",
-                                                max_context=tenant.resources.max_context or facts.context, adapters=adapters + auto))  # fmt: skip
+                                                max_context=_context(worker, tenant.resources.max_context, facts), adapters=adapters + auto))  # fmt: skip
             data.append(own)
             for lid in tenant.loras:
                 if lid not in refused:
