@@ -16,13 +16,12 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from zoo_agent.errors import UsageError
-from zoo_agent.index.fit import context, read_config
-from zoo_agent.index.model import DEFAULT_MAX_CONTEXT, Index, OllamaSource
+from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
+from zoo_agent.resident.context import model_context, served_context
 from zoo_agent.resident.engines.llamacpp import LlamaServer, find_server
 from zoo_agent.resident.engines.llamaserver import LlamaServerProcess
 from zoo_agent.resident.process import WorkerProcess, ZooWorkerProcess
@@ -30,17 +29,9 @@ from zoo_agent.resident.tenant import adapters_for, base_names, selection_for, s
 from zoo_agent.resident.wire.priority import CLASSES
 from zoo_agent.store.zoo import Zoo
 
-__all__ = ["Launcher", "declared_context"]
+__all__ = ["Launcher"]
 
 log = logging.getLogger("zoo_agent.resident")
-
-
-def declared_context(config: dict[str, Any] | None, declared: int | None) -> int:
-    """The worker's ``max_context`` (issue #33): the tenant's declared one, else the model's own as
-    ``fit.context`` caps it; a model with no config (an Ollama daemon's) gets the index's default."""
-    if config is None:
-        return declared or DEFAULT_MAX_CONTEXT
-    return context(config, declared)
 
 
 class Launcher:
@@ -110,7 +101,7 @@ class Launcher:
             checkpoint_keep=tenant.sessions.checkpoints.keep, checkpoint_every=tenant.sessions.checkpoints.seconds,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
-            kind=tenant.kind, max_context=declared_context(read_config(version_dir), tenant.resources.max_context),
+            kind=tenant.kind, max_context=served_context(tenant.resources.max_context, *model_context(version_dir), tenant.backend),
             gpu_layers=tenant.resources.gpu_layers, kv_cache_type=tenant.resources.kv_cache_type,
         )  # fmt: skip
 
