@@ -80,7 +80,7 @@ def test_a_backend_that_does_not_know_its_longest_token_counts_every_prompt() ->
 def _chat(tokens: int, max_tokens: int | None = None, session: str | None = None) -> tuple[ChatBody, list[dict[str, str]]]:
     """A chat body whose one message is ``tokens`` tokens to the stand-in tokenizer (four characters each)."""
     messages = [{"role": "user", "content": "abcd" * tokens}]
-    return ChatBody(model="t", messages=messages, max_tokens=max_tokens, session=session), messages
+    return ChatBody.model_validate({"model": "t", "messages": messages, "max_tokens": max_tokens, "session": session}), messages
 
 
 @pytest.mark.parametrize(("prompt", "field"), [(64, "messages"), (65, "messages"), (200, "messages")])
@@ -99,14 +99,14 @@ def test_max_tokens_past_what_the_prompt_leaves_is_a_400_naming_max_tokens_and_i
                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
     body, messages = _chat(60, max_tokens=4)
     out = prepare(_state(max_context=64), body, messages, None, None, True)
-    assert not isinstance(out, Refusal) and out.max_tokens == 4  # type: ignore[union-attr]
+    assert not isinstance(out, Refusal) and out.max_tokens == 4
 
 
 def test_the_default_max_tokens_is_lowered_to_what_the_prompt_leaves() -> None:
     """A request that names no max_tokens asks for the tenant's default (8 here), at most what the context has left."""
     body, messages = _chat(60)
     out = prepare(_state(max_context=64), body, messages, None, None, True)
-    assert not isinstance(out, Refusal) and out.max_tokens == 4  # type: ignore[union-attr]
+    assert not isinstance(out, Refusal) and out.max_tokens == 4
     body, messages = _chat(10)
     assert prepare(_state(max_context=64), body, messages, None, None, True).max_tokens == 8  # type: ignore[union-attr]
 
@@ -139,7 +139,12 @@ def test_a_default_longer_than_the_context_leaves_the_session_half_of_it(monkeyp
     import zoo_agent.resident.worker.prepare as prepare_module
 
     seen: list[int] = []
-    monkeypatch.setattr(prepare_module, "session_turn", lambda *a: seen.append(a[4]()) or Refusal(400, "seen", param="session"))
+
+    def turn(*args: Any) -> Refusal:
+        seen.append(args[4]())
+        return Refusal(400, "seen", param="session")
+
+    monkeypatch.setattr(prepare_module, "session_turn", turn)
     state = _state(max_context=64)
     state.defaults["max_tokens"] = 256
     body, messages = _chat(3, session="s1")
