@@ -27,7 +27,7 @@ from zoo_agent.jsonbound import loads
 
 __all__ = [
     "CACHE_TYPE_BYTES", "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "context", "estimate", "first_gguf",
-    "gguf_config", "kv_bytes", "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
+    "gguf_config", "kv_bytes", "pinned_tenants", "positions", "read_config", "tenant_footprint", "weight_bytes",
 ]  # fmt: skip
 
 #: Files whose bytes are loaded into memory as weights; tokenizers and configs are noise.
@@ -93,13 +93,19 @@ def _dtype(config: dict[str, Any], dtype: str) -> int:
     return _DTYPE_BYTES.get(dtype, 4)
 
 
+def positions(config: dict[str, Any]) -> int | None:
+    """The positions the model was built for (``max_position_embeddings``, ``n_positions``,
+    ``max_seq_len``), uncapped; None when its config names none."""
+    return _field(config, "max_position_embeddings", "n_positions", "max_seq_len")
+
+
 def context(config: dict[str, Any], max_context: int | None = None) -> int:
     """The tokens one sequence may hold: the declared ``max_context``, else the model's own
     (``max_position_embeddings``, ``n_positions``, ``max_seq_len``; else ``DEFAULT_CONTEXT``)
     capped at ``DEFAULT_MAX_CONTEXT``."""
     if max_context is not None:
         return max_context
-    own = _field(config, "max_position_embeddings", "n_positions", "max_seq_len") or DEFAULT_CONTEXT
+    own = positions(config) or DEFAULT_CONTEXT
     return min(own, DEFAULT_MAX_CONTEXT)
 
 
