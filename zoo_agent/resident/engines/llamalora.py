@@ -48,9 +48,11 @@ class Loras:
 
 
 def loras_for(config: WorkerConfig) -> Loras:
-    """The tenant's served adapters (``config.adapters``, the order of its command line) and the refused ones (pure)."""
+    """The tenant's served adapters (``config.adapters``, the order of its command line) and the refused
+    ones, declared too: asked for, one is a 400 saying why it is refused (pure)."""
     order = tuple(a.id for a in config.adapters)
-    return Loras(Offer(config.tenant, config.model, order, dict(config.refused_adapters), config.max_loras, auto=False), order)
+    declared = (*order, *(aid for aid in config.refused_adapters if aid not in order))
+    return Loras(Offer(config.tenant, config.model, declared, dict(config.refused_adapters), config.max_loras, auto=False), order)
 
 
 def adapter_files(adapters: Sequence[AdapterConfig]) -> list[Path] | str:
