@@ -156,3 +156,34 @@ def test_the_adapters_are_listed_and_what_cannot_be_served_is_refused(served: Re
         for body, status, param in cases:
             answer = client.post("/v1/completions", json=body)
             assert (answer.status_code, answer.json()["error"]["param"]) == (status, param), (body, answer.text)
+
+
+def test_a_new_version_of_an_adapter_starts_a_new_llama_server_with_it(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tiny_gguf_loras: dict[str, Path],
+                                                                     answers: dict[str, dict[tuple[str, bool], str]], tmp_path: Path) -> None:  # fmt: skip
+    """Its adapters are files on its command line: a published version is a new llama-server (a reload), never a stale answer."""
+    world = World(tmp_path)
+    declare_gguf(world, "m", "v1", {"tiny-f32.gguf": tiny_gguf["f32"].read_bytes()})
+    declare_gguf_lora(world, "terse", "1", {"terse.gguf": tiny_gguf_loras["terse"].read_bytes()})
+    tenant = {"model": "m", "loras": ["terse"], "pinned": True, "generation": GENERATION, "resources": {"max_batch": 4, "max_context": 256}}
+    write_llama_index(world, {"t": tenant})
+    assert world.run("apply").exit_code == 0
+    r = Resident(world, "--llama-server", str(llama_cpp.server))
+    try:
+        r.wait_ready(120)
+        with httpx.Client(base_url=r.url, timeout=60) as client:
+
+            def ask(model: str) -> str:
+                return _text(client.post("/v1/completions", json=_body(model, PROMPTS[0], False)))
+
+            assert ask("t:terse") == answers["terse"][PROMPTS[0], False]
+            declare_gguf_lora(world, "terse", "2", {"terse.gguf": tiny_gguf_loras["code"].read_bytes()})  # the code adapter's bytes
+            write_llama_index(world, {"t": tenant})
+            assert world.run("apply").exit_code == 0
+            deadline = time.monotonic() + 60
+            while ask("t:terse") != answers["code"][PROMPTS[0], False]:
+                assert time.monotonic() < deadline, r.tail()
+                time.sleep(0.5)
+            assert ask("t") == answers["base"][PROMPTS[0], False]
+    finally:
+        out = r.stop()
+    assert "Traceback" not in out, out[-3000:]
