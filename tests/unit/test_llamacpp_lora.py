@@ -93,3 +93,16 @@ def test_the_body_is_sent_with_the_field_and_unchanged_without_adapters(tmp_path
     sent = with_lora(body, NAMES, loras_for(_config(tmp_path, "terse", "code")))
     assert json.loads(sent) == {**json.loads(body), "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]}
     assert sent.isascii()  # a lone surrogate in a field we pass through is sent as it came, escaped
+
+
+def test_a_gguf_adapters_rank_is_read_from_a_bounded_header(tmp_path: Path) -> None:
+    """What `add` reads for a GGUF adapter's rank: a header claiming billions of tensors costs nothing, garbage is no rank."""
+    import struct
+
+    from zoo_agent.index.fit import gguf_lora_rank
+
+    huge = tmp_path / "huge.gguf"
+    huge.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 1) + b"\0" * 64)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + b"\xff" * 64)
+    assert [gguf_lora_rank(p) for p in (huge, garbage, tmp_path / "absent.gguf")] == [None, None, None]

@@ -227,6 +227,31 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def gguf_lora_rank(path: Path) -> int | None:
+    """A GGUF adapter's rank (``convert_lora_to_gguf.py``'s): the inner size of its first ``*.lora_a``
+    tensor; None for a file that is not a readable GGUF adapter. Bounded as ``gguf_config`` is."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(24)
+    except OSError:
+        return None
+    if len(start) < 24 or start[:4] != b"GGUF":
+        return None
+    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
+    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
+        return None
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        if _gguf_value(reader, "adapter.type") != "lora":
+            return None
+        shape = next((t.shape for t in reader.tensors if t.name.endswith(".lora_a")), None)
+        return int(shape[1]) if shape is not None and len(shape) == 2 and int(shape[1]) >= 1 else None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError, struct.error):
+        return None
+
+
 def _gguf_value(reader: Any, key: str) -> object:
     """A scalar or string metadata value; None when absent or an array (per-layer head counts
     are arrays in some architectures: the largest then counts, an upper bound)."""
