@@ -24,7 +24,7 @@ from typing import Any
 from zoo_agent import jsonbound
 from zoo_agent.errors import InvalidIndex, Problem, UsageError
 from zoo_agent.index.checks import PICKLE_SUFFIXES
-from zoo_agent.index.fit import first_gguf, gguf_lora_rank
+from zoo_agent.index.fit import first_gguf, gguf_header, gguf_lora_rank
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.index.load import check_document, read_document
 from zoo_agent.index.model import LICENSES
@@ -191,7 +191,8 @@ def adapter_rank(files_dir: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     found = first_gguf(files_dir) if files_dir.is_dir() else None
-    return gguf_lora_rank(found) if found is not None else None
+    header = gguf_header(found) if found is not None else None
+    return gguf_lora_rank(header) if header is not None else None
 
 
 def write_entry(index_path: Path, kind: str, aid: str, entry: dict[str, Any], *, update: bool) -> None:

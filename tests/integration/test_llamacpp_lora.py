@@ -98,15 +98,17 @@ def answers(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tiny_gguf_loras: di
 @pytest.fixture(scope="module")
 def served(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tiny_gguf_loras: dict[str, Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resident]:  # fmt: skip
-    """A resident serving tenant t (the f32 GGUF with adapters code and terse) from a zoo whose path
-    holds a comma and a quote (llama.cpp splits --lora at commas), and tenant plain (no adapters)."""
+    """A resident serving tenant t (the f32 GGUF with adapters code and terse, and bad: a model, not an
+    adapter) from a zoo whose path holds a comma and a quote (llama.cpp splits --lora at commas), and
+    tenant plain (no adapters)."""
     world = World(tmp_path_factory.mktemp("served") / 'zoo,"a')
     world.tmp.mkdir()
     declare_gguf(world, "m", "v1", {"tiny-f32.gguf": tiny_gguf["f32"].read_bytes()})
     for aid in ("terse", "code"):  # declared in this order: terse is llama-server's adapter 0, code its 1
         declare_gguf_lora(world, aid, "1", {f"{aid}.gguf": tiny_gguf_loras[aid].read_bytes()})
+    declare_gguf_lora(world, "bad", "1", {"bad.gguf": tiny_gguf["q8_0"].read_bytes()})  # pinned, verified, and no adapter
     resources = {"max_batch": 4, "max_context": 256}
-    write_llama_index(world, {"t": {"model": "m", "loras": ["terse", "code"], "pinned": True, "generation": GENERATION, "resources": resources},
+    write_llama_index(world, {"t": {"model": "m", "loras": ["terse", "bad", "code"], "pinned": True, "generation": GENERATION, "resources": resources},
                               "plain": {"model": "m", "pinned": True, "generation": GENERATION, "resources": resources}})  # fmt: skip
     result = world.run("apply")
     assert result.exit_code == 0, result.output
@@ -117,7 +119,7 @@ def served(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tiny_gguf_loras: dic
     finally:
         out = r.stop()
     assert "Traceback" not in out, out[-3000:]
-    assert "adapter refused" not in out, out[-3000:]
+    assert "adapter refused: bad@1: bad.gguf: not a LoRA adapter (general.type 'model')" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
@@ -145,6 +147,10 @@ def test_the_adapters_are_listed_and_what_cannot_be_served_is_refused(served: Re
     with httpx.Client(base_url=served.url, timeout=60) as client:
         ids = [card["id"] for card in client.get("/v1/models").json()["data"]]
         assert {"t", "t:terse", "t:code", "plain"} <= set(ids) and not [i for i in ids if i.startswith("plain:")], ids
+        assert "t:bad" not in ids  # refused before llama-server would fail to load it: the tenant serves without it
+        bad = client.post("/v1/completions", json={"model": "t:bad", "prompt": "x"}).json()["error"]
+        assert (bad["code"], bad["message"]) == ("adapter_refused", "model: adapter refused: bad@1: bad.gguf: not a LoRA adapter "
+                                                 "(general.type 'model'); convert_lora_to_gguf.py makes one"), bad  # fmt: skip
         cases = [
             ({"model": "t:auto", "prompt": "x"}, 400, "model"),  # choosing needs the embedding model: not beside llama-server yet
             ({"model": "t", "prompt": "x", "lora": [{"id": 0, "scale": 1}]}, 400, "lora"),  # by position, past our names

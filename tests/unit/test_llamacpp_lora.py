@@ -11,7 +11,8 @@ import pytest
 
 from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 from zoo_agent.resident.engines.front import Request, check
-from zoo_agent.resident.engines.llamalora import adapter_files, csv_field, lora_argv, lora_field, loras_for, with_lora
+from zoo_agent.index.fit import GgufHeader
+from zoo_agent.resident.engines.llamalora import adapter_files, adapter_problem, csv_field, lora_argv, lora_field, loras_for, with_lora
 from zoo_agent.resident.wire.http import ApiError
 
 NAMES = ("t", "m")
@@ -99,10 +100,36 @@ def test_a_gguf_adapters_rank_is_read_from_a_bounded_header(tmp_path: Path) -> N
     """What `add` reads for a GGUF adapter's rank: a header claiming billions of tensors costs nothing, garbage is no rank."""
     import struct
 
-    from zoo_agent.index.fit import gguf_lora_rank
+    from zoo_agent.index.fit import gguf_header
 
     huge = tmp_path / "huge.gguf"
     huge.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 1) + b"\0" * 64)
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + b"\xff" * 64)
-    assert [gguf_lora_rank(p) for p in (huge, garbage, tmp_path / "absent.gguf")] == [None, None, None]
+    assert [gguf_header(p) for p in (huge, garbage, tmp_path / "absent.gguf")] == [None, None, None]
+
+
+MODEL = GgufHeader({"general.architecture": "llama", "general.type": "model"},
+                   {"blk.0.attn_q.weight": (64, 64), "blk.0.attn_v.weight": (64, 32), "token_embd.weight": (64, 373)})  # fmt: skip
+
+
+def _adapter(rank: int = 4, arch: str = "llama", kind: str = "adapter", **shapes: tuple[int, ...]) -> GgufHeader:
+    fields: dict[str, object] = {"general.architecture": arch, "general.type": kind, "adapter.type": "lora"}
+    default = {"blk.0.attn_v.weight.lora_a": (64, rank), "blk.0.attn_v.weight.lora_b": (rank, 32)}
+    return GgufHeader(fields, {**default, **{k.replace("__", "."): v for k, v in shapes.items()}})
+
+
+@pytest.mark.parametrize(("header", "problem"), [
+    (_adapter(), None),
+    (_adapter(token_embd__weight__lora_a=(373, 4), token_embd__weight__lora_b=(4, 64)), None),  # llama.cpp flips A and B there
+    (None, "code@1: code.gguf: not a readable GGUF file"),
+    (_adapter(kind="model"), "code@1: code.gguf: not a LoRA adapter (general.type 'model'); convert_lora_to_gguf.py makes one"),
+    (_adapter(rank=8), "code@1: code.gguf: rank is 8, the index declares rank 4"),
+    (_adapter(arch="qwen2"), "code@1: code.gguf: built for a 'qwen2' model; the tenant's model is 'llama'"),
+    (_adapter(blk__9__attn_q__weight__lora_a=(64, 4), blk__9__attn_q__weight__lora_b=(4, 64)), "code@1: code.gguf: the model has no tensor 'blk.9.attn_q.weight'"),
+    (_adapter(blk__0__attn_q__weight__lora_a=(128, 4), blk__0__attn_q__weight__lora_b=(4, 64)),
+     "code@1: code.gguf: 'blk.0.attn_q.weight' is [64, 64] in the model; the adapter's A and B are [128, 4] and [4, 64]"),  # another model's size
+    (_adapter(blk__0__attn_q__weight__lora_a=(64, 4)), "code@1: code.gguf: 'blk.0.attn_q.weight' is [64, 64] in the model; the adapter's A and B are [64, 4] and []"),
+])  # fmt: skip
+def test_an_adapter_llama_server_would_not_load_is_refused_saying_why(tmp_path: Path, header: GgufHeader | None, problem: str | None) -> None:
+    assert adapter_problem(_config(tmp_path, "code").adapters[0], "code.gguf", header, MODEL) == problem

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo_agent.index.fit import first_gguf
+from zoo_agent.index.fit import GgufHeader, first_gguf, gguf_header, gguf_lora_rank
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 from zoo_agent.resident.engine.base import SET
@@ -33,7 +33,7 @@ from zoo_agent.resident.sessions.turns import Refusal
 from zoo_agent.resident.wire.http import ApiError
 from zoo_agent.resident.worker.adapter_sets import Offer, asked, on_step
 
-__all__ = ["Loras", "adapter_files", "csv_field", "lora_argv", "lora_field", "loras_for", "with_lora"]
+__all__ = ["Loras", "adapter_files", "adapter_problem", "servable", "csv_field", "lora_argv", "lora_field", "loras_for", "with_lora"]
 
 #: The body's bound, as the front reads it (``front.BODY_LIMIT``: the router's, and room for a route's re-encoding).
 _BODY_LIMIT = 2 << 20
@@ -64,6 +64,49 @@ def adapter_files(adapters: Sequence[AdapterConfig]) -> list[Path] | str:
             return f"adapter {adapter.label}: no .gguf file in {adapter.dir}"
         files.append(found)
     return files
+
+
+def adapter_problem(adapter: AdapterConfig, name: str, header: GgufHeader | None, model: GgufHeader | None) -> str | None:
+    """Why ``llama-server`` would not load this GGUF adapter onto this model, checked as it checks
+    (pure over both headers; ``model`` None: the adapter alone), or None. Refused here, the adapter
+    is named in the ``Status:`` line and in 400s while the tenant serves without it; loaded by
+    ``llama-server``, it would fail the tenant's start."""
+    where = f"{adapter.label}: {name}"
+    if header is None:
+        return f"{where}: not a readable GGUF file"
+    if header.fields.get("general.type") != "adapter" or header.fields.get("adapter.type") != "lora":
+        return f"{where}: not a LoRA adapter (general.type '{header.fields.get('general.type')}'); convert_lora_to_gguf.py makes one"
+    if (rank := gguf_lora_rank(header)) != adapter.rank:
+        return f"{where}: rank is {rank}, the index declares rank {adapter.rank}"
+    if model is None:
+        return None
+    if (arch := header.fields.get("general.architecture")) != (theirs := model.fields.get("general.architecture")):
+        return f"{where}: built for a '{arch}' model; the tenant's model is '{theirs}'"
+    for tensor, a_shape in header.shapes.items():
+        if not tensor.endswith(".lora_a"):
+            continue
+        base = tensor.removesuffix(".lora_a")
+        b_shape, weight = header.shapes.get(f"{base}.lora_b"), model.shapes.get(base)
+        if weight is None:
+            return f"{where}: the model has no tensor '{base}'"
+        fits = b_shape is not None and len(a_shape) == len(b_shape) == len(weight) == 2 and a_shape[1] == b_shape[0]
+        if not base.startswith("token_embd") and not (fits and b_shape and a_shape[0] == weight[0] and b_shape[1] == weight[1]):
+            return f"{where}: '{base}' is {list(weight)} in the model; the adapter's A and B are {list(a_shape)} and {list(b_shape or ())}"
+    return None
+
+
+def servable(adapters: Sequence[AdapterConfig], model_file: Path | None) -> tuple[tuple[AdapterConfig, ...], dict[str, str]]:
+    """The adapters ``llama-server`` can load onto the model in ``model_file``, and why each other is refused."""
+    model = gguf_header(model_file) if model_file is not None else None
+    served, refused = [], {}
+    for adapter in adapters:
+        found = first_gguf(adapter.dir)
+        why = adapter_problem(adapter, found.name, gguf_header(found), model) if found is not None else f"{adapter.label}: no .gguf file"
+        if why is None:
+            served.append(adapter)
+        else:
+            refused[adapter.id] = why
+    return tuple(served), refused
 
 
 def csv_field(text: str) -> str:
