@@ -87,7 +87,13 @@ class Reloader:
         self.pending = set(changes)
         self.swapped = [f"{t} {c.model}@{c.version}" for t, c in changes.items()]
         for tid, config in changes.items():
-            self._swap(self.table.slots[tid], config)
+            slot = self.table.slots[tid]
+            if slot.serving is None:
+                # Paged out to make room for another tenant's new version (``_swap``): nothing of it to swap;
+                # its next request loads what the index says now.
+                self.pending.discard(tid)
+                continue
+            self._swap(slot, config)  # the first always has one: changes are of serving tenants
         self.reports.state()
 
     def _changes(self) -> dict[str, WorkerConfig]:
