@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.llamacpp import LlamaCpp, declare_gguf, declare_gguf_lora, write_llama_index
+from tests.support.llamacpp import LlamaCpp, declare_gguf, declare_gguf_lora, serve, write_llama_index
 from tests.support.resident import Resident
 from tests.support.world import World
 from zoo_agent.resident.config import WorkerConfig
@@ -193,3 +193,31 @@ def test_a_new_version_of_an_adapter_starts_a_new_llama_server_with_it(llama_cpp
     finally:
         out = r.stop()
     assert "Traceback" not in out, out[-3000:]
+
+
+PROMPT_IDS = [5, 17, 42, 99, 7, 250, 3]  # token ids: both engines see exactly the same input
+
+
+@pytest.mark.parametrize("aid", ["code", "terse"])
+def test_the_converted_adapter_answers_on_llama_server_as_peft_does_on_the_same_weights(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path],
+                                                                                       tiny_gguf_loras: dict[str, Path], aid: str) -> None:  # fmt: skip
+    """f32, greedy, token for token: the conversion keeps the adapter's delta and its scale (alpha / r)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gguf["hf"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, tiny_gguf_loras[aid].with_suffix(""))  # the peft directory it was converted from
+    ids, expected = torch.tensor([PROMPT_IDS]), []
+    with torch.no_grad():
+        for _ in range(8):
+            expected.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
+    with contextlib.contextmanager(serve)(llama_cpp, tiny_gguf["f32"], "--lora", str(tiny_gguf_loras[aid])) as server:
+        answer = server.post("/completion", {"prompt": PROMPT_IDS, "n_predict": 8, "temperature": 0, "top_k": 1, "ignore_eos": True,
+                                             "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"]})  # fmt: skip
+        base_answer = server.post("/completion", {"prompt": PROMPT_IDS, "n_predict": 8, "temperature": 0, "top_k": 1, "ignore_eos": True,
+                                                  "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"],
+                                                  "lora": [{"id": 0, "scale": 0}]})  # fmt: skip
+    assert answer["tokens"] == expected
+    assert base_answer["tokens"] != expected  # the adapter is what made the difference

@@ -124,7 +124,8 @@ def build_tiny_gguf(build: LlamaCpp, where: Path) -> dict[str, Path]:
 
 def build_tiny_gguf_loras(build: LlamaCpp, hf: Path, where: Path) -> dict[str, Path]:
     """The tests' peft adapters of the tiny model (``code`` and ``terse``, random non-zero weights, as
-    the ``built`` fixture makes them) converted to GGUF adapters: {"code": its .gguf, "terse": ...}."""
+    the ``built`` fixture makes them) converted to GGUF adapters: {"code": its .gguf, "terse": ...}; each
+    peft directory beside its file, without the suffix."""
     from zoo_agent.demo.tiny import build_tiny_adapter
 
     out = {}
