@@ -93,7 +93,9 @@ def test_the_body_is_sent_with_the_field_and_unchanged_without_adapters(tmp_path
     assert with_lora(body, NAMES, loras_for(_config(tmp_path))) is body
     sent = with_lora(body, NAMES, loras_for(_config(tmp_path, "terse", "code")))
     assert json.loads(sent) == {**json.loads(body), "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]}
-    assert sent.isascii()  # a lone surrogate in a field we pass through is sent as it came, escaped
+    assert sent.endswith(body[1:])  # the rest as it came: a lone surrogate in a field we pass through too
+    spaced = b' \n {"model": "t", "prompt": "{"}'
+    assert json.loads(with_lora(spaced, NAMES, loras_for(_config(tmp_path, "code")))) == {"lora": [{"id": 0, "scale": 0.0}], "model": "t", "prompt": "{"}
 
 
 def test_a_gguf_adapters_rank_is_read_from_a_bounded_header(tmp_path: Path) -> None:
