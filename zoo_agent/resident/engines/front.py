@@ -73,9 +73,10 @@ class Request:
 
 def check(request: Request, names: tuple[str, ...], loras: Loras | None = None) -> ApiError | None:
     """Why llama-server must not be asked this (pure), or None. ``names``: what ``model`` may say
-    (the tenant, its model's id); ``loras``: its adapters, named ``<tenant>:<adapter>``. A generation's body is held to our API's rules (``worker/bodies``:
-    the same 400 naming the same field as from any tenant; one completion of one prompt per request,
-    which is what the router's admission counts), and then forwarded as it came."""
+    (the tenant, its model's id); ``loras``: the tenant's adapters (``<tenant>:<adapter>``). A
+    generation's body is held to our API's rules (``worker/bodies``: the same 400 naming the same
+    field as from any tenant; one completion of one prompt per request, which is what the router's
+    admission counts), and then forwarded as it came (with ``lora`` for a tenant with adapters)."""
     if request.path in GENERATE and request.method == "POST":
         try:
             document = loads(request.body, limit=BODY_LIMIT)
