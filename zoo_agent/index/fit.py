@@ -233,6 +233,46 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file's header says: its scalar and string metadata, and each tensor's shape (ggml's order: inner size first)."""
+
+    fields: dict[str, object]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def gguf_header(path: Path) -> GgufHeader | None:
+    """The header of a GGUF file (an adapter's, whose facts ``gguf_config`` does not name); None for a
+    file that is not a readable GGUF. Bounded as ``gguf_config`` is: only the header's pages are read."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(24)
+    except OSError:
+        return None
+    if len(start) < 24 or start[:4] != b"GGUF":
+        return None
+    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
+    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
+        return None
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        scalar = [key for key, field in reader.fields.items() if field.types and field.types[0] != gguf.GGUFValueType.ARRAY]  # not a vocabulary
+        fields = {key: value for key in scalar if (value := _gguf_value(reader, key)) is not None}
+        return GgufHeader(fields, {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors})
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError, struct.error):
+        return None
+
+
+def gguf_lora_rank(header: GgufHeader) -> int | None:
+    """A GGUF adapter's rank (``convert_lora_to_gguf.py``'s): the outer size of its first ``*.lora_a`` tensor ([in, r])."""
+    if header.fields.get("adapter.type") != "lora":
+        return None
+    shape = next((shape for name, shape in header.shapes.items() if name.endswith(".lora_a")), None)
+    return shape[1] if shape is not None and len(shape) == 2 and shape[1] >= 1 else None
+
+
 def _gguf_value(reader: Any, key: str) -> object:
     """A scalar or string metadata value; None when absent or an array (per-layer head counts
     are arrays in some architectures: the largest then counts, an upper bound)."""

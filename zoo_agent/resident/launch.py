@@ -83,8 +83,6 @@ class Launcher:
         adapters, refused = adapters_for(self.zoo, idx, tid)
         if tenant.backend == "llama.cpp":
             self.llama_server()
-            refused = {**refused, **{a.id: f"{a.id}: GGUF adapters of a llama.cpp tenant are not served yet" for a in adapters}}
-            adapters = ()
         for why in refused.values():
             log.warning("adapter refused: %s", why)
         return WorkerConfig(

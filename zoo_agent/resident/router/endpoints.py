@@ -221,7 +221,7 @@ class Endpoints:
             # exactly the pinned set; mid-swap or with a refused adapter there is none.
             digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
             adapters = [f"{tid}:{lid}" for lid in tenant.loras if lid not in refused]
-            auto = [f"{tid}:auto"] if tenant.adapter_selection is not None else []
+            auto = [f"{tid}:auto"] if tenant.adapter_selection is not None and tenant.backend != "llama.cpp" else []  # not there yet (llamalora.py)
             version = worker.config.version if worker else idx.models[tenant.model].version
             facts = self.facts.of("models", tenant.model, version)
             own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
