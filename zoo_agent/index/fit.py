@@ -47,6 +47,9 @@ CACHE_TYPE_BYTES: dict[str, Fraction] = {"f16": Fraction(2), "q8_0": Fraction(34
 _MAX_GGUF_TENSORS = 1 << 16
 _MAX_GGUF_KEYS = 1 << 12
 _FIRST_SPLIT = re.compile(r"-00001-of-\d{5}\.gguf$")
+#: gguf_config's memo: (path, device, inode, size, mtime) -> its config; cleared when full.
+_GGUF_CONFIGS: dict[tuple[str, int, int, int, int], dict[str, Any] | None] = {}
+_GGUF_CONFIGS_MOST = 256
 
 
 
@@ -191,6 +194,24 @@ def first_gguf(version_dir: Path) -> Path | None:
 
 
 def gguf_config(path: Path) -> dict[str, Any] | None:
+    """``_gguf_config`` of ``path``, parsed once per file: ``GGUFReader`` builds objects for every
+    vocabulary entry (a 152k-token header took 15 s and 300 MB of the router under load), and the
+    launch asks at every page-in. A published file never changes in place, so one of the same
+    path, inode, size and mtime is the same header; each caller gets its own copy."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_CONFIGS:
+        if len(_GGUF_CONFIGS) >= _GGUF_CONFIGS_MOST:
+            _GGUF_CONFIGS.clear()
+        _GGUF_CONFIGS[key] = _gguf_config(path)
+    found = _GGUF_CONFIGS.get(key)
+    return dict(found) if found is not None else None
+
+
+def _gguf_config(path: Path) -> dict[str, Any] | None:
     """The facts of a GGUF file's header in config.json's names, for ``kv_bytes``: layers
     (``<arch>.block_count``), heads and KV heads (``<arch>.attention.head_count[_kv]``), head
     size (``<arch>.attention.key_length``, else ``embedding_length`` / heads), context
