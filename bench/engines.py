@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -249,6 +250,7 @@ def rotation(work: Path, src: dict[str, Path], rounds: int, footprints: dict[str
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM runs the finally blocks: no server left behind
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--shape", choices=["tiny", "qwen2-0.5b"], default="qwen2-0.5b")

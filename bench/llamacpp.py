@@ -2,7 +2,7 @@
 `llama-server` asked directly, in one run: aggregate tokens/s at 1, 8 and 16 clients and the
 time to first token at one client.
 
-    .venv/bin/python bench/llamacpp.py [--shape qwen2-0.5b|tiny] [--quant q4_k_m] [--tokens 8] [--rounds 3] [--json bench/llamacpp.json]
+    .venv/bin/python bench/llamacpp.py [--shape qwen2-0.5b|tiny] [--quant q4_k_m] [--tokens 4] [--rounds 3] [--json bench/llamacpp.json]
 
 The model is the tests' tiny transformers model (or its Qwen2-0.5B shape, random weights)
 converted to GGUF by the pinned llama.cpp source's converter and quantized by its
@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -222,11 +223,12 @@ def measure(shape: str, quant: str, tokens: int, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM runs the finally blocks: no server left behind
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--shape", choices=["tiny", "qwen2-0.5b"], default="qwen2-0.5b")
     parser.add_argument("--quant", choices=["f32", "q8_0", "q4_k_m"], default="q4_k_m")
-    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each level, the two servers in turn (medians)")
     args = parser.parse_args()
     label = f"{'Qwen2-0.5B shape' if args.shape == 'qwen2-0.5b' else 'tiny model'} {args.quant}"
