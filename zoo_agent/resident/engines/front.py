@@ -7,8 +7,8 @@ worker knows which engine answers:
 
 - a request it cannot serve as asked is refused here, in our error shape, never misserved: a model
   name other than the tenant's (``tenant:adapter``: llama-server would ignore the name and answer
-  with the base model), a ``session`` (it would answer without the conversation), our sessions'
-  and adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
+  with the base model), a route's ``session`` (it would answer without the conversation; a
+  tenant's sessions are kept here, by ``llamasessions``), our adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
   prompts: more sequences than the router admitted);
 - an error answer is ours: its ``exceed_context_size_error`` is our 400 naming ``messages`` (or
   ``prompt``), the others keep their status and message in our shape (``wire.http.ApiError``);
@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.wire.headers import SESSION_ROUTE
@@ -68,11 +68,12 @@ class Request:
     body: bytes = b""
 
 
-def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
+def check(request: Request, names: tuple[str, ...], sessions: bool = False) -> ApiError | None:
     """Why llama-server must not be asked this (pure), or None. ``names``: what ``model`` may say
     (the tenant, its model's id). A generation's body is held to our API's rules (``worker/bodies``:
     the same 400 naming the same field as from any tenant; one completion of one prompt per request,
-    which is what the router's admission counts), and then forwarded as it came."""
+    which is what the router's admission counts), and then forwarded as it came. ``sessions``: the
+    front keeps the tenant's sessions (``llamasessions``), which take a chat turn that names one."""
     if request.path in GENERATE and request.method == "POST":
         try:
             document = loads(request.body, limit=BODY_LIMIT)
@@ -86,18 +87,32 @@ def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
         if model not in names:
             why = "a llama.cpp tenant serves no adapters yet" if model.partition(":")[0] in names else "not served here"
             return ApiError(404, f"model '{model[:100]}': {why} (serving '{names[0]}')", "model", "model_not_found")
-        if document.get("session") is not None or SESSION_ROUTE.lower() in request.headers:
-            return ApiError(400, "session: a llama.cpp tenant keeps no sessions yet; send the whole conversation", "session", "not_supported")
+        if (refused := _session_refused(request, document, sessions)) is not None:
+            return refused
         if document.get("n_cmpl", 1) != 1:
             return ApiError(400, "n_cmpl: only 1 is supported; send the request again for another completion", "n_cmpl")
         return None
     if request.path == "/metrics" and request.method == "GET":
         return None
     if request.path.startswith("/v1/sessions/"):
-        return ApiError(404, "session: a llama.cpp tenant keeps no sessions yet", "session", "not_supported")
+        return None if sessions else ApiError(404, "session: a llama.cpp tenant keeps no sessions here", "session", "not_supported")
     if request.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return ApiError(400, "lora_name: a llama.cpp tenant loads no adapters at runtime", "lora_name", "not_supported")
     return ApiError(404, f"{request.path[:100]}: not served by a llama.cpp tenant")
+
+
+def _session_refused(request: Request, document: dict[str, Any], sessions: bool) -> ApiError | None:
+    """A ``session`` the front cannot keep (pure): none kept here, a route's (its turns span tenants),
+    or one on ``/v1/completions`` (a session is a chat)."""
+    if SESSION_ROUTE.lower() in request.headers:
+        return ApiError(400, "session: a route's session is not kept by a llama.cpp tenant yet; send the whole conversation", "session", "not_supported")
+    if document.get("session") is None:
+        return None
+    if not sessions:
+        return ApiError(400, "session: this llama.cpp tenant keeps no sessions; send the whole conversation", "session", "not_supported")
+    if request.path != GENERATE[0]:
+        return ApiError(400, f"session: a session is a chat; ask {GENERATE[0]}", "session")
+    return None
 
 
 def _invalid(document: dict[str, Any], chat: bool) -> ApiError | None:
@@ -202,9 +217,18 @@ def _answer(sock: socket.socket, error: ApiError) -> None:
     sock.sendall(head.encode("latin-1") + body)
 
 
+class SessionKeeper(Protocol):
+    """The tenant's sessions (``llamasessions.LlamaSessions``): the requests it takes, answered on the connection."""
+
+    def takes(self, request: Request) -> bool: ...
+
+    def serve(self, conn: socket.socket, request: Request) -> bool: ...
+
+
 class Front:
     """The socket the router forwards a llama.cpp tenant's requests to (``path``), in front of
-    llama-server's own (``engine``). ``inflight`` and ``served`` are what the supervisor is told."""
+    llama-server's own (``engine``). ``inflight`` and ``served`` are what the supervisor is told;
+    ``sessions``, when set, keeps the tenant's sessions."""
 
     def __init__(self, path: str, engine: str, names: tuple[str, ...]) -> None:
         self.path, self.engine, self.names = path, engine, names
@@ -217,6 +241,7 @@ class Front:
         self.served = 0
         self._stopped = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.sessions: SessionKeeper | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._accept, name=f"front-{os.path.basename(self.path)}", daemon=True).start()
@@ -279,8 +304,13 @@ class Front:
             _answer(conn, ApiError(413 if length > 0 else 400, f"body: at most {BODY_LIMIT} bytes, with a Content-Length"))
             return
         request = Request(method, target.partition("?")[0], target, headers, ours.exactly(length))
-        if (refused := check(request, self.names)) is not None:
+        if (refused := check(request, self.names, self.sessions is not None)) is not None:
             _answer(conn, refused)
+            return
+        if self.sessions is not None and self.sessions.takes(request):
+            if self.sessions.serve(conn, request):
+                with self.lock:
+                    self.served += 1
             return
         generate = request.path in GENERATE
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
