@@ -9,6 +9,7 @@ transformers model converted to GGUF by that source's converter, httpx on loopba
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from tests.support.llamacpp import LlamaCpp, declare_gguf, write_llama_index
 from tests.support.resident import Resident
+from tests.support.victim import make_victim, snapshot
 from tests.support.world import World
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.engines.llamacpp import engine_env, server_argv
@@ -31,6 +33,8 @@ from zoo_agent.resident.engines.llamacpp import engine_env, server_argv
 pytestmark = pytest.mark.resident
 
 GENERATION = {"temperature": 0, "max_tokens": 12}
+#: The slot files' key: model@version and the KV cache's type (f16 by default).
+KEY = hashlib.sha256(b"m@v1\0f16").hexdigest()[:16]
 TURNS = ["Hello there", "Tell me about the zoo", "And what about the lions?", "Which one is the oldest?"]
 
 
@@ -126,16 +130,25 @@ def test_a_session_survives_sigkill_of_the_whole_resident_on_a_llama_cpp_tenant(
     assert [t["messages"][0]["content"] for t in transcript["turns"]] == TURNS[:3]
     assert all(t["model"] == "m@v1" and t["completion_ids"] for t in transcript["turns"]), transcript
 
+    slots = world.root / "resident/tenants/t/slots"
+    assert sorted(p.name for p in slots.iterdir()) == [f"talk+{KEY}.bin"]  # its slot, saved with the turn, keyed by model@version
+    sessions = world.root / "resident/tenants/t/sessions"
+    (sessions / "no-slot.json").write_text(json.dumps({**transcript, "id": "no-slot"}))  # the same transcript, no saved slot
+
     second = Resident(world, "--llama-server", str(llama_cpp.server))
     try:
         second.wait_ready(120)
+        reprefilled = _ask(second.url, "no-slot", TURNS[3], stream=True)  # first: the engine's cache holds no conversation yet
         resumed = _ask(second.url, "talk", TURNS[3])
         shown = httpx.get(second.url + "/v1/sessions/talk", params={"model": "t"}, timeout=30)
     finally:
         out += second.stop()
     assert "Traceback" not in out, out[-3000:]
     assert shown.status_code == 200 and len(shown.json()["turns"]) == 4, shown.text
-    assert resumed["x_zoo"]["session"]["cache"] == "re-prefilled" and resumed["x_zoo"]["session"]["dropped_turns"] == 0, resumed
+    assert resumed["x_zoo"]["session"]["cache"] == "restored" and resumed["x_zoo"]["session"]["cached_tokens"] > 0, resumed
+    assert resumed["x_zoo"]["session"]["dropped_turns"] == 0
+    assert reprefilled["x_zoo"]["session"]["cache"] == "re-prefilled", reprefilled
+    assert _content(reprefilled) == _content(resumed)  # the restored slot and the re-prefill: the same greedy answer
     conversation: list[dict[str, str]] = []
     for text, answer in zip(TURNS[:3], answers, strict=True):
         conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": _content(answer)}]
@@ -156,6 +169,22 @@ def test_one_turn_at_a_time_a_client_that_leaves_commits_nothing_and_the_session
         r.wait_ready(120)
         _ask(r.url, "s", TURNS[0])
         r.notify.wait(lambda m: ", 1 session," in m.get("STATUS", ""), timeout=30)
+
+        # Links planted where llama-server saves and restores slots: never written or read through.
+        victim = make_victim(tmp_path / "victim")
+        before = snapshot(victim)
+        target = next(p for p in victim.rglob("*") if p.is_file())
+        slots = world.root / "resident/tenants/t/slots"
+        (slots / f".s+{KEY}.bin.tmp").symlink_to(target)  # where the next save of s is written first
+        (sessions / "ln.json").write_text(json.dumps({**json.loads((sessions / "s.json").read_text()), "id": "ln"}))
+        (slots / f"ln+{KEY}.bin").symlink_to(target)  # a "saved slot" of ln
+        assert _ask(r.url, "ln", TURNS[1])["x_zoo"]["session"]["cache"] != "restored"
+        _ask(r.url, "s", TURNS[1])
+        assert snapshot(victim) == before
+        assert (slots / f"s+{KEY}.bin").is_file() and not (slots / f"s+{KEY}.bin").is_symlink()
+        assert not (slots / f".s+{KEY}.bin.tmp").exists() and not (slots / f".s+{KEY}.bin.tmp").is_symlink()
+        assert httpx.delete(r.url + "/v1/sessions/ln", params={"model": "t"}, timeout=30).status_code == 200
+        assert not (slots / f"ln+{KEY}.bin").is_symlink() and snapshot(victim) == before  # the link went, not its target
         long = {"model": "t", "session": "s", "stream": True, "max_tokens": 3000, "ignore_eos": True, "messages": [{"role": "user", "content": "Go on"}]}
         with httpx.Client(base_url=r.url, timeout=120) as client, client.stream("POST", "/v1/chat/completions", json=long) as stream:
             lines = stream.iter_lines()  # kept: a generator of httpx's that goes closes the response
@@ -171,11 +200,10 @@ def test_one_turn_at_a_time_a_client_that_leaves_commits_nothing_and_the_session
             time.sleep(0.1)
         assert after.status_code == 200, after.text
         shown = httpx.get(r.url + "/v1/sessions/s", params={"model": "t"}, timeout=30).json()
-        assert [t["messages"][0]["content"] for t in shown["turns"]] == [TURNS[0], "Go on"], shown
-        assert shown["turns"][1]["sampling"]["max_tokens"] == 4
+        assert [t["messages"][0]["content"] for t in shown["turns"]] == [TURNS[0], TURNS[1], "Go on"], shown
+        assert shown["turns"][2]["sampling"]["max_tokens"] == 4
 
         # Turns that do not fit the context with the answer are left out of the prompt, and kept in the transcript.
-        _ask(r.url, "s", TURNS[1])
         tight = httpx.post(r.url + "/v1/chat/completions", timeout=120, json={"model": "t", "session": "s", "max_tokens": 4096 - 40,
                                                                               "messages": [{"role": "user", "content": TURNS[2]}]})  # fmt: skip
         assert tight.status_code == 200, tight.text

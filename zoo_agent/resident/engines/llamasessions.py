@@ -29,13 +29,19 @@ Route sessions (``X-Zoo-Session-Route``) are not kept here yet: the front refuse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from zoo_agent.errors import ZooError
@@ -59,6 +65,7 @@ SESSIONS = "/v1/sessions/"
 #: A whole answer held for its commit: a transcript is at most this large anyway.
 ANSWER_LIMIT = MAX_SESSION_BYTES
 TOKENIZE_SECONDS = 60.0
+SLOT_SECONDS = 60.0  # a slot's save or restore: its KV cache written or read (it waits for a busy slot to be free)
 _busy: set[tuple[str, str]] = set()  # (sessions directory, id): a turn under way, across a reload's two engines
 _busy_lock = threading.Lock()
 
@@ -93,6 +100,12 @@ def _exchange(engine: str, target: str, body: dict[str, Any] | None, timeout: fl
         document = loads(payload, limit=limit)
     except ValueError as exc:
         raise EngineError(f"{target}: {exc}") from None
+    return document
+
+
+def _object(engine: str, target: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    """``_exchange`` whose answer must be a JSON object."""
+    document = _exchange(engine, target, body, timeout)
     if not isinstance(document, dict):
         raise EngineError(f"{target}: answered no JSON object")
     return document
@@ -109,7 +122,7 @@ class EngineTokenizer:
         self.engine = engine
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False) -> str:
-        prompt = _exchange(self.engine, "/apply-template", {"messages": messages}, TOKENIZE_SECONDS).get("prompt")
+        prompt = _object(self.engine, "/apply-template", {"messages": messages}, TOKENIZE_SECONDS).get("prompt")
         if not isinstance(prompt, str):
             raise EngineError("/apply-template answered no prompt")
         return prompt
@@ -120,7 +133,7 @@ class EngineTokenizer:
     def tokens(self, text: str, special: bool) -> list[int]:
         """``special``: as a prompt is tokenized (its special tokens added and read); else as plain text (a reply)."""
         body = {"content": text, "add_special": special, "parse_special": special}
-        tokens = _exchange(self.engine, "/tokenize", body, TOKENIZE_SECONDS).get("tokens")
+        tokens = _object(self.engine, "/tokenize", body, TOKENIZE_SECONDS).get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
             raise EngineError("/tokenize answered no token ids")
         return tokens
@@ -217,6 +230,7 @@ class StreamedTurn:
         self.held: list[bytes] = []  # what follows it (a usage chunk), then [DONE]
         self.done = False
         self.cached = 0
+        self.slot: int | None = None  # the slot that served it (``__verbose.id_slot``)
         self._buffer = b""
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -243,6 +257,11 @@ class StreamedTurn:
             document = loads(data[6:], limit=ERROR_LIMIT)
         except ValueError:
             return event
+        if isinstance(document, dict) and "__verbose" in document:  # asked for by us: which slot served it
+            self.slot = _slot_of(document)
+            if not isinstance(document.get("choices"), list) or not document["choices"]:
+                return None
+            event = f"data: {json.dumps(document)}\n\n".encode()
         choices = document.get("choices") if isinstance(document, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
         delta = choice.get("delta")
@@ -272,6 +291,10 @@ class LlamaSessions:
         self.max_tokens = int(config.defaults.get("max_tokens") or 256)
         self._store: Sessions | None = None
         self._store_lock = threading.Lock()
+        self.slots = config.sessions_dir / "slots"  # llama-server's --slot-save-path (llamaserver.slots_dir made it, not a link)
+        self.key = hashlib.sha256(f"{config.model}@{config.version}\0{config.kv_cache_type or 'f16'}".encode()).hexdigest()[:16]
+        self._warm: dict[str, int] = {}  # session -> the slot of this engine its conversation was last in
+        self._warm_lock = threading.Lock()
 
     @classmethod
     def for_config(cls, config: WorkerConfig, engine: str) -> LlamaSessions | None:
@@ -285,7 +308,7 @@ class LlamaSessions:
                 base = self.config.sessions_dir
                 assert base is not None
                 try:
-                    template = str(_exchange(self.engine, "/props", None, TOKENIZE_SECONDS).get("chat_template") or "")
+                    template = str(_object(self.engine, "/props", None, TOKENIZE_SECONDS).get("chat_template") or "")
                 except EngineError:
                     template = ""
                 c = self.config
@@ -348,6 +371,7 @@ class LlamaSessions:
             return 405, ApiError(405, f"method: a session takes GET or DELETE, not {request.method[:20]!r}", "method", "method_not_allowed").document()
         try:
             found_any = self.store().delete(valid_id(sid))
+            found_any = self._forget(sid) or found_any
         except SessionError as exc:
             return 400, ApiError(400, str(exc), "session").document()
         if not found_any:
@@ -369,13 +393,17 @@ class LlamaSessions:
             return False
         assert isinstance(made, tuple)  # a tenant's session: no summary to make first
         turn, conversation = made
-        body = {k: v for k, v in document.items() if k != "session"} | {"messages": conversation, "cache_prompt": True}
+        # verbose: its answer then says which slot served it (``__verbose.id_slot``, taken out here), the slot to save.
+        body = {k: v for k, v in document.items() if k not in ("session", "id_slot")} | {"messages": conversation, "cache_prompt": True, "verbose": True}
         sampling = {k: document.get(k) for k in ("max_tokens", "temperature", "top_p", "seed")}
         sampling["max_tokens"] = int(max_tokens)
         if document.get("stop"):
             sampling["stop"] = [document["stop"]] if isinstance(document["stop"], str) else list(document["stop"])
         if document.get("temperature") is None:
             sampling["temperature"] = self.config.defaults.get("temperature")
+        pending = _Pending(turn, store, {k: v for k, v in sampling.items() if v is not None})
+        if turn.history and (slot := self._restore(sid)) is not None:
+            body["id_slot"], pending.restored = slot, True
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
             engine.settimeout(5.0)
@@ -384,24 +412,28 @@ class LlamaSessions:
             head = (f"POST {CHAT} HTTP/1.1\r\nhost: llama-server\r\nconnection: close\r\ncontent-type: application/json\r\n"
                     f"content-length: {len(data)}\r\n\r\n")  # fmt: skip
             engine.sendall(head.encode("latin-1") + data)
-            committed = self._relay(conn, engine, turn, store, {k: v for k, v in sampling.items() if v is not None}, document.get("stream") is True)
+            committed = self._relay(conn, engine, pending, document.get("stream") is True)
         log.debug("%s: session %s turn %s in %.3fs", self.config.tenant, sid, "committed" if committed else "not committed", time.monotonic() - started)
         return committed
 
-    def _commit(self, turn: Turn, store: Sessions, text: str, finish: str, cached: int, sampling: dict[str, Any]) -> dict[str, Any]:
+    def _commit(self, pending: _Pending, text: str, finish: str, cached: int) -> dict[str, Any]:
         """The turn, committed durably (``ZooError``/``OSError`` when it cannot be); its ``x_zoo``."""
-        turn.cache = cache_word(bool(turn.history), cached)
+        turn = pending.turn
+        turn.cache = cache_word(bool(turn.history), cached, pending.restored)
         turn.cached_tokens = cached
         try:
             ids = self.tokenizer.tokens(text, special=False) if text else []
         except EngineError as exc:
             log.warning("%s: session %s: the reply's ids are not kept: %s", self.config.tenant, turn.id, exc)
             ids = []
-        transcript = store.commit(turn, text, ids, {"sampling": sampling, "adapter": None, "finish_reason": finish, "cache": turn.cache})
-        store.timed_checkpoint(transcript)
+        meta = {"sampling": pending.sampling, "adapter": None, "finish_reason": finish, "cache": turn.cache}
+        transcript = pending.store.commit(turn, text, ids, meta)
+        if pending.slot is not None:  # as a transformers worker saves the turn's cache: before the answer ends
+            self._hibernate(turn.id, pending.slot)
+        pending.store.timed_checkpoint(transcript)
         return dump(AnswerZoo(session=SessionReport(id=turn.id, cache=turn.cache, cached_tokens=turn.cached_tokens, dropped_turns=turn.dropped_turns)))
 
-    def _relay(self, conn: socket.socket, engine: socket.socket, turn: Turn, store: Sessions, sampling: dict[str, Any], stream: bool) -> bool:
+    def _relay(self, conn: socket.socket, engine: socket.socket, pending: _Pending, stream: bool) -> bool:
         """The engine's answer to the router, its end held until the turn is committed; whether it was."""
         poller = select.poll()
         poller.register(engine, select.POLLIN)
@@ -453,9 +485,11 @@ class LlamaSessions:
             _answer(conn, engine_error(status, bytes(body), "messages"))
             return False
         if streamed is not None:
-            return self._end_stream(conn, streamed, turn, store, sampling)
+            pending.slot = streamed.slot
+            return self._end_stream(conn, streamed, pending)
         try:
             document = loads(bytes(body), limit=ANSWER_LIMIT)
+            pending.slot = _slot_of(document)
             choice = document["choices"][0]
             text, finish = choice["message"]["content"] or "", choice["finish_reason"]
             if not isinstance(text, str) or not isinstance(finish, str):
@@ -464,27 +498,138 @@ class LlamaSessions:
             _answer(conn, ApiError(502, f"llama-server's answer is not a chat completion: {exc}"[:400]))
             return False
         try:
-            x_zoo = self._commit(turn, store, text, finish, _cached_tokens(document), sampling)
+            x_zoo = self._commit(pending, text, finish, _cached_tokens(document))
         except (ZooError, OSError) as exc:
-            log.error("%s: session %s: the turn was not committed: %s", self.config.tenant, turn.id, exc)
-            _answer(conn, ApiError(500, f"session '{turn.id}': the turn was not committed ({exc}); send it again"[:400], "session", "session_not_committed"))
+            _answer(conn, self._not_committed(pending, exc))
             return False
         _answer_json(conn, 200, {**document, "x_zoo": x_zoo})
         return True
 
-    def _end_stream(self, conn: socket.socket, streamed: StreamedTurn, turn: Turn, store: Sessions, sampling: dict[str, Any]) -> bool:
+    def _not_committed(self, pending: _Pending, exc: Exception) -> ApiError:
+        log.error("%s: session %s: the turn was not committed: %s", self.config.tenant, pending.turn.id, exc)
+        return ApiError(500, f"session '{pending.turn.id}': the turn was not committed ({exc}); send it again"[:400], "session", "session_not_committed")
+
+    def _end_stream(self, conn: socket.socket, streamed: StreamedTurn, pending: _Pending) -> bool:
         if streamed.final is None or streamed.finish is None:  # the engine ended before the answer did
             conn.sendall(_chunk(ApiError(502, "llama-server ended the answer before it was complete; the turn is not kept").event()) + b"0\r\n\r\n")
             return False
         try:
-            x_zoo = self._commit(turn, store, "".join(streamed.text), streamed.finish, streamed.cached, sampling)
+            x_zoo = self._commit(pending, "".join(streamed.text), streamed.finish, streamed.cached)
         except (ZooError, OSError) as exc:
-            log.error("%s: session %s: the turn was not committed: %s", self.config.tenant, turn.id, exc)
-            failed = ApiError(500, f"session '{turn.id}': the turn was not committed ({exc}); send it again"[:400], "session", "session_not_committed")
-            conn.sendall(_chunk(failed.event()) + b"0\r\n\r\n")
+            conn.sendall(_chunk(self._not_committed(pending, exc).event()) + b"0\r\n\r\n")
             return False
         conn.sendall(_chunk(streamed.ending(x_zoo)) + b"0\r\n\r\n")
         return True
+
+    # -- hibernation: the session's slot saved after each turn, restored into a new engine ---------
+    def slot_file(self, sid: str) -> str:
+        """The file of a session's slot (in ``slots/``), keyed by model@version and cache type: a slot
+        another version (or cache type) saved is never restored. Built from a valid id, never from input as it came."""
+        return f"{valid_id(sid)}+{self.key}.bin"
+
+    def _hibernate(self, sid: str, slot: int) -> None:
+        """Save the slot that served the turn: written by llama-server under a temporary name, renamed
+        here, so a file of ours is whole or absent. A failure is logged: the next turn re-prefills."""
+        name = self.slot_file(sid)
+        tmp = f".{name}.tmp"
+        try:
+            _unlink_planted(self.slots, tmp)
+            saved = _object(self.engine, f"/slots/{slot}?action=save", {"filename": tmp}, SLOT_SECONDS)
+            if _regular(self.slots / tmp) is None:
+                raise EngineError(f"llama-server saved no {tmp}")
+            os.replace(self.slots / tmp, self.slots / name)
+        except (EngineError, OSError) as exc:
+            log.warning("%s: session %s: its slot was not saved (the next turn after a restart re-prefills): %s", self.config.tenant, sid, exc)
+            with suppress(OSError):
+                (self.slots / tmp).unlink()
+            return
+        with self._warm_lock:
+            for other in [s for s, k in self._warm.items() if k == slot]:
+                del self._warm[other]
+            self._warm[sid] = slot
+        log.debug("%s: session %s: slot %d saved (%s tokens)", self.config.tenant, sid, slot, saved.get("n_saved"))
+
+    def _restore(self, sid: str) -> int | None:
+        """A session whose conversation is in no slot of this engine (a new engine: after a page-out, a
+        restart, a crash) and whose slot was saved: restored into an idle slot; which one, or None (then
+        the engine's prompt cache, or a re-prefill from the transcript)."""
+        with self._warm_lock:
+            if sid in self._warm:
+                return None
+        path = self.slots / self.slot_file(sid)
+        if _regular(path) is None:
+            return None
+        try:
+            listed = _exchange(self.engine, "/slots", None, SLOT_SECONDS)
+            idle = [s.get("id") for s in listed if isinstance(s, dict) and s.get("is_processing") is False] if isinstance(listed, list) else []
+            with self._warm_lock:
+                held = set(self._warm.values())
+            free = [k for k in idle if isinstance(k, int) and not isinstance(k, bool)]
+            if not free:
+                return None
+            slot = next((k for k in free if k not in held), free[0])  # a slot no warm session holds, if any
+            _object(self.engine, f"/slots/{slot}?action=restore", {"filename": path.name}, SLOT_SECONDS)
+        except EngineError as exc:
+            log.warning("%s: session %s: its saved slot was not restored (re-prefilled instead): %s", self.config.tenant, sid, exc)
+            return None
+        with self._warm_lock:
+            for other in [s for s, k in self._warm.items() if k == slot]:
+                del self._warm[other]
+            self._warm[sid] = slot
+        return slot
+
+    def _forget(self, sid: str) -> bool:
+        """A deleted session's saved slots (of every version); whether there were any."""
+        with self._warm_lock:
+            self._warm.pop(sid, None)
+        found = False
+        try:
+            names = [p.name for p in self.slots.iterdir() if p.name.startswith(f"{sid}+") and p.name.endswith(".bin")]
+        except OSError:
+            return False
+        for name in names:
+            with suppress(FileNotFoundError):
+                (self.slots / name).unlink()
+                found = True
+        return found
+
+
+@dataclass
+class _Pending:
+    """A session turn on its way: what its commit needs, and which slot served it (its ``__verbose.id_slot``)."""
+
+    turn: Turn
+    store: Sessions
+    sampling: dict[str, Any]
+    restored: bool = False
+    slot: int | None = None
+
+
+def _slot_of(document: object) -> int | None:
+    """``__verbose.id_slot`` of an answer (or of a stream's event), taken out of it: the client did not ask for it."""
+    verbose = document.pop("__verbose", None) if isinstance(document, dict) else None
+    slot = verbose.get("id_slot") if isinstance(verbose, dict) else None
+    return slot if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0 else None
+
+
+def _regular(path: Path) -> os.stat_result | None:
+    """Its status when it is a regular file (a link is not followed, and is none)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _unlink_planted(directory: Path, name: str) -> None:
+    """Whatever is at ``name`` in our directory and is no regular file (a planted link), removed: llama-server
+    opens its files by name and would write through a link."""
+    try:
+        st = os.lstat(directory / name)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        (directory / name).unlink()
 
 
 def _chunk(data: bytes) -> bytes:
