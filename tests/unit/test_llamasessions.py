@@ -4,12 +4,14 @@ a real llama-server and a SIGKILL of the resident, is tests/integration/test_lla
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from zoo_agent.resident.engines.front import Request, check
-from zoo_agent.resident.engines.llamasessions import StreamedTurn, cache_word, dechunker
+from zoo_agent.errors import SessionError
+from zoo_agent.resident.engines.llamasessions import LlamaSessions, StreamedTurn, _slot_of, cache_word, dechunker
 from zoo_agent.resident.sessions.prompt import rendered_prompt
 from zoo_agent.resident.sessions.transcript import SessionTurn
 
@@ -117,3 +119,31 @@ def test_the_rendered_prompt_keeps_every_turn_that_fits_and_renders_once_when_al
         assert len(ids) <= budget or dropped == 5, budget
         if dropped:  # the fewest: one turn fewer would not fit
             assert len(rendered_prompt(_Words(), _turns(5)[dropped - 1 :], new, None)[1]) > budget
+
+
+def test_the_slot_that_served_a_turn_is_read_from_its_verbose_part_and_taken_out() -> None:
+    verbose = {"id_slot": 1, "prompt": "the whole conversation", "tokens": []}
+    last_piece = {"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": None}], "__verbose": verbose}
+    end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    turn = StreamedTurn()
+    sent = turn.feed(_event(last_piece) + _event(end) + b"data: [DONE]\n\n")
+    assert turn.slot == 1 and "".join(turn.text) == "!"
+    assert [json.loads(e.decode().removeprefix("data: ")) for e in sent] == [{k: v for k, v in last_piece.items() if k != "__verbose"}]
+    whole = {"choices": [], "__verbose": {"id_slot": True}}
+    assert _slot_of(whole) is None and "__verbose" not in whole  # not a slot number: none
+    assert _slot_of({"__verbose": {"id_slot": 0}}) == 0
+
+
+def test_a_slot_file_is_named_from_a_valid_session_id_and_its_model_version_only(tmp_path: Path) -> None:
+    from zoo_agent.resident.config import WorkerConfig
+
+    def keeper(version: str, cache: str | None = None) -> LlamaSessions:
+        config = WorkerConfig(tenant="t", model="m", version=version, version_dir=tmp_path, sessions_dir=tmp_path / "t", kv_cache_type=cache)
+        return LlamaSessions(config, str(tmp_path / "engine.sock"))
+
+    name = keeper("v1").slot_file("talk")
+    assert name.startswith("talk+") and name.endswith(".bin") and "/" not in name
+    assert len({name, keeper("v2").slot_file("talk"), keeper("v1", "q8_0").slot_file("talk")}) == 3  # another version never restores it
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 65):
+        with pytest.raises(SessionError):
+            keeper("v1").slot_file(bad)

@@ -21,6 +21,15 @@ transformers worker.
 - **The reply's ids**: llama-server gives no token ids of a streamed answer, so a turn's
   ``completion_ids`` are its text as the engine tokenizes it again (the prompt is built from text
   here; the ids are kept so the transcript reads the same to every tool).
+- **Hibernation**: with each committed turn (before the answer ends, as a transformers worker saves
+  its cache) the slot that served it (the answer's ``__verbose.id_slot``: asked for, taken out) is
+  saved by llama-server's slot save into ``slots/<session>+<key>.bin``, the key a digest of
+  model@version and the cache type, so that a slot is never restored into another version. The
+  name is ours (a valid session id), written under a temporary name and renamed here; a link
+  planted at either name is removed, never written or read through. A session whose conversation
+  is in no slot of this engine (a new one: a page-out, a restart) has its saved slot restored into
+  an idle slot before its next turn, which is sent to that slot (``id_slot``); llama-server checks
+  the saved tokens against the prompt, so a stale file costs a prefill, never a wrong answer.
 - **One turn at a time per session**: a second request for a session with a turn under way is a 409
   (``session_busy``), across the old and the new engine of a reload too.
 
@@ -30,6 +39,7 @@ Route sessions (``X-Zoo-Session-Route``) are not kept here yet: the front refuse
 from __future__ import annotations
 
 import hashlib
+import http
 import json
 import logging
 import os
@@ -65,7 +75,7 @@ SESSIONS = "/v1/sessions/"
 #: A whole answer held for its commit: a transcript is at most this large anyway.
 ANSWER_LIMIT = MAX_SESSION_BYTES
 TOKENIZE_SECONDS = 60.0
-SLOT_SECONDS = 60.0  # a slot's save or restore: its KV cache written or read (it waits for a busy slot to be free)
+SLOT_SECONDS = 30.0  # a slot's save or restore: its KV cache written or read (asked only of a slot that is idle)
 _busy: set[tuple[str, str]] = set()  # (sessions directory, id): a turn under way, across a reload's two engines
 _busy_lock = threading.Lock()
 
@@ -341,9 +351,12 @@ class LlamaSessions:
         document = loads(request.body)
         assert isinstance(document, dict)
         sid = document.get("session")
-        if not isinstance(sid, str):
-            _answer(conn, ApiError(400, "session: must be a string (a session id)", "session"))
+        try:
+            valid_id(sid if isinstance(sid, str) else "")
+        except SessionError as exc:
+            _answer(conn, ApiError(400, str(exc), "session"))
             return False
+        assert isinstance(sid, str)
         key = (str(self.config.sessions_dir), sid)
         with _busy_lock:
             if key in _busy:
@@ -532,7 +545,12 @@ class LlamaSessions:
         here, so a file of ours is whole or absent. A failure is logged: the next turn re-prefills."""
         name = self.slot_file(sid)
         tmp = f".{name}.tmp"
+        if ".." in sid:  # a valid id that llama-server refuses as a file name
+            return
         try:
+            if slot not in self._idle():  # another request took it when ours ended: the save would wait for that one
+                log.debug("%s: session %s: slot %d is busy again; its saved slot stays the turn before's", self.config.tenant, sid, slot)
+                return
             _unlink_planted(self.slots, tmp)
             saved = _object(self.engine, f"/slots/{slot}?action=save", {"filename": tmp}, SLOT_SECONDS)
             if _regular(self.slots / tmp) is None:
@@ -560,11 +578,9 @@ class LlamaSessions:
         if _regular(path) is None:
             return None
         try:
-            listed = _exchange(self.engine, "/slots", None, SLOT_SECONDS)
-            idle = [s.get("id") for s in listed if isinstance(s, dict) and s.get("is_processing") is False] if isinstance(listed, list) else []
+            free = self._idle()
             with self._warm_lock:
                 held = set(self._warm.values())
-            free = [k for k in idle if isinstance(k, int) and not isinstance(k, bool)]
             if not free:
                 return None
             slot = next((k for k in free if k not in held), free[0])  # a slot no warm session holds, if any
@@ -577,6 +593,12 @@ class LlamaSessions:
                 del self._warm[other]
             self._warm[sid] = slot
         return slot
+
+    def _idle(self) -> list[int]:
+        """The engine's slots that serve no request now (``GET /slots``)."""
+        listed = _exchange(self.engine, "/slots", None, SLOT_SECONDS)
+        idle = [s.get("id") for s in listed if isinstance(s, dict) and s.get("is_processing") is False] if isinstance(listed, list) else []
+        return [k for k in idle if isinstance(k, int) and not isinstance(k, bool)]
 
     def _forget(self, sid: str) -> bool:
         """A deleted session's saved slots (of every version); whether there were any."""
@@ -642,7 +664,7 @@ def _refusal(refusal: Refusal) -> ApiError:
 
 def _answer_json(conn: socket.socket, status: int, document: dict[str, Any]) -> None:
     body = json.dumps(document).encode()
-    phrase = "OK" if status == 200 else "Error"
+    phrase = http.HTTPStatus(status).phrase
     conn.sendall(f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
                  + body)  # fmt: skip
 
