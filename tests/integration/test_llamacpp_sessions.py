@@ -9,7 +9,6 @@ transformers model converted to GGUF by that source's converter, httpx on loopba
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -29,12 +28,13 @@ from tests.support.victim import make_victim, snapshot
 from tests.support.world import World
 from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.engines.llamacpp import engine_env, server_argv
+from zoo_agent.resident.engines.llamasessions import LlamaSessions
 
 pytestmark = pytest.mark.resident
 
 GENERATION = {"temperature": 0, "max_tokens": 12}
-#: The slot files' key: model@version and the KV cache's type (f16 by default).
-KEY = hashlib.sha256(b"m@v1\0f16").hexdigest()[:16]
+#: The slot files' key: a digest of model@version, the KV cache's type (f16 by default) and the adapters (none).
+KEY = LlamaSessions(WorkerConfig(tenant="t", model="m", version="v1", version_dir=Path("/"), sessions_dir=Path("/")), "").slot_file("x")[2:-4]
 TURNS = ["Hello there", "Tell me about the zoo", "And what about the lions?", "Which one is the oldest?"]
 
 

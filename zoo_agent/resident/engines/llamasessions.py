@@ -24,7 +24,8 @@ transformers worker.
 - **Hibernation**: with each committed turn (before the answer ends, as a transformers worker saves
   its cache) the slot that served it (the answer's ``__verbose.id_slot``: asked for, taken out) is
   saved by llama-server's slot save into ``slots/<session>+<key>.bin``, the key a digest of
-  model@version and the cache type, so that a slot is never restored into another version. The
+  model@version, the cache type and the adapters (the tenant's versions, the turn's choice), so
+  that a slot is never restored into another version or adapter. The
   name is ours (a valid session id), written under a temporary name and renamed here; a link
   planted at either name is removed, never written or read through. A session whose conversation
   is in no slot of this engine (a new one: a page-out, a restart) has its saved slot restored into
@@ -302,7 +303,7 @@ class LlamaSessions:
         self._store: Sessions | None = None
         self._store_lock = threading.Lock()
         self.slots = config.sessions_dir / "slots"  # llama-server's --slot-save-path (llamaserver.slots_dir made it, not a link)
-        self.key = hashlib.sha256(f"{config.model}@{config.version}\0{config.kv_cache_type or 'f16'}".encode()).hexdigest()[:16]
+        self.base_key = f"{config.model}@{config.version}\0{config.kv_cache_type or 'f16'}\0{','.join(a.label for a in config.adapters)}"
         self._warm: dict[str, int] = {}  # session -> the slot of this engine its conversation was last in
         self._warm_lock = threading.Lock()
 
@@ -414,8 +415,9 @@ class LlamaSessions:
             sampling["stop"] = [document["stop"]] if isinstance(document["stop"], str) else list(document["stop"])
         if document.get("temperature") is None:
             sampling["temperature"] = self.config.defaults.get("temperature")
-        pending = _Pending(turn, store, {k: v for k, v in sampling.items() if v is not None})
-        if turn.history and (slot := self._restore(sid)) is not None:
+        adapter = str(document["model"]).partition(":")[2] or None  # '<tenant>:<adapter>' (the lora field says which, llamalora.py)
+        pending = _Pending(turn, store, {k: v for k, v in sampling.items() if v is not None}, lora=document.get("lora"), adapter=adapter)
+        if turn.history and (slot := self._restore(sid, pending.lora)) is not None:
             body["id_slot"], pending.restored = slot, True
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
@@ -439,10 +441,10 @@ class LlamaSessions:
         except EngineError as exc:
             log.warning("%s: session %s: the reply's ids are not kept: %s", self.config.tenant, turn.id, exc)
             ids = []
-        meta = {"sampling": pending.sampling, "adapter": None, "finish_reason": finish, "cache": turn.cache}
+        meta = {"sampling": pending.sampling, "adapter": pending.adapter, "finish_reason": finish, "cache": turn.cache}
         transcript = pending.store.commit(turn, text, ids, meta)
         if pending.slot is not None:  # as a transformers worker saves the turn's cache: before the answer ends
-            self._hibernate(turn.id, pending.slot)
+            self._hibernate(turn.id, pending.slot, pending.lora)
         pending.store.timed_checkpoint(transcript)
         return dump(AnswerZoo(session=SessionReport(id=turn.id, cache=turn.cache, cached_tokens=turn.cached_tokens, dropped_turns=turn.dropped_turns)))
 
@@ -535,15 +537,18 @@ class LlamaSessions:
         return True
 
     # -- hibernation: the session's slot saved after each turn, restored into a new engine ---------
-    def slot_file(self, sid: str) -> str:
-        """The file of a session's slot (in ``slots/``), keyed by model@version and cache type: a slot
-        another version (or cache type) saved is never restored. Built from a valid id, never from input as it came."""
-        return f"{valid_id(sid)}+{self.key}.bin"
+    def slot_file(self, sid: str, lora: object = None) -> str:
+        """The file of a session's slot (in ``slots/``), keyed by model@version, the cache type and the
+        adapters (the tenant's, at their versions, and the turn's ``lora`` field): a slot that another
+        version, cache type or adapter choice saved is never restored. Built from a valid id and a
+        digest, never from input as it came."""
+        key = hashlib.sha256(f"{self.base_key}\0{json.dumps(lora, sort_keys=True)}".encode()).hexdigest()[:16]
+        return f"{valid_id(sid)}+{key}.bin"
 
-    def _hibernate(self, sid: str, slot: int) -> None:
+    def _hibernate(self, sid: str, slot: int, lora: object) -> None:
         """Save the slot that served the turn: written by llama-server under a temporary name, renamed
         here, so a file of ours is whole or absent. A failure is logged: the next turn re-prefills."""
-        name = self.slot_file(sid)
+        name = self.slot_file(sid, lora)
         tmp = f".{name}.tmp"
         if ".." in sid:  # a valid id that llama-server refuses as a file name
             return
@@ -567,14 +572,14 @@ class LlamaSessions:
             self._warm[sid] = slot
         log.debug("%s: session %s: slot %d saved (%s tokens)", self.config.tenant, sid, slot, saved.get("n_saved"))
 
-    def _restore(self, sid: str) -> int | None:
+    def _restore(self, sid: str, lora: object) -> int | None:
         """A session whose conversation is in no slot of this engine (a new engine: after a page-out, a
         restart, a crash) and whose slot was saved: restored into an idle slot; which one, or None (then
         the engine's prompt cache, or a re-prefill from the transcript)."""
         with self._warm_lock:
             if sid in self._warm:
                 return None
-        path = self.slots / self.slot_file(sid)
+        path = self.slots / self.slot_file(sid, lora)
         if _regular(path) is None:
             return None
         try:
@@ -623,6 +628,8 @@ class _Pending:
     turn: Turn
     store: Sessions
     sampling: dict[str, Any]
+    lora: object = None  # the turn's lora field (set by the front on a tenant with adapters): part of its slot file's key
+    adapter: str | None = None
     restored: bool = False
     slot: int | None = None
 
