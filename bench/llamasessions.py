@@ -117,7 +117,7 @@ def measure(shape: str, quant: str, tokens: int, runs: int) -> dict[str, Any]:
             prompt_tokens = first.json()["usage"]["prompt_tokens"]
             tenant = zoo / "resident" / "tenants" / "t"
             transcript = json.loads((tenant / "sessions" / "talk.json").read_text())
-            (saved,) = (tenant / "slots").glob("talk+*.bin")
+            (saved,) = (tenant / "slots").glob("talk+*.bin")  # and talk+*.bin.sha256 beside it
             samples: dict[str, list[float]] = {"restored": [], "re-prefilled": []}
             texts, reports = set(), []
             print(f"==> {shape} {quant}: a {prompt_tokens}-token conversation, {runs} runs each", file=sys.stderr, flush=True)
@@ -125,8 +125,9 @@ def measure(shape: str, quant: str, tokens: int, runs: int) -> dict[str, Any]:
                 for kind in ("restored", "re-prefilled") if run % 2 == 0 else ("re-prefilled", "restored"):
                     sid = f"{'hibernated' if kind == 'restored' else 'plain'}-{run}"
                     (tenant / "sessions" / f"{sid}.json").write_text(json.dumps({**transcript, "id": sid}))
-                    if kind == "restored":
-                        shutil.copyfile(saved, tenant / "slots" / saved.name.replace("talk+", f"{sid}+"))
+                    if kind == "restored":  # the saved slot and its digest, under the copy's name
+                        for suffix in ("", ".sha256"):
+                            shutil.copyfile(f"{saved}{suffix}", tenant / "slots" / (saved.name.replace("talk+", f"{sid}+") + suffix))
                     cycle(http)
                     seconds, text, report = first_text(http, sid)
                     assert report.get("cache") == kind, (kind, report)

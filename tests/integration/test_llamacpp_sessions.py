@@ -131,15 +131,21 @@ def test_a_session_survives_sigkill_of_the_whole_resident_on_a_llama_cpp_tenant(
     assert all(t["model"] == "m@v1" and t["completion_ids"] for t in transcript["turns"]), transcript
 
     slots = world.root / "resident/tenants/t/slots"
-    assert sorted(p.name for p in slots.iterdir()) == [f"talk+{KEY}.bin"]  # its slot, saved with the turn, keyed by model@version
+    assert sorted(p.name for p in slots.iterdir()) == [f"talk+{KEY}.bin", f"talk+{KEY}.bin.sha256"]  # its slot, saved with the turn
     sessions = world.root / "resident/tenants/t/sessions"
     (sessions / "no-slot.json").write_text(json.dumps({**transcript, "id": "no-slot"}))  # the same transcript, no saved slot
+    (sessions / "flipped.json").write_text(json.dumps({**transcript, "id": "flipped"}))  # the same, its slot damaged
+    damaged = bytearray((slots / f"talk+{KEY}.bin").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40  # in the cache's bytes: llama-server would load it
+    (slots / f"flipped+{KEY}.bin").write_bytes(bytes(damaged))
+    (slots / f"flipped+{KEY}.bin.sha256").write_bytes((slots / f"talk+{KEY}.bin.sha256").read_bytes())
 
     second = Resident(world, "--llama-server", str(llama_cpp.server))
     try:
         second.wait_ready(120)
         reprefilled = _ask(second.url, "no-slot", TURNS[3], stream=True)  # first: the engine's cache holds no conversation yet
         resumed = _ask(second.url, "talk", TURNS[3])
+        flipped = _ask(second.url, "flipped", TURNS[3])
         shown = httpx.get(second.url + "/v1/sessions/talk", params={"model": "t"}, timeout=30)
     finally:
         out += second.stop()
@@ -149,6 +155,8 @@ def test_a_session_survives_sigkill_of_the_whole_resident_on_a_llama_cpp_tenant(
     assert resumed["x_zoo"]["session"]["dropped_turns"] == 0
     assert reprefilled["x_zoo"]["session"]["cache"] == "re-prefilled", reprefilled
     assert _content(reprefilled) == _content(resumed)  # the restored slot and the re-prefill: the same greedy answer
+    assert flipped["x_zoo"]["session"]["cache"] != "restored" and _content(flipped) == _content(resumed), flipped
+    assert "does not match its digest" in out
     conversation: list[dict[str, str]] = []
     for text, answer in zip(TURNS[:3], answers, strict=True):
         conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": _content(answer)}]

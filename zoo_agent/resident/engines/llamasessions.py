@@ -30,7 +30,8 @@ transformers worker.
   planted at either name is removed, never written or read through. A session whose conversation
   is in no slot of this engine (a new one: a page-out, a restart) has its saved slot restored into
   an idle slot before its next turn, which is sent to that slot (``id_slot``); llama-server checks
-  the saved tokens against the prompt, so a stale file costs a prefill, never a wrong answer.
+  the saved tokens against the prompt, and we check the file's sha256 (kept beside it, written before
+  it is renamed into place): a stale or damaged file costs a prefill, never a wrong answer.
 - **One turn at a time per session**: a second request for a session with a turn under way is a 409
   (``session_busy``), across the old and the new engine of a reload too.
 
@@ -66,6 +67,7 @@ from zoo_agent.resident.sessions.transcript import MAX_SESSION_BYTES, SessionTur
 from zoo_agent.resident.sessions.turns import Refusal, session_document, session_turn
 from zoo_agent.resident.wire.documents import AnswerZoo, SessionReport, dump
 from zoo_agent.resident.wire.http import ApiError
+from zoo_agent.store.durable import FILE_MODE, write_atomic
 
 __all__ = ["CHAT", "EngineTokenizer", "LlamaSessions", "StreamedTurn", "cache_word", "dechunker"]
 
@@ -306,6 +308,7 @@ class LlamaSessions:
         self.base_key = f"{config.model}@{config.version}\0{config.kv_cache_type or 'f16'}\0{','.join(a.label for a in config.adapters)}"
         self._warm: dict[str, int] = {}  # session -> the slot of this engine its conversation was last in
         self._warm_lock = threading.Lock()
+        self.corrupt = 0  # saved slots that did not match their digest
 
     @classmethod
     def for_config(cls, config: WorkerConfig, engine: str) -> LlamaSessions | None:
@@ -560,6 +563,9 @@ class LlamaSessions:
             saved = _object(self.engine, f"/slots/{slot}?action=save", {"filename": tmp}, SLOT_SECONDS)
             if _regular(self.slots / tmp) is None:
                 raise EngineError(f"llama-server saved no {tmp}")
+            # Its digest first: a SIGKILL between the two leaves a digest that matches no file (a re-prefill), never a wrong file.
+            _unlink_planted(self.slots, f"{name}.sha256")
+            write_atomic(self.slots / f"{name}.sha256", _digest(self.slots / tmp).encode(), FILE_MODE)
             os.replace(self.slots / tmp, self.slots / name)
         except (EngineError, OSError) as exc:
             log.warning("%s: session %s: its slot was not saved (the next turn after a restart re-prefills): %s", self.config.tenant, sid, exc)
@@ -581,6 +587,16 @@ class LlamaSessions:
                 return None
         path = self.slots / self.slot_file(sid, lora)
         if _regular(path) is None:
+            return None
+        try:
+            sidecar = self.slots / f"{path.name}.sha256"
+            expected = sidecar.read_bytes()[:64].decode("ascii", "replace") if _regular(sidecar) is not None else ""
+            if _digest(path) != expected:  # damaged, or not ours: llama-server checks the sizes, not the bytes of the cache
+                self.corrupt += 1
+                log.warning("%s: session %s: its saved slot %s does not match its digest; ignored, re-prefilling", self.config.tenant, sid, path.name)
+                return None
+        except OSError as exc:
+            log.warning("%s: session %s: its saved slot cannot be read (%s); re-prefilling", self.config.tenant, sid, exc)
             return None
         try:
             free = self._idle()
@@ -611,7 +627,7 @@ class LlamaSessions:
             self._warm.pop(sid, None)
         found = False
         try:
-            names = [p.name for p in self.slots.iterdir() if p.name.startswith(f"{sid}+") and p.name.endswith(".bin")]
+            names = [p.name for p in self.slots.iterdir() if p.name.startswith(f"{sid}+") and p.name.endswith((".bin", ".bin.sha256"))]
         except OSError:
             return False
         for name in names:
@@ -648,6 +664,18 @@ def _regular(path: Path) -> os.stat_result | None:
     except OSError:
         return None
     return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a regular file (a link is not followed: ``OSError``)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path.name}: not a regular file")
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _unlink_planted(directory: Path, name: str) -> None:
