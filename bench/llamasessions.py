@@ -118,6 +118,7 @@ def measure(shape: str, quant: str, tokens: int, runs: int) -> dict[str, Any]:
             tenant = zoo / "resident" / "tenants" / "t"
             transcript = json.loads((tenant / "sessions" / "talk.json").read_text())
             (saved,) = (tenant / "slots").glob("talk+*.bin")  # and talk+*.bin.sha256 beside it
+            slot_bytes = saved.stat().st_size
             samples: dict[str, list[float]] = {"restored": [], "re-prefilled": []}
             texts, reports = set(), []
             print(f"==> {shape} {quant}: a {prompt_tokens}-token conversation, {runs} runs each", file=sys.stderr, flush=True)
@@ -142,7 +143,7 @@ def measure(shape: str, quant: str, tokens: int, runs: int) -> dict[str, Any]:
             proc.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    return {"shape": shape, "quant": quant, "prompt_tokens": prompt_tokens, "slot_bytes": saved.stat().st_size if saved.exists() else None,
+    return {"shape": shape, "quant": quant, "prompt_tokens": prompt_tokens, "slot_bytes": slot_bytes,
             "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},
             "median_ms": {k: round(v * 1000, 1) for k, v in medians.items()}, "speedup": round(medians["re-prefilled"] / medians["restored"], 2)}  # fmt: skip
 
