@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory.py [--shape tiny|qwen2-0.5b] [--context 512] [--batch 2] [--json bench/memory.json]
 
-About 3 minutes on 2 cores with the defaults (the Qwen2-0.5B shape, random weights: 494M
+About 5 minutes on a busy 2-core machine with the defaults (the Qwen2-0.5B shape, random weights: 494M
 parameters, float32 for transformers; llama.cpp serves the same model converted to GGUF and
 quantized, ``--quant``). Without a llama.cpp build (``bash .ci/llama-cpp``) only the
 transformers tenant is measured, saying so.
