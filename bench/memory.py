@@ -150,7 +150,7 @@ class Prompts:
 
     def make(self, n: int, k: int) -> str:
         prefix = self.tok.encode(f"Request {k}: ", add_special_tokens=False).ids
-        body = self.ids[k * 7 % 50 :]
+        body = self.ids[k * 7 % 50 :] * (n // len(self.ids) + 1)  # a context beyond the text: it repeats
         return str(self.tok.decode((prefix + body)[:n]))
 
 
@@ -219,7 +219,8 @@ def measure(work: Path, index: Path, tenant: str, backend: str, estimate: int, p
                 wall = time.monotonic() - t0
                 now = status(pid)
                 page = http.get(r.url + "/metrics", timeout=30).text
-                got = {"tokens": n, "prompt_tokens": used, "seconds": wall, "peak_rss": now.get("VmHWM", 0) if reset_ok else None,
+                # Not reset (an old kernel): the high-water mark since the worker started, an upper bound of this length's.
+                got: dict[str, Any] = {"tokens": n, "prompt_tokens": used, "seconds": wall, "peak_rss": now.get("VmHWM", 0), "peak_reset": reset_ok,
                        "rss_after": now.get("VmRSS", 0), "peak_anon": sampler.take(), "cgroup_peak": cgroup_peak(cgroup),
                        "metrics_ram": metric(page, "zoo:model_memory_bytes", tenant, "ram"),
                        "metrics_footprint": metric(page, "zoo:model_footprint_bytes", tenant)}  # fmt: skip
@@ -276,7 +277,7 @@ def detail(results: list[dict[str, Any]]) -> str:
     """The table the issue asks for: per tenant its estimate, idle, peak per length, peak - estimate, and whether the limit held."""
     names = [n for n, _ in LENGTHS]
     head = f"{'tenant (backend)':<22} {'estimate':>9} {'footprint':>9} {'limit':>9} {'idle RSS':>9} {'load HWM':>9} " + \
-           " ".join(f"{'peak ' + n:>15}" for n in names) + f" {'/metrics ram':>12} {'max peak-est':>12} {'slack used':>10} {'given':>7}  held"  # fmt: skip
+           " ".join(f"{'peak ' + n:>15}" for n in names) + f" {'/metrics ram':>12} {'est+RUNTIME':>11} {'max peak-est':>12} {'slack used':>10} {'given':>7}  held"  # fmt: skip
     lines = [head, "-" * len(head)]
     for m in results:
         limit = limit_for(m["footprint"])
@@ -284,9 +285,9 @@ def detail(results: list[dict[str, Any]]) -> str:
         worst = max(peaks + [m["load_hwm"]])
         lines.append(f"{m['tenant'] + ' (' + m['backend'] + ')':<22} {m['estimate'] / MB:>7.0f}MB {m['footprint'] / MB:>7.0f}MB {limit / MB:>7.0f}MB "
                      f"{m['idle_rss'] / MB:>7.0f}MB {m['load_hwm'] / MB:>7.0f}MB " + " ".join(f"{p / MB:>13.0f}MB" for p in peaks) +
-                     f" {max(g['metrics_ram'] or 0 for g in m['lengths'].values()) / MB:>10.0f}MB {(max(peaks) - m['estimate']) / MB:>+10.0f}MB {(worst - m['footprint']) / MB:>8.0f}MB {(limit - m['footprint']) / MB:>5.0f}MB  "
+                     f" {max(g['metrics_ram'] or 0 for g in m['lengths'].values()) / MB:>10.0f}MB {(m['estimate'] + RUNTIME_SLACK) / MB:>9.0f}MB {(max(peaks) - m['estimate']) / MB:>+10.0f}MB {(worst - m['footprint']) / MB:>8.0f}MB {(limit - m['footprint']) / MB:>5.0f}MB  "
                      f"{'yes' if worst <= limit else 'NO'} ({(limit - worst) / MB:+.0f} MB)")  # fmt: skip
-    lines.append(f"limit = footprint x {1 + SLACK_FRACTION:g} + {RUNTIME_SLACK / MB:.0f} MB (cgroups.limit_for); slack used: the largest peak RSS (load or prompts) - footprint; given: limit - footprint; "
+    lines.append(f"limit = footprint x {1 + SLACK_FRACTION:g} + {RUNTIME_SLACK / MB:.0f} MB (cgroups.limit_for); slack used: the largest peak RSS (load or prompts) - footprint; given: limit - footprint; est+RUNTIME: estimate + RUNTIME_SLACK; "
                  "/metrics ram: zoo:model_memory_bytes{kind=\"ram\"}, the pager's reading (every 5 s), the largest seen after a length; "
                  "held: the largest of the load's and the prompts' peak RSS stays under the limit (margin in brackets)")  # fmt: skip
     return "\n".join(lines)
@@ -320,21 +321,22 @@ def main() -> None:
         hf, gguf = build(work, args.shape, args.quant, llama)
         prompts = Prompts(hf / "tokenizer.json")
         resources = {"max_batch": args.batch, "max_context": args.context, "max_queue": 4 * args.batch}
-        plan = [("transformers", "m", None, [])]
+        plan: list[tuple[str, str, Path, list[str]]] = [("transformers", "m", hf, [])]
         if "llama.cpp" in backends:
             if gguf is None or llama is None:
                 print("    no llama.cpp build (bash .ci/llama-cpp): the llama.cpp tenant is left out", file=sys.stderr, flush=True)
             else:
-                plan.append(("llama.cpp", "g", "gguf", ["--llama-server", str(llama.server)]))
+                plan.append(("llama.cpp", "g", gguf.parent, ["--llama-server", str(llama.server)]))
         plan = [p for p in plan if p[0] in backends]
-        for backend, model, fmt, extra in plan:
+        for backend, model, src, extra in plan:
             tenant = "hf" if backend == "transformers" else "gguf"
-            src = hf if fmt is None else gguf.parent  # type: ignore[union-attr]
             spec = {"model": model, "resources": resources, "generation": {"temperature": 0, "max_tokens": args.tokens},
                     **({"backend": "llama.cpp"} if backend == "llama.cpp" else {})}  # fmt: skip
             index = work / f"{tenant}.json"
-            index.write_text(json.dumps({"models": {model: model_entry(src, fmt)}, "tenants": {tenant: spec}, "hosts": {"h": {"tenants": [tenant]}}}))
-            subprocess.run([*AGENT, "apply", "--root", str(work / "zoo"), "--index", str(index), "--host", "h"], check=True, capture_output=True)
+            index.write_text(json.dumps({"models": {model: model_entry(src, "gguf" if backend == "llama.cpp" else None)}, "tenants": {tenant: spec}, "hosts": {"h": {"tenants": [tenant]}}}))
+            done = subprocess.run([*AGENT, "apply", "--root", str(work / "zoo"), "--index", str(index), "--host", "h"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"bench/memory.py: zoo-agent apply failed ({done.returncode}): {done.stderr.strip()[-500:]}")
             estimate = tenant_footprint(load_index(index, str(index)), tenant, read_config(src)).total
             print(f"==> {tenant} ({backend}, {label}): estimate {estimate / MB:.0f} MB, max_context {args.context}, max_batch {args.batch}",
                   file=sys.stderr, flush=True)  # fmt: skip
