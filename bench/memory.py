@@ -21,9 +21,10 @@ For each tenant, one resident (``bench/common.Resident``) serving it alone, no b
 
 Each peak is compared with the estimate (``index/fit``'s footprint, what the budget counts
 before a load), the footprint ``/metrics`` shows once loaded (``zoo:model_footprint_bytes``,
-the larger of estimate and measurement) and the limit a cgroup would give the worker
-(``cgroups.limit_for``: footprint x (1 + SLACK_FRACTION) + RUNTIME_SLACK): "held" when the
-peak RSS stays under it. docs/paging.md shows the figures.
+the larger of estimate and measurement) and the limit a cgroup gives the worker at its first
+start (``cgroups.limit_for`` of the footprint then, the estimate: estimate x (1 + SLACK_FRACTION)
++ RUNTIME_SLACK; a restart's limit counts what its loads measured too, never less): "held" when
+the peak RSS, of the load and of every length, stays under it. docs/paging.md shows the figures.
 
 Everything is on 127.0.0.1 and unix sockets; every wait is bounded; residents get SIGTERM,
 then SIGKILL of their process group, in ``finally`` blocks.
@@ -260,11 +261,11 @@ def model_entry(src: Path, fmt: str | None) -> dict[str, Any]:
 def rows_of(results: list[dict[str, Any]], label: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for m in results:
-        limit = limit_for(m["footprint"])
+        limit = limit_for(m["estimate"])
         for name, got in m["lengths"].items():
             peak = got["peak_rss"] or 0
             row = {"name": f"peak RSS vs the worker's limit: {m['backend']}, {args.batch} x {name} prompt ({got['tokens']} tokens) [{label}]",
-                   "ours_mb": peak / MB, "peer": "footprint x 1.25 + 1 GiB", "peer_mb": limit / MB, "ratio": peak / limit, "goal": "<= 1.0 (held)",
+                   "ours_mb": peak / MB, "peer": "limit: estimate x 1.25 + 1 GiB", "peer_mb": limit / MB, "ratio": peak / limit, "goal": "<= 1.0 (held)",
                    "notes": f"estimate {m['estimate'] / MB:.0f} MB, footprint {m['footprint'] / MB:.0f} MB, idle RSS {m['idle_rss'] / MB:.0f} MB, "
                             f"peak - estimate {(peak - m['estimate']) / MB:+.0f} MB, peak anon {got['peak_anon'] / MB:.0f} MB"}  # fmt: skip
             if peak > limit:
@@ -277,17 +278,20 @@ def detail(results: list[dict[str, Any]]) -> str:
     """The table the issue asks for: per tenant its estimate, idle, peak per length, peak - estimate, and whether the limit held."""
     names = [n for n, _ in LENGTHS]
     head = f"{'tenant (backend)':<22} {'estimate':>9} {'footprint':>9} {'limit':>9} {'idle RSS':>9} {'load HWM':>9} " + \
-           " ".join(f"{'peak ' + n:>15}" for n in names) + f" {'/metrics ram':>12} {'est+RUNTIME':>11} {'max peak-est':>12} {'slack used':>10} {'given':>7}  held"  # fmt: skip
+           " ".join(f"{'peak ' + n:>15}" for n in names) + f" {'/metrics ram':>12} {'est+RUNTIME':>11} {'peak-est':>9} {'given':>7}  held"  # fmt: skip
     lines = [head, "-" * len(head)]
     for m in results:
-        limit = limit_for(m["footprint"])
+        limit = limit_for(m["estimate"])
         peaks = [m["lengths"][n]["peak_rss"] or 0 for n in names]
         worst = max(peaks + [m["load_hwm"]])
         lines.append(f"{m['tenant'] + ' (' + m['backend'] + ')':<22} {m['estimate'] / MB:>7.0f}MB {m['footprint'] / MB:>7.0f}MB {limit / MB:>7.0f}MB "
                      f"{m['idle_rss'] / MB:>7.0f}MB {m['load_hwm'] / MB:>7.0f}MB " + " ".join(f"{p / MB:>13.0f}MB" for p in peaks) +
-                     f" {max(g['metrics_ram'] or 0 for g in m['lengths'].values()) / MB:>10.0f}MB {(m['estimate'] + RUNTIME_SLACK) / MB:>9.0f}MB {(max(peaks) - m['estimate']) / MB:>+10.0f}MB {(worst - m['footprint']) / MB:>8.0f}MB {(limit - m['footprint']) / MB:>5.0f}MB  "
+                     f" {max(g['metrics_ram'] or 0 for g in m['lengths'].values()) / MB:>10.0f}MB {(m['estimate'] + RUNTIME_SLACK) / MB:>9.0f}MB {(worst - m['estimate']) / MB:>+7.0f}MB {(limit - m['estimate']) / MB:>5.0f}MB  "
                      f"{'yes' if worst <= limit else 'NO'} ({(limit - worst) / MB:+.0f} MB)")  # fmt: skip
-    lines.append(f"limit = footprint x {1 + SLACK_FRACTION:g} + {RUNTIME_SLACK / MB:.0f} MB (cgroups.limit_for); slack used: the largest peak RSS (load or prompts) - footprint; given: limit - footprint; est+RUNTIME: estimate + RUNTIME_SLACK; "
+    lines.append(f"limit = estimate x {1 + SLACK_FRACTION:g} + {RUNTIME_SLACK / MB:.0f} MB (cgroups.limit_for of a first start's footprint, the smallest a "
+                 "worker gets; a restart's counts what its loads measured too); footprint: /metrics zoo:model_footprint_bytes after the prompts; "
+                 "peak-est: the largest peak RSS (the load's or a prompt length's) - the estimate, the slack used; given: limit - estimate; "
+                 "est+RUNTIME: estimate + RUNTIME_SLACK; "
                  "/metrics ram: zoo:model_memory_bytes{kind=\"ram\"}, the pager's reading (every 5 s), the largest seen after a length; "
                  "held: the largest of the load's and the prompts' peak RSS stays under the limit (margin in brackets)")  # fmt: skip
     return "\n".join(lines)

@@ -57,5 +57,5 @@ def test_the_script_measures_each_prompt_length(tmp_path: Path) -> None:
     assert all(len(s) == 2 for s in sent)  # --batch 2: two requests at once
     assert max(sent[0]) < min(sent[1]) and max(sent[1]) < min(sent[2]) <= 128 - 4  # short < half < near-full, within max_context
     assert all(g["peak_rss"] > 0 and g["peak_anon"] > 0 for g in lengths)
-    assert [row["peer_mb"] for row in doc["rows"]] == [limit_for(m["footprint"]) / (1 << 20)] * 3
+    assert [row["peer_mb"] for row in doc["rows"]] == [limit_for(m["estimate"]) / (1 << 20)] * 3  # a first start's memory.max
     assert "held" in done.stdout and "near-full" in done.stdout
