@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.resident
 
 GENERATION = {"temperature": 0, "max_tokens": 12}
 PROMPTS = ["Hello", "The quick brown fox", "Once upon a time", "1 2 3 4", "zoo", "What is a model?", "abc def", "Tell me more"]
+MORE_PROMPTS = ["A host serves", "Adapters change", "pinned by its digest", "How are you?", "x", "The zoo keeps every model"]
 
 
 def _tenant(**resources: Any) -> dict[str, Any]:
@@ -362,6 +364,84 @@ def test_a_reload_drains_the_old_llama_server_without_failing_its_stream(llama_c
         else:
             raise AssertionError("the drained llama-server did not stop")
         assert new != old and json.loads((r.root / "resident/tenants/t/model-info.json").read_text())["version"] == "v2"
+    finally:
+        out = r.stop()
+    assert "Traceback" not in out, out[-3000:]
+
+
+def _agrees(llama: str, ours: str) -> bool:
+    """Whether llama.cpp's text is the transformers tenant's on the same tokens. Random weights answer bytes
+    that are not UTF-8: each decoder puts one U+FFFD per invalid sequence, cut differently (so a run of them
+    counts as one), and llama-server keeps back the last bytes (up to 3) where they look like the start of a
+    character, in its streams and its chat answers (ours shows them as U+FFFD)."""
+    whole, part = re.sub("\ufffd+", "\ufffd", ours), re.sub("\ufffd+", "\ufffd", llama)
+    return whole.startswith(part) and len(whole) - len(part) <= 3
+
+
+def _decided(model_dir: Path, prompts: list[str], steps: int, chat: bool) -> list[str]:
+    """The prompts whose every greedy step, as transformers computes it, has its top two logits more than
+    1e-3 apart: random weights give near-ties (1e-5 apart) that two engines' f32 kernels may break either way."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    decided = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]  # fmt: skip
+        else:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        margins = []
+        with torch.no_grad():
+            for _ in range(steps):
+                top = torch.topk(model(ids).logits[0, -1], 2)
+                margins.append(float(top.values[0] - top.values[1]))
+                ids = torch.cat([ids, top.indices[:1].view(1, 1)], dim=1)
+        if min(margins) > 1e-3:
+            decided.append(prompt)
+    return decided
+
+
+def test_the_f32_gguf_answers_as_the_transformers_tenant_on_the_same_weights_through_one_resident(
+        llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    """One resident, two tenants of the same tiny model: the transformers one on its safetensors and
+    the llama.cpp one on their f32 GGUF conversion. Greedy, each answer the same text and the same
+    number of tokens, asked together, streamed and not."""
+    world = World(tmp_path)
+    world.artifact("hf", "v1", {p.name: p.read_bytes() for p in sorted(tiny_gguf["hf"].iterdir())})
+    declare_gguf(world, "m", "v1", {tiny_gguf["f32"].name: tiny_gguf["f32"].read_bytes()})
+    write_llama_index(world, {"gg": _tenant(), "tf": {**_tenant(), "model": "hf", "backend": "transformers"}})
+    applied = world.run("apply")
+    assert applied.exit_code == 0, applied.output
+    r = Resident(world, "--llama-server", str(llama_cpp.server))
+    try:
+        r.wait_ready(180)
+        with httpx.Client(base_url=r.url, timeout=120) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                prompts = _decided(tiny_gguf["hf"], PROMPTS + MORE_PROMPTS, 12, chat="chat" in path)
+                assert len(prompts) >= 6, prompts
+
+                def body(tenant: str, prompt: str, path: str = path) -> dict[str, Any]:
+                    asked = {"messages": [{"role": "user", "content": prompt}]} if "chat" in path else {"prompt": prompt}
+                    return {"model": tenant, "ignore_eos": True, **asked}
+
+                def ask(tenant: str, prompt: str, path: str = path) -> tuple[str, int]:
+                    answer = client.post(path, json=body(tenant, prompt))
+                    assert answer.status_code == 200, answer.text
+                    return _text(answer.json()), int(answer.json()["usage"]["completion_tokens"])
+
+                def streamed(tenant: str, prompt: str, path: str = path) -> str:
+                    return _streamed(client, path, body(tenant, prompt))[0]
+
+                tf = list(pool.map(lambda p: ask("tf", p), prompts))
+                gg = list(pool.map(lambda p: ask("gg", p), prompts))
+                assert len({text for text, _ in tf}) > 1 and all(n == 12 for _, n in tf), tf  # the prompts tell the answers apart
+                assert [n for _, n in gg] == [n for _, n in tf], path
+                assert all(_agrees(g, t) for (g, _), (t, _) in zip(gg, tf, strict=True)), (path, gg, tf)
+                assert list(pool.map(lambda p: streamed("tf", p), prompts)) == [text for text, _ in tf], path
+                assert all(_agrees(g, t) for g, (t, _) in zip(pool.map(lambda p: streamed("gg", p), prompts), tf, strict=True)), path
     finally:
         out = r.stop()
     assert "Traceback" not in out, out[-3000:]
