@@ -302,35 +302,53 @@ def _paged(world: World) -> list[tuple[str, str]]:
     return [(r["action"], r["id"]) for r in map(json.loads, lines) if r["action"] in ("page-in", "page-out")]
 
 
-def test_llama_cpp_tenants_page_least_recently_used_under_the_budget(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
+def test_five_llama_cpp_tenants_page_least_recently_used_never_the_pinned_nor_the_busy(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path],
+                                                                                         tmp_path: Path) -> None:  # fmt: skip
+    """Five tenants, room for the pinned one and two others, as the transformers tenants page
+    (tests/integration/test_paging.py); b streams (busy) while c, d and e page around it."""
     from zoo_agent.index.fit import read_config, tenant_footprint
     from zoo_agent.index.load import load_index
 
-    tenants = {t: {**_tenant(max_batch=2), "pinned": False} for t in "abc"}
+    tenants = {t: {**_tenant(max_batch=2, max_context=4096), "pinned": t == "a"} for t in "abcde"}
     world = _world(tmp_path, tiny_gguf["q4_k_m"], tenants)
     idx = load_index(world.index, str(world.index))
     fp = tenant_footprint(idx, "a", read_config(world.root / "models/m/current")).total
-    write_llama_index(world, tenants, budget=str(int(fp * 2.5)))  # room for two
+    write_llama_index(world, tenants, budget=str(int(fp * 3.5)))
     r = Resident(world, "--llama-server", str(llama_cpp.server))
+    answers: dict[str, set[str]] = {}
+    pids: dict[str, list[int]] = {}
+
+    def ask(tenant: str) -> None:
+        answer = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": "Hello"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        answers.setdefault(tenant, set()).add(_text(answer.json()))
+        pids.setdefault(tenant, []).append(_pid(r, tenant))
+
     try:
         r.wait_ready(120)
-        answers: dict[str, set[str]] = {}
-        pids = []
-        for tenant in ["a", "b", "c", "a", "b"]:
-            answer = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": "Hello"}, timeout=120)
-            assert answer.status_code == 200, answer.text
-            answers.setdefault(tenant, set()).add(_text(answer.json()))
-            pids.append(_pid(r, tenant))
+        ask("b")
+        body = {"model": "b", "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=r.url, timeout=120) as client, client.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # b is busy, and the least recently used: the rest waits for us to read it
+            ask("c")
+            ask("d")  # c goes, not b
+            ask("e")  # d goes, not b
+            assert httpx.get(r.url + "/health", timeout=10).json()["tenants"]["b"]["inflight"] == 1  # still streaming
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert not any("error" in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length", events[-1:]
+        for tenant in ["c", "a", "d", "c"]:  # e goes (b was in use until its stream ended), then b, then none (c is loaded)
+            ask(tenant)
         health = httpx.get(r.url + "/health", timeout=10).json()
     finally:
         out = r.stop()
-    # At c, a (least recently used) goes; at a, b; at b, c: each drained and stopped.
-    assert [t for action, t in _paged(world) if action == "page-out"] == ["a", "b", "c"], out[-3000:]
-    assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "b"}
-    assert all(len(texts) == 1 for texts in answers.values())  # a tenant paged out and in again answers as before
-    for pid in pids[:3]:
+    assert [t for action, t in _paged(world) if action == "page-out"] == ["c", "d", "e", "b"], out[-3000:]
+    assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "c", "d"}
+    assert len(set(pids["a"])) == 1 and len(set(pids["c"])) == 2  # the pinned one served throughout; c was paged out and in
+    assert all(len(texts) == 1 for texts in answers.values()), answers  # a tenant paged out and in again answers as before
+    for pid in {pids["b"][0], pids["c"][0], pids["d"][0], pids["e"][0]}:
         with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+            os.kill(pid, 0)  # each paged-out one drained and stopped
     assert "Traceback" not in out and "failed before answering" not in out, out[-3000:]
 
 
