@@ -103,6 +103,7 @@ class Soak:
         self.requests: Counter[str] = Counter()
         self.window: Counter[str] = Counter()  # since the last sample: "ok", "failed", "cancelled"
         self.errors: list[str] = []
+        self.request_timeout = 300.0  # the most a client waits for the next bytes of an answer
 
     def document(self) -> dict[str, Any]:
         tenants = {t: {"model": "m", "generation": {"temperature": 0, "max_tokens": 8 + (t in SERVED) * (self.reloads % 2)},
@@ -173,14 +174,19 @@ def check(resp: Any) -> dict[str, Any]:
     return body
 
 
-def stream(http: Any, url: str, body: dict[str, Any], cancel: bool) -> str:
-    """Reads the stream to its end ("ok"), or closes it after the first token ("cancelled")."""
+def stream(http: Any, url: str, body: dict[str, Any], cancel: bool, seen: list[str] | None = None) -> str:
+    """Reads the stream to its end ("ok"), or closes it after the first token ("cancelled"). ``seen``
+    gets what came so far ("head", "comment", "data"), for the error line of a request that failed."""
+    seen = [] if seen is None else seen
     with http.stream("POST", url, json={**body, "stream": True}) as resp:
+        seen.append(f"head {resp.status_code}")
         if resp.status_code != 200:
             resp.read()
             raise Failed(f"HTTP {resp.status_code}: {resp.text[:200]}")
         done = False
         for line in resp.iter_lines():
+            if line and (not seen or seen[-1] != line[:6]):
+                seen.append(line[:6])
             if line.startswith("data: {"):
                 if '"error"' in line:
                     raise Failed(f"error event: {line[:200]}")
@@ -202,28 +208,32 @@ class Client(threading.Thread):
         self.rng = random.Random(seed * 1000 + number)
         self.sessions: dict[str, int] = {}  # session id -> turns, this client's own (one request at a time each)
         self.serial = 0
+        self.seen: list[str] = []  # what the current request's stream showed so far (for its error line)
+        self.tenant = ""
 
     def run(self) -> None:
         import httpx
 
-        with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as http:
+        with httpx.Client(timeout=httpx.Timeout(self.soak.request_timeout, connect=10.0)) as http:
             for _ in range(MAX_REQUESTS):
                 now = time.monotonic()
                 if now >= self.deadline:
                     return
                 phase = PHASES[int((now - self.started) // 60) % len(PHASES)]
                 kind = self.rng.choices(list(phase), weights=list(phase.values()))[0]
+                self.seen = []
+                asked = time.strftime("%H:%M:%S")
                 try:
                     outcome = self.one(http, kind)
                 except Failed as e:
-                    self.soak.record(kind, "failed", str(e))
+                    self.soak.record(kind, "failed", f"{e} (asked {asked} of {self.tenant}; seen {self.seen[:6]})")
                 except (httpx.HTTPError, ValueError) as e:  # a dropped connection, a timeout, a body that is not JSON
-                    self.soak.record(kind, "failed", f"{type(e).__name__}: {e}")
+                    self.soak.record(kind, "failed", f"{type(e).__name__}: {e} (asked {asked} of {self.tenant}; seen {self.seen[:6]})")
                 else:
                     self.soak.record(kind, outcome)
 
     def one(self, http: Any, kind: str) -> str:
-        tenant = self.rng.choice(SERVED)
+        tenant = self.tenant = self.rng.choice(SERVED)
         chat = self.url + "/v1/chat/completions"
         if kind == "complete":
             check(http.post(self.url + "/v1/completions", json={"model": tenant, "prompt": message(self.rng, False), "max_tokens": 8}))
@@ -234,14 +244,14 @@ class Client(threading.Thread):
             body = {"model": tenant, "messages": [{"role": "user", "content": message(self.rng, False)}], "max_tokens": 32 if kind == "cancel" else 8}
             if kind == "cancel":
                 body["ignore_eos"] = True
-            return stream(http, chat, body, cancel=kind == "cancel")
+            return stream(http, chat, body, cancel=kind == "cancel", seen=self.seen)
         elif kind in ("session", "route_session"):
             model = ROUTE if kind == "route_session" else tenant
             self.conversation(http, model, kind)
         elif kind == "route":
             body = {"model": ROUTE, "messages": [{"role": "user", "content": message(self.rng, self.rng.random() < 0.5)}], "max_tokens": 8}
             if self.rng.random() < 0.5:
-                return stream(http, chat, body, cancel=False)
+                return stream(http, chat, body, cancel=False, seen=self.seen)
             answer = check(http.post(chat, json=body))
             if "route" not in answer.get("x_zoo", {}):
                 raise Failed(f"no x_zoo.route in a route's answer: {json.dumps(answer)[:200]}")
@@ -397,6 +407,7 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
     stop = threading.Event()
     try:
         soak = Soak(work, tiny_model(work / "src" / "v1"), args.budget)
+        soak.request_timeout = args.request_timeout
         soak.write_index()
         out = soak.cli("apply", timeout=600)
         if out.returncode != 0:
@@ -441,6 +452,8 @@ def soak_run(args: argparse.Namespace) -> dict[str, Any]:
         stopped = resident.stop() if resident is not None else None
         logged = log_exceptions(Path(resident.log.name).read_text(errors="replace")) if resident is not None else []
         if resident is not None and (soak.errors or sys.exc_info()[0] is not None):
+            if args.json is not None:  # the whole log beside the result, for what came before the tail
+                shutil.copyfile(resident.log.name, args.json.with_suffix(".log"))
             tail = Path(resident.log.name).read_text(errors="replace").splitlines()[-30:]
             print("  the resident's log, last lines:\n    " + "\n    ".join(tail), file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
@@ -543,6 +556,7 @@ def main() -> int:
     parser.add_argument("--reload-minutes", type=float, default=3.0, help="a reload this often")
     parser.add_argument("--budget", type=float, default=2.5, help="the memory budget, in tenant footprints")
     parser.add_argument("--seed", type=int, default=36)
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a client waits for the next bytes of an answer")
     parser.add_argument("--generous", action="store_true", help=f"tolerances x{GENEROUS:g} (short runs on busy machines)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, default=None, help="the PNG (default: docs/plots/soak.png with --json bench/soak.json)")

@@ -24,6 +24,7 @@ from typing import Any
 from zoo_agent import jsonbound
 from zoo_agent.errors import InvalidIndex, Problem, UsageError
 from zoo_agent.index.checks import PICKLE_SUFFIXES
+from zoo_agent.index.fit import first_gguf, gguf_header, gguf_lora_rank
 from zoo_agent.index.fmt import canonical_text
 from zoo_agent.index.load import check_document, read_document
 from zoo_agent.index.model import LICENSES
@@ -184,10 +185,14 @@ def write_index(path: Path, text: str) -> None:
 
 
 def adapter_rank(files_dir: Path) -> int | None:
+    """A peft adapter's ``r`` (adapter_config.json), else a GGUF adapter's rank from its header."""
     try:
         return int(json.loads((files_dir / "adapter_config.json").read_text())["r"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        pass
+    found = first_gguf(files_dir) if files_dir.is_dir() else None
+    header = gguf_header(found) if found is not None else None
+    return gguf_lora_rank(header) if header is not None else None
 
 
 def write_entry(index_path: Path, kind: str, aid: str, entry: dict[str, Any], *, update: bool) -> None:
@@ -282,7 +287,7 @@ def add_directory(index_path: Path, directory: Path | None, aid: str, *, update:
         entry["base_model"] = lora_for or old.get("base_model")
         entry["rank"] = rank or old.get("rank") or adapter_rank(directory)
         if entry["rank"] is None:
-            raise UsageError(f"{directory}: a LoRA needs --rank (no adapter_config.json with 'r' was found)")
+            raise UsageError(f"{directory}: a LoRA needs --rank (no adapter_config.json with 'r', nor a GGUF adapter, was found)")
     try:
         write_entry(index_path, kind, aid, entry, update=update)
     except InvalidIndex as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.llamacpp import LlamaCpp, build_tiny_gguf, llama_cpp_or_skip
+from tests.support.llamacpp import LlamaCpp, build_tiny_gguf, build_tiny_gguf_loras, llama_cpp_or_skip
 from tests.support.world import World
 
 
@@ -90,3 +90,9 @@ def llama_cpp() -> LlamaCpp:
 def tiny_gguf(llama_cpp: LlamaCpp, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model converted with the pinned source's converter: {"hf", "f32", "q8_0", "q4_k_m"}."""
     return build_tiny_gguf(llama_cpp, tmp_path_factory.mktemp("tiny-gguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_loras(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tests' peft adapters of that tiny model, converted with the same source's convert_lora_to_gguf.py: {"code", "terse"}."""
+    return build_tiny_gguf_loras(llama_cpp, tiny_gguf["hf"], tmp_path_factory.mktemp("tiny-gguf-loras"))

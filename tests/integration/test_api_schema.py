@@ -27,7 +27,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> object:
     backend = TransformersBackend(Path(model), allow_pickle=False, allow_code=False)
     backend.load()
     defaults = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
-    return create_app(ServingState("t", "m", "v1", backend, defaults, max_tokens_limit=4, max_prompt_tokens=256))
+    return create_app(ServingState("t", "m", "v1", backend, defaults, max_context=32))
 
 
 def test_no_request_makes_a_server_error(app: object) -> None:

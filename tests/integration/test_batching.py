@@ -294,7 +294,7 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
     b = plain_backend(model_dir)  # the tiny model's context: 4096 positions
 
     async def run(client: Client, state: Any) -> list[Any]:
-        state.max_tokens_limit, state.max_prompt_tokens = 8192, 100_000  # only the model's context limits here
+        state.max_context = 100_000  # declared past the model's positions: those limit here
         too_long = await client.post("/v1/chat/completions", json=chat("Hello", 4096))
         huge_prompt = await client.post("/v1/chat/completions", json=chat("Hello, how are you? " * 1000, 8))
         fits = await client.post("/v1/chat/completions", json=chat("Hello", 8))
@@ -302,9 +302,9 @@ def test_a_request_past_the_context_names_the_field(model_dir: Path) -> None:
 
     too_long, huge_prompt, fits = serve(b, 8, run)
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
-    assert "passes the model's context of 4096; at most" in too_long.json()["error"]["message"]
+    assert "passes the context of 4096 tokens (resources.max_context); at most" in too_long.json()["error"]["message"]
     assert huge_prompt.status_code == 400 and huge_prompt.json()["error"]["param"] == "messages"
-    assert "tokens do not fit the model's context of 4096" in huge_prompt.json()["error"]["message"]
+    assert "tokens do not fit the context of 4096 tokens" in huge_prompt.json()["error"]["message"]
     assert fits.status_code == 200
 
 

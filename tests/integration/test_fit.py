@@ -101,6 +101,20 @@ def test_a_tenant_that_cannot_fit_alone_is_refused_from_the_sources_config(world
     assert not list(world.root.rglob("*.tmp*"))
 
 
+def test_a_declared_context_that_does_not_fit_is_refused_and_a_smaller_one_is_applied(world: World) -> None:
+    """The KV cache is budgeted for the declared max_context x max_batch, a transformers tenant's as a llama.cpp one's (issue #33)."""
+    _model(world)
+    _declare(world, {"a": {"model": "m", "resources": {"max_context": 1024}}}, memory_budget="12M")
+    result = world.run("apply")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"{world.index}: /hosts/h/memory_budget: tenant a needs {(10_000 + KV) / 1e6:.1f} MB (weights 10.0 kB + "
+                                     f"KV {KV / 1e6:.1f} MB), more than the whole budget; the budget is 12M (12.6 MB)")  # fmt: skip
+    _declare(world, {"a": {"model": "m", "resources": {"max_context": 512}}}, memory_budget="12M")  # half the context: half the cache
+    assert world.run("apply").exit_code == 0
+    fit = json.loads(world.run("plan", "--json").stdout)["fit"]
+    assert fit["tenants"]["a"]["kv"] == KV // 2, fit
+
+
 def test_weights_alone_over_the_budget_are_refused_by_validate(world: World) -> None:
     _model(world)
     _declare(world, {"a": {"model": "m"}}, memory_budget="5K")

@@ -158,6 +158,7 @@ def test_offline_makes_no_request_and_reports_missing(world: World, hub: HubServ
 def test_add_pins_a_hub_repository(world: World, hub: HubServer) -> None:
     files = {**FILES, "pytorch_model.bin": b"pickle" * 10, "README.md": b"# tiny"}
     first = _publish(hub, files=files)
+    world.loras["code"] = entry
     world.write_index()
     refused = world.raw("add", "hf:org/tiny", "--id", "tiny", "--index", str(world.index))
     assert refused.exit_code == 2 and "has pickle files" in refused.stderr and "--exclude '*.bin'" in refused.stderr
@@ -217,6 +218,36 @@ def test_add_file_pins_an_adapter_from_a_training_run(world: World) -> None:
     assert entry["rank"] == 16 and entry["base_model"] == "m" and entry["source"] == {"type": "file", "path": "out/adapter"}
     again = world.raw("add", f"file:{run}", "--id", "review", "--lora-for", "m", "--version", "run-8", "--license", "MIT", "--index", str(world.index))
     assert again.exit_code == 2 and "already exists; use --update review" in again.stderr
+
+
+def test_add_file_pins_a_gguf_adapter_with_the_rank_its_header_gives(world: World) -> None:
+    """convert_lora_to_gguf.py's layout (issue #33): no adapter_config.json; lora_a tensors of [in, r]."""
+    import gguf
+    import numpy as np
+
+    world.artifact("m", "v1", {"a": b"1"})
+    run = world.tmp / "out" / "gguf"
+    run.mkdir(parents=True)
+    writer = gguf.GGUFWriter(str(run / "code.gguf"), "qwen2")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 16.0)
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = world.raw("add", f"file:{run}", "--id", "code", "--lora-for", "m", "--version", "1", "--license", "MIT", "--index", str(world.index))
+    assert result.exit_code == 0, result.output
+    entry = json.loads(world.index.read_text())["loras"]["code"]
+    assert (entry["rank"], entry["format"], [f["path"] for f in entry["files"]]) == (8, "gguf", ["code.gguf"])
+    # World's tenant t is a transformers tenant of m, attaching every adapter: a GGUF one is refused, naming the field
+    world.loras["code"] = entry
+    world.write_index()
+    refused = world.raw("validate", str(world.index))
+    assert refused.exit_code != 0 and "/tenants/t/loras/0: backend 'transformers' loads peft adapters (safetensors); adapter 'code' has format 'gguf'" \
+        in refused.output, refused.output  # fmt: skip
 
 
 def test_add_refuses_what_would_make_the_index_invalid(world: World, tmp_path: Path) -> None:

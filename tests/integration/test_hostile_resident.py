@@ -318,7 +318,7 @@ def test_a_300_turn_session_is_prepared_off_the_loop_rendering_each_kept_turn_on
         return render(*args, **kwargs)
 
     b.tokenizer.apply_chat_template = counted
-    results = talk(b, [turn("And now?", session="long")], max_prompt_tokens=300)
+    results = talk(b, [turn("And now?", session="long")], max_context=300)
     assert results[0][0] == 200, results[0]
     session = results[0][1]["x_zoo"]["session"]
     kept = 300 - session["dropped_turns"]

@@ -99,7 +99,7 @@ def test_sessions_are_read_and_deleted_through_the_api(model_dir: Path, tmp_path
 def test_old_turns_are_dropped_from_the_prompt_when_the_context_is_full(model_dir: Path, tmp_path: Path) -> None:
     b = backend(model_dir, tmp_path)
     long = "Hello, how are you? " * 3  # 23 prompt tokens, 12 generated: two such turns pass 60
-    results = talk(b, [turn(long), turn(long), turn("short")], max_prompt_tokens=60)
+    results = talk(b, [turn(long), turn(long), turn("short")], max_context=60)
     assert [r[1]["x_zoo"]["session"]["dropped_turns"] for r in results[:3]] == [0, 1, 1]
     transcript = json.loads((tmp_path / "sessions" / "s.json").read_text())
     assert len(transcript["turns"]) == 3  # the transcript keeps every turn; only the prompt leaves some out

@@ -5,6 +5,7 @@ tests' tiny transformers model. Nothing is downloaded; without a build the tests
 Fixtures (session-scoped, tests/integration/conftest.py):
   ``llama_cpp``  the build (``LlamaCpp``: ``server``, ``quantize_bin``, ``convert_dir``)
   ``tiny_gguf``  {"hf": the tiny transformers model's directory, "f32" / "q8_0" / "q4_k_m": GGUF files}
+  ``tiny_gguf_loras``  {"code", "terse": the tests' peft adapters of that model, as GGUF adapters}
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class LlamaCpp:
         _run([sys.executable, "-c", _CONVERT, str(self.convert_dir), str(model_dir), "--outtype", outtype, "--outfile", str(out)])
         return out
 
+    def convert_lora(self, adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+        """convert_lora_to_gguf.py from the same source: a peft adapter of the model in ``base_dir`` as a GGUF adapter."""
+        _run([sys.executable, str(self.convert_dir / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outtype", "f32",
+              "--outfile", str(out), str(adapter_dir)])  # fmt: skip
+        return out
+
     def quantize(self, src: Path, out: Path, kind: str) -> Path:
         _run([str(self.quantize_bin), str(src), str(out), kind])
         return out
@@ -113,6 +120,19 @@ def build_tiny_gguf(build: LlamaCpp, where: Path) -> dict[str, Path]:
     f32 = build.convert(hf, where / "tiny-f32.gguf", "f32")
     return {"hf": hf, "f32": f32, "q8_0": build.quantize(f32, where / "tiny-q8_0.gguf", "q8_0"),
             "q4_k_m": build.quantize(f32, where / "tiny-q4_k_m.gguf", "q4_k_m")}  # fmt: skip
+
+
+def build_tiny_gguf_loras(build: LlamaCpp, hf: Path, where: Path) -> dict[str, Path]:
+    """The tests' peft adapters of the tiny model (``code`` and ``terse``, random non-zero weights, as
+    the ``built`` fixture makes them) converted to GGUF adapters: {"code": its .gguf, "terse": ...}; each
+    peft directory beside its file, without the suffix."""
+    from zoo_agent.demo.tiny import build_tiny_adapter
+
+    out = {}
+    for seed, aid in enumerate(("code", "terse"), start=1):
+        peft = build_tiny_adapter(hf, where / aid, seed=seed, base_name="m")
+        out[aid] = build.convert_lora(peft, hf, where / f"{aid}.gguf")
+    return out
 
 
 def _free_port() -> int:
@@ -179,12 +199,18 @@ def declare_gguf(world: Any, aid: str, version: str, files: dict[str, bytes]) ->
     world.models[aid]["format"] = "gguf"
 
 
+def declare_gguf_lora(world: Any, aid: str, version: str, files: dict[str, bytes]) -> None:
+    """A GGUF adapter of model m in ``world``'s index, pinned like every file (``format: "gguf"``)."""
+    world.artifact(aid, version, files, kind="loras")
+    world.loras[aid]["format"] = "gguf"
+
+
 def write_llama_index(world: Any, tenants: dict[str, dict[str, Any]], budget: str | None = None) -> None:
-    """``world``'s models with these tenants (each ``backend: "llama.cpp"`` unless it says otherwise), all on host h."""
+    """``world``'s models and adapters with these tenants (each ``backend: "llama.cpp"`` unless it says otherwise), all on host h."""
     host: dict[str, Any] = {"tenants": list(tenants)}
     if budget is not None:
         host["memory_budget"] = budget
-    doc = {"models": world.models, "loras": {}, "tenants": {t: {"backend": "llama.cpp", **spec} for t, spec in tenants.items()},
+    doc = {"models": world.models, "loras": world.loras, "tenants": {t: {"backend": "llama.cpp", **spec} for t, spec in tenants.items()},
            "hosts": {"h": host}}  # fmt: skip
     world.index.write_text(json.dumps(doc, indent=2))
 

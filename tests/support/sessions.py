@@ -18,12 +18,12 @@ def backend(model_dir: Path, sessions_dir: Path, model_key: str = "m@1") -> Any:
     return b
 
 
-async def _talk(b: Any, bodies: list[dict[str, Any]], max_prompt_tokens: int = 4096) -> list[tuple[int, Any]]:
+async def _talk(b: Any, bodies: list[dict[str, Any]], max_context: int = 4096) -> list[tuple[int, Any]]:
     import httpx
 
     from zoo_agent.resident.worker.app import ServingState, create_app
 
-    state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_prompt_tokens=max_prompt_tokens)
+    state = ServingState("t", "m", "1", b, {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}, max_context=max_context)
     out = []
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://zoo", timeout=60) as client:
         for body in bodies:

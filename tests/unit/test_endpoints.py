@@ -87,7 +87,7 @@ def test_models_lists_tenants_with_capabilities_then_routes_with_their_tenants(a
         {"id": "chat:auto", **head, "root": "chosen per request", "parent": "chat", "x_zoo": {"kind": "adapter", "state": "paged_out"}},
         {"id": "wide", **head, "root": "m@v1", "parent": None,
          "x_zoo": {"kind": "tenant", "state": "paged_out", "model": "m@v1", "digest": tenant_digest(idx, "wide"), "version_digest": model_digest,
-                   "backend": "transformers", "task": "generate", "max_context": 32768, "adapters": []}},
+                   "backend": "transformers", "task": "generate", "max_context": 1024, "adapters": []}},  # declared 32768: the model's 1024 positions bound it (issue #33)
         {"id": "assistant", **head, "root": "assistant", "parent": None,
          "x_zoo": {"kind": "route", "tenants": ["wide", "chat"], "description": "Long ones go wide."}},
     ]  # fmt: skip

@@ -311,3 +311,60 @@ def test_a_compressed_answer_is_decoded_in_bounded_steps_and_a_bomb_stops_at_the
         asyncio.run(read_body(_answer(body, "br"), 1 << 20))
     with pytest.raises(Fallback, match="does not decode as gzip"):
         asyncio.run(read_body(_answer(b"not gzip at all", "gzip"), 1 << 20))
+
+
+class Streamer:
+    """A worker whose answers to ``/slow`` send a head and a first chunk, then nothing until the client closes;
+    to anything else, a whole answer."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if head.startswith(b"POST /slow "):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n")
+                    await writer.drain()
+                    await reader.read()  # until the client closes
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_connection_closed_under_a_cancelled_read_leaves_no_stale_reader_for_the_next_one(tmp_path: Path) -> None:
+    """The soak's 1 in 3,000: a client leaves mid-stream, the router cancels the pending read and closes
+    the connection; the next request's new socket gets the same fd number in the same loop step. The
+    cancelled read's selector registration outlived its socket (epoll forgets a closed fd, asyncio's
+    map does not), so the new socket's read was never registered, then removed: it waited forever."""
+
+    async def run() -> tuple[int, int, int]:
+        path = tmp_path / "w.sock"
+        server = await asyncio.start_unix_server(Streamer().handle, path=str(path))
+        try:
+            async with worker_client(str(path)) as client:
+                slow = await client.exchange("POST", "/slow", [], b"{}")  # type: ignore[attr-defined]
+                reading = slow.aiter_raw().__aiter__()
+                assert b"data: 1" in await reading.__anext__()
+                pending = asyncio.ensure_future(reading.__anext__())
+                await asyncio.sleep(0.05)  # its read is registered with the selector, waiting
+                old_fd = slow.stream.conn.sock.fileno()
+                pending.cancel()  # the client left: what upstream._relay_events does
+                await slow.aclose()  # not read to its end: closed, in this same step
+                async with asyncio.timeout(10):  # no task in between: the new socket takes the fd just freed
+                    fast = await client.exchange("POST", "/fast", [], b"{}")  # type: ignore[attr-defined]
+                    new_fd = fast.stream.conn.sock.fileno()
+                    await fast.aread()
+                await fast.aclose()
+                return old_fd, new_fd, fast.status_code
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    old_fd, new_fd, status = asyncio.run(run())
+    assert new_fd == old_fd, "the race needs the fd number reused; the kernel gave another"
+    assert status == 200

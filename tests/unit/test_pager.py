@@ -571,3 +571,50 @@ def test_a_drained_worker_is_reaped_with_its_exit_status_and_released(workers: A
     assert workers.reap() == [(slot, worker, 0)] and workers.retiring == []
     workers.closed(slot, worker)
     assert worker.process.told[-1] == "close"
+
+
+class _HupCrew(FakeCrew):
+    """A crew whose index is read again on HUP (``hup`` asks for it; the pager never does)."""
+
+    def load_index(self) -> Index:
+        return object()  # type: ignore[return-value]  # FakeLauncher ignores it
+
+    def take_index(self, idx: Index) -> None:
+        pass
+
+
+class _V2Launcher:
+    def worker_config(self, idx: Index, tid: str) -> WorkerConfig:
+        return _config(tid).model_copy(update={"version": "v2"})
+
+
+class _HupReports(FakeReports):
+    def state(self) -> None:
+        pass
+
+
+class _HupNotify(FakeNotify):
+    def reloading(self, text: str) -> bool:
+        return True
+
+
+def test_a_reload_that_pages_out_a_tenant_it_also_changes_skips_that_one_and_still_completes() -> None:
+    """The soak found it: a HUP changing a and b, where a's new version fits only once b is paged out.
+    b paged out has no old version to swap (the supervisor died on ``assert old is not None``); it
+    loads the new config when next asked, and the reload completes with a's swap alone."""
+    table = SlotTable(budget=4 * G, order=["a", "b"])
+    for tid in ("a", "b"):
+        table.slots[tid] = Slot(tid, estimate=2 * G)
+    crew = _HupCrew(table, idx=object())  # type: ignore[arg-type]
+    config = ResidentConfig(root=Path("/zoo"), index=Path("/zoo/index.json"), host="h")
+    reports = _HupReports()
+    pager = Pager(crew, table, config, None, FakeLauncher(), FakeRouter(), reports, FakeNotify())  # type: ignore[arg-type]
+    _loaded(pager, "a", "b")
+    reloader = Reloader(crew, table, config, None, _V2Launcher(), pager, reports, _HupNotify())  # type: ignore[arg-type]
+    reloader.hup()
+    a, b = table.slots["a"], table.slots["b"]
+    assert [s.tenant for s, _ in crew.retiring] == ["b"] and b.serving is None  # paged out for a's new version
+    assert a.incoming is not None and a.incoming.config.version == "v2" and a.serving is not None  # a swaps beside its old one
+    assert reloader.pending == {"a"}
+    reloader.done("a", ok=True)
+    assert reloader.reloads == 1 and not reloader.pending

@@ -42,8 +42,8 @@ class Backend(Daemon):
         return LONGEST
 
 
-def _state(max_prompt_tokens: int = 100_000, backend: type[Daemon] = Backend) -> Any:
-    return SimpleNamespace(defaults={"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}, backend=backend(), max_prompt_tokens=max_prompt_tokens,
+def _state(max_context: int = 100_000, backend: type[Daemon] = Backend) -> Any:
+    return SimpleNamespace(defaults={"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}, backend=backend(), max_context=max_context,
                            route_sessions={}, summarizers={})  # fmt: skip
 
 
@@ -60,19 +60,96 @@ def test_a_prompt_longer_than_any_tokenization_that_fits_is_refused_before_it_is
     assert state.backend.tokenized == 0
 
 
-def test_the_prompt_limit_bounds_it_too_and_a_prompt_that_may_fit_is_counted() -> None:
-    state = _state(max_prompt_tokens=100)
+def test_the_declared_context_bounds_it_too_and_a_prompt_that_may_fit_is_counted() -> None:
+    state = _state(max_context=100)
     refused = prepare(state, CompletionBody(model="t", prompt="x"), None, "x" * (100 * LONGEST + 1), None, False)
     assert isinstance(refused, Refusal) and "more than 100 tokens can hold" in refused.message and state.backend.tokenized == 0
     counted = prepare(state, CompletionBody(model="t", prompt="x"), None, "x" * (100 * LONGEST), None, False)
-    assert isinstance(counted, Refusal) and counted.message == "prompt: 400 tokens, at most 100" and state.backend.tokenized == 1
+    assert counted == Refusal(400, "prompt: 400 tokens do not fit the context of 100 tokens (resources.max_context); at most 99",
+                              param="prompt", code="context_length_exceeded")  # fmt: skip
+    assert state.backend.tokenized == 1
 
 
 def test_a_backend_that_does_not_know_its_longest_token_counts_every_prompt() -> None:
     """The Ollama daemon's tokenizer is its own: its count is already a cheap estimate."""
     state = _state(backend=Daemon)
     out = prepare(state, CompletionBody(model="t", prompt="x"), None, "x" * (CONTEXT * LONGEST + 1), None, False)
-    assert isinstance(out, Refusal) and "tokens do not fit the model's context" in out.message and state.backend.tokenized == 1
+    assert isinstance(out, Refusal) and "tokens do not fit the context of 4096 tokens" in out.message and state.backend.tokenized == 1
+
+
+def _chat(tokens: int, max_tokens: int | None = None, session: str | None = None) -> tuple[ChatBody, list[dict[str, str]]]:
+    """A chat body whose one message is ``tokens`` tokens to the stand-in tokenizer (four characters each)."""
+    messages = [{"role": "user", "content": "abcd" * tokens}]
+    return ChatBody.model_validate({"model": "t", "messages": messages, "max_tokens": max_tokens, "session": session}), messages
+
+
+@pytest.mark.parametrize(("prompt", "field"), [(64, "messages"), (65, "messages"), (200, "messages")])
+def test_a_prompt_that_leaves_no_room_in_max_context_is_a_400_naming_messages(prompt: int, field: str) -> None:
+    """issue #33: the tenant's declared context is the one number; a prompt that fills it leaves no token to generate."""
+    body, messages = _chat(prompt)
+    out = prepare(_state(max_context=64), body, messages, None, None, True)
+    assert out == Refusal(400, f"{field}: {prompt} tokens do not fit the context of 64 tokens (resources.max_context); at most 63",
+                          param=field, code="context_length_exceeded")  # fmt: skip
+
+
+def test_max_tokens_past_what_the_prompt_leaves_is_a_400_naming_max_tokens_and_inside_it_is_kept() -> None:
+    body, messages = _chat(60, max_tokens=5)
+    out = prepare(_state(max_context=64), body, messages, None, None, True)
+    assert out == Refusal(400, "max_tokens: 5 with a prompt of 60 tokens passes the context of 64 tokens (resources.max_context); at most 4",
+                          param="max_tokens", code="context_length_exceeded")  # fmt: skip
+    body, messages = _chat(60, max_tokens=4)
+    out = prepare(_state(max_context=64), body, messages, None, None, True)
+    assert not isinstance(out, Refusal) and out.max_tokens == 4
+
+
+def test_the_default_max_tokens_is_lowered_to_what_the_prompt_leaves() -> None:
+    """A request that names no max_tokens asks for the tenant's default (8 here), at most what the context has left."""
+    body, messages = _chat(60)
+    out = prepare(_state(max_context=64), body, messages, None, None, True)
+    assert not isinstance(out, Refusal) and out.max_tokens == 4
+    body, messages = _chat(10)
+    assert prepare(_state(max_context=64), body, messages, None, None, True).max_tokens == 8  # type: ignore[union-attr]
+
+
+def test_a_model_whose_positions_end_before_the_declared_context_bounds_it() -> None:
+    """A declared context past the model's own positions (4096 here) cannot be served past them."""
+    body, messages = _chat(5000)
+    out = prepare(_state(max_context=100_000, backend=Daemon), body, messages, None, None, True)
+    assert isinstance(out, Refusal) and out.param == "messages" and "context of 4096 tokens" in out.message
+
+
+@pytest.mark.parametrize(("max_tokens", "room"), [(None, 64 - 8), (20, 64 - 20), (5, 64 - 5)])
+def test_the_session_budget_is_the_declared_context_less_the_completion(monkeypatch: pytest.MonkeyPatch, max_tokens: int | None, room: int) -> None:
+    """What a session keeps of its transcript in the prompt: the same number the 400s use (issue #33)."""
+    import zoo_agent.resident.worker.prepare as prepare_module
+
+    seen: list[int] = []
+
+    def turn(_model: Any, _sessions: Any, _sid: Any, _messages: Any, budget: Any, *_rest: Any) -> Refusal:
+        seen.append(budget())
+        return Refusal(400, "seen", param="session")
+
+    monkeypatch.setattr(prepare_module, "session_turn", turn)
+    body, messages = _chat(3, max_tokens=max_tokens, session="s1")
+    assert prepare(_state(max_context=64), body, messages, None, None, True) == Refusal(400, "seen", param="session")
+    assert seen == [room]
+
+
+def test_a_default_longer_than_the_context_leaves_the_session_half_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zoo_agent.resident.worker.prepare as prepare_module
+
+    seen: list[int] = []
+
+    def turn(*args: Any) -> Refusal:
+        seen.append(args[4]())
+        return Refusal(400, "seen", param="session")
+
+    monkeypatch.setattr(prepare_module, "session_turn", turn)
+    state = _state(max_context=64)
+    state.defaults["max_tokens"] = 256
+    body, messages = _chat(3, session="s1")
+    prepare(state, body, messages, None, None, True)
+    assert seen == [32]
 
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}

@@ -27,7 +27,7 @@ from zoo_agent.jsonbound import loads
 
 __all__ = [
     "CACHE_TYPE_BYTES", "DEFAULT_CONTEXT", "WEIGHT_SUFFIXES", "Footprint", "check_host", "context", "estimate", "first_gguf",
-    "gguf_config", "kv_bytes", "pinned_tenants", "read_config", "tenant_footprint", "weight_bytes",
+    "gguf_config", "kv_bytes", "pinned_tenants", "positions", "read_config", "tenant_footprint", "weight_bytes",
 ]  # fmt: skip
 
 #: Files whose bytes are loaded into memory as weights; tokenizers and configs are noise.
@@ -93,13 +93,19 @@ def _dtype(config: dict[str, Any], dtype: str) -> int:
     return _DTYPE_BYTES.get(dtype, 4)
 
 
+def positions(config: dict[str, Any]) -> int | None:
+    """The positions the model was built for (``max_position_embeddings``, ``n_positions``,
+    ``max_seq_len``), uncapped; None when its config names none."""
+    return _field(config, "max_position_embeddings", "n_positions", "max_seq_len")
+
+
 def context(config: dict[str, Any], max_context: int | None = None) -> int:
     """The tokens one sequence may hold: the declared ``max_context``, else the model's own
     (``max_position_embeddings``, ``n_positions``, ``max_seq_len``; else ``DEFAULT_CONTEXT``)
     capped at ``DEFAULT_MAX_CONTEXT``."""
     if max_context is not None:
         return max_context
-    own = _field(config, "max_position_embeddings", "n_positions", "max_seq_len") or DEFAULT_CONTEXT
+    own = positions(config) or DEFAULT_CONTEXT
     return min(own, DEFAULT_MAX_CONTEXT)
 
 
@@ -195,20 +201,11 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
     The counts at the start of the file are checked before ``gguf.GGUFReader`` walks the
     header, so a file claiming billions of entries costs nothing; the reader maps the file
     and touches only the header's pages."""
-    try:
-        with open(path, "rb") as f:
-            start = f.read(24)
-    except OSError:
-        return None
-    if len(start) < 24 or start[:4] != b"GGUF":
-        return None
-    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
-    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
-        return None
     import gguf  # numpy and llama.cpp's reader, only when a GGUF model is fitted
 
     try:
-        reader = gguf.GGUFReader(path, "r")
+        if (reader := _gguf_reader(path)) is None:
+            return None
         arch = _gguf_value(reader, "general.architecture")
         if not isinstance(arch, str):
             return None
@@ -225,6 +222,55 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
         return config
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError, struct.error):
         return None
+
+
+def _gguf_reader(path: Path) -> Any:
+    """llama.cpp's reader of ``path``'s header (a ``gguf.GGUFReader``), or None for a file that is not
+    a GGUF or whose counts (checked first, from its first 24 bytes) would cost more than a header."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(24)
+    except OSError:
+        return None
+    if len(start) < 24 or start[:4] != b"GGUF":
+        return None
+    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
+    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
+        return None
+    import gguf
+
+    return gguf.GGUFReader(path, "r")
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file's header says: its scalar and string metadata, and each tensor's shape (ggml's order: inner size first)."""
+
+    fields: dict[str, object]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def gguf_header(path: Path) -> GgufHeader | None:
+    """The header of a GGUF file (an adapter's, whose facts ``gguf_config`` does not name); None for a
+    file that is not a readable GGUF. Bounded as ``gguf_config`` is: only the header's pages are read."""
+    import gguf
+
+    try:
+        if (reader := _gguf_reader(path)) is None:
+            return None
+        scalar = [key for key, field in reader.fields.items() if field.types and field.types[0] != gguf.GGUFValueType.ARRAY]  # not a vocabulary
+        fields = {key: value for key in scalar if (value := _gguf_value(reader, key)) is not None}
+        return GgufHeader(fields, {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors})
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError, struct.error):
+        return None
+
+
+def gguf_lora_rank(header: GgufHeader) -> int | None:
+    """A GGUF adapter's rank (``convert_lora_to_gguf.py``'s): the outer size of its first ``*.lora_a`` tensor ([in, r])."""
+    if header.fields.get("adapter.type") != "lora":
+        return None
+    shape = next((shape for name, shape in header.shapes.items() if name.endswith(".lora_a")), None)
+    return shape[1] if shape is not None and len(shape) == 2 and shape[1] >= 1 else None
 
 
 def _gguf_value(reader: Any, key: str) -> object:

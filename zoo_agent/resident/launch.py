@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from zoo_agent.errors import UsageError
-from zoo_agent.index.fit import context, read_config
 from zoo_agent.index.model import Index, OllamaSource
 from zoo_agent.plan import host_id
 from zoo_agent.resident.config import ResidentConfig, RouteSessions, WorkerConfig
+from zoo_agent.resident.context import model_context, served_context
 from zoo_agent.resident.engines.llamacpp import LlamaServer, find_server
 from zoo_agent.resident.engines.llamaserver import LlamaServerProcess
 from zoo_agent.resident.process import WorkerProcess, ZooWorkerProcess
@@ -83,8 +83,6 @@ class Launcher:
         adapters, refused = adapters_for(self.zoo, idx, tid)
         if tenant.backend == "llama.cpp":
             self.llama_server()
-            refused = {**refused, **{a.id: f"{a.id}: GGUF adapters of a llama.cpp tenant are not served yet" for a in adapters}}
-            adapters = ()
         for why in refused.values():
             log.warning("adapter refused: %s", why)
         return WorkerConfig(
@@ -101,7 +99,7 @@ class Launcher:
             checkpoint_keep=tenant.sessions.checkpoints.keep, checkpoint_every=tenant.sessions.checkpoints.seconds,
             router_key=self.api_key,
             backend=tenant.backend, ollama_model=model.source.name if isinstance(model.source, OllamaSource) else None,
-            kind=tenant.kind, max_context=context(read_config(version_dir) or {}, tenant.resources.max_context),
+            kind=tenant.kind, max_context=served_context(tenant.resources.max_context, *model_context(version_dir), tenant.backend),
             gpu_layers=tenant.resources.gpu_layers, kv_cache_type=tenant.resources.kv_cache_type,
         )  # fmt: skip
 

@@ -87,7 +87,13 @@ class Reloader:
         self.pending = set(changes)
         self.swapped = [f"{t} {c.model}@{c.version}" for t, c in changes.items()]
         for tid, config in changes.items():
-            self._swap(self.table.slots[tid], config)
+            slot = self.table.slots[tid]
+            if slot.serving is None:
+                # Paged out to make room for another tenant's new version (``_swap``): nothing of it to swap;
+                # its next request loads what the index says now.
+                self.pending.discard(tid)
+                continue
+            self._swap(slot, config)  # the first always has one: changes are of serving tenants
         self.reports.state()
 
     def _changes(self) -> dict[str, WorkerConfig]:
@@ -173,7 +179,8 @@ class Reloader:
             self.follow_adapters(slot, worker)
 
     def follow_adapters(self, slot: Slot, worker: Worker) -> None:
-        """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart."""
+        """An adapter's `current` moved (or a refused one arrived): the worker swaps it in place, no restart
+        (a llama.cpp tenant's ``llama-server`` cannot: a new one starts beside it, as for a new model version)."""
         config = worker.config
         ids = [a.id for a in config.adapters] + list(config.refused_adapters)
         serving = {a.id: a.version for a in config.adapters}
@@ -184,6 +191,10 @@ class Reloader:
             adapters, refused = adapters_for(self.zoo, idx, config.tenant)
         except (ZooError, KeyError) as exc:
             log.warning("adapters not followed: %s", exc)
+            return
+        if config.backend == "llama.cpp" and (adapters, refused) != (config.adapters, config.refused_adapters):
+            log.info("%s: adapters now %s: starting a new llama-server with them", slot.tenant, ", ".join(a.label for a in adapters) or "none")
+            self.hup()  # llama-server loads its adapters at its start: a new set is a new worker (a swap, as for a new version)
             return
         worker.config = config.model_copy(update={"adapters": adapters, "refused_adapters": refused})
         if adapters != config.adapters:

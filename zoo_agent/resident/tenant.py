@@ -8,10 +8,12 @@ damaged adapter is refused with a reason; the tenant is served without it.
 from __future__ import annotations
 
 from zoo_agent.errors import IntegrityError, UsageError
+from zoo_agent.index.fit import first_gguf
 from zoo_agent.index.model import HfSource, Index
 from zoo_agent.plan import Kind
 from zoo_agent.reconcile.verify import verify
 from zoo_agent.resident.config import AdapterConfig, SelectionConfig
+from zoo_agent.resident.engines.llamalora import servable
 from zoo_agent.store.zoo import Zoo
 
 __all__ = ["adapters_for", "base_names", "selection_for", "strict_check"]
@@ -34,6 +36,11 @@ def adapters_for(zoo: Zoo, idx: Index, tenant_id: str) -> tuple[tuple[AdapterCon
             continue
         served.append(AdapterConfig(id=lid, version=version, dir=zoo.version_dir("loras", lid, version), rank=entry.rank,
                                     description=entry.description, tags=tuple(entry.tags)))  # fmt: skip
+    if tenant.backend == "llama.cpp" and served:  # its GGUF adapters against the model's header, as llama-server checks them
+        model_version = zoo.read_link("models", tenant.model, "current")
+        model_file = first_gguf(zoo.version_dir("models", tenant.model, model_version)) if model_version is not None else None
+        kept, bad = servable(served, model_file)
+        return kept, {**refused, **bad}
     return tuple(served), refused
 
 

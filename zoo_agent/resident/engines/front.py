@@ -6,12 +6,14 @@ socket and translates only what llama-server would serve differently, so that no
 worker knows which engine answers:
 
 - a request it cannot serve as asked is refused here, in our error shape, never misserved: a model
-  name other than the tenant's (``tenant:adapter``: llama-server would ignore the name and answer
-  with the base model), a ``session`` (it would answer without the conversation), our sessions'
+  name other than the tenant's or one of its adapters' (llama-server would ignore the name and
+  answer with the base model), a ``session`` (it would answer without the conversation), our sessions'
   and adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
   prompts: more sequences than the router admitted);
 - an error answer is ours: its ``exceed_context_size_error`` is our 400 naming ``messages`` (or
   ``prompt``), the others keep their status and message in our shape (``wire.http.ApiError``);
+- a generation of a tenant with adapters is sent with llama-server's ``lora`` field: the adapters
+  its ``model`` (or ``x_zoo.adapters``) names, each other one at scale 0 (``llamalora.py``);
 - a 200 passes byte for byte, as it comes (chunked events, ``usage``, llama.cpp's ``timings``).
 
 One request per connection on both sides (``Connection: close``): the end of an answer is the end of
@@ -32,10 +34,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zoo_agent.jsonbound import loads
+from zoo_agent.resident.engines.llamalora import Loras, lora_field, with_lora
 from zoo_agent.resident.wire.headers import SESSION_ROUTE
 from zoo_agent.resident.wire.http import MAX_BODY, ApiError
 
@@ -68,11 +71,12 @@ class Request:
     body: bytes = b""
 
 
-def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
+def check(request: Request, names: tuple[str, ...], loras: Loras | None = None) -> ApiError | None:
     """Why llama-server must not be asked this (pure), or None. ``names``: what ``model`` may say
-    (the tenant, its model's id). A generation's body is held to our API's rules (``worker/bodies``:
-    the same 400 naming the same field as from any tenant; one completion of one prompt per request,
-    which is what the router's admission counts), and then forwarded as it came."""
+    (the tenant, its model's id); ``loras``: the tenant's adapters (``<tenant>:<adapter>``). A
+    generation's body is held to our API's rules (``worker/bodies``: the same 400 naming the same
+    field as from any tenant; one completion of one prompt per request, which is what the router's
+    admission counts), and then forwarded as it came (with ``lora`` for a tenant with adapters)."""
     if request.path in GENERATE and request.method == "POST":
         try:
             document = loads(request.body, limit=BODY_LIMIT)
@@ -82,10 +86,8 @@ def check(request: Request, names: tuple[str, ...]) -> ApiError | None:
             return ApiError(400, "body: must be a JSON object", "body")
         if (invalid := _invalid(document, chat=request.path == GENERATE[0])) is not None:
             return invalid
-        model = document["model"]
-        if model not in names:
-            why = "a llama.cpp tenant serves no adapters yet" if model.partition(":")[0] in names else "not served here"
-            return ApiError(404, f"model '{model[:100]}': {why} (serving '{names[0]}')", "model", "model_not_found")
+        if isinstance(lora := lora_field(document, names, loras), ApiError):  # its adapters (llamalora.py)
+            return lora
         if document.get("session") is not None or SESSION_ROUTE.lower() in request.headers:
             return ApiError(400, "session: a llama.cpp tenant keeps no sessions yet; send the whole conversation", "session", "not_supported")
         if document.get("n_cmpl", 1) != 1:
@@ -206,8 +208,9 @@ class Front:
     """The socket the router forwards a llama.cpp tenant's requests to (``path``), in front of
     llama-server's own (``engine``). ``inflight`` and ``served`` are what the supervisor is told."""
 
-    def __init__(self, path: str, engine: str, names: tuple[str, ...]) -> None:
+    def __init__(self, path: str, engine: str, names: tuple[str, ...], loras: Loras | None = None) -> None:
         self.path, self.engine, self.names = path, engine, names
+        self.loras = loras
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(128)
@@ -279,9 +282,11 @@ class Front:
             _answer(conn, ApiError(413 if length > 0 else 400, f"body: at most {BODY_LIMIT} bytes, with a Content-Length"))
             return
         request = Request(method, target.partition("?")[0], target, headers, ours.exactly(length))
-        if (refused := check(request, self.names)) is not None:
+        if (refused := check(request, self.names, self.loras)) is not None:
             _answer(conn, refused)
             return
+        if request.path in GENERATE:
+            request = replace(request, body=with_lora(request.body, self.names, self.loras))
         generate = request.path in GENERATE
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
             engine.settimeout(CONNECT_SECONDS)

@@ -51,6 +51,7 @@ from zoo_agent.jsonbound import loads
 from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 from zoo_agent.resident.engines.front import Front
 from zoo_agent.resident.engines.llamacpp import LlamaServer, engine_env, server_argv
+from zoo_agent.resident.engines.llamalora import adapter_files, lora_argv, loras_for
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.wire import control as p
 from zoo_agent.store.durable import DIR_MODE
@@ -203,7 +204,7 @@ class LlamaServerProcess(WorkerProcess):
         self.config = config
         self.server = server
         self.engine_path = path.removesuffix(".sock") + "-engine.sock"
-        self.front = Front(path, self.engine_path, (config.tenant, config.model))
+        self.front = Front(path, self.engine_path, (config.tenant, config.model), loras_for(config))
         self._popen: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._events: list[p.ToSupervisor] = []
@@ -273,7 +274,11 @@ class LlamaServerProcess(WorkerProcess):
             return
         self._model = model
         Path(self.engine_path).unlink(missing_ok=True)
-        argv = server_argv(self.server.path, self.config, model, self.engine_path, slots)
+        loras = adapter_files(self.config.adapters)
+        if isinstance(loras, str):
+            self._fail_unstarted(loras)
+            return
+        argv = server_argv(self.server.path, self.config, model, self.engine_path, slots) + lora_argv(loras)
         gate = ["/bin/sh", "-c", 'read go || exit 0; exec "$@" </dev/null', "llama-server", *argv]
         try:
             self._popen = subprocess.Popen(gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=engine_env(),
@@ -479,7 +484,7 @@ class LlamaServerProcess(WorkerProcess):
         return True
 
     def set_adapters(self, adapters: tuple[AdapterConfig, ...]) -> bool:
-        return False  # GGUF adapters are not served yet (the launcher refuses them)
+        return False  # its adapters are files on its command line: a new set is a new llama-server (reload.follow_adapters)
 
     def tell_reloads(self, ok: int, failed: int) -> None:
         """llama-server exports its own metrics; ours are the router's."""

@@ -20,14 +20,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from zoo_agent.index.fit import context, read_config
 from zoo_agent.plan import Kind
+from zoo_agent.resident.context import model_context, served_context
 from zoo_agent.resident.router.admission import Admission
 from zoo_agent.resident.router.federation import Federation
 from zoo_agent.resident.router.peers import pinned, tenant_digest
 from zoo_agent.resident.router.remote import Remotes
 from zoo_agent.resident.router.upstream import Clients
-from zoo_agent.resident.slots import Slot, SlotTable
+from zoo_agent.resident.slots import Slot, SlotTable, Worker
 from zoo_agent.resident.wire.documents import Card, CardZoo, Health, HealthTenant, PeerReport, dump
 from zoo_agent.store.zoo import manifest_digest, read_manifest
 
@@ -109,13 +109,26 @@ def _memory(slot: Slot) -> dict[str, int | None]:
             "device": worker.device_bytes if worker else None}  # fmt: skip
 
 
+def _context(worker: Worker | None, declared: int | None, backend: str, facts: Facts) -> int | None:
+    """The ``max_context`` a card shows (issue #33): what the serving worker holds requests to (its
+    ``Ready``, else its config: llama-server's slot size); before one serves, what the launcher will
+    give it (``resident.context``); None when the version is not fetched and nothing is declared."""
+    if worker is not None:
+        told = worker.ready.max_context if worker.ready is not None else None
+        return told or worker.config.max_context
+    if facts.context is None:
+        return declared
+    return served_context(declared, facts.context, facts.own, backend)
+
+
 @dataclass(frozen=True)
 class Facts:
     """What a published version says of itself on disk: its whole-version digest (manifest.json,
-    as apply recorded it: issue #35) and the context its config declares (capped as ``fit.context``)."""
+    as apply recorded it: issue #35), its default context and its own bound (``resident.context.model_context``)."""
 
     digest: str | None = None
     context: int | None = None
+    own: int | None = None
 
 
 class VersionFacts:
@@ -142,8 +155,8 @@ class VersionFacts:
             digest = manifest.get("digest") or manifest_digest(manifest)
         except (KeyError, TypeError):
             digest = None
-        config = read_config(version_dir) if kind == "models" else None
-        facts = Facts(digest if isinstance(digest, str) else None, context(config) if config else None)
+        default, own = model_context(version_dir) if kind == "models" else (None, None)
+        facts = Facts(digest if isinstance(digest, str) else None, default, own)
         if len(self.known) >= self.MOST:
             self.known.clear()
         self.known[key] = facts
@@ -208,12 +221,13 @@ class Endpoints:
             # exactly the pinned set; mid-swap or with a refused adapter there is none.
             digest = tenant_digest(idx, tid) if root == pinned(idx, tid) and not refused else None
             adapters = [f"{tid}:{lid}" for lid in tenant.loras if lid not in refused]
-            auto = [f"{tid}:auto"] if tenant.adapter_selection is not None else []
+            auto = [f"{tid}:auto"] if tenant.adapter_selection is not None and tenant.backend != "llama.cpp" else []  # not there yet (llamalora.py)
             version = worker.config.version if worker else idx.models[tenant.model].version
             facts = self.facts.of("models", tenant.model, version)
             own = card(tid, root, None, CardZoo(kind="tenant", state=slot.phase, model=root, digest=digest, version_digest=facts.digest,
                                                 backend=tenant.backend, task="embed" if tenant.kind == "embedding" else "generate",
-                                                max_context=tenant.resources.max_context or facts.context, adapters=adapters + auto))  # fmt: skip
+                                                max_context=_context(worker, tenant.resources.max_context, tenant.backend, facts),
+                                                adapters=adapters + auto))  # fmt: skip
             data.append(own)
             for lid in tenant.loras:
                 if lid not in refused:

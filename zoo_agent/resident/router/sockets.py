@@ -64,13 +64,13 @@ class _Connection:
             async with asyncio.timeout(CONNECT_SECONDS):
                 await asyncio.get_running_loop().sock_connect(sock, path)
         except TimeoutError:
-            sock.close()
+            cls(sock).close()  # its cancelled connect may still be registered
             raise httpx.ConnectTimeout(f"{path}: no connection within {CONNECT_SECONDS:g}s") from None
         except OSError as exc:
             sock.close()
             raise httpx.ConnectError(f"{path}: {exc.strerror or exc}") from exc
         except BaseException:
-            sock.close()
+            cls(sock).close()
             raise
         return cls(sock)
 
@@ -125,6 +125,19 @@ class _Connection:
             return event
 
     def close(self) -> None:
+        """Close the socket, its selector registrations first. A read or send cancelled a moment ago
+        still has its fd registered (its done callback unregisters it only at the next loop step);
+        closed under it, epoll forgets the fd but asyncio's map does not, and the next socket given
+        that fd number (the next request's, in this same step) is never watched: it waits forever."""
+        fd = self.sock.fileno()
+        if fd >= 0:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop runs: none has it registered
+                pass
+            else:
+                loop.remove_reader(fd)  # cancels the registered callback, so its done callback leaves the fd alone
+                loop.remove_writer(fd)
         self.sock.close()
 
 

@@ -91,7 +91,8 @@ class Ready(_Message):
     device: str
     dtype: str
     weights_bytes: int = 0  # parameters and buffers as loaded (their dtype, not the files')
-    kv_bytes: int = 0  # the KV budget at the loaded dtype (max_batch sequences of the full context)
+    kv_bytes: int = 0  # the KV budget at the loaded dtype (max_batch sequences of max_context tokens)
+    max_context: int | None = None  # prompt plus completion tokens it holds a request to (issue #33); None: it does not say
 
 
 class Pong(_Message):

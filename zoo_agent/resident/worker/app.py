@@ -160,8 +160,9 @@ async def _serve(state: ServingState, body: Body, messages: list[dict[str, str]]
         return refused(adapter)
     if (away := unavailable(state.backend)) is not None:  # its Ollama daemon is away (issue #35): a 503 at once, not a try
         return error(503, str(away), code="model_unavailable", headers={"Retry-After": str(away.retry_after)})
-    if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
-        return error(400, f"max_tokens: at most {state.max_tokens_limit}", param="max_tokens")
+    if body.max_tokens is not None and body.max_tokens >= state.max_context:  # the prompt takes one token at least: no tokenizing needed
+        return error(400, f"max_tokens: {body.max_tokens} passes the context of {state.max_context} tokens (resources.max_context), "
+                          f"which holds the prompt too; at most {state.max_context - 1}", param="max_tokens", code="context_length_exceeded")  # fmt: skip
     try:
         level = parse_priority(priority, body.priority, state.priority)
     except BadPriority as exc:

@@ -28,6 +28,7 @@ __all__ = ["AdapterError", "TransformersBackend"]
 
 log = logging.getLogger("zoo_agent.resident")
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature is greedy decoding
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -234,9 +235,12 @@ class TransformersBackend:
         return criteria(cancel, self.tokenizer, request.stop, result.prompt_tokens)
 
     def sampling(self, request: Request) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0,
+        """generate()'s sampling arguments, for generate() and the batcher alike. A temperature
+        below ``GREEDY_BELOW`` is greedy: logits / 5e-324 overflow to inf and softmax gives NaN."""
+        sample = request.temperature >= GREEDY_BELOW
+        kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens, "do_sample": sample,
                                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}  # fmt: skip
-        if request.temperature > 0:
+        if sample:
             kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or None)
         if request.ignore_eos:
             kwargs["min_new_tokens"] = request.max_tokens  # end-of-sequence is suppressed until then

@@ -18,7 +18,7 @@ from zoo_agent.resident.config import WorkerConfig
 from zoo_agent.resident.memory import device_reserved
 from zoo_agent.resident.wire import control as p
 
-__all__ = ["run"]
+__all__ = ["input_cap", "run"]
 
 log = logging.getLogger("zoo_agent.resident")
 
@@ -42,6 +42,14 @@ def run(config: WorkerConfig, control: socket.socket, lines: p.Lines, pending: l
     return asyncio.run(_serve(config, engine, control, listen_fd, load_seconds))
 
 
+def input_cap(config: WorkerConfig, own: int) -> int:
+    """Tokens one input may hold (issue #33): the tenant's ``max_context`` as launch put it in the config
+    (declared, else the model's ``max_position_embeddings`` capped as ``fit.context``), bounded by what the
+    model's own files say it embeds (``own``: sentence-transformers' ``max_seq_length``, the tokenizer's
+    ``model_max_length``, its positions). An input past it is a 400 naming ``input``."""
+    return min(config.max_context, own) if config.max_context is not None else own
+
+
 def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, float]:
     """The model on its engine's thread, proven by one real forward pass, and how long that took."""
     import torch
@@ -56,11 +64,11 @@ def _load(config: WorkerConfig, control: socket.socket) -> tuple[Any, float]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     dtype = config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "float16")
     embedder = Embedder(config.version_dir, device, dtype, strict=True)
-    engine = EmbeddingEngine(embedder, max_rows=config.max_batch, max_tokens=embedder.max_tokens, aging_seconds=config.aging_seconds)
+    engine = EmbeddingEngine(embedder, max_rows=config.max_batch, max_tokens=input_cap(config, embedder.max_tokens), aging_seconds=config.aging_seconds)
     warm_up(engine)
     control.sendall(p.encode(p.Loading(pct=100)))
     log.info("%s: %s@%s embeds %d-dimensional vectors (%s), at most %d tokens a text", config.tenant, config.model, config.version,
-             embedder.dimension, embedder.layout.describe(), embedder.max_tokens)  # fmt: skip
+             embedder.dimension, embedder.layout.describe(), engine.max_tokens)  # fmt: skip
     return engine, time.monotonic() - started
 
 
@@ -81,7 +89,7 @@ async def _serve(config: WorkerConfig, engine: Any, control: socket.socket, list
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
     writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(engine.embedder.device), dtype=dtype,
-                                  weights_bytes=weights, kv_bytes=0)))  # fmt: skip
+                                  weights_bytes=weights, kv_bytes=0, max_context=engine.max_tokens)))  # fmt: skip
     await writer.drain()
     await server.serve(sockets=[socket.socket(fileno=listen_fd)])
     talking.cancel()

@@ -148,7 +148,7 @@ def _backend(config: WorkerConfig) -> Any:
         from zoo_agent.resident.worker.ollama_backend import OllamaBackend
 
         return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
-                             retry_cap=config.health_interval)  # fmt: skip
+                             retry_cap=config.health_interval, num_ctx=config.max_context)  # fmt: skip
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal
@@ -176,9 +176,25 @@ def _route_sessions(config: WorkerConfig, backend: Any, state: Any) -> None:
             state.summarizers[rs.route] = Summarizer(config.router_socket, rs.summarizer, config.router_key)
 
 
-def _measured(config: WorkerConfig, backend: Any) -> tuple[int, int]:
+def served_context(config: WorkerConfig, backend: Any) -> int:
+    """Prompt plus completion tokens one request may hold (issue #33): the tenant's ``max_context`` as
+    launch put it in the config (declared, else the model's own capped as ``fit.context``), bounded by
+    the model's positions where they end sooner. The 400s, the session budget, the KV budget and the
+    ``/v1/models`` card all use this one number."""
+    from zoo_agent.index.fit import context
+
+    declared = config.max_context
+    if declared is None:  # a config written by hand (tests): the index's default for this model
+        model = getattr(backend, "model", None)
+        declared = context(model.config.to_dict() if model is not None and hasattr(model, "config") else {})
+    own = backend.context_length()
+    return min(declared, own) if own else declared
+
+
+def _measured(config: WorkerConfig, backend: Any, max_context: int) -> tuple[int, int]:
     """The loaded model's own bytes (parameters and buffers at the dtype they were loaded in: a
-    float16 file loaded as float32 takes twice its size) and its KV budget at that dtype.
+    float16 file loaded as float32 takes twice its size) and its KV budget at that dtype for
+    ``max_batch`` sequences of ``max_context`` tokens, as ``fit.estimate`` counts it at plan time.
     What the memory budget counts (issue #20); the interpreter and torch runtime of each
     worker process are the documented slack on top."""
     model = getattr(backend, "model", None)
@@ -189,7 +205,7 @@ def _measured(config: WorkerConfig, backend: Any) -> tuple[int, int]:
     tensors = [*model.parameters(), *model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
-    return weights, kv_bytes(model.config.to_dict(), dtype=dtype, max_batch=config.max_batch)
+    return weights, kv_bytes(model.config.to_dict(), dtype=dtype, max_batch=config.max_batch, max_context=max_context)
 
 
 class _Rate:
@@ -214,7 +230,7 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
 
     state = ServingState(config.tenant, config.model, config.version, backend, config.defaults, max_queue=config.max_queue,
                          max_batch=config.max_batch, api_key=config.api_key, scheduler=scheduler, priority=config.priority,
-                         aging_seconds=config.aging_seconds)  # fmt: skip
+                         aging_seconds=config.aging_seconds, max_context=served_context(config, backend))  # fmt: skip
     _route_sessions(config, backend, state)
     state.metrics.swap_seconds.set(load_seconds)
     state.sync_metrics()
@@ -227,9 +243,9 @@ async def _serve(config: WorkerConfig, backend: Any, scheduler: Any, control: so
     # The Ollama daemon away is this tenant's trouble, never the worker's end (issue #35): watched, retried with backoff.
     watcher = asyncio.create_task(watch(backend, functools.partial(warm_up, scheduler), config.health_interval,
                                         lambda: bool(server.should_exit))) if config.backend == "ollama" else None  # fmt: skip
-    weights, kv = _measured(config, backend)
+    weights, kv = _measured(config, backend, state.max_context)
     writer.write(p.encode(p.Ready(pid=os.getpid(), load_seconds=load_seconds, device=str(backend.device), dtype=str(backend.dtype),
-                                  weights_bytes=weights, kv_bytes=kv)))  # fmt: skip
+                                  weights_bytes=weights, kv_bytes=kv, max_context=state.max_context)))  # fmt: skip
     await writer.drain()
     await server.serve(sockets=[listener])
     task.cancel()

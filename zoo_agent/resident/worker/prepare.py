@@ -1,7 +1,15 @@
 """A request made ready to generate (issue #5), on the app's preparing thread: the adapter its
-``model`` names, its session turn, its sampling, and its prompt counted against the limits."""
+``model`` names, its session turn, its sampling, and its prompt counted against the limits.
+
+The limit is one number (issue #33): the tenant's ``resources.max_context`` (``ServingState.max_context``),
+bounded by the model's own positions where those end sooner. Prompt plus ``max_tokens`` must fit in it:
+a prompt that leaves no room is a 400 naming ``messages`` or ``prompt``; a ``max_tokens`` the request
+names past what is left is a 400 naming ``max_tokens``; the tenant's default is lowered to what is left.
+A session keeps of its transcript what fits beside the completion."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from zoo_agent.resident.engine.base import Request as GenRequest
 from zoo_agent.resident.sessions.store import Turn
@@ -12,7 +20,11 @@ from zoo_agent.resident.worker.adapter_sets import Asked, Offer, asked
 from zoo_agent.resident.worker.bodies import Body, XZoo
 from zoo_agent.resident.worker.state import ServingState
 
-__all__ = ["adapter_for", "prepare"]
+__all__ = ["adapter_for", "context_limit", "prepare"]
+
+#: What a context refusal names and its code (OpenAI's for a prompt past the model's context).
+_NAMED = " (resources.max_context)"
+_CODE = "context_length_exceeded"
 
 
 def adapter_for(state: ServingState, model: str, x_zoo: XZoo | None = None) -> Asked | Refusal:
@@ -32,9 +44,11 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
     field_name = "messages" if chat else "prompt"
     if (refused := _too_long(state, messages, prompt, field_name)) is not None:
         return refused
+    limit = context_limit(state)
     turn = None
     if getattr(body, "session", None) is not None and messages is not None:
-        made = _session_turn(state, body, messages, body.max_tokens or d["max_tokens"], route, fresh)
+        # The completion's room: what the request names, else the default, at most half the context (the transcript keeps the rest).
+        made = _session_turn(state, body, messages, body.max_tokens or min(d["max_tokens"], limit // 2), route, fresh)
         if isinstance(made, Refusal | NeedSummary):
             return made
         turn, messages = made
@@ -47,15 +61,23 @@ def prepare(state: ServingState, body: Body, messages: list[dict[str, str]] | No
     prompt_tokens = state.backend.count_tokens(request)
     if prompt_tokens == 0:
         return Refusal(400, f"{field_name}: encodes to no tokens", param=field_name)
-    if prompt_tokens > state.max_prompt_tokens:
-        return Refusal(400, f"{field_name}: {prompt_tokens} tokens, at most {state.max_prompt_tokens}", param=field_name)
-    context = state.backend.context_length()
-    if context is not None and prompt_tokens + request.max_tokens > context:
-        if prompt_tokens >= context:
-            return Refusal(400, f"{field_name}: {prompt_tokens} tokens do not fit the model's context of {context}", param=field_name)
-        return Refusal(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the model's context of {context}; "
-                            f"at most {context - prompt_tokens}", param="max_tokens")  # fmt: skip
+    if prompt_tokens >= limit:  # not one token left to generate
+        return Refusal(400, f"{field_name}: {prompt_tokens} tokens do not fit the context of {limit} tokens{_NAMED}; at most {limit - 1}",
+                       param=field_name, code=_CODE)  # fmt: skip
+    left = limit - prompt_tokens
+    if request.max_tokens > left:
+        if body.max_tokens is None:  # the tenant's default, not the caller's number: lowered to what is left
+            return replace(request, max_tokens=left)
+        return Refusal(400, f"max_tokens: {request.max_tokens} with a prompt of {prompt_tokens} tokens passes the context of {limit} tokens"
+                            f"{_NAMED}; at most {left}", param="max_tokens", code=_CODE)  # fmt: skip
     return request
+
+
+def context_limit(state: ServingState) -> int:
+    """Prompt plus completion tokens a request may hold: the tenant's declared context, bounded by the
+    model's own positions where it names fewer (the Ollama daemon's backend names none)."""
+    own = state.backend.context_length()
+    return min(state.max_context, own) if own else state.max_context
 
 
 def _too_long(state: ServingState, messages: list[dict[str, str]] | None, prompt: str | None, field_name: str) -> Refusal | None:
@@ -68,7 +90,7 @@ def _too_long(state: ServingState, messages: list[dict[str, str]] | None, prompt
     most = longest() if longest is not None else None
     if most is None:
         return None
-    limit = min(state.max_prompt_tokens, state.backend.context_length() or state.max_prompt_tokens)
+    limit = context_limit(state)
     chars = len(prompt or "") if messages is None else sum(len(m.get("content") or "") for m in messages)
     if chars <= limit * most:
         return None
@@ -82,8 +104,8 @@ def _session_turn(state: ServingState, body: Body, messages: list[dict[str, str]
     sessions = state.backend.sessions if route is None else state.route_sessions.get(route)
 
     def budget() -> int:
-        # The model's own context bounds the prompt too: a session on a small model leaves turns out, it does not fail.
-        return min(state.max_prompt_tokens, state.backend.context_length() or state.max_prompt_tokens) - max_tokens
+        # The same limit as the 400s': a session on a small context leaves turns out, it does not fail.
+        return context_limit(state) - max_tokens
 
     summarizer = state.summarizers.get(sessions.route or "") if route is not None and sessions is not None else None
     return session_turn(state.backend, sessions, getattr(body, "session", None), messages, budget, route, summarizer, fresh)

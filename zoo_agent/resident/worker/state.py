@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from zoo_agent.index.model import DEFAULT_MAX_CONTEXT
 from zoo_agent.resident.engine.base import Scheduler
 from zoo_agent.resident.sessions.store import Sessions
 from zoo_agent.resident.sessions.summaries import Summarizer
@@ -26,8 +27,9 @@ class ServingState:
     defaults: dict[str, Any]
     max_queue: int = 16
     max_batch: int = 16  # sequences decoded together (1: one generate() at a time)
-    max_tokens_limit: int = 4096
-    max_prompt_tokens: int = 4096
+    # Prompt plus completion tokens of one request: the tenant's resources.max_context (issue #33; worker/prepare.py).
+    # The worker sets it from its config; the default is the index's, for a tenant that declares none.
+    max_context: int = DEFAULT_MAX_CONTEXT
     priority: int = 0  # the tenant's default class for requests that name none (resident/priority.py)
     aging_seconds: float = 10.0  # a waiting request gains one class per this many seconds
     api_key: str | None = field(default=None, repr=False)
