@@ -18,6 +18,9 @@ MANIFEST = b'{"schemaVersion": 2, "layers": ["llama3.2:1b weights"]}'
 DIGEST = "sha256:" + OllamaStandIn.digest_of(MANIFEST)
 
 
+MAX_CONTEXT = 2048  # declared: the daemon's num_ctx
+
+
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[OllamaStandIn]:
     server = OllamaStandIn({"llama3.2:1b": MANIFEST}).start()
@@ -30,7 +33,7 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[OllamaStandIn]:
 def ollama_world(world: World) -> World:
     world.models["m"] = {"version": "1", "source": {"type": "ollama", "name": "llama3.2:1b", "digest": DIGEST}, "files": [],
                          "format": "ollama", "license": "other"}  # fmt: skip
-    world.tenant = {"backend": "ollama"}
+    world.tenant = {"backend": "ollama", "resources": {"max_context": MAX_CONTEXT}}
     world.write_index()
     return world
 
@@ -133,12 +136,15 @@ def test_the_resident_serves_through_the_daemon_and_reports_when_it_goes_away(ol
         generations = [body for _, path, body in daemon.requests if path in ("/api/generate", "/api/chat")]
         assert (generations[0]["model"], generations[0]["prompt"], generations[0]["keep_alive"]) == ("llama3.2:1b", "", -1)  # load
         assert (generations[1]["prompt"], generations[1]["options"]["num_predict"], generations[1]["keep_alive"]) == ("Hello", 1, -1)  # warm-up
+        # The tenant's context is the daemon's num_ctx, the load's too (a differing num_ctx reloads the model).
+        assert [g["options"]["num_ctx"] for g in generations[:2]] == [MAX_CONTEXT, MAX_CONTEXT]
         body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
         answer = httpx.post(r.url + "/v1/chat/completions", json=body, timeout=60).json()
         assert answer["system_fingerprint"] == "m@1" and len(answer["choices"][0]["message"]["content"].split()) == 5
         assert answer["usage"]["completion_tokens"] == 5
         streamed = httpx.post(r.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
         assert streamed.rstrip().endswith("data: [DONE]") and streamed.count('"content"') >= 5
+        assert {g["options"]["num_ctx"] for _, path, g in daemon.requests if path == "/api/chat"} == {MAX_CONTEXT}
         assert 'zoo:generation_tokens_total{tenant="t"} 10.0' in httpx.get(r.url + "/metrics").text
         assert httpx.get(daemon.url + "/api/ps").json()["models"][0]["expires_at"].startswith("20")
         pid = r.worker_pid("t")

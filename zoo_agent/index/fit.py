@@ -201,20 +201,11 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
     The counts at the start of the file are checked before ``gguf.GGUFReader`` walks the
     header, so a file claiming billions of entries costs nothing; the reader maps the file
     and touches only the header's pages."""
-    try:
-        with open(path, "rb") as f:
-            start = f.read(24)
-    except OSError:
-        return None
-    if len(start) < 24 or start[:4] != b"GGUF":
-        return None
-    _version, tensors, keys = struct.unpack("<IQQ", start[4:24])
-    if tensors > _MAX_GGUF_TENSORS or keys > _MAX_GGUF_KEYS:
-        return None
     import gguf  # numpy and llama.cpp's reader, only when a GGUF model is fitted
 
     try:
-        reader = gguf.GGUFReader(path, "r")
+        if (reader := _gguf_reader(path)) is None:
+            return None
         arch = _gguf_value(reader, "general.architecture")
         if not isinstance(arch, str):
             return None
@@ -233,17 +224,9 @@ def gguf_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
-@dataclass(frozen=True)
-class GgufHeader:
-    """What a GGUF file's header says: its scalar and string metadata, and each tensor's shape (ggml's order: inner size first)."""
-
-    fields: dict[str, object]
-    shapes: dict[str, tuple[int, ...]]
-
-
-def gguf_header(path: Path) -> GgufHeader | None:
-    """The header of a GGUF file (an adapter's, whose facts ``gguf_config`` does not name); None for a
-    file that is not a readable GGUF. Bounded as ``gguf_config`` is: only the header's pages are read."""
+def _gguf_reader(path: Path) -> Any:
+    """llama.cpp's reader of ``path``'s header (a ``gguf.GGUFReader``), or None for a file that is not
+    a GGUF or whose counts (checked first, from its first 24 bytes) would cost more than a header."""
     try:
         with open(path, "rb") as f:
             start = f.read(24)
@@ -256,8 +239,25 @@ def gguf_header(path: Path) -> GgufHeader | None:
         return None
     import gguf
 
+    return gguf.GGUFReader(path, "r")
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file's header says: its scalar and string metadata, and each tensor's shape (ggml's order: inner size first)."""
+
+    fields: dict[str, object]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def gguf_header(path: Path) -> GgufHeader | None:
+    """The header of a GGUF file (an adapter's, whose facts ``gguf_config`` does not name); None for a
+    file that is not a readable GGUF. Bounded as ``gguf_config`` is: only the header's pages are read."""
+    import gguf
+
     try:
-        reader = gguf.GGUFReader(path, "r")
+        if (reader := _gguf_reader(path)) is None:
+            return None
         scalar = [key for key, field in reader.fields.items() if field.types and field.types[0] != gguf.GGUFValueType.ARRAY]  # not a vocabulary
         fields = {key: value for key in scalar if (value := _gguf_value(reader, key)) is not None}
         return GgufHeader(fields, {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors})

@@ -148,7 +148,7 @@ def _backend(config: WorkerConfig) -> Any:
         from zoo_agent.resident.worker.ollama_backend import OllamaBackend
 
         return OllamaBackend(config.ollama_model or config.model, os.environ.get("OLLAMA_HOST") or None, tenant=config.tenant,
-                             retry_cap=config.health_interval)  # fmt: skip
+                             retry_cap=config.health_interval, num_ctx=config.max_context)  # fmt: skip
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # bars belong on a terminal, not in the journal

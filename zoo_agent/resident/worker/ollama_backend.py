@@ -36,9 +36,13 @@ class OllamaBackend:
     selector = None
     sessions = None
 
-    def __init__(self, name: str, host: str | None, timeout: float = 600.0, *, tenant: str | None = None, retry_cap: float = 5.0) -> None:
+    def __init__(self, name: str, host: str | None, timeout: float = 600.0, *, tenant: str | None = None, retry_cap: float = 5.0,
+                 num_ctx: int | None = None) -> None:  # fmt: skip
         import ollama
 
+        # The tenant's max_context as the daemon's num_ctx, on every call: the daemon loads the model again
+        # whenever a request's num_ctx differs from the loaded one, so the load and warm-up carry it too.
+        self.context: dict[str, Any] = {"num_ctx": num_ctx} if num_ctx is not None else {}
         self.name = name if ":" in name else f"{name}:latest"
         self.host = host
         self.client = ollama.Client(host=host, timeout=timeout)
@@ -118,13 +122,13 @@ class OllamaBackend:
         """Ask the daemon for the model (404 when it was never pulled, or was removed: zoo-agent apply
         pulls it) and load it for good; raises ``Away`` when it cannot."""
         self._call(self.probe.show, self.name)
-        self._call(self.client.generate, model=self.name, prompt="", keep_alive=KEEP_LOADED)
+        self._call(self.client.generate, model=self.name, prompt="", keep_alive=KEEP_LOADED, options=self.context or None)
 
     def healthy(self) -> None:
         """Raises ``Away`` when the daemon is gone; loads the model again if the daemon dropped it."""
         running = [m.model for m in self._call(self.probe.ps).models]
         if self.name not in running:
-            self._call(self.client.generate, model=self.name, prompt="", keep_alive=KEEP_LOADED)
+            self._call(self.client.generate, model=self.name, prompt="", keep_alive=KEEP_LOADED, options=self.context or None)
 
     def count_tokens(self, request: Request) -> int:
         """An estimate (4 characters a token): only the daemon knows its tokenizer; it bounds prompts, nothing else."""
@@ -132,7 +136,7 @@ class OllamaBackend:
         return max(1, len(text or "") // 4)
 
     def _options(self, request: Request) -> dict[str, Any]:
-        return {"num_predict": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+        return {**self.context, "num_predict": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
                 **({"top_k": request.top_k} if request.top_k else {}), **({"seed": request.seed} if request.seed is not None else {}),
                 **({"stop": list(request.stop)} if request.stop else {})}  # fmt: skip
 
