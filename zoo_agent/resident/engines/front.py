@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -212,6 +213,74 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
+class Dechunker:
+    """A chunked body read as it arrives: ``feed`` gives the data whole so far; ``ended`` once its last chunk came."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.left = 0  # data bytes still to come in the current chunk
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.pending += data
+        out = bytearray()
+        while self.pending and not self.ended:
+            if self.left < 0:  # the CRLF after a chunk's data
+                if len(self.pending) < 2:
+                    break
+                self.pending, self.left = self.pending[2:], 0
+                continue
+            if self.left > 0:
+                take = self.pending[: self.left]
+                out += take
+                self.left -= len(take)
+                self.pending = self.pending[len(take) :]
+                if self.left == 0:
+                    self.left = -1
+                continue
+            end = self.pending.find(b"\r\n")
+            if end < 0:
+                if len(self.pending) > 1024:
+                    raise _Closed("a chunk size line longer than 1 KiB")
+                break
+            try:
+                size = int(self.pending[:end].split(b";", 1)[0], 16)
+            except ValueError:
+                raise _Closed("a chunk size that is no number") from None
+            self.pending = self.pending[end + 2 :]
+            if size == 0:
+                self.ended = True
+            else:
+                self.left = size
+        return bytes(out)
+
+
+class _Whole:
+    """Whether an answer relayed so far is whole, from its own framing: its Content-Length, or its
+    chunked body's last chunk; an answer framed by the connection's end is whole only at that end."""
+
+    def __init__(self) -> None:
+        self.left: int | None = None
+        self.chunks: Dechunker | None = None
+
+    def begin(self, fields: list[tuple[str, str]], chunked: bool) -> None:
+        if chunked:
+            self.chunks = Dechunker()
+            return
+        length = next((v.strip() for k, v in fields if k == "content-length"), "")
+        self.left = int(length) if length.isdigit() else None
+
+    def feed(self, data: bytes) -> None:
+        if self.chunks is not None:
+            with suppress(_Closed):  # a malformed chunk: never whole (the router sees it broken)
+                self.chunks.feed(data)
+        elif self.left is not None:
+            self.left -= len(data)
+
+    def done(self) -> bool:
+        return self.chunks.ended if self.chunks is not None else self.left is not None and self.left <= 0
+
+
 def _answer(sock: socket.socket, error: ApiError) -> None:
     body = error.body()
     head = (f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
@@ -331,7 +400,9 @@ class Front:
 
     def _relay(self, conn: socket.socket, engine: socket.socket, generate: bool, field_name: str) -> bool:
         """The engine's answer to the router: a 200 (or anything but a generation) as it comes, an
-        error in our shape. False when either side went away first."""
+        error in our shape. False when either side went away first: the router closing once it had
+        the whole answer (it closes as soon as it does, often before the engine's end arrives) is
+        not going away, so the answer's own framing says when it is whole."""
         poller = select.poll()
         poller.register(engine, select.POLLIN)
         poller.register(conn, select.POLLIN)
@@ -340,12 +411,15 @@ class Front:
         conn.settimeout(None)
         head: bytes | None = None
         status, chunked, passing = 502, False, False
+        whole = _Whole()
         body = bytearray()
         deadline: float | None = None  # an error answer is read within READ_SECONDS
         while True:
             ready = {fd for fd, _ in poller.poll(None if deadline is None else 250)}
             if conn.fileno() in ready:
-                return False  # the router closed (its client left): closing the engine's connection cancels the generation
+                # the router closed: after the whole answer, that is its way of saying so; before, its
+                # client left, and closing the engine's connection cancels the generation
+                return passing and whole.done() and status == 200
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if engine.fileno() not in ready:
@@ -360,6 +434,8 @@ class Front:
                 if passing:
                     out = [line] + [f"{k}: {v}" for k, v in fields if k not in ("connection", "keep-alive")] + ["connection: close"]
                     conn.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + theirs.buffer)
+                    whole.begin(fields, chunked)
+                    whole.feed(theirs.buffer)
                 else:
                     body += theirs.buffer
                     deadline = time.monotonic() + READ_SECONDS
@@ -369,6 +445,7 @@ class Front:
                 break
             if passing:
                 conn.sendall(chunk)
+                whole.feed(chunk)
             else:
                 body += chunk
                 if len(body) > ERROR_LIMIT:

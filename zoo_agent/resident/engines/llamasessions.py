@@ -59,7 +59,7 @@ from typing import Any
 from zoo_agent.errors import ZooError
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.engines.front import ERROR_LIMIT, HEAD_LIMIT, READ_SECONDS, Request, _answer, _Closed, _Conn, _head, engine_error
+from zoo_agent.resident.engines.front import ERROR_LIMIT, HEAD_LIMIT, READ_SECONDS, Dechunker, Request, _answer, _Closed, _Conn, _head, engine_error
 from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
 from zoo_agent.resident.sessions.prompt import rendered_prompt
 from zoo_agent.resident.sessions.store import SessionError, Sessions, Turn, valid_id
@@ -166,49 +166,9 @@ class _Prompt:
         return text  # a route's summary: route sessions are not kept here
 
 
-def dechunker() -> Any:
+def dechunker() -> Dechunker:
     """An incremental reader of a chunked body: ``feed(bytes) -> bytes`` of the data that arrived whole so far."""
-    return _Dechunker()
-
-
-class _Dechunker:
-    def __init__(self) -> None:
-        self.pending = b""
-        self.left = 0  # data bytes still to come in the current chunk
-        self.ended = False
-
-    def feed(self, data: bytes) -> bytes:
-        self.pending += data
-        out = bytearray()
-        while self.pending and not self.ended:
-            if self.left < 0:  # the CRLF after a chunk's data
-                if len(self.pending) < 2:
-                    break
-                self.pending, self.left = self.pending[2:], 0
-                continue
-            if self.left > 0:
-                take = self.pending[: self.left]
-                out += take
-                self.left -= len(take)
-                self.pending = self.pending[len(take) :]
-                if self.left == 0:
-                    self.left = -1
-                continue
-            end = self.pending.find(b"\r\n")
-            if end < 0:
-                if len(self.pending) > 1024:
-                    raise _Closed("a chunk size line longer than 1 KiB")
-                break
-            try:
-                size = int(self.pending[:end].split(b";", 1)[0], 16)
-            except ValueError:
-                raise _Closed("a chunk size that is no number") from None
-            self.pending = self.pending[end + 2 :]
-            if size == 0:
-                self.ended = True
-            else:
-                self.left = size
-        return bytes(out)
+    return Dechunker()
 
 
 def cache_word(history: bool, cached_tokens: int, restored: bool = False) -> str:
