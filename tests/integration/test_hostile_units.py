@@ -45,6 +45,7 @@ FLAGS = {
     "--verify-interval": "weekly", "--hf-endpoint": "http://hub.internal", "--listen": "127.0.0.1:8000",
     "--host": "local", "--root": "/srv/zoo", "--hf-token-file": "/run/keys/hf", "--api-key-file": "/run/keys/api",
     "--ollama-host": "127.0.0.1:11434", "--index": "/etc/model-zoo/index.json", "--exec": "/opt/model-zoo/bin/zoo-agent",
+    "--llama-server": "/opt/llama.cpp/bin/llama-server",
 }
 
 
@@ -89,19 +90,21 @@ def test_a_control_character_is_refused_naming_the_flag_and_nothing_is_written(t
 
 
 @pytest.mark.parametrize("field", ["exec_start", "index", "root", "host", "user", "group", "hf_endpoint", "hf_token_file", "listen",
-                                   "api_key_file", "memory_max", "environment", "extra_args", "verify_interval", "ollama_host"])
+                                   "api_key_file", "memory_max", "environment", "extra_args", "verify_interval", "ollama_host",
+                                   "llama_server"])
 def test_settings_refuse_a_nul_in_any_field(field: str) -> None:
     """What the CLI builds, and what any other caller of render() builds."""
     legal: dict[str, object] = {"exec_start": ("/opt/zoo-agent",), "index": Path("/etc/i.json")}
     value = {"exec_start": ("/opt/zoo-agent", "a\x00b"), "index": Path("/etc/i\x00.json"), "root": Path("/srv/\x00"),
              "hf_token_file": Path("/run/k\x00"), "api_key_file": Path("/run/k\x00"), "environment": {"A": "\x00"},
+             "llama_server": Path("/opt/llama\x00"),
              "extra_args": ("\x00",)}.get(field, "x\x00")
     with pytest.raises(ValidationError, match="control character U\\+0000 in the value; a unit file cannot hold it"):
         UnitSettings(**{**legal, field: value})
 
 
 @pytest.mark.parametrize("flag", ["--env", "--memory-max", "--extra-arg", "--user", "--verify-interval", "--hf-endpoint", "--listen",
-                                  "--host", "--root", "--hf-token-file", "--ollama-host"])
+                                  "--host", "--root", "--hf-token-file", "--ollama-host", "--llama-server"])
 def test_render_refuses_an_injection_and_prints_no_unit(flag: str) -> None:
     result = CliRunner().invoke(cli, ["systemd", "render", "--index", "/etc/model-zoo/index.json", "--exec", AGENT, flag, FLAGS[flag] + INJECTION])
     assert result.exit_code == 2 and result.output == f"{flag}: control character U+000A in the value; a unit file cannot hold it\n"
@@ -125,6 +128,9 @@ def test_render_refuses_an_injection_and_prints_no_unit(flag: str) -> None:
     (["--exec", "'/opt/zoo"], "--exec: No closing quotation"),
     (["--root", "/srv/a:b"], "--root: ':' cannot be in the zoo user's home directory (a passwd field): /srv/a:b"),
     (["--host", "caf\udce9"], "--host: not valid UTF-8; a unit file cannot hold it"),
+    (["--llama-server", "build/bin/llama-server"], "--llama-server: must be an absolute path (a unit has no working directory of ours): "
+                                                   "build/bin/llama-server"),
+    (["--llama-server", "llama-server"], "--llama-server: must be an absolute path (a unit has no working directory of ours): llama-server"),
 ])
 def test_a_value_no_unit_can_mean_is_refused_in_one_line(tmp_path: Path, place: Path, args: list[str], message: str) -> None:
     prefix = make_victim(tmp_path / "units")
@@ -200,11 +206,12 @@ def directives(text: str) -> list[tuple[str, str]]:
 
 
 HOSTILE_ARGS = [HOSTILE, "%n", "$MAINPID", "${HOME}", ";", "", "-x", "'", '"']
+LLAMA_SERVER = f"/opt/my llama {HOSTILE}/llama-server"
 HOSTILE_FLAGS = ["--env", f"HOSTILE={HOSTILE}", "--host", HOSTILE, "--hf-endpoint", f"http://hub.internal/{HOSTILE}",
                  "--listen", f"127.0.0.1:8000 {HOSTILE}", "--ollama-host", f"127.0.0.1:11434 {HOSTILE}",
                  "--root", f"/srv/my zoo {HOSTILE}", "--hf-token-file", "/run/my keys/hf 100% $x",
                  "--memory-max", "50%", "--verify-interval", "Mon,Thu *-*-* 04:30:00 UTC",
-                 "--user", "zoo_user-1", "--group", "zoo_group-1",
+                 "--user", "zoo_user-1", "--group", "zoo_group-1", "--llama-server", LLAMA_SERVER,
                  *(a for arg in HOSTILE_ARGS for a in ("--extra-arg", arg))]
 
 
@@ -216,11 +223,11 @@ def test_hostile_values_round_trip_through_systemd(tmp_path: Path, place: Path) 
     agent = str(place / "zoo-agent")
     assert {name: unit.commands for name, unit in parsed.items()} == {
         "model-zoo-reconcile.service": {"ExecStart": [[agent, "apply"]]},
-        "model-zoo-resident.service": {"ExecStart": [[agent, "resident", *(a.replace("$", "$$") for a in HOSTILE_ARGS)]],
+        "model-zoo-resident.service": {"ExecStart": [[agent, "resident", *(a.replace("$", "$$") for a in ["--llama-server", LLAMA_SERVER, *HOSTILE_ARGS])]],
                                        "ExecReload": [[agent, "resident", "reload", "--pid", "$MAINPID"]]},
         "model-zoo-verify.service": {"ExecStart": [[agent, "verify"]]},
         "model-zoo-verify.timer": {}}
-    assert executed(parsed["model-zoo-resident.service"].commands["ExecStart"][0]) == [agent, "resident", *HOSTILE_ARGS]
+    assert executed(parsed["model-zoo-resident.service"].commands["ExecStart"][0]) == [agent, "resident", "--llama-server", LLAMA_SERVER, *HOSTILE_ARGS]
     common = [f"ZOO_ROOT=/srv/my zoo {HOSTILE}", f"ZOO_INDEX={place}/index.json", f"ZOO_HOST={HOSTILE}",
               f"HF_ENDPOINT=http://hub.internal/{HOSTILE}", f"OLLAMA_HOST=127.0.0.1:11434 {HOSTILE}", "PYTHONUNBUFFERED=1"]
     for name in ("model-zoo-reconcile.service", "model-zoo-resident.service", "model-zoo-verify.service"):
@@ -251,7 +258,7 @@ def test_hostile_values_add_no_directive(tmp_path: Path, place: Path) -> None:
     """The units have exactly the lines the same flags with plain values give."""
     plain = ["--env", "HOSTILE=x", "--host", "h", "--hf-endpoint", "http://hub", "--listen", "127.0.0.1:8000", "--ollama-host", "o:1",
              "--root", "/srv/zoo", "--hf-token-file", "/run/keys/hf", "--memory-max", "8G", "--verify-interval", "weekly",
-             "--user", "u", "--group", "g", *(a for _ in HOSTILE_ARGS for a in ("--extra-arg", "a"))]
+             "--user", "u", "--group", "g", "--llama-server", "/opt/llama-server", *(a for _ in HOSTILE_ARGS for a in ("--extra-arg", "a"))]
     (tmp_path / "plain").mkdir()
     code, out, prefix = install(tmp_path / "plain", place, *plain)
     assert code == 0, out

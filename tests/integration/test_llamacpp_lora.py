@@ -131,14 +131,20 @@ def test_an_adapter_answers_through_the_router_as_llama_server_started_with_it(s
     for name in ("code", "terse"):  # each adapter changes the answer, and not as the other does
         assert [answers[name][p, chat] for p in PROMPTS] != [answers["base"][p, chat] for p in PROMPTS]
     assert [answers["code"][p, chat] for p in PROMPTS] != [answers["terse"][p, chat] for p in PROMPTS]
+    jobs = [(m, p) for m, _ in asked for p in PROMPTS]
     with httpx.Client(base_url=served.url, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        # all at once, mixed: the base model's requests and each adapter's share the engine's slots
-        got = list(pool.map(lambda job: (job, _text(client.post(url, json=_body(job[0], job[1], chat)))), [(m, p) for m, _ in asked for p in PROMPTS]))
+        # One at a time, as the direct answers were asked: the same batch, so the same numbers to the last bit.
+        got = [(job, _text(client.post(url, json=_body(job[0], job[1], chat)))) for job in jobs]
+        # All at once, mixed: the base model's requests and each adapter's share the engine's slots and all
+        # are answered. Not compared to the letter: the random tiny model has near-ties (top logits 1e-5
+        # apart) that a batch of another size rounds the other way, in llama-server alone as well.
+        together = list(pool.map(lambda job: client.post(url, json=_body(job[0], job[1], chat)), jobs))
         scaled = _body("t", PROMPTS[0], chat, x_zoo={"adapters": [{"name": "terse", "scale": -0.5}]})
         negative = _text(client.post(url, json=scaled))
         streamed = _streamed(client, url, _body("t:code", PROMPTS[1], chat))
     expected = {(m, p): answers[ref][p, chat] for m, ref in asked for p in PROMPTS}
     assert dict(got) == expected
+    assert [(r.status_code, bool(_text(r))) for r in together] == [(200, True)] * len(jobs)
     assert negative == answers["terse*-0.5"][PROMPTS[0], chat]
     assert streamed == answers["code"][PROMPTS[1], chat]
 

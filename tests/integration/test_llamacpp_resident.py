@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.resident
 
 GENERATION = {"temperature": 0, "max_tokens": 12}
 PROMPTS = ["Hello", "The quick brown fox", "Once upon a time", "1 2 3 4", "zoo", "What is a model?", "abc def", "Tell me more"]
+MORE_PROMPTS = ["A host serves", "Adapters change", "pinned by its digest", "How are you?", "x", "The zoo keeps every model"]
 
 
 def _tenant(**resources: Any) -> dict[str, Any]:
@@ -156,10 +158,9 @@ def test_what_llama_server_would_misserve_is_refused_and_its_metrics_carry_the_t
     r, _ = served
     adapter = httpx.post(r.url + "/v1/completions", json={"model": "t:sql", "prompt": "x"}, timeout=60)
     assert adapter.status_code == 404 and adapter.json()["error"]["param"] == "model", adapter.text  # never the base model's answer
-    session = httpx.post(r.url + "/v1/chat/completions", json={"model": "t", "session": "s1", "messages": [{"role": "user", "content": "x"}]},
-                         timeout=60)  # fmt: skip
+    session = httpx.post(r.url + "/v1/completions", json={"model": "t", "session": "s1", "prompt": "x"}, timeout=60)  # a session is a chat
     assert session.status_code == 400 and session.json()["error"]["param"] == "session", session.text
-    assert httpx.get(r.url + "/v1/sessions/s1", params={"model": "t"}, timeout=60).status_code == 404
+    assert httpx.get(r.url + "/v1/sessions/s1", params={"model": "t"}, timeout=60).status_code == 404  # none yet (test_llamacpp_sessions)
     assert [m["id"] for m in httpx.get(r.url + "/v1/models", timeout=10).json()["data"]] == ["t"]
     metrics = httpx.get(r.url + "/metrics", timeout=30).text
     assert 'llamacpp:tokens_predicted_total{tenant="t"}' in metrics, metrics[-2000:]
@@ -300,35 +301,53 @@ def _paged(world: World) -> list[tuple[str, str]]:
     return [(r["action"], r["id"]) for r in map(json.loads, lines) if r["action"] in ("page-in", "page-out")]
 
 
-def test_llama_cpp_tenants_page_least_recently_used_under_the_budget(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
+def test_five_llama_cpp_tenants_page_least_recently_used_never_the_pinned_nor_the_busy(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path],
+                                                                                         tmp_path: Path) -> None:  # fmt: skip
+    """Five tenants, room for the pinned one and two others, as the transformers tenants page
+    (tests/integration/test_paging.py); b streams (busy) while c, d and e page around it."""
     from zoo_agent.index.fit import read_config, tenant_footprint
     from zoo_agent.index.load import load_index
 
-    tenants = {t: {**_tenant(max_batch=2), "pinned": False} for t in "abc"}
+    tenants = {t: {**_tenant(max_batch=2, max_context=4096), "pinned": t == "a"} for t in "abcde"}
     world = _world(tmp_path, tiny_gguf["q4_k_m"], tenants)
     idx = load_index(world.index, str(world.index))
     fp = tenant_footprint(idx, "a", read_config(world.root / "models/m/current")).total
-    write_llama_index(world, tenants, budget=str(int(fp * 2.5)))  # room for two
+    write_llama_index(world, tenants, budget=str(int(fp * 3.5)))
     r = Resident(world, "--llama-server", str(llama_cpp.server))
+    answers: dict[str, set[str]] = {}
+    pids: dict[str, list[int]] = {}
+
+    def ask(tenant: str) -> None:
+        answer = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": "Hello"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        answers.setdefault(tenant, set()).add(_text(answer.json()))
+        pids.setdefault(tenant, []).append(_pid(r, tenant))
+
     try:
         r.wait_ready(120)
-        answers: dict[str, set[str]] = {}
-        pids = []
-        for tenant in ["a", "b", "c", "a", "b"]:
-            answer = httpx.post(r.url + "/v1/completions", json={"model": tenant, "prompt": "Hello"}, timeout=120)
-            assert answer.status_code == 200, answer.text
-            answers.setdefault(tenant, set()).add(_text(answer.json()))
-            pids.append(_pid(r, tenant))
+        ask("b")
+        body = {"model": "b", "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=r.url, timeout=120) as client, client.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # b is busy, and the least recently used: the rest waits for us to read it
+            ask("c")
+            ask("d")  # c goes, not b
+            ask("e")  # d goes, not b
+            assert httpx.get(r.url + "/health", timeout=10).json()["tenants"]["b"]["inflight"] == 1  # still streaming
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert not any("error" in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length", events[-1:]
+        for tenant in ["c", "a", "d", "c"]:  # e goes (b was in use until its stream ended), then b, then none (c is loaded)
+            ask(tenant)
         health = httpx.get(r.url + "/health", timeout=10).json()
     finally:
         out = r.stop()
-    # At c, a (least recently used) goes; at a, b; at b, c: each drained and stopped.
-    assert [t for action, t in _paged(world) if action == "page-out"] == ["a", "b", "c"], out[-3000:]
-    assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "b"}
-    assert all(len(texts) == 1 for texts in answers.values())  # a tenant paged out and in again answers as before
-    for pid in pids[:3]:
+    assert [t for action, t in _paged(world) if action == "page-out"] == ["c", "d", "e", "b"], out[-3000:]
+    assert {t for t, h in health["tenants"].items() if h["state"] == "serving"} == {"a", "c", "d"}
+    assert len(set(pids["a"])) == 1 and len(set(pids["c"])) == 2  # the pinned one served throughout; c was paged out and in
+    assert all(len(texts) == 1 for texts in answers.values()), answers  # a tenant paged out and in again answers as before
+    for pid in {pids["b"][0], pids["c"][0], pids["d"][0], pids["e"][0]}:
         with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+            os.kill(pid, 0)  # each paged-out one drained and stopped
     assert "Traceback" not in out and "failed before answering" not in out, out[-3000:]
 
 
@@ -362,6 +381,84 @@ def test_a_reload_drains_the_old_llama_server_without_failing_its_stream(llama_c
         else:
             raise AssertionError("the drained llama-server did not stop")
         assert new != old and json.loads((r.root / "resident/tenants/t/model-info.json").read_text())["version"] == "v2"
+    finally:
+        out = r.stop()
+    assert "Traceback" not in out, out[-3000:]
+
+
+def _agrees(llama: str, ours: str) -> bool:
+    """Whether llama.cpp's text is the transformers tenant's on the same tokens. Random weights answer bytes
+    that are not UTF-8: each decoder puts one U+FFFD per invalid sequence, cut differently (so a run of them
+    counts as one), and llama-server keeps back the last bytes (up to 3) where they look like the start of a
+    character, in its streams and its chat answers (ours shows them as U+FFFD)."""
+    whole, part = re.sub("\ufffd+", "\ufffd", ours), re.sub("\ufffd+", "\ufffd", llama)
+    return whole.startswith(part) and len(whole) - len(part) <= 3
+
+
+def _decided(model_dir: Path, prompts: list[str], steps: int, chat: bool) -> list[str]:
+    """The prompts whose every greedy step, as transformers computes it, has its top two logits more than
+    1e-3 apart: random weights give near-ties (1e-5 apart) that two engines' f32 kernels may break either way."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    decided = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]  # fmt: skip
+        else:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        margins = []
+        with torch.no_grad():
+            for _ in range(steps):
+                top = torch.topk(model(ids).logits[0, -1], 2)
+                margins.append(float(top.values[0] - top.values[1]))
+                ids = torch.cat([ids, top.indices[:1].view(1, 1)], dim=1)
+        if min(margins) > 1e-3:
+            decided.append(prompt)
+    return decided
+
+
+def test_the_f32_gguf_answers_as_the_transformers_tenant_on_the_same_weights_through_one_resident(
+        llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    """One resident, two tenants of the same tiny model: the transformers one on its safetensors and
+    the llama.cpp one on their f32 GGUF conversion. Greedy, each answer the same text and the same
+    number of tokens, asked together, streamed and not."""
+    world = World(tmp_path)
+    world.artifact("hf", "v1", {p.name: p.read_bytes() for p in sorted(tiny_gguf["hf"].iterdir())})
+    declare_gguf(world, "m", "v1", {tiny_gguf["f32"].name: tiny_gguf["f32"].read_bytes()})
+    write_llama_index(world, {"gg": _tenant(), "tf": {**_tenant(), "model": "hf", "backend": "transformers"}})
+    applied = world.run("apply")
+    assert applied.exit_code == 0, applied.output
+    r = Resident(world, "--llama-server", str(llama_cpp.server))
+    try:
+        r.wait_ready(180)
+        with httpx.Client(base_url=r.url, timeout=120) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                prompts = _decided(tiny_gguf["hf"], PROMPTS + MORE_PROMPTS, 12, chat="chat" in path)
+                assert len(prompts) >= 6, prompts
+
+                def body(tenant: str, prompt: str, path: str = path) -> dict[str, Any]:
+                    asked = {"messages": [{"role": "user", "content": prompt}]} if "chat" in path else {"prompt": prompt}
+                    return {"model": tenant, "ignore_eos": True, **asked}
+
+                def ask(tenant: str, prompt: str, path: str = path) -> tuple[str, int]:
+                    answer = client.post(path, json=body(tenant, prompt))
+                    assert answer.status_code == 200, answer.text
+                    return _text(answer.json()), int(answer.json()["usage"]["completion_tokens"])
+
+                def streamed(tenant: str, prompt: str, path: str = path) -> str:
+                    return _streamed(client, path, body(tenant, prompt))[0]
+
+                tf = list(pool.map(lambda p: ask("tf", p), prompts))
+                gg = list(pool.map(lambda p: ask("gg", p), prompts))
+                assert len({text for text, _ in tf}) > 1 and all(n == 12 for _, n in tf), tf  # the prompts tell the answers apart
+                assert [n for _, n in gg] == [n for _, n in tf], path
+                assert all(_agrees(g, t) for (g, _), (t, _) in zip(gg, tf, strict=True)), (path, gg, tf)
+                assert list(pool.map(lambda p: streamed("tf", p), prompts)) == [text for text, _ in tf], path
+                assert all(_agrees(g, t) for g, (t, _) in zip(pool.map(lambda p: streamed("gg", p), prompts), tf, strict=True)), path
     finally:
         out = r.stop()
     assert "Traceback" not in out, out[-3000:]

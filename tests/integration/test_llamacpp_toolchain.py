@@ -68,3 +68,25 @@ def test_a_gguf_version_directory_fits_from_its_header(tiny_gguf: dict[str, Path
     (version / "model.gguf").unlink()
     (version / "model.gguf").write_bytes(tiny_gguf[kind].read_bytes())
     assert read_config(version) == gguf_config(tiny_gguf[kind])
+
+
+def test_the_demos_gguf_writer_writes_what_the_converter_writes(llama_cpp: LlamaCpp, tiny_gguf: dict[str, Path], tmp_path: Path) -> None:
+    """`zoo-agent demo` writes its GGUF itself (a user's llama.cpp comes without the converter):
+    tensor for tensor the converter's f32 file, the same tokenizer, the same greedy answer; its
+    q8_0 file loads and answers; both byte for byte the same when written again (the index pins one)."""
+    import gguf
+
+    from zoo_agent.demo.gguf import build_tiny_gguf
+
+    ours = build_tiny_gguf(tiny_gguf["hf"], tmp_path / "ours-f32.gguf", "f32")
+    theirs_reader, ours_reader = gguf.GGUFReader(tiny_gguf["f32"]), gguf.GGUFReader(ours)
+    theirs_tensors = {t.name: (t.tensor_type, t.shape.tolist(), bytes(t.data)) for t in theirs_reader.tensors}
+    assert {t.name: (t.tensor_type, t.shape.tolist(), bytes(t.data)) for t in ours_reader.tensors} == theirs_tensors
+    for key, field in theirs_reader.fields.items():
+        if key.startswith(("tokenizer.", "llama.")) or key in ("general.architecture", "general.file_type"):
+            assert ours_reader.fields[key].contents() == field.contents(), key
+    assert _server_greedy(llama_cpp, ours, tmp_path / "ours.log") == _transformers_greedy(tiny_gguf["hf"])
+    q8 = build_tiny_gguf(tiny_gguf["hf"], tmp_path / "ours-q8_0.gguf", "q8_0")
+    assert q8.stat().st_size < ours.stat().st_size / 2
+    assert len(_server_greedy(llama_cpp, q8, tmp_path / "q8.log")) == STEPS
+    assert build_tiny_gguf(tiny_gguf["hf"], tmp_path / "again.gguf", "q8_0").read_bytes() == q8.read_bytes()

@@ -79,6 +79,8 @@ def test_dry_run_writes_nothing(tmp_path: Path, visible: Path) -> None:
     (["--hf-cache", "/var/lib/model-zoo/view"], "--hf-cache: /var/lib/model-zoo/view and the zoo at /var/lib/model-zoo overlap:"),
     (["--hf-cache", "/var/lib", "--root", "/var/lib/zoo"], "--hf-cache: /var/lib and the zoo at /var/lib/zoo overlap:"),
     (["--hf-cache", "view"], "--hf-cache: must be an absolute path"),
+    (["--llama-server", "/home/ops/llama.cpp/build/bin/llama-server"],
+     "llama-server /home/ops/llama.cpp/build/bin/llama-server is under /home (hidden from the service by the unit's sandbox);"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, visible: Path, args: list[str], message: str) -> None:
     code, out, prefix = install(tmp_path, visible, *args)

@@ -361,6 +361,21 @@ class TestModule:
         assert parse_unit(rendered["model-zoo-verify.timer"])["Timer"]["OnCalendar"] == [out["timers"]["model-zoo-verify"]["timerConfig"]["OnCalendar"]]
         assert out["services"]["model-zoo-resident"]["serviceConfig"]["ReadWritePaths"] == ['"/srv/my zoo"', f"-{RESIDENT_CGROUP}"]
 
+    def test_a_llama_cpp_package_gives_the_lines_zoo_agent_systemd_render_gives(self, tmp_path: Path) -> None:
+        """`resident.llamaCpp.package` and `systemd render --llama-server`: the same resident unit, escaped the
+        same way whatever its path holds, under the same hardening (issue #33)."""
+        store = '/nix/store/00000000000000000000000000000000-llama a "b" 100% $HOME \\ \'c\' ;'
+        out = evaluated(tmp_path, 'indexFile = "/etc/model-zoo/index.json"; resident.llamaCpp.enable = true;'
+                                  f' resident.llamaCpp.package = {{ type = "derivation"; name = "llama-cpp"; outPath = {nix_string(store)}; }};')
+        rendered = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos", llama_server=Path(f"{store}/bin/llama-server")))
+        for name, service in out["services"].items():
+            assert service_lines(rendered[f"{name}.service"]) == nixos_service_lines(service), name
+        assert "--llama-server" in out["services"]["model-zoo-resident"]["serviceConfig"]["ExecStart"]
+        plain = render(UnitSettings(exec_start=(FAKE_AGENT,), index=Path(FAKE_INDEX), host="nixos"))
+        resident, before = parse_unit(rendered.pop("model-zoo-resident.service")), parse_unit(plain.pop("model-zoo-resident.service"))
+        assert resident["Service"].pop("ExecStart") != before["Service"].pop("ExecStart")
+        assert (resident, rendered) == (before, plain)  # the engine's path is one more argument, nothing else
+
     def test_prometheus_scrapes_the_resident_and_node_exporter_reads_the_textfiles(self, tmp_path: Path) -> None:
         """Issue #25: a scrape job for the resident, the textfile directory for the oneshot units
         and node_exporter's flag, and the same [Service] lines as `zoo-agent systemd render --textfile-dir`."""

@@ -28,7 +28,7 @@ def _stub_pointers(node: Any, at: str = "") -> list[str]:
 
 
 def test_top_level_index_is_valid_and_its_pins_are_what_the_demo_builds(tmp_path: Path) -> None:
-    """index.json pins the tiny model and adapter that `zoo-agent demo` builds (byte for byte)."""
+    """index.json pins the tiny model, its GGUF and the adapter that `zoo-agent demo` builds (byte for byte)."""
     pytest.importorskip("peft", reason="building the demo model needs the resident extra (pip install -e .[resident])")
     from zoo_agent.cli.demo import build_sources
     from zoo_agent.index.load import load_index
@@ -38,6 +38,7 @@ def test_top_level_index_is_valid_and_its_pins_are_what_the_demo_builds(tmp_path
     shutil.copy(REPO / "index.json", tmp_path / "index.json")
     idx = load_index(tmp_path / "index.json", "index.json")
     assert build_sources(idx, tmp_path, "demo") == ["demo", "demo-terse"]  # raises, naming the files, if a pin differs
+    assert build_sources(idx, tmp_path, "demo-llama") == ["demo-gguf"]  # the host with a llama.cpp tenant: the rest is built
     for kind in ("models", "loras"):
         for entry in json.loads((REPO / "index.json").read_text())[kind].values():
             for file in entry["files"]:

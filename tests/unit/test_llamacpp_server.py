@@ -175,3 +175,59 @@ def test_a_worker_with_no_process_is_placed_in_no_cgroup(tmp_path: Path) -> None
     assert cgroups.unit == unit
     assert cgroups.place(0, "chat", 1 << 30) is None
     assert not list(unit.glob("worker-*"))
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_answer_the_router_had_whole_is_counted_though_it_closed_before_the_engine(tmp_path: Path, framing: str) -> None:
+    """The router closes its connection as soon as it has the whole answer, often before llama-server's
+    own end arrives: that is no client gone. The front counted it as one (Status: said 56 of 60)."""
+    import socket
+    import threading
+    import time
+
+    from zoo_agent.resident.engines.front import Front
+
+    engine_path, front_path = str(tmp_path / "engine.sock"), str(tmp_path / "front.sock")
+    engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine.bind(engine_path)
+    engine.listen(1)
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}" if framing == "content-length"
+              else b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")  # fmt: skip
+    let_go = threading.Event()
+
+    def serve() -> None:  # answers whole, then holds its end of the connection until the router has closed
+        conn, _ = engine.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            conn.sendall(answer)
+            let_go.wait(10)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    front = Front(front_path, engine_path, ("t",))
+    front.start()
+    try:
+        body = b'{"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as router:
+            router.settimeout(10)
+            router.connect(front_path)
+            router.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            got = b""
+            while not got.endswith(answer.split(b"\r\n\r\n", 1)[1]):
+                data = router.recv(65536)
+                assert data, got
+                got += data
+        deadline = time.monotonic() + 10  # a liveness bound: the front's thread sees the close at once
+        while front.served == 0 and front.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        let_go.set()
+        server.join(10)
+        deadline = time.monotonic() + 10
+        while front.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (front.served, front.inflight) == (1, 0)
+    finally:
+        let_go.set()
+        front.stop()
+        engine.close()

@@ -60,6 +60,8 @@ _OPTIONS = [
                  help="node_exporter's textfile-collector directory: the reconcile and verify units write their metrics there."),
     click.option("--hf-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
                  help="Run `zoo-agent export hf-cache DIR` after every apply (and gc): the zoo as a Hugging Face cache of links."),
+    click.option("--llama-server", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="llama.cpp's server for tenants with backend 'llama.cpp' (`resident --llama-server`; default: the one on the unit's PATH)."),
 ]
 
 

@@ -169,6 +169,7 @@ class UnitSettings(BaseModel):
     ollama_host: str | None = None  # OLLAMA_HOST; the units then start after ollama.service
     textfile_dir: Path | None = None  # node_exporter's textfile directory: apply, verify and gc write *.prom there (issue #25)
     hf_cache: Path | None = None  # `zoo-agent export hf-cache` here after every apply (issue #35)
+    llama_server: Path | None = None  # `resident --llama-server`, for tenants with backend "llama.cpp" (issue #33)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -178,7 +179,8 @@ class UnitSettings(BaseModel):
                 raise ValueError(problem)
         return value
 
-    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "textfile_dir", "hf_cache")
+    @field_validator("index", "root", "hf_token_file", "api_key_file", "fleet_key_file", "priority_key_file", "textfile_dir", "hf_cache",
+                     "llama_server")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -276,7 +278,8 @@ def hidden_by_sandbox(settings: UnitSettings) -> list[str]:
     needed = [("ExecStart", Path(settings.exec_start[0])), ("index", settings.index), ("root", settings.root)]
     needed += [(name, p) for name, p in (("hf token file", settings.hf_token_file), ("api key file", settings.api_key_file),
                                          ("fleet key file", settings.fleet_key_file), ("priority key file", settings.priority_key_file),
-                                         ("textfile dir", settings.textfile_dir), ("hf cache", settings.hf_cache)) if p]  # fmt: skip
+                                         ("textfile dir", settings.textfile_dir), ("hf cache", settings.hf_cache),
+                                         ("llama-server", settings.llama_server)) if p]  # fmt: skip
     return [f"{name} {path} is under {hidden} (hidden from the service by the unit's sandbox)"
             for name, path in needed for hidden in _HIDDEN if path.is_relative_to(hidden)]
 
@@ -325,7 +328,9 @@ def _resident_unit(settings: UnitSettings) -> str:
               # failed with the resident's own Status: line saying why.
               "StartLimitIntervalSec": "300", "StartLimitBurst": "5"},
         service={"Type": "notify", "NotifyAccess": "main",
-                 "ExecStart": _exec(settings, "resident", *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else "")
+                 # The engine runs as the resident's child: in this unit, under its hardening (as the module's llamaCpp.package).
+                 "ExecStart": _exec(settings, "resident", *(("--llama-server", str(settings.llama_server)) if settings.llama_server else ()),
+                                    *settings.extra_args) + (" --api-key-file %d/api-key" if settings.api_key_file else "")
                               + (" --fleet-key-file %d/fleet-key" if settings.fleet_key_file else "")
                               + (" --priority-key-file %d/priority-key" if settings.priority_key_file else ""),
                  # Synchronous: returns when the new version serves (systemd 252 has no notify-reload).

@@ -7,8 +7,8 @@ worker knows which engine answers:
 
 - a request it cannot serve as asked is refused here, in our error shape, never misserved: a model
   name other than the tenant's or one of its adapters' (llama-server would ignore the name and
-  answer with the base model), a ``session`` (it would answer without the conversation), our sessions'
-  and adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
+  answer with the base model), a route's ``session`` (it would answer without the conversation; a
+  tenant's sessions are kept here, by ``llamasessions``), our adapters' endpoints, and a body our API refuses from any tenant (``n`` above 1, a list of
   prompts: more sequences than the router admitted);
 - an error answer is ours: its ``exceed_context_size_error`` is our 400 naming ``messages`` (or
   ``prompt``), the others keep their status and message in our shape (``wire.http.ApiError``);
@@ -34,8 +34,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.engines.llamalora import Loras, lora_field, with_lora
@@ -71,12 +72,13 @@ class Request:
     body: bytes = b""
 
 
-def check(request: Request, names: tuple[str, ...], loras: Loras | None = None) -> ApiError | None:
+def check(request: Request, names: tuple[str, ...], loras: Loras | None = None, sessions: bool = False) -> ApiError | None:
     """Why llama-server must not be asked this (pure), or None. ``names``: what ``model`` may say
     (the tenant, its model's id); ``loras``: the tenant's adapters (``<tenant>:<adapter>``). A
     generation's body is held to our API's rules (``worker/bodies``: the same 400 naming the same
     field as from any tenant; one completion of one prompt per request, which is what the router's
-    admission counts), and then forwarded as it came (with ``lora`` for a tenant with adapters)."""
+    admission counts), and then forwarded as it came (with ``lora`` for a tenant with adapters).
+    ``sessions``: the front keeps the tenant's sessions (``llamasessions``), which take a chat turn that names one."""
     if request.path in GENERATE and request.method == "POST":
         try:
             document = loads(request.body, limit=BODY_LIMIT)
@@ -88,18 +90,32 @@ def check(request: Request, names: tuple[str, ...], loras: Loras | None = None) 
             return invalid
         if isinstance(lora := lora_field(document, names, loras), ApiError):  # its adapters (llamalora.py)
             return lora
-        if document.get("session") is not None or SESSION_ROUTE.lower() in request.headers:
-            return ApiError(400, "session: a llama.cpp tenant keeps no sessions yet; send the whole conversation", "session", "not_supported")
+        if (refused := _session_refused(request, document, sessions)) is not None:
+            return refused
         if document.get("n_cmpl", 1) != 1:
             return ApiError(400, "n_cmpl: only 1 is supported; send the request again for another completion", "n_cmpl")
         return None
     if request.path == "/metrics" and request.method == "GET":
         return None
     if request.path.startswith("/v1/sessions/"):
-        return ApiError(404, "session: a llama.cpp tenant keeps no sessions yet", "session", "not_supported")
+        return None if sessions else ApiError(404, "session: a llama.cpp tenant keeps no sessions here", "session", "not_supported")
     if request.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return ApiError(400, "lora_name: a llama.cpp tenant loads no adapters at runtime", "lora_name", "not_supported")
     return ApiError(404, f"{request.path[:100]}: not served by a llama.cpp tenant")
+
+
+def _session_refused(request: Request, document: dict[str, Any], sessions: bool) -> ApiError | None:
+    """A ``session`` the front cannot keep (pure): none kept here, a route's (its turns span tenants),
+    or one on ``/v1/completions`` (a session is a chat)."""
+    if SESSION_ROUTE.lower() in request.headers:
+        return ApiError(400, "session: a route's session is not kept by a llama.cpp tenant yet; send the whole conversation", "session", "not_supported")
+    if document.get("session") is None:
+        return None
+    if not sessions:
+        return ApiError(400, "session: this llama.cpp tenant keeps no sessions; send the whole conversation", "session", "not_supported")
+    if request.path != GENERATE[0]:
+        return ApiError(400, f"session: a session is a chat; ask {GENERATE[0]}", "session")
+    return None
 
 
 def _invalid(document: dict[str, Any], chat: bool) -> ApiError | None:
@@ -197,6 +213,74 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
+class Dechunker:
+    """A chunked body read as it arrives: ``feed`` gives the data whole so far; ``ended`` once its last chunk came."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.left = 0  # data bytes still to come in the current chunk
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.pending += data
+        out = bytearray()
+        while self.pending and not self.ended:
+            if self.left < 0:  # the CRLF after a chunk's data
+                if len(self.pending) < 2:
+                    break
+                self.pending, self.left = self.pending[2:], 0
+                continue
+            if self.left > 0:
+                take = self.pending[: self.left]
+                out += take
+                self.left -= len(take)
+                self.pending = self.pending[len(take) :]
+                if self.left == 0:
+                    self.left = -1
+                continue
+            end = self.pending.find(b"\r\n")
+            if end < 0:
+                if len(self.pending) > 1024:
+                    raise _Closed("a chunk size line longer than 1 KiB")
+                break
+            try:
+                size = int(self.pending[:end].split(b";", 1)[0], 16)
+            except ValueError:
+                raise _Closed("a chunk size that is no number") from None
+            self.pending = self.pending[end + 2 :]
+            if size == 0:
+                self.ended = True
+            else:
+                self.left = size
+        return bytes(out)
+
+
+class _Whole:
+    """Whether an answer relayed so far is whole, from its own framing: its Content-Length, or its
+    chunked body's last chunk; an answer framed by the connection's end is whole only at that end."""
+
+    def __init__(self) -> None:
+        self.left: int | None = None
+        self.chunks: Dechunker | None = None
+
+    def begin(self, fields: list[tuple[str, str]], chunked: bool) -> None:
+        if chunked:
+            self.chunks = Dechunker()
+            return
+        length = next((v.strip() for k, v in fields if k == "content-length"), "")
+        self.left = int(length) if length.isdigit() else None
+
+    def feed(self, data: bytes) -> None:
+        if self.chunks is not None:
+            with suppress(_Closed):  # a malformed chunk: never whole (the router sees it broken)
+                self.chunks.feed(data)
+        elif self.left is not None:
+            self.left -= len(data)
+
+    def done(self) -> bool:
+        return self.chunks.ended if self.chunks is not None else self.left is not None and self.left <= 0
+
+
 def _answer(sock: socket.socket, error: ApiError) -> None:
     body = error.body()
     head = (f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
@@ -204,9 +288,18 @@ def _answer(sock: socket.socket, error: ApiError) -> None:
     sock.sendall(head.encode("latin-1") + body)
 
 
+class SessionKeeper(Protocol):
+    """The tenant's sessions (``llamasessions.LlamaSessions``): the requests it takes, answered on the connection."""
+
+    def takes(self, request: Request) -> bool: ...
+
+    def serve(self, conn: socket.socket, request: Request) -> bool: ...
+
+
 class Front:
     """The socket the router forwards a llama.cpp tenant's requests to (``path``), in front of
-    llama-server's own (``engine``). ``inflight`` and ``served`` are what the supervisor is told."""
+    llama-server's own (``engine``). ``inflight`` and ``served`` are what the supervisor is told;
+    ``sessions``, when set, keeps the tenant's sessions."""
 
     def __init__(self, path: str, engine: str, names: tuple[str, ...], loras: Loras | None = None) -> None:
         self.path, self.engine, self.names = path, engine, names
@@ -220,6 +313,7 @@ class Front:
         self.served = 0
         self._stopped = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.sessions: SessionKeeper | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._accept, name=f"front-{os.path.basename(self.path)}", daemon=True).start()
@@ -282,11 +376,16 @@ class Front:
             _answer(conn, ApiError(413 if length > 0 else 400, f"body: at most {BODY_LIMIT} bytes, with a Content-Length"))
             return
         request = Request(method, target.partition("?")[0], target, headers, ours.exactly(length))
-        if (refused := check(request, self.names, self.loras)) is not None:
+        if (refused := check(request, self.names, self.loras, self.sessions is not None)) is not None:
             _answer(conn, refused)
             return
         if request.path in GENERATE:
             request = replace(request, body=with_lora(request.body, self.names, self.loras))
+        if self.sessions is not None and self.sessions.takes(request):
+            if self.sessions.serve(conn, request):
+                with self.lock:
+                    self.served += 1
+            return
         generate = request.path in GENERATE
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
             engine.settimeout(CONNECT_SECONDS)
@@ -301,7 +400,9 @@ class Front:
 
     def _relay(self, conn: socket.socket, engine: socket.socket, generate: bool, field_name: str) -> bool:
         """The engine's answer to the router: a 200 (or anything but a generation) as it comes, an
-        error in our shape. False when either side went away first."""
+        error in our shape. False when either side went away first: the router closing once it had
+        the whole answer (it closes as soon as it does, often before the engine's end arrives) is
+        not going away, so the answer's own framing says when it is whole."""
         poller = select.poll()
         poller.register(engine, select.POLLIN)
         poller.register(conn, select.POLLIN)
@@ -310,12 +411,15 @@ class Front:
         conn.settimeout(None)
         head: bytes | None = None
         status, chunked, passing = 502, False, False
+        whole = _Whole()
         body = bytearray()
         deadline: float | None = None  # an error answer is read within READ_SECONDS
         while True:
             ready = {fd for fd, _ in poller.poll(None if deadline is None else 250)}
             if conn.fileno() in ready:
-                return False  # the router closed (its client left): closing the engine's connection cancels the generation
+                # the router closed: after the whole answer, that is its way of saying so; before, its
+                # client left, and closing the engine's connection cancels the generation
+                return passing and whole.done() and status == 200
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if engine.fileno() not in ready:
@@ -330,6 +434,8 @@ class Front:
                 if passing:
                     out = [line] + [f"{k}: {v}" for k, v in fields if k not in ("connection", "keep-alive")] + ["connection: close"]
                     conn.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + theirs.buffer)
+                    whole.begin(fields, chunked)
+                    whole.feed(theirs.buffer)
                 else:
                     body += theirs.buffer
                     deadline = time.monotonic() + READ_SECONDS
@@ -339,6 +445,7 @@ class Front:
                 break
             if passing:
                 conn.sendall(chunk)
+                whole.feed(chunk)
             else:
                 body += chunk
                 if len(body) > ERROR_LIMIT:

@@ -52,6 +52,7 @@ from zoo_agent.resident.config import AdapterConfig, WorkerConfig
 from zoo_agent.resident.engines.front import Front
 from zoo_agent.resident.engines.llamacpp import LlamaServer, engine_env, server_argv
 from zoo_agent.resident.engines.llamalora import adapter_files, lora_argv, loras_for
+from zoo_agent.resident.engines.llamasessions import LlamaSessions
 from zoo_agent.resident.process import WorkerProcess
 from zoo_agent.resident.wire import control as p
 from zoo_agent.store.durable import DIR_MODE
@@ -205,6 +206,7 @@ class LlamaServerProcess(WorkerProcess):
         self.server = server
         self.engine_path = path.removesuffix(".sock") + "-engine.sock"
         self.front = Front(path, self.engine_path, (config.tenant, config.model), loras_for(config))
+        self.front.sessions = LlamaSessions.for_config(config, self.engine_path)
         self._popen: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._events: list[p.ToSupervisor] = []
@@ -397,7 +399,8 @@ class LlamaServerProcess(WorkerProcess):
             stalled = False
             c = self._counters
             self._emit(p.Pong(seq=seq, served=self.front.served, tokens=int(c.get("tokens_predicted_total", 0)),
-                              running=int(c.get("requests_processing", 0)), waiting=int(c.get("requests_deferred", 0)), tps=tokens_per_second(self._rate)))  # fmt: skip
+                              running=int(c.get("requests_processing", 0)), waiting=int(c.get("requests_deferred", 0)), tps=tokens_per_second(self._rate),
+                              sessions=self.front.sessions.count() if isinstance(self.front.sessions, LlamaSessions) else 0))  # fmt: skip
 
     def _watch_metrics(self) -> None:
         """Its counters and whether its decode loop advances: every 2 s while requests are in flight, else every 15 s.

@@ -22,7 +22,7 @@ from typing import Any
 
 from zoo_agent.resident.sessions.transcript import SessionTurn
 
-__all__ = ["conversation_ids", "session_prompt"]
+__all__ = ["conversation_ids", "rendered_prompt", "session_prompt"]
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -76,6 +76,16 @@ def session_prompt(tokenizer: Any, history: list[SessionTurn], new_messages: lis
     for segment in reversed(later[:following]):
         ids += segment
     return kept, ids
+
+
+def rendered_prompt(tokenizer: Any, history: list[SessionTurn], new_messages: list[dict[str, str]], budget: int | None) -> tuple[int, list[int]]:
+    """``(dropped, ids)`` for an engine that renders the conversation itself (llama.cpp's, issue #33): the
+    messages, as that engine's template renders them and its tokenizer reads them, with the fewest oldest
+    turns left out so that it has at most ``budget`` tokens. Rendered whole once; bisected only when it does not fit."""
+    whole = _tokens(tokenizer, _render(tokenizer, [m.model_dump() for t in history for m in t.messages] + new_messages))
+    if budget is None or len(whole) <= budget or not history:
+        return 0, whole
+    return _whole_history(tokenizer, history, new_messages, budget, [])
 
 
 def _between(tokenizer: Any, previous: SessionTurn, previous_ids: list[int], previous_prompt: list[dict[str, str]],
