@@ -196,6 +196,17 @@ def tokens_per_second(rate: Iterable[tuple[float, float]], window: float = 30.0)
     return float(round((samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0]), 1))
 
 
+def _journal(stream: IO[bytes], who: str, loading: Callable[[], bool], errors: collections.deque[str]) -> None:
+    """llama-server's log lines into ours, at the levels ``log_level`` gives, each named ``who``;
+    those at INFO and above kept in ``errors`` (a failed load's reason is among its last)."""
+    for line in _lines(stream, LOG_LINE):
+        level, text = log_level(line, loading=loading())
+        if level >= logging.INFO:
+            errors.append(line)
+        log.log(level, "%s: %s", who, text)
+    stream.close()
+
+
 class LlamaServerProcess(WorkerProcess):
     """``llama-server`` for one tenant version: the router reaches it at ``path`` (our front), the
     engine listens on ``engine_path`` beside it."""
@@ -317,13 +328,7 @@ class LlamaServerProcess(WorkerProcess):
 
     def _read_log(self) -> None:
         assert self._popen is not None and self._popen.stdout is not None
-        name, pid = self.config.tenant, self._popen.pid
-        for line in _lines(self._popen.stdout, LOG_LINE):
-            level, text = log_level(line, loading=self._state == "loading")
-            if level >= logging.INFO:
-                self._errors.append(line)
-            log.log(level, "%s (llama-server %d): %s", name, pid, text)
-        self._popen.stdout.close()
+        _journal(self._popen.stdout, f"{self.config.tenant} (llama-server {self._popen.pid})", lambda: self._state == "loading", self._errors)
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self, model: Path) -> None:

@@ -40,26 +40,22 @@ Route sessions (``X-Zoo-Session-Route``) are not kept here yet: the front refuse
 
 from __future__ import annotations
 
-import hashlib
 import http
 import json
 import logging
-import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from zoo_agent.errors import ZooError
 from zoo_agent.jsonbound import loads
 from zoo_agent.resident.config import WorkerConfig
-from zoo_agent.resident.engines.front import ERROR_LIMIT, HEAD_LIMIT, READ_SECONDS, Dechunker, Request, _answer, _Closed, _Conn, _head, engine_error
+from zoo_agent.resident.engines.front import ERROR_LIMIT, HEAD_LIMIT, READ_SECONDS, Dechunker, Request, _answer, _Conn, _head, engine_error
+from zoo_agent.resident.engines.llamaslots import EngineError, SlotFiles, ask
 from zoo_agent.resident.sessions.checkpoints import CheckpointPolicy
 from zoo_agent.resident.sessions.prompt import rendered_prompt
 from zoo_agent.resident.sessions.store import SessionError, Sessions, Turn, valid_id
@@ -67,7 +63,6 @@ from zoo_agent.resident.sessions.transcript import MAX_SESSION_BYTES, SessionTur
 from zoo_agent.resident.sessions.turns import Refusal, session_document, session_turn
 from zoo_agent.resident.wire.documents import AnswerZoo, SessionReport, dump
 from zoo_agent.resident.wire.http import ApiError
-from zoo_agent.store.durable import FILE_MODE, write_atomic
 
 __all__ = ["CHAT", "EngineTokenizer", "LlamaSessions", "StreamedTurn", "cache_word", "dechunker"]
 
@@ -78,50 +73,8 @@ SESSIONS = "/v1/sessions/"
 #: A whole answer held for its commit: a transcript is at most this large anyway.
 ANSWER_LIMIT = MAX_SESSION_BYTES
 TOKENIZE_SECONDS = 60.0
-SLOT_SECONDS = 30.0  # a slot's save or restore: its KV cache written or read (asked only of a slot that is idle)
 _busy: set[tuple[str, str]] = set()  # (sessions directory, id): a turn under way, across a reload's two engines
 _busy_lock = threading.Lock()
-
-
-class EngineError(Exception):
-    """The engine did not answer a tokenizer's question (gone, or an error): the turn is not served."""
-
-
-def _exchange(engine: str, target: str, body: dict[str, Any] | None, timeout: float, limit: int = 64 << 20) -> Any:
-    """One request to the engine's socket (a POST of ``body``, or a GET) and its JSON answer (``EngineError`` for anything but a 200)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    head = f"{'POST' if body is not None else 'GET'} {target} HTTP/1.1\r\nhost: llama-server\r\nconnection: close\r\n"
-    if body is not None:
-        head += f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(engine)
-            sock.sendall(head.encode("latin-1") + b"\r\n" + data)
-            conn = _Conn(sock)
-            line, fields = _head(conn.head(HEAD_LIMIT))
-            raw = bytearray(conn.buffer)
-            while len(raw) <= limit and (chunk := sock.recv(65536)):
-                raw += chunk
-        chunked = any(k == "transfer-encoding" and "chunked" in v.lower() for k, v in fields)
-        payload = dechunker().feed(bytes(raw)) if chunked else bytes(raw)
-    except (OSError, _Closed) as exc:
-        raise EngineError(f"{target}: {exc}") from None
-    if line.split(" ", 2)[1:2] != ["200"]:
-        raise EngineError(f"{target} answered {line[9:60]!r}: {payload[:200].decode('utf-8', 'replace')}")
-    try:
-        document = loads(payload, limit=limit)
-    except ValueError as exc:
-        raise EngineError(f"{target}: {exc}") from None
-    return document
-
-
-def _object(engine: str, target: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    """``_exchange`` whose answer must be a JSON object."""
-    document = _exchange(engine, target, body, timeout)
-    if not isinstance(document, dict):
-        raise EngineError(f"{target}: answered no JSON object")
-    return document
 
 
 class EngineTokenizer:
@@ -135,7 +88,7 @@ class EngineTokenizer:
         self.engine = engine
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False) -> str:
-        prompt = _object(self.engine, "/apply-template", {"messages": messages}, TOKENIZE_SECONDS).get("prompt")
+        prompt = ask(self.engine, "/apply-template", {"messages": messages}, TOKENIZE_SECONDS).get("prompt")
         if not isinstance(prompt, str):
             raise EngineError("/apply-template answered no prompt")
         return prompt
@@ -146,7 +99,7 @@ class EngineTokenizer:
     def tokens(self, text: str, special: bool) -> list[int]:
         """``special``: as a prompt is tokenized (its special tokens added and read); else as plain text (a reply)."""
         body = {"content": text, "add_special": special, "parse_special": special}
-        tokens = _object(self.engine, "/tokenize", body, TOKENIZE_SECONDS).get("tokens")
+        tokens = ask(self.engine, "/tokenize", body, TOKENIZE_SECONDS).get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
             raise EngineError("/tokenize answered no token ids")
         return tokens
@@ -264,11 +217,7 @@ class LlamaSessions:
         self.max_tokens = int(config.defaults.get("max_tokens") or 256)
         self._store: Sessions | None = None
         self._store_lock = threading.Lock()
-        self.slots = config.sessions_dir / "slots"  # llama-server's --slot-save-path (llamaserver.slots_dir made it, not a link)
-        self.base_key = f"{config.model}@{config.version}\0{config.kv_cache_type or 'f16'}\0{','.join(a.label for a in config.adapters)}"
-        self._warm: dict[str, int] = {}  # session -> the slot of this engine its conversation was last in
-        self._warm_lock = threading.Lock()
-        self.corrupt = 0  # saved slots that did not match their digest
+        self.hibernation = SlotFiles(config, engine)  # the sessions' slots, saved and restored
 
     @classmethod
     def for_config(cls, config: WorkerConfig, engine: str) -> LlamaSessions | None:
@@ -282,7 +231,7 @@ class LlamaSessions:
                 base = self.config.sessions_dir
                 assert base is not None
                 try:
-                    template = str(_object(self.engine, "/props", None, TOKENIZE_SECONDS).get("chat_template") or "")
+                    template = str(ask(self.engine, "/props", None, TOKENIZE_SECONDS).get("chat_template") or "")
                 except EngineError:
                     template = ""
                 c = self.config
@@ -348,7 +297,7 @@ class LlamaSessions:
             return 405, ApiError(405, f"method: a session takes GET or DELETE, not {request.method[:20]!r}", "method", "method_not_allowed").document()
         try:
             found_any = self.store().delete(valid_id(sid))
-            found_any = self._forget(sid) or found_any
+            found_any = self.hibernation.forget(sid) or found_any
         except SessionError as exc:
             return 400, ApiError(400, str(exc), "session").document()
         if not found_any:
@@ -380,7 +329,7 @@ class LlamaSessions:
             sampling["temperature"] = self.config.defaults.get("temperature")
         adapter = str(document["model"]).partition(":")[2] or None  # '<tenant>:<adapter>' (the lora field says which, llamalora.py)
         pending = _Pending(turn, store, {k: v for k, v in sampling.items() if v is not None}, lora=document.get("lora"), adapter=adapter)
-        if turn.history and (slot := self._restore(sid, pending.lora)) is not None:
+        if turn.history and (slot := self.hibernation.restore(sid, pending.lora)) is not None:
             body["id_slot"], pending.restored = slot, True
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as engine:
@@ -407,7 +356,7 @@ class LlamaSessions:
         meta = {"sampling": pending.sampling, "adapter": pending.adapter, "finish_reason": finish, "cache": turn.cache}
         transcript = pending.store.commit(turn, text, ids, meta)
         if pending.slot is not None:  # as a transformers worker saves the turn's cache: before the answer ends
-            self._hibernate(turn.id, pending.slot, pending.lora)
+            self.hibernation.save(turn.id, pending.slot, pending.lora)
         pending.store.timed_checkpoint(transcript)
         return dump(AnswerZoo(session=SessionReport(id=turn.id, cache=turn.cache, cached_tokens=turn.cached_tokens, dropped_turns=turn.dropped_turns)))
 
@@ -465,8 +414,12 @@ class LlamaSessions:
         if streamed is not None:
             pending.slot = streamed.slot
             return self._end_stream(conn, streamed, pending)
+        return self._end_whole(conn, bytes(body), pending)
+
+    def _end_whole(self, conn: socket.socket, body: bytes, pending: _Pending) -> bool:
+        """A whole answer: its turn committed, then the answer with its ``x_zoo``; whether it was."""
         try:
-            document = loads(bytes(body), limit=ANSWER_LIMIT)
+            document = loads(body, limit=ANSWER_LIMIT)
             pending.slot = _slot_of(document)
             choice = document["choices"][0]
             text, finish = choice["message"]["content"] or "", choice["finish_reason"]
@@ -499,102 +452,9 @@ class LlamaSessions:
         conn.sendall(_chunk(streamed.ending(x_zoo)) + b"0\r\n\r\n")
         return True
 
-    # -- hibernation: the session's slot saved after each turn, restored into a new engine ---------
     def slot_file(self, sid: str, lora: object = None) -> str:
-        """The file of a session's slot (in ``slots/``), keyed by model@version, the cache type and the
-        adapters (the tenant's, at their versions, and the turn's ``lora`` field): a slot that another
-        version, cache type or adapter choice saved is never restored. Built from a valid id and a
-        digest, never from input as it came."""
-        key = hashlib.sha256(f"{self.base_key}\0{json.dumps(lora, sort_keys=True)}".encode()).hexdigest()[:16]
-        return f"{valid_id(sid)}+{key}.bin"
-
-    def _hibernate(self, sid: str, slot: int, lora: object) -> None:
-        """Save the slot that served the turn: written by llama-server under a temporary name, renamed
-        here, so a file of ours is whole or absent. A failure is logged: the next turn re-prefills."""
-        name = self.slot_file(sid, lora)
-        tmp = f".{name}.tmp"
-        if ".." in sid:  # a valid id that llama-server refuses as a file name
-            return
-        try:
-            if slot not in self._idle():  # another request took it when ours ended: the save would wait for that one
-                log.debug("%s: session %s: slot %d is busy again; its saved slot stays the turn before's", self.config.tenant, sid, slot)
-                return
-            _unlink_planted(self.slots, tmp)
-            saved = _object(self.engine, f"/slots/{slot}?action=save", {"filename": tmp}, SLOT_SECONDS)
-            if _regular(self.slots / tmp) is None:
-                raise EngineError(f"llama-server saved no {tmp}")
-            # Its digest first: a SIGKILL between the two leaves a digest that matches no file (a re-prefill), never a wrong file.
-            _unlink_planted(self.slots, f"{name}.sha256")
-            write_atomic(self.slots / f"{name}.sha256", _digest(self.slots / tmp).encode(), FILE_MODE)
-            os.replace(self.slots / tmp, self.slots / name)
-        except (EngineError, OSError) as exc:
-            log.warning("%s: session %s: its slot was not saved (the next turn after a restart re-prefills): %s", self.config.tenant, sid, exc)
-            with suppress(OSError):
-                (self.slots / tmp).unlink()
-            return
-        with self._warm_lock:
-            for other in [s for s, k in self._warm.items() if k == slot]:
-                del self._warm[other]
-            self._warm[sid] = slot
-        log.debug("%s: session %s: slot %d saved (%s tokens)", self.config.tenant, sid, slot, saved.get("n_saved"))
-
-    def _restore(self, sid: str, lora: object) -> int | None:
-        """A session whose conversation is in no slot of this engine (a new engine: after a page-out, a
-        restart, a crash) and whose slot was saved: restored into an idle slot; which one, or None (then
-        the engine's prompt cache, or a re-prefill from the transcript)."""
-        with self._warm_lock:
-            if sid in self._warm:
-                return None
-        path = self.slots / self.slot_file(sid, lora)
-        if _regular(path) is None:
-            return None
-        try:
-            sidecar = self.slots / f"{path.name}.sha256"
-            expected = sidecar.read_bytes()[:64].decode("ascii", "replace") if _regular(sidecar) is not None else ""
-            if _digest(path) != expected:  # damaged, or not ours: llama-server checks the sizes, not the bytes of the cache
-                self.corrupt += 1
-                log.warning("%s: session %s: its saved slot %s does not match its digest; ignored, re-prefilling", self.config.tenant, sid, path.name)
-                return None
-        except OSError as exc:
-            log.warning("%s: session %s: its saved slot cannot be read (%s); re-prefilling", self.config.tenant, sid, exc)
-            return None
-        try:
-            free = self._idle()
-            with self._warm_lock:
-                held = set(self._warm.values())
-            if not free:
-                return None
-            slot = next((k for k in free if k not in held), free[0])  # a slot no warm session holds, if any
-            _object(self.engine, f"/slots/{slot}?action=restore", {"filename": path.name}, SLOT_SECONDS)
-        except EngineError as exc:
-            log.warning("%s: session %s: its saved slot was not restored (re-prefilled instead): %s", self.config.tenant, sid, exc)
-            return None
-        with self._warm_lock:
-            for other in [s for s, k in self._warm.items() if k == slot]:
-                del self._warm[other]
-            self._warm[sid] = slot
-        return slot
-
-    def _idle(self) -> list[int]:
-        """The engine's slots that serve no request now (``GET /slots``)."""
-        listed = _exchange(self.engine, "/slots", None, SLOT_SECONDS)
-        idle = [s.get("id") for s in listed if isinstance(s, dict) and s.get("is_processing") is False] if isinstance(listed, list) else []
-        return [k for k in idle if isinstance(k, int) and not isinstance(k, bool)]
-
-    def _forget(self, sid: str) -> bool:
-        """A deleted session's saved slots (of every version); whether there were any."""
-        with self._warm_lock:
-            self._warm.pop(sid, None)
-        found = False
-        try:
-            names = [p.name for p in self.slots.iterdir() if p.name.startswith(f"{sid}+") and p.name.endswith((".bin", ".bin.sha256"))]
-        except OSError:
-            return False
-        for name in names:
-            with suppress(FileNotFoundError):
-                (self.slots / name).unlink()
-                found = True
-        return found
+        """The file a session's slot is saved in (``llamaslots.SlotFiles.file``)."""
+        return self.hibernation.file(sid, lora)
 
 
 @dataclass
@@ -615,38 +475,6 @@ def _slot_of(document: object) -> int | None:
     verbose = document.pop("__verbose", None) if isinstance(document, dict) else None
     slot = verbose.get("id_slot") if isinstance(verbose, dict) else None
     return slot if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0 else None
-
-
-def _regular(path: Path) -> os.stat_result | None:
-    """Its status when it is a regular file (a link is not followed, and is none)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a regular file (a link is not followed: ``OSError``)."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(f"{path.name}: not a regular file")
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _unlink_planted(directory: Path, name: str) -> None:
-    """Whatever is at ``name`` in our directory and is no regular file (a planted link), removed: llama-server
-    opens its files by name and would write through a link."""
-    try:
-        st = os.lstat(directory / name)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        (directory / name).unlink()
 
 
 def _chunk(data: bytes) -> bytes:
