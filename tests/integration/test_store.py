@@ -226,7 +226,8 @@ def test_gc_never_removes_the_adapter_versions_the_resident_serves(world: World)
         worker = Worker(ZooWorkerProcess(subprocess.Popen(["true"]), "unused.sock", ours), sup.launcher.worker_config(idx, "t"))
         worker.ready = p.Ready(pid=worker.pid, load_seconds=0.1, device="cpu", dtype="float32")
         slot.serving = worker
-        sup.reports.model_info(slot, worker, worker.ready)
+        sup.reports.loaded(slot, worker, worker.ready)
+        sup.reports.serving(slot)
         world.artifact("r", "l2", {"adapter_model.safetensors": b"l2"}, kind="loras")
         world.artifact("r", "l3", {"adapter_model.safetensors": b"l3"}, kind="loras")
         assert world.run("apply").exit_code == 0

@@ -130,9 +130,8 @@ class Reports:
         value = (info.get("footprint") or {}).get("measured", 0)
         return value if isinstance(value, int) and value >= 0 else 0
 
-    def model_info(self, slot: Slot, worker: Worker, ready: Ready) -> None:
-        """A worker became ready: what it loaded, its lease, the resident's state."""
-        self.loaded(slot, worker, ready)
+    def serving(self, slot: Slot) -> None:
+        """A worker became ready (its model-info.json written already): its lease, the resident's state."""
         self.lease(slot)
         self.state()
 

@@ -217,10 +217,12 @@ class Supervisor:
     def _became_ready(self, slot: Slot, worker: Worker, ready: p.Ready) -> None:
         old = slot.serving if worker is slot.incoming else None
         with self.lock:
+            slot.measured = max(slot.measured, ready.weights_bytes + ready.kv_bytes)
+        self.reports.loaded(slot, worker, ready)  # model-info.json first: whoever the worker answers finds what it loaded
+        with self.lock:
             worker.state = "serving"
             slot.serving, slot.incoming, slot.path = worker, None, worker.path
             slot.phase, slot.refusal, slot.loaded_at, slot.error, slot.wanted = "serving", None, time.monotonic(), "", False
-            slot.measured = max(slot.measured, ready.weights_bytes + ready.kv_bytes)
         if old is not None:
             self.drain(slot, old, "reload")
             self.reports.swap(slot, old.config.version, worker)
@@ -231,7 +233,7 @@ class Supervisor:
         self.router.poke(slot.tenant)
         if not self.reload.pending:
             self.reload.last_error = ""  # a reload's error stays until the reload ends
-        self.reports.model_info(slot, worker, ready)
+        self.reports.serving(slot)
         self.reload.done(slot.tenant, ok=True)
         self.reload.tell(slot)
         log.info("worker %d: serving %s (%s@%s)", worker.pid, slot.tenant, worker.config.model, worker.config.version)
