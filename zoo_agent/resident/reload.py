@@ -92,6 +92,7 @@ class Reloader:
                 # Paged out to make room for another tenant's new version (``_swap``): nothing of it to swap;
                 # its next request loads what the index says now.
                 self.pending.discard(tid)
+                self.swapped = [s for s in self.swapped if not s.startswith(f"{tid} ")]
                 continue
             self._swap(slot, config)  # the first always has one: changes are of serving tenants
         self.reports.state()

@@ -150,8 +150,11 @@ class Reports:
                               "kv": ready.kv_bytes, "used": slot.footprint}}  # fmt: skip
         info.update(declared_facts(c.version_dir))  # what the index declares of it, beside what was measured (issue #35)
         base = self.zoo.tenant_dir(c.tenant)
-        makedirs_durable(base)
-        write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
+        try:
+            makedirs_durable(base)
+            write_atomic(base / "model-info.json", (json.dumps(info, indent=2) + "\n").encode())
+        except OSError as exc:  # a full or read-only disk: the tenant serves all the same
+            log.warning("%s: model-info.json not written: %s", c.tenant, exc)
 
     def paged(self, action: str, slot: Slot, label: str, *, reason: str = "", seconds: float = 0.0) -> None:
         """``page-in`` / ``page-out`` in host/actions.jsonl (`zoo-agent log`): what was loaded and evicted, in order."""

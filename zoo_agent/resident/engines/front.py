@@ -277,8 +277,11 @@ class _Whole:
         elif self.left is not None:
             self.left -= len(data)
 
-    def done(self) -> bool:
-        return self.chunks.ended if self.chunks is not None else self.left is not None and self.left <= 0
+    def done(self, at_end: bool = False) -> bool:
+        """Whole by its framing; ``at_end``: the engine closed, which is the end of an answer framed by it."""
+        if self.chunks is not None:
+            return self.chunks.ended
+        return self.left <= 0 if self.left is not None else at_end
 
 
 def _answer(sock: socket.socket, error: ApiError) -> None:
@@ -453,7 +456,7 @@ class Front:
         if not passing:
             _answer(conn, engine_error(status, _dechunk(bytes(body)) if chunked else bytes(body), field_name))
             return True
-        return status == 200
+        return status == 200 and whole.done(at_end=True)  # an engine that died mid-answer served nothing
 
 
 def _try(fn: Callable[..., None], *args: Any) -> None:
