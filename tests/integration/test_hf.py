@@ -158,7 +158,6 @@ def test_offline_makes_no_request_and_reports_missing(world: World, hub: HubServ
 def test_add_pins_a_hub_repository(world: World, hub: HubServer) -> None:
     files = {**FILES, "pytorch_model.bin": b"pickle" * 10, "README.md": b"# tiny"}
     first = _publish(hub, files=files)
-    world.loras["code"] = entry
     world.write_index()
     refused = world.raw("add", "hf:org/tiny", "--id", "tiny", "--index", str(world.index))
     assert refused.exit_code == 2 and "has pickle files" in refused.stderr and "--exclude '*.bin'" in refused.stderr
